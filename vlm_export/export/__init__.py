@@ -1,0 +1,1 @@
+"""Torch side: text embeddings, ONNX export and checks, TensorRT build, bundle writing, the CLI."""

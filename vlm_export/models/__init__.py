@@ -1,0 +1,1 @@
+"""Torch side: open_clip loading, the condensing image tower, FLOP counting."""

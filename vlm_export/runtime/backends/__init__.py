@@ -1,0 +1,1 @@
+"""Engine backends: one interface, ONNX Runtime and TensorRT implementations."""

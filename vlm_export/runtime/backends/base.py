@@ -1,0 +1,30 @@
+"""The interface every engine backend implements (ONNX Runtime, TensorRT, test fakes)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+
+class EngineBackend(ABC):
+    """Runs the bundle's image engine.
+
+    The anchors of a condensing engine are state of the backend: ``set_anchors`` is called only
+    when the reservoir changed them, so a backend can keep them where the engine reads them (a
+    bound CPU buffer, GPU memory) and skip the copy on every other frame.
+    """
+
+    #: short name of what actually executes ("onnxruntime:CPUExecutionProvider", "tensorrt", ...)
+    description: str = "unknown"
+
+    @abstractmethod
+    def set_anchors(self, anchors: np.ndarray, valid: np.ndarray) -> None:
+        """Set the anchors [C, R, D] float32 and their per-class valid flags [C] float32."""
+
+    @abstractmethod
+    def infer(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Run one preprocessed batch [B, 3, H, W] float32; return the outputs by manifest name."""
+
+    def close(self) -> None:
+        """Release engine resources (optional)."""

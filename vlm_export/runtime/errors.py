@@ -1,0 +1,13 @@
+"""Errors that the command-line tools print as one line (no traceback) and exit non-zero on."""
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for or handed in: bad path, bad option, bad bundle."""
+
+
+class BundleError(UserError):
+    """A bundle that is missing, truncated, tampered with or of an unknown schema."""
+
+
+class StateError(UserError):
+    """A state file that is corrupt, of another schema, or from another bundle."""

@@ -1,0 +1,82 @@
+"""One-file adaptation state: NumPy ``.npz`` without pickle, schema version, atomic replace.
+
+Layout: every array of the state under its own name, plus ``__meta__``, a 0-d unicode array holding
+JSON: {"kind": str, "schema_version": int, "bundle": fingerprint, ...caller's fields}. Loading never
+enables pickle, checks kind, schema and bundle, and names what is wrong in a StateError.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlm_export.runtime.atomic import atomic_file
+from vlm_export.runtime.errors import StateError
+
+META_KEY = "__meta__"
+
+
+def save_state(
+    path: str | Path,
+    kind: str,
+    schema_version: int,
+    bundle_fingerprint: str,
+    arrays: dict[str, np.ndarray],
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """Write a state file atomically: the previous file stays intact if anything fails."""
+    if META_KEY in arrays:
+        raise ValueError(f"{META_KEY} is reserved")
+    header = {"kind": kind, "schema_version": schema_version, "bundle": bundle_fingerprint}
+    header.update(meta or {})
+    payload = {name: np.asarray(value) for name, value in arrays.items()}
+    for name, value in payload.items():
+        if value.dtype == object:
+            raise ValueError(f"state array {name!r} has dtype object (would need pickle)")
+    payload[META_KEY] = np.array(json.dumps(header))
+    with atomic_file(path, "wb") as handle:
+        np.savez(handle, **payload)
+
+
+def load_state(
+    path: str | Path,
+    kind: str,
+    schema_version: int,
+    bundle_fingerprint: str | None,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read a state file written by ``save_state``; return (arrays, meta).
+
+    Raises StateError for a missing or corrupt file, another kind, another schema version, or
+    (when ``bundle_fingerprint`` is given) a state made with another bundle.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StateError(f"state file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise StateError(f"{path} is not a readable state file ({exc})") from None
+    if META_KEY not in arrays:
+        raise StateError(f"{path} is not a vlm-export state file (no {META_KEY})")
+    try:
+        meta = json.loads(str(arrays.pop(META_KEY)))
+    except json.JSONDecodeError:
+        raise StateError(f"{path} has a corrupt header") from None
+    if meta.get("kind") != kind:
+        raise StateError(f"{path} holds a {meta.get('kind')!r} state, expected {kind!r}")
+    if meta.get("schema_version") != schema_version:
+        raise StateError(
+            f"{path} has {kind} schema {meta.get('schema_version')}, this version reads "
+            f"{schema_version}"
+        )
+    if bundle_fingerprint is not None and meta.get("bundle") != bundle_fingerprint:
+        raise StateError(
+            f"{path} was made with another bundle (fingerprint {meta.get('bundle')}, this bundle "
+            f"is {bundle_fingerprint}): other model or class list"
+        )
+    return arrays, meta
