@@ -1,0 +1,145 @@
+"""Load an open_clip CLIP by name: a pretrained tag, a local checkpoint file, or random weights."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlm_export.models.torchvision_compat import ensure_torchvision_importable
+from vlm_export.runtime.errors import UserError
+
+ensure_torchvision_importable()
+
+import open_clip  # noqa: E402
+import torch  # noqa: E402
+
+CONFIG_DIR = Path(__file__).with_name("model_configs")
+TEST_MODEL = "vlm-test-tiny"
+RANDOM_WEIGHTS = "none"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+open_clip.add_model_config(CONFIG_DIR)
+
+
+class ModelLoadError(UserError):
+    """The model name, pretrained tag or checkpoint cannot be used."""
+
+
+@dataclass
+class LoadedClip:
+    """A CLIP model in eval mode with what the manifest needs to describe it."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    name: str
+    pretrained: str
+    untrained: bool
+    activation: str
+    preprocess_cfg: dict[str, Any]
+
+
+@contextlib.contextmanager
+def _quiet_loaders() -> Iterator[None]:
+    """Silence open_clip's and huggingface_hub's log lines; our error says it in one line."""
+    loggers = [logging.getLogger(), logging.getLogger("huggingface_hub")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def available_models() -> list[str]:
+    """Model names that open_clip knows, the registered test config included."""
+    return open_clip.list_models()
+
+
+def _check_model_name(name: str) -> None:
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return
+    models = available_models()
+    if name not in models:
+        close = difflib.get_close_matches(name, models, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ModelLoadError(f"unknown model {name!r}{hint} (vlm-export --list-models lists all)")
+
+
+def _looks_like_path(value: str) -> bool:
+    return "/" in value or "\\" in value or value.endswith(CHECKPOINT_SUFFIXES)
+
+
+def _resolve_pretrained(name: str, pretrained: str) -> str | None:
+    """Return what to hand open_clip: None (random), a checkpoint path, or a tag."""
+    if pretrained.lower() == RANDOM_WEIGHTS or name.startswith(("hf-hub:", "local-dir:")):
+        return None if pretrained.lower() == RANDOM_WEIGHTS else pretrained
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return str(path)
+    if _looks_like_path(pretrained):
+        raise ModelLoadError(f"checkpoint file not found: {pretrained}")
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        known = ", ".join(tags) if tags else "none published"
+        raise ModelLoadError(
+            f"{name} has no pretrained tag {pretrained!r} (tags: {known}); "
+            f"or pass a local checkpoint file, or 'none' for random weights"
+        )
+    return pretrained
+
+
+def _activation(model: torch.nn.Module) -> str:
+    block = model.visual.transformer.resblocks[0]
+    return "quick_gelu" if type(block.mlp.gelu).__name__ == "QuickGELU" else "gelu"
+
+
+def load_clip(name: str, pretrained: str = RANDOM_WEIGHTS, force_quick_gelu: bool = False) -> LoadedClip:
+    """Create an open_clip model and load its weights; raise ModelLoadError with one clear line.
+
+    ``pretrained`` is an open_clip tag (downloaded by open_clip, cached by huggingface_hub), a path
+    to a checkpoint file (.pt/.bin/.safetensors, strict load), or ``none`` for random weights.
+    OpenAI-format checkpoint files need ``force_quick_gelu`` (or a ``-quickgelu`` model name);
+    the ``openai`` tag switches QuickGELU on by itself.
+    """
+    _check_model_name(name)
+    source = _resolve_pretrained(name, pretrained)
+    try:
+        with _quiet_loaders():
+            model = open_clip.create_model(
+                name, pretrained=source, force_quick_gelu=force_quick_gelu, device="cpu"
+            )
+    except RuntimeError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if source is not None and Path(source).is_file():
+            raise ModelLoadError(
+                f"checkpoint {source} does not fit {name}: {first_line[:300]}"
+            ) from None
+        if "download" in first_line.lower() or "connection" in first_line.lower():
+            raise ModelLoadError(
+                f"could not download {name} weights {pretrained!r} (no network or Hugging Face "
+                f"unreachable); pass a local checkpoint file with --pretrained PATH, or "
+                f"--pretrained none for random weights"
+            ) from None
+        raise ModelLoadError(f"could not load {name} ({pretrained}): {first_line[:300]}") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"could not load {name} ({pretrained}): {exc}") from None
+    model.eval()
+    if not hasattr(model, "visual") or not hasattr(model.visual, "transformer"):
+        raise ModelLoadError(f"{name} is not a ViT CLIP (its image tower has no transformer)")
+    label = Path(source).name if source and Path(source).is_file() else pretrained
+    return LoadedClip(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(name),
+        name=name,
+        pretrained=label,
+        untrained=source is None,
+        activation=_activation(model),
+        preprocess_cfg=dict(open_clip.get_model_preprocess_cfg(model)),
+    )
