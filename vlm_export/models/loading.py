@@ -100,7 +100,9 @@ def _activation(model: torch.nn.Module) -> str:
     return "quick_gelu" if type(block.mlp.gelu).__name__ == "QuickGELU" else "gelu"
 
 
-def load_clip(name: str, pretrained: str = RANDOM_WEIGHTS, force_quick_gelu: bool = False) -> LoadedClip:
+def load_clip(
+    name: str, pretrained: str = RANDOM_WEIGHTS, force_quick_gelu: bool = False
+) -> LoadedClip:
     """Create an open_clip model and load its weights; raise ModelLoadError with one clear line.
 
     ``pretrained`` is an open_clip tag (downloaded by open_clip, cached by huggingface_hub), a path

@@ -1,0 +1,208 @@
+"""The traceable image tower: open_clip's ViT with TCA condensation and anchor injection.
+
+``CondensingVisionTower`` wraps an open_clip ``VisionTransformer`` without copying its weights.
+Ordinary blocks run open_clip's own block (fused attention). Reduction blocks compute attention
+explicitly, because the CLS row of the probabilities ranks the tokens (spec/tca.md 2.1), with one
+extra key/value: the anchor chosen from the reservoir (2.4). The engine always takes the anchors
+input; an all-zero ``anchors_valid`` masks the anchor key, which is exactly ordinary attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlm_export.models.condense import (
+    fate_codes,
+    fuse_pruned,
+    gather_tokens,
+    merge_coreset,
+    patch_fate,
+    token_scores,
+)
+from vlm_export.models.schedule import CondensationConfig, LayerCounts, token_schedule
+from vlm_export.runtime.errors import UserError
+
+# Added to the anchor's attention logit when no anchor is valid. exp(-1e4) is exactly 0 in fp32
+# and fp16, and 1e4 is representable in fp16, so masked attention equals attention over N tokens.
+MASK_BIAS = 1.0e4
+
+
+class UnsupportedModelError(UserError):
+    """The image tower is not a plain CLS-pooled open_clip ViT."""
+
+
+def check_vit(visual: nn.Module) -> None:
+    """Refuse towers TCA cannot condense (no transformer, attention pooling, mean pooling)."""
+    needed = ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_post")
+    missing = [name for name in needed if not hasattr(visual, name)]
+    if missing:
+        raise UnsupportedModelError(
+            f"image tower {type(visual).__name__} is not an open_clip ViT (no {', '.join(missing)})"
+        )
+    if getattr(visual, "attn_pool", None) is not None:
+        raise UnsupportedModelError("towers with attention pooling are not supported")
+    if getattr(visual, "pool_type", "tok") != "tok":
+        raise UnsupportedModelError(
+            f"TCA needs CLS-token pooling; this tower pools with {visual.pool_type!r}"
+        )
+    block = visual.transformer.resblocks[0]
+    if not isinstance(getattr(block, "attn", None), nn.MultiheadAttention):
+        raise UnsupportedModelError("blocks without nn.MultiheadAttention are not supported")
+
+
+def tower_geometry(visual: nn.Module) -> dict[str, int]:
+    """Image size, patch size, width, depth, heads, tokens and embedding size of a ViT tower."""
+    blocks = visual.transformer.resblocks
+    image_size = visual.image_size
+    patch_size = visual.patch_size
+    grid = (image_size[0] // patch_size[0]) * (image_size[1] // patch_size[1])
+    return {
+        "image_size": int(image_size[0]),
+        "patch_size": int(patch_size[0]),
+        "width": int(visual.transformer.width),
+        "layers": len(blocks),
+        "heads": int(blocks[0].attn.num_heads),
+        "num_patches": int(grid),
+        "num_tokens": int(grid) + 1,
+        "embed_dim": int(visual.output_dim),
+    }
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    batch, length, width = x.shape
+    return x.view(batch, length, heads, width // heads).transpose(1, 2)
+
+
+def attention_with_anchor(block: nn.Module, x: Tensor, anchor: Tensor, key_bias: Tensor):
+    """Attention of a block over [anchor, x] with the anchor's query row dropped.
+
+    x [B, N, D], anchor [B, D], key_bias: scalar added to the anchor key's logits (0 or -1e4).
+    Returns (attention output [B, N, D] before the residual, probabilities [B, H, N, N+1]).
+    """
+    attn: nn.MultiheadAttention = block.attn
+    heads = attn.num_heads
+    width = x.shape[-1]
+    sequence = block.ln_1(torch.cat([anchor.unsqueeze(1), x], dim=1))
+    w_q, w_k, w_v = attn.in_proj_weight.split(width)
+    b_q, b_k, b_v = attn.in_proj_bias.split(width)
+    q = _split_heads(F.linear(sequence[:, 1:], w_q, b_q), heads)
+    k = _split_heads(F.linear(sequence, w_k, b_k), heads)
+    v = _split_heads(F.linear(sequence, w_v, b_v), heads)
+    logits = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(width // heads))
+    bias = torch.cat([key_bias.reshape(1), key_bias.new_zeros(x.shape[1])])
+    probs = torch.softmax(logits + bias, dim=-1)
+    out = (probs @ v).transpose(1, 2).reshape(x.shape)
+    return attn.out_proj(out), probs
+
+
+def select_anchor(cls_token: Tensor, class_anchors: Tensor, valid: Tensor) -> Tensor:
+    """The valid anchor most cosine-similar to each image's CLS token: [B, D] from [C, D]."""
+    cosine = F.normalize(cls_token, dim=-1) @ F.normalize(class_anchors, dim=-1).T
+    choice = (cosine + (valid - 1.0) * MASK_BIAS).argmax(dim=-1)
+    return class_anchors.index_select(0, choice)
+
+
+class CondensingVisionTower(nn.Module):
+    """open_clip ViT image tower with static-budget TCA condensation (or none, for a full tower).
+
+    forward(image [B,3,H,W], anchors [C,R,D], anchors_valid [C]) ->
+        embedding [B,E] (L2-normalised), cls_per_layer [B,L,D], token_fate [B,R,P] int32.
+    With ``config=None`` the tower is the unmodified ViT: forward(image) -> embedding, cls_per_layer.
+    """
+
+    def __init__(self, visual: nn.Module, config: CondensationConfig | None, num_classes: int = 1):
+        super().__init__()
+        check_vit(visual)
+        self.visual = visual
+        self.config = config
+        self.geometry = tower_geometry(visual)
+        self.num_classes = num_classes
+        self.schedule: list[LayerCounts] = []
+        self.tokens_per_block = [self.geometry["num_tokens"]] * self.geometry["layers"]
+        if config is not None:
+            self.schedule, self.tokens_per_block = token_schedule(
+                self.geometry["num_tokens"], self.geometry["layers"], config
+            )
+        self._counts_at = {counts.layer: counts for counts in self.schedule}
+
+    @property
+    def condensing(self) -> bool:
+        return self.config is not None
+
+    @property
+    def reduction_layers(self) -> list[int]:
+        return [counts.layer for counts in self.schedule]
+
+    def example_inputs(self, batch_size: int = 1) -> tuple[Tensor, ...]:
+        """Random inputs of the engine's static shapes (anchors valid for all classes)."""
+        size = self.geometry["image_size"]
+        image = torch.randn(batch_size, 3, size, size)
+        if not self.condensing:
+            return (image,)
+        shape = (self.num_classes, len(self.schedule), self.geometry["width"])
+        return image, torch.randn(shape), torch.ones(self.num_classes)
+
+    def forward(
+        self, image: Tensor, anchors: Tensor | None = None, anchors_valid: Tensor | None = None
+    ):
+        visual = self.visual
+        x = visual._embeds(image)
+        num_patches = self.geometry["num_patches"]
+        patch_ids = torch.arange(num_patches, dtype=x.dtype, device=x.device)
+        patch_ids = patch_ids.unsqueeze(0).expand(x.shape[0], -1)
+        cls_per_layer, fates = [], []
+        for index, block in enumerate(visual.transformer.resblocks):
+            counts = self._counts_at.get(index)
+            if counts is None:
+                x = block(x)
+            else:
+                slot = len(fates)
+                x, patch_ids, fate = self._reduction_block(
+                    block, x, patch_ids, counts, anchors[:, slot], anchors_valid
+                )
+                fates.append(fate)
+            cls_per_layer.append(x[:, 0])
+        pooled, _ = visual._pool(x)
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+        outputs = (F.normalize(pooled, dim=-1), torch.stack(cls_per_layer, dim=1))
+        if self.condensing:
+            outputs += (torch.stack(fates, dim=1),)
+        return outputs
+
+    def _reduction_block(
+        self,
+        block: nn.Module,
+        x: Tensor,
+        patch_ids: Tensor,
+        counts: LayerCounts,
+        class_anchors: Tensor,
+        valid: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        anchor = select_anchor(x[:, 0], class_anchors, valid)
+        key_bias = (valid.max() - 1.0) * MASK_BIAS
+        attended, probs = attention_with_anchor(block, x, anchor, key_bias)
+        x = x + block.ls_1(attended)
+        cls_attn = probs[:, :, 0, 2:]  # CLS query, patch keys; anchor column dropped, no renorm
+        head_mean = cls_attn.mean(dim=1)
+        scores = token_scores(cls_attn, self.config.ranking)
+        n = scores.shape[1]
+        order = torch.topk(scores, k=n, dim=1, largest=True, sorted=True).indices
+        keep_end, merge_end = counts.keep, counts.keep + counts.merge
+        patches = x[:, 1:]
+        kept = gather_tokens(patches, order[:, :keep_end])
+        merged = merge_coreset(
+            gather_tokens(patches, order[:, keep_end:merge_end]), counts.merge_centers
+        )
+        fused = fuse_pruned(patches, head_mean, order[:, merge_end:])
+        x = torch.cat([x[:, :1], kept, merged, fused], dim=1)
+        sorted_ids = torch.gather(patch_ids, 1, order)
+        fate = patch_fate(sorted_ids, fate_codes(counts, x.device), self.geometry["num_patches"])
+        gone = patch_ids.new_full((x.shape[0], counts.merge_centers + 1), -1.0)
+        patch_ids = torch.cat([sorted_ids[:, :keep_end], gone], dim=1)
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return x, patch_ids, fate
