@@ -1,0 +1,143 @@
+"""Class-list files, `--domain NAME=FILE` arguments, and the union label space over domains.
+
+A class list is a text file with one class name per line (surrounding whitespace stripped; blank
+lines and lines starting with '#' skipped) or a ``.json`` file holding a list of strings.
+
+Union label space (RAIL's X-TAIL setting): domains are laid out one after another in the order
+given, each domain's classes in file order, and every label carries its domain. The same class
+name may appear in two domains (e.g. "airplane" in two datasets); it then stays two separate labels,
+and ``shared_class_names`` tells the caller which names are shared so that it can say so.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlm_export.runtime.errors import UserError
+
+_DOMAIN_NAME = re.compile(r"[\w.-]+")
+
+
+class ClassListError(UserError):
+    """A class list or --domain argument that is missing, malformed, empty or has duplicates."""
+
+
+@dataclass(frozen=True)
+class DomainLabel:
+    """One label of the union label space: a class name and the domain it belongs to."""
+
+    domain: str
+    name: str
+
+
+def prompt_name(classname: str) -> str:
+    """The class name as it goes into a prompt: '_' replaced by ' '."""
+    return classname.replace("_", " ")
+
+
+def _prompt_key(classname: str) -> str:
+    """What CLIP's tokenizer sees: prompt name, whitespace collapsed, lower-cased."""
+    return " ".join(prompt_name(classname).split()).casefold()
+
+
+def _read_json_list(path: Path, text: str) -> list[str]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ClassListError(f"class list {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, list) or not all(isinstance(item, str) for item in data):
+        raise ClassListError(f"class list {path} must be a JSON list of strings")
+    names = [item.strip() for item in data]
+    if any(not name for name in names):
+        raise ClassListError(f"class list {path} holds an empty class name")
+    return names
+
+
+def _read_text_lines(text: str) -> list[str]:
+    lines = (raw.strip() for raw in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _check_duplicates(names: list[str], path: Path) -> None:
+    seen: dict[str, list[str]] = {}
+    for name in names:
+        seen.setdefault(_prompt_key(name), []).append(name)
+    repeated = [" / ".join(group) for group in seen.values() if len(group) > 1]
+    if repeated:
+        raise ClassListError(
+            f"class list {path} names a class more than once (same prompt after '_' -> ' ' "
+            f"and lower-casing): {'; '.join(repeated)}"
+        )
+
+
+def read_class_list(path: str | Path) -> list[str]:
+    """Read class names from a text file (one per line) or a .json list, in file order.
+
+    Raise ClassListError (one line) for a missing or unreadable file, an empty list, or names
+    that give the same prompt (after '_' -> ' ', whitespace collapsing and lower-casing).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ClassListError(f"class list not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ClassListError(f"cannot read class list {path}: {exc}") from None
+    if path.suffix.lower() == ".json":
+        names = _read_json_list(path, text)
+    else:
+        names = _read_text_lines(text)
+    if not names:
+        raise ClassListError(f"class list {path} holds no class names")
+    _check_duplicates(names, path)
+    return names
+
+
+def parse_domain_args(args: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """Parse ``--domain NAME=FILE`` values into (domain name, class names), in the order given.
+
+    Raise ClassListError for a value without '=', an empty or ill-formed name (letters, digits,
+    '_', '-', '.'), a domain given twice, or a bad class list. The same class name in two domains
+    is allowed (see ``shared_class_names``).
+    """
+    domains: list[tuple[str, list[str]]] = []
+    seen: set[str] = set()
+    for arg in args:
+        name, sep, file = arg.partition("=")
+        name, file = name.strip(), file.strip()
+        if not sep or not name or not file:
+            raise ClassListError(f"--domain expects NAME=FILE, got {arg!r}")
+        if not _DOMAIN_NAME.fullmatch(name):
+            raise ClassListError(
+                f"--domain name {name!r} may hold only letters, digits, '_', '-' and '.'"
+            )
+        if name in seen:
+            raise ClassListError(f"--domain {name!r} is given more than once")
+        seen.add(name)
+        domains.append((name, read_class_list(file)))
+    return domains
+
+
+def union_labels(domains: Sequence[tuple[str, Sequence[str]]]) -> list[DomainLabel]:
+    """The union label space: domain by domain in the given order, classes in file order."""
+    return [DomainLabel(domain, name) for domain, names in domains for name in names]
+
+
+def shared_class_names(domains: Sequence[tuple[str, Sequence[str]]]) -> dict[str, list[str]]:
+    """Class names that occur in more than one domain -> the domains they occur in, in order.
+
+    Names are compared as prompts (after '_' -> ' ' and lower-casing); the key is the spelling in
+    the first domain that has it.
+    """
+    first_spelling: dict[str, str] = {}
+    where: dict[str, list[str]] = {}
+    for domain, names in domains:
+        for name in names:
+            key = _prompt_key(name)
+            first_spelling.setdefault(key, name)
+            where.setdefault(key, []).append(domain)
+    return {first_spelling[key]: found for key, found in where.items() if len(found) > 1}
