@@ -111,7 +111,8 @@ class CondensingVisionTower(nn.Module):
 
     forward(image [B,3,H,W], anchors [C,R,D], anchors_valid [C]) ->
         embedding [B,E] (L2-normalised), cls_per_layer [B,L,D], token_fate [B,R,P] int32.
-    With ``config=None`` the tower is the unmodified ViT: forward(image) -> embedding, cls_per_layer.
+    With ``config=None`` the tower is the unmodified ViT:
+    forward(image) -> embedding, cls_per_layer.
     """
 
     def __init__(self, visual: nn.Module, config: CondensationConfig | None, num_classes: int = 1):

@@ -5,9 +5,10 @@ a CPU build of torch its C extension (``torchvision/_C.so``) fails to load, and 
 then dies in ``_meta_registrations.py`` with "operator torchvision::nms does not exist", because it
 registers fake kernels for ops whose schemas the missing extension would have defined.
 
-open_clip uses only torchvision's transforms, which are pure Python. ``ensure_torchvision_importable``
-defines the two op schemas that the import needs (no kernels), and does so only when the extension
-did not load: with a working torchvision it changes nothing. Detection ops such as NMS still raise
+open_clip uses only torchvision's transforms, which are pure Python.
+``ensure_torchvision_importable`` defines the two op schemas that the import needs (no
+kernels), and does so only when the extension did not load: with a working torchvision it
+changes nothing. Detection ops such as NMS still raise
 if called, which vlm-export never does.
 """
 
