@@ -1,0 +1,237 @@
+"""RAIL learner / inference state files: round trips, refusals, atomicity, and merging devices."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vlm_export.runtime import state_file
+from vlm_export.runtime.errors import StateError, UserError
+from vlm_export.runtime.rail import (
+    DualAdapter,
+    PrimalAdapter,
+    PrimalPredictor,
+    RailError,
+    load_inference_state,
+    load_learner_state,
+    merge_learner_states,
+    save_inference_state,
+    save_learner_state,
+    to_inference,
+)
+from vlm_export.runtime.rail.state import LEARNER_KIND, SCHEMA_VERSION
+
+IN_DIM, CLASSES, HIDDEN = 10, 7, 24
+BUNDLE, OTHER_BUNDLE = "a1b2c3d4e5f60718", "ffffffffffffffff"
+
+
+def data(seed, count=60):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(count, IN_DIM))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, rng.integers(0, CLASSES, count)
+
+
+def literal_joint(x, labels, seed, hidden=HIDDEN, ridge=0.1):
+    bound = 1 / np.sqrt(IN_DIM)
+    projection = np.random.default_rng(seed).uniform(-bound, bound, size=(IN_DIM, hidden))
+    phi = np.maximum(x @ projection, 0)
+    return np.linalg.solve(phi.T @ phi + ridge * np.eye(hidden), phi.T @ np.eye(CLASSES)[labels])
+
+
+def rel(a, b):
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+def learners():
+    return {
+        "cholesky": PrimalAdapter(IN_DIM, CLASSES, HIDDEN, seed=3, route="cholesky"),
+        "woodbury": PrimalAdapter(IN_DIM, CLASSES, HIDDEN, seed=3, route="woodbury"),
+        "no-rhl": PrimalAdapter(IN_DIM, CLASSES, 0, seed=3),
+        "dual": DualAdapter(IN_DIM, CLASSES),
+    }
+
+
+@pytest.mark.parametrize("name", ["cholesky", "woodbury", "no-rhl", "dual"])
+def test_learner_round_trip_then_keep_learning(tmp_path, name):
+    x, labels = data(0)
+    saved, uninterrupted = learners()[name], learners()[name]
+    saved.partial_fit(x[:30], labels[:30])
+    uninterrupted.partial_fit(x[:30], labels[:30])
+    path = tmp_path / "learner.npz"
+    save_learner_state(path, saved, BUNDLE)
+    loaded = load_learner_state(path, BUNDLE)
+    assert type(loaded) is type(saved)
+    np.testing.assert_array_equal(loaded.learned_mask, saved.learned_mask)
+    assert loaded.num_samples == 30
+    np.testing.assert_array_equal(loaded.predict(x[40:]), saved.predict(x[40:]))
+    loaded.partial_fit(x[30:], labels[30:])
+    uninterrupted.partial_fit(x[30:], labels[30:])
+    np.testing.assert_allclose(loaded.predict(x), uninterrupted.predict(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["cholesky", "woodbury", "no-rhl", "dual"])
+def test_inference_state_round_trip(tmp_path, name):
+    x, labels = data(1)
+    learner = learners()[name]
+    learner.partial_fit(x, labels)
+    path = tmp_path / "inference.npz"
+    save_inference_state(path, learner, BUNDLE)
+    predictor = load_inference_state(path, BUNDLE)
+    np.testing.assert_array_equal(predictor.learned_mask, learner.learned_mask)
+    expected = learner.predict(x[:8])
+    tolerance = 1e-5 * np.abs(expected).max()
+    np.testing.assert_allclose(predictor.predict(x[:8]), expected, atol=tolerance)
+    np.testing.assert_array_equal(predictor.predict(x[:8]), to_inference(learner).predict(x[:8]))
+    assert "gram" not in np.load(path).files and "inverse" not in np.load(path).files
+    if isinstance(predictor, PrimalPredictor):
+        assert predictor.weights.dtype == np.float32
+
+
+def test_inference_state_is_smaller_than_learner_state(tmp_path):
+    learner = PrimalAdapter(IN_DIM, CLASSES, 200, seed=0)
+    learner.partial_fit(*data(2))
+    save_learner_state(tmp_path / "l.npz", learner, BUNDLE)
+    save_inference_state(tmp_path / "i.npz", learner, BUNDLE)
+    assert (tmp_path / "i.npz").stat().st_size * 10 < (tmp_path / "l.npz").stat().st_size
+
+
+def test_refusals(tmp_path):
+    learner = learners()["cholesky"]
+    learner.partial_fit(*data(3))
+    path = tmp_path / "learner.npz"
+    save_learner_state(path, learner, BUNDLE)
+    with pytest.raises(StateError, match="another bundle"):
+        load_learner_state(path, OTHER_BUNDLE)
+    with pytest.raises(StateError, match="expected 'rail-inference'"):
+        load_inference_state(path, BUNDLE)
+    # an older schema
+    old = tmp_path / "old.npz"
+    state_file.save_state(old, LEARNER_KIND, SCHEMA_VERSION - 1, BUNDLE, {"w": np.zeros(2)})
+    with pytest.raises(StateError, match="schema"):
+        load_learner_state(old, BUNDLE)
+    # garbage and a truncated file
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip file at all")
+    with pytest.raises(StateError, match="not a readable state"):
+        load_learner_state(tmp_path / "garbage.npz", BUNDLE)
+    (tmp_path / "cut.npz").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(StateError):
+        load_learner_state(tmp_path / "cut.npz", BUNDLE)
+    # right kind and schema, but an array missing / of the wrong shape
+    arrays, meta = state_file.load_state(path, LEARNER_KIND, SCHEMA_VERSION, BUNDLE)
+    for name, value in (("gram", None), ("cross", np.zeros((HIDDEN, CLASSES + 1)))):
+        broken = {k: v for k, v in arrays.items() if k != name}
+        if value is not None:
+            broken[name] = value
+        header = ("kind", "schema_version", "bundle")
+        meta_fields = {k: v for k, v in meta.items() if k not in header}
+        state_file.save_state(
+            tmp_path / "b.npz", LEARNER_KIND, SCHEMA_VERSION, BUNDLE, broken, meta_fields
+        )
+        with pytest.raises(StateError, match=f"array '{name}'"):
+            load_learner_state(tmp_path / "b.npz", BUNDLE)
+    assert issubclass(StateError, UserError) and issubclass(RailError, UserError)
+
+
+def test_failed_save_leaves_previous_file_byte_identical(tmp_path, monkeypatch):
+    learner = learners()["cholesky"]
+    learner.partial_fit(*data(4))
+    path = tmp_path / "learner.npz"
+    save_learner_state(path, learner, BUNDLE)
+    before = path.read_bytes()
+    learner.partial_fit(*data(5))
+
+    def disk_full(handle, **arrays):
+        handle.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(state_file.np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_learner_state(path, learner, BUNDLE)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["learner.npz"]
+
+
+@pytest.mark.parametrize("name", ["cholesky", "woodbury", "dual"])
+def test_failed_update_leaves_state_file_and_learner_intact(tmp_path, name):
+    learner = learners()[name]
+    x, labels = data(6)
+    learner.partial_fit(x, labels)
+    path = tmp_path / "learner.npz"
+    save_learner_state(path, learner, BUNDLE)
+    before = path.read_bytes()
+    loaded = load_learner_state(path, BUNDLE)
+    expected = loaded.predict(x)
+    bad = np.full((3, IN_DIM), np.nan) if name == "dual" else x[:3] * 1e160
+    with pytest.raises(RailError):  # what a `learn` command sees before it would save
+        loaded.partial_fit(bad, labels[:3])
+        save_learner_state(path, loaded, BUNDLE)
+    assert path.read_bytes() == before
+    np.testing.assert_array_equal(loaded.predict(x), expected)
+
+
+def test_merging_two_devices_equals_joint_training(tmp_path):
+    x, labels = data(7, 90)
+    paths = []
+    for device, rows in enumerate((slice(0, 35), slice(35, 90))):
+        learner = PrimalAdapter(IN_DIM, CLASSES, HIDDEN, seed=11)
+        for start in range(rows.start, rows.stop, 9):  # each device learns in its own batches
+            stop = min(start + 9, rows.stop)
+            learner.partial_fit(x[start:stop], labels[start:stop])
+        paths.append(tmp_path / f"device{device}.npz")
+        save_learner_state(paths[-1], learner, BUNDLE)
+    states = [load_learner_state(path, BUNDLE) for path in paths]
+    grams = [state.gram.copy() for state in states]
+    merged = merge_learner_states(states)
+    assert rel(merged.weights, literal_joint(x, labels, seed=11)) < 1e-9
+    assert merged.num_samples == 90
+    np.testing.assert_array_equal(merged.learned_mask, np.isin(np.arange(CLASSES), labels))
+    for state, gram in zip(states, grams, strict=True):
+        np.testing.assert_array_equal(state.gram, gram)  # inputs untouched
+    save_learner_state(tmp_path / "merged.npz", merged, BUNDLE)
+    assert load_learner_state(tmp_path / "merged.npz", BUNDLE).solved
+
+
+def test_merging_dual_devices_equals_joint_solve():
+    x, labels = data(8, 50)
+    devices = [DualAdapter(IN_DIM, CLASSES) for _ in range(3)]
+    for device, rows in zip(devices, (slice(0, 10), slice(10, 31), slice(31, 50)), strict=True):
+        device.partial_fit(x[rows], labels[rows])
+    merged = merge_learner_states(devices)
+    kernel = np.exp(-0.1 * ((x[:, None] - x[None]) ** 2).sum(-1))
+    alpha = np.linalg.solve(kernel + 1e-3 * np.eye(50), np.eye(CLASSES)[labels])
+    assert rel(merged.coef, alpha) < 1e-7
+    assert devices[0].num_samples == 10
+
+
+def test_merge_refuses_mismatches():
+    x, labels = data(9)
+    base = PrimalAdapter(IN_DIM, CLASSES, HIDDEN, seed=1)
+    others = {
+        "seed": PrimalAdapter(IN_DIM, CLASSES, HIDDEN, seed=2),
+        "hidden_dim": PrimalAdapter(IN_DIM, CLASSES, HIDDEN + 1, seed=1),
+        "num_classes": PrimalAdapter(IN_DIM, CLASSES + 1, HIDDEN, seed=1),
+        "ridge": PrimalAdapter(IN_DIM, CLASSES, HIDDEN, ridge=0.2, seed=1),
+        "woodbury": PrimalAdapter(IN_DIM, CLASSES, HIDDEN, seed=1, route="woodbury"),
+        "primal and dual": DualAdapter(IN_DIM, CLASSES),
+    }
+    for message, other in others.items():
+        with pytest.raises(StateError, match=message):
+            merge_learner_states([base, other])
+    tampered = PrimalAdapter(IN_DIM, CLASSES, HIDDEN, seed=1)
+    tampered.projection = tampered.projection + 1e-9
+    with pytest.raises(StateError, match="W_r"):
+        merge_learner_states([base, tampered])
+    with pytest.raises(StateError, match="gamma"):
+        merge_learner_states([DualAdapter(IN_DIM, CLASSES), DualAdapter(IN_DIM, CLASSES, 0.2)])
+    with pytest.raises(StateError, match="no learner"):
+        merge_learner_states([])
+
+
+def test_rail_imports_without_torch_or_scipy():
+    code = (
+        "import sys, vlm_export.runtime.rail; "
+        "bad = {'torch', 'open_clip', 'scipy'} & set(sys.modules); assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,263 @@
+"""RAIL state files: the learner state (everything needed to keep learning or merge) and the smaller
+inference state (what a predict-only device needs), one ``.npz`` each via runtime.state_file.
+
+Learner, primal: W_r, G and B (cholesky route) or R (woodbury), W, learned mask, sample count,
+seed, d_h, ridge. Learner, dual: stored features and labels, M, alpha, learned mask, gamma, ridge.
+Inference, primal: W_r and W in float32, learned mask. Inference, dual: features, alpha (float64),
+learned mask, gamma. Every file records the bundle fingerprint and is refused by another bundle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlm_export.runtime.errors import StateError
+from vlm_export.runtime.rail.dual import DualAdapter, DualPredictor
+from vlm_export.runtime.rail.inputs import RailError
+from vlm_export.runtime.rail.primal import ROUTES, PrimalAdapter, PrimalPredictor
+from vlm_export.runtime.state_file import load_state, save_state
+
+LEARNER_KIND = "rail-learner"
+INFERENCE_KIND = "rail-inference"
+SCHEMA_VERSION = 1
+
+Learner = PrimalAdapter | DualAdapter
+Predictor = PrimalPredictor | DualPredictor
+
+
+def to_inference(learner: Learner) -> Predictor:
+    """The predict-only form of a learner (solves a primal learner first if needed)."""
+    return learner.to_inference()
+
+
+def save_learner_state(path: str | Path, learner: Learner, bundle_fingerprint: str) -> None:
+    """Write a learner state atomically (the previous file stays intact if anything fails)."""
+    mask = learner.learned_mask
+    if isinstance(learner, PrimalAdapter):
+        arrays = {"weights": learner.weights, "learned_mask": mask}
+        if learner.projection is not None:
+            arrays["projection"] = learner.projection
+        if learner.route == "cholesky":
+            arrays.update(gram=learner.gram, cross=learner.cross)
+        else:
+            arrays["inverse"] = learner.inverse
+        meta = {
+            "form": "primal",
+            "route": learner.route,
+            "in_dim": learner.in_dim,
+            "hidden_dim": learner.hidden_dim,
+            "num_classes": learner.num_classes,
+            "ridge": learner.ridge,
+            "seed": learner.seed,
+            "num_samples": learner.num_samples,
+            "solved": learner.solved,
+        }
+    else:
+        arrays = {
+            "features": learner.features,
+            "labels": learner.labels,
+            "inverse": learner.inverse,
+            "coef": learner.coef,
+            "learned_mask": mask,
+        }
+        meta = _dual_meta(learner)
+    save_state(path, LEARNER_KIND, SCHEMA_VERSION, bundle_fingerprint, arrays, meta)
+
+
+def save_inference_state(
+    path: str | Path, model: Learner | Predictor, bundle_fingerprint: str
+) -> None:
+    """Write an inference state atomically; a learner is converted with ``to_inference`` first."""
+    if isinstance(model, (PrimalAdapter, DualAdapter)):
+        model = to_inference(model)
+    arrays: dict[str, np.ndarray] = {"learned_mask": model.learned_mask}
+    if isinstance(model, PrimalPredictor):
+        arrays["weights"] = model.weights
+        if model.projection is not None:
+            arrays["projection"] = model.projection
+        meta = {
+            "form": "primal",
+            "in_dim": model.in_dim,
+            "hidden_dim": 0 if model.projection is None else model.projection.shape[1],
+            "num_classes": model.num_classes,
+        }
+    else:
+        arrays.update(features=model.features, coef=model.coef)
+        meta = _dual_meta(model)
+    save_state(path, INFERENCE_KIND, SCHEMA_VERSION, bundle_fingerprint, arrays, meta)
+
+
+def _dual_meta(model: DualAdapter | DualPredictor) -> dict[str, Any]:
+    meta = {"form": "dual", "in_dim": model.in_dim, "num_classes": model.num_classes}
+    meta["gamma"] = model.gamma
+    if isinstance(model, DualAdapter):
+        meta["ridge"] = model.ridge
+    return meta
+
+
+class _Reader:
+    """Typed access to a loaded state's arrays and header; anything missing is a StateError."""
+
+    def __init__(self, path: str | Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]):
+        self.path, self.arrays, self.meta = path, arrays, meta
+
+    def field(self, name: str, kind: type) -> Any:
+        value = self.meta.get(name)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise StateError(f"{self.path} has a corrupt header (field {name!r})")
+        return value
+
+    def array(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        value = self.arrays.get(name)
+        if value is None or value.shape != shape or value.dtype != np.dtype(dtype):
+            found = "missing" if value is None else f"{value.dtype} {list(value.shape)}"
+            raise StateError(
+                f"{self.path}: array {name!r} should be {np.dtype(dtype)} {list(shape)}, "
+                f"found {found} (corrupt state)"
+            )
+        return value
+
+
+def load_learner_state(path: str | Path, bundle_fingerprint: str | None) -> Learner:
+    """Read a learner state; StateError if corrupt, of another schema or from another bundle.
+
+    ``bundle_fingerprint=None`` skips the bundle check (inspection only).
+    """
+    reader = _Reader(path, *load_state(path, LEARNER_KIND, SCHEMA_VERSION, bundle_fingerprint))
+    form = reader.field("form", str)
+    in_dim, classes = reader.field("in_dim", int), reader.field("num_classes", int)
+    mask = reader.array("learned_mask", (classes,), bool)
+    try:
+        if form == "primal":
+            learner = _load_primal_learner(reader, in_dim, classes)
+        elif form == "dual":
+            learner = DualAdapter(
+                in_dim, classes, reader.field("gamma", float), reader.field("ridge", float)
+            )
+            count = len(reader.arrays.get("labels", ()))
+            learner.features = reader.array("features", (count, in_dim), np.float64)
+            learner.labels = reader.array("labels", (count,), np.int64)
+            learner.inverse = reader.array("inverse", (count, count), np.float64)
+            learner.coef = reader.array("coef", (count, classes), np.float64)
+        else:
+            raise StateError(f"{path} holds an unknown RAIL form {form!r}")
+    except RailError as exc:
+        raise StateError(f"{path} has invalid hyperparameters ({exc})") from None
+    learner.learned_mask = mask.copy()
+    return learner
+
+
+def _load_primal_learner(reader: _Reader, in_dim: int, classes: int) -> PrimalAdapter:
+    hidden = reader.field("hidden_dim", int)
+    route = reader.field("route", str)
+    if route not in ROUTES:
+        raise StateError(f"{reader.path} has an unknown primal route {route!r}")
+    projection = reader.array("projection", (in_dim, hidden), np.float64) if hidden else None
+    learner = PrimalAdapter(
+        in_dim,
+        classes,
+        hidden,
+        reader.field("ridge", float),
+        reader.field("seed", int),
+        route,
+        projection=projection,
+    )
+    dim = learner.feature_dim
+    learner.weights = reader.array("weights", (dim, classes), np.float64)
+    if route == "cholesky":
+        learner.gram = reader.array("gram", (dim, dim), np.float64)
+        learner.cross = reader.array("cross", (dim, classes), np.float64)
+    else:
+        learner.inverse = reader.array("inverse", (dim, dim), np.float64)
+    learner.num_samples = reader.field("num_samples", int)
+    learner.solved = reader.field("solved", bool)
+    return learner
+
+
+def load_inference_state(path: str | Path, bundle_fingerprint: str | None) -> Predictor:
+    """Read an inference state; StateError if corrupt, of another schema or from another bundle."""
+    reader = _Reader(path, *load_state(path, INFERENCE_KIND, SCHEMA_VERSION, bundle_fingerprint))
+    form = reader.field("form", str)
+    in_dim, classes = reader.field("in_dim", int), reader.field("num_classes", int)
+    mask = reader.array("learned_mask", (classes,), bool)
+    if form == "primal":
+        hidden = reader.field("hidden_dim", int)
+        projection = reader.array("projection", (in_dim, hidden), np.float32) if hidden else None
+        weights = reader.array("weights", (hidden or in_dim, classes), np.float32)
+        return PrimalPredictor(projection, weights, mask)
+    if form == "dual":
+        count = len(reader.arrays.get("features", ()))
+        features = reader.array("features", (count, in_dim), np.float64)
+        coef = reader.array("coef", (count, classes), np.float64)
+        return DualPredictor(features, coef, reader.field("gamma", float), mask)
+    raise StateError(f"{path} holds an unknown RAIL form {form!r}")
+
+
+def merge_learner_states(states: Sequence[Learner]) -> Learner:
+    """The exact joint learner of several devices' learners (the inputs are not changed).
+
+    Primal (cholesky route): G, B, sample counts and learned masks add, then W is solved. Dual:
+    the other devices' samples join the first's by block updates. All must share the form and
+    hyperparameters (seed, d_h, ridge, gamma, label space); load each state with the bundle's
+    fingerprint so that all come from the same bundle.
+    """
+    if not states:
+        raise StateError("no learner states to merge")
+    first = states[0]
+    if all(isinstance(state, PrimalAdapter) for state in states):
+        return _merge_primal(states)
+    if all(isinstance(state, DualAdapter) for state in states):
+        merged = DualAdapter(first.in_dim, first.num_classes, first.gamma, first.ridge)
+        merged.features, merged.labels = first.features.copy(), first.labels.copy()
+        merged.inverse, merged.coef = first.inverse.copy(), first.coef.copy()
+        merged.learned_mask = first.learned_mask.copy()
+        for index, state in enumerate(states[1:], start=1):
+            _require_same(first, state, index, ("in_dim", "num_classes", "gamma", "ridge"))
+            merged.partial_fit(state.features, state.labels)
+        return merged
+    raise StateError("cannot merge primal and dual learner states")
+
+
+def _merge_primal(states: Sequence[PrimalAdapter]) -> PrimalAdapter:
+    first = states[0]
+    keys = ("route", "in_dim", "hidden_dim", "num_classes", "ridge", "seed")
+    for index, state in enumerate(states):
+        if state.route != "cholesky":
+            raise StateError(
+                f"learner state {index} uses the woodbury route (R only); merging needs the "
+                "cholesky route's statistics G and B"
+            )
+        _require_same(first, state, index, keys)
+        if state.projection is not None and not np.array_equal(state.projection, first.projection):
+            raise StateError(f"learner state {index} has another random layer W_r than state 0")
+    merged = PrimalAdapter(
+        first.in_dim,
+        first.num_classes,
+        first.hidden_dim,
+        first.ridge,
+        first.seed,
+        projection=first.projection,
+    )
+    for state in states:
+        merged.gram += state.gram
+        merged.cross += state.cross
+        merged.learned_mask |= state.learned_mask
+        merged.num_samples += state.num_samples
+    merged.solved = False
+    merged.finalize()
+    return merged
+
+
+def _require_same(first: Learner, other: Learner, index: int, keys: Sequence[str]) -> None:
+    for key in keys:
+        if getattr(first, key) != getattr(other, key):
+            raise StateError(
+                f"learner state {index} has {key} = {getattr(other, key)}, state 0 has "
+                f"{getattr(first, key)}: only states of the same setup merge"
+            )
