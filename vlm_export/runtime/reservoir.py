@@ -1,0 +1,378 @@
+"""TCA token reservoir and logit correction (spec/tca.md section 3), NumPy only.
+
+One buffer per class holds up to ``capacity`` entries; an entry is the zero-shot entropy of an image
+and its CLS stack [L, D] (``cls_per_layer`` of the engine). Per image the pipeline calls
+``update`` (insert, evict, rebuild anchors) and then ``correction`` (logit offsets z [C]).
+
+Storage: every entry is kept as its per-layer unit vectors plus per-layer norms. The unit stacks of
+all entries form one contiguous [C*M, L*D] matrix, so the correction is one matrix-vector product
+per frame; the raw tokens that anchors and eviction need are unit * norm (float32 rounding). This
+holds the reservoir in half the memory of raw plus normalised copies (ImageNet, ViT-B/16: 110 MB).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vlm_export.runtime.errors import StateError, UserError
+from vlm_export.runtime.state_file import load_state, save_state
+
+STATE_KIND = "tca_reservoir"
+STATE_SCHEMA_VERSION = 1
+EVICTION_MODES = ("diversity", "entropy")
+ANCHOR_RULES = ("all_classes", "per_class")
+
+# Norm floors: cosine as in torch.nn.functional.cosine_similarity (eps 1e-8 per vector) and the
+# eviction's F.normalize (eps 1e-12), as the released code computes them.
+_COS_EPS = 1e-8
+_NORMALIZE_EPS = 1e-12
+# Leading layers whose summed weight is below this are left out of the correction: |cos| <= 1, so
+# each affinity moves by at most this much, below float32 resolution of the affinity itself.
+_SKIP_WEIGHT_MASS = 1e-7
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class ReservoirConfig:
+    """Reservoir hyperparameters (spec 3.5: ImageNet M=3, tau=0.1, lambda=3, beta=5).
+
+    ``eviction``: "diversity" (score = entropy + mean similarity, reference) or "entropy".
+    ``anchor_rule``: "all_classes" (reference) or "per_class"; see ``TokenReservoir``.
+    """
+
+    capacity: int = 3
+    tau: float = 0.1
+    lam: float = 3.0
+    beta: float = 5.0
+    eviction: str = "diversity"
+    anchor_rule: str = "all_classes"
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.capacity) or self.capacity < 1:
+            raise UserError(f"reservoir capacity must be an integer >= 1, got {self.capacity!r}")
+        if not _is_real(self.tau) or not math.isfinite(self.tau) or self.tau <= 0:
+            raise UserError(f"reservoir tau must be a finite number > 0, got {self.tau!r}")
+        for name in ("lam", "beta"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value) or value < 0:
+                raise UserError(f"reservoir {name} must be a finite number >= 0, got {value!r}")
+        if self.eviction not in EVICTION_MODES:
+            choices = " or ".join(EVICTION_MODES)
+            raise UserError(f"unknown reservoir eviction {self.eviction!r}; choose {choices}")
+        if self.anchor_rule not in ANCHOR_RULES:
+            choices = " or ".join(ANCHOR_RULES)
+            raise UserError(f"unknown anchor rule {self.anchor_rule!r}; choose {choices}")
+        if self.anchor_rule == "all_classes" and self.capacity < 2:
+            raise UserError(
+                "anchor rule 'all_classes' needs capacity >= 2 (it waits for 2 entries per class)"
+            )
+
+
+def layer_weights(num_layers: int, tau: float) -> np.ndarray:
+    """w = softmax(linspace(0, 1, L) / tau), float64 [L] (spec 3.4)."""
+    logits = np.linspace(0.0, 1.0, num_layers) / tau
+    weights = np.exp(logits - logits.max())
+    return weights / weights.sum()
+
+
+def prediction_entropy(logits: np.ndarray) -> float:
+    """H = -sum softmax(s) * log_softmax(s), computed in float64."""
+    shifted = logits - logits.max()
+    log_probs = shifted - np.log(np.exp(shifted).sum())
+    return float(-(np.exp(log_probs) * log_probs).sum())
+
+
+class TokenReservoir:
+    """Per-class buffers of (entropy, CLS stack) with anchors and the TCA logit correction.
+
+    Anchors are ``anchors[c] = valid[c] * mean of class c's stored rows anchor_layers``:
+
+    - ``anchor_rule="all_classes"`` (reference, the released code): all classes become valid at
+      once, when EVERY class holds >= 2 entries; until then anchors and valid are all zeros.
+    - ``anchor_rule="per_class"`` (alternative for large label spaces, where the reference rule
+      switches anchors on late or never): class c is valid as soon as it holds one entry. The engine
+      then picks the best-matching anchor among valid classes only, and uses ordinary attention
+      while no class is valid.
+
+    ``version`` counts changes of (anchors, valid): the pipeline pushes anchors to the engine only
+    when it moved. Eviction ties go to the lowest slot, the newcomer counting as the last slot; a
+    newcomer that is not evicted takes the evicted entry's slot.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_layers: int,
+        width: int,
+        anchor_layers: Sequence[int],
+        config: ReservoirConfig = ReservoirConfig(),
+    ) -> None:
+        for name, value in (("num_classes", num_classes), ("num_layers", num_layers)):
+            if not _is_int(value) or value < 1:
+                raise UserError(f"reservoir {name} must be an integer >= 1, got {value!r}")
+        if not _is_int(width) or width < 1:
+            raise UserError(f"reservoir width must be an integer >= 1, got {width!r}")
+        layers = tuple(anchor_layers)
+        if not layers or not all(_is_int(i) and 0 <= i < num_layers for i in layers):
+            raise UserError(
+                f"anchor_layers must be a non-empty list of layers in 0..{num_layers - 1}, "
+                f"got {list(layers)}"
+            )
+        self.config = config
+        self.num_classes = int(num_classes)
+        self.num_layers = int(num_layers)
+        self.width = int(width)
+        self.anchor_layers = tuple(int(i) for i in layers)
+        self.version = 0
+
+        classes, slots = self.num_classes, config.capacity
+        self._units = np.zeros((classes, slots, self.num_layers, self.width), np.float32)
+        self._unit_matrix = self._units.reshape(classes * slots, self.num_layers * self.width)
+        self._norms = np.zeros((classes, slots, self.num_layers), np.float32)
+        self._entropies = np.zeros((classes, slots), np.float64)
+        self._counts = np.zeros(classes, np.int64)
+        self._occupied = np.zeros((classes, slots), np.float32)
+        self._anchors = np.zeros((classes, len(self.anchor_layers), self.width), np.float32)
+        self._valid = np.zeros(classes, np.float32)
+        self._anchors_view = self._anchors.view()
+        self._anchors_view.flags.writeable = False
+        self._valid_view = self._valid.view()
+        self._valid_view.flags.writeable = False
+
+        weights = layer_weights(self.num_layers, config.tau)
+        self._first_layer = int(np.searchsorted(np.cumsum(weights), _SKIP_WEIGHT_MASS, "right"))
+        self._weights = weights[self._first_layer :]
+        self._affinity = np.empty(classes * slots, np.float32)
+
+    # ------------------------------------------------------------------ per frame
+    def update(self, zero_shot_logits: np.ndarray, cls_stack: np.ndarray) -> int:
+        """Insert this image into the buffer of its zero-shot class; return that class y.
+
+        ``zero_shot_logits`` [C] = 100 * cos(f, t_c); ``cls_stack`` [L, D] = the engine's
+        ``cls_per_layer`` for this image. Evicts when the buffer exceeds capacity (possibly the
+        newcomer), then rebuilds the anchors; ``version`` moves if they changed.
+        """
+        logits = np.asarray(zero_shot_logits, dtype=np.float64)
+        stack = self._check_stack(cls_stack)
+        if logits.shape != (self.num_classes,):
+            raise ValueError(f"zero_shot_logits must be [{self.num_classes}], got {logits.shape}")
+        if not (np.isfinite(logits).all() and np.isfinite(stack).all()):
+            raise ValueError("reservoir update got non-finite logits or CLS tokens")
+        label = int(np.argmax(logits))
+        entropy = prediction_entropy(logits)
+        norms = np.maximum(np.linalg.norm(stack, axis=1), np.float32(_COS_EPS))
+        units = stack / norms[:, None]
+
+        count = int(self._counts[label])
+        if count < self.config.capacity:
+            slot = count
+            self._counts[label] = count + 1
+            self._occupied[label, slot] = 1.0
+        else:
+            slot = self._choose_eviction(label, entropy, units, norms)
+            if slot == count:
+                return label
+        self._units[label, slot] = units
+        self._norms[label, slot] = norms
+        self._entropies[label, slot] = entropy
+        self._refresh_anchors(label)
+        return label
+
+    def correction(self, cls_stack: np.ndarray) -> np.ndarray:
+        """z [C] float32: lambda * sum over class c's entries of exp(-beta * (1 - a_e)).
+
+        a_e = sum_l w_l cos(V_l, V_e,l) with w = softmax(linspace(0, 1, L) / tau), computed as one
+        product of the stored unit stacks with concat_l(w_l V_l / |V_l|).
+        """
+        stack = self._check_stack(cls_stack)[self._first_layer :]
+        norms = np.maximum(np.linalg.norm(stack, axis=1), np.float32(_COS_EPS))
+        query = (stack * (self._weights / norms)[:, None].astype(np.float32)).ravel()
+        units = self._unit_matrix[:, self._first_layer * self.width :]
+        np.matmul(units, query, out=self._affinity)
+        terms = np.exp(np.float32(self.config.beta) * (self._affinity - np.float32(1.0)))
+        per_class = (terms.reshape(self._occupied.shape) * self._occupied).sum(axis=1)
+        return (np.float32(self.config.lam) * per_class).astype(np.float32, copy=False)
+
+    # ------------------------------------------------------------------ views
+    def anchors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(anchors [C, R, D] float32, valid [C] float32): read-only views of the live buffers.
+
+        ``anchors[c, i]`` = mean over class c's entries of CLS row ``anchor_layers[i]`` (raw tokens)
+        where ``valid[c]`` is 1, zeros elsewhere. The same arrays every call: no copy per frame.
+        """
+        return self._anchors_view, self._valid_view
+
+    def counts(self) -> np.ndarray:
+        """Entries per class [C] int64 (a copy)."""
+        return self._counts.copy()
+
+    # ------------------------------------------------------------------ internals
+    def _check_stack(self, cls_stack: np.ndarray) -> np.ndarray:
+        stack = np.asarray(cls_stack, dtype=np.float32)
+        if stack.shape != (self.num_layers, self.width):
+            raise ValueError(
+                f"cls_stack must be [{self.num_layers}, {self.width}], got {stack.shape}"
+            )
+        return stack
+
+    def _choose_eviction(
+        self, label: int, entropy: float, units: np.ndarray, norms: np.ndarray
+    ) -> int:
+        """Slot to evict from a full buffer plus newcomer (slot ``capacity`` = the newcomer)."""
+        count = self.config.capacity
+        entropies = np.append(self._entropies[label], entropy)
+        if self.config.eviction == "entropy":
+            return int(np.argmax(entropies))
+        # Released TCA code (Jo-wang/TCA, utils.py cls_feature_similarity with token_sim=True, as
+        # called from update_reservoir_sim in runner.py): torch.mean(cls_token_list, dim=0) over
+        # ALL layers of the raw CLS tokens, then F.normalize, a cosine matrix, and per entry the
+        # mean over the other entries, (row sum - diagonal) / (n - 1); score = entropy + that.
+        # Layer means of the raw tokens are norms @ units / L, entry by entry.
+        all_units = np.concatenate([self._units[label], units[None]])
+        all_norms = np.concatenate([self._norms[label], norms[None]])
+        means = np.matmul(all_norms[:, None, :], all_units)[:, 0] / np.float64(self.num_layers)
+        means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), _NORMALIZE_EPS)
+        gram = means @ means.T
+        similarity = (gram.sum(axis=1) - np.diag(gram)) / count
+        return int(np.argmax(entropies + similarity))
+
+    def _class_anchor(self, label: int) -> np.ndarray:
+        count = int(self._counts[label])
+        rows = self._units[label, :count][:, self.anchor_layers]
+        rows = rows * self._norms[label, :count][:, self.anchor_layers, None]
+        return rows.mean(axis=0)
+
+    def _refresh_anchors(self, label: int) -> None:
+        """Recompute anchors after class ``label`` changed; bump ``version`` if they moved."""
+        if self.config.anchor_rule == "per_class" or self._valid[label] == 1.0:
+            anchor = self._class_anchor(label)
+            if self._valid[label] == 1.0 and np.array_equal(anchor, self._anchors[label]):
+                return
+            self._anchors[label] = anchor
+            self._valid[label] = 1.0
+            self.version += 1
+        elif self._counts.min() >= 2:
+            self._rebuild_all_anchors()
+
+    def _rebuild_all_anchors(self) -> None:
+        """Set every anchor and valid flag from the buffers (activation, state load)."""
+        self._anchors[:] = 0.0
+        if self.config.anchor_rule == "per_class":
+            self._valid[:] = self._counts >= 1
+        else:
+            self._valid[:] = float(self._counts.min() >= 2)
+        for label in np.flatnonzero(self._valid):
+            self._anchors[label] = self._class_anchor(int(label))
+        self.version += 1
+
+    # ------------------------------------------------------------------ persistence
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The state as named arrays (read-only views of the live buffers; copy to keep)."""
+        arrays = {
+            "unit_stacks": self._units,
+            "norms": self._norms,
+            "entropies": self._entropies,
+            "counts": self._counts,
+        }
+        views = {}
+        for name, array in arrays.items():
+            views[name] = array.view()
+            views[name].flags.writeable = False
+        return views
+
+    def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Replace the state with arrays from ``state_arrays``; rebuilds anchors, bumps version."""
+        classes, slots, layers = self.num_classes, self.config.capacity, self.num_layers
+        expected = {
+            "unit_stacks": (classes, slots, layers, self.width),
+            "norms": (classes, slots, layers),
+            "entropies": (classes, slots),
+            "counts": (classes,),
+        }
+        for name, shape in expected.items():
+            if name not in arrays:
+                raise StateError(f"reservoir state has no array {name!r}")
+            if np.shape(arrays[name]) != shape:
+                raise StateError(
+                    f"reservoir state array {name!r} is {np.shape(arrays[name])}, expected {shape}"
+                )
+        counts = np.asarray(arrays["counts"])
+        if counts.dtype.kind not in "iu" or counts.min() < 0 or counts.max() > slots:
+            raise StateError(f"reservoir state counts must be integers in 0..{slots}")
+        occupied = np.arange(slots) < counts[:, None]
+        if not all(np.isfinite(arrays[name]).all() for name in expected):
+            raise StateError("reservoir state holds non-finite values")
+        if (np.asarray(arrays["norms"])[occupied] <= 0).any():
+            raise StateError("reservoir state holds non-positive norms")
+        self._units[:] = arrays["unit_stacks"]
+        self._norms[:] = arrays["norms"]
+        self._entropies[:] = arrays["entropies"]
+        self._counts[:] = counts
+        self._occupied[:] = occupied
+        self._rebuild_all_anchors()
+
+    def _meta(self) -> dict:
+        return {
+            "config": dataclasses.asdict(self.config),
+            "num_classes": self.num_classes,
+            "num_layers": self.num_layers,
+            "width": self.width,
+            "anchor_layers": list(self.anchor_layers),
+        }
+
+    def save(self, path: str | Path, bundle_fingerprint: str) -> None:
+        """Write the reservoir to a state file (atomic; config and shapes in its header)."""
+        save_state(
+            path,
+            STATE_KIND,
+            STATE_SCHEMA_VERSION,
+            bundle_fingerprint,
+            self.state_arrays(),
+            self._meta(),
+        )
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        bundle_fingerprint: str,
+        num_classes: int,
+        num_layers: int,
+        width: int,
+        anchor_layers: Sequence[int],
+    ) -> TokenReservoir:
+        """Read a reservoir saved by ``save``, with the config it was saved with.
+
+        Raises StateError for another bundle, another kind or schema, or other class count, depth
+        or width. Anchors are recomputed for ``anchor_layers`` from the stored stacks.
+        """
+        arrays, meta = load_state(path, STATE_KIND, STATE_SCHEMA_VERSION, bundle_fingerprint)
+        for name, value in (
+            ("num_classes", num_classes),
+            ("num_layers", num_layers),
+            ("width", width),
+        ):
+            if meta.get(name) != value:
+                raise StateError(
+                    f"{path} holds a reservoir with {name}={meta.get(name)}, not {value}"
+                )
+        try:
+            config = ReservoirConfig(**meta["config"])
+        except (KeyError, TypeError, UserError) as exc:
+            raise StateError(f"{path} has an unusable reservoir config ({exc})") from None
+        reservoir = cls(num_classes, num_layers, width, anchor_layers, config)
+        reservoir.load_state_arrays(arrays)
+        return reservoir
