@@ -1,0 +1,256 @@
+"""A tiny but real bundle for tests and benchmarks, built without the exporter.
+
+The image encoder is a small ONNX graph made with onnx.helper (no torch): flatten -> tanh layers ->
+L2-normalised projection, with the bundle's input and output names and shapes. The anchors shift
+the first hidden state (masked by anchors_valid), so anchors change the outputs as in a condensing
+engine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from vlm_export.runtime import manifest as mf
+
+OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
+DOMAINS = {"animals": ["cat", "dog", "bird"], "vehicles": ["car", "bus", "train"]}
+
+
+def _encoder(
+    image_size: int, layers: int, width: int, embed: int, classes: int, condensing: bool, seed: int
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    patches = (image_size // 8) ** 2
+    reduction = [layers // 4 + 1, layers // 2 + 1] if condensing else []
+    init = [
+        numpy_helper.from_array(
+            (rng.standard_normal((3 * image_size * image_size, width)) * 0.02).astype(np.float32),
+            "w_in",
+        ),
+        numpy_helper.from_array(
+            (rng.standard_normal((width, embed)) / np.sqrt(width)).astype(np.float32), "proj"
+        ),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+    ]
+    nodes = [
+        helper.make_node("Flatten", ["image"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "w_in"], ["h_in"]),
+    ]
+    first = "h_in"
+    if condensing:
+        init.append(numpy_helper.from_array(np.array([classes, 1, 1], dtype=np.int64), "cshape"))
+        nodes += [
+            helper.make_node("Reshape", ["anchors_valid", "cshape"], ["valid3"]),
+            helper.make_node("Mul", ["anchors", "valid3"], ["masked"]),
+            helper.make_node("ReduceMean", ["masked"], ["anchor_shift"], keepdims=0),
+            helper.make_node("Add", ["h_in", "anchor_shift"], ["h_shift"]),
+        ]
+        first = "h_shift"
+    previous, stacked = first, []
+    for layer in range(layers):
+        weight = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        init.append(numpy_helper.from_array(weight, f"w{layer}"))
+        nodes += [
+            helper.make_node("MatMul", [previous, f"w{layer}"], [f"m{layer}"]),
+            helper.make_node("Add", [f"m{layer}", previous], [f"r{layer}"]),
+            helper.make_node("Tanh", [f"r{layer}"], [f"h{layer}"]),
+            helper.make_node("Unsqueeze", [f"h{layer}", "axis1"], [f"u{layer}"]),
+        ]
+        previous = f"h{layer}"
+        stacked.append(f"u{layer}")
+    nodes += [
+        helper.make_node("Concat", stacked, ["cls_per_layer"], axis=1),
+        helper.make_node("MatMul", [previous, "proj"], ["raw"]),
+        helper.make_node("ReduceL2", ["raw"], ["norm"], axes=[1], keepdims=1),
+        helper.make_node("Div", ["raw", "norm"], ["embedding"]),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, image_size, image_size])
+    ]
+    outputs = [
+        helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, embed]),
+        helper.make_tensor_value_info("cls_per_layer", TensorProto.FLOAT, [1, layers, width]),
+    ]
+    io = {
+        "inputs": [{"name": "image", "shape": [1, 3, image_size, image_size], "dtype": "float32"}],
+        "outputs": [
+            {"name": "embedding", "shape": [1, embed], "dtype": "float32"},
+            {"name": "cls_per_layer", "shape": [1, layers, width], "dtype": "float32"},
+        ],
+    }
+    if condensing:
+        r = len(reduction)
+        fate = np.zeros((1, r, patches), dtype=np.int32)
+        fate[:, :, patches // 2 :] = mf.TOKEN_FATE["pruned"]
+        init.append(numpy_helper.from_array(fate, "fate"))
+        nodes.append(helper.make_node("Identity", ["fate"], ["token_fate"]))
+        inputs += [
+            helper.make_tensor_value_info("anchors", TensorProto.FLOAT, [classes, r, width]),
+            helper.make_tensor_value_info("anchors_valid", TensorProto.FLOAT, [classes]),
+        ]
+        outputs.append(
+            helper.make_tensor_value_info("token_fate", TensorProto.INT32, [1, r, patches])
+        )
+        io["inputs"] += [
+            {"name": "anchors", "shape": [classes, r, width], "dtype": "float32"},
+            {"name": "anchors_valid", "shape": [classes], "dtype": "float32"},
+        ]
+        io["outputs"].append({"name": "token_fate", "shape": [1, r, patches], "dtype": "int32"})
+    graph = helper.make_graph(nodes, "fake_image_encoder", inputs, outputs, init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    io["reduction_layers"] = reduction
+    io["patches"] = patches
+    return model, io
+
+
+def make_bundle(
+    folder: str | Path,
+    method: str = "tca",
+    image_size: int = 32,
+    layers: int = 4,
+    width: int = 16,
+    embed: int = 8,
+    untrained: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Write a complete, valid bundle (6 classes in 2 domains) into ``folder`` and return it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [(name, domain) for domain, members in DOMAINS.items() for name in members]
+    condensing = mf.uses_condensation(method)
+    model, io = _encoder(image_size, layers, width, embed, len(names), condensing, seed)
+    onnx.save(model, folder / mf.IMAGE_ENCODER_ONNX)
+    rng = np.random.default_rng(seed + 1)
+    text = rng.standard_normal((len(names), embed)).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    np.save(folder / mf.TEXT_EMBEDDINGS, text)
+    classes = {
+        "classes": [{"name": name, "domain": domain} for name, domain in names],
+        "domains": list(DOMAINS),
+    }
+    (folder / mf.CLASSES_FILE).write_text(json.dumps(classes, indent=1), encoding="utf-8")
+    condensation = None
+    if condensing:
+        condensation = {
+            "drop_rate": 0.1,
+            "merge_centers": 2,
+            "ranking": "mean",
+            "reduction_layers": io["reduction_layers"],
+            "anchor_layers": [layer - 1 for layer in io["reduction_layers"]],
+            "schedule": [
+                {
+                    "layer": layer,
+                    "tokens_in": 17,
+                    "keep": 10,
+                    "merge": 4,
+                    "prune": 2,
+                    "tokens_out": 14,
+                }
+                for layer in io["reduction_layers"]
+            ],
+            "tokens_per_block": [io["patches"] + 1] * layers,
+            "first_centre": "highest_score",
+        }
+    manifest = {
+        "format": mf.FORMAT,
+        "schema_version": mf.SCHEMA_VERSION,
+        "created_utc": "2026-01-01T00:00:00Z",
+        "producer": {"vlm_export": "test", "onnx": onnx.__version__},
+        "method": method,
+        "model": {
+            "name": "fake-tiny",
+            "pretrained": "none" if untrained else "fake",
+            "untrained": untrained,
+            "activation": "gelu",
+            "image_size": image_size,
+            "patch_size": 8,
+            "width": width,
+            "layers": layers,
+            "heads": 2,
+            "embed_dim": embed,
+            "logit_scale": 100.0,
+        },
+        "preprocess": {
+            "size": [image_size, image_size],
+            "resize_mode": "shortest",
+            "interpolation": "bicubic",
+            "mean": OPENAI_MEAN,
+            "std": OPENAI_STD,
+            "fill_color": 0,
+        },
+        "engine": {
+            "onnx": mf.IMAGE_ENCODER_ONNX,
+            "opset": 17,
+            "batch_size": 1,
+            "inputs": io["inputs"],
+            "outputs": io["outputs"],
+            "embedding_normalized": True,
+        },
+        "engines": [],
+        "condensation": condensation,
+        "flops": {
+            "convention": "1 multiply-add = 1 FLOP",
+            "full_gflops": 0.004,
+            "condensed_gflops": 0.003 if condensing else 0.004,
+            "closed_form": True,
+            "torch_counter": None,
+        },
+        "parity": {
+            "passed": True,
+            "max_abs": 1e-6,
+            "median_abs": 1e-7,
+            "cosine_min": 1.0,
+            "cases": [],
+        },
+        "text": {
+            "embeddings": mf.TEXT_EMBEDDINGS,
+            "shape": list(text.shape),
+            "templates": "test",
+            "num_templates": 1,
+            "normalized": True,
+        },
+        "labels": {"file": mf.CLASSES_FILE, "num_classes": len(names), "domains": list(DOMAINS)},
+        "adaptation": {
+            "tca": {
+                "capacity": 3,
+                "tau": 0.1,
+                "lam": 3.0,
+                "beta": 5.0,
+                "eviction": "diversity",
+                "anchor_rule": "all_classes",
+            },
+            "rail": {},
+        },
+        "files": {
+            name: mf.file_record(folder / name)
+            for name in (mf.IMAGE_ENCODER_ONNX, mf.TEXT_EMBEDDINGS, mf.CLASSES_FILE)
+        },
+    }
+    mf.validate_manifest(manifest)
+    (folder / mf.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    return folder
+
+
+def write_images(folder: str | Path, count: int, seed: int = 0, suffix: str = ".jpg") -> list[Path]:
+    """Write ``count`` random RGB images of varied sizes; return their paths in sorted order."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        height, width = (int(v) for v in rng.integers(24, 96, 2))
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        path = folder / f"img_{index:04d}{suffix}"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths

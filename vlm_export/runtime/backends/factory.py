@@ -1,0 +1,54 @@
+"""Choose and open an engine backend for a bundle (ONNX Runtime or TensorRT)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from vlm_export.runtime.backends.base import EngineBackend
+from vlm_export.runtime.errors import UserError
+
+if TYPE_CHECKING:
+    from vlm_export.runtime.bundle import Bundle
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+TENSORRT_MODULE = "vlm_export.runtime.backends.tensorrt_backend"
+
+
+def _open_tensorrt(bundle: Bundle) -> EngineBackend:
+    try:
+        module = importlib.import_module(TENSORRT_MODULE)
+    except ImportError as exc:
+        raise UserError(
+            f"the TensorRT backend is not available ({exc}); install vlm-export[tensorrt] on a "
+            "device with TensorRT, or use --backend onnxruntime"
+        ) from None
+    return module.TensorRTBackend(bundle)
+
+
+def open_backend(
+    bundle: Bundle,
+    backend: str = "auto",
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+) -> EngineBackend:
+    """Open the engine of ``bundle`` with the chosen backend.
+
+    ``auto`` uses TensorRT when the bundle lists engines and TensorRT loads one, otherwise ONNX
+    Runtime (naming ``providers`` or ``threads`` selects ONNX Runtime directly).
+    """
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if backend == "tensorrt":
+        if providers or threads is not None:
+            raise UserError("--providers and --threads apply to the onnxruntime backend only")
+        return _open_tensorrt(bundle)
+    if backend == "auto" and not providers and threads is None and bundle.manifest["engines"]:
+        try:
+            return _open_tensorrt(bundle)
+        except UserError:
+            pass
+    from vlm_export.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(bundle, providers=providers, threads=threads)

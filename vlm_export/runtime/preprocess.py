@@ -1,0 +1,186 @@
+"""Image preprocessing without torch, matching open_clip's inference transform.
+
+Driven by the manifest's ``preprocess`` section. For each image: resize with PIL (the same output
+size rounding as torchvision's ``Resize`` / open_clip's ``ResizeKeepRatio``), centre crop (or pad)
+with torchvision's offsets, ``convert("RGB")``, scale to [0, 1] and normalise, giving [3, H, W]
+float32. The order of operations is open_clip's: resize and crop happen in the image's own mode and
+the RGB conversion comes last, so palette images resize nearest-neighbour and RGBA/LA images resize
+with premultiplied alpha, exactly as PIL does inside open_clip's transform.
+
+One deliberate difference: 16-bit grayscale images (modes ``I;16*`` and ``I``) are scaled to 8 bits
+first, ``round(v * 255 / 65535)`` with values clipped to [0, 65535]. PIL's ``convert("RGB")``, which
+open_clip relies on, clips them at 255 instead, which turns every ordinary 16-bit photo white.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from vlm_export.runtime.errors import BundleError, UserError
+
+RESIZE_MODES = ("shortest", "longest", "squash")
+INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class ImageError(UserError):
+    """An image file that cannot be read: missing, empty, truncated or not an image."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image file; raise ImageError naming the file and the reason."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(f"cannot read image {path}: file is empty")
+        with Image.open(path) as image:
+            image.load()
+        return image
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"cannot read image {path}: file not found") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"cannot read image {path}: not an image PIL can decode") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"cannot read image {path}: {exc}") from None
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale (``I;16*``, ``I``) -> ``L`` by ``round(v * 255 / 65535)``; others as is."""
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    values = np.asarray(image).astype(np.int64)
+    values = np.clip(values, 0, 65535)
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+
+
+def shortest_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """torchvision ``Resize(size)`` output (h, w): shorter side = ``size``, longer truncated."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    return new_h, new_w
+
+
+def keep_ratio_size(
+    height: int, width: int, target: tuple[int, int], longest: bool
+) -> tuple[int, int]:
+    """open_clip ``ResizeKeepRatio`` output (h, w): fit the shorter (or longer) side, round."""
+    ratio_h, ratio_w = height / target[0], width / target[1]
+    ratio = max(ratio_h, ratio_w) if longest else min(ratio_h, ratio_w)
+    return round(height / ratio), round(width / ratio)
+
+
+def crop_or_pad(image: Image.Image, size: tuple[int, int], fill: int) -> Image.Image:
+    """Centre crop to (h, w) with torchvision's offsets, padding with ``fill`` where too small."""
+    target_h, target_w = size
+    if image.width < target_w or image.height < target_h:
+        pad_left = max(target_w - image.width, 0) // 2
+        pad_top = max(target_h - image.height, 0) // 2
+        padded_w, padded_h = max(image.width, target_w), max(image.height, target_h)
+        bands = len(image.getbands())
+        canvas = Image.new(
+            image.mode, (padded_w, padded_h), fill if bands == 1 else (fill,) * bands
+        )
+        if image.mode == "P":
+            canvas.putpalette(image.getpalette())
+        canvas.paste(image, (pad_left, pad_top))
+        image = canvas
+    top = int(round((image.height - target_h) / 2.0))
+    left = int(round((image.width - target_w) / 2.0))
+    if (top, left, image.height, image.width) == (0, 0, target_h, target_w):
+        return image
+    return image.crop((left, top, left + target_w, top + target_h))
+
+
+class Preprocessor:
+    """The manifest's preprocessing as a callable: image -> [3, H, W] float32."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        try:
+            height, width = (int(v) for v in config["size"])
+            self.resize_mode = str(config["resize_mode"])
+            self.interpolation = str(config["interpolation"])
+            mean = np.asarray(config["mean"], dtype=np.float32).reshape(3)
+            std = np.asarray(config["std"], dtype=np.float32).reshape(3)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"manifest preprocess section is malformed ({exc})") from None
+        if self.resize_mode not in RESIZE_MODES:
+            raise BundleError(f"unsupported resize_mode {self.resize_mode!r} in manifest")
+        if self.interpolation not in INTERPOLATIONS:
+            raise BundleError(f"unsupported interpolation {self.interpolation!r} in manifest")
+        self.size = (height, width)
+        self.fill_color = int(config.get("fill_color", 0))
+        self._resample = INTERPOLATIONS[self.interpolation]
+        # ToTensor then Normalize, in float32 as torch does: one lookup table row per channel.
+        levels = np.arange(256, dtype=np.float32) / np.float32(255)
+        self._lut = ((levels[None, :] - mean[:, None]) / std[:, None]).astype(np.float32)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> Preprocessor:
+        """Build from a bundle manifest."""
+        return cls(manifest["preprocess"])
+
+    def resize_crop(self, image: Image.Image) -> Image.Image:
+        """Resize and centre crop/pad to the engine size, in the image's own mode."""
+        image = to_8bit(image)
+        height, width = image.height, image.width
+        if self.resize_mode == "squash":
+            new_size = self.size
+        elif self.resize_mode == "longest":
+            new_size = keep_ratio_size(height, width, self.size, longest=True)
+        elif self.size[0] == self.size[1]:
+            new_size = shortest_side_size(height, width, self.size[0])
+        else:
+            new_size = keep_ratio_size(height, width, self.size, longest=False)
+        if new_size != (height, width):
+            image = image.resize((new_size[1], new_size[0]), self._resample)
+        fill = self.fill_color if self.resize_mode == "longest" else 0
+        return crop_or_pad(image, self.size, fill)
+
+    def normalize(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 [H, W, 3] RGB -> normalised [3, H, W] float32."""
+        out = np.empty((3, *rgb.shape[:2]), dtype=np.float32)
+        for channel in range(3):
+            np.take(self._lut[channel], rgb[:, :, channel], out=out[channel])
+        return out
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """A PIL image of any mode -> [3, H, W] float32."""
+        cropped = self.resize_crop(image)
+        return self.normalize(np.asarray(cropped.convert("RGB")))
+
+    def from_path(self, path: str | Path) -> np.ndarray:
+        """An image file -> [3, H, W] float32; ImageError if it cannot be read."""
+        return self(load_image(path))
+
+    def from_bgr(self, frame: np.ndarray) -> np.ndarray:
+        """A BGR uint8 [H, W, 3] frame (OpenCV) -> the same tensor as the RGB image would give."""
+        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+            raise ValueError(
+                f"expected a BGR uint8 [H, W, 3] frame, got {frame.dtype} {frame.shape}"
+            )
+        rgb = np.ascontiguousarray(frame[:, :, ::-1])
+        cropped = self.resize_crop(Image.fromarray(rgb, mode="RGB"))
+        return self.normalize(np.asarray(cropped))
+
+    def batch(self, items: Sequence[Image.Image | np.ndarray | str | Path]) -> np.ndarray:
+        """Several images (PIL, BGR arrays or paths) -> [B, 3, H, W] float32."""
+        out = np.empty((len(items), 3, *self.size), dtype=np.float32)
+        for index, item in enumerate(items):
+            out[index] = self.convert(item)
+        return out
+
+    def convert(self, item: Image.Image | np.ndarray | str | Path) -> np.ndarray:
+        """Any supported input (PIL image, BGR array, path) -> [3, H, W] float32."""
+        if isinstance(item, Image.Image):
+            return self(item)
+        if isinstance(item, np.ndarray):
+            return self.from_bgr(item)
+        return self.from_path(item)
