@@ -7,12 +7,14 @@ counts 2 FLOPs per multiply-add, so it is halved). Both count matrix products on
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vlm_export.models.condensing_tower import CondensingVisionTower
+from vlm_export.models.schedule import CondensationConfig, ScheduleError
 from vlm_export.models.tracing import plain_attention
 
 
@@ -75,3 +77,33 @@ def flops_report(
     else:
         report["condensed_gflops"] = report["full_gflops"]
     return report
+
+
+def drop_rate_for_gflops(
+    visual: torch.nn.Module, config: CondensationConfig, target_gflops: float, step: float = 0.001
+) -> float:
+    """The smallest drop rate (largest token budget) whose closed-form GFLOPs meet the target.
+
+    Scans r in ``step`` increments; schedules that cannot be built at a given r are skipped.
+    Raises ScheduleError when no drop rate reaches the target.
+    """
+    full = closed_form_gflops(CondensingVisionTower(visual, None))
+    if target_gflops >= full:
+        raise ScheduleError(
+            f"--target-gflops {target_gflops} is not below the full tower's {full:.2f} GFLOPs"
+        )
+    lowest = full
+    for index in range(1, int(round(1.0 / step))):
+        rate = round(index * step, 6)
+        try:
+            tower = CondensingVisionTower(visual, replace(config, drop_rate=rate))
+        except ScheduleError:
+            continue
+        gflops = closed_form_gflops(tower)
+        lowest = min(lowest, gflops)
+        if gflops <= target_gflops:
+            return rate
+    raise ScheduleError(
+        f"no drop rate reaches {target_gflops} GFLOPs with these reduction layers and "
+        f"{config.merge_centers} merge centres (lowest reachable: {lowest:.2f})"
+    )

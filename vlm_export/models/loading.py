@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,26 @@ def _resolve_pretrained(name: str, pretrained: str) -> str | None:
     return pretrained
 
 
+def _mismatch_summary(message: str) -> str:
+    """One line from torch's multi-line load_state_dict error: what kind and how many."""
+    missing = re.search(r"Missing key\(s\) in state_dict: (.*?)(?:\.\s*$|\.\s*\n)", message, re.M)
+    unexpected = re.search(
+        r"Unexpected key\(s\) in state_dict: (.*?)(?:\.\s*$|\.\s*\n)", message, re.M
+    )
+    mismatches = re.findall(r"size mismatch for ([^:]+):", message)
+    parts = []
+    if missing:
+        parts.append(f"{missing.group(1).count(',') + 1} missing keys")
+    if unexpected:
+        parts.append(f"{unexpected.group(1).count(',') + 1} unexpected keys")
+    if mismatches:
+        parts.append(f"{len(mismatches)} shape mismatches (first: {mismatches[0]})")
+    if not parts:
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        return lines[-1][:300] if lines else "unreadable checkpoint"
+    return ", ".join(parts) + " (a checkpoint of another architecture?)"
+
+
 def _activation(model: torch.nn.Module) -> str:
     block = model.visual.transformer.resblocks[0]
     return "quick_gelu" if type(block.mlp.gelu).__name__ == "QuickGELU" else "gelu"
@@ -121,7 +142,7 @@ def load_clip(
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if source is not None and Path(source).is_file():
             raise ModelLoadError(
-                f"checkpoint {source} does not fit {name}: {first_line[:300]}"
+                f"checkpoint {source} does not fit {name}: {_mismatch_summary(str(exc))}"
             ) from None
         if "download" in first_line.lower() or "connection" in first_line.lower():
             raise ModelLoadError(

@@ -1,4 +1,4 @@
-"""Atomic file and folder writes: a reader sees the old content or the new, never a half-written one."""
+"""Atomic file and folder writes: readers see the old content or the new, never a partial one."""
 
 from __future__ import annotations
 
@@ -57,6 +57,9 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the bundle is an ordinary folder
     try:
         yield tmp
         if path.exists():

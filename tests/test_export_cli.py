@@ -1,0 +1,237 @@
+"""The vlm-export command end to end on the tiny model, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+
+from vlm_export.export.cli import main  # noqa: E402
+from vlm_export.runtime.manifest import read_manifest, verify_files  # noqa: E402
+
+BASE = ["--model", "vlm-test-tiny", "--pretrained", "none", "--templates", "single", "--quiet"]
+
+
+@pytest.fixture()
+def classes(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("cat\ndog\nbird\nsea_lion\n")
+    return path
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_tca_export_writes_a_complete_bundle(tmp_path, classes, capsys):
+    out = tmp_path / "bundle"
+    code, stdout, stderr = _run(
+        [
+            "--method",
+            "tca",
+            *BASE,
+            "--classes",
+            str(classes),
+            "--drop-rate",
+            "0.1",
+            "--merge-centers",
+            "2",
+            "--ranking",
+            "consensus",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
+    assert code == 0, stderr
+    assert "RANDOM" in stderr
+    manifest = read_manifest(out)
+    verify_files(out, manifest)
+    assert manifest["model"]["untrained"] is True
+    cond = manifest["condensation"]
+    assert cond["reduction_layers"] == [1, 2, 3] and cond["anchor_layers"] == [0, 1, 2]
+    assert [row["tokens_out"] for row in cond["schedule"]] == [48, 37, 29]
+    assert cond["ranking"] == "consensus"
+    assert manifest["parity"]["passed"] and manifest["parity"]["cosine_min"] > 0.9999
+    flops = manifest["flops"]
+    assert flops["condensed_gflops"] < flops["full_gflops"]
+    assert flops["torch_counter"]["full"] == pytest.approx(flops["closed_form"]["full"], rel=1e-6)
+    names = {entry["name"]: entry["shape"] for entry in manifest["engine"]["inputs"]}
+    assert names == {"image": [1, 3, 64, 64], "anchors": [4, 3, 64], "anchors_valid": [4]}
+    assert set(manifest["files"]) == {"image_encoder.onnx", "text_embeddings.npy", "classes.json"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary leftovers"
+
+
+def test_rail_export_records_union_label_space(tmp_path, capsys):
+    pets, cars = tmp_path / "pets.txt", tmp_path / "cars.txt"
+    pets.write_text("cat\ndog\n")
+    cars.write_text("sedan\ncat\n")
+    out = tmp_path / "rail"
+    code, _, err = _run(
+        [
+            "--method",
+            "rail",
+            *BASE,
+            "--domain",
+            f"pets={pets}",
+            "--domain",
+            f"cars={cars}",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    manifest = read_manifest(out)
+    assert manifest["condensation"] is None
+    assert [i["name"] for i in manifest["engine"]["inputs"]] == ["image"]
+    labels = json.loads((out / "classes.json").read_text())
+    assert labels["domains"] == ["pets", "cars"]
+    assert [(c["name"], c["domain"]) for c in labels["classes"]] == [
+        ("cat", "pets"),
+        ("dog", "pets"),
+        ("sedan", "cars"),
+        ("cat", "cars"),
+    ]
+    assert manifest["labels"]["shared_names"] == {"cat": ["pets", "cars"]}
+
+
+def test_target_gflops_picks_largest_budget(tmp_path, classes, capsys):
+    out = tmp_path / "budget"
+    code, _, err = _run(
+        [
+            "--method",
+            "tca",
+            *BASE,
+            "--classes",
+            str(classes),
+            "--target-gflops",
+            "0.0135",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    manifest = read_manifest(out)
+    rate = manifest["condensation"]["drop_rate"]
+    assert manifest["flops"]["condensed_gflops"] <= 0.0135
+    from vlm_export.models.condensing_tower import CondensingVisionTower
+    from vlm_export.models.flops import closed_form_gflops
+    from vlm_export.models.loading import load_clip
+    from vlm_export.models.schedule import CondensationConfig
+
+    visual = load_clip("vlm-test-tiny").model.visual
+    looser = CondensingVisionTower(visual, CondensationConfig(drop_rate=round(rate - 0.001, 6)))
+    assert closed_form_gflops(looser) > 0.0135, "a larger budget would also have met the target"
+
+
+def _bad(tmp_path, classes, extra):
+    return [
+        "--method",
+        "tca",
+        *BASE,
+        "--classes",
+        str(classes),
+        "--out",
+        str(tmp_path / "never"),
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model", "ViT-B-99"], "unknown model 'ViT-B-99'"),
+        (["--pretrained", "missing/ckpt.pt"], "checkpoint file not found"),
+        (["--drop-rate", "0.45"], "impossible token budget at block"),
+        (["--reduction-layers", "1,9"], "out of range"),
+        (["--templates", "TEMPLATE_FILE"], "{}"),
+        (["--pretrained", "no-such-tag"], "has no pretrained tag"),
+        (["--merge-centers", "40"], "fewer than the 40 merge centres"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, classes, capsys, extra, message):
+    template = tmp_path / "templates.txt"
+    template.write_text("a photo of a thing\n")
+    extra = [str(template) if item == "TEMPLATE_FILE" else item for item in extra]
+    code, _, err = _run(_bad(tmp_path, classes, extra), capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("vlm-export: error:"), err
+    assert message in lines[0]
+    assert not (tmp_path / "never").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.txt", "templates.txt"]
+
+
+def test_bad_class_lists(tmp_path, capsys):
+    empty, dup = tmp_path / "empty.txt", tmp_path / "dup.txt"
+    empty.write_text("\n# nothing\n")
+    dup.write_text("cat\ndog\ncat\n")
+    for path, message in ((empty, "empty"), (dup, "cat")):
+        code, _, err = _run(
+            ["--method", "tca", *BASE, "--classes", str(path), "--out", str(tmp_path / "x")], capsys
+        )
+        assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_checkpoint_that_does_not_fit(tmp_path, classes, capsys):
+    import torch
+
+    checkpoint = tmp_path / "other.pt"
+    torch.save({"visual.proj": torch.zeros(3, 3)}, checkpoint)
+    code, _, err = _run(_bad(tmp_path, classes, ["--pretrained", str(checkpoint)]), capsys)
+    assert code == 2 and "does not fit vlm-test-tiny" in err and "missing keys" in err
+
+
+def test_existing_output_needs_overwrite(tmp_path, classes, capsys):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    code, _, err = _run(
+        ["--method", "zeroshot", *BASE, "--classes", str(classes), "--out", str(out)], capsys
+    )
+    assert code == 2 and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "user data"
+    code, _, err = _run(
+        [
+            "--method",
+            "zeroshot",
+            *BASE,
+            "--classes",
+            str(classes),
+            "--out",
+            str(out),
+            "--overwrite",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+
+
+def test_pretrained_tag_without_network_names_alternatives(tmp_path, classes, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = _run(
+        [
+            "--method",
+            "zeroshot",
+            "--model",
+            "ViT-B-32",
+            "--pretrained",
+            "openai",
+            "--quiet",
+            "--classes",
+            str(classes),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capsys,
+    )
+    assert code == 2
+    assert "local checkpoint file" in err and "--pretrained none" in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1

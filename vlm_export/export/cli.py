@@ -1,0 +1,200 @@
+"""The ``vlm-export`` command: export an open_clip CLIP as a self-describing edge bundle."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from vlm_export.runtime.errors import UserError
+
+EXAMPLES = """examples:
+  vlm-export --method tca --model ViT-B-16 --pretrained openai \\
+      --classes classes.txt --templates imagenet80 --out bundles/vitb16-tca
+  vlm-export --method tca --model ViT-B-16 --pretrained none --classes classes.txt \\
+      --target-gflops 12 --out bundles/demo          # random weights: for demos and tests
+  vlm-export --method tca+rail --model ViT-B-16 --pretrained ./ViT-B-16.pt \\
+      --domain pets=pets.txt --domain cars=cars.txt --out bundles/xtail
+  vlm-export build-engine bundles/vitb16-tca --precision fp16   # on the device
+"""
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        message = f"expected comma-separated block indices, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlm-export",
+        description=(
+            "Trace an open_clip CLIP image tower, with TCA token condensation to a static budget, "
+            "into ONNX (and TensorRT engines), plus text embeddings and a manifest, as one bundle "
+            "folder that the torch-free runtime (vlm-edge) runs."
+        ),
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = parser.add_argument_group("what to export")
+    what.add_argument(
+        "--method",
+        choices=["zeroshot", "tca", "rail", "tca+rail"],
+        default="tca",
+        help="zeroshot/rail: the full tower; tca, tca+rail: the condensing tower (default: tca)",
+    )
+    what.add_argument("--model", default="ViT-B-16", help="open_clip model name (default ViT-B-16)")
+    what.add_argument(
+        "--pretrained",
+        default="openai",
+        help="open_clip pretrained tag (downloaded), a local checkpoint file, or 'none' for "
+        "random weights (default: openai)",
+    )
+    what.add_argument(
+        "--force-quick-gelu",
+        action="store_true",
+        help="use QuickGELU (needed for OpenAI-trained checkpoint files loaded by path)",
+    )
+    what.add_argument("--classes", type=Path, help="class list: one name per line (or a JSON list)")
+    what.add_argument(
+        "--domain",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="a domain's class list, repeatable (rail, tca+rail); the label space is their union",
+    )
+    what.add_argument(
+        "--templates",
+        help="built-in template set (imagenet80, single, eurosat, ...; see --list-templates) or a "
+        "file with one template per line containing {} (default: imagenet80; single for rail)",
+    )
+    tca = parser.add_argument_group("token condensation (tca, tca+rail)")
+    tca.add_argument("--drop-rate", type=float, default=0.035, help="per-layer drop rate r (0.035)")
+    tca.add_argument("--merge-centers", type=int, default=2, help="merge centres K (default 2)")
+    tca.add_argument(
+        "--ranking",
+        choices=["mean", "consensus"],
+        default="mean",
+        help="token ranking: head-mean attention (released code) or rank consensus",
+    )
+    tca.add_argument(
+        "--reduction-layers",
+        type=_layers,
+        help="comma-separated block indices (default: L/4, L/2, 3L/4, e.g. 3,6,9)",
+    )
+    tca.add_argument(
+        "--target-gflops",
+        type=float,
+        help="pick the largest token budget whose GFLOPs meet this (overrides r)",
+    )
+    tca.add_argument(
+        "--tca-preset",
+        default="imagenet",
+        help="reservoir hyperparameters (M, tau, lambda, beta) of a dataset preset",
+    )
+    tca.add_argument("--eviction", choices=["diversity", "entropy"], default="diversity")
+    tca.add_argument(
+        "--anchor-rule",
+        choices=["all_classes", "per_class"],
+        default="all_classes",
+        help="when anchors switch on: once every class has 2 entries (reference), or "
+        "per class as soon as it has one",
+    )
+    out = parser.add_argument_group("output")
+    out.add_argument(
+        "--opset",
+        type=int,
+        default=17,
+        choices=[16, 17],
+        help="ONNX opset: 17 (TensorRT >= 8.6, default) or 16 (JetPack 5)",
+    )
+    out.add_argument("--batch-size", type=int, default=1, help="static batch of the engine (1)")
+    out.add_argument("--out", type=Path, help="bundle folder to create")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    out.add_argument("--quiet", action="store_true", help="no progress output")
+    info = parser.add_argument_group("information")
+    info.add_argument("--list-models", action="store_true", help="list model names and exit")
+    info.add_argument("--list-templates", action="store_true", help="list template sets and exit")
+    return parser
+
+
+def _domains(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    from vlm_export.export.class_lists import parse_domain_args, read_class_list
+
+    if args.classes and args.domain:
+        raise UserError("give either --classes or --domain NAME=FILE, not both")
+    if args.domain:
+        return parse_domain_args(args.domain)
+    if args.classes is None:
+        raise UserError("no classes given: pass --classes FILE (or --domain NAME=FILE)")
+    return [(args.classes.stem, read_class_list(args.classes))]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_templates:
+        from vlm_export.export.templates import template_set_names
+
+        print("\n".join(template_set_names()))
+        return 0
+    if args.list_models:
+        from vlm_export.models.loading import available_models
+
+        print("\n".join(available_models()))
+        return 0
+    if args.out is None:
+        raise UserError("--out DIR is required")
+    from vlm_export.export.pipeline import ExportOptions, export_bundle
+    from vlm_export.models.schedule import CondensationConfig
+
+    options = ExportOptions(
+        method=args.method,
+        model=args.model,
+        pretrained=args.pretrained,
+        domains=_domains(args),
+        templates=args.templates,
+        condensation=CondensationConfig(
+            drop_rate=args.drop_rate,
+            merge_centers=args.merge_centers,
+            ranking=args.ranking,
+            reduction_layers=args.reduction_layers,
+        ),
+        target_gflops=args.target_gflops,
+        opset=args.opset,
+        batch_size=args.batch_size,
+        out=args.out,
+        overwrite=args.overwrite,
+        force_quick_gelu=args.force_quick_gelu,
+        tca_preset=args.tca_preset,
+        eviction=args.eviction,
+        anchor_rule=args.anchor_rule,
+        quiet=args.quiet,
+    )
+    out = export_bundle(options)
+    if options.pretrained.lower() == "none":
+        print(
+            "vlm-export: WARNING: this bundle holds RANDOM (untrained) weights: its predictions "
+            "are meaningless; use it for tests and demos only",
+            file=sys.stderr,
+        )
+    print(out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        return run(args)
+    except UserError as exc:
+        print(f"vlm-export: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlm-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The whole export: model -> condensing tower -> text embeddings -> ONNX -> checks -> bundle."""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+import vlm_export
+from vlm_export.export.bundle_writer import (
+    check_output_folder,
+    write_array,
+    write_bundle,
+    write_json,
+)
+from vlm_export.export.class_lists import shared_class_names, union_labels
+from vlm_export.export.onnx_export import export_onnx, graph_summary, io_spec
+from vlm_export.export.parity import check_parity
+from vlm_export.export.presets import RAIL_DEFAULTS, tca_settings
+from vlm_export.export.progress import Progress
+from vlm_export.export.templates import load_templates
+from vlm_export.export.text_embeddings import encode_class_texts
+from vlm_export.export.trt_ops import assert_tensorrt_compatible
+from vlm_export.models.condensing_tower import CondensingVisionTower
+from vlm_export.models.flops import drop_rate_for_gflops, flops_report
+from vlm_export.models.loading import LoadedClip, load_clip
+from vlm_export.models.schedule import CondensationConfig, anchor_layers
+from vlm_export.runtime.errors import UserError
+from vlm_export.runtime.manifest import (
+    CLASSES_FILE,
+    FORMAT,
+    IMAGE_ENCODER_ONNX,
+    METHODS,
+    SCHEMA_VERSION,
+    TEXT_EMBEDDINGS,
+    uses_condensation,
+)
+
+DEFAULT_TEMPLATES = {
+    "zeroshot": "imagenet80",
+    "tca": "imagenet80",
+    "rail": "single",
+    "tca+rail": "single",
+}
+
+
+@dataclass
+class ExportOptions:
+    """Everything ``vlm-export`` decides; see the command's --help for each field."""
+
+    method: str
+    model: str
+    domains: list[tuple[str, list[str]]]
+    out: Path
+    pretrained: str = "none"
+    templates: str | None = None
+    condensation: CondensationConfig = field(default_factory=CondensationConfig)
+    target_gflops: float | None = None
+    opset: int = 17
+    batch_size: int = 1
+    overwrite: bool = False
+    force_quick_gelu: bool = False
+    tca_preset: str = "imagenet"
+    eviction: str = "diversity"
+    anchor_rule: str = "all_classes"
+    quiet: bool = False
+
+
+def _check_options(options: ExportOptions) -> None:
+    if options.method not in METHODS:
+        raise UserError(f"unknown method {options.method!r}; choose from {', '.join(METHODS)}")
+    if not options.domains or not any(classes for _, classes in options.domains):
+        raise UserError("no classes given: pass --classes FILE (or --domain NAME=FILE for rail)")
+    if options.batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {options.batch_size}")
+    check_output_folder(options.out, options.overwrite)
+
+
+def _model_section(loaded: LoadedClip, tower: CondensingVisionTower) -> dict[str, Any]:
+    geometry = tower.geometry
+    return {
+        "name": loaded.name,
+        "pretrained": loaded.pretrained,
+        "untrained": loaded.untrained,
+        "activation": loaded.activation,
+        "image_size": geometry["image_size"],
+        "patch_size": geometry["patch_size"],
+        "width": geometry["width"],
+        "layers": geometry["layers"],
+        "heads": geometry["heads"],
+        "num_patches": geometry["num_patches"],
+        "embed_dim": geometry["embed_dim"],
+        "logit_scale": float(loaded.model.logit_scale.detach().exp()),
+    }
+
+
+def _preprocess_section(cfg: dict[str, Any]) -> dict[str, Any]:
+    size = cfg["size"]
+    size = [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
+    return {
+        "size": size,
+        "resize_mode": cfg.get("resize_mode", "shortest"),
+        "interpolation": cfg.get("interpolation", "bicubic"),
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "fill_color": int(cfg.get("fill_color", 0)),
+    }
+
+
+def _condensation_section(tower: CondensingVisionTower) -> dict[str, Any] | None:
+    if not tower.condensing:
+        return None
+    config = tower.config
+    return {
+        "drop_rate": config.drop_rate,
+        "merge_centers": config.merge_centers,
+        "ranking": config.ranking,
+        "reduction_layers": tower.reduction_layers,
+        "anchor_layers": anchor_layers(tower.reduction_layers),
+        "schedule": [counts.as_dict() for counts in tower.schedule],
+        "tokens_per_block": tower.tokens_per_block,
+        "first_centre": "highest_score",
+        "anchor_mask_bias": -1.0e4,
+    }
+
+
+def _producer() -> dict[str, str]:
+    import open_clip
+
+    return {
+        "vlm_export": vlm_export.__version__,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def build_tower(
+    loaded: LoadedClip, options: ExportOptions, num_classes: int
+) -> CondensingVisionTower:
+    """The tower for the method: condensing (drop rate from --target-gflops if given) or full."""
+    if not uses_condensation(options.method):
+        return CondensingVisionTower(loaded.model.visual, None)
+    config = options.condensation
+    if options.target_gflops is not None:
+        rate = drop_rate_for_gflops(loaded.model.visual, config, options.target_gflops)
+        config = replace(config, drop_rate=rate)
+    return CondensingVisionTower(loaded.model.visual, config, num_classes).eval()
+
+
+def export_bundle(options: ExportOptions) -> Path:
+    """Run the export and write the bundle; raise a UserError subclass on any user mistake."""
+    _check_options(options)
+    template_spec = options.templates or DEFAULT_TEMPLATES[options.method]
+    templates = load_templates(template_spec)
+    labels = union_labels(options.domains)
+    class_names = [label.name for label in labels]
+    progress = Progress(6, quiet=options.quiet)
+
+    progress.step(f"loading {options.model} ({options.pretrained})")
+    loaded = load_clip(options.model, options.pretrained, options.force_quick_gelu)
+    progress.done("RANDOM WEIGHTS (untrained)" if loaded.untrained else loaded.pretrained)
+
+    progress.step("building the image tower and counting FLOPs")
+    tower = build_tower(loaded, options, len(class_names))
+    full = tower if not tower.condensing else CondensingVisionTower(loaded.model.visual, None)
+    flops = flops_report(full, tower if tower.condensing else None)
+    progress.done(f"{flops['full_gflops']:.2f} -> {flops['condensed_gflops']:.2f} GFLOPs")
+
+    progress.step(f"text embeddings: {len(class_names)} classes x {len(templates)} templates")
+    text = encode_class_texts(
+        loaded.model, loaded.tokenizer, class_names, templates, progress=progress.bar
+    )
+    progress.done()
+
+    def populate(folder: Path) -> dict[str, Any]:
+        progress.step(f"exporting ONNX (opset {options.opset})")
+        graph = export_onnx(tower, folder / IMAGE_ENCODER_ONNX, options.opset, options.batch_size)
+        ops_report = assert_tensorrt_compatible(graph, options.opset)
+        progress.done(f"{len(graph.graph.node)} nodes, TensorRT operator check passed")
+        progress.step("parity: ONNX Runtime vs PyTorch")
+        parity = check_parity(tower, folder / IMAGE_ENCODER_ONNX, options.batch_size)
+        progress.done(f"cosine {parity['cosine_min']:.7f}, max abs {parity['max_abs']:.1e}")
+        progress.step("writing the bundle")
+        write_array(folder / TEXT_EMBEDDINGS, text.astype(np.float32))
+        domains = [name for name, _ in options.domains]
+        write_json(
+            folder / CLASSES_FILE,
+            {
+                "classes": [{"name": label.name, "domain": label.domain} for label in labels],
+                "domains": domains,
+            },
+        )
+        return {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "producer": _producer(),
+            "method": options.method,
+            "model": _model_section(loaded, tower),
+            "preprocess": _preprocess_section(loaded.preprocess_cfg),
+            "engine": {
+                "onnx": IMAGE_ENCODER_ONNX,
+                "opset": options.opset,
+                "batch_size": options.batch_size,
+                **io_spec(tower, options.batch_size),
+                "embedding_normalized": True,
+                "graph": graph_summary(graph),
+                "tensorrt_operator_check": {"passed": ops_report.ok, "notes": ops_report.notes},
+            },
+            "engines": [],
+            "condensation": _condensation_section(tower),
+            "flops": flops,
+            "parity": parity,
+            "text": {
+                "embeddings": TEXT_EMBEDDINGS,
+                "shape": list(text.shape),
+                "templates": template_spec,
+                "num_templates": len(templates),
+                "normalized": True,
+            },
+            "labels": {
+                "file": CLASSES_FILE,
+                "num_classes": len(class_names),
+                "domains": domains,
+                "shared_names": shared_class_names(options.domains),
+            },
+            "adaptation": {
+                "tca": tca_settings(options.tca_preset, options.eviction, options.anchor_rule),
+                "rail": RAIL_DEFAULTS,
+            },
+        }
+
+    out = write_bundle(options.out, options.overwrite, populate)
+    progress.done(str(out))
+    return out
