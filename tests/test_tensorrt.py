@@ -1,0 +1,760 @@
+"""TensorRT without a GPU: engine names, trtexec line, fp32 layer pinning, engine selection, the
+backend's buffer bookkeeping with a fake engine and fake device memory, the build-engine command
+and its errors where TensorRT is missing. Tests marked gpu run where TensorRT and a GPU exist."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.abc
+import importlib.util
+import json
+import shlex
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from vlm_export.export import engine_cmd
+from vlm_export.export.engine_cmd import (
+    add_engine_to_bundle,
+    add_tensorrt_arguments,
+    build_engine_main,
+    preflight_tensorrt,
+    record_engine,
+    run_tensorrt_step,
+)
+from vlm_export.export.tensorrt_build import (
+    EngineRecord,
+    build_engine,
+    engine_file_name,
+    fp32_node_names,
+    mark_fp32_layers,
+    trtexec_command,
+)
+from vlm_export.export.trt_ops import TensorRTCompatibilityError
+from vlm_export.runtime.backends.tensorrt_backend import (
+    DeviceMemory,
+    EngineRunner,
+    TensorRTBackend,
+    TensorSpec,
+)
+from vlm_export.runtime.engine_select import (
+    DeviceInfo,
+    NoMatchingEngineError,
+    TensorRTUnavailableError,
+    choose_engine,
+    normalize_compute_capability,
+    select_engine,
+)
+from vlm_export.runtime.errors import BundleError, UserError
+from vlm_export.runtime.manifest import (
+    FORMAT,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    file_record,
+    read_manifest,
+    verify_files,
+)
+
+C, R, D, E, L = 3, 2, 8, 4, 5  # classes, reduction blocks, width, embedding, layers
+IMAGE_SHAPE = (1, 3, 16, 16)
+
+
+# ---------------------------------------------------------------- a small bundle on disk
+
+
+def _encoder_onnx() -> onnx.ModelProto:
+    """A named, TensorRT-clean graph with LayerNorm, softmax and an x * x square."""
+    scale = numpy_helper.from_array(np.ones(16, np.float32), "scale")
+    nodes = [
+        helper.make_node("LayerNormalization", ["image", "scale"], ["n"], name="ln_pre", axis=-1),
+        helper.make_node("Softmax", ["n"], ["p"], name="attn_softmax", axis=-1),
+        helper.make_node("Mul", ["p", "p"], ["sq"], name="square"),
+        helper.make_node("Mul", ["sq", "n"], ["embedding"], name="not_a_square"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "encoder",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, list(IMAGE_SHAPE))],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, list(IMAGE_SHAPE))],
+        initializer=[scale],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _io(name, shape, dtype="float32"):
+    return {"name": name, "shape": list(shape), "dtype": dtype}
+
+
+def _manifest(onnx_name="image_encoder.onnx", files=None, engines=None):
+    return {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "created_utc": "2026-11-24T00:00:00+00:00",
+        "producer": {"vlm_export": "test"},
+        "method": "tca",
+        "model": {
+            "name": "vlm-test-tiny",
+            "pretrained": "none",
+            "untrained": True,
+            "activation": "gelu",
+            "embed_dim": E,
+            "layers": L,
+        },
+        "preprocess": {
+            "size": [16, 16],
+            "resize_mode": "shortest",
+            "interpolation": "bicubic",
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+        },
+        "engine": {
+            "onnx": onnx_name,
+            "opset": 17,
+            "batch_size": 1,
+            "inputs": [
+                _io("image", IMAGE_SHAPE),
+                _io("anchors", (C, R, D)),
+                _io("anchors_valid", (C,)),
+            ],
+            "outputs": [
+                _io("embedding", (1, E)),
+                _io("cls_per_layer", (1, L, D)),
+                _io("token_fate", (1, R, 4), "int32"),
+            ],
+        },
+        "engines": engines or [],
+        "condensation": {"drop_rate": 0.1},
+        "flops": {},
+        "parity": {},
+        "text": {"embeddings": "text_embeddings.npy"},
+        "labels": {"file": "classes.json"},
+        "adaptation": {},
+        "files": files or {},
+    }
+
+
+@pytest.fixture
+def bundle(tmp_path) -> Path:
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    onnx.save(_encoder_onnx(), folder / "image_encoder.onnx")
+    files = {"image_encoder.onnx": file_record(folder / "image_encoder.onnx")}
+    (folder / MANIFEST_NAME).write_text(json.dumps(_manifest(files=files)))
+    return folder
+
+
+class _BrokenBindings(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes ``import tensorrt`` fail like bindings installed without TensorRT's libraries."""
+
+    def find_spec(self, name, path, target=None):
+        return importlib.util.spec_from_loader(name, self) if name == "tensorrt" else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        raise ImportError("libnvonnxparser.so.10: cannot open shared object file")
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    """``import tensorrt`` fails as on a machine without TensorRT."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+
+
+# ---------------------------------------------------------------- names and trtexec
+
+
+def test_engine_file_name():
+    name = engine_file_name("image_encoder", "10.3.0.30", "8.7", "fp16")
+    assert name == "image_encoder.trt10.3.0.sm87.fp16.engine"
+    assert engine_file_name("x", "10.13.2", (12, 0), "fp32") == "x.trt10.13.2.sm120.fp32.engine"
+    assert [normalize_compute_capability(v) for v in ("sm_87", "sm90", 75, (8, 6))] == [
+        "8.7",
+        "9.0",
+        "7.5",
+        "8.6",
+    ]
+
+
+def test_trtexec_fp16_line_pins_layernorm_softmax_and_squares(tmp_path):
+    path = tmp_path / "image_encoder.onnx"
+    onnx.save(_encoder_onnx(), path)
+    assert fp32_node_names(path) == ["ln_pre", "attn_softmax", "square"]
+    assert fp32_node_names(path, ("Softmax",)) == ["attn_softmax"]
+    line = trtexec_command(path, "e.engine", "fp16", 512)
+    words = shlex.split(line)
+    assert words[0] == "trtexec"
+    assert f"--onnx={path}" in words and "--saveEngine=e.engine" in words
+    assert "--memPoolSize=workspace:512M" in words and "--fp16" in words
+    assert "--precisionConstraints=obey" in words
+    spec = "ln_pre:fp32,attn_softmax:fp32,square:fp32"
+    assert f"--layerPrecisions={spec}" in words and f"--layerOutputTypes={spec}" in words
+
+
+def test_trtexec_fp32_line_and_explicit_layers():
+    fp32 = shlex.split(trtexec_command("m.onnx", "e.engine", "fp32", 256))
+    assert "--noTF32" in fp32 and "--fp16" not in fp32
+    assert not any(word.startswith("--layerPrecisions") for word in fp32)
+    line = shlex.split(trtexec_command("m.onnx", "e.engine", fp32_layers=["a", "b,c"]))
+    assert "--layerPrecisions=a:fp32" in line  # a name trtexec cannot parse is left out
+    with pytest.raises(UserError, match="unknown precision"):
+        trtexec_command("m.onnx", "e.engine", "int8")
+    with pytest.raises(UserError, match="positive"):
+        trtexec_command("m.onnx", "e.engine", "fp32", 0)
+
+
+# ---------------------------------------------------------------- fp32 layer pinning (fake trt)
+
+
+class _FakeLayer:
+    def __init__(self, name, kind, op=None, inputs=("a", "b"), out_dtype="float32"):
+        self.name, self.type = name, SimpleNamespace(name=kind)
+        self.op = SimpleNamespace(name=op) if op else None
+        self._inputs = [SimpleNamespace(name=n) for n in inputs]
+        self.num_inputs, self.num_outputs = len(inputs), 1
+        self._output = SimpleNamespace(dtype=out_dtype)
+        self.precision, self.output_types, self.compute_precision = None, {}, None
+
+    def get_input(self, index):
+        return self._inputs[index]
+
+    def get_output(self, index):
+        return self._output
+
+    def set_output_type(self, index, dtype):
+        self.output_types[index] = dtype
+
+
+class _FakeNetwork:
+    def __init__(self, layers):
+        self.layers = layers
+        self.num_layers = len(layers)
+
+    def get_layer(self, index):
+        return self.layers[index]
+
+
+def _fake_trt():
+    subclass = {
+        name: type(name, (_FakeLayer,), {})
+        for name in ("IElementWiseLayer", "IUnaryLayer", "IReduceLayer", "INormalizationLayer")
+    }
+    return SimpleNamespace(float32="float32", float16="float16", **subclass)
+
+
+def _network():
+    return _FakeNetwork(
+        [
+            _FakeLayer("ln", "NORMALIZATION"),
+            _FakeLayer("softmax", "SOFTMAX"),
+            _FakeLayer("mean", "REDUCE", "AVG"),
+            _FakeLayer("max", "REDUCE", "MAX"),
+            _FakeLayer("pow", "ELEMENTWISE", "POW"),
+            _FakeLayer("square", "ELEMENTWISE", "PROD", inputs=("x", "x")),
+            _FakeLayer("product", "ELEMENTWISE", "PROD"),
+            _FakeLayer("sqrt", "UNARY", "SQRT"),
+            _FakeLayer("exp", "UNARY", "EXP"),
+            _FakeLayer("matmul", "MATRIX_MULTIPLY"),
+            _FakeLayer("int_mean", "REDUCE", "AVG", out_dtype="int32"),
+        ]
+    )
+
+
+def test_fp32_pinning_picks_layernorm_and_softmax_layers():
+    network = _network()
+    marked = mark_fp32_layers(network, _fake_trt(), ("LayerNorm", "Softmax"))
+    assert marked == ["ln", "softmax", "mean", "pow", "square", "sqrt", "int_mean"]
+    by_name = {layer.name: layer for layer in network.layers}
+    for name in marked:
+        assert by_name[name].precision == "float32"
+    assert by_name["ln"].output_types == {0: "float32"}
+    assert by_name["ln"].compute_precision == "float32"
+    assert by_name["int_mean"].output_types == {}  # integer outputs keep their type
+    for name in ("max", "product", "exp", "matmul"):
+        assert by_name[name].precision is None and by_name[name].output_types == {}
+
+
+def test_fp32_pinning_of_softmax_only():
+    network = _network()
+    assert mark_fp32_layers(network, _fake_trt(), ("Softmax",)) == ["softmax"]
+
+
+# ---------------------------------------------------------------- engine selection
+
+
+def _engine(trt="10.3.0.30", cc="8.7", precision="fp16", built="2026-11-01T00:00:00+00:00"):
+    sm = cc.replace(".", "")
+    release = ".".join(trt.split(".")[:3])
+    return {
+        "file": f"image_encoder.trt{release}.sm{sm}.{precision}.engine",
+        "tensorrt_version": trt,
+        "compute_capability": cc,
+        "precision": precision,
+        "built_utc": built,
+    }
+
+
+ORIN = DeviceInfo("10.3.0.30", "8.7", "Orin")
+
+
+def test_select_prefers_fp16_and_explains_refusals():
+    engines = [
+        _engine(precision="fp32"),
+        _engine(trt="10.7.0.23", cc="9.0"),
+        _engine(),
+        _engine(cc="8.6"),
+    ]
+    choice = select_engine(engines, ORIN)
+    assert choice.engine is engines[2]
+    reasons = dict(choice.refused)
+    assert reasons[engines[1]["file"]] == (
+        "built with TensorRT 10.7 for sm_90; this device has TensorRT 10.3 on sm_87"
+    )
+    assert "sm_86" in reasons[engines[3]["file"]]
+    assert "is preferred" in reasons[engines[0]["file"]]
+    assert len(choice.refused) == 3
+    assert engines[1]["file"] in choice.explain()
+
+
+def test_select_honours_precision_exact_version_and_newest_build():
+    fp32 = _engine(precision="fp32")
+    assert select_engine([_engine(), fp32], ORIN, precision="fp32").engine is fp32
+    patch = _engine(trt="10.3.1.5")  # same major.minor: accepted, but the exact release wins
+    exact = _engine()
+    assert select_engine([patch, exact], ORIN).engine is exact
+    assert select_engine([patch], ORIN).engine is patch
+    old, new = (
+        _engine(built="2026-01-01T00:00:00+00:00"),
+        _engine(built="2026-06-01T00:00:00+00:00"),
+    )
+    assert select_engine([old, new], ORIN).engine is new
+    with pytest.raises(UserError, match="unknown precision"):
+        select_engine([], ORIN, precision="int8")
+
+
+def test_select_refuses_incomplete_entries():
+    choice = select_engine([{"file": "x.engine", "precision": "fp16"}], ORIN)
+    assert choice.engine is None
+    assert choice.refused == [
+        ("x.engine", "manifest entry lacks tensorrt_version, compute_capability")
+    ]
+
+
+def test_choose_engine_error_lists_every_reason():
+    manifest = {"engines": [_engine(trt="10.7.0.23", cc="9.0")]}
+    with pytest.raises(NoMatchingEngineError, match="built with TensorRT 10.7 for sm_90") as caught:
+        choose_engine(manifest, ORIN)
+    assert "TensorRT 10.3 on sm_87" in str(caught.value)
+    assert "build-engine" in str(caught.value)
+    with pytest.raises(NoMatchingEngineError, match="no engines"):
+        choose_engine({"engines": []}, ORIN)
+
+
+# ---------------------------------------------------------------- backend with fakes
+
+
+class FakeMemory(DeviceMemory):
+    """Device memory as bytearrays, with a log of every allocation and copy."""
+
+    def __init__(self):
+        self.buffers: dict[int, bytearray] = {}
+        self.allocations: list[int] = []
+        self.to_device: list[tuple[int, int]] = []
+        self.to_host: list[int] = []
+        self.zeroed: list[int] = []
+        self.syncs = 0
+        self.closed = False
+        self.stream = 7
+
+    def allocate(self, nbytes):
+        address = 0x1000 * (len(self.buffers) + 1)
+        self.buffers[address] = bytearray(b"\xab" * nbytes)  # garbage until written
+        self.allocations.append(nbytes)
+        return address
+
+    def host_buffer(self, shape, dtype):
+        return np.empty(shape, dtype)
+
+    def zero(self, address, nbytes):
+        self.buffers[address][:nbytes] = bytes(nbytes)
+        self.zeroed.append(address)
+
+    def copy_to_device(self, address, host):
+        assert host.flags.c_contiguous
+        self.buffers[address][: host.nbytes] = host.tobytes()
+        self.to_device.append((address, host.nbytes))
+
+    def copy_to_host(self, host, address):
+        host[...] = np.frombuffer(self.buffers[address][: host.nbytes], host.dtype).reshape(
+            host.shape
+        )
+        self.to_host.append(address)
+
+    def synchronize(self):
+        self.syncs += 1
+
+    def close(self):
+        self.closed = True
+
+    def read(self, address, shape, dtype):
+        return np.frombuffer(self.buffers[address], dtype)[: int(np.prod(shape))].reshape(shape)
+
+
+class FakeRunner(EngineRunner):
+    """An 'engine' that reads its bound inputs from FakeMemory and writes its outputs there.
+
+    embedding = mean(image) + sum(anchors * valid[:, None, None]); cls_per_layer = valid.sum();
+    token_fate = number of executions.
+    """
+
+    def __init__(self, memory: FakeMemory, tensors: list[TensorSpec]):
+        self.memory, self.tensors = memory, tensors
+        self.addresses: dict[str, int] = {}
+        self.shapes: dict[str, tuple] = {}
+        self.executions = 0
+        self.closed = False
+
+    def io_tensors(self):
+        return self.tensors
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+
+    def execute(self, stream):
+        assert stream == self.memory.stream
+        self.executions += 1
+        read = self.memory.read
+        image = read(self.addresses["image"], IMAGE_SHAPE, np.float32)
+        anchors = read(self.addresses["anchors"], (C, R, D), np.float32)
+        valid = read(self.addresses["anchors_valid"], (C,), np.float32)
+        outputs = {
+            "embedding": np.full((1, E), image.mean() + (anchors * valid[:, None, None]).sum()),
+            "cls_per_layer": np.full((1, L, D), valid.sum()),
+            "token_fate": np.full((1, R, 4), self.executions),
+        }
+        specs = {spec.name: spec for spec in self.tensors}
+        for name, value in outputs.items():
+            data = value.astype(specs[name].dtype).tobytes()
+            self.memory.buffers[self.addresses[name]][: len(data)] = data
+
+    def close(self):
+        self.closed = True
+
+
+def _specs(image_shape=IMAGE_SHAPE):
+    f32, i32 = np.dtype(np.float32), np.dtype(np.int32)
+    return [
+        TensorSpec("image", True, image_shape, f32),
+        TensorSpec("anchors", True, (C, R, D), f32),
+        TensorSpec("anchors_valid", True, (C,), f32),
+        TensorSpec("embedding", False, (1, E), f32),
+        TensorSpec("cls_per_layer", False, (1, L, D), f32),
+        TensorSpec("token_fate", False, (1, R, 4), i32),
+    ]
+
+
+def _backend(specs=None):
+    memory = FakeMemory()
+    runner = FakeRunner(memory, specs or _specs())
+    bundle = SimpleNamespace(path=Path("unused"), manifest=_manifest())
+    return TensorRTBackend(bundle, runner=runner, memory=memory), runner, memory
+
+
+def test_buffers_are_allocated_once_with_the_manifest_sizes():
+    backend, runner, memory = _backend()
+    expected = [1 * 3 * 16 * 16 * 4, C * R * D * 4, C * 4, 1 * E * 4, 1 * L * D * 4, 1 * R * 4 * 4]
+    assert memory.allocations == expected
+    assert set(runner.addresses) == {spec.name for spec in _specs()}
+    assert sorted(memory.zeroed) == sorted(
+        [runner.addresses["anchors"], runner.addresses["anchors_valid"]]
+    )
+    for _ in range(3):
+        backend.infer(np.zeros(IMAGE_SHAPE, np.float32))
+    assert len(memory.allocations) == 6  # nothing allocated per frame
+    assert runner.shapes == {}  # a static engine needs no input shapes
+
+
+def test_anchors_copied_only_in_set_anchors_and_image_every_frame():
+    backend, runner, memory = _backend()
+    image_at, anchors_at = runner.addresses["image"], runner.addresses["anchors"]
+    valid_at = runner.addresses["anchors_valid"]
+    first = backend.infer(np.full(IMAGE_SHAPE, 2.0, np.float32))
+    assert first["embedding"][0, 0] == pytest.approx(2.0)  # zeroed anchors: none valid yet
+    backend.set_anchors(np.ones((C, R, D)), np.array([1, 0, 1]))  # float64, int: converted
+    for value in (1.0, 3.0, 5.0):
+        out = backend.infer(np.full(IMAGE_SHAPE, value, np.float32))
+        assert out["embedding"][0, 0] == pytest.approx(value + 2 * R * D)  # anchors stay on GPU
+        assert out["cls_per_layer"][0, 0, 0] == 2.0
+    copies = [address for address, _ in memory.to_device]
+    assert copies.count(anchors_at) == 1 and copies.count(valid_at) == 1
+    assert copies.count(image_at) == 4
+    assert (anchors_at, C * R * D * 4) in memory.to_device
+    assert len(memory.to_host) == 4 * 3  # every output copied out per frame
+    assert runner.executions == 4
+
+
+def test_outputs_by_name_with_manifest_shapes_and_independent_of_later_frames():
+    backend, _, _ = _backend()
+    first = backend.infer(np.zeros(IMAGE_SHAPE, np.float32))
+    assert {name: (value.shape, value.dtype) for name, value in first.items()} == {
+        "embedding": ((1, E), np.float32),
+        "cls_per_layer": ((1, L, D), np.float32),
+        "token_fate": ((1, R, 4), np.int32),
+    }
+    second = backend.infer(np.zeros(IMAGE_SHAPE, np.float32))
+    assert first["token_fate"][0, 0, 0] == 1 and second["token_fate"][0, 0, 0] == 2
+
+
+def test_wrong_shapes_are_refused():
+    backend, _, memory = _backend()
+    with pytest.raises(ValueError, match="image must have shape"):
+        backend.infer(np.zeros((1, 3, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="anchors must have shape"):
+        backend.set_anchors(np.zeros((C, R + 1, D)), np.zeros(C))
+    assert memory.to_device == []
+
+
+def test_dynamic_batch_input_gets_the_manifest_shape():
+    _, runner, _ = _backend(_specs(image_shape=(-1, 3, 16, 16)))
+    assert runner.shapes == {"image": IMAGE_SHAPE}
+
+
+def test_engine_that_does_not_fit_the_manifest_is_refused_and_released():
+    specs = _specs()
+    specs[3] = TensorSpec("embedding", False, (1, E + 1), np.dtype(np.float32))
+    memory = FakeMemory()
+    runner = FakeRunner(memory, specs)
+    bundle = SimpleNamespace(path=Path("unused"), manifest=_manifest())
+    with pytest.raises(BundleError, match="'embedding' is \\[1, 5\\]"):
+        TensorRTBackend(bundle, runner=runner, memory=memory)
+    assert runner.closed and memory.closed
+    renamed = [*_specs()[:5], TensorSpec("fate", False, (1, R, 4), np.dtype(np.int32))]
+    with pytest.raises(BundleError, match="another ONNX model"):
+        TensorRTBackend(bundle, runner=FakeRunner(memory, renamed), memory=memory)
+
+
+def test_engine_without_anchors_refuses_set_anchors_and_close_releases():
+    manifest = _manifest()
+    manifest["engine"]["inputs"] = manifest["engine"]["inputs"][:1]
+    manifest["engine"]["outputs"] = manifest["engine"]["outputs"][:2]
+    memory = FakeMemory()
+    runner = FakeRunner(memory, [_specs()[0], *_specs()[3:5]])
+    backend = TensorRTBackend(
+        SimpleNamespace(path=Path("unused"), manifest=manifest), runner=runner, memory=memory
+    )
+    assert memory.zeroed == []
+    with pytest.raises(ValueError, match="no anchors"):
+        backend.set_anchors(np.zeros((C, R, D)), np.zeros(C))
+    backend.close()
+    assert runner.closed and memory.closed
+
+
+def test_backend_on_a_bundle_folder_without_tensorrt(bundle, no_tensorrt):
+    with pytest.raises(TensorRTUnavailableError, match="TensorRT is not installed"):
+        TensorRTBackend(bundle)
+
+
+# ---------------------------------------------------------------- build without TensorRT
+
+
+def test_build_engine_without_tensorrt_fails_in_one_line(bundle, no_tensorrt):
+    with pytest.raises(TensorRTUnavailableError) as caught:
+        build_engine(bundle / "image_encoder.onnx", bundle)
+    message = str(caught.value)
+    assert message.startswith("TensorRT is not installed: pip install 'vlm-export[tensorrt]'")
+    assert "\n" not in message
+
+
+def test_bindings_without_libraries_fail_in_one_line(bundle, monkeypatch):
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_BrokenBindings(), *sys.meta_path])
+    with pytest.raises(TensorRTUnavailableError, match="libraries cannot be loaded") as caught:
+        build_engine(bundle / "image_encoder.onnx", bundle)
+    assert "libnvonnxparser" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_build_engine_checks_the_graph_before_tensorrt(tmp_path, no_tensorrt):
+    node = helper.make_node("NonZero", ["x"], ["y"])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [1, 4])],
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx"
+    )
+    with pytest.raises(TensorRTCompatibilityError, match="NonZero"):
+        build_engine(tmp_path / "m.onnx", tmp_path)
+    with pytest.raises(UserError, match="unknown fp32 layer group"):
+        build_engine(tmp_path / "m.onnx", tmp_path, fp32_layer_types=("GELU",))
+
+
+def test_build_engine_main_without_tensorrt(bundle, no_tensorrt, capsys):
+    before = (bundle / MANIFEST_NAME).read_bytes()
+    assert build_engine_main([str(bundle), "--precision", "fp16", "--workspace", "256"]) == 1
+    out, err = capsys.readouterr()
+    words = shlex.split(out.splitlines()[1])
+    assert words[:3] == [
+        "trtexec",
+        "--onnx=image_encoder.onnx",
+        "--saveEngine=image_encoder.fp16.engine",
+    ]
+    assert "--memPoolSize=workspace:256M" in words
+    assert err.count("\n") == 1 and "error: TensorRT is not installed" in err
+    assert (bundle / MANIFEST_NAME).read_bytes() == before
+
+
+def test_build_engine_main_on_a_missing_bundle(tmp_path, capsys):
+    assert build_engine_main([str(tmp_path / "nowhere")]) == 1
+    assert "bundle folder not found" in capsys.readouterr().err
+
+
+def test_export_options_and_preflight(no_tensorrt):
+    parser = argparse.ArgumentParser()
+    add_tensorrt_arguments(parser)
+    defaults = parser.parse_args([])
+    assert (defaults.tensorrt, defaults.precision, defaults.workspace) == (False, "fp16", 1024)
+    assert defaults.timing_cache is None
+    args = parser.parse_args(
+        ["--tensorrt", "--precision", "fp32", "--workspace", "512", "--timing-cache", "t.cache"]
+    )
+    assert (args.tensorrt, args.precision, args.workspace) == (True, "fp32", 512)
+    assert args.timing_cache == Path("t.cache")
+    preflight_tensorrt(defaults)  # nothing asked, nothing checked
+    assert run_tensorrt_step(defaults, "unused") is None
+    with pytest.raises(TensorRTUnavailableError, match="export without --tensorrt"):
+        preflight_tensorrt(args)
+
+
+# ---------------------------------------------------------------- manifest update (fake build)
+
+
+def _fake_build(device: DeviceInfo):
+    def build(onnx_path, out_dir, precision, workspace_mb, timing_cache, batch_size):
+        name = engine_file_name(
+            Path(onnx_path).stem, device.tensorrt_version, device.compute_capability, precision
+        )
+        (Path(out_dir) / name).write_bytes(f"plan {precision} {workspace_mb}".encode())
+        record = file_record(Path(out_dir) / name)
+        return EngineRecord(
+            name,
+            device.tensorrt_version,
+            device.compute_capability,
+            precision,
+            workspace_mb,
+            device.device_name,
+            "2026-11-24T00:00:00+00:00",
+            record["sha256"],
+            record["bytes"],
+        )
+
+    return build
+
+
+def test_add_engine_records_it_in_the_manifest(bundle, monkeypatch):
+    monkeypatch.setattr(engine_cmd, "query_device", lambda: ORIN)
+    monkeypatch.setattr(engine_cmd, "build_engine", _fake_build(ORIN))
+    record = add_engine_to_bundle(bundle, "fp16", 256)
+    assert record.file == "image_encoder.trt10.3.0.sm87.fp16.engine"
+    manifest = read_manifest(bundle)
+    assert manifest["engines"] == [record.to_manifest()]
+    assert set(manifest["engines"][0]) == {
+        "file",
+        "tensorrt_version",
+        "compute_capability",
+        "precision",
+        "workspace_mb",
+        "device_name",
+        "built_utc",
+        "sha256",
+        "bytes",
+    }
+    verify_files(bundle, manifest)  # the engine's sha256 and size are listed
+    assert choose_engine(manifest, ORIN) == record.to_manifest()
+    with pytest.raises(UserError, match="already in the bundle; pass --overwrite"):
+        add_engine_to_bundle(bundle, "fp16", 256)
+    add_engine_to_bundle(bundle, "fp16", 512, overwrite=True)
+    add_engine_to_bundle(bundle, "fp32", 256)
+    manifest = read_manifest(bundle)
+    assert [(e["precision"], e["workspace_mb"]) for e in manifest["engines"]] == [
+        ("fp16", 512),
+        ("fp32", 256),
+    ]
+    verify_files(bundle, manifest)
+    assert not list(bundle.glob(".*.tmp"))
+
+
+def test_record_engine_replaces_an_entry_of_the_same_file():
+    old = {"file": "a.engine", "precision": "fp16"}
+    manifest = {"engines": [old, {"file": "b.engine"}], "files": {}}
+    record = EngineRecord("a.engine", "10.3.0", "8.7", "fp16", 64, "Orin", "t", "ab", 3)
+    record_engine(manifest, record)
+    assert [e["file"] for e in manifest["engines"]] == ["b.engine", "a.engine"]
+    assert manifest["files"]["a.engine"] == {"sha256": "ab", "bytes": 3}
+
+
+# ---------------------------------------------------------------- on a GPU with TensorRT
+
+
+@pytest.fixture
+def gpu_device():
+    try:
+        from vlm_export.runtime.engine_select import query_device
+
+        return query_device()
+    except (UserError, RuntimeError) as exc:
+        pytest.skip(f"needs TensorRT, cuda-python and a CUDA GPU: {exc}")
+
+
+@pytest.mark.gpu
+def test_cuda_memory_round_trip(gpu_device):
+    from vlm_export.runtime.backends.tensorrt_backend import CudaDeviceMemory
+
+    memory = CudaDeviceMemory()
+    try:
+        data = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+        address = memory.allocate(data.nbytes)
+        memory.copy_to_device(address, data)
+        back = memory.host_buffer(data.shape, data.dtype)
+        memory.copy_to_host(back, address)
+        memory.synchronize()
+        np.testing.assert_array_equal(back, data)
+        memory.zero(address, data.nbytes)
+        memory.copy_to_host(back, address)
+        memory.synchronize()
+        assert not back.any()
+    finally:
+        memory.close()
+
+
+@pytest.mark.gpu
+def test_built_engine_runs_and_matches_onnxruntime(bundle, gpu_device):
+    import onnxruntime as ort
+
+    manifest = read_manifest(bundle)
+    manifest["engine"]["inputs"] = manifest["engine"]["inputs"][:1]
+    manifest["engine"]["outputs"] = [_io("embedding", IMAGE_SHAPE)]
+    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
+    record = add_engine_to_bundle(bundle, "fp32", 256)
+    assert record.compute_capability == gpu_device.compute_capability
+    backend = TensorRTBackend(bundle)
+    try:
+        image = np.random.default_rng(0).standard_normal(IMAGE_SHAPE).astype(np.float32)
+        got = backend.infer(image)["embedding"]
+    finally:
+        backend.close()
+    session = ort.InferenceSession(
+        str(bundle / "image_encoder.onnx"), providers=["CPUExecutionProvider"]
+    )
+    want = session.run(None, {"image": image})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
