@@ -222,12 +222,14 @@ def make_bundle(
         "labels": {"file": mf.CLASSES_FILE, "num_classes": len(names), "domains": list(DOMAINS)},
         "adaptation": {
             "tca": {
+                "preset": "imagenet",
                 "capacity": 3,
                 "tau": 0.1,
                 "lam": 3.0,
                 "beta": 5.0,
                 "eviction": "diversity",
                 "anchor_rule": "all_classes",
+                "zero_shot_factor": 100.0,
             },
             "rail": {},
         },

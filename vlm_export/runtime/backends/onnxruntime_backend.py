@@ -88,9 +88,11 @@ class OnnxRuntimeBackend(EngineBackend):
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(
-                str(bundle.onnx_path), sess_options=options, providers=self.requested_providers
-            )
+            with warnings.catch_warnings():  # ORT's own note on a missing provider: reported below
+                warnings.filterwarnings("ignore", "Specified provider", UserWarning)
+                self.session = ort.InferenceSession(
+                    str(bundle.onnx_path), sess_options=options, providers=self.requested_providers
+                )
         except ORT_ERRORS as exc:
             raise BundleError(
                 f"ONNX Runtime cannot load {bundle.onnx_path.name}: {_first_line(exc)}"

@@ -1,0 +1,226 @@
+"""The ``vlm-edge`` command: run (records, errors, state, signals, video) and info."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fakebundle import make_bundle, write_images
+
+from vlm_export.runtime import cli
+from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.pipeline import Pipeline, build_reservoir
+
+
+@pytest.fixture(scope="module")
+def tca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("tca") / "bundle", method="tca")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    write_images(folder, 8)
+    (folder / "img_0003.jpg").write_bytes(b"\xff\xd8\xff\xe0 corrupt jpeg")
+    return folder
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _stderr_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def test_run_folder_with_a_corrupt_image(tca_dir, folder, tmp_path, capsys) -> None:
+    out = tmp_path / "results.jsonl"
+    code = cli.main(["run", str(tca_dir), str(folder), "--out", str(out), "--topk", "2"])
+    assert code == 0
+    records = _lines(out)
+    assert [r["index"] for r in records] == list(range(8))
+    bad = records[3]
+    assert bad["source"].endswith("img_0003.jpg") and "cannot read image" in bad["error"]
+    good = [r for r in records if "error" not in r]
+    assert len(good) == 7
+    for record in good:
+        assert record["class"] in ("cat", "dog", "bird", "car", "bus", "train")
+        assert len(record["topk"]) == 2 and record["topk"][0]["class"] == record["class"]
+        assert {"preprocess", "engine", "reservoir", "correction", "total"} <= set(
+            record["timings_ms"]
+        )
+    err = _stderr_lines(capsys)
+    assert any("8 frames, 1 unreadable" in line and "frames/s" in line for line in err)
+    assert any(line.startswith("vlm-edge: mean ms per frame: preprocess") for line in err)
+
+
+def test_run_writes_to_stdout_by_default(tca_dir, folder, capsys) -> None:
+    assert (
+        cli.main(["run", str(tca_dir), str(folder / "img_0000.jpg"), "--method", "zeroshot"]) == 0
+    )
+    captured = capsys.readouterr()
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    assert len(records) == 1 and "reservoir" not in records[0]["timings_ms"]
+    assert "zeroshot on onnxruntime:CPUExecutionProvider" in captured.err
+
+
+def test_state_saved_and_resumed(tca_dir, folder, tmp_path, capsys) -> None:
+    state = tmp_path / "reservoir.npz"
+    args = ["run", str(tca_dir), str(folder), "--state", str(state), "--out", str(tmp_path / "o")]
+    assert cli.main([*args, "--anchor-rule", "per_class", "--save-every", "2"]) == 0
+    assert state.is_file()
+    bundle = Bundle.open(tca_dir)
+    first = build_reservoir(bundle, {}, state)
+    assert 0 < first.counts().sum() <= 7  # 7 readable images, some may have been evicted
+    assert first.config.anchor_rule == "per_class"  # the saved config travels with the state
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert f"resumed state {state} ({first.counts().sum()} entries)" in err
+    assert f"state saved to {state}" in err
+    assert build_reservoir(bundle, {}, state).counts().sum() >= first.counts().sum()
+    # another bundle's state is refused with one line
+    other = make_bundle(tmp_path / "other", seed=3)
+    assert cli.main(["run", str(other), str(folder), "--state", str(state)]) == 1
+    err = _stderr_lines(capsys)
+    assert err[-1].startswith("vlm-edge: error: ") and "another bundle" in err[-1]
+
+
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, frame: int, action) -> None:
+    original = Pipeline.process
+    seen = {"n": 0}
+
+    def process(self, *args, **kwargs):
+        seen["n"] += 1
+        if seen["n"] == frame:
+            action()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "process", process)
+
+
+def _raise_keyboard_interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    ("action", "code", "message"),
+    [
+        (lambda: os.kill(os.getpid(), signal.SIGTERM), 0, "stopped (SIGTERM)"),
+        (_raise_keyboard_interrupt, 130, "interrupted (Ctrl-C)"),
+    ],
+)
+def test_signals_save_state_and_leave_valid_jsonl(
+    tca_dir, folder, tmp_path, capsys, monkeypatch, action, code, message
+) -> None:
+    _interrupt_at(monkeypatch, 5, action)
+    state, out = tmp_path / "s.npz", tmp_path / "o.jsonl"
+    args = ["run", str(tca_dir), str(folder), "--state", str(state), "--out", str(out)]
+    assert cli.main([*args, "--save-every", "0"]) == code
+    assert len(_lines(out)) == 4  # frames 0-3 done, frame 4 was cut off; every line is whole
+    assert build_reservoir(Bundle.open(tca_dir), {}, state).counts().sum() == 3
+    err = capsys.readouterr().err
+    assert message in err and "state saved" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+
+
+def test_state_is_saved_when_the_run_fails(tca_dir, folder, tmp_path, monkeypatch) -> None:
+    def fail() -> None:
+        raise RuntimeError("engine exploded")
+
+    _interrupt_at(monkeypatch, 6, fail)
+    state = tmp_path / "s.npz"
+    with pytest.raises(RuntimeError, match="engine exploded"):
+        cli.main(["run", str(tca_dir), str(folder), "--state", str(state), "--out", os.devnull])
+    assert build_reservoir(Bundle.open(tca_dir), {}, state).counts().sum() == 4
+
+
+def test_run_a_video_file(tca_dir, tmp_path) -> None:
+    cv2 = pytest.importorskip("cv2")
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (80, 60))
+    for index in range(6):
+        writer.write(np.full((60, 80, 3), 30 * index, np.uint8))
+    writer.release()
+    out = tmp_path / "video.jsonl"
+    assert cli.main(["run", str(tca_dir), str(path), "--out", str(out), "--quiet"]) == 0
+    records = _lines(out)
+    assert [r["index"] for r in records] == list(range(6))
+    assert all(r["source"] == str(path) and "label" in r for r in records)
+
+
+def test_option_mistakes_are_one_line_errors(tca_dir, folder, tmp_path, capsys) -> None:
+    cases = [
+        (["--method", "zeroshot", "--state", "s.npz"], "--state need --method tca"),
+        (["--save-every", "-1"], "--save-every must be 0 or more"),
+        (["--capacity", "0"], "capacity must be an integer >= 1"),
+        (["--providers", "tensorrt"], "provider(s) not available"),
+        (["--out", str(tmp_path / "no" / "such" / "dir" / "o.jsonl")], "cannot write"),
+    ]
+    for extra, message in cases:
+        assert cli.main(["run", str(tca_dir), str(folder), *extra]) == 1
+        err = _stderr_lines(capsys)
+        assert err[-1].startswith("vlm-edge: error: ") and message in err[-1], (extra, err)
+
+
+def test_every_frame_unreadable_exits_1(tca_dir, tmp_path, capsys) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"")
+    assert cli.main(["run", str(tca_dir), str(tmp_path / "a.jpg"), "--out", os.devnull]) == 1
+    assert "no frame could be read" in capsys.readouterr().err
+
+
+def test_untrained_bundle_warns_loudly(tmp_path, folder, capsys) -> None:
+    bundle = make_bundle(tmp_path / "untrained", method="zeroshot", untrained=True)
+    assert cli.main(["run", str(bundle), str(folder / "img_0000.jpg")]) == 0
+    err = capsys.readouterr().err
+    assert "vlm-edge: WARNING: bundle" in err and "UNTRAINED" in err and "meaningless" in err
+
+
+def test_info_describes_the_bundle(tca_dir, capsys) -> None:
+    assert cli.main(["info", str(tca_dir)]) == 0
+    out = capsys.readouterr().out
+    for expected in (
+        "fake-tiny",
+        "pretrained fake",
+        "method      tca",
+        "17 -> 14 (block 2) -> 14 (block 3)",
+        "GFLOPs full",
+        "parity      passed",
+        "6 in 2 domains: animals (3), vehicles (3)",
+        "anchors [6x2x16] float32",
+        "no TensorRT engines built",
+        "image_encoder.onnx",
+    ):
+        assert expected in out, expected
+    assert cli.main(["info", str(tca_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "tca"
+
+
+def test_command_modules_follow_the_protocol() -> None:
+    modules = cli.command_modules()
+    names = [module.__name__.rsplit(".", 1)[1] for module in modules]
+    assert {"info", "run"} <= set(names)
+    for module in modules:
+        assert callable(module.add_parser) and callable(module.handle)
+
+
+def test_console_errors_have_no_traceback(tca_dir, tmp_path) -> None:
+    for argv, message in [
+        (["run", str(tca_dir), str(tmp_path / "missing")], "source not found"),
+        (["info", str(tmp_path)], "not a bundle"),
+    ]:
+        done = subprocess.run(
+            [sys.executable, "-m", "vlm_export.runtime", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("vlm-edge: error: ") and message in lines[0]

@@ -1,0 +1,94 @@
+"""Frame sources: folders, globs, single files, video files, cameras, and their errors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fakebundle import write_images
+
+from vlm_export.runtime.errors import UserError
+from vlm_export.runtime.sources import (
+    ImageFiles,
+    SourceError,
+    VideoSource,
+    open_source,
+)
+
+cv2 = pytest.importorskip("cv2")
+
+
+def _video(path: Path, frames: int, size: tuple[int, int] = (64, 48)) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, size)
+    assert writer.isOpened()
+    for index in range(frames):
+        frame = np.zeros((size[1], size[0], 3), np.uint8)
+        frame[:, :, index % 3] = 40 * index
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def test_folder_sorted_images_only(tmp_path: Path) -> None:
+    paths = write_images(tmp_path, 3, suffix=".png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / ".hidden.jpg").write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "B.JPG").write_bytes(b"x")  # upper-case extension counts
+    source = open_source(str(tmp_path))
+    assert isinstance(source, ImageFiles) and source.total == 4
+    frames = list(source)
+    assert [f.data for f in frames] == sorted([*paths, tmp_path / "B.JPG"])
+    assert [f.index for f in frames] == [0, 1, 2, 3]
+    assert frames[1].source == str(frames[1].data)
+
+
+def test_glob_and_single_file(tmp_path: Path) -> None:
+    write_images(tmp_path / "a", 2, suffix=".jpg")
+    write_images(tmp_path / "b", 3, seed=1, suffix=".png")
+    source = open_source(str(tmp_path / "*" / "*.png"))
+    assert source.total == 3 and all(f.data.suffix == ".png" for f in source)
+    assert open_source(str(tmp_path / "**" / "*.jpg")).total == 2
+    single = open_source(str(tmp_path / "a" / "img_0001.jpg"))
+    assert [f.data for f in single] == [tmp_path / "a" / "img_0001.jpg"]
+
+
+def test_video_file_frames_then_normal_end(tmp_path: Path) -> None:
+    path = _video(tmp_path / "clip.avi", 5)
+    with open_source(str(path)) as source:
+        assert isinstance(source, VideoSource) and source.total == 5
+        frames = list(source)
+    assert [f.index for f in frames] == list(range(5))
+    assert all(f.source == str(path) for f in frames)
+    first = frames[0].data
+    assert first.dtype == np.uint8 and first.shape == (48, 64, 3)
+
+
+def test_missing_and_empty_sources(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="source not found"):
+        open_source(str(tmp_path / "nothing.jpg"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(SourceError, match="no images in folder"):
+        open_source(str(tmp_path / "empty"))
+    with pytest.raises(SourceError, match="no image files match"):
+        open_source(str(tmp_path / "*.png"))
+    assert issubclass(SourceError, UserError)
+
+
+def test_unopenable_video_and_camera(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"definitely not a video")
+    with pytest.raises(SourceError, match="cannot open video"):
+        open_source(str(broken))
+    with pytest.raises(SourceError, match="cannot open camera 97"):
+        open_source("97")
+
+
+def test_missing_opencv_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _video(tmp_path / "clip.avi", 2)
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now raises ImportError
+    with pytest.raises(SourceError, match=r"pip install 'vlm-export\[camera\]'"):
+        open_source(str(path))

@@ -1,0 +1,175 @@
+"""``vlm-edge info BUNDLE``: the manifest in words (or as JSON with ``--json``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.commands import format_bytes
+
+LABEL_WIDTH = 12
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``info`` subcommand."""
+    parser = subparsers.add_parser(
+        "info",
+        help="describe a bundle",
+        description="Describe a bundle: model, weights, method, token schedule, FLOPs, parity, "
+        "classes, engines and files.",
+    )
+    parser.add_argument("bundle", help="bundle folder written by vlm-export")
+    parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip the sha256 check of the bundle's files"
+    )
+    return parser
+
+
+def _shape(record: dict[str, Any]) -> str:
+    dims = "x".join(str(v) for v in record.get("shape", []))
+    return f"{record['name']} [{dims}] {record.get('dtype', '')}".rstrip()
+
+
+def _model(model: dict[str, Any]) -> list[str]:
+    size = model.get("image_size")
+    parts = [f"{model['name']} ({model.get('activation', 'gelu')})"]
+    if size:
+        parts.append(f"{size}x{size} px, patch {model.get('patch_size')}")
+    parts.append(
+        f"{model['layers']} blocks x width {model.get('width')}, {model.get('heads')} heads, "
+        f"embedding {model['embed_dim']}"
+    )
+    if model["untrained"]:
+        weights = "UNTRAINED (random weights): predictions are meaningless"
+    else:
+        weights = f"pretrained {model['pretrained']}"
+    return [", ".join(parts), weights]
+
+
+def _tokens(condensation: dict[str, Any] | None) -> str:
+    if not condensation:
+        return "no condensation (every block sees all tokens)"
+    schedule = condensation.get("schedule", [])
+    chain = [str(schedule[0]["tokens_in"])] if schedule else []
+    chain += [f"{step['tokens_out']} (block {step['layer']})" for step in schedule]
+    return (
+        f"{' -> '.join(chain)}; drop rate {condensation.get('drop_rate')}, "
+        f"{condensation.get('merge_centers')} merge centres, {condensation.get('ranking')} ranking"
+    )
+
+
+def _flops(flops: dict[str, Any]) -> str:
+    full, condensed = flops.get("full_gflops"), flops.get("condensed_gflops")
+    if not full:
+        return "not recorded"
+    if condensed is None or condensed == full:
+        return f"{full:.4g} GFLOPs"
+    return f"{full:.4g} GFLOPs full, {condensed:.4g} condensed ({100 * condensed / full:.1f}%)"
+
+
+def _parity(parity: dict[str, Any]) -> str:
+    if not parity:
+        return "not checked"
+    verdict = "passed" if parity.get("passed") else "FAILED"
+    stats = [
+        f"{name} {parity[key]:.2e}"
+        for name, key in (("max abs", "max_abs"), ("median abs", "median_abs"))
+        if isinstance(parity.get(key), int | float)
+    ]
+    if isinstance(parity.get("cosine_min"), int | float):
+        stats.append(f"cosine min {parity['cosine_min']:.6f}")
+    return f"{verdict}: {', '.join(stats)}" if stats else verdict
+
+
+def _preprocess(pre: dict[str, Any]) -> str:
+    height, width = pre["size"]
+    how = pre["interpolation"]
+    geometry = {
+        "shortest": f"resize shorter side ({how}), centre crop {height}x{width}",
+        "longest": f"resize longer side ({how}), pad to {height}x{width} "
+        f"(fill {pre.get('fill_color', 0)})",
+        "squash": f"resize to {height}x{width} ({how})",
+    }.get(pre["resize_mode"], f"{pre['resize_mode']} to {height}x{width}")
+    mean = ", ".join(f"{v:.4f}" for v in pre["mean"])
+    std = ", ".join(f"{v:.4f}" for v in pre["std"])
+    return f"{geometry}; mean {mean}; std {std}"
+
+
+def _classes(bundle: Bundle) -> list[str]:
+    per_domain = ", ".join(
+        f"{domain} ({bundle.class_domains.count(domain)})" for domain in bundle.domains
+    )
+    shown = ", ".join(bundle.classes[:8]) + (", ..." if bundle.num_classes > 8 else "")
+    plural = "s" if len(bundle.domains) != 1 else ""
+    return [f"{bundle.num_classes} in {len(bundle.domains)} domain{plural}: {per_domain}", shown]
+
+
+def _engines(manifest: dict[str, Any]) -> list[str]:
+    engine = manifest["engine"]
+    lines = [f"{engine['onnx']}, opset {engine['opset']}, batch {engine['batch_size']}"]
+    lines.append("in:  " + "; ".join(_shape(r) for r in engine["inputs"]))
+    lines.append("out: " + "; ".join(_shape(r) for r in engine["outputs"]))
+    for record in manifest["engines"]:
+        lines.append(
+            f"TensorRT {record.get('file')}: TensorRT {record.get('tensorrt_version')}, "
+            f"compute capability {record.get('compute_capability')}, {record.get('precision')}"
+        )
+    if not manifest["engines"]:
+        lines.append("no TensorRT engines built (ONNX Runtime runs the ONNX file)")
+    return lines
+
+
+def _adaptation(adaptation: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, settings in adaptation.items():
+        if isinstance(settings, dict) and settings:
+            flat = ", ".join(f"{k} {v}" for k, v in settings.items() if not isinstance(v, dict))
+            lines.append(f"{name}: {flat}")
+    return lines or ["none"]
+
+
+def describe(bundle: Bundle) -> list[str]:
+    """The bundle in words, one string per line."""
+    manifest = bundle.manifest
+    rows: list[tuple[str, list[str] | str]] = [
+        ("bundle", f"{bundle.path} (fingerprint {bundle.fingerprint})"),
+        ("model", _model(manifest["model"])),
+        ("method", bundle.method),
+        ("tokens", _tokens(manifest["condensation"])),
+        ("compute", _flops(manifest["flops"])),
+        ("parity", _parity(manifest["parity"])),
+        ("preprocess", _preprocess(manifest["preprocess"])),
+        ("classes", _classes(bundle)),
+        ("engine", _engines(manifest)),
+        ("adaptation", _adaptation(manifest["adaptation"])),
+        (
+            "files",
+            [
+                f"{name}  {format_bytes(record['bytes'])}  sha256 {record['sha256'][:16]}"
+                for name, record in manifest["files"].items()
+            ],
+        ),
+        (
+            "created",
+            f"{manifest['created_utc']} by vlm-export {manifest['producer'].get('vlm_export')}",
+        ),
+    ]
+    lines = []
+    for label, value in rows:
+        values = value if isinstance(value, list) else [value]
+        for i, text in enumerate(values):
+            lines.append(f"{label if i == 0 else '':<{LABEL_WIDTH}}{text}")
+    return lines
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Print the bundle description."""
+    bundle = Bundle.open(args.bundle, verify=not args.no_verify)
+    if args.json:
+        print(json.dumps(bundle.manifest, indent=2))
+    else:
+        print("\n".join(describe(bundle)))
+    return 0

@@ -1,0 +1,275 @@
+"""``vlm-edge run BUNDLE SOURCE``: classify every frame of a source, one JSON line per frame.
+
+The adaptation state (``--state``) is loaded if the file exists, saved every ``--save-every``
+frames and on every way out: the end of the source, an error, Ctrl-C (exit 130) or SIGTERM (an
+orderly stop: exit 0). Output lines are written whole and flushed, so an interrupted run leaves a
+valid JSONL file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from vlm_export.runtime.backends.factory import BACKENDS, open_backend
+from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.commands import status
+from vlm_export.runtime.errors import UserError
+from vlm_export.runtime.manifest import uses_condensation
+from vlm_export.runtime.pipeline import METHODS, FrameResult, Pipeline, build_reservoir
+from vlm_export.runtime.preprocess import ImageError
+from vlm_export.runtime.reservoir import ANCHOR_RULES, EVICTION_MODES
+from vlm_export.runtime.sources import Frame, Source, open_source
+
+STAGES = ("preprocess", "engine", "reservoir", "correction", "fusion", "total")
+PROGRESS_INTERVAL_S = 0.25
+
+
+class Terminated(Exception):
+    """Raised in the main thread when the process receives SIGTERM."""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``run`` subcommand."""
+    parser = subparsers.add_parser(
+        "run",
+        help="classify images, a video or a camera stream",
+        description="Classify every frame of SOURCE with BUNDLE; one JSON line per frame.",
+    )
+    parser.add_argument("bundle", help="bundle folder written by vlm-export")
+    parser.add_argument(
+        "source",
+        help="image file, folder, glob ('frames/*.png'), video file, camera index (0) or "
+        "stream URL (rtsp://...)",
+    )
+    parser.add_argument(
+        "--method", choices=METHODS, help="default: the bundle's method (zeroshot or tca)"
+    )
+    parser.add_argument("--out", help="write the JSON lines here (default: standard output)")
+    parser.add_argument("--topk", type=int, default=5, help="classes per record (default 5)")
+    parser.add_argument(
+        "--state", help="reservoir state file: resumed if it exists, kept up to date"
+    )
+    parser.add_argument(
+        "--save-every",
+        type=int,
+        default=100,
+        metavar="N",
+        help="save the state every N frames (default 100; 0: only at the end)",
+    )
+    parser.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    parser.add_argument(
+        "--providers", help="ONNX Runtime providers in order, comma-separated (e.g. cuda,cpu)"
+    )
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip the sha256 check of the bundle's files"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    tca = parser.add_argument_group("TCA reservoir (default: the bundle's adaptation.tca)")
+    tca.add_argument("--capacity", type=int, help="entries per class (M)")
+    tca.add_argument("--tau", type=float, help="layer-weight temperature")
+    tca.add_argument("--lam", type=float, help="correction scale lambda")
+    tca.add_argument("--beta", type=float, help="affinity sharpness beta")
+    tca.add_argument("--eviction", choices=EVICTION_MODES)
+    tca.add_argument("--anchor-rule", choices=ANCHOR_RULES)
+    return parser
+
+
+def default_method(bundle: Bundle) -> str:
+    """The bundle's method if this runtime runs it, else the closest one it does (with a note)."""
+    if bundle.method in METHODS:
+        return bundle.method
+    method = "tca" if uses_condensation(bundle.method) and "tca" in METHODS else "zeroshot"
+    status(f"note: method {bundle.method} is not available in this runtime; running {method}")
+    return method
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "capacity": args.capacity,
+        "tau": args.tau,
+        "lam": args.lam,
+        "beta": args.beta,
+        "eviction": args.eviction,
+        "anchor_rule": args.anchor_rule,
+    }
+
+
+def _check_args(args: argparse.Namespace, method: str) -> None:
+    if args.save_every < 0:
+        raise UserError(f"--save-every must be 0 or more, got {args.save_every}")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise UserError(f"--max-frames must be at least 1, got {args.max_frames}")
+    if method != "tca":
+        given = [f"--{k.replace('_', '-')}" for k, v in _overrides(args).items() if v is not None]
+        given += ["--state"] if args.state else []
+        if given:
+            raise UserError(f"{', '.join(given)} need --method tca (running {method})")
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While active, SIGTERM raises Terminated in the main thread (elsewhere: no change)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[IO[str]]:
+    if path is None:
+        yield sys.stdout
+        return
+    try:
+        handle = open(path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror}") from None
+    with handle:
+        yield handle
+
+
+class RunStats:
+    """Frame and error counts, per-stage time sums, and a stderr progress line."""
+
+    def __init__(self, total: int | None, progress: bool) -> None:
+        self.total = total
+        self.progress = progress
+        self.frames = 0
+        self.errors = 0
+        self.sums: dict[str, float] = {}
+        self.start = time.perf_counter()
+        self._last_shown = 0.0
+        self._shown = False
+
+    def add(self, result: FrameResult | None) -> None:
+        """Count one frame (None: it failed)."""
+        self.frames += 1
+        if result is None:
+            self.errors += 1
+        else:
+            for stage, ms in result.timings.items():
+                self.sums[stage] = self.sums.get(stage, 0.0) + ms
+        self._show(result)
+
+    def fps(self) -> float:
+        """Frames per second since the start, over everything (source, pipeline, output)."""
+        elapsed = time.perf_counter() - self.start
+        return self.frames / elapsed if elapsed > 0 else 0.0
+
+    def _show(self, result: FrameResult | None) -> None:
+        now = time.perf_counter()
+        if not self.progress or now - self._last_shown < PROGRESS_INTERVAL_S:
+            return
+        self._last_shown = now
+        count = f"{self.frames}/{self.total}" if self.total else f"{self.frames}"
+        errors = f", {self.errors} errors" if self.errors else ""
+        last = f"  {result.class_name}" if result else ""
+        sys.stderr.write(f"\r{count} frames, {self.fps():.1f} fps{errors}{last}\x1b[K")
+        sys.stderr.flush()
+        self._shown = True
+
+    def summary(self) -> list[str]:
+        """The closing lines: counts, speed and mean time per stage."""
+        if self._shown:
+            sys.stderr.write("\n")
+        elapsed = time.perf_counter() - self.start
+        errors = f", {self.errors} unreadable" if self.errors else ""
+        lines = [f"{self.frames} frames{errors} in {elapsed:.2f} s: {self.fps():.1f} frames/s"]
+        good = self.frames - self.errors
+        if good:
+            means = [f"{s} {self.sums[s] / good:.2f}" for s in STAGES if s in self.sums]
+            lines.append("mean ms per frame: " + ", ".join(means))
+        return lines
+
+
+def _process(pipeline: Pipeline, frame: Frame) -> tuple[FrameResult | None, dict[str, Any]]:
+    """Run one frame; an unreadable image gives an error record instead of a result."""
+    try:
+        result = pipeline.process(frame.data, frame.index, frame.source)
+    except ImageError as exc:
+        return None, {"index": frame.index, "source": frame.source, "error": str(exc)}
+    return result, result.to_record()
+
+
+def _process_all(
+    pipeline: Pipeline, source: Source, out: IO[str], stats: RunStats, args: argparse.Namespace
+) -> tuple[str | None, int]:
+    """The frame loop; returns (how it was stopped or None, exit status)."""
+    try:
+        for frame in source:
+            result, record = _process(pipeline, frame)
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            stats.add(result)
+            good = stats.frames - stats.errors
+            if args.state and args.save_every and result and good % args.save_every == 0:
+                pipeline.save_state(args.state)
+            if args.max_frames and stats.frames >= args.max_frames:
+                break
+    except KeyboardInterrupt:
+        return "interrupted (Ctrl-C)", 130
+    except Terminated:
+        return "stopped (SIGTERM)", 0
+    return None, 0
+
+
+def _save(pipeline: Pipeline, path: str) -> None:
+    pipeline.save_state(path)
+    reservoir = pipeline.reservoir
+    entries = int(reservoir.counts().sum()) if reservoir else 0
+    status(f"state saved to {path} ({entries} reservoir entries)")
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Run the pipeline over the source; return the exit status."""
+    bundle = Bundle.open(args.bundle, verify=not args.no_verify)
+    method = args.method or default_method(bundle)
+    _check_args(args, method)
+    reservoir = None
+    if method == "tca":
+        resumed = bool(args.state) and Path(args.state).exists()
+        reservoir = build_reservoir(bundle, _overrides(args), args.state)
+        if resumed:
+            status(f"resumed state {args.state} ({int(reservoir.counts().sum())} entries)")
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(open_source(args.source))
+        providers = args.providers.split(",") if args.providers else None
+        backend = open_backend(bundle, args.backend, providers, args.threads)
+        stack.callback(backend.close)
+        pipeline = Pipeline(bundle, backend, method, reservoir, topk=args.topk)
+        out = stack.enter_context(_output(args.out))
+        status(f"{method} on {backend.description}; {source.description}")
+        stats = RunStats(source.total, progress=not args.quiet and sys.stderr.isatty())
+        try:
+            with _sigterm_raises():
+                ending, code = _process_all(pipeline, source, out, stats, args)
+        finally:
+            if args.state and pipeline.reservoir is not None:
+                _save(pipeline, args.state)
+            for line in stats.summary():
+                status(line)
+    if ending:
+        status(ending)
+    if stats.frames and stats.frames == stats.errors:
+        status("no frame could be read")
+        return 1
+    return code

@@ -1,0 +1,261 @@
+"""The per-frame pipeline: preprocess -> engine -> zero-shot logits -> adaptation -> decision.
+
+A method is a choice of stages, not a separate code path: ``zeroshot`` runs none, ``tca`` adds the
+TCA stage (reservoir update, anchors pushed to the engine when they changed, logit correction).
+A ``fusion`` stage (RAIL) may follow: it turns the final logits and the embedding into the reported
+scores. Without fusion the reported scores are the softmax of the final logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from vlm_export.runtime.backends.base import EngineBackend
+from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.errors import BundleError, UserError
+from vlm_export.runtime.preprocess import Preprocessor
+from vlm_export.runtime.reservoir import ReservoirConfig, TokenReservoir
+
+METHODS = ("zeroshot", "tca")
+#: fixed zero-shot logit factor of the spec (not the model's logit_scale)
+LOGIT_FACTOR = 100.0
+RESERVOIR_KEYS = tuple(item.name for item in dataclasses.fields(ReservoirConfig))
+
+Frame = Image.Image | np.ndarray | str | Path
+
+
+class Fusion(Protocol):
+    """A stage after the logits (RAIL-Fusion): final logits [C] + embedding [E] -> scores [C]."""
+
+    def fused_scores(self, logits: np.ndarray, embedding: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    """What the pipeline decided for one frame, with per-stage timings in milliseconds."""
+
+    index: int
+    source: str
+    label: int
+    class_name: str
+    domain: str
+    topk: list[tuple[int, str, float]]
+    scores: np.ndarray
+    logits: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-serialisable record (one line of ``vlm-edge run`` output)."""
+        return {
+            "index": self.index,
+            "source": self.source,
+            "label": self.label,
+            "class": self.class_name,
+            "domain": self.domain,
+            "topk": [{"index": i, "class": name, "score": round(s, 6)} for i, name, s in self.topk],
+            "timings_ms": {name: round(ms, 3) for name, ms in self.timings.items()},
+        }
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax in float64, returned as float32."""
+    shifted = np.asarray(logits, dtype=np.float64) - np.max(logits)
+    exp = np.exp(shifted)
+    return (exp / exp.sum()).astype(np.float32)
+
+
+def reservoir_config(
+    manifest: dict[str, Any], overrides: Mapping[str, Any] | None = None
+) -> ReservoirConfig:
+    """Reservoir hyperparameters: manifest ``adaptation.tca`` defaults, then ``overrides``.
+
+    Other keys of the manifest section (preset name, zero-shot factor) are not reservoir settings.
+    """
+    defaults = (manifest.get("adaptation") or {}).get("tca") or {}
+    values = {key: defaults[key] for key in RESERVOIR_KEYS if key in defaults}
+    values.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    unknown = sorted(set(values) - set(RESERVOIR_KEYS))
+    if unknown:
+        raise UserError(f"unknown reservoir setting(s): {', '.join(unknown)}")
+    return ReservoirConfig(**values)
+
+
+def reservoir_geometry(bundle: Bundle) -> tuple[int, int, int, list[int]]:
+    """(num_classes, num_layers, width, anchor_layers) of the bundle's condensing engine."""
+    condensation = bundle.manifest["condensation"]
+    if not condensation or "anchors" not in bundle.engine_io("inputs"):
+        raise UserError(
+            f"method tca needs a bundle exported with token condensation; this bundle's method "
+            f"is {bundle.method}"
+        )
+    outputs = bundle.engine_io("outputs")
+    if "cls_per_layer" not in outputs:
+        raise BundleError("the engine has no cls_per_layer output (needed by the reservoir)")
+    _, num_layers, width = (int(v) for v in outputs["cls_per_layer"]["shape"])
+    return bundle.num_classes, num_layers, width, [int(i) for i in condensation["anchor_layers"]]
+
+
+def build_reservoir(
+    bundle: Bundle,
+    overrides: Mapping[str, Any] | None = None,
+    state: str | Path | None = None,
+) -> TokenReservoir:
+    """A reservoir for ``bundle``: loaded from ``state`` if that file exists, else empty.
+
+    A loaded reservoir keeps the config it was saved with; an override that contradicts it is a
+    UserError (the stored entries were selected under that config).
+    """
+    geometry = reservoir_geometry(bundle)
+    if state is not None and Path(state).exists():
+        reservoir = TokenReservoir.load(state, bundle.fingerprint, *geometry)
+        saved = dataclasses.asdict(reservoir.config)
+        clashes = [
+            f"{key}={saved[key]}"
+            for key, value in (overrides or {}).items()
+            if value is not None and saved[key] != value
+        ]
+        if clashes:
+            raise UserError(
+                f"state {state} was saved with {', '.join(clashes)}; drop those options or start "
+                "a new state file"
+            )
+        return reservoir
+    return TokenReservoir(*geometry, config=reservoir_config(bundle.manifest, overrides))
+
+
+class TcaStage:
+    """TCA on the host: reservoir update, anchors to the engine when they move, correction."""
+
+    def __init__(self, reservoir: TokenReservoir, backend: EngineBackend) -> None:
+        self.reservoir = reservoir
+        self.backend = backend
+        self._pushed_version: int | None = None
+        self.sync_anchors()
+
+    def sync_anchors(self) -> None:
+        """Hand the reservoir's anchors to the engine if they changed since the last push."""
+        if self.reservoir.version != self._pushed_version:
+            self.backend.set_anchors(*self.reservoir.anchors())
+            self._pushed_version = self.reservoir.version
+
+    def update(self, logits: np.ndarray, cls_stack: np.ndarray) -> None:
+        """Insert this frame into the reservoir, then push anchors if they moved."""
+        self.reservoir.update(logits, cls_stack)
+        self.sync_anchors()
+
+    def correction(self, cls_stack: np.ndarray) -> np.ndarray:
+        """Logit offsets z [C] for this frame."""
+        return self.reservoir.correction(cls_stack)
+
+
+class Pipeline:
+    """Composes preprocess, engine, logits, the optional TCA stage and fusion, per frame."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        backend: EngineBackend,
+        method: str = "zeroshot",
+        reservoir: TokenReservoir | None = None,
+        fusion: Fusion | None = None,
+        topk: int = 5,
+    ) -> None:
+        if method not in METHODS:
+            raise UserError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+        if topk < 1:
+            raise UserError(f"--topk must be at least 1, got {topk}")
+        batch = int(bundle.manifest["engine"]["batch_size"])
+        if batch != 1:
+            raise BundleError(
+                f"the per-frame pipeline needs a batch-1 engine; this one has {batch}"
+            )
+        self.bundle = bundle
+        self.backend = backend
+        self.method = method
+        self.topk = min(topk, bundle.num_classes)
+        self.preprocessor = Preprocessor.from_manifest(bundle.manifest)
+        self.fusion = fusion
+        self.tca: TcaStage | None = None
+        if method == "tca":
+            self.tca = TcaStage(reservoir or build_reservoir(bundle), backend)
+        self._text_t = np.ascontiguousarray(bundle.text_embeddings.T)
+        self._normalize = not bundle.manifest["engine"].get("embedding_normalized", True)
+
+    @property
+    def reservoir(self) -> TokenReservoir | None:
+        """The TCA reservoir, or None for methods without one."""
+        return self.tca.reservoir if self.tca else None
+
+    def save_state(self, path: str | Path) -> None:
+        """Save the adaptation state (the reservoir) atomically; UserError if there is none."""
+        if self.tca is None:
+            raise UserError(f"method {self.method} keeps no state to save")
+        self.tca.reservoir.save(path, self.bundle.fingerprint)
+
+    def process(self, frame: Frame, index: int = 0, source: str = "") -> FrameResult:
+        """Run one frame: a PIL image, a BGR uint8 array (OpenCV) or an image path.
+
+        Raises ImageError for an unreadable image file (nothing else has happened then).
+        """
+        start = time.perf_counter()
+        tensor = self.preprocessor.convert(frame)[None]
+        timings = {"preprocess": _ms(start)}
+        return self._run(tensor, index, source, start, timings)
+
+    def process_tensor(self, tensor: np.ndarray, index: int = 0, source: str = "") -> FrameResult:
+        """Run one already preprocessed frame [3, H, W] or [1, 3, H, W] float32."""
+        start = time.perf_counter()
+        tensor = np.asarray(tensor, dtype=np.float32).reshape(1, 3, *self.preprocessor.size)
+        return self._run(tensor, index, source, start, {"preprocess": 0.0})
+
+    def _run(
+        self, tensor: np.ndarray, index: int, source: str, start: float, timings: dict[str, float]
+    ) -> FrameResult:
+        mark = time.perf_counter()
+        outputs = self.backend.infer(tensor)
+        timings["engine"] = _ms(mark)
+        embedding = outputs["embedding"][0]
+        if self._normalize:
+            embedding = embedding / np.linalg.norm(embedding)
+        logits = np.float32(LOGIT_FACTOR) * (embedding @ self._text_t)
+        if self.tca is not None:
+            cls_stack = outputs["cls_per_layer"][0]
+            mark = time.perf_counter()
+            self.tca.update(logits, cls_stack)
+            timings["reservoir"] = _ms(mark)
+            mark = time.perf_counter()
+            logits = logits + self.tca.correction(cls_stack)
+            timings["correction"] = _ms(mark)
+        if self.fusion is not None:
+            mark = time.perf_counter()
+            scores = np.asarray(self.fusion.fused_scores(logits, embedding), dtype=np.float32)
+            timings["fusion"] = _ms(mark)
+        else:
+            scores = softmax(logits)
+        label = int(np.argmax(scores))
+        order = np.argsort(-scores, kind="stable")[: self.topk]
+        classes = self.bundle.classes
+        timings["total"] = _ms(start)
+        return FrameResult(
+            index=index,
+            source=source,
+            label=label,
+            class_name=classes[label],
+            domain=self.bundle.class_domains[label],
+            topk=[(int(i), classes[i], float(scores[i])) for i in order],
+            scores=scores,
+            logits=logits,
+            timings=timings,
+        )
+
+
+def _ms(since: float) -> float:
+    return (time.perf_counter() - since) * 1000.0
