@@ -285,6 +285,164 @@ def test_fp32_pinning_of_softmax_only():
     assert mark_fp32_layers(network, _fake_trt(), ("Softmax",)) == ["softmax"]
 
 
+# ---------------------------------------------------------------- the builder flow (fake trt)
+
+
+class _FakeTrtModule(SimpleNamespace):
+    """Just enough of TensorRT 10's Python builder API to drive build_engine without a GPU."""
+
+    def __init__(self, layers, parse_ok=True, plan=b"serialized plan", fp16=True, inputs=()):
+        flags = ["OBEY_PRECISION_CONSTRAINTS", "TF32"] + (["FP16"] if fp16 else [])
+        super().__init__(**vars(_fake_trt()))
+        self.layers = layers
+        self.__version__ = "10.3.0.30"
+        self.BuilderFlag = SimpleNamespace(**{flag: flag for flag in flags})
+        self.MemoryPoolType = SimpleNamespace(WORKSPACE="WORKSPACE")
+        self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+        self.events = SimpleNamespace(flags=set(), cleared=set(), pool={}, caches=[], profiles=[])
+        module = self
+
+        class Network:
+            def __init__(self):
+                self.layers, self.inputs = [], [SimpleNamespace(**i) for i in inputs]
+                self.num_inputs = len(self.inputs)
+
+            @property
+            def num_layers(self):
+                return len(self.layers)
+
+            def get_layer(self, index):
+                return self.layers[index]
+
+            def get_input(self, index):
+                return self.inputs[index]
+
+        class Parser:
+            def __init__(self, network, logger):
+                self.network = network
+                self.num_errors = 0 if parse_ok else 1
+
+            def parse_from_file(self, path):
+                module.events.parsed = path
+                self.network.layers = list(layers)
+                return parse_ok
+
+            def get_error(self, index):
+                return SimpleNamespace(
+                    node_operator=lambda: "Unique",
+                    node_name=lambda: "uniq",
+                    desc=lambda: "No importer registered for op: Unique",
+                )
+
+        class Cache:
+            def __init__(self, data):
+                self.data = bytes(data)
+
+            def serialize(self):
+                return self.data + b"+tuned"
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                module.events.pool[pool] = size
+
+            def set_flag(self, flag):
+                module.events.flags.add(flag)
+
+            def clear_flag(self, flag):
+                module.events.cleared.add(flag)
+
+            def create_timing_cache(self, data):
+                module.events.caches.append(bytes(data))
+                return Cache(data)
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                return not cache.data.startswith(b"foreign")
+
+            def add_optimization_profile(self, profile):
+                module.events.profiles.append(profile.shapes)
+
+        class Profile:
+            def __init__(self):
+                self.shapes = {}
+
+            def set_shape(self, name, low, opt, high):
+                self.shapes[name] = (list(low), list(opt), list(high))
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                assert flags == 0
+                return Network()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                return plan
+
+        self.Builder, self.OnnxParser = Builder, Parser
+
+
+def _install_fake_trt(monkeypatch, **kwargs):
+    from vlm_export.export import tensorrt_build
+
+    fake = _FakeTrtModule(_network().layers, **kwargs)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(tensorrt_build, "query_device", lambda: ORIN)
+    return fake
+
+
+def test_build_engine_fp16_flow_with_timing_cache(bundle, monkeypatch):
+    fake = _install_fake_trt(monkeypatch)
+    cache = bundle / "timing.cache"
+    record = build_engine(bundle / "image_encoder.onnx", bundle, "fp16", 256, cache)
+    assert fake.events.flags == {"FP16", "OBEY_PRECISION_CONSTRAINTS"}
+    pinned = [layer.name for layer in fake.layers if layer.precision == "float32"]
+    assert pinned == ["ln", "softmax", "mean", "pow", "square", "sqrt", "int_mean"]
+    assert fake.events.pool == {"WORKSPACE": 256 << 20}
+    assert fake.events.parsed == str(bundle / "image_encoder.onnx")
+    assert record.file == "image_encoder.trt10.3.0.sm87.fp16.engine"
+    assert (bundle / record.file).read_bytes() == b"serialized plan"
+    assert (record.nbytes, record.device_name, record.workspace_mb) == (15, "Orin", 256)
+    assert record.sha256 == file_record(bundle / record.file)["sha256"]
+    assert cache.read_bytes() == b"+tuned"
+    build_engine(bundle / "image_encoder.onnx", bundle, "fp16", 256, cache)
+    assert fake.events.caches == [b"", b"+tuned"]  # the second build starts from the saved cache
+    assert fake.events.profiles == []  # static shapes: no optimisation profile
+
+
+def test_build_engine_fp32_foreign_cache_and_dynamic_batch(bundle, monkeypatch):
+    batch_input = {"name": "image", "shape": (-1, 3, 16, 16)}
+    fake = _install_fake_trt(monkeypatch, inputs=[batch_input])
+    cache = bundle / "timing.cache"
+    cache.write_bytes(b"foreign cache")
+    record = build_engine(bundle / "image_encoder.onnx", bundle, "fp32", 64, cache, batch_size=4)
+    assert record.precision == "fp32" and fake.events.flags == set()
+    assert all(layer.precision is None for layer in fake.layers)
+    assert fake.events.cleared == {"TF32"}
+    assert fake.events.caches == [b"foreign cache", b""]  # refused, so started anew
+    assert fake.events.profiles == [{"image": ([1, 3, 16, 16], [4, 3, 16, 16], [4, 3, 16, 16])}]
+
+
+def test_build_engine_reports_parser_and_builder_failures(bundle, monkeypatch):
+    onnx_path = bundle / "image_encoder.onnx"
+    _install_fake_trt(monkeypatch, parse_ok=False)
+    with pytest.raises(UserError, match="could not parse image_encoder.onnx: Unique node 'uniq'"):
+        build_engine(onnx_path, bundle)
+    _install_fake_trt(monkeypatch, plan=None)
+    with pytest.raises(UserError, match="could not build the engine"):
+        build_engine(onnx_path, bundle)
+    _install_fake_trt(monkeypatch, fp16=False)  # TensorRT 11 has no weakly typed fp16
+    with pytest.raises(UserError, match="TensorRT 11"):
+        build_engine(onnx_path, bundle, "fp16")
+    assert not list(bundle.glob("*.engine"))
+
+
 # ---------------------------------------------------------------- engine selection
 
 
@@ -601,7 +759,7 @@ def test_build_engine_checks_the_graph_before_tensorrt(tmp_path, no_tensorrt):
 
 def test_build_engine_main_without_tensorrt(bundle, no_tensorrt, capsys):
     before = (bundle / MANIFEST_NAME).read_bytes()
-    assert build_engine_main([str(bundle), "--precision", "fp16", "--workspace", "256"]) == 1
+    assert build_engine_main([str(bundle), "--precision", "fp16", "--workspace", "256"]) == 2
     out, err = capsys.readouterr()
     words = shlex.split(out.splitlines()[1])
     assert words[:3] == [
@@ -615,7 +773,7 @@ def test_build_engine_main_without_tensorrt(bundle, no_tensorrt, capsys):
 
 
 def test_build_engine_main_on_a_missing_bundle(tmp_path, capsys):
-    assert build_engine_main([str(tmp_path / "nowhere")]) == 1
+    assert build_engine_main([str(tmp_path / "nowhere")]) == 2
     assert "bundle folder not found" in capsys.readouterr().err
 
 

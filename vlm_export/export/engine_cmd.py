@@ -193,7 +193,7 @@ def build_engine_parser() -> argparse.ArgumentParser:
 def build_engine_main(argv: Sequence[str] | None = None) -> int:
     """Run ``vlm-export build-engine BUNDLE``: build an engine into a bundle and record it.
 
-    Returns the exit status: 0 on success, 1 with a one-line error on stderr otherwise.
+    Returns the exit status: 0 on success, 2 with a one-line error on stderr (as vlm-export).
     """
     args = build_engine_parser().parse_args(argv)
     try:
@@ -204,6 +204,6 @@ def build_engine_main(argv: Sequence[str] | None = None) -> int:
         )
     except UserError as exc:
         print(f"vlm-export build-engine: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(describe_record(record))
     return 0

@@ -234,9 +234,7 @@ def _parse_onnx(trt: ModuleType, network: Any, logger: Any, onnx_path: Path) -> 
     raise EngineBuildError(f"TensorRT could not parse {onnx_path.name}: {shown}")
 
 
-def _add_batch_profile(
-    trt: ModuleType, builder: Any, network: Any, config: Any, batch: int
-) -> None:
+def _add_batch_profile(builder: Any, network: Any, config: Any, batch: int) -> None:
     """An optimisation profile for inputs with a dynamic batch axis (1..batch, tuned for batch)."""
     profile = None
     for index in range(network.num_inputs):
@@ -246,22 +244,32 @@ def _add_batch_profile(
             continue
         if any(dim < 0 for dim in shape[1:]):
             raise EngineBuildError(f"input {tensor.name!r} has dynamic axes besides the batch axis")
-        profile = profile or builder.create_optimization_profile()
+        if profile is None:
+            profile = builder.create_optimization_profile()
         profile.set_shape(tensor.name, [1, *shape[1:]], [batch, *shape[1:]], [batch, *shape[1:]])
     if profile is not None:
         config.add_optimization_profile(profile)
 
 
-def _timing_cache(config: Any, path: Path | None) -> None:
-    """Load the timing cache file (or start an empty cache) into ``config``."""
+def _timing_cache(config: Any, path: Path | None) -> Any:
+    """Load the timing cache file (or start an empty cache) into ``config``; return the cache.
+
+    TensorRT needs the cache object alive until the build is done: the caller keeps it.
+    """
     data = path.read_bytes() if path is not None and path.is_file() else b""
-    if config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False):
-        return
+    cache = config.create_timing_cache(data)
+    if config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
     log.warning("timing cache %s was made on another device or TensorRT; starting anew", path)
-    config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    cache = config.create_timing_cache(b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
 
 
-def _set_precision(trt: ModuleType, config: Any, network: Any, precision: str, groups) -> None:
+def _set_precision(
+    trt: ModuleType, config: Any, network: Any, precision: str, groups: Sequence[str]
+) -> None:
+    """fp32: no TF32. fp16: FP16 with obeyed per-layer fp32 constraints for ``groups``."""
     if precision == "fp32":
         if hasattr(trt.BuilderFlag, "TF32"):
             config.clear_flag(trt.BuilderFlag.TF32)
@@ -301,19 +309,19 @@ def build_engine(
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # TensorRT 10: networks are always explicit-batch
-    parser = _parse_onnx(trt, network, logger, onnx_path)  # owns the weights until the build
+    parser = _parse_onnx(trt, network, logger, onnx_path)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
     _set_precision(trt, config, network, precision, fp32_layer_types)
-    _add_batch_profile(trt, builder, network, config, batch_size)
+    _add_batch_profile(builder, network, config, batch_size)
     cache_path = Path(timing_cache) if timing_cache is not None else None
-    _timing_cache(config, cache_path)
+    cache = _timing_cache(config, cache_path)
     plan = builder.build_serialized_network(network, config)
-    del parser
+    del parser  # it owned the weights; both it and the cache had to outlive the build
     if plan is None:
         raise EngineBuildError("TensorRT could not build the engine (its log above says why)")
     if cache_path is not None:
-        atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+        atomic_write_bytes(cache_path, bytes(memoryview(cache.serialize())))
     name = engine_file_name(
         onnx_path.stem, device.tensorrt_version, device.compute_capability, precision
     )

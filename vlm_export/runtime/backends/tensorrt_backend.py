@@ -25,6 +25,7 @@ import numpy as np
 
 from vlm_export.runtime.backends.base import EngineBackend
 from vlm_export.runtime.engine_select import (
+    TensorRTUnavailableError,
     choose_engine,
     cuda_check,
     import_cudart,
@@ -172,7 +173,10 @@ class TensorRTBackend(EngineBackend):
         if runner is None:
             path = _engine_path(folder, manifest, precision, engine_file)
             self.description = f"tensorrt:{path.name}"
-            memory = CudaDeviceMemory()
+            try:
+                memory = CudaDeviceMemory()
+            except RuntimeError as exc:
+                raise TensorRTUnavailableError(f"CUDA is not usable here: {exc}") from None
             try:
                 runner = TrtEngineRunner(path.read_bytes())
             except BaseException:
