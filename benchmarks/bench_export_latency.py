@@ -1,0 +1,119 @@
+"""ONNX Runtime CPU latency of full vs condensed towers, next to their GFLOPs; and PyTorch eager.
+
+Exports ViT-B-16 (random weights: latency does not depend on the weights' values) full and
+condensed (r=0.035 and r=0.1, K=2), then times batch-1 inference interleaved (one run of each
+model per round, so machine noise hits all alike) and reports medians and condensed/full ratios.
+The same towers also run in PyTorch eager, interleaved with ORT, for the ORT-vs-eager ratio.
+
+    python benchmarks/bench_export_latency.py [--model ViT-B-16] [--rounds 30] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from vlm_export.export.onnx_export import export_onnx, io_names
+from vlm_export.models.condensing_tower import CondensingVisionTower
+from vlm_export.models.flops import closed_form_gflops
+from vlm_export.models.loading import load_clip
+from vlm_export.models.schedule import CondensationConfig
+
+RESULTS = Path(__file__).with_name("results")
+VARIANTS = {"full": None, "r0.035_K2": (0.035, 2), "r0.1_K2": (0.1, 2)}
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--num-classes", type=int, default=100)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    visual = load_clip(args.model, "none").model.visual.eval()
+    towers, sessions, feeds, eager = {}, {}, {}, {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, params in VARIANTS.items():
+            config = None if params is None else CondensationConfig(*params)
+            tower = CondensingVisionTower(visual, config, args.num_classes).eval()
+            path = Path(folder) / f"{name}.onnx"
+            print(f"exporting {name} ...", flush=True)
+            export_onnx(tower, path, opset=17)
+            towers[name] = tower
+            sessions[name] = _session(path, args.threads)
+            inputs = tower.example_inputs(1)
+            eager[name] = inputs
+            feeds[name] = {k: v.numpy() for k, v in zip(io_names(tower)[0], inputs, strict=True)}
+        times = {(engine, name): [] for engine in ("ort", "torch") for name in VARIANTS}
+        for round_index in range(args.warmup + args.rounds):
+            for name in VARIANTS:
+                ort_ms = _timed(lambda n=name: sessions[n].run(None, feeds[n]))
+                with torch.no_grad():
+                    torch_ms = _timed(lambda n=name: towers[n](*eager[n]))
+                if round_index >= args.warmup:
+                    times[("ort", name)].append(ort_ms)
+                    times[("torch", name)].append(torch_ms)
+    gflops = {name: closed_form_gflops(towers[name]) for name in VARIANTS}
+    medians = {f"{engine}/{name}": statistics.median(v) for (engine, name), v in times.items()}
+    report = {
+        "model": args.model,
+        "batch_size": 1,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+        },
+        "versions": {
+            "onnxruntime": ort.__version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+        },
+        "gflops": gflops,
+        "median_ms": medians,
+        "ratios": {
+            name: {
+                "gflops_vs_full": gflops[name] / gflops["full"],
+                "ort_latency_vs_full": medians[f"ort/{name}"] / medians["ort/full"],
+                "torch_latency_vs_full": medians[f"torch/{name}"] / medians["torch/full"],
+                "ort_vs_torch_eager": medians[f"ort/{name}"] / medians[f"torch/{name}"],
+            }
+            for name in VARIANTS
+        },
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"export_latency_{args.model}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["ratios"], indent=2))
+    print({key: round(value, 1) for key, value in medians.items()})
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
