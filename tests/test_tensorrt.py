@@ -487,6 +487,8 @@ def test_select_honours_precision_exact_version_and_newest_build():
     exact = _engine()
     assert select_engine([patch, exact], ORIN).engine is exact
     assert select_engine([patch], ORIN).engine is patch
+    exact_fp32 = _engine(precision="fp32")
+    assert select_engine([patch, exact_fp32], ORIN).engine is exact_fp32  # loads for sure
     old, new = (
         _engine(built="2026-01-01T00:00:00+00:00"),
         _engine(built="2026-06-01T00:00:00+00:00"),

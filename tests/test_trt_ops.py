@@ -153,15 +153,29 @@ def test_topk_with_computed_k_fails():
     assert any("TopK 'dyn_topk'" in error and "constant" in error for error in report.errors)
 
 
-def test_topk_with_constant_node_k_passes():
+@pytest.mark.parametrize("attribute", [{"value": _k("kv", 3)}, {"value_ints": [3]}])
+def test_topk_with_constant_node_k_passes(attribute):
     nodes = [
-        helper.make_node("Constant", [], ["k"], value=_k("kv", 3)),
+        helper.make_node("Constant", [], ["k"], **attribute),
         helper.make_node("TopK", ["x", "k"], ["values", "idx"], axis=-1),
     ]
     model = _model(
         nodes, [_value("x", [1, 4])], [_value("values", [1, 3]), _value("idx", [1, 3], 7)]
     )
     assert check_onnx_for_tensorrt(model).ok
+
+
+def test_topk_beyond_tensorrt_limit_or_unsorted_fails():
+    nodes = [helper.make_node("TopK", ["x", "k"], ["v", "i"], name="big", axis=-1, sorted=0)]
+    model = _model(
+        nodes,
+        [_value("x", [1, 5000])],
+        [_value("v", [1, 4000]), _value("i", [1, 4000], 7)],
+        [_k("k", 4000)],
+    )
+    errors = check_onnx_for_tensorrt(model).errors
+    assert any("sorted=0" in error for error in errors)
+    assert any("k=[4000]" in error and "limit of 3839" in error for error in errors)
 
 
 def test_scatter_without_reduction_passes():

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from vlm_export.runtime.errors import UserError
@@ -60,6 +61,7 @@ RANDOM_OPS = frozenset(
 )
 SCATTER_OPS = frozenset({"ScatterND", "ScatterElements"})
 LAYERNORM_MIN_OPSET = 17
+NUMERIC_CONSTANT_ATTRIBUTES = ("value_int", "value_ints", "value_float", "value_floats")
 
 
 class TensorRTCompatibilityError(UserError):
@@ -118,16 +120,21 @@ def _attribute(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def _constant_values(model: onnx.ModelProto) -> dict[str, onnx.TensorProto | None]:
-    """Build-time constants: initializers and Constant outputs (None where not a tensor)."""
-    constants: dict[str, onnx.TensorProto | None] = {
-        init.name: init for init in model.graph.initializer
-    }
+def _constant_values(model: onnx.ModelProto) -> dict[str, object]:
+    """Build-time constants: initializers and Constant ``value`` tensors (TensorProto), numeric
+    Constant attributes (array); None for Constants TensorRT rejects (sparse, strings)."""
+    constants: dict[str, object] = {init.name: init for init in model.graph.initializer}
     for node, _ in _graph_nodes(model.graph):
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            value = _attribute(node, "value")
-            for output in node.output:
-                constants[output] = value if isinstance(value, onnx.TensorProto) else None
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            continue
+        value = None
+        for attribute in node.attribute:
+            if attribute.name == "value":
+                value = attribute.t
+            elif attribute.name in NUMERIC_CONSTANT_ATTRIBUTES:
+                value = np.asarray(onnx.helper.get_attribute_value(attribute))
+        for output in node.output:
+            constants[output] = value
     return constants
 
 
@@ -160,6 +167,15 @@ def _node_problems(node: onnx.NodeProto, where: str, opset: int, constants: dict
         yield from _topk_problems(node, label, constants)
 
 
+def _values(constant: object) -> list:
+    """The values of a constant as a flat list ([] for an initializer stored outside the file)."""
+    if isinstance(constant, onnx.TensorProto):
+        if constant.data_location == onnx.TensorProto.EXTERNAL:
+            return []
+        constant = onnx.numpy_helper.to_array(constant)
+    return np.asarray(constant).reshape(-1).tolist()
+
+
 def _topk_problems(node: onnx.NodeProto, label: str, constants: dict) -> Iterator[str]:
     if _attribute(node, "sorted", 1) != 1:
         yield f"{label}: TopK with sorted=0 is not supported by TensorRT"
@@ -170,10 +186,10 @@ def _topk_problems(node: onnx.NodeProto, label: str, constants: dict) -> Iterato
         yield f"{label}: TopK's k ({k_name!r}) is computed in the graph; it must be a constant"
         return
     elif constants[k_name] is None:
-        yield f"{label}: TopK's k ({k_name!r}) is a Constant that is not a tensor"
+        yield f"{label}: TopK's k ({k_name!r}) is a Constant TensorRT cannot read"
         return
     else:
-        k_values = onnx.numpy_helper.to_array(constants[k_name]).reshape(-1).tolist()
+        k_values = _values(constants[k_name])
     if any(int(k) >= TOPK_MAX_K for k in k_values):
         yield f"{label}: TopK k={k_values} is beyond TensorRT's limit of {TOPK_MAX_K - 1}"
 

@@ -88,7 +88,7 @@ def version_major_minor(version: str) -> tuple[int, int]:
 
 
 def normalize_compute_capability(value: Any) -> str:
-    """ "8.7" from "8.7", "sm_87", "sm87", (8, 7) or 87."""
+    """Compute capability as "major.minor" from "8.7", "sm_87", "sm87", (8, 7) or 87."""
     if isinstance(value, (tuple, list)) and len(value) == 2:
         return f"{int(value[0])}.{int(value[1])}"
     text = str(value).strip().lower().removeprefix("sm_").removeprefix("sm")
@@ -101,7 +101,7 @@ def normalize_compute_capability(value: Any) -> str:
 
 
 def sm_name(compute_capability: str) -> str:
-    """ "sm_87" for compute capability "8.7"."""
+    """The sm name of a compute capability: "sm_87" for "8.7"."""
     return "sm_" + normalize_compute_capability(compute_capability).replace(".", "")
 
 
@@ -136,6 +136,11 @@ class EngineChoice:
         return "\n".join(f"{name}: {reason}" for name, reason in self.refused)
 
 
+def _device_text(device: DeviceInfo) -> str:
+    major, minor = version_major_minor(device.tensorrt_version)
+    return f"TensorRT {major}.{minor} on {sm_name(device.compute_capability)}"
+
+
 def _describe(record: dict[str, Any]) -> str:
     major, minor = version_major_minor(record["tensorrt_version"])
     return f"TensorRT {major}.{minor} for {sm_name(record['compute_capability'])}"
@@ -161,9 +166,7 @@ def _refusal(record: dict[str, Any], device: DeviceInfo, precision: str | None) 
     except ValueError as exc:
         return f"unreadable manifest entry ({exc})"
     if not (same_trt and same_gpu):
-        major, minor = version_major_minor(device.tensorrt_version)
-        here = f"TensorRT {major}.{minor} on {sm_name(device.compute_capability)}"
-        return f"built with {built_for}; this device has {here}"
+        return f"built with {built_for}; this device has {_device_text(device)}"
     if precision is not None and record["precision"] != precision:
         return f"precision {record['precision']}, {precision} was asked for"
     return None
@@ -175,8 +178,9 @@ def select_engine(
     """Pick the engine of ``engines`` (manifest records) that runs on ``device``.
 
     An engine fits when its TensorRT major.minor and compute capability equal the device's.
-    Among fitting engines: ``precision`` if given (else fp16 before fp32), then an exact
-    TensorRT version match before a patch-level difference, then the most recently built.
+    Among fitting engines: an exact TensorRT version before a patch-level difference (TensorRT
+    documents engines as compatible with the release that built them only), then ``precision``
+    if given (else fp16 before fp32), then the most recently built.
     """
     if precision is not None and precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -189,10 +193,10 @@ def select_engine(
         else:
             refused.append((name, reason))
 
-    def rank(record: dict[str, Any]) -> tuple[int, bool]:
+    def rank(record: dict[str, Any]) -> tuple[bool, int]:
         kind = record["precision"]
         order = PRECISIONS.index(kind) if kind in PRECISIONS else len(PRECISIONS)
-        return order, str(record["tensorrt_version"]) != device.tensorrt_version
+        return str(record["tensorrt_version"]) != device.tensorrt_version, order
 
     fitting.sort(key=lambda record: str(record.get("built_utc", "")), reverse=True)
     fitting.sort(key=rank)  # stable: the newest build first among equals
@@ -209,8 +213,7 @@ def choose_engine(
     choice = select_engine(manifest.get("engines") or [], device, precision)
     if choice.engine is not None:
         return choice.engine
-    major, minor = version_major_minor(device.tensorrt_version)
-    here = f"TensorRT {major}.{minor} on {sm_name(device.compute_capability)}"
+    here = _device_text(device)
     details = "; ".join(f"{name}: {reason}" for name, reason in choice.refused)
     listed = f" ({details})" if details else " (the bundle has no engines)"
     raise NoMatchingEngineError(
