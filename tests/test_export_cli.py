@@ -235,3 +235,20 @@ def test_pretrained_tag_without_network_names_alternatives(tmp_path, classes, ca
     assert code == 2
     assert "local checkpoint file" in err and "--pretrained none" in err
     assert len([line for line in err.splitlines() if line.strip()]) == 1
+
+
+def test_tensorrt_flag_fails_before_exporting_without_tensorrt(tmp_path, classes, capsys):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    out = tmp_path / "trt"
+    code, _, err = _run(
+        ["--method", "tca", *BASE, "--classes", str(classes), "--out", str(out), "--tensorrt"],
+        capsys,
+    )
+    assert code == 2 and "TensorRT is not installed" in err and "build-engine" in err
+    assert not out.exists()

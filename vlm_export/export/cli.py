@@ -7,6 +7,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from vlm_export.export.engine_cmd import (
+    add_tensorrt_arguments,
+    build_engine_main,
+    preflight_tensorrt,
+    run_tensorrt_step,
+)
 from vlm_export.runtime.errors import UserError
 
 EXAMPLES = """examples:
@@ -115,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", type=Path, help="bundle folder to create")
     out.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     out.add_argument("--quiet", action="store_true", help="no progress output")
+    add_tensorrt_arguments(parser)
     info = parser.add_argument_group("information")
     info.add_argument("--list-models", action="store_true", help="list model names and exit")
     info.add_argument("--list-templates", action="store_true", help="list template sets and exit")
@@ -172,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
         anchor_rule=args.anchor_rule,
         quiet=args.quiet,
     )
+    preflight_tensorrt(args)
     out = export_bundle(options)
     if options.pretrained.lower() == "none":
         print(
@@ -179,12 +187,15 @@ def run(args: argparse.Namespace) -> int:
             "are meaningless; use it for tests and demos only",
             file=sys.stderr,
         )
+    run_tensorrt_step(args, out)
     print(out)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["build-engine"]:
+        return build_engine_main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
         return run(args)
