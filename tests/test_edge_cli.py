@@ -224,3 +224,27 @@ def test_console_errors_have_no_traceback(tca_dir, tmp_path) -> None:
         assert done.returncode == 1
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("vlm-edge: error: ") and message in lines[0]
+
+
+def test_max_frames_and_glob_source(tca_dir, folder, tmp_path) -> None:
+    out = tmp_path / "o.jsonl"
+    pattern = str(folder / "img_000[4-7].jpg")
+    assert cli.main(["run", str(tca_dir), pattern, "--max-frames", "2", "--out", str(out)]) == 0
+    assert [Path(r["source"]).name for r in _lines(out)] == ["img_0004.jpg", "img_0005.jpg"]
+
+
+def test_progress_line_and_summary(capsys) -> None:
+    from vlm_export.runtime.commands.run import RunStats
+    from vlm_export.runtime.pipeline import FrameResult
+
+    stats = RunStats(total=3, progress=True)
+    result = FrameResult(
+        0, "a.jpg", 1, "dog", "animals", [], np.zeros(6), np.zeros(6), {"total": 2.0}
+    )
+    stats.add(result)
+    stats.add(None)
+    lines = stats.summary()
+    err = capsys.readouterr().err
+    assert err.startswith("\r1/3 frames") and "dog" in err and err.endswith("\n")
+    assert lines[0].startswith("2 frames, 1 unreadable in ")
+    assert lines[1] == "mean ms per frame: total 2.00"

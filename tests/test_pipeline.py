@@ -99,7 +99,9 @@ def test_zeroshot_logits_scores_and_topk(tca_bundle: Bundle) -> None:
     assert result.domain == tca_bundle.class_domains[result.label]
     assert [entry[0] for entry in result.topk] == list(np.argsort(-expected)[:3])
     assert set(result.timings) == {"preprocess", "engine", "total"}
-    assert backend.pushed == []  # zeroshot never touches the anchors
+    # zeroshot on a condensing engine: ordinary attention, whatever the engine held before
+    assert len(backend.pushed) == 1 and not backend.pushed[0][1].any()
+    assert backend.valid_seen == [0.0]
     record = result.to_record()
     assert json.loads(json.dumps(record))["class"] == result.class_name
     assert record["index"] == 7 and record["source"] == "x.jpg" and len(record["topk"]) == 3
@@ -311,3 +313,9 @@ def test_corrupt_onnx_is_a_bundle_error(tca_dir: Path, tmp_path: Path) -> None:
     (folder / mf.IMAGE_ENCODER_ONNX).write_bytes(b"not an onnx model")
     with pytest.raises(BundleError, match="ONNX Runtime cannot load"):
         open_backend(Bundle.open(folder, verify=False), "onnxruntime")
+
+
+def test_reservoir_needs_tca(tca_bundle: Bundle) -> None:
+    reservoir = build_reservoir(tca_bundle)
+    with pytest.raises(UserError, match="needs method tca"):
+        Pipeline(tca_bundle, FakeBackend(tca_bundle), "zeroshot", reservoir=reservoir)

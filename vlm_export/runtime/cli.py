@@ -20,6 +20,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from types import ModuleType
+from typing import TextIO
 
 from vlm_export import __version__
 from vlm_export.runtime import commands
@@ -52,7 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
     print(f"{PROG}: WARNING: {message}", file=sys.stderr, flush=True)
 
 
@@ -70,7 +78,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,8 @@
 """The per-frame pipeline: preprocess -> engine -> zero-shot logits -> adaptation -> decision.
 
-A method is a choice of stages, not a separate code path: ``zeroshot`` runs none, ``tca`` adds the
-TCA stage (reservoir update, anchors pushed to the engine when they changed, logit correction).
+A method is a choice of stages, not a separate code path: ``zeroshot`` runs none (a condensing
+engine gets all-zero anchors, i.e. ordinary attention), ``tca`` adds the TCA stage (reservoir
+update, anchors pushed to the engine when they changed, logit correction).
 A ``fusion`` stage (RAIL) may follow: it turns the final logits and the embedding into the reported
 scores. Without fusion the reported scores are the softmax of the final logits.
 """
@@ -29,7 +30,7 @@ METHODS = ("zeroshot", "tca")
 LOGIT_FACTOR = 100.0
 RESERVOIR_KEYS = tuple(item.name for item in dataclasses.fields(ReservoirConfig))
 
-Frame = Image.Image | np.ndarray | str | Path
+FrameInput = Image.Image | np.ndarray | str | Path
 
 
 class Fusion(Protocol):
@@ -184,8 +185,15 @@ class Pipeline:
         self.preprocessor = Preprocessor.from_manifest(bundle.manifest)
         self.fusion = fusion
         self.tca: TcaStage | None = None
+        if reservoir is not None and method != "tca":
+            raise UserError(f"a reservoir needs method tca, not {method}")
         if method == "tca":
-            self.tca = TcaStage(reservoir or build_reservoir(bundle), backend)
+            if reservoir is None:
+                reservoir = build_reservoir(bundle)
+            self.tca = TcaStage(reservoir, backend)
+        elif "anchors" in bundle.engine_io("inputs"):
+            shape = [int(v) for v in bundle.engine_io("inputs")["anchors"]["shape"]]
+            backend.set_anchors(np.zeros(shape, np.float32), np.zeros(shape[0], np.float32))
         self._text_t = np.ascontiguousarray(bundle.text_embeddings.T)
         self._normalize = not bundle.manifest["engine"].get("embedding_normalized", True)
 
@@ -200,7 +208,7 @@ class Pipeline:
             raise UserError(f"method {self.method} keeps no state to save")
         self.tca.reservoir.save(path, self.bundle.fingerprint)
 
-    def process(self, frame: Frame, index: int = 0, source: str = "") -> FrameResult:
+    def process(self, frame: FrameInput, index: int = 0, source: str = "") -> FrameResult:
         """Run one frame: a PIL image, a BGR uint8 array (OpenCV) or an image path.
 
         Raises ImageError for an unreadable image file (nothing else has happened then).

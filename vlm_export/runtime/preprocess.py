@@ -7,6 +7,8 @@ float32. The order of operations is open_clip's: resize and crop happen in the i
 the RGB conversion comes last, so palette images resize nearest-neighbour and RGBA/LA images resize
 with premultiplied alpha, exactly as PIL does inside open_clip's transform.
 
+EXIF orientation is not applied (open_clip's transform does not apply it either).
+
 One deliberate difference: 16-bit grayscale images (modes ``I;16*`` and ``I``) are scaled to 8 bits
 first, ``round(v * 255 / 65535)`` with values clipped to [0, 65535]. PIL's ``convert("RGB")``, which
 open_clip relies on, clips them at 255 instead, which turns every ordinary 16-bit photo white.

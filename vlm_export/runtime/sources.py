@@ -112,7 +112,10 @@ class VideoSource(Source):
         cv2 = import_cv2()
         self.target = target
         self.is_camera = isinstance(target, int)
-        self.description = f"camera {target}" if self.is_camera else f"video {target}"
+        if self.is_camera:
+            self.description = f"camera {target}"
+        else:
+            self.description = f"stream {target}" if "://" in str(target) else f"video {target}"
         level = cv2.utils.logging.getLogLevel()
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # our error says it
         try:

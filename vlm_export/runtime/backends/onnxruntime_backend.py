@@ -151,10 +151,11 @@ class OnnxRuntimeBackend(EngineBackend):
         return self._bound[ANCHORS][0], self._bound[ANCHORS_VALID][0]
 
     def set_anchors(self, anchors: np.ndarray, valid: np.ndarray) -> None:
-        """Bind anchors [C, R, D] and valid [C]; CPU sessions share the arrays' memory (no copy).
+        """Bind anchors [C, R, D] and valid [C] for every following ``infer``.
 
-        The arrays are kept, not copied, when already C-contiguous float32: change them only
-        together with a new ``set_anchors`` call.
+        On CPU the engine reads the given arrays themselves (kept, not copied, when already
+        C-contiguous float32), so nothing is copied per frame; CUDA/TensorRT sessions copy them to
+        the GPU here, once. Call again whenever their content changes.
         """
         if not self.condensing:
             raise BundleError("this engine does not condense tokens: it takes no anchors")
