@@ -248,3 +248,12 @@ def test_progress_line_and_summary(capsys) -> None:
     assert err.startswith("\r1/3 frames") and "dog" in err and err.endswith("\n")
     assert lines[0].startswith("2 frames, 1 unreadable in ")
     assert lines[1] == "mean ms per frame: total 2.00"
+
+
+@pytest.mark.parametrize(("exported", "runs"), [("tca+rail", "tca"), ("rail", "zeroshot")])
+def test_default_method_for_rail_bundles(tmp_path, folder, capsys, exported, runs) -> None:
+    bundle = make_bundle(tmp_path / "b", method=exported)
+    assert cli.main(["run", str(bundle), str(folder / "img_0000.jpg"), "--out", os.devnull]) == 0
+    err = capsys.readouterr().err
+    assert f"method {exported} is not available in this runtime; running {runs}" in err
+    assert f"vlm-edge: {runs} on onnxruntime" in err

@@ -59,7 +59,7 @@ def to_8bit(image: Image.Image) -> Image.Image:
         return image
     values = np.asarray(image).astype(np.int64)
     values = np.clip(values, 0, 65535)
-    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
 
 
 def shortest_side_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -169,7 +169,7 @@ class Preprocessor:
                 f"expected a BGR uint8 [H, W, 3] frame, got {frame.dtype} {frame.shape}"
             )
         rgb = np.ascontiguousarray(frame[:, :, ::-1])
-        cropped = self.resize_crop(Image.fromarray(rgb, mode="RGB"))
+        cropped = self.resize_crop(Image.fromarray(rgb))
         return self.normalize(np.asarray(cropped))
 
     def batch(self, items: Sequence[Image.Image | np.ndarray | str | Path]) -> np.ndarray:

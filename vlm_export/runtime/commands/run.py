@@ -74,7 +74,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--no-verify", action="store_true", help="skip the sha256 check of the bundle's files"
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress line (shown when stderr is a terminal)"
+    )
     tca = parser.add_argument_group("TCA reservoir (default: the bundle's adaptation.tca)")
     tca.add_argument("--capacity", type=int, help="entries per class (M)")
     tca.add_argument("--tau", type=float, help="layer-weight temperature")
