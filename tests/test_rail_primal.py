@@ -192,3 +192,7 @@ def test_bad_hyperparameters():
         PrimalAdapter(IN_DIM, CLASSES, HIDDEN, route="lu")
     with pytest.raises(RailError, match="ridge"):
         PrimalAdapter(IN_DIM, CLASSES, HIDDEN, ridge=0.0)
+    with pytest.raises(RailError, match="seed"):
+        PrimalAdapter(IN_DIM, CLASSES, HIDDEN, seed=-1)
+    with pytest.raises(RailError, match="projection"):
+        PrimalAdapter(IN_DIM, CLASSES, HIDDEN, projection=np.zeros((IN_DIM, HIDDEN + 1)))

@@ -79,6 +79,10 @@ class PrimalAdapter:
             )
         if not ridge > 0:
             raise RailError(f"ridge must be positive, got {ridge}")
+        if seed < 0:
+            raise RailError(f"the seed must be a non-negative integer, got {seed}")
+        if projection is not None and projection.shape != (in_dim, hidden_dim):
+            raise RailError(f"projection must be [{in_dim}, {hidden_dim}], got {projection.shape}")
         self.in_dim = int(in_dim)
         self.hidden_dim = int(hidden_dim)
         self.ridge = float(ridge)

@@ -140,7 +140,7 @@ def load_learner_state(path: str | Path, bundle_fingerprint: str | None) -> Lear
             learner = DualAdapter(
                 in_dim, classes, reader.field("gamma", float), reader.field("ridge", float)
             )
-            count = len(reader.arrays.get("labels", ()))
+            count = len(reader.arrays.get("features", ()))
             learner.features = reader.array("features", (count, in_dim), np.float64)
             learner.labels = reader.array("labels", (count,), np.int64)
             learner.inverse = reader.array("inverse", (count, count), np.float64)
