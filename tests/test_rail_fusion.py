@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vlm_export.runtime.rail import RailError, fuse, softmax
+from vlm_export.runtime.rail import PrimalAdapter, RailError, RailFusion, fuse, softmax
 
 
 def literal_fuse(logits, adapter, learned, beta):
@@ -77,3 +77,15 @@ def test_softmax_is_stable():
 def test_bad_fusion_input(logits, adapter, mask, beta, message):
     with pytest.raises(RailError, match=message):
         fuse(logits, adapter, mask, beta)
+
+
+def test_pipeline_stage_fuses_one_frame():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(30, 6))
+    learner = PrimalAdapter(6, 4, hidden_dim=16, seed=0)
+    learner.partial_fit(x, np.array([1, 3] * 15))
+    predictor = learner.to_inference()
+    logits = 100 * rng.uniform(-0.3, 0.3, size=4).astype(np.float32)
+    stage = RailFusion(predictor, beta=0.8)
+    expected = fuse(logits, predictor.predict(x[:1])[0], predictor.learned_mask, 0.8)
+    np.testing.assert_array_equal(stage.fused_scores(logits, x[0].astype(np.float32)), expected)

@@ -2,7 +2,7 @@
 metrics and the learner / inference state files. NumPy only."""
 
 from vlm_export.runtime.rail.dual import DualAdapter, DualPredictor, rbf_kernel
-from vlm_export.runtime.rail.fusion import BETA, fuse, softmax
+from vlm_export.runtime.rail.fusion import BETA, RailFusion, fuse, softmax
 from vlm_export.runtime.rail.inputs import RailError
 from vlm_export.runtime.rail.primal import (
     HIDDEN_DIM,
@@ -29,6 +29,7 @@ __all__ = [
     "PrimalAdapter",
     "PrimalPredictor",
     "RailError",
+    "RailFusion",
     "accuracy",
     "fuse",
     "hidden_features",

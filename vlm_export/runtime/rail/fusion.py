@@ -8,11 +8,21 @@ otherwise score = p_zs.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
 from vlm_export.runtime.rail.inputs import RailError
 
 BETA = 0.8
+
+
+class Adapter(Protocol):
+    """What fusion needs of an adapter (learner or predictor, primal or dual)."""
+
+    learned_mask: np.ndarray
+
+    def predict(self, features: np.ndarray) -> np.ndarray: ...
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -49,3 +59,16 @@ def fuse(
     gated = learned_mask[probs.argmax(axis=-1)][..., None]
     mixed = (1.0 - beta) * probs + beta * np.where(learned_mask, adapter_scores, 0.0)
     return np.where(gated, mixed, probs).astype(dtype, copy=False)
+
+
+class RailFusion:
+    """The pipeline's fusion stage: one frame's final logits [C] and embedding [E] -> scores [C]."""
+
+    def __init__(self, adapter: Adapter, beta: float = BETA) -> None:
+        self.adapter = adapter
+        self.beta = beta
+
+    def fused_scores(self, logits: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+        """RAIL-Fusion of one frame (the adapter sees the embedding as a batch of one)."""
+        scores = self.adapter.predict(np.asarray(embedding)[None])[0]
+        return fuse(logits, scores, self.adapter.learned_mask, self.beta)
