@@ -241,7 +241,8 @@ def test_reads_files_and_refuses_missing_or_corrupt(tmp_path):
 
 @pytest.mark.parametrize("opset", [17, 16])
 def test_torch_exported_condensing_tower_passes(tiny_clip, tmp_path, opset):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
+    from vlm_export.export.onnx_export import export_onnx
     from vlm_export.export.tensorrt_build import fp32_node_names
     from vlm_export.models.condensing_tower import CondensingVisionTower
     from vlm_export.models.schedule import CondensationConfig
@@ -249,15 +250,7 @@ def test_torch_exported_condensing_tower_passes(tiny_clip, tmp_path, opset):
     config = CondensationConfig(drop_rate=0.1, reduction_layers=(1, 2))
     tower = CondensingVisionTower(tiny_clip.model.visual, config, num_classes=3).eval()
     path = tmp_path / "tower.onnx"
-    torch.onnx.export(  # with grad on: no_grad would take the fused MHA fast path
-        tower,
-        tower.example_inputs(),
-        str(path),
-        input_names=["image", "anchors", "anchors_valid"],
-        output_names=["embedding", "cls_per_layer", "token_fate"],
-        opset_version=opset,
-        dynamo=False,
-    )
+    export_onnx(tower, path, opset)
     report = check_onnx_for_tensorrt(path, opset)
     assert report.ok, report.summary()
     assert report.op_counts["TopK"] == 2  # one constant-k TopK per reduction block
