@@ -252,3 +252,16 @@ def test_tensorrt_flag_fails_before_exporting_without_tensorrt(tmp_path, classes
     )
     assert code == 2 and "TensorRT is not installed" in err and "build-engine" in err
     assert not out.exists()
+
+
+def test_failed_parity_fails_the_export_and_leaves_nothing(tmp_path, classes, capsys, monkeypatch):
+    import vlm_export.export.parity as parity
+
+    monkeypatch.setattr(parity, "MIN_COSINE", 1.1)  # no graph can meet this
+    out = tmp_path / "bundle"
+    code, _, err = _run(
+        ["--method", "tca", *BASE, "--classes", str(classes), "--out", str(out)], capsys
+    )
+    assert code == 2 and "ONNX Runtime output differs from PyTorch" in err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.txt"]
