@@ -4,7 +4,8 @@ A method is a choice of stages, not a separate code path: ``zeroshot`` runs none
 engine gets all-zero anchors, i.e. ordinary attention), ``tca`` adds the TCA stage (reservoir
 update, anchors pushed to the engine when they changed, logit correction).
 A ``fusion`` stage (RAIL) may follow: it turns the final logits and the embedding into the reported
-scores. Without fusion the reported scores are the softmax of the final logits.
+scores. Without fusion the reported scores are the softmax of the final logits. ``rail`` and
+``tca+rail`` are ``zeroshot`` and ``tca`` with the fusion stage required.
 """
 
 from __future__ import annotations
@@ -25,7 +26,23 @@ from vlm_export.runtime.errors import BundleError, UserError
 from vlm_export.runtime.preprocess import Preprocessor
 from vlm_export.runtime.reservoir import ReservoirConfig, TokenReservoir
 
-METHODS = ("zeroshot", "tca")
+
+@dataclass(frozen=True)
+class Stages:
+    """The stages a method runs after the zero-shot logits."""
+
+    tca: bool = False
+    fusion: bool = False
+
+
+METHOD_STAGES = {
+    "zeroshot": Stages(),
+    "tca": Stages(tca=True),
+    "rail": Stages(fusion=True),
+    "tca+rail": Stages(tca=True, fusion=True),
+}
+METHODS = tuple(METHOD_STAGES)
+
 #: fixed zero-shot logit factor of the spec (not the model's logit_scale)
 LOGIT_FACTOR = 100.0
 RESERVOIR_KEYS = tuple(item.name for item in dataclasses.fields(ReservoirConfig))
@@ -41,7 +58,10 @@ class Fusion(Protocol):
 
 @dataclass(frozen=True)
 class FrameResult:
-    """What the pipeline decided for one frame, with per-stage timings in milliseconds."""
+    """What the pipeline decided for one frame, with per-stage timings in milliseconds.
+
+    ``embedding`` is the engine's image embedding [E] that the logits were computed from.
+    """
 
     index: int
     source: str
@@ -52,6 +72,7 @@ class FrameResult:
     scores: np.ndarray
     logits: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
+    embedding: np.ndarray | None = None
 
     def to_record(self) -> dict[str, Any]:
         """A JSON-serialisable record (one line of ``vlm-edge run`` output)."""
@@ -169,8 +190,11 @@ class Pipeline:
         fusion: Fusion | None = None,
         topk: int = 5,
     ) -> None:
-        if method not in METHODS:
+        if method not in METHOD_STAGES:
             raise UserError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+        stages = METHOD_STAGES[method]
+        if stages.fusion and fusion is None:
+            raise UserError(f"method {method} needs a RAIL fusion stage (a learned RAIL state)")
         if topk < 1:
             raise UserError(f"--topk must be at least 1, got {topk}")
         batch = int(bundle.manifest["engine"]["batch_size"])
@@ -185,9 +209,9 @@ class Pipeline:
         self.preprocessor = Preprocessor.from_manifest(bundle.manifest)
         self.fusion = fusion
         self.tca: TcaStage | None = None
-        if reservoir is not None and method != "tca":
-            raise UserError(f"a reservoir needs method tca, not {method}")
-        if method == "tca":
+        if reservoir is not None and not stages.tca:
+            raise UserError(f"a reservoir needs method tca or tca+rail, not {method}")
+        if stages.tca:
             if reservoir is None:
                 reservoir = build_reservoir(bundle)
             self.tca = TcaStage(reservoir, backend)
@@ -262,6 +286,7 @@ class Pipeline:
             scores=scores,
             logits=logits,
             timings=timings,
+            embedding=embedding,
         )
 
 

@@ -1,9 +1,10 @@
 """``vlm-edge run BUNDLE SOURCE``: classify every frame of a source, one JSON line per frame.
 
-The adaptation state (``--state``) is loaded if the file exists, saved every ``--save-every``
-frames and on every way out: the end of the source, an error, Ctrl-C (exit 130) or SIGTERM (an
-orderly stop: exit 0). Output lines are written whole and flushed, so an interrupted run leaves a
-valid JSONL file.
+Methods rail and tca+rail fuse the (TCA-corrected) logits with a RAIL state from ``vlm-edge
+learn`` or ``merge`` (``--rail-state``: a learner or inference state). The TCA reservoir state
+(``--state``) is loaded if the file exists, saved every ``--save-every`` frames and on every way
+out: the end of the source, an error, Ctrl-C (exit 130) or SIGTERM (an orderly stop: exit 0).
+Output lines are written whole and flushed, so an interrupted run leaves a valid JSONL file.
 """
 
 from __future__ import annotations
@@ -24,8 +25,17 @@ from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import status
 from vlm_export.runtime.errors import UserError
 from vlm_export.runtime.manifest import uses_condensation
-from vlm_export.runtime.pipeline import METHODS, FrameResult, Pipeline, build_reservoir
+from vlm_export.runtime.pipeline import (
+    METHOD_STAGES,
+    METHODS,
+    FrameResult,
+    Pipeline,
+    Stages,
+    build_reservoir,
+)
 from vlm_export.runtime.preprocess import ImageError
+from vlm_export.runtime.rail.fusion import RailFusion
+from vlm_export.runtime.rail.models import describe, fusion_beta, load_predictor
 from vlm_export.runtime.reservoir import ANCHOR_RULES, EVICTION_MODES
 from vlm_export.runtime.sources import Frame, Source, open_source
 
@@ -51,7 +61,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "stream URL (rtsp://...)",
     )
     parser.add_argument(
-        "--method", choices=METHODS, help="default: the bundle's method (zeroshot or tca)"
+        "--method",
+        choices=METHODS,
+        help="default: the bundle's method (rail and tca+rail need --rail-state; without it, "
+        "zeroshot and tca)",
+    )
+    parser.add_argument(
+        "--rail-state",
+        metavar="FILE",
+        help="RAIL learner or inference state (vlm-edge learn) for methods rail and tca+rail",
     )
     parser.add_argument("--out", help="write the JSON lines here (default: standard output)")
     parser.add_argument("--topk", type=int, default=5, help="classes per record (default 5)")
@@ -87,12 +105,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def default_method(bundle: Bundle) -> str:
-    """The bundle's method if this runtime runs it, else the closest one it does (with a note)."""
-    if bundle.method in METHODS:
-        return bundle.method
-    method = "tca" if uses_condensation(bundle.method) and "tca" in METHODS else "zeroshot"
-    status(f"note: method {bundle.method} is not available in this runtime; running {method}")
+def default_method(bundle: Bundle, rail_state: bool) -> str:
+    """The bundle's method, with RAIL fusion exactly when a RAIL state is given (noted if not)."""
+    wanted = Stages(tca=uses_condensation(bundle.method), fusion=rail_state)
+    method = next(name for name, stages in METHOD_STAGES.items() if stages == wanted)
+    if METHOD_STAGES[bundle.method].fusion and not rail_state:
+        status(
+            f"note: without --rail-state, method {bundle.method} is not available in this "
+            f"runtime; running {method}"
+        )
     return method
 
 
@@ -112,11 +133,16 @@ def _check_args(args: argparse.Namespace, method: str) -> None:
         raise UserError(f"--save-every must be 0 or more, got {args.save_every}")
     if args.max_frames is not None and args.max_frames < 1:
         raise UserError(f"--max-frames must be at least 1, got {args.max_frames}")
-    if method != "tca":
+    stages = METHOD_STAGES[method]
+    if not stages.tca:
         given = [f"--{k.replace('_', '-')}" for k, v in _overrides(args).items() if v is not None]
         given += ["--state"] if args.state else []
         if given:
-            raise UserError(f"{', '.join(given)} need --method tca (running {method})")
+            raise UserError(f"{', '.join(given)} need --method tca or tca+rail (running {method})")
+    if stages.fusion and not args.rail_state:
+        raise UserError(f"method {method} needs --rail-state FILE (a state from vlm-edge learn)")
+    if args.rail_state and not stages.fusion:
+        raise UserError(f"--rail-state needs --method rail or tca+rail (running {method})")
 
 
 @contextlib.contextmanager
@@ -244,20 +270,24 @@ def _save(pipeline: Pipeline, path: str) -> None:
 def handle(args: argparse.Namespace) -> int:
     """Run the pipeline over the source; return the exit status."""
     bundle = Bundle.open(args.bundle, verify=not args.no_verify)
-    method = args.method or default_method(bundle)
+    method = args.method or default_method(bundle, bool(args.rail_state))
     _check_args(args, method)
-    reservoir = None
-    if method == "tca":
+    reservoir = fusion = None
+    if METHOD_STAGES[method].tca:
         resumed = bool(args.state) and Path(args.state).exists()
         reservoir = build_reservoir(bundle, _overrides(args), args.state)
         if resumed:
             status(f"resumed state {args.state} ({int(reservoir.counts().sum())} entries)")
+    if args.rail_state:
+        predictor = load_predictor(args.rail_state, bundle.fingerprint)
+        fusion = RailFusion(predictor, fusion_beta(bundle.manifest))
+        status(f"RAIL state {args.rail_state}: {describe(predictor)}")
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(open_source(args.source))
         providers = args.providers.split(",") if args.providers else None
         backend = open_backend(bundle, args.backend, providers, args.threads)
         stack.callback(backend.close)
-        pipeline = Pipeline(bundle, backend, method, reservoir, topk=args.topk)
+        pipeline = Pipeline(bundle, backend, method, reservoir, fusion, args.topk)
         out = stack.enter_context(_output(args.out))
         status(f"{method} on {backend.description}; {source.description}")
         stats = RunStats(source.total, progress=not args.quiet and sys.stderr.isatty())

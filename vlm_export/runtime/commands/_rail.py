@@ -1,0 +1,75 @@
+"""Command-line pieces shared by ``vlm-edge learn``, ``eval`` and ``merge`` (not a command)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vlm_export.runtime.backends.base import EngineBackend
+from vlm_export.runtime.backends.factory import BACKENDS, open_backend
+from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.errors import UserError
+from vlm_export.runtime.rail.models import LearnerOptions
+from vlm_export.runtime.rail.primal import ROUTES
+
+
+def add_shots_argument(parser: argparse.ArgumentParser, zero: str) -> None:
+    """``--shots N``: training images per class, the first N by file name."""
+    parser.add_argument(
+        "--shots",
+        type=int,
+        default=16,
+        metavar="N",
+        help=f"training images per class: the first N by file name (default 16; 0: {zero})",
+    )
+
+
+def add_primal_arguments(parser: argparse.ArgumentParser) -> None:
+    """The primal learner's options (defaults: the bundle's adaptation.rail.primal)."""
+    group = parser.add_argument_group("primal RAIL (default: the bundle's adaptation.rail)")
+    group.add_argument("--route", choices=ROUTES, help="cholesky (default; mergeable) or woodbury")
+    group.add_argument("--hidden-dim", type=int, metavar="N", help="random hidden layer width d_h")
+    group.add_argument("--seed", type=int, help="seed of the random hidden layer")
+
+
+def learner_options(args: argparse.Namespace, form: str | None) -> LearnerOptions:
+    """The learner options given on the command line."""
+    return LearnerOptions(form, args.hidden_dim, args.seed, args.route)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Backend choice, bundle verification and progress, as ``vlm-edge run`` has them."""
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    parser.add_argument(
+        "--providers", help="ONNX Runtime providers in order, comma-separated (e.g. cuda,cpu)"
+    )
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip the sha256 check of the bundle's files"
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress line (shown when stderr is a terminal)"
+    )
+
+
+def open_engine(bundle: Bundle, args: argparse.Namespace) -> EngineBackend:
+    """The engine backend the options ask for."""
+    providers = args.providers.split(",") if args.providers else None
+    return open_backend(bundle, args.backend, providers, args.threads)
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """A progress line on stderr: only on a terminal and without --quiet."""
+    return not args.quiet and sys.stderr.isatty()
+
+
+def check_shots(shots: int) -> None:
+    """--shots is a count (0: every image)."""
+    if shots < 0:
+        raise UserError(f"--shots must be 0 or more, got {shots}")
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """True when two paths name the same file (existing or not)."""
+    return Path(a).resolve() == Path(b).resolve()

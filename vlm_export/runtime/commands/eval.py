@@ -1,0 +1,218 @@
+"""``vlm-edge eval BUNDLE DATA_ROOT --order D1,D2,...``: the X-TAIL protocol on the device.
+
+DATA_ROOT holds one folder per domain: ``DATA_ROOT/<domain>/train/<class>/`` and
+``.../test/<class>/``, or, without that split, ``DATA_ROOT/<domain>/<class>/`` whose first --shots
+images per class (file-name order) train and the rest test. Domains are learned in --order, one
+after another, and after every step each domain's test set is classified over the bundle's whole
+label space: the full accuracy table (future domains included) for zero-shot and for each RAIL
+form, with Transfer, Average and Last (spec/rail.md section 1).
+
+Every image is embedded once: training images by the plain tower (no anchors), test images by the
+base method, ``zeroshot`` or ``tca`` (a fresh TCA reservoir per test domain, images in file-name
+order). The features are kept in memory and shared by all forms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlm_export.runtime.atomic import atomic_write_bytes
+from vlm_export.runtime.backends.base import EngineBackend
+from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.commands import status
+from vlm_export.runtime.commands._rail import (
+    add_engine_arguments,
+    add_primal_arguments,
+    add_shots_argument,
+    check_shots,
+    learner_options,
+    open_engine,
+    show_progress,
+)
+from vlm_export.runtime.errors import UserError
+from vlm_export.runtime.pipeline import METHOD_STAGES, Pipeline
+from vlm_export.runtime.rail.dataset import DomainData, domain_data
+from vlm_export.runtime.rail.embed import embed_images
+from vlm_export.runtime.rail.models import (
+    FORMS,
+    LearnerOptions,
+    check_options,
+    fusion_beta,
+    new_learner,
+)
+from vlm_export.runtime.rail.xtail import run_xtail, xtail_metrics
+
+BASES = ("zeroshot", "tca")
+METRICS = ("transfer", "average", "last")
+
+TrainSet = list[tuple[np.ndarray, np.ndarray]]
+TestSet = list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``eval`` subcommand."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="X-TAIL evaluation: learn domains in order, test on all after each step",
+        description="Run the X-TAIL protocol over DATA_ROOT/<domain>/{train,test}/<class>/ (or "
+        "DATA_ROOT/<domain>/<class>/, split by --shots): the full accuracy table and Transfer, "
+        "Average, Last for zero-shot and RAIL.",
+    )
+    parser.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by vlm-export")
+    parser.add_argument(
+        "data_root", metavar="DATA_ROOT", help="one folder per domain (see the description)"
+    )
+    parser.add_argument(
+        "--order", required=True, metavar="D1,D2,...", help="the domains in learning order"
+    )
+    add_shots_argument(parser, "every training image; needs train/ and test/ folders")
+    parser.add_argument(
+        "--test-per-class", type=int, metavar="N", help="test on the first N images per class"
+    )
+    parser.add_argument(
+        "--form", choices=(*FORMS, "both"), default="both", help="RAIL form(s) (default both)"
+    )
+    parser.add_argument(
+        "--method",
+        choices=BASES,
+        help="the stages before fusion: zeroshot, or tca (test logits corrected by TCA, as in "
+        "tca+rail); default: the bundle's",
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    add_primal_arguments(parser)
+    add_engine_arguments(parser)
+    return parser
+
+
+def _order(bundle: Bundle, text: str) -> list[str]:
+    order = [name.strip() for name in text.split(",") if name.strip()]
+    if not order:
+        raise UserError("--order names no domain")
+    repeated = sorted({name for name in order if order.count(name) > 1})
+    if repeated:
+        raise UserError(f"--order names {', '.join(repeated)} more than once")
+    for name in order:
+        bundle.domain_class_indices(name)
+    return order
+
+
+def _embed(
+    bundle: Bundle, backend: EngineBackend, data: list[DomainData], base: str, progress: bool
+) -> tuple[TrainSet, TestSet]:
+    """Training features (plain tower) and test features and logits (base method), per domain."""
+    plain = Pipeline(bundle, backend, "zeroshot")
+    paths = [path for domain in data for path in domain.train.paths]
+    features, _ = embed_images(plain, paths, "training images", progress)
+    bounds = np.cumsum([0] + [len(domain.train) for domain in data])
+    train = [
+        (features[start:stop], domain.train.labels)
+        for domain, start, stop in zip(data, bounds[:-1], bounds[1:], strict=True)
+    ]
+    test = []
+    for domain in data:
+        pipeline = plain if base == "zeroshot" else Pipeline(bundle, backend, "tca")
+        what = f"test images of {domain.name}"
+        test_features, logits = embed_images(pipeline, domain.test.paths, what, progress)
+        test.append((test_features, logits, domain.test.labels))
+    return train, test
+
+
+def _result(table: np.ndarray, **settings: Any) -> dict[str, Any]:
+    return {"table": table.tolist(), **xtail_metrics(table), **settings}
+
+
+def evaluate(
+    bundle: Bundle, train: TrainSet, test: TestSet, forms: list[str], args: argparse.Namespace
+) -> dict[str, dict[str, Any]]:
+    """Accuracy tables and metrics for zero-shot and each RAIL form."""
+    beta = fusion_beta(bundle.manifest)
+    results = {"zeroshot": _result(run_xtail(train, test))}
+    for form in forms:
+        options = learner_options(args, form) if form == "primal" else LearnerOptions(form)
+        learner = new_learner(bundle, form, options)
+        if form == "primal":
+            settings = {"hidden_dim": learner.hidden_dim, "ridge": learner.ridge}
+            settings.update(seed=learner.seed, route=learner.route)
+        else:
+            settings = {"gamma": learner.gamma, "ridge": learner.ridge}
+        start = time.perf_counter()
+        results[form] = _result(run_xtail(train, test, learner, beta), beta=beta, **settings)
+        status(f"{form}: {len(train)} learning steps in {time.perf_counter() - start:.1f} s")
+    return results
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def report_lines(order: list[str], results: dict[str, dict[str, Any]]) -> list[str]:
+    """The tables (accuracy in %, a row per learning step, a column per domain) and metrics."""
+    width = max(10, *(len(name) + 2 for name in order))
+    label = max(len(f"{len(order)} after {name}") for name in order) + 4
+    lines = ["accuracy (%) on each domain (columns) after each learning step (rows)"]
+    for method, result in results.items():
+        lines += ["", f"{method:<{label}}" + "".join(f"{name:>{width}}" for name in order)]
+        for step, row in enumerate(result["table"]):
+            name = f"{step + 1} after {order[step]}"
+            lines.append(f"  {name:<{label - 2}}" + "".join(f"{_percent(v):>{width}}" for v in row))
+    lines += ["", f"{'method':<{label}}" + "".join(f"{m.title():>{width}}" for m in METRICS)]
+    for method, result in results.items():
+        values = "".join(f"{_percent(result[m]):>{width}}" for m in METRICS)
+        lines.append(f"{method:<{label}}{values}")
+    return lines
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Embed, run the protocol for every form, print (and write) the results."""
+    check_shots(args.shots)
+    if args.test_per_class is not None and args.test_per_class < 1:
+        raise UserError(f"--test-per-class must be at least 1, got {args.test_per_class}")
+    forms = list(FORMS) if args.form == "both" else [args.form]
+    if forms == ["dual"]:
+        check_options(learner_options(args, "dual"), "dual")
+    bundle = Bundle.open(args.bundle, verify=not args.no_verify)
+    base = args.method or ("tca" if METHOD_STAGES[bundle.method].tca else "zeroshot")
+    order = _order(bundle, args.order)
+    root = Path(args.data_root)
+    data = [domain_data(bundle, root, name, args.shots, args.test_per_class) for name in order]
+    with contextlib.ExitStack() as stack:
+        backend = open_engine(bundle, args)
+        stack.callback(backend.close)
+        start = time.perf_counter()
+        train, test = _embed(bundle, backend, data, base, show_progress(args))
+    images = sum(len(d.train) + len(d.test) for d in data)
+    status(
+        f"embedded {images} images on {backend.description} in {time.perf_counter() - start:.1f} s"
+        f" (base {base})"
+    )
+    results = evaluate(bundle, train, test, forms, args)
+    print("\n".join(report_lines(order, results)), flush=True)
+    if args.json:
+        document = {
+            "bundle": {"path": str(bundle.path), "fingerprint": bundle.fingerprint},
+            "order": order,
+            "shots": args.shots,
+            "test_per_class": args.test_per_class,
+            "base": base,
+            "domains": [
+                {
+                    "name": d.name,
+                    "split": "folders" if d.split else "shots",
+                    "classes": [bundle.classes[i] for i in d.train.classes],
+                    "train_images": len(d.train),
+                    "test_images": len(d.test),
+                }
+                for d in data
+            ],
+            "results": results,
+        }
+        atomic_write_bytes(args.json, (json.dumps(document, indent=2) + "\n").encode())
+        status(f"results written to {args.json}")
+    return 0

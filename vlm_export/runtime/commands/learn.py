@@ -1,0 +1,133 @@
+"""``vlm-edge learn BUNDLE DATA_DIR --domain NAME --state FILE``: RAIL learns one domain.
+
+DATA_DIR is class-per-folder, ``DATA_DIR/<class>/<images>``, each folder a class of the domain in
+the bundle (see runtime.rail.dataset). The first --shots images of each class, in file-name order,
+are embedded by the bundle's engine (a condensing engine runs with all anchors invalid, so these
+are the plain tower's features) and learned with their global class indices. An existing --state
+is loaded and learning continues (the next domain); classes it has already learned are refused,
+since their images would count twice. The learner state, and the predict-only inference state if
+asked, are written atomically; on any error the state files are left as they were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from pathlib import Path
+
+from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.commands import status
+from vlm_export.runtime.commands._rail import (
+    add_engine_arguments,
+    add_primal_arguments,
+    add_shots_argument,
+    check_shots,
+    learner_options,
+    open_engine,
+    same_file,
+    show_progress,
+)
+from vlm_export.runtime.errors import UserError
+from vlm_export.runtime.pipeline import Pipeline
+from vlm_export.runtime.rail.dataset import LabelledImages, training_images
+from vlm_export.runtime.rail.embed import embed_images
+from vlm_export.runtime.rail.models import (
+    FORMS,
+    LearnerOptions,
+    check_loaded,
+    describe,
+    new_learner,
+)
+from vlm_export.runtime.rail.state import (
+    Learner,
+    load_learner_state,
+    save_inference_state,
+    save_learner_state,
+)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``learn`` subcommand."""
+    parser = subparsers.add_parser(
+        "learn",
+        help="learn a domain's classes with RAIL from labelled images",
+        description="Learn one domain with RAIL from class-per-folder images "
+        "(DATA_DIR/<class>/<images>), continuing --state if it exists.",
+    )
+    parser.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by vlm-export")
+    parser.add_argument(
+        "data_dir", metavar="DATA_DIR", help="class-per-folder images: DATA_DIR/<class>/<images>"
+    )
+    parser.add_argument("--domain", required=True, help="the bundle domain of these classes")
+    parser.add_argument(
+        "--state",
+        required=True,
+        metavar="FILE",
+        help="learner state file: continued if it exists, else started",
+    )
+    parser.add_argument(
+        "--inference-state",
+        metavar="FILE",
+        help="also write the predict-only state (float32, no d_h x d_h matrix) for vlm-edge run",
+    )
+    add_shots_argument(parser, "every image")
+    parser.add_argument("--form", choices=FORMS, help="RAIL form of a new state (default primal)")
+    add_primal_arguments(parser)
+    add_engine_arguments(parser)
+    return parser
+
+
+def _learner(bundle: Bundle, path: str, options: LearnerOptions) -> Learner:
+    """The state at ``path`` if it exists (options must agree with it), else a new learner."""
+    if Path(path).exists():
+        learner = load_learner_state(path, bundle.fingerprint)
+        check_loaded(learner, options, path)
+        status(f"continuing {path}: {describe(learner)}")
+        return learner
+    return new_learner(bundle, options.form or "primal", options)
+
+
+def _check_new_classes(
+    bundle: Bundle, learner: Learner, data: LabelledImages, domain: str, state: str
+) -> None:
+    """Refuse classes the state has learned already; note the domain's classes left out."""
+    again = [bundle.classes[i] for i in data.classes if learner.learned_mask[i]]
+    if again:
+        raise UserError(
+            f"{state} has already learned {', '.join(again)} (domain {domain}); their images "
+            "would count twice: leave those folders out or start a new state file"
+        )
+    indices = [int(i) for i in bundle.domain_class_indices(domain)]
+    absent = [bundle.classes[i] for i in indices if i not in data.classes]
+    if absent:
+        status(f"note: no folder for {len(absent)} class(es) of {domain}: {', '.join(absent)}")
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Embed the domain's shots, learn them, save the state(s); return the exit status."""
+    check_shots(args.shots)
+    if args.inference_state and same_file(args.inference_state, args.state):
+        raise UserError("--inference-state must be another file than --state")
+    bundle = Bundle.open(args.bundle, verify=not args.no_verify)
+    learner = _learner(bundle, args.state, learner_options(args, args.form))
+    data = training_images(bundle, args.domain, Path(args.data_dir), args.shots)
+    _check_new_classes(bundle, learner, data, args.domain, args.state)
+    with contextlib.ExitStack() as stack:
+        backend = open_engine(bundle, args)
+        stack.callback(backend.close)
+        pipeline = Pipeline(bundle, backend, "zeroshot")
+        start = time.perf_counter()
+        features, _ = embed_images(pipeline, data.paths, "embedding", show_progress(args))
+    status(
+        f"embedded {len(data)} images of {len(data.classes)} classes on {backend.description} "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+    learner.partial_fit(features, data.labels)
+    learner.finalize()
+    if args.inference_state:
+        save_inference_state(args.inference_state, learner, bundle.fingerprint)
+        status(f"inference state saved to {args.inference_state}")
+    save_learner_state(args.state, learner, bundle.fingerprint)
+    status(f"learned domain {args.domain}; {args.state}: {describe(learner)}")
+    return 0

@@ -1,0 +1,94 @@
+"""``vlm-edge merge OUT STATE STATE...``: the exact joint RAIL learner of several devices' states.
+
+Primal (cholesky route) states add their statistics G and B and are solved once; dual states join
+their samples by block updates. Either way the result equals one device having learned all the
+data (spec/rail.md section 2). All states must share form and hyperparameters (same seed, d_h,
+ridge or gamma) and come from the same bundle: every state records its bundle's fingerprint, all
+must agree, and with --bundle they must also be that bundle's. OUT is written atomically and may
+not be one of the inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.commands import status
+from vlm_export.runtime.commands._rail import same_file
+from vlm_export.runtime.errors import StateError, UserError
+from vlm_export.runtime.rail.models import describe, state_header
+from vlm_export.runtime.rail.state import (
+    load_learner_state,
+    merge_learner_states,
+    save_inference_state,
+    save_learner_state,
+)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``merge`` subcommand."""
+    parser = subparsers.add_parser(
+        "merge",
+        help="merge RAIL learner states from several devices into the joint learner",
+        description="Merge RAIL learner states learned from the same bundle and seed on several "
+        "devices into OUT, the exact joint learner.",
+    )
+    parser.add_argument("out", metavar="OUT", help="the merged learner state to write")
+    parser.add_argument("states", nargs="+", metavar="STATE", help="learner states to merge")
+    parser.add_argument("--bundle", help="also check that every state comes from this bundle")
+    parser.add_argument(
+        "--inference-state", metavar="FILE", help="also write the merged predict-only state"
+    )
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip the sha256 check of --bundle's files"
+    )
+    return parser
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    if len(args.states) < 2:
+        raise UserError("merge needs at least two learner states")
+    outputs = [args.out] + ([args.inference_state] if args.inference_state else [])
+    for index, state in enumerate(args.states):
+        for out in outputs:
+            if same_file(out, state):
+                raise UserError(f"{out} is an input state: write the merged state elsewhere")
+        for other in args.states[:index]:
+            if same_file(other, state):
+                raise UserError(f"{state} is given twice (its samples would count twice)")
+    if args.inference_state and same_file(args.inference_state, args.out):
+        raise UserError("--inference-state must be another file than OUT")
+
+
+def _fingerprint(args: argparse.Namespace) -> str:
+    """The bundle fingerprint every state must carry: --bundle's, else the first state's."""
+    if args.bundle:
+        return Bundle.open(args.bundle, verify=not args.no_verify).fingerprint
+    header = state_header(args.states[0])
+    if header is None or not isinstance(header.get("bundle"), str):
+        load_learner_state(args.states[0], None)  # says what is wrong with the file
+        raise StateError(f"{args.states[0]} records no bundle fingerprint")
+    return header["bundle"]
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Load, check, merge and write; return the exit status."""
+    _check_paths(args)
+    fingerprint = _fingerprint(args)
+    reference = f"bundle {args.bundle}" if args.bundle else args.states[0]
+    learners = []
+    for path in args.states:
+        found = (state_header(path) or {}).get("bundle", fingerprint)
+        if found != fingerprint:
+            raise StateError(
+                f"{path} was made with another bundle (fingerprint {found}) than {reference} "
+                f"({fingerprint})"
+            )
+        learners.append(load_learner_state(path, fingerprint))
+    merged = merge_learner_states(learners)
+    if args.inference_state:
+        save_inference_state(args.inference_state, merged, fingerprint)
+        status(f"inference state saved to {args.inference_state}")
+    save_learner_state(args.out, merged, fingerprint)
+    status(f"merged {len(learners)} learner states into {args.out}: {describe(merged)}")
+    return 0
