@@ -170,6 +170,8 @@ def test_pipeline_refuses_bad_setups(tca_bundle: Bundle, zs_dir: Path, tmp_path:
     with pytest.raises(UserError, match="needs a bundle exported with token condensation"):
         Pipeline(zs_bundle, FakeBackend(zs_bundle), "tca")
     with pytest.raises(UserError, match="unknown method"):
+        Pipeline(tca_bundle, FakeBackend(tca_bundle), "bogus")
+    with pytest.raises(UserError, match="needs a RAIL fusion stage"):
         Pipeline(tca_bundle, FakeBackend(tca_bundle), "rail")
     with pytest.raises(UserError, match="topk"):
         Pipeline(tca_bundle, FakeBackend(tca_bundle), "zeroshot", topk=0)
