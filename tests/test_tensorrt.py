@@ -280,6 +280,20 @@ def test_fp32_pinning_picks_layernorm_and_softmax_layers():
         assert by_name[name].precision is None and by_name[name].output_types == {}
 
 
+def test_fp32_pinning_of_condensation_layers_by_name():
+    network = _FakeNetwork(
+        [
+            _FakeLayer("/condensers.0/TopK", "TOPK"),
+            _FakeLayer("/condensers.0/ReduceSum_1", "REDUCE", "SUM"),
+            _FakeLayer("/condensers.0/ArgMin", "REDUCE", "SUM", out_dtype="int32"),
+            _FakeLayer("/anchor_select/ReduceL2", "REDUCE", "SUM"),
+            _FakeLayer("/resblocks.0/mlp/MatMul", "MATRIX_MULTIPLY"),
+        ]
+    )
+    marked = mark_fp32_layers(network, _fake_trt(), ("Condensation",))
+    assert marked == ["/condensers.0/TopK", "/condensers.0/ReduceSum_1", "/anchor_select/ReduceL2"]
+
+
 def test_fp32_pinning_of_softmax_only():
     network = _network()
     assert mark_fp32_layers(network, _fake_trt(), ("Softmax",)) == ["softmax"]

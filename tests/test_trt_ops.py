@@ -260,3 +260,9 @@ def test_torch_exported_condensing_tower_passes(tiny_clip, tmp_path, opset):
     decomposed = ("LayerNormalization",) if opset >= 17 else ("ReduceMean", "Pow", "Sqrt")
     for op in decomposed:
         assert any(op in name for name in names), (op, names)
+    # ranking, merging and anchor choice stay fp32: every arithmetic node of those modules
+    for prefix in ("/condensers.0/", "/condensers.1/", "/anchor_select/"):
+        pinned = {name.split("/")[-1].split("_")[0] for name in names if name.startswith(prefix)}
+        assert {"TopK", "ReduceSum", "Sqrt", "Div"} <= pinned or prefix == "/anchor_select/"
+        assert not any(op in pinned for op in ("Constant", "Shape", "Unsqueeze"))
+    assert any(name.startswith("/anchor_select/ReduceL2") for name in names)

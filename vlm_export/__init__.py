@@ -1,3 +1,3 @@
-"""vlm-export: CLIP export with static-budget token condensation, and a torch-free device runtime."""
+"""vlm-export: CLIP export with static token condensation, and a torch-free device runtime."""
 
 __version__ = "0.1.0"

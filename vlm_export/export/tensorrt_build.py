@@ -33,7 +33,7 @@ from vlm_export.runtime.errors import UserError
 from vlm_export.runtime.manifest import file_record
 
 DEFAULT_WORKSPACE_MB = 1024
-DEFAULT_FP32_LAYER_TYPES = ("LayerNorm", "Softmax")
+DEFAULT_FP32_LAYER_TYPES = ("LayerNorm", "Softmax", "Condensation")
 SQUARE = "SQUARE"  # an elementwise product of a tensor with itself (x * x)
 
 # Per group: the ONNX operators whose nodes trtexec names, and the TensorRT layers
@@ -50,7 +50,27 @@ FP32_GROUPS: dict[str, dict[str, tuple]] = {
         ),
     },
     "Softmax": {"onnx": ("Softmax",), "tensorrt": (("SOFTMAX", None),)},
+    # Everything the condensing tower computes to rank, merge and pick anchors, by name prefix
+    # (the modules TokenCondenser and AnchorSelector): consensus rank sums reach ~4.6e5 and
+    # distances are sums of squares, beyond fp16's range or order-preserving precision.
+    "Condensation": {"onnx": (), "tensorrt": (), "prefixes": ("/condensers.", "/anchor_select/")},
 }
+# Nodes under those prefixes that move or shape data without arithmetic: left to TensorRT.
+STRUCTURAL_OPS = frozenset(
+    {
+        "Constant",
+        "ConstantOfShape",
+        "Shape",
+        "Reshape",
+        "Unsqueeze",
+        "Squeeze",
+        "Identity",
+        "Expand",
+        "Slice",
+        "Concat",
+        "Range",
+    }
+)
 # TensorRT's Python API returns plain ILayer objects; the subclass exposes ``op``.
 LAYER_CLASSES = {
     "ELEMENTWISE": "IElementWiseLayer",
@@ -135,8 +155,23 @@ def fp32_node_names(
         if not path.is_file():
             raise UserError(f"ONNX file not found: {path}")
         model = onnx.load(str(path), load_external_data=False)
-    op_types = [op for group in fp32_layer_types for op in FP32_GROUPS[group]["onnx"]]
-    return [node.name for node in model.graph.node if node.name and _onnx_matches(node, op_types)]
+    groups = list(fp32_layer_types)
+    op_types = [op for group in groups for op in FP32_GROUPS[group]["onnx"]]
+    prefixes = fp32_name_prefixes(groups)
+    return [
+        node.name
+        for node in model.graph.node
+        if node.name
+        and (
+            _onnx_matches(node, op_types)
+            or (node.name.startswith(prefixes) and node.op_type not in STRUCTURAL_OPS)
+        )
+    ]
+
+
+def fp32_name_prefixes(fp32_layer_types: Iterable[str]) -> tuple[str, ...]:
+    """Node/layer name prefixes kept in fp32 by the chosen groups."""
+    return tuple(p for group in fp32_layer_types for p in FP32_GROUPS[group].get("prefixes", ()))
 
 
 def trtexec_command(
@@ -195,17 +230,23 @@ def _layer_operation(layer: Any, trt: ModuleType) -> str | None:
 
 def mark_fp32_layers(network: Any, trt: ModuleType, fp32_layer_types: Iterable[str]) -> list[str]:
     """Pin the matching layers to fp32 compute and fp32 outputs; return their names."""
-    rules = fp32_layer_rules(fp32_layer_types)
+    groups = list(fp32_layer_types)
+    rules = fp32_layer_rules(groups)
+    prefixes = fp32_name_prefixes(groups)
     kinds = {kind for kind, _ in rules}
     floats = (trt.float32, trt.float16)
     marked = []
     for index in range(network.num_layers):
         layer = network.get_layer(index)
         kind = layer.type.name
-        if kind not in kinds:
-            continue
-        operation = _layer_operation(layer, trt)
-        if not any(kind == k and op in (None, operation) for k, op in rules):
+        if prefixes and layer.name.startswith(prefixes):
+            outputs = [layer.get_output(i).dtype for i in range(layer.num_outputs)]
+            pinned = any(dtype in floats for dtype in outputs)
+        else:
+            pinned = kind in kinds and any(
+                kind == k and op in (None, _layer_operation(layer, trt)) for k, op in rules
+            )
+        if not pinned:
             continue
         layer.precision = trt.float32
         for output in range(layer.num_outputs):

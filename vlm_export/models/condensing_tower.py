@@ -99,11 +99,49 @@ def attention_with_anchor(block: nn.Module, x: Tensor, anchor: Tensor, key_bias:
     return attn.out_proj(out), probs
 
 
-def select_anchor(cls_token: Tensor, class_anchors: Tensor, valid: Tensor) -> Tensor:
-    """The valid anchor most cosine-similar to each image's CLS token: [B, D] from [C, D]."""
-    cosine = F.normalize(cls_token, dim=-1) @ F.normalize(class_anchors, dim=-1).T
-    choice = (cosine + (valid - 1.0) * MASK_BIAS).argmax(dim=-1)
-    return class_anchors.index_select(0, choice)
+class AnchorSelector(nn.Module):
+    """Picks the valid class anchor most cosine-similar to each image's CLS token (spec 2.4).
+
+    A module (without weights) so that its ONNX nodes share the name prefix ``/anchor_select/``,
+    which fp16 TensorRT builds keep in fp32 (cosines and the -1e4 masking need fp32 range).
+    """
+
+    def forward(self, cls_token: Tensor, class_anchors: Tensor, valid: Tensor):
+        """-> (anchor [B, D], key bias: 0 if any class is valid, else -1e4)."""
+        cosine = F.normalize(cls_token, dim=-1) @ F.normalize(class_anchors, dim=-1).T
+        choice = (cosine + (valid - 1.0) * MASK_BIAS).argmax(dim=-1)
+        return class_anchors.index_select(0, choice), (valid.max() - 1.0) * MASK_BIAS
+
+
+class TokenCondenser(nn.Module):
+    """One reduction block's condensation (spec 2.1-2.3): rank, partition, fuse, merge.
+
+    No weights. Its ONNX nodes share the prefix ``/condensers.<i>/``, which fp16 TensorRT builds
+    keep in fp32: rank sums, distances and the weighted sums overflow or lose order in fp16.
+    """
+
+    def __init__(self, counts: LayerCounts, ranking: str, num_patches: int):
+        super().__init__()
+        self.counts = counts
+        self.ranking = ranking
+        self.num_patches = num_patches
+
+    def forward(self, x: Tensor, cls_attn: Tensor, patch_ids: Tensor):
+        """x [B, N, D] after attention, cls_attn [B, H, n] -> (x' [B, N', D], ids, fate)."""
+        counts = self.counts
+        scores = token_scores(cls_attn, self.ranking)
+        order = torch.topk(scores, k=scores.shape[1], dim=1, largest=True, sorted=True).indices
+        keep_end, merge_end = counts.keep, counts.keep + counts.merge
+        patches = x[:, 1:]
+        kept = gather_tokens(patches, order[:, :keep_end])
+        merge_set = gather_tokens(patches, order[:, keep_end:merge_end])
+        merged = merge_coreset(merge_set, counts.merge_centers)
+        fused = fuse_pruned(patches, cls_attn.mean(dim=1), order[:, merge_end:])
+        x = torch.cat([x[:, :1], kept, merged, fused], dim=1)
+        sorted_ids = torch.gather(patch_ids, 1, order)
+        fate = patch_fate(sorted_ids, fate_codes(counts, x.device), self.num_patches)
+        gone = patch_ids.new_full((x.shape[0], counts.merge_centers + 1), -1.0)
+        return x, torch.cat([sorted_ids[:, :keep_end], gone], dim=1), fate
 
 
 class CondensingVisionTower(nn.Module):
@@ -128,7 +166,13 @@ class CondensingVisionTower(nn.Module):
             self.schedule, self.tokens_per_block = token_schedule(
                 self.geometry["num_tokens"], self.geometry["layers"], config
             )
-        self._counts_at = {counts.layer: counts for counts in self.schedule}
+        num_patches = self.geometry["num_patches"]
+        ranking = config.ranking if config is not None else "mean"
+        self.condensers = nn.ModuleList(
+            TokenCondenser(counts, ranking, num_patches) for counts in self.schedule
+        )
+        self.anchor_select = AnchorSelector()
+        self._condenser_at = {c.counts.layer: c for c in self.condensers}
 
     @property
     def condensing(self) -> bool:
@@ -157,13 +201,13 @@ class CondensingVisionTower(nn.Module):
         patch_ids = patch_ids.unsqueeze(0).expand(x.shape[0], -1)
         cls_per_layer, fates = [], []
         for index, block in enumerate(visual.transformer.resblocks):
-            counts = self._counts_at.get(index)
-            if counts is None:
+            condenser = self._condenser_at.get(index)
+            if condenser is None:
                 x = block(x)
             else:
                 slot = len(fates)
                 x, patch_ids, fate = self._reduction_block(
-                    block, x, patch_ids, counts, anchors[:, slot], anchors_valid
+                    block, x, patch_ids, condenser, anchors[:, slot], anchors_valid
                 )
                 fates.append(fate)
             cls_per_layer.append(x[:, 0])
@@ -180,30 +224,14 @@ class CondensingVisionTower(nn.Module):
         block: nn.Module,
         x: Tensor,
         patch_ids: Tensor,
-        counts: LayerCounts,
+        condenser: TokenCondenser,
         class_anchors: Tensor,
         valid: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        anchor = select_anchor(x[:, 0], class_anchors, valid)
-        key_bias = (valid.max() - 1.0) * MASK_BIAS
+        anchor, key_bias = self.anchor_select(x[:, 0], class_anchors, valid)
         attended, probs = attention_with_anchor(block, x, anchor, key_bias)
         x = x + block.ls_1(attended)
         cls_attn = probs[:, :, 0, 2:]  # CLS query, patch keys; anchor column dropped, no renorm
-        head_mean = cls_attn.mean(dim=1)
-        scores = token_scores(cls_attn, self.config.ranking)
-        n = scores.shape[1]
-        order = torch.topk(scores, k=n, dim=1, largest=True, sorted=True).indices
-        keep_end, merge_end = counts.keep, counts.keep + counts.merge
-        patches = x[:, 1:]
-        kept = gather_tokens(patches, order[:, :keep_end])
-        merged = merge_coreset(
-            gather_tokens(patches, order[:, keep_end:merge_end]), counts.merge_centers
-        )
-        fused = fuse_pruned(patches, head_mean, order[:, merge_end:])
-        x = torch.cat([x[:, :1], kept, merged, fused], dim=1)
-        sorted_ids = torch.gather(patch_ids, 1, order)
-        fate = patch_fate(sorted_ids, fate_codes(counts, x.device), self.geometry["num_patches"])
-        gone = patch_ids.new_full((x.shape[0], counts.merge_centers + 1), -1.0)
-        patch_ids = torch.cat([sorted_ids[:, :keep_end], gone], dim=1)
+        x, patch_ids, fate = condenser(x, cls_attn, patch_ids)
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
         return x, patch_ids, fate

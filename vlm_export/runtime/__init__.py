@@ -1,1 +1,1 @@
-"""Device side (NumPy + ONNX Runtime or TensorRT, never torch): bundles, engines, adaptation state."""
+"""Device side (NumPy + ONNX Runtime or TensorRT, never torch): bundles, engines, state."""

@@ -26,5 +26,5 @@ class EngineBackend(ABC):
     def infer(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """Run one preprocessed batch [B, 3, H, W] float32; return the outputs by manifest name."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook, not every backend holds resources
         """Release engine resources (optional)."""
