@@ -110,24 +110,41 @@ def _raise_keyboard_interrupt() -> None:
 
 
 @pytest.mark.parametrize(
-    ("action", "code", "message"),
+    ("action", "code", "message", "lines"),
     [
-        (lambda: os.kill(os.getpid(), signal.SIGTERM), 0, "stopped (SIGTERM)"),
-        (_raise_keyboard_interrupt, 130, "interrupted (Ctrl-C)"),
+        # a signal stops the run after the frame in progress: frames 0-4 done, state whole
+        (lambda: os.kill(os.getpid(), signal.SIGTERM), 0, "stopped (SIGTERM)", 5),
+        (lambda: os.kill(os.getpid(), signal.SIGINT), 130, "interrupted (Ctrl-C)", 5),
+        # an interrupt raised inside the frame (no handler installed) cuts frame 4 off
+        (_raise_keyboard_interrupt, 130, "interrupted (Ctrl-C)", 4),
     ],
 )
 def test_signals_save_state_and_leave_valid_jsonl(
-    tca_dir, folder, tmp_path, capsys, monkeypatch, action, code, message
+    tca_dir, folder, tmp_path, capsys, monkeypatch, action, code, message, lines
 ) -> None:
     _interrupt_at(monkeypatch, 5, action)
     state, out = tmp_path / "s.npz", tmp_path / "o.jsonl"
     args = ["run", str(tca_dir), str(folder), "--state", str(state), "--out", str(out)]
     assert cli.main([*args, "--save-every", "0"]) == code
-    assert len(_lines(out)) == 4  # frames 0-3 done, frame 4 was cut off; every line is whole
-    assert build_reservoir(Bundle.open(tca_dir), {}, state).counts().sum() == 3
+    assert len(_lines(out)) == lines  # every line is whole
+    assert build_reservoir(Bundle.open(tca_dir), {}, state).counts().sum() == lines - 1
     err = capsys.readouterr().err
     assert message in err and "state saved" in err and "Traceback" not in err
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_second_ctrl_c_stops_at_once_without_saving(tca_dir, folder, tmp_path, capsys, monkeypatch):
+    def two_interrupts() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    state, out = tmp_path / "s.npz", tmp_path / "o.jsonl"
+    _interrupt_at(monkeypatch, 5, two_interrupts)
+    args = ["run", str(tca_dir), str(folder), "--state", str(state), "--out", str(out)]
+    assert cli.main([*args, "--save-every", "0"]) == 130
+    assert len(_lines(out)) == 4 and not state.exists()
+    assert "forced stop" in capsys.readouterr().err
 
 
 def test_state_is_saved_when_the_run_fails(tca_dir, folder, tmp_path, monkeypatch) -> None:

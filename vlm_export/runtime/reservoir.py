@@ -177,17 +177,17 @@ class TokenReservoir:
         units = stack / norms[:, None]
 
         count = int(self._counts[label])
-        if count < self.config.capacity:
-            slot = count
-            self._counts[label] = count + 1
-            self._occupied[label, slot] = 1.0
-        else:
-            slot = self._choose_eviction(label, entropy, units, norms)
-            if slot == count:
-                return label
+        appending = count < self.config.capacity
+        slot = count if appending else self._choose_eviction(label, entropy, units, norms)
+        if slot == self.config.capacity:
+            return label  # the newcomer itself was evicted
+        # entry first, count last: a reader never sees a counted slot without its entry
         self._units[label, slot] = units
         self._norms[label, slot] = norms
         self._entropies[label, slot] = entropy
+        if appending:
+            self._occupied[label, slot] = 1.0
+            self._counts[label] = count + 1
         self._refresh_anchors(label)
         return label
 

@@ -43,8 +43,27 @@ STAGES = ("preprocess", "engine", "reservoir", "correction", "fusion", "total")
 PROGRESS_INTERVAL_S = 0.25
 
 
-class Terminated(Exception):
-    """Raised in the main thread when the process receives SIGTERM."""
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM ask the frame loop to stop between frames.
+
+    Stopping only between frames keeps the adaptation state whole (a signal in the middle of a
+    reservoir update would save a half-written entry). A second Ctrl-C stops at once, without
+    saving: the last periodic save stays.
+    """
+
+    def __init__(self) -> None:
+        self.ending: str | None = None
+        self.code = 0
+        self.forced = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.ending is not None and signum == signal.SIGINT:
+            self.forced = True
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            self.ending, self.code = "interrupted (Ctrl-C)", 130
+        else:
+            self.ending, self.code = "stopped (SIGTERM)", 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -146,20 +165,17 @@ def _check_args(args: argparse.Namespace, method: str) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """While active, SIGTERM raises Terminated in the main thread (elsewhere: no change)."""
+def _stop_on_signals(stop: StopRequest) -> Iterator[None]:
+    """While active, SIGINT and SIGTERM go to ``stop`` (main thread only; elsewhere no change)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
@@ -239,25 +255,24 @@ def _process(pipeline: Pipeline, frame: Frame) -> tuple[FrameResult | None, dict
 
 
 def _process_all(
-    pipeline: Pipeline, source: Source, out: IO[str], stats: RunStats, args: argparse.Namespace
-) -> tuple[str | None, int]:
-    """The frame loop; returns (how it was stopped or None, exit status)."""
-    try:
-        for frame in source:
-            result, record = _process(pipeline, frame)
-            out.write(json.dumps(record) + "\n")
-            out.flush()
-            stats.add(result)
-            good = stats.frames - stats.errors
-            if args.state and args.save_every and result and good % args.save_every == 0:
-                pipeline.save_state(args.state)
-            if args.max_frames and stats.frames >= args.max_frames:
-                break
-    except KeyboardInterrupt:
-        return "interrupted (Ctrl-C)", 130
-    except Terminated:
-        return "stopped (SIGTERM)", 0
-    return None, 0
+    pipeline: Pipeline,
+    source: Source,
+    out: IO[str],
+    stats: RunStats,
+    args: argparse.Namespace,
+    stop: StopRequest,
+) -> None:
+    """The frame loop; it ends with the source, --max-frames, or a stop request."""
+    for frame in source:
+        result, record = _process(pipeline, frame)
+        out.write(json.dumps(record) + "\n")
+        out.flush()
+        stats.add(result)
+        good = stats.frames - stats.errors
+        if args.state and args.save_every and result and good % args.save_every == 0:
+            pipeline.save_state(args.state)
+        if stop.ending or (args.max_frames and stats.frames >= args.max_frames):
+            break
 
 
 def _save(pipeline: Pipeline, path: str) -> None:
@@ -291,17 +306,23 @@ def handle(args: argparse.Namespace) -> int:
         out = stack.enter_context(_output(args.out))
         status(f"{method} on {backend.description}; {source.description}")
         stats = RunStats(source.total, progress=not args.quiet and sys.stderr.isatty())
+        stop = StopRequest()
         try:
-            with _sigterm_raises():
-                ending, code = _process_all(pipeline, source, out, stats, args)
+            with _stop_on_signals(stop):
+                _process_all(pipeline, source, out, stats, args, stop)
+        except KeyboardInterrupt:
+            stop.ending, stop.code = "interrupted (Ctrl-C)", 130
         finally:
             if args.state and pipeline.reservoir is not None:
-                _save(pipeline, args.state)
+                if stop.forced:
+                    status(f"forced stop: {args.state} keeps its last periodic save")
+                else:
+                    _save(pipeline, args.state)
             for line in stats.summary():
                 status(line)
-    if ending:
-        status(ending)
+    if stop.ending:
+        status(stop.ending)
     if stats.frames and stats.frames == stats.errors:
         status("no frame could be read")
         return 1
-    return code
+    return stop.code
