@@ -153,6 +153,7 @@ def _bad(tmp_path, classes, extra):
         (["--templates", "TEMPLATE_FILE"], "{}"),
         (["--pretrained", "no-such-tag"], "has no pretrained tag"),
         (["--merge-centers", "40"], "fewer than the 40 merge centres"),
+        (["--tca-preset", "bogus"], "unknown TCA preset 'bogus'"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, classes, capsys, extra, message):
@@ -186,6 +187,29 @@ def test_checkpoint_that_does_not_fit(tmp_path, classes, capsys):
     torch.save({"visual.proj": torch.zeros(3, 3)}, checkpoint)
     code, _, err = _run(_bad(tmp_path, classes, ["--pretrained", str(checkpoint)]), capsys)
     assert code == 2 and "does not fit vlm-test-tiny" in err and "missing keys" in err
+
+
+class Opaque:
+    """A class that weights-only loading refuses to unpickle."""
+
+
+def test_checkpoint_with_pickled_objects_or_garbage(tmp_path, classes, capsys):
+    import torch
+
+    pickled, garbage = tmp_path / "pickled.pt", tmp_path / "garbage.pt"
+    torch.save({"weights": Opaque()}, pickled)
+    garbage.write_bytes(b"not a checkpoint")
+    for path, message in ((pickled, "beyond plain weights"), (garbage, "not a readable")):
+        code, _, err = _run(_bad(tmp_path, classes, ["--pretrained", str(path)]), capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_output_below_a_file_is_refused_before_work(tmp_path, classes, capsys):
+    code, _, err = _run(
+        ["--method", "tca", *BASE, "--classes", str(classes), "--out", str(classes / "sub")],
+        capsys,
+    )
+    assert code == 2 and "is a file, not a folder" in err
 
 
 def test_existing_output_needs_overwrite(tmp_path, classes, capsys):
@@ -265,3 +289,32 @@ def test_failed_parity_fails_the_export_and_leaves_nothing(tmp_path, classes, ca
     assert code == 2 and "ONNX Runtime output differs from PyTorch" in err
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.txt"]
+
+
+def test_parity_gates_cls_stack_and_token_fate(tiny_clip, tmp_path, monkeypatch):
+    import numpy as np
+
+    import vlm_export.export.parity as parity
+    from vlm_export.export.onnx_export import export_onnx
+    from vlm_export.models.condensing_tower import CondensingVisionTower
+    from vlm_export.models.schedule import CondensationConfig
+
+    tower = CondensingVisionTower(tiny_clip.model.visual, CondensationConfig(0.1, 2), 3).eval()
+    path = tmp_path / "t.onnx"
+    export_onnx(tower, path)
+    report = parity.check_parity(tower, path)
+    assert report["passed"] and report["token_fate_agreement_min"] == 1.0
+    assert report["cls_cosine_min"] > 0.9999
+
+    real_run = parity.ort.InferenceSession.run
+
+    def corrupt(self, names, feeds):  # an engine that condenses other tokens, same embedding
+        outputs = real_run(self, names, feeds)
+        if "token_fate" in names:
+            fate = outputs[names.index("token_fate")]
+            outputs[names.index("token_fate")] = np.roll(fate, 1, axis=-1)
+        return outputs
+
+    monkeypatch.setattr(parity.ort.InferenceSession, "run", corrupt)
+    with pytest.raises(parity.ParityError, match="token fate agreement"):
+        parity.check_parity(tower, path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,13 @@ def check_output_folder(out_dir: str | Path, overwrite: bool) -> Path:
         raise OutputExistsError(f"output folder {out_dir} exists; pass --overwrite to replace it")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError(f"output path {out_dir} exists and is not a folder")
+    ancestor = out_dir.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot create {out_dir}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create {out_dir}: no write permission in {ancestor}")
     return out_dir
 
 
@@ -46,6 +54,14 @@ def write_bundle(
     last, and the folder is renamed into place. On any error nothing is left at ``out_dir``.
     """
     out_dir = check_output_folder(out_dir, overwrite)
+    try:
+        return _write(out_dir, overwrite, populate)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise UserError(f"could not write the bundle {out_dir}: {reason}") from None
+
+
+def _write(out_dir: Path, overwrite: bool, populate: Callable[[Path], dict[str, Any]]) -> Path:
     with atomic_directory(out_dir, overwrite=overwrite) as folder:
         manifest = populate(folder)
         manifest["files"] = {

@@ -81,6 +81,7 @@ def _check_options(options: ExportOptions) -> None:
     if options.batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {options.batch_size}")
     check_output_folder(options.out, options.overwrite)
+    tca_settings(options.tca_preset, options.eviction, options.anchor_rule)  # an unknown preset
 
 
 def _model_section(loaded: LoadedClip, tower: CondensingVisionTower) -> dict[str, Any]:

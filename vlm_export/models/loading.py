@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import pickle
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -151,8 +152,16 @@ def load_clip(
                 f"--pretrained none for random weights"
             ) from None
         raise ModelLoadError(f"could not load {name} ({pretrained}): {first_line[:300]}") from None
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"could not load {name} ({pretrained}): {exc}") from None
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):
+            raise ModelLoadError(f"checkpoint {source} is not a readable checkpoint file") from None
+        raise ModelLoadError(
+            f"checkpoint {source} holds pickled objects beyond plain weights; open_clip loads "
+            "checkpoints with weights_only=True: re-save its state_dict (or use .safetensors)"
+        ) from None
+    except Exception as exc:  # a corrupt file raises many types (zip, safetensors, OS, key)
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load {name} ({pretrained}): {detail[:300]}") from None
     model.eval()
     if not hasattr(model, "visual") or not hasattr(model.visual, "transformer"):
         raise ModelLoadError(f"{name} is not a ViT CLIP (its image tower has no transformer)")
