@@ -10,10 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once: os.umask can only be read by setting it, which would race with other threads.
+_UMASK = _read_umask()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -39,7 +43,7 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes it private; keep the usual mode
+        os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp makes it private; keep the usual mode
         os.replace(tmp_name, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -64,7 +68,7 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the bundle is an ordinary folder
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private; the bundle is an ordinary folder
     try:
         yield tmp
         if path.exists():

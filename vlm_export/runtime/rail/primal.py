@@ -103,7 +103,8 @@ class PrimalAdapter:
             self.gram = np.zeros((dim, dim))
             self.cross = np.zeros((dim, num_classes))
         else:
-            self.inverse = np.eye(dim) / self.ridge
+            self.inverse = np.zeros((dim, dim))  # one d_h^2 array, not two (np.eye(d) / ridge)
+            np.fill_diagonal(self.inverse, 1.0 / self.ridge)
 
     @property
     def feature_dim(self) -> int:
