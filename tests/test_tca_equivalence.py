@@ -79,8 +79,10 @@ class LiteralReservoir:
         return z
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_clip):
+@pytest.fixture(
+    scope="module", params=[("mean", 2), ("consensus", 4)], ids=lambda p: f"{p[0]}-K{p[1]}"
+)
+def exported(request, tmp_path_factory, tiny_clip):
     from vlm_export.export.pipeline import ExportOptions, export_bundle
     from vlm_export.models.schedule import CondensationConfig
 
@@ -93,7 +95,9 @@ def exported(tmp_path_factory, tiny_clip):
         pretrained=str(checkpoint),
         domains=[("animals", CLASSES)],
         templates="single",
-        condensation=CondensationConfig(drop_rate=0.1, merge_centers=2, ranking="mean"),
+        condensation=CondensationConfig(
+            drop_rate=0.1, merge_centers=request.param[1], ranking=request.param[0]
+        ),
         out=folder / "bundle",
         quiet=True,
     )
