@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from vlm_export.runtime.rail import PrimalAdapter, RailError, RailFusion, fuse, softmax
+from vlm_export.runtime.numerics import softmax
+from vlm_export.runtime.rail import PrimalAdapter, RailError, RailFusion, fuse
 
 
 def literal_fuse(logits, adapter, learned, beta):

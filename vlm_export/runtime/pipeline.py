@@ -23,6 +23,7 @@ from PIL import Image
 from vlm_export.runtime.backends.base import EngineBackend
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.errors import BundleError, UserError
+from vlm_export.runtime.numerics import softmax
 from vlm_export.runtime.preprocess import Preprocessor
 from vlm_export.runtime.reservoir import ReservoirConfig, TokenReservoir
 
@@ -85,13 +86,6 @@ class FrameResult:
             "topk": [{"index": i, "class": name, "score": round(s, 6)} for i, name, s in self.topk],
             "timings_ms": {name: round(ms, 3) for name, ms in self.timings.items()},
         }
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax in float64, returned as float32."""
-    shifted = np.asarray(logits, dtype=np.float64) - np.max(logits)
-    exp = np.exp(shifted)
-    return (exp / exp.sum()).astype(np.float32)
 
 
 def reservoir_config(
@@ -271,7 +265,7 @@ class Pipeline:
             scores = np.asarray(self.fusion.fused_scores(logits, embedding), dtype=np.float32)
             timings["fusion"] = _ms(mark)
         else:
-            scores = softmax(logits)
+            scores = softmax(logits.astype(np.float64)).astype(np.float32)
         label = int(np.argmax(scores))
         order = np.argsort(-scores, kind="stable")[: self.topk]
         classes = self.bundle.classes

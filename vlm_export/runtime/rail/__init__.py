@@ -2,7 +2,7 @@
 metrics and the learner / inference state files. NumPy only."""
 
 from vlm_export.runtime.rail.dual import DualAdapter, DualPredictor, rbf_kernel
-from vlm_export.runtime.rail.fusion import BETA, RailFusion, fuse, softmax
+from vlm_export.runtime.rail.fusion import BETA, RailFusion, fuse
 from vlm_export.runtime.rail.inputs import RailError
 from vlm_export.runtime.rail.primal import (
     HIDDEN_DIM,
@@ -41,7 +41,6 @@ __all__ = [
     "run_xtail",
     "save_inference_state",
     "save_learner_state",
-    "softmax",
     "to_inference",
     "xtail_metrics",
 ]

@@ -1,6 +1,7 @@
 """RAIL-Fusion: zero-shot probabilities, gated by learned classes, mixed with the adapter (spec 4).
 
-p_zs = softmax(logits) with logits = logit_scale * cos(x, t_c) over ALL class names. An image is
+p_zs = softmax(logits) with logits = 100 * cos(x, t_c) over ALL class names (plus TCA's
+correction for tca+rail). An image is
 taken to be from a learned domain iff argmax p_zs is a learned class (set membership on a mask);
 then score = (1 - beta) p_zs + beta a, with a the adapter output zeroed on unlearned classes;
 otherwise score = p_zs.
@@ -12,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
+from vlm_export.runtime.numerics import softmax
 from vlm_export.runtime.rail.inputs import RailError
 
 BETA = 0.8
@@ -23,13 +25,6 @@ class Adapter(Protocol):
     learned_mask: np.ndarray
 
     def predict(self, features: np.ndarray) -> np.ndarray: ...
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, computed stably."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 def fuse(
