@@ -27,7 +27,6 @@ TCA_PRESETS: dict[str, tuple[int, float, float, float]] = {
 
 RAIL_DEFAULTS: dict[str, Any] = {
     "fusion_beta": 0.8,
-    "zero_shot_factor": 100.0,
     "primal": {"hidden_dim": 15000, "ridge": 0.1, "seed": 0},
     "dual": {"gamma": 0.1, "ridge": 1e-3},
 }
@@ -52,5 +51,4 @@ def tca_settings(
         "beta": beta,
         "eviction": eviction,
         "anchor_rule": anchor_rule,
-        "zero_shot_factor": 100.0,
     }
