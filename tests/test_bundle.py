@@ -111,10 +111,16 @@ def test_unlisted_core_file(copy: Path) -> None:
         Bundle.open(copy)
 
 
-def test_embedding_shape_mismatch(copy: Path) -> None:
-    _edit_manifest(copy, lambda m: m["text"].update(shape=[7, 8]))
+def test_embedding_shape_mismatch(tmp_path: Path) -> None:
+    folder = make_bundle(tmp_path / "z", method="zeroshot")
+
+    def edit(manifest: dict) -> None:
+        manifest["text"]["shape"] = [7, 8]
+        manifest["labels"]["num_classes"] = 7  # a consistent manifest; the .npy disagrees
+
+    _edit_manifest(folder, edit)
     with pytest.raises(BundleError, match=r"shape \[6, 8\], manifest says \[7, 8\]"):
-        Bundle.open(copy)
+        Bundle.open(folder)
 
 
 def test_pickled_embeddings_refused(copy: Path) -> None:
@@ -135,3 +141,101 @@ def test_class_in_undeclared_domain(copy: Path) -> None:
 
 def test_bundle_errors_are_user_errors() -> None:
     assert issubclass(BundleError, UserError)
+
+
+def _set(path: str | tuple, value):
+    """An edit that sets manifest[a][b]... = value (path "a.b.0.c" or a tuple; "-" deletes it)."""
+
+    def edit(manifest: dict) -> None:
+        *parents, last = path.split(".") if isinstance(path, str) else path
+        node = manifest
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        key = int(last) if isinstance(node, list) else last
+        if value == "-":
+            del node[key]
+        else:
+            node[key] = value
+
+    return edit
+
+
+def _add_file(name: str):
+    def edit(manifest: dict) -> None:
+        manifest["files"][name] = dict(manifest["files"][mf.CLASSES_FILE])
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            _set(("files", mf.IMAGE_ENCODER_ONNX), [1]),
+            "record of file image_encoder.onnx is not an",
+        ),
+        (_set(("files", mf.CLASSES_FILE, "sha256"), 5), "has no sha256 string"),
+        (_set(("files", mf.CLASSES_FILE, "bytes"), "120"), "no integer byte count"),
+        (_set(("files", mf.CLASSES_FILE, "bytes"), "-"), "no integer byte count"),
+        (_add_file(f"../copy/{mf.CLASSES_FILE}"), "must be plain names"),
+        (_add_file("sub/x.json"), "must be plain names"),
+        (_add_file(".."), "must be plain names"),
+        (_set("engines", [{"file": "../other.engine"}]), "engines' entry without a plain"),
+        (_set("text", []), "section 'text' is not an object"),
+        (_set("engine.batch_size", 0), "batch_size 0 is not a positive integer"),
+        (_set("engine.batch_size", "1"), "batch_size '1' is not a positive integer"),
+        (_set("engine.batch_size", True), "batch_size True is not a positive integer"),
+        (_set("engine.inputs", {"image": [1, 3, 32, 32]}), "inputs must be a non-empty list"),
+        (_set("engine.inputs.0.shape", [1, 3, -32, 32]), "list of positive integers"),
+        (_set("engine.inputs.0.shape", "1x3x32x32"), "list of positive integers"),
+        (_set("engine.outputs.0.name", 3), "every tensor needs a name string"),
+        (_set("engine.outputs.0.dtype", "-"), "'embedding' has no dtype string"),
+        (_set("engine.inputs.0.shape", [1, 3, 16, 16]), "'image' has shape [1, 3, 16, 16]"),
+        (_set("text.shape", [6, 9]), "does not fit embedding"),
+        (_set("labels.num_classes", 5), "num_classes is 5, text.shape has 6 rows"),
+        (_set("labels.num_classes", "-"), "labels.num_classes None is not a positive integer"),
+        (_set("condensation.anchor_layers", "0,1"), "anchor_layers '0,1' is not a list of ints"),
+        (_set("condensation.reduction_layers", "-"), "reduction_layers None is not a list"),
+        (_set("condensation.anchor_layers", [0]), "1 anchor_layers for 2 reduction_layers"),
+        (_set("condensation.anchor_layers", [0, 4]), "anchor_layers [4] are outside the 4 rows"),
+        (_set("engine.inputs.1.shape", [5, 2, 16]), "'anchors' has shape [5, 2, 16], expected"),
+        (_set("engine.inputs.2", "-"), "no 'anchors_valid' tensor"),
+        (_set("engine.outputs.1.shape", [1, 4, 12]), "expected [6, 2, 12]"),
+        (_set("engine.outputs.1", "-"), "output 'cls_per_layer' has shape None"),
+        (_set("engine.outputs.2.shape", [1, 3, 16]), "'token_fate' has shape [1, 3, 16]"),
+    ],
+)
+def test_inconsistent_manifest_is_a_bundle_error(copy: Path, edit, message: str) -> None:
+    _edit_manifest(copy, edit)
+    with pytest.raises(BundleError) as caught:
+        Bundle.open(copy)
+    assert message in str(caught.value)
+
+
+def test_manifest_field_types_are_checked_on_read(copy: Path) -> None:
+    # read_manifest (also used by the engine tools) checks types, not the runtime contract
+    _edit_manifest(copy, _set("engine.batch_size", -1))
+    with pytest.raises(BundleError, match="batch_size -1"):
+        mf.read_manifest(copy)
+    _edit_manifest(copy, _set("engine.batch_size", 1))
+    _edit_manifest(copy, _set("condensation.anchor_layers", "-"))
+    assert "anchor_layers" not in mf.read_manifest(copy)["condensation"]
+    with pytest.raises(BundleError, match="anchor_layers None"):
+        mf.validate_runtime_contract(mf.read_manifest(copy))
+
+
+def test_plain_names() -> None:
+    for name in ("image_encoder.onnx", "a.b.engine", "classes.json"):
+        assert mf.is_plain_name(name)
+    for name in ("", ".", "..", "../x", "a/b", "/abs", "C:x.onnx", "a\\b", "x..y", 3, None):
+        assert not mf.is_plain_name(name)
+
+
+def test_engine_io_names_are_the_manifest_contract(bundle_dir: Path) -> None:
+    bundle = Bundle.open(bundle_dir)
+    assert list(bundle.engine_io("inputs")) == [
+        mf.IMAGE_INPUT,
+        mf.ANCHORS_INPUT,
+        mf.ANCHORS_VALID_INPUT,
+    ]
+    assert list(bundle.engine_io("outputs")) == [mf.EMBEDDING_OUTPUT, mf.CLS_OUTPUT, mf.FATE_OUTPUT]

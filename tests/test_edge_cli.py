@@ -274,3 +274,28 @@ def test_default_method_for_rail_bundles(tmp_path, folder, capsys, exported, run
     err = capsys.readouterr().err
     assert f"method {exported} is not available in this runtime; running {runs}" in err
     assert f"vlm-edge: {runs} on onnxruntime" in err
+
+
+@pytest.mark.parametrize("command", ["run", "info"])
+def test_closed_stdout_exits_quietly_and_saves_state(tca_dir, folder, tmp_path, command) -> None:
+    # `vlm-edge ... | head -1`, made deterministic: the pipe's reader is gone before any output
+    state = tmp_path / "state.npz"
+    argv = {"run": ["run", str(tca_dir), str(folder), "--state", str(state)]}.get(
+        command, ["info", str(tca_dir)]
+    )
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "vlm_export.runtime", *argv],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == cli.EXIT_BROKEN_PIPE == 141, done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr
+    if command == "run":
+        assert state.is_file() and f"state saved to {state}" in done.stderr

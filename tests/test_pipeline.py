@@ -179,6 +179,8 @@ def test_pipeline_refuses_bad_setups(tca_bundle: Bundle, zs_dir: Path, tmp_path:
     path = folder / mf.MANIFEST_NAME
     manifest = json.loads(path.read_text())
     manifest["engine"]["batch_size"] = 8
+    for record in manifest["engine"]["inputs"][:1] + manifest["engine"]["outputs"]:
+        record["shape"][0] = 8  # a consistent batch-8 manifest (image and every output)
     path.write_text(json.dumps(manifest))
     batch8 = Bundle.open(folder)
     with pytest.raises(BundleError, match="batch-1"):
@@ -281,7 +283,7 @@ def test_provider_choice() -> None:
 def test_provider_fallback_is_reported(tca_bundle: Bundle, monkeypatch: pytest.MonkeyPatch) -> None:
     # onnxruntime-gpu without CUDA libraries: CUDA is listed but the session runs on CPU
     listed = ["CUDAExecutionProvider", *ort.get_available_providers()]
-    monkeypatch.setattr(ortb.ort, "get_available_providers", lambda: listed)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: listed)
     with pytest.warns(ortb.ProviderFallbackWarning, match="could not start CUDAExecutionProvider"):
         backend = ortb.OnnxRuntimeBackend(tca_bundle, providers=["cuda", "cpu"])
     assert backend.requested_providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]

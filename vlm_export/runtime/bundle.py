@@ -69,15 +69,16 @@ class Bundle:
     def open(cls, path: str | Path, verify: bool = True) -> Bundle:
         """Read and check a bundle folder; raise BundleError naming the first problem.
 
+        The manifest passes ``validate_manifest`` and ``validate_runtime_contract`` (engine tensors
+        consistent with batch size, preprocessing, classes and condensation).
+
         ``verify`` checks the size and sha256 of every file the manifest lists (catches truncated
         and tampered files; costs a read of the ONNX file). Warns with UntrainedWeightsWarning when
         the bundle holds random weights.
         """
         path = Path(path)
-        manifest = mf.read_manifest(path)
+        manifest = mf.validate_runtime_contract(mf.read_manifest(path))
         listed = manifest["files"]
-        if not isinstance(listed, dict):
-            raise BundleError("manifest field 'files' is not a table of files")
         unlisted = [name for name in _core_files(manifest) if name not in listed]
         if unlisted:
             raise BundleError(f"manifest does not list (and hash) {', '.join(unlisted)}")

@@ -9,12 +9,19 @@ one subcommand and defines
         run it and return the exit status; raise a UserError subclass for a user mistake.
 
 User mistakes print one line ``vlm-edge: error: ...`` and exit 1; warnings print one line each.
+
+A closed standard output (``vlm-edge run ... | head -1``) ends the command quietly with exit status
+141, what a shell reports for a command killed by SIGPIPE (128 + 13), so ``set -o pipefail``
+scripts still see that the output was cut short. The command's own cleanup runs first (``run``
+saves its state in a ``finally``); standard output is then pointed at the null device so the
+interpreter's last flush cannot print a BrokenPipeError traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 import warnings
@@ -27,6 +34,7 @@ from vlm_export.runtime import commands
 from vlm_export.runtime.errors import UserError
 
 PROG = "vlm-edge"
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as the shell reports a command killed by a closed pipe
 
 
 def command_modules() -> list[ModuleType]:
@@ -64,9 +72,20 @@ def _one_line_warning(
     print(f"{PROG}: WARNING: {message}", file=sys.stderr, flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``vlm-edge``; returns the exit status."""
-    args = build_parser().parse_args(argv)
+def _stdout_to_devnull() -> None:
+    """Point file descriptor 1 at the null device: later flushes of sys.stdout go nowhere."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced or closed stdout (tests, embedding)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         warnings.showwarning = _one_line_warning
@@ -78,3 +97,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``vlm-edge``; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+        code = _dispatch(args)
+        sys.stdout.flush()  # a reader gone away shows here, not as a traceback at exit
+        return code
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE

@@ -38,20 +38,32 @@ Manifest fields (all required unless marked optional)::
                        "first_centre": "highest_score"}
                       anchor_layers[i] = reduction_layers[i] - 1: the cls_per_layer row whose
                       per-class means are the anchors of reduction block i.
-    flops             {"convention", "full_gflops", "condensed_gflops", "closed_form", "torch_counter"}
+    flops             {"convention", "full_gflops", "condensed_gflops", "closed_form",
+                       "torch_counter"}
     parity            {"passed": bool, "max_abs", "median_abs", "cosine_min", "cases": [...]}
     text              {"embeddings": file name, "shape": [C, E], "templates": str,
                        "num_templates": int, "normalized": true}
     labels            {"file": file name, "num_classes": int, "domains": [str, ...]}
     adaptation        {"tca": {...reservoir defaults...}, "rail": {...adapter defaults...}}
-    files             {file name: {"sha256": hex, "bytes": int}} for every other file in the bundle
+    files             {file name: {"sha256": hex, "bytes": int}} for every other file in the bundle;
+                      names are plain file names inside the bundle folder (no "/", "\\" or "..")
+
+The engine's tensor names are the constants below (IMAGE_INPUT ... FATE_OUTPUT): the one contract
+between the exporter, the manifest and the backends.
+
+Two levels of checks: ``validate_manifest`` (run by ``read_manifest`` and the exporter) checks the
+structure and types of the fields any reader consumes (sections, ``files`` records, ``engine``
+batch size and tensor records, ``engines``); ``validate_runtime_contract`` (run by
+``Bundle.open``) adds the cross-field consistency the device pipeline relies on: the image input
+matches batch size and preprocess size, the text and label counts agree, and a condensing engine's
+anchors fit its condensation section and CLS output.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from vlm_export.runtime.errors import BundleError
@@ -64,6 +76,14 @@ TEXT_EMBEDDINGS = "text_embeddings.npy"
 CLASSES_FILE = "classes.json"
 METHODS = ("zeroshot", "tca", "rail", "tca+rail")
 TOKEN_FATE = {"gone": -1, "kept": 0, "merged": 1, "pruned": 2}
+
+#: engine tensor names (inputs, then outputs)
+IMAGE_INPUT = "image"
+ANCHORS_INPUT = "anchors"
+ANCHORS_VALID_INPUT = "anchors_valid"
+EMBEDDING_OUTPUT = "embedding"
+CLS_OUTPUT = "cls_per_layer"
+FATE_OUTPUT = "token_fate"
 
 REQUIRED_FIELDS = (
     "format",
@@ -86,6 +106,8 @@ REQUIRED_FIELDS = (
 REQUIRED_MODEL_FIELDS = ("name", "pretrained", "untrained", "activation", "embed_dim", "layers")
 REQUIRED_PREPROCESS_FIELDS = ("size", "resize_mode", "interpolation", "mean", "std")
 REQUIRED_ENGINE_FIELDS = ("onnx", "opset", "batch_size", "inputs", "outputs")
+REQUIRED_TEXT_FIELDS = ("embeddings",)
+REQUIRED_LABELS_FIELDS = ("file",)
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
@@ -108,14 +130,88 @@ def uses_condensation(method: str) -> bool:
     return method in ("tca", "tca+rail")
 
 
+def is_plain_name(name: Any) -> bool:
+    """True for a name that stays inside the bundle folder: no folders, no "..", not absolute."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".")
+        and "/" not in name
+        and "\\" not in name
+        and ".." not in name
+        and "\0" not in name
+        and not PureWindowsPath(name).drive
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(v) and v > 0 for v in value)
+
+
+def _check_files(files: Any) -> None:
+    if not isinstance(files, dict):
+        raise BundleError("manifest field 'files' is not a table of files")
+    for name, record in files.items():
+        if not is_plain_name(name):
+            raise BundleError(
+                f"manifest lists file {name!r}: bundle files must be plain names in the bundle "
+                "folder (no '/', '..' or absolute paths)"
+            )
+        if not isinstance(record, dict):
+            raise BundleError(f"manifest record of file {name} is not an object")
+        if not isinstance(record.get("sha256"), str):
+            raise BundleError(f"manifest record of file {name} has no sha256 string")
+        size = record.get("bytes")
+        if not _is_int(size) or size < 0:
+            raise BundleError(f"manifest record of file {name} has no integer byte count")
+
+
+def _check_tensors(kind: str, records: Any) -> None:
+    if not isinstance(records, list) or not records:
+        raise BundleError(f"manifest engine {kind} must be a non-empty list of tensors")
+    names = set()
+    for record in records:
+        if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+            raise BundleError(f"manifest engine {kind}: every tensor needs a name string")
+        name = record["name"]
+        if name in names:
+            raise BundleError(f"manifest engine {kind} lists {name!r} twice")
+        names.add(name)
+        if not _is_shape(record.get("shape")):
+            raise BundleError(
+                f"manifest engine tensor {name!r} has shape {record.get('shape')!r}: "
+                "expected a list of positive integers"
+            )
+        if not isinstance(record.get("dtype"), str):
+            raise BundleError(f"manifest engine tensor {name!r} has no dtype string")
+
+
+def _check_engine(engine: dict[str, Any], engines: Any) -> None:
+    if not is_plain_name(engine["onnx"]):
+        raise BundleError(f"manifest engine onnx {engine['onnx']!r} is not a plain file name")
+    batch = engine["batch_size"]
+    if not _is_int(batch) or batch < 1:
+        raise BundleError(f"manifest engine batch_size {batch!r} is not a positive integer")
+    _check_tensors("inputs", engine["inputs"])
+    _check_tensors("outputs", engine["outputs"])
+    if not isinstance(engines, list):
+        raise BundleError("manifest field 'engines' is not a list")
+    for record in engines:
+        if not isinstance(record, dict) or not is_plain_name(record.get("file")):
+            raise BundleError("manifest 'engines' entry without a plain file name")
+
+
 def validate_manifest(manifest: Any) -> dict[str, Any]:
-    """Check a manifest's structure; raise BundleError naming the first problem."""
+    """Check a manifest's structure and field types; raise BundleError naming the first problem."""
     if not isinstance(manifest, dict):
         raise BundleError("manifest is not a JSON object")
     if manifest.get("format") != FORMAT:
         raise BundleError(f"not a vlm-export bundle (format is {manifest.get('format')!r})")
     version = manifest.get("schema_version")
-    if not isinstance(version, int):
+    if not _is_int(version):
         raise BundleError("manifest has no integer schema_version")
     if version > SCHEMA_VERSION:
         raise BundleError(
@@ -133,12 +229,124 @@ def validate_manifest(manifest: Any) -> dict[str, Any]:
         ("model", REQUIRED_MODEL_FIELDS),
         ("preprocess", REQUIRED_PREPROCESS_FIELDS),
         ("engine", REQUIRED_ENGINE_FIELDS),
+        ("text", REQUIRED_TEXT_FIELDS),
+        ("labels", REQUIRED_LABELS_FIELDS),
     ):
+        if not isinstance(manifest[section], dict):
+            raise BundleError(f"manifest section {section!r} is not an object")
         absent = [name for name in fields if name not in manifest[section]]
         if absent:
             raise BundleError(f"manifest section {section!r} is missing: {', '.join(absent)}")
     if uses_condensation(manifest["method"]) and not manifest["condensation"]:
         raise BundleError(f"method {manifest['method']} needs a condensation section")
+    _check_files(manifest["files"])
+    _check_engine(manifest["engine"], manifest["engines"])
+    return manifest
+
+
+def _tensor_shapes(manifest: dict[str, Any], kind: str) -> dict[str, list[int]]:
+    return {record["name"]: record["shape"] for record in manifest["engine"][kind]}
+
+
+def _expect_shape(name: str, shape: list[int] | None, expected: list[int], why: str) -> None:
+    if shape is None:
+        raise BundleError(f"manifest engine has no {name!r} tensor ({why})")
+    if shape != expected:
+        raise BundleError(
+            f"manifest engine tensor {name!r} has shape {shape}, expected {expected} ({why})"
+        )
+
+
+def _count(section: dict[str, Any], field: str, where: str) -> int:
+    value = section.get(field)
+    if not _is_int(value) or value < 1:
+        raise BundleError(f"manifest {where}.{field} {value!r} is not a positive integer")
+    return value
+
+
+def validate_runtime_contract(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The cross-field checks of what the device pipeline feeds and reads (after validation).
+
+    Image input [B, 3, H, W] with B = engine.batch_size and (H, W) = preprocess.size; outputs
+    embedding [B, E]; text.shape [C, E] with C = labels.num_classes when given; for condensing
+    methods: condensation.anchor_layers and reduction_layers (int lists of the same length R),
+    outputs cls_per_layer [B, L, D] with anchor layers in 0..L-1, inputs anchors [C, R, D] and
+    anchors_valid [C], and token_fate (if listed) [B, R, n].
+    """
+    batch = manifest["engine"]["batch_size"]
+    inputs, outputs = _tensor_shapes(manifest, "inputs"), _tensor_shapes(manifest, "outputs")
+    image = inputs.get(IMAGE_INPUT)
+    size = manifest["preprocess"]["size"]
+    if not _is_shape(size) or len(size) != 2:
+        raise BundleError(f"manifest preprocess.size {size!r} is not [height, width]")
+    _expect_shape(IMAGE_INPUT, image, [batch, 3, *size], "batch_size, 3, preprocess size")
+    embedding = outputs.get(EMBEDDING_OUTPUT)
+    if embedding is None or len(embedding) != 2 or embedding[0] != batch:
+        raise BundleError(
+            f"manifest engine output {EMBEDDING_OUTPUT!r} has shape {embedding}, expected "
+            f"[{batch}, embed_dim]"
+        )
+    text_shape = manifest["text"].get("shape")
+    if not _is_shape(text_shape) or len(text_shape) != 2:
+        raise BundleError(f"manifest text.shape {text_shape!r} is not [classes, embed_dim]")
+    if text_shape[1] != embedding[1]:
+        raise BundleError(
+            f"manifest text.shape {text_shape} does not fit {EMBEDDING_OUTPUT} {embedding}"
+        )
+    condensing = uses_condensation(manifest["method"])
+    feedable = {IMAGE_INPUT, ANCHORS_INPUT, ANCHORS_VALID_INPUT} if condensing else {IMAGE_INPUT}
+    unfed = sorted(set(inputs) - feedable)
+    if unfed:
+        raise BundleError(
+            f"manifest engine has inputs the runtime does not feed for method "
+            f"{manifest['method']}: {', '.join(unfed)}"
+        )
+    labels = manifest["labels"]
+    if "num_classes" in labels or condensing:
+        classes = _count(labels, "num_classes", "labels")
+        if classes != text_shape[0]:
+            raise BundleError(
+                f"manifest labels.num_classes is {classes}, text.shape has {text_shape[0]} rows"
+            )
+    if not condensing:
+        return manifest
+    condensation = manifest["condensation"]
+    if not isinstance(condensation, dict):
+        raise BundleError("manifest condensation section is not an object")
+    layer_lists = {}
+    for field in ("anchor_layers", "reduction_layers"):
+        layers = condensation.get(field)
+        if not isinstance(layers, list) or not layers or not all(_is_int(v) for v in layers):
+            raise BundleError(f"manifest condensation.{field} {layers!r} is not a list of ints")
+        layer_lists[field] = layers
+    reductions = len(layer_lists["reduction_layers"])
+    if len(layer_lists["anchor_layers"]) != reductions:
+        raise BundleError(
+            f"manifest condensation has {len(layer_lists['anchor_layers'])} anchor_layers for "
+            f"{reductions} reduction_layers"
+        )
+    cls = outputs.get(CLS_OUTPUT)
+    if cls is None or len(cls) != 3 or cls[0] != batch:
+        raise BundleError(
+            f"manifest engine output {CLS_OUTPUT!r} has shape {cls}, expected [{batch}, layers, "
+            "width]"
+        )
+    _, num_layers, width = cls
+    outside = [v for v in layer_lists["anchor_layers"] if not 0 <= v < num_layers]
+    if outside:
+        raise BundleError(
+            f"manifest condensation.anchor_layers {outside} are outside the {num_layers} rows of "
+            f"{CLS_OUTPUT}"
+        )
+    why = f"classes {classes}, {reductions} reduction layers, width {width} of {CLS_OUTPUT}"
+    _expect_shape(ANCHORS_INPUT, inputs.get(ANCHORS_INPUT), [classes, reductions, width], why)
+    _expect_shape(ANCHORS_VALID_INPUT, inputs.get(ANCHORS_VALID_INPUT), [classes], why)
+    fate = outputs.get(FATE_OUTPUT)
+    if fate is not None and (len(fate) != 3 or fate[:2] != [batch, reductions]):
+        raise BundleError(
+            f"manifest engine output {FATE_OUTPUT!r} has shape {fate}, expected "
+            f"[{batch}, {reductions}, patches]"
+        )
     return manifest
 
 

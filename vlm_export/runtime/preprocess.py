@@ -9,6 +9,11 @@ with premultiplied alpha, exactly as PIL does inside open_clip's transform.
 
 EXIF orientation is not applied (open_clip's transform does not apply it either).
 
+The manifest's ``interpolation`` applies where open_clip applies it: ``squash``, ``longest`` and
+``shortest`` with a square size. For ``shortest`` with a non-square size open_clip calls
+``ResizeKeepRatio(image_size)`` without its interpolation argument, so that case always resizes
+bicubic whatever the config says; this module does the same.
+
 One deliberate difference: 16-bit grayscale images (modes ``I;16*`` and ``I``) are scaled to 8 bits
 first, ``round(v * 255 / 65535)`` with values clipped to [0, 65535]. PIL's ``convert("RGB")``, which
 open_clip relies on, clips them at 255 instead, which turns every ordinary 16-bit photo white.
@@ -124,6 +129,13 @@ class Preprocessor:
         levels = np.arange(256, dtype=np.float32) / np.float32(255)
         self._lut = ((levels[None, :] - mean[:, None]) / std[:, None]).astype(np.float32)
 
+    @property
+    def resample(self) -> Image.Resampling:
+        """The PIL filter of the resize step (open_clip's choice, see the module docstring)."""
+        if self.resize_mode == "shortest" and self.size[0] != self.size[1]:
+            return Image.Resampling.BICUBIC  # open_clip's ResizeKeepRatio(image_size) default
+        return self._resample
+
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> Preprocessor:
         """Build from a bundle manifest."""
@@ -142,7 +154,7 @@ class Preprocessor:
         else:
             new_size = keep_ratio_size(height, width, self.size, longest=False)
         if new_size != (height, width):
-            image = image.resize((new_size[1], new_size[0]), self._resample)
+            image = image.resize((new_size[1], new_size[0]), self.resample)
         fill = self.fill_color if self.resize_mode == "longest" else 0
         return crop_or_pad(image, self.size, fill)
 

@@ -54,19 +54,19 @@ def load_state(
     (when ``bundle_fingerprint`` is given) a state made with another bundle.
     """
     path = Path(path)
+    if path.is_dir():
+        raise StateError(f"{path} is a folder, not a state file")
     if not path.is_file():
         raise StateError(f"state file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise StateError(f"{path} is not a readable state file ({exc})") from None
+    arrays = _read_arrays(path)
     if META_KEY not in arrays:
         raise StateError(f"{path} is not a vlm-export state file (no {META_KEY})")
     try:
         meta = json.loads(str(arrays.pop(META_KEY)))
     except json.JSONDecodeError:
         raise StateError(f"{path} has a corrupt header") from None
+    if not isinstance(meta, dict):
+        raise StateError(f"{path} has a corrupt header (not a JSON object)")
     if meta.get("kind") != kind:
         raise StateError(f"{path} holds a {meta.get('kind')!r} state, expected {kind!r}")
     if meta.get("schema_version") != schema_version:
@@ -80,3 +80,21 @@ def load_state(
             f"is {bundle_fingerprint}): other model or class list"
         )
     return arrays, meta
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file, no pickle; StateError if it cannot be read.
+
+    The file is opened here and handed to ``np.load`` as an open file, so it is closed on every
+    path: ``np.load`` given a file name leaks its handle when the zip directory is unreadable
+    (a truncated file), which Python reports as an "unclosed file" ResourceWarning.
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = np.load(handle, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise StateError(f"{path} is not a state file (a single .npy array, not .npz)")
+            with data:
+                return {name: data[name] for name in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise StateError(f"{path} is not a readable state file ({exc})") from None

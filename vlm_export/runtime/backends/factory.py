@@ -36,7 +36,8 @@ def open_backend(
     """Open the engine of ``bundle`` with the chosen backend.
 
     ``auto`` uses TensorRT when the bundle lists engines and TensorRT loads one, otherwise ONNX
-    Runtime (naming ``providers`` or ``threads`` selects ONNX Runtime directly).
+    Runtime (naming ``providers`` or ``threads`` selects ONNX Runtime directly). ONNX Runtime is
+    imported only when it is used; without it the UserError says which extra to install.
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
@@ -44,11 +45,23 @@ def open_backend(
         if providers or threads is not None:
             raise UserError("--providers and --threads apply to the onnxruntime backend only")
         return _open_tensorrt(bundle)
+    tensorrt_problem = None
     if backend == "auto" and not providers and threads is None and bundle.manifest["engines"]:
         try:
             return _open_tensorrt(bundle)
-        except UserError:
-            pass
-    from vlm_export.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+        except UserError as exc:
+            tensorrt_problem = exc
+    # imports onnxruntime only now, inside the backend: OnnxRuntimeMissing when not installed
+    from vlm_export.runtime.backends.onnxruntime_backend import (
+        OnnxRuntimeBackend,
+        OnnxRuntimeMissing,
+    )
 
-    return OnnxRuntimeBackend(bundle, providers=providers, threads=threads)
+    try:
+        return OnnxRuntimeBackend(bundle, providers=providers, threads=threads)
+    except OnnxRuntimeMissing as exc:
+        if tensorrt_problem is None:
+            raise
+        raise OnnxRuntimeMissing(
+            f"{exc}; the bundle's TensorRT engine could not be used either ({tensorrt_problem})"
+        ) from None

@@ -1,17 +1,26 @@
-"""ONNX Runtime backend: provider choice, fallback detection, anchors bound once, not per frame."""
+"""ONNX Runtime backend: provider choice, fallback detection, anchors bound once, not per frame.
+
+``onnxruntime`` is imported when a backend is opened, not when this module is: the runtime works
+without it (TensorRT), and a device without it gets a one-line UserError naming the extra to
+install. ONNX Runtime comes as ``onnxruntime`` (CPU) or ``onnxruntime-gpu``; both install the same
+``onnxruntime`` package, so having both distributions installed leaves whichever was installed
+last (often without the CUDA providers): that conflict is warned about once per process.
+"""
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from importlib import metadata
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from vlm_export.runtime.backends.base import EngineBackend
 from vlm_export.runtime.errors import BundleError, UserError
+from vlm_export.runtime.manifest import ANCHORS_INPUT, ANCHORS_VALID_INPUT, IMAGE_INPUT
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
@@ -29,16 +38,90 @@ SHORT_NAMES = {
     "cpu": "CPUExecutionProvider",
 }
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-ORT_ERRORS = (
-    ort_state.Fail,
-    ort_state.InvalidGraph,
-    ort_state.InvalidProtobuf,
-    ort_state.NoSuchFile,
-    ort_state.NotImplemented,
-    ort_state.RuntimeException,
-    ort_state.EPFail,
+ORT_ERROR_NAMES = (
+    "Fail",
+    "InvalidGraph",
+    "InvalidProtobuf",
+    "NoSuchFile",
+    "NotImplemented",
+    "RuntimeException",
+    "EPFail",
 )
-ANCHORS, ANCHORS_VALID, IMAGE = "anchors", "anchors_valid", "image"
+#: ONNX type strings of the manifest's dtypes
+ONNX_TYPES = {
+    "float32": "tensor(float)",
+    "float16": "tensor(float16)",
+    "int32": "tensor(int32)",
+    "int64": "tensor(int64)",
+    "bool": "tensor(bool)",
+}
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+MISSING_MESSAGE = (
+    "ONNX Runtime is not installed: pip install 'vlm-export[cpu]' (or [gpu] on NVIDIA GPUs)"
+)
+_conflict_checked = False
+
+
+class OnnxRuntimeMissing(UserError):
+    """The ``onnxruntime`` package is not installed (or cannot be imported)."""
+
+
+class OnnxRuntimeConflictWarning(UserWarning):
+    """Both ``onnxruntime`` and ``onnxruntime-gpu`` are installed; they overwrite each other."""
+
+
+def installed_distribution(name: str) -> bool:
+    """True when the distribution ``name`` is installed (importlib.metadata)."""
+    try:
+        metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def warn_if_conflicting() -> None:
+    """Warn (once per process) when both onnxruntime distributions are installed."""
+    global _conflict_checked
+    if _conflict_checked:
+        return
+    _conflict_checked = True
+    if all(installed_distribution(name) for name in ORT_DISTRIBUTIONS):
+        warnings.warn(
+            OnnxRuntimeConflictWarning(
+                "both onnxruntime and onnxruntime-gpu are installed; they share the import name "
+                "and overwrite each other (GPU providers may be missing): pip uninstall -y "
+                "onnxruntime onnxruntime-gpu, then pip install 'vlm-export[gpu]' (or [cpu])"
+            ),
+            stacklevel=3,
+        )
+
+
+def import_onnxruntime() -> ModuleType:
+    """The ``onnxruntime`` module; OnnxRuntimeMissing (a UserError) when it is not installed."""
+    try:
+        ort = importlib.import_module("onnxruntime")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] == "onnxruntime":
+            raise OnnxRuntimeMissing(MISSING_MESSAGE) from None
+        raise OnnxRuntimeMissing(f"ONNX Runtime cannot be imported ({exc})") from None
+    except ImportError as exc:
+        raise OnnxRuntimeMissing(
+            f"ONNX Runtime is installed but cannot be imported ({_first_line(exc)}); "
+            "reinstall it: pip install --force-reinstall 'vlm-export[cpu]' (or [gpu])"
+        ) from None
+    warn_if_conflicting()
+    return ort
+
+
+def ort_errors(ort: ModuleType) -> tuple[type[BaseException], ...]:
+    """ONNX Runtime's own exception classes (they derive from Exception only)."""
+    state = importlib.import_module(f"{ort.__name__}.capi.onnxruntime_pybind11_state")
+    return tuple(getattr(state, name) for name in ORT_ERROR_NAMES if hasattr(state, name))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 class ProviderFallbackWarning(UserWarning):
@@ -59,9 +142,26 @@ def choose_providers(requested: Sequence[str] | None, available: Sequence[str]) 
     return chosen
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+def check_tensor(
+    kind: str, name: str, shape: Sequence[Any], onnx_type: str, record: dict[str, Any]
+) -> None:
+    """One ONNX graph tensor against its manifest record; BundleError naming both shapes.
+
+    Dimensions the graph leaves symbolic (a name or None) match any manifest size.
+    """
+    expected = [int(v) for v in record["shape"]]
+    graph = [v if isinstance(v, int) else None for v in shape]
+    fits = len(graph) == len(expected) and all(
+        g is None or g == e for g, e in zip(graph, expected, strict=True)
+    )
+    if not fits:
+        shown = [v if v is not None else "?" for v in graph]
+        raise BundleError(f"ONNX {kind} {name!r} has shape {shown}, the manifest says {expected}")
+    wanted = ONNX_TYPES.get(str(record["dtype"]))
+    if wanted is not None and onnx_type != wanted:
+        raise BundleError(
+            f"ONNX {kind} {name!r} is {onnx_type}, the manifest says {record['dtype']}"
+        )
 
 
 class OnnxRuntimeBackend(EngineBackend):
@@ -78,6 +178,8 @@ class OnnxRuntimeBackend(EngineBackend):
         providers: Sequence[str] | None = None,
         threads: int | None = None,
     ) -> None:
+        self._ort = ort = import_onnxruntime()
+        self._errors = ort_errors(ort)
         self.requested_providers = choose_providers(providers, ort.get_available_providers())
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -93,7 +195,7 @@ class OnnxRuntimeBackend(EngineBackend):
                 self.session = ort.InferenceSession(
                     str(bundle.onnx_path), sess_options=options, providers=self.requested_providers
                 )
-        except ORT_ERRORS as exc:
+        except self._errors as exc:
             raise BundleError(
                 f"ONNX Runtime cannot load {bundle.onnx_path.name}: {_first_line(exc)}"
             ) from None
@@ -111,35 +213,40 @@ class OnnxRuntimeBackend(EngineBackend):
         self._device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
         self._inputs = bundle.engine_io("inputs")
         self._outputs = bundle.engine_io("outputs")
-        self._check_names()
-        self.image_shape = tuple(int(v) for v in self._inputs[IMAGE]["shape"])
-        self.condensing = ANCHORS in self._inputs
+        self._check_session()
+        self.image_shape = tuple(int(v) for v in self._inputs[IMAGE_INPUT]["shape"])
+        self.condensing = ANCHORS_INPUT in self._inputs
         self._binding = self.session.io_binding()
         for name in self._outputs:
             self._binding.bind_output(name, "cpu")
-        self._bound: dict[str, tuple[np.ndarray, ort.OrtValue]] = {}
+        self._bound: dict[str, tuple[np.ndarray, Any]] = {}
         if self.condensing:
-            anchors_shape = tuple(int(v) for v in self._inputs[ANCHORS]["shape"])
+            anchors_shape = tuple(int(v) for v in self._inputs[ANCHORS_INPUT]["shape"])
             self.set_anchors(
                 np.zeros(anchors_shape, dtype=np.float32),
                 np.zeros(anchors_shape[0], dtype=np.float32),
             )
 
-    def _check_names(self) -> None:
-        session_inputs = {node.name for node in self.session.get_inputs()}
-        session_outputs = {node.name for node in self.session.get_outputs()}
-        if IMAGE not in self._inputs:
-            raise BundleError("manifest engine has no 'image' input")
-        if session_inputs != set(self._inputs):
+    def _check_session(self) -> None:
+        """The ONNX graph's inputs and outputs must be the manifest's: names, shapes, dtypes."""
+        if IMAGE_INPUT not in self._inputs:
+            raise BundleError(f"manifest engine has no {IMAGE_INPUT!r} input")
+        if (ANCHORS_INPUT in self._inputs) != (ANCHORS_VALID_INPUT in self._inputs):
             raise BundleError(
-                f"ONNX inputs {sorted(session_inputs)} differ from the manifest's "
-                f"{sorted(self._inputs)}"
+                f"manifest engine needs both {ANCHORS_INPUT!r} and {ANCHORS_VALID_INPUT!r} or "
+                "neither"
             )
-        if (ANCHORS in self._inputs) != (ANCHORS_VALID in self._inputs):
-            raise BundleError("manifest engine needs both 'anchors' and 'anchors_valid' or neither")
-        missing = sorted(set(self._outputs) - session_outputs)
-        if missing:
-            raise BundleError(f"ONNX model lacks the manifest's outputs: {', '.join(missing)}")
+        for kind, nodes, records in (
+            ("input", self.session.get_inputs(), self._inputs),
+            ("output", self.session.get_outputs(), self._outputs),
+        ):
+            found = {node.name: node for node in nodes}
+            if set(found) != set(records):
+                raise BundleError(
+                    f"ONNX {kind}s {sorted(found)} differ from the manifest's {sorted(records)}"
+                )
+            for name, record in records.items():
+                check_tensor(kind, name, found[name].shape, found[name].type, record)
 
     @property
     def output_names(self) -> list[str]:
@@ -148,7 +255,7 @@ class OnnxRuntimeBackend(EngineBackend):
 
     def bound_anchors(self) -> tuple[np.ndarray, np.ndarray]:
         """The host arrays currently bound as anchors and anchors_valid."""
-        return self._bound[ANCHORS][0], self._bound[ANCHORS_VALID][0]
+        return self._bound[ANCHORS_INPUT][0], self._bound[ANCHORS_VALID_INPUT][0]
 
     def set_anchors(self, anchors: np.ndarray, valid: np.ndarray) -> None:
         """Bind anchors [C, R, D] and valid [C] for every following ``infer``.
@@ -159,15 +266,15 @@ class OnnxRuntimeBackend(EngineBackend):
         """
         if not self.condensing:
             raise BundleError("this engine does not condense tokens: it takes no anchors")
-        expected = tuple(int(v) for v in self._inputs[ANCHORS]["shape"])
+        expected = tuple(int(v) for v in self._inputs[ANCHORS_INPUT]["shape"])
         if anchors.shape != expected or valid.shape != expected[:1]:
             raise ValueError(
                 f"anchors {anchors.shape} / valid {valid.shape} do not fit the engine's "
                 f"{expected} / {expected[:1]}"
             )
-        for name, array in ((ANCHORS, anchors), (ANCHORS_VALID, valid)):
+        for name, array in ((ANCHORS_INPUT, anchors), (ANCHORS_VALID_INPUT, valid)):
             array = np.ascontiguousarray(array, dtype=np.float32)
-            value = ort.OrtValue.ortvalue_from_numpy(array, self._device, 0)
+            value = self._ort.OrtValue.ortvalue_from_numpy(array, self._device, 0)
             self._bound[name] = (array, value)  # the bound value reads this memory: keep it alive
             self._binding.bind_ortvalue_input(name, value)
 
@@ -178,10 +285,10 @@ class OnnxRuntimeBackend(EngineBackend):
                 f"image batch {image.shape} does not fit the engine's {self.image_shape}"
             )
         image = np.ascontiguousarray(image, dtype=np.float32)
-        self._binding.bind_cpu_input(IMAGE, image)
+        self._binding.bind_cpu_input(IMAGE_INPUT, image)
         try:
             self.session.run_with_iobinding(self._binding)
-        except ORT_ERRORS as exc:
+        except self._errors as exc:
             raise RuntimeError(f"ONNX Runtime inference failed: {_first_line(exc)}") from exc
         values = self._binding.copy_outputs_to_cpu()
         return dict(zip(self._outputs, values, strict=True))
