@@ -18,8 +18,9 @@ import time
 from vlm_export.runtime.backends.factory import open_backend
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.errors import UserError
-from vlm_export.runtime.pipeline import Pipeline, build_reservoir
+from vlm_export.runtime.pipeline import Pipeline
 from vlm_export.runtime.sources import VideoSource, import_cv2
+from vlm_export.runtime.tca_stage import build_reservoir
 
 
 def main() -> int:

@@ -19,15 +19,11 @@ from vlm_export.runtime.backends.base import EngineBackend
 from vlm_export.runtime.backends.factory import open_backend
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.errors import BundleError, StateError, UserError
-from vlm_export.runtime.pipeline import (
-    Pipeline,
-    ReservoirConfig,
-    build_reservoir,
-    reservoir_config,
-    softmax,
-)
+from vlm_export.runtime.numerics import softmax
+from vlm_export.runtime.pipeline import Pipeline
 from vlm_export.runtime.preprocess import ImageError
-from vlm_export.runtime.reservoir import TokenReservoir
+from vlm_export.runtime.reservoir import ReservoirConfig, TokenReservoir
+from vlm_export.runtime.tca_stage import build_reservoir, reservoir_config
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,18 @@ import torch
 from vlm_export.models.condensing_tower import CondensingVisionTower
 from vlm_export.models.tracing import plain_attention
 from vlm_export.runtime.errors import UserError
+from vlm_export.runtime.manifest import (
+    ANCHORS_INPUT,
+    ANCHORS_VALID_INPUT,
+    CLS_OUTPUT,
+    EMBEDDING_OUTPUT,
+    FATE_OUTPUT,
+    IMAGE_INPUT,
+)
 
 SUPPORTED_OPSETS = (16, 17)
-IMAGE_INPUT = "image"
-ANCHOR_INPUTS = ("anchors", "anchors_valid")
-BASE_OUTPUTS = ("embedding", "cls_per_layer")
-FATE_OUTPUT = "token_fate"
+ANCHOR_INPUTS = (ANCHORS_INPUT, ANCHORS_VALID_INPUT)
+BASE_OUTPUTS = (EMBEDDING_OUTPUT, CLS_OUTPUT)
 
 
 class OnnxExportError(UserError):
@@ -39,9 +45,13 @@ def io_spec(tower: CondensingVisionTower, batch_size: int) -> dict[str, list[dic
     size, width = geometry["image_size"], geometry["width"]
     inputs = [{"name": IMAGE_INPUT, "shape": [batch_size, 3, size, size], "dtype": "float32"}]
     outputs = [
-        {"name": "embedding", "shape": [batch_size, geometry["embed_dim"]], "dtype": "float32"},
         {
-            "name": "cls_per_layer",
+            "name": EMBEDDING_OUTPUT,
+            "shape": [batch_size, geometry["embed_dim"]],
+            "dtype": "float32",
+        },
+        {
+            "name": CLS_OUTPUT,
             "shape": [batch_size, geometry["layers"], width],
             "dtype": "float32",
         },
@@ -50,11 +60,11 @@ def io_spec(tower: CondensingVisionTower, batch_size: int) -> dict[str, list[dic
         reductions = len(tower.schedule)
         inputs += [
             {
-                "name": "anchors",
+                "name": ANCHORS_INPUT,
                 "shape": [tower.num_classes, reductions, width],
                 "dtype": "float32",
             },
-            {"name": "anchors_valid", "shape": [tower.num_classes], "dtype": "float32"},
+            {"name": ANCHORS_VALID_INPUT, "shape": [tower.num_classes], "dtype": "float32"},
         ]
         fate_shape = [batch_size, reductions, geometry["num_patches"]]
         outputs.append({"name": FATE_OUTPUT, "shape": fate_shape, "dtype": "int32"})

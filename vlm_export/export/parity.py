@@ -12,6 +12,7 @@ import torch
 from vlm_export.export.onnx_export import io_names
 from vlm_export.models.condensing_tower import CondensingVisionTower
 from vlm_export.runtime.errors import UserError
+from vlm_export.runtime.manifest import CLS_OUTPUT, EMBEDDING_OUTPUT, FATE_OUTPUT
 
 MIN_COSINE = 0.9999  # embedding and cls_per_layer (the reservoir reads the CLS stack)
 MAX_ABS_EMBEDDING = 1e-3
@@ -73,7 +74,7 @@ def check_parity(
         actual = session.run(output_names, feeds)
         case: dict[str, Any] = {"case": name}
         for out_name, got, want in zip(output_names, actual, expected, strict=True):
-            if out_name == "token_fate":
+            if out_name == FATE_OUTPUT:
                 case["token_fate_agreement"] = float(np.mean(got == want))
                 continue
             diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
@@ -83,15 +84,15 @@ def check_parity(
                 "cosine": _cosine(got, want),
             }
         cases.append(case)
-    cosine_min = min(case["embedding"]["cosine"] for case in cases)
-    cls_cosine_min = min(case["cls_per_layer"]["cosine"] for case in cases)
-    max_abs = max(case["embedding"]["max_abs"] for case in cases)
+    cosine_min = min(case[EMBEDDING_OUTPUT]["cosine"] for case in cases)
+    cls_cosine_min = min(case[CLS_OUTPUT]["cosine"] for case in cases)
+    max_abs = max(case[EMBEDDING_OUTPUT]["max_abs"] for case in cases)
     fate_min = min((case.get("token_fate_agreement", 1.0) for case in cases), default=1.0)
     report = {
         "reference": "PyTorch eager (fp32, CPU)",
         "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
         "max_abs": max_abs,
-        "median_abs": max(case["embedding"]["median_abs"] for case in cases),
+        "median_abs": max(case[EMBEDDING_OUTPUT]["median_abs"] for case in cases),
         "cosine_min": cosine_min,
         "cls_cosine_min": cls_cosine_min,
         "token_fate_agreement_min": fate_min,

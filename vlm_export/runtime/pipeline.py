@@ -10,9 +10,7 @@ scores. Without fusion the reported scores are the softmax of the final logits. 
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,9 +21,11 @@ from PIL import Image
 from vlm_export.runtime.backends.base import EngineBackend
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.errors import BundleError, UserError
+from vlm_export.runtime.manifest import ANCHORS_INPUT, CLS_OUTPUT, EMBEDDING_OUTPUT
 from vlm_export.runtime.numerics import softmax
 from vlm_export.runtime.preprocess import Preprocessor
-from vlm_export.runtime.reservoir import ReservoirConfig, TokenReservoir
+from vlm_export.runtime.reservoir import TokenReservoir
+from vlm_export.runtime.tca_stage import TcaStage, build_reservoir
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,6 @@ METHODS = tuple(METHOD_STAGES)
 
 #: fixed zero-shot logit factor of the spec (not the model's logit_scale)
 LOGIT_FACTOR = 100.0
-RESERVOIR_KEYS = tuple(item.name for item in dataclasses.fields(ReservoirConfig))
 
 FrameInput = Image.Image | np.ndarray | str | Path
 
@@ -88,90 +87,6 @@ class FrameResult:
         }
 
 
-def reservoir_config(
-    manifest: dict[str, Any], overrides: Mapping[str, Any] | None = None
-) -> ReservoirConfig:
-    """Reservoir hyperparameters: manifest ``adaptation.tca`` defaults, then ``overrides``.
-
-    Other keys of the manifest section (preset name, zero-shot factor) are not reservoir settings.
-    """
-    defaults = (manifest.get("adaptation") or {}).get("tca") or {}
-    values = {key: defaults[key] for key in RESERVOIR_KEYS if key in defaults}
-    values.update({key: value for key, value in (overrides or {}).items() if value is not None})
-    unknown = sorted(set(values) - set(RESERVOIR_KEYS))
-    if unknown:
-        raise UserError(f"unknown reservoir setting(s): {', '.join(unknown)}")
-    return ReservoirConfig(**values)
-
-
-def reservoir_geometry(bundle: Bundle) -> tuple[int, int, int, list[int]]:
-    """(num_classes, num_layers, width, anchor_layers) of the bundle's condensing engine."""
-    condensation = bundle.manifest["condensation"]
-    if not condensation or "anchors" not in bundle.engine_io("inputs"):
-        raise UserError(
-            f"method tca needs a bundle exported with token condensation; this bundle's method "
-            f"is {bundle.method}"
-        )
-    outputs = bundle.engine_io("outputs")
-    if "cls_per_layer" not in outputs:
-        raise BundleError("the engine has no cls_per_layer output (needed by the reservoir)")
-    _, num_layers, width = (int(v) for v in outputs["cls_per_layer"]["shape"])
-    return bundle.num_classes, num_layers, width, [int(i) for i in condensation["anchor_layers"]]
-
-
-def build_reservoir(
-    bundle: Bundle,
-    overrides: Mapping[str, Any] | None = None,
-    state: str | Path | None = None,
-) -> TokenReservoir:
-    """A reservoir for ``bundle``: loaded from ``state`` if that file exists, else empty.
-
-    A loaded reservoir keeps the config it was saved with; an override that contradicts it is a
-    UserError (the stored entries were selected under that config).
-    """
-    geometry = reservoir_geometry(bundle)
-    if state is not None and Path(state).exists():
-        reservoir = TokenReservoir.load(state, bundle.fingerprint, *geometry)
-        saved = dataclasses.asdict(reservoir.config)
-        clashes = [
-            f"{key}={saved[key]}"
-            for key, value in (overrides or {}).items()
-            if value is not None and saved[key] != value
-        ]
-        if clashes:
-            raise UserError(
-                f"state {state} was saved with {', '.join(clashes)}; drop those options or start "
-                "a new state file"
-            )
-        return reservoir
-    return TokenReservoir(*geometry, config=reservoir_config(bundle.manifest, overrides))
-
-
-class TcaStage:
-    """TCA on the host: reservoir update, anchors to the engine when they move, correction."""
-
-    def __init__(self, reservoir: TokenReservoir, backend: EngineBackend) -> None:
-        self.reservoir = reservoir
-        self.backend = backend
-        self._pushed_version: int | None = None
-        self.sync_anchors()
-
-    def sync_anchors(self) -> None:
-        """Hand the reservoir's anchors to the engine if they changed since the last push."""
-        if self.reservoir.version != self._pushed_version:
-            self.backend.set_anchors(*self.reservoir.anchors())
-            self._pushed_version = self.reservoir.version
-
-    def update(self, logits: np.ndarray, cls_stack: np.ndarray) -> None:
-        """Insert this frame into the reservoir, then push anchors if they moved."""
-        self.reservoir.update(logits, cls_stack)
-        self.sync_anchors()
-
-    def correction(self, cls_stack: np.ndarray) -> np.ndarray:
-        """Logit offsets z [C] for this frame."""
-        return self.reservoir.correction(cls_stack)
-
-
 class Pipeline:
     """Composes preprocess, engine, logits, the optional TCA stage and fusion, per frame."""
 
@@ -209,8 +124,8 @@ class Pipeline:
             if reservoir is None:
                 reservoir = build_reservoir(bundle)
             self.tca = TcaStage(reservoir, backend)
-        elif "anchors" in bundle.engine_io("inputs"):
-            shape = [int(v) for v in bundle.engine_io("inputs")["anchors"]["shape"]]
+        elif ANCHORS_INPUT in bundle.engine_io("inputs"):
+            shape = [int(v) for v in bundle.engine_io("inputs")[ANCHORS_INPUT]["shape"]]
             backend.set_anchors(np.zeros(shape, np.float32), np.zeros(shape[0], np.float32))
         self._text_t = np.ascontiguousarray(bundle.text_embeddings.T)
         self._normalize = not bundle.manifest["engine"].get("embedding_normalized", True)
@@ -248,12 +163,12 @@ class Pipeline:
         mark = time.perf_counter()
         outputs = self.backend.infer(tensor)
         timings["engine"] = _ms(mark)
-        embedding = outputs["embedding"][0]
+        embedding = outputs[EMBEDDING_OUTPUT][0]
         if self._normalize:
             embedding = embedding / np.linalg.norm(embedding)
         logits = np.float32(LOGIT_FACTOR) * (embedding @ self._text_t)
         if self.tca is not None:
-            cls_stack = outputs["cls_per_layer"][0]
+            cls_stack = outputs[CLS_OUTPUT][0]
             mark = time.perf_counter()
             self.tca.update(logits, cls_stack)
             timings["reservoir"] = _ms(mark)

@@ -33,9 +33,18 @@ from vlm_export.runtime.engine_select import (
     query_device,
 )
 from vlm_export.runtime.errors import BundleError
-from vlm_export.runtime.manifest import read_manifest
-
-IMAGE, ANCHORS, ANCHORS_VALID = "image", "anchors", "anchors_valid"
+from vlm_export.runtime.manifest import (
+    ANCHORS_INPUT as ANCHORS,
+)
+from vlm_export.runtime.manifest import (
+    ANCHORS_VALID_INPUT as ANCHORS_VALID,
+)
+from vlm_export.runtime.manifest import (
+    IMAGE_INPUT as IMAGE,
+)
+from vlm_export.runtime.manifest import (
+    read_manifest,
+)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from vlm_export.runtime.commands._rail import (
     show_progress,
 )
 from vlm_export.runtime.errors import UserError
+from vlm_export.runtime.manifest import EMBEDDING_OUTPUT
 from vlm_export.runtime.pipeline import Pipeline
 from vlm_export.runtime.rail.dataset import LabelledImages, training_images
 from vlm_export.runtime.rail.embed import embed_images
@@ -118,7 +119,7 @@ def handle(args: argparse.Namespace) -> int:
         stack.callback(backend.close)
         pipeline = Pipeline(bundle, backend, "zeroshot")
         start = time.perf_counter()
-        features, _ = embed_images(pipeline, data.paths, "embedding", show_progress(args))
+        features, _ = embed_images(pipeline, data.paths, EMBEDDING_OUTPUT, show_progress(args))
     status(
         f"embedded {len(data)} images of {len(data.classes)} classes on {backend.description} "
         f"in {time.perf_counter() - start:.1f} s"

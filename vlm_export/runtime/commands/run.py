@@ -31,13 +31,13 @@ from vlm_export.runtime.pipeline import (
     FrameResult,
     Pipeline,
     Stages,
-    build_reservoir,
 )
 from vlm_export.runtime.preprocess import ImageError
 from vlm_export.runtime.rail.fusion import RailFusion
 from vlm_export.runtime.rail.models import describe, fusion_beta, load_predictor
 from vlm_export.runtime.reservoir import ANCHOR_RULES, EVICTION_MODES
 from vlm_export.runtime.sources import Frame, Source, open_source
+from vlm_export.runtime.tca_stage import build_reservoir
 
 STAGES = ("preprocess", "engine", "reservoir", "correction", "fusion", "total")
 PROGRESS_INTERVAL_S = 0.25

@@ -1,0 +1,104 @@
+"""TCA on the host side of the pipeline: the reservoir for a bundle, and the per-frame stage.
+
+The stage updates the reservoir with each frame, hands the anchors to the engine only when they
+changed (the engine reads them on the next frame), and computes the logit correction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlm_export.runtime.backends.base import EngineBackend
+from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.errors import UserError
+from vlm_export.runtime.manifest import ANCHORS_INPUT, CLS_OUTPUT
+from vlm_export.runtime.reservoir import ReservoirConfig, TokenReservoir
+
+RESERVOIR_KEYS = tuple(item.name for item in dataclasses.fields(ReservoirConfig))
+
+
+def reservoir_config(
+    manifest: dict[str, Any], overrides: Mapping[str, Any] | None = None
+) -> ReservoirConfig:
+    """Reservoir hyperparameters: manifest ``adaptation.tca`` defaults, then ``overrides``.
+
+    Other keys of the manifest section (preset name, zero-shot factor) are not reservoir settings.
+    """
+    defaults = (manifest.get("adaptation") or {}).get("tca") or {}
+    values = {key: defaults[key] for key in RESERVOIR_KEYS if key in defaults}
+    values.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    unknown = sorted(set(values) - set(RESERVOIR_KEYS))
+    if unknown:
+        raise UserError(f"unknown reservoir setting(s): {', '.join(unknown)}")
+    return ReservoirConfig(**values)
+
+
+def reservoir_geometry(bundle: Bundle) -> tuple[int, int, int, list[int]]:
+    """(num_classes, num_layers, width, anchor_layers) of the bundle's condensing engine."""
+    condensation = bundle.manifest["condensation"]
+    if not condensation or ANCHORS_INPUT not in bundle.engine_io("inputs"):
+        raise UserError(
+            f"method tca needs a bundle exported with token condensation; this bundle's method "
+            f"is {bundle.method}"
+        )
+    # shapes were checked against each other when the bundle was opened (runtime contract)
+    _, num_layers, width = (int(v) for v in bundle.engine_io("outputs")[CLS_OUTPUT]["shape"])
+    return bundle.num_classes, num_layers, width, [int(i) for i in condensation["anchor_layers"]]
+
+
+def build_reservoir(
+    bundle: Bundle,
+    overrides: Mapping[str, Any] | None = None,
+    state: str | Path | None = None,
+) -> TokenReservoir:
+    """A reservoir for ``bundle``: loaded from ``state`` if that file exists, else empty.
+
+    A loaded reservoir keeps the config it was saved with; an override that contradicts it is a
+    UserError (the stored entries were selected under that config).
+    """
+    geometry = reservoir_geometry(bundle)
+    if state is not None and Path(state).exists():
+        reservoir = TokenReservoir.load(state, bundle.fingerprint, *geometry)
+        saved = dataclasses.asdict(reservoir.config)
+        clashes = [
+            f"{key}={saved[key]}"
+            for key, value in (overrides or {}).items()
+            if value is not None and saved[key] != value
+        ]
+        if clashes:
+            raise UserError(
+                f"state {state} was saved with {', '.join(clashes)}; drop those options or start "
+                "a new state file"
+            )
+        return reservoir
+    return TokenReservoir(*geometry, config=reservoir_config(bundle.manifest, overrides))
+
+
+class TcaStage:
+    """TCA on the host: reservoir update, anchors to the engine when they move, correction."""
+
+    def __init__(self, reservoir: TokenReservoir, backend: EngineBackend) -> None:
+        self.reservoir = reservoir
+        self.backend = backend
+        self._pushed_version: int | None = None
+        self.sync_anchors()
+
+    def sync_anchors(self) -> None:
+        """Hand the reservoir's anchors to the engine if they changed since the last push."""
+        if self.reservoir.version != self._pushed_version:
+            self.backend.set_anchors(*self.reservoir.anchors())
+            self._pushed_version = self.reservoir.version
+
+    def update(self, logits: np.ndarray, cls_stack: np.ndarray) -> None:
+        """Insert this frame into the reservoir, then push anchors if they moved."""
+        self.reservoir.update(logits, cls_stack)
+        self.sync_anchors()
+
+    def correction(self, cls_stack: np.ndarray) -> np.ndarray:
+        """Logit offsets z [C] for this frame."""
+        return self.reservoir.correction(cls_stack)
