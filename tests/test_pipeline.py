@@ -319,3 +319,27 @@ def test_reservoir_needs_tca(tca_bundle: Bundle) -> None:
     reservoir = build_reservoir(tca_bundle)
     with pytest.raises(UserError, match="needs method tca"):
         Pipeline(tca_bundle, FakeBackend(tca_bundle), "zeroshot", reservoir=reservoir)
+
+
+class NanOnceBackend(FakeBackend):
+    """A fake engine whose second frame comes back with NaN CLS tokens."""
+
+    def infer(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = super().infer(image)
+        if len(self.calls) == 2:
+            outputs["cls_per_layer"][:] = np.nan
+        return outputs
+
+
+def test_non_finite_engine_output_is_a_frame_error_and_spares_the_reservoir(
+    tca_bundle: Bundle,
+) -> None:
+    from vlm_export.runtime.pipeline import FrameError
+
+    pipeline = Pipeline(tca_bundle, NanOnceBackend(tca_bundle), "tca")
+    pipeline.process(_frame(0))
+    with pytest.raises(FrameError, match="non-finite CLS tokens"):
+        pipeline.process(_frame(1))
+    assert pipeline.reservoir.counts().sum() == 1  # the bad frame never reached the reservoir
+    pipeline.process(_frame(2))
+    assert pipeline.reservoir.counts().sum() == 2

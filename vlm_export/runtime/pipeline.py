@@ -50,6 +50,10 @@ LOGIT_FACTOR = 100.0
 FrameInput = Image.Image | np.ndarray | str | Path
 
 
+class FrameError(UserError):
+    """One frame could not be classified (a non-finite engine output); the run can go on."""
+
+
 class Fusion(Protocol):
     """A stage after the logits (RAIL-Fusion): final logits [C] + embedding [E] -> scores [C]."""
 
@@ -164,11 +168,15 @@ class Pipeline:
         outputs = self.backend.infer(tensor)
         timings["engine"] = _ms(mark)
         embedding = outputs[EMBEDDING_OUTPUT][0]
+        if not np.isfinite(embedding).all():
+            raise FrameError(f"the engine returned a non-finite embedding for frame {index}")
         if self._normalize:
             embedding = embedding / np.linalg.norm(embedding)
         logits = np.float32(LOGIT_FACTOR) * (embedding @ self._text_t)
         if self.tca is not None:
             cls_stack = outputs[CLS_OUTPUT][0]
+            if not np.isfinite(cls_stack).all():  # would poison the reservoir for good
+                raise FrameError(f"the engine returned non-finite CLS tokens for frame {index}")
             mark = time.perf_counter()
             self.tca.update(logits, cls_stack)
             timings["reservoir"] = _ms(mark)

@@ -28,6 +28,7 @@ from vlm_export.runtime.manifest import uses_condensation
 from vlm_export.runtime.pipeline import (
     METHOD_STAGES,
     METHODS,
+    FrameError,
     FrameResult,
     Pipeline,
     Stages,
@@ -246,10 +247,10 @@ class RunStats:
 
 
 def _process(pipeline: Pipeline, frame: Frame) -> tuple[FrameResult | None, dict[str, Any]]:
-    """Run one frame; an unreadable image gives an error record instead of a result."""
+    """Run one frame; an unreadable image or a bad engine output gives an error record."""
     try:
         result = pipeline.process(frame.data, frame.index, frame.source)
-    except ImageError as exc:
+    except (ImageError, FrameError) as exc:
         return None, {"index": frame.index, "source": frame.source, "error": str(exc)}
     return result, result.to_record()
 
