@@ -5,7 +5,12 @@ Helpers shared by the commands live here.
 
 from __future__ import annotations
 
+import argparse
 import sys
+
+from vlm_export.runtime.backends.base import EngineBackend
+from vlm_export.runtime.backends.factory import BACKENDS, open_backend
+from vlm_export.runtime.bundle import Bundle
 
 
 def status(message: str) -> None:
@@ -21,3 +26,24 @@ def format_bytes(size: float) -> str:
         size /= 1024
         index += 1
     return f"{size:.0f} B" if index == 0 else f"{size:.1f} {units[index]}"
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Backend choice, bundle verification and progress, as ``vlm-edge run`` has them."""
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    parser.add_argument(
+        "--providers", help="ONNX Runtime providers in order, comma-separated (e.g. cuda,cpu)"
+    )
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip the sha256 check of the bundle's files"
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress line (shown when stderr is a terminal)"
+    )
+
+
+def open_engine(bundle: Bundle, args: argparse.Namespace) -> EngineBackend:
+    """The engine backend the options ask for."""
+    providers = args.providers.split(",") if args.providers else None
+    return open_backend(bundle, args.backend, providers, args.threads)

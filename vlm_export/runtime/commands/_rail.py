@@ -6,9 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from vlm_export.runtime.backends.base import EngineBackend
-from vlm_export.runtime.backends.factory import BACKENDS, open_backend
-from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.errors import UserError
 from vlm_export.runtime.rail.models import LearnerOptions
 from vlm_export.runtime.rail.primal import ROUTES
@@ -36,27 +33,6 @@ def add_primal_arguments(parser: argparse.ArgumentParser) -> None:
 def learner_options(args: argparse.Namespace, form: str | None) -> LearnerOptions:
     """The learner options given on the command line."""
     return LearnerOptions(form, args.hidden_dim, args.seed, args.route)
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Backend choice, bundle verification and progress, as ``vlm-edge run`` has them."""
-    parser.add_argument("--backend", choices=BACKENDS, default="auto")
-    parser.add_argument(
-        "--providers", help="ONNX Runtime providers in order, comma-separated (e.g. cuda,cpu)"
-    )
-    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
-    parser.add_argument(
-        "--no-verify", action="store_true", help="skip the sha256 check of the bundle's files"
-    )
-    parser.add_argument(
-        "--quiet", action="store_true", help="no progress line (shown when stderr is a terminal)"
-    )
-
-
-def open_engine(bundle: Bundle, args: argparse.Namespace) -> EngineBackend:
-    """The engine backend the options ask for."""
-    providers = args.providers.split(",") if args.providers else None
-    return open_backend(bundle, args.backend, providers, args.threads)
 
 
 def show_progress(args: argparse.Namespace) -> bool:

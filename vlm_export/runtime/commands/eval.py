@@ -26,14 +26,12 @@ import numpy as np
 from vlm_export.runtime.atomic import atomic_write_bytes
 from vlm_export.runtime.backends.base import EngineBackend
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import status
+from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
 from vlm_export.runtime.commands._rail import (
-    add_engine_arguments,
     add_primal_arguments,
     add_shots_argument,
     check_shots,
     learner_options,
-    open_engine,
     show_progress,
 )
 from vlm_export.runtime.errors import UserError

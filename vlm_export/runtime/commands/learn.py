@@ -17,14 +17,12 @@ import time
 from pathlib import Path
 
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import status
+from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
 from vlm_export.runtime.commands._rail import (
-    add_engine_arguments,
     add_primal_arguments,
     add_shots_argument,
     check_shots,
     learner_options,
-    open_engine,
     same_file,
     show_progress,
 )

@@ -20,9 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from vlm_export.runtime.backends.factory import BACKENDS, open_backend
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import status
+from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
 from vlm_export.runtime.errors import UserError
 from vlm_export.runtime.manifest import uses_condensation
 from vlm_export.runtime.pipeline import (
@@ -104,17 +103,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="save the state every N frames (default 100; 0: only at the end)",
     )
     parser.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto")
-    parser.add_argument(
-        "--providers", help="ONNX Runtime providers in order, comma-separated (e.g. cuda,cpu)"
-    )
-    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
-    parser.add_argument(
-        "--no-verify", action="store_true", help="skip the sha256 check of the bundle's files"
-    )
-    parser.add_argument(
-        "--quiet", action="store_true", help="no progress line (shown when stderr is a terminal)"
-    )
+    add_engine_arguments(parser)
     tca = parser.add_argument_group("TCA reservoir (default: the bundle's adaptation.tca)")
     tca.add_argument("--capacity", type=int, help="entries per class (M)")
     tca.add_argument("--tau", type=float, help="layer-weight temperature")
@@ -300,8 +289,7 @@ def handle(args: argparse.Namespace) -> int:
         status(f"RAIL state {args.rail_state}: {describe(predictor)}")
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(open_source(args.source))
-        providers = args.providers.split(",") if args.providers else None
-        backend = open_backend(bundle, args.backend, providers, args.threads)
+        backend = open_engine(bundle, args)
         stack.callback(backend.close)
         pipeline = Pipeline(bundle, backend, method, reservoir, fusion, args.topk)
         out = stack.enter_context(_output(args.out))
