@@ -343,3 +343,27 @@ def test_non_finite_engine_output_is_a_frame_error_and_spares_the_reservoir(
     assert pipeline.reservoir.counts().sum() == 1  # the bad frame never reached the reservoir
     pipeline.process(_frame(2))
     assert pipeline.reservoir.counts().sum() == 2
+
+
+class RowRecordingBackend(FakeBackend):
+    """Records which anchor rows the TCA stage hands over, instead of whole arrays."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        super().__init__(bundle)
+        self.row_updates: list[list[int]] = []
+
+    def update_anchor_rows(self, anchors, valid, rows) -> None:
+        self.row_updates.append(rows.tolist())
+        super().update_anchor_rows(anchors, valid, rows)
+
+
+def test_tca_stage_pushes_whole_anchors_once_then_only_moved_rows(tca_bundle: Bundle) -> None:
+    backend = RowRecordingBackend(tca_bundle)
+    reservoir = build_reservoir(tca_bundle, {"anchor_rule": "per_class", "capacity": 2})
+    pipeline = Pipeline(tca_bundle, backend, "tca", reservoir=reservoir)
+    assert len(backend.pushed) == 1 and backend.row_updates == []  # the initial full push
+    for seed in range(12):
+        pipeline.process(_frame(seed))
+    assert backend.row_updates, "per-class anchors move one class per frame"
+    assert all(len(rows) == 1 for rows in backend.row_updates)
+    np.testing.assert_array_equal(backend.pushed[-1][0], reservoir.anchors()[0])

@@ -209,6 +209,40 @@ def test_per_class_rule_marks_classes_with_an_entry() -> None:
     assert not anchors[[0, 1, 3]].any() and reservoir.version == 1
 
 
+@pytest.mark.parametrize("rule", ["all_classes", "per_class"])
+def test_anchor_changes_name_exactly_the_rows_that_moved(rule: str) -> None:
+    reservoir = TokenReservoir(
+        3, L, D, ANCHOR_LAYERS, ReservoirConfig(capacity=2, anchor_rule=rule)
+    )
+    rng = np.random.default_rng(1)
+    pushed_anchors = np.zeros((3, len(ANCHOR_LAYERS), D), np.float32)
+    pushed_valid = np.zeros(3, np.float32)
+    pushed_version = reservoir.version
+    for frame in range(40):
+        logits = np.zeros(3, np.float32)
+        logits[[0, 1, 2, 0, 1, 2][frame % 6] if frame < 6 else rng.integers(3)] = 10.0
+        before_anchors, before_valid = reservoir.anchors()
+        before_anchors, before_valid = before_anchors.copy(), before_valid.copy()
+        reservoir.update(logits, rng.normal(size=(L, D)).astype(np.float32))
+        if reservoir.version == pushed_version:
+            continue
+        rows = reservoir.take_anchor_changes()
+        anchors, valid = reservoir.anchors()
+        if rows is None:  # everything may have moved: copy all
+            pushed_anchors[:], pushed_valid[:] = anchors, valid
+        else:
+            moved = np.flatnonzero(
+                (anchors != before_anchors).any(axis=(1, 2)) | (valid != before_valid)
+            )
+            assert set(moved) <= set(rows.tolist())
+            assert len(rows) == 1  # one frame changes one class, outside an activation
+            pushed_anchors[rows], pushed_valid[rows] = anchors[rows], valid[rows]
+        pushed_version = reservoir.version
+        np.testing.assert_array_equal(pushed_anchors, anchors)  # a row copy is enough
+        np.testing.assert_array_equal(pushed_valid, valid)
+    assert reservoir.take_anchor_changes().size == 0
+
+
 def test_repeated_frame_leaves_a_full_buffer_and_version_unchanged() -> None:
     reservoir = TokenReservoir(2, L, D, ANCHOR_LAYERS, ReservoirConfig(anchor_rule="per_class"))
     rng = np.random.default_rng(3)

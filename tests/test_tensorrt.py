@@ -559,9 +559,10 @@ class FakeMemory(DeviceMemory):
         self.buffers[address][:nbytes] = bytes(nbytes)
         self.zeroed.append(address)
 
-    def copy_to_device(self, address, host):
+    def copy_to_device(self, address, host, offset=0):
         assert host.flags.c_contiguous
-        self.buffers[address][: host.nbytes] = host.tobytes()
+        assert offset + host.nbytes <= len(self.buffers[address]), "copy past the buffer"
+        self.buffers[address][offset : offset + host.nbytes] = host.tobytes()
         self.to_device.append((address, host.nbytes))
 
     def copy_to_host(self, host, address):
@@ -674,6 +675,23 @@ def test_anchors_copied_only_in_set_anchors_and_image_every_frame():
     assert (anchors_at, C * R * D * 4) in memory.to_device
     assert len(memory.to_host) == 4 * 3  # every output copied out per frame
     assert runner.executions == 4
+
+
+def test_anchor_rows_copy_only_the_classes_that_moved():
+    backend, runner, memory = _backend()
+    anchors_at, valid_at = runner.addresses["anchors"], runner.addresses["anchors_valid"]
+    anchors = np.arange(C * R * D, dtype=np.float32).reshape(C, R, D)
+    valid = np.array([1, 0, 1], np.float32)
+    backend.set_anchors(anchors, valid)
+    memory.to_device.clear()
+    anchors[2] += 100.0
+    valid[1] = 1.0
+    anchors[1] -= 7.0  # class 1 moved too, and is reported; class 0 did not
+    backend.update_anchor_rows(anchors, valid, np.array([1, 2]))
+    assert memory.to_device == [(anchors_at, R * D * 4), (anchors_at, R * D * 4), (valid_at, C * 4)]
+    on_device = memory.read(anchors_at, (C, R, D), np.float32)
+    np.testing.assert_array_equal(on_device, anchors)  # rows landed at their offsets
+    np.testing.assert_array_equal(memory.read(valid_at, (C,), np.float32), valid)
 
 
 def test_outputs_by_name_with_manifest_shapes_and_independent_of_later_frames():

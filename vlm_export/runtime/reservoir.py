@@ -137,6 +137,7 @@ class TokenReservoir:
         self.width = int(width)
         self.anchor_layers = tuple(int(i) for i in layers)
         self.version = 0
+        self._changed: set[int] | None = set()  # classes whose anchor moved; None: all of them
 
         classes, slots = self.num_classes, config.capacity
         self._units = np.zeros((classes, slots, self.num_layers, self.width), np.float32)
@@ -264,6 +265,8 @@ class TokenReservoir:
             self._anchors[label] = anchor
             self._valid[label] = 1.0
             self.version += 1
+            if self._changed is not None:
+                self._changed.add(label)
         elif self._counts.min() >= 2:
             self._rebuild_all_anchors()
 
@@ -277,6 +280,14 @@ class TokenReservoir:
         for label in np.flatnonzero(self._valid):
             self._anchors[label] = self._class_anchor(int(label))
         self.version += 1
+        self._changed = None
+
+    def take_anchor_changes(self) -> np.ndarray | None:
+        """Classes whose anchor (and valid flag) changed since the last call, sorted; None when
+        all of them may have (activation, state load). Lets an engine copy only those rows."""
+        changed = self._changed
+        self._changed = set()
+        return None if changed is None else np.array(sorted(changed), dtype=np.int64)
 
     # ------------------------------------------------------------------ persistence
     def state_arrays(self) -> dict[str, np.ndarray]:

@@ -89,10 +89,17 @@ class TcaStage:
         self.sync_anchors()
 
     def sync_anchors(self) -> None:
-        """Hand the reservoir's anchors to the engine if they changed since the last push."""
-        if self.reservoir.version != self._pushed_version:
-            self.backend.set_anchors(*self.reservoir.anchors())
-            self._pushed_version = self.reservoir.version
+        """Hand the reservoir's anchors to the engine if they changed since the last push: the
+        whole array the first time and after an activation, else only the classes that moved."""
+        if self.reservoir.version == self._pushed_version:
+            return
+        rows = self.reservoir.take_anchor_changes()
+        anchors, valid = self.reservoir.anchors()
+        if self._pushed_version is None or rows is None:
+            self.backend.set_anchors(anchors, valid)
+        else:
+            self.backend.update_anchor_rows(anchors, valid, rows)
+        self._pushed_version = self.reservoir.version
 
     def update(self, logits: np.ndarray, cls_stack: np.ndarray) -> None:
         """Insert this frame into the reservoir, then push anchors if they moved."""

@@ -22,6 +22,14 @@ class EngineBackend(ABC):
     def set_anchors(self, anchors: np.ndarray, valid: np.ndarray) -> None:
         """Set the anchors [C, R, D] float32 and their per-class valid flags [C] float32."""
 
+    def update_anchor_rows(self, anchors: np.ndarray, valid: np.ndarray, rows: np.ndarray) -> None:
+        """Like ``set_anchors``, when only the classes ``rows`` changed (anchor and valid flag).
+
+        The default hands over everything; a backend that copies anchors to a device overrides
+        it to copy just those rows (one class is R x D floats, the whole array C x R x D).
+        """
+        self.set_anchors(anchors, valid)
+
     @abstractmethod
     def infer(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """Run one preprocessed batch [B, 3, H, W] float32; return the outputs by manifest name."""

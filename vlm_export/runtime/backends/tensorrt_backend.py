@@ -99,8 +99,8 @@ class DeviceMemory(ABC):
         """Fill a device buffer with zero bytes."""
 
     @abstractmethod
-    def copy_to_device(self, address: int, host: np.ndarray) -> None:
-        """Enqueue a copy of the C-contiguous ``host`` array to ``address``."""
+    def copy_to_device(self, address: int, host: np.ndarray, offset: int = 0) -> None:
+        """Enqueue a copy of the C-contiguous ``host`` array to ``address + offset`` bytes."""
 
     @abstractmethod
     def copy_to_host(self, host: np.ndarray, address: int) -> None:
@@ -227,6 +227,19 @@ class TensorRTBackend(EngineBackend):
             self.memory.copy_to_device(self.addresses[name], array)
         self.memory.synchronize()  # the staged arrays may be freed after this returns
 
+    def update_anchor_rows(self, anchors: np.ndarray, valid: np.ndarray, rows: np.ndarray) -> None:
+        """Copy only the anchors of classes ``rows`` (and the small valid vector) to the GPU."""
+        if ANCHORS not in self.plans or ANCHORS_VALID not in self.plans:
+            raise ValueError("this engine takes no anchors (not a condensing engine)")
+        staged = self._staged(ANCHORS, anchors)
+        row_bytes = staged[0].nbytes
+        for row in rows:
+            self.memory.copy_to_device(self.addresses[ANCHORS], staged[row], int(row) * row_bytes)
+        self.memory.copy_to_device(
+            self.addresses[ANCHORS_VALID], self._staged(ANCHORS_VALID, valid)
+        )
+        self.memory.synchronize()  # the staged arrays may be freed after this returns
+
     def infer(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """Copy the image in, run, copy every output out; outputs by manifest name."""
         staged = self._staged(IMAGE, image)
@@ -350,10 +363,10 @@ class CudaDeviceMemory(DeviceMemory):
             self._cudart.cudaMemsetAsync(address, 0, nbytes, self._stream), "cudaMemsetAsync"
         )
 
-    def copy_to_device(self, address: int, host: np.ndarray) -> None:
+    def copy_to_device(self, address: int, host: np.ndarray, offset: int = 0) -> None:
         kind = self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         result = self._cudart.cudaMemcpyAsync(
-            address, host.ctypes.data, host.nbytes, kind, self._stream
+            address + offset, host.ctypes.data, host.nbytes, kind, self._stream
         )
         cuda_check(result, "cudaMemcpyAsync (host to device)")
 
