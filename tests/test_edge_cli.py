@@ -180,6 +180,8 @@ def test_option_mistakes_are_one_line_errors(tca_dir, folder, tmp_path, capsys) 
         (["--capacity", "0"], "capacity must be an integer >= 1"),
         (["--providers", "tensorrt"], "provider(s) not available"),
         (["--out", str(tmp_path / "no" / "such" / "dir" / "o.jsonl")], "cannot write"),
+        (["--state", str(folder / "img_0000.jpg" / "s.npz")], "is a file, not a folder"),
+        (["--state", str(tmp_path)], "is a folder, not a file"),
     ]
     for extra, message in cases:
         assert cli.main(["run", str(tca_dir), str(folder), *extra]) == 1

@@ -252,6 +252,10 @@ def test_learn_bad_input_leaves_the_state_alone(
     _fails(capsys, learn(tools, "--form", "dual"), "was learned with form primal", state)
     _fails(capsys, learn(tools, "--inference-state", state), "another file than --state", state)
     _fails(capsys, learn(tools, "--shots", -1), "--shots must be 0 or more", state)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    message = "is a file, not a folder"  # refused before any image is embedded
+    _fails(capsys, learn(tools, "--inference-state", blocked / "inf.npz"), message, state)
     other = make_bundle(tmp_path / "other", method="tca+rail")
     argv = ["learn", other, tools, "--domain", "vehicles", "--state", state]
     _fails(capsys, argv, "another bundle", state)
@@ -336,7 +340,9 @@ def test_merge_equals_learning_everything(bundle_dir, data, encoder, tmp_path, c
         "--inference-state", tmp_path / "merged-inference.npz",
     )  # fmt: skip
     assert code == 0, err
-    assert err[-1].startswith(f"vlm-edge: merged 2 learner states into {merged}: {form}")
+    merged_line = f"vlm-edge: merged 2 learner states into {merged}: {form}"
+    assert err[-2].startswith(merged_line)  # the learner state first, then the inference state
+    assert err[-1].startswith("vlm-edge: inference state saved to")
     joint, reference = (load_learner_state(p, fingerprint) for p in (merged, both))
     assert joint.learned_mask.all() and joint.num_samples == reference.num_samples == 18
     if form == "primal":

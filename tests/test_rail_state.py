@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from vlm_export.runtime import state_file
+from vlm_export.runtime.atomic import WriteError
 from vlm_export.runtime.errors import StateError, UserError
 from vlm_export.runtime.rail import (
     DualAdapter,
@@ -147,7 +148,7 @@ def test_failed_save_leaves_previous_file_byte_identical(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(state_file.np, "savez", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(WriteError, match=r"cannot write .*learner.npz: No space"):
         save_learner_state(path, learner, BUNDLE)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["learner.npz"]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vlm_export.runtime.atomic import atomic_directory
+from vlm_export.runtime.atomic import atomic_directory, check_can_create
 from vlm_export.runtime.errors import UserError
 from vlm_export.runtime.manifest import MANIFEST_NAME, file_record, validate_manifest
 
@@ -26,13 +25,7 @@ def check_output_folder(out_dir: str | Path, overwrite: bool) -> Path:
         raise OutputExistsError(f"output folder {out_dir} exists; pass --overwrite to replace it")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError(f"output path {out_dir} exists and is not a folder")
-    ancestor = out_dir.absolute().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UserError(f"cannot create {out_dir}: {ancestor} is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"cannot create {out_dir}: no write permission in {ancestor}")
+    check_can_create(out_dir, folder=True)
     return out_dir
 
 

@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from vlm_export.runtime.errors import UserError
+
 
 def _read_umask() -> int:
     mask = os.umask(0)
@@ -29,15 +31,40 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+class WriteError(UserError):
+    """A file or folder cannot be written where the user asked (permissions, a file in the way)."""
+
+
+def check_can_create(path: str | Path, folder: bool = False) -> None:
+    """Raise WriteError unless ``path`` could be created or replaced, before any work is done.
+
+    The first existing ancestor must be a writable folder; a file ``path`` must not be a folder.
+    """
+    path = Path(path)
+    if not folder and path.is_dir():
+        raise WriteError(f"{path} is a folder, not a file")
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise WriteError(f"cannot create {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise WriteError(f"cannot create {path}: no write permission in {ancestor}")
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "wb") -> Iterator:
     """Open a temporary file beside ``path``; on success fsync and rename it over ``path``.
 
-    On an exception the temporary file is removed and ``path`` keeps its previous content.
+    On an exception the temporary file is removed and ``path`` keeps its previous content; an
+    OSError (no permission, disk full, a file in the way) becomes a one-line WriteError.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -46,9 +73,11 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator:
         os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp makes it private; keep the usual mode
         os.replace(tmp_name, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        if isinstance(exc, OSError):
+            raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
 
 

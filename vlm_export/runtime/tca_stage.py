@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from vlm_export.runtime.atomic import check_can_create
 from vlm_export.runtime.backends.base import EngineBackend
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.errors import UserError
@@ -62,6 +63,8 @@ def build_reservoir(
     UserError (the stored entries were selected under that config).
     """
     geometry = reservoir_geometry(bundle)
+    if state is not None:
+        check_can_create(state)  # saved during and after the run: refuse a bad path up front
     if state is not None and Path(state).exists():
         reservoir = TokenReservoir.load(state, bundle.fingerprint, *geometry)
         saved = dataclasses.asdict(reservoir.config)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from vlm_export.runtime.atomic import atomic_write_bytes
+from vlm_export.runtime.atomic import atomic_write_bytes, check_can_create
 from vlm_export.runtime.backends.base import EngineBackend
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
@@ -172,6 +172,8 @@ def handle(args: argparse.Namespace) -> int:
     check_shots(args.shots)
     if args.test_per_class is not None and args.test_per_class < 1:
         raise UserError(f"--test-per-class must be at least 1, got {args.test_per_class}")
+    if args.json:
+        check_can_create(args.json)
     forms = list(FORMS) if args.form == "both" else [args.form]
     if forms == ["dual"]:
         check_options(learner_options(args, "dual"), "dual")

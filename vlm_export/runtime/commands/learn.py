@@ -16,6 +16,7 @@ import contextlib
 import time
 from pathlib import Path
 
+from vlm_export.runtime.atomic import check_can_create
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
 from vlm_export.runtime.commands._rail import (
@@ -108,6 +109,8 @@ def handle(args: argparse.Namespace) -> int:
     check_shots(args.shots)
     if args.inference_state and same_file(args.inference_state, args.state):
         raise UserError("--inference-state must be another file than --state")
+    for path in filter(None, (args.state, args.inference_state)):
+        check_can_create(path)  # before minutes of embedding and solving, not after
     bundle = Bundle.open(args.bundle, verify=not args.no_verify)
     learner = _learner(bundle, args.state, learner_options(args, args.form))
     data = training_images(bundle, args.domain, Path(args.data_dir), args.shots)
@@ -124,9 +127,9 @@ def handle(args: argparse.Namespace) -> int:
     )
     learner.partial_fit(features, data.labels)
     learner.finalize()
+    save_learner_state(args.state, learner, bundle.fingerprint)  # the primary state first
+    status(f"learned domain {args.domain}; {args.state}: {describe(learner)}")
     if args.inference_state:
         save_inference_state(args.inference_state, learner, bundle.fingerprint)
         status(f"inference state saved to {args.inference_state}")
-    save_learner_state(args.state, learner, bundle.fingerprint)
-    status(f"learned domain {args.domain}; {args.state}: {describe(learner)}")
     return 0

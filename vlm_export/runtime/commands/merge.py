@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+from vlm_export.runtime.atomic import check_can_create
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import status
 from vlm_export.runtime.commands._rail import same_file
@@ -74,6 +75,8 @@ def _fingerprint(args: argparse.Namespace) -> str:
 def handle(args: argparse.Namespace) -> int:
     """Load, check, merge and write; return the exit status."""
     _check_paths(args)
+    for path in filter(None, (args.out, args.inference_state)):
+        check_can_create(path)
     fingerprint = _fingerprint(args)
     reference = f"bundle {args.bundle}" if args.bundle else args.states[0]
     learners = []
@@ -86,9 +89,9 @@ def handle(args: argparse.Namespace) -> int:
             )
         learners.append(load_learner_state(path, fingerprint))
     merged = merge_learner_states(learners)
+    save_learner_state(args.out, merged, fingerprint)
+    status(f"merged {len(learners)} learner states into {args.out}: {describe(merged)}")
     if args.inference_state:
         save_inference_state(args.inference_state, merged, fingerprint)
         status(f"inference state saved to {args.inference_state}")
-    save_learner_state(args.out, merged, fingerprint)
-    status(f"merged {len(learners)} learner states into {args.out}: {describe(merged)}")
     return 0
