@@ -154,6 +154,7 @@ def _bad(tmp_path, classes, extra):
         (["--pretrained", "no-such-tag"], "has no pretrained tag"),
         (["--merge-centers", "40"], "fewer than the 40 merge centres"),
         (["--tca-preset", "bogus"], "unknown TCA preset 'bogus'"),
+        (["--drop-rate", "0.001"], "does not condense at block 1"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, classes, capsys, extra, message):

@@ -92,3 +92,41 @@ def test_missing_opencv_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now raises ImportError
     with pytest.raises(SourceError, match=r"pip install 'vlm-export\[camera\]'"):
         open_source(str(path))
+
+
+def _video(path, frames: int):
+    cv2 = pytest.importorskip("cv2")
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    rng = np.random.default_rng(0)
+    for _ in range(frames):
+        writer.write(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    return path
+
+
+def test_truncated_video_warns_how_far_it_got(tmp_path) -> None:
+    from vlm_export.runtime.sources import SourceWarning
+
+    path = _video(tmp_path / "clip.avi", 25)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.6)])  # the header still says 25 frames
+    source = open_source(str(path))
+    with pytest.warns(SourceWarning, match=r"ended after \d+ of 25 frames"):
+        frames = list(source)
+    assert 0 < len(frames) < 25
+    source.close()
+
+
+def test_whole_video_ends_without_warning(tmp_path, recwarn) -> None:
+    source = open_source(str(_video(tmp_path / "clip.avi", 6)))
+    assert len(list(source)) == 6
+    source.close()
+    assert not [w for w in recwarn if "ended after" in str(w.message)]
+
+
+def test_camera_that_stops_is_an_error(tmp_path) -> None:
+    source = open_source(str(_video(tmp_path / "clip.avi", 4)))
+    source.is_camera, source.description = True, "camera 0"  # a camera that delivers 4 frames
+    with pytest.raises(SourceError, match="camera 0 stopped delivering frames after 4"):
+        list(source)
+    source.close()

@@ -179,6 +179,12 @@ def run(args: argparse.Namespace) -> int:
         anchor_rule=args.anchor_rule,
         quiet=args.quiet,
     )
+    if args.batch_size > 1:
+        print(
+            f"vlm-export: note: a batch-{args.batch_size} engine is for your own batched "
+            "integration; vlm-edge's per-frame pipeline runs batch-1 bundles",
+            file=sys.stderr,
+        )
     preflight_tensorrt(args)
     out = export_bundle(options)
     if options.pretrained.lower() == "none":

@@ -105,6 +105,12 @@ def layer_counts(layer: int, tokens_in: int, drop_rate: float, merge_centers: in
             f"block {layer}: the merge set has {counts.merge} tokens, fewer than the "
             f"{merge_centers} merge centres; use a larger drop rate or fewer centres"
         )
+    if counts.tokens_out >= tokens_in:
+        raise ScheduleError(
+            f"drop rate {drop_rate} does not condense at block {layer}: {tokens_in} tokens in, "
+            f"{counts.tokens_out} out (keep={counts.keep}, merge={counts.merge} into "
+            f"{merge_centers}, prune={counts.prune}); use a larger drop rate or fewer centres"
+        )
     return counts
 
 

@@ -8,6 +8,7 @@ such a source is opened (the optional ``camera`` extra).
 from __future__ import annotations
 
 import glob
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ IMAGE_EXTENSIONS = (
 )
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 GLOB_CHARS = "*?["
+
+
+class SourceWarning(UserWarning):
+    """A source that ended early but gave what it could (a truncated video)."""
 
 
 class SourceError(UserError):
@@ -134,9 +139,23 @@ class VideoSource(Source):
         while True:
             ok, frame = self._capture.read()
             if not ok or frame is None:
+                self._ended(index)
                 return
             yield Frame(index, self._source_id, frame)
             index += 1
+
+    def _ended(self, frames: int) -> None:
+        """A camera or stream that stops delivering frames is an error; a video file that ends
+        short of its frame count (truncated, or undecodable frames) is a warning."""
+        if self.is_camera or "://" in str(self.target):
+            raise SourceError(f"{self.description} stopped delivering frames after {frames}")
+        if self.total is not None and frames < self.total:
+            warnings.warn(
+                f"{self.description} ended after {frames} of {self.total} frames "
+                "(truncated, or frames that cannot be decoded)",
+                SourceWarning,
+                stacklevel=2,
+            )
 
     def close(self) -> None:
         """Release the capture device or file."""
