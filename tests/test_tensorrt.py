@@ -1,6 +1,8 @@
 """TensorRT without a GPU: engine names, trtexec line, fp32 layer pinning, engine selection, the
 backend's buffer bookkeeping with a fake engine and fake device memory, the build-engine command
-and its errors where TensorRT is missing. Tests marked gpu run where TensorRT and a GPU exist."""
+and its errors where TensorRT (or onnx) is missing, and what ``auto`` says when it does not use an
+engine. Parity against ONNX Runtime: test_engine_parity.py. Tests marked gpu run where TensorRT
+and a GPU exist."""
 
 from __future__ import annotations
 
@@ -9,13 +11,16 @@ import importlib.abc
 import importlib.util
 import json
 import shlex
+import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import pytest
+from fakebundle import make_bundle, write_images
 from onnx import TensorProto, helper, numpy_helper
 
 from vlm_export.export import engine_cmd
@@ -25,6 +30,7 @@ from vlm_export.export.engine_cmd import (
     build_engine_main,
     preflight_tensorrt,
     record_engine,
+    register_engine_in_bundle,
     run_tensorrt_step,
 )
 from vlm_export.export.tensorrt_build import (
@@ -35,13 +41,22 @@ from vlm_export.export.tensorrt_build import (
     mark_fp32_layers,
     trtexec_command,
 )
-from vlm_export.export.trt_ops import TensorRTCompatibilityError
+from vlm_export.export.trt_ops import (
+    OnnxMissingError,
+    TensorRTCompatibilityError,
+    check_onnx_for_tensorrt,
+)
+from vlm_export.runtime.backends import tensorrt_backend
+from vlm_export.runtime.backends.factory import TensorRTNotUsedWarning, open_backend
 from vlm_export.runtime.backends.tensorrt_backend import (
     DeviceMemory,
     EngineRunner,
     TensorRTBackend,
     TensorSpec,
 )
+from vlm_export.runtime.backends.tensorrt_backend import engine_path as tensorrt_engine_path
+from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.engine_parity import open_reference
 from vlm_export.runtime.engine_select import (
     DeviceInfo,
     NoMatchingEngineError,
@@ -802,6 +817,17 @@ def test_build_engine_main_without_tensorrt(bundle, no_tensorrt, capsys):
         "--saveEngine=image_encoder.fp16.engine",
     ]
     assert "--memPoolSize=workspace:256M" in words
+    # the engine trtexec writes is used only once registered, under the name trtexec wrote
+    assert "used only once registered" in out.splitlines()[2]
+    assert shlex.split(out.splitlines()[3]) == [
+        "vlm-export",
+        "build-engine",
+        str(bundle),
+        "--register",
+        str(bundle / "image_encoder.fp16.engine"),
+        "--precision",
+        "fp16",
+    ]
     assert err.count("\n") == 1 and "error: TensorRT is not installed" in err
     assert (bundle / MANIFEST_NAME).read_bytes() == before
 
@@ -853,9 +879,16 @@ def _fake_build(device: DeviceInfo):
     return build
 
 
-def test_add_engine_records_it_in_the_manifest(bundle, monkeypatch):
+def test_add_engine_records_it_in_the_manifest(tmp_path, monkeypatch):
+    bundle = make_bundle(tmp_path / "bundle", method="tca")
     monkeypatch.setattr(engine_cmd, "query_device", lambda: ORIN)
     monkeypatch.setattr(engine_cmd, "build_engine", _fake_build(ORIN))
+    # the "engine" is ONNX Runtime itself: parity with the reference is exact
+    monkeypatch.setattr(
+        engine_cmd,
+        "open_engine_backend",
+        lambda folder, manifest, path: open_reference(folder, manifest),
+    )
     record = add_engine_to_bundle(bundle, "fp16", 256)
     assert record.file == "image_encoder.trt10.3.0.sm87.fp16.engine"
     manifest = read_manifest(bundle)
@@ -870,7 +903,10 @@ def test_add_engine_records_it_in_the_manifest(bundle, monkeypatch):
         "built_utc",
         "sha256",
         "bytes",
+        "origin",
+        "parity",
     }
+    assert manifest["engines"][0]["parity"]["embedding_cosine_min"] == pytest.approx(1.0)
     verify_files(bundle, manifest)  # the engine's sha256 and size are listed
     assert choose_engine(manifest, ORIN) == record.to_manifest()
     with pytest.raises(UserError, match="already in the bundle; pass --overwrite"):
@@ -883,7 +919,7 @@ def test_add_engine_records_it_in_the_manifest(bundle, monkeypatch):
         ("fp32", 256),
     ]
     verify_files(bundle, manifest)
-    assert not list(bundle.glob(".*.tmp"))
+    assert not list(bundle.glob(".*.tmp")) and not list(bundle.glob(".engine-*"))
 
 
 def test_record_engine_replaces_an_entry_of_the_same_file():
@@ -893,6 +929,148 @@ def test_record_engine_replaces_an_entry_of_the_same_file():
     record_engine(manifest, record)
     assert [e["file"] for e in manifest["engines"]] == ["b.engine", "a.engine"]
     assert manifest["files"]["a.engine"] == {"sha256": "ab", "bytes": 3}
+
+
+# ---------------------------------------------------------------- without onnx (on a device)
+
+NO_ONNX = (
+    "import runpy, sys; sys.modules['onnx'] = None; sys.argv[0] = 'vlm-export'; "
+    "runpy.run_module('vlm_export.export.cli', run_name='__main__')"
+)
+
+
+def _vlm_export_without_onnx(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-c", NO_ONNX, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def test_vlm_export_without_onnx_helps_and_build_engine_says_why(bundle, tmp_path):
+    helped = _vlm_export_without_onnx("--help", cwd=tmp_path)
+    assert helped.returncode == 0, helped.stderr
+    assert "build-engine" in helped.stdout
+    helped = _vlm_export_without_onnx("build-engine", "--help", cwd=tmp_path)
+    assert helped.returncode == 0 and "--register ENGINE_FILE" in helped.stdout
+    done = _vlm_export_without_onnx("build-engine", str(bundle), cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr == (
+        "vlm-export build-engine: error: onnx is not installed: pip install onnx (needed to read "
+        "the bundle's graph)\n"
+    )
+
+
+def test_graph_readers_without_onnx_raise_one_line(bundle, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    for read in (check_onnx_for_tensorrt, fp32_node_names):
+        with pytest.raises(OnnxMissingError, match="^onnx is not installed: pip install onnx"):
+            read(bundle / "image_encoder.onnx")
+    with pytest.raises(OnnxMissingError):
+        trtexec_command("m.onnx", "e.engine", "fp16")
+    assert "--noTF32" in trtexec_command("m.onnx", "e.engine", "fp32")  # names no layers
+
+
+# ---------------------------------------------------------------- auto: TensorRT or a warning
+
+
+def _bundle_with_engines(folder: Path, engines: list[dict]) -> Path:
+    folder = make_bundle(folder, method="tca")
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    manifest["engines"] = engines
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return folder
+
+
+def _auto_warning(bundle_dir: Path) -> str:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backend = open_backend(Bundle.open(bundle_dir), "auto")
+    backend.close()
+    assert backend.description == "onnxruntime:CPUExecutionProvider"
+    messages = [str(w.message) for w in caught if w.category is TensorRTNotUsedWarning]
+    assert len(messages) == 1 and "\n" not in messages[0]
+    return messages[0]
+
+
+def test_auto_says_why_the_engines_are_not_used(tmp_path, no_tensorrt):
+    folder = _bundle_with_engines(tmp_path / "b", [_engine(trt="10.7.0.23", cc="9.0")])
+    message = _auto_warning(folder)
+    assert message.startswith("TensorRT engine not used: TensorRT is not installed: pip install")
+    assert message.endswith("; running ONNX Runtime (CPUExecutionProvider)")
+
+
+def test_auto_names_the_refused_engines_when_none_fits(tmp_path, monkeypatch):
+    monkeypatch.setattr(tensorrt_backend, "query_device", lambda: ORIN)  # TensorRT "present"
+    other = _engine(trt="10.7.0.23", cc="9.0")
+    folder = _bundle_with_engines(tmp_path / "b", [other])
+    message = _auto_warning(folder)
+    assert message.startswith(
+        "TensorRT engine not used: no TensorRT engine in this bundle fits TensorRT 10.3 on sm_87 "
+        f"({other['file']}: built with TensorRT 10.7 for sm_90; this device has TensorRT 10.3 "
+        "on sm_87)"
+    )
+    assert "--register FILE" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no engines listed: ONNX Runtime without a word
+        open_backend(Bundle.open(make_bundle(tmp_path / "plain", method="tca")), "auto").close()
+        open_backend(Bundle.open(folder), "auto", providers=["cpu"]).close()  # asked for ORT
+
+
+def test_the_chosen_engine_notes_the_refused_ones(tmp_path):
+    fits, other, fp32 = _engine(), _engine(trt="10.7.0.23", cc="9.0"), _engine(precision="fp32")
+    for record in (fits, fp32):
+        (tmp_path / record["file"]).write_bytes(b"plan")
+    manifest = {"engines": [other, fp32, fits]}
+    path, notes = tensorrt_engine_path(tmp_path, manifest, None, None, device=ORIN)
+    assert path == tmp_path / fits["file"]
+    assert notes == [
+        f"engine {other['file']} not used: built with TensorRT 10.7 for sm_90; this device has "
+        "TensorRT 10.3 on sm_87",
+        f"engine {fp32['file']} not used: {fits['file']} is preferred",
+    ]
+    assert tensorrt_engine_path(tmp_path, manifest, None, tmp_path / fp32["file"]) == (
+        tmp_path / fp32["file"],
+        [],
+    )
+    with pytest.raises(NoMatchingEngineError, match="--register FILE"):
+        tensorrt_engine_path(tmp_path, {"engines": [other]}, None, None, device=ORIN)
+
+
+def test_vlm_edge_run_prints_the_notes_of_the_backend(tmp_path, monkeypatch, capsys):
+    from vlm_export.runtime import cli
+    from vlm_export.runtime.backends import factory
+    from vlm_export.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    def with_notes(bundle):
+        backend = OnnxRuntimeBackend(bundle)
+        backend.notes = ["engine x.engine not used: built with TensorRT 10.7 for sm_90"]
+        return backend
+
+    monkeypatch.setattr(factory, "_open_tensorrt", with_notes)
+    folder = _bundle_with_engines(tmp_path / "b", [_engine()])
+    image = write_images(tmp_path / "images", 1)[0]
+    assert cli.main(["run", str(folder), str(image), "--out", str(tmp_path / "o.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert "vlm-edge: note: engine x.engine not used: built with TensorRT 10.7 for sm_90\n" in err
+
+
+def test_vlm_edge_run_warns_in_one_line(tmp_path, no_tensorrt, capsys):
+    from vlm_export.runtime import cli
+
+    folder = _bundle_with_engines(tmp_path / "b", [_engine(cc="9.0")])
+    image = write_images(tmp_path / "images", 1)[0]
+    assert cli.main(["run", str(folder), str(image), "--out", str(tmp_path / "o.jsonl")]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    warned = [line for line in lines if "TensorRT engine not used" in line]
+    assert warned == [
+        "vlm-edge: WARNING: TensorRT engine not used: TensorRT is not installed: pip install "
+        "'vlm-export[tensorrt]' on a machine with NVIDIA's TensorRT libraries (on Jetson they "
+        "come with JetPack); running ONNX Runtime (CPUExecutionProvider)"
+    ]
 
 
 # ---------------------------------------------------------------- on a GPU with TensorRT
@@ -930,23 +1108,31 @@ def test_cuda_memory_round_trip(gpu_device):
 
 
 @pytest.mark.gpu
-def test_built_engine_runs_and_matches_onnxruntime(bundle, gpu_device):
-    import onnxruntime as ort
-
-    manifest = read_manifest(bundle)
-    manifest["engine"]["inputs"] = manifest["engine"]["inputs"][:1]
-    manifest["engine"]["outputs"] = [_io("embedding", IMAGE_SHAPE)]
-    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
-    record = add_engine_to_bundle(bundle, "fp32", 256)
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_built_engine_passes_parity_and_runs(tmp_path, gpu_device, precision):
+    folder = make_bundle(tmp_path / "bundle", method="tca")
+    record = add_engine_to_bundle(folder, precision, 256)
     assert record.compute_capability == gpu_device.compute_capability
-    backend = TensorRTBackend(bundle)
+    assert record.parity["passed"] and len(record.parity["cases"]) == 4
+    assert read_manifest(folder)["engines"] == [record.to_manifest()]
+    bundle = Bundle.open(folder)
+    backend = open_backend(bundle, "auto")
+    reference = open_reference(folder, bundle.manifest)
     try:
-        image = np.random.default_rng(0).standard_normal(IMAGE_SHAPE).astype(np.float32)
-        got = backend.infer(image)["embedding"]
+        assert backend.description == f"tensorrt:{record.file}"
+        image = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+        got, want = backend.infer(image), reference.infer(image)
     finally:
         backend.close()
-    session = ort.InferenceSession(
-        str(bundle / "image_encoder.onnx"), providers=["CPUExecutionProvider"]
-    )
-    want = session.run(None, {"image": image})[0]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        reference.close()
+    np.testing.assert_allclose(got["embedding"], want["embedding"], atol=5e-3)
+
+
+@pytest.mark.gpu
+def test_register_an_engine_built_elsewhere(tmp_path, gpu_device):
+    folder = make_bundle(tmp_path / "bundle", method="tca")
+    elsewhere = build_engine(folder / "image_encoder.onnx", tmp_path, "fp32", 256)
+    record = register_engine_in_bundle(folder, tmp_path / elsewhere.file, "fp32")
+    assert record.file == elsewhere.file and record.origin == "registered"
+    assert record.parity["passed"]
+    Bundle.open(folder)

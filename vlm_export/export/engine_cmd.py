@@ -1,23 +1,35 @@
 """Command-line glue for TensorRT: the export options and ``vlm-export build-engine BUNDLE``.
 
-``build-engine`` builds an engine for this machine's GPU from a bundle's ONNX and records it in
-the manifest (``engines`` and ``files``), written atomically. It needs TensorRT and cuda-python
-but not torch, so it can run on the device. It always prints the equivalent trtexec line first,
-so that a machine with trtexec but without TensorRT's Python bindings can build the same engine.
+``build-engine`` builds an engine for this machine's GPU from a bundle's ONNX; ``build-engine
+--register FILE`` adds an engine built elsewhere (the trtexec line) under its versioned name.
+Either way the engine is first compared with ONNX Runtime CPU on the same inputs
+(``runtime.engine_parity``): an engine below the precision's embedding cosine threshold is
+removed and the manifest is left as it was; a passing one is recorded in the manifest
+(``engines`` with its parity numbers, and ``files`` with its sha256), written atomically. It needs
+TensorRT and cuda-python but not torch, so it runs on the device. It prints the equivalent
+trtexec line first, with the ``--register`` line that adds that engine to the bundle.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import os
+import shlex
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from vlm_export.export.tensorrt_build import (
     DEFAULT_FP32_LAYER_TYPES,
     DEFAULT_WORKSPACE_MB,
+    ORIGIN_REGISTERED,
     EngineRecord,
     build_engine,
     check_build_options,
@@ -25,7 +37,9 @@ from vlm_export.export.tensorrt_build import (
     fp32_node_names,
     trtexec_command,
 )
-from vlm_export.runtime.atomic import atomic_write_bytes
+from vlm_export.runtime import engine_parity
+from vlm_export.runtime.atomic import WriteError, atomic_write_bytes
+from vlm_export.runtime.backends.base import EngineBackend
 from vlm_export.runtime.engine_select import (
     PRECISIONS,
     DeviceInfo,
@@ -33,16 +47,24 @@ from vlm_export.runtime.engine_select import (
     query_device,
 )
 from vlm_export.runtime.errors import UserError
-from vlm_export.runtime.manifest import MANIFEST_NAME, read_manifest
+from vlm_export.runtime.manifest import MANIFEST_NAME, file_record, read_manifest
+
+REGISTER_HELP = (
+    "add an engine built elsewhere (e.g. with the printed trtexec line) instead of building one: "
+    "it is loaded with this machine's TensorRT, compared with ONNX Runtime CPU, copied into the "
+    "bundle as <onnx>.trt<version>.sm<gpu>.<precision>.engine and recorded with its sha256; "
+    "needs TensorRT's Python bindings and the GPU it was built for"
+)
 
 
-def _add_build_options(parser: Any) -> None:
+def _add_build_options(parser: Any, default_precision: str | None = "fp16") -> None:
     """--precision, --workspace, --timing-cache on a parser or an argument group."""
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="fp16",
-        help="engine precision; fp16 keeps LayerNorm and softmax in fp32 (default: fp16)",
+        default=default_precision,
+        help="engine precision; fp16 keeps LayerNorm and softmax in fp32 (default: fp16; with "
+        "--register: read from a FILE named *.fp16.engine or *.fp32.engine)",
     )
     parser.add_argument(
         "--workspace",
@@ -66,7 +88,8 @@ def add_tensorrt_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--tensorrt",
         action="store_true",
-        help="also build a TensorRT engine for this machine's GPU into the bundle",
+        help="also build a TensorRT engine for this machine's GPU into the bundle (checked "
+        "against ONNX Runtime CPU first)",
     )
     _add_build_options(group)
 
@@ -92,20 +115,50 @@ def _device_or_none() -> DeviceInfo | None:
 
 
 def planned_engine_name(stem: str, precision: str, device: DeviceInfo | None) -> str:
-    """The engine file name for ``device``; without TensorRT here, a name without version/GPU."""
+    """The engine file name for ``device``; without TensorRT here, a name without version/GPU.
+
+    The versionless name is only where trtexec writes the engine: ``build-engine --register``
+    gives it the versioned name when it adds it to the bundle.
+    """
     if device is None:
         return f"{stem}.{precision}.engine"
     return engine_file_name(stem, device.tensorrt_version, device.compute_capability, precision)
 
 
-def trtexec_hint(bundle_dir: str | Path, precision: str, workspace_mb: int) -> str:
-    """The trtexec line that builds this bundle's engine, to run inside the bundle folder."""
+def trtexec_hint(bundle_dir: str | Path, precision: str, workspace_mb: int) -> tuple[str, str]:
+    """The trtexec line that builds this bundle's engine (run inside the bundle folder), and the
+    engine file name it writes."""
     bundle_dir = Path(bundle_dir)
     onnx_name = read_manifest(bundle_dir)["engine"]["onnx"]
     check_build_options(precision, workspace_mb, DEFAULT_FP32_LAYER_TYPES)
     layers = fp32_node_names(bundle_dir / onnx_name) if precision == "fp16" else []
     name = planned_engine_name(Path(onnx_name).stem, precision, _device_or_none())
-    return trtexec_command(onnx_name, name, precision, workspace_mb, fp32_layers=layers)
+    return trtexec_command(onnx_name, name, precision, workspace_mb, fp32_layers=layers), name
+
+
+def register_command(bundle_dir: str | Path, engine_file: str | Path, precision: str) -> str:
+    """The ``vlm-export build-engine --register`` line that adds ``engine_file`` to the bundle."""
+    return " ".join(
+        [
+            "vlm-export build-engine",
+            shlex.quote(str(bundle_dir)),
+            "--register",
+            shlex.quote(str(engine_file)),
+            "--precision",
+            precision,
+        ]
+    )
+
+
+def print_trtexec_hint(bundle_dir: str | Path, precision: str, workspace_mb: int) -> None:
+    """Print the trtexec line and the --register line that adds its engine to the bundle."""
+    line, name = trtexec_hint(bundle_dir, precision, workspace_mb)
+    register = register_command(bundle_dir, Path(bundle_dir) / name, precision)
+    print(f"equivalent trtexec line (run in {bundle_dir}):\n  {line}")
+    print(
+        "an engine built by trtexec is used only once registered (checked against ONNX Runtime, "
+        f"renamed, recorded with its sha256):\n  {register}"
+    )
 
 
 def record_engine(manifest: dict[str, Any], record: EngineRecord) -> dict[str, Any]:
@@ -116,6 +169,71 @@ def record_engine(manifest: dict[str, Any], record: EngineRecord) -> dict[str, A
     return manifest
 
 
+def open_engine_backend(
+    bundle_dir: Path, manifest: dict[str, Any], engine_path: Path
+) -> EngineBackend:
+    """The TensorRT backend over ``engine_path`` (tests replace this with a fake engine)."""
+    from vlm_export.runtime.backends.tensorrt_backend import TensorRTBackend
+
+    graph = engine_parity.BundleGraph(bundle_dir, manifest)
+    return TensorRTBackend(graph, engine_file=engine_path)
+
+
+def engine_parity_report(
+    bundle_dir: Path, manifest: dict[str, Any], engine_path: Path, precision: str
+) -> dict[str, Any]:
+    """Run the engine and ONNX Runtime CPU on the same inputs; EngineParityError if it fails."""
+    with contextlib.ExitStack() as stack:
+        engine = open_engine_backend(bundle_dir, manifest, engine_path)
+        stack.callback(engine.close)
+        reference = engine_parity.open_reference(bundle_dir, manifest)
+        stack.callback(reference.close)
+        try:
+            return engine_parity.check_engine_parity(engine, reference, manifest, precision)
+        except engine_parity.EngineParityError as exc:
+            problem = str(exc)
+        except RuntimeError as exc:  # a CUDA or TensorRT call failed while running it
+            problem = f"running it failed ({' '.join(str(exc).split())})"
+    raise engine_parity.EngineParityError(
+        f"{engine_path.name} was not added to the bundle: {problem}"
+    )
+
+
+@contextlib.contextmanager
+def _staging(bundle_dir: Path) -> Iterator[Path]:
+    """A temporary folder inside the bundle (same file system), removed with what it holds."""
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=".engine-", dir=bundle_dir))
+    except OSError as exc:
+        raise WriteError(f"cannot write into {bundle_dir}: {exc.strerror or exc}") from None
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _install(
+    bundle_dir: Path, manifest: dict[str, Any], staged: Path, record: EngineRecord
+) -> EngineRecord:
+    """Check the staged engine against ONNX Runtime, move it into the bundle, record it."""
+    parity = engine_parity_report(bundle_dir, manifest, staged, record.precision)
+    record = dataclasses.replace(record, parity=parity)
+    try:
+        os.replace(staged, bundle_dir / record.file)
+    except OSError as exc:
+        raise WriteError(f"cannot write {bundle_dir / record.file}: {exc.strerror}") from None
+    manifest = record_engine(manifest, record)
+    text = json.dumps(manifest, indent=2) + "\n"
+    atomic_write_bytes(bundle_dir / MANIFEST_NAME, text.encode("utf-8"))
+    return record
+
+
+def _refuse_listed(manifest: dict[str, Any], name: str, overwrite: bool, what: str) -> None:
+    listed = any(entry.get("file") == name for entry in manifest.get("engines") or [])
+    if listed and not overwrite:
+        raise UserError(f"{name} is already in the bundle; pass --overwrite to {what} it")
+
+
 def add_engine_to_bundle(
     bundle_dir: str | Path,
     precision: str = "fp16",
@@ -123,50 +241,113 @@ def add_engine_to_bundle(
     timing_cache: str | Path | None = None,
     overwrite: bool = False,
 ) -> EngineRecord:
-    """Build an engine for this GPU into ``bundle_dir`` and record it in the manifest atomically.
+    """Build an engine for this GPU into ``bundle_dir``, check it, record it in the manifest.
 
-    An engine of the same name (same TensorRT release, GPU and precision) already in the manifest
-    is rebuilt only with ``overwrite``.
+    The engine is built into a temporary folder and compared with ONNX Runtime CPU there
+    (``engine_parity_report``); only a passing engine is moved into the bundle and recorded
+    (manifest written atomically), so a failing build leaves the bundle as it was. An engine of
+    the same name (same TensorRT release, GPU and precision) already in the manifest is rebuilt
+    only with ``overwrite``.
     """
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     check_build_options(precision, workspace_mb, DEFAULT_FP32_LAYER_TYPES)
     onnx_path = bundle_dir / manifest["engine"]["onnx"]
     name = planned_engine_name(onnx_path.stem, precision, query_device())
-    listed = any(entry.get("file") == name for entry in manifest.get("engines") or [])
-    if listed and not overwrite:
-        raise UserError(f"{name} is already in the bundle; pass --overwrite to rebuild it")
-    record = build_engine(
-        onnx_path,
-        bundle_dir,
-        precision=precision,
-        workspace_mb=workspace_mb,
-        timing_cache=timing_cache,
-        batch_size=int(manifest["engine"]["batch_size"]),
+    _refuse_listed(manifest, name, overwrite, "rebuild")
+    with _staging(bundle_dir) as staging:
+        record = build_engine(
+            onnx_path,
+            staging,
+            precision=precision,
+            workspace_mb=workspace_mb,
+            timing_cache=timing_cache,
+            batch_size=int(manifest["engine"]["batch_size"]),
+        )
+        return _install(bundle_dir, manifest, staging / record.file, record)
+
+
+def precision_of(engine_file: str | Path, precision: str | None) -> str:
+    """The precision of an engine to register: as given, else from a *.fp16/*.fp32.engine name."""
+    if precision is not None:
+        return precision
+    for known in PRECISIONS:
+        if Path(engine_file).name.endswith(f".{known}.engine"):
+            return known
+    raise UserError(
+        f"cannot tell the precision of {Path(engine_file).name} from its name: pass --precision "
+        f"{' or '.join(PRECISIONS)} (how it was built)"
     )
-    manifest = record_engine(manifest, record)
-    text = json.dumps(manifest, indent=2) + "\n"
-    atomic_write_bytes(bundle_dir / MANIFEST_NAME, text.encode("utf-8"))
-    return record
+
+
+def register_engine_in_bundle(
+    bundle_dir: str | Path,
+    engine_file: str | Path,
+    precision: str | None = None,
+    overwrite: bool = False,
+) -> EngineRecord:
+    """Add an engine built elsewhere (trtexec) to the bundle, like a built one.
+
+    The engine is named after this machine's TensorRT release and GPU (``query_device``: the
+    engine must load with this TensorRT, which the parity run checks), copied into a temporary
+    folder, compared with ONNX Runtime CPU, then moved into the bundle and recorded with its
+    sha256 (``origin`` "registered", ``workspace_mb`` unknown). A failing engine leaves the
+    bundle as it was.
+    """
+    bundle_dir, engine_file = Path(bundle_dir), Path(engine_file)
+    manifest = read_manifest(bundle_dir)
+    if not engine_file.is_file():
+        raise UserError(f"engine file not found: {engine_file}")
+    precision = precision_of(engine_file, precision)
+    check_build_options(precision, DEFAULT_WORKSPACE_MB, DEFAULT_FP32_LAYER_TYPES)
+    try:
+        device = query_device()
+    except TensorRTUnavailableError as exc:
+        raise TensorRTUnavailableError(
+            f"--register loads the engine with this machine's TensorRT to check it: {exc}"
+        ) from None
+    stem = Path(manifest["engine"]["onnx"]).stem
+    name = planned_engine_name(stem, precision, device)
+    _refuse_listed(manifest, name, overwrite, "replace")
+    with _staging(bundle_dir) as staging:
+        try:
+            shutil.copyfile(engine_file, staging / name)
+        except OSError as exc:
+            raise WriteError(f"cannot copy {engine_file}: {exc.strerror or exc}") from None
+        copied = file_record(staging / name)
+        record = EngineRecord(
+            file=name,
+            tensorrt_version=device.tensorrt_version,
+            compute_capability=device.compute_capability,
+            precision=precision,
+            workspace_mb=None,
+            device_name=device.device_name,
+            built_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            sha256=copied["sha256"],
+            nbytes=copied["bytes"],
+            origin=ORIGIN_REGISTERED,
+        )
+        return _install(bundle_dir, manifest, staging / name, record)
 
 
 def describe_record(record: EngineRecord) -> str:
-    """One line about a built engine."""
-    return (
-        f"built {record.file}: {record.precision}, TensorRT {record.tensorrt_version}, "
+    """One line about an engine added to a bundle, with its parity numbers."""
+    verb = "registered" if record.origin == ORIGIN_REGISTERED else "built"
+    line = (
+        f"{verb} {record.file}: {record.precision}, TensorRT {record.tensorrt_version}, "
         f"{record.device_name} (compute {record.compute_capability}), "
         f"{record.nbytes / 2**20:.1f} MiB"
     )
+    if record.parity is not None:
+        line += f"; against {record.parity['reference']}: {engine_parity.describe(record.parity)}"
+    return line
 
 
 def run_tensorrt_step(args: argparse.Namespace, bundle_dir: str | Path) -> EngineRecord | None:
     """After an export with --tensorrt: print the trtexec line, build, record; else do nothing."""
     if not getattr(args, "tensorrt", False):
         return None
-    print(
-        f"equivalent trtexec line (run in the bundle folder):\n  "
-        f"{trtexec_hint(bundle_dir, args.precision, args.workspace)}"
-    )
+    print_trtexec_hint(bundle_dir, args.precision, args.workspace)
     record = add_engine_to_bundle(
         bundle_dir, args.precision, args.workspace, args.timing_cache, overwrite=True
     )
@@ -178,32 +359,65 @@ def build_engine_parser() -> argparse.ArgumentParser:
     """The parser of ``vlm-export build-engine``."""
     parser = argparse.ArgumentParser(
         prog="vlm-export build-engine",
-        description="Build a TensorRT engine for this machine's GPU into an existing bundle.",
+        description=(
+            "Build a TensorRT engine for this machine's GPU into an existing bundle, or add one\n"
+            "built elsewhere with --register. Either way the engine is compared with ONNX\n"
+            "Runtime CPU on the same inputs (embedding cosine >= 0.999 for fp16, 0.9999 for\n"
+            "fp32) before it is recorded in the manifest; a failing engine is not kept."
+        ),
+        epilog=(
+            "examples:\n"
+            "  vlm-export build-engine bundles/vitb16-tca --precision fp16\n"
+            "  vlm-export build-engine bundles/vitb16-tca \\\n"
+            "      --register bundles/vitb16-tca/image_encoder.fp16.engine   # built by trtexec"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle folder")
-    _add_build_options(parser)
+    _add_build_options(parser, default_precision=None)
+    parser.set_defaults(workspace=None)
+    parser.add_argument("--register", type=Path, metavar="ENGINE_FILE", help=REGISTER_HELP)
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="rebuild an engine the bundle already lists for this TensorRT, GPU and precision",
+        help="rebuild (or replace) an engine the bundle already lists for this TensorRT, GPU "
+        "and precision",
     )
     return parser
 
 
+def _register_main(args: argparse.Namespace) -> EngineRecord:
+    if args.workspace is not None or args.timing_cache is not None:
+        raise UserError("--workspace and --timing-cache apply to building, not to --register")
+    return register_engine_in_bundle(args.bundle, args.register, args.precision, args.overwrite)
+
+
+def _build_main(args: argparse.Namespace) -> EngineRecord:
+    precision = args.precision or "fp16"
+    workspace = DEFAULT_WORKSPACE_MB if args.workspace is None else args.workspace
+    print_trtexec_hint(args.bundle, precision, workspace)
+    return add_engine_to_bundle(
+        args.bundle, precision, workspace, args.timing_cache, args.overwrite
+    )
+
+
 def build_engine_main(argv: Sequence[str] | None = None) -> int:
-    """Run ``vlm-export build-engine BUNDLE``: build an engine into a bundle and record it.
+    """Run ``vlm-export build-engine BUNDLE [--register FILE]``: add an engine to a bundle.
 
     Returns the exit status: 0 on success, 2 with a one-line error on stderr (as vlm-export).
     """
     args = build_engine_parser().parse_args(argv)
     try:
-        hint = trtexec_hint(args.bundle, args.precision, args.workspace)
-        print(f"equivalent trtexec line (run in {args.bundle}):\n  {hint}")
-        record = add_engine_to_bundle(
-            args.bundle, args.precision, args.workspace, args.timing_cache, args.overwrite
-        )
+        record = _register_main(args) if args.register is not None else _build_main(args)
     except UserError as exc:
         print(f"vlm-export build-engine: error: {exc}", file=sys.stderr)
         return 2
     print(describe_record(record))
+    if (
+        args.register is not None
+        and args.register.resolve() != (args.bundle / record.file).resolve()
+    ):
+        print(
+            f"{args.register} was copied into the bundle as {record.file}; it is no longer needed"
+        )
     return 0

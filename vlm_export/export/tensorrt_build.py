@@ -4,7 +4,8 @@ fp16 engines keep LayerNorm and softmax in fp32 (ViT LayerNorm overflows in fp16
 and the ReduceMean/Pow/Sqrt/square layers a decomposed opset-16 LayerNorm is made of, get
 ``layer.precision`` and output types fp32 under OBEY_PRECISION_CONSTRAINTS. Engine files are named
 after what they only run on: ``image_encoder.trt10.3.0.sm87.fp16.engine``. ``trtexec_command``
-gives the same build as a trtexec line for machines with TensorRT but without its Python bindings.
+gives the same build as a trtexec line; an engine built that way joins the bundle through
+``vlm-export build-engine BUNDLE --register FILE`` (which names, checks and records it).
 No torch here: ``vlm-export build-engine`` can run on the device itself.
 """
 
@@ -17,11 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx
-
-from vlm_export.export.trt_ops import assert_tensorrt_compatible
+from vlm_export.export.trt_ops import assert_tensorrt_compatible, import_onnx
 from vlm_export.runtime.atomic import atomic_file, atomic_write_bytes
 from vlm_export.runtime.engine_select import (
     PRECISIONS,
@@ -31,6 +30,9 @@ from vlm_export.runtime.engine_select import (
 )
 from vlm_export.runtime.errors import UserError
 from vlm_export.runtime.manifest import file_record
+
+if TYPE_CHECKING:
+    import onnx
 
 DEFAULT_WORKSPACE_MB = 1024
 DEFAULT_FP32_LAYER_TYPES = ("LayerNorm", "Softmax", "Condensation")
@@ -86,23 +88,33 @@ class EngineBuildError(UserError):
     """TensorRT could not parse the ONNX graph or build the engine."""
 
 
+ORIGIN_BUILT = "built"  # by build_engine (vlm-export --tensorrt, vlm-export build-engine)
+ORIGIN_REGISTERED = "registered"  # built elsewhere (trtexec), added by build-engine --register
+
+
 @dataclass(frozen=True)
 class EngineRecord:
-    """One built engine: what the manifest's ``engines`` list records about it."""
+    """One engine of a bundle: what the manifest's ``engines`` list records about it.
+
+    ``workspace_mb`` is None for a registered engine (its build options are not known);
+    ``parity`` is the comparison with ONNX Runtime CPU (``runtime.engine_parity``), once run.
+    """
 
     file: str
     tensorrt_version: str
     compute_capability: str
     precision: str
-    workspace_mb: int
+    workspace_mb: int | None
     device_name: str
     built_utc: str
     sha256: str
     nbytes: int
+    origin: str = ORIGIN_BUILT
+    parity: dict[str, Any] | None = None
 
     def to_manifest(self) -> dict[str, Any]:
-        """The manifest entry (keys as in ``manifest.py``)."""
-        return {
+        """The manifest entry (keys as in ``manifest.py``; ``parity`` once it was run)."""
+        entry = {
             "file": self.file,
             "tensorrt_version": self.tensorrt_version,
             "compute_capability": self.compute_capability,
@@ -112,7 +124,11 @@ class EngineRecord:
             "built_utc": self.built_utc,
             "sha256": self.sha256,
             "bytes": self.nbytes,
+            "origin": self.origin,
         }
+        if self.parity is not None:
+            entry["parity"] = self.parity
+        return entry
 
 
 def engine_file_name(
@@ -149,6 +165,7 @@ def fp32_node_names(
     fp32_layer_types: Iterable[str] = DEFAULT_FP32_LAYER_TYPES,
 ) -> list[str]:
     """Names of the top-level ONNX nodes to keep in fp32 (TensorRT names layers after them)."""
+    onnx = import_onnx()
     model = model_or_path
     if not isinstance(model, onnx.ModelProto):
         path = Path(model_or_path)

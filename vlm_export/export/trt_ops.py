@@ -12,11 +12,15 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from vlm_export.runtime.errors import UserError
+
+if TYPE_CHECKING:
+    import onnx
 
 # Operators marked "Y" in onnx-tensorrt docs/operators.md for TensorRT 10.15 (opset 9 to 24).
 # Restrictions there that concern our graphs: TopK needs sorted=1 and K < 3840 (the 8.x lists
@@ -68,6 +72,28 @@ class TensorRTCompatibilityError(UserError):
     """The ONNX graph breaks a TensorRT or export rule; the message lists every problem."""
 
 
+class OnnxMissingError(UserError):
+    """The ``onnx`` package is not installed (``vlm-export build-engine`` reads the graph)."""
+
+
+ONNX_MISSING_MESSAGE = "onnx is not installed: pip install onnx (needed to read the bundle's graph)"
+
+
+def import_onnx() -> ModuleType:
+    """The ``onnx`` module, imported on first use; OnnxMissingError (one line) without it.
+
+    Imported lazily so that ``vlm-export --help`` and the build-engine command load on a device
+    without onnx; only the functions that read a graph need it.
+    """
+    try:
+        import onnx
+    except ImportError as exc:
+        if (getattr(exc, "name", None) or "onnx").split(".")[0] != "onnx":
+            raise OnnxMissingError(f"onnx cannot be imported ({exc})") from None
+        raise OnnxMissingError(ONNX_MISSING_MESSAGE) from None
+    return onnx
+
+
 @dataclass
 class OpReport:
     """What the check found: operator counts, problems (errors) and remarks (notes)."""
@@ -102,6 +128,7 @@ def _graph_nodes(
     graph: onnx.GraphProto, where: str = "graph"
 ) -> Iterator[tuple[onnx.NodeProto, str]]:
     """Every node of ``graph`` and of its subgraphs (If/Loop/Scan bodies), with its location."""
+    onnx = import_onnx()
     for node in graph.node:
         yield node, where
         for attribute in node.attribute:
@@ -114,6 +141,7 @@ def _graph_nodes(
 
 
 def _attribute(node: onnx.NodeProto, name: str, default=None):
+    onnx = import_onnx()
     for attribute in node.attribute:
         if attribute.name == name:
             return onnx.helper.get_attribute_value(attribute)
@@ -123,6 +151,7 @@ def _attribute(node: onnx.NodeProto, name: str, default=None):
 def _constant_values(model: onnx.ModelProto) -> dict[str, object]:
     """Build-time constants: initializers and Constant ``value`` tensors (TensorProto), numeric
     Constant attributes (array); None for Constants TensorRT rejects (sparse, strings)."""
+    onnx = import_onnx()
     constants: dict[str, object] = {init.name: init for init in model.graph.initializer}
     for node, _ in _graph_nodes(model.graph):
         if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
@@ -169,6 +198,7 @@ def _node_problems(node: onnx.NodeProto, where: str, opset: int, constants: dict
 
 def _values(constant: object) -> list:
     """The values of a constant as a flat list ([] for an initializer stored outside the file)."""
+    onnx = import_onnx()
     if isinstance(constant, onnx.TensorProto):
         if constant.data_location == onnx.TensorProto.EXTERNAL:
             return []
@@ -223,6 +253,7 @@ def _shape_problems(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
 
 
 def _load(model_or_path: onnx.ModelProto | str | Path) -> onnx.ModelProto:
+    onnx = import_onnx()
     if isinstance(model_or_path, onnx.ModelProto):
         return model_or_path
     path = Path(model_or_path)

@@ -213,10 +213,16 @@ def choose_engine(
     choice = select_engine(manifest.get("engines") or [], device, precision)
     if choice.engine is not None:
         return choice.engine
+    raise no_engine_error(choice, device)
+
+
+def no_engine_error(choice: EngineChoice, device: DeviceInfo) -> NoMatchingEngineError:
+    """The error for a choice without an engine: every refusal, and how to get an engine."""
     here = _device_text(device)
     details = "; ".join(f"{name}: {reason}" for name, reason in choice.refused)
     listed = f" ({details})" if details else " (the bundle has no engines)"
-    raise NoMatchingEngineError(
+    return NoMatchingEngineError(
         f"no TensorRT engine in this bundle fits {here}{listed}; build one on this device with "
-        f"`vlm-export build-engine BUNDLE` or trtexec, or use the ONNX Runtime backend"
+        "`vlm-export build-engine BUNDLE` (or add a trtexec-built one with `vlm-export "
+        "build-engine BUNDLE --register FILE`), or use the ONNX Runtime backend"
     )

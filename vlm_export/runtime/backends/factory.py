@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,10 @@ BACKENDS = ("auto", "onnxruntime", "tensorrt")
 TENSORRT_MODULE = "vlm_export.runtime.backends.tensorrt_backend"
 
 
+class TensorRTNotUsedWarning(UserWarning):
+    """``auto``: the bundle lists TensorRT engines, but none could be used here."""
+
+
 def _open_tensorrt(bundle: Bundle) -> EngineBackend:
     try:
         module = importlib.import_module(TENSORRT_MODULE)
@@ -27,6 +32,11 @@ def _open_tensorrt(bundle: Bundle) -> EngineBackend:
     return module.TensorRTBackend(bundle)
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
 def open_backend(
     bundle: Bundle,
     backend: str = "auto",
@@ -35,9 +45,12 @@ def open_backend(
 ) -> EngineBackend:
     """Open the engine of ``bundle`` with the chosen backend.
 
-    ``auto`` uses TensorRT when the bundle lists engines and TensorRT loads one, otherwise ONNX
-    Runtime (naming ``providers`` or ``threads`` selects ONNX Runtime directly). ONNX Runtime is
-    imported only when it is used; without it the UserError says which extra to install.
+    ``auto`` uses TensorRT when the bundle lists engines and TensorRT loads one for this device
+    (the backend's ``notes`` say why the other engines were not chosen), otherwise ONNX Runtime,
+    with one TensorRTNotUsedWarning saying why the engines were not used (TensorRT or CUDA
+    missing, no GPU, no engine for this TensorRT and GPU). Naming ``providers`` or ``threads``
+    selects ONNX Runtime directly. ONNX Runtime is imported only when it is used; without it the
+    UserError says which extra to install.
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
@@ -49,7 +62,7 @@ def open_backend(
     if backend == "auto" and not providers and threads is None and bundle.manifest["engines"]:
         try:
             return _open_tensorrt(bundle)
-        except UserError as exc:
+        except (UserError, RuntimeError) as exc:  # RuntimeError: a CUDA call failed
             tensorrt_problem = exc
     # imports onnxruntime only now, inside the backend: OnnxRuntimeMissing when not installed
     from vlm_export.runtime.backends.onnxruntime_backend import (
@@ -58,10 +71,19 @@ def open_backend(
     )
 
     try:
-        return OnnxRuntimeBackend(bundle, providers=providers, threads=threads)
+        opened = OnnxRuntimeBackend(bundle, providers=providers, threads=threads)
     except OnnxRuntimeMissing as exc:
         if tensorrt_problem is None:
             raise
         raise OnnxRuntimeMissing(
             f"{exc}; the bundle's TensorRT engine could not be used either ({tensorrt_problem})"
         ) from None
+    if tensorrt_problem is not None:
+        warnings.warn(
+            TensorRTNotUsedWarning(
+                f"TensorRT engine not used: {_one_line(tensorrt_problem)}; running ONNX Runtime "
+                f"({', '.join(opened.providers)})"
+            ),
+            stacklevel=2,
+        )
+    return opened

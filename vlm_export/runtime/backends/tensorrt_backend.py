@@ -25,12 +25,14 @@ import numpy as np
 
 from vlm_export.runtime.backends.base import EngineBackend
 from vlm_export.runtime.engine_select import (
+    DeviceInfo,
     TensorRTUnavailableError,
-    choose_engine,
     cuda_check,
     import_cudart,
     import_tensorrt,
+    no_engine_error,
     query_device,
+    select_engine,
 )
 from vlm_export.runtime.errors import BundleError
 from vlm_export.runtime.manifest import (
@@ -161,9 +163,10 @@ class TensorRTBackend(EngineBackend):
     """Runs a TensorRT engine; see the module docstring for what is copied when.
 
     ``bundle`` is a ``runtime.bundle.Bundle`` (or a bundle folder). The engine is the manifest's
-    engine for this device (``engine_select.choose_engine``, fp16 first unless ``precision``), or
+    engine for this device (``engine_select.select_engine``, fp16 first unless ``precision``), or
     ``engine_file`` (e.g. one built with trtexec). ``runner`` and ``memory`` replace TensorRT and
-    CUDA (tests drive the backend with fakes through them).
+    CUDA (tests drive the backend with fakes through them). ``notes`` says why each other engine
+    of the manifest was not chosen (``vlm-edge run`` prints it).
     """
 
     def __init__(
@@ -179,8 +182,9 @@ class TensorRTBackend(EngineBackend):
             raise ValueError("pass both runner and memory, or neither")
         folder, manifest = _bundle_parts(bundle)
         self.description = "tensorrt"
+        self.notes: list[str] = []
         if runner is None:
-            path = _engine_path(folder, manifest, precision, engine_file)
+            path, self.notes = engine_path(folder, manifest, precision, engine_file)
             self.description = f"tensorrt:{path.name}"
             try:
                 memory = CudaDeviceMemory()
@@ -270,22 +274,35 @@ def _bundle_parts(bundle: Any) -> tuple[Path, dict[str, Any]]:
     return Path(bundle), read_manifest(bundle)
 
 
-def _engine_path(
-    folder: Path, manifest: dict[str, Any], precision: str | None, engine_file: str | Path | None
-) -> Path:
-    """The engine file to load: ``engine_file``, or the manifest's engine for this device."""
+def engine_path(
+    folder: Path,
+    manifest: dict[str, Any],
+    precision: str | None,
+    engine_file: str | Path | None,
+    device: DeviceInfo | None = None,
+) -> tuple[Path, list[str]]:
+    """The engine file to load and why the manifest's other engines were not chosen.
+
+    ``engine_file`` if given, else the manifest's engine for ``device`` (this GPU by default);
+    NoMatchingEngineError (with every refusal) when none fits.
+    """
     if engine_file is not None:
         path = Path(engine_file)
         if not path.is_file():
             raise BundleError(f"engine file not found: {path}")
-        return path
-    record = choose_engine(manifest, query_device(), precision)
+        return path, []
+    device = device or query_device()
+    choice = select_engine(manifest.get("engines") or [], device, precision)
+    if choice.engine is None:
+        raise no_engine_error(choice, device)
+    record = choice.engine
+    notes = [f"engine {name} not used: {reason}" for name, reason in choice.refused]
     path = folder / record["file"]
     if not path.is_file():
         raise BundleError(f"engine file missing from the bundle: {record['file']}")
     if "bytes" in record and path.stat().st_size != record["bytes"]:
         raise BundleError(f"engine {record['file']} is not the size the manifest records")
-    return path
+    return path, notes
 
 
 class TrtEngineRunner(EngineRunner):

@@ -294,6 +294,8 @@ def handle(args: argparse.Namespace) -> int:
         pipeline = Pipeline(bundle, backend, method, reservoir, fusion, args.topk)
         out = stack.enter_context(_output(args.out))
         status(f"{method} on {backend.description}; {source.description}")
+        for note in getattr(backend, "notes", ()):  # e.g. TensorRT engines for other devices
+            status(f"note: {note}")
         stats = RunStats(source.total, progress=not args.quiet and sys.stderr.isatty())
         stop = StopRequest()
         try:
