@@ -31,7 +31,8 @@ Manifest fields (all required unless marked optional)::
                       the output of every block, before ln_post), and for condensing engines
                       "token_fate" [B,R,n] int32 (TOKEN_FATE codes, per original patch).
     engines           list of TensorRT engines: {"file", "tensorrt_version",
-                       "compute_capability", "precision", ...} (may be empty)
+                       "compute_capability", "precision", "origin": "built"|"registered",
+                       "sha256", "parity": {...engine vs ONNX Runtime CPU...}, ...} (may be empty)
     condensation      null, or {"drop_rate", "merge_centers", "ranking", "reduction_layers",
                        "anchor_layers", "schedule": [{"layer", "tokens_in", "keep", "merge",
                        "prune", "tokens_out"}, ...], "tokens_per_block": [...],
