@@ -192,6 +192,17 @@ def test_merging_two_devices_equals_joint_training(tmp_path):
         np.testing.assert_array_equal(state.gram, gram)  # inputs untouched
     save_learner_state(tmp_path / "merged.npz", merged, BUNDLE)
     assert load_learner_state(tmp_path / "merged.npz", BUNDLE).solved
+    # a generator that loads each file as it is needed gives the same joint learner
+    loaded: list[str] = []
+
+    def lazily():
+        for path in paths:
+            loaded.append(path.name)
+            yield load_learner_state(path, BUNDLE)
+
+    streamed = merge_learner_states(lazily())
+    assert loaded == [path.name for path in paths]
+    np.testing.assert_array_equal(streamed.weights, merged.weights)
 
 
 def test_merging_dual_devices_equals_joint_solve():

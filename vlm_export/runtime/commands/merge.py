@@ -79,18 +79,17 @@ def handle(args: argparse.Namespace) -> int:
         check_can_create(path)
     fingerprint = _fingerprint(args)
     reference = f"bundle {args.bundle}" if args.bundle else args.states[0]
-    learners = []
-    for path in args.states:
+    for path in args.states:  # headers only: refuse another bundle before loading anything
         found = (state_header(path) or {}).get("bundle", fingerprint)
         if found != fingerprint:
             raise StateError(
                 f"{path} was made with another bundle (fingerprint {found}) than {reference} "
                 f"({fingerprint})"
             )
-        learners.append(load_learner_state(path, fingerprint))
-    merged = merge_learner_states(learners)
+    # one state file in memory at a time besides the result (each is d_h^2 floats)
+    merged = merge_learner_states(load_learner_state(p, fingerprint) for p in args.states)
     save_learner_state(args.out, merged, fingerprint)
-    status(f"merged {len(learners)} learner states into {args.out}: {describe(merged)}")
+    status(f"merged {len(args.states)} learner states into {args.out}: {describe(merged)}")
     if args.inference_state:
         save_inference_state(args.inference_state, merged, fingerprint)
         status(f"inference state saved to {args.inference_state}")

@@ -9,7 +9,8 @@ learned mask, gamma. Every file records the bundle fingerprint and is refused by
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -199,43 +200,36 @@ def load_inference_state(path: str | Path, bundle_fingerprint: str | None) -> Pr
     raise StateError(f"{path} holds an unknown RAIL form {form!r}")
 
 
-def merge_learner_states(states: Sequence[Learner]) -> Learner:
+def merge_learner_states(states: Iterable[Learner]) -> Learner:
     """The exact joint learner of several devices' learners (the inputs are not changed).
 
     Primal (cholesky route): G, B, sample counts and learned masks add, then W is solved. Dual:
     the other devices' samples join the first's by block updates. All must share the form and
     hyperparameters (seed, d_h, ridge, gamma, label space); load each state with the bundle's
-    fingerprint so that all come from the same bundle.
+    fingerprint so that all come from the same bundle. ``states`` is consumed once, in order: a
+    generator that loads one file at a time keeps one input in memory besides the result.
     """
-    if not states:
+    iterator = iter(states)
+    first = next(iterator, None)
+    if first is None:
         raise StateError("no learner states to merge")
-    first = states[0]
-    if all(isinstance(state, PrimalAdapter) for state in states):
-        return _merge_primal(states)
-    if all(isinstance(state, DualAdapter) for state in states):
+    if isinstance(first, PrimalAdapter):
+        merged = _merge_primal(first, iterator)
+    else:
         merged = DualAdapter(first.in_dim, first.num_classes, first.gamma, first.ridge)
         merged.features, merged.labels = first.features.copy(), first.labels.copy()
         merged.inverse, merged.coef = first.inverse.copy(), first.coef.copy()
         merged.learned_mask = first.learned_mask.copy()
-        for index, state in enumerate(states[1:], start=1):
+        for index, state in enumerate(iterator, start=1):
+            if not isinstance(state, DualAdapter):
+                raise StateError("cannot merge primal and dual learner states")
             _require_same(first, state, index, ("in_dim", "num_classes", "gamma", "ridge"))
             merged.partial_fit(state.features, state.labels)
-        return merged
-    raise StateError("cannot merge primal and dual learner states")
+    return merged
 
 
-def _merge_primal(states: Sequence[PrimalAdapter]) -> PrimalAdapter:
-    first = states[0]
+def _merge_primal(first: PrimalAdapter, others: Iterator[Learner]) -> PrimalAdapter:
     keys = ("route", "in_dim", "hidden_dim", "num_classes", "ridge", "seed")
-    for index, state in enumerate(states):
-        if state.route != "cholesky":
-            raise StateError(
-                f"learner state {index} uses the woodbury route (R only); merging needs the "
-                "cholesky route's statistics G and B"
-            )
-        _require_same(first, state, index, keys)
-        if state.projection is not None and not np.array_equal(state.projection, first.projection):
-            raise StateError(f"learner state {index} has another random layer W_r than state 0")
     merged = PrimalAdapter(
         first.in_dim,
         first.num_classes,
@@ -244,7 +238,17 @@ def _merge_primal(states: Sequence[PrimalAdapter]) -> PrimalAdapter:
         first.seed,
         projection=first.projection,
     )
-    for state in states:
+    for index, state in enumerate(itertools.chain([first], others)):
+        if not isinstance(state, PrimalAdapter):
+            raise StateError("cannot merge primal and dual learner states")
+        if state.route != "cholesky":
+            raise StateError(
+                f"learner state {index} uses the woodbury route (R only); merging needs the "
+                "cholesky route's statistics G and B"
+            )
+        _require_same(first, state, index, keys)
+        if state.projection is not None and not np.array_equal(state.projection, first.projection):
+            raise StateError(f"learner state {index} has another random layer W_r than state 0")
         merged.gram += state.gram
         merged.cross += state.cross
         merged.learned_mask |= state.learned_mask
