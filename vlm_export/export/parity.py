@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnxruntime as ort
 import torch
 
 from vlm_export.export.onnx_export import io_names
 from vlm_export.models.condensing_tower import CondensingVisionTower
+from vlm_export.runtime.engine_parity import compare_outputs
 from vlm_export.runtime.errors import UserError
-from vlm_export.runtime.manifest import CLS_OUTPUT, EMBEDDING_OUTPUT, FATE_OUTPUT
+from vlm_export.runtime.manifest import CLS_OUTPUT, EMBEDDING_OUTPUT
 
 MIN_COSINE = 0.9999  # embedding and cls_per_layer (the reservoir reads the CLS stack)
 MAX_ABS_EMBEDDING = 1e-3
@@ -21,15 +21,6 @@ MIN_FATE_AGREEMENT = 0.99  # kept/merged/pruned per patch; near-ties may flip a 
 
 class ParityError(UserError):
     """The exported graph does not compute what the PyTorch tower computes."""
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = (
-        a.reshape(a.shape[0], -1).astype(np.float64),
-        b.reshape(b.shape[0], -1).astype(np.float64),
-    )
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return float(np.min(np.sum(a * b, axis=1) / np.maximum(norms, 1e-30)))
 
 
 def _realistic_anchors(tower: CondensingVisionTower, generator: torch.Generator) -> torch.Tensor:
@@ -71,19 +62,9 @@ def check_parity(
         with torch.no_grad():
             expected = [tensor.numpy() for tensor in tower(*inputs)]
         feeds = {key: tensor.numpy() for key, tensor in zip(input_names, inputs, strict=True)}
-        actual = session.run(output_names, feeds)
-        case: dict[str, Any] = {"case": name}
-        for out_name, got, want in zip(output_names, actual, expected, strict=True):
-            if out_name == FATE_OUTPUT:
-                case["token_fate_agreement"] = float(np.mean(got == want))
-                continue
-            diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
-            case[out_name] = {
-                "max_abs": float(diff.max()),
-                "median_abs": float(np.median(diff)),
-                "cosine": _cosine(got, want),
-            }
-        cases.append(case)
+        actual = dict(zip(output_names, session.run(output_names, feeds), strict=True))
+        want = dict(zip(output_names, expected, strict=True))
+        cases.append(compare_outputs(name, actual, want, reference="PyTorch"))
     cosine_min = min(case[EMBEDDING_OUTPUT]["cosine"] for case in cases)
     cls_cosine_min = min(case[CLS_OUTPUT]["cosine"] for case in cases)
     max_abs = max(case[EMBEDDING_OUTPUT]["max_abs"] for case in cases)

@@ -102,25 +102,34 @@ def _float_stats(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
     }
 
 
-def _compare_outputs(
-    case: str, got: dict[str, np.ndarray], want: dict[str, np.ndarray]
+def compare_outputs(
+    case: str,
+    got: dict[str, np.ndarray],
+    want: dict[str, np.ndarray],
+    reference: str = "ONNX Runtime",
 ) -> dict[str, Any]:
-    """One case's statistics, output by output (the reference's outputs decide which)."""
+    """One case's statistics, output by output (the reference's outputs ``want`` decide which):
+    max/median abs error and cosine for float outputs, the fraction of equal codes otherwise.
+    ``reference`` names what produced ``want``, for the error messages.
+
+    Shared by the export's parity check (ONNX Runtime vs PyTorch) and the engine's (TensorRT vs
+    ONNX Runtime), so both record the same statistics under the same names.
+    """
     missing = sorted(set(want) - set(got))
     if missing:
-        raise EngineParityError(f"the engine gives no {', '.join(missing)} output(s)")
+        raise EngineParityError(f"no {', '.join(missing)} output(s) to compare")
     record: dict[str, Any] = {"case": case}
-    for name, reference in want.items():
+    for name, expected in want.items():
         value = np.asarray(got[name])
-        if value.shape != reference.shape:
+        if value.shape != expected.shape:
             raise EngineParityError(
-                f"engine output {name!r} has shape {list(value.shape)}, ONNX Runtime's "
-                f"{list(reference.shape)}"
+                f"output {name!r} has shape {list(value.shape)}, {reference}'s "
+                f"{list(expected.shape)}"
             )
-        if name == FATE_OUTPUT or not np.issubdtype(reference.dtype, np.floating):
-            record[f"{name}_agreement"] = float(np.mean(value == reference))
+        if name == FATE_OUTPUT or not np.issubdtype(expected.dtype, np.floating):
+            record[f"{name}_agreement"] = float(np.mean(value == expected))
         else:
-            record[name] = _float_stats(value, reference)
+            record[name] = _float_stats(value, expected)
     return record
 
 
@@ -199,7 +208,7 @@ def compare_backends(
     def compare(name: str, image, anchors=None, valid=None) -> dict[str, np.ndarray]:
         want = _run(reference, image, anchors, valid)
         got = _run(engine, image, anchors, valid)
-        cases.append(_compare_outputs(name, got, want))
+        cases.append(compare_outputs(name, got, want))
         return want
 
     for index in range(images):
