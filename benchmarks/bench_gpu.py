@@ -32,7 +32,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from vlm_export.runtime.errors import UserError
+from vlm_export.core.errors import UserError
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -58,7 +58,7 @@ def probe_paths() -> tuple[dict[str, str], dict[str, str]]:
     else:
         missing[ORT_CUDA] = reason
     try:
-        from vlm_export.runtime.engine_select import query_device
+        from vlm_export.runtime.engines.select import query_device
 
         usable[TENSORRT] = query_device().device_name
     except (UserError, RuntimeError) as exc:
@@ -176,7 +176,7 @@ def open_backends(path_name: str, bundles: dict[str, Path], workspace_mb: int) -
     for kind, folder in bundles.items():
         if path_name == TENSORRT:
             from vlm_export.export.engine_cmd import add_engine_to_bundle
-            from vlm_export.runtime.backends.tensorrt_backend import TensorRTBackend
+            from vlm_export.runtime.engines.tensorrt_backend import TensorRTBackend
 
             add_engine_to_bundle(
                 folder, "fp16", workspace_mb, WORK / "timing.cache", overwrite=True
@@ -184,7 +184,7 @@ def open_backends(path_name: str, bundles: dict[str, Path], workspace_mb: int) -
             bundle = open_bundle(folder)
             backends[kind] = (TensorRTBackend(bundle, precision="fp16"), bundle)
         else:
-            from vlm_export.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+            from vlm_export.runtime.engines.onnxruntime_backend import OnnxRuntimeBackend
 
             bundle = open_bundle(folder)
             with warnings.catch_warnings():
@@ -251,7 +251,7 @@ def versions() -> dict[str, str]:
 
     found = {"torch": torch.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__}
     try:
-        from vlm_export.runtime.engine_select import import_tensorrt
+        from vlm_export.runtime.engines.select import import_tensorrt
 
         found["tensorrt"] = import_tensorrt().__version__
     except UserError:

@@ -34,9 +34,9 @@ import numpy as np
 import onnxruntime
 from PIL import Image
 
-from vlm_export.runtime.backends.base import EngineBackend
-from vlm_export.runtime.backends.factory import BACKENDS, open_backend
 from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.engines.base import EngineBackend
+from vlm_export.runtime.engines.factory import BACKENDS, open_backend
 from vlm_export.runtime.pipeline import Pipeline
 from vlm_export.runtime.sources import Frame, open_source
 

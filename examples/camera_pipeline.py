@@ -15,12 +15,12 @@ import argparse
 import sys
 import time
 
-from vlm_export.runtime.backends.factory import open_backend
+from vlm_export.core.errors import UserError
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.errors import UserError
+from vlm_export.runtime.engines.factory import open_backend
 from vlm_export.runtime.pipeline import Pipeline
 from vlm_export.runtime.sources import VideoSource, import_cv2
-from vlm_export.runtime.tca_stage import build_reservoir
+from vlm_export.runtime.tca.stage import build_reservoir
 
 
 def main() -> int:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from fakebundle import make_bundle
 
-from vlm_export.runtime import manifest as mf
+from vlm_export.core import manifest as mf
+from vlm_export.core.errors import BundleError, UserError
 from vlm_export.runtime.bundle import Bundle, UntrainedWeightsWarning
-from vlm_export.runtime.errors import BundleError, UserError
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from fakebundle import make_bundle, write_images
 from vlm_export.runtime import cli
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.pipeline import Pipeline
-from vlm_export.runtime.tca_stage import build_reservoir
+from vlm_export.runtime.tca.stage import build_reservoir
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ import pytest
 from fakebundle import make_bundle
 from test_tensorrt import ORIN, FakeMemory, _fake_build, _install_fake_trt
 
+from vlm_export.core import manifest as mf
+from vlm_export.core.errors import UserError
 from vlm_export.export import engine_cmd
 from vlm_export.export.engine_cmd import (
     add_engine_to_bundle,
@@ -23,18 +25,16 @@ from vlm_export.export.engine_cmd import (
     register_engine_in_bundle,
 )
 from vlm_export.export.tensorrt_build import build_engine
-from vlm_export.runtime import engine_parity
-from vlm_export.runtime import manifest as mf
-from vlm_export.runtime.backends.base import EngineBackend
-from vlm_export.runtime.backends.tensorrt_backend import EngineRunner, TensorRTBackend, TensorSpec
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.engine_parity import (
+from vlm_export.runtime.engines import parity as engine_parity
+from vlm_export.runtime.engines.base import EngineBackend
+from vlm_export.runtime.engines.parity import (
     EngineParityError,
     check_engine_parity,
     compare_backends,
 )
-from vlm_export.runtime.engine_select import TensorRTUnavailableError, choose_engine
-from vlm_export.runtime.errors import UserError
+from vlm_export.runtime.engines.select import TensorRTUnavailableError, choose_engine
+from vlm_export.runtime.engines.tensorrt_backend import EngineRunner, TensorRTBackend, TensorSpec
 
 C, R, D, E, L, P = 3, 2, 6, 5, 4, 9  # classes, reductions, width, embedding, layers, patches
 IMAGE = (1, 3, 8, 8)

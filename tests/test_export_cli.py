@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("torch")
 
+from vlm_export.core.manifest import read_manifest, verify_files  # noqa: E402
 from vlm_export.export.cli import main  # noqa: E402
-from vlm_export.runtime.manifest import read_manifest, verify_files  # noqa: E402
 
 BASE = ["--model", "vlm-test-tiny", "--pretrained", "none", "--templates", "single", "--quiet"]
 

@@ -6,9 +6,9 @@ import pytest
 
 pytest.importorskip("torch")
 
+from vlm_export.core.manifest import read_manifest, verify_files  # noqa: E402
 from vlm_export.export.pipeline import ExportOptions, export_bundle  # noqa: E402
 from vlm_export.models.schedule import CondensationConfig  # noqa: E402
-from vlm_export.runtime.manifest import read_manifest, verify_files  # noqa: E402
 
 CLASSES = [f"class_{index}" for index in range(20)]
 

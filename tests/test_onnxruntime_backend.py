@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from fakebundle import make_bundle, write_images
 
+from vlm_export.core import manifest as mf
+from vlm_export.core.errors import BundleError, UserError
 from vlm_export.runtime import cli
-from vlm_export.runtime import manifest as mf
-from vlm_export.runtime.backends import onnxruntime_backend as ortb
-from vlm_export.runtime.backends.factory import open_backend
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.errors import BundleError, UserError
+from vlm_export.runtime.engines import onnxruntime_backend as ortb
+from vlm_export.runtime.engines.factory import open_backend
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_backend_module_imports_without_onnxruntime() -> None:
         """
         import sys
         sys.modules["onnxruntime"] = None
-        from vlm_export.runtime.backends import factory, onnxruntime_backend
+        from vlm_export.runtime.engines import factory, onnxruntime_backend
         print(onnxruntime_backend.choose_providers(["cpu"], ["CPUExecutionProvider"]))
         """
     )

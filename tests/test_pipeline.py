@@ -13,17 +13,17 @@ import pytest
 from fakebundle import make_bundle, write_images
 from PIL import Image
 
-from vlm_export.runtime import manifest as mf
-from vlm_export.runtime.backends import onnxruntime_backend as ortb
-from vlm_export.runtime.backends.base import EngineBackend
-from vlm_export.runtime.backends.factory import open_backend
+from vlm_export.core import manifest as mf
+from vlm_export.core.errors import BundleError, StateError, UserError
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.errors import BundleError, StateError, UserError
+from vlm_export.runtime.engines import onnxruntime_backend as ortb
+from vlm_export.runtime.engines.base import EngineBackend
+from vlm_export.runtime.engines.factory import open_backend
 from vlm_export.runtime.numerics import softmax
 from vlm_export.runtime.pipeline import Pipeline
 from vlm_export.runtime.preprocess import ImageError
-from vlm_export.runtime.reservoir import ReservoirConfig, TokenReservoir
-from vlm_export.runtime.tca_stage import build_reservoir, reservoir_config
+from vlm_export.runtime.tca.reservoir import ReservoirConfig, TokenReservoir
+from vlm_export.runtime.tca.stage import build_reservoir, reservoir_config
 
 
 @pytest.fixture(scope="module")

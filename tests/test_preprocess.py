@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_export.runtime.errors import UserError
+from vlm_export.core.errors import UserError
 from vlm_export.runtime.preprocess import ImageError, Preprocessor, load_image, to_8bit
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -204,7 +204,7 @@ def test_unreadable_files_raise_image_error(tmp_path: Path) -> None:
 
 
 def test_bad_config_is_a_bundle_error() -> None:
-    from vlm_export.runtime.errors import BundleError
+    from vlm_export.core.errors import BundleError
 
     with pytest.raises(BundleError, match="resize_mode"):
         Preprocessor(_config((8, 8), resize_mode="zoom"))

@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from vlm_export.runtime import state_file
-from vlm_export.runtime.atomic import WriteError
-from vlm_export.runtime.errors import StateError, UserError
+from vlm_export.core import state_file
+from vlm_export.core.atomic import WriteError
+from vlm_export.core.errors import StateError, UserError
 from vlm_export.runtime.rail import (
     DualAdapter,
     PrimalAdapter,

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from vlm_export.runtime.errors import StateError, UserError
-from vlm_export.runtime.reservoir import ReservoirConfig, TokenReservoir
-from vlm_export.runtime.state_file import save_state
+from vlm_export.core.errors import StateError, UserError
+from vlm_export.core.state_file import save_state
+from vlm_export.runtime.tca.reservoir import ReservoirConfig, TokenReservoir
 
 C, L, D = 7, 5, 16
 ANCHOR_LAYERS = (1, 3)

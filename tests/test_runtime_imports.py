@@ -31,7 +31,10 @@ CHILD = textwrap.dedent(
     import vlm_export.runtime as runtime
 
     failures, skipped = [], []
-    for info in pkgutil.walk_packages(runtime.__path__, runtime.__name__ + "."):
+    import vlm_export.core as core
+    modules = [*pkgutil.walk_packages(runtime.__path__, runtime.__name__ + "."),
+               *pkgutil.walk_packages(core.__path__, core.__name__ + ".")]
+    for info in modules:
         if info.name.endswith("__main__"):
             continue
         try:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fakebundle import write_images
 
-from vlm_export.runtime.errors import UserError
+from vlm_export.core.errors import UserError
 from vlm_export.runtime.sources import (
     ImageFiles,
     SourceError,

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlm_export.runtime.errors import StateError
-from vlm_export.runtime.state_file import META_KEY, load_state, save_state
+from vlm_export.core.errors import StateError
+from vlm_export.core.state_file import META_KEY, load_state, save_state
 
 
 def _load(path: Path):

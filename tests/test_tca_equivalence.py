@@ -18,10 +18,10 @@ torch = pytest.importorskip("torch")
 
 from reference_tca import reference_forward  # noqa: E402
 
-from vlm_export.runtime.backends.factory import open_backend  # noqa: E402
 from vlm_export.runtime.bundle import Bundle  # noqa: E402
+from vlm_export.runtime.engines.factory import open_backend  # noqa: E402
 from vlm_export.runtime.pipeline import Pipeline  # noqa: E402
-from vlm_export.runtime.tca_stage import build_reservoir  # noqa: E402
+from vlm_export.runtime.tca.stage import build_reservoir  # noqa: E402
 
 NUM_FRAMES = 200
 CLASSES = ["cat", "dog", "bird", "fish"]

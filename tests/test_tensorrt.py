@@ -23,6 +23,15 @@ import pytest
 from fakebundle import make_bundle, write_images
 from onnx import TensorProto, helper, numpy_helper
 
+from vlm_export.core.errors import BundleError, UserError
+from vlm_export.core.manifest import (
+    FORMAT,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    file_record,
+    read_manifest,
+    verify_files,
+)
 from vlm_export.export import engine_cmd
 from vlm_export.export.engine_cmd import (
     add_engine_to_bundle,
@@ -46,18 +55,11 @@ from vlm_export.export.trt_ops import (
     TensorRTCompatibilityError,
     check_onnx_for_tensorrt,
 )
-from vlm_export.runtime.backends import tensorrt_backend
-from vlm_export.runtime.backends.factory import TensorRTNotUsedWarning, open_backend
-from vlm_export.runtime.backends.tensorrt_backend import (
-    DeviceMemory,
-    EngineRunner,
-    TensorRTBackend,
-    TensorSpec,
-)
-from vlm_export.runtime.backends.tensorrt_backend import engine_path as tensorrt_engine_path
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.engine_parity import open_reference
-from vlm_export.runtime.engine_select import (
+from vlm_export.runtime.engines import tensorrt_backend
+from vlm_export.runtime.engines.factory import TensorRTNotUsedWarning, open_backend
+from vlm_export.runtime.engines.parity import open_reference
+from vlm_export.runtime.engines.select import (
     DeviceInfo,
     NoMatchingEngineError,
     TensorRTUnavailableError,
@@ -65,15 +67,13 @@ from vlm_export.runtime.engine_select import (
     normalize_compute_capability,
     select_engine,
 )
-from vlm_export.runtime.errors import BundleError, UserError
-from vlm_export.runtime.manifest import (
-    FORMAT,
-    MANIFEST_NAME,
-    SCHEMA_VERSION,
-    file_record,
-    read_manifest,
-    verify_files,
+from vlm_export.runtime.engines.tensorrt_backend import (
+    DeviceMemory,
+    EngineRunner,
+    TensorRTBackend,
+    TensorSpec,
 )
+from vlm_export.runtime.engines.tensorrt_backend import engine_path as tensorrt_engine_path
 
 C, R, D, E, L = 3, 2, 8, 4, 5  # classes, reduction blocks, width, embedding, layers
 IMAGE_SHAPE = (1, 3, 16, 16)
@@ -1042,8 +1042,8 @@ def test_the_chosen_engine_notes_the_refused_ones(tmp_path):
 
 def test_vlm_edge_run_prints_the_notes_of_the_backend(tmp_path, monkeypatch, capsys):
     from vlm_export.runtime import cli
-    from vlm_export.runtime.backends import factory
-    from vlm_export.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from vlm_export.runtime.engines import factory
+    from vlm_export.runtime.engines.onnxruntime_backend import OnnxRuntimeBackend
 
     def with_notes(bundle):
         backend = OnnxRuntimeBackend(bundle)
@@ -1079,7 +1079,7 @@ def test_vlm_edge_run_warns_in_one_line(tmp_path, no_tensorrt, capsys):
 @pytest.fixture
 def gpu_device():
     try:
-        from vlm_export.runtime.engine_select import query_device
+        from vlm_export.runtime.engines.select import query_device
 
         return query_device()
     except (UserError, RuntimeError) as exc:
@@ -1088,7 +1088,7 @@ def gpu_device():
 
 @pytest.mark.gpu
 def test_cuda_memory_round_trip(gpu_device):
-    from vlm_export.runtime.backends.tensorrt_backend import CudaDeviceMemory
+    from vlm_export.runtime.engines.tensorrt_backend import CudaDeviceMemory
 
     memory = CudaDeviceMemory()
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vlm_export.core.errors import UserError
 from vlm_export.export.class_lists import (
     ClassListError,
     DomainLabel,
@@ -27,7 +28,6 @@ from vlm_export.export.templates import (
     load_templates,
     template_set_names,
 )
-from vlm_export.runtime.errors import UserError
 
 DATASETS = (
     "caltech101",

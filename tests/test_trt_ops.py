@@ -7,13 +7,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from vlm_export.core.errors import UserError
 from vlm_export.export.trt_ops import (
     TENSORRT_SUPPORTED_OPS,
     TensorRTCompatibilityError,
     assert_tensorrt_compatible,
     check_onnx_for_tensorrt,
 )
-from vlm_export.runtime.errors import UserError
 
 
 def _value(name, shape, elem=TensorProto.FLOAT):

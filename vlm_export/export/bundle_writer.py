@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from vlm_export.runtime.atomic import atomic_directory, check_can_create
-from vlm_export.runtime.errors import UserError
-from vlm_export.runtime.manifest import MANIFEST_NAME, file_record, validate_manifest
+from vlm_export.core.atomic import atomic_directory, check_can_create
+from vlm_export.core.errors import UserError
+from vlm_export.core.manifest import MANIFEST_NAME, file_record, validate_manifest
 
 
 class OutputExistsError(UserError):

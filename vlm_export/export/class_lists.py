@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlm_export.runtime.errors import UserError
+from vlm_export.core.errors import UserError
 
 _DOMAIN_NAME = re.compile(r"[\w.-]+")
 

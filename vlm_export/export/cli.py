@@ -7,13 +7,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from vlm_export.core.errors import UserError
 from vlm_export.export.engine_cmd import (
     add_tensorrt_arguments,
     build_engine_main,
     preflight_tensorrt,
     run_tensorrt_step,
 )
-from vlm_export.runtime.errors import UserError
 
 EXAMPLES = """examples:
   vlm-export --method tca --model ViT-B-16 --pretrained openai \\

@@ -26,6 +26,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from vlm_export.core.atomic import WriteError, atomic_write_bytes
+from vlm_export.core.errors import UserError
+from vlm_export.core.manifest import MANIFEST_NAME, file_record, read_manifest
 from vlm_export.export.tensorrt_build import (
     DEFAULT_FP32_LAYER_TYPES,
     DEFAULT_WORKSPACE_MB,
@@ -37,17 +40,14 @@ from vlm_export.export.tensorrt_build import (
     fp32_node_names,
     trtexec_command,
 )
-from vlm_export.runtime import engine_parity
-from vlm_export.runtime.atomic import WriteError, atomic_write_bytes
-from vlm_export.runtime.backends.base import EngineBackend
-from vlm_export.runtime.engine_select import (
+from vlm_export.runtime.engines import parity as engine_parity
+from vlm_export.runtime.engines.base import EngineBackend
+from vlm_export.runtime.engines.select import (
     PRECISIONS,
     DeviceInfo,
     TensorRTUnavailableError,
     query_device,
 )
-from vlm_export.runtime.errors import UserError
-from vlm_export.runtime.manifest import MANIFEST_NAME, file_record, read_manifest
 
 REGISTER_HELP = (
     "add an engine built elsewhere (e.g. with the printed trtexec line) instead of building one: "
@@ -173,7 +173,7 @@ def open_engine_backend(
     bundle_dir: Path, manifest: dict[str, Any], engine_path: Path
 ) -> EngineBackend:
     """The TensorRT backend over ``engine_path`` (tests replace this with a fake engine)."""
-    from vlm_export.runtime.backends.tensorrt_backend import TensorRTBackend
+    from vlm_export.runtime.engines.tensorrt_backend import TensorRTBackend
 
     graph = engine_parity.BundleGraph(bundle_dir, manifest)
     return TensorRTBackend(graph, engine_file=engine_path)

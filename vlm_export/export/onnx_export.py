@@ -11,10 +11,8 @@ from typing import Any
 import onnx
 import torch
 
-from vlm_export.models.condensing_tower import CondensingVisionTower
-from vlm_export.models.tracing import plain_attention
-from vlm_export.runtime.errors import UserError
-from vlm_export.runtime.manifest import (
+from vlm_export.core.errors import UserError
+from vlm_export.core.manifest import (
     ANCHORS_INPUT,
     ANCHORS_VALID_INPUT,
     CLS_OUTPUT,
@@ -22,6 +20,8 @@ from vlm_export.runtime.manifest import (
     FATE_OUTPUT,
     IMAGE_INPUT,
 )
+from vlm_export.models.condensing_tower import CondensingVisionTower
+from vlm_export.models.tracing import plain_attention
 
 SUPPORTED_OPSETS = (16, 17)
 ANCHOR_INPUTS = (ANCHORS_INPUT, ANCHORS_VALID_INPUT)

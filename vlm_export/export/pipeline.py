@@ -14,6 +14,16 @@ import onnxruntime
 import torch
 
 import vlm_export
+from vlm_export.core.errors import UserError
+from vlm_export.core.manifest import (
+    CLASSES_FILE,
+    FORMAT,
+    IMAGE_ENCODER_ONNX,
+    METHODS,
+    SCHEMA_VERSION,
+    TEXT_EMBEDDINGS,
+    uses_condensation,
+)
 from vlm_export.export.bundle_writer import (
     check_output_folder,
     write_array,
@@ -32,16 +42,6 @@ from vlm_export.models.condensing_tower import CondensingVisionTower
 from vlm_export.models.flops import drop_rate_for_gflops, flops_report
 from vlm_export.models.loading import LoadedClip, load_clip
 from vlm_export.models.schedule import CondensationConfig, anchor_layers
-from vlm_export.runtime.errors import UserError
-from vlm_export.runtime.manifest import (
-    CLASSES_FILE,
-    FORMAT,
-    IMAGE_ENCODER_ONNX,
-    METHODS,
-    SCHEMA_VERSION,
-    TEXT_EMBEDDINGS,
-    uses_condensation,
-)
 
 DEFAULT_TEMPLATES = {
     "zeroshot": "imagenet80",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlm_export.runtime.errors import UserError
+from vlm_export.core.errors import UserError
 
 # dataset: (capacity M, tau, lambda, beta), as the TCA authors' released configs.
 TCA_PRESETS: dict[str, tuple[int, float, float, float]] = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from vlm_export.runtime.errors import UserError
+from vlm_export.core.errors import UserError
 
 PLACEHOLDER = "{}"
 

@@ -20,16 +20,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from vlm_export.core.atomic import atomic_file, atomic_write_bytes
+from vlm_export.core.errors import UserError
+from vlm_export.core.manifest import file_record
 from vlm_export.export.trt_ops import assert_tensorrt_compatible, import_onnx
-from vlm_export.runtime.atomic import atomic_file, atomic_write_bytes
-from vlm_export.runtime.engine_select import (
+from vlm_export.runtime.engines.select import (
     PRECISIONS,
     import_tensorrt,
     normalize_compute_capability,
     query_device,
 )
-from vlm_export.runtime.errors import UserError
-from vlm_export.runtime.manifest import file_record
 
 if TYPE_CHECKING:
     import onnx

@@ -7,9 +7,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from vlm_export.core.errors import UserError
 from vlm_export.export.class_lists import prompt_name
 from vlm_export.export.templates import check_templates, fill_template
-from vlm_export.runtime.errors import UserError
 
 Progress = Callable[[int, int], None]
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vlm_export.runtime.errors import UserError
+from vlm_export.core.errors import UserError
 
 if TYPE_CHECKING:
     import onnx

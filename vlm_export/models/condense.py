@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vlm_export.core.manifest import TOKEN_FATE
 from vlm_export.models.schedule import LayerCounts
-from vlm_export.runtime.manifest import TOKEN_FATE
 
 
 def token_scores(cls_attn: Tensor, ranking: str) -> Tensor:

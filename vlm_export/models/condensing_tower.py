@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlm_export.core.errors import UserError
 from vlm_export.models.condense import (
     fate_codes,
     fuse_pruned,
@@ -24,7 +25,6 @@ from vlm_export.models.condense import (
     token_scores,
 )
 from vlm_export.models.schedule import CondensationConfig, LayerCounts, token_schedule
-from vlm_export.runtime.errors import UserError
 
 # Added to the anchor's attention logit when no anchor is valid. exp(-1e4) is exactly 0 in fp32
 # and fp16, and 1e4 is representable in fp16, so masked attention equals attention over N tokens.

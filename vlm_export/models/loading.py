@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlm_export.core.errors import UserError
 from vlm_export.models.torchvision_compat import ensure_torchvision_importable
-from vlm_export.runtime.errors import UserError
 
 ensure_torchvision_importable()
 

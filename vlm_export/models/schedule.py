@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from vlm_export.runtime.errors import UserError
+from vlm_export.core.errors import UserError
 
 RANKINGS = ("mean", "consensus")
 

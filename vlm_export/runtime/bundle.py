@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from vlm_export.runtime import manifest as mf
-from vlm_export.runtime.errors import BundleError
+from vlm_export.core import manifest as mf
+from vlm_export.core.errors import BundleError
 
 
 class UntrainedWeightsWarning(UserWarning):

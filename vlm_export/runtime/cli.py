@@ -30,8 +30,8 @@ from types import ModuleType
 from typing import TextIO
 
 from vlm_export import __version__
+from vlm_export.core.errors import UserError
 from vlm_export.runtime import commands
-from vlm_export.runtime.errors import UserError
 
 PROG = "vlm-edge"
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as the shell reports a command killed by a closed pipe

@@ -18,14 +18,14 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from vlm_export.runtime.backends.base import EngineBackend
+from vlm_export.core.errors import BundleError, UserError
+from vlm_export.core.manifest import ANCHORS_INPUT, CLS_OUTPUT, EMBEDDING_OUTPUT
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.errors import BundleError, UserError
-from vlm_export.runtime.manifest import ANCHORS_INPUT, CLS_OUTPUT, EMBEDDING_OUTPUT
+from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.numerics import softmax
 from vlm_export.runtime.preprocess import Preprocessor
-from vlm_export.runtime.reservoir import TokenReservoir
-from vlm_export.runtime.tca_stage import TcaStage, build_reservoir
+from vlm_export.runtime.tca.reservoir import TokenReservoir
+from vlm_export.runtime.tca.stage import TcaStage, build_reservoir
 
 
 @dataclass(frozen=True)

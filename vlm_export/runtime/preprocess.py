@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from vlm_export.runtime.errors import BundleError, UserError
+from vlm_export.core.errors import BundleError, UserError
 
 RESIZE_MODES = ("shortest", "longest", "squash")
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}

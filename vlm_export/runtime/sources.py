@@ -17,7 +17,7 @@ from types import ModuleType, TracebackType
 
 import numpy as np
 
-from vlm_export.runtime.errors import UserError
+from vlm_export.core.errors import UserError
 
 IMAGE_EXTENSIONS = (
     ".jpg",

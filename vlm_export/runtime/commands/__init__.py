@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vlm_export.runtime.backends.base import EngineBackend
-from vlm_export.runtime.backends.factory import BACKENDS, open_backend
 from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.engines.base import EngineBackend
+from vlm_export.runtime.engines.factory import BACKENDS, open_backend
 
 
 def status(message: str) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vlm_export.runtime.errors import UserError
+from vlm_export.core.errors import UserError
 from vlm_export.runtime.rail.models import LearnerOptions
 from vlm_export.runtime.rail.primal import ROUTES
 

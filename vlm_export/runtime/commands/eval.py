@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from vlm_export.runtime.atomic import atomic_write_bytes, check_can_create
-from vlm_export.runtime.backends.base import EngineBackend
+from vlm_export.core.atomic import atomic_write_bytes, check_can_create
+from vlm_export.core.errors import UserError
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
 from vlm_export.runtime.commands._rail import (
@@ -34,7 +34,7 @@ from vlm_export.runtime.commands._rail import (
     learner_options,
     show_progress,
 )
-from vlm_export.runtime.errors import UserError
+from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.pipeline import METHOD_STAGES, Pipeline
 from vlm_export.runtime.rail.dataset import DomainData, domain_data
 from vlm_export.runtime.rail.embed import embed_images

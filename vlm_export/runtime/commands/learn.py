@@ -16,7 +16,9 @@ import contextlib
 import time
 from pathlib import Path
 
-from vlm_export.runtime.atomic import check_can_create
+from vlm_export.core.atomic import check_can_create
+from vlm_export.core.errors import UserError
+from vlm_export.core.manifest import EMBEDDING_OUTPUT
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
 from vlm_export.runtime.commands._rail import (
@@ -27,8 +29,6 @@ from vlm_export.runtime.commands._rail import (
     same_file,
     show_progress,
 )
-from vlm_export.runtime.errors import UserError
-from vlm_export.runtime.manifest import EMBEDDING_OUTPUT
 from vlm_export.runtime.pipeline import Pipeline
 from vlm_export.runtime.rail.dataset import LabelledImages, training_images
 from vlm_export.runtime.rail.embed import embed_images

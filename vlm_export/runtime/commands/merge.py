@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 
-from vlm_export.runtime.atomic import check_can_create
+from vlm_export.core.atomic import check_can_create
+from vlm_export.core.errors import StateError, UserError
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import status
 from vlm_export.runtime.commands._rail import same_file
-from vlm_export.runtime.errors import StateError, UserError
 from vlm_export.runtime.rail.models import describe, state_header
 from vlm_export.runtime.rail.state import (
     load_learner_state,

@@ -20,10 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from vlm_export.core.errors import UserError
+from vlm_export.core.manifest import uses_condensation
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
-from vlm_export.runtime.errors import UserError
-from vlm_export.runtime.manifest import uses_condensation
 from vlm_export.runtime.pipeline import (
     METHOD_STAGES,
     METHODS,
@@ -35,9 +35,9 @@ from vlm_export.runtime.pipeline import (
 from vlm_export.runtime.preprocess import ImageError
 from vlm_export.runtime.rail.fusion import RailFusion
 from vlm_export.runtime.rail.models import describe, fusion_beta, load_predictor
-from vlm_export.runtime.reservoir import ANCHOR_RULES, EVICTION_MODES
 from vlm_export.runtime.sources import Frame, Source, open_source
-from vlm_export.runtime.tca_stage import build_reservoir
+from vlm_export.runtime.tca.reservoir import ANCHOR_RULES, EVICTION_MODES
+from vlm_export.runtime.tca.stage import build_reservoir
 
 STAGES = ("preprocess", "engine", "reservoir", "correction", "fusion", "total")
 PROGRESS_INTERVAL_S = 0.25

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlm_export.runtime.errors import UserError
+from vlm_export.core.errors import UserError
 
 
 class RailError(UserError):

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from vlm_export.core.errors import UserError
+from vlm_export.core.state_file import META_KEY
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.errors import UserError
 from vlm_export.runtime.rail import dual, primal
 from vlm_export.runtime.rail.fusion import BETA
 from vlm_export.runtime.rail.state import (
@@ -29,7 +30,6 @@ from vlm_export.runtime.rail.state import (
     load_learner_state,
     to_inference,
 )
-from vlm_export.runtime.state_file import META_KEY
 
 FORMS = ("primal", "dual")
 PRIMAL_OPTIONS = ("hidden_dim", "seed", "route")

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from vlm_export.runtime.errors import StateError
+from vlm_export.core.errors import StateError
+from vlm_export.core.state_file import load_state, save_state
 from vlm_export.runtime.rail.dual import DualAdapter, DualPredictor
 from vlm_export.runtime.rail.inputs import RailError
 from vlm_export.runtime.rail.primal import ROUTES, PrimalAdapter, PrimalPredictor
-from vlm_export.runtime.state_file import load_state, save_state
 
 LEARNER_KIND = "rail-learner"
 INFERENCE_KIND = "rail-inference"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from vlm_export.runtime.errors import UserError
+from vlm_export.core.errors import UserError
 
 PRECISIONS = ("fp16", "fp32")
 TENSORRT_INSTALL_HINT = (

@@ -9,7 +9,7 @@ Three parts, so that the bookkeeping is testable without a GPU:
   copies the anchors in only in ``set_anchors`` and the image in on every ``infer``.
 
 On GPUs without a TensorRT engine for this device, ONNX Runtime runs the ONNX model instead:
-``vlm_export.runtime.backends.onnxruntime_backend.OnnxRuntimeBackend`` with providers
+``vlm_export.runtime.engines.onnxruntime_backend.OnnxRuntimeBackend`` with providers
 ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"] (onnxruntime-gpu).
 """
 
@@ -23,8 +23,21 @@ from typing import Any
 
 import numpy as np
 
-from vlm_export.runtime.backends.base import EngineBackend
-from vlm_export.runtime.engine_select import (
+from vlm_export.core.errors import BundleError
+from vlm_export.core.manifest import (
+    ANCHORS_INPUT as ANCHORS,
+)
+from vlm_export.core.manifest import (
+    ANCHORS_VALID_INPUT as ANCHORS_VALID,
+)
+from vlm_export.core.manifest import (
+    IMAGE_INPUT as IMAGE,
+)
+from vlm_export.core.manifest import (
+    read_manifest,
+)
+from vlm_export.runtime.engines.base import EngineBackend
+from vlm_export.runtime.engines.select import (
     DeviceInfo,
     TensorRTUnavailableError,
     cuda_check,
@@ -33,19 +46,6 @@ from vlm_export.runtime.engine_select import (
     no_engine_error,
     query_device,
     select_engine,
-)
-from vlm_export.runtime.errors import BundleError
-from vlm_export.runtime.manifest import (
-    ANCHORS_INPUT as ANCHORS,
-)
-from vlm_export.runtime.manifest import (
-    ANCHORS_VALID_INPUT as ANCHORS_VALID,
-)
-from vlm_export.runtime.manifest import (
-    IMAGE_INPUT as IMAGE,
-)
-from vlm_export.runtime.manifest import (
-    read_manifest,
 )
 
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from vlm_export.runtime.atomic import check_can_create
-from vlm_export.runtime.backends.base import EngineBackend
+from vlm_export.core.atomic import check_can_create
+from vlm_export.core.errors import UserError
+from vlm_export.core.manifest import ANCHORS_INPUT, CLS_OUTPUT
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.errors import UserError
-from vlm_export.runtime.manifest import ANCHORS_INPUT, CLS_OUTPUT
-from vlm_export.runtime.reservoir import ReservoirConfig, TokenReservoir
+from vlm_export.runtime.engines.base import EngineBackend
+from vlm_export.runtime.tca.reservoir import ReservoirConfig, TokenReservoir
 
 RESERVOIR_KEYS = tuple(item.name for item in dataclasses.fields(ReservoirConfig))
 

@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from vlm_export.runtime.errors import UserError
+from vlm_export.core.errors import UserError
 
 
 def _read_umask() -> int:

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vlm_export.runtime.backends.base import EngineBackend
-from vlm_export.runtime.errors import BundleError, UserError
-from vlm_export.runtime.manifest import ANCHORS_INPUT, ANCHORS_VALID_INPUT, IMAGE_INPUT
+from vlm_export.core.errors import BundleError, UserError
+from vlm_export.core.manifest import ANCHORS_INPUT, ANCHORS_VALID_INPUT, IMAGE_INPUT
+from vlm_export.runtime.engines.base import EngineBackend
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle

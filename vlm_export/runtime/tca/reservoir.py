@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm_export.runtime.errors import StateError, UserError
-from vlm_export.runtime.state_file import load_state, save_state
+from vlm_export.core.errors import StateError, UserError
+from vlm_export.core.state_file import load_state, save_state
 
 STATE_KIND = "tca_reservoir"
 STATE_SCHEMA_VERSION = 1

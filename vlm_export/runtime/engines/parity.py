@@ -22,9 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from vlm_export.runtime.backends.base import EngineBackend
-from vlm_export.runtime.errors import UserError
-from vlm_export.runtime.manifest import (
+from vlm_export.core.errors import UserError
+from vlm_export.core.manifest import (
     ANCHORS_INPUT,
     ANCHORS_VALID_INPUT,
     CLS_OUTPUT,
@@ -32,6 +31,7 @@ from vlm_export.runtime.manifest import (
     FATE_OUTPUT,
     IMAGE_INPUT,
 )
+from vlm_export.runtime.engines.base import EngineBackend
 
 REFERENCE = "onnxruntime CPU"
 REFERENCE_PROVIDERS = ("CPUExecutionProvider",)
@@ -67,7 +67,7 @@ class BundleGraph:
 
 def open_reference(folder: str | Path, manifest: dict[str, Any]) -> EngineBackend:
     """ONNX Runtime on CPU over the bundle's ONNX graph (imports onnxruntime only now)."""
-    from vlm_export.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from vlm_export.runtime.engines.onnxruntime_backend import OnnxRuntimeBackend
 
     graph = BundleGraph(Path(folder), manifest)
     return OnnxRuntimeBackend(graph, providers=list(REFERENCE_PROVIDERS))  # type: ignore[arg-type]

@@ -67,7 +67,7 @@ import json
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
-from vlm_export.runtime.errors import BundleError
+from vlm_export.core.errors import BundleError
 
 FORMAT = "vlm-export-bundle"
 SCHEMA_VERSION = 1

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from vlm_export.runtime.atomic import atomic_file
-from vlm_export.runtime.errors import StateError
+from vlm_export.core.atomic import atomic_file
+from vlm_export.core.errors import StateError
 
 META_KEY = "__meta__"
 

@@ -7,14 +7,14 @@ import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from vlm_export.runtime.backends.base import EngineBackend
-from vlm_export.runtime.errors import UserError
+from vlm_export.core.errors import UserError
+from vlm_export.runtime.engines.base import EngineBackend
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
-TENSORRT_MODULE = "vlm_export.runtime.backends.tensorrt_backend"
+TENSORRT_MODULE = "vlm_export.runtime.engines.tensorrt_backend"
 
 
 class TensorRTNotUsedWarning(UserWarning):
@@ -65,7 +65,7 @@ def open_backend(
         except (UserError, RuntimeError) as exc:  # RuntimeError: a CUDA call failed
             tensorrt_problem = exc
     # imports onnxruntime only now, inside the backend: OnnxRuntimeMissing when not installed
-    from vlm_export.runtime.backends.onnxruntime_backend import (
+    from vlm_export.runtime.engines.onnxruntime_backend import (
         OnnxRuntimeBackend,
         OnnxRuntimeMissing,
     )

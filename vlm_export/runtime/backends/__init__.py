@@ -1,1 +1,0 @@
-"""Engine backends: one interface, ONNX Runtime and TensorRT implementations."""

@@ -1,0 +1,1 @@
+"""TCA on the device: the token reservoir and the pipeline stage that feeds its anchors back."""
