@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vlm_export.core.errors import UserError
-from vlm_export.export.class_lists import (
+from vlm_export.runtime.text.class_lists import (
     ClassListError,
     DomainLabel,
     parse_domain_args,
@@ -20,7 +20,7 @@ from vlm_export.export.class_lists import (
     shared_class_names,
     union_labels,
 )
-from vlm_export.export.templates import (
+from vlm_export.runtime.text.templates import (
     BUILTIN_TEMPLATES,
     TemplateError,
     check_templates,
@@ -90,7 +90,7 @@ def test_templates_match_open_clip_metadata():
 
 def test_templates_and_class_lists_import_without_torch_or_open_clip():
     code = (
-        "import sys, vlm_export.export.templates, vlm_export.export.class_lists; "
+        "import sys, vlm_export.runtime.text.templates, vlm_export.runtime.text.class_lists; "
         "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))"
     )
     result = subprocess.run(

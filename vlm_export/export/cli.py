@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _domains(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    from vlm_export.export.class_lists import parse_domain_args, read_class_list
+    from vlm_export.runtime.text.class_lists import parse_domain_args, read_class_list
 
     if args.classes and args.domain:
         raise UserError("give either --classes or --domain NAME=FILE, not both")
@@ -142,7 +142,7 @@ def _domains(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
 
 def run(args: argparse.Namespace) -> int:
     if args.list_templates:
-        from vlm_export.export.templates import template_set_names
+        from vlm_export.runtime.text.templates import template_set_names
 
         print("\n".join(template_set_names()))
         return 0

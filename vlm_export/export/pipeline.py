@@ -30,18 +30,18 @@ from vlm_export.export.bundle_writer import (
     write_bundle,
     write_json,
 )
-from vlm_export.export.class_lists import shared_class_names, union_labels
 from vlm_export.export.onnx_export import export_onnx, graph_summary, io_spec
 from vlm_export.export.parity import check_parity
 from vlm_export.export.presets import RAIL_DEFAULTS, tca_settings
 from vlm_export.export.progress import Progress
-from vlm_export.export.templates import load_templates
 from vlm_export.export.text_embeddings import encode_class_texts
 from vlm_export.export.trt_ops import assert_tensorrt_compatible
 from vlm_export.models.condensing_tower import CondensingVisionTower
 from vlm_export.models.flops import drop_rate_for_gflops, flops_report
 from vlm_export.models.loading import LoadedClip, load_clip
 from vlm_export.models.schedule import CondensationConfig, anchor_layers
+from vlm_export.runtime.text.class_lists import shared_class_names, union_labels
+from vlm_export.runtime.text.templates import load_templates
 
 DEFAULT_TEMPLATES = {
     "zeroshot": "imagenet80",

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from vlm_export.core.errors import UserError
-from vlm_export.export.class_lists import prompt_name
-from vlm_export.export.templates import check_templates, fill_template
+from vlm_export.runtime.text.class_lists import prompt_name
+from vlm_export.runtime.text.templates import check_templates, fill_template
 
 Progress = Callable[[int, int], None]
 
