@@ -8,7 +8,7 @@ such a source is opened (the optional ``camera`` extra).
 from __future__ import annotations
 
 import glob
-import warnings
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,9 +34,7 @@ IMAGE_EXTENSIONS = (
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 GLOB_CHARS = "*?["
 
-
-class SourceWarning(UserWarning):
-    """A source that ended early but gave what it could (a truncated video)."""
+log = logging.getLogger(__name__)
 
 
 class SourceError(UserError):
@@ -146,15 +144,15 @@ class VideoSource(Source):
 
     def _ended(self, frames: int) -> None:
         """A camera or stream that stops delivering frames is an error; a video file that ends
-        short of its frame count (truncated, or undecodable frames) is a warning."""
+        short of its frame count (truncated, or undecodable frames) logs a warning."""
         if self.is_camera or "://" in str(self.target):
             raise SourceError(f"{self.description} stopped delivering frames after {frames}")
         if self.total is not None and frames < self.total:
-            warnings.warn(
-                f"{self.description} ended after {frames} of {self.total} frames "
-                "(truncated, or frames that cannot be decoded)",
-                SourceWarning,
-                stacklevel=2,
+            log.warning(
+                "%s ended after %d of %d frames (truncated, or frames that cannot be decoded)",
+                self.description,
+                frames,
+                self.total,
             )
 
     def close(self) -> None:
