@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from vlm_export.core.errors import UserError
-from vlm_export.core.manifest import uses_condensation
+from vlm_export.runtime import api
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
 from vlm_export.runtime.pipeline import (
@@ -30,7 +30,6 @@ from vlm_export.runtime.pipeline import (
     FrameError,
     FrameResult,
     Pipeline,
-    Stages,
 )
 from vlm_export.runtime.preprocess import ImageError
 from vlm_export.runtime.rail.fusion import RailFusion
@@ -115,10 +114,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def default_method(bundle: Bundle, rail_state: bool) -> str:
-    """The bundle's method, with RAIL fusion exactly when a RAIL state is given (noted if not)."""
-    wanted = Stages(tca=uses_condensation(bundle.method), fusion=rail_state)
-    method = next(name for name, stages in METHOD_STAGES.items() if stages == wanted)
-    if METHOD_STAGES[bundle.method].fusion and not rail_state:
+    """The bundle's method as the Python API decides it (noted when RAIL fusion is dropped)."""
+    method = api.default_method(bundle, rail_state)
+    if api.fusion_dropped(bundle, rail_state):
         status(
             f"note: without --rail-state, method {bundle.method} is not available in this "
             f"runtime; running {method}"
