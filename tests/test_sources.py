@@ -129,7 +129,28 @@ def test_whole_video_ends_without_warning(tmp_path, caplog) -> None:
 
 def test_camera_that_stops_is_an_error(tmp_path) -> None:
     source = open_source(str(_video(tmp_path / "clip.avi", 4)))
-    source.is_camera, source.description = True, "camera 0"  # a camera that delivers 4 frames
+    source.live, source.description = True, "camera 0"  # a camera that delivers 4 frames
     with pytest.raises(SourceError, match="camera 0 stopped delivering frames after 4"):
         list(source)
     source.close()
+
+
+def test_video_frames_carry_their_position_in_ms(tmp_path) -> None:
+    source = open_source(str(_video(tmp_path / "clip.avi", 4)))  # 10 fps
+    frames = list(source)
+    source.close()
+    assert [frame.timestamp_ms for frame in frames] == pytest.approx([0.0, 100.0, 200.0, 300.0])
+    assert not source.live
+
+
+def test_gstreamer_pipelines_need_an_opencv_built_with_it(monkeypatch) -> None:
+    from vlm_export.runtime import sources
+
+    monkeypatch.setattr(cv2, "getBuildInformation", lambda: "  Video I/O:\n    GStreamer: NO\n")
+    with pytest.raises(SourceError, match="this OpenCV is built without GStreamer"):
+        open_source("videotestsrc num-buffers=3 ! videoconvert ! appsink")
+    info = "  GUI:                           NONE\n    GStreamer:                   YES (1.20.3)\n"
+    monkeypatch.setattr(cv2, "getBuildInformation", lambda: info)
+    assert sources.build_feature(cv2, "GStreamer") == "YES (1.20.3)"
+    assert sources.build_feature(cv2, "GUI") == "NONE"
+    assert sources.build_feature(cv2, "FFMPEG") == "NO"
