@@ -8,8 +8,11 @@ timing.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,3 +174,32 @@ def test_show_on_headless_opencv_is_one_line_before_the_run(bundle_dir, tmp_path
     [line] = [x for x in captured.err.splitlines() if "error" in x]
     assert line.startswith("vlm-edge: error: --show needs OpenCV with a GUI")
     assert "pip install opencv-python" in line
+
+
+def test_the_camera_example_runs_and_keeps_its_state(bundle_dir, tmp_path) -> None:
+    cv2 = pytest.importorskip("cv2")
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 20, (48, 40))
+    for index in range(5):
+        writer.write(np.full((40, 48, 3), 40 * index, np.uint8))
+    writer.release()
+    state = tmp_path / "state.npz"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(root / "examples" / "camera_pipeline.py"),
+            str(bundle_dir),
+            str(video),
+            "--state",
+            str(state),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(root)),
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [int(line.split()[0]) for line in lines[:-1]] == list(range(5))
+    assert lines[-1].startswith("5 frames in") and state.is_file()

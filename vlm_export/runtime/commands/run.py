@@ -85,7 +85,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "run",
         help="classify images, a video or a camera stream",
-        description="Classify every frame of SOURCE with BUNDLE; one JSON line per frame.",
+        description="Classify every frame of SOURCE with BUNDLE; one record per frame (readable "
+        "on a terminal, JSON lines otherwise). Cameras and streams are read on a capture thread: "
+        "each step takes the newest frame, stale ones are dropped and counted.",
     )
     parser.add_argument("bundle", help="bundle folder written by vlm-export")
     parser.add_argument(
@@ -104,7 +106,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="FILE",
         help="RAIL learner or inference state (vlm-edge learn) for methods rail and tca+rail",
     )
-    parser.add_argument("--out", help="write the JSON lines here (default: standard output)")
+    parser.add_argument("--out", help="write the records here (JSON lines unless --format text)")
     parser.add_argument(
         "--format",
         choices=FORMATS,
