@@ -182,6 +182,16 @@ def test_warnings_are_log_records_a_program_can_silence(tmp_path, caplog, capsys
     assert not caplog.records and "UNTRAINED" not in capsys.readouterr().err
 
 
+def test_the_cli_prints_warnings_as_one_line_and_then_lets_go(tmp_path, capsys) -> None:
+    folder = make_bundle(tmp_path / "u", method="zeroshot", untrained=True)
+    [image] = write_images(tmp_path / "images", 1)
+    assert cli.main(["run", str(folder), str(image), "--out", os.devnull]) == 0
+    warned = [x for x in capsys.readouterr().err.splitlines() if "UNTRAINED" in x]
+    assert len(warned) == 1 and warned[0].startswith("vlm-edge: WARNING: bundle ")
+    logger = logging.getLogger("vlm_export")
+    assert logger.handlers == [] and logger.propagate  # the host program's logging again
+
+
 def _readme_example() -> str:
     text = README.read_text(encoding="utf-8")
     section = text.split("### Use it from Python", 1)[1]

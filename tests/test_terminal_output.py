@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from fakebundle import make_bundle, write_images
 
-from vlm_export.runtime.commands._run_output import TextLines, choose_format
+from vlm_export.runtime.commands._run_output import TextLines, choose_format, short_name
 from vlm_export.runtime.pipeline import FrameResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,6 +160,13 @@ def test_out_file_is_json_while_the_terminal_shows_progress(setup, tmp_path) -> 
 class _Tty(io.StringIO):
     def isatty(self) -> bool:
         return True
+
+
+def test_short_names() -> None:
+    assert short_name("photos/cat.jpg") == "cat.jpg"
+    assert short_name("camera:0") == "camera:0"
+    assert short_name("rtsp://host/live/stream1") == "stream1"
+    assert short_name("nvarguscamerasrc ! video/x-raw,format=BGR ! appsink") == "gstreamer"
 
 
 def test_choose_format() -> None:

@@ -167,7 +167,7 @@ class VideoSource(Source):
             raise SourceError(f"cannot open {self.description}")
         count = int(self._capture.get(cv2.CAP_PROP_FRAME_COUNT))
         self.total = count if count > 0 and not self.live else None
-        self._source_id = f"camera:{target}" if self.is_camera else str(target)
+        self.source_id = f"camera:{target}" if self.is_camera else str(target)
         self._position = cv2.CAP_PROP_POS_MSEC
 
     def __iter__(self) -> Iterator[Frame]:
@@ -181,7 +181,7 @@ class VideoSource(Source):
             if not ok or frame is None:
                 self._ended(index)
                 return
-            yield Frame(index, self._source_id, frame, round(stamp, 3))
+            yield Frame(index, self.source_id, frame, round(stamp, 3))
             index += 1
 
     def _ended(self, frames: int) -> None:

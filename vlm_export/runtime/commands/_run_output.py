@@ -14,6 +14,7 @@ from typing import IO, Any
 import numpy as np
 
 from vlm_export.runtime.pipeline import FrameResult
+from vlm_export.runtime.sources import is_gstreamer
 
 FORMATS = ("auto", "text", "jsonl")
 MAX_NAME = 32
@@ -56,6 +57,13 @@ class JsonLines:
         """Nothing closes a JSON lines stream."""
 
 
+def short_name(source: str) -> str:
+    """A source as a text line shows it: the file name, ``camera:0``, or ``gstreamer``."""
+    if is_gstreamer(source):
+        return "gstreamer"
+    return Path(source).name or source
+
+
 def _fit(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1) :]
 
@@ -83,7 +91,7 @@ class TextLines:
 
     def write(self, record: dict[str, Any], result: FrameResult | None) -> None:
         """Write one frame as a line."""
-        name = Path(record["source"]).name or record["source"]
+        name = short_name(record["source"])
         if "timestamp_ms" in record:
             name = f"{name}@{record['timestamp_ms'] / 1000:.3f}s"
         head = f"{record['index']:>6}  {_fit(name, self.name_width):<{self.name_width}}"

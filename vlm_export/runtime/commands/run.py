@@ -36,6 +36,7 @@ from vlm_export.runtime.commands._run_output import (
     choose_format,
     open_writer,
     same_terminal,
+    short_name,
 )
 from vlm_export.runtime.display import Window
 from vlm_export.runtime.pipeline import (
@@ -312,7 +313,7 @@ def _names(source: Source) -> list[str]:
     """Source names as the text format shows them (for its column width)."""
     if isinstance(source, ImageFiles):
         return [path.name for path in source.paths]
-    return [Path(str(getattr(source, "target", ""))).name + "@0000.000s"]
+    return [short_name(str(getattr(source, "source_id", ""))) + "@0000.000s"]
 
 
 def _save(pipeline: Pipeline, path: str) -> None:
