@@ -11,7 +11,8 @@ real per-frame pipeline (TCA) of a bundle whose engine is held to ``--engine-ms`
   classification loop amounts to once the driver buffers frames).
 
 Latency is the time from a frame's capture to its label. Prints the summary and writes
-benchmarks/results/camera_latency.json (and camera_latency.png when matplotlib is installed).
+benchmarks/results/camera_latency.json, the per-frame latencies in camera_latency_series.json,
+and camera_latency.png when matplotlib is installed.
 
     python benchmarks/bench_camera_latency.py [BUNDLE] [--frames 1000] [--fps 30] [--engine-ms 50]
 
@@ -173,6 +174,19 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def write_report(report: dict[str, Any], out: Path) -> list[Path]:
+    """The summary as indented JSON at ``out``, the per-frame series compact beside it."""
+    series_path = out.with_name(out.stem + "_series.json")
+    series = {key: report[key].pop("series") for key in ("with_dropping", "without_dropping")}
+    report["series_file"] = series_path.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, (json.dumps(report, indent=1) + "\n").encode())
+    atomic_write_bytes(series_path, (json.dumps(series, separators=(",", ":")) + "\n").encode())
+    for key, values in series.items():  # for the plot
+        report[key]["series"] = values
+    return [out, series_path]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", nargs="?", help="bundle folder (default: build the tiny one)")
@@ -223,9 +237,8 @@ def main() -> None:
             f"median {result['latency_ms']['median']} ms  p99 {result['latency_ms']['p99']} ms  "
             f"max {result['latency_ms']['max']} ms  ({at})"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out, (json.dumps(report, indent=1) + "\n").encode())
-    print(f"wrote {args.out}")
+    for path in write_report(report, args.out):
+        print(f"wrote {path}")
     if plot(report, args.out.with_suffix(".png")):
         print(f"wrote {args.out.with_suffix('.png')}")
 
