@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import warnings
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ from fakebundle import make_bundle
 
 from vlm_export.core import manifest as mf
 from vlm_export.core.errors import BundleError, UserError
-from vlm_export.runtime.bundle import Bundle, UntrainedWeightsWarning
+from vlm_export.runtime.bundle import Bundle
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +51,20 @@ def test_open_reads_everything(bundle_dir: Path) -> None:
         bundle.domain_class_indices("plants")
 
 
-def test_untrained_bundle_warns(tmp_path: Path) -> None:
+def test_untrained_bundle_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = make_bundle(tmp_path / "u", method="zeroshot", untrained=True)
-    with pytest.warns(UntrainedWeightsWarning, match="meaningless"):
+    with caplog.at_level(logging.WARNING, logger="vlm_export"):
         bundle = Bundle.open(folder)
     assert bundle.untrained
+    [record] = caplog.records
+    assert record.name == "vlm_export.runtime.bundle" and record.levelno == logging.WARNING
+    assert "UNTRAINED" in record.getMessage() and "meaningless" in record.getMessage()
 
 
-def test_trained_bundle_does_not_warn(bundle_dir: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+def test_trained_bundle_does_not_warn(bundle_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="vlm_export"):
         Bundle.open(bundle_dir)
+    assert not caplog.records
 
 
 def test_missing_folder_and_not_a_bundle(tmp_path: Path) -> None:

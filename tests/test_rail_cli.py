@@ -9,7 +9,6 @@ zero-shot on a domain not learned yet when no image of it is gated into a learne
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from fakebundle import make_bundle
 from PIL import Image
 
 from vlm_export.runtime import cli
-from vlm_export.runtime.bundle import Bundle, UntrainedWeightsWarning
+from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.preprocess import Preprocessor
 from vlm_export.runtime.rail import primal as primal_module
 from vlm_export.runtime.rail.dual import DualAdapter
@@ -59,9 +58,7 @@ class Encoder:
     """The bundle's ONNX encoder run directly, all anchors invalid: the plain tower's features."""
 
     def __init__(self, bundle: Path) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UntrainedWeightsWarning)
-            self.bundle = Bundle.open(bundle)
+        self.bundle = Bundle.open(bundle)
         self.session = ort.InferenceSession(
             str(self.bundle.onnx_path), providers=["CPUExecutionProvider"]
         )

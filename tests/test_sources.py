@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import sys
 from pathlib import Path
 
@@ -104,29 +106,51 @@ def _video(path, frames: int):
     return path
 
 
-def test_truncated_video_warns_how_far_it_got(tmp_path) -> None:
-    from vlm_export.runtime.sources import SourceWarning
-
+def test_truncated_video_warns_how_far_it_got(tmp_path, caplog) -> None:
     path = _video(tmp_path / "clip.avi", 25)
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * 0.6)])  # the header still says 25 frames
     source = open_source(str(path))
-    with pytest.warns(SourceWarning, match=r"ended after \d+ of 25 frames"):
+    with caplog.at_level(logging.WARNING, logger="vlm_export"):
         frames = list(source)
+    [record] = caplog.records
+    assert re.search(r"ended after \d+ of 25 frames", record.getMessage())
     assert 0 < len(frames) < 25
     source.close()
 
 
-def test_whole_video_ends_without_warning(tmp_path, recwarn) -> None:
+def test_whole_video_ends_without_warning(tmp_path, caplog) -> None:
     source = open_source(str(_video(tmp_path / "clip.avi", 6)))
-    assert len(list(source)) == 6
+    with caplog.at_level(logging.WARNING, logger="vlm_export"):
+        assert len(list(source)) == 6
     source.close()
-    assert not [w for w in recwarn if "ended after" in str(w.message)]
+    assert not caplog.records
 
 
 def test_camera_that_stops_is_an_error(tmp_path) -> None:
     source = open_source(str(_video(tmp_path / "clip.avi", 4)))
-    source.is_camera, source.description = True, "camera 0"  # a camera that delivers 4 frames
+    source.live, source.description = True, "camera 0"  # a camera that delivers 4 frames
     with pytest.raises(SourceError, match="camera 0 stopped delivering frames after 4"):
         list(source)
     source.close()
+
+
+def test_video_frames_carry_their_position_in_ms(tmp_path) -> None:
+    source = open_source(str(_video(tmp_path / "clip.avi", 4)))  # 10 fps
+    frames = list(source)
+    source.close()
+    assert [frame.timestamp_ms for frame in frames] == pytest.approx([0.0, 100.0, 200.0, 300.0])
+    assert not source.live
+
+
+def test_gstreamer_pipelines_need_an_opencv_built_with_it(monkeypatch) -> None:
+    from vlm_export.runtime import sources
+
+    monkeypatch.setattr(cv2, "getBuildInformation", lambda: "  Video I/O:\n    GStreamer: NO\n")
+    with pytest.raises(SourceError, match="this OpenCV is built without GStreamer"):
+        open_source("videotestsrc num-buffers=3 ! videoconvert ! appsink")
+    info = "  GUI:                           NONE\n    GStreamer:                   YES (1.20.3)\n"
+    monkeypatch.setattr(cv2, "getBuildInformation", lambda: info)
+    assert sources.build_feature(cv2, "GStreamer") == "YES (1.20.3)"
+    assert sources.build_feature(cv2, "GUI") == "NONE"
+    assert sources.build_feature(cv2, "FFMPEG") == "NO"

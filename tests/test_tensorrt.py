@@ -10,10 +10,10 @@ import argparse
 import importlib.abc
 import importlib.util
 import json
+import logging
 import shlex
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -57,7 +57,7 @@ from vlm_export.export.trt_ops import (
 )
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines import tensorrt_backend
-from vlm_export.runtime.engines.factory import TensorRTNotUsedWarning, open_backend
+from vlm_export.runtime.engines.factory import open_backend
 from vlm_export.runtime.engines.parity import open_reference
 from vlm_export.runtime.engines.select import (
     DeviceInfo,
@@ -985,39 +985,41 @@ def _bundle_with_engines(folder: Path, engines: list[dict]) -> Path:
     return folder
 
 
-def _auto_warning(bundle_dir: Path) -> str:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+def _auto_warning(bundle_dir: Path, caplog: pytest.LogCaptureFixture) -> str:
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vlm_export"):
         backend = open_backend(Bundle.open(bundle_dir), "auto")
     backend.close()
     assert backend.description == "onnxruntime:CPUExecutionProvider"
-    messages = [str(w.message) for w in caught if w.category is TensorRTNotUsedWarning]
+    messages = [r.getMessage() for r in caplog.records if "TensorRT engine not used" in r.msg]
     assert len(messages) == 1 and "\n" not in messages[0]
     return messages[0]
 
 
-def test_auto_says_why_the_engines_are_not_used(tmp_path, no_tensorrt):
+def test_auto_says_why_the_engines_are_not_used(tmp_path, no_tensorrt, caplog):
     folder = _bundle_with_engines(tmp_path / "b", [_engine(trt="10.7.0.23", cc="9.0")])
-    message = _auto_warning(folder)
+    message = _auto_warning(folder, caplog)
     assert message.startswith("TensorRT engine not used: TensorRT is not installed: pip install")
     assert message.endswith("; running ONNX Runtime (CPUExecutionProvider)")
 
 
-def test_auto_names_the_refused_engines_when_none_fits(tmp_path, monkeypatch):
+def test_auto_names_the_refused_engines_when_none_fits(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(tensorrt_backend, "query_device", lambda: ORIN)  # TensorRT "present"
     other = _engine(trt="10.7.0.23", cc="9.0")
     folder = _bundle_with_engines(tmp_path / "b", [other])
-    message = _auto_warning(folder)
+    message = _auto_warning(folder, caplog)
     assert message.startswith(
         "TensorRT engine not used: no TensorRT engine in this bundle fits TensorRT 10.3 on sm_87 "
         f"({other['file']}: built with TensorRT 10.7 for sm_90; this device has TensorRT 10.3 "
         "on sm_87)"
     )
     assert "--register FILE" in message
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no engines listed: ONNX Runtime without a word
-        open_backend(Bundle.open(make_bundle(tmp_path / "plain", method="tca")), "auto").close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vlm_export"):  # ONNX Runtime without a word:
+        plain = make_bundle(tmp_path / "plain", method="tca")  # no engines listed
+        open_backend(Bundle.open(plain), "auto").close()
         open_backend(Bundle.open(folder), "auto", providers=["cpu"]).close()  # asked for ORT
+    assert not caplog.records
 
 
 def test_the_chosen_engine_notes_the_refused_ones(tmp_path):

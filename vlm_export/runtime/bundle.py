@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import warnings
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,9 +13,7 @@ import numpy as np
 from vlm_export.core import manifest as mf
 from vlm_export.core.errors import BundleError
 
-
-class UntrainedWeightsWarning(UserWarning):
-    """The bundle was exported from random weights: its predictions are meaningless."""
+log = logging.getLogger(__name__)
 
 
 def _core_files(manifest: dict[str, Any]) -> tuple[str, str, str]:
@@ -73,7 +71,7 @@ class Bundle:
         consistent with batch size, preprocessing, classes and condensation).
 
         ``verify`` checks the size and sha256 of every file the manifest lists (catches truncated
-        and tampered files; costs a read of the ONNX file). Warns with UntrainedWeightsWarning when
+        and tampered files; costs a read of the ONNX file). Logs a warning when
         the bundle holds random weights.
         """
         path = Path(path)
@@ -104,7 +102,7 @@ class Bundle:
             fingerprint=mf.bundle_fingerprint(manifest),
         )
         if bundle.untrained:
-            warnings.warn(UntrainedWeightsWarning(bundle.untrained_message), stacklevel=2)
+            log.warning(bundle.untrained_message)
         return bundle
 
     @property

@@ -8,7 +8,8 @@ one subcommand and defines
     handle(args: argparse.Namespace) -> int
         run it and return the exit status; raise a UserError subclass for a user mistake.
 
-User mistakes print one line ``vlm-edge: error: ...`` and exit 1; warnings print one line each.
+User mistakes print one line ``vlm-edge: error: ...`` and exit 1; warnings (Python's and the
+library's logged ones, see ``vlm_export.runtime.log``) print one line each.
 
 A closed standard output (``vlm-edge run ... | head -1``) ends the command quietly with exit status
 141, what a shell reports for a command killed by SIGPIPE (128 + 13), so ``set -o pipefail``
@@ -32,6 +33,7 @@ from typing import TextIO
 from vlm_export import __version__
 from vlm_export.core.errors import UserError
 from vlm_export.runtime import commands
+from vlm_export.runtime.log import one_line_messages
 
 PROG = "vlm-edge"
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as the shell reports a command killed by a closed pipe
@@ -86,7 +88,7 @@ def _stdout_to_devnull() -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), one_line_messages(PROG):
         warnings.simplefilter("default")
         warnings.showwarning = _one_line_warning
         try:

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from vlm_export.core.errors import BundleError, UserError
-from vlm_export.core.manifest import ANCHORS_INPUT, CLS_OUTPUT, EMBEDDING_OUTPUT
+from vlm_export.core.manifest import ANCHORS_INPUT, CLS_OUTPUT, EMBEDDING_OUTPUT, FATE_OUTPUT
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.numerics import softmax
@@ -64,7 +64,8 @@ class Fusion(Protocol):
 class FrameResult:
     """What the pipeline decided for one frame, with per-stage timings in milliseconds.
 
-    ``embedding`` is the engine's image embedding [E] that the logits were computed from.
+    ``embedding`` is the engine's image embedding [E] that the logits were computed from;
+    ``token_fate`` the condensing engine's fate code per block and patch [R, n] (None otherwise).
     """
 
     index: int
@@ -77,6 +78,12 @@ class FrameResult:
     logits: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
     embedding: np.ndarray | None = None
+    token_fate: np.ndarray | None = None
+
+    @property
+    def score(self) -> float:
+        """The reported score of the decided class."""
+        return float(self.scores[self.label])
 
     def to_record(self) -> dict[str, Any]:
         """A JSON-serialisable record (one line of ``vlm-edge run`` output)."""
@@ -204,6 +211,7 @@ class Pipeline:
             logits=logits,
             timings=timings,
             embedding=embedding,
+            token_fate=outputs[FATE_OUTPUT][0] if FATE_OUTPUT in outputs else None,
         )
 
 

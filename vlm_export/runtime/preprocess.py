@@ -33,6 +33,8 @@ from vlm_export.core.errors import BundleError, UserError
 RESIZE_MODES = ("shortest", "longest", "squash")
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+#: channel orders of image arrays (OpenCV gives BGR; PIL, GStreamer RGB and jetson-utils RGBA)
+CHANNEL_ORDERS = ("RGB", "BGR", "RGBA", "BGRA", "GRAY")
 
 
 class ImageError(UserError):
@@ -56,6 +58,45 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageError(f"cannot read image {path}: not an image PIL can decode") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot read image {path}: {exc}") from None
+
+
+def image_from_array(array: np.ndarray, channels: str | None = None) -> Image.Image:
+    """A uint8 array -> a PIL image, its channel order stated, never guessed.
+
+    [H, W] (or [H, W, 1]) is grayscale; [H, W, 3] needs ``channels`` "RGB" or "BGR" (OpenCV);
+    [H, W, 4] "RGBA" or "BGRA". Anything else, or a non-uint8 array, is an ImageError: float
+    arrays are refused because [0, 1] and [0, 255] cannot be told apart.
+    """
+    if not isinstance(array, np.ndarray):
+        raise ImageError(f"expected a numpy array, got {type(array).__name__}")
+    if channels is not None and channels not in CHANNEL_ORDERS:
+        raise ImageError(f"channels must be one of {', '.join(CHANNEL_ORDERS)}, got {channels!r}")
+    if array.dtype != np.uint8:
+        raise ImageError(
+            f"image arrays must be uint8 (0-255), got {array.dtype}; for floats in [0, 1]: "
+            "(array * 255).round().astype(np.uint8)"
+        )
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    shape = "x".join(str(n) for n in array.shape)
+    if array.size == 0 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] > 4):
+        hint = " (channels first? use array.transpose(1, 2, 0))" if array.ndim == 3 else ""
+        raise ImageError(f"expected an HxW or HxWx3 image array, got shape {shape}{hint}")
+    bands = 1 if array.ndim == 2 else array.shape[2]
+    if bands == 2:
+        raise ImageError(f"expected an HxW or HxWx3 image array, got shape {shape}")
+    if bands == 1:
+        if channels not in (None, "GRAY"):
+            raise ImageError(f"channels={channels!r} given for a grayscale {shape} array")
+        return Image.fromarray(np.ascontiguousarray(array))
+    if channels is None:
+        orders = " or ".join(repr(c) for c in CHANNEL_ORDERS if len(c) == bands)
+        raise ImageError(f"a {shape} array needs its channel order: channels={orders}")
+    if len(channels) != bands:
+        raise ImageError(f"channels={channels!r} does not fit a {shape} array")
+    if channels.startswith("BGR"):
+        array = array[:, :, [2, 1, 0, 3][:bands]]
+    return Image.fromarray(np.ascontiguousarray(array))  # mode L, RGB or RGBA from the shape
 
 
 def to_8bit(image: Image.Image) -> Image.Image:

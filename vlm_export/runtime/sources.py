@@ -1,14 +1,19 @@
-"""Frame sources: an image file, a folder, a glob, a video file, a camera index or a stream URL.
+"""Frame sources: an image file, a folder, a glob, a video file, a camera, a stream or a GStreamer
+pipeline.
 
 Image sources yield paths (the pipeline decodes them, so an unreadable file becomes one error
 record); video and camera sources yield BGR uint8 frames from OpenCV, which is imported only when
-such a source is opened (the optional ``camera`` extra).
+such a source is opened (the optional ``camera`` extra), with their timestamp: the video's own
+position for files, milliseconds since the first read for live sources (cameras, streams,
+GStreamer pipelines), whose frames :mod:`vlm_export.runtime.capture` reads on a thread.
 """
 
 from __future__ import annotations
 
 import glob
-import warnings
+import logging
+import re
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,9 +39,7 @@ IMAGE_EXTENSIONS = (
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 GLOB_CHARS = "*?["
 
-
-class SourceWarning(UserWarning):
-    """A source that ended early but gave what it could (a truncated video)."""
+log = logging.getLogger(__name__)
 
 
 class SourceError(UserError):
@@ -45,11 +48,16 @@ class SourceError(UserError):
 
 @dataclass(frozen=True)
 class Frame:
-    """One frame: its index in the source, a source id (path), and a path or a BGR array."""
+    """One frame: its index in the source, a source id (path), and a path or a BGR array.
+
+    ``timestamp_ms``: a video frame's position, a live frame's capture time since the first read
+    (``time.monotonic``); None for image files.
+    """
 
     index: int
     source: str
     data: Path | np.ndarray
+    timestamp_ms: float | None = None
 
 
 class Source(ABC):
@@ -57,6 +65,8 @@ class Source(ABC):
 
     description: str = ""
     total: int | None = None
+    #: frames arrive in real time whether read or not (cameras, streams): read the newest
+    live: bool = False
 
     @abstractmethod
     def __iter__(self) -> Iterator[Frame]:
@@ -110,51 +120,81 @@ def import_cv2() -> ModuleType:
     return cv2
 
 
+def build_feature(cv2: ModuleType, name: str) -> str:
+    """What ``cv2.getBuildInformation()`` says of a feature ("GUI", "GStreamer"), e.g. "NO"."""
+    found = re.search(
+        rf"^[ \t]*{re.escape(name)}:[ \t]*(\S.*?)[ \t]*$", cv2.getBuildInformation(), re.M
+    )
+    return found.group(1) if found else "NO"
+
+
+def is_gstreamer(spec: str) -> bool:
+    """A GStreamer pipeline description (``... ! appsink``) rather than a file or URL."""
+    return "!" in spec
+
+
 class VideoSource(Source):
-    """Frames of a video file, a camera (integer index) or a stream URL, read with OpenCV."""
+    """Frames of a video file, a camera (integer index), a stream URL or a GStreamer pipeline."""
 
     def __init__(self, target: str | int) -> None:
         cv2 = import_cv2()
         self.target = target
         self.is_camera = isinstance(target, int)
+        gstreamer = not self.is_camera and is_gstreamer(str(target))
         if self.is_camera:
             self.description = f"camera {target}"
+        elif gstreamer:
+            self.description = f"GStreamer pipeline {target}"
         else:
             self.description = f"stream {target}" if "://" in str(target) else f"video {target}"
+        if gstreamer and not build_feature(cv2, "GStreamer").upper().startswith("YES"):
+            raise SourceError(
+                "this OpenCV is built without GStreamer (cv2.getBuildInformation()); on Jetson "
+                "use JetPack's python3-opencv, elsewhere an OpenCV built with GStreamer"
+            )
+        self.live = self.is_camera or gstreamer or "://" in str(target)
         level = cv2.utils.logging.getLogLevel()
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # our error says it
         try:
-            self._capture = cv2.VideoCapture(target)
+            if gstreamer:
+                self._capture = cv2.VideoCapture(target, cv2.CAP_GSTREAMER)
+            else:
+                self._capture = cv2.VideoCapture(target)
         finally:
             cv2.utils.logging.setLogLevel(level)
         if not self._capture.isOpened():
             self._capture.release()
             raise SourceError(f"cannot open {self.description}")
         count = int(self._capture.get(cv2.CAP_PROP_FRAME_COUNT))
-        self.total = count if count > 0 and not self.is_camera else None
-        self._source_id = f"camera:{target}" if self.is_camera else str(target)
+        self.total = count if count > 0 and not self.live else None
+        self.source_id = f"camera:{target}" if self.is_camera else str(target)
+        self._position = cv2.CAP_PROP_POS_MSEC
 
     def __iter__(self) -> Iterator[Frame]:
-        index = 0
+        index, start = 0, time.monotonic()
         while True:
             ok, frame = self._capture.read()
+            if self.live:
+                stamp = (time.monotonic() - start) * 1000.0
+            else:
+                stamp = float(self._capture.get(self._position))
             if not ok or frame is None:
                 self._ended(index)
                 return
-            yield Frame(index, self._source_id, frame)
+            yield Frame(index, self.source_id, frame, round(stamp, 3))
             index += 1
 
     def _ended(self, frames: int) -> None:
         """A camera or stream that stops delivering frames is an error; a video file that ends
-        short of its frame count (truncated, or undecodable frames) is a warning."""
-        if self.is_camera or "://" in str(self.target):
+        short of its frame count (truncated, or undecodable frames) logs a warning."""
+        if self.live:
             raise SourceError(f"{self.description} stopped delivering frames after {frames}")
         if self.total is not None and frames < self.total:
-            warnings.warn(
-                f"{self.description} ended after {frames} of {self.total} frames "
-                "(truncated, or frames that cannot be decoded)",
-                SourceWarning,
-                stacklevel=2,
+            log.warning(
+                "%s ended after %d of %d frames (truncated, or frames that cannot be decoded)",
+                self.description,
+                frames,
+                self.total,
             )
 
     def close(self) -> None:
@@ -180,8 +220,11 @@ def open_source(spec: str) -> Source:
     """Open SOURCE as given on the command line.
 
     An existing folder (its images, sorted by name), an existing file (a video by extension,
-    otherwise an image), a glob pattern, a camera index (``0``) or a stream URL (``rtsp://...``).
+    otherwise an image), a glob pattern, a camera index (``0``), a stream URL (``rtsp://...``) or
+    a GStreamer pipeline (``nvarguscamerasrc ! ... ! appsink``: anything with a ``!``).
     """
+    if is_gstreamer(spec):
+        return VideoSource(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         return _folder(path)

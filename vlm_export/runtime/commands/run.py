@@ -1,4 +1,9 @@
-"""``vlm-edge run BUNDLE SOURCE``: classify every frame of a source, one JSON line per frame.
+"""``vlm-edge run BUNDLE SOURCE``: classify every frame of a source, one record per frame.
+
+Records are JSON lines, or readable lines and a closing table on a terminal (``--format``).
+Video and camera records carry their timestamp in ms. Live sources (cameras, streams, GStreamer
+pipelines) are read on a capture thread that hands over the newest frame: when the engine is
+slower than the camera, stale frames are dropped (and counted) instead of queueing up.
 
 Methods rail and tca+rail fuse the (TCA-corrected) logits with a RAIL state from ``vlm-edge
 learn`` or ``merge`` (``--rail-state``: a learner or inference state). The TCA reservoir state
@@ -11,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import signal
 import sys
 import threading
@@ -21,24 +25,35 @@ from pathlib import Path
 from typing import IO, Any
 
 from vlm_export.core.errors import UserError
-from vlm_export.core.manifest import uses_condensation
+from vlm_export.runtime import api
 from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.capture import NewestFrame
 from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
+from vlm_export.runtime.commands._run_output import (
+    FORMATS,
+    JsonLines,
+    TextLines,
+    choose_format,
+    open_writer,
+    same_terminal,
+    short_name,
+)
+from vlm_export.runtime.display import Window
 from vlm_export.runtime.pipeline import (
     METHOD_STAGES,
     METHODS,
     FrameError,
     FrameResult,
     Pipeline,
-    Stages,
 )
 from vlm_export.runtime.preprocess import ImageError
 from vlm_export.runtime.rail.fusion import RailFusion
 from vlm_export.runtime.rail.models import describe, fusion_beta, load_predictor
-from vlm_export.runtime.sources import Frame, Source, open_source
+from vlm_export.runtime.sources import Frame, ImageFiles, Source, open_source
 from vlm_export.runtime.tca.reservoir import ANCHOR_RULES, EVICTION_MODES
 from vlm_export.runtime.tca.stage import build_reservoir
 
+Writer = JsonLines | TextLines
 STAGES = ("preprocess", "engine", "reservoir", "correction", "fusion", "total")
 PROGRESS_INTERVAL_S = 0.25
 
@@ -71,13 +86,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "run",
         help="classify images, a video or a camera stream",
-        description="Classify every frame of SOURCE with BUNDLE; one JSON line per frame.",
+        description="Classify every frame of SOURCE with BUNDLE; one record per frame (readable "
+        "on a terminal, JSON lines otherwise). Cameras and streams are read on a capture thread: "
+        "each step takes the newest frame, stale ones are dropped and counted.",
     )
     parser.add_argument("bundle", help="bundle folder written by vlm-export")
     parser.add_argument(
         "source",
-        help="image file, folder, glob ('frames/*.png'), video file, camera index (0) or "
-        "stream URL (rtsp://...)",
+        help="image file, folder, glob ('frames/*.png'), video file, camera index (0), "
+        "stream URL (rtsp://...) or GStreamer pipeline ('... ! appsink')",
     )
     parser.add_argument(
         "--method",
@@ -90,7 +107,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="FILE",
         help="RAIL learner or inference state (vlm-edge learn) for methods rail and tca+rail",
     )
-    parser.add_argument("--out", help="write the JSON lines here (default: standard output)")
+    parser.add_argument("--out", help="write the records here (JSON lines unless --format text)")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="text: a readable line per frame and a closing table; jsonl: one JSON record per "
+        "line (default auto: text on a terminal without --out, else jsonl)",
+    )
+    parser.add_argument(
+        "--show",
+        action="store_true",
+        help="show each frame with its label in a window (needs OpenCV with a GUI: opencv-python)",
+    )
     parser.add_argument("--topk", type=int, default=5, help="classes per record (default 5)")
     parser.add_argument(
         "--state", help="reservoir state file: resumed if it exists, kept up to date"
@@ -115,10 +144,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def default_method(bundle: Bundle, rail_state: bool) -> str:
-    """The bundle's method, with RAIL fusion exactly when a RAIL state is given (noted if not)."""
-    wanted = Stages(tca=uses_condensation(bundle.method), fusion=rail_state)
-    method = next(name for name, stages in METHOD_STAGES.items() if stages == wanted)
-    if METHOD_STAGES[bundle.method].fusion and not rail_state:
+    """The bundle's method as the Python API decides it (noted when RAIL fusion is dropped)."""
+    method = api.default_method(bundle, rail_state)
+    if api.fusion_dropped(bundle, rail_state):
         status(
             f"note: without --rail-state, method {bundle.method} is not available in this "
             f"runtime; running {method}"
@@ -209,9 +237,16 @@ class RunStats:
         elapsed = time.perf_counter() - self.start
         return self.frames / elapsed if elapsed > 0 else 0.0
 
+    def clear(self) -> None:
+        """Erase the progress line (before a line on the same terminal); the next frame redraws."""
+        if self._shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self._shown = False
+
     def _show(self, result: FrameResult | None) -> None:
         now = time.perf_counter()
-        if not self.progress or now - self._last_shown < PROGRESS_INTERVAL_S:
+        if not self.progress or (self._shown and now - self._last_shown < PROGRESS_INTERVAL_S):
             return
         self._last_shown = now
         count = f"{self.frames}/{self.total}" if self.total else f"{self.frames}"
@@ -240,29 +275,45 @@ def _process(pipeline: Pipeline, frame: Frame) -> tuple[FrameResult | None, dict
     try:
         result = pipeline.process(frame.data, frame.index, frame.source)
     except (ImageError, FrameError) as exc:
-        return None, {"index": frame.index, "source": frame.source, "error": str(exc)}
-    return result, result.to_record()
+        result, record = None, {"index": frame.index, "source": frame.source, "error": str(exc)}
+    else:
+        record = result.to_record()
+    if frame.timestamp_ms is not None:
+        record = {"index": frame.index, "timestamp_ms": frame.timestamp_ms, **record}
+    return result, record
 
 
 def _process_all(
     pipeline: Pipeline,
     source: Source,
-    out: IO[str],
+    out: Writer,
     stats: RunStats,
     args: argparse.Namespace,
     stop: StopRequest,
+    window: Window | None,
 ) -> None:
     """The frame loop; it ends with the source, --max-frames, or a stop request."""
+    shared_terminal = same_terminal(sys.stdout, sys.stderr) and args.out is None
     for frame in source:
         result, record = _process(pipeline, frame)
-        out.write(json.dumps(record) + "\n")
-        out.flush()
+        if shared_terminal:
+            stats.clear()  # the progress line never lands inside an output line
+        out.write(record, result)
         stats.add(result)
+        if window is not None and not window.show(frame, result):
+            stop.ending = "stopped (window closed)"
         good = stats.frames - stats.errors
         if args.state and args.save_every and result and good % args.save_every == 0:
             pipeline.save_state(args.state)
         if stop.ending or (args.max_frames and stats.frames >= args.max_frames):
             break
+
+
+def _names(source: Source) -> list[str]:
+    """Source names as the text format shows them (for its column width)."""
+    if isinstance(source, ImageFiles):
+        return [path.name for path in source.paths]
+    return [short_name(str(getattr(source, "source_id", ""))) + "@0000.000s"]
 
 
 def _save(pipeline: Pipeline, path: str) -> None:
@@ -287,20 +338,28 @@ def handle(args: argparse.Namespace) -> int:
         predictor = load_predictor(args.rail_state, bundle.fingerprint)
         fusion = RailFusion(predictor, fusion_beta(bundle.manifest))
         status(f"RAIL state {args.rail_state}: {describe(predictor)}")
+    fmt = choose_format(args.format, args.out, sys.stdout)
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(open_source(args.source))
+        names = _names(source)
+        if source.live:
+            source = stack.enter_context(NewestFrame(source))
+        window = Window() if args.show else None  # a headless OpenCV says so before the run
+        if window is not None:
+            stack.callback(window.close)
         backend = open_engine(bundle, args)
         stack.callback(backend.close)
         pipeline = Pipeline(bundle, backend, method, reservoir, fusion, args.topk)
-        out = stack.enter_context(_output(args.out))
+        writer = open_writer(fmt, stack.enter_context(_output(args.out)), names, bundle.classes)
         status(f"{method} on {backend.description}; {source.description}")
         for note in getattr(backend, "notes", ()):  # e.g. TensorRT engines for other devices
             status(f"note: {note}")
-        stats = RunStats(source.total, progress=not args.quiet and sys.stderr.isatty())
+        progress = not args.quiet and sys.stderr.isatty() and fmt == "jsonl"
+        stats = RunStats(source.total, progress=progress)
         stop = StopRequest()
         try:
             with _stop_on_signals(stop):
-                _process_all(pipeline, source, out, stats, args, stop)
+                _process_all(pipeline, source, writer, stats, args, stop, window)
         except KeyboardInterrupt:
             stop.ending, stop.code = "interrupted (Ctrl-C)", 130
         finally:
@@ -309,8 +368,13 @@ def handle(args: argparse.Namespace) -> int:
                     status(f"forced stop: {args.state} keeps its last periodic save")
                 else:
                     _save(pipeline, args.state)
+            if not stop.forced:
+                with contextlib.suppress(OSError):  # a closed pipe: said once, by the caller
+                    writer.finish()
             for line in stats.summary():
                 status(line)
+            if isinstance(source, NewestFrame) and source.dropped:
+                status(f"{source.dropped} stale frames dropped to stay real-time (newest first)")
     if stop.ending:
         status(stop.ending)
     if stats.frames and stats.frames == stats.errors:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-import warnings
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -17,8 +17,7 @@ BACKENDS = ("auto", "onnxruntime", "tensorrt")
 TENSORRT_MODULE = "vlm_export.runtime.engines.tensorrt_backend"
 
 
-class TensorRTNotUsedWarning(UserWarning):
-    """``auto``: the bundle lists TensorRT engines, but none could be used here."""
+log = logging.getLogger(__name__)
 
 
 def _open_tensorrt(bundle: Bundle) -> EngineBackend:
@@ -47,7 +46,7 @@ def open_backend(
 
     ``auto`` uses TensorRT when the bundle lists engines and TensorRT loads one for this device
     (the backend's ``notes`` say why the other engines were not chosen), otherwise ONNX Runtime,
-    with one TensorRTNotUsedWarning saying why the engines were not used (TensorRT or CUDA
+    with one logged warning saying why the engines were not used (TensorRT or CUDA
     missing, no GPU, no engine for this TensorRT and GPU). Naming ``providers`` or ``threads``
     selects ONNX Runtime directly. ONNX Runtime is imported only when it is used; without it the
     UserError says which extra to install.
@@ -79,11 +78,9 @@ def open_backend(
             f"{exc}; the bundle's TensorRT engine could not be used either ({tensorrt_problem})"
         ) from None
     if tensorrt_problem is not None:
-        warnings.warn(
-            TensorRTNotUsedWarning(
-                f"TensorRT engine not used: {_one_line(tensorrt_problem)}; running ONNX Runtime "
-                f"({', '.join(opened.providers)})"
-            ),
-            stacklevel=2,
+        log.warning(
+            "TensorRT engine not used: %s; running ONNX Runtime (%s)",
+            _one_line(tensorrt_problem),
+            ", ".join(opened.providers),
         )
     return opened

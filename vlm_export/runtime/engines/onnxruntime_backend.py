@@ -10,6 +10,7 @@ last (often without the CUDA providers): that conflict is warned about once per 
 from __future__ import annotations
 
 import importlib
+import logging
 import warnings
 from collections.abc import Sequence
 from importlib import metadata
@@ -24,6 +25,8 @@ from vlm_export.runtime.engines.base import EngineBackend
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
+
+log = logging.getLogger(__name__)
 
 #: preference order when the user names no providers
 PREFERRED_PROVIDERS = (
@@ -66,10 +69,6 @@ class OnnxRuntimeMissing(UserError):
     """The ``onnxruntime`` package is not installed (or cannot be imported)."""
 
 
-class OnnxRuntimeConflictWarning(UserWarning):
-    """Both ``onnxruntime`` and ``onnxruntime-gpu`` are installed; they overwrite each other."""
-
-
 def installed_distribution(name: str) -> bool:
     """True when the distribution ``name`` is installed (importlib.metadata)."""
     try:
@@ -86,13 +85,10 @@ def warn_if_conflicting() -> None:
         return
     _conflict_checked = True
     if all(installed_distribution(name) for name in ORT_DISTRIBUTIONS):
-        warnings.warn(
-            OnnxRuntimeConflictWarning(
-                "both onnxruntime and onnxruntime-gpu are installed; they share the import name "
-                "and overwrite each other (GPU providers may be missing): pip uninstall -y "
-                "onnxruntime onnxruntime-gpu, then pip install 'vlm-export[gpu]' (or [cpu])"
-            ),
-            stacklevel=3,
+        log.warning(
+            "both onnxruntime and onnxruntime-gpu are installed; they share the import name "
+            "and overwrite each other (GPU providers may be missing): pip uninstall -y "
+            "onnxruntime onnxruntime-gpu, then pip install 'vlm-export[gpu]' (or [cpu])"
         )
 
 
@@ -122,10 +118,6 @@ def ort_errors(ort: ModuleType) -> tuple[type[BaseException], ...]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
-class ProviderFallbackWarning(UserWarning):
-    """ONNX Runtime did not start a requested execution provider and runs on another one."""
 
 
 def choose_providers(requested: Sequence[str] | None, available: Sequence[str]) -> list[str]:
@@ -169,7 +161,7 @@ class OnnxRuntimeBackend(EngineBackend):
 
     ``providers`` reports what actually runs (``session.get_providers()``), which can differ from
     ``requested_providers``: onnxruntime-gpu silently falls back to CPU when CUDA/cuDNN libraries
-    are missing; that raises a ProviderFallbackWarning.
+    are missing; that logs a warning.
     """
 
     def __init__(
@@ -203,12 +195,11 @@ class OnnxRuntimeBackend(EngineBackend):
         self.description = "onnxruntime:" + "+".join(self.providers)
         dropped = [name for name in self.requested_providers if name not in self.providers]
         if dropped:
-            warnings.warn(
-                ProviderFallbackWarning(
-                    f"ONNX Runtime could not start {', '.join(dropped)} and runs on "
-                    f"{', '.join(self.providers)} (missing CUDA/cuDNN/TensorRT libraries?)"
-                ),
-                stacklevel=2,
+            log.warning(
+                "ONNX Runtime could not start %s and runs on %s (missing CUDA/cuDNN/TensorRT "
+                "libraries?)",
+                ", ".join(dropped),
+                ", ".join(self.providers),
             )
         self._device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
         self._inputs = bundle.engine_io("inputs")

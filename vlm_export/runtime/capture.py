@@ -1,0 +1,80 @@
+"""Read a live source on its own thread and hand the consumer the newest frame only.
+
+A camera delivers frames whether or not anyone reads them. Read in the classification loop, a
+camera slower to drain than to fill queues its frames (in OpenCV's buffer, or the driver's),
+and the label comes later and later after the picture. Here a thread reads continuously into a
+one-frame slot; the consumer takes the newest frame when it is ready for one, and the frames
+overwritten in between are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+from vlm_export.runtime.sources import Frame, Source
+
+JOIN_TIMEOUT_S = 5.0
+
+
+class NewestFrame(Source):
+    """Iterate ``source`` through a capture thread: each step yields the newest frame read.
+
+    ``dropped`` counts the frames that were replaced before the consumer took them. The
+    source's end (or its error, such as a camera that stops) reaches the consumer after the
+    last frame. ``close`` stops the thread, then closes the source.
+    """
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.description = source.description
+        self.live = source.live
+        self.dropped = 0
+        self._slot: Frame | None = None
+        self._done = False
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start reading (done by the first iteration if not before)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._read, name="vlm-capture", daemon=True)
+            self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for frame in self.source:
+                with self._changed:
+                    if self._slot is not None:
+                        self.dropped += 1
+                    self._slot = frame
+                    self._changed.notify()
+                if self._stop.is_set():
+                    break
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer's thread
+            self._error = exc
+        finally:
+            with self._changed:
+                self._done = True
+                self._changed.notify()
+
+    def __iter__(self) -> Iterator[Frame]:
+        self.start()
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._slot is not None or self._done)
+                frame, self._slot = self._slot, None
+                if frame is None:  # ended, nothing left
+                    if self._error is not None:
+                        raise self._error
+                    return
+            yield frame
+
+    def close(self) -> None:
+        """Stop the capture thread (after its current read), then close the source."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(JOIN_TIMEOUT_S)
+        self.source.close()

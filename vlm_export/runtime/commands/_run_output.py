@@ -1,0 +1,141 @@
+"""How ``vlm-edge run`` writes its frames: JSON lines, or readable lines and a closing table.
+
+``--format auto`` gives text on a terminal without ``--out`` and JSON lines otherwise (piped,
+redirected, or written to a file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from vlm_export.runtime.pipeline import FrameResult
+from vlm_export.runtime.sources import is_gstreamer
+
+FORMATS = ("auto", "text", "jsonl")
+MAX_NAME = 32
+
+
+def choose_format(wanted: str, out_path: str | None, stdout: IO[str]) -> str:
+    """``text`` or ``jsonl``: auto is text only for a terminal on standard output."""
+    if wanted != "auto":
+        return wanted
+    return "text" if out_path is None and stdout.isatty() else "jsonl"
+
+
+def same_terminal(a: IO[str], b: IO[str]) -> bool:
+    """True when both streams are the same terminal (a line on one lands inside the other's)."""
+    try:
+        if not (a.isatty() and b.isatty()):
+            return False
+        first, second = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return (first.st_dev, first.st_ino, first.st_rdev) == (
+        second.st_dev,
+        second.st_ino,
+        second.st_rdev,
+    )
+
+
+class JsonLines:
+    """One JSON record per line, written whole and flushed."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+
+    def write(self, record: dict[str, Any], result: FrameResult | None) -> None:
+        """Write one frame's record."""
+        self.out.write(json.dumps(record) + "\n")
+        self.out.flush()
+
+    def finish(self) -> None:
+        """Nothing closes a JSON lines stream."""
+
+
+def short_name(source: str) -> str:
+    """A source as a text line shows it: the file name, ``camera:0``, or ``gstreamer``."""
+    if is_gstreamer(source):
+        return "gstreamer"
+    return Path(source).name or source
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1) :]
+
+
+class TextLines:
+    """``index  source  class  score  ms`` per frame, then a table per class and per stage."""
+
+    def __init__(self, out: IO[str], names: list[str], classes: list[str]) -> None:
+        self.out = out
+        self.name_width = min(max([len(n) for n in names] + [6]), MAX_NAME)
+        self.class_width = min(max([len(c) for c in classes] + [5]), MAX_NAME)
+        self.per_class: dict[str, list[float]] = {}
+        self.stage_ms: dict[str, list[float]] = {}
+        self.errors = 0
+        self._header: str | None = (
+            f"{'frame':>6}  {'source':<{self.name_width}}  "
+            f"{'class':<{self.class_width}}  {'score':>6}  {'ms':>8}"
+        )
+
+    def _line(self, text: str) -> None:
+        if self._header is not None:  # above the first line, after the run's status lines
+            text, self._header = f"{self._header}\n{text}", None
+        self.out.write(text.rstrip() + "\n")
+        self.out.flush()
+
+    def write(self, record: dict[str, Any], result: FrameResult | None) -> None:
+        """Write one frame as a line."""
+        name = short_name(record["source"])
+        if "timestamp_ms" in record:
+            name = f"{name}@{record['timestamp_ms'] / 1000:.3f}s"
+        head = f"{record['index']:>6}  {_fit(name, self.name_width):<{self.name_width}}"
+        if result is None:
+            self.errors += 1
+            self._line(f"{head}  error: {record.get('error', '')}")
+            return
+        self.per_class.setdefault(result.class_name, []).append(result.score)
+        for stage, ms in result.timings.items():
+            self.stage_ms.setdefault(stage, []).append(ms)
+        self._line(
+            f"{head}  {_fit(result.class_name, self.class_width):<{self.class_width}}  "
+            f"{result.score:>6.3f}  {result.timings.get('total', 0.0):>8.1f}"
+        )
+
+    def finish(self) -> None:
+        """The closing table: frames and mean score per class, then times per stage."""
+        done = sum(len(s) for s in self.per_class.values())
+        if not done and not self.errors:
+            return
+        width = max(self.class_width, len("(unreadable)"))
+        rows = [f"\n{'class':<{width}}  {'frames':>6}  {'share':>6}  {'mean score':>10}"]
+        for name, scores in sorted(self.per_class.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            share = 100.0 * len(scores) / (done + self.errors)
+            rows.append(
+                f"{_fit(name, width):<{width}}  {len(scores):>6}  {share:>5.1f}%  "
+                f"{np.mean(scores):>10.3f}"
+            )
+        if self.errors:
+            share = 100.0 * self.errors / (done + self.errors)
+            rows.append(f"{'(unreadable)':<{width}}  {self.errors:>6}  {share:>5.1f}%")
+        rows.append(f"\n{'stage':<{width}}  {'mean ms':>8}  {'p50':>8}  {'p95':>8}  {'max':>8}")
+        for stage, values in self.stage_ms.items():  # the pipeline's order
+            ms = np.asarray(values)
+            rows.append(
+                f"{stage:<{width}}  {ms.mean():>8.2f}  {np.percentile(ms, 50):>8.2f}  "
+                f"{np.percentile(ms, 95):>8.2f}  {ms.max():>8.2f}"
+            )
+        for row in rows:
+            self._line(row)
+
+
+def open_writer(
+    fmt: str, out: IO[str], names: list[str], classes: list[str]
+) -> JsonLines | TextLines:
+    """The writer of a format (``text`` or ``jsonl``)."""
+    return TextLines(out, names, classes) if fmt == "text" else JsonLines(out)
