@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from vlm_export.core.errors import BundleError, UserError
-from vlm_export.core.manifest import ANCHORS_INPUT, CLS_OUTPUT, EMBEDDING_OUTPUT
+from vlm_export.core.manifest import ANCHORS_INPUT, CLS_OUTPUT, EMBEDDING_OUTPUT, FATE_OUTPUT
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.numerics import softmax
@@ -65,6 +65,9 @@ class FrameResult:
     """What the pipeline decided for one frame, with per-stage timings in milliseconds.
 
     ``embedding`` is the engine's image embedding [E] that the logits were computed from.
+    ``token_fate`` [R, P] int8 is each original patch's fate at every reduction block
+    (``vlm_export.core.manifest.TOKEN_FATE`` codes; ``vlm_export.runtime.draw`` draws it), None
+    for a full tower.
     """
 
     index: int
@@ -77,6 +80,7 @@ class FrameResult:
     logits: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
     embedding: np.ndarray | None = None
+    token_fate: np.ndarray | None = None
 
     def to_record(self) -> dict[str, Any]:
         """A JSON-serialisable record (one line of ``vlm-edge run`` output)."""
@@ -192,6 +196,7 @@ class Pipeline:
         label = int(np.argmax(scores))
         order = np.argsort(-scores, kind="stable")[: self.topk]
         classes = self.bundle.classes
+        fate = outputs.get(FATE_OUTPUT)
         timings["total"] = _ms(start)
         return FrameResult(
             index=index,
@@ -204,6 +209,7 @@ class Pipeline:
             logits=logits,
             timings=timings,
             embedding=embedding,
+            token_fate=None if fate is None else fate[0].astype(np.int8),
         )
 
 

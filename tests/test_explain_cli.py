@@ -1,0 +1,135 @@
+"""``vlm-edge explain``, ``run --save-annotated`` and ``eval --plot``: the pictures they write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from fakebundle import make_bundle, write_images
+from PIL import Image
+
+from vlm_export.core.manifest import TOKEN_FATE
+from vlm_export.runtime import cli
+from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.draw.explain import upscale
+from vlm_export.runtime.draw.fate import FATE_STYLE
+from vlm_export.runtime.engines.factory import open_backend
+from vlm_export.runtime.pipeline import Pipeline
+
+GREY = (120, 130, 140)
+
+
+@pytest.fixture(scope="module")
+def tca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("tca") / "bundle", method="tca")
+
+
+@pytest.fixture(scope="module")
+def full_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("zs") / "bundle", method="zeroshot")
+
+
+def _edge(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, list[str]]:
+    code = cli.main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return code, captured.out, captured.err.strip().splitlines()
+
+
+def _blend(code: int) -> np.ndarray:
+    _, colour, opacity = FATE_STYLE[code]
+    alpha = round(255 * opacity) / 255
+    return np.array([(1 - alpha) * b + alpha * c for b, c in zip(GREY, colour, strict=True)])
+
+
+def test_frame_result_carries_the_engines_token_fate(tca_dir, full_dir, tmp_path) -> None:
+    image = Image.new("RGB", (40, 50), GREY)
+    for folder in (tca_dir, full_dir):
+        bundle = Bundle.open(folder)
+        pipeline = Pipeline(bundle, open_backend(bundle, "onnxruntime"), "zeroshot")
+        result = pipeline.process(image)
+        session = ort.InferenceSession(str(bundle.onnx_path), providers=["CPUExecutionProvider"])
+        names = [output.name for output in session.get_outputs()]
+        if "token_fate" not in names:
+            assert result.token_fate is None
+            continue
+        feed = {"image": pipeline.preprocessor(image)[None]}
+        for item in session.get_inputs()[1:]:
+            feed[item.name] = np.zeros(item.shape, np.float32)
+        expected = session.run(["token_fate"], feed)[0][0]
+        assert result.token_fate.dtype == np.int8
+        np.testing.assert_array_equal(result.token_fate, expected)
+
+
+def test_explain_draws_each_block_in_fate_colours(tca_dir, tmp_path, capsys) -> None:
+    grey = tmp_path / "grey.png"
+    Image.new("RGB", (64, 48), GREY).save(grey)
+    others = write_images(tmp_path / "photos", 2)
+    out = tmp_path / "pictures"
+    code, stdout, err = _edge(capsys, "explain", tca_dir, grey, *others, "--out", out)
+    assert code == 0 and stdout == ""
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["grey.explain.png", "img_0000.explain.png", "img_0001.explain.png"]
+    assert "3 of 3 pictures written" in err[-1]
+    # The fake engine keeps the first half of its 4 x 4 patches and prunes the rest, at both
+    # reduction blocks: each block panel holds 8 kept and 8 pruned cells of the uniform grey.
+    figure = np.asarray(Image.open(out / "grey.explain.png").convert("RGB")).reshape(-1, 3)
+    cell = upscale(Image.new("RGB", (32, 32)), (4, 4)).width // 4
+    for code in (TOKEN_FATE["kept"], TOKEN_FATE["pruned"]):
+        count = (np.abs(figure - _blend(code)).max(axis=1) <= 1.5).sum()
+        assert 0.9 * 2 * 8 * cell**2 <= count <= 2 * 8 * cell**2
+    for code in (TOKEN_FATE["merged"], TOKEN_FATE["gone"]):
+        assert (np.abs(figure - _blend(code)).max(axis=1) <= 1.5).sum() == 0
+
+
+def test_explain_on_a_full_tower_says_so_in_one_line(full_dir, tmp_path, capsys) -> None:
+    image = write_images(tmp_path / "photos", 1)[0]
+    code, _, err = _edge(capsys, "explain", full_dir, image, "--out", tmp_path / "out")
+    assert code == 0
+    notes = [line for line in err if "condenses nothing" in line]
+    assert len(notes) == 1 and "full tower" in notes[0]
+    picture = Image.open(tmp_path / "out" / "img_0000.explain.png")
+    picture.load()
+    assert picture.width > 320
+
+
+def test_explain_goes_on_past_an_unreadable_image(tca_dir, tmp_path, capsys) -> None:
+    good = write_images(tmp_path / "photos", 2)
+    bad = tmp_path / "photos" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    missing = tmp_path / "photos" / "missing.png"
+    out = tmp_path / "out"
+    code, _, err = _edge(capsys, "explain", tca_dir, good[0], bad, missing, good[1], "--out", out)
+    assert code == 1
+    errors = [line for line in err if "error:" in line]
+    assert len(errors) == 2 and "broken.jpg" in errors[0] and "missing.png" in errors[1]
+    assert sorted(p.name for p in out.iterdir()) == ["img_0000.explain.png", "img_0001.explain.png"]
+    assert "2 of 4 pictures written" in err[-1]
+
+
+def test_explain_never_overwrites_an_input(tca_dir, tmp_path, capsys) -> None:
+    folder = tmp_path / "photos"
+    first = write_images(folder, 1, suffix=".png")[0]
+    clash = folder / "img_0000.explain.png"  # an input named like the first image's output
+    clash.write_bytes(first.read_bytes())
+    before = clash.read_bytes()
+    code, _, _ = _edge(capsys, "explain", tca_dir, first, clash, "--out", folder)
+    assert code == 0
+    assert clash.read_bytes() == before
+    written = {"img_0000-2.explain.png", "img_0000.explain.explain.png"}
+    assert written <= {p.name for p in folder.iterdir()}
+
+
+def test_explain_bad_output_and_arguments(tca_dir, tmp_path, capsys) -> None:
+    image = write_images(tmp_path / "photos", 1)[0]
+    a_file = tmp_path / "taken.txt"
+    a_file.write_text("x")
+    code, _, err = _edge(capsys, "explain", tca_dir, image, "--out", a_file)
+    assert code == 1 and len(err) == 1 and "is a file, not a folder" in err[0]
+    code, _, err = _edge(capsys, "explain", tca_dir, image, "--out", a_file / "sub")
+    assert code == 1 and len(err) == 1 and "is a file, not a folder" in err[0]
+    code, _, err = _edge(capsys, "explain", tca_dir, image, "--out", tmp_path / "o", "--topk", 0)
+    assert code == 1 and len(err) == 1 and "--topk" in err[0]
+    assert not (tmp_path / "o").exists() and a_file.read_text() == "x"
