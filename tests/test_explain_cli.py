@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +134,91 @@ def test_explain_bad_output_and_arguments(tca_dir, tmp_path, capsys) -> None:
     code, _, err = _edge(capsys, "explain", tca_dir, image, "--out", tmp_path / "o", "--topk", 0)
     assert code == 1 and len(err) == 1 and "--topk" in err[0]
     assert not (tmp_path / "o").exists() and a_file.read_text() == "x"
+
+
+# ------------------------------------------------------------------ run --save-annotated
+def _video(path: Path, frames: int, size: tuple[int, int] = (96, 64)) -> Path:
+    cv2 = pytest.importorskip("cv2")
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, size)
+    rng = np.random.default_rng(0)
+    for _ in range(frames):
+        writer.write(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    writer.release()
+    return path
+
+
+def test_save_annotated_folder_of_images(tca_dir, tmp_path, capsys) -> None:
+    photos = tmp_path / "photos"
+    paths = write_images(photos, 3)
+    (photos / "img_0001.jpg").write_bytes(b"broken")
+    grey = photos / "grey.png"
+    Image.new("RGB", (80, 40), GREY).save(grey)
+    out = tmp_path / "annotated"
+    argv = ["run", tca_dir, photos, "--save-annotated", out, "--annotate-fate", "--quiet"]
+    code, stdout, _ = _edge(capsys, *argv)
+    assert code == 0 and len(stdout.splitlines()) == 4
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["grey.annotated.png", "img_0000.annotated.png", "img_0002.annotated.png"]
+    for name, source in (("img_0000", paths[0]), ("img_0002", paths[2])):
+        assert Image.open(out / f"{name}.annotated.png").size == Image.open(source).size
+    # the grey image: a 40 x 40 engine view in the middle, its lower half (patches 8-15) pruned
+    drawn = np.asarray(Image.open(out / "grey.annotated.png").convert("RGB")).astype(float)
+    assert (drawn[30:, :15] == GREY).all() and (drawn[30:, 65:] == GREY).all()
+    np.testing.assert_allclose(drawn[35, 25], _blend(TOKEN_FATE["pruned"]), atol=1.5)
+    np.testing.assert_allclose(drawn[35, 55], _blend(TOKEN_FATE["pruned"]), atol=1.5)
+
+
+def test_save_annotated_video(tca_dir, tmp_path, capsys) -> None:
+    cv2 = pytest.importorskip("cv2")
+    clip = _video(tmp_path / "clip.mp4", 7)
+    out = tmp_path / "out" / "annotated.mp4"
+    code, stdout, _ = _edge(capsys, "run", tca_dir, clip, "--save-annotated", out, "--quiet")
+    assert code == 0 and len(stdout.splitlines()) == 7
+    assert sorted(p.name for p in out.parent.iterdir()) == ["annotated.mp4"]  # no temp file left
+    capture = cv2.VideoCapture(str(out))
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    capture.release()
+    assert len(frames) == 7 and frames[0].shape == (64, 96, 3)
+    assert frames[0][:8].mean() < frames[0][20:].mean() - 40  # the dark banner on top
+
+
+def test_save_annotated_bad_targets(tca_dir, full_dir, tmp_path, capsys) -> None:
+    clip = _video(tmp_path / "clip.mp4", 2)
+    photos = tmp_path / "photos"
+    write_images(photos, 1)
+    a_file = tmp_path / "taken.txt"
+    a_file.write_text("x")
+    cases = [
+        ([tca_dir, photos, "--save-annotated", a_file], "is a file; for images it is a folder"),
+        ([tca_dir, clip, "--save-annotated", tmp_path / "out.png"], "ending in .mp4"),
+        ([tca_dir, clip, "--save-annotated", a_file / "v.mp4"], "is a file, not a folder"),
+        ([full_dir, photos, "--save-annotated", tmp_path / "a", "--annotate-fate"], "full tower"),
+        ([tca_dir, photos, "--annotate-fate"], "needs --save-annotated"),
+    ]
+    for argv, message in cases:
+        code, stdout, err = _edge(capsys, "run", *argv, "--quiet")
+        assert code == 1 and stdout == "", argv
+        assert len(err) == 1 and message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "photos", "taken.txt"]
+
+
+def test_save_annotated_into_a_read_only_folder(tca_dir, tmp_path, capsys) -> None:
+    clip = _video(tmp_path / "clip.mp4", 2)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who may write anywhere (root)")
+        for target in (locked / "a.mp4", locked / "sub" / "a.mp4"):
+            code, stdout, err = _edge(capsys, "run", tca_dir, clip, "--save-annotated", target)
+            assert code == 1 and stdout == ""
+            assert len(err) == 1 and "no write permission" in err[0]
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)

@@ -57,6 +57,7 @@ class Source(ABC):
 
     description: str = ""
     total: int | None = None
+    fps: float | None = None  # frames per second the source plays at, when it says
 
     @abstractmethod
     def __iter__(self) -> Iterator[Frame]:
@@ -132,6 +133,7 @@ class VideoSource(Source):
             raise SourceError(f"cannot open {self.description}")
         count = int(self._capture.get(cv2.CAP_PROP_FRAME_COUNT))
         self.total = count if count > 0 and not self.is_camera else None
+        self.fps = float(self._capture.get(cv2.CAP_PROP_FPS)) or None
         self._source_id = f"camera:{target}" if self.is_camera else str(target)
 
     def __iter__(self) -> Iterator[Frame]:
