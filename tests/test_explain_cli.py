@@ -75,12 +75,13 @@ def test_explain_draws_each_block_in_fate_colours(tca_dir, tmp_path, capsys) -> 
     assert names == ["grey.explain.png", "img_0000.explain.png", "img_0001.explain.png"]
     assert "3 of 3 pictures written" in err[-1]
     # The fake engine keeps the first half of its 4 x 4 patches and prunes the rest, at both
-    # reduction blocks: each block panel holds 8 kept and 8 pruned cells of the uniform grey.
+    # reduction blocks: each block panel holds 8 kept and 8 pruned cells of the uniform grey
+    # (kept cells untinted, like the 16 cells of the engine's view beside them).
     figure = np.asarray(Image.open(out / "grey.explain.png").convert("RGB")).reshape(-1, 3)
     cell = upscale(Image.new("RGB", (32, 32)), (4, 4)).width // 4
-    for code in (TOKEN_FATE["kept"], TOKEN_FATE["pruned"]):
+    for code, cells in ((TOKEN_FATE["kept"], 2 * 8 + 16), (TOKEN_FATE["pruned"], 2 * 8)):
         count = (np.abs(figure - _blend(code)).max(axis=1) <= 1.5).sum()
-        assert 0.9 * 2 * 8 * cell**2 <= count <= 2 * 8 * cell**2
+        assert 0.9 * cells * cell**2 <= count <= cells * cell**2
     for code in (TOKEN_FATE["merged"], TOKEN_FATE["gone"]):
         assert (np.abs(figure - _blend(code)).max(axis=1) <= 1.5).sum() == 0
 

@@ -2,8 +2,8 @@
 
 ``token_fate`` holds, per original patch and reduction block, one of the ``TOKEN_FATE`` codes of
 ``vlm_export.core.manifest``: kept (0), merged into a centre (1), pruned into the fused token (2)
-or already gone at an earlier block (-1). Each cell of the grid is tinted with its fate's colour:
-kept patches stay clearly visible, gone ones are greyed out.
+or already gone at an earlier block (-1). Each cell of the grid is tinted with its fate's colour,
+except kept patches, which stay as they are; gone ones are darkened.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from vlm_export.runtime.draw.style import INK, Colour, font, stack, text_size
 
 #: code -> (name, RGB colour, opacity of the tint over the image)
 FATE_STYLE: dict[int, tuple[str, Colour, float]] = {
-    TOKEN_FATE["kept"]: ("kept", (0, 158, 115), 0.25),
+    TOKEN_FATE["kept"]: ("kept", (255, 255, 255), 0.0),
     TOKEN_FATE["merged"]: ("merged", (240, 200, 0), 0.6),
     TOKEN_FATE["pruned"]: ("pruned", (213, 60, 0), 0.6),
     TOKEN_FATE["gone"]: ("already gone", (45, 45, 45), 0.8),
@@ -109,7 +109,8 @@ def fate_legend(size: int, codes: Sequence[int] | None = None) -> Image.Image:
     swatch = size
     parts = []
     for code in codes if codes is not None else FATE_STYLE:
-        name, colour, _ = FATE_STYLE[code]
+        name, colour, opacity = FATE_STYLE[code]
+        name = f"{name} (as is)" if opacity == 0 else name
         width, height = text_size(name, face)
         item = Image.new("RGB", (swatch + size // 2 + width, max(swatch, height)), (255, 255, 255))
         draw = ImageDraw.Draw(item)
