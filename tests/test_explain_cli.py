@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-from fakebundle import make_bundle, write_images
+from fakebundle import DOMAINS, make_bundle, write_images
 from PIL import Image
 
 from vlm_export.core.manifest import TOKEN_FATE
@@ -16,6 +17,7 @@ from vlm_export.runtime import cli
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.draw.explain import upscale
 from vlm_export.runtime.draw.fate import FATE_STYLE
+from vlm_export.runtime.draw.heatmap import scale_colour
 from vlm_export.runtime.engines.factory import open_backend
 from vlm_export.runtime.pipeline import Pipeline
 
@@ -223,3 +225,35 @@ def test_save_annotated_into_a_read_only_folder(tca_dir, tmp_path, capsys) -> No
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o700)
+
+
+# ------------------------------------------------------------------ eval --plot
+def test_eval_plot_draws_every_table(tca_dir, tmp_path, capsys) -> None:
+    root = tmp_path / "data"
+    for domain, names in DOMAINS.items():
+        for offset, name in enumerate(names):
+            write_images(root / domain / name, 3, seed=offset)
+    plot, report = tmp_path / "plots" / "xtail.png", tmp_path / "xtail.json"
+    argv = ["eval", tca_dir, root, "--order", "animals,vehicles", "--shots", 1, "--quiet"]
+    argv += ["--hidden-dim", 16, "--json", report, "--plot", plot]
+    code, _, err = _edge(capsys, *argv)
+    assert code == 0, err
+    assert any("heatmaps drawn in" in line for line in err)
+    picture = Image.open(plot)
+    picture.load()
+    assert picture.format == "PNG" and list(plot.parent.iterdir()) == [plot]
+    colours = {tuple(c) for c in np.asarray(picture.convert("RGB")).reshape(-1, 3)}
+    results = json.loads(report.read_text())["results"]
+    assert set(results) == {"zeroshot", "primal", "dual"}
+    for result in results.values():  # every cell of every table is there in its colour
+        for value in np.array(result["table"]).ravel():
+            assert scale_colour(value) in colours
+
+
+def test_eval_plot_refuses_before_any_work(tca_dir, tmp_path, capsys) -> None:
+    a_file = tmp_path / "taken.txt"
+    a_file.write_text("x")
+    argv = ["eval", tca_dir, tmp_path / "nowhere", "--order", "animals"]
+    for target, message in ((tmp_path / "plot.jpg", "ending in .png"), (a_file / "p.png", "file")):
+        code, stdout, err = _edge(capsys, *argv, "--plot", target)
+        assert code == 1 and stdout == "" and len(err) == 1 and message in err[0]

@@ -69,7 +69,7 @@ def heatmap(
                 draw.rectangle(box, fill=BACKGROUND, outline=MUTED)
                 continue
             colour = scale_colour(value)
-            draw.rectangle(box, fill=colour)
+            draw.rectangle(box, fill=colour, outline=SCALE[1])
             text = f"{100 * value:.1f}"
             width = text_size(text, face)[0]
             position = (x + (cell - width) // 2, y + (cell - line) // 2)

@@ -26,11 +26,12 @@ def font(size: int) -> Font:
 
 
 def text_size(text: str, face: Font) -> tuple[int, int]:
-    """Width and height in pixels of one line of ``text`` (height of the font's full line)."""
+    """Width and height in pixels of one line of ``text`` drawn at (0, 0): room for the font's
+    tallest letters and deepest descenders, and a small gap below."""
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    left, _, right, _ = probe.textbbox((0, 0), text, font=face)
+    right = probe.textbbox((0, 0), text, font=face)[2]
     _, top, _, bottom = probe.textbbox((0, 0), "Hgjy", font=face)
-    return right - left, bottom - top + max(2, (bottom - top) // 4)
+    return right, bottom + max(2, (bottom - top) // 4)
 
 
 def fit_text(text: str, face: Font, width: int) -> str:
