@@ -154,14 +154,15 @@ def test_save_annotated_folder_of_images(tca_dir, tmp_path, capsys) -> None:
     photos = tmp_path / "photos"
     paths = write_images(photos, 3)
     (photos / "img_0001.jpg").write_bytes(b"broken")
-    grey = photos / "grey.png"
-    Image.new("RGB", (80, 40), GREY).save(grey)
+    Image.new("RGB", (80, 40), GREY).save(photos / "grey.png")
+    Image.new("RGB", (640, 480), GREY).save(photos / "large.png")
     out = tmp_path / "annotated"
     argv = ["run", tca_dir, photos, "--save-annotated", out, "--annotate-fate", "--quiet"]
     code, stdout, _ = _edge(capsys, *argv)
-    assert code == 0 and len(stdout.splitlines()) == 4
+    assert code == 0 and len(stdout.splitlines()) == 5
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["grey.annotated.png", "img_0000.annotated.png", "img_0002.annotated.png"]
+    expected = ["grey", "img_0000", "img_0002", "large"]
+    assert names == [f"{name}.annotated.png" for name in expected]
     for name, source in (("img_0000", paths[0]), ("img_0002", paths[2])):
         assert Image.open(out / f"{name}.annotated.png").size == Image.open(source).size
     # the grey image: a 40 x 40 engine view in the middle, its lower half (patches 8-15) pruned
@@ -169,6 +170,11 @@ def test_save_annotated_folder_of_images(tca_dir, tmp_path, capsys) -> None:
     assert (drawn[30:, :15] == GREY).all() and (drawn[30:, 65:] == GREY).all()
     np.testing.assert_allclose(drawn[35, 25], _blend(TOKEN_FATE["pruned"]), atol=1.5)
     np.testing.assert_allclose(drawn[35, 55], _blend(TOKEN_FATE["pruned"]), atol=1.5)
+    # a frame with room for it gets the legend in its bottom-left corner (pure swatch colours)
+    large = np.asarray(Image.open(out / "large.annotated.png").convert("RGB"))
+    corner = {tuple(c) for c in large[-60:, :320].reshape(-1, 3)}
+    for code in (TOKEN_FATE["merged"], TOKEN_FATE["pruned"]):
+        assert FATE_STYLE[code][1] in corner
 
 
 def test_save_annotated_video(tca_dir, tmp_path, capsys) -> None:

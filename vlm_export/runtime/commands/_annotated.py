@@ -4,7 +4,8 @@ Image sources (a file, a folder, a glob) give a folder of ``<image stem>.annotat
 written atomically; video and camera sources give one video file (OpenCV, mp4v), written under a
 temporary name beside PATH and renamed to PATH when the run ends, so PATH never holds half a
 video. With ``--annotate-fate`` the patch grid over the part of the frame the engine saw is
-tinted by where each patch left the tower (merged or pruned, at any reduction block) or kept.
+tinted by where each patch left the tower (merged or pruned, at any reduction block) or kept,
+with the legend in the bottom-left corner where the frame has room for it.
 """
 
 from __future__ import annotations
@@ -21,10 +22,16 @@ from PIL import Image
 
 from vlm_export.core.atomic import WriteError, atomic_file, check_can_create
 from vlm_export.core.errors import UserError
-from vlm_export.core.manifest import FATE_OUTPUT
+from vlm_export.core.manifest import FATE_OUTPUT, TOKEN_FATE
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.draw.annotate import annotate_frame
-from vlm_export.runtime.draw.fate import engine_view_box, fate_overlay, final_fate, patch_grid
+from vlm_export.runtime.draw.fate import (
+    engine_view_box,
+    fate_legend,
+    fate_overlay,
+    final_fate,
+    patch_grid,
+)
 from vlm_export.runtime.pipeline import FrameResult
 from vlm_export.runtime.preprocess import ImageError, load_image
 from vlm_export.runtime.sources import Frame, ImageFiles, Source, import_cv2
@@ -55,7 +62,22 @@ class FrameDrawer:
         if self.with_fate and result.token_fate is not None:
             box = engine_view_box(image.size, self.engine_size, self.resize_mode)
             image = fate_overlay(image, final_fate(result.token_fate), self.grid, box)
+            image = _with_legend(image)
         return annotate_frame(image, result.class_name, result.topk[0][2], fps)
+
+
+def _with_legend(image: Image.Image) -> Image.Image:
+    """The fate legend in the bottom-left corner, where the frame is wide enough for it."""
+    size = max(10, image.height // 36)
+    legend = fate_legend(size, [TOKEN_FATE[name] for name in ("kept", "merged", "pruned")])
+    margin = size // 2
+    if legend.width + 4 * margin > image.width or legend.height * 6 > image.height:
+        return image
+    image = image.copy()
+    framed = Image.new("RGB", (legend.width + 2 * margin, legend.height + 2 * margin), "white")
+    framed.paste(legend, (margin, margin))
+    image.paste(framed, (margin, image.height - framed.height - margin))
+    return image
 
 
 class AnnotatedImages:

@@ -18,6 +18,10 @@ from vlm_export.runtime.draw.fate import FATE_STYLE, fate_counts, fate_legend, f
 from vlm_export.runtime.draw.style import MUTED, stack, text_block
 
 PANEL_PX = 320
+LEGEND_NOTE = (
+    "One cell per image patch; the counts are of patches. A token merged or fused at an earlier "
+    "block has no cell (its patches show as already gone)."
+)
 
 
 def upscale(seen: Image.Image, grid: tuple[int, int], target: int = PANEL_PX) -> Image.Image:
@@ -71,6 +75,7 @@ def explain_figure(
     parts = [*header, row_of_panels]
     if fate is not None:
         parts.append(fate_legend(size, list(FATE_STYLE)))
+        parts.append(text_block([LEGEND_NOTE], size - 2, colour=MUTED))
     bars_width = min(row_of_panels.width, max(2 * view.width, 560))
     parts += [text_block([f"top {len(topk)} classes"], size), topk_bars(topk, bars_width, size)]
     return stack(parts, vertical=True, gap=size, pad=size)
