@@ -10,3 +10,27 @@ Pure functions: numpy arrays and PIL images in, PIL images out; nothing here wri
   legend, top-k, GFLOPs).
 - ``heatmap``: an accuracy matrix with numbers in its cells (``vlm-edge eval --plot``).
 """
+
+from vlm_export.runtime.draw.annotate import annotate_frame
+from vlm_export.runtime.draw.bars import topk_bars
+from vlm_export.runtime.draw.explain import explain_figure
+from vlm_export.runtime.draw.fate import (
+    engine_view_box,
+    fate_legend,
+    fate_overlay,
+    final_fate,
+    patch_grid,
+)
+from vlm_export.runtime.draw.heatmap import heatmap
+
+__all__ = [
+    "annotate_frame",
+    "engine_view_box",
+    "explain_figure",
+    "fate_legend",
+    "fate_overlay",
+    "final_fate",
+    "heatmap",
+    "patch_grid",
+    "topk_bars",
+]
