@@ -12,6 +12,7 @@ import pytest
 from fakebundle import DOMAINS, make_bundle, write_images
 from PIL import Image
 
+from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import TOKEN_FATE
 from vlm_export.runtime import cli
 from vlm_export.runtime.bundle import Bundle
@@ -194,6 +195,25 @@ def test_save_annotated_video(tca_dir, tmp_path, capsys) -> None:
     capture.release()
     assert len(frames) == 7 and frames[0].shape == (64, 96, 3)
     assert frames[0][:8].mean() < frames[0][20:].mean() - 40  # the dark banner on top
+
+
+def test_save_annotated_video_is_not_left_half_written(
+    tca_dir, tmp_path, capsys, monkeypatch
+) -> None:
+    clip = _video(tmp_path / "clip.mp4", 6)
+    process = Pipeline.process
+
+    def failing(self, frame, index=0, source=""):
+        if index == 3:
+            raise UserError("the engine went away")
+        return process(self, frame, index, source)
+
+    monkeypatch.setattr(Pipeline, "process", failing)
+    out = tmp_path / "out"
+    code, stdout, err = _edge(capsys, "run", tca_dir, clip, "--save-annotated", out / "a.mp4")
+    assert code == 1 and len(stdout.splitlines()) == 3
+    assert "the engine went away" in err[-1]
+    assert list(out.iterdir()) == []  # the three frames drawn so far went with the temp file
 
 
 def test_save_annotated_bad_targets(tca_dir, full_dir, tmp_path, capsys) -> None:

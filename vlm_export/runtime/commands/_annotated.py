@@ -136,6 +136,7 @@ class AnnotatedVideo:
             f".{self.path.stem}.{secrets.token_hex(4)}.partial{self.path.suffix}"
         )
         try:  # O_EXCL: a name of our own; mode 0o666 less the umask, as for any new file
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except OSError as exc:
             raise WriteError(f"cannot write {self.path}: {exc.strerror or exc}") from None
@@ -150,7 +151,6 @@ class AnnotatedVideo:
         """Draw on the BGR frame and append it to the video."""
         bgr = np.asarray(frame.data)
         if self._writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._open(bgr.shape[1], bgr.shape[0])
         image = self.drawer(Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1])), result, fps)
         if image.size != self._size:
@@ -164,9 +164,12 @@ class AnnotatedVideo:
             self._writer.release()
         if self._tmp is None:
             return
-        if complete and self.frames:
-            os.replace(self._tmp, self.path)
-        else:
+        try:
+            if complete and self.frames:
+                os.replace(self._tmp, self.path)
+        except OSError as exc:
+            raise WriteError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        finally:  # gone after the rename; otherwise nothing half-written stays
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._tmp)
 
@@ -181,7 +184,6 @@ class AnnotatedOutput:
             self.sink: AnnotatedImages | AnnotatedVideo = AnnotatedImages(target, drawer)
         else:
             self.sink = AnnotatedVideo(target, drawer, getattr(source, "fps", None))
-        self.description = str(target)
 
     def add(self, frame: Frame, result: FrameResult | None, fps: float) -> None:
         """Draw and write one frame."""
