@@ -4,8 +4,11 @@ Exports ViT-B-16 (random weights: latency does not depend on the weights' values
 condensed (r=0.035 and r=0.1, K=2), then times batch-1 inference interleaved (one run of each
 model per round, so machine noise hits all alike) and reports medians and condensed/full ratios.
 The same towers also run in PyTorch eager, interleaved with ORT, for the ORT-vs-eager ratio.
+With matplotlib (the ``[plot]`` extra) it draws latency against GFLOPs beside the JSON
+(``export_latency_<model>.png``); ``--replot`` redraws it from the saved JSON without measuring.
 
     python benchmarks/bench_export_latency.py [--model ViT-B-16] [--rounds 30] [--threads 2]
+    python benchmarks/bench_export_latency.py --replot
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import plotting
 import torch
 
 from vlm_export.export.onnx_export import export_onnx, io_names
@@ -47,6 +51,39 @@ def _timed(fn) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def plot(report: dict, path: Path) -> None:
+    """Median latency against GFLOPs per engine, with latency proportional to GFLOPs dashed."""
+    plt = plotting.pyplot()
+    if plt is None:
+        return
+    figure, axes = plt.subplots(figsize=(6.4, 4.4))
+    gflops = report["gflops"]
+    names = sorted(gflops, key=gflops.get)
+    xs = [gflops[name] for name in names]
+    series = (("ort", "ONNX Runtime CPU"), ("torch", "PyTorch eager"))
+    for engine, label in series:
+        ys = [report["median_ms"][f"{engine}/{name}"] for name in names]
+        axes.plot(xs, ys, "o-", label=label)
+        full = report["median_ms"][f"{engine}/full"]
+        scaled = [full * x / gflops["full"] for x in xs]
+        axes.plot(xs, scaled, "--", color=axes.lines[-1].get_color(), alpha=0.5, linewidth=1)
+        for x, y, name in zip(xs, ys, names, strict=True):
+            axes.annotate(name, (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    axes.plot([], [], "k--", alpha=0.5, linewidth=1, label="proportional to GFLOPs")
+    axes.set_xlabel("GFLOPs per image (closed form)")
+    axes.set_ylabel("median latency, batch 1 (ms)")
+    axes.set_ylim(bottom=0)
+    axes.margins(x=0.1)
+    axes.set_title(
+        f"{report['model']}: latency against GFLOPs ({report['threads']} CPU threads, "
+        f"{report['rounds']} rounds)",
+        fontsize=10,
+    )
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    plotting.save(figure, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-16")
@@ -54,7 +91,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-classes", type=int, default=100)
+    parser.add_argument(
+        "--replot", action="store_true", help="only redraw the PNG from the saved JSON"
+    )
     args = parser.parse_args()
+    out = RESULTS / f"export_latency_{args.model}.json"
+    if args.replot:
+        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+        return
     torch.set_num_threads(args.threads)
     visual = load_clip(args.model, "none").model.visual.eval()
     towers, sessions, feeds, eager = {}, {}, {}, {}
@@ -108,11 +152,11 @@ def main() -> None:
         },
     }
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"export_latency_{args.model}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["ratios"], indent=2))
     print({key: round(value, 1) for key, value in medians.items()})
     print(f"saved {out}")
+    plot(report, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

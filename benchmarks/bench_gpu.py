@@ -6,7 +6,8 @@ Towers: ViT-B-16 and ViT-L-14, full and condensed (TCA, drop rate r, K merge cen
 valid), random weights (latency does not depend on the weights' values). Each path runs the full
 and the condensed tower interleaved after a warm-up; the median of synchronised wall-clock times
 is reported, with condensed/full latency ratios next to the GFLOPs ratios. Results go to
-benchmarks/results/gpu_<device>.json.
+benchmarks/results/gpu_<device>.json, and with matplotlib (the ``[plot]`` extra) latency against
+GFLOPs beside it (gpu_<device>.png; ``--replot JSON`` redraws it without measuring).
 
     python benchmarks/bench_gpu.py [--models ViT-B-16 ViT-L-14] [--runs 200] [--warmup 30]
 
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+import plotting
 from onnx import TensorProto, helper
 
 from vlm_export.core.errors import UserError
@@ -259,6 +261,29 @@ def versions() -> dict[str, str]:
     return found
 
 
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Latency against GFLOPs: one line (full -> condensed) per model and GPU path."""
+    plt = plotting.pyplot()
+    if plt is None:
+        return
+    figure, axes = plt.subplots(figsize=(6.4, 4.4))
+    markers = {TENSORRT: "o", ORT_CUDA: "s", TORCH: "^"}
+    for model, result in results["models"].items():
+        if "latency_ms" not in result:
+            continue
+        xs = [result["gflops"]["full"], result["gflops"]["condensed"]]
+        for path_name, latency in result["latency_ms"].items():
+            ys = [latency["full"], latency["condensed"]]
+            axes.plot(xs, ys, marker=markers.get(path_name, "o"), label=f"{model} {path_name}")
+    axes.set_xlabel("GFLOPs per image (closed form): full and condensed tower")
+    axes.set_ylabel("median latency, batch 1 (ms)")
+    axes.set_ylim(bottom=0)
+    axes.set_title(f"{results['device']}: latency against GFLOPs", fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    plotting.save(figure, path)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["ViT-B-16", "ViT-L-14"])
@@ -269,11 +294,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=30, help="untimed rounds (default 30)")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--workspace", type=int, default=2048, help="TensorRT workspace, MB")
+    parser.add_argument(
+        "--replot", metavar="JSON", type=Path, help="only redraw the PNG of a saved result"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return 0
     usable, missing = probe_paths()
     if not usable:
         lines = "\n".join(f"  {name}: {reason}" for name, reason in missing.items())
@@ -314,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS / f"gpu_{slug}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out.relative_to(HERE.parent)}")
+    plot(results, out.with_suffix(".png"))
     return 0
 
 

@@ -64,8 +64,10 @@ class Fusion(Protocol):
 class FrameResult:
     """What the pipeline decided for one frame, with per-stage timings in milliseconds.
 
-    ``embedding`` is the engine's image embedding [E] that the logits were computed from;
-    ``token_fate`` the condensing engine's fate code per block and patch [R, n] (None otherwise).
+    ``embedding`` is the engine's image embedding [E] that the logits were computed from.
+    ``token_fate`` [R, P] int8 is each original patch's fate at every reduction block
+    (``vlm_export.core.manifest.TOKEN_FATE`` codes; ``vlm_export.runtime.draw`` draws it), None
+    for a full tower.
     """
 
     index: int
@@ -199,6 +201,7 @@ class Pipeline:
         label = int(np.argmax(scores))
         order = np.argsort(-scores, kind="stable")[: self.topk]
         classes = self.bundle.classes
+        fate = outputs.get(FATE_OUTPUT)
         timings["total"] = _ms(start)
         return FrameResult(
             index=index,
@@ -211,7 +214,7 @@ class Pipeline:
             logits=logits,
             timings=timings,
             embedding=embedding,
-            token_fate=outputs[FATE_OUTPUT][0] if FATE_OUTPUT in outputs else None,
+            token_fate=None if fate is None else fate[0].astype(np.int8),
         )
 
 

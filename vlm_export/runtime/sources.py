@@ -67,6 +67,7 @@ class Source(ABC):
     total: int | None = None
     #: frames arrive in real time whether read or not (cameras, streams): read the newest
     live: bool = False
+    fps: float | None = None  # frames per second the source plays at, when it says
 
     @abstractmethod
     def __iter__(self) -> Iterator[Frame]:
@@ -167,6 +168,7 @@ class VideoSource(Source):
             raise SourceError(f"cannot open {self.description}")
         count = int(self._capture.get(cv2.CAP_PROP_FRAME_COUNT))
         self.total = count if count > 0 and not self.live else None
+        self.fps = float(self._capture.get(cv2.CAP_PROP_FPS)) or None
         self.source_id = f"camera:{target}" if self.is_camera else str(target)
         self._position = cv2.CAP_PROP_POS_MSEC
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from vlm_export.core.atomic import atomic_write_bytes, check_can_create
+from vlm_export.core.atomic import atomic_file, atomic_write_bytes, check_can_create
 from vlm_export.core.errors import UserError
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
@@ -34,6 +34,8 @@ from vlm_export.runtime.commands._rail import (
     learner_options,
     show_progress,
 )
+from vlm_export.runtime.draw.heatmap import heatmap
+from vlm_export.runtime.draw.style import stack, text_block
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.pipeline import METHOD_STAGES, Pipeline
 from vlm_export.runtime.rail.dataset import DomainData, domain_data
@@ -84,6 +86,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "tca+rail); default: the bundle's",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also draw the accuracy tables as heatmaps with their metrics (a .png file)",
+    )
     add_primal_arguments(parser)
     add_engine_arguments(parser)
     return parser
@@ -167,6 +174,25 @@ def report_lines(order: list[str], results: dict[str, dict[str, Any]]) -> list[s
     return lines
 
 
+def plot(order: list[str], results: dict[str, dict[str, Any]], path: str) -> None:
+    """Write the accuracy tables side by side as heatmaps, each with its metrics, as a PNG."""
+    rows = [f"{step + 1} after {name}" for step, name in enumerate(order)]
+    maps = []
+    for method, result in results.items():
+        note = ", ".join(f"{m.title()} {_percent(result[m])}" for m in METRICS)
+        maps.append(heatmap(np.array(result["table"], dtype=float), rows, order, method, note))
+    title = text_block(
+        [
+            "X-TAIL accuracy (%) on each domain (columns) after each learning step (rows)",
+            "above the diagonal: domains not learned yet",
+        ],
+        16,
+    )
+    figure = stack([title, stack(maps, vertical=False, gap=40)], vertical=True, gap=16, pad=16)
+    with atomic_file(path) as handle:
+        figure.save(handle, format="PNG")
+
+
 def handle(args: argparse.Namespace) -> int:
     """Embed, run the protocol for every form, print (and write) the results."""
     check_shots(args.shots)
@@ -174,6 +200,10 @@ def handle(args: argparse.Namespace) -> int:
         raise UserError(f"--test-per-class must be at least 1, got {args.test_per_class}")
     if args.json:
         check_can_create(args.json)
+    if args.plot:
+        if Path(args.plot).suffix.lower() != ".png":
+            raise UserError(f"--plot writes a PNG: give a file name ending in .png ({args.plot})")
+        check_can_create(args.plot)
     forms = list(FORMS) if args.form == "both" else [args.form]
     if forms == ["dual"]:
         check_options(learner_options(args, "dual"), "dual")
@@ -215,4 +245,7 @@ def handle(args: argparse.Namespace) -> int:
         }
         atomic_write_bytes(args.json, (json.dumps(document, indent=2) + "\n").encode())
         status(f"results written to {args.json}")
+    if args.plot:
+        plot(order, results, args.plot)
+        status(f"accuracy heatmaps drawn in {args.plot}")
     return 0

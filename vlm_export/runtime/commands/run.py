@@ -29,6 +29,7 @@ from vlm_export.runtime import api
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.capture import NewestFrame
 from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
+from vlm_export.runtime.commands._annotated import AnnotatedOutput
 from vlm_export.runtime.commands._run_output import (
     FORMATS,
     JsonLines,
@@ -132,6 +133,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="save the state every N frames (default 100; 0: only at the end)",
     )
     parser.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
+    parser.add_argument(
+        "--save-annotated",
+        metavar="PATH",
+        help="also save every frame with its label, score and fps drawn on it: a folder of PNGs "
+        "for images, a video file (.mp4) for video and camera sources",
+    )
+    parser.add_argument(
+        "--annotate-fate",
+        action="store_true",
+        help="with --save-annotated: tint the patch grid by token fate (condensing bundles)",
+    )
     add_engine_arguments(parser)
     tca = parser.add_argument_group("TCA reservoir (default: the bundle's adaptation.tca)")
     tca.add_argument("--capacity", type=int, help="entries per class (M)")
@@ -170,6 +182,8 @@ def _check_args(args: argparse.Namespace, method: str) -> None:
         raise UserError(f"--save-every must be 0 or more, got {args.save_every}")
     if args.max_frames is not None and args.max_frames < 1:
         raise UserError(f"--max-frames must be at least 1, got {args.max_frames}")
+    if args.annotate_fate and not args.save_annotated:
+        raise UserError("--annotate-fate needs --save-annotated PATH")
     stages = METHOD_STAGES[method]
     if not stages.tca:
         given = [f"--{k.replace('_', '-')}" for k, v in _overrides(args).items() if v is not None]
@@ -291,6 +305,7 @@ def _process_all(
     args: argparse.Namespace,
     stop: StopRequest,
     window: Window | None,
+    annotated: AnnotatedOutput | None = None,
 ) -> None:
     """The frame loop; it ends with the source, --max-frames, or a stop request."""
     shared_terminal = same_terminal(sys.stdout, sys.stderr) and args.out is None
@@ -302,6 +317,8 @@ def _process_all(
         stats.add(result)
         if window is not None and not window.show(frame, result):
             stop.ending = "stopped (window closed)"
+        if annotated is not None:
+            annotated.add(frame, result, stats.fps())
         good = stats.frames - stats.errors
         if args.state and args.save_every and result and good % args.save_every == 0:
             pipeline.save_state(args.state)
@@ -341,6 +358,10 @@ def handle(args: argparse.Namespace) -> int:
     fmt = choose_format(args.format, args.out, sys.stdout)
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(open_source(args.source))
+        annotated = None
+        if args.save_annotated:  # before the capture thread: it reads the source's kind and fps
+            annotated = AnnotatedOutput(args.save_annotated, source, bundle, args.annotate_fate)
+            stack.enter_context(annotated)
         names = _names(source)
         if source.live:
             source = stack.enter_context(NewestFrame(source))
@@ -359,7 +380,7 @@ def handle(args: argparse.Namespace) -> int:
         stop = StopRequest()
         try:
             with _stop_on_signals(stop):
-                _process_all(pipeline, source, writer, stats, args, stop, window)
+                _process_all(pipeline, source, writer, stats, args, stop, window, annotated)
         except KeyboardInterrupt:
             stop.ending, stop.code = "interrupted (Ctrl-C)", 130
         finally:

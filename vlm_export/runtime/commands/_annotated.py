@@ -1,0 +1,201 @@
+"""``vlm-edge run --save-annotated PATH``: every frame with its label, score and fps drawn on it.
+
+Image sources (a file, a folder, a glob) give a folder of ``<image stem>.annotated.png``, each
+written atomically; video and camera sources give one video file (OpenCV, mp4v), written under a
+temporary name beside PATH and renamed to PATH when the run ends, so PATH never holds half a
+video. With ``--annotate-fate`` the patch grid over the part of the frame the engine saw is
+tinted by where each patch left the tower (merged or pruned, at any reduction block) or kept,
+with the legend in the bottom-left corner where the frame has room for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from vlm_export.core.atomic import WriteError, atomic_file, check_can_create
+from vlm_export.core.errors import UserError
+from vlm_export.core.manifest import FATE_OUTPUT, TOKEN_FATE
+from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.draw.annotate import annotate_frame
+from vlm_export.runtime.draw.fate import (
+    engine_view_box,
+    fate_legend,
+    fate_overlay,
+    final_fate,
+    patch_grid,
+)
+from vlm_export.runtime.pipeline import FrameResult
+from vlm_export.runtime.preprocess import ImageError, load_image
+from vlm_export.runtime.sources import Frame, ImageFiles, Source, import_cv2
+
+IMAGE_SUFFIX = ".annotated.png"
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".m4v")
+DEFAULT_FPS = 30.0
+
+
+class FrameDrawer:
+    """Draws one frame: the fate overlay (optional), then the label / score / fps banner."""
+
+    def __init__(self, bundle: Bundle, with_fate: bool) -> None:
+        if with_fate and FATE_OUTPUT not in bundle.engine_io("outputs"):
+            raise UserError(
+                f"--annotate-fate needs a condensing bundle (method tca or tca+rail); "
+                f"{bundle.path} is a full tower ({bundle.method})"
+            )
+        self.with_fate = with_fate
+        self.grid = patch_grid(bundle.manifest)
+        self.engine_size = tuple(int(v) for v in bundle.manifest["preprocess"]["size"])
+        self.resize_mode = str(bundle.manifest["preprocess"]["resize_mode"])
+
+    def __call__(self, image: Image.Image, result: FrameResult | None, fps: float) -> Image.Image:
+        """``image`` with what ``result`` decided (None: the frame failed) drawn on it."""
+        if result is None:
+            return annotate_frame(image, "error: frame not classified", None, fps)
+        if self.with_fate and result.token_fate is not None:
+            box = engine_view_box(image.size, self.engine_size, self.resize_mode)
+            image = fate_overlay(image, final_fate(result.token_fate), self.grid, box)
+            image = _with_legend(image)
+        return annotate_frame(image, result.class_name, result.topk[0][2], fps)
+
+
+def _with_legend(image: Image.Image) -> Image.Image:
+    """The fate legend in the bottom-left corner, where the frame is wide enough for it."""
+    size = max(10, image.height // 36)
+    legend = fate_legend(size, [TOKEN_FATE[name] for name in ("kept", "merged", "pruned")])
+    margin = size // 2
+    if legend.width + 4 * margin > image.width or legend.height * 6 > image.height:
+        return image
+    image = image.copy()
+    framed = Image.new("RGB", (legend.width + 2 * margin, legend.height + 2 * margin), "white")
+    framed.paste(legend, (margin, margin))
+    image.paste(framed, (margin, image.height - framed.height - margin))
+    return image
+
+
+class AnnotatedImages:
+    """Annotated copies of image files in a folder, one atomic PNG each."""
+
+    def __init__(self, folder: Path, drawer: FrameDrawer) -> None:
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--save-annotated {folder} is a file; for images it is a folder")
+        check_can_create(folder, folder=True)
+        self.folder = folder
+        self.drawer = drawer
+        self._taken: set[str] = set()
+
+    def add(self, frame: Frame, result: FrameResult | None, fps: float) -> None:
+        """Write the annotated image (an unreadable image has nothing to draw on)."""
+        if result is None:
+            return
+        try:
+            image = load_image(frame.data)
+        except ImageError:  # it changed since the pipeline read it
+            return
+        stem, number = Path(frame.source).stem, 1
+        name = f"{stem}{IMAGE_SUFFIX}"
+        while name in self._taken:
+            number += 1
+            name = f"{stem}-{number}{IMAGE_SUFFIX}"
+        self._taken.add(name)
+        with atomic_file(self.folder / name) as handle:
+            self.drawer(image.convert("RGB"), result, fps).save(handle, format="PNG")
+
+    def close(self, complete: bool) -> None:
+        """Nothing to finish: every image is whole once written."""
+
+
+class AnnotatedVideo:
+    """An annotated video file, renamed into place when the run ends."""
+
+    def __init__(self, path: Path, drawer: FrameDrawer, fps: float | None) -> None:
+        if path.suffix.lower() not in VIDEO_SUFFIXES:
+            raise UserError(
+                f"--save-annotated {path}: for a video or camera source give a video file "
+                f"name ending in {', '.join(VIDEO_SUFFIXES)}"
+            )
+        check_can_create(path)
+        self.cv2 = import_cv2()
+        self.path = path
+        self.drawer = drawer
+        self.fps = fps if fps and fps > 0 else DEFAULT_FPS
+        self._writer: Any = None
+        self._tmp: Path | None = None
+        self._size: tuple[int, int] = (0, 0)
+        self.frames = 0
+
+    def _open(self, width: int, height: int) -> None:
+        name = self.path.with_name(
+            f".{self.path.stem}.{secrets.token_hex(4)}.partial{self.path.suffix}"
+        )
+        try:  # O_EXCL: a name of our own; mode 0o666 less the umask, as for any new file
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except OSError as exc:
+            raise WriteError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        self._tmp = Path(name)
+        fourcc = self.cv2.VideoWriter_fourcc(*"mp4v")
+        self._writer = self.cv2.VideoWriter(str(name), fourcc, self.fps, (width, height))
+        if not self._writer.isOpened():
+            raise WriteError(f"cannot write {self.path}: OpenCV has no mp4v video writer here")
+        self._size = (width, height)
+
+    def add(self, frame: Frame, result: FrameResult | None, fps: float) -> None:
+        """Draw on the BGR frame and append it to the video."""
+        bgr = np.asarray(frame.data)
+        if self._writer is None:
+            self._open(bgr.shape[1], bgr.shape[0])
+        image = self.drawer(Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1])), result, fps)
+        if image.size != self._size:
+            image = image.resize(self._size, Image.Resampling.BILINEAR)
+        self._writer.write(np.ascontiguousarray(np.asarray(image)[:, :, ::-1]))
+        self.frames += 1
+
+    def close(self, complete: bool) -> None:
+        """Finish the video and rename it to its path, or (not complete) remove it."""
+        if self._writer is not None:
+            self._writer.release()
+        if self._tmp is None:
+            return
+        try:
+            if complete and self.frames:
+                os.replace(self._tmp, self.path)
+        except OSError as exc:
+            raise WriteError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        finally:  # gone after the rename; otherwise nothing half-written stays
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
+
+
+class AnnotatedOutput:
+    """Context manager over either output: finished on a normal end, removed on an error."""
+
+    def __init__(self, path: str, source: Source, bundle: Bundle, with_fate: bool) -> None:
+        drawer = FrameDrawer(bundle, with_fate)
+        target = Path(path).expanduser()
+        if isinstance(source, ImageFiles):
+            self.sink: AnnotatedImages | AnnotatedVideo = AnnotatedImages(target, drawer)
+        else:
+            self.sink = AnnotatedVideo(target, drawer, getattr(source, "fps", None))
+
+    def add(self, frame: Frame, result: FrameResult | None, fps: float) -> None:
+        """Draw and write one frame."""
+        self.sink.add(frame, result, fps)
+
+    def __enter__(self) -> AnnotatedOutput:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.sink.close(complete=exc_type is None)

@@ -1,0 +1,36 @@
+"""Pictures of what the device saw and decided, with PIL only (no plotting library).
+
+Pure functions: numpy arrays and PIL images in, PIL images out; nothing here writes files.
+
+- ``style``: fonts and colours shared by every picture.
+- ``fate``: the patch grid coloured by token fate (kept, merged, pruned, already gone), its legend.
+- ``annotate``: a label / score / fps banner on a frame.
+- ``bars``: top-k classes as horizontal bars.
+- ``explain``: the ``vlm-edge explain`` figure (the engine's view, fate per reduction block,
+  legend, top-k, GFLOPs).
+- ``heatmap``: an accuracy matrix with numbers in its cells (``vlm-edge eval --plot``).
+"""
+
+from vlm_export.runtime.draw.annotate import annotate_frame
+from vlm_export.runtime.draw.bars import topk_bars
+from vlm_export.runtime.draw.explain import explain_figure
+from vlm_export.runtime.draw.fate import (
+    engine_view_box,
+    fate_legend,
+    fate_overlay,
+    final_fate,
+    patch_grid,
+)
+from vlm_export.runtime.draw.heatmap import heatmap
+
+__all__ = [
+    "annotate_frame",
+    "engine_view_box",
+    "explain_figure",
+    "fate_legend",
+    "fate_overlay",
+    "final_fate",
+    "heatmap",
+    "patch_grid",
+    "topk_bars",
+]

@@ -1,0 +1,81 @@
+"""The ``vlm-edge explain`` figure: what the engine saw, what each reduction block did with every
+patch, and what the engine decided.
+
+Top to bottom: a title (image, decision) and a line of facts (model, GFLOPs); a row of panels,
+the engine's view of the image and then the same view with its patch grid coloured by fate at
+every reduction block, each with its counts; the legend; the top-k classes as bars.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from vlm_export.runtime.draw.bars import TopK, topk_bars
+from vlm_export.runtime.draw.fate import FATE_STYLE, fate_counts, fate_legend, fate_overlay
+from vlm_export.runtime.draw.style import MUTED, stack, text_block
+
+PANEL_PX = 320
+LEGEND_NOTE = (
+    "One cell per image patch; the counts are of patches. A token merged or fused at an earlier "
+    "block has no cell (its patches show as already gone)."
+)
+
+
+def upscale(seen: Image.Image, grid: tuple[int, int], target: int = PANEL_PX) -> Image.Image:
+    """The engine's view enlarged for reading, to a whole number of pixels per patch cell."""
+    rows, cols = grid
+    cell = max(1, -(-target // max(rows, cols)))
+    return seen.convert("RGB").resize((cols * cell, rows * cell), Image.Resampling.BICUBIC)
+
+
+def _panel(image: Image.Image, lines: list[str], size: int) -> Image.Image:
+    caption = text_block(lines, size, width=image.width)
+    return stack([caption, image], vertical=True, gap=size // 2)
+
+
+def _counts_line(fate_row: np.ndarray) -> str:
+    counts = fate_counts(fate_row)
+    return ", ".join(f"{n} {name}" for name, n in counts.items() if n)
+
+
+def explain_figure(
+    seen: Image.Image,
+    topk: TopK,
+    title: str,
+    facts: Sequence[str],
+    grid: tuple[int, int],
+    fate: np.ndarray | None = None,
+    blocks: Sequence[int] = (),
+    size: int = 16,
+) -> Image.Image:
+    """The whole figure as one RGB image.
+
+    ``seen`` is the image as the engine saw it (after resize and crop), ``grid`` its patch grid
+    (rows, columns), ``fate`` the engine's [R, P] token fate (None for a full tower: then only
+    the view and the top-k are drawn) and ``blocks`` the R reduction blocks' numbers.
+    """
+    view = upscale(seen, grid)
+    rows, cols = grid
+    facts_of_view = f"{seen.width} x {seen.height} px, {rows} x {cols} patches"
+    panels = [_panel(view, ["the engine's view", facts_of_view], size)]
+    if fate is not None:
+        fate = np.asarray(fate)
+        labels = list(blocks) if len(blocks) == len(fate) else list(range(1, len(fate) + 1))
+        for block, row in zip(labels, fate, strict=True):
+            drawn = fate_overlay(view, row, grid)
+            panels.append(_panel(drawn, [f"reduction at block {block}", _counts_line(row)], size))
+    row_of_panels = stack(panels, vertical=False, gap=size)
+    header = [
+        text_block([title], round(size * 1.4)),
+        text_block(list(facts), size, colour=MUTED),
+    ]
+    parts = [*header, row_of_panels]
+    if fate is not None:
+        parts.append(fate_legend(size, list(FATE_STYLE)))
+        parts.append(text_block([LEGEND_NOTE], size - 2, colour=MUTED))
+    bars_width = min(row_of_panels.width, max(2 * view.width, 560))
+    parts += [text_block([f"top {len(topk)} classes"], size), topk_bars(topk, bars_width, size)]
+    return stack(parts, vertical=True, gap=size, pad=size)

@@ -1,0 +1,80 @@
+"""An accuracy matrix as a heatmap with the numbers in its cells (``vlm-edge eval --plot``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from vlm_export.runtime.draw.style import (
+    BACKGROUND,
+    INK,
+    MUTED,
+    Colour,
+    font,
+    stack,
+    text_block,
+    text_size,
+)
+
+#: a light-to-dark blue scale (value 0 -> first colour, 1 -> last)
+SCALE: tuple[Colour, ...] = ((247, 251, 255), (158, 202, 225), (66, 146, 198), (8, 48, 107))
+
+
+def scale_colour(value: float) -> Colour:
+    """The scale's colour at ``value`` in [0, 1] (clipped), linearly between its stops."""
+    position = min(max(float(value), 0.0), 1.0) * (len(SCALE) - 1)
+    low = min(int(position), len(SCALE) - 2)
+    t = position - low
+    a, b = np.array(SCALE[low], float), np.array(SCALE[low + 1], float)
+    return tuple(int(round(v)) for v in (1 - t) * a + t * b)  # type: ignore[return-value]
+
+
+def _ink_on(colour: Colour) -> Colour:
+    luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+    return INK if luminance > 140 else (255, 255, 255)
+
+
+def heatmap(
+    table: np.ndarray,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str,
+    note: str = "",
+    cell: int = 72,
+    size: int = 15,
+) -> Image.Image:
+    """A [rows, cols] table of values in [0, 1] (NaN: an empty cell) as coloured cells with the
+    values in percent, row labels on the left, column labels on top, a title and a note below."""
+    table = np.asarray(table, dtype=float)
+    rows, cols = table.shape
+    face = font(size)
+    label_w = max((text_size(label, face)[0] for label in row_labels), default=0) + size
+    line = text_size("Hg", face)[1]
+    top = line + size // 2
+    image = Image.new("RGB", (label_w + cols * cell, top + rows * cell), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for j, label in enumerate(col_labels):
+        width = text_size(label, face)[0]
+        draw.text((label_w + j * cell + (cell - width) // 2, 0), label, fill=INK, font=face)
+    for i, label in enumerate(row_labels):
+        y = top + i * cell
+        draw.text((0, y + (cell - line) // 2), label, fill=INK, font=face)
+        for j in range(cols):
+            x = label_w + j * cell
+            value = table[i, j]
+            box = (x, y, x + cell - 2, y + cell - 2)
+            if np.isnan(value):
+                draw.rectangle(box, fill=BACKGROUND, outline=MUTED)
+                continue
+            colour = scale_colour(value)
+            draw.rectangle(box, fill=colour, outline=SCALE[1])
+            text = f"{100 * value:.1f}"
+            width = text_size(text, face)[0]
+            position = (x + (cell - width) // 2, y + (cell - line) // 2)
+            draw.text(position, text, fill=_ink_on(colour), font=face)
+    parts = [text_block([title], round(size * 1.2)), image]
+    if note:
+        parts.append(text_block([note], size, MUTED))
+    return stack(parts, vertical=True, gap=size // 2)

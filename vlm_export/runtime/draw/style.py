@@ -1,0 +1,73 @@
+"""Fonts and colours shared by every picture of ``vlm_export.runtime.draw``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from PIL import Image, ImageDraw, ImageFont
+
+Colour = tuple[int, int, int]
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+BACKGROUND: Colour = (255, 255, 255)
+INK: Colour = (30, 30, 30)
+MUTED: Colour = (110, 110, 110)
+ACCENT: Colour = (0, 114, 178)  # Okabe-Ito blue
+ACCENT_LIGHT: Colour = (150, 190, 220)
+
+
+@lru_cache(maxsize=16)
+def font(size: int) -> Font:
+    """PIL's default font at ``size`` pixels (Pillow >= 10.1 with FreeType; else its bitmap)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # older Pillow, or Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def text_size(text: str, face: Font) -> tuple[int, int]:
+    """Width and height in pixels of one line of ``text`` drawn at (0, 0): room for the font's
+    tallest letters and deepest descenders, and a small gap below."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    right = probe.textbbox((0, 0), text, font=face)[2]
+    _, top, _, bottom = probe.textbbox((0, 0), "Hgjy", font=face)
+    return right, bottom + max(2, (bottom - top) // 4)
+
+
+def fit_text(text: str, face: Font, width: int) -> str:
+    """``text`` cut with an ellipsis so that it fits in ``width`` pixels."""
+    if text_size(text, face)[0] <= width:
+        return text
+    while text and text_size(text + "...", face)[0] > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def text_block(lines: list[str], size: int, colour: Colour = INK, width: int = 0) -> Image.Image:
+    """Lines of text on the background, at least ``width`` wide."""
+    face = font(size)
+    sizes = [text_size(line, face) for line in lines]
+    height = sum(h for _, h in sizes)
+    image = Image.new("RGB", (max(width, *(w for w, _ in sizes), 1), max(height, 1)), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    y = 0
+    for line, (_, h) in zip(lines, sizes, strict=True):
+        draw.text((0, y), line, fill=colour, font=face)
+        y += h
+    return image
+
+
+def stack(parts: list[Image.Image], vertical: bool, gap: int, pad: int = 0) -> Image.Image:
+    """Paste images one after another (top to bottom or left to right) on the background."""
+    if vertical:
+        width = max(p.width for p in parts) + 2 * pad
+        height = sum(p.height for p in parts) + gap * (len(parts) - 1) + 2 * pad
+    else:
+        width = sum(p.width for p in parts) + gap * (len(parts) - 1) + 2 * pad
+        height = max(p.height for p in parts) + 2 * pad
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    offset = pad
+    for part in parts:
+        canvas.paste(part.convert("RGB"), (pad, offset) if vertical else (offset, pad))
+        offset += (part.height if vertical else part.width) + gap
+    return canvas
