@@ -53,11 +53,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _max_pixels(text: str) -> int:
-    """--max-pixels: a whole number >= 0 (argparse turns ValueError into a usage error)."""
-    value = int(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
+    """--max-pixels: a whole number >= 0."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number >= 0 (0 = no limit), got {text!r}"
+        )
+    return int(text)
 
 
 def open_engine(bundle: Bundle, args: argparse.Namespace) -> EngineBackend:
