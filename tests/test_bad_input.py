@@ -148,6 +148,7 @@ MANIFEST_CASES = [
     (("preprocess", "std"), [0, 1, 1], "preprocess.std[0]: expected a number > 0, got 0"),
     (("preprocess", "size"), [32], "preprocess.size: expected a list of exactly 2 items, got 1"),
     (("preprocess", "resize_mode"), "zoom", "resize_mode: expected one of 'shortest'"),
+    (("preprocess", "size"), [10**5, 10**5], "expected a number <= 16384, got 100000"),
     (("model",), "ViT-B-16", "model: expected an object, got the string 'ViT-B-16'"),
     (("model", "untrained"), "no", "model.untrained: expected true or false"),
     (("engine",), "x", "engine: expected an object"),
@@ -253,6 +254,12 @@ COMPANION_CASES = [
     ("shape", mf.TEXT_EMBEDDINGS, lambda: _npy_bytes(np.ones((5, 8), np.float32)), "shape [5, 8]"),
     ("huge shape", mf.TEXT_EMBEDDINGS, None, "shape [6000000000, 8]"),
     ("garbage", mf.TEXT_EMBEDDINGS, lambda: b"hello world", "not a .npy array"),
+    (
+        "truncated",
+        mf.TEXT_EMBEDDINGS,
+        lambda: _text(0.0)[:-5],
+        "bytes of data, its header declares",
+    ),
     ("header", mf.TEXT_EMBEDDINGS, lambda: b"\x93NUMPY\x01\x00\x10\x00{'descr': 1", "corrupt .npy"),
     ("empty npy", mf.TEXT_EMBEDDINGS, lambda: b"", "not a .npy array"),
     ("empty onnx", mf.IMAGE_ENCODER_ONNX, lambda: b"", "is empty (0 bytes)"),
@@ -296,6 +303,21 @@ def test_rehashed_companion_file_is_one_line(bundle, capsys, case, name, content
     code, lines, _ = _edge(["info", str(bundle)], capsys)
     assert code == 1 and message in _error_line(lines)
     assert _snapshot(bundle) == before
+
+
+def test_embeddings_declaring_more_rows_than_they_hold_are_refused(bundle, capsys) -> None:
+    # header and manifest agree on 6e9 rows (190 GB): refused from the file size, not allocated
+    (bundle / mf.TEXT_EMBEDDINGS).write_bytes(_huge_header())
+    _rehash(bundle, mf.TEXT_EMBEDDINGS)
+    path = bundle / mf.MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest["text"]["shape"] = [6_000_000_000, 8]
+    manifest["labels"]["num_classes"] = 6_000_000_000
+    manifest["engine"]["inputs"][1]["shape"][0] = 6_000_000_000
+    manifest["engine"]["inputs"][2]["shape"][0] = 6_000_000_000
+    path.write_text(json.dumps(manifest))
+    code, lines, _ = _edge(["info", str(bundle)], capsys)
+    assert code == 1 and "its header declares 192000000000" in _error_line(lines)
 
 
 @pytest.mark.parametrize("content", [b"not an onnx model", bytes(range(256)) * 4])

@@ -119,7 +119,7 @@ def require_memory(
 def capacity_hint(
     option: str, cost: Callable[[int], int], available: int, upper: int, minimum: int = 1
 ) -> str:
-    """ "--capacity 4 fits" for the largest value of ``option`` whose cost fits ``available``.
+    """The hint for the largest value of ``option`` whose cost fits: "--capacity 4 fits".
 
     Says that nothing fits when even ``minimum`` does not.
     """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,12 @@ def _load_embeddings(path: Path, shape: list[int]) -> np.ndarray:
                 raise BundleError(f"{name} has dtype {dtype}, expected float32")
             if list(declared) != [int(v) for v in shape]:
                 raise BundleError(f"{name} has shape {list(declared)}, manifest says {list(shape)}")
+            data_bytes = os.fstat(handle.fileno()).st_size - handle.tell()
+            if data_bytes != math.prod(declared) * dtype.itemsize:
+                raise BundleError(
+                    f"{name} holds {data_bytes} bytes of data, its header declares "
+                    f"{math.prod(declared) * dtype.itemsize} (truncated or padded)"
+                )
             handle.seek(0)
             embeddings = np.load(handle, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
