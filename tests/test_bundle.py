@@ -129,7 +129,7 @@ def test_embedding_shape_mismatch(tmp_path: Path) -> None:
 def test_pickled_embeddings_refused(copy: Path) -> None:
     path = copy / mf.TEXT_EMBEDDINGS
     np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(BundleError, match="not a readable .npy"):
+    with pytest.raises(BundleError, match="has dtype object, expected float32"):
         Bundle.open(copy, verify=False)
 
 
@@ -175,29 +175,56 @@ def _add_file(name: str):
     [
         (
             _set(("files", mf.IMAGE_ENCODER_ONNX), [1]),
-            "record of file image_encoder.onnx is not an",
+            "files.image_encoder.onnx: expected a file record (object), got a list",
         ),
-        (_set(("files", mf.CLASSES_FILE, "sha256"), 5), "has no sha256 string"),
-        (_set(("files", mf.CLASSES_FILE, "bytes"), "120"), "no integer byte count"),
-        (_set(("files", mf.CLASSES_FILE, "bytes"), "-"), "no integer byte count"),
-        (_add_file(f"../copy/{mf.CLASSES_FILE}"), "must be plain names"),
-        (_add_file("sub/x.json"), "must be plain names"),
-        (_add_file(".."), "must be plain names"),
-        (_set("engines", [{"file": "../other.engine"}]), "engines' entry without a plain"),
-        (_set("text", []), "section 'text' is not an object"),
-        (_set("engine.batch_size", 0), "batch_size 0 is not a positive integer"),
-        (_set("engine.batch_size", "1"), "batch_size '1' is not a positive integer"),
-        (_set("engine.batch_size", True), "batch_size True is not a positive integer"),
-        (_set("engine.inputs", {"image": [1, 3, 32, 32]}), "inputs must be a non-empty list"),
-        (_set("engine.inputs.0.shape", [1, 3, -32, 32]), "list of positive integers"),
-        (_set("engine.inputs.0.shape", "1x3x32x32"), "list of positive integers"),
-        (_set("engine.outputs.0.name", 3), "every tensor needs a name string"),
-        (_set("engine.outputs.0.dtype", "-"), "'embedding' has no dtype string"),
+        (
+            _set(("files", mf.CLASSES_FILE, "sha256"), 5),
+            "files.classes.json.sha256: expected a string, got 5",
+        ),
+        (
+            _set(("files", mf.CLASSES_FILE, "bytes"), "120"),
+            "bytes: expected an integer, got the string '120'",
+        ),
+        (
+            _set(("files", mf.CLASSES_FILE, "bytes"), "-"),
+            "files.classes.json: missing field 'bytes'",
+        ),
+        (_add_file(f"../copy/{mf.CLASSES_FILE}"), "files: expected a plain file name inside"),
+        (_add_file("sub/x.json"), "got the string 'sub/x.json'"),
+        (_add_file(".."), "expected a plain file name"),
+        (
+            _set("engines", [{"file": "../other.engine"}]),
+            "engines[0].file: expected a plain file name",
+        ),
+        (_set("text", []), "text: expected an object, got a list"),
+        (_set("engine.batch_size", 0), "engine.batch_size: expected a number >= 1, got 0"),
+        (
+            _set("engine.batch_size", "1"),
+            "engine.batch_size: expected an integer, got the string '1'",
+        ),
+        (_set("engine.batch_size", True), "engine.batch_size: expected an integer, got true"),
+        (
+            _set("engine.inputs", {"image": [1, 3, 32, 32]}),
+            "engine.inputs: expected a list, got an object",
+        ),
+        (
+            _set("engine.inputs.0.shape", [1, 3, -32, 32]),
+            "engine.inputs[0].shape[2]: expected a number >= 1, got -32",
+        ),
+        (
+            _set("engine.inputs.0.shape", "1x3x32x32"),
+            "engine.inputs[0].shape: expected a list, got the string",
+        ),
+        (_set("engine.outputs.0.name", 3), "engine.outputs[0].name: expected a string, got 3"),
+        (_set("engine.outputs.0.dtype", "-"), "engine.outputs[0]: missing field 'dtype'"),
         (_set("engine.inputs.0.shape", [1, 3, 16, 16]), "'image' has shape [1, 3, 16, 16]"),
         (_set("text.shape", [6, 9]), "does not fit embedding"),
         (_set("labels.num_classes", 5), "num_classes is 5, text.shape has 6 rows"),
         (_set("labels.num_classes", "-"), "labels.num_classes None is not a positive integer"),
-        (_set("condensation.anchor_layers", "0,1"), "anchor_layers '0,1' is not a list of ints"),
+        (
+            _set("condensation.anchor_layers", "0,1"),
+            "condensation.anchor_layers: expected a list, got the string '0,1'",
+        ),
         (_set("condensation.reduction_layers", "-"), "reduction_layers None is not a list"),
         (_set("condensation.anchor_layers", [0]), "1 anchor_layers for 2 reduction_layers"),
         (_set("condensation.anchor_layers", [0, 4]), "anchor_layers [4] are outside the 4 rows"),
@@ -218,7 +245,7 @@ def test_inconsistent_manifest_is_a_bundle_error(copy: Path, edit, message: str)
 def test_manifest_field_types_are_checked_on_read(copy: Path) -> None:
     # read_manifest (also used by the engine tools) checks types, not the runtime contract
     _edit_manifest(copy, _set("engine.batch_size", -1))
-    with pytest.raises(BundleError, match="batch_size -1"):
+    with pytest.raises(BundleError, match="batch_size: expected a number >= 1, got -1"):
         mf.read_manifest(copy)
     _edit_manifest(copy, _set("engine.batch_size", 1))
     _edit_manifest(copy, _set("condensation.anchor_layers", "-"))

@@ -210,3 +210,27 @@ def test_bad_config_is_a_bundle_error() -> None:
         Preprocessor(_config((8, 8), resize_mode="zoom"))
     with pytest.raises(BundleError, match="malformed"):
         Preprocessor({"size": [8, 8]})
+
+
+def test_mode_i_with_8bit_values_matches_open_clip(open_clip) -> None:
+    # a 32-bit integer image holding 8-bit values: open_clip's transform is the reference
+    rng = np.random.default_rng(5)
+    values = rng.integers(0, 256, (70, 90)).astype(np.int32)
+    image = Image.fromarray(values, "I")
+    assert image.mode == "I"
+    expected = _reference(open_clip, (64, 64))(image).numpy()
+    np.testing.assert_array_equal(Preprocessor(_config((64, 64)))(image), expected)
+    assert np.asarray(to_8bit(image).convert("L")).mean() == pytest.approx(values.mean())
+
+
+def test_mode_i_value_range_decides_the_scale() -> None:
+    def literal(values: np.ndarray, top: int) -> np.ndarray:
+        clipped = np.clip(values.astype(np.float64), 0, top)
+        return np.floor(clipped * 255 / top + 0.5).astype(np.uint8)
+
+    rng = np.random.default_rng(6)
+    for top, high in ((255, 256), (65535, 65536), (2**31 - 1, 2**31 - 1)):
+        values = rng.integers(-5, high, (20, 30)).astype(np.int32)
+        values[0, 0] = high - 1  # the peak decides the range
+        got = np.asarray(to_8bit(Image.fromarray(values, "I")).convert("L"))
+        np.testing.assert_array_equal(got, literal(values, top))

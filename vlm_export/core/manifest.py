@@ -8,7 +8,8 @@ A bundle is a folder::
     classes.json           {"classes": [{"name": str, "domain": str}, ...], "domains": [str, ...]}
     *.engine               TensorRT engines, if built (listed in ``engines``)
 
-Manifest fields (all required unless marked optional)::
+The manifest's JSON Schema, ``manifest.schema.json`` next to this module, documents every field
+(types, ranges, a description each); a summary (all required unless marked optional)::
 
     format            "vlm-export-bundle"
     schema_version    int, SCHEMA_VERSION
@@ -53,8 +54,10 @@ The engine's tensor names are the constants below (IMAGE_INPUT ... FATE_OUTPUT):
 between the exporter, the manifest and the backends.
 
 Two levels of checks: ``validate_manifest`` (run by ``read_manifest`` and the exporter) checks the
-structure and types of the fields any reader consumes (sections, ``files`` records, ``engine``
-batch size and tensor records, ``engines``); ``validate_runtime_contract`` (run by
+manifest against the schema (one line naming the field path: "manifest.json: text.embeddings:
+expected a file name (string), got a list"), then unique tensor names and a condensation section
+for condensing methods; ``read_manifest`` caps size and nesting before parsing;
+``validate_runtime_contract`` (run by
 ``Bundle.open``) adds the cross-field consistency the device pipeline relies on: the image input
 matches batch size and preprocess size, the text and label counts agree, and a condensing engine's
 anchors fit its condensation section and CLS output.
@@ -68,6 +71,8 @@ from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from vlm_export.core.errors import BundleError
+from vlm_export.core.json_input import read_json
+from vlm_export.core.manifest_schema import describe_value, schema_problem
 
 FORMAT = "vlm-export-bundle"
 SCHEMA_VERSION = 1
@@ -86,29 +91,8 @@ EMBEDDING_OUTPUT = "embedding"
 CLS_OUTPUT = "cls_per_layer"
 FATE_OUTPUT = "token_fate"
 
-REQUIRED_FIELDS = (
-    "format",
-    "schema_version",
-    "created_utc",
-    "producer",
-    "method",
-    "model",
-    "preprocess",
-    "engine",
-    "engines",
-    "condensation",
-    "flops",
-    "parity",
-    "text",
-    "labels",
-    "adaptation",
-    "files",
-)
-REQUIRED_MODEL_FIELDS = ("name", "pretrained", "untrained", "activation", "embed_dim", "layers")
-REQUIRED_PREPROCESS_FIELDS = ("size", "resize_mode", "interpolation", "mean", "std")
-REQUIRED_ENGINE_FIELDS = ("onnx", "opset", "batch_size", "inputs", "outputs")
-REQUIRED_TEXT_FIELDS = ("embeddings",)
-REQUIRED_LABELS_FIELDS = ("file",)
+#: largest manifest read (real ones are a few kB; the cap keeps a hostile file out of memory)
+MAX_MANIFEST_BYTES = 8 << 20
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
@@ -152,68 +136,25 @@ def _is_shape(value: Any) -> bool:
     return isinstance(value, list) and all(_is_int(v) and v > 0 for v in value)
 
 
-def _check_files(files: Any) -> None:
-    if not isinstance(files, dict):
-        raise BundleError("manifest field 'files' is not a table of files")
-    for name, record in files.items():
-        if not is_plain_name(name):
-            raise BundleError(
-                f"manifest lists file {name!r}: bundle files must be plain names in the bundle "
-                "folder (no '/', '..' or absolute paths)"
-            )
-        if not isinstance(record, dict):
-            raise BundleError(f"manifest record of file {name} is not an object")
-        if not isinstance(record.get("sha256"), str):
-            raise BundleError(f"manifest record of file {name} has no sha256 string")
-        size = record.get("bytes")
-        if not _is_int(size) or size < 0:
-            raise BundleError(f"manifest record of file {name} has no integer byte count")
-
-
-def _check_tensors(kind: str, records: Any) -> None:
-    if not isinstance(records, list) or not records:
-        raise BundleError(f"manifest engine {kind} must be a non-empty list of tensors")
-    names = set()
-    for record in records:
-        if not isinstance(record, dict) or not isinstance(record.get("name"), str):
-            raise BundleError(f"manifest engine {kind}: every tensor needs a name string")
-        name = record["name"]
-        if name in names:
-            raise BundleError(f"manifest engine {kind} lists {name!r} twice")
-        names.add(name)
-        if not _is_shape(record.get("shape")):
-            raise BundleError(
-                f"manifest engine tensor {name!r} has shape {record.get('shape')!r}: "
-                "expected a list of positive integers"
-            )
-        if not isinstance(record.get("dtype"), str):
-            raise BundleError(f"manifest engine tensor {name!r} has no dtype string")
-
-
-def _check_engine(engine: dict[str, Any], engines: Any) -> None:
-    if not is_plain_name(engine["onnx"]):
-        raise BundleError(f"manifest engine onnx {engine['onnx']!r} is not a plain file name")
-    batch = engine["batch_size"]
-    if not _is_int(batch) or batch < 1:
-        raise BundleError(f"manifest engine batch_size {batch!r} is not a positive integer")
-    _check_tensors("inputs", engine["inputs"])
-    _check_tensors("outputs", engine["outputs"])
-    if not isinstance(engines, list):
-        raise BundleError("manifest field 'engines' is not a list")
-    for record in engines:
-        if not isinstance(record, dict) or not is_plain_name(record.get("file")):
-            raise BundleError("manifest 'engines' entry without a plain file name")
-
-
 def validate_manifest(manifest: Any) -> dict[str, Any]:
-    """Check a manifest's structure and field types; raise BundleError naming the first problem."""
+    """Check a manifest against ``manifest.schema.json``, then the cross-field rules of reading it.
+
+    Raises BundleError with one line naming the field path and what is wrong. Format and schema
+    version are checked first (so an old or newer bundle is named as such), then the schema,
+    then: the tensor names of each engine list are unique, and condensing methods have a
+    condensation section. ``validate_runtime_contract`` adds the rules of running it.
+    """
     if not isinstance(manifest, dict):
-        raise BundleError("manifest is not a JSON object")
+        raise BundleError(
+            f"{MANIFEST_NAME}: expected a JSON object, got {describe_value(manifest)}"
+        )
     if manifest.get("format") != FORMAT:
         raise BundleError(f"not a vlm-export bundle (format is {manifest.get('format')!r})")
     version = manifest.get("schema_version")
     if not _is_int(version):
-        raise BundleError("manifest has no integer schema_version")
+        raise BundleError(
+            f"{MANIFEST_NAME}: schema_version: expected an integer, got {describe_value(version)}"
+        )
     if version > SCHEMA_VERSION:
         raise BundleError(
             f"bundle schema {version} is newer than this runtime understands ({SCHEMA_VERSION}); "
@@ -221,27 +162,16 @@ def validate_manifest(manifest: Any) -> dict[str, Any]:
         )
     if version < SCHEMA_VERSION:
         raise BundleError(f"bundle schema {version} is older than {SCHEMA_VERSION}; re-export it")
-    missing = [name for name in REQUIRED_FIELDS if name not in manifest]
-    if missing:
-        raise BundleError(f"manifest is missing fields: {', '.join(missing)}")
-    if manifest["method"] not in METHODS:
-        raise BundleError(f"unknown method {manifest['method']!r} in manifest")
-    for section, fields in (
-        ("model", REQUIRED_MODEL_FIELDS),
-        ("preprocess", REQUIRED_PREPROCESS_FIELDS),
-        ("engine", REQUIRED_ENGINE_FIELDS),
-        ("text", REQUIRED_TEXT_FIELDS),
-        ("labels", REQUIRED_LABELS_FIELDS),
-    ):
-        if not isinstance(manifest[section], dict):
-            raise BundleError(f"manifest section {section!r} is not an object")
-        absent = [name for name in fields if name not in manifest[section]]
-        if absent:
-            raise BundleError(f"manifest section {section!r} is missing: {', '.join(absent)}")
+    problem = schema_problem(manifest)
+    if problem:
+        raise BundleError(f"{MANIFEST_NAME}: {problem}")
+    for kind in ("inputs", "outputs"):
+        names = [record["name"] for record in manifest["engine"][kind]]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise BundleError(f"{MANIFEST_NAME}: engine.{kind}: lists {', '.join(twice)} twice")
     if uses_condensation(manifest["method"]) and not manifest["condensation"]:
         raise BundleError(f"method {manifest['method']} needs a condensation section")
-    _check_files(manifest["files"])
-    _check_engine(manifest["engine"], manifest["engines"])
     return manifest
 
 
@@ -359,10 +289,7 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     path = bundle_dir / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{bundle_dir} has no {MANIFEST_NAME}: not a bundle, or a failed export")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON ({exc})") from None
+    manifest = read_json(path, MAX_MANIFEST_BYTES, BundleError, what=str(path))
     return validate_manifest(manifest)
 
 

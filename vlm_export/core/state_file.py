@@ -2,22 +2,28 @@
 
 Layout: every array of the state under its own name, plus ``__meta__``, a 0-d unicode array holding
 JSON: {"kind": str, "schema_version": int, "bundle": fingerprint, ...caller's fields}. Loading never
-enables pickle, checks kind, schema and bundle, and names what is wrong in a StateError.
+enables pickle, checks kind, schema and bundle, and the array shapes the headers declare before
+reading any array data, and names what is wrong in a StateError.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from vlm_export.core.atomic import atomic_file
 from vlm_export.core.errors import StateError
+from vlm_export.core.json_input import parse_json
+from vlm_export.core.memory import require_memory
 
 META_KEY = "__meta__"
+MAX_META_BYTES = 4 << 20  # the JSON header, as UCS-4 characters
 
 
 def save_state(
@@ -47,26 +53,96 @@ def load_state(
     kind: str,
     schema_version: int,
     bundle_fingerprint: str | None,
+    expected_shapes: Callable[[dict[str, Any]], Mapping[str, tuple[int, ...]]] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read a state file written by ``save_state``; return (arrays, meta).
 
     Raises StateError for a missing or corrupt file, another kind, another schema version, or
-    (when ``bundle_fingerprint`` is given) a state made with another bundle.
+    (when ``bundle_fingerprint`` is given) a state made with another bundle. Before any array is
+    read, the shapes and dtypes its ``.npy`` headers declare are checked: no object arrays, the
+    shapes ``expected_shapes(meta)`` names (when given), and the total against available memory.
     """
     path = Path(path)
     if path.is_dir():
         raise StateError(f"{path} is a folder, not a state file")
     if not path.is_file():
         raise StateError(f"state file not found: {path}")
-    arrays = _read_arrays(path)
-    if META_KEY not in arrays:
-        raise StateError(f"{path} is not a vlm-export state file (no {META_KEY})")
     try:
-        meta = json.loads(str(arrays.pop(META_KEY)))
-    except json.JSONDecodeError:
-        raise StateError(f"{path} has a corrupt header") from None
+        with open(path, "rb") as handle:
+            archive = _open_archive(handle, path)
+            with archive:
+                headers = _declared_arrays(archive, path)
+                meta = _read_meta(archive, headers, path)
+                _check_meta(meta, path, kind, schema_version, bundle_fingerprint)
+                if expected_shapes is not None:
+                    _check_shapes(headers, expected_shapes(meta), path)
+                total = sum(
+                    _nbytes(*header) for name, header in headers.items() if name != META_KEY
+                )
+                require_memory(f"state file {path}", total)
+                arrays = {name: archive[name] for name in headers if name != META_KEY}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise StateError(f"{path} is not a readable state file ({exc})") from None
+    return arrays, meta
+
+
+def _open_archive(handle: BinaryIO, path: Path) -> np.lib.npyio.NpzFile:
+    """The lazy ``.npz`` reader of an open file (no pickle); StateError for a plain ``.npy``.
+
+    The file is opened by the caller and handed to ``np.load`` as an open file, so it is closed
+    on every path: ``np.load`` given a file name leaks its handle when the zip directory is
+    unreadable (a truncated file), which Python reports as an "unclosed file" ResourceWarning.
+    """
+    data = np.load(handle, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise StateError(f"{path} is not a state file (a single .npy array, not .npz)")
+    return data
+
+
+def _declared_arrays(
+    archive: np.lib.npyio.NpzFile, path: Path
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every array, from its ``.npy`` header (no array data is read)."""
+    headers = {}
+    for name in archive.files:
+        member = name if name in archive.zip.namelist() else f"{name}.npy"
+        with archive.zip.open(member) as stream:
+            version = np.lib.format.read_magic(stream)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+        if dtype.hasobject:
+            raise StateError(f"{path}: array {name!r} has dtype object (would need pickle)")
+        headers[name] = (tuple(shape), dtype)
+    return headers
+
+
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _read_meta(
+    archive: np.lib.npyio.NpzFile, headers: dict[str, tuple[tuple[int, ...], np.dtype]], path: Path
+) -> dict[str, Any]:
+    if META_KEY not in headers:
+        raise StateError(f"{path} is not a vlm-export state file (no {META_KEY})")
+    shape, dtype = headers[META_KEY]
+    if shape != () or dtype.kind != "U" or _nbytes(shape, dtype) > MAX_META_BYTES:
+        raise StateError(f"{path} has a corrupt header (not a JSON string)")
+    meta = parse_json(str(archive[META_KEY]), f"{path} header", StateError)
     if not isinstance(meta, dict):
         raise StateError(f"{path} has a corrupt header (not a JSON object)")
+    return meta
+
+
+def _check_meta(
+    meta: dict[str, Any],
+    path: Path,
+    kind: str,
+    schema_version: int,
+    bundle_fingerprint: str | None,
+) -> None:
     if meta.get("kind") != kind:
         raise StateError(f"{path} holds a {meta.get('kind')!r} state, expected {kind!r}")
     if meta.get("schema_version") != schema_version:
@@ -79,22 +155,18 @@ def load_state(
             f"{path} was made with another bundle (fingerprint {meta.get('bundle')}, this bundle "
             f"is {bundle_fingerprint}): other model or class list"
         )
-    return arrays, meta
 
 
-def _read_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Every array of an ``.npz`` file, no pickle; StateError if it cannot be read.
-
-    The file is opened here and handed to ``np.load`` as an open file, so it is closed on every
-    path: ``np.load`` given a file name leaks its handle when the zip directory is unreadable
-    (a truncated file), which Python reports as an "unclosed file" ResourceWarning.
-    """
-    try:
-        with open(path, "rb") as handle:
-            data = np.load(handle, allow_pickle=False)
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise StateError(f"{path} is not a state file (a single .npy array, not .npz)")
-            with data:
-                return {name: data[name] for name in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise StateError(f"{path} is not a readable state file ({exc})") from None
+def _check_shapes(
+    headers: dict[str, tuple[tuple[int, ...], np.dtype]],
+    expected: Mapping[str, tuple[int, ...]],
+    path: Path,
+) -> None:
+    for name, shape in expected.items():
+        if name not in headers:
+            raise StateError(f"{path} has no array {name!r}")
+        declared = headers[name][0]
+        if declared != tuple(shape):
+            raise StateError(
+                f"{path}: array {name!r} is declared {list(declared)}, expected {list(shape)}"
+            )

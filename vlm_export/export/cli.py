@@ -140,6 +140,28 @@ def _domains(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     return [(args.classes.stem, read_class_list(args.classes))]
 
 
+def check_arguments(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """The argument errors that need no model, found before torch is imported; the domains.
+
+    Output folder, class lists (none given, empty: ``read_class_list``), model name (from
+    open_clip's config files), templates and TCA preset.
+    """
+    from vlm_export.export.bundle_writer import check_output_folder
+    from vlm_export.export.presets import tca_settings
+    from vlm_export.models.names import check_model_name
+    from vlm_export.runtime.text.templates import load_templates
+
+    if args.out is None:
+        raise UserError("--out DIR is required")
+    check_output_folder(args.out, args.overwrite)
+    domains = _domains(args)
+    check_model_name(args.model)
+    if args.templates is not None:
+        load_templates(args.templates)
+    tca_settings(args.tca_preset, args.eviction, args.anchor_rule)
+    return domains
+
+
 def run(args: argparse.Namespace) -> int:
     if args.list_templates:
         from vlm_export.runtime.text.templates import template_set_names
@@ -151,16 +173,15 @@ def run(args: argparse.Namespace) -> int:
 
         print("\n".join(available_models()))
         return 0
-    if args.out is None:
-        raise UserError("--out DIR is required")
-    from vlm_export.export.pipeline import ExportOptions, export_bundle
+    domains = check_arguments(args)
+    from vlm_export.export.pipeline import ExportOptions, export_bundle  # imports torch
     from vlm_export.models.schedule import CondensationConfig
 
     options = ExportOptions(
         method=args.method,
         model=args.model,
         pretrained=args.pretrained,
-        domains=_domains(args),
+        domains=domains,
         templates=args.templates,
         condensation=CondensationConfig(
             drop_rate=args.drop_rate,

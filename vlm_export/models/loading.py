@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_export.core.errors import UserError
+from vlm_export.models.offline import weights_problem
 from vlm_export.models.torchvision_compat import ensure_torchvision_importable
 
 ensure_torchvision_importable()
@@ -134,6 +135,10 @@ def load_clip(
     """
     _check_model_name(name)
     source = _resolve_pretrained(name, pretrained)
+    if source is not None and not Path(source).is_file() and not name.startswith("hf-hub:"):
+        problem = weights_problem(name, source, open_clip.get_pretrained_cfg(name, source))
+        if problem:
+            raise ModelLoadError(problem)
     try:
         with _quiet_loaders():
             model = open_clip.create_model(

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from vlm_export.core import manifest as mf
 from vlm_export.core.errors import BundleError
+from vlm_export.core.json_input import read_json
+from vlm_export.core.manifest_schema import describe_value
+
+#: largest classes.json read (ImageNet-21k's names take about 1 MB)
+MAX_CLASSES_BYTES = 64 << 20
 
 log = logging.getLogger(__name__)
 
@@ -20,31 +26,87 @@ def _core_files(manifest: dict[str, Any]) -> tuple[str, str, str]:
     return manifest["engine"]["onnx"], manifest["text"]["embeddings"], manifest["labels"]["file"]
 
 
-def _load_embeddings(path: Path, shape: list[int]) -> np.ndarray:
+def _npy_header(handle: BinaryIO, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype a .npy file declares, read before any array memory is allocated."""
+    start = handle.read(6)
+    handle.seek(0)
+    if start[:2] == b"PK":
+        raise BundleError(f"{name} is a .npz archive saved under a .npy name, not a .npy array")
+    if start != b"\x93NUMPY":
+        raise BundleError(f"{name} is not a .npy array (no NumPy header)")
     try:
-        embeddings = np.load(path, allow_pickle=False)
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        raise BundleError(f"{name} has a corrupt .npy header ({exc})") from None
+    return shape, dtype
+
+
+def _load_embeddings(path: Path, shape: list[int]) -> np.ndarray:
+    """The [C, E] text embeddings: header checked against ``shape`` first, finite float rows."""
+    name = path.name
+    try:
+        with open(path, "rb") as handle:
+            declared, dtype = _npy_header(handle, name)
+            if dtype.kind != "f":
+                raise BundleError(f"{name} has dtype {dtype}, expected float32")
+            if list(declared) != [int(v) for v in shape]:
+                raise BundleError(f"{name} has shape {list(declared)}, manifest says {list(shape)}")
+            data_bytes = os.fstat(handle.fileno()).st_size - handle.tell()
+            if data_bytes != math.prod(declared) * dtype.itemsize:
+                raise BundleError(
+                    f"{name} holds {data_bytes} bytes of data, its header declares "
+                    f"{math.prod(declared) * dtype.itemsize} (truncated or padded)"
+                )
+            handle.seek(0)
+            embeddings = np.load(handle, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise BundleError(f"{path.name} is not a readable .npy array ({exc})") from None
-    if embeddings.ndim != 2 or list(embeddings.shape) != [int(v) for v in shape]:
-        raise BundleError(
-            f"{path.name} has shape {list(embeddings.shape)}, manifest says {list(shape)}"
+        raise BundleError(f"{name} is not a readable .npy array ({exc})") from None
+    if not isinstance(embeddings, np.ndarray) or list(embeddings.shape) != list(declared):
+        raise BundleError(f"{name} is not a readable .npy array")
+    finite = np.isfinite(embeddings)
+    if not finite.all():
+        row = int(np.argwhere(~finite)[0][0])
+        bad = embeddings[~finite]
+        kinds = " and ".join(
+            word
+            for word, present in (("NaN", np.isnan(bad).any()), ("infinite", np.isinf(bad).any()))
+            if present
         )
-    if not np.issubdtype(embeddings.dtype, np.floating):
-        raise BundleError(f"{path.name} has dtype {embeddings.dtype}, expected float32")
+        raise BundleError(
+            f"{name} holds {kinds} values ({int((~finite).sum())} of them, first in row {row}): "
+            "the text embeddings are corrupt; re-export the bundle"
+        )
     return np.ascontiguousarray(embeddings, dtype=np.float32)
 
 
 def _load_classes(path: Path) -> tuple[list[str], list[str], list[str]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        entries = data["classes"]
-        names = [str(entry["name"]) for entry in entries]
-        class_domains = [str(entry["domain"]) for entry in entries]
-        domains = [str(domain) for domain in data["domains"]]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path.name} is not readable JSON ({exc})") from None
-    except (KeyError, TypeError) as exc:
-        raise BundleError(f"{path.name} is malformed (missing or wrong field: {exc})") from None
+    """classes.json: {"classes": [{"name": str, "domain": str}, ...], "domains": [str, ...]}."""
+    data = read_json(path, MAX_CLASSES_BYTES, BundleError, what=path.name)
+    if not isinstance(data, dict):
+        raise BundleError(f"{path.name}: expected a JSON object, got {describe_value(data)}")
+    entries, domains = data.get("classes"), data.get("domains")
+    if not isinstance(entries, list):
+        raise BundleError(f"{path.name}: classes: expected a list, got {describe_value(entries)}")
+    if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
+        raise BundleError(f"{path.name}: domains: expected a list of strings")
+    names, class_domains = [], []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise BundleError(
+                f"{path.name}: classes[{index}]: expected an object, got {describe_value(entry)}"
+            )
+        for field, values in (("name", names), ("domain", class_domains)):
+            value = entry.get(field)
+            if not isinstance(value, str):
+                raise BundleError(
+                    f"{path.name}: classes[{index}].{field}: expected a string, got "
+                    f"{describe_value(value)}"
+                )
+            values.append(value)
     unknown = sorted(set(class_domains) - set(domains))
     if unknown:
         raise BundleError(f"{path.name} names classes in undeclared domains: {', '.join(unknown)}")
@@ -85,6 +147,8 @@ class Bundle:
         onnx_name, embeddings_name, classes_name = _core_files(manifest)
         if not (path / onnx_name).is_file():
             raise BundleError(f"bundle file missing: {onnx_name}")
+        if (path / onnx_name).stat().st_size == 0:
+            raise BundleError(f"{onnx_name} is empty (0 bytes): not an ONNX model")
         embeddings = _load_embeddings(path / embeddings_name, manifest["text"]["shape"])
         names, class_domains, domains = _load_classes(path / classes_name)
         if len(names) != embeddings.shape[0]:

@@ -14,13 +14,18 @@ The manifest's ``interpolation`` applies where open_clip applies it: ``squash``,
 ``ResizeKeepRatio(image_size)`` without its interpolation argument, so that case always resizes
 bicubic whatever the config says; this module does the same.
 
-One deliberate difference: 16-bit grayscale images (modes ``I;16*`` and ``I``) are scaled to 8 bits
-first, ``round(v * 255 / 65535)`` with values clipped to [0, 65535]. PIL's ``convert("RGB")``, which
-open_clip relies on, clips them at 255 instead, which turns every ordinary 16-bit photo white.
+One deliberate difference: 16-bit grayscale images (modes ``I;16*``, and mode ``I`` holding values
+above 255) are scaled to 8 bits first, ``round(v * 255 / 65535)`` with values clipped to
+[0, 65535]. PIL's ``convert("RGB")``, which open_clip relies on, clips them at 255 instead, which
+turns every ordinary 16-bit photo white. Mode ``I`` images whose values all fit in 8 bits are
+used as they are, exactly as open_clip does (see ``to_8bit``).
 """
 
 from __future__ import annotations
 
+import errno
+import stat
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,25 +40,74 @@ INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampl
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 #: channel orders of image arrays (OpenCV gives BGR; PIL, GStreamer RGB and jetson-utils RGBA)
 CHANNEL_ORDERS = ("RGB", "BGR", "RGBA", "BGRA", "GRAY")
+#: default --max-pixels: larger images are refused before decoding (40 MP is a 7300x5500 photo)
+DEFAULT_MAX_PIXELS = 40_000_000
 
 
 class ImageError(UserError):
     """An image file that cannot be read: missing, empty, truncated or not an image."""
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file; raise ImageError naming the file and the reason."""
-    path = Path(path)
+def check_pixels(width: int, height: int, max_pixels: int | None, what: str) -> None:
+    """Refuse an image above ``max_pixels`` (None or 0: no limit) before it is decoded."""
+    if max_pixels and width * height > max_pixels:
+        raise ImageError(
+            f"{what} is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the "
+            f"limit of {max_pixels / 1e6:g} (--max-pixels; 0 = no limit)"
+        )
+
+
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable image file, or None: checked without opening it, so a FIFO
+    (which would block a reader forever) or a device is never opened."""
     try:
-        if path.stat().st_size == 0:
-            raise ImageError(f"cannot read image {path}: file is empty")
-        with Image.open(path) as image:
-            image.load()
+        info = path.stat()
+    except FileNotFoundError:
+        return "dangling symbolic link" if path.is_symlink() else "file not found"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        return exc.strerror or str(exc)
+    if stat.S_ISDIR(info.st_mode):
+        return "a folder, not a file"
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "not a regular file"
+        kind = "a socket" if stat.S_ISSOCK(info.st_mode) else kind
+        kind = "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else kind
+        return f"{kind}, not a regular file (never opened)"
+    if info.st_size == 0:
+        return "file is empty"
+    return None
+
+
+def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image file; raise ImageError naming the file and the reason.
+
+    The size in the file's header is checked against ``max_pixels`` before decoding (a small
+    PNG can decode to gigabytes); PIL's own decompression-bomb limit gives way to this one.
+    """
+    path = Path(path)
+    problem = file_problem(path)
+    if problem:
+        raise ImageError(f"cannot read image {path}: {problem}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                image = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+            with image:
+                check_pixels(image.width, image.height, max_pixels, f"image {path}")
+                image.load()
         return image
     except ImageError:
         raise
     except FileNotFoundError:
         raise ImageError(f"cannot read image {path}: file not found") from None
+    except PermissionError:
+        raise ImageError(f"cannot read image {path}: permission denied") from None
     except UnidentifiedImageError:
         raise ImageError(f"cannot read image {path}: not an image PIL can decode") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -100,12 +154,25 @@ def image_from_array(array: np.ndarray, channels: str | None = None) -> Image.Im
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit grayscale (``I;16*``, ``I``) -> ``L`` by ``round(v * 255 / 65535)``; others as is."""
+    """Deep grayscale -> ``L`` by its real value range; other modes as they are.
+
+    ``I;16*`` images are 16-bit: ``round(v * 255 / 65535)``. Mode ``I`` (32-bit integers) says
+    nothing about the range its values use, so the values decide: all <= 255 are 8-bit values and
+    the image is returned as it is (resized in mode ``I`` and clipped by ``convert``, exactly
+    open_clip's path), all <= 65535 are 16-bit (scaled as above), larger ones are scaled from
+    the 31-bit range. Negative values count as 0.
+    """
     if image.mode not in SIXTEEN_BIT_MODES:
         return image
-    values = np.asarray(image).astype(np.int64)
-    values = np.clip(values, 0, 65535)
-    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+    values = np.clip(np.asarray(image).astype(np.int64), 0, None)
+    top = 65535
+    if image.mode == "I":
+        peak = int(values.max(initial=0))
+        if peak <= 255:
+            return image
+        top = 65535 if peak <= 65535 else 2**31 - 1
+    values = np.minimum(values, top)
+    return Image.fromarray(((values * 255 + top // 2) // top).astype(np.uint8))
 
 
 def shortest_side_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -164,6 +231,7 @@ class Preprocessor:
         if self.interpolation not in INTERPOLATIONS:
             raise BundleError(f"unsupported interpolation {self.interpolation!r} in manifest")
         self.size = (height, width)
+        self.max_pixels: int | None = DEFAULT_MAX_PIXELS
         self.fill_color = int(config.get("fill_color", 0))
         self._resample = INTERPOLATIONS[self.interpolation]
         # ToTensor then Normalize, in float32 as torch does: one lookup table row per channel.
@@ -213,7 +281,7 @@ class Preprocessor:
 
     def from_path(self, path: str | Path) -> np.ndarray:
         """An image file -> [3, H, W] float32; ImageError if it cannot be read."""
-        return self(load_image(path))
+        return self(load_image(path, self.max_pixels))
 
     def from_bgr(self, frame: np.ndarray) -> np.ndarray:
         """A BGR uint8 [H, W, 3] frame (OpenCV) -> the same tensor as the RGB image would give."""

@@ -10,8 +10,10 @@ GStreamer pipelines), whose frames :mod:`vlm_export.runtime.capture` reads on a 
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import logging
+import os
 import re
 import time
 from abc import ABC, abstractmethod
@@ -204,18 +206,70 @@ class VideoSource(Source):
         self._capture.release()
 
 
+def _image_named(path: Path) -> bool:
+    """An image extension on anything but a folder: regular files, and the links, FIFOs and
+    devices that the pipeline then reports as an error record each (never opening them)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir()
+
+
 def _folder(path: Path) -> ImageFiles:
-    paths = sorted(p for p in path.iterdir() if not p.name.startswith(".") and is_image_file(p))
+    try:
+        entries = list(path.iterdir())
+    except OSError as exc:
+        raise SourceError(f"cannot list folder {path}: {exc.strerror or exc}") from None
+    paths = sorted(p for p in entries if not p.name.startswith(".") and _image_named(p))
     if not paths:
         raise SourceError(f"no images in folder {path} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
     return ImageFiles(paths, f"folder {path} ({len(paths)} images)")
 
 
+def _segments_match(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """glob's rules for one relative path: ``**`` is any number of folders, other wildcards stay
+    inside one name, and a wildcard does not match a leading dot."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        if _segments_match(parts, pattern[1:]):
+            return True
+        return bool(parts) and not parts[0].startswith(".") and _segments_match(parts[1:], pattern)
+    if not parts or (parts[0].startswith(".") and not pattern[0].startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(parts[0], pattern[0]) and _segments_match(parts[1:], pattern[1:])
+
+
+def _walk_glob(pattern: str) -> list[Path]:
+    """A ``**`` pattern's matches, each folder visited once by its real path (``glob.glob``
+    follows every symbolic link again: two links to ``.`` make its walk exponential)."""
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS))
+    root, rest = Path(*parts[:fixed]) if fixed else Path(), parts[fixed:]
+    found, visited = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:
+            subfolders.clear()
+            continue
+        visited.add(real)
+        relative = Path(folder).relative_to(root).parts
+        found += [Path(folder, name) for name in names if _segments_match((*relative, name), rest)]
+    return found
+
+
 def _glob(pattern: str) -> ImageFiles:
-    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if is_image_file(Path(p)))
+    """Files matching ``pattern`` (``**`` recursive), each real file once under its shortest
+    name; links that point to the same file are told apart by their real path."""
+    recursive = "**" in pattern
+    found = _walk_glob(pattern) if recursive else [Path(name) for name in glob.glob(pattern)]
+    candidates = [path for path in found if _image_named(path)]
+    by_real: dict[str, Path] = {}
+    for path in sorted(candidates, key=lambda p: (len(p.parts), p)):
+        by_real.setdefault(os.path.realpath(path), path)
+    paths = sorted(by_real.values())
     if not paths:
         raise SourceError(f"no image files match {pattern}")
-    return ImageFiles(paths, f"{pattern} ({len(paths)} images)")
+    repeats = len(candidates) - len(paths)
+    note = f", {repeats} repeated through symbolic links skipped" if repeats else ""
+    return ImageFiles(paths, f"{pattern} ({len(paths)} images{note})")
 
 
 def open_source(spec: str) -> Source:
@@ -233,6 +287,8 @@ def open_source(spec: str) -> Source:
     if path.is_file():
         if path.suffix.lower() in VIDEO_EXTENSIONS:
             return VideoSource(str(path))
+        return ImageFiles([path], f"image {path}")
+    if path.is_symlink() or path.exists():  # dangling link, link loop, FIFO, device: one record
         return ImageFiles([path], f"image {path}")
     if spec.isdigit():
         return VideoSource(int(spec))

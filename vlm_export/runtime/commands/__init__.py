@@ -11,6 +11,7 @@ import sys
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.factory import BACKENDS, open_backend
+from vlm_export.runtime.preprocess import DEFAULT_MAX_PIXELS
 
 
 def status(message: str) -> None:
@@ -41,6 +42,23 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quiet", action="store_true", help="no progress line (shown when stderr is a terminal)"
     )
+    parser.add_argument(
+        "--max-pixels",
+        type=_max_pixels,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help="refuse images larger than N pixels before decoding them (default "
+        f"{DEFAULT_MAX_PIXELS:,}; 0 = no limit)",
+    )
+
+
+def _max_pixels(text: str) -> int:
+    """--max-pixels: a whole number >= 0."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number >= 0 (0 = no limit), got {text!r}"
+        )
+    return int(text)
 
 
 def open_engine(bundle: Bundle, args: argparse.Namespace) -> EngineBackend:

@@ -109,10 +109,16 @@ def _order(bundle: Bundle, text: str) -> list[str]:
 
 
 def _embed(
-    bundle: Bundle, backend: EngineBackend, data: list[DomainData], base: str, progress: bool
+    bundle: Bundle,
+    backend: EngineBackend,
+    data: list[DomainData],
+    base: str,
+    progress: bool,
+    max_pixels: int | None,
 ) -> tuple[TrainSet, TestSet]:
     """Training features (plain tower) and test features and logits (base method), per domain."""
     plain = Pipeline(bundle, backend, "zeroshot")
+    plain.preprocessor.max_pixels = max_pixels
     paths = [path for domain in data for path in domain.train.paths]
     features, _ = embed_images(plain, paths, "training images", progress)
     bounds = np.cumsum([0] + [len(domain.train) for domain in data])
@@ -123,6 +129,7 @@ def _embed(
     test = []
     for domain in data:
         pipeline = plain if base == "zeroshot" else Pipeline(bundle, backend, "tca")
+        pipeline.preprocessor.max_pixels = max_pixels
         what = f"test images of {domain.name}"
         test_features, logits = embed_images(pipeline, domain.test.paths, what, progress)
         test.append((test_features, logits, domain.test.labels))
@@ -216,7 +223,7 @@ def handle(args: argparse.Namespace) -> int:
         backend = open_engine(bundle, args)
         stack.callback(backend.close)
         start = time.perf_counter()
-        train, test = _embed(bundle, backend, data, base, show_progress(args))
+        train, test = _embed(bundle, backend, data, base, show_progress(args), args.max_pixels)
     images = sum(len(d.train) + len(d.test) for d in data)
     status(
         f"embedded {images} images on {backend.description} in {time.perf_counter() - start:.1f} s"

@@ -119,6 +119,7 @@ def handle(args: argparse.Namespace) -> int:
         backend = open_engine(bundle, args)
         stack.callback(backend.close)
         pipeline = Pipeline(bundle, backend, "zeroshot")
+        pipeline.preprocessor.max_pixels = args.max_pixels
         start = time.perf_counter()
         features, _ = embed_images(pipeline, data.paths, EMBEDDING_OUTPUT, show_progress(args))
     status(

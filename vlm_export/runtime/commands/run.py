@@ -371,6 +371,7 @@ def handle(args: argparse.Namespace) -> int:
         backend = open_engine(bundle, args)
         stack.callback(backend.close)
         pipeline = Pipeline(bundle, backend, method, reservoir, fusion, args.topk)
+        pipeline.preprocessor.max_pixels = args.max_pixels
         writer = open_writer(fmt, stack.enter_context(_output(args.out)), names, bundle.classes)
         status(f"{method} on {backend.description}; {source.description}")
         for note in getattr(backend, "notes", ()):  # e.g. TensorRT engines for other devices

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from vlm_export.core.errors import StateError, UserError
+from vlm_export.core.memory import capacity_hint, require_memory
 from vlm_export.core.state_file import load_state, save_state
 
 STATE_KIND = "tca_reservoir"
@@ -95,6 +96,27 @@ def prediction_entropy(logits: np.ndarray) -> float:
     return float(-(np.exp(log_probs) * log_probs).sum())
 
 
+def state_shapes(
+    num_classes: int, capacity: int, num_layers: int, width: int
+) -> dict[str, tuple[int, ...]]:
+    """The arrays of a reservoir state and their shapes."""
+    return {
+        "unit_stacks": (num_classes, capacity, num_layers, width),
+        "norms": (num_classes, capacity, num_layers),
+        "entropies": (num_classes, capacity),
+        "counts": (num_classes,),
+    }
+
+
+def reservoir_bytes(
+    num_classes: int, capacity: int, num_layers: int, width: int, reductions: int
+) -> int:
+    """Bytes a reservoir's buffers take (entries, norms, entropies, anchors, per-frame scratch)."""
+    per_entry = num_layers * width * 4 + num_layers * 4 + 8 + 4 + 4  # units, norms, H, occupied, a
+    per_class = reductions * width * 4 + 4 + 8  # anchors, valid, count
+    return num_classes * (capacity * per_entry + per_class)
+
+
 class TokenReservoir:
     """Per-class buffers of (entropy, CLS stack) with anchors and the TCA logit correction.
 
@@ -131,6 +153,16 @@ class TokenReservoir:
                 f"anchor_layers must be a non-empty list of layers in 0..{num_layers - 1}, "
                 f"got {list(layers)}"
             )
+        require_memory(
+            "TCA reservoir",
+            reservoir_bytes(num_classes, config.capacity, num_layers, width, len(layers)),
+            fits=lambda available: capacity_hint(
+                "--capacity",
+                lambda m: reservoir_bytes(num_classes, m, num_layers, width, len(layers)),
+                available,
+                config.capacity,
+            ),
+        )
         self.config = config
         self.num_classes = int(num_classes)
         self.num_layers = int(num_layers)
@@ -306,13 +338,8 @@ class TokenReservoir:
 
     def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Replace the state with arrays from ``state_arrays``; rebuilds anchors, bumps version."""
-        classes, slots, layers = self.num_classes, self.config.capacity, self.num_layers
-        expected = {
-            "unit_stacks": (classes, slots, layers, self.width),
-            "norms": (classes, slots, layers),
-            "entropies": (classes, slots),
-            "counts": (classes,),
-        }
+        slots = self.config.capacity
+        expected = state_shapes(self.num_classes, slots, self.num_layers, self.width)
         for name, shape in expected.items():
             if name not in arrays:
                 raise StateError(f"reservoir state has no array {name!r}")
@@ -324,8 +351,15 @@ class TokenReservoir:
         if counts.dtype.kind not in "iu" or counts.min() < 0 or counts.max() > slots:
             raise StateError(f"reservoir state counts must be integers in 0..{slots}")
         occupied = np.arange(slots) < counts[:, None]
-        if not all(np.isfinite(arrays[name]).all() for name in expected):
-            raise StateError("reservoir state holds non-finite values")
+        for name in expected:
+            values = np.asarray(arrays[name])
+            if values.dtype.kind not in "iuf":
+                raise StateError(f"reservoir state array {name!r} has dtype {values.dtype}")
+            if not np.isfinite(values).all():
+                what = "NaN" if np.isnan(values).any() else "infinite"
+                raise StateError(
+                    f"reservoir state array {name!r} holds {what} values: the state is corrupt"
+                )
         if (np.asarray(arrays["norms"])[occupied] <= 0).any():
             raise StateError("reservoir state holds non-positive norms")
         self._units[:] = arrays["unit_stacks"]
@@ -370,20 +404,31 @@ class TokenReservoir:
         Raises StateError for another bundle, another kind or schema, or other class count, depth
         or width. Anchors are recomputed for ``anchor_layers`` from the stored stacks.
         """
-        arrays, meta = load_state(path, STATE_KIND, STATE_SCHEMA_VERSION, bundle_fingerprint)
-        for name, value in (
-            ("num_classes", num_classes),
-            ("num_layers", num_layers),
-            ("width", width),
-        ):
-            if meta.get(name) != value:
-                raise StateError(
-                    f"{path} holds a reservoir with {name}={meta.get(name)}, not {value}"
-                )
+        configs: list[ReservoirConfig] = []
+
+        def expected_shapes(meta: dict) -> dict[str, tuple[int, ...]]:
+            """Check the header's geometry and config; the shapes its arrays must declare."""
+            for name, value in (
+                ("num_classes", num_classes),
+                ("num_layers", num_layers),
+                ("width", width),
+            ):
+                if meta.get(name) != value:
+                    raise StateError(
+                        f"{path} holds a reservoir with {name}={meta.get(name)}, not {value}"
+                    )
+            try:
+                configs.append(ReservoirConfig(**meta["config"]))
+            except (KeyError, TypeError, UserError) as exc:
+                raise StateError(f"{path} has an unusable reservoir config ({exc})") from None
+            return state_shapes(num_classes, configs[0].capacity, num_layers, width)
+
+        arrays, _ = load_state(
+            path, STATE_KIND, STATE_SCHEMA_VERSION, bundle_fingerprint, expected_shapes
+        )
+        reservoir = cls(num_classes, num_layers, width, anchor_layers, configs[0])
         try:
-            config = ReservoirConfig(**meta["config"])
-        except (KeyError, TypeError, UserError) as exc:
-            raise StateError(f"{path} has an unusable reservoir config ({exc})") from None
-        reservoir = cls(num_classes, num_layers, width, anchor_layers, config)
-        reservoir.load_state_arrays(arrays)
+            reservoir.load_state_arrays(arrays)
+        except StateError as exc:
+            raise StateError(f"{path}: {exc}") from None
         return reservoir

@@ -1,0 +1,76 @@
+"""Reading JSON someone else wrote: size and nesting capped before parsing, strict numbers.
+
+Python's parser recurses once per nesting level, so a 100,000-deep ``[[[[...`` file ends in a
+RecursionError; the depth is therefore measured first with a linear scan of the brackets outside
+strings. ``NaN`` and ``Infinity`` (which Python's parser accepts, but JSON does not) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+from vlm_export.core.errors import UserError
+
+MAX_DEPTH = 64
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def nesting_depth(text: str) -> int:
+    """Deepest nesting of ``[]``/``{}`` outside JSON strings (a linear scan, no recursion)."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    depth = deepest = 0
+    for char in brackets:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(
+    text: str, what: str, error: type[UserError] = UserError, max_depth: int = MAX_DEPTH
+) -> Any:
+    """Parse ``text``; raise ``error`` (one line naming ``what``) if too deep or not strict JSON."""
+    depth = nesting_depth(text)
+    if depth > max_depth:
+        raise error(f"{what}: JSON nested {depth} levels deep, more than the {max_depth} allowed")
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, ValueError, RecursionError) as exc:
+        raise error(f"{what} is not valid JSON ({exc})") from None
+
+
+def read_json(
+    path: str | Path,
+    max_bytes: int,
+    error: type[UserError] = UserError,
+    max_depth: int = MAX_DEPTH,
+    what: str | None = None,
+) -> Any:
+    """Read and parse a UTF-8 JSON file of at most ``max_bytes``; ``error`` names what is wrong."""
+    path = Path(path)
+    what = what or str(path)
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or device would block or never end
+            raise error(f"{what} is not a regular file")
+        with open(path, "rb") as handle:
+            data = handle.read(max_bytes + 1)
+    except OSError as exc:
+        raise error(f"cannot read {what}: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise error(f"{what} is larger than {max_bytes} bytes: not a file this tool wrote")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return parse_json(text, what, error, max_depth)
