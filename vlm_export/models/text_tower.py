@@ -108,7 +108,7 @@ class TextTower(nn.Module):
             x = x + block.ls_1(causal_attention(block, block.ln_1(x), mask))
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
         x = self.ln_final(x)
-        x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
         if isinstance(self.text_projection, nn.Linear):
             x = self.text_projection(x)
         elif self.text_projection is not None:
