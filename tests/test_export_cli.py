@@ -62,7 +62,13 @@ def test_tca_export_writes_a_complete_bundle(tmp_path, classes, capsys):
     assert flops["torch_counter"]["full"] == pytest.approx(flops["closed_form"]["full"], rel=1e-6)
     names = {entry["name"]: entry["shape"] for entry in manifest["engine"]["inputs"]}
     assert names == {"image": [1, 3, 64, 64], "anchors": [4, 3, 64], "anchors_valid": [4]}
-    assert set(manifest["files"]) == {"image_encoder.onnx", "text_embeddings.npy", "classes.json"}
+    assert set(manifest["files"]) == {
+        "image_encoder.onnx",
+        "text_embeddings.npy",
+        "classes.json",
+        "text_encoder.onnx",
+        "bpe_simple_vocab_16e6.txt.gz",
+    }
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary leftovers"
 
 
