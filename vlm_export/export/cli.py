@@ -7,7 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vlm_export.core.errors import UserError
+from vlm_export.core.errors import UserError, describe_os_error
+from vlm_export.core.paths import check_paths
 from vlm_export.export.engine_cmd import (
     add_tensorrt_arguments,
     build_engine_main,
@@ -140,6 +141,15 @@ def _domains(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     return [(args.classes.stem, read_class_list(args.classes))]
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """The bundle folder (replaced as a whole by --overwrite) may not hold an input file."""
+    files = [("--classes", args.classes), ("--templates", args.templates)]
+    files += [("--domain", value.partition("=")[2].strip()) for value in args.domain]
+    files += [("--pretrained", args.pretrained), ("--timing-cache", args.timing_cache)]
+    reads = [(role, path) for role, path in files if path and Path(path).exists()]
+    check_paths(reads, [], [("--out", args.out)])
+
+
 def run(args: argparse.Namespace) -> int:
     if args.list_templates:
         from vlm_export.runtime.text.templates import template_set_names
@@ -153,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.out is None:
         raise UserError("--out DIR is required")
+    _check_paths(args)
     from vlm_export.export.pipeline import ExportOptions, export_bundle
     from vlm_export.models.schedule import CondensationConfig
 
@@ -200,9 +211,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["build-engine"]:
-        return build_engine_main(argv[1:])
     try:
+        if argv[:1] == ["build-engine"]:
+            return build_engine_main(argv[1:])
         args = build_parser().parse_args(argv)
         return run(args)
     except UserError as exc:
@@ -211,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vlm-export: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except OSError as exc:  # a permission or I/O error that no step turned into a line
+        print(f"vlm-export: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

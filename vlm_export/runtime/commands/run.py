@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import os
 import signal
 import sys
 import threading
@@ -21,9 +21,17 @@ from pathlib import Path
 from typing import IO, Any
 
 from vlm_export.core.errors import UserError
+from vlm_export.core.json_text import dumps, name_fields
 from vlm_export.core.manifest import uses_condensation
+from vlm_export.core.paths import check_paths, source_reads
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
+from vlm_export.runtime.commands import (
+    add_engine_arguments,
+    bundle_reads,
+    is_media_file,
+    open_engine,
+    status,
+)
 from vlm_export.runtime.pipeline import (
     METHOD_STAGES,
     METHODS,
@@ -44,11 +52,12 @@ PROGRESS_INTERVAL_S = 0.25
 
 
 class StopRequest:
-    """SIGINT (Ctrl-C) and SIGTERM ask the frame loop to stop between frames.
+    """SIGINT (Ctrl-C), SIGTERM and SIGHUP ask the frame loop to stop between frames.
 
     Stopping only between frames keeps the adaptation state whole (a signal in the middle of a
     reservoir update would save a half-written entry). A second Ctrl-C stops at once, without
-    saving: the last periodic save stays.
+    saving: the last periodic save stays. The first request decides the exit status (Ctrl-C
+    then SIGTERM still exits 130).
     """
 
     def __init__(self) -> None:
@@ -60,10 +69,12 @@ class StopRequest:
         if self.ending is not None and signum == signal.SIGINT:
             self.forced = True
             raise KeyboardInterrupt
+        if self.ending is not None:
+            return
         if signum == signal.SIGINT:
             self.ending, self.code = "interrupted (Ctrl-C)", 130
         else:
-            self.ending, self.code = "stopped (SIGTERM)", 0
+            self.ending, self.code = f"stopped ({signal.Signals(signum).name})", 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -156,11 +167,12 @@ def _check_args(args: argparse.Namespace, method: str) -> None:
 
 @contextlib.contextmanager
 def _stop_on_signals(stop: StopRequest) -> Iterator[None]:
-    """While active, SIGINT and SIGTERM go to ``stop`` (main thread only; elsewhere no change)."""
+    """While active, SIGINT, SIGTERM and SIGHUP go to ``stop`` (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signals = (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))
+    previous = {sig: signal.signal(sig, stop) for sig in signals}
     try:
         yield
     finally:
@@ -177,8 +189,11 @@ def _output(path: str | None) -> Iterator[IO[str]]:
         handle = open(path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror}") from None
-    with handle:
+    try:
         yield handle
+    finally:
+        with contextlib.suppress(OSError):  # a write error is already reported
+            handle.close()
 
 
 class RunStats:
@@ -244,6 +259,27 @@ def _process(pipeline: Pipeline, frame: Frame) -> tuple[FrameResult | None, dict
     return result, result.to_record()
 
 
+def _stdout_lost() -> None:
+    """Standard output cannot be written (a full disk): drop what it holds, so that the exit
+    does not fail again on it (the error is reported once)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        sys.stdout.flush()
+
+
+def _line(record: dict[str, Any], result: FrameResult | None) -> tuple[str, FrameResult | None]:
+    """The JSON line of a record (strict JSON); a non-finite score makes it an error record."""
+    record = {**record, **name_fields("source", record["source"])}
+    try:
+        return dumps(record), result
+    except ValueError:
+        error = "non-finite score (NaN or infinity): the bundle or a state holds bad numbers"
+        keep = {k: v for k, v in record.items() if k in ("index", "source", "source_hex")}
+        return dumps({**keep, "error": error}), None
+
+
 def _process_all(
     pipeline: Pipeline,
     source: Source,
@@ -255,8 +291,17 @@ def _process_all(
     """The frame loop; it ends with the source, --max-frames, or a stop request."""
     for frame in source:
         result, record = _process(pipeline, frame)
-        out.write(json.dumps(record) + "\n")
-        out.flush()
+        line, result = _line(record, result)
+        try:
+            out.write(line + "\n")
+            out.flush()
+        except BrokenPipeError:
+            raise  # the reader went away: cli.main ends quietly with status 141
+        except OSError as exc:
+            if args.out is None:
+                _stdout_lost()
+            where = args.out or "standard output"
+            raise UserError(f"cannot write {where}: {exc.strerror}") from None
         stats.add(result)
         good = stats.frames - stats.errors
         if args.state and args.save_every and result and good % args.save_every == 0:
@@ -274,6 +319,15 @@ def _save(pipeline: Pipeline, path: str) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     """Run the pipeline over the source; return the exit status."""
+    check_paths(
+        [
+            *bundle_reads(args.bundle),
+            *source_reads("SOURCE", args.source, is_media_file),
+            ("--rail-state", args.rail_state),
+            ("--state", args.state),
+        ],
+        [("--out", args.out), ("--state", args.state)],
+    )
     bundle = Bundle.open(args.bundle, verify=not args.no_verify)
     method = args.method or default_method(bundle, bool(args.rail_state))
     _check_args(args, method)
