@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vlm_export.core.errors import UserError, describe_os_error
+from vlm_export.core.interrupts import ctrl_c_noticed, interrupted
 from vlm_export.core.paths import check_paths
 from vlm_export.export.engine_cmd import (
     add_tensorrt_arguments,
@@ -210,6 +211,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``vlm-export``: one line and status 2 on errors, 130 on Ctrl-C."""
+    with ctrl_c_noticed() as pressed:
+        try:
+            return _main(argv)
+        except (Exception, KeyboardInterrupt) as exc:
+            if not (pressed or interrupted(exc)):
+                raise
+    print("vlm-export: interrupted; nothing was written", file=sys.stderr)  # torch's import
+    return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["build-engine"]:

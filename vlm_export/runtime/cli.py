@@ -31,6 +31,7 @@ from typing import TextIO
 
 from vlm_export import __version__
 from vlm_export.core.errors import UserError, describe_os_error
+from vlm_export.core.interrupts import ctrl_c_noticed, interrupted
 
 PROG = "vlm-edge"
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as the shell reports a command killed by a closed pipe
@@ -108,6 +109,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     Ctrl-C at any point (while importing, loading the bundle, or running) ends with one line
     and exit status 130; a write error on standard output is one line and status 1.
     """
+    with ctrl_c_noticed() as pressed:
+        try:
+            return _main(argv)
+        except (Exception, KeyboardInterrupt) as exc:
+            if not (pressed or interrupted(exc)):
+                raise
+    print(f"{PROG}: interrupted", file=sys.stderr)  # e.g. NumPy's import broken by Ctrl-C
+    return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         code = _dispatch(args)

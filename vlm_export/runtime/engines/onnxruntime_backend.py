@@ -9,12 +9,9 @@ last (often without the CUDA providers): that conflict is warned about once per 
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import signal
-import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from importlib import metadata
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -22,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlm_export.core.errors import BundleError, UserError
+from vlm_export.core.interrupts import ctrl_c_noticed, interrupted
 from vlm_export.core.manifest import ANCHORS_INPUT, ANCHORS_VALID_INPUT, IMAGE_INPUT
 from vlm_export.runtime.engines.base import EngineBackend
 
@@ -99,51 +97,16 @@ def warn_if_conflicting() -> None:
         )
 
 
-def _interrupted(exc: BaseException) -> bool:
-    """True when a KeyboardInterrupt is in the exception's chain (cause or context)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, KeyboardInterrupt):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
-
-
-@contextlib.contextmanager
-def _ctrl_c_noticed() -> Iterator[list[int]]:
-    """While active, a Ctrl-C is recorded (and raised as usual) even where the code it lands in
-    turns it into an ImportError (a C extension that fails to initialise)."""
-    pressed: list[int] = []
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        pressed.append(signum)
-        raise KeyboardInterrupt
-
-    watching = (
-        threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    )
-    if watching:
-        signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield pressed
-    finally:
-        if watching:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 def import_onnxruntime() -> ModuleType:
     """The ``onnxruntime`` module; OnnxRuntimeMissing (a UserError) when it is not installed.
 
     Ctrl-C during the import is a KeyboardInterrupt, never the hint to reinstall.
     """
-    with _ctrl_c_noticed() as pressed:
+    with ctrl_c_noticed() as pressed:
         try:
             return _import_onnxruntime()
         except OnnxRuntimeMissing as exc:
-            if pressed or _interrupted(exc):
+            if pressed or interrupted(exc):
                 raise KeyboardInterrupt from None
             raise
 
