@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from vlm_export.core import json_text
 from vlm_export.core.atomic import atomic_file
 from vlm_export.core.errors import StateError
 
@@ -37,7 +38,10 @@ def save_state(
     for name, value in payload.items():
         if value.dtype == object:
             raise ValueError(f"state array {name!r} has dtype object (would need pickle)")
-    payload[META_KEY] = np.array(json.dumps(header))
+    try:
+        payload[META_KEY] = np.array(json_text.dumps(header))
+    except ValueError:
+        raise StateError(f"not saving {path}: its header holds a non-finite number") from None
     with atomic_file(path, "wb") as handle:
         np.savez(handle, **payload)
 

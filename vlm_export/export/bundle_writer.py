@@ -73,8 +73,12 @@ def check_output_folder(out_dir: str | Path, overwrite: bool) -> Path:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Pretty, stable JSON (sorted keys are not used: the manifest reads top-down)."""
-    path.write_text(dumps(data, indent=2) + "\n", encoding="utf-8")
+    """Pretty, stable, strict JSON (sorted keys are not used: the manifest reads top-down)."""
+    try:
+        text = dumps(data, indent=2)
+    except ValueError:
+        raise UserError(f"not writing {path.name}: it would hold NaN or infinity") from None
+    path.write_text(text + "\n", encoding="utf-8")
 
 
 def write_array(path: Path, array: np.ndarray) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from vlm_export.core.atomic import check_can_create
 from vlm_export.core.errors import UserError
 from vlm_export.core.json_text import dumps, name_fields
 from vlm_export.core.manifest import uses_condensation
@@ -328,6 +329,8 @@ def handle(args: argparse.Namespace) -> int:
         ],
         [("--out", args.out), ("--state", args.state)],
     )
+    if args.out:
+        check_can_create(args.out)  # before the bundle and engine load, not after
     bundle = Bundle.open(args.bundle, verify=not args.no_verify)
     method = args.method or default_method(bundle, bool(args.rail_state))
     _check_args(args, method)
