@@ -23,6 +23,7 @@ import argparse
 import importlib
 import os
 import pkgutil
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -117,6 +118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
     print(f"{PROG}: interrupted", file=sys.stderr)  # e.g. NumPy's import broken by Ctrl-C
     return 130
+
+
+def entry() -> None:
+    """The console script: exit with ``main``'s status. Once a run is interrupted (130), a
+    SIGTERM or SIGHUP arriving while the process exits cannot turn that into a kill."""
+    code = main()
+    if code == 130:
+        for name in ("SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
+    sys.exit(code)
 
 
 def _main(argv: Sequence[str] | None) -> int:

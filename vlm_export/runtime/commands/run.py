@@ -344,7 +344,8 @@ def handle(args: argparse.Namespace) -> int:
         predictor = load_predictor(args.rail_state, bundle.fingerprint)
         fusion = RailFusion(predictor, fusion_beta(bundle.manifest))
         status(f"RAIL state {args.rail_state}: {describe(predictor)}")
-    with contextlib.ExitStack() as stack:
+    # ``signals`` is left last: stop signals stay handled until the state is saved and closed
+    with contextlib.ExitStack() as signals, contextlib.ExitStack() as stack:
         source = stack.enter_context(open_source(args.source))
         backend = open_engine(bundle, args)
         stack.callback(backend.close)
@@ -355,9 +356,9 @@ def handle(args: argparse.Namespace) -> int:
             status(f"note: {note}")
         stats = RunStats(source.total, progress=not args.quiet and sys.stderr.isatty())
         stop = StopRequest()
+        signals.enter_context(_stop_on_signals(stop))
         try:
-            with _stop_on_signals(stop):
-                _process_all(pipeline, source, out, stats, args, stop)
+            _process_all(pipeline, source, out, stats, args, stop)
         except KeyboardInterrupt:
             stop.ending, stop.code = "interrupted (Ctrl-C)", 130
         finally:
