@@ -512,17 +512,20 @@ CTRL_C_AFTER = textwrap.dedent(
     """
     import os, signal, sys, threading
     from vlm_export.runtime import cli
+    delay = float(sys.argv.pop(1))
     inner = cli._main
     def timed(argv):
-        threading.Timer(float(sys.argv[1]), os.kill, (os.getpid(), signal.SIGINT)).start()
+        timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
+        timer.daemon = True
+        timer.start()
         return inner(argv)
     cli._main = timed
-    sys.exit(cli.main(sys.argv[2:]))
+    cli.entry()
     """
 )
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.05, 0.3])
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.3, 1.5])
 def test_real_ctrl_c_during_start_up(world, delay) -> None:
     """A real SIGINT at several moments of start-up (imports, bundle, engine) or later.
 

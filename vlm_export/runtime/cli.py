@@ -20,6 +20,7 @@ interpreter's last flush cannot print a BrokenPipeError traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import pkgutil
@@ -121,11 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The console script: exit with ``main``'s status. Once a run is interrupted (130), a
-    SIGTERM or SIGHUP arriving while the process exits cannot turn that into a kill."""
+    """The console script: exit with ``main``'s status. The work is done by then, so stop
+    signals that arrive while the process exits (a second SIGTERM, SIGHUP or Ctrl-C) are
+    ignored: the status stays what the run reported, with no traceback from the exit."""
     code = main()
-    if code == 130:
-        for name in ("SIGTERM", "SIGHUP"):
+    with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C just as main returned
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), signal.SIG_IGN)
     sys.exit(code)
