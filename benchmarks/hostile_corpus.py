@@ -212,7 +212,7 @@ def ctrl_c_sweep(tally: Tally, w: dict[str, Path], trials: int, raw: bool) -> di
         "delay = float(sys.argv.pop(1))\ninner = cli._main\n"
         "def timed(argv):\n    timer = threading.Timer(delay, os.kill, (os.getpid(), "
         "signal.SIGINT))\n    timer.daemon = True\n    timer.start()\n    return inner(argv)\n"
-        "cli._main = timed\ncli.entry()\n"
+        "cli._main = timed\nfrom vlm_export.runtime.launch import entry\nentry()\n"
     )
     outcomes: dict[str, int] = {}
     for i in range(trials):

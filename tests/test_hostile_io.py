@@ -511,7 +511,7 @@ def test_ctrl_c_while_importing_onnxruntime_is_not_a_reinstall_hint(monkeypatch)
 CTRL_C_AFTER = textwrap.dedent(
     """
     import os, signal, sys, threading
-    from vlm_export.runtime import cli
+    from vlm_export.runtime import cli, launch
     delay = float(sys.argv.pop(1))
     inner = cli._main
     def timed(argv):
@@ -520,7 +520,7 @@ CTRL_C_AFTER = textwrap.dedent(
         timer.start()
         return inner(argv)
     cli._main = timed
-    cli.entry()
+    launch.entry()
     """
 )
 

@@ -20,11 +20,9 @@ interpreter's last flush cannot print a BrokenPipeError traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import os
 import pkgutil
-import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -119,18 +117,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
     print(f"{PROG}: interrupted", file=sys.stderr)  # e.g. NumPy's import broken by Ctrl-C
     return 130
-
-
-def entry() -> None:
-    """The console script: exit with ``main``'s status. The work is done by then, so stop
-    signals that arrive while the process exits (a second SIGTERM, SIGHUP or Ctrl-C) are
-    ignored: the status stays what the run reported, with no traceback from the exit."""
-    code = main()
-    with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C just as main returned
-        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-            if hasattr(signal, name):
-                signal.signal(getattr(signal, name), signal.SIG_IGN)
-    sys.exit(code)
 
 
 def _main(argv: Sequence[str] | None) -> int:
