@@ -259,7 +259,8 @@ def _fake_engines(monkeypatch, noise: float = 0.0) -> list[TensorRTBackend]:
 
 
 def _no_staging_left(folder: Path) -> bool:
-    return not list(folder.glob(".engine-*")) and not list(folder.glob(".*.tmp"))
+    leftovers = [*folder.glob(".engine-*"), *folder.glob(".*.tmp"), *folder.glob(".*.vlm-tmp-*")]
+    return not leftovers
 
 
 def test_a_built_engine_is_recorded_with_its_parity(tca_bundle, monkeypatch):

@@ -223,26 +223,18 @@ def test_existing_output_needs_overwrite(tmp_path, classes, capsys):
     out = tmp_path / "bundle"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    code, _, err = _run(
-        ["--method", "zeroshot", *BASE, "--classes", str(classes), "--out", str(out)], capsys
-    )
+    args = ["--method", "zeroshot", *BASE, "--classes", str(classes), "--out", str(out)]
+    code, _, err = _run(args, capsys)
     assert code == 2 and "--overwrite" in err
     assert (out / "keep.txt").read_text() == "user data"
-    code, _, err = _run(
-        [
-            "--method",
-            "zeroshot",
-            *BASE,
-            "--classes",
-            str(classes),
-            "--out",
-            str(out),
-            "--overwrite",
-        ],
-        capsys,
-    )
-    assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+    code, _, err = _run([*args, "--overwrite"], capsys)  # not a bundle: refused
+    assert code == 2 and "only a vlm-export bundle" in err and "keep.txt" in err
+    assert (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    for _ in range(2):  # an empty folder, then the bundle itself, are replaced
+        code, _, err = _run([*args, "--overwrite"], capsys)
+        assert code == 0, err
+        assert (out / "manifest.json").is_file()
 
 
 def test_pretrained_tag_without_network_names_alternatives(tmp_path, classes, capsys, monkeypatch):

@@ -1,15 +1,31 @@
-"""Atomic file and folder writes: readers see the old content or the new, never a partial one."""
+"""Atomic file and folder writes: readers see the old content or the new, never a partial one.
+
+Every write goes to a temporary file (or folder) beside its target, named
+``.{target name}.vlm-tmp-XXXXXXXX``, which is fsynced and renamed over the target. A symbolic link
+is written through: the link's final target is replaced, the link stays a link. A write killed
+half-way (kill -9, power loss) leaves the target as it was plus such a temporary file; the next
+successful write of the same target removes its own leftovers (``stale_temps``: only names of that
+pattern, older than the write), and ``report_interrupted_first_save`` names the ones left by a
+first save that never finished (no target yet).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from vlm_export.core.errors import UserError
+
+TEMP_MARK = ".vlm-tmp-"
+#: mkstemp's random part: 8 of ``[a-z0-9_]``
+_RANDOM = r"[a-z0-9_]{8}"
 
 
 def _read_umask() -> int:
@@ -35,50 +51,146 @@ class WriteError(UserError):
     """A file or folder cannot be written where the user asked (permissions, a file in the way)."""
 
 
+def final_target(path: str | Path) -> Path:
+    """The path a write of ``path`` replaces: symbolic links (also in folders) followed."""
+    return Path(os.path.realpath(os.path.abspath(path)))
+
+
+def temp_prefix(target: Path) -> str:
+    """The name prefix of the temporary files and folders written for ``target``."""
+    return f".{target.name}{TEMP_MARK}"
+
+
+def stale_temps(target: str | Path, before: float | None = None) -> list[Path]:
+    """Leftover temporary files and folders of ``target`` (last changed before ``before``).
+
+    Matches only ``.{name}.vlm-tmp-XXXXXXXX`` and the older ``.{name}.XXXXXXXX.tmp`` names.
+    """
+    target = Path(target)
+    pattern = re.compile(
+        rf"^\.{re.escape(target.name)}(?:{re.escape(TEMP_MARK)}{_RANDOM}|\.{_RANDOM}\.tmp)$"
+    )
+    found = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return []
+    for entry in entries:
+        if not pattern.match(entry.name):
+            continue
+        with contextlib.suppress(OSError):
+            if before is None or entry.stat(follow_symlinks=False).st_mtime < before:
+                found.append(Path(entry.path))
+    return sorted(found)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def remove_stale_temps(target: str | Path, before: float) -> list[Path]:
+    """Remove ``target``'s leftovers older than ``before`` (a write in progress is newer)."""
+    stale = stale_temps(target, before)
+    for path in stale:
+        _remove(path)
+    return stale
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _format_size(size: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+def report_interrupted_first_save(path: str | Path) -> str | None:
+    """When ``path`` does not exist but temporary files of a save to it do, remove them and
+    return one line saying so (a first save was killed: nothing was saved); else None."""
+    target = final_target(path)
+    if target.exists():
+        return None
+    stale = stale_temps(target, before=time.time())
+    if not stale:
+        return None
+    sizes = _format_size(sum(_size(p) for p in stale))
+    names = ", ".join(p.name for p in stale[:3]) + (" ..." if len(stale) > 3 else "")
+    for stale_path in stale:
+        _remove(stale_path)
+    return (
+        f"an interrupted save left {names} ({sizes}) and no {path}: nothing was saved there; "
+        "removed the leftovers, starting fresh"
+    )
+
+
 def check_can_create(path: str | Path, folder: bool = False) -> None:
     """Raise WriteError unless ``path`` could be created or replaced, before any work is done.
 
     The first existing ancestor must be a writable folder; a file ``path`` must not be a folder.
     """
-    path = Path(path)
+    shown = Path(path)
+    path = final_target(path)
     if not folder and path.is_dir():
-        raise WriteError(f"{path} is a folder, not a file")
-    ancestor = path.absolute().parent
+        raise WriteError(f"{shown} is a folder, not a file")
+    ancestor = path.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise WriteError(f"cannot create {path}: {ancestor} is a file, not a folder")
+        raise WriteError(f"cannot create {shown}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise WriteError(f"cannot create {path}: no write permission in {ancestor}")
+        raise WriteError(f"cannot create {shown}: no write permission in {ancestor}")
+
+
+def _mode_for(target: Path, default: int) -> int:
+    """Keep the permission bits of the file being replaced; a new file gets ``default``."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        return default
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "wb") -> Iterator:
     """Open a temporary file beside ``path``; on success fsync and rename it over ``path``.
 
-    On an exception the temporary file is removed and ``path`` keeps its previous content; an
-    OSError (no permission, disk full, a file in the way) becomes a one-line WriteError.
+    A symbolic link ``path`` is written through (its target is replaced). On an exception the
+    temporary file is removed and ``path`` keeps its previous content; an OSError (no
+    permission, disk full, a file in the way) becomes a one-line WriteError. After a successful
+    write, leftovers of earlier interrupted writes of the same target are removed.
     """
-    path = Path(path)
+    shown = Path(path)
+    target = final_target(path)
+    started = time.time()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(target), dir=target.parent)
     except OSError as exc:
-        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise WriteError(f"cannot write {shown}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp makes it private; keep the usual mode
-        os.replace(tmp_name, path)
-        _fsync_dir(path.parent)
+        os.chmod(tmp_name, _mode_for(target, 0o666 & ~_UMASK))  # mkstemp makes it private
+        os.replace(tmp_name, target)
+        _fsync_dir(target.parent)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         if isinstance(exc, OSError):
-            raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+            raise WriteError(f"cannot write {shown}: {exc.strerror or exc}") from None
         raise
+    remove_stale_temps(target, before=started)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -91,26 +203,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path`` that becomes ``path`` only if the block succeeds.
 
-    With ``overwrite`` an existing ``path`` is replaced (after the new folder is complete);
-    otherwise the caller must have checked that ``path`` does not exist.
+    With ``overwrite`` an existing ``path`` is replaced (after the new folder is complete; the
+    caller decides whether it may be: see export.bundle_writer.check_output_folder); otherwise
+    the caller must have checked that ``path`` does not exist. A symbolic link is written through.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    target = final_target(path)
+    started = time.time()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=target.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private; the bundle is an ordinary folder
     try:
         yield tmp
-        if path.exists():
+        if target.exists():
             if not overwrite:
                 raise FileExistsError(f"{path} appeared while writing")
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=target.parent))
+            os.replace(target, old)  # an empty folder: replaced by the old bundle
+            os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
+            os.replace(tmp, target)
+        _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    remove_stale_temps(target, before=started)

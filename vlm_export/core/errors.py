@@ -11,3 +11,10 @@ class BundleError(UserError):
 
 class StateError(UserError):
     """A state file that is corrupt, of another schema, or from another bundle."""
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OSError no command caught: the file and the reason, no traceback."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    name = exc.filename if exc.filename is not None else None
+    return f"{name}: {reason}" if name is not None else reason

@@ -8,7 +8,6 @@ reading any array data, and names what is wrong in a StateError.
 
 from __future__ import annotations
 
-import json
 import math
 import zipfile
 from collections.abc import Callable, Mapping
@@ -17,6 +16,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from vlm_export.core import json_text
 from vlm_export.core.atomic import atomic_file
 from vlm_export.core.errors import StateError
 from vlm_export.core.json_input import parse_json
@@ -43,7 +43,10 @@ def save_state(
     for name, value in payload.items():
         if value.dtype == object:
             raise ValueError(f"state array {name!r} has dtype object (would need pickle)")
-    payload[META_KEY] = np.array(json.dumps(header))
+    try:
+        payload[META_KEY] = np.array(json_text.dumps(header))
+    except ValueError:
+        raise StateError(f"not saving {path}: its header holds a non-finite number") from None
     with atomic_file(path, "wb") as handle:
         np.savez(handle, **payload)
 

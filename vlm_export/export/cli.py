@@ -7,13 +7,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vlm_export.core.errors import UserError
+from vlm_export.core.errors import UserError, describe_os_error
+from vlm_export.core.interrupts import ctrl_c_noticed, interrupted
+from vlm_export.core.paths import check_paths
 from vlm_export.export.engine_cmd import (
     add_tensorrt_arguments,
     build_engine_main,
     preflight_tensorrt,
     run_tensorrt_step,
 )
+from vlm_export.runtime.log import one_line_messages
 
 EXAMPLES = """examples:
   vlm-export --method tca --model ViT-B-16 --pretrained openai \\
@@ -175,6 +178,15 @@ def check_arguments(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     return domains
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """The bundle folder (replaced as a whole by --overwrite) may not hold an input file."""
+    files = [("--classes", args.classes), ("--templates", args.templates)]
+    files += [("--domain", value.partition("=")[2].strip()) for value in args.domain]
+    files += [("--pretrained", args.pretrained), ("--timing-cache", args.timing_cache)]
+    reads = [(role, path) for role, path in files if path and Path(path).exists()]
+    check_paths(reads, [], [("--out", args.out)])
+
+
 def run(args: argparse.Namespace) -> int:
     if args.list_templates:
         from vlm_export.runtime.text.templates import template_set_names
@@ -187,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(available_models()))
         return 0
     domains = check_arguments(args)
+    _check_paths(args)
     from vlm_export.export.pipeline import ExportOptions, export_bundle  # imports torch
     from vlm_export.models.schedule import CondensationConfig
 
@@ -235,10 +248,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``vlm-export``: one line and status 2 on errors, 130 on Ctrl-C."""
+    with ctrl_c_noticed() as pressed:
+        try:
+            return _main(argv)
+        except (Exception, KeyboardInterrupt) as exc:
+            if not (pressed or interrupted(exc)):
+                raise
+    print("vlm-export: interrupted; nothing was written", file=sys.stderr)  # torch's import
+    return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["build-engine"]:
-        return build_engine_main(argv[1:])
+    with one_line_messages("vlm-export"):
+        return _dispatch(argv)
+
+
+def _dispatch(argv: list[str]) -> int:
     try:
+        if argv[:1] == ["build-engine"]:
+            return build_engine_main(argv[1:])
         args = build_parser().parse_args(argv)
         return run(args)
     except UserError as exc:
@@ -247,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vlm-export: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except OSError as exc:  # a permission or I/O error that no step turned into a line
+        print(f"vlm-export: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import shlex
 import shutil
@@ -30,7 +29,9 @@ import numpy as np
 
 from vlm_export.core.atomic import WriteError, atomic_write_bytes
 from vlm_export.core.errors import UserError
+from vlm_export.core.json_text import dumps
 from vlm_export.core.manifest import MANIFEST_NAME, file_record, read_manifest
+from vlm_export.core.paths import check_paths, tree_reads
 from vlm_export.export.tensorrt_build import (
     DEFAULT_FP32_LAYER_TYPES,
     DEFAULT_WORKSPACE_MB,
@@ -226,7 +227,7 @@ def _install(
     except OSError as exc:
         raise WriteError(f"cannot write {bundle_dir / record.file}: {exc.strerror}") from None
     manifest = record_engine(manifest, record)
-    text = json.dumps(manifest, indent=2) + "\n"
+    text = dumps(manifest, indent=2) + "\n"
     atomic_write_bytes(bundle_dir / MANIFEST_NAME, text.encode("utf-8"))
     return record
 
@@ -291,7 +292,7 @@ def add_text_engine_to_bundle(
     check_build_options(precision, workspace_mb, DEFAULT_FP32_LAYER_TYPES)
     onnx_path = bundle_dir / section["onnx"]
     name = planned_engine_name(onnx_path.stem, precision, query_device())
-    _refuse_listed(manifest, name, overwrite, "rebuild")
+    _refuse_listed(bundle_dir, manifest, name, overwrite, "rebuild")
     with _staging(bundle_dir) as staging:
         record = build_engine(
             onnx_path,
@@ -309,15 +310,33 @@ def add_text_engine_to_bundle(
         except OSError as exc:
             raise WriteError(f"cannot write {bundle_dir / record.file}: {exc.strerror}") from None
         manifest = record_engine(manifest, record)
-        text = json.dumps(manifest, indent=2) + "\n"
+        text = dumps(manifest, indent=2) + "\n"
         atomic_write_bytes(bundle_dir / MANIFEST_NAME, text.encode("utf-8"))
         return record
 
 
-def _refuse_listed(manifest: dict[str, Any], name: str, overwrite: bool, what: str) -> None:
+def _refuse_listed(
+    bundle_dir: Path,
+    manifest: dict[str, Any],
+    name: str,
+    overwrite: bool,
+    what: str,
+    source: Path | None = None,
+) -> None:
+    """Refuse to replace a listed engine without ``overwrite``, and a file of that name that the
+    manifest does not list at all (never ours to delete), unless it is ``source`` itself."""
     listed = any(entry.get("file") == name for entry in manifest.get("engines") or [])
     if listed and not overwrite:
         raise UserError(f"{name} is already in the bundle; pass --overwrite to {what} it")
+    target = bundle_dir / name
+    if listed or not os.path.lexists(target):
+        return
+    if source is not None and target.exists() and os.path.samefile(source, target):
+        return
+    raise UserError(
+        f"{target} exists but the bundle's manifest does not list it; move it away first "
+        "(it is not replaced)"
+    )
 
 
 def add_engine_to_bundle(
@@ -340,7 +359,7 @@ def add_engine_to_bundle(
     check_build_options(precision, workspace_mb, DEFAULT_FP32_LAYER_TYPES)
     onnx_path = bundle_dir / manifest["engine"]["onnx"]
     name = planned_engine_name(onnx_path.stem, precision, query_device())
-    _refuse_listed(manifest, name, overwrite, "rebuild")
+    _refuse_listed(bundle_dir, manifest, name, overwrite, "rebuild")
     with _staging(bundle_dir) as staging:
         record = build_engine(
             onnx_path,
@@ -394,7 +413,7 @@ def register_engine_in_bundle(
         ) from None
     stem = Path(manifest["engine"]["onnx"]).stem
     name = planned_engine_name(stem, precision, device)
-    _refuse_listed(manifest, name, overwrite, "replace")
+    _refuse_listed(bundle_dir, manifest, name, overwrite, "replace", engine_file)
     with _staging(bundle_dir) as staging:
         try:
             shutil.copyfile(engine_file, staging / name)
@@ -513,6 +532,10 @@ def build_engine_main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_engine_parser().parse_args(argv)
     try:
+        check_paths(
+            [*tree_reads("BUNDLE", args.bundle), ("--register", args.register)],
+            [("--timing-cache", args.timing_cache)],
+        )
         record = _register_main(args) if args.register is not None else _build_main(args)
     except UserError as exc:
         print(f"vlm-export build-engine: error: {exc}", file=sys.stderr)

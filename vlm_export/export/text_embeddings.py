@@ -66,7 +66,7 @@ def encode_class_texts(
     Per class: fill every template with ``prompt_name(class)``, encode the prompts (batches of
     ``batch_size``, shortest prompts first, under ``torch.no_grad``), L2-normalise each prompt
     embedding, average over templates in float64 in prompt order, L2-normalise again. A prompt
-    longer than the context is cut as open_clip cuts it, with a PromptTruncatedWarning naming its
+    longer than the context is cut as open_clip cuts it, with a logged warning naming its
     class. ``progress(done, total)`` is called after every batch with counts of prompts.
     Returns float32 [C, E].
     """

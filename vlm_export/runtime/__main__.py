@@ -1,7 +1,5 @@
 """``python -m vlm_export.runtime`` runs the ``vlm-edge`` command."""
 
-import sys
+from vlm_export.runtime.launch import entry
 
-from vlm_export.runtime.cli import main
-
-sys.exit(main())
+entry()

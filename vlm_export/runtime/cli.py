@@ -31,8 +31,8 @@ from types import ModuleType
 from typing import TextIO
 
 from vlm_export import __version__
-from vlm_export.core.errors import UserError
-from vlm_export.runtime import commands
+from vlm_export.core.errors import UserError, describe_os_error
+from vlm_export.core.interrupts import ctrl_c_noticed, interrupted
 from vlm_export.runtime.log import one_line_messages
 
 PROG = "vlm-edge"
@@ -41,6 +41,8 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as the shell reports a command killed b
 
 def command_modules() -> list[ModuleType]:
     """The subcommand modules, sorted by name."""
+    from vlm_export.runtime import commands  # imported here: Ctrl-C while importing is caught
+
     names = sorted(
         info.name
         for info in pkgutil.iter_modules(commands.__path__)
@@ -96,13 +98,30 @@ def _dispatch(args: argparse.Namespace) -> int:
         except UserError as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
-            print(f"{PROG}: interrupted", file=sys.stderr)
-            return 130
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # a permission or I/O error that no command turned into a line
+            print(f"{PROG}: error: {describe_os_error(exc)}", file=sys.stderr)
+            return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``vlm-edge``; returns the exit status."""
+    """Entry point of ``vlm-edge``; returns the exit status.
+
+    Ctrl-C at any point (while importing, loading the bundle, or running) ends with one line
+    and exit status 130; a write error on standard output is one line and status 1.
+    """
+    with ctrl_c_noticed() as pressed:
+        try:
+            return _main(argv)
+        except (Exception, KeyboardInterrupt) as exc:
+            if not (pressed or interrupted(exc)):
+                raise
+    print(f"{PROG}: interrupted", file=sys.stderr)  # e.g. NumPy's import broken by Ctrl-C
+    return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         code = _dispatch(args)
@@ -111,3 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         _stdout_to_devnull()
         return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:  # standard output on a full disk, its error not yet reported
+        _stdout_to_devnull()
+        print(
+            f"{PROG}: error: cannot write standard output: {describe_os_error(exc)}",
+            file=sys.stderr,
+        )
+        return 1

@@ -6,12 +6,20 @@ Helpers shared by the commands live here.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+from pathlib import Path
 
+from vlm_export.core.errors import UserError
+from vlm_export.core.paths import tree_reads
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.factory import BACKENDS, open_backend
 from vlm_export.runtime.preprocess import DEFAULT_MAX_PIXELS
+from vlm_export.runtime.sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+
+log = logging.getLogger(__name__)
 
 
 def status(message: str) -> None:
@@ -61,7 +69,31 @@ def _max_pixels(text: str) -> int:
     return int(text)
 
 
+def is_media_file(path: Path) -> bool:
+    """A file a source or data folder reads: an image or video extension."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
+
+
+def bundle_reads(bundle: str | Path, role: str = "BUNDLE") -> list[tuple[str, Path]]:
+    """The bundle folder and every file in it, for ``core.paths.check_paths``."""
+    return tree_reads(role, bundle)
+
+
+def thread_count(threads: int | None) -> int | None:
+    """--threads, capped at the number of cores (with a warning); None: the backend's default."""
+    if threads is None:
+        return None
+    if threads < 0:
+        raise UserError(f"--threads must be 0 (the default) or more, got {threads}")
+    cores = os.cpu_count() or 1
+    if threads > cores:
+        message = f"--threads {threads} is more than the {cores} cores here; using {cores}"
+        log.warning(message)
+        return cores
+    return threads
+
+
 def open_engine(bundle: Bundle, args: argparse.Namespace) -> EngineBackend:
     """The engine backend the options ask for."""
     providers = args.providers.split(",") if args.providers else None
-    return open_backend(bundle, args.backend, providers, args.threads)
+    return open_backend(bundle, args.backend, providers, thread_count(args.threads))

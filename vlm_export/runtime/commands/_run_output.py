@@ -6,13 +6,13 @@ redirected, or written to a file).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+from vlm_export.core.json_text import dumps
 from vlm_export.runtime.pipeline import FrameResult
 from vlm_export.runtime.sources import is_gstreamer
 
@@ -50,7 +50,7 @@ class JsonLines:
 
     def write(self, record: dict[str, Any], result: FrameResult | None) -> None:
         """Write one frame's record."""
-        self.out.write(json.dumps(record) + "\n")
+        self.out.write(dumps(record) + "\n")
         self.out.flush()
 
     def finish(self) -> None:

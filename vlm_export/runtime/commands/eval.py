@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,16 @@ import numpy as np
 
 from vlm_export.core.atomic import atomic_file, atomic_write_bytes, check_can_create
 from vlm_export.core.errors import UserError
+from vlm_export.core.json_text import dumps
+from vlm_export.core.paths import check_paths, tree_reads
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
+from vlm_export.runtime.commands import (
+    add_engine_arguments,
+    bundle_reads,
+    is_media_file,
+    open_engine,
+    status,
+)
 from vlm_export.runtime.commands._rail import (
     add_primal_arguments,
     add_shots_argument,
@@ -205,6 +212,13 @@ def handle(args: argparse.Namespace) -> int:
     check_shots(args.shots)
     if args.test_per_class is not None and args.test_per_class < 1:
         raise UserError(f"--test-per-class must be at least 1, got {args.test_per_class}")
+    check_paths(
+        [
+            *bundle_reads(args.bundle),
+            *tree_reads("DATA_ROOT", args.data_root, depth=4, keep=is_media_file),
+        ],
+        [("--json", args.json)],
+    )
     if args.json:
         check_can_create(args.json)
     if args.plot:
@@ -250,7 +264,7 @@ def handle(args: argparse.Namespace) -> int:
             ],
             "results": results,
         }
-        atomic_write_bytes(args.json, (json.dumps(document, indent=2) + "\n").encode())
+        atomic_write_bytes(args.json, (dumps(document, indent=2) + "\n").encode())
         status(f"results written to {args.json}")
     if args.plot:
         plot(order, results, args.plot)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
+from vlm_export.core.errors import BundleError
+from vlm_export.core.json_text import dumps
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import format_bytes
 
@@ -196,7 +197,10 @@ def handle(args: argparse.Namespace) -> int:
     """Print the bundle description."""
     bundle = Bundle.open(args.bundle, verify=not args.no_verify)
     if args.json:
-        print(json.dumps(bundle.manifest, indent=2))
+        try:
+            print(dumps(bundle.manifest, indent=2))
+        except ValueError:
+            raise BundleError("the manifest holds a non-finite number (NaN or infinity)") from None
     else:
         print("\n".join(describe(bundle)))
     return 0

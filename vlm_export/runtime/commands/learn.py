@@ -19,8 +19,15 @@ from pathlib import Path
 from vlm_export.core.atomic import check_can_create
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import EMBEDDING_OUTPUT
+from vlm_export.core.paths import check_paths, tree_reads
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
+from vlm_export.runtime.commands import (
+    add_engine_arguments,
+    bundle_reads,
+    is_media_file,
+    open_engine,
+    status,
+)
 from vlm_export.runtime.commands._rail import (
     add_primal_arguments,
     add_shots_argument,
@@ -109,6 +116,14 @@ def handle(args: argparse.Namespace) -> int:
     check_shots(args.shots)
     if args.inference_state and same_file(args.inference_state, args.state):
         raise UserError("--inference-state must be another file than --state")
+    check_paths(
+        [
+            *bundle_reads(args.bundle),
+            *tree_reads("DATA_DIR", args.data_dir, depth=2, keep=is_media_file),
+            ("--state", args.state),
+        ],
+        [("--state", args.state), ("--inference-state", args.inference_state)],
+    )
     for path in filter(None, (args.state, args.inference_state)):
         check_can_create(path)  # before minutes of embedding and solving, not after
     bundle = Bundle.open(args.bundle, verify=not args.no_verify)

@@ -14,8 +14,9 @@ import argparse
 
 from vlm_export.core.atomic import check_can_create
 from vlm_export.core.errors import StateError, UserError
+from vlm_export.core.paths import check_paths
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import status
+from vlm_export.runtime.commands import bundle_reads, status
 from vlm_export.runtime.commands._rail import same_file
 from vlm_export.runtime.rail.models import describe, state_header
 from vlm_export.runtime.rail.state import (
@@ -59,6 +60,11 @@ def _check_paths(args: argparse.Namespace) -> None:
                 raise UserError(f"{state} is given twice (its samples would count twice)")
     if args.inference_state and same_file(args.inference_state, args.out):
         raise UserError("--inference-state must be another file than OUT")
+    check_paths(
+        [*(bundle_reads(args.bundle, "--bundle") if args.bundle else [])]
+        + [("STATE", state) for state in args.states],
+        [("OUT", args.out), ("--inference-state", args.inference_state)],
+    )
 
 
 def _fingerprint(args: argparse.Namespace) -> str:

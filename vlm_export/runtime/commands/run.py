@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -24,11 +25,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from vlm_export.core.atomic import check_can_create
 from vlm_export.core.errors import UserError
+from vlm_export.core.json_text import dumps, name_fields
+from vlm_export.core.paths import check_paths, source_reads
 from vlm_export.runtime import api
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.capture import NewestFrame
-from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
+from vlm_export.runtime.commands import (
+    add_engine_arguments,
+    bundle_reads,
+    is_media_file,
+    open_engine,
+    status,
+)
 from vlm_export.runtime.commands._annotated import AnnotatedOutput
 from vlm_export.runtime.commands._run_output import (
     FORMATS,
@@ -60,11 +70,12 @@ PROGRESS_INTERVAL_S = 0.25
 
 
 class StopRequest:
-    """SIGINT (Ctrl-C) and SIGTERM ask the frame loop to stop between frames.
+    """SIGINT (Ctrl-C), SIGTERM and SIGHUP ask the frame loop to stop between frames.
 
     Stopping only between frames keeps the adaptation state whole (a signal in the middle of a
     reservoir update would save a half-written entry). A second Ctrl-C stops at once, without
-    saving: the last periodic save stays.
+    saving: the last periodic save stays. The first request decides the exit status (Ctrl-C
+    then SIGTERM still exits 130).
     """
 
     def __init__(self) -> None:
@@ -76,10 +87,12 @@ class StopRequest:
         if self.ending is not None and signum == signal.SIGINT:
             self.forced = True
             raise KeyboardInterrupt
+        if self.ending is not None:
+            return
         if signum == signal.SIGINT:
             self.ending, self.code = "interrupted (Ctrl-C)", 130
         else:
-            self.ending, self.code = "stopped (SIGTERM)", 0
+            self.ending, self.code = f"stopped ({signal.Signals(signum).name})", 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -198,11 +211,12 @@ def _check_args(args: argparse.Namespace, method: str) -> None:
 
 @contextlib.contextmanager
 def _stop_on_signals(stop: StopRequest) -> Iterator[None]:
-    """While active, SIGINT and SIGTERM go to ``stop`` (main thread only; elsewhere no change)."""
+    """While active, SIGINT, SIGTERM and SIGHUP go to ``stop`` (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signals = (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))
+    previous = {sig: signal.signal(sig, stop) for sig in signals}
     try:
         yield
     finally:
@@ -219,8 +233,11 @@ def _output(path: str | None) -> Iterator[IO[str]]:
         handle = open(path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror}") from None
-    with handle:
+    try:
         yield handle
+    finally:
+        with contextlib.suppress(OSError):  # a write error is already reported
+            handle.close()
 
 
 class RunStats:
@@ -297,6 +314,32 @@ def _process(pipeline: Pipeline, frame: Frame) -> tuple[FrameResult | None, dict
     return result, record
 
 
+def _stdout_lost() -> None:
+    """Standard output cannot be written (a full disk): drop what it holds, so that the exit
+    does not fail again on it (the error is reported once)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        sys.stdout.flush()
+
+
+def _strict(
+    record: dict[str, Any], result: FrameResult | None
+) -> tuple[dict[str, Any], FrameResult | None]:
+    """A record that is strict JSON (file names as text); a non-finite score makes it an error
+    record for that frame."""
+    record = {**record, **name_fields("source", record["source"])}
+    try:
+        dumps(record)
+        return record, result
+    except ValueError:
+        error = "non-finite score (NaN or infinity): the bundle or a state holds bad numbers"
+        kept = ("index", "timestamp_ms", "source", "source_hex")
+        keep = {k: v for k, v in record.items() if k in kept}
+        return {**keep, "error": error}, None
+
+
 def _process_all(
     pipeline: Pipeline,
     source: Source,
@@ -311,9 +354,18 @@ def _process_all(
     shared_terminal = same_terminal(sys.stdout, sys.stderr) and args.out is None
     for frame in source:
         result, record = _process(pipeline, frame)
+        record, result = _strict(record, result)
         if shared_terminal:
             stats.clear()  # the progress line never lands inside an output line
-        out.write(record, result)
+        try:
+            out.write(record, result)
+        except BrokenPipeError:
+            raise  # the reader went away: cli.main ends quietly with status 141
+        except OSError as exc:
+            if args.out is None:
+                _stdout_lost()
+            where = args.out or "standard output"
+            raise UserError(f"cannot write {where}: {exc.strerror}") from None
         stats.add(result)
         if window is not None and not window.show(frame, result):
             stop.ending = "stopped (window closed)"
@@ -342,6 +394,17 @@ def _save(pipeline: Pipeline, path: str) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     """Run the pipeline over the source; return the exit status."""
+    check_paths(
+        [
+            *bundle_reads(args.bundle),
+            *source_reads("SOURCE", args.source, is_media_file),
+            ("--rail-state", args.rail_state),
+            ("--state", args.state),
+        ],
+        [("--out", args.out), ("--state", args.state)],
+    )
+    if args.out:
+        check_can_create(args.out)  # before the bundle and engine load, not after
     bundle = Bundle.open(args.bundle, verify=not args.no_verify)
     method = args.method or default_method(bundle, bool(args.rail_state))
     _check_args(args, method)
@@ -356,7 +419,8 @@ def handle(args: argparse.Namespace) -> int:
         fusion = RailFusion(predictor, fusion_beta(bundle.manifest))
         status(f"RAIL state {args.rail_state}: {describe(predictor)}")
     fmt = choose_format(args.format, args.out, sys.stdout)
-    with contextlib.ExitStack() as stack:
+    # ``signals`` is left last: stop signals stay handled until the state is saved and closed
+    with contextlib.ExitStack() as signals, contextlib.ExitStack() as stack:
         source = stack.enter_context(open_source(args.source))
         annotated = None
         if args.save_annotated:  # before the capture thread: it reads the source's kind and fps
@@ -379,9 +443,9 @@ def handle(args: argparse.Namespace) -> int:
         progress = not args.quiet and sys.stderr.isatty() and fmt == "jsonl"
         stats = RunStats(source.total, progress=progress)
         stop = StopRequest()
+        signals.enter_context(_stop_on_signals(stop))
         try:
-            with _stop_on_signals(stop):
-                _process_all(pipeline, source, writer, stats, args, stop, window, annotated)
+            _process_all(pipeline, source, writer, stats, args, stop, window, annotated)
         except KeyboardInterrupt:
             stop.ending, stop.code = "interrupted (Ctrl-C)", 130
         finally:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlm_export.core.errors import BundleError, UserError
+from vlm_export.core.interrupts import ctrl_c_noticed, interrupted
 from vlm_export.core.manifest import ANCHORS_INPUT, ANCHORS_VALID_INPUT, IMAGE_INPUT
 from vlm_export.runtime.engines.base import EngineBackend
 
@@ -93,7 +94,20 @@ def warn_if_conflicting() -> None:
 
 
 def import_onnxruntime() -> ModuleType:
-    """The ``onnxruntime`` module; OnnxRuntimeMissing (a UserError) when it is not installed."""
+    """The ``onnxruntime`` module; OnnxRuntimeMissing (a UserError) when it is not installed.
+
+    Ctrl-C during the import is a KeyboardInterrupt, never the hint to reinstall.
+    """
+    with ctrl_c_noticed() as pressed:
+        try:
+            return _import_onnxruntime()
+        except OnnxRuntimeMissing as exc:
+            if pressed or interrupted(exc):
+                raise KeyboardInterrupt from None
+            raise
+
+
+def _import_onnxruntime() -> ModuleType:
     try:
         ort = importlib.import_module("onnxruntime")
     except ModuleNotFoundError as exc:

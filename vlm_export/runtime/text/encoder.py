@@ -156,7 +156,7 @@ class TextEncoder:
 
         Exactly the exporter's rule (``vlm_export.export.text_embeddings``): templates filled with
         ``prompt_name(class)``; a prompt longer than the context is cut keeping its end-of-text
-        token, with a PromptTruncatedWarning naming the class. TemplateError for a template
+        token, with a logged warning naming the class. TemplateError for a template
         without exactly one ``{}``.
         """
         check_classes(class_names)

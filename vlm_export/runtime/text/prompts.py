@@ -10,7 +10,7 @@ no positions on padding.
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -24,13 +24,11 @@ Progress = Callable[[int, int], None]
 #: overflows the context
 PARITY_CLASSES = ("cat", "golden_retriever", "Crème brûlée &amp; 東京 🐱", "x " * 100)
 
+log = logging.getLogger(__name__)
+
 
 class TextEmbeddingError(UserError):
     """Text embeddings that cannot be computed: no classes, a bad batch size, broken weights."""
-
-
-class PromptTruncatedWarning(UserWarning):
-    """A prompt is longer than the text context: it is cut, keeping the end-of-text token."""
 
 
 def build_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
@@ -61,16 +59,17 @@ def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> Iterator[tupl
 def warn_truncated(
     classnames: Sequence[str], num_templates: int, too_long: np.ndarray, context: int
 ) -> None:
-    """One PromptTruncatedWarning per class with prompts over ``context`` tokens (mask [P])."""
+    """One logged warning per class with prompts over ``context`` tokens (mask [P])."""
     counts = too_long.reshape(len(classnames), num_templates).sum(axis=1)
     for name, count in zip(classnames, counts, strict=True):
         if count:
-            warnings.warn(
-                PromptTruncatedWarning(
-                    f"class {name!r}: {count} of its {num_templates} prompts are longer than the "
-                    f"{context}-token text context and are cut (as open_clip does)"
-                ),
-                stacklevel=3,
+            log.warning(
+                "class %r: %d of its %d prompts are longer than the %d-token text context and "
+                "are cut (as open_clip does)",
+                name,
+                count,
+                num_templates,
+                context,
             )
 
 

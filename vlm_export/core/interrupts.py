@@ -1,0 +1,53 @@
+"""Ctrl-C that lands inside an import: noticed even when the import turns it into another error.
+
+A SIGINT while a C extension initialises (NumPy, ONNX Runtime) raises KeyboardInterrupt inside
+the extension's own import code, which often reports it as an ImportError ("bad install, please
+reinstall"). ``ctrl_c_noticed`` records every Ctrl-C while it is active, so that the command can
+say "interrupted" (exit 130) instead of passing on that misleading error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+
+def interrupted(exc: BaseException) -> bool:
+    """True when a KeyboardInterrupt is in the exception's chain (cause or context)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+@contextlib.contextmanager
+def ctrl_c_noticed() -> Iterator[list[int]]:
+    """While active, each Ctrl-C is appended to the yielded list (and raised as usual).
+
+    Only in the main thread and only while Python's default handler is installed; other
+    handlers (a command's own stop request) are left alone and restored handlers stay.
+    """
+    pressed: list[int] = []
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        pressed.append(signum)
+        raise KeyboardInterrupt
+
+    watching = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    if watching:
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield pressed
+    finally:
+        if watching and signal.getsignal(signal.SIGINT) is on_sigint:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
