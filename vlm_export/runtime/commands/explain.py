@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -60,14 +61,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def output_paths(images: list[Path], folder: Path) -> list[Path]:
     """``folder/<stem>.explain.png`` per image, unique, never the path of an input."""
-    taken = {image.resolve() for image in images}
+    taken = {os.path.realpath(image) for image in images}  # realpath: no error on link loops
     paths = []
     for image in images:
         path, number = folder / f"{image.stem}{SUFFIX}", 1
-        while path.resolve() in taken:
+        while os.path.realpath(path) in taken:
             number += 1
             path = folder / f"{image.stem}-{number}{SUFFIX}"
-        taken.add(path.resolve())
+        taken.add(os.path.realpath(path))
         paths.append(path)
     return paths
 
