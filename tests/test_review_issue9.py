@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fakebundle import make_bundle
 from PIL import Image
 
+from vlm_export.core.manifest import TOKEN_FATE
 from vlm_export.runtime import cli
+from vlm_export.runtime.draw.fate import fate_overlay
 
 
 @pytest.fixture(scope="module")
@@ -33,3 +36,24 @@ def test_explain_with_a_link_loop_among_the_images(tca_dir, tmp_path, capsys) ->
     assert code == 1
     assert any("cannot read image" in line and "loop" in line for line in err)
     assert sorted(p.name for p in out.iterdir()) == ["ok.explain.png"]
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 2), (1, 300), (300, 1)])
+def test_fate_overlay_on_a_frame_smaller_than_the_patch_grid(size) -> None:
+    image = Image.new("RGB", size, (10, 20, 30))
+    fate = np.full(16, TOKEN_FATE["pruned"], dtype=np.int8)
+    drawn = fate_overlay(image, fate, (4, 4))
+    assert drawn.size == size and drawn.mode == "RGB"
+
+
+def test_save_annotated_tiny_images_with_fate(tca_dir, tmp_path, capsys) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, size in (("dot", (1, 1)), ("line", (80, 1)), ("column", (1, 80))):
+        Image.new("RGB", size, (200, 40, 40)).save(photos / f"{name}.png")
+    out = tmp_path / "annotated"
+    argv = ["run", tca_dir, photos, "--save-annotated", out, "--annotate-fate", "--quiet"]
+    code, stdout, _ = _edge(capsys, *argv)
+    assert code == 0 and len(stdout.splitlines()) == 3
+    for name, size in (("dot", (1, 1)), ("line", (80, 1)), ("column", (1, 80))):
+        assert Image.open(out / f"{name}.annotated.png").size == size
