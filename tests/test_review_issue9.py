@@ -57,3 +57,35 @@ def test_save_annotated_tiny_images_with_fate(tca_dir, tmp_path, capsys) -> None
     assert code == 0 and len(stdout.splitlines()) == 3
     for name, size in (("dot", (1, 1)), ("line", (80, 1)), ("column", (1, 80))):
         assert Image.open(out / f"{name}.annotated.png").size == size
+
+
+def test_save_annotated_never_replaces_an_input_image(tca_dir, tmp_path, capsys) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (40, 40), (200, 40, 40)).save(photos / "a.png")
+    Image.new("RGB", (30, 20), (40, 200, 40)).save(photos / "a.annotated.png")
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    argv = ["run", tca_dir, photos, "--save-annotated", photos, "--quiet"]
+    code, stdout, _ = _edge(capsys, *argv)
+    assert code == 0 and len(stdout.splitlines()) == 2
+    for name, data in before.items():
+        assert (photos / name).read_bytes() == data
+    names = sorted(p.name for p in photos.iterdir())
+    assert names == ["a-2.annotated.png", "a.annotated.annotated.png", "a.annotated.png", "a.png"]
+
+
+def test_save_annotated_refuses_the_source_video(tca_dir, tmp_path, capsys) -> None:
+    cv2 = pytest.importorskip("cv2")
+    clip = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (64, 48))
+    for value in range(5):
+        writer.write(np.full((48, 64, 3), 40 * value, dtype=np.uint8))
+    writer.release()
+    data = clip.read_bytes()
+    os.symlink(clip.name, tmp_path / "link.mp4")
+    for target in (clip, tmp_path / "link.mp4"):
+        code, stdout, err = _edge(capsys, "run", tca_dir, clip, "--save-annotated", target)
+        assert code == 1 and stdout == ""
+        assert err == [f"vlm-edge: error: --save-annotated {target} is the source video: "
+                       "write it to another path"]  # fmt: skip
+        assert clip.read_bytes() == data
