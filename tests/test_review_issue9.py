@@ -10,9 +10,11 @@ import pytest
 from fakebundle import make_bundle
 from PIL import Image
 
+from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import TOKEN_FATE
-from vlm_export.runtime import cli
+from vlm_export.runtime import cli, open_pipeline
 from vlm_export.runtime.draw.fate import fate_overlay
+from vlm_export.runtime.preprocess import ImageError
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +91,51 @@ def test_save_annotated_refuses_the_source_video(tca_dir, tmp_path, capsys) -> N
         assert err == [f"vlm-edge: error: --save-annotated {target} is the source video: "
                        "write it to another path"]  # fmt: skip
         assert clip.read_bytes() == data
+
+
+@pytest.fixture(scope="module")
+def api_pipeline(tca_dir):
+    with open_pipeline(tca_dir) as pipeline:
+        yield pipeline
+
+
+@pytest.mark.parametrize(
+    ("array", "channels", "message"),
+    [
+        (np.zeros((0, 0, 3), np.uint8), "RGB", "the image array is empty: got shape 0x0x3"),
+        (np.zeros((0, 5), np.uint8), None, "the image array is empty: got shape 0x5"),
+        (np.zeros((8, 8, 4), np.uint8), None, "channels='RGBA' or 'BGRA'"),
+        (
+            np.zeros((8, 8, 4), np.uint8),
+            "GRAY",
+            "does not fit a 8x8x4 array: give channels='RGBA' or 'BGRA'",
+        ),
+        (
+            np.zeros((8, 8, 3), np.uint8),
+            "GRAY",
+            "does not fit a 8x8x3 array: give channels='RGB' or 'BGR'",
+        ),
+    ],
+)
+def test_classify_refuses_empty_arrays_and_a_wrong_gray(api_pipeline, array, channels, message):
+    with pytest.raises(ImageError) as caught:
+        api_pipeline.classify(array, channels=channels)
+    assert str(caught.value).endswith(message)
+
+
+def test_classify_pil_images_that_cannot_be_decoded_or_are_empty(api_pipeline, tmp_path) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "whole.jpg", quality=90)
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    lazy = Image.open(tmp_path / "cut.jpg")  # PIL decodes only when the pixels are needed
+    with pytest.raises(ImageError, match=r"cannot read image .*cut\.jpg: image file is truncated"):
+        api_pipeline.classify(lazy)
+    with pytest.raises(ImageError, match=r"the image is empty \(0x0 pixels\)"):
+        api_pipeline.classify(Image.new("RGB", (0, 0)))
+
+
+@pytest.mark.parametrize("topk", [2.5, "3", None, True])
+def test_classify_topk_that_is_not_a_whole_number(api_pipeline, topk) -> None:
+    with pytest.raises(UserError, match="topk must be at least 1"):
+        api_pipeline.classify(np.zeros((8, 8), np.uint8), topk=topk)

@@ -87,8 +87,8 @@ class EdgePipeline:
                 f"cannot classify a {type(image).__name__}: give a PIL image, a "
                 "path or a numpy array"
             )
-        if topk < 1:
-            raise UserError(f"topk must be at least 1, got {topk}")
+        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+            raise UserError(f"topk must be at least 1 (a whole number), got {topk!r}")
         self.pipeline.topk = min(topk, self.bundle.num_classes)
         result = self.pipeline.process(frame, self._frames, source)
         self._frames += 1
