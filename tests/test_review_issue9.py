@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from vlm_export.core.manifest import TOKEN_FATE
 from vlm_export.runtime import cli, open_pipeline
 from vlm_export.runtime.draw.fate import fate_overlay
 from vlm_export.runtime.preprocess import ImageError
+from vlm_export.runtime.terminal import printable, width
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +142,43 @@ def test_classify_pil_images_that_cannot_be_decoded_or_are_empty(api_pipeline, t
 def test_classify_topk_that_is_not_a_whole_number(api_pipeline, topk) -> None:
     with pytest.raises(UserError, match="topk must be at least 1"):
         api_pipeline.classify(np.zeros((8, 8), np.uint8), topk=topk)
+
+
+ODD_NAMES = ["line\nbreak", "\x1b[31mred\x1b[0m", "tab\there", "\u202eevil", "漢字😀", "x" * 300]
+
+
+def test_printable_and_width_against_literal_expectations() -> None:
+    assert printable("cat") == "cat"
+    assert printable("line\nbreak") == "line\\nbreak"
+    assert printable("\x1b[31mred") == "\\x1b[31mred"
+    assert printable("\u202eevil") == "\\u202eevil"
+    assert printable(os.fsdecode(b"bad\xff.png")) == "bad\\xff.png"
+    assert printable("漢字😀 ok") == "漢字😀 ok"
+    assert (width("abc"), width("漢字"), width("😀"), width("e\u0301")) == (3, 4, 2, 1)
+
+
+def test_text_output_with_odd_class_and_file_names(tca_dir, tmp_path, capsys) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tca_dir, bundle)
+    listing = json.loads((bundle / "classes.json").read_text())
+    for entry, name in zip(listing["classes"], ODD_NAMES, strict=True):
+        entry["name"] = name
+    (bundle / "classes.json").write_text(json.dumps(listing))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(12):
+        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(photos / f"p{index:02d}\x1b[2J.png")
+    (photos / "broken\nname.png").write_bytes(b"not an image")
+    argv = ["run", bundle, photos, "--format", "text", "--no-verify", "--quiet"]
+    code, stdout, err = _edge(capsys, *argv)
+    assert code == 0
+    lines = stdout.splitlines()
+    frames = [line for line in lines if line[:6].strip().isdigit()]
+    assert len(frames) == 13  # one line per frame, whatever the names hold
+    assert not any(char in stdout for char in "\x1b\t\u202e")
+    assert "broken\\nname.png" in stdout and "p00\\x1b[2J.png" in stdout
+    ends = {width(line) for line in frames if "error" not in line}
+    assert len(ends) == 1  # the columns line up, wide characters included
+    assert all(line.startswith("vlm-edge: ") for line in err)

@@ -11,11 +11,12 @@ import sys
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.factory import BACKENDS, open_backend
+from vlm_export.runtime.terminal import printable
 
 
 def status(message: str) -> None:
-    """One line on stderr, prefixed with the program name."""
-    print(f"vlm-edge: {message}", file=sys.stderr, flush=True)
+    """One line on stderr, prefixed with the program name (names in it made printable)."""
+    print(f"vlm-edge: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def format_bytes(size: float) -> str:
