@@ -182,3 +182,34 @@ def test_text_output_with_odd_class_and_file_names(tca_dir, tmp_path, capsys) ->
     ends = {width(line) for line in frames if "error" not in line}
     assert len(ends) == 1  # the columns line up, wide characters included
     assert all(line.startswith("vlm-edge: ") for line in err)
+
+
+def test_a_state_that_cannot_be_saved_does_not_hide_the_blocks_own_error(
+    tca_dir, tmp_path, caplog
+) -> None:
+    folder = tmp_path / "states"
+
+    def block_the_folder() -> None:  # after open_pipeline checked it: the save fails
+        if folder.is_dir():
+            folder.rmdir()
+        folder.write_text("now a file")
+
+    folder.mkdir()
+    with (
+        pytest.raises(ValueError, match="the user's own bug"),
+        open_pipeline(tca_dir, state=folder / "state.npz") as pipeline,
+    ):
+        pipeline.classify(np.zeros((8, 8), np.uint8))
+        block_the_folder()
+        raise ValueError("the user's own bug")
+    assert any("state not saved" in record.getMessage() for record in caplog.records)
+    folder.unlink()
+    folder.mkdir()
+    with (
+        pytest.raises(UserError, match="cannot write"),
+        open_pipeline(  # no error in the block
+            tca_dir, state=folder / "state.npz"
+        ) as pipeline,
+    ):
+        pipeline.classify(np.zeros((8, 8), np.uint8))
+        block_the_folder()

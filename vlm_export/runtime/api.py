@@ -114,11 +114,20 @@ class EdgePipeline:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        """Save the state (also after an error in the block, not after Ctrl-C), then close."""
+        """Save the state (also after an error in the block, not after Ctrl-C), then close.
+
+        After an error in the block, a state that cannot be saved is logged, not raised, so
+        that the block's own error is the one that propagates.
+        """
         try:
             interrupted = exc_type is not None and not issubclass(exc_type, Exception)
             if self.state is not None and self.pipeline.reservoir is not None and not interrupted:
-                self.save_state()
+                try:
+                    self.save_state()
+                except UserError as error:
+                    if exc_type is None:
+                        raise
+                    log.error("state not saved after an error in the with block: %s", error)
         finally:
             self.close()
 
