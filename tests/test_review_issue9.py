@@ -213,3 +213,26 @@ def test_a_state_that_cannot_be_saved_does_not_hide_the_blocks_own_error(
     ):
         pipeline.classify(np.zeros((8, 8), np.uint8))
         block_the_folder()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "{bundle}", ""], "SOURCE is empty: give a path"),
+        (["run", "{bundle}", "{image}", "--save-annotated", ""], "--save-annotated is empty"),
+        (["run", "{bundle}", "{image}", "--out", " "], "--out is empty"),
+        (["run", "{bundle}", "{image}", "--state", ""], "--state is empty"),
+        (["explain", "{bundle}", "{image}", "--out", ""], "--out is empty: give a folder"),
+    ],
+)
+def test_empty_paths_are_refused_not_taken_as_the_current_folder(
+    tca_dir, tmp_path, capsys, monkeypatch, argv, message
+) -> None:
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (40, 40), (90, 120, 200)).save(image)
+    monkeypatch.chdir(tmp_path)
+    argv = [arg.format(bundle=tca_dir, image=image) for arg in argv]
+    code, stdout, err = _edge(capsys, *argv)
+    assert code == 1 and stdout == ""
+    assert err == [f"vlm-edge: error: {message}" + err[0].split(message, 1)[1]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]

@@ -73,10 +73,14 @@ def output_paths(images: list[Path], folder: Path) -> list[Path]:
     return paths
 
 
-def _check_out(out: Path) -> None:
+def _check_out(text: str) -> Path:
+    if not text.strip():
+        raise UserError("--out is empty: give a folder")  # not the current folder by accident
+    out = Path(text)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     check_can_create(out, folder=True)
+    return out
 
 
 def _check_grid(bundle: Bundle) -> None:
@@ -132,8 +136,7 @@ def handle(args: argparse.Namespace) -> int:
     """Draw every image; return 1 if any could not be drawn."""
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
-    out = Path(args.out)
-    _check_out(out)
+    out = _check_out(args.out)
     bundle = Bundle.open(args.bundle, verify=not args.no_verify)
     condensing = FATE_OUTPUT in bundle.engine_io("outputs")
     if condensing:
