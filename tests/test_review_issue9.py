@@ -15,7 +15,9 @@ from PIL import Image
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import TOKEN_FATE
 from vlm_export.runtime import cli, open_pipeline
+from vlm_export.runtime.draw.annotate import annotate_frame
 from vlm_export.runtime.draw.fate import fate_overlay
+from vlm_export.runtime.draw.style import fit_text, font, text_block
 from vlm_export.runtime.preprocess import ImageError
 from vlm_export.runtime.terminal import printable, width
 
@@ -236,3 +238,16 @@ def test_empty_paths_are_refused_not_taken_as_the_current_folder(
     assert code == 1 and stdout == ""
     assert err == [f"vlm-edge: error: {message}" + err[0].split(message, 1)[1]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]
+
+
+def test_pictures_keep_each_name_on_its_line() -> None:
+    one_line = text_block(["cat (99.0%)"], 16)
+    for odd in ("line\nbreak (99.0%)", "a\r\nb\x1b[2J (99.0%)", "tab\there\v (99.0%)"):
+        assert text_block([odd], 16).height == one_line.height
+        assert "\n" not in fit_text(odd, font(16), 400)
+    grey = Image.new("RGB", (320, 240), (120, 130, 140))
+    banner_rows = [
+        int((np.asarray(annotate_frame(grey, label, 0.5)).mean(axis=(1, 2)) < 100).sum())
+        for label in ("cat", "line\nbreak\nagain")
+    ]
+    assert banner_rows[0] == banner_rows[1]  # the dark banner is as tall for both
