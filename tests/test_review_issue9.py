@@ -251,3 +251,13 @@ def test_pictures_keep_each_name_on_its_line() -> None:
         for label in ("cat", "line\nbreak\nagain")
     ]
     assert banner_rows[0] == banner_rows[1]  # the dark banner is as tall for both
+
+
+@pytest.mark.parametrize("name", ["out.mp4", "out.AVI", "out.png"])
+def test_save_annotated_of_images_refuses_a_file_name(tca_dir, tmp_path, capsys, name) -> None:
+    Image.new("RGB", (40, 40), (90, 120, 200)).save(tmp_path / "photo.png")
+    argv = ["run", tca_dir, tmp_path / "photo.png", "--save-annotated", tmp_path / name]
+    code, stdout, err = _edge(capsys, *argv)
+    assert code == 1 and stdout == ""
+    assert err[-1].endswith("give a folder name") and "image sources give a folder" in err[-1]
+    assert not (tmp_path / name).exists()  # no folder named like a video

@@ -89,6 +89,14 @@ class AnnotatedImages:
     def __init__(self, folder: Path, drawer: FrameDrawer, inputs: list[Path]) -> None:
         if folder.exists() and not folder.is_dir():
             raise UserError(f"--save-annotated {folder} is a file; for images it is a folder")
+        if (
+            folder.suffix.lower() in VIDEO_SUFFIXES + (".png", ".jpg", ".jpeg")
+            and not folder.exists()
+        ):
+            raise UserError(
+                f"--save-annotated {folder}: image sources give a folder of PNGs, not a "
+                f"{folder.suffix} file; give a folder name"
+            )
         check_can_create(folder, folder=True)
         self.folder = folder
         self.drawer = drawer
