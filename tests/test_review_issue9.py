@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakebundle import make_bundle
+from fakebundle import make_bundle, write_images
 from PIL import Image
 
 from vlm_export.core.errors import UserError
@@ -261,3 +261,21 @@ def test_save_annotated_of_images_refuses_a_file_name(tca_dir, tmp_path, capsys,
     assert code == 1 and stdout == ""
     assert err[-1].endswith("give a folder name") and "image sources give a folder" in err[-1]
     assert not (tmp_path / name).exists()  # no folder named like a video
+
+
+def test_eval_plot_refuses_the_json_path_and_a_place_inside_data_root(
+    tca_dir, tmp_path, capsys
+) -> None:
+    data = tmp_path / "data"
+    write_images(data / "animals" / "cat", 2)
+    argv = ["eval", tca_dir, data, "--order", "animals"]
+    for extra, message in (
+        (["--plot", tmp_path / "r.png", "--json", tmp_path / "r.png"], "are the same file"),
+        (["--plot", data / "animals" / "cat" / "plot.png"], "is inside DATA_ROOT"),
+        (["--plot", ""], "--plot writes a PNG: give a file name ending in .png"),
+        (["--plot", tmp_path / ".png"], "--plot writes a PNG"),
+    ):  # fmt: skip
+        code, stdout, err = _edge(capsys, *argv, *extra)
+        assert code == 1 and stdout == "" and len(err) == 1 and message in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    assert len(list((data / "animals" / "cat").iterdir())) == 2
