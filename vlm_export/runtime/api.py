@@ -87,8 +87,8 @@ class EdgePipeline:
                 f"cannot classify a {type(image).__name__}: give a PIL image, a "
                 "path or a numpy array"
             )
-        if topk < 1:
-            raise UserError(f"topk must be at least 1, got {topk}")
+        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+            raise UserError(f"topk must be at least 1 (a whole number), got {topk!r}")
         self.pipeline.topk = min(topk, self.bundle.num_classes)
         result = self.pipeline.process(frame, self._frames, source)
         self._frames += 1
@@ -114,11 +114,20 @@ class EdgePipeline:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        """Save the state (also after an error in the block, not after Ctrl-C), then close."""
+        """Save the state (also after an error in the block, not after Ctrl-C), then close.
+
+        After an error in the block, a state that cannot be saved is logged, not raised, so
+        that the block's own error is the one that propagates.
+        """
         try:
             interrupted = exc_type is not None and not issubclass(exc_type, Exception)
             if self.state is not None and self.pipeline.reservoir is not None and not interrupted:
-                self.save_state()
+                try:
+                    self.save_state()
+                except UserError as error:
+                    if exc_type is None:
+                        raise
+                    log.error("state not saved after an error in the with block: %s", error)
         finally:
             self.close()
 

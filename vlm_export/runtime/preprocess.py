@@ -133,7 +133,9 @@ def image_from_array(array: np.ndarray, channels: str | None = None) -> Image.Im
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     shape = "x".join(str(n) for n in array.shape)
-    if array.size == 0 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] > 4):
+    if array.size == 0:
+        raise ImageError(f"the image array is empty: got shape {shape}")
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] > 4):
         hint = " (channels first? use array.transpose(1, 2, 0))" if array.ndim == 3 else ""
         raise ImageError(f"expected an HxW or HxWx3 image array, got shape {shape}{hint}")
     bands = 1 if array.ndim == 2 else array.shape[2]
@@ -143,14 +145,29 @@ def image_from_array(array: np.ndarray, channels: str | None = None) -> Image.Im
         if channels not in (None, "GRAY"):
             raise ImageError(f"channels={channels!r} given for a grayscale {shape} array")
         return Image.fromarray(np.ascontiguousarray(array))
+    orders = " or ".join(repr(c) for c in CHANNEL_ORDERS if c != "GRAY" and len(c) == bands)
     if channels is None:
-        orders = " or ".join(repr(c) for c in CHANNEL_ORDERS if len(c) == bands)
         raise ImageError(f"a {shape} array needs its channel order: channels={orders}")
-    if len(channels) != bands:
-        raise ImageError(f"channels={channels!r} does not fit a {shape} array")
+    if channels == "GRAY" or len(channels) != bands:
+        raise ImageError(
+            f"channels={channels!r} does not fit a {shape} array: give channels={orders}"
+        )
     if channels.startswith("BGR"):
         array = array[:, :, [2, 1, 0, 3][:bands]]
     return Image.fromarray(np.ascontiguousarray(array))  # mode L, RGB or RGBA from the shape
+
+
+def decoded(image: Image.Image) -> Image.Image:
+    """``image`` with its pixels loaded (PIL opens files lazily); ImageError if it is empty or
+    its file cannot be decoded."""
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        name = getattr(image, "filename", "") or "the image"
+        raise ImageError(f"cannot read image {name}: {exc}") from None
+    if image.width < 1 or image.height < 1:
+        raise ImageError(f"the image is empty ({image.width}x{image.height} pixels)")
+    return image
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
@@ -252,7 +269,7 @@ class Preprocessor:
 
     def resize_crop(self, image: Image.Image) -> Image.Image:
         """Resize and centre crop/pad to the engine size, in the image's own mode."""
-        image = to_8bit(image)
+        image = to_8bit(decoded(image))
         height, width = image.height, image.width
         if self.resize_mode == "squash":
             new_size = self.size

@@ -18,13 +18,14 @@ from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.factory import BACKENDS, open_backend
 from vlm_export.runtime.preprocess import DEFAULT_MAX_PIXELS
 from vlm_export.runtime.sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from vlm_export.runtime.terminal import printable
 
 log = logging.getLogger(__name__)
 
 
 def status(message: str) -> None:
-    """One line on stderr, prefixed with the program name."""
-    print(f"vlm-edge: {message}", file=sys.stderr, flush=True)
+    """One line on stderr, prefixed with the program name (names in it made printable)."""
+    print(f"vlm-edge: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def format_bytes(size: float) -> str:

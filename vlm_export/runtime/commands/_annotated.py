@@ -6,6 +6,9 @@ temporary name beside PATH and renamed to PATH when the run ends, so PATH never 
 video. With ``--annotate-fate`` the patch grid over the part of the frame the engine saw is
 tinted by where each patch left the tower (merged or pruned, at any reduction block) or kept,
 with the legend in the bottom-left corner where the frame has room for it.
+
+Outputs never replace an input: an annotated image whose name is one of the run's images gets a
+``-2``, ``-3`` suffix, and the source video itself is refused as PATH before any work.
 """
 
 from __future__ import annotations
@@ -83,13 +86,22 @@ def _with_legend(image: Image.Image) -> Image.Image:
 class AnnotatedImages:
     """Annotated copies of image files in a folder, one atomic PNG each."""
 
-    def __init__(self, folder: Path, drawer: FrameDrawer) -> None:
+    def __init__(self, folder: Path, drawer: FrameDrawer, inputs: list[Path]) -> None:
         if folder.exists() and not folder.is_dir():
             raise UserError(f"--save-annotated {folder} is a file; for images it is a folder")
+        if (
+            folder.suffix.lower() in VIDEO_SUFFIXES + (".png", ".jpg", ".jpeg")
+            and not folder.exists()
+        ):
+            raise UserError(
+                f"--save-annotated {folder}: image sources give a folder of PNGs, not a "
+                f"{folder.suffix} file; give a folder name"
+            )
         check_can_create(folder, folder=True)
         self.folder = folder
         self.drawer = drawer
         self._taken: set[str] = set()
+        self._inputs = {os.path.realpath(path) for path in inputs}  # never replaced
 
     def add(self, frame: Frame, result: FrameResult | None, fps: float) -> None:
         """Write the annotated image (an unreadable image has nothing to draw on)."""
@@ -101,7 +113,7 @@ class AnnotatedImages:
             return
         stem, number = Path(frame.source).stem, 1
         name = f"{stem}{IMAGE_SUFFIX}"
-        while name in self._taken:
+        while name in self._taken or os.path.realpath(self.folder / name) in self._inputs:
             number += 1
             name = f"{stem}-{number}{IMAGE_SUFFIX}"
         self._taken.add(name)
@@ -181,8 +193,15 @@ class AnnotatedOutput:
         drawer = FrameDrawer(bundle, with_fate)
         target = Path(path).expanduser()
         if isinstance(source, ImageFiles):
-            self.sink: AnnotatedImages | AnnotatedVideo = AnnotatedImages(target, drawer)
+            self.sink: AnnotatedImages | AnnotatedVideo = AnnotatedImages(
+                target, drawer, source.paths
+            )
         else:
+            video = getattr(source, "target", None)
+            if isinstance(video, str) and os.path.realpath(video) == os.path.realpath(target):
+                raise UserError(
+                    f"--save-annotated {path} is the source video: write it to another path"
+                )
             self.sink = AnnotatedVideo(target, drawer, getattr(source, "fps", None))
 
     def add(self, frame: Frame, result: FrameResult | None, fps: float) -> None:

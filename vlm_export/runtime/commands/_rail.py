@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -47,5 +48,5 @@ def check_shots(shots: int) -> None:
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:
-    """True when two paths name the same file (existing or not)."""
-    return Path(a).resolve() == Path(b).resolve()
+    """True when two paths name the same file (existing or not; a link loop is no error)."""
+    return os.path.realpath(a) == os.path.realpath(b)

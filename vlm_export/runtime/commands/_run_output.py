@@ -15,6 +15,7 @@ import numpy as np
 from vlm_export.core.json_text import dumps
 from vlm_export.runtime.pipeline import FrameResult
 from vlm_export.runtime.sources import is_gstreamer
+from vlm_export.runtime.terminal import printable, width
 
 FORMATS = ("auto", "text", "jsonl")
 MAX_NAME = 32
@@ -64,8 +65,15 @@ def short_name(source: str) -> str:
     return Path(source).name or source
 
 
-def _fit(text: str, width: int) -> str:
-    return text if len(text) <= width else "…" + text[-(width - 1) :]
+def _cell(text: str, columns: int) -> str:
+    """``text`` printable, cut to its last ``columns - 1`` columns after "…" if longer, padded."""
+    text = printable(text)
+    if width(text) > columns:
+        tail, used = len(text), 1
+        while used + width(text[tail - 1]) <= columns:
+            tail, used = tail - 1, used + width(text[tail - 1])
+        text = "…" + text[tail:]
+    return text + " " * (columns - width(text))
 
 
 class TextLines:
@@ -73,8 +81,8 @@ class TextLines:
 
     def __init__(self, out: IO[str], names: list[str], classes: list[str]) -> None:
         self.out = out
-        self.name_width = min(max([len(n) for n in names] + [6]), MAX_NAME)
-        self.class_width = min(max([len(c) for c in classes] + [5]), MAX_NAME)
+        self.name_width = min(max([width(printable(n)) for n in names] + [6]), MAX_NAME)
+        self.class_width = min(max([width(printable(c)) for c in classes] + [5]), MAX_NAME)
         self.per_class: dict[str, list[float]] = {}
         self.stage_ms: dict[str, list[float]] = {}
         self.errors = 0
@@ -94,16 +102,16 @@ class TextLines:
         name = short_name(record["source"])
         if "timestamp_ms" in record:
             name = f"{name}@{record['timestamp_ms'] / 1000:.3f}s"
-        head = f"{record['index']:>6}  {_fit(name, self.name_width):<{self.name_width}}"
+        head = f"{record['index']:>6}  {_cell(name, self.name_width)}"
         if result is None:
             self.errors += 1
-            self._line(f"{head}  error: {record.get('error', '')}")
+            self._line(f"{head}  error: {printable(record.get('error', ''))}")
             return
         self.per_class.setdefault(result.class_name, []).append(result.score)
         for stage, ms in result.timings.items():
             self.stage_ms.setdefault(stage, []).append(ms)
         self._line(
-            f"{head}  {_fit(result.class_name, self.class_width):<{self.class_width}}  "
+            f"{head}  {_cell(result.class_name, self.class_width)}  "
             f"{result.score:>6.3f}  {result.timings.get('total', 0.0):>8.1f}"
         )
 
@@ -112,22 +120,22 @@ class TextLines:
         done = sum(len(s) for s in self.per_class.values())
         if not done and not self.errors:
             return
-        width = max(self.class_width, len("(unreadable)"))
-        rows = [f"\n{'class':<{width}}  {'frames':>6}  {'share':>6}  {'mean score':>10}"]
+        columns = max(self.class_width, len("(unreadable)"))
+        rows = [f"\n{'class':<{columns}}  {'frames':>6}  {'share':>6}  {'mean score':>10}"]
         for name, scores in sorted(self.per_class.items(), key=lambda kv: (-len(kv[1]), kv[0])):
             share = 100.0 * len(scores) / (done + self.errors)
             rows.append(
-                f"{_fit(name, width):<{width}}  {len(scores):>6}  {share:>5.1f}%  "
+                f"{_cell(name, columns)}  {len(scores):>6}  {share:>5.1f}%  "
                 f"{np.mean(scores):>10.3f}"
             )
         if self.errors:
             share = 100.0 * self.errors / (done + self.errors)
-            rows.append(f"{'(unreadable)':<{width}}  {self.errors:>6}  {share:>5.1f}%")
-        rows.append(f"\n{'stage':<{width}}  {'mean ms':>8}  {'p50':>8}  {'p95':>8}  {'max':>8}")
+            rows.append(f"{'(unreadable)':<{columns}}  {self.errors:>6}  {share:>5.1f}%")
+        rows.append(f"\n{'stage':<{columns}}  {'mean ms':>8}  {'p50':>8}  {'p95':>8}  {'max':>8}")
         for stage, values in self.stage_ms.items():  # the pipeline's order
             ms = np.asarray(values)
             rows.append(
-                f"{stage:<{width}}  {ms.mean():>8.2f}  {np.percentile(ms, 50):>8.2f}  "
+                f"{stage:<{columns}}  {ms.mean():>8.2f}  {np.percentile(ms, 50):>8.2f}  "
                 f"{np.percentile(ms, 95):>8.2f}  {ms.max():>8.2f}"
             )
         for row in rows:

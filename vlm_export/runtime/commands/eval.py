@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+from os.path import realpath
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,21 @@ def plot(order: list[str], results: dict[str, dict[str, Any]], path: str) -> Non
         figure.save(handle, format="PNG")
 
 
+def _check_plot(path: str, json_path: str | None, data_root: str) -> None:
+    """--plot: a .png file that is not --json and not inside DATA_ROOT (read as data next time)."""
+    if Path(path).suffix.lower() != ".png" or not Path(path).stem:
+        raise UserError(f"--plot writes a PNG: give a file name ending in .png ({path!r})")
+    real = Path(realpath(path))
+    if json_path is not None and real == Path(realpath(json_path)):
+        raise UserError(f"--plot and --json are the same file ({path}): give two names")
+    if Path(realpath(data_root)) in real.parents:
+        raise UserError(
+            f"--plot {path} is inside DATA_ROOT: the next run would read it as an image; "
+            "write it elsewhere"
+        )
+    check_can_create(path)
+
+
 def handle(args: argparse.Namespace) -> int:
     """Embed, run the protocol for every form, print (and write) the results."""
     check_shots(args.shots)
@@ -221,10 +237,8 @@ def handle(args: argparse.Namespace) -> int:
     )
     if args.json:
         check_can_create(args.json)
-    if args.plot:
-        if Path(args.plot).suffix.lower() != ".png":
-            raise UserError(f"--plot writes a PNG: give a file name ending in .png ({args.plot})")
-        check_can_create(args.plot)
+    if args.plot is not None:
+        _check_plot(args.plot, args.json, args.data_root)
     forms = list(FORMS) if args.form == "both" else [args.form]
     if forms == ["dual"]:
         check_options(learner_options(args, "dual"), "dual")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -60,22 +61,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def output_paths(images: list[Path], folder: Path) -> list[Path]:
     """``folder/<stem>.explain.png`` per image, unique, never the path of an input."""
-    taken = {image.resolve() for image in images}
+    taken = {os.path.realpath(image) for image in images}  # realpath: no error on link loops
     paths = []
     for image in images:
         path, number = folder / f"{image.stem}{SUFFIX}", 1
-        while path.resolve() in taken:
+        while os.path.realpath(path) in taken:
             number += 1
             path = folder / f"{image.stem}-{number}{SUFFIX}"
-        taken.add(path.resolve())
+        taken.add(os.path.realpath(path))
         paths.append(path)
     return paths
 
 
-def _check_out(out: Path) -> None:
+def _check_out(text: str) -> Path:
+    if not text.strip():
+        raise UserError("--out is empty: give a folder")  # not the current folder by accident
+    out = Path(text)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     check_can_create(out, folder=True)
+    return out
 
 
 def _check_grid(bundle: Bundle) -> None:
@@ -131,8 +136,7 @@ def handle(args: argparse.Namespace) -> int:
     """Draw every image; return 1 if any could not be drawn."""
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
-    out = Path(args.out)
-    _check_out(out)
+    out = _check_out(args.out)
     bundle = Bundle.open(args.bundle, verify=not args.no_verify)
     condensing = FATE_OUTPUT in bundle.engine_io("outputs")
     if condensing:

@@ -94,7 +94,10 @@ def fate_overlay(
         _, colour, opacity = FATE_STYLE.get(int(code), FATE_STYLE[TOKEN_FATE["gone"]])
         row, col = divmod(index, cols)
         cell = (xs[col], ys[row], xs[col + 1] - 1, ys[row + 1] - 1)
-        draw.rectangle(cell, fill=(*colour, round(255 * opacity)))
+        if (
+            cell[2] >= cell[0] and cell[3] >= cell[1]
+        ):  # a frame smaller than the grid has empty cells
+            draw.rectangle(cell, fill=(*colour, round(255 * opacity)))
     if lines:
         for x in xs[1:-1]:
             draw.line([(x, ys[0]), (x, ys[-1] - 1)], fill=GRID_LINE)

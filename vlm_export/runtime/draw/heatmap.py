@@ -17,6 +17,7 @@ from vlm_export.runtime.draw.style import (
     text_block,
     text_size,
 )
+from vlm_export.runtime.terminal import printable
 
 #: a light-to-dark blue scale (value 0 -> first colour, 1 -> last)
 SCALE: tuple[Colour, ...] = ((247, 251, 255), (158, 202, 225), (66, 146, 198), (8, 48, 107))
@@ -49,6 +50,7 @@ def heatmap(
     values in percent, row labels on the left, column labels on top, a title and a note below."""
     table = np.asarray(table, dtype=float)
     rows, cols = table.shape
+    row_labels, col_labels = [printable(s) for s in row_labels], [printable(s) for s in col_labels]
     face = font(size)
     label_w = max((text_size(label, face)[0] for label in row_labels), default=0) + size
     line = text_size("Hg", face)[1]

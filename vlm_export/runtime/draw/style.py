@@ -6,6 +6,8 @@ from functools import lru_cache
 
 from PIL import Image, ImageDraw, ImageFont
 
+from vlm_export.runtime.terminal import printable
+
 Colour = tuple[int, int, int]
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
@@ -35,7 +37,9 @@ def text_size(text: str, face: Font) -> tuple[int, int]:
 
 
 def fit_text(text: str, face: Font, width: int) -> str:
-    """``text`` cut with an ellipsis so that it fits in ``width`` pixels."""
+    """``text`` on one line (line breaks and other controls as escapes), cut with an ellipsis
+    so that it fits in ``width`` pixels."""
+    text = printable(text)
     if text_size(text, face)[0] <= width:
         return text
     while text and text_size(text + "...", face)[0] > width:
@@ -44,7 +48,8 @@ def fit_text(text: str, face: Font, width: int) -> str:
 
 
 def text_block(lines: list[str], size: int, colour: Colour = INK, width: int = 0) -> Image.Image:
-    """Lines of text on the background, at least ``width`` wide."""
+    """Lines of text on the background, at least ``width`` wide (each kept on its line)."""
+    lines = [printable(line) for line in lines]
     face = font(size)
     sizes = [text_size(line, face) for line in lines]
     height = sum(h for _, h in sizes)
