@@ -47,11 +47,15 @@ def load_state(
     kind: str,
     schema_version: int,
     bundle_fingerprint: str | None,
+    engine_fingerprint: str | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read a state file written by ``save_state``; return (arrays, meta).
 
     Raises StateError for a missing or corrupt file, another kind, another schema version, or
-    (when ``bundle_fingerprint`` is given) a state made with another bundle.
+    (when ``bundle_fingerprint`` is given) a state made with another bundle. A state of another
+    bundle fingerprint is accepted when ``engine_fingerprint`` is given, the state records the
+    same ``engine`` and its ``labels`` (the same engine with other classes: the caller then maps
+    the state's rows by label, see ``vlm_export.core.labels``).
     """
     path = Path(path)
     if path.is_dir():
@@ -74,7 +78,16 @@ def load_state(
             f"{path} has {kind} schema {meta.get('schema_version')}, this version reads "
             f"{schema_version}"
         )
-    if bundle_fingerprint is not None and meta.get("bundle") != bundle_fingerprint:
+    same_engine = (
+        engine_fingerprint is not None
+        and meta.get("engine") == engine_fingerprint
+        and "labels" in meta
+    )
+    if (
+        bundle_fingerprint is not None
+        and meta.get("bundle") != bundle_fingerprint
+        and not same_engine
+    ):
         raise StateError(
             f"{path} was made with another bundle (fingerprint {meta.get('bundle')}, this bundle "
             f"is {bundle_fingerprint}): other model or class list"

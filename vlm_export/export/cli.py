@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="when anchors switch on: once every class has 2 entries (reference), or "
         "per class as soon as it has one",
     )
+    tca.add_argument(
+        "--max-classes",
+        type=int,
+        metavar="N",
+        help="class capacity of the condensing engine: the device may change its class list to "
+        "up to N classes without a re-export (default: 1000, or the class count if larger)",
+    )
     out = parser.add_argument_group("output")
     out.add_argument(
         "--opset",
@@ -178,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         eviction=args.eviction,
         anchor_rule=args.anchor_rule,
         quiet=args.quiet,
+        max_classes=args.max_classes,
     )
     if args.batch_size > 1:
         print(

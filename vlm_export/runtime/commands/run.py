@@ -284,7 +284,9 @@ def handle(args: argparse.Namespace) -> int:
         if resumed:
             status(f"resumed state {args.state} ({int(reservoir.counts().sum())} entries)")
     if args.rail_state:
-        predictor = load_predictor(args.rail_state, bundle.fingerprint)
+        predictor = load_predictor(
+            args.rail_state, bundle.fingerprint, bundle.labels, bundle.engine_fingerprint
+        )
         fusion = RailFusion(predictor, fusion_beta(bundle.manifest))
         status(f"RAIL state {args.rail_state}: {describe(predictor)}")
     with contextlib.ExitStack() as stack:
