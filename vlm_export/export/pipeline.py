@@ -247,6 +247,7 @@ def export_bundle(options: ExportOptions) -> Path:
                 "shape": list(text.shape),
                 "templates": template_spec,
                 "num_templates": len(templates),
+                "template_strings": list(templates),
                 "normalized": True,
             },
             "labels": {

@@ -24,6 +24,7 @@ from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import uses_condensation
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
+from vlm_export.runtime.commands.classes import add_label_space_arguments, compute_label_space
 from vlm_export.runtime.pipeline import (
     METHOD_STAGES,
     METHODS,
@@ -104,6 +105,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
     add_engine_arguments(parser)
+    labels = parser.add_argument_group("classes for this run (the bundle is not changed)")
+    labels.add_argument(
+        "--classes", metavar="FILE", help="classify with these classes (needs a text engine)"
+    )
+    add_label_space_arguments(labels, domain=False)
     tca = parser.add_argument_group("TCA reservoir (default: the bundle's adaptation.tca)")
     tca.add_argument("--capacity", type=int, help="entries per class (M)")
     tca.add_argument("--tau", type=float, help="layer-weight temperature")
@@ -275,6 +281,12 @@ def _save(pipeline: Pipeline, path: str) -> None:
 def handle(args: argparse.Namespace) -> int:
     """Run the pipeline over the source; return the exit status."""
     bundle = Bundle.open(args.bundle, verify=not args.no_verify)
+    if args.classes:
+        space = compute_label_space(bundle, args.classes, args.templates, None, args.text_backend)
+        bundle = bundle.with_classes(space.labels, space.text_embeddings, space.domains)
+        status(f"{len(space.labels)} classes from {args.classes} ({space.embedded} embedded)")
+    elif args.templates:
+        raise UserError("--templates needs --classes FILE")
     method = args.method or default_method(bundle, bool(args.rail_state))
     _check_args(args, method)
     reservoir = fusion = None
