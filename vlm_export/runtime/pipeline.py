@@ -134,6 +134,13 @@ class Pipeline:
         if stages.tca:
             if reservoir is None:
                 reservoir = build_reservoir(bundle)
+            shape = (reservoir.num_classes, reservoir.anchor_rows)
+            if shape != (bundle.num_classes, bundle.class_capacity):
+                raise UserError(
+                    f"the reservoir has {shape[0]} classes and {shape[1]} anchor rows; the bundle "
+                    f"has {bundle.num_classes} classes and class capacity {bundle.class_capacity} "
+                    "(make it with build_reservoir)"
+                )
             self.tca = TcaStage(reservoir, backend)
         elif ANCHORS_INPUT in bundle.engine_io("inputs"):
             shape = [int(v) for v in bundle.engine_io("inputs")[ANCHORS_INPUT]["shape"]]
