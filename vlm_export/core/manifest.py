@@ -88,6 +88,10 @@ ANCHORS_VALID_INPUT = "anchors_valid"
 EMBEDDING_OUTPUT = "embedding"
 CLS_OUTPUT = "cls_per_layer"
 FATE_OUTPUT = "token_fate"
+#: text engine tensor names
+TOKENS_INPUT = "tokens"
+TEXT_EMBEDDING_OUTPUT = "text_embedding"
+TEXT_ENCODER_ONNX = "text_encoder.onnx"
 
 REQUIRED_FIELDS = (
     "format",

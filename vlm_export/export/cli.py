@@ -128,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", type=Path, help="bundle folder to create")
     out.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     out.add_argument("--quiet", action="store_true", help="no progress output")
+    out.add_argument(
+        "--no-text-encoder",
+        dest="text_encoder",
+        action="store_false",
+        help="leave the text engine (text_encoder.onnx) and tokenizer out of the bundle; without "
+        "them the device cannot change its classes",
+    )
+    out.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where torch computes the text embeddings: cpu (default) or cuda (a workstation GPU)",
+    )
     add_tensorrt_arguments(parser)
     info = parser.add_argument_group("information")
     info.add_argument("--list-models", action="store_true", help="list model names and exit")
@@ -186,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
         anchor_rule=args.anchor_rule,
         quiet=args.quiet,
         max_classes=args.max_classes,
+        text_encoder=args.text_encoder,
+        device=args.device,
     )
     if args.batch_size > 1:
         print(

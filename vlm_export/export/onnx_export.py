@@ -19,8 +19,11 @@ from vlm_export.core.manifest import (
     EMBEDDING_OUTPUT,
     FATE_OUTPUT,
     IMAGE_INPUT,
+    TEXT_EMBEDDING_OUTPUT,
+    TOKENS_INPUT,
 )
 from vlm_export.models.condensing_tower import CondensingVisionTower
+from vlm_export.models.text_tower import TextTower
 from vlm_export.models.tracing import plain_attention
 
 SUPPORTED_OPSETS = (16, 17)
@@ -79,23 +82,58 @@ def export_onnx(
     Uses torch's TorchScript-based exporter, which writes opsets 16 and 17 natively. (torch 2.13's
     default dynamo exporter starts at opset 18 and cannot convert this graph down to 17.)
     """
+    input_names, output_names = io_names(tower)
+    return _trace(tower, tower.example_inputs(batch_size), path, opset, input_names, output_names)
+
+
+def export_text_onnx(
+    tower: TextTower, path: str | Path, opset: int = 17, length: int | None = None
+) -> onnx.ModelProto:
+    """Export the text tower: ``tokens [batch, length]`` int64 -> ``text_embedding [batch, E]``.
+
+    The batch axis is free. The length axis is free too by default (the device feeds each batch
+    cut to its longest prompt); ``length`` fixes it (the static variants of the benchmark).
+    """
+    axes: dict[str, dict[int, str]] = {
+        TOKENS_INPUT: {0: "batch", 1: "length"},
+        TEXT_EMBEDDING_OUTPUT: {0: "batch"},
+    }
+    if length is not None:
+        del axes[TOKENS_INPUT][1]
+    example = tower.example_inputs(2, length or min(16, tower.context_length))
+    model = _trace(tower, example, path, opset, [TOKENS_INPUT], [TEXT_EMBEDDING_OUTPUT], axes)
+    width = model.graph.output[0].type.tensor_type.shape.dim[1]
+    if not width.HasField("dim_value"):  # the tracer leaves the normalised width symbolic
+        width.dim_value = tower.embed_dim
+        onnx.save(model, str(path))
+    return model
+
+
+def _trace(
+    module: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    path: str | Path,
+    opset: int,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+) -> onnx.ModelProto:
     if opset not in SUPPORTED_OPSETS:
         raise OnnxExportError(
             f"opset {opset} is not supported: use 17 (TensorRT >= 8.6) or 16 (JetPack 5)"
         )
     path = Path(path)
-    input_names, output_names = io_names(tower)
-    example = tower.example_inputs(batch_size)
     log = io.StringIO()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stderr(log), plain_attention():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                tower.eval(),
+                module.eval(),
                 example,
                 str(path),
                 input_names=input_names,
                 output_names=output_names,
+                dynamic_axes=dynamic_axes,
                 opset_version=opset,
                 dynamo=False,
                 do_constant_folding=True,

@@ -35,6 +35,7 @@ from vlm_export.export.parity import check_parity
 from vlm_export.export.presets import RAIL_DEFAULTS, tca_settings
 from vlm_export.export.progress import Progress
 from vlm_export.export.text_embeddings import encode_class_texts
+from vlm_export.export.text_engine import export_text_engine, text_engine_problem, warn_skipped
 from vlm_export.export.trt_ops import assert_tensorrt_compatible
 from vlm_export.models.condensing_tower import CondensingVisionTower
 from vlm_export.models.flops import drop_rate_for_gflops, flops_report
@@ -72,6 +73,11 @@ class ExportOptions:
     anchor_rule: str = "all_classes"
     quiet: bool = False
     max_classes: int | None = None
+    text_encoder: bool = True
+    device: str = "cpu"
+
+
+DEVICES = ("cpu", "cuda")
 
 
 #: class capacity of condensing engines when --max-classes is not given (at least the class count)
@@ -99,6 +105,13 @@ def _check_options(options: ExportOptions) -> None:
     class_capacity(options, sum(len(classes) for _, classes in options.domains))
     check_output_folder(options.out, options.overwrite)
     tca_settings(options.tca_preset, options.eviction, options.anchor_rule)  # an unknown preset
+    if options.device not in DEVICES:
+        raise UserError(f"unknown device {options.device!r}; choose from {', '.join(DEVICES)}")
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            "--device cuda: torch sees no CUDA GPU here (a CPU build of torch, or no driver); "
+            "use --device cpu"
+        )
 
 
 def _model_section(loaded: LoadedClip, tower: CondensingVisionTower) -> dict[str, Any]:
@@ -185,7 +198,7 @@ def export_bundle(options: ExportOptions) -> Path:
     templates = load_templates(template_spec)
     labels = union_labels(options.domains)
     class_names = [label.name for label in labels]
-    progress = Progress(6, quiet=options.quiet)
+    progress = Progress(6 + int(options.text_encoder), quiet=options.quiet)
 
     progress.step(f"loading {options.model} ({options.pretrained})")
     loaded = load_clip(options.model, options.pretrained, options.force_quick_gelu)
@@ -197,11 +210,24 @@ def export_bundle(options: ExportOptions) -> Path:
     flops = flops_report(full, tower if tower.condensing else None)
     progress.done(f"{flops['full_gflops']:.2f} -> {flops['condensed_gflops']:.2f} GFLOPs")
 
-    progress.step(f"text embeddings: {len(class_names)} classes x {len(templates)} templates")
-    text = encode_class_texts(
-        loaded.model, loaded.tokenizer, class_names, templates, progress=progress.bar
+    progress.step(
+        f"text embeddings: {len(class_names)} classes x {len(templates)} templates "
+        f"({options.device})"
     )
+    loaded.model.to(options.device)
+    try:
+        text = encode_class_texts(
+            loaded.model, loaded.tokenizer, class_names, templates, progress=progress.bar
+        )
+    finally:
+        loaded.model.to("cpu")
     progress.done()
+    text_problem = text_engine_problem(loaded.model, loaded.tokenizer)
+    if options.text_encoder and text_problem:
+        progress.step("text engine")
+        warn_skipped(options.model, text_problem)
+        progress.done("left out")
+    with_text_engine = options.text_encoder and text_problem is None
 
     def populate(folder: Path) -> dict[str, Any]:
         progress.step(f"exporting ONNX (opset {options.opset})")
@@ -211,6 +237,16 @@ def export_bundle(options: ExportOptions) -> Path:
         progress.step("parity: ONNX Runtime vs PyTorch")
         parity = check_parity(tower, folder / IMAGE_ENCODER_ONNX, options.batch_size)
         progress.done(f"cosine {parity['cosine_min']:.7f}, max abs {parity['max_abs']:.1e}")
+        text_sections: dict[str, Any] = {}
+        if with_text_engine:
+            progress.step("text engine: ONNX, TensorRT operator check, parity vs open_clip")
+            text_sections = export_text_engine(
+                folder, loaded.model, loaded.tokenizer, options.opset
+            )
+            text_parity = text_sections["text_encoder"]["parity"]
+            progress.done(
+                f"cosine {text_parity['cosine_min']:.7f}, max abs {text_parity['max_abs']:.1e}"
+            )
         progress.step("writing the bundle")
         write_array(folder / TEXT_EMBEDDINGS, text.astype(np.float32))
         domains = [name for name, _ in options.domains]
@@ -260,6 +296,7 @@ def export_bundle(options: ExportOptions) -> Path:
                 "tca": tca_settings(options.tca_preset, options.eviction, options.anchor_rule),
                 "rail": RAIL_DEFAULTS,
             },
+            **text_sections,
         }
 
     out = write_bundle(options.out, options.overwrite, populate)

@@ -1,4 +1,10 @@
-"""Zero-shot classifier weights: one L2-normalised text embedding per class (tca.md section 4)."""
+"""Zero-shot classifier weights: one L2-normalised text embedding per class (tca.md section 4).
+
+Fast path: prompts sorted by token length, each batch's context cut to its longest prompt and run
+through ``TextTower`` (the module the text engine is traced from). Exact under open_clip's causal
+mask and EOT pooling; models whose text tower is not open_clip's CLIP transformer fall back to
+``model.encode_text`` at the full context.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +13,44 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from vlm_export.core.errors import UserError
-from vlm_export.runtime.text.class_lists import prompt_name
-from vlm_export.runtime.text.templates import check_templates, fill_template
+from vlm_export.models.text_tower import TextTower, text_tower_problem
+from vlm_export.runtime.text.prompts import (
+    Progress,
+    TextEmbeddingError,
+    build_prompts,
+    check_classes,
+    class_embeddings,
+    embed_prompts,
+    warn_truncated,
+)
+from vlm_export.runtime.text.templates import check_templates
 
-Progress = Callable[[int, int], None]
+__all__ = ["TextEmbeddingError", "build_prompts", "encode_class_texts"]
 
 
-class TextEmbeddingError(UserError):
-    """Text embeddings that cannot be computed: no classes, a bad batch size, broken weights."""
+def _too_long(tokenizer: Callable, prompts: list[str], tokens: np.ndarray) -> np.ndarray:
+    """Mask of prompts cut by the tokenizer (longer than the context), SOT and EOT counted."""
+    full = tokens[:, -1] != 0  # only a prompt that fills the context can have been cut
+    encode = getattr(tokenizer, "encode", None)
+    if encode is None:
+        return full
+    too_long = np.zeros(len(prompts), dtype=bool)
+    for row in np.flatnonzero(full):
+        too_long[row] = len(encode(prompts[row])) + 2 > tokens.shape[1]
+    return too_long
 
 
-def build_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
-    """All prompts, class-major: every template filled with each class's prompt name."""
-    return [fill_template(t, prompt_name(name)) for name in classnames for t in templates]
+def _encoder(model: torch.nn.Module) -> tuple[Callable[[np.ndarray], np.ndarray], bool]:
+    """(tokens [b, t] -> embeddings [b, E], whether batches may be cut to their longest prompt)."""
+    device = next(model.parameters()).device
+    if text_tower_problem(model) is None:
+        tower = TextTower(model).eval()
+        return lambda tokens: tower(torch.from_numpy(tokens).to(device)).cpu().numpy(), True
+
+    def full_context(tokens: np.ndarray) -> np.ndarray:
+        return model.encode_text(torch.from_numpy(tokens).to(device)).float().cpu().numpy()
+
+    return full_context, False
 
 
 def encode_class_texts(
@@ -33,42 +63,37 @@ def encode_class_texts(
 ) -> np.ndarray:
     """Encode each class as the normalised mean of its normalised prompt embeddings.
 
-    Per class: fill every template with ``prompt_name(class)``, encode the prompts with
-    ``model.encode_text`` (batches of ``batch_size`` prompts, under ``torch.no_grad``),
-    L2-normalise each prompt embedding, average over templates, L2-normalise again.
-    Accumulation is in float64 in prompt order, so the result does not depend on the batch size
-    beyond the text tower's own float32 noise. ``progress(done, total)`` is called after every
-    batch with counts of prompts. Returns float32 [C, E].
+    Per class: fill every template with ``prompt_name(class)``, encode the prompts (batches of
+    ``batch_size``, shortest prompts first, under ``torch.no_grad``), L2-normalise each prompt
+    embedding, average over templates in float64 in prompt order, L2-normalise again. A prompt
+    longer than the context is cut as open_clip cuts it, with a PromptTruncatedWarning naming its
+    class. ``progress(done, total)`` is called after every batch with counts of prompts.
+    Returns float32 [C, E].
     """
-    if isinstance(classnames, str) or not classnames:
-        raise TextEmbeddingError("no class names to encode")
+    check_classes(classnames)
     templates = check_templates(templates)
     if batch_size < 1:
         raise TextEmbeddingError(f"batch size must be at least 1, got {batch_size}")
     prompts = build_prompts(classnames, templates)
-    owner = np.repeat(np.arange(len(classnames)), len(templates))
-    device = next(model.parameters()).device
-    sums: np.ndarray | None = None
+    tokens = tokenizer(prompts).numpy().astype(np.int64)
+    warn_truncated(
+        classnames, len(templates), _too_long(tokenizer, prompts, tokens), tokens.shape[1]
+    )
+    encode, cut = _encoder(model)
     with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            features = model.encode_text(tokenizer(batch).to(device)).float()
-            features = features / features.norm(dim=-1, keepdim=True)
-            features_np = features.cpu().numpy().astype(np.float64)
-            if sums is None:
-                sums = np.zeros((len(classnames), features_np.shape[1]), dtype=np.float64)
-            np.add.at(sums, owner[start : start + len(batch)], features_np)
-            if progress is not None:
-                progress(start + len(batch), len(prompts))
-    assert sums is not None
-    means = sums / len(templates)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        weights = means / np.linalg.norm(means, axis=1, keepdims=True)
-    bad = ~np.isfinite(weights).all(axis=1)
-    if bad.any():
-        name = classnames[int(np.argmax(bad))]
-        raise TextEmbeddingError(
-            f"the text tower gave a non-finite or zero embedding for class {name!r} "
-            f"(broken weights?)"
-        )
-    return weights.astype(np.float32)
+        if cut:
+            embeddings = embed_prompts(tokens, encode, batch_size, progress)
+        else:
+            embeddings = _in_order(tokens, encode, batch_size, progress)
+    return class_embeddings(embeddings, classnames, len(templates))
+
+
+def _in_order(
+    tokens: np.ndarray, encode: Callable, batch_size: int, progress: Progress | None
+) -> np.ndarray:
+    parts = []
+    for start in range(0, len(tokens), batch_size):
+        parts.append(encode(tokens[start : start + batch_size]))
+        if progress is not None:
+            progress(start + len(parts[-1]), len(tokens))
+    return np.concatenate(parts)

@@ -9,7 +9,7 @@ LayerNormalization node below opset 17 (opset-16 graphs must carry it decomposed
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -224,8 +224,11 @@ def _topk_problems(node: onnx.NodeProto, label: str, constants: dict) -> Iterato
         yield f"{label}: TopK k={k_values} is beyond TensorRT's limit of {TOPK_MAX_K - 1}"
 
 
-def _shape_problems(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    """Dynamic dimensions of graph inputs and outputs: errors, and notes for a batch axis."""
+def _shape_problems(
+    model: onnx.ModelProto, free_axes: Mapping[str, Collection[int]]
+) -> tuple[list[str], list[str]]:
+    """Dynamic dimensions of graph inputs and outputs: errors, and notes for a batch axis (or an
+    axis that ``free_axes`` allows for that tensor, such as the text engine's token length)."""
     errors, notes = [], []
     initializers = {init.name for init in model.graph.initializer}
     values = [("input", v) for v in model.graph.input if v.name not in initializers]
@@ -239,7 +242,12 @@ def _shape_problems(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
             if dim.HasField("dim_value") and dim.dim_value > 0:
                 continue
             symbol = dim.dim_param or "?"
-            if axis == 0:
+            if axis in free_axes.get(value.name, ()):
+                notes.append(
+                    f"{kind} {value.name!r} has a dynamic axis {axis} ({symbol!r}); the engine "
+                    "build needs an optimisation profile for it"
+                )
+            elif axis == 0:
                 notes.append(
                     f"{kind} {value.name!r} has a dynamic batch axis ({symbol!r}); the engine "
                     "build needs an optimisation profile for it"
@@ -274,13 +282,16 @@ def model_opset(model: onnx.ModelProto) -> int:
 
 
 def check_onnx_for_tensorrt(
-    model_or_path: onnx.ModelProto | str | Path, opset: int | None = None
+    model_or_path: onnx.ModelProto | str | Path,
+    opset: int | None = None,
+    free_axes: Mapping[str, Collection[int]] | None = None,
 ) -> OpReport:
     """Check a model (or ONNX file) against TensorRT's operators and our export rules.
 
     ``opset`` is the opset the exporter was asked for; a model of another opset is an error
     (an opset-16 export that came out at 18 would not parse on TensorRT 8.5). Weights are not
-    loaded. Never raises for a problem in the graph: see ``OpReport.errors``.
+    loaded. Never raises for a problem in the graph: see ``OpReport.errors``. Only batch axes
+    may be dynamic, and the axes ``free_axes`` names per tensor (built with a profile).
     """
     model = _load(model_or_path)
     actual = model_opset(model)
@@ -312,17 +323,19 @@ def check_onnx_for_tensorrt(
         report.errors.insert(
             0, f"operators TensorRT's ONNX parser does not support: {', '.join(report.unsupported)}"
         )
-    shape_errors, shape_notes = _shape_problems(model)
+    shape_errors, shape_notes = _shape_problems(model, free_axes or {})
     report.errors += shape_errors
     report.notes += shape_notes
     return report
 
 
 def assert_tensorrt_compatible(
-    model_or_path: onnx.ModelProto | str | Path, opset: int | None = None
+    model_or_path: onnx.ModelProto | str | Path,
+    opset: int | None = None,
+    free_axes: Mapping[str, Collection[int]] | None = None,
 ) -> OpReport:
     """``check_onnx_for_tensorrt``, raising TensorRTCompatibilityError listing every problem."""
-    report = check_onnx_for_tensorrt(model_or_path, opset)
+    report = check_onnx_for_tensorrt(model_or_path, opset, free_axes)
     if not report.ok:
         shown = report.errors[:10]
         more = f"; and {len(report.errors) - 10} more" if len(report.errors) > 10 else ""
