@@ -9,6 +9,7 @@ class capacity (``vlm-export --max-classes``). Adaptation states follow their cl
 from __future__ import annotations
 
 import argparse
+import sys
 
 from vlm_export.core.labels import describe_change
 from vlm_export.runtime.bundle import Bundle
@@ -78,7 +79,19 @@ def compute_label_space(
     encoder = TextEncoder.open(bundle, text_backend)  # checks the text engine and vocabulary
     chosen, spec = choose_templates(bundle, templates)
     labels, domains = new_labels(bundle, names, domain)
-    return embed_label_space(bundle, labels, domains, chosen, spec, encoder)
+    return embed_label_space(bundle, labels, domains, chosen, spec, encoder, _progress())
+
+
+def _progress():
+    """A stderr progress line of prompts embedded (when stderr is a terminal), else None."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        end = "\n" if done == total else ""
+        print(f"\rvlm-edge: {done}/{total} prompts embedded\x1b[K", end=end, file=sys.stderr)
+
+    return show
 
 
 def handle(args: argparse.Namespace) -> int:
