@@ -193,3 +193,25 @@ def test_live_pipeline_takes_new_classes_between_frames(tmp_path) -> None:
     assert result.class_name in names and len(result.scores) == 3
     assert pipeline.bundle.labels == new_labels
     assert pipeline.bundle.domains == ["vehicles", "animals"]
+
+
+def test_rail_state_file_follows_names_or_is_refused(tmp_path) -> None:
+    from vlm_export.core.labels import labels_meta
+    from vlm_export.runtime.rail.models import load_predictor
+    from vlm_export.runtime.rail.state import save_inference_state
+
+    rng = np.random.default_rng(4)
+    mask = np.array([True, True, False, True])
+    predictor = PrimalPredictor(None, rng.standard_normal((6, 4)).astype(np.float32), mask)
+    path, legacy = tmp_path / "rail.npz", tmp_path / "legacy.npz"
+    save_inference_state(path, predictor, "bundle-old", labels_meta("engine-1", OLD))
+    save_inference_state(legacy, predictor, "bundle-old")
+    moved = load_predictor(path, "bundle-new", NEW, "engine-1")
+    np.testing.assert_array_equal(moved.weights, follow_labels(predictor, OLD, NEW).weights)
+    assert moved.learned_mask.tolist() == [False, False, True, False, False]
+    same = load_predictor(path, "bundle-old", OLD, "engine-1")
+    np.testing.assert_array_equal(same.weights, predictor.weights)
+    with pytest.raises(StateError, match="another bundle"):
+        load_predictor(path, "bundle-new", NEW, "engine-2")
+    with pytest.raises(StateError, match="another bundle"):
+        load_predictor(legacy, "bundle-new", NEW, "engine-1")

@@ -420,7 +420,8 @@ def engine_fingerprint(manifest: dict[str, Any]) -> str:
 def bundle_fingerprint(manifest: dict[str, Any]) -> str:
     """A short id of what adaptation state depends on: model, image encoder, labels and text.
 
-    State files record it, so a state from another bundle (other classes, other model) is refused.
+    State files record it, so a state from another bundle (other classes, other model) is refused,
+    unless it records its labels and the same ``engine_fingerprint`` (see ``core.labels``).
     """
     files = manifest["files"]
     key = {

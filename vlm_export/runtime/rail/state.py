@@ -4,7 +4,9 @@ inference state (what a predict-only device needs), one ``.npz`` each via runtim
 Learner, primal: W_r, G and B (cholesky route) or R (woodbury), W, learned mask, sample count,
 seed, d_h, ridge. Learner, dual: stored features and labels, M, alpha, learned mask, gamma, ridge.
 Inference, primal: W_r and W in float32, learned mask. Inference, dual: features, alpha (float64),
-learned mask, gamma. Every file records the bundle fingerprint and is refused by another bundle.
+learned mask, gamma. Every file records the bundle fingerprint and is refused by another bundle,
+except that a file recording its labels (``label_fields``) loads into the same image engine with
+other classes, for prediction by label (``rail.models.load_predictor``).
 """
 
 from __future__ import annotations
