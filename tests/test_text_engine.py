@@ -188,3 +188,44 @@ def test_cuda_device_without_gpu_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--device cuda"):
         export_bundle(options)
     assert not (tmp_path / "x").exists()
+
+
+def test_info_shows_text_engine_and_tokenizer(bundle: Path) -> None:
+    from vlm_export.runtime.bundle import Bundle
+    from vlm_export.runtime.commands.info import describe
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = "\n".join(describe(Bundle.open(bundle)))
+    assert "text engine text_encoder.onnx" in text
+    assert "tokens [batchxlength] int64" in text and "max [256, 77]" in text
+    assert "tokenizer clip_bpe" in text and VOCAB_FILE in text
+
+
+def test_manifest_needs_both_text_sections(bundle: Path) -> None:
+    from vlm_export.core.errors import BundleError
+    from vlm_export.core.manifest import validate_manifest
+
+    manifest = read_manifest(bundle)
+    del manifest["tokenizer"]
+    with pytest.raises(BundleError, match="both a text_encoder and a tokenizer"):
+        validate_manifest(manifest)
+
+
+@pytest.mark.slow
+def test_vit_b16_text_engine_parity_and_text_encoder(tmp_path: Path) -> None:
+    """ViT-B-16 (random weights): the exported text engine passes parity vs open_clip, and
+    TextEncoder.embed_classes equals the exporter's embeddings."""
+    from vlm_export.export.text_engine import export_text_engine
+    from vlm_export.runtime.text.encoder import OnnxRuntimeTextRunner
+
+    torch.manual_seed(0)
+    loaded = load_clip("ViT-B-16", "none")
+    sections = export_text_engine(tmp_path, loaded.model, loaded.tokenizer, 17)
+    parity = sections["text_encoder"]["parity"]
+    assert parity["passed"] and parity["cosine_min"] >= 0.9999 and parity["max_abs"] <= 1e-4
+    names = ["golden_retriever", "tabby cat", "Crème brûlée"]
+    want = encode_class_texts(loaded.model, loaded.tokenizer, names, IMAGENET7)
+    runner = OnnxRuntimeTextRunner(tmp_path / TEXT_ENCODER_ONNX)
+    encoder = TextEncoder(runner, ClipTokenizer.from_file(tmp_path / VOCAB_FILE), 77)
+    assert np.abs(encoder.embed_classes(names, IMAGENET7) - want).max() <= 1e-5

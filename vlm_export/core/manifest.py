@@ -6,6 +6,8 @@ A bundle is a folder::
     image_encoder.onnx     the image tower (condensing for tca), static shapes
     text_embeddings.npy    [C, E] float32, L2-normalised rows, one per class
     classes.json           {"classes": [{"name": str, "domain": str}, ...], "domains": [str, ...]}
+    text_encoder.onnx      the text tower (optional: left out by --no-text-encoder), free axes
+    bpe_simple_vocab_16e6.txt.gz   the tokenizer's vocabulary (with the text engine)
     *.engine               TensorRT engines, if built (listed in ``engines``)
 
 Manifest fields (all required unless marked optional)::
@@ -249,7 +251,24 @@ def validate_manifest(manifest: Any) -> dict[str, Any]:
         raise BundleError(f"method {manifest['method']} needs a condensation section")
     _check_files(manifest["files"])
     _check_engine(manifest["engine"], manifest["engines"])
+    _check_text_engine(manifest)
     return manifest
+
+
+def _check_text_engine(manifest: dict[str, Any]) -> None:
+    """The optional text_encoder and tokenizer sections: both or neither, files listed."""
+    section, tokenizer = manifest.get("text_encoder"), manifest.get("tokenizer")
+    if section is None and tokenizer is None:
+        return
+    if not isinstance(section, dict) or not isinstance(tokenizer, dict):
+        raise BundleError("manifest needs both a text_encoder and a tokenizer section, or neither")
+    for where, field in (("text_encoder", "onnx"), ("tokenizer", "vocab")):
+        name = manifest[where].get(field)
+        if not is_plain_name(name) or name not in manifest["files"]:
+            raise BundleError(f"manifest {where}.{field} {name!r} is not a listed bundle file")
+    context = section.get("context_length")
+    if not _is_int(context) or context < 2:
+        raise BundleError(f"manifest text_encoder.context_length {context!r} is not an int >= 2")
 
 
 def _tensor_shapes(manifest: dict[str, Any], kind: str) -> dict[str, list[int]]:

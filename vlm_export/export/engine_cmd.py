@@ -26,6 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vlm_export.core.atomic import WriteError, atomic_write_bytes
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import MANIFEST_NAME, file_record, read_manifest
@@ -44,6 +46,7 @@ from vlm_export.runtime.engines import parity as engine_parity
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.select import (
     PRECISIONS,
+    TEXT_ROLE,
     DeviceInfo,
     TensorRTUnavailableError,
     query_device,
@@ -228,6 +231,89 @@ def _install(
     return record
 
 
+def text_engine_parity_report(
+    bundle_dir: Path, manifest: dict[str, Any], engine_path: Path, precision: str
+) -> dict[str, Any]:
+    """The text engine on TensorRT vs ONNX Runtime CPU on the parity prompts (each batch cut to
+    its longest prompt); EngineParityError below the image engine's cosine bar."""
+    from vlm_export.core.manifest import TEXT_EMBEDDING_OUTPUT as OUT
+    from vlm_export.runtime.text.encoder import OnnxRuntimeTextRunner
+    from vlm_export.runtime.text.prompts import parity_prompts, token_lengths
+    from vlm_export.runtime.text.tensorrt_text import open_text_engine
+    from vlm_export.runtime.text.tokenizer import ClipTokenizer
+
+    section = manifest["text_encoder"]
+    tokens = ClipTokenizer.from_bundle(bundle_dir)(parity_prompts(), section["context_length"])
+    tokens = np.ascontiguousarray(tokens[:, : int(token_lengths(tokens).max())])
+    want = OnnxRuntimeTextRunner(bundle_dir / section["onnx"], ["CPUExecutionProvider"])(tokens)
+    engine = open_text_engine(bundle_dir, manifest, engine_path)
+    try:
+        got = engine(tokens)
+    except RuntimeError as exc:
+        raise engine_parity.EngineParityError(
+            f"{engine_path.name} was not added to the bundle: running it failed ({exc})"
+        ) from None
+    finally:
+        engine.close()
+    stats = engine_parity.compare_outputs("prompts", {OUT: got}, {OUT: want})[OUT]
+    bar = engine_parity.MIN_EMBEDDING_COSINE[precision]
+    report = {
+        "reference": engine_parity.REFERENCE,
+        "precision": precision,
+        "prompts": len(tokens),
+        "embedding_cosine_min": stats["cosine"],
+        "embedding_max_abs": stats["max_abs"],
+        "thresholds": {"embedding_cosine_min": bar},
+        "passed": stats["cosine"] >= bar,
+    }
+    if not report["passed"]:
+        raise engine_parity.EngineParityError(
+            f"{engine_path.name} was not added to the bundle: the text engine differs from "
+            f"{engine_parity.REFERENCE}: {engine_parity.describe(report)}"
+        )
+    return report
+
+
+def add_text_engine_to_bundle(
+    bundle_dir: str | Path,
+    precision: str = "fp16",
+    workspace_mb: int = DEFAULT_WORKSPACE_MB,
+    timing_cache: str | Path | None = None,
+    overwrite: bool = False,
+) -> EngineRecord | None:
+    """Build the text engine (``text_encoder.trt*.engine``, profile from the manifest) for this
+    GPU, check it against ONNX Runtime CPU, record it; None for a bundle without a text engine."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    section = manifest.get("text_encoder")
+    if not isinstance(section, dict):
+        return None
+    check_build_options(precision, workspace_mb, DEFAULT_FP32_LAYER_TYPES)
+    onnx_path = bundle_dir / section["onnx"]
+    name = planned_engine_name(onnx_path.stem, precision, query_device())
+    _refuse_listed(manifest, name, overwrite, "rebuild")
+    with _staging(bundle_dir) as staging:
+        record = build_engine(
+            onnx_path,
+            staging,
+            precision=precision,
+            workspace_mb=workspace_mb,
+            timing_cache=timing_cache,
+            profiles=section["profile"],
+            role=TEXT_ROLE,
+        )
+        parity = text_engine_parity_report(bundle_dir, manifest, staging / record.file, precision)
+        record = dataclasses.replace(record, parity=parity)
+        try:
+            os.replace(staging / record.file, bundle_dir / record.file)
+        except OSError as exc:
+            raise WriteError(f"cannot write {bundle_dir / record.file}: {exc.strerror}") from None
+        manifest = record_engine(manifest, record)
+        text = json.dumps(manifest, indent=2) + "\n"
+        atomic_write_bytes(bundle_dir / MANIFEST_NAME, text.encode("utf-8"))
+        return record
+
+
 def _refuse_listed(manifest: dict[str, Any], name: str, overwrite: bool, what: str) -> None:
     listed = any(entry.get("file") == name for entry in manifest.get("engines") or [])
     if listed and not overwrite:
@@ -352,6 +438,11 @@ def run_tensorrt_step(args: argparse.Namespace, bundle_dir: str | Path) -> Engin
         bundle_dir, args.precision, args.workspace, args.timing_cache, overwrite=True
     )
     print(describe_record(record))
+    text = add_text_engine_to_bundle(
+        bundle_dir, args.precision, args.workspace, args.timing_cache, overwrite=True
+    )
+    if text is not None:
+        print(describe_record(text))
     return record
 
 
@@ -383,6 +474,13 @@ def build_engine_parser() -> argparse.ArgumentParser:
         help="rebuild (or replace) an engine the bundle already lists for this TensorRT, GPU "
         "and precision",
     )
+    parser.add_argument(
+        "--no-text-engine",
+        dest="text_engine",
+        action="store_false",
+        help="build the image engine only (by default a bundle with a text engine also gets "
+        "text_encoder.trt<version>.sm<cc>.<precision>.engine, profile from the manifest)",
+    )
     return parser
 
 
@@ -396,9 +494,16 @@ def _build_main(args: argparse.Namespace) -> EngineRecord:
     precision = args.precision or "fp16"
     workspace = DEFAULT_WORKSPACE_MB if args.workspace is None else args.workspace
     print_trtexec_hint(args.bundle, precision, workspace)
-    return add_engine_to_bundle(
+    record = add_engine_to_bundle(
         args.bundle, precision, workspace, args.timing_cache, args.overwrite
     )
+    if args.text_engine:
+        text = add_text_engine_to_bundle(
+            args.bundle, precision, workspace, args.timing_cache, args.overwrite
+        )
+        if text is not None:
+            print(describe_record(text))
+    return record
 
 
 def build_engine_main(argv: Sequence[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import file_record
 from vlm_export.export.trt_ops import assert_tensorrt_compatible, import_onnx
 from vlm_export.runtime.engines.select import (
+    IMAGE_ROLE,
     PRECISIONS,
     import_tensorrt,
     normalize_compute_capability,
@@ -111,6 +112,7 @@ class EngineRecord:
     nbytes: int
     origin: str = ORIGIN_BUILT
     parity: dict[str, Any] | None = None
+    role: str = IMAGE_ROLE
 
     def to_manifest(self) -> dict[str, Any]:
         """The manifest entry (keys as in ``manifest.py``; ``parity`` once it was run)."""
@@ -128,6 +130,8 @@ class EngineRecord:
         }
         if self.parity is not None:
             entry["parity"] = self.parity
+        if self.role != IMAGE_ROLE:
+            entry["role"] = self.role
         return entry
 
 
@@ -309,6 +313,14 @@ def _add_batch_profile(builder: Any, network: Any, config: Any, batch: int) -> N
         config.add_optimization_profile(profile)
 
 
+def _add_profiles(builder: Any, config: Any, profiles: dict[str, dict[str, Sequence[int]]]) -> None:
+    """One optimisation profile with the given min/opt/max shape per input (the text engine)."""
+    profile = builder.create_optimization_profile()
+    for name, shapes in profiles.items():
+        profile.set_shape(name, list(shapes["min"]), list(shapes["opt"]), list(shapes["max"]))
+    config.add_optimization_profile(profile)
+
+
 def _timing_cache(config: Any, path: Path | None) -> Any:
     """Load the timing cache file (or start an empty cache) into ``config``; return the cache.
 
@@ -352,16 +364,20 @@ def build_engine(
     timing_cache: str | Path | None = None,
     fp32_layer_types: Sequence[str] = DEFAULT_FP32_LAYER_TYPES,
     batch_size: int = 1,
+    profiles: dict[str, dict[str, Sequence[int]]] | None = None,
+    role: str = IMAGE_ROLE,
 ) -> EngineRecord:
     """Build an engine for this machine's GPU from ``onnx_path`` into ``out_dir``.
 
     The ONNX graph is checked first (``assert_tensorrt_compatible``). ``timing_cache`` is read if
-    it exists and written back after the build. A dynamic batch axis gets a profile 1..batch_size.
-    The engine file is written atomically; the manifest is the caller's (see engine_cmd).
+    it exists and written back after the build. A dynamic batch axis gets a profile 1..batch_size;
+    ``profiles`` ({input: {"min", "opt", "max"}}, the text engine's free batch and length axes)
+    replaces that. The engine file is written atomically; the manifest is the caller's.
     """
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     check_build_options(precision, workspace_mb, fp32_layer_types)
-    assert_tensorrt_compatible(onnx_path)
+    free_axes = {name: range(len(shapes["max"])) for name, shapes in (profiles or {}).items()}
+    assert_tensorrt_compatible(onnx_path, free_axes=free_axes or None)
     trt = import_tensorrt()
     device = query_device()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -371,7 +387,10 @@ def build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
     _set_precision(trt, config, network, precision, fp32_layer_types)
-    _add_batch_profile(builder, network, config, batch_size)
+    if profiles:
+        _add_profiles(builder, config, profiles)
+    else:
+        _add_batch_profile(builder, network, config, batch_size)
     cache_path = Path(timing_cache) if timing_cache is not None else None
     cache = _timing_cache(config, cache_path)
     plan = builder.build_serialized_network(network, config)
@@ -396,4 +415,5 @@ def build_engine(
         built_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         sha256=record["sha256"],
         nbytes=record["bytes"],
+        role=role,
     )

@@ -21,12 +21,10 @@ import torch.nn.functional as F
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import TEXT_EMBEDDING_OUTPUT, TEXT_ENCODER_ONNX, TOKENS_INPUT
 from vlm_export.export.onnx_export import export_text_onnx, graph_summary
-from vlm_export.export.text_embeddings import build_prompts
 from vlm_export.export.trt_ops import assert_tensorrt_compatible
 from vlm_export.models.text_tower import TextTower, describe, text_tower_problem
 from vlm_export.runtime.engines.parity import compare_outputs
-from vlm_export.runtime.text.prompts import token_lengths
-from vlm_export.runtime.text.templates import IMAGENET80
+from vlm_export.runtime.text.prompts import parity_prompts, token_lengths
 from vlm_export.runtime.text.tokenizer import CLEAN_FUNCTIONS, KIND, VOCAB_FILE, ClipTokenizer
 
 MIN_COSINE = 0.9999
@@ -34,7 +32,6 @@ MAX_ABS = 1e-4
 #: TensorRT optimisation profile of the tokens input: [batch, length] (length <= context)
 PROFILE_BATCH = (1, 80, 256)
 PROFILE_LENGTH_OPT = 16
-PARITY_CLASSES = ("cat", "golden_retriever", "Crème brûlée &amp; 東京 🐱", "x " * 100)
 
 
 class TextEngineSkipped(UserWarning):
@@ -105,8 +102,7 @@ def write_tokenizer(folder: Path, tokenizer: Any, context_length: int) -> dict[s
 
 def parity_tokens(tokenizer: ClipTokenizer, context: int) -> np.ndarray:
     """Prompts for the parity check: short, accented, CJK/emoji, and one cut at the context."""
-    prompts = build_prompts(PARITY_CLASSES, IMAGENET80[::10])
-    return tokenizer(prompts, context)
+    return tokenizer(parity_prompts(), context)
 
 
 def check_text_parity(

@@ -117,13 +117,39 @@ def _engines(manifest: dict[str, Any]) -> list[str]:
     lines = [f"{engine['onnx']}, opset {engine['opset']}, batch {engine['batch_size']}"]
     lines.append("in:  " + "; ".join(_shape(r) for r in engine["inputs"]))
     lines.append("out: " + "; ".join(_shape(r) for r in engine["outputs"]))
-    for record in manifest["engines"]:
+    image_engines = [r for r in manifest["engines"] if r.get("role") != "text_encoder"]
+    for record in image_engines:
         lines.append(
             f"TensorRT {record.get('file')}: TensorRT {record.get('tensorrt_version')}, "
             f"compute capability {record.get('compute_capability')}, {record.get('precision')}"
         )
-    if not manifest["engines"]:
+    if not image_engines:
         lines.append("no TensorRT engines built (ONNX Runtime runs the ONNX file)")
+    return lines
+
+
+def _text_engine(manifest: dict[str, Any]) -> list[str]:
+    section, tokenizer = manifest.get("text_encoder"), manifest.get("tokenizer")
+    if not isinstance(section, dict):
+        return ["none: the classes are fixed (re-export without --no-text-encoder to change them)"]
+    profile = section.get("profile", {}).get("tokens", {})
+    lines = [
+        f"{section.get('onnx')}, opset {section.get('opset')}, context "
+        f"{section.get('context_length')} tokens (each batch cut to its longest prompt)",
+        "in:  " + "; ".join(_shape(r) for r in section.get("inputs", [])),
+        "out: " + "; ".join(_shape(r) for r in section.get("outputs", [])),
+        f"TensorRT profile tokens: min {profile.get('min')}, opt {profile.get('opt')}, "
+        f"max {profile.get('max')}",
+        f"parity vs open_clip: {_parity(section.get('parity') or {})}",
+    ]
+    text_engines = [r for r in manifest["engines"] if r.get("role") == "text_encoder"]
+    lines += [f"TensorRT {r.get('file')}, {r.get('precision')}" for r in text_engines]
+    if isinstance(tokenizer, dict):
+        lines.append(
+            f"tokenizer {tokenizer.get('kind')} ({tokenizer.get('source')}), clean "
+            f"{tokenizer.get('clean')}, vocabulary {tokenizer.get('vocab')} sha256 "
+            f"{str(tokenizer.get('sha256'))[:16]}"
+        )
     return lines
 
 
@@ -149,6 +175,7 @@ def describe(bundle: Bundle) -> list[str]:
         ("preprocess", _preprocess(manifest["preprocess"])),
         ("classes", _classes(bundle)),
         ("engine", _engines(manifest)),
+        ("text engine", _text_engine(manifest)),
         ("adaptation", _adaptation(manifest["adaptation"])),
         (
             "files",

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from vlm_export.core.errors import UserError
 from vlm_export.runtime.engines.base import EngineBackend
+from vlm_export.runtime.engines.select import IMAGE_ROLE, engines_of_role
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
@@ -59,7 +60,8 @@ def open_backend(
             raise UserError("--providers and --threads apply to the onnxruntime backend only")
         return _open_tensorrt(bundle)
     tensorrt_problem = None
-    if backend == "auto" and not providers and threads is None and bundle.manifest["engines"]:
+    image_engines = engines_of_role(bundle.manifest["engines"], IMAGE_ROLE)
+    if backend == "auto" and not providers and threads is None and image_engines:
         try:
             return _open_tensorrt(bundle)
         except (UserError, RuntimeError) as exc:  # RuntimeError: a CUDA call failed

@@ -124,6 +124,20 @@ def query_device(device: int = 0) -> DeviceInfo:
     )
 
 
+IMAGE_ROLE = "image_encoder"  # a manifest engine record without "role" is an image engine
+TEXT_ROLE = "text_encoder"
+
+
+def engine_role(record: dict[str, Any]) -> str:
+    """Which ONNX model an engine record was built from: image_encoder or text_encoder."""
+    return str(record.get("role", IMAGE_ROLE))
+
+
+def engines_of_role(engines: list[dict[str, Any]], role: str) -> list[dict[str, Any]]:
+    """The manifest's engine records built from the ``role`` model."""
+    return [record for record in engines if engine_role(record) == role]
+
+
 @dataclass
 class EngineChoice:
     """The chosen engine record (None if none fits) and why every other engine was refused."""
@@ -173,9 +187,14 @@ def _refusal(record: dict[str, Any], device: DeviceInfo, precision: str | None) 
 
 
 def select_engine(
-    engines: list[dict[str, Any]], device: DeviceInfo, precision: str | None = None
+    engines: list[dict[str, Any]],
+    device: DeviceInfo,
+    precision: str | None = None,
+    role: str = IMAGE_ROLE,
 ) -> EngineChoice:
     """Pick the engine of ``engines`` (manifest records) that runs on ``device``.
+
+    Only engines of ``role`` (the image encoder unless asked for the text encoder) compete.
 
     An engine fits when its TensorRT major.minor and compute capability equal the device's.
     Among fitting engines: an exact TensorRT version before a patch-level difference (TensorRT
@@ -185,7 +204,7 @@ def select_engine(
     if precision is not None and precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     fitting, refused = [], []
-    for record in engines:
+    for record in engines_of_role(engines, role):
         reason = _refusal(record, device, precision)
         name = str(record.get("file", "<unnamed engine>"))
         if reason is None:
@@ -206,11 +225,14 @@ def select_engine(
 
 
 def choose_engine(
-    manifest: dict[str, Any], device: DeviceInfo | None = None, precision: str | None = None
+    manifest: dict[str, Any],
+    device: DeviceInfo | None = None,
+    precision: str | None = None,
+    role: str = IMAGE_ROLE,
 ) -> dict[str, Any]:
     """The engine record of ``manifest`` for this device, or NoMatchingEngineError with reasons."""
     device = device or query_device()
-    choice = select_engine(manifest.get("engines") or [], device, precision)
+    choice = select_engine(manifest.get("engines") or [], device, precision, role)
     if choice.engine is not None:
         return choice.engine
     raise no_engine_error(choice, device)

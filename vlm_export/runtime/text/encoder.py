@@ -19,6 +19,7 @@ import numpy as np
 
 from vlm_export.core import manifest as mf
 from vlm_export.core.errors import BundleError, UserError
+from vlm_export.runtime.engines.select import TEXT_ROLE, engines_of_role
 from vlm_export.runtime.text.prompts import (
     Progress,
     build_prompts,
@@ -168,4 +169,4 @@ class TextEncoder:
 
 
 def _has_trt(manifest: dict[str, Any]) -> bool:
-    return any(record.get("role") == "text_encoder" for record in manifest.get("engines") or [])
+    return bool(engines_of_role(manifest.get("engines") or [], TEXT_ROLE))

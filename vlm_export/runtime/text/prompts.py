@@ -17,9 +17,12 @@ import numpy as np
 
 from vlm_export.core.errors import UserError
 from vlm_export.runtime.text.class_lists import prompt_name
-from vlm_export.runtime.text.templates import fill_template
+from vlm_export.runtime.text.templates import IMAGENET80, fill_template
 
 Progress = Callable[[int, int], None]
+#: class names of the text engine's parity checks: short, accented, HTML, CJK, emoji, one that
+#: overflows the context
+PARITY_CLASSES = ("cat", "golden_retriever", "Crème brûlée &amp; 東京 🐱", "x " * 100)
 
 
 class TextEmbeddingError(UserError):
@@ -33,6 +36,11 @@ class PromptTruncatedWarning(UserWarning):
 def build_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
     """All prompts, class-major: every template filled with each class's prompt name."""
     return [fill_template(t, prompt_name(name)) for name in classnames for t in templates]
+
+
+def parity_prompts() -> list[str]:
+    """The prompts of the text engine's parity checks (export and TensorRT build): 32 prompts."""
+    return build_prompts(PARITY_CLASSES, IMAGENET80[::10])
 
 
 def token_lengths(tokens: np.ndarray) -> np.ndarray:
