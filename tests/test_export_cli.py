@@ -61,12 +61,14 @@ def test_tca_export_writes_a_complete_bundle(tmp_path, classes, capsys):
     assert flops["condensed_gflops"] < flops["full_gflops"]
     assert flops["torch_counter"]["full"] == pytest.approx(flops["closed_form"]["full"], rel=1e-6)
     names = {entry["name"]: entry["shape"] for entry in manifest["engine"]["inputs"]}
-    assert names == {"image": [1, 3, 64, 64], "anchors": [4, 3, 64], "anchors_valid": [4]}
+    # default class capacity: 1000 anchor rows for 4 classes
+    assert names == {"image": [1, 3, 64, 64], "anchors": [1000, 3, 64], "anchors_valid": [1000]}
+    assert cond["class_capacity"] == 1000
     assert set(manifest["files"]) == {
         "image_encoder.onnx",
         "text_embeddings.npy",
         "classes.json",
-        "text_encoder.onnx",
+        "text_encoder.onnx",  # the text engine and its vocabulary (on by default)
         "bpe_simple_vocab_16e6.txt.gz",
     }
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary leftovers"

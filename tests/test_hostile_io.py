@@ -397,7 +397,7 @@ def _permission_denied(*_args, **_kwargs):
     "where",
     [
         "vlm_export.runtime.sources.Path.iterdir",  # a source folder
-        "vlm_export.core.manifest.Path.read_text",  # the manifest
+        "vlm_export.core.manifest.read_json",  # the manifest
         "vlm_export.core.manifest.sha256_file",  # verifying the model
         "vlm_export.runtime.preprocess.Image.open",  # an image (becomes an error record)
     ],

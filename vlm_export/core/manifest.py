@@ -39,14 +39,17 @@ The manifest's JSON Schema, ``manifest.schema.json`` next to this module, docume
     condensation      null, or {"drop_rate", "merge_centers", "ranking", "reduction_layers",
                        "anchor_layers", "schedule": [{"layer", "tokens_in", "keep", "merge",
                        "prune", "tokens_out"}, ...], "tokens_per_block": [...],
-                       "first_centre": "highest_score"}
+                       "first_centre": "highest_score", "class_capacity": K (optional)}
                       anchor_layers[i] = reduction_layers[i] - 1: the cls_per_layer row whose
-                      per-class means are the anchors of reduction block i.
+                      per-class means are the anchors of reduction block i. class_capacity K is
+                      the rows of the anchors input: any C <= K classes run on the engine (rows
+                      C..K-1 zero and invalid); without it K = C.
     flops             {"convention", "full_gflops", "condensed_gflops", "closed_form",
                        "torch_counter"}
     parity            {"passed": bool, "max_abs", "median_abs", "cosine_min", "cases": [...]}
     text              {"embeddings": file name, "shape": [C, E], "templates": str,
-                       "num_templates": int, "normalized": true}
+                       "num_templates": int, "normalized": true,
+                       "template_strings": [str, ...] (optional: the templates themselves)}
     labels            {"file": file name, "num_classes": int, "domains": [str, ...]}
     adaptation        {"tca": {...reservoir defaults...}, "rail": {...adapter defaults...}}
     files             {file name: {"sha256": hex, "bytes": int}} for every other file in the bundle;
@@ -292,9 +295,16 @@ def validate_runtime_contract(manifest: dict[str, Any]) -> dict[str, Any]:
             f"manifest condensation.anchor_layers {outside} are outside the {num_layers} rows of "
             f"{CLS_OUTPUT}"
         )
-    why = f"classes {classes}, {reductions} reduction layers, width {width} of {CLS_OUTPUT}"
-    _expect_shape(ANCHORS_INPUT, inputs.get(ANCHORS_INPUT), [classes, reductions, width], why)
-    _expect_shape(ANCHORS_VALID_INPUT, inputs.get(ANCHORS_VALID_INPUT), [classes], why)
+    capacity = classes
+    if "class_capacity" in condensation:
+        capacity = _count(condensation, "class_capacity", "condensation")
+        if capacity < classes:
+            raise BundleError(
+                f"bundle has {classes} classes, more than its engine's class capacity {capacity}"
+            )
+    why = f"capacity {capacity}, {reductions} reduction layers, width {width} of {CLS_OUTPUT}"
+    _expect_shape(ANCHORS_INPUT, inputs.get(ANCHORS_INPUT), [capacity, reductions, width], why)
+    _expect_shape(ANCHORS_VALID_INPUT, inputs.get(ANCHORS_VALID_INPUT), [capacity], why)
     fate = outputs.get(FATE_OUTPUT)
     if fate is not None and (len(fate) != 3 or fate[:2] != [batch, reductions]):
         raise BundleError(
@@ -302,6 +312,14 @@ def validate_runtime_contract(manifest: dict[str, Any]) -> dict[str, Any]:
             f"[{batch}, {reductions}, patches]"
         )
     return manifest
+
+
+def class_capacity(manifest: dict[str, Any]) -> int | None:
+    """Most classes the bundle's condensing engine takes (its anchors rows); None: no limit."""
+    if not uses_condensation(manifest["method"]):
+        return None
+    condensation = manifest["condensation"]
+    return int(condensation.get("class_capacity", manifest["labels"]["num_classes"]))
 
 
 def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
@@ -332,10 +350,24 @@ def verify_files(bundle_dir: str | Path, manifest: dict[str, Any]) -> None:
             raise BundleError(f"bundle file {name} does not match its sha256 (modified or corrupt)")
 
 
+def engine_fingerprint(manifest: dict[str, Any]) -> str:
+    """A short id of the image engine alone (model and ONNX file, not the classes).
+
+    Adaptation states record it with their labels: after the bundle's classes change (same
+    engine, new fingerprint) a state keeps its rows by label instead of being refused.
+    """
+    key = {
+        "model": [manifest["model"]["name"], str(manifest["model"]["pretrained"])],
+        "onnx": manifest["files"].get(manifest["engine"]["onnx"], {}).get("sha256"),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def bundle_fingerprint(manifest: dict[str, Any]) -> str:
     """A short id of what adaptation state depends on: model, image encoder, labels and text.
 
-    State files record it, so a state from another bundle (other classes, other model) is refused.
+    State files record it, so a state from another bundle (other classes, other model) is refused,
+    unless it records its labels and the same ``engine_fingerprint`` (see ``core.labels``).
     """
     files = manifest["files"]
     key = {

@@ -10,7 +10,6 @@ allowed. Folders are read as trees: ``tree_reads`` lists the files in them that 
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -19,8 +18,7 @@ from pathlib import Path
 
 from vlm_export.core.atomic import final_target, report_interrupted_first_save
 from vlm_export.core.errors import UserError
-
-GLOB_CHARS = "*?["
+from vlm_export.core.globbing import GLOB_CHARS, glob_files
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +86,7 @@ def source_reads(
     if path.exists():
         return tree_reads(role, path, depth, keep)
     if any(char in spec for char in GLOB_CHARS):
-        return [(role, Path(p)) for p in glob.glob(spec, recursive=True) if keep(Path(p))]
+        return [(role, p) for p in glob_files(spec) if keep(p)]
     return []  # a camera, a stream URL, or nothing (the command says so)
 
 

@@ -57,6 +57,7 @@ def load_state(
     schema_version: int,
     bundle_fingerprint: str | None,
     expected_shapes: Callable[[dict[str, Any]], Mapping[str, tuple[int, ...]]] | None = None,
+    engine_fingerprint: str | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read a state file written by ``save_state``; return (arrays, meta).
 
@@ -64,6 +65,10 @@ def load_state(
     (when ``bundle_fingerprint`` is given) a state made with another bundle. Before any array is
     read, the shapes and dtypes its ``.npy`` headers declare are checked: no object arrays, the
     shapes ``expected_shapes(meta)`` names (when given), and the total against available memory.
+    A state of another
+    bundle fingerprint is accepted when ``engine_fingerprint`` is given, the state records the
+    same ``engine`` and its ``labels`` (the same engine with other classes: the caller then maps
+    the state's rows by label, see ``vlm_export.core.labels``).
     """
     path = Path(path)
     if path.is_dir():
@@ -76,7 +81,9 @@ def load_state(
             with archive:
                 headers = _declared_arrays(archive, path)
                 meta = _read_meta(archive, headers, path)
-                _check_meta(meta, path, kind, schema_version, bundle_fingerprint)
+                _check_meta(
+                    meta, path, kind, schema_version, bundle_fingerprint, engine_fingerprint
+                )
                 if expected_shapes is not None:
                     _check_shapes(headers, expected_shapes(meta), path)
                 total = sum(
@@ -145,6 +152,7 @@ def _check_meta(
     kind: str,
     schema_version: int,
     bundle_fingerprint: str | None,
+    engine_fingerprint: str | None,
 ) -> None:
     if meta.get("kind") != kind:
         raise StateError(f"{path} holds a {meta.get('kind')!r} state, expected {kind!r}")
@@ -153,7 +161,16 @@ def _check_meta(
             f"{path} has {kind} schema {meta.get('schema_version')}, this version reads "
             f"{schema_version}"
         )
-    if bundle_fingerprint is not None and meta.get("bundle") != bundle_fingerprint:
+    same_engine = (
+        engine_fingerprint is not None
+        and meta.get("engine") == engine_fingerprint
+        and "labels" in meta
+    )
+    if (
+        bundle_fingerprint is not None
+        and meta.get("bundle") != bundle_fingerprint
+        and not same_engine
+    ):
         raise StateError(
             f"{path} was made with another bundle (fingerprint {meta.get('bundle')}, this bundle "
             f"is {bundle_fingerprint}): other model or class list"

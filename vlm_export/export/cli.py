@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="when anchors switch on: once every class has 2 entries (reference), or "
         "per class as soon as it has one",
     )
+    tca.add_argument(
+        "--max-classes",
+        type=int,
+        metavar="N",
+        help="class capacity of the condensing engine: the device may change its class list to "
+        "up to N classes without a re-export (default: 1000, or the class count if larger)",
+    )
     out = parser.add_argument_group("output")
     out.add_argument(
         "--opset",
@@ -198,8 +205,8 @@ def run(args: argparse.Namespace) -> int:
 
         print("\n".join(available_models()))
         return 0
+    _check_paths(args)  # first: an --out that holds an input is the more useful line
     domains = check_arguments(args)
-    _check_paths(args)
     from vlm_export.export.pipeline import ExportOptions, export_bundle  # imports torch
     from vlm_export.models.schedule import CondensationConfig
 
@@ -225,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         eviction=args.eviction,
         anchor_rule=args.anchor_rule,
         quiet=args.quiet,
+        max_classes=args.max_classes,
         text_encoder=args.text_encoder,
         device=args.device,
     )

@@ -72,11 +72,27 @@ class ExportOptions:
     eviction: str = "diversity"
     anchor_rule: str = "all_classes"
     quiet: bool = False
+    max_classes: int | None = None
     text_encoder: bool = True
     device: str = "cpu"
 
 
 DEVICES = ("cpu", "cuda")
+
+
+#: class capacity of condensing engines when --max-classes is not given (at least the class count)
+DEFAULT_CLASS_CAPACITY = 1000
+
+
+def class_capacity(options: ExportOptions, num_classes: int) -> int:
+    """Rows of the condensing engine's anchors input: --max-classes, else max(1000, classes)."""
+    if options.max_classes is None:
+        return max(DEFAULT_CLASS_CAPACITY, num_classes)
+    if options.max_classes < num_classes:
+        raise UserError(
+            f"--max-classes {options.max_classes} is below the {num_classes} classes exported"
+        )
+    return options.max_classes
 
 
 def _check_options(options: ExportOptions) -> None:
@@ -86,6 +102,7 @@ def _check_options(options: ExportOptions) -> None:
         raise UserError("no classes given: pass --classes FILE (or --domain NAME=FILE for rail)")
     if options.batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {options.batch_size}")
+    class_capacity(options, sum(len(classes) for _, classes in options.domains))
     check_output_folder(options.out, options.overwrite)
     tca_settings(options.tca_preset, options.eviction, options.anchor_rule)  # an unknown preset
     if options.device not in DEVICES:
@@ -142,6 +159,7 @@ def _condensation_section(tower: CondensingVisionTower) -> dict[str, Any] | None
         "tokens_per_block": tower.tokens_per_block,
         "first_centre": "highest_score",
         "anchor_mask_bias": -1.0e4,
+        "class_capacity": tower.num_classes,
     }
 
 
@@ -161,14 +179,16 @@ def _producer() -> dict[str, str]:
 def build_tower(
     loaded: LoadedClip, options: ExportOptions, num_classes: int
 ) -> CondensingVisionTower:
-    """The tower for the method: condensing (drop rate from --target-gflops if given) or full."""
+    """The tower for the method: condensing (drop rate from --target-gflops if given, anchors for
+    ``class_capacity`` classes) or full."""
     if not uses_condensation(options.method):
         return CondensingVisionTower(loaded.model.visual, None)
     config = options.condensation
     if options.target_gflops is not None:
         rate = drop_rate_for_gflops(loaded.model.visual, config, options.target_gflops)
         config = replace(config, drop_rate=rate)
-    return CondensingVisionTower(loaded.model.visual, config, num_classes).eval()
+    capacity = class_capacity(options, num_classes)
+    return CondensingVisionTower(loaded.model.visual, config, capacity).eval()
 
 
 def export_bundle(options: ExportOptions) -> Path:
@@ -263,6 +283,7 @@ def export_bundle(options: ExportOptions) -> Path:
                 "shape": list(text.shape),
                 "templates": template_spec,
                 "num_templates": len(templates),
+                "template_strings": list(templates),
                 "normalized": True,
             },
             "labels": {

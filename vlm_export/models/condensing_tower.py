@@ -147,7 +147,12 @@ class TokenCondenser(nn.Module):
 class CondensingVisionTower(nn.Module):
     """open_clip ViT image tower with static-budget TCA condensation (or none, for a full tower).
 
-    forward(image [B,3,H,W], anchors [C,R,D], anchors_valid [C]) ->
+    ``num_classes`` is the engine's class capacity K, the rows of its anchors input: a label space
+    of C <= K classes fills the first C rows and leaves the others zero with ``anchors_valid`` 0.
+    An invalid row is never chosen while a valid one exists (its cosine is pushed down by 1e4) and
+    its key is masked when none is valid, so the outputs do not depend on K.
+
+    forward(image [B,3,H,W], anchors [K,R,D], anchors_valid [K]) ->
         embedding [B,E] (L2-normalised), cls_per_layer [B,L,D], token_fate [B,R,P] int32.
     With ``config=None`` the tower is the unmodified ViT:
     forward(image) -> embedding, cls_per_layer.

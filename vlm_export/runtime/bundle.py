@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -12,8 +17,9 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from vlm_export.core import manifest as mf
-from vlm_export.core.errors import BundleError
+from vlm_export.core.errors import BundleError, UserError
 from vlm_export.core.json_input import read_json
+from vlm_export.core.labels import Label
 from vlm_export.core.manifest_schema import describe_value
 
 #: largest classes.json read (ImageNet-21k's names take about 1 MB)
@@ -196,6 +202,63 @@ class Bundle:
     def num_classes(self) -> int:
         """Number of classes C."""
         return len(self.classes)
+
+    @property
+    def labels(self) -> list[Label]:
+        """(domain, class name) of every class: what adaptation states key their rows by."""
+        return list(zip(self.class_domains, self.classes, strict=True))
+
+    @property
+    def engine_fingerprint(self) -> str:
+        """Fingerprint of the image engine alone (unchanged when the classes change)."""
+        return mf.engine_fingerprint(self.manifest)
+
+    @property
+    def class_capacity(self) -> int | None:
+        """Most classes the image engine takes (condensing engines), None when unlimited."""
+        return mf.class_capacity(self.manifest)
+
+    def check_capacity(self, num_classes: int) -> None:
+        """UserError if ``num_classes`` classes do not fit the engine's class capacity."""
+        capacity = self.class_capacity
+        if capacity is not None and num_classes > capacity:
+            raise UserError(
+                f"{num_classes} classes exceed the engine's class capacity of {capacity} "
+                "(re-export with a larger vlm-export --max-classes)"
+            )
+
+    def with_classes(
+        self, labels: Sequence[Label], text_embeddings: np.ndarray, domains: Sequence[str]
+    ) -> Bundle:
+        """This bundle, in memory, with another label space (the folder is not touched).
+
+        ``labels`` [(domain, name)] and ``text_embeddings`` [C, E] row by row; ``domains`` lists
+        every domain of the labels, in order. Its fingerprint is made from the new content.
+        """
+        text = np.ascontiguousarray(text_embeddings, dtype=np.float32)
+        if text.ndim != 2 or text.shape != (len(labels), self.text_embeddings.shape[1]):
+            raise ValueError(
+                f"text embeddings {list(text.shape)} do not fit {len(labels)} classes of width "
+                f"{self.text_embeddings.shape[1]}"
+            )
+        if not labels:
+            raise UserError("no classes given")
+        self.check_capacity(len(labels))
+        manifest = copy.deepcopy(self.manifest)
+        manifest["text"]["shape"] = list(text.shape)
+        manifest["labels"]["num_classes"] = len(labels)
+        manifest["labels"]["domains"] = list(domains)
+        content = hashlib.sha256(text.tobytes())
+        content.update(json.dumps([list(label) for label in labels]).encode())
+        return dataclasses.replace(
+            self,
+            manifest=manifest,
+            classes=[name for _, name in labels],
+            class_domains=[domain for domain, _ in labels],
+            domains=list(domains),
+            text_embeddings=text,
+            fingerprint=f"{self.engine_fingerprint}:{content.hexdigest()[:16]}",
+        )
 
     def engine_io(self, kind: str) -> dict[str, dict[str, Any]]:
         """The engine's ``inputs`` or ``outputs`` records by name."""

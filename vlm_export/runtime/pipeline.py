@@ -11,6 +11,7 @@ scores. Without fusion the reported scores are the softmax of the final logits. 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,13 +20,14 @@ import numpy as np
 from PIL import Image
 
 from vlm_export.core.errors import BundleError, UserError
+from vlm_export.core.labels import label_sources
 from vlm_export.core.manifest import ANCHORS_INPUT, CLS_OUTPUT, EMBEDDING_OUTPUT, FATE_OUTPUT
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.numerics import softmax
 from vlm_export.runtime.preprocess import Preprocessor
 from vlm_export.runtime.tca.reservoir import TokenReservoir
-from vlm_export.runtime.tca.stage import TcaStage, build_reservoir
+from vlm_export.runtime.tca.stage import TcaStage, build_reservoir, save_reservoir
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,10 @@ class Fusion(Protocol):
     """A stage after the logits (RAIL-Fusion): final logits [C] + embedding [E] -> scores [C]."""
 
     def fused_scores(self, logits: np.ndarray, embedding: np.ndarray) -> np.ndarray: ...
+
+    def for_labels(self, old: list[tuple[str, str]], new: list[tuple[str, str]]) -> Fusion:
+        """The same stage over label space ``new`` (rows follow their (domain, name) label)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,7 @@ class Pipeline:
         self.bundle = bundle
         self.backend = backend
         self.method = method
+        self._topk = topk
         self.topk = min(topk, bundle.num_classes)
         self.preprocessor = Preprocessor.from_manifest(bundle.manifest)
         self.fusion = fusion
@@ -136,6 +143,13 @@ class Pipeline:
         if stages.tca:
             if reservoir is None:
                 reservoir = build_reservoir(bundle)
+            shape = (reservoir.num_classes, reservoir.anchor_rows)
+            if shape != (bundle.num_classes, bundle.class_capacity):
+                raise UserError(
+                    f"the reservoir has {shape[0]} classes and {shape[1]} anchor rows; the bundle "
+                    f"has {bundle.num_classes} classes and class capacity {bundle.class_capacity} "
+                    "(make it with build_reservoir)"
+                )
             self.tca = TcaStage(reservoir, backend)
         elif ANCHORS_INPUT in bundle.engine_io("inputs"):
             shape = [int(v) for v in bundle.engine_io("inputs")[ANCHORS_INPUT]["shape"]]
@@ -152,7 +166,49 @@ class Pipeline:
         """Save the adaptation state (the reservoir) atomically; UserError if there is none."""
         if self.tca is None:
             raise UserError(f"method {self.method} keeps no state to save")
-        self.tca.reservoir.save(path, self.bundle.fingerprint)
+        save_reservoir(self.tca.reservoir, path, self.bundle)
+
+    def set_classes(
+        self,
+        names: Sequence[str],
+        text_embeddings: np.ndarray,
+        domains: Sequence[str] | None = None,
+    ) -> None:
+        """Classify with another label space from the next frame on (call between two frames).
+
+        ``names`` [C] and ``text_embeddings`` [C, E] (L2-normalised rows, e.g. from the text
+        engine) row by row; ``domains`` gives each class's domain (default: the bundle's domain,
+        when it has just one). Adaptation follows the labels (domain, name): the TCA reservoir
+        keeps the entries of kept classes, new classes start empty, removed ones are dropped; a
+        RAIL fusion stage keeps predicting for its classes still present and refuses (StateError)
+        when none of them is left. More classes than the engine's capacity is a UserError. Nothing
+        changes when this raises.
+        """
+        if domains is None:
+            if len(self.bundle.domains) != 1:
+                raise UserError(
+                    f"the bundle has domains {', '.join(self.bundle.domains)}: give each class's "
+                    "domain"
+                )
+            domains = self.bundle.domains * len(names)
+        if len(domains) != len(names):
+            raise ValueError(f"{len(domains)} domains for {len(names)} classes")
+        labels = list(zip((str(d) for d in domains), (str(n) for n in names), strict=True))
+        if len(set(labels)) != len(labels):
+            raise UserError("a class is given twice in the same domain")
+        order = list(dict.fromkeys(domain for domain, _ in labels))
+        bundle = self.bundle.with_classes(labels, text_embeddings, order)
+        old = self.bundle.labels
+        tca = fusion = None
+        if self.tca is not None:
+            reservoir = self.tca.reservoir.select_classes(label_sources(old, labels))
+        if self.fusion is not None:
+            fusion = self.fusion.for_labels(old, labels)
+        if self.tca is not None:
+            tca = TcaStage(reservoir, self.backend)  # pushes the new anchors to the engine
+        self.bundle, self.tca, self.fusion = bundle, tca, fusion
+        self.topk = min(self._topk, bundle.num_classes)
+        self._text_t = np.ascontiguousarray(bundle.text_embeddings.T)
 
     def process(self, frame: FrameInput, index: int = 0, source: str = "") -> FrameResult:
         """Run one frame: a PIL image, a BGR uint8 array (OpenCV) or an image path.

@@ -10,8 +10,6 @@ GStreamer pipelines), whose frames :mod:`vlm_export.runtime.capture` reads on a 
 
 from __future__ import annotations
 
-import fnmatch
-import glob
 import logging
 import os
 import re
@@ -25,6 +23,7 @@ from types import ModuleType, TracebackType
 import numpy as np
 
 from vlm_export.core.errors import UserError
+from vlm_export.core.globbing import GLOB_CHARS, glob_files
 
 IMAGE_EXTENSIONS = (
     ".jpg",
@@ -39,7 +38,6 @@ IMAGE_EXTENSIONS = (
     ".pgm",
 )
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
-GLOB_CHARS = "*?["
 
 log = logging.getLogger(__name__)
 
@@ -223,43 +221,10 @@ def _folder(path: Path) -> ImageFiles:
     return ImageFiles(paths, f"folder {path} ({len(paths)} images)")
 
 
-def _segments_match(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
-    """glob's rules for one relative path: ``**`` is any number of folders, other wildcards stay
-    inside one name, and a wildcard does not match a leading dot."""
-    if not pattern:
-        return not parts
-    if pattern[0] == "**":
-        if _segments_match(parts, pattern[1:]):
-            return True
-        return bool(parts) and not parts[0].startswith(".") and _segments_match(parts[1:], pattern)
-    if not parts or (parts[0].startswith(".") and not pattern[0].startswith(".")):
-        return False
-    return fnmatch.fnmatchcase(parts[0], pattern[0]) and _segments_match(parts[1:], pattern[1:])
-
-
-def _walk_glob(pattern: str) -> list[Path]:
-    """A ``**`` pattern's matches, each folder visited once by its real path (``glob.glob``
-    follows every symbolic link again: two links to ``.`` make its walk exponential)."""
-    parts = Path(pattern).parts
-    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS))
-    root, rest = Path(*parts[:fixed]) if fixed else Path(), parts[fixed:]
-    found, visited = [], set()
-    for folder, subfolders, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in visited:
-            subfolders.clear()
-            continue
-        visited.add(real)
-        relative = Path(folder).relative_to(root).parts
-        found += [Path(folder, name) for name in names if _segments_match((*relative, name), rest)]
-    return found
-
-
 def _glob(pattern: str) -> ImageFiles:
     """Files matching ``pattern`` (``**`` recursive), each real file once under its shortest
     name; links that point to the same file are told apart by their real path."""
-    recursive = "**" in pattern
-    found = _walk_glob(pattern) if recursive else [Path(name) for name in glob.glob(pattern)]
+    found = glob_files(pattern)
     candidates = [path for path in found if _image_named(path)]
     by_real: dict[str, Path] = {}
     for path in sorted(candidates, key=lambda p: (len(p.parts), p)):

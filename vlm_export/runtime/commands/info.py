@@ -105,7 +105,12 @@ def _classes(bundle: Bundle) -> list[str]:
     )
     shown = ", ".join(bundle.classes[:8]) + (", ..." if bundle.num_classes > 8 else "")
     plural = "s" if len(bundle.domains) != 1 else ""
-    return [f"{bundle.num_classes} in {len(bundle.domains)} domain{plural}: {per_domain}", shown]
+    room = (bundle.class_capacity or 0) > bundle.num_classes
+    capacity = f" (engine capacity {bundle.class_capacity})" if room else ""
+    return [
+        f"{bundle.num_classes} in {len(bundle.domains)} domain{plural}{capacity}: {per_domain}",
+        shown,
+    ]
 
 
 def _engines(manifest: dict[str, Any]) -> list[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from vlm_export.core.atomic import check_can_create
 from vlm_export.core.errors import UserError
+from vlm_export.core.labels import labels_meta
 from vlm_export.core.manifest import EMBEDDING_OUTPUT
 from vlm_export.core.paths import check_paths, tree_reads
 from vlm_export.runtime.bundle import Bundle
@@ -143,9 +144,10 @@ def handle(args: argparse.Namespace) -> int:
     )
     learner.partial_fit(features, data.labels)
     learner.finalize()
-    save_learner_state(args.state, learner, bundle.fingerprint)  # the primary state first
+    follow = labels_meta(bundle.engine_fingerprint, bundle.labels)
+    save_learner_state(args.state, learner, bundle.fingerprint, follow)  # the primary state first
     status(f"learned domain {args.domain}; {args.state}: {describe(learner)}")
     if args.inference_state:
-        save_inference_state(args.inference_state, learner, bundle.fingerprint)
+        save_inference_state(args.inference_state, learner, bundle.fingerprint, follow)
         status(f"inference state saved to {args.inference_state}")
     return 0

@@ -94,9 +94,11 @@ def handle(args: argparse.Namespace) -> int:
             )
     # one state file in memory at a time besides the result (each is d_h^2 floats)
     merged = merge_learner_states(load_learner_state(p, fingerprint) for p in args.states)
-    save_learner_state(args.out, merged, fingerprint)
+    first = state_header(args.states[0]) or {}
+    follow = {key: first[key] for key in ("engine", "labels") if key in first}  # same bundle
+    save_learner_state(args.out, merged, fingerprint, follow)
     status(f"merged {len(args.states)} learner states into {args.out}: {describe(merged)}")
     if args.inference_state:
-        save_inference_state(args.inference_state, merged, fingerprint)
+        save_inference_state(args.inference_state, merged, fingerprint, follow)
         status(f"inference state saved to {args.inference_state}")
     return 0

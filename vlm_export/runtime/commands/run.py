@@ -49,6 +49,7 @@ from vlm_export.runtime.commands._run_output import (
     same_terminal,
     short_name,
 )
+from vlm_export.runtime.commands.classes import add_label_space_arguments, compute_label_space
 from vlm_export.runtime.display import Window
 from vlm_export.runtime.pipeline import (
     METHOD_STAGES,
@@ -158,6 +159,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="with --save-annotated: tint the patch grid by token fate (condensing bundles)",
     )
     add_engine_arguments(parser)
+    labels = parser.add_argument_group("classes for this run (the bundle is not changed)")
+    labels.add_argument(
+        "--classes", metavar="FILE", help="classify with these classes (needs a text engine)"
+    )
+    add_label_space_arguments(labels, domain=False)
     tca = parser.add_argument_group("TCA reservoir (default: the bundle's adaptation.tca)")
     tca.add_argument("--capacity", type=int, help="entries per class (M)")
     tca.add_argument("--tau", type=float, help="layer-weight temperature")
@@ -404,12 +410,23 @@ def handle(args: argparse.Namespace) -> int:
             *source_reads("SOURCE", args.source, is_media_file),
             ("--rail-state", args.rail_state),
             ("--state", args.state),
+            ("--classes", args.classes),
+            (
+                "--templates",
+                args.templates if args.templates and Path(args.templates).is_file() else None,
+            ),
         ],
         [("--out", args.out), ("--state", args.state)],
     )
     if args.out:
         check_can_create(args.out)  # before the bundle and engine load, not after
     bundle = Bundle.open(args.bundle, verify=not args.no_verify)
+    if args.classes:
+        space = compute_label_space(bundle, args.classes, args.templates, None, args.text_backend)
+        bundle = bundle.with_classes(space.labels, space.text_embeddings, space.domains)
+        status(f"{len(space.labels)} classes from {args.classes} ({space.embedded} embedded)")
+    elif args.templates:
+        raise UserError("--templates needs --classes FILE")
     method = args.method or default_method(bundle, bool(args.rail_state))
     _check_args(args, method)
     reservoir = fusion = None
@@ -419,7 +436,9 @@ def handle(args: argparse.Namespace) -> int:
         if resumed:
             status(f"resumed state {args.state} ({int(reservoir.counts().sum())} entries)")
     if args.rail_state:
-        predictor = load_predictor(args.rail_state, bundle.fingerprint)
+        predictor = load_predictor(
+            args.rail_state, bundle.fingerprint, bundle.labels, bundle.engine_fingerprint
+        )
         fusion = RailFusion(predictor, fusion_beta(bundle.manifest))
         status(f"RAIL state {args.rail_state}: {describe(predictor)}")
     fmt = choose_format(args.format, args.out, sys.stdout)

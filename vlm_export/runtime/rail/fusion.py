@@ -63,6 +63,13 @@ class RailFusion:
         self.adapter = adapter
         self.beta = beta
 
+    def for_labels(self, old: list[tuple[str, str]], new: list[tuple[str, str]]) -> RailFusion:
+        """This fusion over label space ``new``, the adapter following its classes by label."""
+        from vlm_export.runtime.rail.models import follow_labels
+
+        adapter = getattr(self.adapter, "to_inference", lambda: self.adapter)()
+        return RailFusion(follow_labels(adapter, old, new), self.beta)
+
     def fused_scores(self, logits: np.ndarray, embedding: np.ndarray) -> np.ndarray:
         """RAIL-Fusion of one frame (the adapter sees the embedding as a batch of one)."""
         scores = self.adapter.predict(np.asarray(embedding)[None])[0]

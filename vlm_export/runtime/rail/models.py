@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from vlm_export.core.errors import UserError
+from vlm_export.core.errors import StateError, UserError
+from vlm_export.core.labels import Label, describe_change, label_sources, saved_labels
 from vlm_export.core.state_file import META_KEY
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.rail import dual, primal
@@ -143,9 +144,50 @@ def state_header(path: str | Path) -> dict[str, Any] | None:
     return header if isinstance(header, dict) else None
 
 
-def load_predictor(path: str | Path, bundle_fingerprint: str) -> Predictor:
-    """A predictor from a RAIL learner state (solved, made predict-only) or inference state."""
+def load_predictor(
+    path: str | Path,
+    bundle_fingerprint: str,
+    labels: list[Label] | None = None,
+    engine_fingerprint: str | None = None,
+) -> Predictor:
+    """A predictor from a RAIL learner state (solved, made predict-only) or inference state.
+
+    With the bundle's ``labels``, a state that records its own labels predicts for the bundle's
+    classes by label (``follow_labels``); such a state may come from another bundle of the same
+    image engine (``engine_fingerprint``), one whose classes changed.
+    """
     header = state_header(path) or {}
     if header.get("kind") == LEARNER_KIND:
-        return to_inference(load_learner_state(path, bundle_fingerprint))
-    return load_inference_state(path, bundle_fingerprint)
+        predictor = to_inference(load_learner_state(path, bundle_fingerprint, engine_fingerprint))
+    else:
+        predictor = load_inference_state(path, bundle_fingerprint, engine_fingerprint)
+    saved = saved_labels(header, path)
+    if labels is None or saved is None or saved == list(labels):
+        return predictor
+    if len(saved) != predictor.num_classes:
+        raise StateError(f"{path} records {len(saved)} labels for {predictor.num_classes} classes")
+    return follow_labels(predictor, saved, labels, str(path))
+
+
+def follow_labels(
+    predictor: Predictor, old: list[Label], new: list[Label], where: str = "RAIL state"
+) -> Predictor:
+    """The predictor over label space ``new``: each class keeps the output column (and learned
+    flag) of the same label in ``old``; new labels are unlearned (zero column); labels not in
+    ``new`` are dropped. StateError when none of its learned classes is left (it no longer fits).
+    """
+    sources = label_sources(old, new)
+    present = np.array([source is not None for source in sources])
+    take = np.array([0 if source is None else source for source in sources], dtype=np.int64)
+    mask = predictor.learned_mask[take] & present
+    learned = int(predictor.learned_mask.sum())
+    if learned and not mask.any():
+        raise StateError(
+            f"{where} no longer fits: none of the {learned} classes it learned is in the "
+            f"bundle's classes ({describe_change(old, new)})"
+        )
+    if isinstance(predictor, primal.PrimalPredictor):
+        weights = predictor.weights[:, take] * present.astype(predictor.weights.dtype)
+        return primal.PrimalPredictor(predictor.projection, weights, mask)
+    coef = predictor.coef[:, take] * present.astype(predictor.coef.dtype)
+    return dual.DualPredictor(predictor.features, coef, predictor.gamma, mask)

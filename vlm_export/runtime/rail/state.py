@@ -4,7 +4,9 @@ inference state (what a predict-only device needs), one ``.npz`` each via runtim
 Learner, primal: W_r, G and B (cholesky route) or R (woodbury), W, learned mask, sample count,
 seed, d_h, ridge. Learner, dual: stored features and labels, M, alpha, learned mask, gamma, ridge.
 Inference, primal: W_r and W in float32, learned mask. Inference, dual: features, alpha (float64),
-learned mask, gamma. Every file records the bundle fingerprint and is refused by another bundle.
+learned mask, gamma. Every file records the bundle fingerprint and is refused by another bundle,
+except that a file recording its labels (``label_fields``) loads into the same image engine with
+other classes, for prediction by label (``rail.models.load_predictor``).
 """
 
 from __future__ import annotations
@@ -35,8 +37,17 @@ def to_inference(learner: Learner) -> Predictor:
     return learner.to_inference()
 
 
-def save_learner_state(path: str | Path, learner: Learner, bundle_fingerprint: str) -> None:
-    """Write a learner state atomically (the previous file stays intact if anything fails)."""
+def save_learner_state(
+    path: str | Path,
+    learner: Learner,
+    bundle_fingerprint: str,
+    label_fields: dict[str, Any] | None = None,
+) -> None:
+    """Write a learner state atomically (the previous file stays intact if anything fails).
+
+    ``label_fields`` (``core.labels.labels_meta``: engine fingerprint and labels) go into the
+    header, so that a predictor made from the state follows its labels when the classes change.
+    """
     mask = learner.learned_mask
     if isinstance(learner, PrimalAdapter):
         arrays = {"weights": learner.weights, "learned_mask": mask}
@@ -66,13 +77,18 @@ def save_learner_state(path: str | Path, learner: Learner, bundle_fingerprint: s
             "learned_mask": mask,
         }
         meta = _dual_meta(learner)
+    meta.update(label_fields or {})
     save_state(path, LEARNER_KIND, SCHEMA_VERSION, bundle_fingerprint, arrays, meta)
 
 
 def save_inference_state(
-    path: str | Path, model: Learner | Predictor, bundle_fingerprint: str
+    path: str | Path,
+    model: Learner | Predictor,
+    bundle_fingerprint: str,
+    label_fields: dict[str, Any] | None = None,
 ) -> None:
-    """Write an inference state atomically; a learner is converted with ``to_inference`` first."""
+    """Write an inference state atomically; a learner is converted with ``to_inference`` first.
+    ``label_fields`` as for ``save_learner_state``."""
     if isinstance(model, (PrimalAdapter, DualAdapter)):
         model = to_inference(model)
     arrays: dict[str, np.ndarray] = {"learned_mask": model.learned_mask}
@@ -89,6 +105,7 @@ def save_inference_state(
     else:
         arrays.update(features=model.features, coef=model.coef)
         meta = _dual_meta(model)
+    meta.update(label_fields or {})
     save_state(path, INFERENCE_KIND, SCHEMA_VERSION, bundle_fingerprint, arrays, meta)
 
 
@@ -125,12 +142,25 @@ class _Reader:
         return value
 
 
-def load_learner_state(path: str | Path, bundle_fingerprint: str | None) -> Learner:
+def load_learner_state(
+    path: str | Path, bundle_fingerprint: str | None, engine_fingerprint: str | None = None
+) -> Learner:
     """Read a learner state; StateError if corrupt, of another schema or from another bundle.
 
-    ``bundle_fingerprint=None`` skips the bundle check (inspection only).
+    ``bundle_fingerprint=None`` skips the bundle check (inspection only). ``engine_fingerprint``
+    also accepts a state of the same engine that records its labels (for prediction only: the
+    caller maps its classes by label).
     """
-    reader = _Reader(path, *load_state(path, LEARNER_KIND, SCHEMA_VERSION, bundle_fingerprint))
+    reader = _Reader(
+        path,
+        *load_state(
+            path,
+            LEARNER_KIND,
+            SCHEMA_VERSION,
+            bundle_fingerprint,
+            engine_fingerprint=engine_fingerprint,
+        ),
+    )
     form = reader.field("form", str)
     in_dim, classes = reader.field("in_dim", int), reader.field("num_classes", int)
     mask = reader.array("learned_mask", (classes,), bool)
@@ -181,9 +211,21 @@ def _load_primal_learner(reader: _Reader, in_dim: int, classes: int) -> PrimalAd
     return learner
 
 
-def load_inference_state(path: str | Path, bundle_fingerprint: str | None) -> Predictor:
-    """Read an inference state; StateError if corrupt, of another schema or from another bundle."""
-    reader = _Reader(path, *load_state(path, INFERENCE_KIND, SCHEMA_VERSION, bundle_fingerprint))
+def load_inference_state(
+    path: str | Path, bundle_fingerprint: str | None, engine_fingerprint: str | None = None
+) -> Predictor:
+    """Read an inference state; StateError if corrupt, of another schema or from another bundle
+    (``engine_fingerprint``: or the same engine, when the state records its labels)."""
+    reader = _Reader(
+        path,
+        *load_state(
+            path,
+            INFERENCE_KIND,
+            SCHEMA_VERSION,
+            bundle_fingerprint,
+            engine_fingerprint=engine_fingerprint,
+        ),
+    )
     form = reader.field("form", str)
     in_dim, classes = reader.field("in_dim", int), reader.field("num_classes", int)
     mask = reader.array("learned_mask", (classes,), bool)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from vlm_export.core.errors import StateError, UserError
+from vlm_export.core.labels import Label, label_sources, labels_meta, saved_labels
 from vlm_export.core.memory import capacity_hint, require_memory
 from vlm_export.core.state_file import load_state, save_state
 
@@ -129,6 +130,9 @@ class TokenReservoir:
       then picks the best-matching anchor among valid classes only, and uses ordinary attention
       while no class is valid.
 
+    ``anchor_rows`` (default ``num_classes``) is the engine's class capacity K >= C: the anchors
+    arrays have K rows, rows C..K-1 stay zero and invalid, so they bind to the engine as they are.
+
     ``version`` counts changes of (anchors, valid): the pipeline pushes anchors to the engine only
     when it moved. Eviction ties go to the lowest slot, the newcomer counting as the last slot; a
     newcomer that is not evicted takes the evicted entry's slot.
@@ -141,6 +145,7 @@ class TokenReservoir:
         width: int,
         anchor_layers: Sequence[int],
         config: ReservoirConfig = ReservoirConfig(),
+        anchor_rows: int | None = None,
     ) -> None:
         for name, value in (("num_classes", num_classes), ("num_layers", num_layers)):
             if not _is_int(value) or value < 1:
@@ -152,6 +157,12 @@ class TokenReservoir:
             raise UserError(
                 f"anchor_layers must be a non-empty list of layers in 0..{num_layers - 1}, "
                 f"got {list(layers)}"
+            )
+        if anchor_rows is None:
+            anchor_rows = num_classes
+        if not _is_int(anchor_rows) or anchor_rows < num_classes:
+            raise UserError(
+                f"{num_classes} classes do not fit an engine with class capacity {anchor_rows}"
             )
         require_memory(
             "TCA reservoir",
@@ -165,6 +176,7 @@ class TokenReservoir:
         )
         self.config = config
         self.num_classes = int(num_classes)
+        self.anchor_rows = int(anchor_rows)
         self.num_layers = int(num_layers)
         self.width = int(width)
         self.anchor_layers = tuple(int(i) for i in layers)
@@ -178,8 +190,9 @@ class TokenReservoir:
         self._entropies = np.zeros((classes, slots), np.float64)
         self._counts = np.zeros(classes, np.int64)
         self._occupied = np.zeros((classes, slots), np.float32)
-        self._anchors = np.zeros((classes, len(self.anchor_layers), self.width), np.float32)
-        self._valid = np.zeros(classes, np.float32)
+        rows = self.anchor_rows
+        self._anchors = np.zeros((rows, len(self.anchor_layers), self.width), np.float32)
+        self._valid = np.zeros(rows, np.float32)
         self._anchors_view = self._anchors.view()
         self._anchors_view.flags.writeable = False
         self._valid_view = self._valid.view()
@@ -241,10 +254,11 @@ class TokenReservoir:
 
     # ------------------------------------------------------------------ views
     def anchors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(anchors [C, R, D] float32, valid [C] float32): read-only views of the live buffers.
+        """(anchors [K, R, D] float32, valid [K] float32): read-only views of the live buffers.
 
         ``anchors[c, i]`` = mean over class c's entries of CLS row ``anchor_layers[i]`` (raw tokens)
-        where ``valid[c]`` is 1, zeros elsewhere. The same arrays every call: no copy per frame.
+        where ``valid[c]`` is 1, zeros elsewhere (always for rows c >= C, up to the capacity K =
+        ``anchor_rows``). The same arrays every call: no copy per frame.
         """
         return self._anchors_view, self._valid_view
 
@@ -305,10 +319,12 @@ class TokenReservoir:
     def _rebuild_all_anchors(self) -> None:
         """Set every anchor and valid flag from the buffers (activation, state load)."""
         self._anchors[:] = 0.0
+        self._valid[:] = 0.0
+        classes = self.num_classes
         if self.config.anchor_rule == "per_class":
-            self._valid[:] = self._counts >= 1
+            self._valid[:classes] = self._counts >= 1
         else:
-            self._valid[:] = float(self._counts.min() >= 2)
+            self._valid[:classes] = float(self._counts.min() >= 2)
         for label in np.flatnonzero(self._valid):
             self._anchors[label] = self._class_anchor(int(label))
         self.version += 1
@@ -320,6 +336,38 @@ class TokenReservoir:
         changed = self._changed
         self._changed = set()
         return None if changed is None else np.array(sorted(changed), dtype=np.int64)
+
+    def select_classes(
+        self, sources: Sequence[int | None], anchor_rows: int | None = None
+    ) -> TokenReservoir:
+        """A reservoir for another label space: class i holds the entries of this reservoir's
+        class ``sources[i]``, or none when that is None (``core.labels.label_sources`` maps labels
+        to sources). Same config and geometry, ``anchor_rows`` (default: this one's); anchors are
+        rebuilt from the moved entries."""
+        for source in sources:
+            if source is not None and not (_is_int(source) and 0 <= source < self.num_classes):
+                raise ValueError(f"source class {source} is not in 0..{self.num_classes - 1}")
+        chosen = [i for i, source in enumerate(sources) if source is not None]
+        if len({sources[i] for i in chosen}) != len(chosen):
+            raise ValueError("a class's entries may move to one class only")
+        new = TokenReservoir(
+            len(sources),
+            self.num_layers,
+            self.width,
+            self.anchor_layers,
+            self.config,
+            self.anchor_rows if anchor_rows is None else anchor_rows,
+        )
+        current = self.state_arrays()
+        arrays = {
+            name: np.zeros((len(sources), *array.shape[1:]), array.dtype)
+            for name, array in current.items()
+        }
+        old = [sources[i] for i in chosen]
+        for name, array in current.items():
+            arrays[name][chosen] = array[old]
+        new.load_state_arrays(arrays)
+        return new
 
     # ------------------------------------------------------------------ persistence
     def state_arrays(self) -> dict[str, np.ndarray]:
@@ -378,15 +426,25 @@ class TokenReservoir:
             "anchor_layers": list(self.anchor_layers),
         }
 
-    def save(self, path: str | Path, bundle_fingerprint: str) -> None:
-        """Write the reservoir to a state file (atomic; config and shapes in its header)."""
+    def save(
+        self,
+        path: str | Path,
+        bundle_fingerprint: str,
+        labels: Sequence[Label] | None = None,
+        engine_fingerprint: str | None = None,
+    ) -> None:
+        """Write the reservoir to a state file (atomic; config and shapes in its header).
+
+        With ``labels`` (one (domain, name) per class) and ``engine_fingerprint`` the state
+        follows its labels when the bundle's classes change (see ``load``).
+        """
+        meta = self._meta()
+        if labels is not None:
+            if len(labels) != self.num_classes:
+                raise ValueError(f"{len(labels)} labels for {self.num_classes} classes")
+            meta.update(labels_meta(engine_fingerprint or "", labels))
         save_state(
-            path,
-            STATE_KIND,
-            STATE_SCHEMA_VERSION,
-            bundle_fingerprint,
-            self.state_arrays(),
-            self._meta(),
+            path, STATE_KIND, STATE_SCHEMA_VERSION, bundle_fingerprint, self.state_arrays(), meta
         )
 
     @classmethod
@@ -398,18 +456,29 @@ class TokenReservoir:
         num_layers: int,
         width: int,
         anchor_layers: Sequence[int],
+        labels: Sequence[Label] | None = None,
+        engine_fingerprint: str | None = None,
+        anchor_rows: int | None = None,
     ) -> TokenReservoir:
         """Read a reservoir saved by ``save``, with the config it was saved with.
 
         Raises StateError for another bundle, another kind or schema, or other class count, depth
         or width. Anchors are recomputed for ``anchor_layers`` from the stored stacks.
+
+        A state that records its labels, given this bundle's ``labels``, keeps every entry with
+        its label: kept labels keep their entries, new labels start empty, labels the bundle no
+        longer has are dropped. Such a state also loads into a bundle of the same image engine
+        (``engine_fingerprint``) whose classes changed. A state without labels must come from
+        this very bundle (its fingerprint), hence has this bundle's classes.
         """
         configs: list[ReservoirConfig] = []
 
         def expected_shapes(meta: dict) -> dict[str, tuple[int, ...]]:
             """Check the header's geometry and config; the shapes its arrays must declare."""
+            saved = saved_labels(meta, path)
+            stored = num_classes if saved is None else len(saved)
             for name, value in (
-                ("num_classes", num_classes),
+                ("num_classes", stored),
                 ("num_layers", num_layers),
                 ("width", width),
             ):
@@ -421,14 +490,27 @@ class TokenReservoir:
                 configs.append(ReservoirConfig(**meta["config"]))
             except (KeyError, TypeError, UserError) as exc:
                 raise StateError(f"{path} has an unusable reservoir config ({exc})") from None
-            return state_shapes(num_classes, configs[0].capacity, num_layers, width)
+            return state_shapes(stored, configs[0].capacity, num_layers, width)
 
-        arrays, _ = load_state(
-            path, STATE_KIND, STATE_SCHEMA_VERSION, bundle_fingerprint, expected_shapes
+        arrays, meta = load_state(
+            path,
+            STATE_KIND,
+            STATE_SCHEMA_VERSION,
+            bundle_fingerprint,
+            expected_shapes=expected_shapes,
+            engine_fingerprint=engine_fingerprint,
         )
-        reservoir = cls(num_classes, num_layers, width, anchor_layers, configs[0])
+        saved = saved_labels(meta, path)
+        same = saved is None or labels is None or list(saved) == [tuple(x) for x in labels]
+        stored = num_classes if same else len(saved)
+        reservoir = cls(
+            stored, num_layers, width, anchor_layers, configs[0], anchor_rows if same else None
+        )
         try:
             reservoir.load_state_arrays(arrays)
         except StateError as exc:
             raise StateError(f"{path}: {exc}") from None
-        return reservoir
+        if same:
+            return reservoir
+        rows = num_classes if anchor_rows is None else anchor_rows
+        return reservoir.select_classes(label_sources(saved, labels), rows)

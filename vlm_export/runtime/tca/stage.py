@@ -40,7 +40,8 @@ def reservoir_config(
 
 
 def reservoir_geometry(bundle: Bundle) -> tuple[int, int, int, list[int]]:
-    """(num_classes, num_layers, width, anchor_layers) of the bundle's condensing engine."""
+    """(num_classes, num_layers, width, anchor_layers) of the bundle's condensing engine (its
+    class capacity, the rows of the anchors, is ``bundle.class_capacity``)."""
     condensation = bundle.manifest["condensation"]
     if not condensation or ANCHORS_INPUT not in bundle.engine_io("inputs"):
         raise UserError(
@@ -60,13 +61,22 @@ def build_reservoir(
     """A reservoir for ``bundle``: loaded from ``state`` if that file exists, else empty.
 
     A loaded reservoir keeps the config it was saved with; an override that contradicts it is a
-    UserError (the stored entries were selected under that config).
+    UserError (the stored entries were selected under that config). A state saved for other
+    classes of the same engine keeps its entries by label (see ``TokenReservoir.load``). The
+    anchors have the engine's class capacity rows.
     """
     geometry = reservoir_geometry(bundle)
     if state is not None:
         check_can_create(state)  # saved during and after the run: refuse a bad path up front
     if state is not None and Path(state).exists():
-        reservoir = TokenReservoir.load(state, bundle.fingerprint, *geometry)
+        reservoir = TokenReservoir.load(
+            state,
+            bundle.fingerprint,
+            *geometry,
+            labels=bundle.labels,
+            engine_fingerprint=bundle.engine_fingerprint,
+            anchor_rows=bundle.class_capacity,
+        )
         saved = dataclasses.asdict(reservoir.config)
         clashes = [
             f"{key}={saved[key]}"
@@ -79,7 +89,13 @@ def build_reservoir(
                 "a new state file"
             )
         return reservoir
-    return TokenReservoir(*geometry, config=reservoir_config(bundle.manifest, overrides))
+    config = reservoir_config(bundle.manifest, overrides)
+    return TokenReservoir(*geometry, config=config, anchor_rows=bundle.class_capacity)
+
+
+def save_reservoir(reservoir: TokenReservoir, path: str | Path, bundle: Bundle) -> None:
+    """Save ``reservoir`` (of ``bundle``'s classes) with its labels, so that it follows them."""
+    reservoir.save(path, bundle.fingerprint, bundle.labels, bundle.engine_fingerprint)
 
 
 class TcaStage:
