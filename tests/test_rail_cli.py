@@ -21,7 +21,7 @@ from PIL import Image
 from vlm_export.runtime import cli
 from vlm_export.runtime.bundle import Bundle, UntrainedWeightsWarning
 from vlm_export.runtime.preprocess import Preprocessor
-from vlm_export.runtime.rail import primal as primal_module
+from vlm_export.runtime.rail import linalg as linalg_module
 from vlm_export.runtime.rail.dual import DualAdapter
 from vlm_export.runtime.rail.fusion import fuse
 from vlm_export.runtime.rail.primal import PrimalAdapter
@@ -260,10 +260,13 @@ def test_learn_bad_input_leaves_the_state_alone(
     argv = ["learn", other, tools, "--domain", "vehicles", "--state", state]
     _fails(capsys, argv, "another bundle", state)
 
-    def infinite(factor: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-        return np.full(rhs.shape, np.inf)
+    solve = linalg_module.lapack.dpotrs
 
-    monkeypatch.setattr(primal_module, "cholesky_solve", infinite)
+    def infinite(factor: np.ndarray, rhs: np.ndarray, **options) -> tuple[np.ndarray, int]:
+        solution, info = solve(factor, rhs, **options)
+        return np.full(solution.shape, np.inf), info
+
+    monkeypatch.setattr(linalg_module.lapack, "dpotrs", infinite)
     _fails(capsys, learn(tools), "non-finite", state)
 
 

@@ -241,9 +241,10 @@ def test_merge_refuses_mismatches():
         merge_learner_states([])
 
 
-def test_rail_imports_without_torch_or_scipy():
+def test_rail_imports_without_torch_or_ray():
+    # SciPy (LAPACK / BLAS in place) is a device dependency; torch and Ray are not
     code = (
         "import sys, vlm_export.runtime.rail; "
-        "bad = {'torch', 'open_clip', 'scipy'} & set(sys.modules); assert not bad, bad"
+        "bad = {'torch', 'open_clip', 'ray'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

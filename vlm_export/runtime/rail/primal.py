@@ -18,12 +18,21 @@ from vlm_export.runtime.rail.inputs import (
     check_new_class_count,
     one_hot,
 )
-from vlm_export.runtime.rail.linalg import cholesky, cholesky_solve, solve_lower, solve_upper
+from vlm_export.runtime.rail.linalg import (
+    add_product,
+    cholesky,
+    mirror,
+    rank_update,
+    solve_lower,
+    solve_shifted,
+    solve_upper,
+    symm,
+)
 
 HIDDEN_DIM = 15000
 RIDGE = 0.1
 ROUTES = ("cholesky", "woodbury")
-_BLOCK_ELEMENTS = 1 << 23  # elements of one temporary block in the in-place d x d updates (64 MB)
+CHUNK_ROWS = 1024  # samples per step of a large batch (phi of one step: CHUNK_ROWS x d_h floats)
 
 
 def random_projection(in_dim: int, hidden_dim: int, seed: int) -> np.ndarray:
@@ -39,17 +48,6 @@ def hidden_features(features: np.ndarray, projection: np.ndarray | None) -> np.n
     return np.maximum(features @ projection, 0)
 
 
-def _add_product(target: np.ndarray, left: np.ndarray, right: np.ndarray, sign: float) -> None:
-    """target += sign * left @ right in place, by row blocks (no second d x d temporary)."""
-    rows = max(1, _BLOCK_ELEMENTS // target.shape[1])
-    for start in range(0, target.shape[0], rows):
-        product = left[start : start + rows] @ right
-        if sign > 0:
-            target[start : start + rows] += product
-        else:
-            target[start : start + rows] -= product
-
-
 class PrimalAdapter:
     """Primal RAIL learner over a global label space of ``num_classes`` classes.
 
@@ -57,6 +55,10 @@ class PrimalAdapter:
     ``gram`` and ``cross`` (G, B; cholesky route) or ``inverse`` (R; woodbury route),
     ``learned_mask`` ([C] bool, classes seen in training), ``num_samples``, ``solved`` (W is
     current with G and B).
+
+    The d x d matrix (G or R) is the only one of its size: updates touch its upper triangle in
+    place (BLAS syrk), and ``gram`` / ``inverse`` copy that triangle onto the other, in place,
+    when read.
     """
 
     def __init__(
@@ -68,8 +70,12 @@ class PrimalAdapter:
         seed: int = 0,
         route: str = "cholesky",
         projection: np.ndarray | None = None,
+        matrix: bool = True,
     ) -> None:
-        """Start an empty learner; ``projection`` replaces the draw from ``seed`` (state files)."""
+        """Start an empty learner; ``projection`` replaces the draw from ``seed`` (state files).
+
+        ``matrix=False`` leaves G or R unallocated (a loader assigns it next).
+        """
         if route not in ROUTES:
             raise RailError(f"unknown primal route {route!r}; choose one of {', '.join(ROUTES)}")
         if in_dim < 1 or num_classes < 1 or hidden_dim < 0:
@@ -96,15 +102,48 @@ class PrimalAdapter:
         self.learned_mask = np.zeros(num_classes, dtype=bool)
         self.num_samples = 0
         self.solved = True
-        self.gram: np.ndarray | None = None
-        self.cross: np.ndarray | None = None
-        self.inverse: np.ndarray | None = None
-        if route == "cholesky":
-            self.gram = np.zeros((dim, dim))
-            self.cross = np.zeros((dim, num_classes))
-        else:
-            self.inverse = np.zeros((dim, dim))  # one d_h^2 array, not two (np.eye(d) / ridge)
-            np.fill_diagonal(self.inverse, 1.0 / self.ridge)
+        self.cross: np.ndarray | None = (
+            np.zeros((dim, num_classes)) if route == "cholesky" else None
+        )
+        self._matrix: np.ndarray | None = None  # G or R; upper triangle current
+        self._mirrored = True  # the lower triangle equals the upper
+        if matrix:
+            self._matrix = np.zeros((dim, dim))
+            if route == "woodbury":  # R = I / lambda, without a second d x d array (np.eye)
+                np.fill_diagonal(self._matrix, 1.0 / self.ridge)
+
+    def _full(self, route: str) -> np.ndarray | None:
+        if self.route != route or self._matrix is None:
+            return None
+        if not self._mirrored:
+            mirror(self._matrix, from_upper=True)
+            self._mirrored = True
+        return self._matrix
+
+    def _set(self, route: str, value: np.ndarray) -> None:
+        if self.route != route:
+            raise RailError(
+                f"a {self.route}-route learner has no {'G' if route == 'cholesky' else 'R'}"
+            )
+        self._matrix, self._mirrored = value, True
+
+    @property
+    def gram(self) -> np.ndarray | None:
+        """G = sum phi^T phi [d, d] (cholesky route; None on the woodbury route)."""
+        return self._full("cholesky")
+
+    @gram.setter
+    def gram(self, value: np.ndarray) -> None:
+        self._set("cholesky", value)
+
+    @property
+    def inverse(self) -> np.ndarray | None:
+        """R = (G + lambda I)^-1 [d, d] (woodbury route; None on the cholesky route)."""
+        return self._full("woodbury")
+
+    @inverse.setter
+    def inverse(self, value: np.ndarray) -> None:
+        self._set("woodbury", value)
 
     @property
     def feature_dim(self) -> int:
@@ -128,36 +167,48 @@ class PrimalAdapter:
     def partial_fit(self, features: np.ndarray, labels: np.ndarray) -> None:
         """Learn a batch: features [N, in_dim], labels [N] global class indices.
 
-        On RailError (bad input, an update that would not be finite) the learner is unchanged.
+        Large batches are taken CHUNK_ROWS samples at a time (the same result: updates are
+        exact). On RailError (bad input, an update that would not be finite) the learner is
+        unchanged, except that the woodbury route keeps the chunks learned before a failing one.
         """
         x = as_features(features, self.in_dim)
         y = as_labels(labels, x.shape[0], self.num_classes)
         if not len(y):
             return
-        phi = hidden_features(x, self.projection)
-        targets = one_hot(y, self.num_classes)
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked and refused
-            if self.route == "cholesky":
-                self._accumulate(phi, targets)
-            else:
-                self._woodbury_update(phi, targets)
+            self._check_growth(x)
+            for start in range(0, len(y), CHUNK_ROWS):
+                rows = slice(start, start + CHUNK_ROWS)
+                phi = np.ascontiguousarray(hidden_features(x[rows], self.projection))
+                targets = one_hot(y[rows], self.num_classes)
+                if self.route == "cholesky":
+                    self._accumulate(phi, targets)
+                else:
+                    self._woodbury_update(phi, targets)
         self.learned_mask[y] = True
         self.num_samples += len(y)
 
-    def _accumulate(self, phi: np.ndarray, targets: np.ndarray) -> None:
+    def _check_growth(self, x: np.ndarray) -> None:
         # G stays PSD, so |G_ij| <= sqrt(G_ii G_jj): a finite diagonal means a finite G.
-        diagonal = self.gram.diagonal() + np.einsum("ij,ij->j", phi, phi)
+        diagonal = self._matrix.diagonal().copy() if self.route == "cholesky" else 0.0
+        for start in range(0, len(x), CHUNK_ROWS):
+            phi = hidden_features(x[start : start + CHUNK_ROWS], self.projection)
+            diagonal = diagonal + np.einsum("ij,ij->j", phi, phi)
         if not np.isfinite(diagonal).all():
             raise RailError("the statistics G would overflow (features far too large)")
-        _add_product(self.gram, phi.T, phi, 1.0)
-        self.cross += phi.T @ targets
+
+    def _accumulate(self, phi: np.ndarray, targets: np.ndarray) -> None:
+        rank_update(self._matrix, phi.T, 1.0)  # G += phi^T phi, upper triangle
+        self._mirrored = False
+        add_product(self.cross, phi, targets)  # B += phi^T Y
         self.solved = False
 
     def _woodbury_update(self, phi: np.ndarray, targets: np.ndarray) -> None:
         # U = R X^T; R <- R - U S^-1 U^T with S = I_b + X U = L L^T, applied as V V^T with
         # V = U L^-T; W <- W + R_new X^T (Y - X W) where R_new X^T = U S^-1 = V L^-1.
-        # Every product is d x b or smaller, except the in-place d x d downdate: O(d^2 b).
-        u = self.inverse @ phi.T
+        # Every product is d x b or smaller, except the in-place d x d downdate (syrk on one
+        # triangle) and R X^T (symm reading one triangle): O(d^2 b), no d x d temporary.
+        u = symm(self._matrix, phi.T)
         system = np.eye(len(phi)) + phi @ u
         factor = cholesky(system, "the Woodbury system I + X R X^T")
         v = solve_lower(factor, u.T).T
@@ -165,23 +216,26 @@ class PrimalAdapter:
         weights = self.weights + gain @ (targets - phi @ self.weights)
         if not (np.isfinite(v).all() and np.isfinite(weights).all()):
             raise RailError("the Woodbury update is not finite (features far too large)")
-        _add_product(self.inverse, v, v.T, -1.0)
+        rank_update(self._matrix, v, -1.0)
+        self._mirrored = False
         self.weights = weights
 
     def finalize(self) -> None:
         """Solve W = (G + lambda I)^-1 B by Cholesky if G or B changed (woodbury: nothing to do).
 
-        A solve that fails or is not finite raises RailError and keeps the previous W.
+        G is factored in place and rebuilt afterwards (no second d x d array); only the columns
+        of B that hold data are solved (the others give zero columns of W exactly). A solve that
+        fails or is not finite raises RailError and keeps the previous W.
         """
         if self.solved:
             return
-        system = self.gram.copy()
-        system.flat[:: self.feature_dim + 1] += self.ridge
-        factor = cholesky(system, "G + lambda I")
-        del system
-        weights = cholesky_solve(factor, self.cross)
-        if not np.isfinite(weights).all():
-            raise RailError("the ridge solve gave non-finite weights")
+        columns = np.flatnonzero(self.cross.any(axis=0))
+        weights = np.zeros_like(self.weights)
+        if len(columns):
+            weights[:, columns] = solve_shifted(
+                self._matrix, self.ridge, self.cross[:, columns], "G + lambda I"
+            )
+        self._mirrored = True  # solve_shifted leaves the matrix whole
         self.weights = weights
         self.solved = True
 
