@@ -39,7 +39,6 @@ def test_in_place_updates_touch_one_triangle_then_mirror(size):
     linalg.rank_update(matrix, columns, 0.5)
     np.testing.assert_allclose(np.triu(matrix), np.triu(expected), rtol=1e-13, atol=1e-12)
     np.testing.assert_array_equal(np.tril(matrix, -1), lower_before)  # untouched
-    np.testing.assert_allclose(linalg.symm(matrix, columns), expected @ columns, rtol=1e-12)
     linalg.mirror(matrix)
     np.testing.assert_allclose(matrix, expected, rtol=1e-13, atol=1e-12)
     np.testing.assert_array_equal(matrix, matrix.T)

@@ -2,9 +2,9 @@
 
 Small systems (a Woodbury batch, a dual block) use ``cholesky`` and the triangular solves. The
 d x d matrices of the primal learner (G or R, 1.8 GB at d = 15000) are never copied: they are
-updated by symmetric rank-k updates on one triangle (``rank_update``), multiplied with ``symm``
-(one triangle read), and solved by ``solve_shifted``, which factors G + shift I in place and
-restores G from the untouched triangle afterwards. "Upper" below is the upper triangle of the
+updated by symmetric rank-k updates on one triangle (``rank_update``, then ``mirror``) and solved
+by ``solve_shifted``, which factors G + shift I in place and restores G from the untouched
+triangle afterwards. "Upper" below is the upper triangle of the
 C-ordered NumPy array (the lower triangle of its Fortran-ordered transpose, which LAPACK sees).
 """
 
@@ -79,11 +79,6 @@ def rank_update(matrix: np.ndarray, columns: np.ndarray, alpha: float) -> None:
     )
     if not np.shares_memory(result, matrix):  # never expected: a silent copy would lose the update
         raise RuntimeError("BLAS syrk did not update the matrix in place")
-
-
-def symm(matrix: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """matrix @ right [d, k], reading only the upper triangle of the symmetric ``matrix``."""
-    return blas.dsymm(1.0, _square(matrix), right, side=0, lower=1)
 
 
 def add_product(target: np.ndarray, left: np.ndarray, right: np.ndarray) -> None:

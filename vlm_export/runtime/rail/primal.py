@@ -21,12 +21,12 @@ from vlm_export.runtime.rail.inputs import (
 from vlm_export.runtime.rail.linalg import (
     add_product,
     cholesky,
+    cholesky_solve,
     mirror,
     rank_update,
     solve_lower,
     solve_shifted,
     solve_upper,
-    symm,
 )
 
 HIDDEN_DIM = 15000
@@ -175,50 +175,79 @@ class PrimalAdapter:
         y = as_labels(labels, x.shape[0], self.num_classes)
         if not len(y):
             return
+        first = self.route == "cholesky" and self.num_samples == 0 and not self.cross.any()
+        active = self.learned_mask.copy()  # columns of W that may be nonzero after this batch
+        active[y] = True
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked and refused
-            self._check_growth(x)
+            single = hidden_features(x, self.projection) if len(y) <= CHUNK_ROWS else None
+            self._check_growth(x, single)
+            weights = self._first_solve(single, y) if first and single is not None else None
             for start in range(0, len(y), CHUNK_ROWS):
                 rows = slice(start, start + CHUNK_ROWS)
-                phi = np.ascontiguousarray(hidden_features(x[rows], self.projection))
-                targets = one_hot(y[rows], self.num_classes)
+                phi = single if single is not None else hidden_features(x[rows], self.projection)
+                phi = np.ascontiguousarray(phi)
                 if self.route == "cholesky":
-                    self._accumulate(phi, targets)
+                    self._accumulate(phi, y[rows])
                 else:
-                    self._woodbury_update(phi, targets)
+                    self._woodbury_update(phi, y[rows], active)
+        if weights is not None:
+            self.weights, self.solved = weights, True
         self.learned_mask[y] = True
         self.num_samples += len(y)
 
-    def _check_growth(self, x: np.ndarray) -> None:
+    def _check_growth(self, x: np.ndarray, phi: np.ndarray | None) -> None:
         # G stays PSD, so |G_ij| <= sqrt(G_ii G_jj): a finite diagonal means a finite G.
         diagonal = self._matrix.diagonal().copy() if self.route == "cholesky" else 0.0
         for start in range(0, len(x), CHUNK_ROWS):
-            phi = hidden_features(x[start : start + CHUNK_ROWS], self.projection)
+            if phi is None or start:
+                phi = hidden_features(x[start : start + CHUNK_ROWS], self.projection)
             diagonal = diagonal + np.einsum("ij,ij->j", phi, phi)
         if not np.isfinite(diagonal).all():
             raise RailError("the statistics G would overflow (features far too large)")
 
-    def _accumulate(self, phi: np.ndarray, targets: np.ndarray) -> None:
+    def _first_solve(self, phi: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+        """W of a learner whose G and B were zero, by W = Phi^T (Phi Phi^T + lambda I)^-1 Y.
+
+        The same W as (Phi^T Phi + lambda I)^-1 Phi^T Y (push-through identity), with an N x N
+        system instead of d x d: used when N <= d / 2. None when it does not pay.
+        """
+        if len(phi) > self.feature_dim // 2:
+            return None
+        kernel = phi @ phi.T
+        columns = np.unique(labels)
+        targets = one_hot(labels, self.num_classes)[:, columns]
+        factor = cholesky(kernel + self.ridge * np.eye(len(phi)), "Phi Phi^T + lambda I")
+        weights = np.zeros_like(self.weights)
+        weights[:, columns] = phi.T @ cholesky_solve(factor, targets)
+        if not np.isfinite(weights).all():
+            raise RailError("the ridge solve gave non-finite weights")
+        return weights
+
+    def _accumulate(self, phi: np.ndarray, labels: np.ndarray) -> None:
         rank_update(self._matrix, phi.T, 1.0)  # G += phi^T phi, upper triangle
         self._mirrored = False
-        add_product(self.cross, phi, targets)  # B += phi^T Y
+        add_product(self.cross, phi, one_hot(labels, self.num_classes))  # B += phi^T Y
         self.solved = False
 
-    def _woodbury_update(self, phi: np.ndarray, targets: np.ndarray) -> None:
+    def _woodbury_update(self, phi: np.ndarray, labels: np.ndarray, active: np.ndarray) -> None:
         # U = R X^T; R <- R - U S^-1 U^T with S = I_b + X U = L L^T, applied as V V^T with
         # V = U L^-T; W <- W + R_new X^T (Y - X W) where R_new X^T = U S^-1 = V L^-1.
         # Every product is d x b or smaller, except the in-place d x d downdate (syrk on one
-        # triangle) and R X^T (symm reading one triangle): O(d^2 b), no d x d temporary.
-        u = symm(self._matrix, phi.T)
+        # triangle, mirrored before the next product): O(d^2 b), no d x d temporary. Columns of
+        # W of classes not ``active`` (neither learned nor in the batch) stay zero: skipped.
+        u = self._full("woodbury") @ phi.T
         system = np.eye(len(phi)) + phi @ u
         factor = cholesky(system, "the Woodbury system I + X R X^T")
         v = solve_lower(factor, u.T).T
         gain = solve_upper(factor, v.T).T
-        weights = self.weights + gain @ (targets - phi @ self.weights)
+        columns = np.flatnonzero(active)
+        targets = one_hot(labels, self.num_classes)[:, columns]
+        weights = self.weights[:, columns] + gain @ (targets - phi @ self.weights[:, columns])
         if not (np.isfinite(v).all() and np.isfinite(weights).all()):
             raise RailError("the Woodbury update is not finite (features far too large)")
         rank_update(self._matrix, v, -1.0)
         self._mirrored = False
-        self.weights = weights
+        self.weights[:, columns] = weights
 
     def finalize(self) -> None:
         """Solve W = (G + lambda I)^-1 B by Cholesky if G or B changed (woodbury: nothing to do).
