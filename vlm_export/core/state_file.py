@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,23 +44,62 @@ def save_state(
         np.savez(handle, **payload)
 
 
+@dataclass(frozen=True)
+class StoredArray:
+    """A C-ordered array left in its state file, read block by block (``defer`` in load_state)."""
+
+    path: Path
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, the next ``rows`` rows) in order, each block a fresh array."""
+        row_shape = self.shape[1:]
+        try:
+            with zipfile.ZipFile(self.path) as archive, archive.open(f"{self.name}.npy") as member:
+                _read_header(member)
+                for start in range(0, self.shape[0], rows):
+                    block = np.empty((min(rows, self.shape[0] - start), *row_shape), self.dtype)
+                    view = memoryview(block.reshape(-1).view(np.uint8))
+                    filled = 0
+                    while filled < len(view):
+                        count = member.readinto(view[filled:])
+                        if not count:
+                            raise StateError(f"{self.path} is truncated (array {self.name!r})")
+                        filled += count
+                    yield start, block
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            raise StateError(f"{self.path} is not a readable state file ({exc})") from None
+
+
+def _read_header(member: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(member)
+    return np.lib.format.read_array_header_2_0(member)
+
+
 def load_state(
     path: str | Path,
     kind: str,
     schema_version: int,
     bundle_fingerprint: str | None,
+    defer: Collection[str] = (),
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read a state file written by ``save_state``; return (arrays, meta).
 
-    Raises StateError for a missing or corrupt file, another kind, another schema version, or
-    (when ``bundle_fingerprint`` is given) a state made with another bundle.
+    Arrays named in ``defer`` stay in the file: they come back as ``StoredArray`` (shape and
+    dtype known, read block by block), so that a caller can fold a d x d matrix into another
+    without holding both. Raises StateError for a missing or corrupt file, another kind, another
+    schema version, or (when ``bundle_fingerprint`` is given) a state made with another bundle.
     """
     path = Path(path)
     if path.is_dir():
         raise StateError(f"{path} is a folder, not a state file")
     if not path.is_file():
         raise StateError(f"state file not found: {path}")
-    arrays = _read_arrays(path)
+    arrays = _read_arrays(path, defer)
     if META_KEY not in arrays:
         raise StateError(f"{path} is not a vlm-export state file (no {META_KEY})")
     try:
@@ -82,7 +123,7 @@ def load_state(
     return arrays, meta
 
 
-def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+def _read_arrays(path: Path, defer: Collection[str] = ()) -> dict[str, np.ndarray]:
     """Every array of an ``.npz`` file, no pickle; StateError if it cannot be read.
 
     The file is opened here and handed to ``np.load`` as an open file, so it is closed on every
@@ -95,6 +136,19 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
             if not isinstance(data, np.lib.npyio.NpzFile):
                 raise StateError(f"{path} is not a state file (a single .npy array, not .npz)")
             with data:
-                return {name: data[name] for name in data.files}
+                return {
+                    name: _stored(path, data.zip, name) if name in defer else data[name]
+                    for name in data.files
+                }
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise StateError(f"{path} is not a readable state file ({exc})") from None
+
+
+def _stored(path: Path, archive: zipfile.ZipFile, name: str) -> StoredArray | np.ndarray:
+    """A StoredArray for member ``name`` (loaded whole if it is not C-ordered)."""
+    with archive.open(f"{name}.npy") as member:
+        shape, fortran_order, dtype = _read_header(member)
+    if fortran_order or dtype.hasobject:
+        with archive.open(f"{name}.npy") as member:
+            return np.lib.format.read_array(member, allow_pickle=False)
+    return StoredArray(path, name, tuple(shape), dtype)

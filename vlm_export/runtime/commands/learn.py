@@ -30,7 +30,9 @@ from vlm_export.runtime.commands._rail import (
     show_progress,
 )
 from vlm_export.runtime.pipeline import Pipeline
+from vlm_export.runtime.rail import footprint
 from vlm_export.runtime.rail.dataset import LabelledImages, training_images
+from vlm_export.runtime.rail.dual import DualAdapter
 from vlm_export.runtime.rail.embed import embed_images
 from vlm_export.runtime.rail.models import (
     FORMS,
@@ -38,6 +40,7 @@ from vlm_export.runtime.rail.models import (
     check_loaded,
     describe,
     new_learner,
+    state_header,
 )
 from vlm_export.runtime.rail.state import (
     Learner,
@@ -79,8 +82,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _learner(bundle: Bundle, path: str, options: LearnerOptions) -> Learner:
-    """The state at ``path`` if it exists (options must agree with it), else a new learner."""
+    """The state at ``path`` if it exists (options must agree with it), else a new learner.
+
+    Either way a primal learner whose d_h x d_h matrix would not fit is refused first.
+    """
     if Path(path).exists():
+        header = state_header(path) or {}
+        sizes = [header.get(key) for key in ("in_dim", "num_classes", "hidden_dim")]
+        if header.get("form") == "primal" and all(type(n) is int and n >= 0 for n in sizes):
+            footprint.check_primal(f"continuing {path}", *sizes)
         learner = load_learner_state(path, bundle.fingerprint)
         check_loaded(learner, options, path)
         status(f"continuing {path}: {describe(learner)}")
@@ -115,6 +125,8 @@ def handle(args: argparse.Namespace) -> int:
     learner = _learner(bundle, args.state, learner_options(args, args.form))
     data = training_images(bundle, args.domain, Path(args.data_dir), args.shots)
     _check_new_classes(bundle, learner, data, args.domain, args.state)
+    if isinstance(learner, DualAdapter):
+        footprint.check_dual(learner.in_dim, learner.num_classes, learner.num_samples + len(data))
     with contextlib.ExitStack() as stack:
         backend = open_engine(bundle, args)
         stack.callback(backend.close)

@@ -10,6 +10,9 @@ C-ordered NumPy array (the lower triangle of its Fortran-ordered transpose, whic
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 from scipy.linalg import blas, lapack, solve_triangular
 
@@ -103,30 +106,47 @@ def mirror(matrix: np.ndarray, from_upper: bool = True) -> None:
             block[...] = np.tril(block) + np.tril(block, -1).T
 
 
-def solve_shifted(matrix: np.ndarray, shift: float, rhs: np.ndarray, what: str) -> np.ndarray:
-    """Solve (matrix + shift I) X = rhs for a symmetric matrix whose upper triangle is valid.
+@contextlib.contextmanager
+def _factored(matrix: np.ndarray, shift: float, what: str) -> Iterator[np.ndarray]:
+    """The Cholesky factor of matrix + shift I, made in place; the matrix is rebuilt on exit.
 
-    Factors in place (LAPACK potrf on the upper triangle), solves (potrs), then rebuilds the
-    matrix from its lower triangle and the saved diagonal: on return, failed or not, ``matrix``
-    holds the same symmetric matrix in full. Raises RailError naming ``what`` if matrix + shift I
-    is not positive definite or the solution is not finite.
+    The upper triangle must be valid. potrf overwrites it (and the diagonal) with the factor;
+    the lower triangle keeps the matrix meanwhile, so on exit, failed or not, ``matrix`` holds
+    the same symmetric matrix in full.
     """
     diagonal = matrix.diagonal().copy()
     if not np.isfinite(diagonal).all():
         raise RailError(f"{what} has non-finite entries (NaN or inf on its diagonal)")
-    mirror(matrix, from_upper=True)  # the lower triangle keeps the matrix while potrf works
+    mirror(matrix, from_upper=True)
     view = _square(matrix)
     try:
         matrix.flat[:: matrix.shape[0] + 1] += shift
         _, info = lapack.dpotrf(view, lower=1, clean=0, overwrite_a=1)
         if info != 0:
             raise RailError(f"{what} is not positive definite (degenerate, huge or corrupt)")
-        solution, info = lapack.dpotrs(view, np.asarray(rhs, dtype=np.float64), lower=1)
-        if info != 0 or not np.isfinite(solution).all():
-            raise RailError(f"{what} gave a non-finite solution (NaN or huge entries)")
+        yield view
     finally:
         mirror(matrix, from_upper=False)
         matrix.flat[:: matrix.shape[0] + 1] = diagonal
+
+
+def check_factorable(matrix: np.ndarray, shift: float, what: str) -> None:
+    """Raise RailError unless matrix + shift I has a Cholesky factor (found in place, no copy)."""
+    with _factored(matrix, shift, what):
+        pass
+
+
+def solve_shifted(matrix: np.ndarray, shift: float, rhs: np.ndarray, what: str) -> np.ndarray:
+    """Solve (matrix + shift I) X = rhs for a symmetric matrix whose upper triangle is valid.
+
+    Factors in place (LAPACK potrf) and solves (potrs); on return, failed or not, ``matrix``
+    holds the same symmetric matrix in full. Raises RailError naming ``what`` if matrix + shift I
+    is not positive definite or the solution is not finite.
+    """
+    with _factored(matrix, shift, what) as factor:
+        solution, info = lapack.dpotrs(factor, np.asarray(rhs, dtype=np.float64), lower=1)
+    if info != 0 or not np.isfinite(solution).all():
+        raise RailError(f"{what} gave a non-finite solution (NaN or huge entries)")
     return solution
 
 
