@@ -42,6 +42,7 @@ from vlm_export.runtime.rail.models import (
     new_learner,
     state_header,
 )
+from vlm_export.runtime.rail.primal import PrimalAdapter
 from vlm_export.runtime.rail.state import (
     Learner,
     load_learner_state,
@@ -78,6 +79,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--form", choices=FORMS, help="RAIL form of a new state (default primal)")
     add_primal_arguments(parser)
     add_engine_arguments(parser)
+    scale = parser.add_argument_group(
+        "scale-out on Ray (primal, cholesky route; pip install 'vlm-export[ray]')"
+    )
+    scale.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="compute G and B on a Ray cluster: engine actors embed and accumulate, a tree "
+        "reduction sums; the state is the one a single-machine learn writes. ADDRESS of a "
+        "running cluster (ray start --head prints it; 'auto' on a cluster node), none: a "
+        "local Ray instance",
+    )
+    scale.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="engine actors (default: one per CPU, or per GPU when the backend uses GPUs)",
+    )
     return parser
 
 
@@ -114,6 +134,25 @@ def _check_new_classes(
         status(f"note: no folder for {len(absent)} class(es) of {domain}: {', '.join(absent)}")
 
 
+def _learn_on_ray(
+    bundle: Bundle, learner: Learner, data: LabelledImages, args: argparse.Namespace
+) -> str:
+    """Embed and accumulate ``data`` on Ray workers, add G and B to ``learner``; say where."""
+    if not isinstance(learner, PrimalAdapter):
+        raise UserError("--ray computes the primal form's statistics; the dual form learns here")
+    from vlm_export.runtime.rail.scaleout import RayStatistics
+
+    engine = {
+        "backend": args.backend,
+        "providers": args.providers.split(",") if args.providers else None,
+        "threads": args.threads,
+    }
+    with RayStatistics(bundle, learner, args.ray or None, args.workers, engine, status) as cluster:
+        cluster.accumulate(data.paths, data.labels)
+        cluster.reduce_into(learner)
+        return f"Ray ({len(cluster.workers)} workers)"
+
+
 def handle(args: argparse.Namespace) -> int:
     """Embed the domain's shots, learn them, save the state(s); return the exit status."""
     check_shots(args.shots)
@@ -127,17 +166,21 @@ def handle(args: argparse.Namespace) -> int:
     _check_new_classes(bundle, learner, data, args.domain, args.state)
     if isinstance(learner, DualAdapter):
         footprint.check_dual(learner.in_dim, learner.num_classes, learner.num_samples + len(data))
-    with contextlib.ExitStack() as stack:
-        backend = open_engine(bundle, args)
-        stack.callback(backend.close)
-        pipeline = Pipeline(bundle, backend, "zeroshot")
-        start = time.perf_counter()
-        features, _ = embed_images(pipeline, data.paths, EMBEDDING_OUTPUT, show_progress(args))
+    start = time.perf_counter()
+    if args.ray is not None:
+        where = _learn_on_ray(bundle, learner, data, args)
+    else:
+        with contextlib.ExitStack() as stack:
+            backend = open_engine(bundle, args)
+            stack.callback(backend.close)
+            pipeline = Pipeline(bundle, backend, "zeroshot")
+            features, _ = embed_images(pipeline, data.paths, EMBEDDING_OUTPUT, show_progress(args))
+        learner.partial_fit(features, data.labels)
+        where = backend.description
     status(
-        f"embedded {len(data)} images of {len(data.classes)} classes on {backend.description} "
+        f"embedded {len(data)} images of {len(data.classes)} classes on {where} "
         f"in {time.perf_counter() - start:.1f} s"
     )
-    learner.partial_fit(features, data.labels)
     learner.finalize()
     save_learner_state(args.state, learner, bundle.fingerprint)  # the primary state first
     status(f"learned domain {args.domain}; {args.state}: {describe(learner)}")

@@ -9,6 +9,8 @@ when asked; "woodbury" keeps R = (G + lambda I)^-1 and W current after every bat
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from vlm_export.runtime.rail.inputs import (
@@ -171,11 +173,47 @@ class PrimalAdapter:
         exact). On RailError (bad input, an update that would not be finite) the learner is
         unchanged, except that the woodbury route keeps the chunks learned before a failing one.
         """
+        self._learn(features, labels, first_solve=True)
+
+    def accumulate(self, features: np.ndarray, labels: np.ndarray) -> None:
+        """Add a batch to G and B only (cholesky route; W is solved by ``finalize``).
+
+        For learners whose statistics are summed elsewhere (shards, Ray workers).
+        """
+        if self.route != "cholesky":
+            raise RailError("accumulate needs the cholesky route (statistics G and B)")
+        self._learn(features, labels, first_solve=False)
+
+    def add_statistics(
+        self,
+        gram_blocks: Iterable[tuple[int, np.ndarray]],
+        cross: np.ndarray,
+        learned_mask: np.ndarray,
+        num_samples: int,
+    ) -> None:
+        """Add another learner's statistics on the same W_r: G as (first row, rows) blocks.
+
+        G and B are sums over samples, so the result is the learner of both sample sets.
+        """
+        target = self.gram
+        for start, block in gram_blocks:
+            target[start : start + len(block)] += block
+        self.cross += cross
+        self.learned_mask |= learned_mask
+        self.num_samples += int(num_samples)
+        self.solved = False
+
+    def _learn(self, features: np.ndarray, labels: np.ndarray, first_solve: bool) -> None:
         x = as_features(features, self.in_dim)
         y = as_labels(labels, x.shape[0], self.num_classes)
         if not len(y):
             return
-        first = self.route == "cholesky" and self.num_samples == 0 and not self.cross.any()
+        first = (
+            first_solve
+            and self.route == "cholesky"
+            and self.num_samples == 0
+            and not self.cross.any()
+        )
         active = self.learned_mask.copy()  # columns of W that may be nonzero after this batch
         active[y] = True
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked and refused
