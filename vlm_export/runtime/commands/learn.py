@@ -76,7 +76,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="also write the predict-only state (float32, no d_h x d_h matrix) for vlm-edge run",
     )
     add_shots_argument(parser, "every image")
-    parser.add_argument("--form", choices=FORMS, help="RAIL form of a new state (default primal)")
+    parser.add_argument(
+        "--form",
+        choices=FORMS,
+        help="RAIL form of a new state (default primal: one d_h x d_h matrix, whatever the "
+        "number of samples N). dual keeps every sample and an N x N matrix (8 N^2 bytes, about "
+        "4 copies while it grows): right for up to a few thousand samples; past N ~ d_h "
+        "(15000: the 16-shot 1,100-class reference has N = 17,600) primal is smaller and "
+        "faster. A dual learn that would not fit in memory is refused",
+    )
     add_primal_arguments(parser)
     add_engine_arguments(parser)
     scale = parser.add_argument_group(
@@ -156,6 +164,8 @@ def _learn_on_ray(
 def handle(args: argparse.Namespace) -> int:
     """Embed the domain's shots, learn them, save the state(s); return the exit status."""
     check_shots(args.shots)
+    if args.workers is not None and args.ray is None:
+        raise UserError("--workers sets the number of Ray workers: it needs --ray")
     if args.inference_state and same_file(args.inference_state, args.state):
         raise UserError("--inference-state must be another file than --state")
     for path in filter(None, (args.state, args.inference_state)):
