@@ -202,6 +202,7 @@ def test_bad_hyperparameters():
 @pytest.mark.parametrize("route", ["cholesky", "woodbury"])
 def test_large_batches_in_chunks_equal_joint(monkeypatch, route):
     monkeypatch.setattr(primal_module, "CHUNK_ROWS", 7)  # 120 samples: 18 chunks
+    monkeypatch.setattr(primal_module, "FIRST_SOLVE_ROWS", 11)
     x, labels = data(9)
     adapter = PrimalAdapter(IN_DIM, CLASSES, HIDDEN, RIDGE, seed=2, route=route)
     adapter.partial_fit(x[:100], labels[:100])
@@ -218,8 +219,9 @@ def test_large_batches_in_chunks_equal_joint(monkeypatch, route):
 
 
 @pytest.mark.parametrize("count", [10, HIDDEN // 2, HIDDEN // 2 + 1, 100])
-def test_first_domain_solve_equals_joint_either_way(count):
+def test_first_domain_solve_equals_joint_either_way(monkeypatch, count):
     # count <= d/2: W from the N x N system Phi Phi^T + lambda I; above: from G + lambda I
+    monkeypatch.setattr(primal_module, "CHUNK_ROWS", 7)  # G and B accumulated in chunks
     x, labels = data(10, count=count)
     adapter = PrimalAdapter(IN_DIM, CLASSES, HIDDEN, RIDGE, seed=3)
     adapter.partial_fit(x, labels)

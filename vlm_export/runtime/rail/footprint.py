@@ -9,7 +9,7 @@ line naming the largest size that fits (core.memory).
 from __future__ import annotations
 
 from vlm_export.core import memory
-from vlm_export.runtime.rail.primal import CHUNK_ROWS
+from vlm_export.runtime.rail.primal import FIRST_SOLVE_ROWS
 
 FLOAT = 8
 PROCESS_BYTES = 300 * 2**20  # interpreter, NumPy, SciPy, an ONNX Runtime session's arena
@@ -21,11 +21,12 @@ def primal_peak_bytes(in_dim: int, num_classes: int, hidden_dim: int) -> int:
     """Estimated peak bytes of learning (or merging into) a primal learner of width d_h.
 
     One d x d matrix, W_r, B, W and the solve's right-hand side and solution (d x C each at
-    most), one chunk of phi(x) and its copy for BLAS, the process.
+    most), phi(x) of the largest batch taken at once and its N x N system, the process.
     """
     dim = hidden_dim or in_dim
     matrix = dim * dim
-    side = in_dim * hidden_dim + 5 * dim * num_classes + 2 * CHUNK_ROWS * dim
+    rows = min(FIRST_SOLVE_ROWS, dim)
+    side = in_dim * hidden_dim + 5 * dim * num_classes + rows * (dim + rows)
     return FLOAT * (matrix + side) + PROCESS_BYTES
 
 

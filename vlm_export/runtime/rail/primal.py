@@ -35,6 +35,7 @@ HIDDEN_DIM = 15000
 RIDGE = 0.1
 ROUTES = ("cholesky", "woodbury")
 CHUNK_ROWS = 1024  # samples per step of a large batch (phi of one step: CHUNK_ROWS x d_h floats)
+FIRST_SOLVE_ROWS = 2048  # a fresh learner's batch up to this size is solved in sample space
 
 
 def random_projection(in_dim: int, hidden_dim: int, seed: int) -> np.ndarray:
@@ -217,12 +218,15 @@ class PrimalAdapter:
         active = self.learned_mask.copy()  # columns of W that may be nonzero after this batch
         active[y] = True
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked and refused
-            single = hidden_features(x, self.projection) if len(y) <= CHUNK_ROWS else None
-            self._check_growth(x, single)
-            weights = self._first_solve(single, y) if first and single is not None else None
+            limit = FIRST_SOLVE_ROWS if first else CHUNK_ROWS
+            whole = hidden_features(x, self.projection) if len(y) <= limit else None
+            self._check_growth(x, whole)
+            weights = self._first_solve(whole, y) if first and whole is not None else None
             for start in range(0, len(y), CHUNK_ROWS):
                 rows = slice(start, start + CHUNK_ROWS)
-                phi = single if single is not None else hidden_features(x[rows], self.projection)
+                phi = (
+                    whole[rows] if whole is not None else hidden_features(x[rows], self.projection)
+                )
                 phi = np.ascontiguousarray(phi)
                 if self.route == "cholesky":
                     self._accumulate(phi, y[rows])
@@ -233,12 +237,12 @@ class PrimalAdapter:
         self.learned_mask[y] = True
         self.num_samples += len(y)
 
-    def _check_growth(self, x: np.ndarray, phi: np.ndarray | None) -> None:
+    def _check_growth(self, x: np.ndarray, whole: np.ndarray | None) -> None:
         # G stays PSD, so |G_ij| <= sqrt(G_ii G_jj): a finite diagonal means a finite G.
         diagonal = self._matrix.diagonal().copy() if self.route == "cholesky" else 0.0
         for start in range(0, len(x), CHUNK_ROWS):
-            if phi is None or start:
-                phi = hidden_features(x[start : start + CHUNK_ROWS], self.projection)
+            rows = slice(start, start + CHUNK_ROWS)
+            phi = whole[rows] if whole is not None else hidden_features(x[rows], self.projection)
             diagonal = diagonal + np.einsum("ij,ij->j", phi, phi)
         if not np.isfinite(diagonal).all():
             raise RailError("the statistics G would overflow (features far too large)")
@@ -247,7 +251,8 @@ class PrimalAdapter:
         """W of a learner whose G and B were zero, by W = Phi^T (Phi Phi^T + lambda I)^-1 Y.
 
         The same W as (Phi^T Phi + lambda I)^-1 Phi^T Y (push-through identity), with an N x N
-        system instead of d x d: used when N <= d / 2. None when it does not pay.
+        system instead of d x d: used when N <= d / 2 (and N <= FIRST_SOLVE_ROWS, phi of every
+        sample at once). None when it does not pay.
         """
         if len(phi) > self.feature_dim // 2:
             return None
