@@ -338,17 +338,15 @@ def _add_statistics(
     _require_same(first, state, index, keys)
     if state.projection is not None and not np.array_equal(state.projection, first.projection):
         raise StateError(f"learner state {index} has another random layer W_r than state 0")
-    target = merged.gram
-    if isinstance(gram, StoredArray):
-        for start, block in gram.blocks(MERGE_BLOCK_ROWS):
-            if not all_finite(block):
-                raise StateError(f"{gram.path}: the Gram matrix G holds NaN or inf entries")
-            target[start : start + len(block)] += block
-    else:
-        target += gram
-    merged.cross += state.cross
-    merged.learned_mask |= state.learned_mask
-    merged.num_samples += state.num_samples
+    blocks = _finite_blocks(gram) if isinstance(gram, StoredArray) else [(0, gram)]
+    merged.add_statistics(blocks, state.cross, state.learned_mask, state.num_samples)
+
+
+def _finite_blocks(gram: StoredArray) -> Iterator[tuple[int, np.ndarray]]:
+    for start, block in gram.blocks(MERGE_BLOCK_ROWS):
+        if not all_finite(block):
+            raise StateError(f"{gram.path}: the Gram matrix G holds NaN or inf entries")
+        yield start, block
 
 
 def merge_learner_files(paths: Sequence[str | Path], bundle_fingerprint: str) -> Learner:
