@@ -95,8 +95,13 @@ def test_ray_bad_input_is_one_line_and_writes_nothing(setup, tmp_path, capsys) -
     assert state.read_bytes() == before and not dual.exists()
 
 
-def test_a_worker_that_dies_fails_the_run(setup) -> None:
-    from vlm_export.runtime.rail.scaleout import RayError, RayStatistics
+def test_a_worker_that_dies_fails_the_run_and_the_bundle_ships(setup) -> None:
+    from vlm_export.runtime.rail.scaleout import (
+        RayError,
+        RayStatistics,
+        StatisticsWorker,
+        bundle_files,
+    )
 
     bundle_path, data = setup
     with warnings.catch_warnings():
@@ -109,3 +114,12 @@ def test_a_worker_that_dies_fails_the_run(setup) -> None:
         ray.kill(cluster.workers[1])
         with pytest.raises(RayError, match="a Ray worker died"):
             cluster.accumulate(paths, np.zeros(len(paths), dtype=np.int64))
+        # a worker on a node without the bundle at the driver's path gets it from the store
+        files = ray.put(bundle_files(bundle.path))
+        setup = {"in_dim": learner.in_dim, "num_classes": learner.num_classes, "hidden_dim": 16}
+        elsewhere = str(bundle_path.parent / "not-on-this-node")
+        worker = StatisticsWorker(elsewhere, bundle.fingerprint, files, setup, None, engine)
+        assert worker.pipeline.bundle.path != bundle.path
+        assert worker.pipeline.bundle.fingerprint == bundle.fingerprint
+        blobs = [path.read_bytes() for path in paths[:3]]
+        assert worker.learn([str(p) for p in paths[:3]], blobs, np.zeros(3, np.int64)) == 3
