@@ -302,13 +302,15 @@ class PrimalAdapter:
         if self.solved:
             return
         columns = np.flatnonzero(self.cross.any(axis=0))
-        weights = np.zeros_like(self.weights)
+        solution = None
         if len(columns):
-            weights[:, columns] = solve_shifted(
+            solution = solve_shifted(
                 self._matrix, self.ridge, self.cross[:, columns], "G + lambda I"
             )
         self._mirrored = True  # solve_shifted leaves the matrix whole
-        self.weights = weights
+        self.weights[...] = 0.0  # in place: no second d x C array
+        if solution is not None:
+            self.weights[:, columns] = solution
         self.solved = True
 
     def predict(self, features: np.ndarray) -> np.ndarray:

@@ -137,8 +137,8 @@ class _Reader:
         return value
 
     def finite(self, name: str, what: str) -> None:
-        value = self.arrays.get(name)
-        if value is not None and not all_finite(value):
+        value = self.arrays.get(name)  # a StoredArray is checked as it is read, if it is read
+        if isinstance(value, np.ndarray) and not all_finite(value):
             raise StateError(f"{self.path}: {what} holds NaN or inf entries (corrupt state)")
 
 
@@ -353,7 +353,8 @@ def merge_learner_files(paths: Sequence[str | Path], bundle_fingerprint: str) ->
     """The joint learner of several learner state files, holding one d x d matrix at a time.
 
     Primal: the first state becomes the result; every other state's G is added block by block
-    straight from its file, never loaded whole. Dual: ``merge_learner_states`` over the files.
+    straight from its file, never loaded whole (its W, not needed, is not loaded at all).
+    Dual: ``merge_learner_states`` over the files.
     """
     first = load_learner_state(paths[0], bundle_fingerprint)
     if not isinstance(first, PrimalAdapter):
@@ -372,7 +373,9 @@ def merge_learner_files(paths: Sequence[str | Path], bundle_fingerprint: str) ->
     for index, path in enumerate(paths[1:], start=1):
         reader = _Reader(
             path,
-            *load_state(path, LEARNER_KIND, SCHEMA_VERSION, bundle_fingerprint, defer=("gram",)),
+            *load_state(
+                path, LEARNER_KIND, SCHEMA_VERSION, bundle_fingerprint, defer=("gram", "weights")
+            ),
         )
         if reader.field("form", str) != "primal":
             raise StateError("cannot merge primal and dual learner states")
