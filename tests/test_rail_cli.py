@@ -17,10 +17,12 @@ import pytest
 from fakebundle import make_bundle
 from PIL import Image
 
+from vlm_export.core import memory
 from vlm_export.runtime import cli
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.preprocess import Preprocessor
-from vlm_export.runtime.rail import primal as primal_module
+from vlm_export.runtime.rail import footprint
+from vlm_export.runtime.rail import linalg as linalg_module
 from vlm_export.runtime.rail.dual import DualAdapter
 from vlm_export.runtime.rail.fusion import fuse
 from vlm_export.runtime.rail.primal import PrimalAdapter
@@ -257,10 +259,13 @@ def test_learn_bad_input_leaves_the_state_alone(
     argv = ["learn", other, tools, "--domain", "vehicles", "--state", state]
     _fails(capsys, argv, "another bundle", state)
 
-    def infinite(factor: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-        return np.full(rhs.shape, np.inf)
+    solve = linalg_module.lapack.dpotrs
 
-    monkeypatch.setattr(primal_module, "cholesky_solve", infinite)
+    def infinite(factor: np.ndarray, rhs: np.ndarray, **options) -> tuple[np.ndarray, int]:
+        solution, info = solve(factor, rhs, **options)
+        return np.full(solution.shape, np.inf), info
+
+    monkeypatch.setattr(linalg_module.lapack, "dpotrs", infinite)
     _fails(capsys, learn(tools), "non-finite", state)
 
 
@@ -424,3 +429,30 @@ def test_run_with_a_rail_state(bundle_dir, data, encoder, tmp_path, capsys) -> N
     _fails(
         capsys, ["run", bundle_dir, folder, "--rail-state", reservoir], "expected 'rail-inference'"
     )
+
+
+# ------------------------------------------------------------------ memory
+def test_sizes_that_do_not_fit_are_refused_before_work(
+    bundle_dir, data, tmp_path, capsys, monkeypatch
+) -> None:
+    state, tools = tmp_path / "rail.npz", data / "learn" / "tools"
+    argv = ["learn", bundle_dir, tools, "--domain", "tools", "--state", state, "--shots", 3]
+    line = _fails(capsys, [*argv, "--hidden-dim", 10_000_000], "--hidden-dim", state)
+    assert "d_h 10000000" in line and "available" in line
+    fits = int(line.rsplit("--hidden-dim ", 1)[1].split()[0])
+    assert 0 < fits < 10_000_000 and footprint.primal_peak_bytes(32, 6, fits) <= (
+        memory.available_bytes()
+    )
+    assert not state.exists()
+    _learn(capsys, bundle_dir, data, "shapes", state)  # d_h 128
+    other = tmp_path / "other.npz"
+    _learn(capsys, bundle_dir, data, "tools", other)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 200 * 2**20)  # below the process
+    line = _fails(capsys, argv, f"continuing {state}", state)
+    assert "even --hidden-dim 1 does not fit" in line
+    merged = tmp_path / "merged.npz"
+    _fails(capsys, ["merge", merged, state, other], "merging", state)
+    assert not merged.exists()
+    dual = ["learn", bundle_dir, tools, "--domain", "tools", "--state", tmp_path / "dual.npz"]
+    line = _fails(capsys, [*dual, "--form", "dual", "--shots", 0], "the dual learner (12 samples")
+    assert "samples fit the dual form here: learn with --form primal" in line

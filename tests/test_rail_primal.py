@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from vlm_export.runtime.rail import PrimalAdapter, RailError, random_projection
+from vlm_export.runtime.rail import primal as primal_module
 
 IN_DIM, CLASSES, HIDDEN, RIDGE = 12, 9, 48, 0.1
 
@@ -196,3 +197,42 @@ def test_bad_hyperparameters():
         PrimalAdapter(IN_DIM, CLASSES, HIDDEN, seed=-1)
     with pytest.raises(RailError, match="projection"):
         PrimalAdapter(IN_DIM, CLASSES, HIDDEN, projection=np.zeros((IN_DIM, HIDDEN + 1)))
+
+
+@pytest.mark.parametrize("route", ["cholesky", "woodbury"])
+def test_large_batches_in_chunks_equal_joint(monkeypatch, route):
+    monkeypatch.setattr(primal_module, "CHUNK_ROWS", 7)  # 120 samples: 18 chunks
+    monkeypatch.setattr(primal_module, "FIRST_SOLVE_ROWS", 11)
+    x, labels = data(9)
+    adapter = PrimalAdapter(IN_DIM, CLASSES, HIDDEN, RIDGE, seed=2, route=route)
+    adapter.partial_fit(x[:100], labels[:100])
+    adapter.partial_fit(x[100:], labels[100:])
+    adapter.finalize()
+    projection = literal_projection(IN_DIM, HIDDEN, 2)
+    assert rel(adapter.weights, literal_joint(x, labels, projection)) < 1e-9
+    phi = literal_phi(x, projection)
+    matrix = adapter.gram if route == "cholesky" else np.linalg.inv(adapter.inverse)
+    expected = phi.T @ phi + (RIDGE * np.eye(HIDDEN) if route == "woodbury" else 0)
+    assert rel(matrix, expected) < 1e-9
+    whole = adapter.gram if route == "cholesky" else adapter.inverse
+    np.testing.assert_array_equal(whole, whole.T)  # read back whole and symmetric
+
+
+@pytest.mark.parametrize("count", [10, HIDDEN // 2, HIDDEN // 2 + 1, 100])
+def test_first_domain_solve_equals_joint_either_way(monkeypatch, count):
+    # count <= d/2: W from the N x N system Phi Phi^T + lambda I; above: from G + lambda I
+    monkeypatch.setattr(primal_module, "CHUNK_ROWS", 7)  # G and B accumulated in chunks
+    x, labels = data(10, count=count)
+    adapter = PrimalAdapter(IN_DIM, CLASSES, HIDDEN, RIDGE, seed=3)
+    adapter.partial_fit(x, labels)
+    assert adapter.solved == (count <= HIDDEN // 2)
+    adapter.finalize()
+    joint = literal_joint(x, labels, literal_projection(IN_DIM, HIDDEN, 3))
+    assert rel(adapter.weights, joint) < 1e-9
+    np.testing.assert_array_equal(adapter.weights[:, ~np.isin(np.arange(CLASSES), labels)], 0.0)
+    more_x, more_labels = data(11, count=30)  # the statistics kept are G and B all the same
+    adapter.partial_fit(more_x, more_labels)
+    adapter.finalize()
+    both = np.concatenate([x, more_x]), np.concatenate([labels, more_labels])
+    joint = literal_joint(*both, literal_projection(IN_DIM, HIDDEN, 3))
+    assert rel(adapter.weights, joint) < 1e-9

@@ -21,7 +21,13 @@ from vlm_export.runtime.rail import (
     save_learner_state,
     to_inference,
 )
-from vlm_export.runtime.rail.state import LEARNER_KIND, SCHEMA_VERSION
+from vlm_export.runtime.rail import state as rail_state
+from vlm_export.runtime.rail.state import (
+    INFERENCE_KIND,
+    LEARNER_KIND,
+    SCHEMA_VERSION,
+    merge_learner_files,
+)
 
 IN_DIM, CLASSES, HIDDEN = 10, 7, 24
 BUNDLE, OTHER_BUNDLE = "a1b2c3d4e5f60718", "ffffffffffffffff"
@@ -241,9 +247,134 @@ def test_merge_refuses_mismatches():
         merge_learner_states([])
 
 
-def test_rail_imports_without_torch_or_scipy():
+def test_rail_imports_without_torch_or_ray():
+    # SciPy (LAPACK / BLAS in place) is a device dependency; torch and Ray are not
     code = (
         "import sys, vlm_export.runtime.rail; "
-        "bad = {'torch', 'open_clip', 'scipy'} & set(sys.modules); assert not bad, bad"
+        "bad = {'torch', 'open_clip', 'ray'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _rewrite(source, target, kind=LEARNER_KIND, **changes):
+    """Copy a state file with some arrays or header fields changed (None drops an array)."""
+    arrays, meta = state_file.load_state(source, kind, SCHEMA_VERSION, BUNDLE)
+    fields = {k: v for k, v in meta.items() if k not in ("kind", "schema_version", "bundle")}
+    for name, value in changes.items():
+        if name in arrays:
+            arrays[name] = value
+        else:
+            fields[name] = value
+    state_file.save_state(target, kind, SCHEMA_VERSION, BUNDLE, arrays, fields)
+    return target
+
+
+def _corrupt(array, index, value):
+    array = array.copy()
+    array[index] = value
+    return array
+
+
+@pytest.mark.parametrize("hidden", [HIDDEN, 0])
+def test_states_that_cannot_be_right_are_refused_at_load(tmp_path, hidden):
+    x, labels = data(12)
+    path = tmp_path / "learner.npz"
+    learner = PrimalAdapter(IN_DIM, CLASSES, hidden, seed=3)
+    learner.partial_fit(x, labels)
+    save_learner_state(path, learner, BUNDLE)
+    gram, weights = learner.gram, learner.weights
+    swapped = gram.copy()  # a 2 x 2 principal minor below zero
+    swapped[0, 1] = swapped[1, 0] = 3 * np.sqrt(gram[0, 0] * gram[1, 1])
+    values, vectors = np.linalg.eigh(gram)  # every 2 x 2 minor fine, one eigenvalue -1
+    tilted = gram - (values[0] + 1.0) * np.outer(vectors[:, 0], vectors[:, 0])
+    tilted = (tilted + tilted.T) / 2
+    cases = [
+        ("the Gram matrix G holds NaN or inf", {"gram": _corrupt(gram, (2, 3), np.nan)}),
+        ("Gram matrix G has a negative diagonal", {"gram": _corrupt(gram, (4, 4), -1.0)}),
+        ("Gram matrix G is not symmetric", {"gram": _corrupt(gram, (0, 1), gram[0, 1] + 1)}),
+        ("Gram matrix G is not positive semi-definite", {"gram": swapped}),
+        ("Gram matrix G is not positive semi-definite", {"gram": tilted}),
+        ("-5 samples: a sample count cannot be negative", {"num_samples": -5}),
+        ("the weights W holds NaN or inf", {"weights": _corrupt(weights, (0, 0), np.inf)}),
+        ("the statistics B holds NaN or inf", {"cross": _corrupt(learner.cross, (1, 1), np.nan)}),
+    ]
+    for index, (message, change) in enumerate(cases):
+        broken = _rewrite(path, tmp_path / f"bad{index}.npz", **change)
+        with pytest.raises(StateError, match=message) as info:
+            load_learner_state(broken, BUNDLE)
+        assert "\n" not in str(info.value)
+    load_learner_state(path, BUNDLE)  # the original loads
+
+
+def test_bad_woodbury_and_inference_states_are_refused(tmp_path):
+    x, labels = data(13)
+    learner = PrimalAdapter(IN_DIM, CLASSES, HIDDEN, seed=3, route="woodbury")
+    learner.partial_fit(x, labels)
+    path = tmp_path / "learner.npz"
+    save_learner_state(path, learner, BUNDLE)
+    inverse = learner.inverse
+    too_big = _rewrite(path, tmp_path / "big.npz", inverse=_corrupt(inverse, (0, 0), 20.0))
+    with pytest.raises(StateError, match="above 1 / lambda"):
+        load_learner_state(too_big, BUNDLE)
+    zero = _rewrite(path, tmp_path / "zero.npz", inverse=_corrupt(inverse, (2, 2), 0.0))
+    with pytest.raises(StateError, match="R = .* is not positive"):
+        load_learner_state(zero, BUNDLE)
+    inference = tmp_path / "inference.npz"
+    save_inference_state(inference, learner, BUNDLE)
+    predictor = load_inference_state(inference, BUNDLE)
+    for name, value in (("weights", predictor.weights), ("projection", predictor.projection)):
+        bad = _rewrite(
+            inference,
+            tmp_path / f"{name}.npz",
+            INFERENCE_KIND,
+            **{name: _corrupt(value, (1, 1), np.nan)},
+        )
+        with pytest.raises(StateError, match="holds NaN or inf"):
+            load_inference_state(bad, BUNDLE)
+
+
+def test_dual_state_with_nan_features_is_refused(tmp_path):
+    x, labels = data(14, 20)
+    learner = DualAdapter(IN_DIM, CLASSES)
+    learner.partial_fit(x, labels)
+    path = tmp_path / "dual.npz"
+    save_learner_state(path, learner, BUNDLE)
+    bad = _rewrite(path, tmp_path / "bad.npz", features=_corrupt(learner.features, (0, 0), np.nan))
+    with pytest.raises(StateError, match="stored features holds NaN"):
+        load_learner_state(bad, BUNDLE)
+    bad = _rewrite(path, tmp_path / "labels.npz", labels=_corrupt(learner.labels, 0, CLASSES))
+    with pytest.raises(StateError, match="labels outside"):
+        load_learner_state(bad, BUNDLE)
+
+
+def test_merging_files_streams_and_equals_merging_states(tmp_path, monkeypatch):
+    monkeypatch.setattr(rail_state, "MERGE_BLOCK_ROWS", 5)  # G read 5 rows at a time
+    x, labels = data(15, 90)
+    paths = []
+    for device, rows in enumerate((slice(0, 20), slice(20, 50), slice(50, 90))):
+        learner = PrimalAdapter(IN_DIM, CLASSES, HIDDEN, seed=11)
+        learner.partial_fit(x[rows], labels[rows])
+        paths.append(tmp_path / f"device{device}.npz")
+        save_learner_state(paths[-1], learner, BUNDLE)
+    before = [path.read_bytes() for path in paths]
+    merged = merge_learner_files(paths, BUNDLE)
+    reference = merge_learner_states(load_learner_state(path, BUNDLE) for path in paths)
+    np.testing.assert_allclose(merged.gram, reference.gram, rtol=1e-14, atol=1e-14)
+    assert rel(merged.weights, literal_joint(x, labels, seed=11)) < 1e-9
+    assert merged.num_samples == 90 and [p.read_bytes() for p in paths] == before
+    other = PrimalAdapter(IN_DIM, CLASSES, HIDDEN + 1, seed=11)
+    save_learner_state(tmp_path / "wide.npz", other, BUNDLE)
+    with pytest.raises(StateError, match="hidden_dim = 25, state 0 has 24"):
+        merge_learner_files([paths[0], tmp_path / "wide.npz"], BUNDLE)
+    save_learner_state(
+        tmp_path / "seed.npz", PrimalAdapter(IN_DIM, CLASSES, HIDDEN, seed=12), BUNDLE
+    )
+    with pytest.raises(StateError, match="seed = 12, state 0 has 11"):
+        merge_learner_files([paths[0], tmp_path / "seed.npz"], BUNDLE)
+    nan = _rewrite(
+        paths[1],
+        tmp_path / "nan.npz",
+        gram=_corrupt(load_learner_state(paths[1], BUNDLE).gram, (3, 3), np.nan),
+    )
+    with pytest.raises(StateError, match="Gram matrix G holds NaN"):
+        merge_learner_files([paths[0], nan], BUNDLE)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -51,6 +52,42 @@ def save_state(
         np.savez(handle, **payload)
 
 
+@dataclass(frozen=True)
+class StoredArray:
+    """A C-ordered array left in its state file, read block by block (``defer`` in load_state)."""
+
+    path: Path
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, the next ``rows`` rows) in order, each block a fresh array."""
+        row_shape = self.shape[1:]
+        try:
+            with zipfile.ZipFile(self.path) as archive, archive.open(f"{self.name}.npy") as member:
+                _read_header(member)
+                for start in range(0, self.shape[0], rows):
+                    block = np.empty((min(rows, self.shape[0] - start), *row_shape), self.dtype)
+                    view = memoryview(block.reshape(-1).view(np.uint8))
+                    filled = 0
+                    while filled < len(view):
+                        count = member.readinto(view[filled:])
+                        if not count:
+                            raise StateError(f"{self.path} is truncated (array {self.name!r})")
+                        filled += count
+                    yield start, block
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            raise StateError(f"{self.path} is not a readable state file ({exc})") from None
+
+
+def _read_header(member: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(member)
+    return np.lib.format.read_array_header_2_0(member)
+
+
 def load_state(
     path: str | Path,
     kind: str,
@@ -58,6 +95,7 @@ def load_state(
     bundle_fingerprint: str | None,
     expected_shapes: Callable[[dict[str, Any]], Mapping[str, tuple[int, ...]]] | None = None,
     engine_fingerprint: str | None = None,
+    defer: Collection[str] = (),
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read a state file written by ``save_state``; return (arrays, meta).
 
@@ -65,10 +103,12 @@ def load_state(
     (when ``bundle_fingerprint`` is given) a state made with another bundle. Before any array is
     read, the shapes and dtypes its ``.npy`` headers declare are checked: no object arrays, the
     shapes ``expected_shapes(meta)`` names (when given), and the total against available memory.
-    A state of another
-    bundle fingerprint is accepted when ``engine_fingerprint`` is given, the state records the
-    same ``engine`` and its ``labels`` (the same engine with other classes: the caller then maps
-    the state's rows by label, see ``vlm_export.core.labels``).
+    A state of another bundle fingerprint is accepted when ``engine_fingerprint`` is given, the
+    state records the same ``engine`` and its ``labels`` (the same engine with other classes: the
+    caller then maps the state's rows by label, see ``vlm_export.core.labels``).
+    Arrays named in ``defer`` stay in the file: they come back as ``StoredArray`` (shape and
+    dtype known, read block by block), so that a caller can fold a d x d matrix into another
+    without holding both.
     """
     path = Path(path)
     if path.is_dir():
@@ -86,11 +126,15 @@ def load_state(
                 )
                 if expected_shapes is not None:
                     _check_shapes(headers, expected_shapes(meta), path)
-                total = sum(
-                    _nbytes(*header) for name, header in headers.items() if name != META_KEY
+                loaded = [name for name in headers if name != META_KEY and name not in defer]
+                require_memory(
+                    f"state file {path}", sum(_nbytes(*headers[name]) for name in loaded)
                 )
-                require_memory(f"state file {path}", total)
-                arrays = {name: archive[name] for name in headers if name != META_KEY}
+                arrays = {
+                    name: _stored(path, archive.zip, name) if name in defer else archive[name]
+                    for name in headers
+                    if name != META_KEY
+                }
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise StateError(f"{path} is not a readable state file ({exc})") from None
     return arrays, meta
@@ -190,3 +234,13 @@ def _check_shapes(
             raise StateError(
                 f"{path}: array {name!r} is declared {list(declared)}, expected {list(shape)}"
             )
+
+
+def _stored(path: Path, archive: zipfile.ZipFile, name: str) -> StoredArray | np.ndarray:
+    """A StoredArray for member ``name`` (loaded whole if it is not C-ordered)."""
+    with archive.open(f"{name}.npy") as member:
+        shape, fortran_order, dtype = _read_header(member)
+    if fortran_order or dtype.hasobject:
+        with archive.open(f"{name}.npy") as member:
+            return np.lib.format.read_array(member, allow_pickle=False)
+    return StoredArray(path, name, tuple(shape), dtype)

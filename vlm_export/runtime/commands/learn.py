@@ -38,7 +38,9 @@ from vlm_export.runtime.commands._rail import (
     show_progress,
 )
 from vlm_export.runtime.pipeline import Pipeline
+from vlm_export.runtime.rail import footprint
 from vlm_export.runtime.rail.dataset import LabelledImages, training_images
+from vlm_export.runtime.rail.dual import DualAdapter
 from vlm_export.runtime.rail.embed import embed_images
 from vlm_export.runtime.rail.models import (
     FORMS,
@@ -46,7 +48,9 @@ from vlm_export.runtime.rail.models import (
     check_loaded,
     describe,
     new_learner,
+    state_header,
 )
+from vlm_export.runtime.rail.primal import PrimalAdapter
 from vlm_export.runtime.rail.state import (
     Learner,
     load_learner_state,
@@ -80,15 +84,49 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="also write the predict-only state (float32, no d_h x d_h matrix) for vlm-edge run",
     )
     add_shots_argument(parser, "every image")
-    parser.add_argument("--form", choices=FORMS, help="RAIL form of a new state (default primal)")
+    parser.add_argument(
+        "--form",
+        choices=FORMS,
+        help="RAIL form of a new state (default primal: one d_h x d_h matrix, whatever the "
+        "number of samples N). dual keeps every sample and an N x N matrix (8 N^2 bytes, about "
+        "4 copies while it grows): right for up to a few thousand samples; past N ~ d_h "
+        "(15000: the 16-shot 1,100-class reference has N = 17,600) primal is smaller and "
+        "faster. A dual learn that would not fit in memory is refused",
+    )
     add_primal_arguments(parser)
     add_engine_arguments(parser)
+    scale = parser.add_argument_group(
+        "scale-out on Ray (primal, cholesky route; pip install 'vlm-export[ray]')"
+    )
+    scale.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="compute G and B on a Ray cluster: engine actors embed and accumulate, a tree "
+        "reduction sums; the state is the one a single-machine learn writes. ADDRESS of a "
+        "running cluster (ray start --head prints it; 'auto' on a cluster node), none: a "
+        "local Ray instance",
+    )
+    scale.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="engine actors (default: one per CPU, or per GPU when the backend uses GPUs)",
+    )
     return parser
 
 
 def _learner(bundle: Bundle, path: str, options: LearnerOptions) -> Learner:
-    """The state at ``path`` if it exists (options must agree with it), else a new learner."""
+    """The state at ``path`` if it exists (options must agree with it), else a new learner.
+
+    Either way a primal learner whose d_h x d_h matrix would not fit is refused first.
+    """
     if Path(path).exists():
+        header = state_header(path) or {}
+        sizes = [header.get(key) for key in ("in_dim", "num_classes", "hidden_dim")]
+        if header.get("form") == "primal" and all(type(n) is int and n >= 0 for n in sizes):
+            footprint.check_primal(f"continuing {path}", *sizes)
         learner = load_learner_state(path, bundle.fingerprint)
         check_loaded(learner, options, path)
         status(f"continuing {path}: {describe(learner)}")
@@ -112,9 +150,30 @@ def _check_new_classes(
         status(f"note: no folder for {len(absent)} class(es) of {domain}: {', '.join(absent)}")
 
 
+def _learn_on_ray(
+    bundle: Bundle, learner: Learner, data: LabelledImages, args: argparse.Namespace
+) -> str:
+    """Embed and accumulate ``data`` on Ray workers, add G and B to ``learner``; say where."""
+    if not isinstance(learner, PrimalAdapter):
+        raise UserError("--ray computes the primal form's statistics; the dual form learns here")
+    from vlm_export.runtime.rail.scaleout import RayStatistics
+
+    engine = {
+        "backend": args.backend,
+        "providers": args.providers.split(",") if args.providers else None,
+        "threads": args.threads,
+    }
+    with RayStatistics(bundle, learner, args.ray or None, args.workers, engine, status) as cluster:
+        cluster.accumulate(data.paths, data.labels)
+        cluster.reduce_into(learner)
+        return f"Ray ({len(cluster.workers)} workers)"
+
+
 def handle(args: argparse.Namespace) -> int:
     """Embed the domain's shots, learn them, save the state(s); return the exit status."""
     check_shots(args.shots)
+    if args.workers is not None and args.ray is None:
+        raise UserError("--workers sets the number of Ray workers: it needs --ray")
     if args.inference_state and same_file(args.inference_state, args.state):
         raise UserError("--inference-state must be another file than --state")
     check_paths(
@@ -131,18 +190,24 @@ def handle(args: argparse.Namespace) -> int:
     learner = _learner(bundle, args.state, learner_options(args, args.form))
     data = training_images(bundle, args.domain, Path(args.data_dir), args.shots)
     _check_new_classes(bundle, learner, data, args.domain, args.state)
-    with contextlib.ExitStack() as stack:
-        backend = open_engine(bundle, args)
-        stack.callback(backend.close)
-        pipeline = Pipeline(bundle, backend, "zeroshot")
-        pipeline.preprocessor.max_pixels = args.max_pixels
-        start = time.perf_counter()
-        features, _ = embed_images(pipeline, data.paths, EMBEDDING_OUTPUT, show_progress(args))
+    if isinstance(learner, DualAdapter):
+        footprint.check_dual(learner.in_dim, learner.num_classes, learner.num_samples + len(data))
+    start = time.perf_counter()
+    if args.ray is not None:
+        where = _learn_on_ray(bundle, learner, data, args)
+    else:
+        with contextlib.ExitStack() as stack:
+            backend = open_engine(bundle, args)
+            stack.callback(backend.close)
+            pipeline = Pipeline(bundle, backend, "zeroshot")
+            pipeline.preprocessor.max_pixels = args.max_pixels
+            features, _ = embed_images(pipeline, data.paths, EMBEDDING_OUTPUT, show_progress(args))
+        learner.partial_fit(features, data.labels)
+        where = backend.description
     status(
-        f"embedded {len(data)} images of {len(data.classes)} classes on {backend.description} "
+        f"embedded {len(data)} images of {len(data.classes)} classes on {where} "
         f"in {time.perf_counter() - start:.1f} s"
     )
-    learner.partial_fit(features, data.labels)
     learner.finalize()
     follow = labels_meta(bundle.engine_fingerprint, bundle.labels)
     save_learner_state(args.state, learner, bundle.fingerprint, follow)  # the primary state first

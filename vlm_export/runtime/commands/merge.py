@@ -18,10 +18,11 @@ from vlm_export.core.paths import check_paths
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import bundle_reads, status
 from vlm_export.runtime.commands._rail import same_file
+from vlm_export.runtime.rail import footprint
 from vlm_export.runtime.rail.models import describe, state_header
 from vlm_export.runtime.rail.state import (
     load_learner_state,
-    merge_learner_states,
+    merge_learner_files,
     save_inference_state,
     save_learner_state,
 )
@@ -78,6 +79,14 @@ def _fingerprint(args: argparse.Namespace) -> str:
     return header["bundle"]
 
 
+def _check_memory(path: str) -> None:
+    """Refuse, before loading, a primal merge whose d_h x d_h matrix would not fit."""
+    header = state_header(path) or {}
+    sizes = [header.get(key) for key in ("in_dim", "num_classes", "hidden_dim")]
+    if header.get("form") == "primal" and all(type(size) is int and size >= 0 for size in sizes):
+        footprint.check_primal(f"merging {path}", *sizes)
+
+
 def handle(args: argparse.Namespace) -> int:
     """Load, check, merge and write; return the exit status."""
     _check_paths(args)
@@ -92,8 +101,9 @@ def handle(args: argparse.Namespace) -> int:
                 f"{path} was made with another bundle (fingerprint {found}) than {reference} "
                 f"({fingerprint})"
             )
-    # one state file in memory at a time besides the result (each is d_h^2 floats)
-    merged = merge_learner_states(load_learner_state(p, fingerprint) for p in args.states)
+    _check_memory(args.states[0])
+    # one d_h x d_h matrix in memory: the first state's; the others' are added from their files
+    merged = merge_learner_files(args.states, fingerprint)
     first = state_header(args.states[0]) or {}
     follow = {key: first[key] for key in ("engine", "labels") if key in first}  # same bundle
     save_learner_state(args.out, merged, fingerprint, follow)

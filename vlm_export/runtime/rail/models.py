@@ -21,7 +21,7 @@ from vlm_export.core.errors import StateError, UserError
 from vlm_export.core.labels import Label, describe_change, label_sources, saved_labels
 from vlm_export.core.state_file import META_KEY
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.rail import dual, primal
+from vlm_export.runtime.rail import dual, footprint, primal
 from vlm_export.runtime.rail.fusion import BETA
 from vlm_export.runtime.rail.state import (
     LEARNER_KIND,
@@ -75,16 +75,23 @@ def check_options(options: LearnerOptions, form: str) -> None:
 
 
 def new_learner(bundle: Bundle, form: str, options: LearnerOptions) -> Learner:
-    """An empty learner over the bundle's whole label space, on its embedding width."""
+    """An empty learner over the bundle's whole label space, on its embedding width.
+
+    A primal learner that would not fit in the memory available is refused before allocation.
+    """
     check_options(options, form)
     in_dim, classes = bundle.text_embeddings.shape[1], bundle.num_classes
     section = rail_section(bundle.manifest)
     if form == "primal":
         defaults = section.get("primal") or {}
+        hidden_dim = _choose(options.hidden_dim, defaults.get("hidden_dim", primal.HIDDEN_DIM))
+        if hidden_dim < 0:
+            raise UserError(f"--hidden-dim must be 0 or more, got {hidden_dim}")
+        footprint.check_primal("the primal learner", in_dim, classes, hidden_dim)
         return primal.PrimalAdapter(
             in_dim,
             classes,
-            _choose(options.hidden_dim, defaults.get("hidden_dim", primal.HIDDEN_DIM)),
+            hidden_dim,
             float(defaults.get("ridge", primal.RIDGE)),
             _choose(options.seed, defaults.get("seed", 0)),
             options.route or "cholesky",

@@ -9,6 +9,8 @@ when asked; "woodbury" keeps R = (G + lambda I)^-1 and W current after every bat
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from vlm_export.runtime.rail.inputs import (
@@ -18,12 +20,22 @@ from vlm_export.runtime.rail.inputs import (
     check_new_class_count,
     one_hot,
 )
-from vlm_export.runtime.rail.linalg import cholesky, cholesky_solve, solve_lower, solve_upper
+from vlm_export.runtime.rail.linalg import (
+    add_product,
+    cholesky,
+    cholesky_solve,
+    mirror,
+    rank_update,
+    solve_lower,
+    solve_shifted,
+    solve_upper,
+)
 
 HIDDEN_DIM = 15000
 RIDGE = 0.1
 ROUTES = ("cholesky", "woodbury")
-_BLOCK_ELEMENTS = 1 << 23  # elements of one temporary block in the in-place d x d updates (64 MB)
+CHUNK_ROWS = 1024  # samples per step of a large batch (phi of one step: CHUNK_ROWS x d_h floats)
+FIRST_SOLVE_ROWS = 2048  # a fresh learner's batch up to this size is solved in sample space
 
 
 def random_projection(in_dim: int, hidden_dim: int, seed: int) -> np.ndarray:
@@ -39,17 +51,6 @@ def hidden_features(features: np.ndarray, projection: np.ndarray | None) -> np.n
     return np.maximum(features @ projection, 0)
 
 
-def _add_product(target: np.ndarray, left: np.ndarray, right: np.ndarray, sign: float) -> None:
-    """target += sign * left @ right in place, by row blocks (no second d x d temporary)."""
-    rows = max(1, _BLOCK_ELEMENTS // target.shape[1])
-    for start in range(0, target.shape[0], rows):
-        product = left[start : start + rows] @ right
-        if sign > 0:
-            target[start : start + rows] += product
-        else:
-            target[start : start + rows] -= product
-
-
 class PrimalAdapter:
     """Primal RAIL learner over a global label space of ``num_classes`` classes.
 
@@ -57,6 +58,10 @@ class PrimalAdapter:
     ``gram`` and ``cross`` (G, B; cholesky route) or ``inverse`` (R; woodbury route),
     ``learned_mask`` ([C] bool, classes seen in training), ``num_samples``, ``solved`` (W is
     current with G and B).
+
+    The d x d matrix (G or R) is the only one of its size: updates touch its upper triangle in
+    place (BLAS syrk), and ``gram`` / ``inverse`` copy that triangle onto the other, in place,
+    when read.
     """
 
     def __init__(
@@ -68,8 +73,12 @@ class PrimalAdapter:
         seed: int = 0,
         route: str = "cholesky",
         projection: np.ndarray | None = None,
+        matrix: bool = True,
     ) -> None:
-        """Start an empty learner; ``projection`` replaces the draw from ``seed`` (state files)."""
+        """Start an empty learner; ``projection`` replaces the draw from ``seed`` (state files).
+
+        ``matrix=False`` leaves G or R unallocated (a loader assigns it next).
+        """
         if route not in ROUTES:
             raise RailError(f"unknown primal route {route!r}; choose one of {', '.join(ROUTES)}")
         if in_dim < 1 or num_classes < 1 or hidden_dim < 0:
@@ -96,15 +105,48 @@ class PrimalAdapter:
         self.learned_mask = np.zeros(num_classes, dtype=bool)
         self.num_samples = 0
         self.solved = True
-        self.gram: np.ndarray | None = None
-        self.cross: np.ndarray | None = None
-        self.inverse: np.ndarray | None = None
-        if route == "cholesky":
-            self.gram = np.zeros((dim, dim))
-            self.cross = np.zeros((dim, num_classes))
-        else:
-            self.inverse = np.zeros((dim, dim))  # one d_h^2 array, not two (np.eye(d) / ridge)
-            np.fill_diagonal(self.inverse, 1.0 / self.ridge)
+        self.cross: np.ndarray | None = (
+            np.zeros((dim, num_classes)) if route == "cholesky" else None
+        )
+        self._matrix: np.ndarray | None = None  # G or R; upper triangle current
+        self._mirrored = True  # the lower triangle equals the upper
+        if matrix:
+            self._matrix = np.zeros((dim, dim))
+            if route == "woodbury":  # R = I / lambda, without a second d x d array (np.eye)
+                np.fill_diagonal(self._matrix, 1.0 / self.ridge)
+
+    def _full(self, route: str) -> np.ndarray | None:
+        if self.route != route or self._matrix is None:
+            return None
+        if not self._mirrored:
+            mirror(self._matrix, from_upper=True)
+            self._mirrored = True
+        return self._matrix
+
+    def _set(self, route: str, value: np.ndarray) -> None:
+        if self.route != route:
+            raise RailError(
+                f"a {self.route}-route learner has no {'G' if route == 'cholesky' else 'R'}"
+            )
+        self._matrix, self._mirrored = value, True
+
+    @property
+    def gram(self) -> np.ndarray | None:
+        """G = sum phi^T phi [d, d] (cholesky route; None on the woodbury route)."""
+        return self._full("cholesky")
+
+    @gram.setter
+    def gram(self, value: np.ndarray) -> None:
+        self._set("cholesky", value)
+
+    @property
+    def inverse(self) -> np.ndarray | None:
+        """R = (G + lambda I)^-1 [d, d] (woodbury route; None on the cholesky route)."""
+        return self._full("woodbury")
+
+    @inverse.setter
+    def inverse(self, value: np.ndarray) -> None:
+        self._set("woodbury", value)
 
     @property
     def feature_dim(self) -> int:
@@ -128,61 +170,147 @@ class PrimalAdapter:
     def partial_fit(self, features: np.ndarray, labels: np.ndarray) -> None:
         """Learn a batch: features [N, in_dim], labels [N] global class indices.
 
-        On RailError (bad input, an update that would not be finite) the learner is unchanged.
+        Large batches are taken CHUNK_ROWS samples at a time (the same result: updates are
+        exact). On RailError (bad input, an update that would not be finite) the learner is
+        unchanged, except that the woodbury route keeps the chunks learned before a failing one.
         """
+        self._learn(features, labels, first_solve=True)
+
+    def accumulate(self, features: np.ndarray, labels: np.ndarray) -> None:
+        """Add a batch to G and B only (cholesky route; W is solved by ``finalize``).
+
+        For learners whose statistics are summed elsewhere (shards, Ray workers).
+        """
+        if self.route != "cholesky":
+            raise RailError("accumulate needs the cholesky route (statistics G and B)")
+        self._learn(features, labels, first_solve=False)
+
+    def add_statistics(
+        self,
+        gram_blocks: Iterable[tuple[int, np.ndarray]],
+        cross: np.ndarray,
+        learned_mask: np.ndarray,
+        num_samples: int,
+    ) -> None:
+        """Add another learner's statistics on the same W_r: G as (first row, rows) blocks.
+
+        G and B are sums over samples, so the result is the learner of both sample sets.
+        """
+        target = self.gram
+        for start, block in gram_blocks:
+            target[start : start + len(block)] += block
+        self.cross += cross
+        self.learned_mask |= learned_mask
+        self.num_samples += int(num_samples)
+        self.solved = False
+
+    def _learn(self, features: np.ndarray, labels: np.ndarray, first_solve: bool) -> None:
         x = as_features(features, self.in_dim)
         y = as_labels(labels, x.shape[0], self.num_classes)
         if not len(y):
             return
-        phi = hidden_features(x, self.projection)
-        targets = one_hot(y, self.num_classes)
+        first = (
+            first_solve
+            and self.route == "cholesky"
+            and self.num_samples == 0
+            and not self.cross.any()
+        )
+        active = self.learned_mask.copy()  # columns of W that may be nonzero after this batch
+        active[y] = True
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked and refused
-            if self.route == "cholesky":
-                self._accumulate(phi, targets)
-            else:
-                self._woodbury_update(phi, targets)
+            limit = FIRST_SOLVE_ROWS if first else CHUNK_ROWS
+            whole = hidden_features(x, self.projection) if len(y) <= limit else None
+            self._check_growth(x, whole)
+            weights = self._first_solve(whole, y) if first and whole is not None else None
+            for start in range(0, len(y), CHUNK_ROWS):
+                rows = slice(start, start + CHUNK_ROWS)
+                phi = (
+                    whole[rows] if whole is not None else hidden_features(x[rows], self.projection)
+                )
+                phi = np.ascontiguousarray(phi)
+                if self.route == "cholesky":
+                    self._accumulate(phi, y[rows])
+                else:
+                    self._woodbury_update(phi, y[rows], active)
+        if weights is not None:
+            self.weights, self.solved = weights, True
         self.learned_mask[y] = True
         self.num_samples += len(y)
 
-    def _accumulate(self, phi: np.ndarray, targets: np.ndarray) -> None:
+    def _check_growth(self, x: np.ndarray, whole: np.ndarray | None) -> None:
         # G stays PSD, so |G_ij| <= sqrt(G_ii G_jj): a finite diagonal means a finite G.
-        diagonal = self.gram.diagonal() + np.einsum("ij,ij->j", phi, phi)
+        diagonal = self._matrix.diagonal().copy() if self.route == "cholesky" else 0.0
+        for start in range(0, len(x), CHUNK_ROWS):
+            rows = slice(start, start + CHUNK_ROWS)
+            phi = whole[rows] if whole is not None else hidden_features(x[rows], self.projection)
+            diagonal = diagonal + np.einsum("ij,ij->j", phi, phi)
         if not np.isfinite(diagonal).all():
             raise RailError("the statistics G would overflow (features far too large)")
-        _add_product(self.gram, phi.T, phi, 1.0)
-        self.cross += phi.T @ targets
+
+    def _first_solve(self, phi: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+        """W of a learner whose G and B were zero, by W = Phi^T (Phi Phi^T + lambda I)^-1 Y.
+
+        The same W as (Phi^T Phi + lambda I)^-1 Phi^T Y (push-through identity), with an N x N
+        system instead of d x d: used when N <= d / 2 (and N <= FIRST_SOLVE_ROWS, phi of every
+        sample at once). None when it does not pay.
+        """
+        if len(phi) > self.feature_dim // 2:
+            return None
+        kernel = phi @ phi.T
+        columns = np.unique(labels)
+        targets = one_hot(labels, self.num_classes)[:, columns]
+        factor = cholesky(kernel + self.ridge * np.eye(len(phi)), "Phi Phi^T + lambda I")
+        weights = np.zeros_like(self.weights)
+        weights[:, columns] = phi.T @ cholesky_solve(factor, targets)
+        if not np.isfinite(weights).all():
+            raise RailError("the ridge solve gave non-finite weights")
+        return weights
+
+    def _accumulate(self, phi: np.ndarray, labels: np.ndarray) -> None:
+        rank_update(self._matrix, phi.T, 1.0)  # G += phi^T phi, upper triangle
+        self._mirrored = False
+        add_product(self.cross, phi, one_hot(labels, self.num_classes))  # B += phi^T Y
         self.solved = False
 
-    def _woodbury_update(self, phi: np.ndarray, targets: np.ndarray) -> None:
+    def _woodbury_update(self, phi: np.ndarray, labels: np.ndarray, active: np.ndarray) -> None:
         # U = R X^T; R <- R - U S^-1 U^T with S = I_b + X U = L L^T, applied as V V^T with
         # V = U L^-T; W <- W + R_new X^T (Y - X W) where R_new X^T = U S^-1 = V L^-1.
-        # Every product is d x b or smaller, except the in-place d x d downdate: O(d^2 b).
-        u = self.inverse @ phi.T
+        # Every product is d x b or smaller, except the in-place d x d downdate (syrk on one
+        # triangle, mirrored before the next product): O(d^2 b), no d x d temporary. Columns of
+        # W of classes not ``active`` (neither learned nor in the batch) stay zero: skipped.
+        u = self._full("woodbury") @ phi.T
         system = np.eye(len(phi)) + phi @ u
         factor = cholesky(system, "the Woodbury system I + X R X^T")
         v = solve_lower(factor, u.T).T
         gain = solve_upper(factor, v.T).T
-        weights = self.weights + gain @ (targets - phi @ self.weights)
+        columns = np.flatnonzero(active)
+        targets = one_hot(labels, self.num_classes)[:, columns]
+        weights = self.weights[:, columns] + gain @ (targets - phi @ self.weights[:, columns])
         if not (np.isfinite(v).all() and np.isfinite(weights).all()):
             raise RailError("the Woodbury update is not finite (features far too large)")
-        _add_product(self.inverse, v, v.T, -1.0)
-        self.weights = weights
+        rank_update(self._matrix, v, -1.0)
+        self._mirrored = False
+        self.weights[:, columns] = weights
 
     def finalize(self) -> None:
         """Solve W = (G + lambda I)^-1 B by Cholesky if G or B changed (woodbury: nothing to do).
 
-        A solve that fails or is not finite raises RailError and keeps the previous W.
+        G is factored in place and rebuilt afterwards (no second d x d array); only the columns
+        of B that hold data are solved (the others give zero columns of W exactly). A solve that
+        fails or is not finite raises RailError and keeps the previous W.
         """
         if self.solved:
             return
-        system = self.gram.copy()
-        system.flat[:: self.feature_dim + 1] += self.ridge
-        factor = cholesky(system, "G + lambda I")
-        del system
-        weights = cholesky_solve(factor, self.cross)
-        if not np.isfinite(weights).all():
-            raise RailError("the ridge solve gave non-finite weights")
-        self.weights = weights
+        columns = np.flatnonzero(self.cross.any(axis=0))
+        solution = None
+        if len(columns):
+            solution = solve_shifted(
+                self._matrix, self.ridge, self.cross[:, columns], "G + lambda I"
+            )
+        self._mirrored = True  # solve_shifted leaves the matrix whole
+        self.weights[...] = 0.0  # in place: no second d x C array
+        if solution is not None:
+            self.weights[:, columns] = solution
         self.solved = True
 
     def predict(self, features: np.ndarray) -> np.ndarray:

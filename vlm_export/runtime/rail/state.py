@@ -7,6 +7,10 @@ Inference, primal: W_r and W in float32, learned mask. Inference, dual: features
 learned mask, gamma. Every file records the bundle fingerprint and is refused by another bundle,
 except that a file recording its labels (``label_fields``) loads into the same image engine with
 other classes, for prediction by label (``rail.models.load_predictor``).
+
+Loading refuses states that cannot be right: NaN or inf anywhere, negative sample counts, labels
+outside the label space, a G or R that is not symmetric positive (semi-)definite (negative
+diagonal, a 2 x 2 minor below zero; up to FULL_CHECK_DIM also a failed Cholesky factor).
 """
 
 from __future__ import annotations
@@ -19,14 +23,22 @@ from typing import Any
 import numpy as np
 
 from vlm_export.core.errors import StateError
-from vlm_export.core.state_file import load_state, save_state
+from vlm_export.core.state_file import StoredArray, load_state, save_state
 from vlm_export.runtime.rail.dual import DualAdapter, DualPredictor
 from vlm_export.runtime.rail.inputs import RailError
+from vlm_export.runtime.rail.linalg import (
+    all_finite,
+    check_factorable,
+    cholesky,
+    symmetric_problem,
+)
 from vlm_export.runtime.rail.primal import ROUTES, PrimalAdapter, PrimalPredictor
 
 LEARNER_KIND = "rail-learner"
 INFERENCE_KIND = "rail-inference"
 SCHEMA_VERSION = 1
+FULL_CHECK_DIM = 4096  # up to this width a loaded G or R is also Cholesky-factored (< 1 s)
+MERGE_BLOCK_ROWS = 256  # rows of a streamed d x d matrix read at a time
 
 Learner = PrimalAdapter | DualAdapter
 Predictor = PrimalPredictor | DualPredictor
@@ -141,6 +153,11 @@ class _Reader:
             )
         return value
 
+    def finite(self, name: str, what: str) -> None:
+        value = self.arrays.get(name)  # a StoredArray is checked as it is read, if it is read
+        if isinstance(value, np.ndarray) and not all_finite(value):
+            raise StateError(f"{self.path}: {what} holds NaN or inf entries (corrupt state)")
+
 
 def load_learner_state(
     path: str | Path, bundle_fingerprint: str | None, engine_fingerprint: str | None = None
@@ -176,6 +193,8 @@ def load_learner_state(
             learner.labels = reader.array("labels", (count,), np.int64)
             learner.inverse = reader.array("inverse", (count, count), np.float64)
             learner.coef = reader.array("coef", (count, classes), np.float64)
+            _check_dual(reader, learner.labels, classes)
+            _check_symmetric(reader, learner.inverse, "M = (K + lambda I)^-1", positive=True)
         else:
             raise StateError(f"{path} holds an unknown RAIL form {form!r}")
     except RailError as exc:
@@ -184,7 +203,10 @@ def load_learner_state(
     return learner
 
 
-def _load_primal_learner(reader: _Reader, in_dim: int, classes: int) -> PrimalAdapter:
+def _load_primal_learner(
+    reader: _Reader, in_dim: int, classes: int, matrix: bool = True
+) -> PrimalAdapter:
+    """The primal learner of a state; ``matrix=False`` leaves G or R out (a StoredArray)."""
     hidden = reader.field("hidden_dim", int)
     route = reader.field("route", str)
     if route not in ROUTES:
@@ -198,17 +220,62 @@ def _load_primal_learner(reader: _Reader, in_dim: int, classes: int) -> PrimalAd
         reader.field("seed", int),
         route,
         projection=projection,
+        matrix=False,
     )
     dim = learner.feature_dim
     learner.weights = reader.array("weights", (dim, classes), np.float64)
-    if route == "cholesky":
-        learner.gram = reader.array("gram", (dim, dim), np.float64)
-        learner.cross = reader.array("cross", (dim, classes), np.float64)
-    else:
-        learner.inverse = reader.array("inverse", (dim, dim), np.float64)
     learner.num_samples = reader.field("num_samples", int)
     learner.solved = reader.field("solved", bool)
+    if learner.num_samples < 0:
+        raise StateError(
+            f"{reader.path} records {learner.num_samples} samples: a sample count cannot be "
+            "negative (corrupt state)"
+        )
+    for name, what in (("projection", "the random layer W_r"), ("weights", "the weights W")):
+        reader.finite(name, what)
+    if route == "cholesky":
+        learner.cross = reader.array("cross", (dim, classes), np.float64)
+        reader.finite("cross", "the statistics B")
+    name = "gram" if route == "cholesky" else "inverse"
+    if matrix:
+        value = reader.array(name, (dim, dim), np.float64)
+        if route == "cholesky":
+            _check_symmetric(reader, value, "the Gram matrix G", shift=learner.ridge)
+        else:
+            _check_symmetric(reader, value, "R = (G + lambda I)^-1", positive=True)
+            if (value.diagonal() > (1 + 1e-9) / learner.ridge).any():
+                raise StateError(
+                    f"{reader.path}: R = (G + lambda I)^-1 has a diagonal entry above 1 / lambda "
+                    "(corrupt state)"
+                )
+        setattr(learner, name, value)
     return learner
+
+
+def _check_symmetric(
+    reader: _Reader, value: np.ndarray, what: str, shift: float = 0.0, positive: bool = False
+) -> None:
+    """Refuse a matrix that cannot be symmetric positive semi-definite (definite: ``positive``)."""
+    problem = symmetric_problem(value, what)
+    if problem is None and positive and len(value) and (value.diagonal() <= 0).any():
+        problem = f"{what} has a diagonal entry <= 0: it is not positive definite"
+    if problem is None and 0 < len(value) <= FULL_CHECK_DIM:
+        try:
+            if positive:
+                cholesky(value, what)
+            else:
+                check_factorable(value, shift, what)
+        except RailError:
+            problem = f"{what} is not positive {'definite' if positive else 'semi-definite'}"
+    if problem is not None:
+        raise StateError(f"{reader.path}: {problem} (corrupt state)")
+
+
+def _check_dual(reader: _Reader, labels: np.ndarray, classes: int) -> None:
+    for name, what in (("features", "the stored features"), ("coef", "alpha")):
+        reader.finite(name, what)
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise StateError(f"{reader.path} has labels outside [0, {classes}) (corrupt state)")
 
 
 def load_inference_state(
@@ -233,11 +300,15 @@ def load_inference_state(
         hidden = reader.field("hidden_dim", int)
         projection = reader.array("projection", (in_dim, hidden), np.float32) if hidden else None
         weights = reader.array("weights", (hidden or in_dim, classes), np.float32)
+        reader.finite("projection", "the random layer W_r")
+        reader.finite("weights", "the weights W")
         return PrimalPredictor(projection, weights, mask)
     if form == "dual":
         count = len(reader.arrays.get("features", ()))
         features = reader.array("features", (count, in_dim), np.float64)
         coef = reader.array("coef", (count, classes), np.float64)
+        for name, what in (("features", "the stored features"), ("coef", "alpha")):
+            reader.finite(name, what)
         return DualPredictor(features, coef, reader.field("gamma", float), mask)
     raise StateError(f"{path} holds an unknown RAIL form {form!r}")
 
@@ -271,7 +342,6 @@ def merge_learner_states(states: Iterable[Learner]) -> Learner:
 
 
 def _merge_primal(first: PrimalAdapter, others: Iterator[Learner]) -> PrimalAdapter:
-    keys = ("route", "in_dim", "hidden_dim", "num_classes", "ridge", "seed")
     merged = PrimalAdapter(
         first.in_dim,
         first.num_classes,
@@ -281,23 +351,91 @@ def _merge_primal(first: PrimalAdapter, others: Iterator[Learner]) -> PrimalAdap
         projection=first.projection,
     )
     for index, state in enumerate(itertools.chain([first], others)):
-        if not isinstance(state, PrimalAdapter):
-            raise StateError("cannot merge primal and dual learner states")
-        if state.route != "cholesky":
-            raise StateError(
-                f"learner state {index} uses the woodbury route (R only); merging needs the "
-                "cholesky route's statistics G and B"
-            )
-        _require_same(first, state, index, keys)
-        if state.projection is not None and not np.array_equal(state.projection, first.projection):
-            raise StateError(f"learner state {index} has another random layer W_r than state 0")
-        merged.gram += state.gram
-        merged.cross += state.cross
-        merged.learned_mask |= state.learned_mask
-        merged.num_samples += state.num_samples
+        _check_mergeable(state, index)
+        _add_statistics(merged, first, state, index, state.gram)
     merged.solved = False
     merged.finalize()
     return merged
+
+
+def _check_mergeable(state: Learner, index: int) -> None:
+    if not isinstance(state, PrimalAdapter):
+        raise StateError("cannot merge primal and dual learner states")
+    if state.route != "cholesky":
+        raise StateError(
+            f"learner state {index} uses the woodbury route (R only); merging needs the "
+            "cholesky route's statistics G and B"
+        )
+
+
+def _add_statistics(
+    merged: PrimalAdapter,
+    first: PrimalAdapter,
+    state: PrimalAdapter,
+    index: int,
+    gram: np.ndarray | StoredArray,
+) -> None:
+    """merged += state's G (an array, or one streamed from its file), B, counts and mask."""
+    keys = ("route", "in_dim", "hidden_dim", "num_classes", "ridge", "seed")
+    _require_same(first, state, index, keys)
+    if state.projection is not None and not np.array_equal(state.projection, first.projection):
+        raise StateError(f"learner state {index} has another random layer W_r than state 0")
+    blocks = _finite_blocks(gram) if isinstance(gram, StoredArray) else [(0, gram)]
+    merged.add_statistics(blocks, state.cross, state.learned_mask, state.num_samples)
+
+
+def _finite_blocks(gram: StoredArray) -> Iterator[tuple[int, np.ndarray]]:
+    for start, block in gram.blocks(MERGE_BLOCK_ROWS):
+        if not all_finite(block):
+            raise StateError(f"{gram.path}: the Gram matrix G holds NaN or inf entries")
+        yield start, block
+
+
+def merge_learner_files(paths: Sequence[str | Path], bundle_fingerprint: str) -> Learner:
+    """The joint learner of several learner state files, holding one d x d matrix at a time.
+
+    Primal: the first state becomes the result; every other state's G is added block by block
+    straight from its file, never loaded whole (its W, not needed, is not loaded at all).
+    Dual: ``merge_learner_states`` over the files.
+    """
+    first = load_learner_state(paths[0], bundle_fingerprint)
+    if not isinstance(first, PrimalAdapter):
+        rest = (load_learner_state(path, bundle_fingerprint) for path in paths[1:])
+        return merge_learner_states(itertools.chain([first], rest))
+    _check_mergeable(first, 0)
+    reference = PrimalAdapter(  # the hyperparameters of state 0, without its matrix
+        first.in_dim,
+        first.num_classes,
+        first.hidden_dim,
+        first.ridge,
+        first.seed,
+        projection=first.projection,
+        matrix=False,
+    )
+    for index, path in enumerate(paths[1:], start=1):
+        reader = _Reader(
+            path,
+            *load_state(
+                path, LEARNER_KIND, SCHEMA_VERSION, bundle_fingerprint, defer=("gram", "weights")
+            ),
+        )
+        if reader.field("form", str) != "primal":
+            raise StateError("cannot merge primal and dual learner states")
+        in_dim, classes = reader.field("in_dim", int), reader.field("num_classes", int)
+        state = _load_primal_learner(reader, in_dim, classes, matrix=False)
+        state.learned_mask = reader.array("learned_mask", (classes,), bool)
+        _check_mergeable(state, index)
+        _require_same(reference, state, index, ("in_dim", "hidden_dim", "num_classes"))
+        dim = state.feature_dim
+        _add_statistics(
+            first, reference, state, index, reader.array("gram", (dim, dim), np.float64)
+        )
+    problem = symmetric_problem(first.gram, "the merged Gram matrix G")
+    if problem is not None:
+        raise StateError(f"{problem}: a state file is corrupt")
+    first.solved = False
+    first.finalize()
+    return first
 
 
 def _require_same(first: Learner, other: Learner, index: int, keys: Sequence[str]) -> None:
