@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from vlm_export.core.manifest import onnx_engines, tensorrt_engines
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import format_bytes
 
@@ -112,12 +113,18 @@ def _engines(manifest: dict[str, Any]) -> list[str]:
     lines = [f"{engine['onnx']}, opset {engine['opset']}, batch {engine['batch_size']}"]
     lines.append("in:  " + "; ".join(_shape(r) for r in engine["inputs"]))
     lines.append("out: " + "; ".join(_shape(r) for r in engine["outputs"]))
-    for record in manifest["engines"]:
+    for record in onnx_engines(manifest):
+        parity = record.get("parity") or {}
+        lines.append(
+            f"{record.get('precision')} ONNX graph {record.get('file')}: embedding cosine min "
+            f"{parity.get('embedding_cosine_min')} against the fp32 graph"
+        )
+    for record in tensorrt_engines(manifest):
         lines.append(
             f"TensorRT {record.get('file')}: TensorRT {record.get('tensorrt_version')}, "
             f"compute capability {record.get('compute_capability')}, {record.get('precision')}"
         )
-    if not manifest["engines"]:
+    if not tensorrt_engines(manifest):
         lines.append("no TensorRT engines built (ONNX Runtime runs the ONNX file)")
     return lines
 
