@@ -14,6 +14,7 @@ from vlm_export.export.engine_cmd import (
     preflight_tensorrt,
     run_tensorrt_step,
 )
+from vlm_export.export.quantize import add_quantize_arguments, image_paths, run_quantize_step
 
 EXAMPLES = """examples:
   vlm-export --method tca --model ViT-B-16 --pretrained openai \\
@@ -23,6 +24,7 @@ EXAMPLES = """examples:
   vlm-export --method tca+rail --model ViT-B-16 --pretrained ./ViT-B-16.pt \\
       --domain pets=pets.txt --domain cars=cars.txt --out bundles/xtail
   vlm-export build-engine bundles/vitb16-tca --precision fp16   # on the device
+  vlm-export quantize bundles/vitb16-tca --calibration calib/    # add an INT8 graph
 """
 
 
@@ -122,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     out.add_argument("--quiet", action="store_true", help="no progress output")
     add_tensorrt_arguments(parser)
+    add_quantize_arguments(parser.add_argument_group("INT8"))
     info = parser.add_argument_group("information")
     info.add_argument("--list-models", action="store_true", help="list model names and exit")
     info.add_argument("--list-templates", action="store_true", help="list template sets and exit")
@@ -186,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     preflight_tensorrt(args)
+    if args.int8_calibration is not None:
+        image_paths(args.int8_calibration)  # an empty or missing folder fails before the export
     out = export_bundle(options)
     if options.pretrained.lower() == "none":
         print(
@@ -194,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     run_tensorrt_step(args, out)
+    run_quantize_step(args, out)
     print(out)
     return 0
 
@@ -202,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["build-engine"]:
         return build_engine_main(argv[1:])
+    if argv[:1] == ["quantize"]:
+        from vlm_export.export.quantize import quantize_main
+
+        return quantize_main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
         return run(args)
