@@ -4,9 +4,10 @@ ONNX Runtime's ``quantize_static`` writes QuantizeLinear/DequantizeLinear pairs 
 matrix products (QDQ form: what ONNX Runtime, OpenVINO and TensorRT's explicit quantization all
 read), with per-channel int8 weights and uint8 activations whose ranges come from the user's own
 images, preprocessed exactly as the device will (the bundle's preprocessing; anchors zero and
-invalid). Only MatMul, Gemm and Conv are quantized, and none under the condensing tower's
-``/condensers.`` and ``/anchor_select/`` modules: ranking, merging, anchor selection, LayerNorm
-and softmax stay float.
+invalid). Only products with weights (MatMul, Gemm, Conv) within the chosen scope are quantized
+(default: the MLPs; see SCOPES), and none under the condensing tower's ``/condensers.`` and
+``/anchor_select*`` modules: ranking, merging, anchor selection, attention scores, LayerNorm and
+softmax stay float.
 
 The gate: the INT8 graph and the bundle's fp32 graph (both in ONNX Runtime CPU) on the
 calibration images and on held-out images (``--held-out DIR``, else every 5th calibration image
@@ -53,7 +54,15 @@ from vlm_export.runtime.sources import is_image_file
 
 MIN_COSINE = 0.99
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
-FLOAT_PREFIXES = ("/condensers.", "/anchor_select/")
+#: the condensing tower's TokenCondenser and AnchorSelector modules (``/anchor_select_1/`` ...)
+FLOAT_PREFIXES = ("/condensers.", "/anchor_select")
+PASS_THROUGH_OPS = frozenset({"Transpose", "Identity", "Reshape", "Cast"})
+#: which weight products are quantized: the MLPs (two thirds of a ViT's matrix FLOPs, and the
+#: least sensitive), every transformer-block product (adds the attention projections, which also
+#: feed the token ranking), or all (adds the patch embedding and the final projection)
+SCOPES = ("mlp", "blocks", "all")
+DEFAULT_SCOPE = "mlp"
+SCOPE_MARKERS = {"mlp": ("/mlp/",), "blocks": ("/mlp/", "/attn/", "/out_proj")}
 HELD_OUT_EVERY = 5  # without --held-out: every 5th calibration image is held out
 ANCHORS_ON_IMAGES = 4  # held-out images also run with anchors on (CLS-like, every class valid)
 
@@ -144,19 +153,60 @@ def calibration_reader(manifest: dict[str, Any], images: list[np.ndarray]) -> An
     return Reader()
 
 
-def float_node_names(onnx_path: Path) -> list[str]:
-    """The quantizable nodes kept float: those of the condensation and anchor selection."""
+def _reads_weights(node: Any, initializers: set[str], producers: dict[str, Any]) -> bool:
+    """True when the node's second input is a weight: an initializer, perhaps transposed."""
+    if len(node.input) < 2:
+        return False
+    name = node.input[1]
+    for _ in range(3):
+        if name in initializers:
+            return True
+        source = producers.get(name)
+        if source is None or source.op_type not in PASS_THROUGH_OPS or not source.input:
+            return False
+        name = source.input[0]
+    return False
+
+
+def in_scope(name: str, scope: str) -> bool:
+    """True when the node ``name`` (a product with weights) belongs to the quantization scope."""
+    if scope == "all":
+        return True
+    markers = SCOPE_MARKERS[scope]
+    return any(marker in name for marker in markers)
+
+
+def quantized_node_names(onnx_path: Path, scope: str = DEFAULT_SCOPE) -> list[str]:
+    """The nodes to quantize: products with weights (MatMul, Gemm, Conv) outside the condensation,
+    within ``scope`` (see SCOPES).
+
+    Products of two activations (attention scores, attention times values) stay float, so the
+    softmax reads float scores; so does everything under the condensation's name prefixes.
+    """
+    if scope not in SCOPES:
+        raise UserError(f"unknown quantization scope {scope!r} (choose from {', '.join(SCOPES)})")
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {tensor.name for tensor in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
     return [
         node.name
         for node in graph.node
-        if node.op_type in QUANTIZED_OPS and node.name.startswith(FLOAT_PREFIXES)
+        if node.op_type in QUANTIZED_OPS
+        and not node.name.startswith(FLOAT_PREFIXES)
+        and _reads_weights(node, initializers, producers)
+        and in_scope(node.name, scope)
     ]
 
 
-def quantize_graph(onnx_path: Path, out_path: Path, manifest: dict[str, Any], images) -> None:
+def quantize_graph(
+    onnx_path: Path,
+    out_path: Path,
+    manifest: dict[str, Any],
+    images: list[np.ndarray],
+    scope: str = DEFAULT_SCOPE,
+) -> None:
     """Write the QDQ INT8 graph of ``onnx_path`` calibrated on ``images`` to ``out_path``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -173,7 +223,7 @@ def quantize_graph(onnx_path: Path, out_path: Path, manifest: dict[str, Any], im
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=float_node_names(onnx_path),
+            nodes_to_quantize=quantized_node_names(onnx_path, scope),
             calibrate_method=CalibrationMethod.MinMax,
             # ranges merged after every image: one image's intermediate tensors in memory at a time
             extra_options={"CalibStridedMinMax": 1},
@@ -313,12 +363,14 @@ def quantize_bundle(
     calibration: str | Path,
     held_out: str | Path | None = None,
     overwrite: bool = False,
+    scope: str = DEFAULT_SCOPE,
 ) -> GraphRecord:
     """Calibrate, quantize and gate; add the passing INT8 graph to the bundle (else raise)."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     name = int8_file_name(manifest["engine"]["onnx"])
     _refuse_listed(manifest, name, overwrite, "replace")
+    quantized_node_names(bundle_dir / manifest["engine"]["onnx"], scope)  # a bad scope: now
     preprocess = Preprocessor.from_manifest(manifest)
     images = preprocess_all(image_paths(calibration), preprocess)
     if held_out is not None:
@@ -328,7 +380,7 @@ def quantize_bundle(
     onnx_path = bundle_dir / manifest["engine"]["onnx"]
     with _staging(bundle_dir) as staging:
         staged = staging / name
-        quantize_graph(onnx_path, staged, manifest, images)
+        quantize_graph(onnx_path, staged, manifest, images, scope)
         for leftover in staging.glob("*-inferred.onnx"):  # onnxruntime's scratch files
             leftover.unlink()
         report = gate_report(bundle_dir, manifest, staged, images, held)
@@ -344,12 +396,14 @@ def quantize_bundle(
             quantization={
                 "tool": "onnxruntime.quantization.quantize_static",
                 "format": "QDQ",
+                "scope": scope,
                 "weights": "int8 per-channel",
                 "activations": "uint8 per-tensor",
                 "calibration": "minmax",
                 "calibration_images": len(images),
                 "held_out_images": len(held),
-                "float_ops": "condensation, anchor selection, LayerNorm, softmax, elementwise",
+                "float": "condensation, anchor selection, attention scores, LayerNorm, softmax, "
+                "elementwise ops, weight products outside the scope",
             },
             parity=report,
         )
@@ -423,6 +477,14 @@ def quantize_parser() -> argparse.ArgumentParser:
         "held out of calibration)",
     )
     parser.add_argument(
+        "--scope",
+        choices=SCOPES,
+        default=DEFAULT_SCOPE,
+        help="which weight products become int8: mlp (default; the MLPs, two thirds of the "
+        "FLOPs), blocks (every transformer-block projection), all (also the patch embedding and "
+        "the final projection); the wider, the faster and the further from fp32",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="replace an INT8 graph the bundle already has"
     )
     return parser
@@ -434,7 +496,9 @@ def quantize_main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
-            record = quantize_bundle(args.bundle, args.calibration, args.held_out, args.overwrite)
+            record = quantize_bundle(
+                args.bundle, args.calibration, args.held_out, args.overwrite, args.scope
+            )
     except UserError as exc:
         print(f"vlm-export quantize: error: {exc}", file=sys.stderr)
         return 2
