@@ -124,6 +124,28 @@ def test_bf16_pins_condensation_layernorm_and_softmax(tiny_tca) -> None:
     )
 
 
+def test_bf16_compiled_model_runs_the_condensation_in_fp32(tiny_tca) -> None:
+    """On a CPU with bf16: the compiled model's runtime precisions (skipped elsewhere)."""
+    ov = pytest.importorskip("openvino")
+    from vlm_export.runtime.engines import openvino_backend as ovb
+
+    if "BF16" not in ovb.cpu_capabilities(ov.Core()):
+        pytest.skip("this CPU has no bf16 (OpenVINO's OPTIMIZATION_CAPABILITIES)")
+    backend = open_backend(Bundle.open(tiny_tca), "openvino", precision="bf16")
+    precisions = {}
+    for op in backend.compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) in ("Input", "Output", "Const"):
+            continue
+        for name in info["originalLayersNames"].astype(str).split(","):
+            precisions[name] = info["runtimePrecision"].astype(str)
+    condensing = {n: p for n, p in precisions.items() if n.startswith(ovb.PRECISE_PREFIXES)}
+    assert condensing and all(
+        p in ("f32", "i32", "i64", "u8", "boolean") for p in condensing.values()
+    )
+    assert "bf16" in precisions.values()  # the rest of the graph does run in bf16
+
+
 def test_bf16_without_cpu_support_refuses_or_falls_back() -> None:
     from vlm_export.runtime.engines import openvino_backend as ovb
 

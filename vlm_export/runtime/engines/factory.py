@@ -90,12 +90,27 @@ def _open_onnxruntime_int8(
     return opened
 
 
+class RecordedEngineNotUsedWarning(UserWarning):
+    """``auto``: the engine ``vlm-edge bench`` recorded as fastest could not be opened."""
+
+
 def _open_recorded(bundle: Bundle, threads: int | None) -> EngineBackend | None:
     """``auto`` with a bench record of this device: the fastest passing engine, with a note."""
     choice = best_recorded(bundle.path, bundle.fingerprint)
     if choice is None:
         return None
-    opened = open_backend(bundle, choice.backend, threads=threads, precision=choice.precision)
+    precision = None if choice.backend == "tensorrt" else choice.precision
+    try:
+        opened = open_backend(bundle, choice.backend, threads=threads, precision=precision)
+    except (UserError, RuntimeError) as exc:
+        warnings.warn(
+            RecordedEngineNotUsedWarning(
+                f"bench recorded {choice.backend} {choice.precision} as fastest, but it cannot "
+                f"be opened now ({_one_line(exc)}); choosing as without a record"
+            ),
+            stacklevel=3,
+        )
+        return None
     note = f"auto chose {choice.backend} {choice.precision}: {choice.reason}"
     opened.notes = [note, *getattr(opened, "notes", [])]  # type: ignore[attr-defined]
     return opened
