@@ -271,3 +271,16 @@ def test_bench_table_json_record_and_auto(quantized, images, tmp_path, capsys) -
     bundle = Bundle.open(folder)
     chosen = open_backend(bundle, "auto")
     assert chosen.notes[0].startswith(f"auto chose {fastest['backend']} {fastest['precision']}")
+
+
+def test_export_checks_int8_calibration_folder_first(tmp_path, capsys) -> None:
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    argv = ["--model", "vlm-test-tiny", "--pretrained", "none", "--classes", str(classes)]
+    argv += ["--method", "tca", "--out", str(tmp_path / "b"), "--quiet"]
+    code = export_main([*argv, "--int8-calibration", str(tmp_path / "nothing")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [
+        f"vlm-export: error: calibration folder not found: {tmp_path / 'nothing'}"
+    ]
+    assert not (tmp_path / "b").exists()
