@@ -293,7 +293,7 @@ def test_provider_fallback_is_reported(
 
 def test_backend_factory(tca_bundle: Bundle, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="unknown backend"):
-        open_backend(tca_bundle, "openvino")
+        open_backend(tca_bundle, "nosuch")
     with pytest.raises(UserError, match="--threads must be at least 1"):
         open_backend(tca_bundle, "onnxruntime", threads=0)
     with pytest.raises(UserError, match="onnxruntime backend only"):

@@ -35,7 +35,10 @@ The manifest's JSON Schema, ``manifest.schema.json`` next to this module, docume
                       "token_fate" [B,R,n] int32 (TOKEN_FATE codes, per original patch).
     engines           list of TensorRT engines: {"file", "tensorrt_version",
                        "compute_capability", "precision", "origin": "built"|"registered",
-                       "sha256", "parity": {...engine vs ONNX Runtime CPU...}, ...} (may be empty)
+                       "sha256", "parity": {...engine vs ONNX Runtime CPU...}, ...} (may be empty),
+                      and quantized ONNX graphs: {"file", "format": "onnx", "precision": "int8",
+                       "quantization": {...}, "built_utc", "sha256", "bytes", "parity": {...}}
+                       (any backend that reads ONNX runs them; TensorRT records have no "format")
     condensation      null, or {"drop_rate", "merge_centers", "ranking", "reduction_layers",
                        "anchor_layers", "schedule": [{"layer", "tokens_in", "keep", "merge",
                        "prune", "tokens_out"}, ...], "tokens_per_block": [...],
@@ -102,6 +105,29 @@ TEXT_ENCODER_ONNX = "text_encoder.onnx"
 
 #: largest manifest read (real ones are a few kB; the cap keeps a hostile file out of memory)
 MAX_MANIFEST_BYTES = 8 << 20
+
+
+#: ``format`` of an ``engines`` record that is an ONNX graph (a quantized one), not a TensorRT plan
+ONNX_ENGINE_FORMAT = "onnx"
+
+
+def tensorrt_engines(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``engines`` records that are TensorRT engines (no ``format``, or "tensorrt")."""
+    return [
+        record
+        for record in manifest.get("engines") or []
+        if record.get("format", "tensorrt") == "tensorrt"
+    ]
+
+
+def onnx_engines(manifest: dict[str, Any], precision: str | None = None) -> list[dict[str, Any]]:
+    """The ``engines`` records that are ONNX graphs (of ``precision`` if given)."""
+    return [
+        record
+        for record in manifest.get("engines") or []
+        if record.get("format") == ONNX_ENGINE_FORMAT
+        and (precision is None or record.get("precision") == precision)
+    ]
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:

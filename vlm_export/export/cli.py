@@ -16,6 +16,7 @@ from vlm_export.export.engine_cmd import (
     preflight_tensorrt,
     run_tensorrt_step,
 )
+from vlm_export.export.quantize import add_quantize_arguments, image_paths, run_quantize_step
 from vlm_export.runtime.log import one_line_messages
 
 EXAMPLES = """examples:
@@ -26,6 +27,7 @@ EXAMPLES = """examples:
   vlm-export --method tca+rail --model ViT-B-16 --pretrained ./ViT-B-16.pt \\
       --domain pets=pets.txt --domain cars=cars.txt --out bundles/xtail
   vlm-export build-engine bundles/vitb16-tca --precision fp16   # on the device
+  vlm-export quantize bundles/vitb16-tca --calibration calib/    # add an INT8 graph
 """
 
 
@@ -145,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where torch computes the text embeddings: cpu (default) or cuda (a workstation GPU)",
     )
     add_tensorrt_arguments(parser)
+    add_quantize_arguments(parser.add_argument_group("INT8"))
     info = parser.add_argument_group("information")
     info.add_argument("--list-models", action="store_true", help="list model names and exit")
     info.add_argument("--list-templates", action="store_true", help="list template sets and exit")
@@ -243,6 +246,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     preflight_tensorrt(args)
+    if args.int8_calibration is not None:
+        image_paths(args.int8_calibration)  # an empty or missing folder fails before the export
     out = export_bundle(options)
     if options.pretrained.lower() == "none":
         print(
@@ -251,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     run_tensorrt_step(args, out)
+    run_quantize_step(args, out)
     print(out)
     return 0
 
@@ -277,6 +283,10 @@ def _dispatch(argv: list[str]) -> int:
     try:
         if argv[:1] == ["build-engine"]:
             return build_engine_main(argv[1:])
+        if argv[:1] == ["quantize"]:
+            from vlm_export.export.quantize import quantize_main
+
+            return quantize_main(argv[1:])
         args = build_parser().parse_args(argv)
         return run(args)
     except UserError as exc:

@@ -15,7 +15,7 @@ from vlm_export.core.errors import UserError
 from vlm_export.core.paths import tree_reads
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
-from vlm_export.runtime.engines.factory import BACKENDS, open_backend
+from vlm_export.runtime.engines.factory import BACKENDS, PRECISIONS, open_backend
 from vlm_export.runtime.preprocess import DEFAULT_MAX_PIXELS
 from vlm_export.runtime.sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from vlm_export.runtime.terminal import printable
@@ -44,7 +44,18 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--providers", help="ONNX Runtime providers in order, comma-separated (e.g. cuda,cpu)"
     )
-    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime / OpenVINO inference threads")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="engine precision: onnxruntime fp32|int8, openvino fp32|bf16|int8 (int8 runs the "
+        "bundle's quantized graph; bf16 needs a CPU with bf16); default fp32",
+    )
+    parser.add_argument(
+        "--precision-fallback",
+        action="store_true",
+        help="run fp32 when the CPU lacks the requested bf16 (default: refuse)",
+    )
     parser.add_argument(
         "--no-verify", action="store_true", help="skip the sha256 check of the bundle's files"
     )
@@ -97,4 +108,11 @@ def thread_count(threads: int | None) -> int | None:
 def open_engine(bundle: Bundle, args: argparse.Namespace) -> EngineBackend:
     """The engine backend the options ask for."""
     providers = args.providers.split(",") if args.providers else None
-    return open_backend(bundle, args.backend, providers, thread_count(args.threads))
+    return open_backend(
+        bundle,
+        args.backend,
+        providers,
+        thread_count(args.threads),
+        precision=getattr(args, "precision", None),
+        fallback=getattr(args, "precision_fallback", False),
+    )

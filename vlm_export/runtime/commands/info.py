@@ -7,6 +7,7 @@ from typing import Any
 
 from vlm_export.core.errors import BundleError
 from vlm_export.core.json_text import dumps
+from vlm_export.core.manifest import onnx_engines, tensorrt_engines
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import format_bytes
 
@@ -118,7 +119,13 @@ def _engines(manifest: dict[str, Any]) -> list[str]:
     lines = [f"{engine['onnx']}, opset {engine['opset']}, batch {engine['batch_size']}"]
     lines.append("in:  " + "; ".join(_shape(r) for r in engine["inputs"]))
     lines.append("out: " + "; ".join(_shape(r) for r in engine["outputs"]))
-    image_engines = [r for r in manifest["engines"] if r.get("role") != "text_encoder"]
+    for record in onnx_engines(manifest):
+        parity = record.get("parity") or {}
+        lines.append(
+            f"{record.get('precision')} ONNX graph {record.get('file')}: embedding cosine min "
+            f"{parity.get('embedding_cosine_min')} against the fp32 graph"
+        )
+    image_engines = [r for r in tensorrt_engines(manifest) if r.get("role") != "text_encoder"]
     for record in image_engines:
         lines.append(
             f"TensorRT {record.get('file')}: TensorRT {record.get('tensorrt_version')}, "

@@ -1,4 +1,4 @@
-"""Choose and open an engine backend for a bundle (ONNX Runtime or TensorRT)."""
+"""Choose and open an engine backend for a bundle (ONNX Runtime, OpenVINO or TensorRT)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,23 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from vlm_export.core.errors import UserError
+from vlm_export.core.manifest import onnx_engines, tensorrt_engines
 from vlm_export.runtime.engines.base import EngineBackend
+from vlm_export.runtime.engines.bench_record import best_recorded
+from vlm_export.runtime.engines.parity import BundleGraph
 from vlm_export.runtime.engines.select import IMAGE_ROLE, engines_of_role
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
+#: precisions by backend (the first is the default); int8 runs the bundle's quantized ONNX graph
+BACKEND_PRECISIONS = {
+    "onnxruntime": ("fp32", "int8"),
+    "openvino": ("fp32", "bf16", "int8"),
+    "tensorrt": ("fp16", "fp32"),
+}
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 TENSORRT_MODULE = "vlm_export.runtime.engines.tensorrt_backend"
 
 
@@ -32,6 +42,76 @@ def _open_tensorrt(bundle: Bundle) -> EngineBackend:
     return module.TensorRTBackend(bundle)
 
 
+def int8_graph(bundle: Bundle) -> str:
+    """The file name of the bundle's INT8 ONNX graph; UserError when it has none."""
+    records = onnx_engines(bundle.manifest, "int8")
+    if not records:
+        raise UserError(
+            "this bundle has no INT8 graph: add one with `vlm-export quantize BUNDLE "
+            "--calibration DIR`"
+        )
+    return str(records[-1]["file"])
+
+
+def graph_view(bundle: Bundle, onnx_file: str) -> BundleGraph:
+    """The bundle as a backend reads it, with ``onnx_file`` as its image encoder."""
+    manifest = dict(bundle.manifest)
+    manifest["engine"] = {**manifest["engine"], "onnx": onnx_file}
+    return BundleGraph(bundle.path, manifest)
+
+
+def _check_precision(backend: str, precision: str | None) -> str:
+    allowed = BACKEND_PRECISIONS[backend]
+    if precision is None:
+        return allowed[0]
+    if precision not in allowed:
+        raise UserError(f"the {backend} backend runs {', '.join(allowed)}, not {precision!r}")
+    return precision
+
+
+def _open_openvino(
+    bundle: Bundle, precision: str | None, threads: int | None, fallback: bool
+) -> EngineBackend:
+    precision = _check_precision("openvino", precision)
+    from vlm_export.runtime.engines.openvino_backend import OpenVinoBackend
+
+    graph = bundle.path / int8_graph(bundle) if precision == "int8" else None
+    return OpenVinoBackend(bundle, precision, threads=threads, fallback=fallback, graph=graph)
+
+
+def _open_onnxruntime_int8(
+    bundle: Bundle, providers: Sequence[str] | None, threads: int | None
+) -> EngineBackend:
+    from vlm_export.runtime.engines.onnxruntime_backend import OnnxRuntimeBackend
+
+    graph = graph_view(bundle, int8_graph(bundle))
+    opened = OnnxRuntimeBackend(graph, providers=providers, threads=threads)  # type: ignore[arg-type]
+    opened.description += ":int8"
+    return opened
+
+
+def _open_recorded(bundle: Bundle, threads: int | None) -> EngineBackend | None:
+    """``auto`` with a bench record of this device: the fastest passing engine, with a note."""
+    choice = best_recorded(bundle.path, bundle.fingerprint)
+    if choice is None:
+        return None
+    precision = None if choice.backend == "tensorrt" else choice.precision
+    try:
+        opened = open_backend(bundle, choice.backend, threads=threads, precision=precision)
+    except (UserError, RuntimeError) as exc:
+        log.warning(
+            "bench recorded %s %s as fastest, but it cannot be opened now (%s); choosing as "
+            "without a record",
+            choice.backend,
+            choice.precision,
+            _one_line(exc),
+        )
+        return None
+    note = f"auto chose {choice.backend} {choice.precision}: {choice.reason}"
+    opened.notes = [note, *getattr(opened, "notes", [])]  # type: ignore[attr-defined]
+    return opened
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
@@ -42,6 +122,8 @@ def open_backend(
     backend: str = "auto",
     providers: Sequence[str] | None = None,
     threads: int | None = None,
+    precision: str | None = None,
+    fallback: bool = False,
 ) -> EngineBackend:
     """Open the engine of ``bundle`` with the chosen backend.
 
@@ -49,18 +131,36 @@ def open_backend(
     (the backend's ``notes`` say why the other engines were not chosen), otherwise ONNX Runtime,
     with one logged warning saying why the engines were not used (TensorRT or CUDA
     missing, no GPU, no engine for this TensorRT and GPU). Naming ``providers`` or ``threads``
-    selects ONNX Runtime directly. ONNX Runtime is imported only when it is used; without it the
-    UserError says which extra to install.
+    selects ONNX Runtime directly. When ``vlm-edge bench`` recorded results for this device and
+    bundle, ``auto`` (without providers or precision) opens the fastest engine that passed parity
+    there and notes why. ``precision`` picks fp32/bf16/int8 (see BACKEND_PRECISIONS; ``fallback``
+    lets an unavailable bf16 run fp32). Backends are imported only when used; a missing one is a
+    UserError naming the extra to install.
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if precision is not None and precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    if backend == "openvino":
+        if providers:
+            raise UserError("--providers applies to the onnxruntime backend only")
+        return _open_openvino(bundle, precision, threads, fallback)
     if backend == "tensorrt":
         if providers or threads is not None:
             raise UserError("--providers and --threads apply to the onnxruntime backend only")
+        if precision is not None:
+            raise UserError("the tensorrt backend runs the engine the bundle lists for this GPU")
         return _open_tensorrt(bundle)
+    if backend == "auto" and not providers and precision is None:
+        recorded = _open_recorded(bundle, threads)
+        if recorded is not None:
+            return recorded
+    if precision is not None and _check_precision("onnxruntime", precision) == "int8":
+        return _open_onnxruntime_int8(bundle, providers, threads)
     tensorrt_problem = None
-    image_engines = engines_of_role(bundle.manifest["engines"], IMAGE_ROLE)
-    if backend == "auto" and not providers and threads is None and image_engines:
+    image_engines = engines_of_role(tensorrt_engines(bundle.manifest), IMAGE_ROLE)
+    plain_auto = backend == "auto" and not providers and threads is None and precision is None
+    if plain_auto and image_engines:
         try:
             return _open_tensorrt(bundle)
         except (UserError, RuntimeError) as exc:  # RuntimeError: a CUDA call failed

@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Any
 
 from vlm_export.core.errors import UserError
+from vlm_export.core.manifest import tensorrt_engines
 
 PRECISIONS = ("fp16", "fp32")
 TENSORRT_INSTALL_HINT = (
@@ -232,7 +233,7 @@ def choose_engine(
 ) -> dict[str, Any]:
     """The engine record of ``manifest`` for this device, or NoMatchingEngineError with reasons."""
     device = device or query_device()
-    choice = select_engine(manifest.get("engines") or [], device, precision, role)
+    choice = select_engine(tensorrt_engines(manifest), device, precision, role)
     if choice.engine is not None:
         return choice.engine
     raise no_engine_error(choice, device)

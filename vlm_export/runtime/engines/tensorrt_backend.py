@@ -35,6 +35,7 @@ from vlm_export.core.manifest import (
 )
 from vlm_export.core.manifest import (
     read_manifest,
+    tensorrt_engines,
 )
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.select import (
@@ -292,7 +293,7 @@ def engine_path(
             raise BundleError(f"engine file not found: {path}")
         return path, []
     device = device or query_device()
-    choice = select_engine(manifest.get("engines") or [], device, precision)
+    choice = select_engine(tensorrt_engines(manifest), device, precision)
     if choice.engine is None:
         raise no_engine_error(choice, device)
     record = choice.engine

@@ -1,0 +1,330 @@
+"""Reduced precision on this CPU: condensed ViT-B/16 at bf16 / INT8 against full fp32 ONNX Runtime.
+
+Exports ViT-B-16 (random weights, ``--pretrained none``) full and condensed (r=0.035, K=2) as
+bundles, quantizes the condensed one (QDQ INT8, calibrated on synthetic images, one graph per
+``--scopes`` entry, each with its gate numbers), then times batch-1 inference of every engine
+interleaved (after warm-up, ``vlm_export.runtime.engines.measure``) and reports each median as a
+ratio of the full fp32 ONNX Runtime median measured in the same run. Parity is against condensed
+fp32 ONNX Runtime on seeded images (anchors off, and on for the first image): embedding cosine
+and token-fate agreement. bf16 runs only where OpenVINO lists BF16 for this CPU.
+
+Why fates flip: for the first reduction (where both graphs rank the same 196 patches) the ranking
+scores of the fp32 and INT8 graphs are read out (the TopK input of ``/condensers.0``) and each
+flipped token's distance to the nearest cut (keep|merge, merge|prune) is compared with the score
+perturbation the INT8 graph introduces, both relative to the spread of the scores.
+
+    python benchmarks/bench_precision.py [--rounds 10] [--threads 2] [--scopes mlp,blocks]
+                                         [--work DIR]  # DIR keeps the bundles between runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from PIL import Image
+
+from vlm_export.core.manifest import read_manifest
+from vlm_export.export import quantize
+from vlm_export.export.pipeline import ExportOptions, export_bundle
+from vlm_export.models.schedule import CondensationConfig
+from vlm_export.runtime.engines import measure
+from vlm_export.runtime.engines.bench_record import device_description
+from vlm_export.runtime.engines.onnxruntime_backend import OnnxRuntimeBackend
+from vlm_export.runtime.engines.openvino_backend import (
+    OpenVinoBackend,
+    cpu_capabilities,
+    import_openvino,
+)
+from vlm_export.runtime.engines.parity import BundleGraph
+from vlm_export.runtime.preprocess import Preprocessor
+
+RESULTS = Path(__file__).with_name("results")
+CLASSES = ["cat", "dog", "bird", "car", "bus", "truck", "ship", "plane", "horse", "frog"]
+TARGET_RATIO = 0.45
+TARGET_COSINE = {"bf16": 0.999, "int8": 0.99}
+FIRST_SCORES = "/condensers.0/TopK"
+
+
+def export(work: Path, method: str, args: argparse.Namespace) -> Path:
+    """The bundle of ``method`` in ``work`` (exported once, reused by later runs)."""
+    out = work / method
+    if (out / "manifest.json").is_file():
+        return out
+    torch.manual_seed(0)
+    options = ExportOptions(
+        method=method,
+        model=args.model,
+        pretrained="none",
+        domains=[("things", CLASSES)],
+        templates="single",
+        condensation=CondensationConfig(drop_rate=args.drop_rate, merge_centers=args.merge_centers),
+        out=out,
+        overwrite=True,
+        quiet=True,
+    )
+    return export_bundle(options)
+
+
+def calibration_images(folder: Path, count: int, manifest: dict[str, Any]) -> list[np.ndarray]:
+    """``count`` synthetic photos-like images (smooth random fields), preprocessed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    for index in range(count):
+        coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((256, 256), Image.Resampling.BICUBIC)
+        noise = rng.integers(-20, 21, (256, 256, 3))
+        pixels = np.clip(np.asarray(image, dtype=np.int64) + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"calib_{index:04d}.png")
+    return quantize.preprocess_all(
+        quantize.image_paths(folder), Preprocessor.from_manifest(manifest)
+    )
+
+
+def view(folder: Path, manifest: dict[str, Any], onnx_file: str) -> BundleGraph:
+    return BundleGraph(folder, {**manifest, "engine": {**manifest["engine"], "onnx": onnx_file}})
+
+
+def with_score_output(source: Path, target: Path) -> str:
+    """Copy ``source`` with the first condenser's ranking scores as an extra output; its name."""
+    model = onnx.load(str(source))
+    node = next(n for n in model.graph.node if n.name == FIRST_SCORES)
+    scores = node.input[0]
+    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(scores))
+    onnx.save(model, str(target))
+    return scores
+
+
+def flip_analysis(
+    work: Path, tca: Path, manifest: dict[str, Any], int8_file: str, images: list[np.ndarray]
+) -> dict[str, Any]:
+    """Flipped first-reduction fates against the distance of their scores to the cuts."""
+    schedule = manifest["condensation"]["schedule"][0]
+    keep, merge = schedule["keep"], schedule["merge"]
+    feeds_of = lambda image: quantize.engine_feeds(manifest, image)  # noqa: E731
+    runs = {}
+    for name, source in (("fp32", tca / manifest["engine"]["onnx"]), ("int8", work / int8_file)):
+        instrumented = work / f"scores_{name}.onnx"
+        scores = with_score_output(source, instrumented)
+        session = ort.InferenceSession(str(instrumented), providers=["CPUExecutionProvider"])
+        runs[name] = []
+        for image in images:
+            fate, score = session.run(["token_fate", scores], feeds_of(image))
+            runs[name].append({"fate": fate, "scores": score})
+        del session
+        instrumented.unlink()
+    flipped_gaps, all_gaps, perturbations, flips, tokens = [], [], [], 0, 0
+    for ref, got in zip(runs["fp32"], runs["int8"], strict=True):
+        s = ref["scores"][0].astype(np.float64)
+        spread = float(np.std(s)) or 1.0
+        ordered = np.sort(s)[::-1]
+        cuts = [(ordered[keep - 1] + ordered[keep]) / 2]
+        if merge:
+            cuts.append((ordered[keep + merge - 1] + ordered[keep + merge]) / 2)
+        gap = np.min(np.abs(s[:, None] - np.array(cuts)[None]), axis=1) / spread
+        flipped = ref["fate"][0, 0] != got["fate"][0, 0]
+        flips += int(flipped.sum())
+        tokens += flipped.size
+        flipped_gaps.extend(gap[flipped].tolist())
+        all_gaps.extend(gap.tolist())
+        perturbations.extend((np.abs(got["scores"][0] - s) / spread).tolist())
+    return {
+        "reduction": 0,
+        "layer": schedule["layer"],
+        "tokens": tokens,
+        "flipped": flips,
+        "flip_rate": flips / max(tokens, 1),
+        "flipped_gap_to_cut_median": float(np.median(flipped_gaps)) if flipped_gaps else None,
+        "flipped_gap_to_cut_max": float(np.max(flipped_gaps)) if flipped_gaps else None,
+        "all_gap_to_cut_median": float(np.median(all_gaps)),
+        "score_perturbation_median": float(np.median(perturbations)),
+        "score_perturbation_p99": float(np.percentile(perturbations, 99)),
+        "units": "multiples of the std of the 196 ranking scores of the image",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--drop-rate", type=float, default=0.035)
+    parser.add_argument("--merge-centers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scopes", default="mlp,blocks", help="quantization scopes to build")
+    parser.add_argument("--calibration-images", type=int, default=24)
+    parser.add_argument("--parity-images", type=int, default=4)
+    parser.add_argument("--work", type=Path, help="folder for bundles and graphs (reused)")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-precision-"))
+    work.mkdir(parents=True, exist_ok=True)
+    full, tca = export(work, "zeroshot", args), export(work, "tca", args)
+    manifest = read_manifest(tca)
+    calibration = calibration_images(work / "calibration", args.calibration_images, manifest)
+    calibration, held_out = quantize.split_held_out(calibration)
+    gates, int8_files = {}, {}
+    for scope in args.scopes.split(","):
+        name = f"int8_{scope}.onnx"
+        if not (work / name).is_file():
+            quantize.quantize_graph(
+                tca / manifest["engine"]["onnx"], work / name, manifest, calibration, scope
+            )
+        gates[scope] = quantize.gate_report(tca, manifest, work / name, calibration, held_out)
+        int8_files[scope] = name
+        print(f"int8 {scope}: {quantize.describe_gate(gates[scope])}", flush=True)
+
+    cpu = ["CPUExecutionProvider"]
+    shape = [int(v) for v in manifest["engine"]["inputs"][0]["shape"]]
+    images = measure.synthetic_images(shape, args.parity_images, seed=3)
+    capabilities = cpu_capabilities(import_openvino().Core())
+    engines: dict[str, dict[str, Any]] = {}
+    opened = {}
+    reference = OnnxRuntimeBackend(BundleGraph(tca, manifest), cpu, args.threads)
+    cases = measure.reference_runs(reference, images, manifest)
+    plan: list[tuple[str, str, str, Any]] = [
+        (
+            "full",
+            "onnxruntime",
+            "fp32",
+            lambda: OnnxRuntimeBackend(BundleGraph(full, read_manifest(full)), cpu, args.threads),
+        ),
+        ("condensed", "onnxruntime", "fp32", lambda: reference),
+        (
+            "condensed",
+            "openvino",
+            "fp32",
+            lambda: OpenVinoBackend(BundleGraph(tca, manifest), "fp32", args.threads),
+        ),
+    ]
+    if "BF16" in capabilities:
+        plan.append(
+            (
+                "condensed",
+                "openvino",
+                "bf16",
+                lambda: OpenVinoBackend(BundleGraph(tca, manifest), "bf16", args.threads),
+            )
+        )
+    for scope, name in int8_files.items():
+        plan.append(
+            (
+                f"condensed int8 {scope}",
+                "onnxruntime",
+                "int8",
+                lambda n=name: OnnxRuntimeBackend(view(work, manifest, n), cpu, args.threads),
+            )
+        )
+        plan.append(
+            (
+                f"condensed int8 {scope}",
+                "openvino",
+                "int8",
+                lambda n=name: OpenVinoBackend(
+                    view(work, manifest, n), "int8", args.threads, graph=work / n
+                ),
+            )
+        )
+    for tower, backend, precision, opener in plan:
+        key = f"{tower} / {backend} {precision}"
+        watch = measure.MemoryWatch()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine = opener()
+        row: dict[str, Any] = {"tower": tower, "backend": backend, "precision": precision}
+        if tower != "full":
+            row.update(measure.parity(engine, cases, precision))
+        watch.sample()
+        row["memory_mb"] = watch.delta_mb
+        engines[key], opened[key] = row, engine
+        print(f"opened {key}", flush=True)
+    image = images[0]
+    timings = measure.interleaved_latency(
+        {key: (lambda e=e: e.infer(image)) for key, e in opened.items()}, args.rounds, args.warmup
+    )
+    base = timings["full / onnxruntime fp32"]["median_ms"]
+    for key, timing in timings.items():
+        engines[key].update(timing, ratio_to_full_fp32=timing["median_ms"] / base)
+    for engine in opened.values():
+        engine.close()
+    opened.clear()
+    flips = {
+        scope: flip_analysis(work, tca, manifest, name, images)
+        for scope, name in int8_files.items()
+    }
+    targets = []
+    for key, row in engines.items():
+        if row["precision"] in TARGET_COSINE and row["tower"].startswith("condensed"):
+            targets.append(
+                {
+                    "engine": key,
+                    "ratio": row["ratio_to_full_fp32"],
+                    "cosine_min": row["embedding_cosine_min"],
+                    "met": row["ratio_to_full_fp32"] <= TARGET_RATIO
+                    and row["embedding_cosine_min"] >= TARGET_COSINE[row["precision"]],
+                }
+            )
+    result = {
+        "benchmark": "bench_precision",
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": args.model,
+        "weights": "random (--pretrained none)",
+        "condensation": {"drop_rate": args.drop_rate, "merge_centers": args.merge_centers},
+        "device": device_description(),
+        "openvino_cpu_capabilities": capabilities,
+        "bf16": "measured" if "BF16" in capabilities else "not available on this CPU",
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "parity_reference": "condensed fp32 ONNX Runtime CPU",
+        "gates": gates,
+        "engines": engines,
+        "fate_flips_first_reduction": flips,
+        "targets": {"ratio_at_most": TARGET_RATIO, "cosine": TARGET_COSINE, "results": targets},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"precision_{args.model}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    for key, row in engines.items():
+        cosine = row.get("embedding_cosine_min")
+        fate = row.get("token_fate_agreement")
+        print(
+            f"{key:40s} {row['median_ms']:8.1f} ms  {row['ratio_to_full_fp32']:.3f}x full fp32"
+            + (f"  cosine {cosine:.5f}" if cosine is not None else "")
+            + (f"  fates {fate:.4f}" if fate is not None else "")
+        )
+    print(json.dumps(flips, indent=1))
+    plot(result, RESULTS / f"precision_{args.model}.png")
+    print(path)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Latency ratio per engine (if matplotlib is installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = list(result["engines"].items())
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+    ax.barh([key for key, _ in rows], [row["ratio_to_full_fp32"] for _, row in rows])
+    ax.axvline(TARGET_RATIO, color="red", linestyle="--", label=f"target {TARGET_RATIO}x")
+    ax.set_xlabel("median latency / full fp32 ONNX Runtime (same run)")
+    ax.set_title(f"{result['model']} batch 1, {result['device']}")
+    ax.invert_yaxis()
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Reduced precision on the CPU: the OpenVINO backend, INT8 QDQ graphs and ``vlm-edge bench``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fakebundle import write_images
+
+from vlm_export.core.manifest import MANIFEST_NAME, onnx_engines, sha256_file
+from vlm_export.export import quantize
+from vlm_export.export.cli import main as export_main
+from vlm_export.runtime import cli
+from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.engines.factory import open_backend
+
+CLASSES = ["cat", "dog", "bird", "car", "bus"]
+
+
+@pytest.fixture(scope="module")
+def tiny_tca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A condensing vlm-test-tiny bundle (random weights) from the real exporter."""
+    torch = pytest.importorskip("torch")
+    from vlm_export.export.pipeline import ExportOptions, export_bundle
+    from vlm_export.models.schedule import CondensationConfig
+
+    folder = tmp_path_factory.mktemp("precision")
+    options = ExportOptions(
+        method="tca",
+        model="vlm-test-tiny",
+        pretrained="none",
+        domains=[("things", CLASSES)],
+        templates="single",
+        condensation=CondensationConfig(drop_rate=0.035, merge_centers=2),
+        out=folder / "bundle",
+        quiet=True,
+    )
+    torch.manual_seed(0)  # the random weights, hence the gate's numbers, are the same every run
+    return export_bundle(options)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("calibration")
+    write_images(folder, 10, seed=5)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_tca: Path, images: Path, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("quantized") / "bundle"
+    shutil.copytree(tiny_tca, folder)
+    quantize.quantize_bundle(folder, images)
+    return folder
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _run_labels(bundle: Path, images: Path, out: Path, *extra: str) -> list[int]:
+    argv = ["run", str(bundle), str(images), "--method", "tca", "--quiet", "--out", str(out)]
+    assert cli.main([*argv, *extra]) == 0
+    return [json.loads(line)["label"] for line in out.read_text().splitlines()]
+
+
+# --- OpenVINO backend -------------------------------------------------------------------------
+
+
+def test_openvino_fp32_run_decides_as_onnxruntime(tiny_tca, images, tmp_path) -> None:
+    pytest.importorskip("openvino")
+    ort = _run_labels(tiny_tca, images, tmp_path / "ort.jsonl", "--backend", "onnxruntime")
+    ov = _run_labels(tiny_tca, images, tmp_path / "ov.jsonl", "--backend", "openvino")
+    assert ov == ort and len(ort) == 10
+
+
+def test_openvino_anchor_rows_update_in_place(tiny_tca) -> None:
+    pytest.importorskip("openvino")
+    bundle = Bundle.open(tiny_tca)
+    ov = open_backend(bundle, "openvino")
+    ort = open_backend(bundle, "onnxruntime", providers=["cpu"])
+    anchors_shape = ov.bound_anchors()[0].shape
+    rng = np.random.default_rng(0)
+    anchors = rng.standard_normal(anchors_shape).astype(np.float32)
+    valid = np.ones(anchors_shape[0], np.float32)
+    ov.set_anchors(anchors, valid)
+    bound, bound_valid = ov.bound_anchors()
+    # OpenVINO reads the backend's own arrays: no copy per frame
+    assert np.shares_memory(ov.request.get_tensor("anchors").data, bound)
+    moved = anchors.copy()
+    moved[2] += 1.0
+    valid_moved = valid.copy()
+    valid_moved[4] = 0.0
+    ov.update_anchor_rows(moved, valid_moved, np.array([2, 4]))
+    assert ov.bound_anchors()[0] is bound and bound_valid[4] == 0.0
+    np.testing.assert_array_equal(bound, moved)
+    image = rng.standard_normal(ov.image_shape).astype(np.float32)
+    ort.set_anchors(moved, valid_moved)
+    got, want = ov.infer(image), ort.infer(image)
+    np.testing.assert_allclose(got["embedding"], want["embedding"], atol=1e-4)
+    np.testing.assert_array_equal(got["token_fate"], want["token_fate"])
+
+
+def test_bf16_pins_condensation_layernorm_and_softmax(tiny_tca) -> None:
+    ov = pytest.importorskip("openvino")
+    from vlm_export.runtime.engines import openvino_backend as ovb
+
+    model = ov.Core().read_model(str(tiny_tca / "image_encoder.onnx"))
+    marked = set(ovb.pin_precise_nodes(model))
+    ops = [op for op in model.get_ordered_ops() if op.get_type_name() not in ovb.UNMARKED_TYPES]
+    condensing = [op for op in ops if op.get_friendly_name().startswith(ovb.PRECISE_PREFIXES)]
+    assert condensing and all(op.get_friendly_name() in marked for op in condensing)
+    for kind in ("MVN", "Softmax"):
+        typed = [op for op in ops if op.get_type_name() == kind]
+        assert typed and all(op.get_friendly_name() in marked for op in typed)
+        assert all(ovb.PRECISE_ATTRIBUTE in op.get_rt_info() for op in typed)
+    # the transformer's own matrix products stay free to run in bf16
+    assert any(
+        op.get_type_name() == "MatMul" and op.get_friendly_name() not in marked for op in ops
+    )
+
+
+def test_bf16_compiled_model_runs_the_condensation_in_fp32(tiny_tca) -> None:
+    """On a CPU with bf16: the compiled model's runtime precisions (skipped elsewhere)."""
+    ov = pytest.importorskip("openvino")
+    from vlm_export.runtime.engines import openvino_backend as ovb
+
+    if "BF16" not in ovb.cpu_capabilities(ov.Core()):
+        pytest.skip("this CPU has no bf16 (OpenVINO's OPTIMIZATION_CAPABILITIES)")
+    backend = open_backend(Bundle.open(tiny_tca), "openvino", precision="bf16")
+    precisions = {}
+    for op in backend.compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) in ("Input", "Output", "Const"):
+            continue
+        for name in info["originalLayersNames"].astype(str).split(","):
+            precisions[name] = info["runtimePrecision"].astype(str)
+    condensing = {n: p for n, p in precisions.items() if n.startswith(ovb.PRECISE_PREFIXES)}
+    assert condensing and all(
+        p in ("f32", "i32", "i64", "u8", "boolean") for p in condensing.values()
+    )
+    assert "bf16" in precisions.values()  # the rest of the graph does run in bf16
+
+
+def test_bf16_without_cpu_support_refuses_or_falls_back(caplog: pytest.LogCaptureFixture) -> None:
+    from vlm_export.runtime.engines import openvino_backend as ovb
+
+    with pytest.raises(ovb.PrecisionUnavailable, match="no bf16 support"):
+        ovb.resolve_precision("bf16", ["FP32", "INT8"], fallback=False)
+    with caplog.at_level("WARNING", logger="vlm_export"):
+        assert ovb.resolve_precision("bf16", ["FP32", "INT8"], fallback=True) == "fp32"
+    assert any("running fp32" in record.getMessage() for record in caplog.records)
+    assert ovb.resolve_precision("bf16", ["FP32", "BF16"], fallback=False) == "bf16"
+
+
+def test_missing_backend_and_precision_are_one_line_errors(tiny_tca, images, tmp_path, capsys):
+    before = _hashes(tiny_tca)
+    saved = sys.modules.get("openvino")
+    sys.modules["openvino"] = None  # type: ignore[assignment]  # import fails as if absent
+    try:
+        code = cli.main(["run", str(tiny_tca), str(images), "--backend", "openvino", "--quiet"])
+    finally:
+        if saved is None:
+            sys.modules.pop("openvino", None)
+        else:
+            sys.modules["openvino"] = saved
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and "pip install 'vlm-export[openvino]'" in err[-1]
+    code = cli.main(["run", str(tiny_tca), str(images), "--precision", "int8", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and "no INT8 graph" in err[-1] and "vlm-export quantize" in err[-1]
+    assert _hashes(tiny_tca) == before
+
+
+# --- INT8 -------------------------------------------------------------------------------------
+
+
+def test_quantize_adds_a_gated_qdq_graph(quantized) -> None:
+    onnx = pytest.importorskip("onnx")
+    manifest = json.loads((quantized / MANIFEST_NAME).read_text())
+    (record,) = onnx_engines(manifest, "int8")
+    path = quantized / record["file"]
+    assert record["sha256"] == sha256_file(path) == manifest["files"][record["file"]]["sha256"]
+    parity = record["parity"]
+    assert parity["passed"] and parity["embedding_cosine_min"] >= quantize.MIN_COSINE
+    assert parity["calibration"]["images"] == 8 and parity["held_out"]["images"] == 2
+    assert 0.0 <= parity["held_out"]["top1_agreement"] <= 1.0
+    graph = onnx.load(str(path)).graph
+    kinds = {node.op_type for node in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= kinds
+    produced_by = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:  # condensation, LayerNorm and softmax read float tensors
+        floating = node.name.startswith(quantize.FLOAT_PREFIXES) or node.op_type in (
+            "LayerNormalization",
+            "Softmax",
+        )
+        if floating:
+            sources = [produced_by.get(name) for name in node.input]
+            assert not any(s is not None and s.op_type == "DequantizeLinear" for s in sources)
+    Bundle.open(quantized)  # the manifest and the hashes still check out
+
+
+def test_int8_runs_on_both_backends_with_the_gate_numbers(quantized, images, tmp_path) -> None:
+    labels = _run_labels(quantized, images, tmp_path / "ort8.jsonl", "--precision", "int8")
+    reference = _run_labels(quantized, images, tmp_path / "ref.jsonl", "--backend", "onnxruntime")
+    assert len(labels) == len(reference) == 10
+    if pytest.importorskip("openvino"):
+        ov = _run_labels(
+            quantized,
+            images,
+            tmp_path / "ov8.jsonl",
+            "--backend",
+            "openvino",
+            "--precision",
+            "int8",
+        )
+        assert len(ov) == 10
+
+
+def test_failing_gate_writes_nothing(tiny_tca, images, tmp_path, monkeypatch, capsys) -> None:
+    folder = tmp_path / "bundle"
+    shutil.copytree(tiny_tca, folder)
+    before = _hashes(folder)
+    monkeypatch.setattr(quantize, "MIN_COSINE", 1.000001)
+    code = export_main(["quantize", str(folder), "--calibration", str(images)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "was not added to the bundle" in err[0]
+    assert _hashes(folder) == before and sorted(p.name for p in folder.iterdir()) == sorted(before)
+
+
+@pytest.mark.parametrize("kind", ["empty", "unreadable", "missing"])
+def test_bad_calibration_folder_is_one_line(tiny_tca, tmp_path, capsys, kind) -> None:
+    folder = tmp_path / "bundle"
+    shutil.copytree(tiny_tca, folder)
+    before = _hashes(folder)
+    calibration = tmp_path / "calib"
+    if kind != "missing":
+        calibration.mkdir()
+    if kind == "unreadable":
+        (calibration / "a.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    code = export_main(["quantize", str(folder), "--calibration", str(calibration)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("vlm-export quantize: error:")
+    assert _hashes(folder) == before
+
+
+# --- bench ------------------------------------------------------------------------------------
+
+
+def test_bench_table_json_record_and_auto(quantized, images, tmp_path, capsys) -> None:
+    folder = tmp_path / "bundle"
+    shutil.copytree(quantized, folder)
+    out = tmp_path / "bench.json"
+    argv = ["bench", str(folder), "--rounds", "2", "--warmup", "1", "--json", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr()
+    record = json.loads(out.read_text())
+    rows = {(r["backend"], r["precision"]): r for r in record["results"]}
+    assert rows[("onnxruntime", "fp32")]["embedding_cosine_min"] == pytest.approx(1.0)
+    assert rows[("onnxruntime", "int8")]["passed"]
+    assert "skipped" in rows[("tensorrt", "engine")]
+    for row in rows.values():
+        assert "skipped" in row or row["median_ms"] <= row["p90_ms"]
+    assert "median ms" in printed.out and "onnxruntime  int8" in printed.out
+    recorded = list(folder.glob("bench.*.json"))
+    assert len(recorded) == 1 and json.loads(recorded[0].read_text()) == record
+    fastest = min((r for r in rows.values() if r.get("passed")), key=lambda r: r["median_ms"])
+    bundle = Bundle.open(folder)
+    chosen = open_backend(bundle, "auto")
+    assert chosen.notes[0].startswith(f"auto chose {fastest['backend']} {fastest['precision']}")
+
+
+def test_export_checks_int8_calibration_folder_first(tmp_path, capsys) -> None:
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    argv = ["--model", "vlm-test-tiny", "--pretrained", "none", "--classes", str(classes)]
+    argv += ["--method", "tca", "--out", str(tmp_path / "b"), "--quiet"]
+    code = export_main([*argv, "--int8-calibration", str(tmp_path / "nothing")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [
+        f"vlm-export: error: calibration folder not found: {tmp_path / 'nothing'}"
+    ]
+    assert not (tmp_path / "b").exists()

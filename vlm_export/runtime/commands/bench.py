@@ -1,0 +1,222 @@
+"""``vlm-edge bench BUNDLE``: every available backend and precision on this device, side by side.
+
+Per engine: batch-1 latency (median and p90 over interleaved rounds after warm-up), parity with
+the fp32 ONNX Runtime CPU reference (embedding cosine, token-fate agreement) on a few images
+(synthetic unless ``--images DIR``), and the resident memory it added while opening and running.
+Engines that cannot run here (backend not installed, no bf16 on this CPU, no INT8 graph in the
+bundle, no TensorRT) are listed with the reason. The results are printed as a table, optionally
+written as JSON, and recorded beside the bundle as ``bench.<device>.json``, from which
+``--backend auto`` later takes the fastest engine that passed parity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlm_export.core.atomic import WriteError, atomic_write_bytes
+from vlm_export.core.errors import UserError
+from vlm_export.core.manifest import IMAGE_INPUT
+from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.commands import status
+from vlm_export.runtime.engines import measure
+from vlm_export.runtime.engines.bench_record import (
+    RECORD_FORMAT,
+    device_description,
+    device_fingerprint,
+    write_record,
+)
+from vlm_export.runtime.engines.factory import BACKEND_PRECISIONS, open_backend
+from vlm_export.runtime.engines.parity import REFERENCE_PROVIDERS
+from vlm_export.runtime.preprocess import Preprocessor
+from vlm_export.runtime.sources import open_source
+
+DEFAULT_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+DEFAULT_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``bench`` subcommand."""
+    parser = subparsers.add_parser(
+        "bench",
+        help="compare backends and precisions on this device (latency, parity, memory)",
+        description="Run every available backend and precision on this device: batch-1 latency "
+        "(median and p90 over interleaved rounds), parity with fp32 ONNX Runtime (embedding "
+        "cosine, token-fate agreement) and added memory. The results are recorded beside the "
+        "bundle (bench.<device>.json); --backend auto then uses the fastest engine that passed.",
+    )
+    parser.add_argument("bundle", help="bundle folder written by vlm-export")
+    parser.add_argument(
+        "--backends",
+        default=",".join(DEFAULT_BACKENDS),
+        help=f"comma-separated backends (default: {','.join(DEFAULT_BACKENDS)})",
+    )
+    parser.add_argument(
+        "--precisions",
+        default=",".join(DEFAULT_PRECISIONS),
+        help="comma-separated precisions (default: all each backend has: onnxruntime fp32/int8, "
+        "openvino fp32/bf16/int8, tensorrt the engine for this GPU)",
+    )
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
+    parser.add_argument("--threads", type=int, help="inference threads (ONNX Runtime, OpenVINO)")
+    parser.add_argument(
+        "--images", help="image folder for the parity check (default: 3 synthetic images)"
+    )
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
+    parser.add_argument(
+        "--no-record", action="store_true", help="do not record the results beside the bundle"
+    )
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip the sha256 check of the bundle's files"
+    )
+    return parser
+
+
+def _names(text: str, known: tuple[str, ...], what: str) -> list[str]:
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        shown = ", ".join(unknown) or repr(text)
+        raise UserError(f"unknown {what} {shown} (choose from {', '.join(known)})")
+    return names
+
+
+def _images(bundle: Bundle, folder: str | None) -> tuple[list[np.ndarray], str]:
+    shape = [int(v) for v in bundle.engine_io("inputs")[IMAGE_INPUT]["shape"]]
+    if folder is None:
+        return measure.synthetic_images(shape, 3), "3 synthetic images"
+    preprocess = Preprocessor.from_manifest(bundle.manifest)
+    with open_source(folder) as source:
+        paths = [frame.data for _, frame in zip(range(3), source, strict=False)]
+    return [preprocess.from_path(path)[None] for path in paths], f"{len(paths)} images of {folder}"
+
+
+def _candidates(backends: list[str], precisions: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for backend in backends:
+        if backend == "tensorrt":
+            pairs.append(("tensorrt", "engine"))
+            continue
+        pairs.extend((backend, p) for p in BACKEND_PRECISIONS[backend] if p in precisions)
+    return pairs
+
+
+def _open(bundle: Bundle, backend: str, precision: str, threads: int | None):
+    if backend == "tensorrt":
+        return open_backend(bundle, "tensorrt")
+    if backend == "onnxruntime":
+        return open_backend(
+            bundle, backend, list(REFERENCE_PROVIDERS), threads, precision=precision
+        )
+    return open_backend(bundle, backend, threads=threads, precision=precision)
+
+
+def measure_bundle(bundle: Bundle, args: argparse.Namespace) -> dict[str, Any]:
+    """Open, check and time every requested engine; the record ``bench`` prints and keeps."""
+    backends = _names(args.backends, DEFAULT_BACKENDS, "backend(s)")
+    precisions = _names(args.precisions, DEFAULT_PRECISIONS, "precision(s)")
+    if args.rounds < 1 or args.warmup < 0:
+        raise UserError("--rounds must be at least 1 and --warmup at least 0")
+    images, image_text = _images(bundle, args.images)
+    results: list[dict[str, Any]] = []
+    runners = {}
+    with contextlib.ExitStack() as stack:
+        watch = measure.MemoryWatch()
+        reference = open_backend(
+            bundle, "onnxruntime", list(REFERENCE_PROVIDERS), args.threads, precision="fp32"
+        )
+        stack.callback(reference.close)
+        cases = measure.reference_runs(reference, images, bundle.manifest)
+        watch.sample()
+        for backend, precision in _candidates(backends, precisions):
+            row: dict[str, Any] = {"backend": backend, "precision": precision}
+            results.append(row)
+            if (backend, precision) == ("onnxruntime", "fp32"):
+                engine, row["memory_mb"] = reference, watch.delta_mb
+            else:
+                watch = measure.MemoryWatch()
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        engine = _open(bundle, backend, precision, args.threads)
+                except (UserError, RuntimeError) as exc:
+                    row.update(passed=False, skipped=" ".join(str(exc).split()))
+                    continue
+                stack.callback(engine.close)
+            row["engine"] = engine.description
+            row.update(measure.parity(engine, cases, precision))
+            watch.sample()
+            row.setdefault("memory_mb", watch.delta_mb)
+            runners[len(results) - 1] = lambda e=engine: e.infer(images[0])
+        timings = measure.interleaved_latency(runners, args.rounds, args.warmup)
+    for index, timing in timings.items():
+        results[index].update(timing)
+    return {
+        "format": RECORD_FORMAT,
+        "bundle": bundle.fingerprint,
+        "model": bundle.manifest["model"]["name"],
+        "method": bundle.method,
+        "device_fingerprint": device_fingerprint(),
+        "device": device_description(),
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "threads": args.threads,
+        "images": image_text,
+        "reference": "onnxruntime CPU fp32",
+        "results": results,
+    }
+
+
+def table(record: dict[str, Any]) -> list[str]:
+    """The results as aligned text lines."""
+    header = f"{'backend':<12} {'precision':<9} {'median ms':>9} {'p90 ms':>8} {'cosine min':>10} "
+    header += f"{'fate agr':>8} {'mem MB':>7}  result"
+    lines = [header]
+    reference = next(
+        (r for r in record["results"] if (r["backend"], r["precision"]) == ("onnxruntime", "fp32")),
+        None,
+    )
+    for row in record["results"]:
+        if "skipped" in row:
+            lines.append(f"{row['backend']:<12} {row['precision']:<9} skipped: {row['skipped']}")
+            continue
+        fate = row.get("token_fate_agreement")
+        verdict = "passed" if row["passed"] else f"FAILED (< {row['cosine_threshold']})"
+        if reference and reference.get("median_ms") and row is not reference:
+            verdict += f", {row['median_ms'] / reference['median_ms']:.2f}x onnxruntime fp32"
+        lines.append(
+            f"{row['backend']:<12} {row['precision']:<9} {row['median_ms']:>9.1f} "
+            f"{row['p90_ms']:>8.1f} {row['embedding_cosine_min']:>10.6f} "
+            f"{'-' if fate is None else f'{fate:.4f}':>8} {row['memory_mb']:>7.0f}  {verdict}"
+        )
+    return lines
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Run ``vlm-edge bench``."""
+    bundle = Bundle.open(args.bundle, verify=not args.no_verify)
+    record = measure_bundle(bundle, args)
+    print(
+        f"{record['model']} ({record['method']}) on {record['device']}; {record['images']}, "
+        f"{record['rounds']} interleaved rounds"
+    )
+    print("\n".join(table(record)))
+    text = json.dumps(record, indent=2) + "\n"
+    if args.json is not None:
+        atomic_write_bytes(args.json, text.encode("utf-8"))
+    if not args.no_record:
+        try:
+            path = write_record(bundle.path, record)
+            status(f"recorded in {path} (--backend auto uses the fastest engine that passed)")
+        except WriteError as exc:
+            status(f"results not recorded beside the bundle: {exc}")
+    return 0

@@ -1,0 +1,110 @@
+"""What ``vlm-edge bench`` measured on this device, kept beside the bundle for ``--backend auto``.
+
+The record is ``bench.<device fingerprint>.json`` in the bundle folder: one file per device kind
+(CPU model, core count, instruction sets that decide which precisions run fast), so a bundle
+copied to another device does not reuse this device's choice. ``best_recorded`` is the fastest
+backend and precision that passed parity against the fp32 ONNX Runtime reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlm_export.core.atomic import atomic_write_bytes
+
+RECORD_FORMAT = "vlm-edge-bench"
+#: CPU flags that change which precision is fastest
+RELEVANT_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_vnni",
+    "avx_vnni",
+    "amx_bf16",
+    "amx_int8",
+    "asimd",
+    "asimddp",
+)
+
+
+def _cpu_model_and_flags() -> tuple[str, list[str]]:
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return model, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and value.strip():
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            present = set(value.split())
+            flags = [flag for flag in RELEVANT_FLAGS if flag in present]
+    return model, flags
+
+
+def device_fingerprint() -> str:
+    """A short id of this device kind: machine, CPU model, core count, relevant CPU flags."""
+    model, flags = _cpu_model_and_flags()
+    key = [platform.machine(), model, os.cpu_count(), flags]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
+
+
+def device_description() -> str:
+    """The device in words (for the record and the table)."""
+    model, flags = _cpu_model_and_flags()
+    return f"{model}, {os.cpu_count()} cores, {'/'.join(flags) or 'no listed SIMD flags'}"
+
+
+def record_path(bundle_dir: str | Path, fingerprint: str | None = None) -> Path:
+    """``bench.<fingerprint>.json`` in the bundle folder."""
+    return Path(bundle_dir) / f"bench.{fingerprint or device_fingerprint()}.json"
+
+
+def write_record(bundle_dir: str | Path, record: dict[str, Any]) -> Path:
+    """Write the bench record of this device atomically; returns its path."""
+    path = record_path(bundle_dir, record.get("device_fingerprint"))
+    atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
+    return path
+
+
+@dataclass(frozen=True)
+class RecordedChoice:
+    """The fastest passing backend/precision of this device's bench record, and why."""
+
+    backend: str
+    precision: str
+    reason: str
+
+
+def best_recorded(bundle_dir: str | Path, bundle_fingerprint: str) -> RecordedChoice | None:
+    """The fastest result that passed parity, from this device's record of this very bundle."""
+    path = record_path(bundle_dir)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if record.get("format") != RECORD_FORMAT or record.get("bundle") != bundle_fingerprint:
+        return None
+    passed = [
+        row
+        for row in record.get("results") or []
+        if isinstance(row, dict) and row.get("passed") and row.get("median_ms")
+    ]
+    if not passed:
+        return None
+    best = min(passed, key=lambda row: row["median_ms"])
+    reference = next(
+        (row for row in passed if (row["backend"], row["precision"]) == ("onnxruntime", "fp32")),
+        None,
+    )
+    versus = f", onnxruntime fp32 {reference['median_ms']:.1f} ms" if reference else ""
+    reason = f"fastest that passed parity in {path.name}: {best['median_ms']:.1f} ms median{versus}"
+    return RecordedChoice(str(best["backend"]), str(best["precision"]), reason)

@@ -1,0 +1,232 @@
+"""OpenVINO backend (CPU): the bundle's ONNX graph in fp32, bf16 with the condensation kept fp32,
+or a quantized INT8 (QDQ) graph of the bundle; anchors shared with OpenVINO, not copied per frame.
+
+``openvino`` is imported when a backend is opened, not when this module is; without it the
+UserError names the extra to install. bf16 runs only where the CPU has it (OpenVINO lists BF16 in
+``OPTIMIZATION_CAPABILITIES``: AVX512-BF16 or AMX); elsewhere the request is refused in one line,
+or falls back to fp32 when the caller allows it. Under bf16 the nodes that rank, merge and pick
+anchors (``/condensers.`` and ``/anchor_select*``, as the TensorRT fp16 build pins them), the
+normalisations and the softmaxes carry OpenVINO's ``disable_fp16_compression`` runtime attribute,
+which keeps a node in its original precision when the CPU plugin lowers the rest of the graph.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vlm_export.core.errors import BundleError, UserError
+from vlm_export.core.manifest import ANCHORS_INPUT, ANCHORS_VALID_INPUT, IMAGE_INPUT
+from vlm_export.runtime.engines.base import EngineBackend
+
+if TYPE_CHECKING:
+    from vlm_export.runtime.bundle import Bundle
+
+PRECISIONS = ("fp32", "bf16", "int8")
+INSTALL_HINT = "OpenVINO is not installed: pip install 'vlm-export[openvino]'"
+#: the runtime attribute OpenVINO reads as "keep this node in its original precision"
+PRECISE_ATTRIBUTE = "disable_fp16_compression_0"
+#: node name prefixes of the condensing tower's TokenCondenser and AnchorSelector modules
+PRECISE_PREFIXES = ("/condensers.", "/anchor_select")  # also /anchor_select_1/ ...
+#: OpenVINO operation types kept precise under bf16 (LayerNorm becomes MVN; softmax)
+PRECISE_TYPES = frozenset({"MVN", "Softmax", "NormalizeL2"})
+#: node types that only hold or pass data: never marked
+UNMARKED_TYPES = frozenset({"Constant", "Parameter", "Result"})
+
+log = logging.getLogger(__name__)
+
+
+class OpenVinoMissing(UserError):
+    """The ``openvino`` package is not installed (or cannot be imported)."""
+
+
+class PrecisionUnavailable(UserError):
+    """The CPU cannot run the requested precision."""
+
+
+def import_openvino() -> ModuleType:
+    """The ``openvino`` module; OpenVinoMissing (a UserError) when it is not installed."""
+    try:
+        return importlib.import_module("openvino")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] == "openvino":
+            raise OpenVinoMissing(INSTALL_HINT) from None
+        raise OpenVinoMissing(f"OpenVINO cannot be imported ({exc})") from None
+    except ImportError as exc:
+        raise OpenVinoMissing(f"OpenVINO is installed but cannot be imported ({exc})") from None
+
+
+def cpu_capabilities(core: Any) -> list[str]:
+    """What OpenVINO's CPU plugin reports it can compute in (e.g. FP32, BF16, INT8)."""
+    return [str(value).upper() for value in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
+def pin_precise_nodes(model: Any) -> list[str]:
+    """Mark the condensation, anchor selection, normalisations and softmaxes as precise.
+
+    Returns the friendly names of the marked nodes (in graph order).
+    """
+    marked = []
+    for node in model.get_ordered_ops():
+        kind = node.get_type_name()
+        if kind in UNMARKED_TYPES:
+            continue
+        name = node.get_friendly_name()
+        if kind in PRECISE_TYPES or name.startswith(PRECISE_PREFIXES):
+            node.get_rt_info()[PRECISE_ATTRIBUTE] = ""
+            marked.append(name)
+    return marked
+
+
+def resolve_precision(precision: str, capabilities: list[str], fallback: bool) -> str:
+    """The precision to run: ``precision`` if the CPU has it, else fp32 with ``fallback``."""
+    if precision not in PRECISIONS:
+        raise UserError(
+            f"unknown OpenVINO precision {precision!r} (choose from {', '.join(PRECISIONS)})"
+        )
+    if precision != "bf16" or "BF16" in capabilities:
+        return precision
+    message = (
+        f"this CPU has no bf16 support (OpenVINO reports {', '.join(capabilities)}; bf16 needs "
+        "AVX512-BF16 or AMX)"
+    )
+    if not fallback:
+        raise PrecisionUnavailable(
+            f"{message}: use --precision fp32 (or int8 with a quantized bundle), or allow "
+            "--precision-fallback"
+        )
+    log.warning("%s; running fp32", message)
+    return "fp32"
+
+
+class OpenVinoBackend(EngineBackend):
+    """Runs the bundle's image encoder with OpenVINO's CPU plugin through one infer request.
+
+    ``graph`` is the ONNX file to run (default: the bundle's; an INT8 QDQ graph for ``int8``).
+    The anchors live in an array owned by the backend and shared with OpenVINO
+    (``ov.Tensor(..., shared_memory=True)``), bound once: ``update_anchor_rows`` writes only the
+    moved classes into it, and nothing is copied per frame.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        precision: str = "fp32",
+        threads: int | None = None,
+        fallback: bool = False,
+        graph: str | Path | None = None,
+    ) -> None:
+        self._ov = ov = import_openvino()
+        core = ov.Core()
+        self.precision = resolve_precision(precision, cpu_capabilities(core), fallback)
+        if self.precision == "int8" and graph is None:
+            raise UserError("int8 runs a quantized graph: pass the bundle's INT8 ONNX file")
+        path = Path(graph) if graph is not None else bundle.onnx_path
+        try:
+            model = core.read_model(str(path))
+        except RuntimeError as exc:
+            raise BundleError(f"OpenVINO cannot read {path.name}: {_first_line(exc)}") from None
+        self.pinned = pin_precise_nodes(model) if self.precision == "bf16" else []
+        config: dict[str, Any] = {
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": "1",
+            "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
+        }
+        if threads is not None:
+            if threads < 1:
+                raise UserError(f"--threads must be at least 1, got {threads}")
+            config["INFERENCE_NUM_THREADS"] = str(threads)
+        try:
+            self.compiled = core.compile_model(model, "CPU", config)
+        except RuntimeError as exc:
+            raise BundleError(f"OpenVINO cannot compile {path.name}: {_first_line(exc)}") from None
+        self.description = f"openvino:CPU:{self.precision}"
+        self._inputs = bundle.engine_io("inputs")
+        self._outputs = bundle.engine_io("outputs")
+        self._check_model()
+        self.image_shape = tuple(int(v) for v in self._inputs[IMAGE_INPUT]["shape"])
+        self.condensing = ANCHORS_INPUT in self._inputs
+        self.request = self.compiled.create_infer_request()
+        self._anchors: np.ndarray | None = None
+        self._valid: np.ndarray | None = None
+        if self.condensing:
+            shape = tuple(int(v) for v in self._inputs[ANCHORS_INPUT]["shape"])
+            self.set_anchors(np.zeros(shape, np.float32), np.zeros(shape[0], np.float32))
+
+    def _check_model(self) -> None:
+        """The model's inputs and outputs must be the manifest's, with the manifest's shapes."""
+        for kind, ports, records in (
+            ("input", self.compiled.inputs, self._inputs),
+            ("output", self.compiled.outputs, self._outputs),
+        ):
+            found = {port.get_any_name(): port for port in ports}
+            if set(found) != set(records):
+                raise BundleError(
+                    f"model {kind}s {sorted(found)} differ from the manifest's {sorted(records)}"
+                )
+            for name, record in records.items():
+                shape = [int(v) for v in found[name].get_partial_shape().get_min_shape()]
+                if found[name].get_partial_shape().is_static and shape != list(record["shape"]):
+                    raise BundleError(
+                        f"model {kind} {name!r} has shape {shape}, the manifest says "
+                        f"{record['shape']}"
+                    )
+
+    def bound_anchors(self) -> tuple[np.ndarray, np.ndarray]:
+        """The arrays OpenVINO reads as anchors and anchors_valid (shared, not copies)."""
+        if self._anchors is None or self._valid is None:
+            raise BundleError("this engine does not condense tokens: it takes no anchors")
+        return self._anchors, self._valid
+
+    def set_anchors(self, anchors: np.ndarray, valid: np.ndarray) -> None:
+        """Copy anchors [C, R, D] and valid [C] into the backend's arrays and bind them once."""
+        if not self.condensing:
+            raise BundleError("this engine does not condense tokens: it takes no anchors")
+        expected = tuple(int(v) for v in self._inputs[ANCHORS_INPUT]["shape"])
+        if anchors.shape != expected or valid.shape != expected[:1]:
+            raise ValueError(
+                f"anchors {anchors.shape} / valid {valid.shape} do not fit the engine's "
+                f"{expected} / {expected[:1]}"
+            )
+        self._anchors = np.array(anchors, dtype=np.float32, order="C")
+        self._valid = np.array(valid, dtype=np.float32, order="C")
+        for name, array in ((ANCHORS_INPUT, self._anchors), (ANCHORS_VALID_INPUT, self._valid)):
+            self.request.set_tensor(name, self._ov.Tensor(array, shared_memory=True))
+
+    def update_anchor_rows(self, anchors: np.ndarray, valid: np.ndarray, rows: np.ndarray) -> None:
+        """Write only the classes ``rows`` into the bound arrays (OpenVINO reads them in place)."""
+        if self._anchors is None or self._valid is None:
+            self.set_anchors(anchors, valid)
+            return
+        rows = np.asarray(rows, dtype=np.int64)
+        self._anchors[rows] = anchors[rows]
+        self._valid[rows] = valid[rows]
+
+    def infer(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Run one batch [B, 3, H, W] float32; outputs by manifest name (copies)."""
+        if image.shape != self.image_shape:
+            raise ValueError(
+                f"image batch {image.shape} does not fit the engine's {self.image_shape}"
+            )
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        self.request.set_tensor(IMAGE_INPUT, self._ov.Tensor(image, shared_memory=True))
+        try:
+            self.request.infer()
+        except RuntimeError as exc:
+            raise RuntimeError(f"OpenVINO inference failed: {_first_line(exc)}") from exc
+        return {name: np.array(self.request.get_tensor(name).data) for name in self._outputs}
+
+    def close(self) -> None:
+        """Drop the infer request and the compiled model."""
+        self.request = None
+        self.compiled = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
