@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a domain's class list, repeatable (rail, tca+rail); the label space is their union",
     )
     what.add_argument(
+        "--dataset",
+        help="a paper dataset (imagenet, imagenet_a, dtd, eurosat, ...): its classes, template set "
+        "and TCA preset together (explicit --templates / --tca-preset still win; fgvc_aircraft "
+        "takes its classes from --classes variants.txt)",
+    )
+    what.add_argument(
         "--templates",
         help="built-in template set (imagenet80, single, eurosat, ...; see --list-templates) or a "
         "file with one template per line containing {} (default: imagenet80; single for rail)",
@@ -98,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tca.add_argument(
         "--tca-preset",
-        default="imagenet",
-        help="reservoir hyperparameters (M, tau, lambda, beta) of a dataset preset",
+        help="reservoir hyperparameters (M, tau, lambda, beta) of a dataset preset (default: "
+        "the --dataset's, else imagenet)",
     )
     tca.add_argument("--eviction", choices=["diversity", "entropy"], default="diversity")
     tca.add_argument(
@@ -129,10 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _domains(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    from vlm_export.runtime.datasets.registry import get_dataset
     from vlm_export.runtime.text.class_lists import parse_domain_args, read_class_list
 
     if args.classes and args.domain:
         raise UserError("give either --classes or --domain NAME=FILE, not both")
+    if args.dataset:
+        if args.domain:
+            raise UserError("give either --dataset or --domain NAME=FILE, not both")
+        spec = get_dataset(args.dataset)
+        if args.classes:
+            return [(spec.name, read_class_list(args.classes))]
+        return [(spec.name, spec.classes)]
     if args.domain:
         return parse_domain_args(args.domain)
     if args.classes is None:
@@ -153,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.out is None:
         raise UserError("--out DIR is required")
+    from vlm_export.runtime.datasets.registry import get_dataset
+
+    spec = get_dataset(args.dataset) if args.dataset else None
+    domains = _domains(args)
     from vlm_export.export.pipeline import ExportOptions, export_bundle
     from vlm_export.models.schedule import CondensationConfig
 
@@ -160,8 +178,8 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         model=args.model,
         pretrained=args.pretrained,
-        domains=_domains(args),
-        templates=args.templates,
+        domains=domains,
+        templates=args.templates or (spec.templates if spec else None),
         condensation=CondensationConfig(
             drop_rate=args.drop_rate,
             merge_centers=args.merge_centers,
@@ -174,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         overwrite=args.overwrite,
         force_quick_gelu=args.force_quick_gelu,
-        tca_preset=args.tca_preset,
+        tca_preset=args.tca_preset or (spec.tca_preset if spec else "imagenet"),
         eviction=args.eviction,
         anchor_rule=args.anchor_rule,
         quiet=args.quiet,

@@ -51,7 +51,7 @@ BASES = ("zeroshot", "tca")
 METRICS = ("transfer", "average", "last")
 
 TrainSet = list[tuple[np.ndarray, np.ndarray]]
-TestSet = list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+EvalSet = list[tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -103,7 +103,7 @@ def _order(bundle: Bundle, text: str) -> list[str]:
 
 def _embed(
     bundle: Bundle, backend: EngineBackend, data: list[DomainData], base: str, progress: bool
-) -> tuple[TrainSet, TestSet]:
+) -> tuple[TrainSet, EvalSet]:
     """Training features (plain tower) and test features and logits (base method), per domain."""
     plain = Pipeline(bundle, backend, "zeroshot")
     paths = [path for domain in data for path in domain.train.paths]
@@ -127,7 +127,7 @@ def _result(table: np.ndarray, **settings: Any) -> dict[str, Any]:
 
 
 def evaluate(
-    bundle: Bundle, train: TrainSet, test: TestSet, forms: list[str], args: argparse.Namespace
+    bundle: Bundle, train: TrainSet, test: EvalSet, forms: list[str], args: argparse.Namespace
 ) -> dict[str, dict[str, Any]]:
     """Accuracy tables and metrics for zero-shot and each RAIL form."""
     beta = fusion_beta(bundle.manifest)

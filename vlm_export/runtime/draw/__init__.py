@@ -1,0 +1,1 @@
+"""Pictures drawn with PIL alone (the device has no plotting library)."""
