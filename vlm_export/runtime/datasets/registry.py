@@ -41,7 +41,8 @@ class DatasetSpec:
     ``folders[i]`` is the folder of ``classes[i]`` in a class-per-folder layout (None where the
     dataset has no such layout); ``split_file`` is CoOp's split file (``split_zhou_*.json``) that
     lists the test images of datasets without class folders; ``subdirs`` are the usual places of
-    the images below the dataset's root folder.
+    the images below the dataset's root folder; ``roots`` the usual names of that root folder
+    below a data root (the names of CoOp's DATASETS.md first).
     """
 
     name: str
@@ -51,6 +52,7 @@ class DatasetSpec:
     tca_preset: str
     split_file: str | None
     subdirs: tuple[str, ...]
+    roots: tuple[str, ...]
 
     @property
     def classes(self) -> list[str]:
@@ -63,34 +65,97 @@ class DatasetSpec:
         return _folders(self.name)
 
 
-def _spec(name, title, count, split=None, subdirs=(), templates=None) -> DatasetSpec:
-    return DatasetSpec(name, title, count, templates or name, name, split, tuple(subdirs))
+def _spec(
+    name: str,
+    title: str,
+    count: int,
+    images: tuple[str, ...],
+    roots: tuple[str, ...],
+    split: str | None = None,
+) -> DatasetSpec:
+    return DatasetSpec(name, title, count, name, name, split, images, (*roots, name))
 
 
+# name, title, classes, image folders below the root, root folder names, CoOp split file
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
-        _spec("imagenet", "ImageNet", 1000, subdirs=("val", "images/val")),
-        _spec("imagenet_a", "ImageNet-A", 200, subdirs=("imagenet-a",)),
-        _spec("imagenet_r", "ImageNet-R", 200, subdirs=("imagenet-r",)),
+        _spec("imagenet", "ImageNet", 1000, ("val", "images/val"), ("imagenet",)),
+        _spec("imagenet_a", "ImageNet-A", 200, ("imagenet-a",), ("imagenet-adversarial",)),
+        _spec("imagenet_r", "ImageNet-R", 200, ("imagenet-r",), ("imagenet-rendition",)),
         _spec(
-            "imagenet_v2", "ImageNet-V2", 1000, subdirs=("imagenetv2-matched-frequency-format-val",)
+            "imagenet_v2",
+            "ImageNet-V2",
+            1000,
+            ("imagenetv2-matched-frequency-format-val",),
+            ("imagenetv2", "imagenet-v2"),
         ),
-        _spec("imagenet_sketch", "ImageNet-Sketch", 1000, subdirs=("images", "sketch")),
         _spec(
-            "caltech101", "Caltech101", 100, "split_zhou_Caltech101.json", ("101_ObjectCategories",)
+            "imagenet_sketch", "ImageNet-Sketch", 1000, ("images", "sketch"), ("imagenet-sketch",)
         ),
-        _spec("dtd", "DTD", 47, "split_zhou_DescribableTextures.json", ("images",)),
-        _spec("eurosat", "EuroSAT", 10, "split_zhou_EuroSAT.json", ("2750", "EuroSAT_RGB")),
-        _spec("fgvc_aircraft", "FGVC Aircraft", 100, None, ("images", "data/images")),
-        _spec("food101", "Food101", 101, "split_zhou_Food101.json", ("images",)),
-        _spec("oxford_flowers", "Flowers102", 102, "split_zhou_OxfordFlowers.json", ("jpg",)),
-        _spec("oxford_pets", "Oxford Pets", 37, "split_zhou_OxfordPets.json", ("images",)),
-        _spec("stanford_cars", "Stanford Cars", 196, "split_zhou_StanfordCars.json", ()),
-        _spec("sun397", "SUN397", 397, "split_zhou_SUN397.json", ("SUN397",)),
-        _spec("ucf101", "UCF101", 101, "split_zhou_UCF101.json", ("UCF-101-midframes",)),
+        _spec(
+            "caltech101",
+            "Caltech101",
+            100,
+            ("101_ObjectCategories",),
+            ("caltech-101",),
+            "split_zhou_Caltech101.json",
+        ),
+        _spec("dtd", "DTD", 47, ("images",), ("dtd",), "split_zhou_DescribableTextures.json"),
+        _spec(
+            "eurosat",
+            "EuroSAT",
+            10,
+            ("2750", "EuroSAT_RGB"),
+            ("eurosat",),
+            "split_zhou_EuroSAT.json",
+        ),
+        _spec(
+            "fgvc_aircraft",
+            "FGVC Aircraft",
+            100,
+            ("images", "data/images"),
+            ("fgvc_aircraft", "fgvc-aircraft-2013b"),
+        ),
+        _spec("food101", "Food101", 101, ("images",), ("food-101",), "split_zhou_Food101.json"),
+        _spec(
+            "oxford_flowers",
+            "Flowers102",
+            102,
+            ("jpg",),
+            ("oxford_flowers",),
+            "split_zhou_OxfordFlowers.json",
+        ),
+        _spec(
+            "oxford_pets",
+            "Oxford Pets",
+            37,
+            ("images",),
+            ("oxford_pets",),
+            "split_zhou_OxfordPets.json",
+        ),
+        _spec(
+            "stanford_cars",
+            "Stanford Cars",
+            196,
+            (),
+            ("stanford_cars",),
+            "split_zhou_StanfordCars.json",
+        ),
+        _spec("sun397", "SUN397", 397, ("SUN397",), ("sun397",), "split_zhou_SUN397.json"),
+        _spec(
+            "ucf101", "UCF101", 101, ("UCF-101-midframes",), ("ucf101",), "split_zhou_UCF101.json"
+        ),
     )
 }
+
+
+def find_dataset_root(spec: DatasetSpec, data_root: Path) -> Path | None:
+    """The dataset's folder below ``data_root`` under one of its usual names, or None."""
+    for name in dict.fromkeys(spec.roots):
+        if (data_root / name).is_dir():
+            return data_root / name
+    return None
 
 
 def dataset_names() -> list[str]:
