@@ -10,7 +10,8 @@ present this exports three ViT-B/16 bundles with the dataset's classes, template
 dataset beside the paper's published cross-dataset averages (spec/tca.md section 5). Absent
 datasets are skipped with a line. ``--xtail ROOT --xtail-bundle B --order D1,...`` also runs
 ``vlm-edge eval`` (RAIL's X-TAIL protocol; ROOT in its layout, see ``vlm-edge eval --help``) and
-prints Transfer / Average / Last beside the RAIL paper's. Results are saved as JSON in the work folder.
+prints Transfer / Average / Last beside the RAIL paper's. Results are saved as JSON in the
+work folder.
 """
 
 from __future__ import annotations
