@@ -9,7 +9,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 PANEL = 320
 MARGIN = 48
-COLOURS = ((66, 133, 244), (219, 68, 55), (15, 157, 88), (244, 160, 0))
+COLOURS = ((66, 133, 244), (15, 157, 88), (244, 160, 0), (120, 80, 200))
+GAP = (250, 200, 200)  # between a bin's accuracy and its mean confidence
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -53,7 +54,7 @@ def _panel(
         middle = (low + high) / 2
         draw.rectangle([x0, bottom - accuracy * PANEL, x1, bottom], fill=colour, outline="white")
         gap_top, gap_bottom = sorted((bottom - accuracy * PANEL, bottom - middle * PANEL))
-        draw.rectangle([x0, gap_top, x1, gap_bottom], outline=(200, 0, 0))
+        draw.rectangle([x0, gap_top, x1, gap_bottom], fill=GAP, outline=(200, 0, 0))
     draw.line([left, bottom, right, top], fill=(120, 120, 120), width=1)
     draw.rectangle([left, top, right, bottom], outline="black")
     small = _font(11)
@@ -62,6 +63,13 @@ def _panel(
         draw.text((left + value * PANEL - 6, bottom + 4), f"{value:.1f}", fill="black", font=small)
         draw.text((left - 28, bottom - value * PANEL - 6), f"{value:.1f}", fill="black", font=small)
     draw.text((left + PANEL / 2 - 30, bottom + 20), "confidence", fill="black", font=small)
+    draw.text((left - 44, top - 16), "accuracy", fill="black", font=small)
+    draw.text(
+        (left + 6, top + 4),
+        "bars: accuracy per bin; red: gap to confidence",
+        fill=(90, 90, 90),
+        font=small,
+    )
     top1 = "-" if result.get("top1") is None else f"{100 * result['top1']:.1f}%"
     ece = "-" if result.get("ece") is None else f"{100 * result['ece']:.1f}%"
     title = f"{result['title']}: top-1 {top1}, ECE {ece}"
