@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a domain's class list, repeatable (rail, tca+rail); the label space is their union",
     )
     what.add_argument(
+        "--dataset",
+        help="a paper dataset (imagenet, imagenet_a, dtd, eurosat, ...): its classes, template set "
+        "and TCA preset together (explicit --templates / --tca-preset still win; fgvc_aircraft "
+        "takes its classes from --classes variants.txt)",
+    )
+    what.add_argument(
         "--templates",
         help="built-in template set (imagenet80, single, eurosat, ...; see --list-templates) or a "
         "file with one template per line containing {} (default: imagenet80; single for rail)",
@@ -103,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tca.add_argument(
         "--tca-preset",
-        default="imagenet",
-        help="reservoir hyperparameters (M, tau, lambda, beta) of a dataset preset",
+        help="reservoir hyperparameters (M, tau, lambda, beta) of a dataset preset (default: "
+        "the --dataset's, else imagenet)",
     )
     tca.add_argument("--eviction", choices=["diversity", "entropy"], default="diversity")
     tca.add_argument(
@@ -155,10 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _domains(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    from vlm_export.runtime.datasets.registry import get_dataset
     from vlm_export.runtime.text.class_lists import parse_domain_args, read_class_list
 
     if args.classes and args.domain:
         raise UserError("give either --classes or --domain NAME=FILE, not both")
+    if args.dataset:
+        if args.domain:
+            raise UserError("give either --dataset or --domain NAME=FILE, not both")
+        spec = get_dataset(args.dataset)
+        if args.classes:
+            return [(spec.name, read_class_list(args.classes))]
+        return [(spec.name, spec.classes)]
     if args.domain:
         return parse_domain_args(args.domain)
     if args.classes is None:
@@ -175,11 +189,17 @@ def check_arguments(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     from vlm_export.export.bundle_writer import check_output_folder
     from vlm_export.export.presets import tca_settings
     from vlm_export.models.names import check_model_name
+    from vlm_export.runtime.datasets.registry import get_dataset
     from vlm_export.runtime.text.templates import load_templates
 
     if args.out is None:
         raise UserError("--out DIR is required")
     check_output_folder(args.out, args.overwrite)
+    if args.dataset:  # the dataset's templates and preset, unless given
+        spec = get_dataset(args.dataset)
+        args.templates = args.templates or spec.templates
+        args.tca_preset = args.tca_preset or spec.tca_preset
+    args.tca_preset = args.tca_preset or "imagenet"
     domains = _domains(args)
     check_model_name(args.model)
     if args.templates is not None:

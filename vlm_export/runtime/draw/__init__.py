@@ -9,6 +9,7 @@ Pure functions: numpy arrays and PIL images in, PIL images out; nothing here wri
 - ``explain``: the ``vlm-edge explain`` figure (the engine's view, fate per reduction block,
   legend, top-k, GFLOPs).
 - ``heatmap``: an accuracy matrix with numbers in its cells (``vlm-edge eval --plot``).
+- ``reliability``: reliability diagrams, accuracy against confidence (``vlm-edge eval-tta --plot``).
 """
 
 from vlm_export.runtime.draw.annotate import annotate_frame
@@ -22,6 +23,7 @@ from vlm_export.runtime.draw.fate import (
     patch_grid,
 )
 from vlm_export.runtime.draw.heatmap import heatmap
+from vlm_export.runtime.draw.reliability import reliability_diagram
 
 __all__ = [
     "annotate_frame",
@@ -31,6 +33,7 @@ __all__ = [
     "fate_overlay",
     "final_fate",
     "heatmap",
+    "reliability_diagram",
     "patch_grid",
     "topk_bars",
 ]
