@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import re
 import statistics
 import sys
@@ -165,10 +166,10 @@ def backend_runner(backend: Any, bundle: Any) -> Runner:
 
 def open_bundle(folder: Path) -> Any:
     """Bundle.open without the random-weights warning (latency does not depend on weights)."""
-    from vlm_export.runtime.bundle import Bundle, UntrainedWeightsWarning
+    from vlm_export.runtime.bundle import Bundle
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UntrainedWeightsWarning)
+        logging.getLogger("vlm_export.runtime.bundle").setLevel(logging.ERROR)  # random weights
         return Bundle.open(folder)
 
 

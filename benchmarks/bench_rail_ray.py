@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import sys
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm_export.runtime.bundle import Bundle, UntrainedWeightsWarning
+from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.factory import open_backend
 from vlm_export.runtime.pipeline import Pipeline
 from vlm_export.runtime.rail.embed import embed_images
@@ -81,7 +82,7 @@ def main() -> None:
         folder = Path(tmp)
         path = Path(args.bundle) if args.bundle else test_bundle(folder)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UntrainedWeightsWarning)
+            logging.getLogger("vlm_export.runtime.bundle").setLevel(logging.ERROR)  # random weights
             bundle = Bundle.open(path)
         domain = bundle.domain_class_indices(bundle.domains[0])
         paths = images(folder, args.images)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from fakebundle import make_bundle, write_images
 
 from vlm_export.runtime import cli
-from vlm_export.runtime.bundle import Bundle, UntrainedWeightsWarning
+from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.rail.primal import PrimalAdapter
 from vlm_export.runtime.rail.state import load_learner_state
 
@@ -50,9 +49,7 @@ def test_ray_learn_equals_single_machine(setup, tmp_path, capsys) -> None:
     assert code == 0, err
     assert sum("Ray worker" in line for line in err) == 2
     assert any("embedded 120 images of 3 classes on Ray (2 workers)" in line for line in err)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UntrainedWeightsWarning)
-        fingerprint = Bundle.open(bundle).fingerprint
+    fingerprint = Bundle.open(bundle).fingerprint
     one, two = (load_learner_state(path, fingerprint) for path in (local, scaled))
     assert isinstance(two, PrimalAdapter) and two.num_samples == one.num_samples == 160
     np.testing.assert_array_equal(two.learned_mask, one.learned_mask)
@@ -104,9 +101,7 @@ def test_a_worker_that_dies_fails_the_run_and_the_bundle_ships(setup) -> None:
     )
 
     bundle_path, data = setup
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UntrainedWeightsWarning)
-        bundle = Bundle.open(bundle_path)
+    bundle = Bundle.open(bundle_path)
     learner = PrimalAdapter(bundle.text_embeddings.shape[1], bundle.num_classes, 16)
     paths = sorted((data / "animals" / "cat").iterdir())
     engine = {"backend": "onnxruntime", "providers": None, "threads": 1}
