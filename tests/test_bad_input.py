@@ -583,13 +583,18 @@ def test_pretrained_tag_without_network_names_the_file(tmp_path: Path) -> None:
     }
     env.pop("HF_HUB_OFFLINE", None)
     argv = ["--model", "ViT-B-16", "--pretrained", "openai", "--classes", str(classes)]
+    child = (
+        "import sys; from vlm_export.export.cli import main; code = main(sys.argv[1:]); "
+        "print('torch' in sys.modules); sys.exit(code)"
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "vlm_export.export.cli", *argv, "--out", str(tmp_path / "o")],
+        [sys.executable, "-c", child, *argv, "--out", str(tmp_path / "o")],
         capture_output=True,
         text=True,
         env=env,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stdout.strip() == "False"  # refused before torch was imported (seconds)
     line = result.stderr.strip().splitlines()[-1]
     assert "timm/vit_base_patch16_clip_224.openai" in line and "open_clip_pytorch_model.bin" in line
     assert "--pretrained path/to/" in line and "HF_HUB_OFFLINE=1" in line

@@ -184,7 +184,8 @@ def check_arguments(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """The argument errors that need no model, found before torch is imported; the domains.
 
     Output folder, class lists (none given, empty: ``read_class_list``), model name (from
-    open_clip's config files), templates and TCA preset.
+    open_clip's config files), templates, TCA preset, and pretrained weights that would have to
+    be downloaded without network (open_clip's table read without torch).
     """
     from vlm_export.export.bundle_writer import check_output_folder
     from vlm_export.export.presets import tca_settings
@@ -205,7 +206,20 @@ def check_arguments(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     if args.templates is not None:
         load_templates(args.templates)
     tca_settings(args.tca_preset, args.eviction, args.anchor_rule)
+    _check_weights_reachable(args.model, args.pretrained)
     return domains
+
+
+def _check_weights_reachable(model: str, pretrained: str) -> None:
+    """A pretrained tag whose weights are neither cached nor downloadable: one line, now."""
+    from vlm_export.models.offline import pretrained_cfg_without_torch, weights_problem
+
+    if pretrained.lower() == "none" or Path(pretrained).expanduser().is_file():
+        return
+    cfg = pretrained_cfg_without_torch(model.removesuffix("-quickgelu"), pretrained)
+    problem = weights_problem(model, pretrained, cfg) if cfg else None
+    if problem:
+        raise UserError(problem)
 
 
 def _check_paths(args: argparse.Namespace) -> None:

@@ -9,8 +9,12 @@ switch.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
+import sys
+import types
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -70,3 +74,44 @@ def weights_problem(name: str, tag: str, pretrained_cfg: dict[str, Any]) -> str 
         f"with --pretrained path/to/{file} (or put it in the cache, huggingface-cli download "
         f"{repo} {file}, and set HF_HUB_OFFLINE=1); --pretrained none exports random weights"
     )
+
+
+def pretrained_cfg_without_torch(model: str, tag: str) -> dict[str, Any] | None:
+    """open_clip's pretrained-weights record of ``model``/``tag`` (hub repo, file), read from its
+    ``pretrained.py`` without importing open_clip or torch; None when it cannot be read.
+
+    ``vlm-export`` uses it to refuse a download that cannot happen before importing torch (which
+    takes seconds); the full check after loading open_clip still stands behind it.
+    """
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    package = "_vlm_export_open_clip_table"
+    shadowed = ("safetensors.torch",)  # pretrained.py's try-import of it would import torch
+    saved = {name: sys.modules.get(name) for name in (package, *shadowed)}
+    try:
+        holder = types.ModuleType(package)
+        holder.__path__ = [str(folder)]
+        sys.modules[package] = holder
+        for name in shadowed:
+            sys.modules[name] = None  # type: ignore[assignment]  # makes the import fail
+        table_spec = importlib.util.spec_from_file_location(
+            f"{package}.pretrained", folder / "pretrained.py"
+        )
+        if table_spec is None or table_spec.loader is None:
+            return None
+        table = importlib.util.module_from_spec(table_spec)
+        table_spec.loader.exec_module(table)
+        found = table.get_pretrained_cfg(model, tag)
+        return dict(found) if isinstance(found, dict) else None
+    except Exception:  # noqa: BLE001 - another open_clip layout: the later check still runs
+        return None
+    finally:
+        for name in [key for key in sys.modules if key.startswith(f"{package}.")]:
+            del sys.modules[name]
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
