@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may wait on the network
+
+#: the workstation side (torch, open_clip) is installed: not so in a device-only (.[cpu]) venv
+EXPORTER = all(importlib.util.find_spec(name) for name in ("torch", "open_clip"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``exporter`` run vlm-export: skipped where only the device side is installed."""
+    if EXPORTER:
+        return
+    skip = pytest.mark.skip(reason="needs the exporter: pip install '.[export]'")
+    for item in items:
+        if "exporter" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

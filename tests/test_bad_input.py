@@ -537,6 +537,7 @@ print(json.dumps({"codes": codes, "torch": "torch" in sys.modules}))
 """
 
 
+@pytest.mark.exporter
 def test_export_argument_errors_come_before_torch(tmp_path: Path) -> None:
     classes = tmp_path / "classes.txt"
     classes.write_text("cat\ndog\n")
@@ -572,6 +573,7 @@ def test_export_argument_errors_come_before_torch(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.exporter
 def test_pretrained_tag_without_network_names_the_file(tmp_path: Path) -> None:
     classes = tmp_path / "classes.txt"
     classes.write_text("cat\ndog\n")

@@ -274,6 +274,7 @@ def test_bench_table_json_record_and_auto(quantized, images, tmp_path, capsys) -
     assert chosen.notes[0].startswith(f"auto chose {fastest['backend']} {fastest['precision']}")
 
 
+@pytest.mark.exporter
 def test_export_checks_int8_calibration_folder_first(tmp_path, capsys) -> None:
     classes = tmp_path / "classes.txt"
     classes.write_text("cat\ndog\n")
