@@ -39,6 +39,7 @@ The manifest's JSON Schema, ``manifest.schema.json`` next to this module, docume
                       and quantized ONNX graphs: {"file", "format": "onnx", "precision": "int8",
                        "quantization": {...}, "built_utc", "sha256", "bytes", "parity": {...}}
                        (any backend that reads ONNX runs them; TensorRT records have no "format")
+                      "role": "text_encoder" marks an engine of the text tower (absent: image)
     condensation      null, or {"drop_rate", "merge_centers", "ranking", "reduction_layers",
                        "anchor_layers", "schedule": [{"layer", "tokens_in", "keep", "merge",
                        "prune", "tokens_out"}, ...], "tokens_per_block": [...],
@@ -54,6 +55,11 @@ The manifest's JSON Schema, ``manifest.schema.json`` next to this module, docume
                        "num_templates": int, "normalized": true,
                        "template_strings": [str, ...] (optional: the templates themselves)}
     labels            {"file": file name, "num_classes": int, "domains": [str, ...]}
+    text_encoder      optional (with tokenizer): {"onnx": file name, "opset", "context_length",
+                       "min_length", "inputs"/"outputs" (shapes may name free axes: "batch",
+                       "length"), "profile", "pooling", "geometry", "parity", ...}
+    tokenizer         optional (with text_encoder): {"kind": "clip_bpe", "vocab": file name,
+                       "sha256", "clean", "context_length", "source"}
     adaptation        {"tca": {...reservoir defaults...}, "rail": {...adapter defaults...}}
     files             {file name: {"sha256": hex, "bytes": int}} for every other file in the bundle;
                       names are plain file names inside the bundle folder (no "/", "\\" or "..")
