@@ -20,7 +20,7 @@ import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -217,10 +217,15 @@ def _staging(bundle_dir: Path) -> Iterator[Path]:
 
 
 def _install(
-    bundle_dir: Path, manifest: dict[str, Any], staged: Path, record: EngineRecord
+    bundle_dir: Path,
+    manifest: dict[str, Any],
+    staged: Path,
+    record: EngineRecord,
+    parity_report: Callable[[Path, dict[str, Any], Path, str], dict[str, Any]] | None = None,
 ) -> EngineRecord:
-    """Check the staged engine against ONNX Runtime, move it into the bundle, record it."""
-    parity = engine_parity_report(bundle_dir, manifest, staged, record.precision)
+    """Check the staged engine against ONNX Runtime (``parity_report``, the image engine's by
+    default), move it into the bundle, record it."""
+    parity = (parity_report or engine_parity_report)(bundle_dir, manifest, staged, record.precision)
     record = dataclasses.replace(record, parity=parity)
     try:
         os.replace(staged, bundle_dir / record.file)
@@ -303,16 +308,8 @@ def add_text_engine_to_bundle(
             profiles=section["profile"],
             role=TEXT_ROLE,
         )
-        parity = text_engine_parity_report(bundle_dir, manifest, staging / record.file, precision)
-        record = dataclasses.replace(record, parity=parity)
-        try:
-            os.replace(staging / record.file, bundle_dir / record.file)
-        except OSError as exc:
-            raise WriteError(f"cannot write {bundle_dir / record.file}: {exc.strerror}") from None
-        manifest = record_engine(manifest, record)
-        text = dumps(manifest, indent=2) + "\n"
-        atomic_write_bytes(bundle_dir / MANIFEST_NAME, text.encode("utf-8"))
-        return record
+        staged = staging / record.file
+        return _install(bundle_dir, manifest, staged, record, text_engine_parity_report)
 
 
 def _refuse_listed(

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from vlm_export.core.errors import UserError
 
-IMAGENET_VARIANTS = ("imagenet", "imagenet_a", "imagenet_r", "imagenet_v2", "imagenet_sketch")
 CROSS_DATASETS = (
     "caltech101",
     "dtd",

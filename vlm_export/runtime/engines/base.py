@@ -6,6 +6,22 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from vlm_export.core.errors import BundleError
+
+
+def check_anchor_shapes(
+    condensing: bool, expected: tuple[int, ...], anchors: np.ndarray, valid: np.ndarray
+) -> None:
+    """BundleError for an engine that takes no anchors; ValueError for arrays of other shapes
+    than the engine's anchors ``expected`` [C, R, D] and valid [C]."""
+    if not condensing:
+        raise BundleError("this engine does not condense tokens: it takes no anchors")
+    if anchors.shape != expected or valid.shape != expected[:1]:
+        raise ValueError(
+            f"anchors {anchors.shape} / valid {valid.shape} do not fit the engine's "
+            f"{expected} / {expected[:1]}"
+        )
+
 
 class EngineBackend(ABC):
     """Runs the bundle's image engine.

@@ -22,7 +22,7 @@ import numpy as np
 from vlm_export.core.errors import BundleError, UserError
 from vlm_export.core.interrupts import ctrl_c_noticed, interrupted
 from vlm_export.core.manifest import ANCHORS_INPUT, ANCHORS_VALID_INPUT, IMAGE_INPUT
-from vlm_export.runtime.engines.base import EngineBackend
+from vlm_export.runtime.engines.base import EngineBackend, check_anchor_shapes
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
@@ -269,14 +269,8 @@ class OnnxRuntimeBackend(EngineBackend):
         C-contiguous float32), so nothing is copied per frame; CUDA/TensorRT sessions copy them to
         the GPU here, once. Call again whenever their content changes.
         """
-        if not self.condensing:
-            raise BundleError("this engine does not condense tokens: it takes no anchors")
-        expected = tuple(int(v) for v in self._inputs[ANCHORS_INPUT]["shape"])
-        if anchors.shape != expected or valid.shape != expected[:1]:
-            raise ValueError(
-                f"anchors {anchors.shape} / valid {valid.shape} do not fit the engine's "
-                f"{expected} / {expected[:1]}"
-            )
+        record = self._inputs.get(ANCHORS_INPUT) or {"shape": ()}
+        check_anchor_shapes(self.condensing, tuple(int(v) for v in record["shape"]), anchors, valid)
         for name, array in ((ANCHORS_INPUT, anchors), (ANCHORS_VALID_INPUT, valid)):
             array = np.ascontiguousarray(array, dtype=np.float32)
             value = self._ort.OrtValue.ortvalue_from_numpy(array, self._device, 0)

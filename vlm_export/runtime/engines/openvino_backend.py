@@ -22,7 +22,7 @@ import numpy as np
 
 from vlm_export.core.errors import BundleError, UserError
 from vlm_export.core.manifest import ANCHORS_INPUT, ANCHORS_VALID_INPUT, IMAGE_INPUT
-from vlm_export.runtime.engines.base import EngineBackend
+from vlm_export.runtime.engines.base import EngineBackend, check_anchor_shapes
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
@@ -185,14 +185,8 @@ class OpenVinoBackend(EngineBackend):
 
     def set_anchors(self, anchors: np.ndarray, valid: np.ndarray) -> None:
         """Copy anchors [C, R, D] and valid [C] into the backend's arrays and bind them once."""
-        if not self.condensing:
-            raise BundleError("this engine does not condense tokens: it takes no anchors")
-        expected = tuple(int(v) for v in self._inputs[ANCHORS_INPUT]["shape"])
-        if anchors.shape != expected or valid.shape != expected[:1]:
-            raise ValueError(
-                f"anchors {anchors.shape} / valid {valid.shape} do not fit the engine's "
-                f"{expected} / {expected[:1]}"
-            )
+        record = self._inputs.get(ANCHORS_INPUT) or {"shape": ()}
+        check_anchor_shapes(self.condensing, tuple(int(v) for v in record["shape"]), anchors, valid)
         self._anchors = np.array(anchors, dtype=np.float32, order="C")
         self._valid = np.array(valid, dtype=np.float32, order="C")
         for name, array in ((ANCHORS_INPUT, self._anchors), (ANCHORS_VALID_INPUT, self._valid)):
