@@ -294,8 +294,30 @@ def add_text_engine_to_bundle(
     section = manifest.get("text_encoder")
     if not isinstance(section, dict):
         return None
+    return _build_into_bundle(
+        bundle_dir,
+        manifest,
+        bundle_dir / section["onnx"],
+        (precision, workspace_mb, timing_cache, overwrite),
+        text_engine_parity_report,
+        profiles=section["profile"],
+        role=TEXT_ROLE,
+    )
+
+
+def _build_into_bundle(
+    bundle_dir: Path,
+    manifest: dict[str, Any],
+    onnx_path: Path,
+    options: tuple[str, int, str | Path | None, bool],
+    parity_report: Callable[[Path, dict[str, Any], Path, str], dict[str, Any]] | None,
+    **build_options: Any,
+) -> EngineRecord:
+    """Check the options, refuse a listed engine without overwrite, build into a staging folder,
+    then install through ``_install``. ``options``: precision, workspace MB, timing cache,
+    overwrite."""
+    precision, workspace_mb, timing_cache, overwrite = options
     check_build_options(precision, workspace_mb, DEFAULT_FP32_LAYER_TYPES)
-    onnx_path = bundle_dir / section["onnx"]
     name = planned_engine_name(onnx_path.stem, precision, query_device())
     _refuse_listed(bundle_dir, manifest, name, overwrite, "rebuild")
     with _staging(bundle_dir) as staging:
@@ -305,11 +327,9 @@ def add_text_engine_to_bundle(
             precision=precision,
             workspace_mb=workspace_mb,
             timing_cache=timing_cache,
-            profiles=section["profile"],
-            role=TEXT_ROLE,
+            **build_options,
         )
-        staged = staging / record.file
-        return _install(bundle_dir, manifest, staged, record, text_engine_parity_report)
+        return _install(bundle_dir, manifest, staging / record.file, record, parity_report)
 
 
 def _refuse_listed(
@@ -353,20 +373,14 @@ def add_engine_to_bundle(
     """
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
-    check_build_options(precision, workspace_mb, DEFAULT_FP32_LAYER_TYPES)
-    onnx_path = bundle_dir / manifest["engine"]["onnx"]
-    name = planned_engine_name(onnx_path.stem, precision, query_device())
-    _refuse_listed(bundle_dir, manifest, name, overwrite, "rebuild")
-    with _staging(bundle_dir) as staging:
-        record = build_engine(
-            onnx_path,
-            staging,
-            precision=precision,
-            workspace_mb=workspace_mb,
-            timing_cache=timing_cache,
-            batch_size=int(manifest["engine"]["batch_size"]),
-        )
-        return _install(bundle_dir, manifest, staging / record.file, record)
+    return _build_into_bundle(
+        bundle_dir,
+        manifest,
+        bundle_dir / manifest["engine"]["onnx"],
+        (precision, workspace_mb, timing_cache, overwrite),
+        None,
+        batch_size=int(manifest["engine"]["batch_size"]),
+    )
 
 
 def precision_of(engine_file: str | Path, precision: str | None) -> str:
