@@ -63,9 +63,6 @@ def export(args: argparse.Namespace, dataset: str, variant: str, out: Path) -> P
     ]
     if drop_rate is not None:
         command += ["--drop-rate", str(drop_rate)]
-    if dataset == "fgvc_aircraft":
-        root = find_dataset_root(DATASETS[dataset], args.data_root)
-        command += ["--classes", str(next(root.rglob("variants.txt")))]
     _run(command)
     return out
 

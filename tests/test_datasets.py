@@ -9,10 +9,7 @@ from vlm_export.export.presets import TCA_PRESETS
 from vlm_export.runtime.datasets.registry import DATASETS, get_dataset
 from vlm_export.runtime.text.templates import template_set_names
 
-SHIPPED = [name for name in DATASETS if name != "fgvc_aircraft"]
-
-
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", list(DATASETS))
 def test_class_lists_have_the_documented_count_and_no_duplicates(name: str) -> None:
     spec = DATASETS[name]
     classes = spec.classes
@@ -64,6 +61,12 @@ def test_unknown_dataset_is_one_line() -> None:
         get_dataset("imagenet-z")
 
 
-def test_aircraft_names_come_from_the_dataset() -> None:
-    with pytest.raises(Exception, match="variants.txt"):
-        _ = get_dataset("fgvc_aircraft").classes
+def test_aircraft_variants_are_the_official_100_in_label_order() -> None:
+    """FGVC Aircraft's variants.txt order (label i is line i): spot checks at both ends and at the
+    names with '/' and spaces that a careless list would mangle."""
+    names = get_dataset("fgvc_aircraft").classes
+    assert names[:3] == ["707-320", "727-200", "737-200"]
+    assert names[-3:] == ["Tu-134", "Tu-154", "Yak-42"]
+    assert names.index("F-16A/B") == 72 and names.index("F/A-18") == 73
+    assert "BAE 146-200" in names and "Embraer Legacy 600" in names
+    assert get_dataset("fgvc_aircraft").folders is None

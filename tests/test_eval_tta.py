@@ -216,3 +216,24 @@ def test_imagenet_a_synset_folders_map_to_the_bundle_by_dataset_index(tmp_path: 
     assert test.labels.tolist() == [0, 46]
     with pytest.raises(EvalSetError, match="not classes of the bundle"):
         load_test_set(FakeBundle(), coop, get_dataset("dtd"))  # type: ignore[arg-type]
+
+
+def test_fgvc_aircraft_test_list_maps_variants_by_the_shipped_list(tmp_path: Path) -> None:
+    """The official archive's layout (data/images_variant_test.txt, data/images/<id>.jpg): each
+    listed variant is the shipped list's class of that name; an unlisted variant is unknown."""
+    spec = get_dataset("fgvc_aircraft")
+    data = tmp_path / "fgvc-aircraft-2013b" / "data"
+    write_images(data / "images", 3)
+    ids = sorted(p.stem for p in (data / "images").iterdir())
+    lines = [f"{ids[0]} 707-320", f"{ids[1]} F/A-18", f"{ids[2]} Yak-42"]
+    (data / "images_variant_test.txt").write_text("\n".join(lines) + "\n")
+
+    class AircraftBundle:
+        classes = spec.classes
+        num_classes = 100
+
+    test = load_test_set(AircraftBundle(), data.parent, spec)  # type: ignore[arg-type]
+    assert sorted(test.labels.tolist()) == [0, spec.classes.index("F/A-18"), 99]
+    (data / "images_variant_test.txt").write_text(f"{ids[0]} Concorde\n" + "\n".join(lines))
+    with pytest.raises(EvalSetError, match="Concorde"):
+        load_test_set(AircraftBundle(), data.parent, spec)  # type: ignore[arg-type]

@@ -52,6 +52,18 @@ def test_in_place_updates_touch_one_triangle_then_mirror(size):
     np.testing.assert_allclose(target, expected_target, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("size", [1, 6, linalg.BLOCK + 5])
+def test_symmetric_product_reads_the_upper_triangle_only(size):
+    rng = np.random.default_rng(2)
+    symmetric, rows = _spd(size), rng.normal(size=(5, size))
+    stale = symmetric.copy()
+    stale[np.tril_indices(size, -1)] = rng.normal(size=size * (size - 1) // 2)  # not mirrored
+    before = stale.copy()
+    product = linalg.symmetric_product(stale, rows)
+    np.testing.assert_allclose(product, symmetric @ rows.T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(stale, before)
+
+
 @pytest.mark.parametrize("size", [4, 2 * linalg.BLOCK + 3])
 def test_solve_shifted_restores_the_matrix(size):
     matrix = _spd(size, 2)

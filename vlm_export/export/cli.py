@@ -80,8 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--dataset",
         help="a paper dataset (imagenet, imagenet_a, dtd, eurosat, ...): its classes, template set "
-        "and TCA preset together (explicit --templates / --tca-preset still win; fgvc_aircraft "
-        "takes its classes from --classes variants.txt)",
+        "and TCA preset together (explicit --templates / --tca-preset still win)",
     )
     what.add_argument(
         "--templates",

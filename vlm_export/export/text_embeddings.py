@@ -1,9 +1,10 @@
 """Zero-shot classifier weights: one L2-normalised text embedding per class (tca.md section 4).
 
-Fast path: prompts sorted by token length, each batch's context cut to its longest prompt and run
-through ``TextTower`` (the module the text engine is traced from). Exact under open_clip's causal
-mask and EOT pooling; models whose text tower is not open_clip's CLIP transformer fall back to
-``model.encode_text`` at the full context.
+Fast path, exact under open_clip's causal mask and EOT pooling: every template's token prefix
+shared by all classes ("SOT a photo of a") is run once and its keys and values cached
+(``SharedPrefixEncoder``); then only each prompt's own tokens run, in batches sorted by their
+length and cut to the longest. Models whose text tower is not open_clip's CLIP transformer fall
+back to ``model.encode_text`` at the full context.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from vlm_export.models.text_prefix import SharedPrefixEncoder
 from vlm_export.models.text_tower import TextTower, text_tower_problem
 from vlm_export.runtime.text.prompts import (
     Progress,
@@ -20,12 +22,13 @@ from vlm_export.runtime.text.prompts import (
     build_prompts,
     check_classes,
     class_embeddings,
-    embed_prompts,
+    length_sorted_batches,
+    token_lengths,
     warn_truncated,
 )
 from vlm_export.runtime.text.templates import check_templates
 
-__all__ = ["TextEmbeddingError", "build_prompts", "encode_class_texts"]
+__all__ = ["TextEmbeddingError", "build_prompts", "encode_class_texts", "embed_with_shared_prefixes"]
 
 
 def _too_long(tokenizer: Callable, prompts: list[str], tokens: np.ndarray) -> np.ndarray:
@@ -40,17 +43,62 @@ def _too_long(tokenizer: Callable, prompts: list[str], tokens: np.ndarray) -> np
     return too_long
 
 
-def _encoder(model: torch.nn.Module) -> tuple[Callable[[np.ndarray], np.ndarray], bool]:
-    """(tokens [b, t] -> embeddings [b, E], whether batches may be cut to their longest prompt)."""
-    device = next(model.parameters()).device
-    if text_tower_problem(model) is None:
-        tower = TextTower(model).eval()
-        return lambda tokens: tower(torch.from_numpy(tokens).to(device)).cpu().numpy(), True
+def shared_prefix_lengths(tokens: np.ndarray, group: np.ndarray, groups: int) -> np.ndarray:
+    """Per group of rows: the length of the token prefix all its rows share, at least 1 and short
+    of every row's EOT (each row keeps >= 1 own token). ``tokens`` [N, T] CLIP ids, ``group``
+    [N] in [0, groups), every group non-empty."""
+    lengths = token_lengths(tokens)
+    result = np.ones(groups, dtype=np.int64)
+    for g in range(groups):
+        rows = tokens[group == g]
+        limit = int(lengths[group == g].min()) - 1
+        differs = (rows[:, :limit] != rows[:1, :limit]).any(axis=0)
+        result[g] = max(1, int(np.argmax(differs)) if differs.any() else limit)
+    return result
 
-    def full_context(tokens: np.ndarray) -> np.ndarray:
-        return model.encode_text(torch.from_numpy(tokens).to(device)).float().cpu().numpy()
 
-    return full_context, False
+def embed_with_shared_prefixes(
+    tower: TextTower,
+    tokens: np.ndarray,
+    group: np.ndarray,
+    groups: int,
+    batch_size: int,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """Prompt embeddings [N, E] float32, each group's shared token prefix computed once.
+
+    ``tokens`` [N, T] int64, ``group`` [N] in [0, groups), every group non-empty (prompts of one
+    template form a group). Rows are run
+    in batches of ``batch_size`` sorted by their own length (after the prefix), each batch cut to
+    its longest; ``progress(done, total)`` after every batch.
+    """
+    device = next(tower.parameters()).device
+    encoder = SharedPrefixEncoder(tower)
+    lengths = token_lengths(tokens)
+    prefix = shared_prefix_lengths(tokens, group, groups)
+    first_row = np.array([np.flatnonzero(group == g)[0] for g in range(groups)])
+    prefixes = tokens[first_row, : int(prefix.max())]
+    states = encoder.prefix_states(torch.from_numpy(np.ascontiguousarray(prefixes)).to(device))
+    prefix_lengths = torch.from_numpy(prefix).to(device)
+    start = prefix[group]
+    own_lengths = lengths - start
+    result = np.empty((len(tokens), tower.embed_dim), dtype=np.float32)
+    done = 0
+    for rows, longest in length_sorted_batches(own_lengths, batch_size):
+        steps = np.arange(longest)
+        columns = np.minimum(start[rows, None] + steps, tokens.shape[1] - 1)
+        own = np.where(steps < own_lengths[rows, None], tokens[rows[:, None], columns], 0)
+        out = encoder.embed(
+            torch.from_numpy(own).to(device),
+            torch.from_numpy(group[rows]).to(device),
+            prefix_lengths,
+            states,
+        )
+        result[rows] = out.cpu().numpy()
+        done += len(rows)
+        if progress is not None:
+            progress(done, len(tokens))
+    return result
 
 
 def encode_class_texts(
@@ -79,21 +127,27 @@ def encode_class_texts(
     warn_truncated(
         classnames, len(templates), _too_long(tokenizer, prompts, tokens), tokens.shape[1]
     )
-    encode, cut = _encoder(model)
-    with torch.no_grad():
-        if cut:
-            embeddings = embed_prompts(tokens, encode, batch_size, progress)
+    with torch.inference_mode():
+        if text_tower_problem(model) is None:
+            tower = TextTower(model).eval()
+            group = np.arange(len(prompts)) % len(templates)
+            embeddings = embed_with_shared_prefixes(
+                tower, tokens, group, len(templates), batch_size, progress
+            )
         else:
-            embeddings = _in_order(tokens, encode, batch_size, progress)
+            embeddings = _full_context(model, tokens, batch_size, progress)
     return class_embeddings(embeddings, classnames, len(templates))
 
 
-def _in_order(
-    tokens: np.ndarray, encode: Callable, batch_size: int, progress: Progress | None
+def _full_context(
+    model: torch.nn.Module, tokens: np.ndarray, batch_size: int, progress: Progress | None
 ) -> np.ndarray:
+    """``model.encode_text`` over the full context, in prompt order."""
+    device = next(model.parameters()).device
     parts = []
     for start in range(0, len(tokens), batch_size):
-        parts.append(encode(tokens[start : start + batch_size]))
+        batch = torch.from_numpy(tokens[start : start + batch_size]).to(device)
+        parts.append(model.encode_text(batch).float().cpu().numpy())
         if progress is not None:
             progress(start + len(parts[-1]), len(tokens))
     return np.concatenate(parts)

@@ -59,14 +59,27 @@ def causal_attention(block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> t
     The same arithmetic as nn.MultiheadAttention, in ops whose shapes stay symbolic when traced
     with free batch and length axes (the module's own path bakes the traced length in).
     """
+    q, k, v = split_heads(block, x)
+    return attend(block, q, k, v, mask)
+
+
+def split_heads(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Queries, keys and values of x [B, T, D] for a block's attention, each [B, heads, T, D/heads]."""
     attn: nn.MultiheadAttention = block.attn
-    heads, width = attn.num_heads, x.shape[-1]
-    batch, length = x.shape[0], x.shape[1]
+    batch, length, width = x.shape
     q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).split(width, dim=-1)
-    q, k, v = (t.reshape(batch, length, heads, -1).transpose(1, 2) for t in (q, k, v))
-    logits = (q * (1.0 / math.sqrt(width // heads))) @ k.transpose(-2, -1) + mask
-    out = (torch.softmax(logits, dim=-1) @ v).transpose(1, 2).reshape(batch, length, width)
-    return attn.out_proj(out)
+    return tuple(t.reshape(batch, length, attn.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+
+
+def attend(
+    block: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Scaled dot-product attention of q [B, H, S, d] over k, v [B, H, K, d] (additive mask
+    broadcast to [B, H, S, K]), heads joined and projected: [B, S, H * d]."""
+    batch, heads, length, head_width = q.shape
+    logits = (q * (1.0 / math.sqrt(head_width))) @ k.transpose(-2, -1) + mask
+    out = (torch.softmax(logits, dim=-1) @ v).transpose(1, 2).reshape(batch, length, -1)
+    return block.attn.out_proj(out)
 
 
 class TextTower(nn.Module):
@@ -107,6 +120,11 @@ class TextTower(nn.Module):
         for block in self.transformer.resblocks:
             x = x + block.ls_1(causal_attention(block, block.ln_1(x), mask))
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return self.pool(x, tokens)
+
+    def pool(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Last block's output x [B, T, D] -> embedding at each row's EOT (the max id of tokens
+        [B, T]): final LayerNorm, projection, L2 normalisation; [B, E] float32."""
         x = self.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
         if isinstance(self.text_projection, nn.Linear):

@@ -6,7 +6,7 @@ Three layouts are read:
   ``a/abbey`` paths, ...), also below the dataset's usual image folder (``val/``, ``images/``);
 - CoOp's split file (``split_zhou_<Name>.json``, as TPT, TDA and TCA prepare the ten cross-dataset
   sets): its ``test`` list of ``[path, label, class name]``;
-- FGVC Aircraft's own ``images_variant_test.txt`` with ``variants.txt``.
+- FGVC Aircraft's own ``images_variant_test.txt`` (variant names as the shipped list has them).
 Dataset class names are matched to the bundle's by their prompt form (case, "_" and " " ignored),
 except when the bundle holds exactly the dataset's list (``vlm-export --dataset``): then class i of
 the dataset is class i of the bundle, which keeps CLIP's two pairs of same-named ImageNet classes
@@ -23,7 +23,7 @@ import numpy as np
 
 from vlm_export.core.errors import UserError
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.datasets.registry import DatasetSpec, read_aircraft_variants
+from vlm_export.runtime.datasets.registry import DatasetSpec
 from vlm_export.runtime.rail.dataset import image_files
 
 
@@ -59,8 +59,7 @@ def _bundle_labels(bundle: Bundle, dataset: DatasetSpec | None) -> dict[object, 
     labels: dict[object, int] = {}
     for i, name in enumerate(bundle.classes):
         labels.setdefault(normal_name(name), i)
-    exact = dataset is not None and dataset.name != "fgvc_aircraft"
-    if exact and list(bundle.classes) == dataset.classes:
+    if dataset is not None and list(bundle.classes) == dataset.classes:
         labels.update({i: i for i in range(bundle.num_classes)})
     return labels
 
@@ -79,7 +78,7 @@ def load_test_set(
     if dataset is not None and dataset.split_file and (root / dataset.split_file).is_file():
         pairs = _split_file_pairs(root, dataset)
     elif dataset is not None and dataset.name == "fgvc_aircraft":
-        pairs = _aircraft_pairs(root)
+        pairs = _aircraft_pairs(root, dataset)
     else:
         pairs = _folder_pairs(root, dataset)
     labels_by_key = _bundle_labels(bundle, dataset)
@@ -183,16 +182,17 @@ def _split_file_pairs(root: Path, dataset: DatasetSpec) -> Pairs:
     return [((name, None), base / path) for path, name in entries]
 
 
-def _aircraft_pairs(root: Path) -> Pairs:
-    """(variant, image) from FGVC Aircraft's ``images_variant_test.txt``."""
-    data = root / "data" if (root / "data" / "variants.txt").is_file() else root
-    variants = set(read_aircraft_variants(root))
+def _aircraft_pairs(root: Path, dataset: DatasetSpec) -> Pairs:
+    """(variant, image) from FGVC Aircraft's ``images_variant_test.txt`` (``data/`` in the
+    official archive); a variant that is not one of the 100 becomes an unknown class."""
+    data = root / "data" if (root / "data" / "images_variant_test.txt").is_file() else root
     listing = data / "images_variant_test.txt"
     if not listing.is_file():
         raise EvalSetError(f"{data} has no images_variant_test.txt (FGVC Aircraft's test list)")
+    index = {name: i for i, name in enumerate(dataset.classes)}
     pairs: Pairs = []
     for line in listing.read_text().splitlines():
         image_id, _, variant = line.strip().partition(" ")
-        if image_id and variant in variants:
-            pairs.append(((variant, None), data / "images" / f"{image_id}.jpg"))
+        if image_id and variant:
+            pairs.append(((variant, index.get(variant)), data / "images" / f"{image_id}.jpg"))
     return pairs

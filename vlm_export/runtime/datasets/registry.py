@@ -4,9 +4,6 @@ Each dataset names its class list (CLIP's ImageNet names; CoOp's names for the t
 sets, as TPT, TDA and TCA use them), the folder name of each class in the dataset's usual layout,
 its prompt template set (``runtime/text/templates.py``) and its TCA hyperparameter preset. The
 lists live in ``data/*.json``; ``data/SOURCES.md`` says where each came from.
-
-FGVC Aircraft ships no list: its 100 variant names are read from the dataset's own
-``variants.txt`` (``data/variants.txt`` in the official archive).
 """
 
 from __future__ import annotations
@@ -55,7 +52,7 @@ class DatasetSpec:
 
     @property
     def classes(self) -> list[str]:
-        """The class names, in label order (UserError for FGVC Aircraft: read from the data)."""
+        """The class names, in label order."""
         return list(_classes(self.name))
 
     @property
@@ -184,12 +181,7 @@ def _classes(name: str) -> tuple[str, ...]:
     if "imagenet_indices" in data:
         names = _classes("imagenet")
         return tuple(names[i] for i in data["imagenet_indices"])
-    if name.startswith("imagenet"):
-        return _classes("imagenet")
-    raise UserError(
-        f"{DATASETS[name].title} ships no class list: its names come from the dataset "
-        "(variants.txt); pass the dataset folder"
-    )
+    return _classes("imagenet")  # ImageNet-V2 and -Sketch: ImageNet's classes
 
 
 def _folders(name: str) -> list[str] | None:
@@ -201,12 +193,3 @@ def _folders(name: str) -> list[str] | None:
     if name == "imagenet_v2":
         return [str(i) for i in range(1000)]
     return None
-
-
-def read_aircraft_variants(root: Path) -> list[str]:
-    """FGVC Aircraft's 100 variant names from the dataset's own ``variants.txt``."""
-    for candidate in (root / "variants.txt", root / "data" / "variants.txt"):
-        if candidate.is_file():
-            names = [line.strip() for line in candidate.read_text().splitlines() if line.strip()]
-            return names
-    raise UserError(f"{root} has no variants.txt (FGVC Aircraft's class list)")

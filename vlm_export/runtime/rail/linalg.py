@@ -84,6 +84,14 @@ def rank_update(matrix: np.ndarray, columns: np.ndarray, alpha: float) -> None:
         raise RuntimeError("BLAS syrk did not update the matrix in place")
 
 
+def symmetric_product(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """matrix @ rows.T [d, k] for a symmetric matrix of which only the upper triangle is read
+    (BLAS symm; no mirror, no d x d temporary). ``rows`` is [k, d]."""
+    # Fortran view: (rows @ matrix) [k, d] with the matrix's lower triangle = C's upper
+    product = blas.dsymm(1.0, _square(matrix), np.asarray(rows, dtype=np.float64), side=1, lower=1)
+    return product.T
+
+
 def add_product(target: np.ndarray, left: np.ndarray, right: np.ndarray) -> None:
     """target += left.T @ right in place (BLAS gemm; target [m, n], left [k, m], right [k, n])."""
     # target.T [n, m] += right.T [n, k] @ left [k, m]: Fortran views, no copy of the operands

@@ -29,6 +29,7 @@ from vlm_export.runtime.rail.linalg import (
     solve_lower,
     solve_shifted,
     solve_upper,
+    symmetric_product,
 )
 
 HIDDEN_DIM = 15000
@@ -275,10 +276,11 @@ class PrimalAdapter:
     def _woodbury_update(self, phi: np.ndarray, labels: np.ndarray, active: np.ndarray) -> None:
         # U = R X^T; R <- R - U S^-1 U^T with S = I_b + X U = L L^T, applied as V V^T with
         # V = U L^-T; W <- W + R_new X^T (Y - X W) where R_new X^T = U S^-1 = V L^-1.
-        # Every product is d x b or smaller, except the in-place d x d downdate (syrk on one
-        # triangle, mirrored before the next product): O(d^2 b), no d x d temporary. Columns of
-        # W of classes not ``active`` (neither learned nor in the batch) stay zero: skipped.
-        u = self._full("woodbury") @ phi.T
+        # Every product is d x b or smaller: U by symm and the in-place d x d downdate by syrk,
+        # both on R's upper triangle (never mirrored between updates): O(d^2 b), no d x d
+        # temporary. Columns of W of classes not ``active`` (neither learned nor in the batch)
+        # stay zero: skipped.
+        u = symmetric_product(self._matrix, phi)
         system = np.eye(len(phi)) + phi @ u
         factor = cholesky(system, "the Woodbury system I + X R X^T")
         v = solve_lower(factor, u.T).T
