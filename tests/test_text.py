@@ -330,3 +330,33 @@ def test_broken_text_tower_is_reported(tiny_clip):
 
     with pytest.raises(TextEmbeddingError, match="'dog'"):
         encode_class_texts(ZeroText(), tiny_clip.tokenizer, ["dog"], ("{}",))
+
+
+def test_shared_prefix_path_equals_each_prompt_alone(tiny_clip):
+    """Every prompt's embedding from the cached-prefix path equals the same prompt run alone
+    through the text tower: templates whose class comes first, whose prefix runs into the class
+    word, that share prefixes with each other, and a class cut at the context."""
+    import torch
+
+    from vlm_export.export.text_embeddings import (
+        build_prompts,
+        embed_with_shared_prefixes,
+        shared_prefix_lengths,
+    )
+    from vlm_export.models.text_tower import TextTower
+
+    classnames = ["cat", "golden_retriever", "Crème brûlée &amp; 東京", "x " * 90, "a"]
+    templates = ["a photo of a {}.", "a photo of the {}.", "{}", "{} in the wild", "itap{}s"]
+    prompts = build_prompts(classnames, templates)
+    tokens = tiny_clip.tokenizer(prompts).numpy().astype(np.int64)
+    group = np.arange(len(prompts)) % len(templates)
+    prefix = shared_prefix_lengths(tokens, group, len(templates))
+    assert prefix[0] == 5  # SOT a photo of a
+    assert prefix[2] == 1  # the class comes first: SOT only
+    tower = TextTower(tiny_clip.model).eval()
+    with torch.no_grad():
+        fast = embed_with_shared_prefixes(tower, tokens, group, len(templates), batch_size=6)
+        alone = np.concatenate(
+            [tower(torch.from_numpy(row[None, : row.argmax() + 1])).numpy() for row in tokens]
+        )
+    np.testing.assert_allclose(fast, alone, atol=2e-6)
