@@ -81,7 +81,11 @@ def main() -> None:
     def shared_prefix() -> None:
         encode_class_texts(model, loaded.tokenizer, classes, IMAGENET80)
 
-    paths = {"full_context": full_context, "cut_batches": cut_batches, "shared_prefix": shared_prefix}
+    paths = {
+        "full_context": full_context,
+        "cut_batches": cut_batches,
+        "shared_prefix": shared_prefix,
+    }
     shared_prefix()  # warm-up
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
     for _ in range(args.rounds):
@@ -90,7 +94,7 @@ def main() -> None:
     wall = {k: float(np.median([t[0] for t in v])) for k, v in times.items()}
     cpu = {k: float(np.median([t[1] for t in v])) for k, v in times.items()}
     report: dict[str, object] = {
-        "benchmark": "exporter text embeddings: full context, cut batches, cached template prefixes",
+        "benchmark": "exporter text embeddings: full context, cut batches, cached prefixes",
         "model": args.model,
         "device": args.device,
         "sample": {

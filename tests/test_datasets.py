@@ -9,6 +9,7 @@ from vlm_export.export.presets import TCA_PRESETS
 from vlm_export.runtime.datasets.registry import DATASETS, get_dataset
 from vlm_export.runtime.text.templates import template_set_names
 
+
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_class_lists_have_the_documented_count_and_no_duplicates(name: str) -> None:
     spec = DATASETS[name]

@@ -28,7 +28,12 @@ from vlm_export.runtime.text.prompts import (
 )
 from vlm_export.runtime.text.templates import check_templates
 
-__all__ = ["TextEmbeddingError", "build_prompts", "encode_class_texts", "embed_with_shared_prefixes"]
+__all__ = [
+    "TextEmbeddingError",
+    "build_prompts",
+    "embed_with_shared_prefixes",
+    "encode_class_texts",
+]
 
 
 def _too_long(tokenizer: Callable, prompts: list[str], tokens: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ KeyValues = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class SharedPrefixEncoder:
-    """Text embeddings of prompts given as (cached prefix, own tokens), exact under the causal mask."""
+    """Embeddings of prompts given as (cached prefix, own tokens), exact under the causal mask."""
 
     def __init__(self, tower: TextTower) -> None:
         self.tower = tower
@@ -35,7 +35,7 @@ class SharedPrefixEncoder:
         ].to(self.cast)
 
     def prefix_states(self, prefixes: torch.Tensor) -> KeyValues:
-        """Every block's keys and values [G, H, P, d] of prefixes [G, P] (rows padded at the end)."""
+        """Every block's keys and values [G, H, P, d] of prefixes [G, P] (rows padded at end)."""
         length = prefixes.shape[1]
         x = self._embed(prefixes, torch.arange(length, device=prefixes.device))
         mask = self.tower.causal_mask[:length, :length].to(self.cast)

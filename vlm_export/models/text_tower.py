@@ -64,7 +64,7 @@ def causal_attention(block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> t
 
 
 def split_heads(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Queries, keys and values of x [B, T, D] for a block's attention, each [B, heads, T, D/heads]."""
+    """Queries, keys and values of x [B, T, D] for a block's attention, each [B, H, T, D/H]."""
     attn: nn.MultiheadAttention = block.attn
     batch, length, width = x.shape
     q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).split(width, dim=-1)
