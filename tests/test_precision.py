@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 from fakebundle import write_images
 
-from vlm_export.core.manifest import MANIFEST_NAME, onnx_engines, sha256_file
+from vlm_export.core.manifest import (
+    CONDENSATION_NODE_PREFIXES,
+    MANIFEST_NAME,
+    onnx_engines,
+    sha256_file,
+)
 from vlm_export.export import quantize
 from vlm_export.export.cli import main as export_main
 from vlm_export.runtime import cli
@@ -112,7 +117,7 @@ def test_bf16_pins_condensation_layernorm_and_softmax(tiny_tca) -> None:
     model = ov.Core().read_model(str(tiny_tca / "image_encoder.onnx"))
     marked = set(ovb.pin_precise_nodes(model))
     ops = [op for op in model.get_ordered_ops() if op.get_type_name() not in ovb.UNMARKED_TYPES]
-    condensing = [op for op in ops if op.get_friendly_name().startswith(ovb.PRECISE_PREFIXES)]
+    condensing = [op for op in ops if op.get_friendly_name().startswith(CONDENSATION_NODE_PREFIXES)]
     assert condensing and all(op.get_friendly_name() in marked for op in condensing)
     for kind in ("MVN", "Softmax"):
         typed = [op for op in ops if op.get_type_name() == kind]
@@ -139,7 +144,7 @@ def test_bf16_compiled_model_runs_the_condensation_in_fp32(tiny_tca) -> None:
             continue
         for name in info["originalLayersNames"].astype(str).split(","):
             precisions[name] = info["runtimePrecision"].astype(str)
-    condensing = {n: p for n, p in precisions.items() if n.startswith(ovb.PRECISE_PREFIXES)}
+    condensing = {n: p for n, p in precisions.items() if n.startswith(CONDENSATION_NODE_PREFIXES)}
     assert condensing and all(
         p in ("f32", "i32", "i64", "u8", "boolean") for p in condensing.values()
     )
@@ -194,7 +199,7 @@ def test_quantize_adds_a_gated_qdq_graph(quantized) -> None:
     assert {"QuantizeLinear", "DequantizeLinear"} <= kinds
     produced_by = {out: node for node in graph.node for out in node.output}
     for node in graph.node:  # condensation, LayerNorm and softmax read float tensors
-        floating = node.name.startswith(quantize.FLOAT_PREFIXES) or node.op_type in (
+        floating = node.name.startswith(CONDENSATION_NODE_PREFIXES) or node.op_type in (
             "LayerNormalization",
             "Softmax",
         )

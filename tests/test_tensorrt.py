@@ -302,11 +302,19 @@ def test_fp32_pinning_of_condensation_layers_by_name():
             _FakeLayer("/condensers.0/ReduceSum_1", "REDUCE", "SUM"),
             _FakeLayer("/condensers.0/ArgMin", "REDUCE", "SUM", out_dtype="int32"),
             _FakeLayer("/anchor_select/ReduceL2", "REDUCE", "SUM"),
+            _FakeLayer("/anchor_select_1/ReduceL2", "REDUCE", "SUM"),
+            _FakeLayer("/anchored_scores_1/MatMul", "MATRIX_MULTIPLY"),
             _FakeLayer("/resblocks.0/mlp/MatMul", "MATRIX_MULTIPLY"),
         ]
     )
     marked = mark_fp32_layers(network, _fake_trt(), ("Condensation",))
-    assert marked == ["/condensers.0/TopK", "/condensers.0/ReduceSum_1", "/anchor_select/ReduceL2"]
+    assert marked == [
+        "/condensers.0/TopK",
+        "/condensers.0/ReduceSum_1",
+        "/anchor_select/ReduceL2",
+        "/anchor_select_1/ReduceL2",
+        "/anchored_scores_1/MatMul",
+    ]
 
 
 def test_fp32_pinning_of_softmax_only():

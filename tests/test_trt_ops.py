@@ -266,3 +266,13 @@ def test_torch_exported_condensing_tower_passes(tiny_clip, tmp_path, opset):
         assert {"TopK", "ReduceSum", "Sqrt", "Div"} <= pinned or prefix == "/anchor_select/"
         assert not any(op in pinned for op in ("Constant", "Shape", "Unsqueeze"))
     assert any(name.startswith("/anchor_select/ReduceL2") for name in names)
+    # every reduction block's call of a module is pinned, not only the first (``_1`` suffix)
+    assert any(name.startswith("/anchor_select_1/ReduceL2") for name in names)
+    for scores in ("/anchored_scores/", "/anchored_scores_1/"):
+        pinned = {name[len(scores) :].split("_")[0] for name in names if name.startswith(scores)}
+        assert {"MatMul", "Softmax"} <= pinned, (scores, pinned)
+    model = onnx.load(str(path))
+    unpinned_ranking = [
+        node.name for node in model.graph.node if node.op_type == "TopK" and node.name not in names
+    ]
+    assert not unpinned_ranking

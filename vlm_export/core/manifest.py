@@ -104,6 +104,10 @@ ANCHORS_VALID_INPUT = "anchors_valid"
 EMBEDDING_OUTPUT = "embedding"
 CLS_OUTPUT = "cls_per_layer"
 FATE_OUTPUT = "token_fate"
+#: ONNX node-name prefixes of the condensing image engine's ranking, merging and anchor choice
+#: (modules TokenCondenser, AnchorSelector, AnchoredScores; later calls numbered ``_1``, ...):
+#: kept fp32 in TensorRT fp16 builds and OpenVINO bf16, left float in INT8 graphs
+CONDENSATION_NODE_PREFIXES = ("/condensers.", "/anchor_select", "/anchored_scores")
 #: text engine tensor names
 TOKENS_INPUT = "tokens"
 TEXT_EMBEDDING_OUTPUT = "text_embedding"

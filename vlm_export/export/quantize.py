@@ -5,9 +5,9 @@ matrix products (QDQ form: what ONNX Runtime, OpenVINO and TensorRT's explicit q
 read), with per-channel int8 weights and uint8 activations whose ranges come from the user's own
 images, preprocessed exactly as the device will (the bundle's preprocessing; anchors zero and
 invalid). Only products with weights (MatMul, Gemm, Conv) within the chosen scope are quantized
-(default: the MLPs; see SCOPES), and none under the condensing tower's ``/condensers.`` and
-``/anchor_select*`` modules: ranking, merging, anchor selection, attention scores, LayerNorm and
-softmax stay float.
+(default: the MLPs; see SCOPES), and none under the condensing tower's
+``CONDENSATION_NODE_PREFIXES``: ranking, merging, anchor selection, attention scores, LayerNorm
+and softmax stay float.
 
 The gate: the INT8 graph and the bundle's fp32 graph (both in ONNX Runtime CPU) on the
 calibration images and on held-out images (``--held-out DIR``, else every 5th calibration image
@@ -38,6 +38,7 @@ from vlm_export.core.json_text import dumps
 from vlm_export.core.manifest import (
     ANCHORS_INPUT,
     ANCHORS_VALID_INPUT,
+    CONDENSATION_NODE_PREFIXES,
     EMBEDDING_OUTPUT,
     FATE_OUTPUT,
     IMAGE_INPUT,
@@ -54,8 +55,6 @@ from vlm_export.runtime.sources import is_image_file
 
 MIN_COSINE = 0.99
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
-#: the condensing tower's TokenCondenser and AnchorSelector modules (``/anchor_select_1/`` ...)
-FLOAT_PREFIXES = ("/condensers.", "/anchor_select")
 PASS_THROUGH_OPS = frozenset({"Transpose", "Identity", "Reshape", "Cast"})
 #: which weight products are quantized: the MLPs (two thirds of a ViT's matrix FLOPs, and the
 #: least sensitive), every transformer-block product (adds the attention projections, which also
@@ -196,7 +195,7 @@ def quantized_node_names(onnx_path: Path, scope: str = DEFAULT_SCOPE) -> list[st
         node.name
         for node in graph.node
         if node.op_type in QUANTIZED_OPS
-        and not node.name.startswith(FLOAT_PREFIXES)
+        and not node.name.startswith(CONDENSATION_NODE_PREFIXES)
         and _reads_weights(node, initializers, producers)
         and in_scope(node.name, scope)
     ]

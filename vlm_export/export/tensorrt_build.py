@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from vlm_export.core.atomic import atomic_file, atomic_write_bytes
 from vlm_export.core.errors import UserError
-from vlm_export.core.manifest import file_record
+from vlm_export.core.manifest import CONDENSATION_NODE_PREFIXES, file_record
 from vlm_export.export.trt_ops import assert_tensorrt_compatible, import_onnx
 from vlm_export.runtime.engines.select import (
     IMAGE_ROLE,
@@ -54,9 +54,14 @@ FP32_GROUPS: dict[str, dict[str, tuple]] = {
     },
     "Softmax": {"onnx": ("Softmax",), "tensorrt": (("SOFTMAX", None),)},
     # Everything the condensing tower computes to rank, merge and pick anchors, by name prefix
-    # (the modules TokenCondenser and AnchorSelector): consensus rank sums reach ~4.6e5 and
-    # distances are sums of squares, beyond fp16's range or order-preserving precision.
-    "Condensation": {"onnx": (), "tensorrt": (), "prefixes": ("/condensers.", "/anchor_select/")},
+    # (the modules TokenCondenser, AnchorSelector and AnchoredScores, each reduction block's call
+    # numbered _1, _2, ...): consensus rank sums reach ~4.6e5, distances are sums of squares and
+    # near-tied attention scores must keep their order: beyond fp16's range or precision.
+    "Condensation": {
+        "onnx": (),
+        "tensorrt": (),
+        "prefixes": CONDENSATION_NODE_PREFIXES,
+    },
 }
 # Nodes under those prefixes that move or shape data without arithmetic: left to TensorRT.
 STRUCTURAL_OPS = frozenset(

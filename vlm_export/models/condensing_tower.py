@@ -77,11 +77,31 @@ def _split_heads(x: Tensor, heads: int) -> Tensor:
     return x.view(batch, length, heads, width // heads).transpose(1, 2)
 
 
-def attention_with_anchor(block: nn.Module, x: Tensor, anchor: Tensor, key_bias: Tensor):
+class AnchoredScores(nn.Module):
+    """A reduction block's attention probabilities softmax(q k^T / sqrt(d) + bias) (spec 2.2).
+
+    No weights. Its CLS row ranks the tokens, so its ONNX nodes share the prefix
+    ``/anchored_scores/`` (``_1``, ... per reduction block), which fp16 TensorRT builds keep in
+    fp32 and INT8 graphs leave in float: near-tied scores must keep their order.
+    """
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.scale = 1.0 / math.sqrt(head_dim)
+
+    def forward(self, q: Tensor, k: Tensor, bias: Tensor) -> Tensor:
+        """q [B, H, N, d], k [B, H, M, d], additive bias [M] -> probabilities [B, H, N, M]."""
+        return torch.softmax((q @ k.transpose(-2, -1)) * self.scale + bias, dim=-1)
+
+
+def attention_with_anchor(
+    block: nn.Module, x: Tensor, anchor: Tensor, key_bias: Tensor, scores: AnchoredScores
+):
     """Attention of a block over [anchor, x] with the anchor's query row dropped.
 
-    x [B, N, D], anchor [B, D], key_bias: scalar added to the anchor key's logits (0 or -1e4).
-    Returns (attention output [B, N, D] before the residual, probabilities [B, H, N, N+1]).
+    x [B, N, D], anchor [B, D], key_bias: scalar added to the anchor key's logits (0 or -1e4),
+    ``scores`` the tower's AnchoredScores. Returns (attention output [B, N, D] before the
+    residual, probabilities [B, H, N, N+1]).
     """
     attn: nn.MultiheadAttention = block.attn
     heads = attn.num_heads
@@ -92,9 +112,8 @@ def attention_with_anchor(block: nn.Module, x: Tensor, anchor: Tensor, key_bias:
     q = _split_heads(F.linear(sequence[:, 1:], w_q, b_q), heads)
     k = _split_heads(F.linear(sequence, w_k, b_k), heads)
     v = _split_heads(F.linear(sequence, w_v, b_v), heads)
-    logits = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(width // heads))
     bias = torch.cat([key_bias.reshape(1), key_bias.new_zeros(x.shape[1])])
-    probs = torch.softmax(logits + bias, dim=-1)
+    probs = scores(q, k, bias)
     out = (probs @ v).transpose(1, 2).reshape(x.shape)
     return attn.out_proj(out), probs
 
@@ -102,8 +121,9 @@ def attention_with_anchor(block: nn.Module, x: Tensor, anchor: Tensor, key_bias:
 class AnchorSelector(nn.Module):
     """Picks the valid class anchor most cosine-similar to each image's CLS token (spec 2.4).
 
-    A module (without weights) so that its ONNX nodes share the name prefix ``/anchor_select/``,
-    which fp16 TensorRT builds keep in fp32 (cosines and the -1e4 masking need fp32 range).
+    A module (without weights) so that its ONNX nodes share the name prefix ``/anchor_select/``
+    (``/anchor_select_1/``, ... per reduction block), which fp16 TensorRT builds keep in fp32
+    (cosines and the -1e4 masking need fp32 range).
     """
 
     def forward(self, cls_token: Tensor, class_anchors: Tensor, valid: Tensor):
@@ -177,6 +197,7 @@ class CondensingVisionTower(nn.Module):
             TokenCondenser(counts, ranking, num_patches) for counts in self.schedule
         )
         self.anchor_select = AnchorSelector()
+        self.anchored_scores = AnchoredScores(self.geometry["width"] // self.geometry["heads"])
         self._condenser_at = {c.counts.layer: c for c in self.condensers}
 
     @property
@@ -234,7 +255,7 @@ class CondensingVisionTower(nn.Module):
         valid: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         anchor, key_bias = self.anchor_select(x[:, 0], class_anchors, valid)
-        attended, probs = attention_with_anchor(block, x, anchor, key_bias)
+        attended, probs = attention_with_anchor(block, x, anchor, key_bias, self.anchored_scores)
         x = x + block.ls_1(attended)
         cls_attn = probs[:, :, 0, 2:]  # CLS query, patch keys; anchor column dropped, no renorm
         x, patch_ids, fate = condenser(x, cls_attn, patch_ids)

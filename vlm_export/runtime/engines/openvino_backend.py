@@ -5,7 +5,7 @@ or a quantized INT8 (QDQ) graph of the bundle; anchors shared with OpenVINO, not
 UserError names the extra to install. bf16 runs only where the CPU has it (OpenVINO lists BF16 in
 ``OPTIMIZATION_CAPABILITIES``: AVX512-BF16 or AMX); elsewhere the request is refused in one line,
 or falls back to fp32 when the caller allows it. Under bf16 the nodes that rank, merge and pick
-anchors (``/condensers.`` and ``/anchor_select*``, as the TensorRT fp16 build pins them), the
+anchors (``CONDENSATION_NODE_PREFIXES``, as the TensorRT fp16 build pins them), the
 normalisations and the softmaxes carry OpenVINO's ``disable_fp16_compression`` runtime attribute,
 which keeps a node in its original precision when the CPU plugin lowers the rest of the graph.
 """
@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlm_export.core.errors import BundleError, UserError
-from vlm_export.core.manifest import ANCHORS_INPUT, ANCHORS_VALID_INPUT, IMAGE_INPUT
+from vlm_export.core.manifest import (
+    ANCHORS_INPUT,
+    ANCHORS_VALID_INPUT,
+    CONDENSATION_NODE_PREFIXES,
+    IMAGE_INPUT,
+)
 from vlm_export.runtime.engines.base import EngineBackend, check_anchor_shapes
 
 if TYPE_CHECKING:
@@ -32,7 +37,6 @@ INSTALL_HINT = "OpenVINO is not installed: pip install 'vlm-export[openvino]'"
 #: the runtime attribute OpenVINO reads as "keep this node in its original precision"
 PRECISE_ATTRIBUTE = "disable_fp16_compression_0"
 #: node name prefixes of the condensing tower's TokenCondenser and AnchorSelector modules
-PRECISE_PREFIXES = ("/condensers.", "/anchor_select")  # also /anchor_select_1/ ...
 #: OpenVINO operation types kept precise under bf16 (LayerNorm becomes MVN; softmax)
 PRECISE_TYPES = frozenset({"MVN", "Softmax", "NormalizeL2"})
 #: node types that only hold or pass data: never marked
@@ -77,7 +81,7 @@ def pin_precise_nodes(model: Any) -> list[str]:
         if kind in UNMARKED_TYPES:
             continue
         name = node.get_friendly_name()
-        if kind in PRECISE_TYPES or name.startswith(PRECISE_PREFIXES):
+        if kind in PRECISE_TYPES or name.startswith(CONDENSATION_NODE_PREFIXES):
             node.get_rt_info()[PRECISE_ATTRIBUTE] = ""
             marked.append(name)
     return marked
