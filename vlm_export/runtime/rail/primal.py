@@ -54,13 +54,14 @@ def hidden_features(features: np.ndarray, projection: np.ndarray | None) -> np.n
     return np.maximum(product, 0, out=product)
 
 
-def widened(array: np.ndarray, columns: int) -> np.ndarray:
-    """``array`` [d, C] with zero columns appended up to ``columns``, Fortran-ordered; only its
-    nonzero columns are copied (the new array's other columns stay untouched zero pages)."""
-    grown = np.zeros((array.shape[0], columns), order="F")
+def column_copy(array: np.ndarray, columns: int, dtype: type = np.float64) -> np.ndarray:
+    """``array`` [d, C] as a new Fortran-ordered [d, columns >= C] array of ``dtype``, zero
+    columns appended; only its nonzero columns are copied (the others stay untouched zero
+    pages)."""
+    copy = np.zeros((array.shape[0], columns), dtype, order="F")
     for column in np.flatnonzero(array.any(axis=0)):
-        grown[:, column] = array[:, column]
-    return grown
+        copy[:, column] = array[:, column]
+    return copy
 
 
 class PrimalAdapter:
@@ -175,9 +176,9 @@ class PrimalAdapter:
     def extend_classes(self, num_classes: int) -> None:
         """Grow the label space to ``num_classes``: new classes get zero columns in W and B."""
         check_new_class_count(num_classes, self.num_classes)
-        self.weights = widened(self.weights, num_classes)
+        self.weights = column_copy(self.weights, num_classes)
         if self.cross is not None:
-            self.cross = widened(self.cross, num_classes)
+            self.cross = column_copy(self.cross, num_classes)
         self.learned_mask = np.pad(self.learned_mask, (0, num_classes - len(self.learned_mask)))
 
     def partial_fit(self, features: np.ndarray, labels: np.ndarray) -> None:
@@ -370,7 +371,7 @@ class PrimalAdapter:
         """The predict-only form: W_r and W in float32, the learned mask (no G, B or R)."""
         self.finalize()
         projection = None if self.projection is None else self.projection.astype(np.float32)
-        weights = self.weights.astype(np.float32)
+        weights = column_copy(self.weights, self.num_classes, np.float32)
         return PrimalPredictor(projection, weights, self.learned_mask.copy())
 
 
