@@ -256,15 +256,23 @@ def _load_primal_learner(
 
 
 def _column_array(reader: _Reader, name: str, shape: tuple[int, int], what: str) -> np.ndarray:
-    """W or B of a primal state, Fortran-ordered: read sparsely, so that the columns of classes
-    never learned stay untouched zero pages (a state of an earlier version, saved in C order,
-    is converted once: one transient copy)."""
-    value = reader.array(name, shape, np.float64)
-    if isinstance(value, StoredArray):
-        value = value.read_sparse()
-    if not all_finite(value):
+    """W or B of a primal state, Fortran-ordered, read so that the columns of classes never
+    learned stay untouched zero pages; StateError if not finite."""
+    stored = reader.array(name, shape, np.float64)
+    array = stored.read_sparse() if stored.fortran_order else _fortran_columns(stored)
+    if not all_finite(array):
         raise StateError(f"{reader.path}: {what} holds NaN or inf entries (corrupt state)")
-    return np.asfortranarray(value)
+    return array
+
+
+def _fortran_columns(stored: StoredArray) -> np.ndarray:
+    """A C-ordered stored matrix (earlier versions saved W and B so) into Fortran order, block of
+    rows by block of rows, writing only the columns of each block that hold a nonzero bit."""
+    array = np.zeros(stored.shape, stored.dtype, order="F")
+    for start, block in stored.blocks(MERGE_BLOCK_ROWS):
+        keep = np.flatnonzero(block.view(np.uint64).any(axis=0))
+        array[start : start + len(block), keep] = block[:, keep]
+    return array
 
 
 def _check_symmetric(
