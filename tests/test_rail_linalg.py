@@ -42,14 +42,6 @@ def test_in_place_updates_touch_one_triangle_then_mirror(size):
     linalg.mirror(matrix)
     np.testing.assert_allclose(matrix, expected, rtol=1e-13, atol=1e-12)
     np.testing.assert_array_equal(matrix, matrix.T)
-    target, left, right = (
-        rng.normal(size=(size, 3)),
-        rng.normal(size=(7, size)),
-        rng.normal(size=(7, 3)),
-    )
-    expected_target = target + left.T @ right
-    linalg.add_product(target, left, right)
-    np.testing.assert_allclose(target, expected_target, rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("size", [1, 6, linalg.BLOCK + 5])
@@ -78,6 +70,22 @@ def test_solve_shifted_restores_the_matrix(size):
     with pytest.raises(RailError, match="G \\+ lambda I is not positive definite"):
         linalg.solve_shifted(matrix, 0.1, rhs, "G + lambda I")
     np.testing.assert_array_equal(matrix, broken)
+
+
+@pytest.mark.parametrize("size", [4, 2 * linalg.BLOCK + 3])
+def test_factored_solves_into_the_right_hand_side(size):
+    matrix = _spd(size, 5)
+    original = matrix.copy()
+    rhs = np.asfortranarray(np.random.default_rng(6).normal(size=(size, 4)))
+    expected = np.linalg.solve(original + 0.1 * np.eye(size), rhs)
+    memory = rhs.__array_interface__["data"][0]
+    with linalg.factored(matrix, 0.1, "G + lambda I") as factor:
+        assert linalg.solve_in_place(factor, rhs)
+    assert rhs.__array_interface__["data"][0] == memory  # the same array, solved in place
+    assert np.abs(rhs - expected).max() < 1e-9 * np.abs(expected).max()
+    np.testing.assert_array_equal(matrix, original)
+    with linalg.factored(matrix, 0.1, "G + lambda I") as factor, pytest.raises(RuntimeError):
+        linalg.solve_in_place(factor, np.ascontiguousarray(rhs))  # C order: would be a copy
 
 
 def test_symmetric_problem_names_what_is_wrong():

@@ -236,3 +236,24 @@ def test_first_domain_solve_equals_joint_either_way(monkeypatch, count):
     both = np.concatenate([x, more_x]), np.concatenate([labels, more_labels])
     joint = literal_joint(*both, literal_projection(IN_DIM, HIDDEN, 3))
     assert rel(adapter.weights, joint) < 1e-9
+
+
+@pytest.mark.parametrize("count", [20, 100])  # first-domain solve (N <= d / 2), then G's solve
+def test_weights_are_solved_in_their_own_memory(count):
+    # classes 7, 1, 5 only (neither leading nor contiguous): packed into W's first columns,
+    # solved there and moved to their places; a stale nonzero column is zeroed
+    x, labels = data(12, count=count)
+    labels = np.array([7, 1, 5])[labels % 3]
+    adapter = PrimalAdapter(IN_DIM, CLASSES, HIDDEN, seed=0)
+    weights = adapter.weights
+    adapter.partial_fit(x, labels)
+    adapter.weights[:, 3] = 2.0
+    adapter.solved = False
+    adapter.finalize()
+    assert adapter.weights is weights and weights.flags.f_contiguous
+    assert adapter.cross.flags.f_contiguous
+    assert rel(weights, literal_joint(x, labels, literal_projection(IN_DIM, HIDDEN, 0))) < 1e-9
+    np.testing.assert_array_equal(weights[:, [0, 2, 3, 4, 6, 8]], 0.0)
+    adapter.extend_classes(CLASSES + 2)
+    assert adapter.weights.flags.f_contiguous and adapter.cross.flags.f_contiguous
+    np.testing.assert_array_equal(adapter.weights[:, :CLASSES], weights)

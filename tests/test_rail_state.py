@@ -78,6 +78,27 @@ def test_learner_round_trip_then_keep_learning(tmp_path, name):
     np.testing.assert_allclose(loaded.predict(x), uninterrupted.predict(x), rtol=0, atol=1e-12)
 
 
+def test_state_of_the_earlier_layout_loads_and_keeps_learning(tmp_path):
+    # earlier versions kept W and B C-ordered: such a file loads into Fortran order, unchanged
+    x, labels = data(0)
+    learner = PrimalAdapter(IN_DIM, CLASSES, HIDDEN, seed=3)
+    learner.partial_fit(x[:30], labels[:30])
+    learner.finalize()
+    weights, cross = learner.weights.copy(), learner.cross.copy()
+    learner.weights, learner.cross = np.ascontiguousarray(weights), np.ascontiguousarray(cross)
+    path = tmp_path / "earlier.npz"
+    save_learner_state(path, learner, BUNDLE)
+    with np.load(path) as stored:
+        assert stored["weights"].flags.c_contiguous and not stored["weights"].flags.f_contiguous
+    loaded = load_learner_state(path, BUNDLE)
+    assert loaded.weights.flags.f_contiguous and loaded.cross.flags.f_contiguous
+    np.testing.assert_array_equal(loaded.weights, weights)
+    np.testing.assert_array_equal(loaded.cross, cross)
+    loaded.partial_fit(x[30:], labels[30:])
+    loaded.finalize()
+    assert rel(loaded.weights, literal_joint(x, labels, 3)) < 1e-9
+
+
 @pytest.mark.parametrize("name", ["cholesky", "woodbury", "no-rhl", "dual"])
 def test_inference_state_round_trip(tmp_path, name):
     x, labels = data(1)

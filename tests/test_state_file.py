@@ -60,3 +60,26 @@ def test_truncated_file_leaves_no_open_handle(tmp_path: Path, keep: float) -> No
         gc.collect()
     leaks = [w for w in caught if issubclass(w.category, ResourceWarning)]
     assert not leaks, [str(w.message) for w in leaks]
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_deferred_array_read_sparsely_is_the_stored_array_bit_for_bit(
+    tmp_path: Path, order: str
+) -> None:
+    # columns of zeros (skipped), a -0.0 (a nonzero bit pattern), a tail shorter than a page
+    array = np.zeros((700, 9), order=order)
+    array[:, 2] = np.random.default_rng(0).normal(size=700)
+    array[3, 7], array[-1, -1] = -0.0, 5.0
+    path = tmp_path / "s.npz"
+    save_state(path, "test", 1, "fp", {"w": array})
+    stored = load_state(path, "test", 1, "fp", defer=("w",))[0]["w"]
+    assert stored.fortran_order == (order == "F")
+    read = stored.read_sparse()
+    assert read.flags.f_contiguous == (order == "F") and read.dtype == array.dtype
+    np.testing.assert_array_equal(read.view(np.uint64), array.view(np.uint64))
+    if order == "C":
+        blocks = [block for _, block in stored.blocks(256)]
+        np.testing.assert_array_equal(np.concatenate(blocks), array)
+    else:
+        with pytest.raises(StateError, match="Fortran order"):
+            next(stored.blocks(256))

@@ -8,6 +8,7 @@ reading any array data, and names what is wrong in a StateError.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zipfile
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -25,6 +26,8 @@ from vlm_export.core.memory import require_memory
 
 META_KEY = "__meta__"
 MAX_META_BYTES = 4 << 20  # the JSON header, as UCS-4 characters
+PAGE_BYTES = 4096  # the stretch ``StoredArray.read_sparse`` writes or skips
+READ_BYTES = 4 << 20  # read at a time by ``StoredArray.read_sparse``
 
 
 def save_state(
@@ -54,31 +57,69 @@ def save_state(
 
 @dataclass(frozen=True)
 class StoredArray:
-    """A C-ordered array left in its state file, read block by block (``defer`` in load_state)."""
+    """An array left in its state file (``defer`` in load_state), read block by block or whole."""
 
     path: Path
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
+    fortran_order: bool = False
 
     def blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, the next ``rows`` rows) in order, each block a fresh array."""
+        """(first row, the next ``rows`` rows) in order, each block a fresh array (C order only)."""
         row_shape = self.shape[1:]
+        with self._data() as member:
+            if self.fortran_order:
+                raise ValueError(f"array {self.name!r} is stored in Fortran order, not by rows")
+            for start in range(0, self.shape[0], rows):
+                block = np.empty((min(rows, self.shape[0] - start), *row_shape), self.dtype)
+                self._fill(member, memoryview(block.reshape(-1).view(np.uint8)))
+                yield start, block
+
+    def read_sparse(self) -> np.ndarray:
+        """The whole array, in its stored order, into fresh zero memory that is written only where
+        the file holds a nonzero byte (by PAGE_BYTES stretches): the all-zero stretches, such as
+        the columns of classes never learned in a Fortran-ordered W, stay untouched zero pages
+        that take no memory. Bit for bit the stored array."""
+        order = "F" if self.fortran_order else "C"
+        array = np.zeros(self.shape, self.dtype, order=order)
+        target = array.reshape(-1, order=order).view(np.uint8)  # the array's memory, flat
+        buffer = np.empty(min(READ_BYTES, max(len(target), 1)), np.uint8)
+        with self._data() as member:
+            for start in range(0, len(target), len(buffer)):
+                chunk = buffer[: min(len(buffer), len(target) - start)]
+                self._fill(member, memoryview(chunk))
+                _copy_nonzero_pages(target[start : start + len(chunk)], chunk)
+        return array
+
+    @contextlib.contextmanager
+    def _data(self) -> Iterator[BinaryIO]:
+        """The member's stream, positioned at its data; read errors become StateError."""
         try:
             with zipfile.ZipFile(self.path) as archive, archive.open(f"{self.name}.npy") as member:
                 _read_header(member)
-                for start in range(0, self.shape[0], rows):
-                    block = np.empty((min(rows, self.shape[0] - start), *row_shape), self.dtype)
-                    view = memoryview(block.reshape(-1).view(np.uint8))
-                    filled = 0
-                    while filled < len(view):
-                        count = member.readinto(view[filled:])
-                        if not count:
-                            raise StateError(f"{self.path} is truncated (array {self.name!r})")
-                        filled += count
-                    yield start, block
+                yield member
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
             raise StateError(f"{self.path} is not a readable state file ({exc})") from None
+
+    def _fill(self, member: BinaryIO, view: memoryview) -> None:
+        filled = 0
+        while filled < len(view):
+            count = member.readinto(view[filled:])
+            if not count:
+                raise StateError(f"{self.path} is truncated (array {self.name!r})")
+            filled += count
+
+
+def _copy_nonzero_pages(target: np.ndarray, chunk: np.ndarray) -> None:
+    """target[...] = chunk (uint8, same length), writing only the PAGE_BYTES stretches of chunk
+    that hold a nonzero byte (target is zero memory)."""
+    whole = len(chunk) - len(chunk) % PAGE_BYTES
+    pages = chunk[:whole].reshape(-1, PAGE_BYTES)
+    keep = np.flatnonzero(pages.any(axis=1))
+    target[:whole].reshape(-1, PAGE_BYTES)[keep] = pages[keep]
+    if chunk[whole:].any():
+        target[whole:] = chunk[whole:]
 
 
 def _read_header(member: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -236,11 +277,8 @@ def _check_shapes(
             )
 
 
-def _stored(path: Path, archive: zipfile.ZipFile, name: str) -> StoredArray | np.ndarray:
-    """A StoredArray for member ``name`` (loaded whole if it is not C-ordered)."""
+def _stored(path: Path, archive: zipfile.ZipFile, name: str) -> StoredArray:
+    """A StoredArray for member ``name`` (its header read, not its data)."""
     with archive.open(f"{name}.npy") as member:
         shape, fortran_order, dtype = _read_header(member)
-    if fortran_order or dtype.hasobject:
-        with archive.open(f"{name}.npy") as member:
-            return np.lib.format.read_array(member, allow_pickle=False)
-    return StoredArray(path, name, tuple(shape), dtype)
+    return StoredArray(path, name, tuple(shape), dtype, bool(fortran_order))

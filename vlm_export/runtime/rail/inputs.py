@@ -44,6 +44,12 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return targets
 
 
+def column_targets(labels: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """The one-hot targets of ``columns`` only: [N, len(columns)] float64, 1 where a sample's label
+    is that column's class (the other classes' columns of the full one-hot matrix are zero)."""
+    return (labels[:, None] == columns[None, :]).astype(np.float64)
+
+
 def check_new_class_count(num_classes: int, current: int) -> None:
     """A label space may grow, never shrink."""
     if num_classes < current:

@@ -3,9 +3,10 @@
 Small systems (a Woodbury batch, a dual block) use ``cholesky`` and the triangular solves. The
 d x d matrices of the primal learner (G or R, 1.8 GB at d = 15000) are never copied: they are
 updated by symmetric rank-k updates on one triangle (``rank_update``, then ``mirror``) and solved
-by ``solve_shifted``, which factors G + shift I in place and restores G from the untouched
-triangle afterwards. "Upper" below is the upper triangle of the
-C-ordered NumPy array (the lower triangle of its Fortran-ordered transpose, which LAPACK sees).
+inside ``factored``, which factors G + shift I in place and restores G from the untouched
+triangle afterwards (``solve_in_place`` writes the solution over its right-hand side meanwhile).
+"Upper" below is the upper triangle of the C-ordered NumPy array (the lower triangle of its
+Fortran-ordered transpose, which LAPACK sees).
 """
 
 from __future__ import annotations
@@ -92,14 +93,6 @@ def symmetric_product(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return product.T
 
 
-def add_product(target: np.ndarray, left: np.ndarray, right: np.ndarray) -> None:
-    """target += left.T @ right in place (BLAS gemm; target [m, n], left [k, m], right [k, n])."""
-    # target.T [n, m] += right.T [n, k] @ left [k, m]: Fortran views, no copy of the operands
-    result = blas.dgemm(1.0, right.T, left.T, beta=1.0, c=target.T, trans_b=1, overwrite_c=1)
-    if not np.shares_memory(result, target):
-        raise RuntimeError("BLAS gemm did not update the matrix in place")
-
-
 def mirror(matrix: np.ndarray, from_upper: bool = True) -> None:
     """Copy one triangle of a square matrix onto the other, block by block (no d x d copy)."""
     size = matrix.shape[0]
@@ -115,7 +108,7 @@ def mirror(matrix: np.ndarray, from_upper: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def _factored(matrix: np.ndarray, shift: float, what: str) -> Iterator[np.ndarray]:
+def factored(matrix: np.ndarray, shift: float, what: str) -> Iterator[np.ndarray]:
     """The Cholesky factor of matrix + shift I, made in place; the matrix is rebuilt on exit.
 
     The upper triangle must be valid. potrf overwrites it (and the diagonal) with the factor;
@@ -140,8 +133,17 @@ def _factored(matrix: np.ndarray, shift: float, what: str) -> Iterator[np.ndarra
 
 def check_factorable(matrix: np.ndarray, shift: float, what: str) -> None:
     """Raise RailError unless matrix + shift I has a Cholesky factor (found in place, no copy)."""
-    with _factored(matrix, shift, what):
+    with factored(matrix, shift, what):
         pass
+
+
+def solve_in_place(factor: np.ndarray, rhs: np.ndarray) -> bool:
+    """Solve (L L.T) X = rhs given the lower factor L; ``rhs`` (Fortran-contiguous float64 [d, k])
+    receives X in place (LAPACK potrs, no copy). Returns whether X is finite."""
+    result, info = lapack.dpotrs(factor, rhs, lower=1, overwrite_b=1)
+    if not np.shares_memory(result, rhs):  # a silent copy would leave rhs unsolved
+        raise RuntimeError("LAPACK potrs did not solve in place (rhs not Fortran float64)")
+    return info == 0 and all_finite(rhs)
 
 
 def solve_shifted(matrix: np.ndarray, shift: float, rhs: np.ndarray, what: str) -> np.ndarray:
@@ -151,7 +153,7 @@ def solve_shifted(matrix: np.ndarray, shift: float, rhs: np.ndarray, what: str) 
     holds the same symmetric matrix in full. Raises RailError naming ``what`` if matrix + shift I
     is not positive definite or the solution is not finite.
     """
-    with _factored(matrix, shift, what) as factor:
+    with factored(matrix, shift, what) as factor:
         solution, info = lapack.dpotrs(factor, np.asarray(rhs, dtype=np.float64), lower=1)
     if info != 0 or not np.isfinite(solution).all():
         raise RailError(f"{what} gave a non-finite solution (NaN or huge entries)")

@@ -18,14 +18,15 @@ from vlm_export.runtime.rail.inputs import (
     as_features,
     as_labels,
     check_new_class_count,
-    one_hot,
+    column_targets,
 )
 from vlm_export.runtime.rail.linalg import (
-    add_product,
+    all_finite,
     cholesky,
-    cholesky_solve,
+    factored,
     mirror,
     rank_update,
+    solve_in_place,
     solve_lower,
     solve_shifted,
     solve_upper,
@@ -46,10 +47,21 @@ def random_projection(in_dim: int, hidden_dim: int, seed: int) -> np.ndarray:
 
 
 def hidden_features(features: np.ndarray, projection: np.ndarray | None) -> np.ndarray:
-    """phi(x) = ReLU(x @ W_r), or x itself without a random layer."""
+    """phi(x) = ReLU(x @ W_r), or x itself without a random layer (the ReLU in place)."""
     if projection is None:
         return features
-    return np.maximum(features @ projection, 0)
+    product = features @ projection
+    return np.maximum(product, 0, out=product)
+
+
+def column_copy(array: np.ndarray, columns: int, dtype: type = np.float64) -> np.ndarray:
+    """``array`` [d, C] as a new Fortran-ordered [d, columns >= C] array of ``dtype``, zero
+    columns appended; only its nonzero columns are copied (the others stay untouched zero
+    pages)."""
+    copy = np.zeros((array.shape[0], columns), dtype, order="F")
+    for column in np.flatnonzero(array.any(axis=0)):
+        copy[:, column] = array[:, column]
+    return copy
 
 
 class PrimalAdapter:
@@ -62,7 +74,9 @@ class PrimalAdapter:
 
     The d x d matrix (G or R) is the only one of its size: updates touch its upper triangle in
     place (BLAS syrk), and ``gram`` / ``inverse`` copy that triangle onto the other, in place,
-    when read.
+    when read. W and B are Fortran-ordered (a class is one contiguous column) and start as
+    untouched zero pages: only the columns of classes seen are ever written, so the columns of
+    classes never learned take no memory, and ``finalize`` solves into W's own memory.
     """
 
     def __init__(
@@ -102,12 +116,12 @@ class PrimalAdapter:
             projection = random_projection(in_dim, hidden_dim, seed)
         self.projection = projection
         dim = self.feature_dim
-        self.weights = np.zeros((dim, num_classes))
+        self.weights = np.zeros((dim, num_classes), order="F")
         self.learned_mask = np.zeros(num_classes, dtype=bool)
         self.num_samples = 0
         self.solved = True
         self.cross: np.ndarray | None = (
-            np.zeros((dim, num_classes)) if route == "cholesky" else None
+            np.zeros((dim, num_classes), order="F") if route == "cholesky" else None
         )
         self._matrix: np.ndarray | None = None  # G or R; upper triangle current
         self._mirrored = True  # the lower triangle equals the upper
@@ -162,11 +176,10 @@ class PrimalAdapter:
     def extend_classes(self, num_classes: int) -> None:
         """Grow the label space to ``num_classes``: new classes get zero columns in W and B."""
         check_new_class_count(num_classes, self.num_classes)
-        extra = num_classes - self.num_classes
-        self.weights = np.pad(self.weights, ((0, 0), (0, extra)))
+        self.weights = column_copy(self.weights, num_classes)
         if self.cross is not None:
-            self.cross = np.pad(self.cross, ((0, 0), (0, extra)))
-        self.learned_mask = np.pad(self.learned_mask, (0, extra))
+            self.cross = column_copy(self.cross, num_classes)
+        self.learned_mask = np.pad(self.learned_mask, (0, num_classes - len(self.learned_mask)))
 
     def partial_fit(self, features: np.ndarray, labels: np.ndarray) -> None:
         """Learn a batch: features [N, in_dim], labels [N] global class indices.
@@ -200,7 +213,8 @@ class PrimalAdapter:
         target = self.gram
         for start, block in gram_blocks:
             target[start : start + len(block)] += block
-        self.cross += cross
+        for column in np.flatnonzero(cross.any(axis=0)):  # the others add zero: left untouched
+            self.cross[:, column] += cross[:, column]
         self.learned_mask |= learned_mask
         self.num_samples += int(num_samples)
         self.solved = False
@@ -222,7 +236,8 @@ class PrimalAdapter:
             limit = FIRST_SOLVE_ROWS if first else CHUNK_ROWS
             whole = hidden_features(x, self.projection) if len(y) <= limit else None
             self._check_growth(x, whole)
-            weights = self._first_solve(whole, y) if first and whole is not None else None
+            # W is written first: once _check_growth passed, accumulating cannot fail
+            solved = first and whole is not None and self._first_solve(whole, y)
             for start in range(0, len(y), CHUNK_ROWS):
                 rows = slice(start, start + CHUNK_ROWS)
                 phi = (
@@ -233,8 +248,8 @@ class PrimalAdapter:
                     self._accumulate(phi, y[rows])
                 else:
                     self._woodbury_update(phi, y[rows], active)
-        if weights is not None:
-            self.weights, self.solved = weights, True
+        if solved:
+            self.solved = True
         self.learned_mask[y] = True
         self.num_samples += len(y)
 
@@ -248,29 +263,41 @@ class PrimalAdapter:
         if not np.isfinite(diagonal).all():
             raise RailError("the statistics G would overflow (features far too large)")
 
-    def _first_solve(self, phi: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
-        """W of a learner whose G and B were zero, by W = Phi^T (Phi Phi^T + lambda I)^-1 Y.
+    def _first_solve(self, phi: np.ndarray, labels: np.ndarray) -> bool:
+        """Set W of a learner whose G and B are zero by W = Phi^T (Phi Phi^T + lambda I)^-1 Y.
 
         The same W as (Phi^T Phi + lambda I)^-1 Phi^T Y (push-through identity), with an N x N
         system instead of d x d: used when N <= d / 2 (and N <= FIRST_SOLVE_ROWS, phi of every
-        sample at once). None when it does not pay.
+        sample at once); False (W unchanged) when it does not pay. The kernel is factored in
+        place and the batch's classes' columns of W are computed in W's own memory (the others
+        zero); a non-finite result raises RailError with W zero.
         """
         if len(phi) > self.feature_dim // 2:
-            return None
-        kernel = phi @ phi.T
+            return False
         columns = np.unique(labels)
-        targets = one_hot(labels, self.num_classes)[:, columns]
-        factor = cholesky(kernel + self.ridge * np.eye(len(phi)), "Phi Phi^T + lambda I")
-        weights = np.zeros_like(self.weights)
-        weights[:, columns] = phi.T @ cholesky_solve(factor, targets)
-        if not np.isfinite(weights).all():
+        targets = column_targets(labels, columns)
+        coef = solve_shifted(phi @ phi.T, self.ridge, targets, "Phi Phi^T + lambda I")
+        self._zero_columns_but()
+        packed = self.weights[:, : len(columns)]
+        np.matmul(coef.T, phi, out=packed.T)  # packed.T is C-ordered: BLAS, no temporary
+        if not all_finite(packed):
+            packed[...] = 0.0
             raise RailError("the ridge solve gave non-finite weights")
-        return weights
+        self._unpack(columns)
+        return True
+
+    def _zero_columns_but(self, keep: np.ndarray | None = None) -> None:
+        """Zero every nonzero column of W that is not in ``keep`` (every one without it)."""
+        stale = self.weights.any(axis=0)
+        if keep is not None:
+            stale[keep] = False
+        self.weights[:, np.flatnonzero(stale)] = 0.0
 
     def _accumulate(self, phi: np.ndarray, labels: np.ndarray) -> None:
         rank_update(self._matrix, phi.T, 1.0)  # G += phi^T phi, upper triangle
         self._mirrored = False
-        add_product(self.cross, phi, one_hot(labels, self.num_classes))  # B += phi^T Y
+        for column in np.unique(labels):  # B += phi^T Y, the batch's classes' columns only
+            self.cross[:, column] += phi[labels == column].sum(axis=0)
         self.solved = False
 
     def _woodbury_update(self, phi: np.ndarray, labels: np.ndarray, active: np.ndarray) -> None:
@@ -286,7 +313,7 @@ class PrimalAdapter:
         v = solve_lower(factor, u.T).T
         gain = solve_upper(factor, v.T).T
         columns = np.flatnonzero(active)
-        targets = one_hot(labels, self.num_classes)[:, columns]
+        targets = column_targets(labels, columns)
         weights = self.weights[:, columns] + gain @ (targets - phi @ self.weights[:, columns])
         if not (np.isfinite(v).all() and np.isfinite(weights).all()):
             raise RailError("the Woodbury update is not finite (features far too large)")
@@ -297,23 +324,42 @@ class PrimalAdapter:
     def finalize(self) -> None:
         """Solve W = (G + lambda I)^-1 B by Cholesky if G or B changed (woodbury: nothing to do).
 
-        G is factored in place and rebuilt afterwards (no second d x d array); only the columns
-        of B that hold data are solved (the others give zero columns of W exactly). A solve that
-        fails or is not finite raises RailError and keeps the previous W.
+        In place, no second d x d or d x C array: G is factored in its own memory and rebuilt
+        afterwards; the columns of B that hold data are copied into W's leading columns, solved
+        there (LAPACK potrs) and moved to their places; the others give zero columns of W exactly.
+        A factorisation that fails raises RailError and keeps the previous W; a solution that is
+        not finite (not expected of a finite positive definite system) raises RailError with W
+        zero and ``solved`` False.
         """
         if self.solved:
             return
         columns = np.flatnonzero(self.cross.any(axis=0))
-        solution = None
         if len(columns):
-            solution = solve_shifted(
-                self._matrix, self.ridge, self.cross[:, columns], "G + lambda I"
-            )
-        self._mirrored = True  # solve_shifted leaves the matrix whole
-        self.weights[...] = 0.0  # in place: no second d x C array
-        if solution is not None:
-            self.weights[:, columns] = solution
+            self._solve_into_weights(columns)
+        self._unpack(columns)
         self.solved = True
+
+    def _solve_into_weights(self, columns: np.ndarray) -> None:
+        """W's leading len(columns) columns <- (G + lambda I)^-1 B[:, columns], in place."""
+        packed = self.weights[:, : len(columns)]
+        with factored(self._matrix, self.ridge, "G + lambda I") as factor:
+            for index, column in enumerate(columns):
+                packed[:, index] = self.cross[:, column]
+            finite = solve_in_place(factor, packed)
+        self._mirrored = True  # factored leaves the matrix whole
+        if not finite:
+            self._zero_columns_but()
+            raise RailError("G + lambda I gave a non-finite solution (NaN or huge entries)")
+
+    def _unpack(self, columns: np.ndarray) -> None:
+        """Move W's leading columns to ``columns`` (ascending), zeroing every other column.
+
+        Column i goes to columns[i] >= i, last first, so no column is overwritten before it moved.
+        """
+        for index in range(len(columns) - 1, -1, -1):
+            if columns[index] != index:
+                self.weights[:, columns[index]] = self.weights[:, index]
+        self._zero_columns_but(columns)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Raw regression output [B, C] float64 (solves first if statistics changed)."""
@@ -325,7 +371,7 @@ class PrimalAdapter:
         """The predict-only form: W_r and W in float32, the learned mask (no G, B or R)."""
         self.finalize()
         projection = None if self.projection is None else self.projection.astype(np.float32)
-        weights = self.weights.astype(np.float32)
+        weights = column_copy(self.weights, self.num_classes, np.float32)
         return PrimalPredictor(projection, weights, self.learned_mask.copy())
 
 

@@ -39,6 +39,7 @@ INFERENCE_KIND = "rail-inference"
 SCHEMA_VERSION = 1
 FULL_CHECK_DIM = 4096  # up to this width a loaded G or R is also Cholesky-factored (< 1 s)
 MERGE_BLOCK_ROWS = 256  # rows of a streamed d x d matrix read at a time
+COLUMN_ARRAYS = ("weights", "cross")  # W and B: read sparsely, their zero columns left untouched
 
 Learner = PrimalAdapter | DualAdapter
 Predictor = PrimalPredictor | DualPredictor
@@ -176,6 +177,7 @@ def load_learner_state(
             SCHEMA_VERSION,
             bundle_fingerprint,
             engine_fingerprint=engine_fingerprint,
+            defer=COLUMN_ARRAYS,
         ),
     )
     form = reader.field("form", str)
@@ -223,7 +225,10 @@ def _load_primal_learner(
         matrix=False,
     )
     dim = learner.feature_dim
-    learner.weights = reader.array("weights", (dim, classes), np.float64)
+    if matrix:
+        learner.weights = _column_array(reader, "weights", (dim, classes), "the weights W")
+    else:  # merge_learner_files needs no W of the states it adds: checked, not read
+        reader.array("weights", (dim, classes), np.float64)
     learner.num_samples = reader.field("num_samples", int)
     learner.solved = reader.field("solved", bool)
     if learner.num_samples < 0:
@@ -231,11 +236,9 @@ def _load_primal_learner(
             f"{reader.path} records {learner.num_samples} samples: a sample count cannot be "
             "negative (corrupt state)"
         )
-    for name, what in (("projection", "the random layer W_r"), ("weights", "the weights W")):
-        reader.finite(name, what)
+    reader.finite("projection", "the random layer W_r")
     if route == "cholesky":
-        learner.cross = reader.array("cross", (dim, classes), np.float64)
-        reader.finite("cross", "the statistics B")
+        learner.cross = _column_array(reader, "cross", (dim, classes), "the statistics B")
     name = "gram" if route == "cholesky" else "inverse"
     if matrix:
         value = reader.array(name, (dim, dim), np.float64)
@@ -250,6 +253,26 @@ def _load_primal_learner(
                 )
         setattr(learner, name, value)
     return learner
+
+
+def _column_array(reader: _Reader, name: str, shape: tuple[int, int], what: str) -> np.ndarray:
+    """W or B of a primal state, Fortran-ordered, read so that the columns of classes never
+    learned stay untouched zero pages; StateError if not finite."""
+    stored = reader.array(name, shape, np.float64)
+    array = stored.read_sparse() if stored.fortran_order else _fortran_columns(stored)
+    if not all_finite(array):
+        raise StateError(f"{reader.path}: {what} holds NaN or inf entries (corrupt state)")
+    return array
+
+
+def _fortran_columns(stored: StoredArray) -> np.ndarray:
+    """A C-ordered stored matrix (earlier versions saved W and B so) into Fortran order, block of
+    rows by block of rows, writing only the columns of each block that hold a nonzero bit."""
+    array = np.zeros(stored.shape, stored.dtype, order="F")
+    for start, block in stored.blocks(MERGE_BLOCK_ROWS):
+        keep = np.flatnonzero(block.view(np.uint64).any(axis=0))
+        array[start : start + len(block), keep] = block[:, keep]
+    return array
 
 
 def _check_symmetric(
@@ -416,7 +439,11 @@ def merge_learner_files(paths: Sequence[str | Path], bundle_fingerprint: str) ->
         reader = _Reader(
             path,
             *load_state(
-                path, LEARNER_KIND, SCHEMA_VERSION, bundle_fingerprint, defer=("gram", "weights")
+                path,
+                LEARNER_KIND,
+                SCHEMA_VERSION,
+                bundle_fingerprint,
+                defer=("gram", *COLUMN_ARRAYS),
             ),
         )
         if reader.field("form", str) != "primal":
