@@ -257,3 +257,21 @@ def test_weights_are_solved_in_their_own_memory(count):
     adapter.extend_classes(CLASSES + 2)
     assert adapter.weights.flags.f_contiguous and adapter.cross.flags.f_contiguous
     np.testing.assert_array_equal(adapter.weights[:, :CLASSES], weights)
+
+
+@pytest.mark.parametrize("columns", [[2, 3, 4], [0, 2, 5], [5], []])
+def test_column_helpers_against_a_literal_loop(columns):
+    from vlm_export.runtime.rail.primal import add_to_columns, columns_of
+
+    rng = np.random.default_rng(3)
+    array = np.asfortranarray(rng.normal(size=(4, 6)))
+    index = np.array(columns, dtype=np.int64)
+    np.testing.assert_array_equal(columns_of(array, index), array[:, index])
+    rows = rng.normal(size=(len(columns), 4))
+    expected = array.copy()
+    for i, column in enumerate(columns):
+        expected[:, column] += rows[i]
+    memory = array.__array_interface__["data"][0]
+    add_to_columns(array, index, rows)
+    np.testing.assert_array_equal(array, expected)
+    assert array.__array_interface__["data"][0] == memory

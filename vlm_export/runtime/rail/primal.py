@@ -64,6 +64,31 @@ def column_copy(array: np.ndarray, columns: int, dtype: type = np.float64) -> np
     return copy
 
 
+def _column_run(columns: np.ndarray) -> slice | None:
+    """``columns`` (ascending) as a slice when they are consecutive, else None."""
+    if len(columns) and columns[-1] - columns[0] == len(columns) - 1:
+        return slice(int(columns[0]), int(columns[-1]) + 1)
+    return None
+
+
+def columns_of(array: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """array[:, columns]: a view for consecutive columns, else a copy (taken as rows of the
+    transpose: whole contiguous columns of W's column order)."""
+    run = _column_run(columns)
+    return array[:, run] if run is not None else array.T[columns].T
+
+
+def add_to_columns(array: np.ndarray, columns: np.ndarray, rows: np.ndarray) -> None:
+    """array[:, columns[i]] += rows[i] in place (``rows`` [k, d]): one product-sized add for
+    consecutive columns, else column by column (contiguous in W's column order)."""
+    run = _column_run(columns)
+    if run is not None:
+        array[:, run] += rows.T
+        return
+    for row, column in zip(rows, columns, strict=True):
+        array[:, column] += row
+
+
 class PrimalAdapter:
     """Primal RAIL learner over a global label space of ``num_classes`` classes.
 
@@ -313,13 +338,13 @@ class PrimalAdapter:
         v = solve_lower(factor, u.T).T
         gain = solve_upper(factor, v.T).T
         columns = np.flatnonzero(active)
-        targets = column_targets(labels, columns)
-        weights = self.weights[:, columns] + gain @ (targets - phi @ self.weights[:, columns])
-        if not (np.isfinite(v).all() and np.isfinite(weights).all()):
+        residual = column_targets(labels, columns) - phi @ columns_of(self.weights, columns)
+        step = residual.T @ gain.T  # [k, d]: row i is added to W's column columns[i]
+        if not (np.isfinite(v).all() and np.isfinite(step).all()):
             raise RailError("the Woodbury update is not finite (features far too large)")
         rank_update(self._matrix, v, -1.0)
         self._mirrored = False
-        self.weights[:, columns] = weights
+        add_to_columns(self.weights, columns, step)
 
     def finalize(self) -> None:
         """Solve W = (G + lambda I)^-1 B by Cholesky if G or B changed (woodbury: nothing to do).
