@@ -356,7 +356,10 @@ def test_shared_prefix_path_equals_each_prompt_alone(tiny_clip):
     tower = TextTower(tiny_clip.model).eval()
     with torch.no_grad():
         fast = embed_with_shared_prefixes(tower, tokens, group, len(templates), batch_size=6)
+        # groups two at a time: three rounds of prefixes, each with its own rows
+        chunked = embed_with_shared_prefixes(tower, tokens, group, len(templates), batch_size=2)
         alone = np.concatenate(
             [tower(torch.from_numpy(row[None, : row.argmax() + 1])).numpy() for row in tokens]
         )
     np.testing.assert_allclose(fast, alone, atol=2e-6)
+    np.testing.assert_allclose(chunked, alone, atol=2e-6)

@@ -73,36 +73,39 @@ def embed_with_shared_prefixes(
     """Prompt embeddings [N, E] float32, each group's shared token prefix computed once.
 
     ``tokens`` [N, T] int64, ``group`` [N] in [0, groups), every group non-empty (prompts of one
-    template form a group). Rows are run
-    in batches of ``batch_size`` sorted by their own length (after the prefix), each batch cut to
-    its longest; ``progress(done, total)`` after every batch.
+    template form a group). Groups are taken ``batch_size`` at a time (their prefixes run as one
+    batch); their rows run in batches of ``batch_size`` sorted by their own length (after the
+    prefix), each cut to its longest. ``progress(done, total)`` after every batch.
     """
     device = next(tower.parameters()).device
     encoder = SharedPrefixEncoder(tower)
-    lengths = token_lengths(tokens)
     prefix = shared_prefix_lengths(tokens, group, groups)
-    first_row = np.array([np.flatnonzero(group == g)[0] for g in range(groups)])
-    prefixes = tokens[first_row, : int(prefix.max())]
-    states = encoder.prefix_states(torch.from_numpy(np.ascontiguousarray(prefixes)).to(device))
-    prefix_lengths = torch.from_numpy(prefix).to(device)
-    start = prefix[group]
-    own_lengths = lengths - start
+    own_lengths = token_lengths(tokens) - prefix[group]
     result = np.empty((len(tokens), tower.embed_dim), dtype=np.float32)
     done = 0
-    for rows, longest in length_sorted_batches(own_lengths, batch_size):
-        steps = np.arange(longest)
-        columns = np.minimum(start[rows, None] + steps, tokens.shape[1] - 1)
-        own = np.where(steps < own_lengths[rows, None], tokens[rows[:, None], columns], 0)
-        out = encoder.embed(
-            torch.from_numpy(own).to(device),
-            torch.from_numpy(group[rows]).to(device),
-            prefix_lengths,
-            states,
-        )
-        result[rows] = out.cpu().numpy()
-        done += len(rows)
-        if progress is not None:
-            progress(done, len(tokens))
+    for first in range(0, groups, batch_size):
+        chosen = np.arange(first, min(first + batch_size, groups))
+        first_rows = np.array([np.flatnonzero(group == g)[0] for g in chosen])
+        prefixes = np.ascontiguousarray(tokens[first_rows, : int(prefix[chosen].max())])
+        states = encoder.prefix_states(torch.from_numpy(prefixes).to(device))
+        prefix_lengths = torch.from_numpy(prefix[chosen]).to(device)
+        members = np.flatnonzero((group >= chosen[0]) & (group <= chosen[-1]))
+        for batch, longest in length_sorted_batches(own_lengths[members], batch_size):
+            rows = members[batch]
+            steps = np.arange(longest)
+            start = prefix[group[rows], None]
+            columns = np.minimum(start + steps, tokens.shape[1] - 1)
+            own = np.where(steps < own_lengths[rows, None], tokens[rows[:, None], columns], 0)
+            out = encoder.embed(
+                torch.from_numpy(own).to(device),
+                torch.from_numpy(group[rows] - chosen[0]).to(device),
+                prefix_lengths,
+                states,
+            )
+            result[rows] = out.cpu().numpy()
+            done += len(rows)
+            if progress is not None:
+                progress(done, len(tokens))
     return result
 
 
