@@ -237,3 +237,41 @@ def test_fgvc_aircraft_test_list_maps_variants_by_the_shipped_list(tmp_path: Pat
     (data / "images_variant_test.txt").write_text(f"{ids[0]} Concorde\n" + "\n".join(lines))
     with pytest.raises(EvalSetError, match="Concorde"):
         load_test_set(AircraftBundle(), data.parent, spec)  # type: ignore[arg-type]
+
+
+def test_fgvc_aircraft_odd_test_lists(tmp_path: Path) -> None:
+    """CRLF, a byte order mark, blank lines, tabs and trailing spaces read as the plain list;
+    a non-UTF-8 file, a line without a variant and a list whose images are elsewhere are one
+    EvalSetError each (they were a traceback, or images silently lost)."""
+    spec = get_dataset("fgvc_aircraft")
+    data = tmp_path / "data"
+    ids = [p.stem for p in write_images(data / "images", 3)]
+    listing = data / "images_variant_test.txt"
+
+    class AircraftBundle:
+        classes = spec.classes
+        num_classes = 100
+
+    def labels_of(raw: bytes) -> list[int]:
+        listing.write_bytes(raw)
+        test = load_test_set(AircraftBundle(), tmp_path, spec)  # type: ignore[arg-type]
+        assert [p.name for p in test.paths] == [f"{i}.jpg" for i in ids] and not test.unknown
+        return test.labels.tolist()
+
+    expected = [0, spec.classes.index("F/A-18"), spec.classes.index("BAE 146-200")]
+    plain = f"{ids[0]} 707-320\n{ids[1]} F/A-18\n{ids[2]} BAE 146-200\n"
+    assert labels_of(plain.encode()) == expected
+    assert labels_of(plain.replace("\n", "\r\n").encode()) == expected
+    assert labels_of(b"\xef\xbb\xbf" + plain.encode()) == expected
+    odd = f"\n{ids[0]}\t707-320  \n\n{ids[1]}  F/A-18\r\n   \n{ids[2]} BAE 146-200 \n\n"
+    assert labels_of(odd.encode()) == expected
+    bad = {
+        plain.encode() + b"9999 Caf\xe9\n": "cannot read",
+        f"{plain}{ids[0]}\n".encode(): "line 4: expected",
+        b"\n\n": "lists no test images",
+        b"1234567 707-320\n" + plain.encode(): "lists 1234567.jpg, which is not in",
+    }
+    for raw, message in bad.items():
+        listing.write_bytes(raw)
+        with pytest.raises(EvalSetError, match=message):
+            load_test_set(AircraftBundle(), tmp_path, spec)  # type: ignore[arg-type]

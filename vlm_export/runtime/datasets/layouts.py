@@ -184,15 +184,32 @@ def _split_file_pairs(root: Path, dataset: DatasetSpec) -> Pairs:
 
 def _aircraft_pairs(root: Path, dataset: DatasetSpec) -> Pairs:
     """(variant, image) from FGVC Aircraft's ``images_variant_test.txt`` (``data/`` in the
-    official archive); a variant that is not one of the 100 becomes an unknown class."""
+    official archive); a variant that is not one of the 100 becomes an unknown class. Blank
+    lines, CRLF and a byte order mark are fine; a file that is not UTF-8, a line without a
+    variant, and a first listed image that is not there are EvalSetError."""
     data = root / "data" if (root / "data" / "images_variant_test.txt").is_file() else root
     listing = data / "images_variant_test.txt"
     if not listing.is_file():
         raise EvalSetError(f"{data} has no images_variant_test.txt (FGVC Aircraft's test list)")
+    try:
+        text = listing.read_text(encoding="utf-8-sig")  # a byte order mark is not an image id
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EvalSetError(f"cannot read {listing}: {exc}") from None
     index = {name: i for i, name in enumerate(dataset.classes)}
     pairs: Pairs = []
-    for line in listing.read_text().splitlines():
-        image_id, _, variant = line.strip().partition(" ")
-        if image_id and variant:
-            pairs.append(((variant, index.get(variant)), data / "images" / f"{image_id}.jpg"))
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split(maxsplit=1)  # any blank run separates the id from the variant
+        if not fields:
+            continue
+        if len(fields) < 2:
+            raise EvalSetError(
+                f"{listing} line {number}: expected '<image id> <variant>', got {line.strip()!r}"
+            )
+        variant = fields[1].strip()
+        pairs.append(((variant, index.get(variant)), data / "images" / f"{fields[0]}.jpg"))
+    if not pairs:
+        raise EvalSetError(f"{listing} lists no test images")
+    first = pairs[0][1]
+    if not first.is_file():
+        raise EvalSetError(f"{listing} lists {first.name}, which is not in {first.parent}")
     return pairs
