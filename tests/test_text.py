@@ -363,3 +363,26 @@ def test_shared_prefix_path_equals_each_prompt_alone(tiny_clip):
         )
     np.testing.assert_allclose(fast, alone, atol=2e-6)
     np.testing.assert_allclose(chunked, alone, atol=2e-6)
+
+
+def test_encode_class_texts_end_of_text_inside_a_prompt(tiny_clip):
+    """CLIP's tokenizer turns a literal "<end_of_text>" into the EOT id mid-prompt; open_clip
+    pools at the first EOT, and so must the shared-prefix path (in the class name, before and
+    after the template's placeholder, a class whose prompts equal another's, batch size 1)."""
+    from vlm_export.export.text_embeddings import encode_class_texts
+
+    classnames = ["<end_of_text>", "x <end_of_text> y", "cat", "Cat ", "x " * 90]
+    templates = ("{}", "a {} b", "<end_of_text> {}", "{} <end_of_text> tail")
+    assert (tiny_clip.tokenizer(["a <end_of_text> b"])[0] == 49407).sum() == 2
+    calls = []
+    weights = encode_class_texts(
+        tiny_clip.model,
+        tiny_clip.tokenizer,
+        classnames,
+        templates,
+        batch_size=1,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    reference = _reference(tiny_clip.model, tiny_clip.tokenizer, classnames, templates)
+    np.testing.assert_allclose(weights, reference, atol=1e-5)
+    assert calls == [(done, 20) for done in range(1, 21)]
