@@ -187,15 +187,7 @@ class TensorRTBackend(EngineBackend):
         if runner is None:
             path, self.notes = engine_path(folder, manifest, precision, engine_file)
             self.description = f"tensorrt:{path.name}"
-            try:
-                memory = CudaDeviceMemory()
-            except RuntimeError as exc:
-                raise TensorRTUnavailableError(f"CUDA is not usable here: {exc}") from None
-            try:
-                runner = TrtEngineRunner(path.read_bytes())
-            except BaseException:
-                memory.close()
-                raise
+            runner, memory = open_on_gpu(path)
         self.runner, self.memory = runner, memory
         try:
             self._bind(manifest)
@@ -266,6 +258,20 @@ class TensorRTBackend(EngineBackend):
         if array.shape != plan.shape:
             raise ValueError(f"{name} must have shape {list(plan.shape)}, got {list(array.shape)}")
         return array
+
+
+def open_on_gpu(path: Path) -> tuple[TrtEngineRunner, CudaDeviceMemory]:
+    """The serialized engine at ``path`` deserialized, with the CUDA memory to run it
+    (TensorRTUnavailableError when CUDA is not usable; nothing left open on failure)."""
+    try:
+        memory = CudaDeviceMemory()
+    except RuntimeError as exc:
+        raise TensorRTUnavailableError(f"CUDA is not usable here: {exc}") from None
+    try:
+        return TrtEngineRunner(path.read_bytes()), memory
+    except BaseException:
+        memory.close()
+        raise
 
 
 def _bundle_parts(bundle: Any) -> tuple[Path, dict[str, Any]]:

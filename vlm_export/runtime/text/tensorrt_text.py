@@ -20,17 +20,11 @@ from vlm_export.core.errors import BundleError
 from vlm_export.core.manifest import TEXT_EMBEDDING_OUTPUT, TOKENS_INPUT
 from vlm_export.runtime.engines.select import (
     TEXT_ROLE,
-    TensorRTUnavailableError,
     no_engine_error,
     query_device,
     select_engine,
 )
-from vlm_export.runtime.engines.tensorrt_backend import (
-    CudaDeviceMemory,
-    DeviceMemory,
-    EngineRunner,
-    TrtEngineRunner,
-)
+from vlm_export.runtime.engines.tensorrt_backend import DeviceMemory, EngineRunner, open_on_gpu
 
 
 class TensorRTTextRunner:
@@ -96,12 +90,8 @@ def open_text_engine(
     path = Path(engine_file)
     if not path.is_file():
         raise BundleError(f"text engine file missing: {path.name}")
+    runner, memory = open_on_gpu(path)
     try:
-        memory = CudaDeviceMemory()
-    except RuntimeError as exc:
-        raise TensorRTUnavailableError(f"CUDA is not usable here: {exc}") from None
-    try:
-        runner = TrtEngineRunner(path.read_bytes())
         max_shape = tuple(section["profile"][TOKENS_INPUT]["max"])
         embed_dim = int(section["outputs"][0]["shape"][1])
         return TensorRTTextRunner(runner, memory, max_shape, embed_dim, f"tensorrt:{path.name}")
