@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -51,3 +52,16 @@ def ctrl_c_noticed() -> Iterator[list[int]]:
     finally:
         if watching and signal.getsignal(signal.SIGINT) is on_sigint:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def exit_status_of(main: Callable[[], int], message: str) -> int:
+    """Run a command's ``main``: its status, or ``message`` on stderr and 130 when Ctrl-C was
+    pressed, even if an import turned the interrupt into another error."""
+    with ctrl_c_noticed() as pressed:
+        try:
+            return main()
+        except (Exception, KeyboardInterrupt) as exc:
+            if not (pressed or interrupted(exc)):
+                raise
+    print(message, file=sys.stderr)
+    return 130

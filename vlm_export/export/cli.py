@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vlm_export.core.errors import UserError, describe_os_error
-from vlm_export.core.interrupts import ctrl_c_noticed, interrupted
+from vlm_export.core.interrupts import exit_status_of
 from vlm_export.core.paths import check_paths
 from vlm_export.export.engine_cmd import (
     add_tensorrt_arguments,
@@ -296,14 +296,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``vlm-export``: one line and status 2 on errors, 130 on Ctrl-C."""
-    with ctrl_c_noticed() as pressed:
-        try:
-            return _main(argv)
-        except (Exception, KeyboardInterrupt) as exc:
-            if not (pressed or interrupted(exc)):
-                raise
-    print("vlm-export: interrupted; nothing was written", file=sys.stderr)  # torch's import
-    return 130
+    # a Ctrl-C during torch's import may come back as another error
+    return exit_status_of(lambda: _main(argv), "vlm-export: interrupted; nothing was written")
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -32,7 +32,7 @@ from typing import TextIO
 
 from vlm_export import __version__
 from vlm_export.core.errors import UserError, describe_os_error
-from vlm_export.core.interrupts import ctrl_c_noticed, interrupted
+from vlm_export.core.interrupts import exit_status_of
 from vlm_export.runtime.log import one_line_messages
 
 PROG = "vlm-edge"
@@ -111,14 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Ctrl-C at any point (while importing, loading the bundle, or running) ends with one line
     and exit status 130; a write error on standard output is one line and status 1.
     """
-    with ctrl_c_noticed() as pressed:
-        try:
-            return _main(argv)
-        except (Exception, KeyboardInterrupt) as exc:
-            if not (pressed or interrupted(exc)):
-                raise
-    print(f"{PROG}: interrupted", file=sys.stderr)  # e.g. NumPy's import broken by Ctrl-C
-    return 130
+    # e.g. NumPy's import broken by Ctrl-C
+    return exit_status_of(lambda: _main(argv), f"{PROG}: interrupted")
 
 
 def _main(argv: Sequence[str] | None) -> int:
