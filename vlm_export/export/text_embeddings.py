@@ -81,12 +81,12 @@ def embed_with_shared_prefixes(
     encoder = SharedPrefixEncoder(tower)
     prefix = shared_prefix_lengths(tokens, group, groups)
     own_lengths = token_lengths(tokens) - prefix[group]
+    first_row = np.unique(group, return_index=True)[1]  # [groups]: where each group's prefix is
     result = np.empty((len(tokens), tower.embed_dim), dtype=np.float32)
     done = 0
     for first in range(0, groups, batch_size):
         chosen = np.arange(first, min(first + batch_size, groups))
-        first_rows = np.array([np.flatnonzero(group == g)[0] for g in chosen])
-        prefixes = np.ascontiguousarray(tokens[first_rows, : int(prefix[chosen].max())])
+        prefixes = np.ascontiguousarray(tokens[first_row[chosen], : int(prefix[chosen].max())])
         states = encoder.prefix_states(torch.from_numpy(prefixes).to(device))
         prefix_lengths = torch.from_numpy(prefix[chosen]).to(device)
         members = np.flatnonzero((group >= chosen[0]) & (group <= chosen[-1]))
