@@ -6,7 +6,7 @@ real per-frame pipeline (TCA) of a bundle whose engine is held to ``--engine-ms`
 (default 50 ms: slower than the camera). Two ways of reading the same stream:
 
 - newest frame (what ``vlm-edge run`` does on cameras): the capture thread of
-  ``vlm_export.runtime.capture`` hands over the newest frame and drops the stale ones;
+  ``vlm_export.runtime.io.capture`` hands over the newest frame and drops the stale ones;
 - every frame in order: a queue that keeps them all (what reading the camera in the
   classification loop amounts to once the driver buffers frames).
 
@@ -39,11 +39,11 @@ import numpy as np
 
 from vlm_export.core.atomic import atomic_write_bytes
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.capture import NewestFrame
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.factory import open_backend
+from vlm_export.runtime.io.capture import NewestFrame
+from vlm_export.runtime.io.sources import Frame, Source
 from vlm_export.runtime.pipeline import Pipeline
-from vlm_export.runtime.sources import Frame, Source
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "camera_latency.json"

@@ -37,8 +37,8 @@ from PIL import Image
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.factory import BACKENDS, open_backend
+from vlm_export.runtime.io.sources import Frame, open_source
 from vlm_export.runtime.pipeline import Pipeline
-from vlm_export.runtime.sources import Frame, open_source
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "pipeline.json"

@@ -46,7 +46,7 @@ from vlm_export.runtime.engines.openvino_backend import (
     import_openvino,
 )
 from vlm_export.runtime.engines.parity import BundleGraph
-from vlm_export.runtime.preprocess import Preprocessor
+from vlm_export.runtime.io.preprocess import Preprocessor
 
 RESULTS = Path(__file__).with_name("results")
 CLASSES = ["cat", "dog", "bird", "car", "bus", "truck", "ship", "plane", "horse", "frog"]

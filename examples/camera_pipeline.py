@@ -23,9 +23,9 @@ import threading
 import time
 
 from vlm_export.runtime import UserError, open_pipeline
-from vlm_export.runtime.capture import NewestFrame
-from vlm_export.runtime.display import Window
-from vlm_export.runtime.sources import open_source
+from vlm_export.runtime.io.capture import NewestFrame
+from vlm_export.runtime.io.display import Window
+from vlm_export.runtime.io.sources import open_source
 
 
 def main() -> int:

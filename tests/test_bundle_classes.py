@@ -9,8 +9,8 @@ import pytest
 from fakebundle import make_bundle
 
 from vlm_export.core.atomic import WriteError
-from vlm_export.runtime import bundle_classes
 from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.text import bundle_classes
 from vlm_export.runtime.text.label_space import LabelSpace
 
 

@@ -21,9 +21,9 @@ import pytest
 from fakebundle import make_bundle, write_images
 
 from vlm_export.runtime import cli
-from vlm_export.runtime.capture import NewestFrame
 from vlm_export.runtime.commands import run as run_command
-from vlm_export.runtime.sources import Frame, Source, SourceError
+from vlm_export.runtime.io.capture import NewestFrame
+from vlm_export.runtime.io.sources import Frame, Source, SourceError
 
 END = None
 FAIL = "fail"
@@ -163,7 +163,7 @@ def test_video_files_keep_every_frame_with_its_timestamp(bundle_dir, tmp_path) -
 
 def test_show_on_headless_opencv_is_one_line_before_the_run(bundle_dir, tmp_path, capsys) -> None:
     cv2 = pytest.importorskip("cv2")
-    from vlm_export.runtime.sources import build_feature
+    from vlm_export.runtime.io.sources import build_feature
 
     if build_feature(cv2, "GUI").upper() != "NONE":
         pytest.skip("this OpenCV has a GUI")

@@ -20,7 +20,7 @@ from vlm_export.runtime.draw.fate import (
 )
 from vlm_export.runtime.draw.heatmap import SCALE, heatmap, scale_colour
 from vlm_export.runtime.draw.style import ACCENT, ACCENT_LIGHT
-from vlm_export.runtime.preprocess import shortest_side_size
+from vlm_export.runtime.io.preprocess import shortest_side_size
 
 GREY = (120, 130, 140)
 

@@ -13,12 +13,12 @@ from fakebundle import make_bundle, write_images
 from PIL import Image
 
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.calibration import expected_calibration_error, reliability_bins
 from vlm_export.runtime.cli import main
 from vlm_export.runtime.datasets.layouts import EvalSetError, load_test_set
 from vlm_export.runtime.datasets.registry import get_dataset
 from vlm_export.runtime.engines.factory import open_backend
 from vlm_export.runtime.pipeline import Pipeline
+from vlm_export.runtime.tca.calibration import expected_calibration_error, reliability_bins
 from vlm_export.runtime.tca.evaluation import EvalStream, MethodStream, stream_order
 
 

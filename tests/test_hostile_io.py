@@ -396,10 +396,10 @@ def _permission_denied(*_args, **_kwargs):
 @pytest.mark.parametrize(
     "where",
     [
-        "vlm_export.runtime.sources.Path.iterdir",  # a source folder
+        "vlm_export.runtime.io.sources.Path.iterdir",  # a source folder
         "vlm_export.core.manifest.read_json",  # the manifest
         "vlm_export.core.manifest.sha256_file",  # verifying the model
-        "vlm_export.runtime.preprocess.Image.open",  # an image (becomes an error record)
+        "vlm_export.runtime.io.preprocess.Image.open",  # an image (becomes an error record)
     ],
 )
 def test_permission_errors_are_one_line(world, capsys, monkeypatch, where) -> None:

@@ -20,9 +20,9 @@ from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines import onnxruntime_backend as ortb
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.factory import open_backend
+from vlm_export.runtime.io.preprocess import ImageError
 from vlm_export.runtime.numerics import softmax
 from vlm_export.runtime.pipeline import Pipeline
-from vlm_export.runtime.preprocess import ImageError
 from vlm_export.runtime.tca.reservoir import ReservoirConfig, TokenReservoir
 from vlm_export.runtime.tca.stage import build_reservoir, reservoir_config
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from vlm_export.core.errors import UserError
-from vlm_export.runtime.preprocess import ImageError, Preprocessor, load_image, to_8bit
+from vlm_export.runtime.io.preprocess import ImageError, Preprocessor, load_image, to_8bit
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]

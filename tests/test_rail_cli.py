@@ -20,7 +20,7 @@ from PIL import Image
 from vlm_export.core import memory
 from vlm_export.runtime import cli
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.preprocess import Preprocessor
+from vlm_export.runtime.io.preprocess import Preprocessor
 from vlm_export.runtime.rail import footprint
 from vlm_export.runtime.rail import linalg as linalg_module
 from vlm_export.runtime.rail.dual import DualAdapter

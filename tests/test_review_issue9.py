@@ -18,7 +18,7 @@ from vlm_export.runtime import cli, open_pipeline
 from vlm_export.runtime.draw.annotate import annotate_frame
 from vlm_export.runtime.draw.fate import fate_overlay
 from vlm_export.runtime.draw.style import fit_text, font, text_block
-from vlm_export.runtime.preprocess import ImageError
+from vlm_export.runtime.io.preprocess import ImageError
 from vlm_export.runtime.terminal import printable, width
 
 

@@ -12,7 +12,7 @@ import pytest
 from fakebundle import write_images
 
 from vlm_export.core.errors import UserError
-from vlm_export.runtime.sources import (
+from vlm_export.runtime.io.sources import (
     ImageFiles,
     SourceError,
     VideoSource,
@@ -144,7 +144,7 @@ def test_video_frames_carry_their_position_in_ms(tmp_path) -> None:
 
 
 def test_gstreamer_pipelines_need_an_opencv_built_with_it(monkeypatch) -> None:
-    from vlm_export.runtime import sources
+    from vlm_export.runtime.io import sources
 
     monkeypatch.setattr(cv2, "getBuildInformation", lambda: "  Video I/O:\n    GStreamer: NO\n")
     with pytest.raises(SourceError, match="this OpenCV is built without GStreamer"):

@@ -50,8 +50,8 @@ from vlm_export.core.manifest import (
 )
 from vlm_export.export.engine_cmd import _refuse_listed, _staging, record_engine
 from vlm_export.runtime.engines.parity import REFERENCE, BundleGraph, cls_like_anchors
-from vlm_export.runtime.preprocess import ImageError, Preprocessor, load_image
-from vlm_export.runtime.sources import is_image_file
+from vlm_export.runtime.io.preprocess import ImageError, Preprocessor, load_image
+from vlm_export.runtime.io.sources import is_image_file
 
 MIN_COSINE = 0.99
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")

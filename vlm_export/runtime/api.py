@@ -18,8 +18,8 @@ from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import uses_condensation
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.factory import open_backend
+from vlm_export.runtime.io.preprocess import image_from_array, load_image
 from vlm_export.runtime.pipeline import METHOD_STAGES, FrameResult, Pipeline, Stages
-from vlm_export.runtime.preprocess import image_from_array, load_image
 from vlm_export.runtime.rail.fusion import RailFusion
 from vlm_export.runtime.rail.models import fusion_beta, load_predictor
 from vlm_export.runtime.tca.stage import build_reservoir

@@ -24,8 +24,8 @@ from vlm_export.core.labels import label_sources
 from vlm_export.core.manifest import ANCHORS_INPUT, CLS_OUTPUT, EMBEDDING_OUTPUT, FATE_OUTPUT
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
+from vlm_export.runtime.io.preprocess import Preprocessor
 from vlm_export.runtime.numerics import softmax
-from vlm_export.runtime.preprocess import Preprocessor
 from vlm_export.runtime.tca.reservoir import TokenReservoir
 from vlm_export.runtime.tca.stage import TcaStage, build_reservoir, save_reservoir
 

@@ -16,8 +16,8 @@ from vlm_export.core.paths import tree_reads
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.factory import BACKENDS, PRECISIONS, open_backend
-from vlm_export.runtime.preprocess import DEFAULT_MAX_PIXELS
-from vlm_export.runtime.sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from vlm_export.runtime.io.preprocess import DEFAULT_MAX_PIXELS
+from vlm_export.runtime.io.sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from vlm_export.runtime.terminal import printable
 
 log = logging.getLogger(__name__)

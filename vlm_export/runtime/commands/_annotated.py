@@ -35,9 +35,9 @@ from vlm_export.runtime.draw.fate import (
     final_fate,
     patch_grid,
 )
+from vlm_export.runtime.io.preprocess import ImageError, load_image
+from vlm_export.runtime.io.sources import Frame, ImageFiles, Source, import_cv2
 from vlm_export.runtime.pipeline import FrameResult
-from vlm_export.runtime.preprocess import ImageError, load_image
-from vlm_export.runtime.sources import Frame, ImageFiles, Source, import_cv2
 
 IMAGE_SUFFIX = ".annotated.png"
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".m4v")

@@ -35,8 +35,8 @@ from vlm_export.runtime.engines.bench_record import (
 )
 from vlm_export.runtime.engines.factory import BACKEND_PRECISIONS, open_backend
 from vlm_export.runtime.engines.parity import REFERENCE_PROVIDERS
-from vlm_export.runtime.preprocess import Preprocessor
-from vlm_export.runtime.sources import open_source
+from vlm_export.runtime.io.preprocess import Preprocessor
+from vlm_export.runtime.io.sources import open_source
 
 DEFAULT_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 DEFAULT_PRECISIONS = ("fp32", "bf16", "fp16", "int8")

@@ -13,8 +13,8 @@ import sys
 
 from vlm_export.core.labels import describe_change
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.bundle_classes import write_label_space
 from vlm_export.runtime.commands import status
+from vlm_export.runtime.text.bundle_classes import write_label_space
 from vlm_export.runtime.text.class_lists import read_class_list
 from vlm_export.runtime.text.label_space import (
     LabelSpace,

@@ -24,18 +24,18 @@ import numpy as np
 from vlm_export.core.atomic import atomic_write_bytes, check_can_create
 from vlm_export.core.errors import UserError
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.calibration import (
-    ECE_BINS,
-    expected_calibration_error,
-    per_class_accuracy,
-    reliability_bins,
-)
 from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
 from vlm_export.runtime.commands._rail import show_progress
 from vlm_export.runtime.datasets.layouts import EvalSet, load_test_set
 from vlm_export.runtime.datasets.registry import dataset_names, get_dataset
 from vlm_export.runtime.draw.reliability import reliability_diagram
 from vlm_export.runtime.pipeline import METHOD_STAGES, Pipeline
+from vlm_export.runtime.tca.calibration import (
+    ECE_BINS,
+    expected_calibration_error,
+    per_class_accuracy,
+    reliability_bins,
+)
 from vlm_export.runtime.tca.evaluation import UNREADABLE, EvalStream, MethodStream, stream_order
 
 TITLES = {"baseline": "zero-shot (full tower)", "zeroshot": "zero-shot", "tca": "TCA"}

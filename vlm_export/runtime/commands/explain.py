@@ -30,8 +30,8 @@ from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
 from vlm_export.runtime.draw.explain import explain_figure
 from vlm_export.runtime.draw.fate import patch_grid
+from vlm_export.runtime.io.preprocess import ImageError, load_image
 from vlm_export.runtime.pipeline import FrameError, FrameResult, Pipeline
-from vlm_export.runtime.preprocess import ImageError, load_image
 
 SUFFIX = ".explain.png"
 

@@ -31,7 +31,6 @@ from vlm_export.core.json_text import dumps, name_fields
 from vlm_export.core.paths import check_paths, source_reads
 from vlm_export.runtime import api
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.capture import NewestFrame
 from vlm_export.runtime.commands import (
     add_engine_arguments,
     bundle_reads,
@@ -50,7 +49,10 @@ from vlm_export.runtime.commands._run_output import (
     short_name,
 )
 from vlm_export.runtime.commands.classes import add_label_space_arguments, compute_label_space
-from vlm_export.runtime.display import Window
+from vlm_export.runtime.io.capture import NewestFrame
+from vlm_export.runtime.io.display import Window
+from vlm_export.runtime.io.preprocess import ImageError
+from vlm_export.runtime.io.sources import Frame, ImageFiles, Source, open_source
 from vlm_export.runtime.pipeline import (
     METHOD_STAGES,
     METHODS,
@@ -58,10 +60,8 @@ from vlm_export.runtime.pipeline import (
     FrameResult,
     Pipeline,
 )
-from vlm_export.runtime.preprocess import ImageError
 from vlm_export.runtime.rail.fusion import RailFusion
 from vlm_export.runtime.rail.models import describe, fusion_beta, load_predictor
-from vlm_export.runtime.sources import Frame, ImageFiles, Source, open_source
 from vlm_export.runtime.tca.reservoir import ANCHOR_RULES, EVICTION_MODES
 from vlm_export.runtime.tca.stage import build_reservoir
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from vlm_export.core.errors import UserError
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.sources import IMAGE_EXTENSIONS, is_image_file
+from vlm_export.runtime.io.sources import IMAGE_EXTENSIONS, is_image_file
 
 SPLIT_FOLDERS = ("train", "test")
 

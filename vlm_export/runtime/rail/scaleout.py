@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vlm_export.core.errors import UserError
-from vlm_export.runtime.preprocess import ImageError
+from vlm_export.runtime.io.preprocess import ImageError
 from vlm_export.runtime.rail.primal import PrimalAdapter
 
 BATCH_IMAGES = 32  # images per task sent to an actor

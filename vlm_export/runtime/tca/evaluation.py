@@ -18,8 +18,8 @@ from PIL import Image
 
 from vlm_export.core.errors import StateError
 from vlm_export.core.state_file import load_state, save_state
+from vlm_export.runtime.io.preprocess import ImageError, load_image
 from vlm_export.runtime.pipeline import Pipeline
-from vlm_export.runtime.preprocess import ImageError, load_image
 
 STATE_KIND = "tta-evaluation"
 STATE_SCHEMA_VERSION = 1

@@ -1,6 +1,6 @@
 """A new label space for a bundle, on the device: classes, domains, templates, text embeddings.
 
-``vlm-edge classes`` writes it into the bundle (``runtime.bundle_classes``), ``vlm-edge run
+``vlm-edge classes`` writes it into the bundle (``runtime.text.bundle_classes``), ``vlm-edge run
 --classes`` uses it for one run, ``Pipeline.set_classes`` takes it between two frames. The rows
 are what ``vlm-export`` computes for the same classes and templates: the bundle's text engine
 embeds every class name it has not embedded with these very templates before; rows of names the

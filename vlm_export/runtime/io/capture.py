@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from vlm_export.runtime.sources import Frame, Source
+from vlm_export.runtime.io.sources import Frame, Source
 
 JOIN_TIMEOUT_S = 5.0
 

@@ -5,7 +5,7 @@ Image sources yield paths (the pipeline decodes them, so an unreadable file beco
 record); video and camera sources yield BGR uint8 frames from OpenCV, which is imported only when
 such a source is opened (the optional ``camera`` extra), with their timestamp: the video's own
 position for files, milliseconds since the first read for live sources (cameras, streams,
-GStreamer pipelines), whose frames :mod:`vlm_export.runtime.capture` reads on a thread.
+GStreamer pipelines), whose frames :mod:`vlm_export.runtime.io.capture` reads on a thread.
 """
 
 from __future__ import annotations
