@@ -56,9 +56,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run fp32 when the CPU lacks the requested bf16 (default: refuse)",
     )
-    parser.add_argument(
-        "--no-verify", action="store_true", help="skip the sha256 check of the bundle's files"
-    )
+    add_verify_arguments(parser)
     parser.add_argument(
         "--quiet", action="store_true", help="no progress line (shown when stderr is a terminal)"
     )
@@ -70,6 +68,27 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="refuse images larger than N pixels before decoding them (default "
         f"{DEFAULT_MAX_PIXELS:,}; 0 = no limit)",
     )
+
+
+def add_verify_arguments(parser: argparse.ArgumentParser, what: str = "the bundle's") -> None:
+    """--verify cached|full and --no-verify: how the bundle's files are checked at start."""
+    parser.add_argument(
+        "--verify",
+        choices=("cached", "full"),
+        default="cached",
+        help=f"sha256 check of {what} files: cached (default) hashes only files changed since "
+        "they last matched; full hashes every file",
+    )
+    parser.add_argument(
+        "--no-verify", action="store_true", help=f"skip the sha256 check of {what} files"
+    )
+
+
+def verify_mode(args: argparse.Namespace) -> str:
+    """The verification mode the options ask for: off, cached or full."""
+    if getattr(args, "no_verify", False):
+        return "off"
+    return str(getattr(args, "verify", "cached"))
 
 
 def _max_pixels(text: str) -> int:

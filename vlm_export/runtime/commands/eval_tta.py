@@ -24,7 +24,7 @@ import numpy as np
 from vlm_export.core.atomic import atomic_write_bytes, check_can_create
 from vlm_export.core.errors import UserError
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
+from vlm_export.runtime.commands import add_engine_arguments, open_engine, status, verify_mode
 from vlm_export.runtime.commands._rail import show_progress
 from vlm_export.runtime.datasets.layouts import EvalSet, load_test_set
 from vlm_export.runtime.datasets.registry import dataset_names, get_dataset
@@ -87,7 +87,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 
 def _open_bundles(args: argparse.Namespace) -> tuple[Bundle, Bundle | None]:
-    bundle = Bundle.open(args.bundle, verify=not args.no_verify)
+    bundle = Bundle.open(args.bundle, verify=verify_mode(args))
     if not METHOD_STAGES[bundle.method].tca:
         raise UserError(
             f"eval-tta compares zero-shot with TCA on one engine: {args.bundle} has no token "
@@ -96,7 +96,7 @@ def _open_bundles(args: argparse.Namespace) -> tuple[Bundle, Bundle | None]:
         )
     baseline = None
     if args.baseline:
-        baseline = Bundle.open(args.baseline, verify=not args.no_verify)
+        baseline = Bundle.open(args.baseline, verify=verify_mode(args))
         if list(baseline.classes) != list(bundle.classes):
             raise UserError(
                 f"--baseline {args.baseline} has other classes than {args.bundle} "

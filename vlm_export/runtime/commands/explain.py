@@ -27,7 +27,7 @@ from vlm_export.core.atomic import atomic_file, check_can_create
 from vlm_export.core.errors import BundleError, UserError
 from vlm_export.core.manifest import FATE_OUTPUT
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
+from vlm_export.runtime.commands import add_engine_arguments, open_engine, status, verify_mode
 from vlm_export.runtime.draw.explain import explain_figure
 from vlm_export.runtime.draw.fate import patch_grid
 from vlm_export.runtime.io.preprocess import ImageError, load_image
@@ -137,7 +137,7 @@ def handle(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
     out = _check_out(args.out)
-    bundle = Bundle.open(args.bundle, verify=not args.no_verify)
+    bundle = Bundle.open(args.bundle, verify=verify_mode(args))
     condensing = FATE_OUTPUT in bundle.engine_io("outputs")
     if condensing:
         _check_grid(bundle)

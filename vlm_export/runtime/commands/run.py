@@ -37,6 +37,7 @@ from vlm_export.runtime.commands import (
     is_media_file,
     open_engine,
     status,
+    verify_mode,
 )
 from vlm_export.runtime.commands._annotated import AnnotatedOutput
 from vlm_export.runtime.commands._run_output import (
@@ -420,7 +421,7 @@ def handle(args: argparse.Namespace) -> int:
     )
     if args.out:
         check_can_create(args.out)  # before the bundle and engine load, not after
-    bundle = Bundle.open(args.bundle, verify=not args.no_verify)
+    bundle = Bundle.open(args.bundle, verify=verify_mode(args))
     if args.classes:
         space = compute_label_space(bundle, args.classes, args.templates, None, args.text_backend)
         bundle = bundle.with_classes(space.labels, space.text_embeddings, space.domains)
