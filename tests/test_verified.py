@@ -1,4 +1,4 @@
-"""Bundles verified once and remembered (core.verified): what is re-hashed, what is never trusted."""
+"""Bundles verified once and remembered (core.verified): what is hashed again, what is ignored."""
 
 from __future__ import annotations
 

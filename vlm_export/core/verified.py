@@ -11,12 +11,12 @@ way is hashed again. What the record cannot see, a disk that flips bits under an
 
 The record is kept in the user's cache folder (``verified/`` in $VLM_EXPORT_CACHE, else in
 $XDG_CACHE_HOME/vlm-export or ~/.cache/vlm-export), one file per bundle folder (named from the
-folder's real path, device and inode), not in the bundle: a read-only command leaves the bundle byte for byte as vlm-export wrote it.
-It is trusted only if it is a regular file owned by this user, well formed, and written for this
-very folder; anything else (damaged, foreign, a link) is ignored and the files are hashed. A
-record that cannot be written (no home, read-only cache) only means hashing on every start.
-Files changed within the last ``SETTLE_NS`` are hashed but not remembered: a write in the same
-clock tick as the hash would leave the same ``stat``.
+folder's real path, device and inode), not in the bundle: a read-only command leaves the bundle
+byte for byte as vlm-export wrote it. It is trusted only if it is a regular file owned by this
+user, well formed, and written for this very folder; anything else (damaged, foreign, a link) is
+ignored and the files are hashed. A record that cannot be written (no home, read-only cache)
+only means hashing on every start. Files changed within the last ``SETTLE_NS`` are hashed but not
+remembered: a write in the same clock tick as the hash would leave the same ``stat``.
 """
 
 from __future__ import annotations
