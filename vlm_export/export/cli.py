@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=17,
         choices=[16, 17],
-        help="ONNX opset: 17 (TensorRT >= 8.6, default) or 16 (JetPack 5)",
+        help="ONNX opset: 17 (default; TensorRT >= 8.6) or 16 (for older ONNX consumers)",
     )
     out.add_argument("--batch-size", type=int, default=1, help="static batch of the engine (1)")
     out.add_argument("--out", type=Path, help="bundle folder to create")

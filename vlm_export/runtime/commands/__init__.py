@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -26,6 +27,17 @@ log = logging.getLogger(__name__)
 def status(message: str) -> None:
     """One line on stderr, prefixed with the program name (names in it made printable)."""
     print(f"vlm-edge: {printable(message)}", file=sys.stderr, flush=True)
+
+
+def stop_signals() -> list[signal.Signals]:
+    """The signals that stop a long command between frames: SIGINT, SIGTERM and SIGHUP, less
+    SIGHUP when it is ignored at the start (nohup, screen: the user asked it to outlive the
+    terminal)."""
+    signals = [signal.SIGINT, signal.SIGTERM]
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        signals.append(hangup)
+    return signals
 
 
 def format_bytes(size: float) -> str:

@@ -24,7 +24,13 @@ import numpy as np
 from vlm_export.core.atomic import atomic_write_bytes, check_can_create
 from vlm_export.core.errors import UserError
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import add_engine_arguments, open_engine, status, verify_mode
+from vlm_export.runtime.commands import (
+    add_engine_arguments,
+    open_engine,
+    status,
+    stop_signals,
+    verify_mode,
+)
 from vlm_export.runtime.commands._rail import show_progress
 from vlm_export.runtime.datasets.layouts import EvalSet, load_test_set
 from vlm_export.runtime.datasets.registry import dataset_names, get_dataset
@@ -165,7 +171,8 @@ def report_lines(results: dict[str, Any], per_class: bool) -> list[str]:
 
 
 class _SaveOnSignal:
-    """SIGINT / SIGTERM / SIGHUP stop the stream between images (the state is then saved)."""
+    """SIGINT / SIGTERM / SIGHUP (unless ignored: nohup) stop the stream between images (the
+    state is then saved)."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -219,7 +226,7 @@ def handle(args: argparse.Namespace) -> int:
         if args.state and Path(args.state).exists():
             stream.resume(args.state, bundle.fingerprint)
             status(f"resumed {args.state} at image {stream.position} of {len(stream.order)}")
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for signum in stop_signals():
             previous = signal.signal(signum, stop)
             stack.callback(signal.signal, signum, previous)
         progress = _progress_line if show_progress(args) else None

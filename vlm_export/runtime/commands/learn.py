@@ -97,7 +97,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_primal_arguments(parser)
     add_engine_arguments(parser)
     scale = parser.add_argument_group(
-        "scale-out on Ray (primal, cholesky route; pip install 'vlm-export[ray]')"
+        'scale-out on Ray (primal, cholesky route; pip install ".[ray]")'
     )
     scale.add_argument(
         "--ray",

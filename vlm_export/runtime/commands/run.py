@@ -37,6 +37,7 @@ from vlm_export.runtime.commands import (
     is_media_file,
     open_engine,
     status,
+    stop_signals,
     verify_mode,
 )
 from vlm_export.runtime.commands._annotated import AnnotatedOutput
@@ -222,12 +223,12 @@ def _check_args(args: argparse.Namespace, method: str) -> None:
 
 @contextlib.contextmanager
 def _stop_on_signals(stop: StopRequest) -> Iterator[None]:
-    """While active, SIGINT, SIGTERM and SIGHUP go to ``stop`` (main thread only)."""
+    """While active, SIGINT, SIGTERM and SIGHUP (unless ignored: nohup) go to ``stop`` (main
+    thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signals = (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))
-    previous = {sig: signal.signal(sig, stop) for sig in signals}
+    previous = {sig: signal.signal(sig, stop) for sig in stop_signals()}
     try:
         yield
     finally:
