@@ -68,3 +68,71 @@ def test_vlm_edge_without_a_command_lists_the_commands(capsys) -> None:
     assert captured.out == ""
     for name in ("run", "info", "explain", "classes", "learn", "eval", "merge", "bench"):
         assert f"\n    {name} " in captured.err
+
+
+def _without(monkeypatch, *names: str) -> None:
+    """importlib.util.find_spec as on a device install that lacks ``names``."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in names else real(name, *a)
+    )
+
+
+def test_on_a_device_install_export_and_quantize_say_what_to_install(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    from fakebundle import make_bundle, write_images
+
+    from vlm_export.export.cli import main as export_main
+
+    bundle = make_bundle(tmp_path / "bundle", method="tca")
+    calibration = tmp_path / "calib"
+    write_images(calibration, 3)
+    _without(monkeypatch, "torch", "open_clip")
+    argv = ["--model", "ViT-B-16", "--pretrained", "none", "--out", str(tmp_path / "out")]
+    assert export_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'pip install ".[export]"' in err[0] and "quantize" in err[0]
+    _without(monkeypatch, "onnx")
+    assert export_main(["quantize", str(bundle), "--calibration", str(calibration)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "vlm-export quantize: error: vlm-export quantize needs onnx: pip install "
+        '".[quantize]" (onnx; no torch), with [cpu] or [gpu] installed'
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+QUANTIZE_WITHOUT_TORCH = """
+import json, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "open_clip"):
+            raise ImportError(f"blocked on the device: {name}")
+sys.meta_path.insert(0, Block())
+from vlm_export.export.cli import main
+code = main(["quantize", sys.argv[1], "--calibration", sys.argv[2]])
+print(json.dumps({"code": code, "torch": "torch" in sys.modules}))
+"""
+
+
+def test_quantize_runs_without_torch(tmp_path) -> None:
+    """`vlm-export quantize` on a device install: onnx and ONNX Runtime, never torch."""
+    import json
+
+    from fakebundle import make_bundle, write_images
+
+    from vlm_export.core.manifest import read_manifest
+
+    bundle = make_bundle(tmp_path / "bundle", method="tca")
+    write_images(tmp_path / "calib", 10, seed=5)
+    done = subprocess.run(
+        [sys.executable, "-c", QUANTIZE_WITHOUT_TORCH, str(bundle), str(tmp_path / "calib")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"code": 0, "torch": False}
+    engines = read_manifest(bundle)["engines"]
+    assert any(e.get("precision") == "int8" and e.get("format") == "onnx" for e in engines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -255,6 +256,12 @@ def run(args: argparse.Namespace) -> int:
             )
         return 0
     _check_paths(args)  # first: an --out that holds an input is the more useful line
+    missing = [name for name in ("torch", "open_clip") if importlib.util.find_spec(name) is None]
+    if missing:  # a device install: quantize works there, exporting does not
+        raise UserError(
+            f"exporting needs {' and '.join(missing)} (the workstation side): pip install "
+            '".[export]" on a workstation; on the device, vlm-export quantize and build-engine work'
+        )
     domains = check_arguments(args)
     from vlm_export.export.pipeline import ExportOptions, export_bundle  # imports torch
     from vlm_export.models.schedule import CondensationConfig
