@@ -104,3 +104,14 @@ def test_the_site_builds_strictly(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "reference" / "cli" / "index.html").is_file()
     assert (tmp_path / "methods" / "tca" / "index.html").is_file()
+
+
+def test_the_readme_picture_names_every_command() -> None:
+    from vlm_export.runtime.cli import build_parser
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    picture = readme.split("```\n", 2)[1]  # the first plain block: the picture
+    for name in gen_cli_reference._subcommands(build_parser()):
+        assert f"vlm-edge {name} " in picture, name
+    for command in ("vlm-export ", "vlm-export quantize", "vlm-export build-engine", "serve"):
+        assert command in picture
