@@ -108,6 +108,31 @@ def test_device_quick_start_runs_as_written(tmp_path) -> None:
     assert served
 
 
+def test_workstation_quick_start_runs_as_written(tmp_path) -> None:
+    pytest.importorskip("torch")  # the exporter
+    first = _blocks(_section("Workstation quick start"), "bash")[0]
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "cifar10_classes.txt").write_text(
+        (ROOT / "examples" / "cifar10_classes.txt").read_text()
+    )
+    ran = []
+    for words in _commands(first):
+        if words[0] == "pip":
+            assert words[:3] == ["pip", "install", "-e"] and words[3] == ".[export]"
+            continue
+        if words[0] == "vlm-export":
+            command = [sys.executable, "-m", "vlm_export.export.cli", *words[1:]]
+            done = subprocess.run(
+                command, cwd=tmp_path, capture_output=True, text=True, timeout=600
+            )
+        else:
+            done = _edge(words, tmp_path)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        ran.append(words[0])
+    assert ran == ["vlm-export", "vlm-edge"]
+    assert "vlm-test-tiny" in (tmp_path / "bundles" / "tiny" / "manifest.json").read_text()
+
+
 def test_embedding_example_runs_as_written(tmp_path, monkeypatch, capsys) -> None:
     pytest.importorskip("torch")  # a bundle with a text engine comes from the exporter
     from vlm_export.export.cli import main as export_main
