@@ -16,7 +16,7 @@ def pyplot() -> ModuleType | None:
     try:
         import matplotlib
     except ImportError:
-        print("no plot: matplotlib is not installed (pip install 'vlm-export[plot]')")
+        print('no plot: matplotlib is not installed (pip install ".[plot]")')
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

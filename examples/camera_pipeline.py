@@ -10,7 +10,7 @@ reservoir is kept in a state file, so a restart resumes where it stopped.
 SOURCE: a camera index (0), a stream URL, a video file, or a GStreamer pipeline ending in
 appsink (Jetson CSI camera: "nvarguscamerasrc ! video/x-raw(memory:NVMM),width=1280,height=720,
 framerate=30/1 ! nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR !
-appsink drop=1"). Needs the runtime and OpenCV: pip install "vlm-export[camera]" (and
+appsink drop=1"). Needs the runtime and OpenCV: pip install ".[camera]" from a clone (and
 opencv-python instead of opencv-python-headless for --show).
 """
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may wait on the network
+# bundle verification records (core.verified) go to a cache of this session, not the user's
+os.environ["VLM_EXPORT_CACHE"] = tempfile.mkdtemp(prefix="vlm-test-cache-")
+atexit.register(shutil.rmtree, os.environ["VLM_EXPORT_CACHE"], True)
 
 #: the workstation side (torch, open_clip) is installed: not so in a device-only (.[cpu]) venv
 EXPORTER = all(importlib.util.find_spec(name) for name in ("torch", "open_clip"))

@@ -194,7 +194,7 @@ def test_the_cli_prints_warnings_as_one_line_and_then_lets_go(tmp_path, capsys) 
 
 def _readme_example() -> str:
     text = README.read_text(encoding="utf-8")
-    section = text.split("### Use it from Python", 1)[1]
+    section = text.split("\n## Python API\n", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
@@ -222,3 +222,24 @@ def test_the_face_is_small() -> None:
         "open_pipeline",
     ]
     assert runtime.EdgePipeline is EdgePipeline
+
+
+def test_embed_is_the_engines_embedding_and_leaves_the_state_alone(tca_dir, images) -> None:
+    with open_pipeline(tca_dir, method="zeroshot") as pipeline:
+        embedding = pipeline.embed(images[0])
+        classified = pipeline.classify(images[0]).embedding
+    assert embedding.dtype == np.float32 and embedding.shape == classified.shape
+    assert abs(float(np.linalg.norm(embedding)) - 1.0) < 1e-5
+    np.testing.assert_allclose(embedding, classified / np.linalg.norm(classified), atol=1e-6)
+    with open_pipeline(tca_dir) as fresh:
+        expected = fresh.classify(images[1]).scores
+    with open_pipeline(tca_dir) as pipeline:
+        for image in images[2:]:
+            pipeline.embed(image)
+        np.testing.assert_array_equal(pipeline.classify(images[1]).scores, expected)
+        with pytest.raises(UserError, match="cannot embed a list"):
+            pipeline.embed([1, 2])
+        with pytest.raises(UserError, match="no text engine"):
+            pipeline.embed_text(["a photo of a cat"])
+        with pytest.raises(UserError, match="a string or a non-empty list"):
+            pipeline.embed_text([])

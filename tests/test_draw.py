@@ -155,3 +155,18 @@ def test_explain_figure_holds_every_block_in_its_colours() -> None:
         close = np.abs(pixels - blend(GREY, code)).max(axis=1) <= 1.5
         # every tinted cell is there (less the grid lines), and nothing else has its colour
         assert 0.85 * cells * cell_area <= close.sum() <= cells * cell_area
+
+
+def test_reliability_axis_label_stays_clear_of_the_title() -> None:
+    from vlm_export.runtime.draw.reliability import MARGIN, PANEL, reliability_diagram
+
+    edges = list(np.linspace(0, 1, 16))
+    table = {"edges": edges, "accuracy": list(np.linspace(0.05, 0.95, 15)), "counts": [3] * 15}
+    result = {"title": "zero-shot (condensing engine)", "top1": 0.7, "ece": 0.05}
+    picture = np.asarray(reliability_diagram({"zeroshot": {**result, "reliability": table}}))
+    dark = picture.min(axis=2) < 128
+    top = MARGIN + 12
+    assert not dark[top - 26 : top - 2, : MARGIN - 30].any()  # nothing left of the title's row
+    assert dark[top - 26 : top - 2, MARGIN : MARGIN + 100].any()  # the title itself
+    label = dark[top + PANEL // 2 - 30 : top + PANEL // 2 + 30, : MARGIN - 30]
+    assert label.any()  # "accuracy", turned, beside the panel's middle

@@ -17,8 +17,9 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -398,13 +399,13 @@ def _permission_denied(*_args, **_kwargs):
     [
         "vlm_export.runtime.io.sources.Path.iterdir",  # a source folder
         "vlm_export.core.manifest.read_json",  # the manifest
-        "vlm_export.core.manifest.sha256_file",  # verifying the model
+        "vlm_export.core.verified.sha256_file",  # verifying the model
         "vlm_export.runtime.io.preprocess.Image.open",  # an image (becomes an error record)
     ],
 )
 def test_permission_errors_are_one_line(world, capsys, monkeypatch, where) -> None:
     monkeypatch.setattr(where, _permission_denied)
-    argv = ["run", world["bundle"], world["images"], "--out", os.devnull]
+    argv = ["run", world["bundle"], world["images"], "--out", os.devnull, "--verify", "full"]
     code, err = _call(cli.main, argv, capsys)
     assert "Traceback" not in err, err
     if "preprocess" not in where:
@@ -440,6 +441,14 @@ def _signal_at(monkeypatch, frame: int, signals: Sequence[int]) -> None:
     monkeypatch.setattr(Pipeline, "process", process)
 
 
+@pytest.fixture
+def hangup() -> Iterator[Callable[[Any], None]]:
+    """Sets SIGHUP's disposition for one test; the one pytest inherited comes back after it."""
+    inherited = signal.getsignal(signal.SIGHUP)
+    yield lambda disposition: signal.signal(signal.SIGHUP, disposition)
+    signal.signal(signal.SIGHUP, inherited)
+
+
 @pytest.mark.parametrize(
     ("signals", "code", "message"),
     [
@@ -448,7 +457,10 @@ def _signal_at(monkeypatch, frame: int, signals: Sequence[int]) -> None:
         ([signal.SIGTERM, signal.SIGHUP], 0, "stopped (SIGTERM)"),
     ],
 )
-def test_stop_signals_save_the_state(world, tmp_path, capsys, monkeypatch, signals, code, message):
+def test_stop_signals_save_the_state(
+    world, tmp_path, capsys, monkeypatch, hangup, signals, code, message
+) -> None:
+    hangup(signal.SIG_DFL)  # as started from a terminal, whatever started pytest
     _signal_at(monkeypatch, 2, signals)
     state = tmp_path / "s.npz"
     argv = ["run", world["bundle"], world["images"], "--state", state, "--out", os.devnull]
@@ -456,6 +468,19 @@ def test_stop_signals_save_the_state(world, tmp_path, capsys, monkeypatch, signa
     assert status == code and message in err and "state saved" in err, err
     assert build_reservoir(Bundle.open(world["bundle"]), {}, state).counts().sum() >= 1
     assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+
+
+def test_an_ignored_hangup_stays_ignored(world, tmp_path, capsys, monkeypatch, hangup) -> None:
+    """Under nohup (SIGHUP ignored from the start) a hangup does not stop the run."""
+    hangup(signal.SIG_IGN)
+    _signal_at(monkeypatch, 2, [signal.SIGHUP])
+    out = tmp_path / "out.jsonl"
+    argv = ["run", world["bundle"], world["images"], "--out", out]
+    status, err = _call(cli.main, argv, capsys)
+    assert status == 0 and "stopped" not in err, err
+    images = [p for p in Path(world["images"]).iterdir() if p.is_file()]
+    assert len(out.read_text().splitlines()) == len(images)
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
 
 
 @pytest.mark.parametrize(

@@ -73,7 +73,7 @@ def test_missing_onnxruntime_is_a_user_error(tca_dir, monkeypatch) -> None:
         with pytest.raises(ortb.OnnxRuntimeMissing) as caught:
             open_backend(bundle, backend)
         assert str(caught.value) == (
-            "ONNX Runtime is not installed: pip install 'vlm-export[cpu]' (or [gpu] on NVIDIA GPUs)"
+            'ONNX Runtime is not installed: pip install ".[cpu]" (or [gpu] on NVIDIA GPUs)'
         )
     assert issubclass(ortb.OnnxRuntimeMissing, UserError)
 
@@ -83,7 +83,7 @@ def test_cli_without_onnxruntime_prints_one_line(tca_dir, tmp_path, monkeypatch,
     image = write_images(tmp_path, 1)[0]
     assert cli.main(["run", str(tca_dir), str(image), "--out", str(tmp_path / "o.jsonl")]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "vlm-edge: error: ONNX Runtime is not installed: pip install 'vlm-export[cpu]' "
+        'vlm-edge: error: ONNX Runtime is not installed: pip install ".[cpu]" '
         "(or [gpu] on NVIDIA GPUs)"
     )
 

@@ -174,7 +174,7 @@ def test_missing_backend_and_precision_are_one_line_errors(tiny_tca, images, tmp
         else:
             sys.modules["openvino"] = saved
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and "pip install 'vlm-export[openvino]'" in err[-1]
+    assert code == 1 and 'pip install ".[openvino]"' in err[-1]
     code = cli.main(["run", str(tiny_tca), str(images), "--precision", "int8", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and "no INT8 graph" in err[-1] and "vlm-export quantize" in err[-1]

@@ -92,7 +92,7 @@ def test_unopenable_video_and_camera(tmp_path: Path) -> None:
 def test_missing_opencv_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _video(tmp_path / "clip.avi", 2)
     monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now raises ImportError
-    with pytest.raises(SourceError, match=r"pip install 'vlm-export\[camera\]'"):
+    with pytest.raises(SourceError, match=r'pip install "\.\[camera\]"'):
         open_source(str(path))
 
 

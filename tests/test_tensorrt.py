@@ -785,7 +785,7 @@ def test_build_engine_without_tensorrt_fails_in_one_line(bundle, no_tensorrt):
     with pytest.raises(TensorRTUnavailableError) as caught:
         build_engine(bundle / "image_encoder.onnx", bundle)
     message = str(caught.value)
-    assert message.startswith("TensorRT is not installed: pip install 'vlm-export[tensorrt]'")
+    assert message.startswith('TensorRT is not installed: pip install ".[tensorrt]"')
     assert "\n" not in message
 
 
@@ -1078,7 +1078,7 @@ def test_vlm_edge_run_warns_in_one_line(tmp_path, no_tensorrt, capsys):
     warned = [line for line in lines if "TensorRT engine not used" in line]
     assert warned == [
         "vlm-edge: WARNING: TensorRT engine not used: TensorRT is not installed: pip install "
-        "'vlm-export[tensorrt]' on a machine with NVIDIA's TensorRT libraries (on Jetson they "
+        '".[tensorrt]" on a machine with NVIDIA\'s TensorRT libraries (on Jetson they '
         "come with JetPack); running ONNX Runtime (CPUExecutionProvider)"
     ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from vlm_export.core.errors import UserError, describe_os_error
 from vlm_export.core.interrupts import exit_status_of
 from vlm_export.core.paths import check_paths
+from vlm_export.core.pipes import EXIT_BROKEN_PIPE, stdout_to_devnull
 from vlm_export.export.engine_cmd import (
     add_tensorrt_arguments,
     build_engine_main,
@@ -132,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=17,
         choices=[16, 17],
-        help="ONNX opset: 17 (TensorRT >= 8.6, default) or 16 (JetPack 5)",
+        help="ONNX opset: 17 (default; TensorRT >= 8.6) or 16 (for older ONNX consumers)",
     )
     out.add_argument("--batch-size", type=int, default=1, help="static batch of the engine (1)")
     out.add_argument("--out", type=Path, help="bundle folder to create")
@@ -154,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_tensorrt_arguments(parser)
     add_quantize_arguments(parser.add_argument_group("INT8"))
     info = parser.add_argument_group("information")
-    info.add_argument("--list-models", action="store_true", help="list model names and exit")
+    info.add_argument(
+        "--list-models",
+        action="store_true",
+        help="list the open_clip models whose image tower exports (ViTs) and exit",
+    )
     info.add_argument("--list-templates", action="store_true", help="list template sets and exit")
     return parser
 
@@ -237,11 +243,25 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(template_set_names()))
         return 0
     if args.list_models:
-        from vlm_export.models.loading import available_models
+        from vlm_export.models.names import exportable_model_names
 
-        print("\n".join(available_models()))
+        names, others = exportable_model_names()
+        print("\n".join(names))
+        sys.stdout.flush()  # a closed pipe (| head) shows here, inside main's handling
+        if others:
+            print(
+                f"vlm-export: {others} other open_clip models are not listed: their image towers "
+                "are not CLS-pooled ViTs (ResNet, timm, attention or average pooling)",
+                file=sys.stderr,
+            )
         return 0
     _check_paths(args)  # first: an --out that holds an input is the more useful line
+    missing = [name for name in ("torch", "open_clip") if importlib.util.find_spec(name) is None]
+    if missing:  # a device install: quantize works there, exporting does not
+        raise UserError(
+            f"exporting needs {' and '.join(missing)} (the workstation side): pip install "
+            '".[export]" on a workstation; on the device, vlm-export quantize and build-engine work'
+        )
     domains = check_arguments(args)
     from vlm_export.export.pipeline import ExportOptions, export_bundle  # imports torch
     from vlm_export.models.schedule import CondensationConfig
@@ -322,6 +342,9 @@ def _dispatch(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("vlm-export: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (vlm-export --list-models | head)
+        stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
     except OSError as exc:  # a permission or I/O error that no step turned into a line
         print(f"vlm-export: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2

@@ -119,9 +119,7 @@ def _trace(
     dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> onnx.ModelProto:
     if opset not in SUPPORTED_OPSETS:
-        raise OnnxExportError(
-            f"opset {opset} is not supported: use 17 (TensorRT >= 8.6) or 16 (JetPack 5)"
-        )
+        raise OnnxExportError(f"opset {opset} is not supported: use 17 (TensorRT >= 8.6) or 16")
     path = Path(path)
     log = io.StringIO()
     try:

@@ -20,6 +20,7 @@ written; a passing one is moved into the bundle and recorded in ``engines`` (``f
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -54,6 +55,8 @@ from vlm_export.runtime.io.preprocess import ImageError, Preprocessor, load_imag
 from vlm_export.runtime.io.sources import is_image_file
 
 MIN_COSINE = 0.99
+#: what quantization needs besides the device runtime: no torch (pyproject's [quantize] extra)
+QUANTIZE_INSTALL_HINT = 'pip install ".[quantize]" (onnx; no torch), with [cpu] or [gpu] installed'
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 PASS_THROUGH_OPS = frozenset({"Transpose", "Identity", "Reshape", "Cast"})
 #: which weight products are quantized: the MLPs (two thirds of a ViT's matrix FLOPs, and the
@@ -359,6 +362,15 @@ class GraphRecord:
         }
 
 
+def require_quantization_tools() -> None:
+    """UserError, one line saying what to install, when onnx or ONNX Runtime is missing."""
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(
+            f"vlm-export quantize needs {' and '.join(missing)}: {QUANTIZE_INSTALL_HINT}"
+        )
+
+
 def quantize_bundle(
     bundle_dir: str | Path,
     calibration: str | Path,
@@ -367,6 +379,7 @@ def quantize_bundle(
     scope: str = DEFAULT_SCOPE,
 ) -> GraphRecord:
     """Calibrate, quantize and gate; add the passing INT8 graph to the bundle (else raise)."""
+    require_quantization_tools()
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     name = int8_file_name(manifest["engine"]["onnx"])

@@ -1,4 +1,5 @@
-"""The Python face of the runtime: ``open_pipeline(bundle)`` and ``pipeline.classify(image)``.
+"""The Python face of the runtime: ``open_pipeline(bundle)`` and ``pipeline.classify(image)``;
+``pipeline.embed(image)`` and ``pipeline.embed_text(texts)`` for CLIP embeddings.
 
 Defaults are ``vlm-edge run``'s: the bundle's method (:func:`default_method`, which both use),
 the reservoir resumed from and saved to ``state``, the engine chosen by ``backend="auto"``.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -15,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from vlm_export.core.errors import UserError
-from vlm_export.core.manifest import uses_condensation
+from vlm_export.core.manifest import EMBEDDING_OUTPUT, uses_condensation
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.factory import open_backend
 from vlm_export.runtime.io.preprocess import image_from_array, load_image
@@ -57,6 +59,7 @@ class EdgePipeline:
         self.pipeline = pipeline
         self.state = state
         self._frames = 0
+        self._text_encoder = None
 
     @property
     def bundle(self) -> Bundle:
@@ -82,23 +85,41 @@ class EdgePipeline:
         one ``"RGBA"`` or ``"BGRA"``; HxW arrays are grayscale. Bad input raises ImageError (a
         UserError) with one line saying what is wrong; so does an unreadable file.
         """
-        if isinstance(image, np.ndarray):
-            frame, source = image_from_array(image, channels), ""
-        elif isinstance(image, Image.Image):
-            frame, source = image, ""
-        elif isinstance(image, str | Path):
-            frame, source = load_image(image), str(image)
-        else:
-            raise UserError(
-                f"cannot classify a {type(image).__name__}: give a PIL image, a "
-                "path or a numpy array"
-            )
+        frame, source = _frame(image, channels, "classify")
         if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
             raise UserError(f"topk must be at least 1 (a whole number), got {topk!r}")
         self.pipeline.topk = min(topk, self.bundle.num_classes)
         result = self.pipeline.process(frame, self._frames, source)
         self._frames += 1
         return result
+
+    def embed(self, image: ImageInput, *, channels: str | None = None) -> np.ndarray:
+        """The image's CLIP embedding [E] float32, L2-normalised (inputs as ``classify``).
+
+        Only the image engine runs: the adaptation state is neither updated nor used for the
+        decision (a condensing engine condenses with the anchors it holds, none until TCA has
+        seen frames).
+        """
+        frame, _ = _frame(image, channels, "embed")
+        tensor = self.pipeline.preprocessor.convert(frame)[None]
+        embedding = np.asarray(self.pipeline.backend.infer(tensor)[EMBEDDING_OUTPUT][0], np.float32)
+        norm = float(np.linalg.norm(embedding))
+        if not np.isfinite(embedding).all() or norm == 0.0:
+            raise UserError("the engine returned no usable embedding for this image")
+        return embedding / np.float32(norm)
+
+    def embed_text(self, texts: str | Sequence[str]) -> np.ndarray:
+        """CLIP embeddings [N, E] float32, L2-normalised, of ``texts`` as written (no templates),
+        by the bundle's text engine; a single string gives one row."""
+        from vlm_export.runtime.text.encoder import TextEncoder
+
+        items = [texts] if isinstance(texts, str) else list(texts)
+        if not items or not all(isinstance(text, str) for text in items):
+            raise UserError("embed_text takes a string or a non-empty list of strings")
+        if self._text_encoder is None:
+            self._text_encoder = TextEncoder.open(self.bundle)
+        rows = np.asarray(self._text_encoder.embed_prompts(items), dtype=np.float32)
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
     def save_state(self, path: str | Path | None = None) -> None:
         """Save the adaptation state to ``path`` (default: the ``state`` it was opened with)."""
@@ -138,6 +159,19 @@ class EdgePipeline:
             self.close()
 
 
+def _frame(image: ImageInput, channels: str | None, what: str) -> tuple[Image.Image, str]:
+    """A PIL image and its source name from what ``classify`` and ``embed`` accept."""
+    if isinstance(image, np.ndarray):
+        return image_from_array(image, channels), ""
+    if isinstance(image, Image.Image):
+        return image, ""
+    if isinstance(image, str | Path):
+        return load_image(image), str(image)
+    raise UserError(
+        f"cannot {what} a {type(image).__name__}: give a PIL image, a path or a numpy array"
+    )
+
+
 def open_pipeline(
     bundle: str | Path | Bundle,
     method: str | None = None,
@@ -147,7 +181,7 @@ def open_pipeline(
     rail_state: str | Path | None = None,
     providers: list[str] | None = None,
     threads: int | None = None,
-    verify: bool = True,
+    verify: bool | str = True,
     min_score: float | None = None,
     crop: str | None = None,
 ) -> EdgePipeline:
@@ -155,7 +189,8 @@ def open_pipeline(
 
     ``method`` None is the bundle's method (:func:`default_method`); ``state`` is the TCA
     reservoir file, resumed if it exists and saved when the ``with`` block ends; ``rail_state``
-    a RAIL state from ``vlm-edge learn`` (methods rail and tca+rail). With ``min_score`` a
+    a RAIL state from ``vlm-edge learn`` (methods rail and tca+rail). ``verify``: "cached"
+    (or True), "full" or "off" (or False), as ``Bundle.open``. With ``min_score`` a
     decision whose reported score is below it is unknown (``label`` -1, ``class_name``
     ``"unknown"``). ``crop`` is ``vlm-edge run --crop``: center, letterbox or squash.
     """

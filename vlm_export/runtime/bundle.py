@@ -21,6 +21,7 @@ from vlm_export.core.errors import BundleError, UserError
 from vlm_export.core.json_input import read_json
 from vlm_export.core.labels import Label
 from vlm_export.core.manifest_schema import describe_value
+from vlm_export.core.verified import verify_bundle_files, verify_mode
 
 #: largest classes.json read (ImageNet-21k's names take about 1 MB)
 MAX_CLASSES_BYTES = 64 << 20
@@ -132,24 +133,25 @@ class Bundle:
     fingerprint: str
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True) -> Bundle:
+    def open(cls, path: str | Path, verify: bool | str = True) -> Bundle:
         """Read and check a bundle folder; raise BundleError naming the first problem.
 
         The manifest passes ``validate_manifest`` and ``validate_runtime_contract`` (engine tensors
         consistent with batch size, preprocessing, classes and condensation).
 
         ``verify`` checks the size and sha256 of every file the manifest lists (catches truncated
-        and tampered files; costs a read of the ONNX file). Logs a warning when
-        the bundle holds random weights.
+        and tampered files): "cached" (or True) hashes only the files whose size, mtime, ctime
+        or inode changed since they last matched (``core.verified``), "full" hashes them all,
+        "off" (or False) skips the check. Logs a warning when the bundle holds random weights.
         """
+        mode = verify_mode(verify)
         path = Path(path)
         manifest = mf.validate_runtime_contract(mf.read_manifest(path))
         listed = manifest["files"]
         unlisted = [name for name in _core_files(manifest) if name not in listed]
         if unlisted:
             raise BundleError(f"manifest does not list (and hash) {', '.join(unlisted)}")
-        if verify:
-            mf.verify_files(path, manifest)
+        verify_bundle_files(path, manifest, mode)
         onnx_name, embeddings_name, classes_name = _core_files(manifest)
         if not (path / onnx_name).is_file():
             raise BundleError(f"bundle file missing: {onnx_name}")

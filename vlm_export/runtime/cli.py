@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import pkgutil
 import sys
 import warnings
@@ -33,10 +32,11 @@ from typing import TextIO
 from vlm_export import __version__
 from vlm_export.core.errors import UserError, describe_os_error
 from vlm_export.core.interrupts import exit_status_of
+from vlm_export.core.pipes import EXIT_BROKEN_PIPE
+from vlm_export.core.pipes import stdout_to_devnull as _stdout_to_devnull
 from vlm_export.runtime.log import one_line_messages
 
 PROG = "vlm-edge"
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as the shell reports a command killed by a closed pipe
 
 
 def command_modules() -> list[ModuleType]:
@@ -76,19 +76,6 @@ def _one_line_warning(
     print(f"{PROG}: WARNING: {message}", file=sys.stderr, flush=True)
 
 
-def _stdout_to_devnull() -> None:
-    """Point file descriptor 1 at the null device: later flushes of sys.stdout go nowhere."""
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # replaced or closed stdout (tests, embedding)
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
-
-
 def _dispatch(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(), one_line_messages(PROG):
         warnings.simplefilter("default")
@@ -117,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if not argv:  # like git: what there is to run, and a status that says nothing ran
+            print(build_parser().format_help(), end="", file=sys.stderr)
+            return 2
         args = build_parser().parse_args(argv)
         code = _dispatch(args)
         sys.stdout.flush()  # a reader gone away shows here, not as a traceback at exit

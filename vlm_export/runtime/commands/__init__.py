@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +32,17 @@ log = logging.getLogger(__name__)
 def status(message: str) -> None:
     """One line on stderr, prefixed with the program name (names in it made printable)."""
     print(f"vlm-edge: {printable(message)}", file=sys.stderr, flush=True)
+
+
+def stop_signals() -> list[signal.Signals]:
+    """The signals that stop a long command between frames: SIGINT, SIGTERM and SIGHUP, less
+    SIGHUP when it is ignored at the start (nohup, screen: the user asked it to outlive the
+    terminal)."""
+    signals = [signal.SIGINT, signal.SIGTERM]
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        signals.append(hangup)
+    return signals
 
 
 def format_bytes(size: float) -> str:
@@ -61,9 +73,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run fp32 when the CPU lacks the requested bf16 (default: refuse)",
     )
-    parser.add_argument(
-        "--no-verify", action="store_true", help="skip the sha256 check of the bundle's files"
-    )
+    add_verify_arguments(parser)
     parser.add_argument(
         "--quiet", action="store_true", help="no progress line (shown when stderr is a terminal)"
     )
@@ -112,6 +122,27 @@ def source_options(args: argparse.Namespace) -> SourceOptions:
     """The :class:`SourceOptions` of ``add_source_arguments``'s flags."""
     size = parse_size(args.camera_size) if args.camera_size else None
     return SourceOptions(args.stride, size, args.camera_fps)
+
+
+def add_verify_arguments(parser: argparse.ArgumentParser, what: str = "the bundle's") -> None:
+    """--verify cached|full and --no-verify: how the bundle's files are checked at start."""
+    parser.add_argument(
+        "--verify",
+        choices=("cached", "full"),
+        default="cached",
+        help=f"sha256 check of {what} files: cached (default) hashes only files changed since "
+        "they last matched; full hashes every file",
+    )
+    parser.add_argument(
+        "--no-verify", action="store_true", help=f"skip the sha256 check of {what} files"
+    )
+
+
+def verify_mode(args: argparse.Namespace) -> str:
+    """The verification mode the options ask for: off, cached or full."""
+    if getattr(args, "no_verify", False):
+        return "off"
+    return str(getattr(args, "verify", "cached"))
 
 
 def _max_pixels(text: str) -> int:

@@ -25,7 +25,7 @@ from vlm_export.core.atomic import WriteError, atomic_write_bytes
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import IMAGE_INPUT
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import status
+from vlm_export.runtime.commands import add_verify_arguments, status, verify_mode
 from vlm_export.runtime.engines import measure
 from vlm_export.runtime.engines.bench_record import (
     RECORD_FORMAT,
@@ -74,9 +74,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--no-record", action="store_true", help="do not record the results beside the bundle"
     )
-    parser.add_argument(
-        "--no-verify", action="store_true", help="skip the sha256 check of the bundle's files"
-    )
+    add_verify_arguments(parser)
     return parser
 
 
@@ -203,7 +201,7 @@ def table(record: dict[str, Any]) -> list[str]:
 
 def handle(args: argparse.Namespace) -> int:
     """Run ``vlm-edge bench``."""
-    bundle = Bundle.open(args.bundle, verify=not args.no_verify)
+    bundle = Bundle.open(args.bundle, verify=verify_mode(args))
     record = measure_bundle(bundle, args)
     print(
         f"{record['model']} ({record['method']}) on {record['device']}; {record['images']}, "

@@ -13,7 +13,7 @@ import sys
 
 from vlm_export.core.labels import describe_change
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import status
+from vlm_export.runtime.commands import add_verify_arguments, status, verify_mode
 from vlm_export.runtime.text.bundle_classes import write_label_space
 from vlm_export.runtime.text.class_lists import read_class_list
 from vlm_export.runtime.text.label_space import (
@@ -36,9 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("bundle", help="bundle folder written by vlm-export")
     parser.add_argument("classes", help="class list: one name per line (or a JSON list)")
     add_label_space_arguments(parser, domain=True)
-    parser.add_argument(
-        "--no-verify", action="store_true", help="skip the sha256 check of the bundle's files"
-    )
+    add_verify_arguments(parser)
     return parser
 
 
@@ -96,7 +94,7 @@ def _progress():
 
 def handle(args: argparse.Namespace) -> int:
     """Compute the new label space, then swap it into the bundle."""
-    bundle = Bundle.open(args.bundle, verify=not args.no_verify)
+    bundle = Bundle.open(args.bundle, verify=verify_mode(args))
     space = compute_label_space(
         bundle, args.classes, args.templates, args.domain, args.text_backend
     )

@@ -34,6 +34,7 @@ from vlm_export.runtime.commands import (
     is_media_file,
     open_engine,
     status,
+    verify_mode,
 )
 from vlm_export.runtime.commands._rail import (
     add_primal_arguments,
@@ -242,7 +243,7 @@ def handle(args: argparse.Namespace) -> int:
     forms = list(FORMS) if args.form == "both" else [args.form]
     if forms == ["dual"]:
         check_options(learner_options(args, "dual"), "dual")
-    bundle = Bundle.open(args.bundle, verify=not args.no_verify)
+    bundle = Bundle.open(args.bundle, verify=verify_mode(args))
     base = args.method or ("tca" if METHOD_STAGES[bundle.method].tca else "zeroshot")
     order = _order(bundle, args.order)
     root = Path(args.data_root)

@@ -29,6 +29,8 @@ from vlm_export.runtime.commands import (
     add_engine_arguments,
     open_engine,
     status,
+    stop_signals,
+    verify_mode,
 )
 from vlm_export.runtime.commands._rail import show_progress
 from vlm_export.runtime.datasets.layouts import EvalSet, load_test_set
@@ -93,7 +95,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 
 def _open_bundles(args: argparse.Namespace) -> tuple[Bundle, Bundle | None]:
-    bundle = Bundle.open(args.bundle, verify=not args.no_verify)
+    bundle = Bundle.open(args.bundle, verify=verify_mode(args))
     if not METHOD_STAGES[bundle.method].tca:
         raise UserError(
             f"eval-tta compares zero-shot with TCA on one engine: {args.bundle} has no token "
@@ -102,7 +104,7 @@ def _open_bundles(args: argparse.Namespace) -> tuple[Bundle, Bundle | None]:
         )
     baseline = None
     if args.baseline:
-        baseline = Bundle.open(args.baseline, verify=not args.no_verify)
+        baseline = Bundle.open(args.baseline, verify=verify_mode(args))
         if list(baseline.classes) != list(bundle.classes):
             raise UserError(
                 f"--baseline {args.baseline} has other classes than {args.bundle} "
@@ -171,7 +173,8 @@ def report_lines(results: dict[str, Any], per_class: bool) -> list[str]:
 
 
 class _SaveOnSignal:
-    """SIGINT / SIGTERM / SIGHUP stop the stream between images (the state is then saved)."""
+    """SIGINT / SIGTERM / SIGHUP (unless ignored: nohup) stop the stream between images (the
+    state is then saved)."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -226,7 +229,7 @@ def handle(args: argparse.Namespace) -> int:
         if args.state and Path(args.state).exists():
             stream.resume(args.state, bundle.fingerprint)
             status(f"resumed {args.state} at image {stream.position} of {len(stream.order)}")
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for signum in stop_signals():
             previous = signal.signal(signum, stop)
             stack.callback(signal.signal, signum, previous)
         progress = _progress_line if show_progress(args) else None

@@ -32,6 +32,7 @@ from vlm_export.runtime.commands import (
     add_engine_arguments,
     open_engine,
     status,
+    verify_mode,
 )
 from vlm_export.runtime.draw.explain import explain_figure
 from vlm_export.runtime.draw.fate import engine_view_box, patch_grid
@@ -147,7 +148,7 @@ def handle(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
     out = _check_out(args.out)
-    bundle = Bundle.open(args.bundle, verify=not args.no_verify)
+    bundle = Bundle.open(args.bundle, verify=verify_mode(args))
     condensing = FATE_OUTPUT in bundle.engine_io("outputs")
     if condensing:
         _check_grid(bundle)

@@ -9,7 +9,7 @@ from vlm_export.core.errors import BundleError
 from vlm_export.core.json_text import dumps
 from vlm_export.core.manifest import onnx_engines, tensorrt_engines
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import format_bytes
+from vlm_export.runtime.commands import add_verify_arguments, format_bytes, verify_mode
 
 LABEL_WIDTH = 12
 
@@ -24,9 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("bundle", help="bundle folder written by vlm-export")
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    parser.add_argument(
-        "--no-verify", action="store_true", help="skip the sha256 check of the bundle's files"
-    )
+    add_verify_arguments(parser)
     return parser
 
 
@@ -207,7 +205,7 @@ def describe(bundle: Bundle) -> list[str]:
 
 def handle(args: argparse.Namespace) -> int:
     """Print the bundle description."""
-    bundle = Bundle.open(args.bundle, verify=not args.no_verify)
+    bundle = Bundle.open(args.bundle, verify=verify_mode(args))
     if args.json:
         try:
             print(dumps(bundle.manifest, indent=2))

@@ -28,6 +28,7 @@ from vlm_export.runtime.commands import (
     is_media_file,
     open_engine,
     status,
+    verify_mode,
 )
 from vlm_export.runtime.commands._rail import (
     add_primal_arguments,
@@ -96,7 +97,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_primal_arguments(parser)
     add_engine_arguments(parser)
     scale = parser.add_argument_group(
-        "scale-out on Ray (primal, cholesky route; pip install 'vlm-export[ray]')"
+        'scale-out on Ray (primal, cholesky route; pip install ".[ray]")'
     )
     scale.add_argument(
         "--ray",
@@ -186,7 +187,7 @@ def handle(args: argparse.Namespace) -> int:
     )
     for path in filter(None, (args.state, args.inference_state)):
         check_can_create(path)  # before minutes of embedding and solving, not after
-    bundle = Bundle.open(args.bundle, verify=not args.no_verify)
+    bundle = Bundle.open(args.bundle, verify=verify_mode(args))
     learner = _learner(bundle, args.state, learner_options(args, args.form))
     data = training_images(bundle, args.domain, Path(args.data_dir), args.shots)
     _check_new_classes(bundle, learner, data, args.domain, args.state)

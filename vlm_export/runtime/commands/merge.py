@@ -16,7 +16,7 @@ from vlm_export.core.atomic import check_can_create
 from vlm_export.core.errors import StateError, UserError
 from vlm_export.core.paths import check_paths
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import bundle_reads, status
+from vlm_export.runtime.commands import add_verify_arguments, bundle_reads, status, verify_mode
 from vlm_export.runtime.commands._rail import same_file
 from vlm_export.runtime.rail import footprint
 from vlm_export.runtime.rail.models import describe, state_header
@@ -42,9 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--inference-state", metavar="FILE", help="also write the merged predict-only state"
     )
-    parser.add_argument(
-        "--no-verify", action="store_true", help="skip the sha256 check of --bundle's files"
-    )
+    add_verify_arguments(parser, what="--bundle's")
     return parser
 
 
@@ -71,7 +69,7 @@ def _check_paths(args: argparse.Namespace) -> None:
 def _fingerprint(args: argparse.Namespace) -> str:
     """The bundle fingerprint every state must carry: --bundle's, else the first state's."""
     if args.bundle:
-        return Bundle.open(args.bundle, verify=not args.no_verify).fingerprint
+        return Bundle.open(args.bundle, verify=verify_mode(args)).fingerprint
     header = state_header(args.states[0])
     if header is None or not isinstance(header.get("bundle"), str):
         load_learner_state(args.states[0], None)  # says what is wrong with the file

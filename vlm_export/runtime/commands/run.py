@@ -40,6 +40,8 @@ from vlm_export.runtime.commands import (
     open_engine,
     source_options,
     status,
+    stop_signals,
+    verify_mode,
 )
 from vlm_export.runtime.commands._annotated import AnnotatedOutput
 from vlm_export.runtime.commands._run_output import (
@@ -234,12 +236,12 @@ def _check_args(args: argparse.Namespace, method: str) -> None:
 
 @contextlib.contextmanager
 def _stop_on_signals(stop: StopRequest) -> Iterator[None]:
-    """While active, SIGINT, SIGTERM and SIGHUP go to ``stop`` (main thread only)."""
+    """While active, SIGINT, SIGTERM and SIGHUP (unless ignored: nohup) go to ``stop`` (main
+    thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signals = (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM))
-    previous = {sig: signal.signal(sig, stop) for sig in signals}
+    previous = {sig: signal.signal(sig, stop) for sig in stop_signals()}
     try:
         yield
     finally:
@@ -435,7 +437,7 @@ def handle(args: argparse.Namespace) -> int:
         check_can_create(args.out)  # before the bundle and engine load, not after
     reading = source_options(args)
     check_min_score(args.min_score)
-    bundle = Bundle.open(args.bundle, verify=not args.no_verify)
+    bundle = Bundle.open(args.bundle, verify=verify_mode(args))
     if args.classes:
         space = compute_label_space(bundle, args.classes, args.templates, None, args.text_backend)
         bundle = bundle.with_classes(space.labels, space.text_embeddings, space.domains)

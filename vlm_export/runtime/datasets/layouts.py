@@ -95,10 +95,11 @@ def load_test_set(
             groups[key].append(path)
     unknown = sorted({key[0] for key in groups if label_of(key) is None})
     if unknown and not ignore_unknown:
-        shown = ", ".join(unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        shown = ", ".join(name[:40] for name in unknown[:10]) + (", ..." * (len(unknown) > 10))
         raise EvalSetError(
             f"{len(unknown)} of {len(groups)} classes in {root} are not classes of the bundle "
-            f"({shown}); export the bundle with these classes, or pass --ignore-unknown"
+            f"({shown}); add them on the device with `vlm-edge classes BUNDLE CLASSES_FILE` "
+            "(the bundle's text engine embeds them), or pass --ignore-unknown"
         )
     empty = sorted(key[0] for key, files in groups.items() if not files)
     paths: list[Path] = []

@@ -32,7 +32,19 @@ def reliability_diagram(results: Mapping[str, Mapping[str, Any]]) -> Image.Image
     for slot, (result, colour) in enumerate(zip(results.values(), COLOURS, strict=False)):
         left = MARGIN + slot * (PANEL + MARGIN)
         _panel(draw, left, MARGIN + 12, result, colour)
+        _vertical_label(image, "accuracy", left - 46, MARGIN + 12 + PANEL // 2)
     return image
+
+
+def _vertical_label(image: Image.Image, text: str, x: int, middle: int) -> None:
+    """``text`` turned 90 degrees, its left edge at ``x``, centred on ``middle`` (clear of the
+    title above the panel)."""
+    font = _font(11)
+    box = ImageDraw.Draw(image).textbbox((0, 0), text, font=font)
+    label = Image.new("RGB", (box[2] + 2, box[3] + 2), "white")
+    ImageDraw.Draw(label).text((1, 1), text, fill="black", font=font)
+    turned = label.rotate(90, expand=True)
+    image.paste(turned, (x, middle - turned.height // 2))
 
 
 def _panel(
@@ -63,7 +75,6 @@ def _panel(
         draw.text((left + value * PANEL - 6, bottom + 4), f"{value:.1f}", fill="black", font=small)
         draw.text((left - 28, bottom - value * PANEL - 6), f"{value:.1f}", fill="black", font=small)
     draw.text((left + PANEL / 2 - 30, bottom + 20), "confidence", fill="black", font=small)
-    draw.text((left - 44, top - 16), "accuracy", fill="black", font=small)
     draw.text(
         (left + 6, top + 4),
         "bars: accuracy per bin; red: gap to confidence",

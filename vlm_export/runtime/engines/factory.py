@@ -36,7 +36,7 @@ def _open_tensorrt(bundle: Bundle) -> EngineBackend:
         module = importlib.import_module(TENSORRT_MODULE)
     except ImportError as exc:
         raise UserError(
-            f"the TensorRT backend is not available ({exc}); install vlm-export[tensorrt] on a "
+            f'the TensorRT backend is not available ({exc}); pip install ".[tensorrt]" on a '
             "device with TensorRT, or use --backend onnxruntime"
         ) from None
     return module.TensorRTBackend(bundle)

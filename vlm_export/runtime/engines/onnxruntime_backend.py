@@ -60,9 +60,7 @@ ONNX_TYPES = {
     "bool": "tensor(bool)",
 }
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
-MISSING_MESSAGE = (
-    "ONNX Runtime is not installed: pip install 'vlm-export[cpu]' (or [gpu] on NVIDIA GPUs)"
-)
+MISSING_MESSAGE = 'ONNX Runtime is not installed: pip install ".[cpu]" (or [gpu] on NVIDIA GPUs)'
 _conflict_checked = False
 
 
@@ -89,7 +87,7 @@ def warn_if_conflicting() -> None:
         log.warning(
             "both onnxruntime and onnxruntime-gpu are installed; they share the import name "
             "and overwrite each other (GPU providers may be missing): pip uninstall -y "
-            "onnxruntime onnxruntime-gpu, then pip install 'vlm-export[gpu]' (or [cpu])"
+            'onnxruntime onnxruntime-gpu, then pip install ".[gpu]" (or [cpu])'
         )
 
 
@@ -117,7 +115,7 @@ def _import_onnxruntime() -> ModuleType:
     except ImportError as exc:
         raise OnnxRuntimeMissing(
             f"ONNX Runtime is installed but cannot be imported ({_first_line(exc)}); "
-            "reinstall it: pip install --force-reinstall 'vlm-export[cpu]' (or [gpu])"
+            'reinstall it: pip install --force-reinstall ".[cpu]" (or [gpu])'
         ) from None
     warn_if_conflicting()
     return ort

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
 
 PRECISIONS = ("fp32", "bf16", "int8")
-INSTALL_HINT = "OpenVINO is not installed: pip install 'vlm-export[openvino]'"
+INSTALL_HINT = 'OpenVINO is not installed: pip install ".[openvino]"'
 #: the runtime attribute OpenVINO reads as "keep this node in its original precision"
 PRECISE_ATTRIBUTE = "disable_fp16_compression_0"
 #: node name prefixes of the condensing tower's TokenCondenser and AnchorSelector modules

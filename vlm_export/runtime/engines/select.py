@@ -17,7 +17,7 @@ from vlm_export.core.manifest import tensorrt_engines
 
 PRECISIONS = ("fp16", "fp32")
 TENSORRT_INSTALL_HINT = (
-    "pip install 'vlm-export[tensorrt]' on a machine with NVIDIA's TensorRT libraries "
+    'pip install ".[tensorrt]" on a machine with NVIDIA\'s TensorRT libraries '
     "(on Jetson they come with JetPack)"
 )
 
@@ -55,7 +55,7 @@ def import_cudart() -> ModuleType:
             from cuda import cudart
         except ImportError:
             raise TensorRTUnavailableError(
-                "cuda-python is not installed: pip install 'vlm-export[tensorrt]'"
+                'cuda-python is not installed: pip install ".[tensorrt]"'
             ) from None
     return cudart
 

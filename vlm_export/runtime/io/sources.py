@@ -143,9 +143,7 @@ def import_cv2() -> ModuleType:
     try:
         import cv2
     except ImportError:
-        raise SourceError(
-            "video and camera sources need OpenCV: pip install 'vlm-export[camera]'"
-        ) from None
+        raise SourceError('video and camera sources need OpenCV: pip install ".[camera]"') from None
     return cv2
 
 

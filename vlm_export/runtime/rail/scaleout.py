@@ -49,7 +49,7 @@ def _ray() -> Any:
         import ray
     except ImportError:
         raise RayError(
-            "--ray needs Ray on this machine and the workers: pip install 'vlm-export[ray]'"
+            '--ray needs Ray on this machine and the workers: pip install ".[ray]"'
         ) from None
     return ray
 
