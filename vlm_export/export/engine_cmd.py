@@ -31,7 +31,7 @@ from vlm_export.core.atomic import WriteError, atomic_write_bytes
 from vlm_export.core.errors import UserError
 from vlm_export.core.json_text import dumps
 from vlm_export.core.manifest import MANIFEST_NAME, file_record, read_manifest
-from vlm_export.core.paths import check_paths, tree_reads
+from vlm_export.core.paths import PathArg, guard_arguments
 from vlm_export.export.tensorrt_build import (
     DEFAULT_FP32_LAYER_TYPES,
     DEFAULT_WORKSPACE_MB,
@@ -79,7 +79,7 @@ def _add_build_options(parser: Any, default_precision: str | None = "fp16") -> N
     )
     parser.add_argument(
         "--timing-cache",
-        type=Path,
+        type=PathArg("state", Path),
         default=None,
         metavar="FILE",
         help="TensorRT timing cache: read if it exists, written after the build (faster rebuilds)",
@@ -201,6 +201,10 @@ def engine_parity_report(
     raise engine_parity.EngineParityError(
         f"{engine_path.name} was not added to the bundle: {problem}"
     )
+
+
+#: a bundle this command writes into (the write guard refuses one that links outside)
+BUNDLE_RW = PathArg("bundle-rw", Path)
 
 
 @contextlib.contextmanager
@@ -494,10 +498,12 @@ def build_engine_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle folder")
+    parser.add_argument("bundle", type=BUNDLE_RW, metavar="BUNDLE", help="bundle folder")
     _add_build_options(parser, default_precision=None)
     parser.set_defaults(workspace=None)
-    parser.add_argument("--register", type=Path, metavar="ENGINE_FILE", help=REGISTER_HELP)
+    parser.add_argument(
+        "--register", type=PathArg("file", Path), metavar="ENGINE_FILE", help=REGISTER_HELP
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -541,12 +547,10 @@ def build_engine_main(argv: Sequence[str] | None = None) -> int:
 
     Returns the exit status: 0 on success, 2 with a one-line error on stderr (as vlm-export).
     """
-    args = build_engine_parser().parse_args(argv)
+    parser = build_engine_parser()
+    args = parser.parse_args(argv)
     try:
-        check_paths(
-            [*tree_reads("BUNDLE", args.bundle), ("--register", args.register)],
-            [("--timing-cache", args.timing_cache)],
-        )
+        guard_arguments(parser, args)  # before any work
         record = _register_main(args) if args.register is not None else _build_main(args)
     except UserError as exc:
         print(f"vlm-export build-engine: error: {exc}", file=sys.stderr)

@@ -8,6 +8,9 @@ one subcommand and defines
     handle(args: argparse.Namespace) -> int
         run it and return the exit status; raise a UserError subclass for a user mistake.
 
+Every path option is typed with a ``core.paths.PathArg``: before a command runs, the write
+guard checks that no output is, or lies inside, what the run reads (``guard_arguments``).
+
 User mistakes print one line ``vlm-edge: error: ...`` and exit 1; warnings (Python's and the
 library's logged ones, see ``vlm_export.runtime.log``) print one line each.
 
@@ -33,6 +36,7 @@ from typing import TextIO
 from vlm_export import __version__
 from vlm_export.core.errors import UserError, describe_os_error
 from vlm_export.core.interrupts import exit_status_of
+from vlm_export.core.paths import guard_arguments
 from vlm_export.runtime.log import one_line_messages
 
 PROG = "vlm-edge"
@@ -89,11 +93,12 @@ def _stdout_to_devnull() -> None:
         os.close(devnull)
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     with warnings.catch_warnings(), one_line_messages(PROG):
         warnings.simplefilter("default")
         warnings.showwarning = _one_line_warning
         try:
+            guard_arguments(parser, args)  # before any work
             return int(args.handler(args))
         except UserError as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -117,8 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        code = _dispatch(args)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        code = _dispatch(parser, args)
         sys.stdout.flush()  # a reader gone away shows here, not as a traceback at exit
         return code
     except BrokenPipeError:

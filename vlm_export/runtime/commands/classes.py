@@ -13,7 +13,7 @@ import sys
 
 from vlm_export.core.labels import describe_change
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import status
+from vlm_export.runtime.commands import BUNDLE_RW, READ, status
 from vlm_export.runtime.text.bundle_classes import write_label_space
 from vlm_export.runtime.text.class_lists import read_class_list
 from vlm_export.runtime.text.label_space import (
@@ -33,8 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "atomically: the bundle's text engine embeds them with the bundle's templates (or "
         "--templates). TCA and RAIL states keep their rows by class name.",
     )
-    parser.add_argument("bundle", help="bundle folder written by vlm-export")
-    parser.add_argument("classes", help="class list: one name per line (or a JSON list)")
+    parser.add_argument("bundle", type=BUNDLE_RW, help="bundle folder written by vlm-export")
+    parser.add_argument("classes", type=READ, help="class list: one name per line (or a JSON list)")
     add_label_space_arguments(parser, domain=True)
     parser.add_argument(
         "--no-verify", action="store_true", help="skip the sha256 check of the bundle's files"
@@ -46,6 +46,7 @@ def add_label_space_arguments(parser: argparse._ActionsContainer, domain: bool) 
     """--templates (and --domain), as ``classes`` and ``run --classes`` take them."""
     parser.add_argument(
         "--templates",
+        type=READ,
         metavar="NAME|FILE",
         help="prompt templates: a built-in set or a file, one template with {} per line "
         "(default: the bundle's)",
