@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_export.core.atomic import final_target, report_interrupted_first_save
-from vlm_export.core.errors import UserError
+from vlm_export.core.errors import UserError, shown
 from vlm_export.core.globbing import GLOB_CHARS, glob_files
 
 log = logging.getLogger(__name__)
@@ -41,17 +41,10 @@ log = logging.getLogger(__name__)
 #: kinds of PathArg: read (file, tree, source, bundle-rw), written (out, into, folder), both (state)
 READ_KINDS = ("file", "tree", "source", "bundle-rw")
 WRITE_KINDS = ("out", "into", "folder", "state")
-SHOWN_CHARS = 80
 
 
 class PathConflict(UserError):
     """An output path names a file or folder the run reads (or another output)."""
-
-
-def shown(text: object, limit: int = SHOWN_CHARS) -> str:
-    """``text`` for a message: cut to ``limit`` characters (with "...") when longer."""
-    text = str(text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import sys
 from vlm_export.core.labels import describe_change
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import BUNDLE_RW, READ, status
-from vlm_export.runtime.text.bundle_classes import write_label_space
+from vlm_export.runtime.text.bundle_classes import check_readable, write_label_space
 from vlm_export.runtime.text.class_lists import read_class_list
 from vlm_export.runtime.text.label_space import (
     LabelSpace,
@@ -80,6 +80,7 @@ def compute_label_space(
     encoder = TextEncoder.open(bundle, text_backend)  # checks the text engine and vocabulary
     chosen, spec = choose_templates(bundle, templates)
     labels, domains = new_labels(bundle, names, domain)
+    check_readable(labels, domains)  # the loader's limits, before minutes of embedding
     return embed_label_space(bundle, labels, domains, chosen, spec, encoder, _progress())
 
 
