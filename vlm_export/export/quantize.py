@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -32,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from vlm_export.core.atomic import WriteError, atomic_write_bytes
+from vlm_export.core.atomic import atomic_write_bytes
 from vlm_export.core.errors import UserError
 from vlm_export.core.json_text import dumps
 from vlm_export.core.manifest import (
@@ -49,7 +48,13 @@ from vlm_export.core.manifest import (
     read_manifest,
 )
 from vlm_export.core.paths import PathArg, guard_arguments
-from vlm_export.export.engine_cmd import BUNDLE_RW, _refuse_listed, _staging, record_engine
+from vlm_export.export.engine_cmd import (
+    BUNDLE_RW,
+    _refuse_listed,
+    _staging,
+    move_into_bundle,
+    record_engine,
+)
 from vlm_export.runtime.engines.parity import REFERENCE, BundleGraph, cls_like_anchors
 from vlm_export.runtime.io.preprocess import ImageError, Preprocessor, load_image
 from vlm_export.runtime.io.sources import is_image_file
@@ -409,10 +414,7 @@ def quantize_bundle(
             },
             parity=report,
         )
-        try:
-            os.replace(staged, bundle_dir / name)
-        except OSError as exc:
-            raise WriteError(f"cannot write {bundle_dir / name}: {exc.strerror}") from None
+        move_into_bundle(staged, bundle_dir, name, record.sha256)
         manifest = record_engine(manifest, record)  # type: ignore[arg-type]
         atomic_write_bytes(
             bundle_dir / MANIFEST_NAME, (dumps(manifest, indent=2) + "\n").encode("utf-8")

@@ -40,9 +40,7 @@ from vlm_export.runtime.text.class_lists import (
 from vlm_export.runtime.text.label_space import LabelSpace, label_space_meta
 
 #: the names this module writes: ``<stem>.<12 hex>.<suffix>``, and their temporary files
-_CONTENT_NAME = re.compile(
-    r"^(?:text_embeddings\.[0-9a-f]{12}\.npy|classes\.[0-9a-f]{12}\.json)$"
-)
+_CONTENT_NAME = re.compile(r"^(?:text_embeddings\.[0-9a-f]{12}\.npy|classes\.[0-9a-f]{12}\.json)$")
 _CONTENT_TEMP = re.compile(
     rf"^\.(?:text_embeddings\.[0-9a-f]{{12}}\.npy|classes\.[0-9a-f]{{12}}\.json)"
     rf"{re.escape(TEMP_MARK)}[a-z0-9_]{{8}}$"
