@@ -39,12 +39,11 @@ from vlm_export.runtime.text.class_lists import (
 )
 from vlm_export.runtime.text.label_space import LabelSpace, label_space_meta
 
-#: the names this module writes: ``<stem>.<12 hex>.<suffix>``, and their temporary files
-_CONTENT_NAME = re.compile(r"^(?:text_embeddings\.[0-9a-f]{12}\.npy|classes\.[0-9a-f]{12}\.json)$")
-_CONTENT_TEMP = re.compile(
-    rf"^\.(?:text_embeddings\.[0-9a-f]{{12}}\.npy|classes\.[0-9a-f]{{12}}\.json)"
-    rf"{re.escape(TEMP_MARK)}[a-z0-9_]{{8}}$"
-)
+#: the label-space files this module (and the exporter) writes, content-named or not, and their
+#: temporary files: what a killed change may leave unlisted
+_LABEL_FILE = r"(?:text_embeddings(?:\.[0-9a-f]{12})?\.npy|classes(?:\.[0-9a-f]{12})?\.json)"
+_CONTENT_NAME = re.compile(rf"^{_LABEL_FILE}$")
+_CONTENT_TEMP = re.compile(rf"^\.{_LABEL_FILE}{re.escape(TEMP_MARK)}[a-z0-9_]{{8}}$")
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -114,8 +113,8 @@ def check_readable(labels: Sequence[tuple[str, str]], domains: Sequence[str]) ->
 
 
 def stale_leftovers(folder: Path, manifest: dict[str, Any], before: float) -> list[Path]:
-    """What killed label-space changes left in ``folder``: content-named files that
-    ``manifest`` does not list and their temporary files, last changed before ``before``."""
+    """What killed label-space changes left in ``folder``: text-embedding and class files
+    that ``manifest`` does not list and their temporary files, last changed before ``before``."""
     found = []
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
