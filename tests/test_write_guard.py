@@ -268,3 +268,46 @@ def test_the_python_api_guards_its_state(world, tmp_path) -> None:
                 pipeline.save_state(path)
         pipeline.save_state(tmp_path / "ok.npz")
     assert _hashes(world["root"]) == before and (tmp_path / "ok.npz").is_file()
+
+
+def _label_space(bundle, names: list[str]):
+    from vlm_export.runtime.text.label_space import LabelSpace
+
+    text = np.eye(len(names), bundle.text_embeddings.shape[1], dtype=np.float32)
+    return LabelSpace([("animals", n) for n in names], ["animals"], text, ("a {}.",), "one", 0)
+
+
+def test_library_bundle_writers_refuse_links_to_outside(tmp_path) -> None:
+    from vlm_export.export import engine_cmd
+    from vlm_export.runtime.bundle import Bundle
+    from vlm_export.runtime.text.bundle_classes import write_label_space
+
+    folder = make_bundle(tmp_path / "b", method="zeroshot")
+    outside = tmp_path / "outside.json"
+    (folder / "manifest.json").rename(outside)
+    (folder / "manifest.json").symlink_to(outside)
+    before = _hashes(tmp_path)
+    bundle = Bundle.open(folder)
+    with pytest.raises(PathConflict, match="outside the bundle"):
+        write_label_space(bundle, _label_space(bundle, ["owl", "fox"]))
+    with pytest.raises(PathConflict, match="outside the bundle"), engine_cmd._staging(folder):
+        pass
+    assert _hashes(tmp_path) == before
+
+
+def test_a_hard_linked_copy_of_a_bundle_keeps_its_content(tmp_path) -> None:
+    """Bundle writes rename new files over names, never write into a shared file: a hard-linked
+    copy (cp -al) of the bundle stays as it was."""
+    from vlm_export.runtime.bundle import Bundle
+    from vlm_export.runtime.text.bundle_classes import write_label_space
+
+    folder = make_bundle(tmp_path / "b", method="zeroshot")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in folder.iterdir():
+        os.link(path, copy / path.name)
+    before = _hashes(copy)
+    bundle = Bundle.open(folder)
+    write_label_space(bundle, _label_space(bundle, ["owl", "fox"]))
+    assert list(Bundle.open(folder, verify=True).classes) == ["owl", "fox"]
+    assert _hashes(copy) == before and Bundle.open(copy, verify=True).classes != ["owl", "fox"]

@@ -34,7 +34,7 @@ from vlm_export.core.atomic import WriteError, atomic_write_bytes
 from vlm_export.core.errors import UserError
 from vlm_export.core.json_text import dumps
 from vlm_export.core.manifest import MANIFEST_NAME, file_record, read_manifest, sha256_file
-from vlm_export.core.paths import PathArg, guard_arguments
+from vlm_export.core.paths import PathArg, check_bundle_links, guard_arguments
 from vlm_export.export.tensorrt_build import (
     DEFAULT_FP32_LAYER_TYPES,
     DEFAULT_WORKSPACE_MB,
@@ -225,6 +225,7 @@ def _staging(bundle_dir: Path) -> Iterator[Path]:
     removed too: a kill leaves nothing that the next successful build, register or quantize
     does not remove.
     """
+    check_bundle_links("bundle", bundle_dir)  # also for library callers (the CLI checked)
     started = time.time()
     try:
         folder = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=bundle_dir))

@@ -31,6 +31,7 @@ import numpy as np
 from vlm_export.core import manifest as mf
 from vlm_export.core.atomic import TEMP_MARK, atomic_write_bytes
 from vlm_export.core.errors import BundleError
+from vlm_export.core.paths import check_bundle_links
 from vlm_export.runtime.bundle import MAX_CLASSES_BYTES, Bundle
 from vlm_export.runtime.text.class_lists import (
     ClassListError,
@@ -135,6 +136,7 @@ def write_label_space(bundle: Bundle, space: LabelSpace) -> dict[str, Any]:
     someone changed it meanwhile). Any failure leaves the old bundle as it was.
     """
     folder = Path(bundle.path)
+    check_bundle_links("bundle", folder)  # also for library callers (the CLI checked)
     started = time.time()
     if mf.read_manifest(folder) != bundle.manifest:
         raise BundleError(f"bundle {folder} changed while its classes were computed; run again")
