@@ -214,7 +214,7 @@ def test_the_issue_cases_are_refused(world, tmp_path, capsys) -> None:
         (["run", b, images, "--save-annotated", images], ["--save-annotated", "SOURCE"]),
         (["run", b, image, "--save-annotated", images], ["--save-annotated", "among the inputs"]),
         (["run", b, images, "--save-annotated", state, "--state", state], ["--state"]),
-        (["run", b, images, "--out", b / "sub" / "o.jsonl"], ["lies inside BUNDLE"]),
+        (["run", b, images, "--out", b / "sub" / "o.jsonl"], ["is inside BUNDLE"]),
         (["eval", b, data, "--order", "animals", "--plot", b / "p.png"], ["--plot", "BUNDLE"]),
     ]:
         _refused(world, argv, capsys, *words)

@@ -133,14 +133,14 @@ def check_paths(
             if out.same(place) and (out.role != place.role or kind != "file"):
                 _refuse(out, f"is {place.named()}, which this run reads")
             if place.holds(out):
-                _refuse(out, f"lies inside {place.named()}, which this run reads")
+                _refuse(out, f"is inside {place.named()}, which this run reads")
             if kind == "folder" and out.holds(place):
                 _refuse(out, f"holds {place.named()}, which this run reads")
             if kind == "into" and out.real == place.real.parent and not place.folder:
                 _refuse(out, f"holds {place.named()}: the outputs would land among the inputs")
         for other, _ in outputs[:index]:
             if out.same(other) or other.holds(out) or out.holds(other):
-                _refuse(out, f"and {other.named()} are the same path")
+                _refuse(out, f"and {other.named()} are the same file")
     for role, path in writes:
         if line := report_interrupted_first_save(path):
             log.warning("%s: %s", role, line)
