@@ -35,7 +35,6 @@ from vlm_export.runtime.commands._rail import (
     add_shots_argument,
     check_shots,
     learner_options,
-    same_file,
     show_progress,
 )
 from vlm_export.runtime.pipeline import Pipeline
@@ -182,8 +181,6 @@ def handle(args: argparse.Namespace) -> int:
     check_shots(args.shots)
     if args.workers is not None and args.ray is None:
         raise UserError("--workers sets the number of Ray workers: it needs --ray")
-    if args.inference_state and same_file(args.inference_state, args.state):
-        raise UserError("--inference-state must be another file than --state")
     for path in filter(None, (args.state, args.inference_state)):
         check_can_create(path)  # before minutes of embedding and solving, not after
     bundle = Bundle.open(args.bundle, verify=not args.no_verify)

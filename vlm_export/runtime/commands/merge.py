@@ -54,19 +54,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def _check_paths(args: argparse.Namespace) -> None:
+def _check_states(args: argparse.Namespace) -> None:
     if len(args.states) < 2:
         raise UserError("merge needs at least two learner states")
-    outputs = [args.out] + ([args.inference_state] if args.inference_state else [])
-    for index, state in enumerate(args.states):
-        for out in outputs:
-            if same_file(out, state):
-                raise UserError(f"{out} is an input state: write the merged state elsewhere")
+    for index, state in enumerate(args.states):  # outputs: the write guard (core.paths)
         for other in args.states[:index]:
             if same_file(other, state):
                 raise UserError(f"{state} is given twice (its samples would count twice)")
-    if args.inference_state and same_file(args.inference_state, args.out):
-        raise UserError("--inference-state must be another file than OUT")
 
 
 def _fingerprint(args: argparse.Namespace) -> str:
@@ -90,7 +84,7 @@ def _check_memory(path: str) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     """Load, check, merge and write; return the exit status."""
-    _check_paths(args)
+    _check_states(args)
     for path in filter(None, (args.out, args.inference_state)):
         check_can_create(path)
     fingerprint = _fingerprint(args)
