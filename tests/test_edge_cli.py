@@ -174,13 +174,14 @@ def test_run_a_video_file(tca_dir, tmp_path) -> None:
 
 
 def test_option_mistakes_are_one_line_errors(tca_dir, folder, tmp_path, capsys) -> None:
+    (tmp_path / "a-file").write_text("x")
     cases = [
         (["--method", "zeroshot", "--state", "s.npz"], "--state need --method tca"),
         (["--save-every", "-1"], "--save-every must be 0 or more"),
         (["--capacity", "0"], "capacity must be an integer >= 1"),
         (["--providers", "tensorrt"], "provider(s) not available"),
         (["--out", str(tmp_path / "no" / "such" / "dir" / "o.jsonl")], "cannot write"),
-        (["--state", str(folder / "img_0000.jpg" / "s.npz")], "is a file, not a folder"),
+        (["--state", str(tmp_path / "a-file" / "s.npz")], "is a file, not a folder"),
         (["--state", str(tmp_path)], "is a folder, not a file"),
     ]
     for extra, message in cases:

@@ -115,17 +115,27 @@ def test_explain_goes_on_past_an_unreadable_image(tca_dir, tmp_path, capsys) -> 
     assert "2 of 4 pictures written" in err[-1]
 
 
-def test_explain_never_overwrites_an_input(tca_dir, tmp_path, capsys) -> None:
+def test_explain_never_writes_among_its_inputs(tca_dir, tmp_path, capsys) -> None:
     folder = tmp_path / "photos"
     first = write_images(folder, 1, suffix=".png")[0]
     clash = folder / "img_0000.explain.png"  # an input named like the first image's output
     clash.write_bytes(first.read_bytes())
-    before = clash.read_bytes()
-    code, _, _ = _edge(capsys, "explain", tca_dir, first, clash, "--out", folder)
+    before = sorted((p.name, p.read_bytes()) for p in folder.iterdir())
+    code, _, err = _edge(capsys, "explain", tca_dir, first, clash, "--out", folder)
+    assert code == 1 and len(err) == 1 and "among the inputs" in err[0], err
+    assert sorted((p.name, p.read_bytes()) for p in folder.iterdir()) == before
+
+
+def test_explain_gives_images_of_one_name_two_pictures(tca_dir, tmp_path, capsys) -> None:
+    first = write_images(tmp_path / "a", 1, suffix=".png")[0]
+    second = write_images(tmp_path / "b", 1, suffix=".png")[0]
+    out = tmp_path / "out"
+    code, _, _ = _edge(capsys, "explain", tca_dir, first, second, "--out", out)
     assert code == 0
-    assert clash.read_bytes() == before
-    written = {"img_0000-2.explain.png", "img_0000.explain.explain.png"}
-    assert written <= {p.name for p in folder.iterdir()}
+    assert sorted(p.name for p in out.iterdir()) == [
+        "img_0000-2.explain.png",
+        "img_0000.explain.png",
+    ]
 
 
 def test_explain_bad_output_and_arguments(tca_dir, tmp_path, capsys) -> None:

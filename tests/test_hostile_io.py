@@ -134,10 +134,10 @@ def _run_cases(w: dict[str, Path], tmp: Path) -> list[tuple[list[object], list[s
             [*learn, "--state", tmp / "n.npz", "--inference-state", bundle / "classes.json"],
             ["--inference-state", "BUNDLE"],
         ),
-        (["merge", w["learner"], w["learner"], tmp / "x.npz"], ["input state"]),
+        (["merge", w["learner"], w["learner"], tmp / "x.npz"], ["OUT", "STATE"]),
         (
             ["merge", tmp / "m.npz", w["learner"], tmp / "x.npz", "--inference-state", state_link],
-            ["input state"],
+            ["--inference-state", "STATE"],
         ),
         (
             ["merge", bundle / "manifest.json", w["learner"], tmp / "x.npz", "--bundle", bundle],
@@ -488,7 +488,7 @@ def test_an_ignored_hangup_stays_ignored(world, tmp_path, capsys, monkeypatch, h
     [
         "vlm_export.runtime.commands.run.Bundle.open",
         "vlm_export.runtime.commands.run.open_source",
-        "vlm_export.runtime.commands.run.check_paths",
+        "vlm_export.runtime.cli.guard_arguments",
     ],
 )
 def test_ctrl_c_during_start_up(world, capsys, monkeypatch, where) -> None:

@@ -249,7 +249,7 @@ def test_learn_bad_input_leaves_the_state_alone(
     tools = data / "learn" / "tools"
     _fails(capsys, learn(tools, "--hidden-dim", 64), "was learned with hidden-dim 128", state)
     _fails(capsys, learn(tools, "--form", "dual"), "was learned with form primal", state)
-    _fails(capsys, learn(tools, "--inference-state", state), "another file than --state", state)
+    _fails(capsys, learn(tools, "--inference-state", state), "is --state", state)
     _fails(capsys, learn(tools, "--shots", -1), "--shots must be 0 or more", state)
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
@@ -365,7 +365,7 @@ def test_merge_refusals(bundle_dir, data, tmp_path, capsys) -> None:
     _learn(capsys, bundle_dir, data, "shapes", a)
     _learn(capsys, bundle_dir, data, "tools", b)
     out = tmp_path / "out.npz"
-    _fails(capsys, ["merge", a, a, b], "is an input state", a)
+    _fails(capsys, ["merge", a, a, b], "is STATE", a)
     _fails(capsys, ["merge", out, a], "at least two learner states")
     _fails(capsys, ["merge", out, a, b, a], "is given twice")
     seeded = tmp_path / "seeded.npz"

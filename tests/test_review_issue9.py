@@ -74,12 +74,13 @@ def test_save_annotated_never_replaces_an_input_image(tca_dir, tmp_path, capsys)
     Image.new("RGB", (30, 20), (40, 200, 40)).save(photos / "a.annotated.png")
     before = {p.name: p.read_bytes() for p in photos.iterdir()}
     argv = ["run", tca_dir, photos, "--save-annotated", photos, "--quiet"]
-    code, stdout, _ = _edge(capsys, *argv)
+    code, stdout, err = _edge(capsys, *argv)  # never among the inputs (issue 18)
+    assert code == 1 and stdout == "" and len(err) == 1 and "is SOURCE" in err[0], err
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+    out = tmp_path / "annotated"  # elsewhere: an image named like an output keeps its own name
+    code, stdout, _ = _edge(capsys, *argv[:3], "--save-annotated", out, "--quiet")
     assert code == 0 and len(stdout.splitlines()) == 2
-    for name, data in before.items():
-        assert (photos / name).read_bytes() == data
-    names = sorted(p.name for p in photos.iterdir())
-    assert names == ["a-2.annotated.png", "a.annotated.annotated.png", "a.annotated.png", "a.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.annotated.annotated.png", "a.annotated.png"]
 
 
 def test_save_annotated_refuses_the_source_video(tca_dir, tmp_path, capsys) -> None:
@@ -94,8 +95,8 @@ def test_save_annotated_refuses_the_source_video(tca_dir, tmp_path, capsys) -> N
     for target in (clip, tmp_path / "link.mp4"):
         code, stdout, err = _edge(capsys, "run", tca_dir, clip, "--save-annotated", target)
         assert code == 1 and stdout == ""
-        assert err == [f"vlm-edge: error: --save-annotated {target} is the source video: "
-                       "write it to another path"]  # fmt: skip
+        assert err == [f"vlm-edge: error: --save-annotated {target} is SOURCE {clip}, which "
+                       "this run reads: write it to another path"]  # fmt: skip
         assert clip.read_bytes() == data
 
 

@@ -13,6 +13,16 @@ class StateError(UserError):
     """A state file that is corrupt, of another schema, or from another bundle."""
 
 
+#: how much of a user's string a message shows (a longer one is cut, with "...")
+SHOWN_CHARS = 80
+
+
+def shown(text: object, limit: int = SHOWN_CHARS) -> str:
+    """``text`` for a message: cut to ``limit`` characters (ending in "...") when longer."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def describe_os_error(exc: OSError) -> str:
     """One line for an OSError no command caught: the file and the reason, no traceback."""
     reason = exc.strerror or str(exc) or type(exc).__name__

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vlm_export.core.errors import UserError, describe_os_error
 from vlm_export.core.interrupts import exit_status_of
-from vlm_export.core.paths import check_paths
+from vlm_export.core.paths import PathArg, guard_arguments
 from vlm_export.core.pipes import EXIT_BROKEN_PIPE, stdout_to_devnull
 from vlm_export.export.engine_cmd import (
     add_tensorrt_arguments,
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--model", default="ViT-B-16", help="open_clip model name (default ViT-B-16)")
     what.add_argument(
         "--pretrained",
+        type=PathArg("file"),
         default="openai",
         help="open_clip pretrained tag (downloaded), a local checkpoint file, or 'none' for "
         "random weights (default: openai)",
@@ -71,9 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use QuickGELU (needed for OpenAI-trained checkpoint files loaded by path)",
     )
-    what.add_argument("--classes", type=Path, help="class list: one name per line (or a JSON list)")
+    what.add_argument(
+        "--classes",
+        type=PathArg("file", Path),
+        help="class list: one name per line (or a JSON list)",
+    )
     what.add_argument(
         "--domain",
+        type=PathArg("file", path_of=lambda value: value.partition("=")[2].strip()),
         action="append",
         default=[],
         metavar="NAME=FILE",
@@ -86,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what.add_argument(
         "--templates",
+        type=PathArg("file"),
         help="built-in template set (imagenet80, single, eurosat, ...; see --list-templates) or a "
         "file with one template per line containing {} (default: imagenet80; single for rail)",
     )
@@ -137,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ONNX opset: 17 (default; TensorRT >= 8.6) or 16 (for older ONNX consumers)",
     )
     out.add_argument("--batch-size", type=int, default=1, help="static batch of the engine (1)")
-    out.add_argument("--out", type=Path, help="bundle folder to create")
+    out.add_argument("--out", type=PathArg("folder", Path), help="bundle folder to create")
     out.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     out.add_argument("--quiet", action="store_true", help="no progress output")
     out.add_argument(
@@ -228,12 +235,9 @@ def _check_weights_reachable(model: str, pretrained: str) -> None:
 
 
 def _check_paths(args: argparse.Namespace) -> None:
-    """The bundle folder (replaced as a whole by --overwrite) may not hold an input file."""
-    files = [("--classes", args.classes), ("--templates", args.templates)]
-    files += [("--domain", value.partition("=")[2].strip()) for value in args.domain]
-    files += [("--pretrained", args.pretrained), ("--timing-cache", args.timing_cache)]
-    reads = [(role, path) for role, path in files if path and Path(path).exists()]
-    check_paths(reads, [], [("--out", args.out)])
+    """The write guard: the bundle folder (replaced as a whole by --overwrite) may not hold an
+    input file, nor be or lie inside one (core.paths)."""
+    guard_arguments(build_parser(), args)
 
 
 def run(args: argparse.Namespace) -> int:

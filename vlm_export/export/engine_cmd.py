@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
+import re
 import shlex
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,8 +33,8 @@ import numpy as np
 from vlm_export.core.atomic import WriteError, atomic_write_bytes
 from vlm_export.core.errors import UserError
 from vlm_export.core.json_text import dumps
-from vlm_export.core.manifest import MANIFEST_NAME, file_record, read_manifest
-from vlm_export.core.paths import check_paths, tree_reads
+from vlm_export.core.manifest import MANIFEST_NAME, file_record, read_manifest, sha256_file
+from vlm_export.core.paths import PathArg, check_bundle_links, guard_arguments
 from vlm_export.export.tensorrt_build import (
     DEFAULT_FP32_LAYER_TYPES,
     DEFAULT_WORKSPACE_MB,
@@ -79,7 +82,7 @@ def _add_build_options(parser: Any, default_precision: str | None = "fp16") -> N
     )
     parser.add_argument(
         "--timing-cache",
-        type=Path,
+        type=PathArg("state", Path),
         default=None,
         metavar="FILE",
         help="TensorRT timing cache: read if it exists, written after the build (faster rebuilds)",
@@ -203,17 +206,82 @@ def engine_parity_report(
     )
 
 
+#: a bundle this command writes into (the write guard refuses one that links outside)
+BUNDLE_RW = PathArg("bundle-rw", Path)
+
+
+#: staging folders in a bundle: ``.engine-`` and mkdtemp's 8 random characters
+STAGING_PREFIX = ".engine-"
+_STAGING_NAME = re.compile(rf"^{re.escape(STAGING_PREFIX)}[a-z0-9_]{{8}}$")
+#: written into the staging folder just before its file moves into the bundle: {file, sha256}
+INSTALLING = "installing.json"
+
+
 @contextlib.contextmanager
 def _staging(bundle_dir: Path) -> Iterator[Path]:
-    """A temporary folder inside the bundle (same file system), removed with what it holds."""
+    """A temporary folder inside the bundle (same file system), removed with what it holds.
+
+    After a successful block, staging folders that killed runs left (older than this one) are
+    removed too: a kill leaves nothing that the next successful build, register or quantize
+    does not remove.
+    """
+    check_bundle_links("bundle", bundle_dir)  # also for library callers (the CLI checked)
+    started = time.time()
     try:
-        folder = Path(tempfile.mkdtemp(prefix=".engine-", dir=bundle_dir))
+        folder = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=bundle_dir))
     except OSError as exc:
         raise WriteError(f"cannot write into {bundle_dir}: {exc.strerror or exc}") from None
     try:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    for stale in stale_staging(bundle_dir, started):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def stale_staging(bundle_dir: Path, before: float) -> list[Path]:
+    """Staging folders in ``bundle_dir`` last changed before ``before`` (killed runs')."""
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(bundle_dir):
+            with contextlib.suppress(OSError):
+                if (
+                    _STAGING_NAME.match(entry.name)
+                    and entry.is_dir(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_mtime < before
+                ):
+                    found.append(Path(entry.path))
+    return sorted(found)
+
+
+def move_into_bundle(staged: Path, bundle_dir: Path, name: str, sha256: str) -> None:
+    """Move a checked file from its staging folder into the bundle under ``name``.
+
+    ``installing.json`` in the staging folder names it first: a run killed before the manifest
+    lists the file leaves that record, by which the next run knows the unlisted file as its
+    own (``_left_by_killed_install``) and replaces it.
+    """
+    record = {"file": name, "sha256": sha256}
+    try:
+        (staged.parent / INSTALLING).write_text(json.dumps(record), encoding="utf-8")
+        os.replace(staged, bundle_dir / name)
+    except OSError as exc:
+        raise WriteError(f"cannot write {bundle_dir / name}: {exc.strerror}") from None
+
+
+def _left_by_killed_install(bundle_dir: Path, name: str) -> bool:
+    """``name`` (unlisted) is the file a killed run moved in: a stale staging folder's
+    ``installing.json`` names it with its sha256."""
+    for folder in stale_staging(bundle_dir, time.time()):
+        try:
+            record = json.loads((folder / INSTALLING).read_text(encoding="utf-8"))
+            if record.get("file") == name and record.get("sha256") == sha256_file(
+                bundle_dir / name
+            ):
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
 
 
 def _install(
@@ -227,10 +295,7 @@ def _install(
     default), move it into the bundle, record it."""
     parity = (parity_report or engine_parity_report)(bundle_dir, manifest, staged, record.precision)
     record = dataclasses.replace(record, parity=parity)
-    try:
-        os.replace(staged, bundle_dir / record.file)
-    except OSError as exc:
-        raise WriteError(f"cannot write {bundle_dir / record.file}: {exc.strerror}") from None
+    move_into_bundle(staged, bundle_dir, record.file, record.sha256)
     manifest = record_engine(manifest, record)
     text = dumps(manifest, indent=2) + "\n"
     atomic_write_bytes(bundle_dir / MANIFEST_NAME, text.encode("utf-8"))
@@ -349,6 +414,9 @@ def _refuse_listed(
     if listed or not os.path.lexists(target):
         return
     if source is not None and target.exists() and os.path.samefile(source, target):
+        return
+    if not target.is_symlink() and _left_by_killed_install(bundle_dir, name):
+        target.unlink()  # a killed run's own file, never listed: replaced by this run
         return
     raise UserError(
         f"{target} exists but the bundle's manifest does not list it; move it away first "
@@ -494,10 +562,12 @@ def build_engine_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle folder")
+    parser.add_argument("bundle", type=BUNDLE_RW, metavar="BUNDLE", help="bundle folder")
     _add_build_options(parser, default_precision=None)
     parser.set_defaults(workspace=None)
-    parser.add_argument("--register", type=Path, metavar="ENGINE_FILE", help=REGISTER_HELP)
+    parser.add_argument(
+        "--register", type=PathArg("file", Path), metavar="ENGINE_FILE", help=REGISTER_HELP
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -541,12 +611,10 @@ def build_engine_main(argv: Sequence[str] | None = None) -> int:
 
     Returns the exit status: 0 on success, 2 with a one-line error on stderr (as vlm-export).
     """
-    args = build_engine_parser().parse_args(argv)
+    parser = build_engine_parser()
+    args = parser.parse_args(argv)
     try:
-        check_paths(
-            [*tree_reads("BUNDLE", args.bundle), ("--register", args.register)],
-            [("--timing-cache", args.timing_cache)],
-        )
+        guard_arguments(parser, args)  # before any work
         record = _register_main(args) if args.register is not None else _build_main(args)
     except UserError as exc:
         print(f"vlm-export build-engine: error: {exc}", file=sys.stderr)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -33,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from vlm_export.core.atomic import WriteError, atomic_write_bytes
+from vlm_export.core.atomic import atomic_write_bytes
 from vlm_export.core.errors import UserError
 from vlm_export.core.json_text import dumps
 from vlm_export.core.manifest import (
@@ -49,7 +48,14 @@ from vlm_export.core.manifest import (
     file_record,
     read_manifest,
 )
-from vlm_export.export.engine_cmd import _refuse_listed, _staging, record_engine
+from vlm_export.core.paths import PathArg, guard_arguments
+from vlm_export.export.engine_cmd import (
+    BUNDLE_RW,
+    _refuse_listed,
+    _staging,
+    move_into_bundle,
+    record_engine,
+)
 from vlm_export.runtime.engines.parity import REFERENCE, BundleGraph, cls_like_anchors
 from vlm_export.runtime.io.preprocess import ImageError, Preprocessor, load_image
 from vlm_export.runtime.io.sources import is_image_file
@@ -421,10 +427,7 @@ def quantize_bundle(
             },
             parity=report,
         )
-        try:
-            os.replace(staged, bundle_dir / name)
-        except OSError as exc:
-            raise WriteError(f"cannot write {bundle_dir / name}: {exc.strerror}") from None
+        move_into_bundle(staged, bundle_dir, name, record.sha256)
         manifest = record_engine(manifest, record)  # type: ignore[arg-type]
         atomic_write_bytes(
             bundle_dir / MANIFEST_NAME, (dumps(manifest, indent=2) + "\n").encode("utf-8")
@@ -444,7 +447,7 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     """The export command's --int8-calibration option."""
     parser.add_argument(
         "--int8-calibration",
-        type=Path,
+        type=PathArg("tree", Path),
         metavar="DIR",
         help="also add an INT8 graph calibrated on the images in DIR (as `vlm-export quantize`; "
         "100-500 images from the deployment camera, spread over the classes)",
@@ -479,13 +482,17 @@ def quantize_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle folder")
+    parser.add_argument("bundle", type=BUNDLE_RW, metavar="BUNDLE", help="bundle folder")
     parser.add_argument(
-        "--calibration", type=Path, required=True, metavar="DIR", help="calibration images"
+        "--calibration",
+        type=PathArg("tree", Path),
+        required=True,
+        metavar="DIR",
+        help="calibration images",
     )
     parser.add_argument(
         "--held-out",
-        type=Path,
+        type=PathArg("tree", Path),
         metavar="DIR",
         help=f"images for the gate only (default: every {HELD_OUT_EVERY}th calibration image is "
         "held out of calibration)",
@@ -506,8 +513,10 @@ def quantize_parser() -> argparse.ArgumentParser:
 
 def quantize_main(argv: Sequence[str] | None = None) -> int:
     """Run ``vlm-export quantize``; 0 on success, 2 with a one-line error on stderr."""
-    args = quantize_parser().parse_args(argv)
+    parser = quantize_parser()
+    args = parser.parse_args(argv)
     try:
+        guard_arguments(parser, args)  # before any work
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             record = quantize_bundle(

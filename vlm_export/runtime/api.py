@@ -18,6 +18,7 @@ from PIL import Image
 
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import EMBEDDING_OUTPUT, uses_condensation
+from vlm_export.core.paths import check_paths, tree_reads
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.factory import open_backend
 from vlm_export.runtime.io.preprocess import image_from_array, load_image
@@ -55,9 +56,15 @@ def fusion_dropped(bundle: Bundle, with_rail: bool) -> bool:
 class EdgePipeline:
     """A pipeline opened by :func:`open_pipeline`; a context manager that saves the state."""
 
-    def __init__(self, pipeline: Pipeline, state: Path | None) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        state: Path | None,
+        reads: list[tuple[str, str | Path | None]] | None = None,
+    ) -> None:
         self.pipeline = pipeline
         self.state = state
+        self._reads = reads or []  # what the write guard protects from save_state
         self._frames = 0
         self._text_encoder = None
 
@@ -126,6 +133,7 @@ class EdgePipeline:
         target = path if path is not None else self.state
         if target is None:
             raise UserError("no state file: open_pipeline(..., state=FILE) or save_state(FILE)")
+        check_paths(self._reads, [("state", target)])  # never over the bundle or the RAIL state
         self.pipeline.save_state(target)
 
     def close(self) -> None:
@@ -195,6 +203,9 @@ def open_pipeline(
     ``"unknown"``). ``crop`` is ``vlm-edge run --crop``: center, letterbox or squash.
     """
     min_score = check_min_score(min_score)
+    reads = [*tree_reads("bundle", bundle.path if isinstance(bundle, Bundle) else bundle)]
+    reads.append(("rail_state", rail_state))
+    check_paths(reads, [("state", state)])  # before any work
     if not isinstance(bundle, Bundle):
         bundle = Bundle.open(bundle, verify=verify)
     if method is None:
@@ -223,4 +234,4 @@ def open_pipeline(
             bundle, engine, method, reservoir, fusion, min_score=min_score, crop=crop
         )
         cleanup.pop_all()
-    return EdgePipeline(pipeline, Path(state) if state is not None else None)
+    return EdgePipeline(pipeline, Path(state) if state is not None else None, reads)

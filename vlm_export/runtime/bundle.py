@@ -22,6 +22,7 @@ from vlm_export.core.json_input import read_json
 from vlm_export.core.labels import Label
 from vlm_export.core.manifest_schema import describe_value
 from vlm_export.core.verified import verify_bundle_files, verify_mode
+from vlm_export.runtime.text.class_lists import MAX_NAME_CHARS
 
 #: largest classes.json read (ImageNet-21k's names take about 1 MB)
 MAX_CLASSES_BYTES = 64 << 20
@@ -112,6 +113,11 @@ def _load_classes(path: Path) -> tuple[list[str], list[str], list[str]]:
                 raise BundleError(
                     f"{path.name}: classes[{index}].{field}: expected a string, got "
                     f"{describe_value(value)}"
+                )
+            if len(value) > MAX_NAME_CHARS:
+                raise BundleError(
+                    f"{path.name}: classes[{index}].{field} is {len(value):,} characters, more "
+                    f"than {MAX_NAME_CHARS:,}"
                 )
             values.append(value)
     unknown = sorted(set(class_domains) - set(domains))

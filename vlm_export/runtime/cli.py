@@ -8,6 +8,9 @@ one subcommand and defines
     handle(args: argparse.Namespace) -> int
         run it and return the exit status; raise a UserError subclass for a user mistake.
 
+Every path option is typed with a ``core.paths.PathArg``: before a command runs, the write
+guard checks that no output is, or lies inside, what the run reads (``guard_arguments``).
+
 User mistakes print one line ``vlm-edge: error: ...`` and exit 1; warnings (Python's and the
 library's logged ones, see ``vlm_export.runtime.log``) print one line each.
 
@@ -32,6 +35,7 @@ from typing import TextIO
 from vlm_export import __version__
 from vlm_export.core.errors import UserError, describe_os_error
 from vlm_export.core.interrupts import exit_status_of
+from vlm_export.core.paths import guard_arguments
 from vlm_export.core.pipes import EXIT_BROKEN_PIPE
 from vlm_export.core.pipes import stdout_to_devnull as _stdout_to_devnull
 from vlm_export.runtime.log import one_line_messages
@@ -76,11 +80,12 @@ def _one_line_warning(
     print(f"{PROG}: WARNING: {message}", file=sys.stderr, flush=True)
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     with warnings.catch_warnings(), one_line_messages(PROG):
         warnings.simplefilter("default")
         warnings.showwarning = _one_line_warning
         try:
+            guard_arguments(parser, args)  # before any work
             return int(args.handler(args))
         except UserError as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -105,11 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
+        parser = build_parser()
         if not argv:  # like git: what there is to run, and a status that says nothing ran
-            print(build_parser().format_help(), end="", file=sys.stderr)
+            print(parser.format_help(), end="", file=sys.stderr)
             return 2
-        args = build_parser().parse_args(argv)
-        code = _dispatch(args)
+        args = parser.parse_args(argv)
+        code = _dispatch(parser, args)
         sys.stdout.flush()  # a reader gone away shows here, not as a traceback at exit
         return code
     except BrokenPipeError:

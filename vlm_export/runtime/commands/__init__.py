@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from vlm_export.core.errors import UserError
-from vlm_export.core.paths import tree_reads
+from vlm_export.core.paths import PathArg
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.factory import BACKENDS, PRECISIONS, open_backend
@@ -159,9 +159,19 @@ def is_media_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
 
 
-def bundle_reads(bundle: str | Path, role: str = "BUNDLE") -> list[tuple[str, Path]]:
-    """The bundle folder and every file in it, for ``core.paths.check_paths``."""
-    return tree_reads(role, bundle)
+#: argparse ``type`` of each path option: what the write guard (core.paths) checks before any work
+BUNDLE = PathArg("tree")  # a bundle the command reads
+BUNDLE_RW = PathArg("bundle-rw")  # a bundle the command writes into (its job)
+READ = PathArg("file")
+SOURCE = PathArg("source", keep=is_media_file)
+OUT = PathArg("out")
+INTO = PathArg("into")
+STATE = PathArg("state")
+
+
+def media_tree(depth: int) -> PathArg:
+    """A data folder: its image and video files up to ``depth`` levels down are read."""
+    return PathArg("tree", depth=depth, keep=is_media_file)
 
 
 def thread_count(threads: int | None) -> int | None:

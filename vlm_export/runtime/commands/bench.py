@@ -16,7 +16,6 @@ import contextlib
 import json
 import warnings
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,14 @@ from vlm_export.core.atomic import WriteError, atomic_write_bytes
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import IMAGE_INPUT
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import add_verify_arguments, status, verify_mode
+from vlm_export.runtime.commands import (
+    BUNDLE,
+    OUT,
+    SOURCE,
+    add_verify_arguments,
+    status,
+    verify_mode,
+)
 from vlm_export.runtime.engines import measure
 from vlm_export.runtime.engines.bench_record import (
     RECORD_FORMAT,
@@ -52,7 +58,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "cosine, token-fate agreement) and added memory. The results are recorded beside the "
         "bundle (bench.<device>.json); --backend auto then uses the fastest engine that passed.",
     )
-    parser.add_argument("bundle", help="bundle folder written by vlm-export")
+    parser.add_argument("bundle", type=BUNDLE, help="bundle folder written by vlm-export")
     parser.add_argument(
         "--backends",
         default=",".join(DEFAULT_BACKENDS),
@@ -68,9 +74,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
     parser.add_argument("--threads", type=int, help="inference threads (ONNX Runtime, OpenVINO)")
     parser.add_argument(
-        "--images", help="image folder for the parity check (default: 3 synthetic images)"
+        "--images",
+        type=SOURCE,
+        help="image folder for the parity check (default: 3 synthetic images)",
     )
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
+    parser.add_argument("--json", type=OUT, metavar="FILE", help="also write the results here")
     parser.add_argument(
         "--no-record", action="store_true", help="do not record the results beside the bundle"
     )

@@ -13,8 +13,8 @@ import sys
 
 from vlm_export.core.labels import describe_change
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import add_verify_arguments, status, verify_mode
-from vlm_export.runtime.text.bundle_classes import write_label_space
+from vlm_export.runtime.commands import BUNDLE_RW, READ, add_verify_arguments, status, verify_mode
+from vlm_export.runtime.text.bundle_classes import check_readable, write_label_space
 from vlm_export.runtime.text.class_lists import read_class_list
 from vlm_export.runtime.text.label_space import (
     LabelSpace,
@@ -33,8 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "atomically: the bundle's text engine embeds them with the bundle's templates (or "
         "--templates). TCA and RAIL states keep their rows by class name.",
     )
-    parser.add_argument("bundle", help="bundle folder written by vlm-export")
-    parser.add_argument("classes", help="class list: one name per line (or a JSON list)")
+    parser.add_argument("bundle", type=BUNDLE_RW, help="bundle folder written by vlm-export")
+    parser.add_argument("classes", type=READ, help="class list: one name per line (or a JSON list)")
     add_label_space_arguments(parser, domain=True)
     add_verify_arguments(parser)
     return parser
@@ -44,6 +44,7 @@ def add_label_space_arguments(parser: argparse._ActionsContainer, domain: bool) 
     """--templates (and --domain), as ``classes`` and ``run --classes`` take them."""
     parser.add_argument(
         "--templates",
+        type=READ,
         metavar="NAME|FILE",
         help="prompt templates: a built-in set or a file, one template with {} per line "
         "(default: the bundle's)",
@@ -77,6 +78,7 @@ def compute_label_space(
     encoder = TextEncoder.open(bundle, text_backend)  # checks the text engine and vocabulary
     chosen, spec = choose_templates(bundle, templates)
     labels, domains = new_labels(bundle, names, domain)
+    check_readable(labels, domains)  # the loader's limits, before minutes of embedding
     return embed_label_space(bundle, labels, domains, chosen, spec, encoder, _progress())
 
 

@@ -26,12 +26,12 @@ import numpy as np
 from vlm_export.core.atomic import atomic_file, atomic_write_bytes, check_can_create
 from vlm_export.core.errors import UserError
 from vlm_export.core.json_text import dumps
-from vlm_export.core.paths import check_paths, tree_reads
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import (
+    BUNDLE,
+    OUT,
     add_engine_arguments,
-    bundle_reads,
-    is_media_file,
+    media_tree,
     open_engine,
     status,
     verify_mode,
@@ -74,9 +74,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "DATA_ROOT/<domain>/<class>/, split by --shots): the full accuracy table and Transfer, "
         "Average, Last for zero-shot and RAIL.",
     )
-    parser.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by vlm-export")
     parser.add_argument(
-        "data_root", metavar="DATA_ROOT", help="one folder per domain (see the description)"
+        "bundle", type=BUNDLE, metavar="BUNDLE", help="bundle folder written by vlm-export"
+    )
+    parser.add_argument(
+        "data_root",
+        type=media_tree(4),
+        metavar="DATA_ROOT",
+        help="one folder per domain (see the description)",
     )
     parser.add_argument(
         "--order", required=True, metavar="D1,D2,...", help="the domains in learning order"
@@ -94,9 +99,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="the stages before fusion: zeroshot, or tca (test logits corrected by TCA, as in "
         "tca+rail); default: the bundle's",
     )
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--json", type=OUT, metavar="FILE", help="also write the results as JSON")
     parser.add_argument(
         "--plot",
+        type=OUT,
         metavar="FILE",
         help="also draw the accuracy tables as heatmaps with their metrics (a .png file)",
     )
@@ -229,13 +235,6 @@ def handle(args: argparse.Namespace) -> int:
     check_shots(args.shots)
     if args.test_per_class is not None and args.test_per_class < 1:
         raise UserError(f"--test-per-class must be at least 1, got {args.test_per_class}")
-    check_paths(
-        [
-            *bundle_reads(args.bundle),
-            *tree_reads("DATA_ROOT", args.data_root, depth=4, keep=is_media_file),
-        ],
-        [("--json", args.json)],
-    )
     if args.json:
         check_can_create(args.json)
     if args.plot is not None:

@@ -25,8 +25,12 @@ from vlm_export.core.atomic import atomic_write_bytes, check_can_create
 from vlm_export.core.errors import UserError
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import (
+    BUNDLE,
+    OUT,
+    STATE,
     add_crop_argument,
     add_engine_arguments,
+    media_tree,
     open_engine,
     status,
     stop_signals,
@@ -56,26 +60,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("bundle", help="a condensing (tca) bundle")
+    parser.add_argument("bundle", type=BUNDLE, help="a condensing (tca) bundle")
     parser.add_argument(
-        "data", help="test set: class-per-folder (DATA/<class>/<images>) or a --dataset layout"
+        "data",
+        type=media_tree(4),
+        help="test set: class-per-folder (DATA/<class>/<images>) or a --dataset layout",
     )
     parser.add_argument(
         "--dataset",
         help=f"map a paper dataset's usual layout to its classes ({', '.join(dataset_names())})",
     )
     parser.add_argument("--seed", type=int, default=1, help="seed of the stream order (default 1)")
-    parser.add_argument("--baseline", help="a full-tower bundle of the same classes: zero-shot")
+    parser.add_argument(
+        "--baseline", type=BUNDLE, help="a full-tower bundle of the same classes: zero-shot"
+    )
     parser.add_argument("--limit", type=int, help="stream only the first N images of the order")
     parser.add_argument(
         "--ignore-unknown",
         action="store_true",
         help="leave out classes the bundle does not have (default: refuse)",
     )
-    parser.add_argument("--json", help="write the results as JSON here")
-    parser.add_argument("--plot", help="write a reliability diagram (PNG) here")
+    parser.add_argument("--json", type=OUT, help="write the results as JSON here")
+    parser.add_argument("--plot", type=OUT, help="write a reliability diagram (PNG) here")
     parser.add_argument("--per-class", action="store_true", help="print per-class accuracy")
-    parser.add_argument("--state", help="save progress here and resume from it")
+    parser.add_argument("--state", type=STATE, help="save progress here and resume from it")
     parser.add_argument(
         "--save-every", type=int, default=200, help="save --state every N images (default 200)"
     )

@@ -28,6 +28,9 @@ from vlm_export.core.errors import BundleError, UserError
 from vlm_export.core.manifest import FATE_OUTPUT
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import (
+    BUNDLE,
+    INTO,
+    READ,
     add_crop_argument,
     add_engine_arguments,
     open_engine,
@@ -52,10 +55,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "gone), the top-k classes (zero-shot) and the engine's GFLOPs against the full tower's. "
         "A full tower condenses nothing: the pictures then show the view and the top-k only.",
     )
-    parser.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by vlm-export")
-    parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
+    parser.add_argument(
+        "bundle", type=BUNDLE, metavar="BUNDLE", help="bundle folder written by vlm-export"
+    )
+    parser.add_argument("images", type=READ, metavar="IMAGE", nargs="+", help="image files")
     parser.add_argument(
         "--out",
+        type=INTO,
         required=True,
         metavar="DIR",
         help=f"folder for the pictures (created if needed), one <image stem>{SUFFIX} each",

@@ -9,7 +9,7 @@ from vlm_export.core.errors import BundleError
 from vlm_export.core.json_text import dumps
 from vlm_export.core.manifest import onnx_engines, tensorrt_engines
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import add_verify_arguments, format_bytes, verify_mode
+from vlm_export.runtime.commands import BUNDLE, add_verify_arguments, format_bytes, verify_mode
 
 LABEL_WIDTH = 12
 
@@ -22,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Describe a bundle: model, weights, method, token schedule, FLOPs, parity, "
         "classes, engines and files.",
     )
-    parser.add_argument("bundle", help="bundle folder written by vlm-export")
+    parser.add_argument("bundle", type=BUNDLE, help="bundle folder written by vlm-export")
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
     add_verify_arguments(parser)
     return parser

@@ -20,12 +20,13 @@ from vlm_export.core.atomic import check_can_create
 from vlm_export.core.errors import UserError
 from vlm_export.core.labels import labels_meta
 from vlm_export.core.manifest import EMBEDDING_OUTPUT
-from vlm_export.core.paths import check_paths, tree_reads
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import (
+    BUNDLE,
+    OUT,
+    STATE,
     add_engine_arguments,
-    bundle_reads,
-    is_media_file,
+    media_tree,
     open_engine,
     status,
     verify_mode,
@@ -35,7 +36,6 @@ from vlm_export.runtime.commands._rail import (
     add_shots_argument,
     check_shots,
     learner_options,
-    same_file,
     show_progress,
 )
 from vlm_export.runtime.pipeline import Pipeline
@@ -68,19 +68,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Learn one domain with RAIL from class-per-folder images "
         "(DATA_DIR/<class>/<images>), continuing --state if it exists.",
     )
-    parser.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by vlm-export")
     parser.add_argument(
-        "data_dir", metavar="DATA_DIR", help="class-per-folder images: DATA_DIR/<class>/<images>"
+        "bundle", type=BUNDLE, metavar="BUNDLE", help="bundle folder written by vlm-export"
+    )
+    parser.add_argument(
+        "data_dir",
+        type=media_tree(2),
+        metavar="DATA_DIR",
+        help="class-per-folder images: DATA_DIR/<class>/<images>",
     )
     parser.add_argument("--domain", required=True, help="the bundle domain of these classes")
     parser.add_argument(
         "--state",
+        type=STATE,
         required=True,
         metavar="FILE",
         help="learner state file: continued if it exists, else started",
     )
     parser.add_argument(
         "--inference-state",
+        type=OUT,
         metavar="FILE",
         help="also write the predict-only state (float32, no d_h x d_h matrix) for vlm-edge run",
     )
@@ -175,16 +182,6 @@ def handle(args: argparse.Namespace) -> int:
     check_shots(args.shots)
     if args.workers is not None and args.ray is None:
         raise UserError("--workers sets the number of Ray workers: it needs --ray")
-    if args.inference_state and same_file(args.inference_state, args.state):
-        raise UserError("--inference-state must be another file than --state")
-    check_paths(
-        [
-            *bundle_reads(args.bundle),
-            *tree_reads("DATA_DIR", args.data_dir, depth=2, keep=is_media_file),
-            ("--state", args.state),
-        ],
-        [("--state", args.state), ("--inference-state", args.inference_state)],
-    )
     for path in filter(None, (args.state, args.inference_state)):
         check_can_create(path)  # before minutes of embedding and solving, not after
     bundle = Bundle.open(args.bundle, verify=verify_mode(args))

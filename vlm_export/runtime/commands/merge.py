@@ -14,9 +14,8 @@ import argparse
 
 from vlm_export.core.atomic import check_can_create
 from vlm_export.core.errors import StateError, UserError
-from vlm_export.core.paths import check_paths
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import add_verify_arguments, bundle_reads, status, verify_mode
+from vlm_export.runtime.commands import BUNDLE, OUT, READ, add_verify_arguments, status, verify_mode
 from vlm_export.runtime.commands._rail import same_file
 from vlm_export.runtime.rail import footprint
 from vlm_export.runtime.rail.models import describe, state_header
@@ -36,34 +35,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Merge RAIL learner states learned from the same bundle and seed on several "
         "devices into OUT, the exact joint learner.",
     )
-    parser.add_argument("out", metavar="OUT", help="the merged learner state to write")
-    parser.add_argument("states", nargs="+", metavar="STATE", help="learner states to merge")
-    parser.add_argument("--bundle", help="also check that every state comes from this bundle")
+    parser.add_argument("out", type=OUT, metavar="OUT", help="the merged learner state to write")
     parser.add_argument(
-        "--inference-state", metavar="FILE", help="also write the merged predict-only state"
+        "states", type=READ, nargs="+", metavar="STATE", help="learner states to merge"
+    )
+    parser.add_argument(
+        "--bundle", type=BUNDLE, help="also check that every state comes from this bundle"
+    )
+    parser.add_argument(
+        "--inference-state",
+        type=OUT,
+        metavar="FILE",
+        help="also write the merged predict-only state",
     )
     add_verify_arguments(parser, what="--bundle's")
     return parser
 
 
-def _check_paths(args: argparse.Namespace) -> None:
+def _check_states(args: argparse.Namespace) -> None:
     if len(args.states) < 2:
         raise UserError("merge needs at least two learner states")
-    outputs = [args.out] + ([args.inference_state] if args.inference_state else [])
-    for index, state in enumerate(args.states):
-        for out in outputs:
-            if same_file(out, state):
-                raise UserError(f"{out} is an input state: write the merged state elsewhere")
+    for index, state in enumerate(args.states):  # outputs: the write guard (core.paths)
         for other in args.states[:index]:
             if same_file(other, state):
                 raise UserError(f"{state} is given twice (its samples would count twice)")
-    if args.inference_state and same_file(args.inference_state, args.out):
-        raise UserError("--inference-state must be another file than OUT")
-    check_paths(
-        [*(bundle_reads(args.bundle, "--bundle") if args.bundle else [])]
-        + [("STATE", state) for state in args.states],
-        [("OUT", args.out), ("--inference-state", args.inference_state)],
-    )
 
 
 def _fingerprint(args: argparse.Namespace) -> str:
@@ -87,7 +82,7 @@ def _check_memory(path: str) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     """Load, check, merge and write; return the exit status."""
-    _check_paths(args)
+    _check_states(args)
     for path in filter(None, (args.out, args.inference_state)):
         check_can_create(path)
     fingerprint = _fingerprint(args)

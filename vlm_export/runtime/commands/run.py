@@ -28,15 +28,18 @@ from typing import IO, Any
 from vlm_export.core.atomic import check_can_create
 from vlm_export.core.errors import UserError
 from vlm_export.core.json_text import dumps, name_fields
-from vlm_export.core.paths import check_paths, source_reads
 from vlm_export.runtime import api
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import (
+    BUNDLE,
+    INTO,
+    OUT,
+    READ,
+    SOURCE,
+    STATE,
     add_crop_argument,
     add_engine_arguments,
     add_source_arguments,
-    bundle_reads,
-    is_media_file,
     open_engine,
     source_options,
     status,
@@ -111,9 +114,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "on a terminal, JSON lines otherwise). Cameras and streams are read on a capture thread: "
         "each step takes the newest frame, stale ones are dropped and counted.",
     )
-    parser.add_argument("bundle", help="bundle folder written by vlm-export")
+    parser.add_argument("bundle", type=BUNDLE, help="bundle folder written by vlm-export")
     parser.add_argument(
         "source",
+        type=SOURCE,
         help="image file, folder, glob ('frames/*.png'), video file, camera index (0), "
         "stream URL (rtsp://...) or GStreamer pipeline ('... ! appsink')",
     )
@@ -125,10 +129,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--rail-state",
+        type=READ,
         metavar="FILE",
         help="RAIL learner or inference state (vlm-edge learn) for methods rail and tca+rail",
     )
-    parser.add_argument("--out", help="write the records here (JSON lines unless --format text)")
+    parser.add_argument(
+        "--out", type=OUT, help="write the records here (JSON lines unless --format text)"
+    )
     parser.add_argument(
         "--format",
         choices=FORMATS,
@@ -150,7 +157,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "'unknown', top-k kept); pick S from eval-tta's reliability diagram",
     )
     parser.add_argument(
-        "--state", help="reservoir state file: resumed if it exists, kept up to date"
+        "--state", type=STATE, help="reservoir state file: resumed if it exists, kept up to date"
     )
     parser.add_argument(
         "--save-every",
@@ -162,6 +169,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
     parser.add_argument(
         "--save-annotated",
+        type=INTO,
         metavar="PATH",
         help="also save every frame with its label, score and fps drawn on it: a folder of PNGs "
         "for images, a video file (.mp4) for video and camera sources",
@@ -176,7 +184,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_engine_arguments(parser)
     labels = parser.add_argument_group("classes for this run (the bundle is not changed)")
     labels.add_argument(
-        "--classes", metavar="FILE", help="classify with these classes (needs a text engine)"
+        "--classes",
+        type=READ,
+        metavar="FILE",
+        help="classify with these classes (needs a text engine)",
     )
     add_label_space_arguments(labels, domain=False)
     tca = parser.add_argument_group("TCA reservoir (default: the bundle's adaptation.tca)")
@@ -419,20 +430,6 @@ def _save(pipeline: Pipeline, path: str) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     """Run the pipeline over the source; return the exit status."""
-    check_paths(
-        [
-            *bundle_reads(args.bundle),
-            *source_reads("SOURCE", args.source, is_media_file),
-            ("--rail-state", args.rail_state),
-            ("--state", args.state),
-            ("--classes", args.classes),
-            (
-                "--templates",
-                args.templates if args.templates and Path(args.templates).is_file() else None,
-            ),
-        ],
-        [("--out", args.out), ("--state", args.state)],
-    )
     if args.out:
         check_can_create(args.out)  # before the bundle and engine load, not after
     reading = source_options(args)

@@ -17,9 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlm_export.core.errors import UserError
+from vlm_export.core.errors import UserError, shown
 
 _DOMAIN_NAME = re.compile(r"[\w.-]+")
+#: the longest class or domain name a class list, and a bundle's classes.json, may hold: the
+#: bundle loader refuses longer ones, so the writers check it before anything is written
+MAX_NAME_CHARS = 1000
 
 
 class ClassListError(UserError):
@@ -66,12 +69,23 @@ def _check_duplicates(names: list[str], path: Path) -> None:
     seen: dict[str, list[str]] = {}
     for name in names:
         seen.setdefault(_prompt_key(name), []).append(name)
-    repeated = [" / ".join(group) for group in seen.values() if len(group) > 1]
+    repeated = [" / ".join(map(shown, group[:3])) for group in seen.values() if len(group) > 1]
     if repeated:
+        more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
         raise ClassListError(
             f"class list {path} names a class more than once (same prompt after '_' -> ' ' "
-            f"and lower-casing): {'; '.join(repeated)}"
+            f"and lower-casing): {'; '.join(repeated[:5])}{more}"
         )
+
+
+def check_name_lengths(names: Sequence[str], where: str) -> None:
+    """ClassListError (one line, the name cut) for a name longer than MAX_NAME_CHARS."""
+    for number, name in enumerate(names, 1):
+        if len(name) > MAX_NAME_CHARS:
+            raise ClassListError(
+                f"{where}: class name {number} is {len(name):,} characters, more than the "
+                f"{MAX_NAME_CHARS:,} a bundle holds: {shown(name)!r}"
+            )
 
 
 def read_class_list(path: str | Path) -> list[str]:
@@ -93,6 +107,7 @@ def read_class_list(path: str | Path) -> list[str]:
         names = _read_text_lines(text)
     if not names:
         raise ClassListError(f"class list {path} holds no class names")
+    check_name_lengths(names, f"class list {path}")
     _check_duplicates(names, path)
     return names
 
@@ -110,13 +125,14 @@ def parse_domain_args(args: Sequence[str]) -> list[tuple[str, list[str]]]:
         name, sep, file = arg.partition("=")
         name, file = name.strip(), file.strip()
         if not sep or not name or not file:
-            raise ClassListError(f"--domain expects NAME=FILE, got {arg!r}")
-        if not _DOMAIN_NAME.fullmatch(name):
+            raise ClassListError(f"--domain expects NAME=FILE, got {shown(arg)!r}")
+        if not _DOMAIN_NAME.fullmatch(name) or len(name) > MAX_NAME_CHARS:
             raise ClassListError(
-                f"--domain name {name!r} may hold only letters, digits, '_', '-' and '.'"
+                f"--domain name {shown(name)!r} may hold only letters, digits, '_', '-' and '.' "
+                f"(at most {MAX_NAME_CHARS:,})"
             )
         if name in seen:
-            raise ClassListError(f"--domain {name!r} is given more than once")
+            raise ClassListError(f"--domain {shown(name)!r} is given more than once")
         seen.add(name)
         domains.append((name, read_class_list(file)))
     return domains
