@@ -41,6 +41,7 @@ NON_PATH = {
     "--model",
     "--reduction-layers",
     "--tca-preset",
+    "--camera-size",  # WIDTHxHEIGHT
 }
 
 
