@@ -73,7 +73,7 @@ class FrameResult:
     ``embedding`` is the engine's image embedding [E] that the logits were computed from.
     ``token_fate`` [R, P] int8 is each original patch's fate at every reduction block
     (``vlm_export.core.manifest.TOKEN_FATE`` codes; ``vlm_export.runtime.draw`` draws it), None
-    for a full tower.
+    for a full tower. ``drop_rate`` is the rung that ran, for a ladder of budgets (else None).
     """
 
     index: int
@@ -87,6 +87,7 @@ class FrameResult:
     timings: dict[str, float] = field(default_factory=dict)
     embedding: np.ndarray | None = None
     token_fate: np.ndarray | None = None
+    drop_rate: float | None = None
 
     @property
     def score(self) -> float:
@@ -103,6 +104,7 @@ class FrameResult:
             "domain": self.domain,
             "topk": [{"index": i, "class": name, "score": round(s, 6)} for i, name, s in self.topk],
             "timings_ms": {name: round(ms, 3) for name, ms in self.timings.items()},
+            **({} if self.drop_rate is None else {"drop_rate": self.drop_rate}),
         }
 
 
@@ -230,6 +232,7 @@ class Pipeline:
         self, tensor: np.ndarray, index: int, source: str, start: float, timings: dict[str, float]
     ) -> FrameResult:
         mark = time.perf_counter()
+        drop_rate = getattr(self.backend, "drop_rate", None)  # the rung this frame runs on
         outputs = self.backend.infer(tensor)
         timings["engine"] = _ms(mark)
         embedding = outputs[EMBEDDING_OUTPUT][0]
@@ -271,6 +274,7 @@ class Pipeline:
             timings=timings,
             embedding=embedding,
             token_fate=None if fate is None else fate[0].astype(np.int8),
+            drop_rate=drop_rate,
         )
 
 

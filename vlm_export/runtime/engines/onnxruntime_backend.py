@@ -173,6 +173,8 @@ def check_tensor(
 class OnnxRuntimeBackend(EngineBackend):
     """Runs the bundle's ONNX image encoder with ONNX Runtime through an IOBinding.
 
+    ``initializers`` (name -> OrtValue) replace the graph's initializers of those names, so that
+    sessions of a ladder's rungs read one copy of the weights (names a graph lacks are ignored).
     ``providers`` reports what actually runs (``session.get_providers()``), which can differ from
     ``requested_providers``: onnxruntime-gpu silently falls back to CPU when CUDA/cuDNN libraries
     are missing; that logs a warning.
@@ -183,6 +185,7 @@ class OnnxRuntimeBackend(EngineBackend):
         bundle: Bundle,
         providers: Sequence[str] | None = None,
         threads: int | None = None,
+        initializers: dict[str, Any] | None = None,
     ) -> None:
         self._ort = ort = import_onnxruntime()
         self._errors = ort_errors(ort)
@@ -195,6 +198,8 @@ class OnnxRuntimeBackend(EngineBackend):
                 raise UserError(f"--threads must be at least 1, got {threads}")
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        for name, value in (initializers or {}).items():  # shared with other sessions (ladder)
+            options.add_initializer(name, value)
         try:
             with warnings.catch_warnings():  # ORT's own note on a missing provider: reported below
                 warnings.filterwarnings("ignore", "Specified provider", UserWarning)
