@@ -29,7 +29,7 @@ LADDER_BACKENDS = ("auto", "onnxruntime", "openvino")
 
 @dataclass(frozen=True)
 class Rung:
-    """One token budget of a ladder: drop rate, graph file, GFLOPs, tokens after the last reduction."""
+    """One token budget of a ladder: drop rate, graph, GFLOPs, tokens after the last reduction."""
 
     index: int
     drop_rate: float
