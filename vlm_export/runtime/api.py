@@ -18,6 +18,7 @@ from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import uses_condensation
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.factory import open_backend
+from vlm_export.runtime.engines.ladder import BudgetRun, open_budgeted
 from vlm_export.runtime.io.preprocess import image_from_array, load_image
 from vlm_export.runtime.pipeline import METHOD_STAGES, FrameResult, Pipeline, Stages
 from vlm_export.runtime.rail.fusion import RailFusion
@@ -47,10 +48,14 @@ def fusion_dropped(bundle: Bundle, with_rail: bool) -> bool:
 class EdgePipeline:
     """A pipeline opened by :func:`open_pipeline`; a context manager that saves the state."""
 
-    def __init__(self, pipeline: Pipeline, state: Path | None) -> None:
+    def __init__(
+        self, pipeline: Pipeline, state: Path | None, budget: BudgetRun | None = None
+    ) -> None:
         self.pipeline = pipeline
         self.state = state
         self._frames = 0
+        #: the ladder's latency budget (open_pipeline's target_ms), None without one
+        self.budget = budget
 
     @property
     def bundle(self) -> Bundle:
@@ -92,6 +97,9 @@ class EdgePipeline:
         self.pipeline.topk = min(topk, self.bundle.num_classes)
         result = self.pipeline.process(frame, self._frames, source)
         self._frames += 1
+        switched = self.budget.after_frame(result.timings["total"]) if self.budget else None
+        if switched:
+            log.info(switched)
         return result
 
     def save_state(self, path: str | Path | None = None) -> None:
@@ -142,12 +150,20 @@ def open_pipeline(
     providers: list[str] | None = None,
     threads: int | None = None,
     verify: bool = True,
+    target_ms: float | None = None,
+    adapt_budget: bool = False,
+    measure: bool = False,
 ) -> EdgePipeline:
     """Open a bundle for classification, with ``vlm-edge run``'s defaults.
 
     ``method`` None is the bundle's method (:func:`default_method`); ``state`` is the TCA
     reservoir file, resumed if it exists and saved when the ``with`` block ends; ``rail_state``
     a RAIL state from ``vlm-edge learn`` (methods rail and tca+rail).
+
+    A ladder bundle (``vlm-export --drop-rates``) with ``target_ms`` starts on the largest
+    budget whose p90 recorded by ``vlm-edge bench`` meets it (``measure``: time the rungs now if
+    none is recorded); ``adapt_budget`` switches rungs while running. ``pipeline.budget.reason``
+    says which rung and why; each result's ``drop_rate`` is the rung it ran on.
     """
     if not isinstance(bundle, Bundle):
         bundle = Bundle.open(bundle, verify=verify)
@@ -170,9 +186,23 @@ def open_pipeline(
         fusion = RailFusion(
             load_predictor(rail_state, bundle.fingerprint), fusion_beta(bundle.manifest)
         )
-    engine = open_backend(bundle, backend, providers, threads)
+    budget = None
+    if target_ms is not None or adapt_budget or measure:
+        engine, budget = open_budgeted(
+            bundle,
+            backend,
+            providers,
+            threads,
+            target_ms=target_ms,
+            adapt=adapt_budget,
+            measure_first=measure,
+        )
+        if budget is not None:
+            log.info("budget: %s", budget.reason)
+    else:
+        engine = open_backend(bundle, backend, providers, threads)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(engine.close)  # closed again only if the pipeline cannot be built
         pipeline = Pipeline(bundle, engine, method, reservoir, fusion)
         cleanup.pop_all()
-    return EdgePipeline(pipeline, Path(state) if state is not None else None)
+    return EdgePipeline(pipeline, Path(state) if state is not None else None, budget)

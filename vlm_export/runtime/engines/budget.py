@@ -42,7 +42,7 @@ def choose_rung(p90_ms: Sequence[float], drop_rates: Sequence[float], target_ms:
         if p90 <= target_ms:
             reason = (
                 f"rung {index} (drop rate {drop_rates[index]:g}) is the largest budget whose "
-                f"recorded p90 {p90:.1f} ms meets --target-ms {target_ms:g}"
+                f"p90 {p90:.1f} ms meets --target-ms {target_ms:g}"
             )
             if index > 0:
                 reason += f" (rung {index - 1}: p90 {p90_ms[index - 1]:.1f} ms)"
@@ -50,7 +50,7 @@ def choose_rung(p90_ms: Sequence[float], drop_rates: Sequence[float], target_ms:
     last = len(p90_ms) - 1
     reason = (
         f"no rung meets --target-ms {target_ms:g}: running the smallest budget, rung {last} "
-        f"(drop rate {drop_rates[last]:g}, recorded p90 {p90_ms[last]:.1f} ms)"
+        f"(drop rate {drop_rates[last]:g}, p90 {p90_ms[last]:.1f} ms)"
     )
     return Choice(last, reason, False)
 

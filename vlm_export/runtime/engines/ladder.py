@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlm_export.core.errors import BundleError, UserError
+from vlm_export.core.manifest import IMAGE_INPUT
 from vlm_export.runtime.engines.base import EngineBackend
+from vlm_export.runtime.engines.bench_record import recorded_rungs
+from vlm_export.runtime.engines.budget import BudgetController, choose_rung
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
@@ -103,6 +106,8 @@ class LadderBackend(EngineBackend):
         self._anchors: tuple[np.ndarray, np.ndarray] | None = None
         self._current = {start}  # rungs that hold the latest anchors
         self.notes: list[str] = []
+        #: the backend the rungs run on, as bench records name it (onnxruntime, openvino)
+        self.backend_name = engines[0].description.split(":")[0]
 
     @property
     def rung(self) -> Rung:
@@ -202,3 +207,113 @@ def open_ladder(
             engine.close()
         raise
     return LadderBackend(rungs, engines, start)
+
+
+#: rounds per rung when --measure times the rungs before running
+MEASURE_ROUNDS = 10
+
+
+def measure_rungs(ladder: LadderBackend, image_shape: Sequence[int], rounds: int) -> list[float]:
+    """p90 milliseconds of every rung on this device now (interleaved, synthetic image)."""
+    from vlm_export.runtime.engines import measure
+
+    image = measure.synthetic_images(image_shape, 1)[0]
+    runners = {i: (lambda e=engine: e.infer(image)) for i, engine in enumerate(ladder.engines)}
+    timings = measure.interleaved_latency(runners, rounds, warmup=2)
+    return [timings[i]["p90_ms"] for i in range(len(ladder.engines))]
+
+
+class BudgetRun:
+    """A ladder started for a latency target, optionally switched while running.
+
+    ``reason`` says which rung it started on and why; ``after_frame`` feeds the adaptive
+    controller one frame time and returns a line when it switched rungs.
+    """
+
+    def __init__(self, ladder: LadderBackend, controller: BudgetController | None, reason: str):
+        self.ladder = ladder
+        self.controller = controller
+        self.reason = reason
+
+    def after_frame(self, frame_ms: float) -> str | None:
+        """Feed one frame time; the line to show when the rung changed, else None."""
+        if self.controller is None:
+            return None
+        before = self.ladder.rung
+        rung = self.controller.observe(frame_ms)
+        if rung is None:
+            return None
+        self.ladder.select(rung)
+        way = "down" if rung > before.index else "up"
+        return (
+            f"budget {way}: {before.label} -> {self.ladder.rung.label} (moving p90 against "
+            f"--target-ms {self.controller.target:g})"
+        )
+
+
+def start_budget(
+    ladder: LadderBackend,
+    bundle: Bundle,
+    target_ms: float,
+    adapt: bool = False,
+    measure_first: bool = False,
+) -> BudgetRun:
+    """Select the largest rung whose p90 (recorded by ``vlm-edge bench`` for this device and
+    backend, or measured now with ``measure_first``) meets ``target_ms``, else the smallest.
+
+    UserError in one line when nothing is recorded and ``measure_first`` is off.
+    """
+    if not target_ms > 0:
+        raise UserError(f"--target-ms must be a positive number of milliseconds, got {target_ms}")
+    rows = recorded_rungs(bundle.path, bundle.fingerprint, ladder.backend_name)
+    if rows is not None and len(rows) != len(ladder.rungs):
+        rows = None
+    if rows is not None:
+        p90 = [float(row["p90_ms"]) for row in rows]
+        where = f"recorded by vlm-edge bench ({ladder.backend_name})"
+    elif measure_first:
+        shape = [int(v) for v in bundle.engine_io("inputs")[IMAGE_INPUT]["shape"]]
+        p90 = measure_rungs(ladder, shape, MEASURE_ROUNDS)
+        where = f"measured now over {MEASURE_ROUNDS} rounds (not recorded: vlm-edge bench keeps it)"
+    else:
+        raise UserError(
+            f"--target-ms needs this device's rung latencies ({ladder.backend_name}): run "
+            "`vlm-edge bench BUNDLE` first, or add --measure to time the rungs before running"
+        )
+    choice = choose_rung(p90, [rung.drop_rate for rung in ladder.rungs], target_ms)
+    ladder.select(choice.index)
+    controller = BudgetController(p90, target_ms, start=choice.index) if adapt else None
+    return BudgetRun(ladder, controller, f"{choice.reason}; p90 {where}")
+
+
+def open_budgeted(
+    bundle: Bundle,
+    backend: str = "auto",
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+    precision: str | None = None,
+    *,
+    target_ms: float | None = None,
+    adapt: bool = False,
+    measure_first: bool = False,
+) -> tuple[LadderBackend, BudgetRun | None]:
+    """A ladder bundle's rungs, started for ``target_ms`` when given (``run`` / ``serve`` / API).
+
+    Without a target the ladder runs rung 0 (the largest budget). ``adapt`` and
+    ``measure_first`` need a target; a one-engine bundle cannot take any of them.
+    """
+    if (adapt or measure_first) and target_ms is None:
+        raise UserError("--adapt-budget and --measure need --target-ms MS")
+    if not ladder_rungs(bundle.manifest):
+        raise UserError(
+            "--target-ms needs a ladder bundle (vlm-export --drop-rates 0,0.035,0.06,0.1); "
+            "this bundle has one engine"
+        )
+    ladder = open_ladder(bundle, backend, providers, threads, precision)
+    if target_ms is None:
+        return ladder, None
+    try:
+        return ladder, start_budget(ladder, bundle, target_ms, adapt, measure_first)
+    except BaseException:
+        ladder.close()
+        raise
