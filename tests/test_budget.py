@@ -1,4 +1,4 @@
-"""The rung choice and the adaptive budget controller, on synthetic latency sequences (no timing)."""
+"""The rung choice and the adaptive budget controller on synthetic latency sequences (no timing)."""
 
 from __future__ import annotations
 
