@@ -3,10 +3,10 @@
 Every rung takes the same anchors [K, R, D], so one TCA reservoir serves all of them: the ladder
 keeps the latest anchors and hands them to a rung when it becomes active. With ONNX Runtime the
 rungs share their weights in memory too: the shared weights file is mapped once and every
-session gets the same buffers (``SessionOptions.add_initializer``; the Python API has no shared
-pre-packed weights container, so each session still pre-packs its own MatMul weights).
-OpenVINO compiles each rung on its own (it copies the weights into its compiled model; nothing
-is shared between compiled models but the file in the page cache).
+session gets the same buffers (``SessionOptions.add_initializer``). The Python API has no shared
+pre-packed weights container, and pre-packing copies the MatMul weights into each session, so
+sharing sessions run without pre-packing (``share_memory=False`` trades memory for that).
+OpenVINO compiles each rung on its own and keeps its own weights per compiled model.
 """
 
 from __future__ import annotations

@@ -174,7 +174,8 @@ class OnnxRuntimeBackend(EngineBackend):
     """Runs the bundle's ONNX image encoder with ONNX Runtime through an IOBinding.
 
     ``initializers`` (name -> OrtValue) replace the graph's initializers of those names, so that
-    sessions of a ladder's rungs read one copy of the weights (names a graph lacks are ignored).
+    sessions of a ladder's rungs read one copy of the weights (names a graph lacks are ignored);
+    weight pre-packing is then off, since it would copy the weights into each session again.
     ``providers`` reports what actually runs (``session.get_providers()``), which can differ from
     ``requested_providers``: onnxruntime-gpu silently falls back to CPU when CUDA/cuDNN libraries
     are missing; that logs a warning.
@@ -200,6 +201,8 @@ class OnnxRuntimeBackend(EngineBackend):
             options.inter_op_num_threads = 1
         for name, value in (initializers or {}).items():  # shared with other sessions (ladder)
             options.add_initializer(name, value)
+        if initializers:  # pre-packing would give every session its own copy of the weights again
+            options.add_session_config_entry("session.disable_prepacking", "1")
         try:
             with warnings.catch_warnings():  # ORT's own note on a missing provider: reported below
                 warnings.filterwarnings("ignore", "Specified provider", UserWarning)
