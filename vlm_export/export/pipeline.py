@@ -112,6 +112,8 @@ def _check_options(options: ExportOptions) -> None:
         raise UserError(f"unknown device {options.device!r}; choose from {', '.join(DEVICES)}")
     if options.drop_rates and not uses_condensation(options.method):
         raise UserError(f"--drop-rates needs method tca or tca+rail (exporting {options.method})")
+    if options.drop_rates and list(options.drop_rates) != sorted(set(options.drop_rates)):
+        raise UserError("--drop-rates must be distinct and increasing (largest budget first)")
     if options.drop_rates and options.target_gflops is not None:
         raise UserError("give either --drop-rates or --target-gflops, not both")
     if options.device == "cuda" and not torch.cuda.is_available():
@@ -258,22 +260,24 @@ def _export_rungs(
 
     With more than one rung the graphs share one external-data weights file, and parity runs on
     the graphs as written (reading that file), so it covers the sharing."""
-    graphs, reports = [], []
-    for index, tower in enumerate(towers):
+    first = report = None
+    for index, tower in enumerate(towers):  # one graph in memory at a time (ViT-B: 350 MB each)
         graph = export_onnx(tower, folder / rung_file(index), options.opset, options.batch_size)
-        graphs.append(graph)
-        reports.append(assert_tensorrt_compatible(graph, options.opset))
+        checked = assert_tensorrt_compatible(graph, options.opset)
+        if index == 0:
+            first, report = graph, checked
+        del graph
     weights = None
     if len(towers) > 1:
         weights = share_weights([folder / rung_file(i) for i in range(len(towers))])
     what = f"{len(towers)} rungs, " if len(towers) > 1 else ""
-    progress.done(f"{what}{len(graphs[0].graph.node)} nodes, TensorRT operator check passed")
+    progress.done(f"{what}{len(first.graph.node)} nodes, TensorRT operator check passed")
     progress.step("parity: ONNX Runtime vs PyTorch")
     parities = [
         check_parity(tower, folder / rung_file(index), options.batch_size)
         for index, tower in enumerate(towers)
     ]
-    return graphs[0], reports[0], parities, weights
+    return first, report, parities, weights
 
 
 def export_bundle(options: ExportOptions) -> Path:
