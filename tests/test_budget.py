@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vlm_export.runtime.engines.budget import BudgetController, choose_rung
+from vlm_export.runtime.engines.budget import BudgetController, choose_rung, efficient_rungs
 
 RATES = [0.0, 0.035, 0.06, 0.1]
 RECORDED = [40.0, 34.0, 30.0, 24.0]  # p90 per rung, largest budget first
@@ -23,6 +23,20 @@ def test_choose_rung_runs_the_smallest_when_no_rung_meets_the_target():
     choice = choose_rung(RECORDED, RATES, 10.0)
     assert choice.index == 3 and not choice.meets_target
     assert choice.reason.startswith("no rung meets --target-ms 10")
+
+
+def test_slower_smaller_budgets_are_skipped():
+    """A staircase: rung 2 is slower than rung 1 (a larger budget), so it is never run."""
+    recorded = [40.0, 30.0, 33.0, 24.0]
+    assert efficient_rungs(recorded) == [0, 1, 3]
+    assert choose_rung(recorded, RATES, 31.0).index == 1
+    assert choose_rung([40.0, 30.0, 33.0, 31.0], RATES, 5.0).index == 1, "the fastest"
+    controller = BudgetController(recorded, target_ms=34.0, start=1, window=10, margin=0.05)
+    with pytest.raises(ValueError, match="slower than a larger budget"):
+        BudgetController(recorded, target_ms=32.0, start=2)
+    load = [1.0] * 200 + [1.3] * 300 + [1.0] * 500
+    rungs = _stream(controller, lambda rung, t: recorded[rung] * load[t], len(load))
+    assert 2 not in rungs and 3 in rungs[200:500] and rungs[-1] == 1
 
 
 def _stream(controller, latency_of, frames, seed=0, noise=0.03):

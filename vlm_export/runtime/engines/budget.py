@@ -1,8 +1,11 @@
 """Choosing a ladder rung by measured latency, and switching rungs while running (no I/O).
 
 ``choose_rung`` picks the starting rung from the p90 latencies ``vlm-edge bench`` recorded: the
-largest budget whose p90 meets the target, else the smallest budget. ``BudgetController`` then
-watches the frame times and switches with hysteresis:
+largest budget whose p90 meets the target, else the fastest rung. Latency against tokens is a
+staircase, not a line (POMT, WACV 2025): a smaller budget can be as slow as a larger one, so only
+the *efficient* rungs count, those faster than every larger budget (``efficient_rungs``); the
+fastest is then the smallest budget among them. ``BudgetController`` moves along the efficient
+rungs while running, with hysteresis:
 
 - it decides only on a full window of frames run at the current rung (the window restarts after
   every switch, so each rung is judged on its own frames);
@@ -33,8 +36,19 @@ class Choice:
     meets_target: bool
 
 
+def efficient_rungs(p90_ms: Sequence[float]) -> list[int]:
+    """Rungs (largest budget first) strictly faster than every larger budget; rung 0 always."""
+    kept, best = [], float("inf")
+    for index, p90 in enumerate(p90_ms):
+        if p90 < best:
+            kept.append(index)
+            best = p90
+    return kept
+
+
 def choose_rung(p90_ms: Sequence[float], drop_rates: Sequence[float], target_ms: float) -> Choice:
-    """The largest budget (lowest index) whose recorded p90 meets ``target_ms``, else the last.
+    """The largest budget (lowest index) whose recorded p90 meets ``target_ms``, else the fastest
+    (the smallest budget among the efficient rungs).
 
     ``p90_ms`` and ``drop_rates`` list the rungs largest budget first.
     """
@@ -47,10 +61,10 @@ def choose_rung(p90_ms: Sequence[float], drop_rates: Sequence[float], target_ms:
             if index > 0:
                 reason += f" (rung {index - 1}: p90 {p90_ms[index - 1]:.1f} ms)"
             return Choice(index, reason, True)
-    last = len(p90_ms) - 1
+    last = efficient_rungs(p90_ms)[-1]
     reason = (
         f"no rung meets --target-ms {target_ms:g}: running the smallest budget, rung {last} "
-        f"(drop rate {drop_rates[last]:g}, p90 {p90_ms[last]:.1f} ms)"
+        f"(drop rate {drop_rates[last]:g}, p90 {p90_ms[last]:.1f} ms, the fastest)"
     )
     return Choice(last, reason, False)
 
@@ -58,7 +72,8 @@ def choose_rung(p90_ms: Sequence[float], drop_rates: Sequence[float], target_ms:
 class BudgetController:
     """Moves between rungs from the frame times it is shown (see the module docstring).
 
-    ``recorded_p90`` per rung, largest budget first, gives the latency ratios between rungs;
+    ``recorded_p90`` per rung, largest budget first, gives the latency ratios between rungs and
+    the efficient rungs it moves along (``start`` is one, as ``choose_rung`` picks);
     ``window`` frames at a rung make one decision; ``margin`` is the fraction below the target
     that a larger rung must be predicted to reach before stepping up.
     """
@@ -81,6 +96,9 @@ class BudgetController:
         self.target = float(target_ms)
         self.margin = float(margin)
         self.base_window = window
+        self.path = efficient_rungs(self.recorded)
+        if start not in self.path:
+            raise ValueError(f"rung {start} is slower than a larger budget: start on {self.path}")
         self.rung = start
         self.switches = 0
         self._frames: deque[float] = deque()
@@ -109,17 +127,19 @@ class BudgetController:
         if len(self._frames) < self.base_window:
             return None
         p90 = self.window_p90
-        if p90 is not None and p90 > self.target and self.rung < len(self.recorded) - 1:
+        step = self.path.index(self.rung)
+        if p90 is not None and p90 > self.target and step < len(self.path) - 1:
             if self._stepped_up:  # the step up did not hold: wait longer before the next one
                 self._up_window *= 2
-            return self._switch(self.rung + 1, stepped_up=False)
+            return self._switch(self.path[step + 1], stepped_up=False)
         if self._stepped_up:  # the larger rung held for a window: forgive one doubling
             self._stepped_up = False
             self._up_window = max(self.base_window, self._up_window // 2)
-        if self.rung > 0 and len(self._frames) >= self._up_window:
-            predicted = self.predicted_p90(self.rung - 1)
+        if step > 0 and len(self._frames) >= self._up_window:
+            larger = self.path[step - 1]
+            predicted = self.predicted_p90(larger)
             if predicted is not None and predicted < self.target * (1.0 - self.margin):
-                return self._switch(self.rung - 1, stepped_up=True)
+                return self._switch(larger, stepped_up=True)
         return None
 
     def _switch(self, rung: int, stepped_up: bool) -> int:
