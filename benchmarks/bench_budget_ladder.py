@@ -349,12 +349,14 @@ def stream(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     ladder = open_ladder(bundle, "onnxruntime", threads=args.threads)
     shape = [int(v) for v in bundle.engine_io("inputs")["image"]["shape"]]
     frames = [image[0] for image in measure.synthetic_images(shape, 8, seed=11)]
-    p90 = []
-    for index in range(len(ladder.rungs)):  # p90 of whole frames, as the controller sees them
-        ladder.select(index)
-        pipeline = Pipeline(bundle, ladder, "tca", build_reservoir(bundle))
-        times = [pipeline.process_tensor(frames[i % 8], i).timings["total"] for i in range(12)]
-        p90.append(float(np.percentile(times[2:], 90)))
+    pipelines = [Pipeline(bundle, ladder, "tca", build_reservoir(bundle)) for _ in ladder.rungs]
+    times: list[list[float]] = [[] for _ in ladder.rungs]
+    for round_index in range(14):  # interleaved, whole frames as the controller sees them
+        for index, pipeline in enumerate(pipelines):
+            ladder.select(index)
+            frame = frames[round_index % len(frames)]
+            times[index].append(pipeline.process_tensor(frame, round_index).timings["total"])
+    p90 = [float(np.percentile(values[2:], 90)) for values in times]
     target = args.target_ms or 1.25 * p90[0]
     choice = choose_rung(p90, LADDER, target)
     window = max(4, args.frames // 30)
