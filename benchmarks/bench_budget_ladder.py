@@ -12,11 +12,12 @@ Three parts (``--parts``), each saved into one JSON (``benchmarks/results/budget
   ladder (0, 0.035, 0.06, 0.1) against a one-engine bundle (r = 0.035), each in a fresh process:
   ONNX Runtime with shared weights (mapped once, no pre-packing), without sharing, and OpenVINO;
   plus the latency cost of not pre-packing (shared against unshared sessions, interleaved).
-- ``stream``: the same frames through the 4-rung ladder (TCA pipeline) twice, at a fixed budget
-  and with ``--adapt-budget``, while the script starts CPU-burning processes (one per core) for
-  the middle third of the frames. The target is ``--target-ms`` or 1.25 x rung 0's p90 measured
-  just before; the JSON has every frame time, its rung, and the fraction of frames meeting the
-  target in each run (all frames and the loaded third).
+- ``stream``: the same frames through the 4-rung ladder (TCA pipeline) at a fixed budget and
+  with ``--adapt-budget``, the two runs taking turns frame by frame (so both see the same load),
+  while the script starts CPU-burning processes (one per core) for the middle third. The
+  target is ``--target-ms`` or 1.25 x rung 0's p90 measured just before; the JSON has every
+  frame time, its rung, and the fraction of frames meeting the target in each run (all frames,
+  the loaded third and the rest).
 
 Exports (random weights, ``--pretrained none``) and INT8 graphs stay in ``--work`` and are reused,
 so an interrupted run resumes. Develop on ``--model vlm-test-tiny``; ViT-B-16 is the real run:
@@ -305,19 +306,23 @@ def _stop(burners: list[subprocess.Popen]) -> None:
         burner.wait()
 
 
-def _stream_once(
+def _stream_both(
     bundle: Bundle,
-    ladder: LadderBackend,
+    ladders: dict[str, LadderBackend],
     frames: list[np.ndarray],
     count: int,
     start: int,
-    controller: BudgetController | None,
-) -> list[dict[str, Any]]:
-    ladder.select(start)
-    pipeline = Pipeline(bundle, ladder, "tca", build_reservoir(bundle))
+    controller: BudgetController,
+) -> dict[str, list[dict[str, Any]]]:
+    """The fixed and the adaptive run frame by frame in turn, so that both see the same load
+    (the competing processes here, and whatever else shares the machine)."""
+    pipelines = {}
+    for name, ladder in ladders.items():
+        ladder.select(start)
+        pipelines[name] = Pipeline(bundle, ladder, "tca", build_reservoir(bundle))
     load_from, load_to = count // 3, 2 * count // 3
     burners: list[subprocess.Popen] = []
-    series = []
+    series: dict[str, list[dict[str, Any]]] = {name: [] for name in ladders}
     try:
         for index in range(count):
             if index == load_from:
@@ -325,15 +330,16 @@ def _stream_once(
             if index == load_to:
                 _stop(burners)
                 burners = []
-            result = pipeline.process_tensor(frames[index % len(frames)], index)
-            frame_ms = result.timings["total"]
-            series.append(
-                {"ms": frame_ms, "rung": ladder.active, "loaded": load_from <= index < load_to}
-            )
-            if controller is not None:
-                rung = controller.observe(frame_ms)
-                if rung is not None:
-                    ladder.select(rung)
+            for name, pipeline in pipelines.items():
+                result = pipeline.process_tensor(frames[index % len(frames)], index)
+                frame_ms = result.timings["total"]
+                ladder = ladders[name]
+                loaded = load_from <= index < load_to
+                series[name].append({"ms": frame_ms, "rung": ladder.active, "loaded": loaded})
+                if name == "adaptive":
+                    rung = controller.observe(frame_ms)
+                    if rung is not None:
+                        ladder.select(rung)
     finally:
         _stop(burners)
     return series
@@ -360,11 +366,14 @@ def stream(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     target = args.target_ms or 1.25 * p90[0]
     choice = choose_rung(p90, LADDER, target)
     window = max(4, args.frames // 30)
-    fixed = _stream_once(bundle, ladder, frames, args.frames, choice.index, None)
     controller = BudgetController(p90, target, start=choice.index, window=window)
-    adaptive = _stream_once(bundle, ladder, frames, args.frames, choice.index, controller)
-    ladder.close()
-    runs = {"fixed": fixed, "adaptive": adaptive}
+    ladders = {
+        "fixed": ladder,
+        "adaptive": open_ladder(bundle, "onnxruntime", threads=args.threads),
+    }
+    runs = _stream_both(bundle, ladders, frames, args.frames, choice.index, controller)
+    for opened in ladders.values():
+        opened.close()
     return {
         "target_ms": target,
         "rung_p90_ms_unloaded": p90,
