@@ -15,9 +15,9 @@ Three parts (``--parts``), each saved into one JSON (``benchmarks/results/budget
 - ``stream``: the same frames through the 4-rung ladder (TCA pipeline) at a fixed budget and
   with ``--adapt-budget``, the two runs taking turns frame by frame (so both see the same load),
   while the script starts CPU-burning processes (one per core) for the middle third. The
-  target is ``--target-ms`` or 1.25 x rung 0's p90 measured just before; the JSON has every
-  frame time, its rung, and the fraction of frames meeting the target in each run (all frames,
-  the loaded third and the rest).
+  target is ``--target-ms`` or ``--target-factor`` (1.25) x rung 0's p90 measured just before;
+  the JSON has every frame time, its rung, and the fraction of frames meeting the target in each
+  run (all frames, the loaded third and the rest).
 
 Exports (random weights, ``--pretrained none``) and INT8 graphs stay in ``--work`` and are reused,
 so an interrupted run resumes. Develop on ``--model vlm-test-tiny``; ViT-B-16 is the real run:
@@ -363,7 +363,7 @@ def stream(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             frame = frames[round_index % len(frames)]
             times[index].append(pipeline.process_tensor(frame, round_index).timings["total"])
     p90 = [float(np.percentile(values[2:], 90)) for values in times]
-    target = args.target_ms or 1.25 * p90[0]
+    target = args.target_ms or args.target_factor * p90[0]
     choice = choose_rung(p90, LADDER, target)
     window = max(4, args.frames // 30)
     controller = BudgetController(p90, target, start=choice.index, window=window)
@@ -376,6 +376,7 @@ def stream(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         opened.close()
     return {
         "target_ms": target,
+        "target_factor": None if args.target_ms else args.target_factor,
         "rung_p90_ms_unloaded": p90,
         "start": {"rung": choice.index, "reason": choice.reason},
         "window": window,
@@ -444,7 +445,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--frames", type=int, default=240, help="frames per stream run")
-    parser.add_argument("--target-ms", type=float, help="stream target (default 1.25 x rung 0)")
+    parser.add_argument("--target-ms", type=float, help="stream target in ms")
+    parser.add_argument(
+        "--target-factor",
+        type=float,
+        default=1.25,
+        help="without --target-ms: the target is this x rung 0's unloaded p90 (default 1.25)",
+    )
     parser.add_argument("--work", type=Path, help="folder for bundles and graphs (reused)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-ladder-"))
