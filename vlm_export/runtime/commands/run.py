@@ -167,7 +167,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=float,
         metavar="MS",
         help="start on the largest budget whose p90 latency, recorded by vlm-edge bench on this "
-        "device, meets MS per frame (none does: the smallest)",
+        "device, meets MS per frame (none does: the fastest, the smallest budget worth running)",
     )
     budget.add_argument(
         "--adapt-budget",
