@@ -106,3 +106,25 @@ def test_reduction_layers_out_of_range(tiny_clip):
     config = CondensationConfig(reduction_layers=(1, 7))
     with pytest.raises(ScheduleError, match="out of range"):
         CondensingVisionTower(tiny_clip.model.visual, config, 4)
+
+
+def test_drop_rate_zero_keeps_every_token_and_equals_the_full_tower(tiny_clip):
+    """A ladder's rung 0: pass-through reduction blocks; anchors off = the unmodified ViT."""
+    config = CondensationConfig(drop_rate=0.0, merge_centers=2)
+    tower = CondensingVisionTower(tiny_clip.model.visual, config, NUM_CLASSES).eval()
+    full = CondensingVisionTower(tiny_clip.model.visual, None).eval()
+    tokens = tower.geometry["num_tokens"]
+    assert tower.tokens_per_block == [tokens] * tower.geometry["layers"]
+    assert all(c.passthrough and c.tokens_out == tokens for c in tower.schedule)
+    generator = torch.Generator().manual_seed(5)
+    image = torch.randn(2, 3, 64, 64, generator=generator)
+    anchors = _anchors(tower, generator)
+    with torch.no_grad():
+        embedding, cls_stack, fate = tower(image, anchors, torch.zeros(NUM_CLASSES))
+        want_embedding, want_cls = full(image)
+        _, anchored_cls, _ = tower(image, anchors, torch.ones(NUM_CLASSES))
+    assert torch.equal(fate, torch.zeros_like(fate)), "every patch is kept at every block"
+    torch.testing.assert_close(embedding, want_embedding, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(cls_stack, want_cls, atol=2e-5, rtol=1e-4)
+    first = tower.reduction_layers[0]
+    assert not torch.allclose(anchored_cls[:, first], want_cls[:, first]), "anchor injected"

@@ -60,6 +60,10 @@ The manifest's JSON Schema, ``manifest.schema.json`` next to this module, docume
                        "length"), "profile", "pooling", "geometry", "parity", ...}
     tokenizer         optional (with text_encoder): {"kind": "clip_bpe", "vocab": file name,
                        "sha256", "clean", "context_length", "source"}
+    ladder            optional (--drop-rates): {"weights": {"file", "bytes", "tensors"}, "rungs":
+                       [{"drop_rate", "onnx", "schedule", "tokens_per_block", "gflops",
+                       "parity"}, ...]}: one graph per rung, largest budget first (rung 0 is
+                       engine.onnx), all reading their weights from the one shared file
     adaptation        {"tca": {...reservoir defaults...}, "rail": {...adapter defaults...}}
     files             {file name: {"sha256": hex, "bytes": int}} for every other file in the bundle;
                       names are plain file names inside the bundle folder (no "/", "\\" or "..")
@@ -386,6 +390,16 @@ def verify_files(bundle_dir: str | Path, manifest: dict[str, Any]) -> None:
             raise BundleError(f"bundle file {name} does not match its sha256 (modified or corrupt)")
 
 
+def _ladder_weights_key(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A ladder's shared weights file joins the fingerprints (its graphs do not hold the weights);
+    nothing for a one-engine bundle, whose fingerprints stay as they were."""
+    ladder = manifest.get("ladder")
+    if not isinstance(ladder, dict):
+        return {}
+    name = (ladder.get("weights") or {}).get("file")
+    return {"weights": manifest["files"].get(name, {}).get("sha256")}
+
+
 def engine_fingerprint(manifest: dict[str, Any]) -> str:
     """A short id of the image engine alone (model and ONNX file, not the classes).
 
@@ -395,6 +409,7 @@ def engine_fingerprint(manifest: dict[str, Any]) -> str:
     key = {
         "model": [manifest["model"]["name"], str(manifest["model"]["pretrained"])],
         "onnx": manifest["files"].get(manifest["engine"]["onnx"], {}).get("sha256"),
+        **_ladder_weights_key(manifest),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -411,5 +426,6 @@ def bundle_fingerprint(manifest: dict[str, Any]) -> str:
         "onnx": files.get(manifest["engine"]["onnx"], {}).get("sha256"),
         "text": files.get(manifest["text"]["embeddings"], {}).get("sha256"),
         "labels": files.get(manifest["labels"]["file"], {}).get("sha256"),
+        **_ladder_weights_key(manifest),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -97,7 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         "file with one template per line containing {} (default: imagenet80; single for rail)",
     )
     tca = parser.add_argument_group("token condensation (tca, tca+rail)")
-    tca.add_argument("--drop-rate", type=float, default=0.035, help="per-layer drop rate r (0.035)")
+    tca.add_argument("--drop-rate", type=float, help="per-layer drop rate r (default 0.035)")
+    tca.add_argument(
+        "--drop-rates",
+        metavar="R0,R1,...",
+        help="a ladder of token budgets: one condensing engine per drop rate in one bundle, the "
+        "weights stored once (e.g. 0,0.035,0.06,0.1; 0 keeps every token); vlm-edge run "
+        "--target-ms picks a rung by measured latency",
+    )
     tca.add_argument("--merge-centers", type=int, default=2, help="merge centres K (default 2)")
     tca.add_argument(
         "--ranking",
@@ -267,8 +274,13 @@ def run(args: argparse.Namespace) -> int:
             '".[export]" on a workstation; on the device, vlm-export quantize and build-engine work'
         )
     domains = check_arguments(args)
+    from vlm_export.export.ladder import parse_drop_rates
     from vlm_export.export.pipeline import ExportOptions, export_bundle  # imports torch
     from vlm_export.models.schedule import CondensationConfig
+
+    drop_rates = parse_drop_rates(args.drop_rates) if args.drop_rates else None
+    if drop_rates and args.drop_rate is not None:
+        raise UserError("give either --drop-rate or --drop-rates, not both")
 
     options = ExportOptions(
         method=args.method,
@@ -277,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
         domains=domains,
         templates=args.templates,
         condensation=CondensationConfig(
-            drop_rate=args.drop_rate,
+            drop_rate=0.035 if args.drop_rate is None else args.drop_rate,
             merge_centers=args.merge_centers,
             ranking=args.ranking,
             reduction_layers=args.reduction_layers,
@@ -295,6 +307,7 @@ def run(args: argparse.Namespace) -> int:
         max_classes=args.max_classes,
         text_encoder=args.text_encoder,
         device=args.device,
+        drop_rates=drop_rates,
     )
     if args.batch_size > 1:
         print(

@@ -30,6 +30,7 @@ from vlm_export.export.bundle_writer import (
     write_bundle,
     write_json,
 )
+from vlm_export.export.ladder import rung_file, rung_problem, share_weights
 from vlm_export.export.onnx_export import export_onnx, graph_summary, io_spec
 from vlm_export.export.parity import check_parity
 from vlm_export.export.presets import RAIL_DEFAULTS, tca_settings
@@ -38,9 +39,9 @@ from vlm_export.export.text_embeddings import encode_class_texts
 from vlm_export.export.text_engine import export_text_engine, text_engine_problem, warn_skipped
 from vlm_export.export.trt_ops import assert_tensorrt_compatible
 from vlm_export.models.condensing_tower import CondensingVisionTower
-from vlm_export.models.flops import drop_rate_for_gflops, flops_report
+from vlm_export.models.flops import closed_form_gflops, drop_rate_for_gflops, flops_report
 from vlm_export.models.loading import LoadedClip, load_clip
-from vlm_export.models.schedule import CondensationConfig, anchor_layers
+from vlm_export.models.schedule import CondensationConfig, ScheduleError, anchor_layers
 from vlm_export.runtime.text.class_lists import shared_class_names, union_labels
 from vlm_export.runtime.text.templates import load_templates
 
@@ -75,6 +76,8 @@ class ExportOptions:
     max_classes: int | None = None
     text_encoder: bool = True
     device: str = "cpu"
+    #: a ladder of budgets (--drop-rates): one condensing graph per rate, largest budget first
+    drop_rates: list[float] | None = None
 
 
 DEVICES = ("cpu", "cuda")
@@ -107,6 +110,12 @@ def _check_options(options: ExportOptions) -> None:
     tca_settings(options.tca_preset, options.eviction, options.anchor_rule)  # an unknown preset
     if options.device not in DEVICES:
         raise UserError(f"unknown device {options.device!r}; choose from {', '.join(DEVICES)}")
+    if options.drop_rates and not uses_condensation(options.method):
+        raise UserError(f"--drop-rates needs method tca or tca+rail (exporting {options.method})")
+    if options.drop_rates and list(options.drop_rates) != sorted(set(options.drop_rates)):
+        raise UserError("--drop-rates must be distinct and increasing (largest budget first)")
+    if options.drop_rates and options.target_gflops is not None:
+        raise UserError("give either --drop-rates or --target-gflops, not both")
     if options.device == "cuda" and not torch.cuda.is_available():
         raise UserError(
             "--device cuda: torch sees no CUDA GPU here (a CPU build of torch, or no driver); "
@@ -191,6 +200,86 @@ def build_tower(
     return CondensingVisionTower(loaded.model.visual, config, capacity).eval()
 
 
+def _ladder_section(
+    towers: list[CondensingVisionTower], parities: list[dict[str, Any]], weights: Any
+) -> dict[str, Any]:
+    """The manifest's ``ladder`` section (absent for a one-engine bundle)."""
+    if weights is None:
+        return {}
+    rungs = [
+        _rung_record(index, tower, parity, closed_form_gflops(tower))
+        for index, (tower, parity) in enumerate(zip(towers, parities, strict=True))
+    ]
+    return {"ladder": {"weights": weights, "rungs": rungs}}
+
+
+def build_rungs(
+    loaded: LoadedClip, options: ExportOptions, num_classes: int
+) -> list[CondensingVisionTower]:
+    """One condensing tower per --drop-rates rate (the first is the bundle's engine); without
+    --drop-rates the one tower of ``build_tower``. An impossible rate names its rung and block."""
+    if not options.drop_rates:
+        return [build_tower(loaded, options, num_classes)]
+    capacity = class_capacity(options, num_classes)
+    towers = []
+    for index, rate in enumerate(options.drop_rates):
+        config = replace(options.condensation, drop_rate=rate)
+        try:
+            towers.append(CondensingVisionTower(loaded.model.visual, config, capacity).eval())
+        except ScheduleError as exc:
+            raise rung_problem(index, rate, exc) from None
+    return towers
+
+
+def _rung_record(
+    index: int, tower: CondensingVisionTower, parity: dict[str, Any], gflops: float
+) -> dict[str, Any]:
+    return {
+        "drop_rate": tower.config.drop_rate,
+        "onnx": rung_file(index),
+        "schedule": [counts.as_dict() for counts in tower.schedule],
+        "tokens_per_block": tower.tokens_per_block,
+        "gflops": round(gflops, 4),
+        "parity": {
+            key: parity[key]
+            for key in (
+                "passed",
+                "cosine_min",
+                "cls_cosine_min",
+                "max_abs",
+                "token_fate_agreement_min",
+            )
+        },
+    }
+
+
+def _export_rungs(
+    towers: list[CondensingVisionTower], folder: Path, options: ExportOptions, progress: Progress
+) -> tuple[onnx.ModelProto, Any, list[dict[str, Any]], dict[str, Any] | None]:
+    """Export and check every rung; (graph, operator report, parity reports, weights record).
+
+    With more than one rung the graphs share one external-data weights file, and parity runs on
+    the graphs as written (reading that file), so it covers the sharing."""
+    first = report = None
+    for index, tower in enumerate(towers):  # one graph in memory at a time (ViT-B: 350 MB each)
+        graph = export_onnx(tower, folder / rung_file(index), options.opset, options.batch_size)
+        checked = assert_tensorrt_compatible(graph, options.opset)
+        if index == 0:
+            first, report = graph, checked
+        del graph
+    weights = None
+    if len(towers) > 1:
+        weights = share_weights([folder / rung_file(i) for i in range(len(towers))])
+    what = f"{len(towers)} rungs, " if len(towers) > 1 else ""
+    progress.done(f"{what}{len(first.graph.node)} nodes, TensorRT operator check passed")
+    progress.step("parity: ONNX Runtime vs PyTorch")
+    parities = [
+        check_parity(tower, folder / rung_file(index), options.batch_size)
+        for index, tower in enumerate(towers)
+    ]
+    return first, report, parities, weights
+
+
 def export_bundle(options: ExportOptions) -> Path:
     """Run the export and write the bundle; raise a UserError subclass on any user mistake."""
     _check_options(options)
@@ -205,7 +294,8 @@ def export_bundle(options: ExportOptions) -> Path:
     progress.done("RANDOM WEIGHTS (untrained)" if loaded.untrained else loaded.pretrained)
 
     progress.step("building the image tower and counting FLOPs")
-    tower = build_tower(loaded, options, len(class_names))
+    towers = build_rungs(loaded, options, len(class_names))
+    tower = towers[0]
     full = tower if not tower.condensing else CondensingVisionTower(loaded.model.visual, None)
     flops = flops_report(full, tower if tower.condensing else None)
     progress.done(f"{flops['full_gflops']:.2f} -> {flops['condensed_gflops']:.2f} GFLOPs")
@@ -231,11 +321,8 @@ def export_bundle(options: ExportOptions) -> Path:
 
     def populate(folder: Path) -> dict[str, Any]:
         progress.step(f"exporting ONNX (opset {options.opset})")
-        graph = export_onnx(tower, folder / IMAGE_ENCODER_ONNX, options.opset, options.batch_size)
-        ops_report = assert_tensorrt_compatible(graph, options.opset)
-        progress.done(f"{len(graph.graph.node)} nodes, TensorRT operator check passed")
-        progress.step("parity: ONNX Runtime vs PyTorch")
-        parity = check_parity(tower, folder / IMAGE_ENCODER_ONNX, options.batch_size)
+        graph, ops_report, parities, weights = _export_rungs(towers, folder, options, progress)
+        parity = parities[0]
         progress.done(f"cosine {parity['cosine_min']:.7f}, max abs {parity['max_abs']:.1e}")
         text_sections: dict[str, Any] = {}
         if with_text_engine:
@@ -297,6 +384,7 @@ def export_bundle(options: ExportOptions) -> Path:
                 "rail": RAIL_DEFAULTS,
             },
             **text_sections,
+            **_ladder_section(towers, parities, weights),
         }
 
     out = write_bundle(options.out, options.overwrite, populate)

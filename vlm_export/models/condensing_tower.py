@@ -149,6 +149,12 @@ class TokenCondenser(nn.Module):
     def forward(self, x: Tensor, cls_attn: Tensor, patch_ids: Tensor):
         """x [B, N, D] after attention, cls_attn [B, H, n] -> (x' [B, N', D], ids, fate)."""
         counts = self.counts
+        if counts.passthrough:  # drop rate 0: every token stays, in its order
+            return (
+                x,
+                patch_ids,
+                patch_fate(patch_ids, fate_codes(counts, x.device), self.num_patches),
+            )
         scores = token_scores(cls_attn, self.ranking)
         order = torch.topk(scores, k=scores.shape[1], dim=1, largest=True, sorted=True).indices
         keep_end, merge_end = counts.keep, counts.keep + counts.merge

@@ -67,7 +67,14 @@ class LayerCounts:
     merge_centers: int
 
     @property
+    def passthrough(self) -> bool:
+        """True for drop rate 0: every token is kept, no merged or fused token is added."""
+        return self.merge == 0 and self.prune == 0
+
+    @property
     def tokens_out(self) -> int:
+        if self.passthrough:
+            return 1 + self.keep
         return 1 + self.keep + self.merge_centers + 1
 
     def as_dict(self) -> dict[str, int]:
@@ -81,8 +88,14 @@ def default_reduction_layers(depth: int) -> tuple[int, ...]:
 
 
 def layer_counts(layer: int, tokens_in: int, drop_rate: float, merge_centers: int) -> LayerCounts:
-    """Counts for one reduction block; raise ScheduleError naming the layer if impossible."""
+    """Counts for one reduction block; raise ScheduleError naming the layer if impossible.
+
+    Drop rate 0 is the pass-through block of a ladder's full-budget rung: it keeps every token
+    (and still injects the anchor and ranks nothing), so its tokens out equal its tokens in.
+    """
     n = tokens_in - 1
+    if drop_rate == 0.0:
+        return LayerCounts(layer, tokens_in, keep=n, merge=0, prune=0, merge_centers=merge_centers)
     # round away float noise before ceil: (1 - 0.035) * 196 must not become 189.14000000000001
     left = math.ceil(round((1.0 - drop_rate) * n, 9))
     m = tokens_in - left
@@ -118,8 +131,8 @@ def token_schedule(
     num_tokens: int, depth: int, config: CondensationConfig
 ) -> tuple[list[LayerCounts], list[int]]:
     """Counts at each reduction block and the number of tokens entering every block."""
-    if not 0.0 < config.drop_rate < 1.0:
-        raise ScheduleError(f"drop rate must be in (0, 1), got {config.drop_rate}")
+    if not 0.0 <= config.drop_rate < 1.0:
+        raise ScheduleError(f"drop rate must be in [0, 1), got {config.drop_rate}")
     if config.merge_centers < 1:
         raise ScheduleError(f"merge centres must be >= 1, got {config.merge_centers}")
     if config.ranking not in RANKINGS:

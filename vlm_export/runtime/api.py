@@ -21,6 +21,7 @@ from vlm_export.core.manifest import EMBEDDING_OUTPUT, uses_condensation
 from vlm_export.core.paths import check_paths, tree_reads
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.factory import open_backend
+from vlm_export.runtime.engines.ladder import BudgetRun, open_budgeted
 from vlm_export.runtime.io.preprocess import image_from_array, load_image
 from vlm_export.runtime.pipeline import (
     METHOD_STAGES,
@@ -61,12 +62,15 @@ class EdgePipeline:
         pipeline: Pipeline,
         state: Path | None,
         reads: list[tuple[str, str | Path | None]] | None = None,
+        budget: BudgetRun | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.state = state
         self._reads = reads or []  # what the write guard protects from save_state
         self._frames = 0
         self._text_encoder = None
+        #: the ladder's latency budget (open_pipeline's target_ms), None without one
+        self.budget = budget
 
     @property
     def bundle(self) -> Bundle:
@@ -98,6 +102,9 @@ class EdgePipeline:
         self.pipeline.topk = min(topk, self.bundle.num_classes)
         result = self.pipeline.process(frame, self._frames, source)
         self._frames += 1
+        switched = self.budget.after_frame(result.timings["total"]) if self.budget else None
+        if switched:
+            log.info(switched)
         return result
 
     def embed(self, image: ImageInput, *, channels: str | None = None) -> np.ndarray:
@@ -192,6 +199,9 @@ def open_pipeline(
     verify: bool | str = True,
     min_score: float | None = None,
     crop: str | None = None,
+    target_ms: float | None = None,
+    adapt_budget: bool = False,
+    measure: bool = False,
 ) -> EdgePipeline:
     """Open a bundle for classification, with ``vlm-edge run``'s defaults.
 
@@ -201,6 +211,11 @@ def open_pipeline(
     (or True), "full" or "off" (or False), as ``Bundle.open``. With ``min_score`` a
     decision whose reported score is below it is unknown (``label`` -1, ``class_name``
     ``"unknown"``). ``crop`` is ``vlm-edge run --crop``: center, letterbox or squash.
+
+    A ladder bundle (``vlm-export --drop-rates``) with ``target_ms`` starts on the largest
+    budget whose p90 recorded by ``vlm-edge bench`` meets it (``measure``: time the rungs now if
+    none is recorded); ``adapt_budget`` switches rungs while running. ``pipeline.budget.reason``
+    says which rung and why; each result's ``drop_rate`` is the rung it ran on.
     """
     min_score = check_min_score(min_score)
     reads = [*tree_reads("bundle", bundle.path if isinstance(bundle, Bundle) else bundle)]
@@ -227,11 +242,25 @@ def open_pipeline(
         fusion = RailFusion(
             load_predictor(rail_state, bundle.fingerprint), fusion_beta(bundle.manifest)
         )
-    engine = open_backend(bundle, backend, providers, threads)
+    budget = None
+    if target_ms is not None or adapt_budget or measure:
+        engine, budget = open_budgeted(
+            bundle,
+            backend,
+            providers,
+            threads,
+            target_ms=target_ms,
+            adapt=adapt_budget,
+            measure_first=measure,
+        )
+        if budget is not None:
+            log.info("budget: %s", budget.reason)
+    else:
+        engine = open_backend(bundle, backend, providers, threads)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(engine.close)  # closed again only if the pipeline cannot be built
         pipeline = Pipeline(
             bundle, engine, method, reservoir, fusion, min_score=min_score, crop=crop
         )
         cleanup.pop_all()
-    return EdgePipeline(pipeline, Path(state) if state is not None else None, reads)
+    return EdgePipeline(pipeline, Path(state) if state is not None else None, reads, budget)

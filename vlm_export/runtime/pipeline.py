@@ -80,6 +80,7 @@ class FrameResult:
     for a full tower. ``time_utc`` is the wall-clock time of the decision (ISO 8601, UTC). A
     decision below the pipeline's ``min_score`` is unknown: ``label`` is ``UNKNOWN_LABEL`` (-1),
     ``class_name`` ``"unknown"`` and ``domain`` empty, with ``topk`` and ``scores`` kept.
+    ``drop_rate`` is the rung that ran, for a ladder of budgets (else None).
     """
 
     index: int
@@ -94,6 +95,7 @@ class FrameResult:
     embedding: np.ndarray | None = None
     token_fate: np.ndarray | None = None
     time_utc: str = ""
+    drop_rate: float | None = None
 
     @property
     def score(self) -> float:
@@ -116,6 +118,7 @@ class FrameResult:
             "topk": [{"index": i, "class": name, "score": round(s, 6)} for i, name, s in self.topk],
             "timings_ms": {name: round(ms, 3) for name, ms in self.timings.items()},
             "time_utc": self.time_utc,
+            **({} if self.drop_rate is None else {"drop_rate": self.drop_rate}),
         }
 
 
@@ -246,6 +249,7 @@ class Pipeline:
         self, tensor: np.ndarray, index: int, source: str, start: float, timings: dict[str, float]
     ) -> FrameResult:
         mark = time.perf_counter()
+        drop_rate = getattr(self.backend, "drop_rate", None)  # the rung this frame runs on
         outputs = self.backend.infer(tensor)
         timings["engine"] = _ms(mark)
         embedding = outputs[EMBEDDING_OUTPUT][0]
@@ -288,6 +292,7 @@ class Pipeline:
             embedding=embedding,
             token_fate=None if fate is None else fate[0].astype(np.int8),
             time_utc=utc_now(),
+            drop_rate=drop_rate,
         )
         if self.min_score is not None and result.score < self.min_score:
             return replace(result, label=UNKNOWN_LABEL, class_name=UNKNOWN_CLASS, domain="")

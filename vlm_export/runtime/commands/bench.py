@@ -40,6 +40,7 @@ from vlm_export.runtime.engines.bench_record import (
     write_record,
 )
 from vlm_export.runtime.engines.factory import BACKEND_PRECISIONS, open_backend
+from vlm_export.runtime.engines.ladder import ladder_rungs, open_ladder
 from vlm_export.runtime.engines.parity import REFERENCE_PROVIDERS
 from vlm_export.runtime.io.preprocess import Preprocessor
 from vlm_export.runtime.io.sources import open_source
@@ -165,6 +166,7 @@ def measure_bundle(bundle: Bundle, args: argparse.Namespace) -> dict[str, Any]:
         timings = measure.interleaved_latency(runners, args.rounds, args.warmup)
     for index, timing in timings.items():
         results[index].update(timing)
+    ladder = _measure_rungs(bundle, args, backends, precisions, images[0])
     return {
         "format": RECORD_FORMAT,
         "bundle": bundle.fingerprint,
@@ -179,7 +181,69 @@ def measure_bundle(bundle: Bundle, args: argparse.Namespace) -> dict[str, Any]:
         "images": image_text,
         "reference": "onnxruntime CPU fp32",
         "results": results,
+        **({"ladder": ladder} if ladder else {}),
     }
+
+
+def _measure_rungs(
+    bundle: Bundle,
+    args: argparse.Namespace,
+    backends: list[str],
+    precisions: list[str],
+    image: np.ndarray,
+) -> list[dict[str, Any]]:
+    """A ladder bundle: every rung timed (interleaved) on ONNX Runtime and OpenVINO fp32."""
+    rungs = ladder_rungs(bundle.manifest)
+    if not rungs or "fp32" not in precisions:
+        return []
+    rows: list[dict[str, Any]] = []
+    runners = {}
+    with contextlib.ExitStack() as stack:
+        for backend in (name for name in ("onnxruntime", "openvino") if name in backends):
+            watch = measure.MemoryWatch()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    ladder = open_ladder(bundle, backend, threads=args.threads)
+            except (UserError, RuntimeError):
+                continue
+            stack.callback(ladder.close)
+            for rung, engine in zip(rungs, ladder.engines, strict=True):
+                engine.infer(image)
+                watch.sample()
+                runners[len(rows)] = lambda e=engine: e.infer(image)
+                rows.append(
+                    {
+                        "backend": backend,
+                        "precision": "fp32",
+                        "rung": rung.index,
+                        "drop_rate": rung.drop_rate,
+                        "tokens": rung.tokens,
+                        "gflops": rung.gflops,
+                    }
+                )
+            for row in rows[-len(rungs) :]:
+                row["ladder_memory_mb"] = watch.delta_mb
+        for index, timing in measure.interleaved_latency(runners, args.rounds, args.warmup).items():
+            rows[index].update(timing)
+    return rows
+
+
+def rung_table(record: dict[str, Any]) -> list[str]:
+    """A ladder bundle's rung timings as aligned text lines (none for one engine)."""
+    rows = record.get("ladder") or []
+    if not rows:
+        return []
+    lines = [
+        f"{'backend':<12} {'rung':>4} {'drop rate':>9} {'tokens':>6} {'GFLOPs':>7} "
+        f"{'median ms':>9} {'p90 ms':>8}"
+    ]
+    for row in rows:
+        lines.append(
+            f"{row['backend']:<12} {row['rung']:>4} {row['drop_rate']:>9g} {row['tokens']:>6} "
+            f"{row['gflops']:>7.2f} {row['median_ms']:>9.1f} {row['p90_ms']:>8.1f}"
+        )
+    return lines
 
 
 def table(record: dict[str, Any]) -> list[str]:
@@ -216,6 +280,10 @@ def handle(args: argparse.Namespace) -> int:
         f"{record['rounds']} interleaved rounds"
     )
     print("\n".join(table(record)))
+    rungs = rung_table(record)
+    if rungs:
+        print("ladder rungs (vlm-edge run --target-ms picks by p90):")
+        print("\n".join(rungs))
     text = json.dumps(record, indent=2) + "\n"
     if args.json is not None:
         atomic_write_bytes(args.json, text.encode("utf-8"))

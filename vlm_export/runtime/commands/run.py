@@ -44,6 +44,7 @@ from vlm_export.runtime.commands import (
     source_options,
     status,
     stop_signals,
+    thread_count,
     verify_mode,
 )
 from vlm_export.runtime.commands._annotated import AnnotatedOutput
@@ -57,6 +58,7 @@ from vlm_export.runtime.commands._run_output import (
     short_name,
 )
 from vlm_export.runtime.commands.classes import add_label_space_arguments, compute_label_space
+from vlm_export.runtime.engines.ladder import BudgetRun, ladder_rungs, open_budgeted
 from vlm_export.runtime.io.capture import NewestFrame
 from vlm_export.runtime.io.display import Window
 from vlm_export.runtime.io.preprocess import ImageError
@@ -182,6 +184,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_crop_argument(parser)
     add_source_arguments(parser)
     add_engine_arguments(parser)
+    budget = parser.add_argument_group("token budget (ladder bundles: vlm-export --drop-rates)")
+    budget.add_argument(
+        "--target-ms",
+        type=float,
+        metavar="MS",
+        help="start on the largest budget whose p90 latency, recorded by vlm-edge bench on this "
+        "device, meets MS per frame (none does: the fastest, the smallest budget worth running)",
+    )
+    budget.add_argument(
+        "--adapt-budget",
+        action="store_true",
+        help="with --target-ms: switch rungs while running when the moving p90 frame time "
+        "crosses MS (with hysteresis)",
+    )
+    budget.add_argument(
+        "--measure",
+        action="store_true",
+        help="with --target-ms: time the rungs now when vlm-edge bench recorded none",
+    )
     labels = parser.add_argument_group("classes for this run (the bundle is not changed)")
     labels.add_argument(
         "--classes",
@@ -385,6 +406,7 @@ def _process_all(
     stop: StopRequest,
     window: Window | None,
     annotated: AnnotatedOutput | None = None,
+    budget: BudgetRun | None = None,
 ) -> None:
     """The frame loop; it ends with the source, --max-frames, or a stop request."""
     shared_terminal = same_terminal(sys.stdout, sys.stderr) and args.out is None
@@ -403,6 +425,10 @@ def _process_all(
             where = args.out or "standard output"
             raise UserError(f"cannot write {where}: {exc.strerror}") from None
         stats.add(result)
+        switched = budget.after_frame(result.timings["total"]) if budget and result else None
+        if switched:
+            stats.clear()
+            status(switched)
         if window is not None and not window.show(frame, result):
             stop.ending = "stopped (window closed)"
         if annotated is not None:
@@ -426,6 +452,26 @@ def _save(pipeline: Pipeline, path: str) -> None:
     reservoir = pipeline.reservoir
     entries = int(reservoir.counts().sum()) if reservoir else 0
     status(f"state saved to {path} ({entries} reservoir entries)")
+
+
+def _open_backend(bundle: Bundle, args: argparse.Namespace) -> tuple[Any, BudgetRun | None]:
+    """The engine, or a ladder bundle's rungs (each record then carries its drop rate), started
+    for --target-ms and switched by --adapt-budget."""
+    wants_budget = args.target_ms is not None or args.adapt_budget or args.measure
+    plain = args.backend == "tensorrt" or getattr(args, "precision", None) not in (None, "fp32")
+    if not wants_budget and (plain or not ladder_rungs(bundle.manifest)):
+        return open_engine(bundle, args), None
+    providers = args.providers.split(",") if args.providers else None
+    return open_budgeted(
+        bundle,
+        args.backend,
+        providers,
+        thread_count(args.threads),
+        getattr(args, "precision", None),
+        target_ms=args.target_ms,
+        adapt=args.adapt_budget,
+        measure_first=args.measure,
+    )
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -471,7 +517,7 @@ def handle(args: argparse.Namespace) -> int:
         window = Window() if args.show else None  # a headless OpenCV says so before the run
         if window is not None:
             stack.callback(window.close)
-        backend = open_engine(bundle, args)
+        backend, budget = _open_backend(bundle, args)
         stack.callback(backend.close)
         pipeline = Pipeline(
             bundle, backend, method, reservoir, fusion, args.topk, args.min_score, args.crop
@@ -484,12 +530,14 @@ def handle(args: argparse.Namespace) -> int:
         )
         for note in getattr(backend, "notes", ()):  # e.g. TensorRT engines for other devices
             status(f"note: {note}")
+        if budget is not None:
+            status(f"budget: {budget.reason}")
         progress = not args.quiet and sys.stderr.isatty() and fmt == "jsonl"
         stats = RunStats(source.total, progress=progress)
         stop = StopRequest()
         signals.enter_context(_stop_on_signals(stop))
         try:
-            _process_all(pipeline, source, writer, stats, args, stop, window, annotated)
+            _process_all(pipeline, source, writer, stats, args, stop, window, annotated, budget)
         except KeyboardInterrupt:
             stop.ending, stop.code = "interrupted (Ctrl-C)", 130
         finally:

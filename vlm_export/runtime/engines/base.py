@@ -33,6 +33,8 @@ class EngineBackend(ABC):
 
     #: short name of what actually executes ("onnxruntime:CPUExecutionProvider", "tensorrt", ...)
     description: str = "unknown"
+    #: the drop rate of the graph that runs, when the bundle is a ladder of budgets (else None)
+    drop_rate: float | None = None
 
     @abstractmethod
     def set_anchors(self, anchors: np.ndarray, valid: np.ndarray) -> None:

@@ -108,3 +108,24 @@ def best_recorded(bundle_dir: str | Path, bundle_fingerprint: str) -> RecordedCh
     versus = f", onnxruntime fp32 {reference['median_ms']:.1f} ms" if reference else ""
     reason = f"fastest that passed parity in {path.name}: {best['median_ms']:.1f} ms median{versus}"
     return RecordedChoice(str(best["backend"]), str(best["precision"]), reason)
+
+
+def recorded_rungs(
+    bundle_dir: str | Path, bundle_fingerprint: str, backend: str, precision: str = "fp32"
+) -> list[dict[str, Any]] | None:
+    """This device's recorded rung timings of a ladder bundle for one backend, rung order; None
+    when ``vlm-edge bench`` recorded none (no record, another bundle, or no such backend)."""
+    try:
+        record = json.loads(record_path(bundle_dir).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("bundle") != bundle_fingerprint:
+        return None
+    rows = [
+        row
+        for row in record.get("ladder") or []
+        if isinstance(row, dict)
+        and (row.get("backend"), row.get("precision")) == (backend, precision)
+        and isinstance(row.get("p90_ms"), int | float)
+    ]
+    return sorted(rows, key=lambda row: row["rung"]) or None

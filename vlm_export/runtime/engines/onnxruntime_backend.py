@@ -171,6 +171,9 @@ def check_tensor(
 class OnnxRuntimeBackend(EngineBackend):
     """Runs the bundle's ONNX image encoder with ONNX Runtime through an IOBinding.
 
+    ``initializers`` (name -> OrtValue) replace the graph's initializers of those names, so that
+    sessions of a ladder's rungs read one copy of the weights (names a graph lacks are ignored);
+    weight pre-packing is then off, since it would copy the weights into each session again.
     ``providers`` reports what actually runs (``session.get_providers()``), which can differ from
     ``requested_providers``: onnxruntime-gpu silently falls back to CPU when CUDA/cuDNN libraries
     are missing; that logs a warning.
@@ -181,6 +184,7 @@ class OnnxRuntimeBackend(EngineBackend):
         bundle: Bundle,
         providers: Sequence[str] | None = None,
         threads: int | None = None,
+        initializers: dict[str, Any] | None = None,
     ) -> None:
         self._ort = ort = import_onnxruntime()
         self._errors = ort_errors(ort)
@@ -193,6 +197,10 @@ class OnnxRuntimeBackend(EngineBackend):
                 raise UserError(f"--threads must be at least 1, got {threads}")
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        for name, value in (initializers or {}).items():  # shared with other sessions (ladder)
+            options.add_initializer(name, value)
+        if initializers:  # pre-packing would give every session its own copy of the weights again
+            options.add_session_config_entry("session.disable_prepacking", "1")
         try:
             with warnings.catch_warnings():  # ORT's own note on a missing provider: reported below
                 warnings.filterwarnings("ignore", "Specified provider", UserWarning)

@@ -1,0 +1,319 @@
+"""A ladder bundle on the device: one engine per token budget (rung), one set of anchors, switched.
+
+Every rung takes the same anchors [K, R, D], so one TCA reservoir serves all of them: the ladder
+keeps the latest anchors and hands them to a rung when it becomes active. With ONNX Runtime the
+rungs share their weights in memory too: the shared weights file is mapped once and every
+session gets the same buffers (``SessionOptions.add_initializer``). The Python API has no shared
+pre-packed weights container, and pre-packing copies the MatMul weights into each session, so
+sharing sessions run without pre-packing (``share_memory=False`` trades memory for that).
+OpenVINO compiles each rung on its own and keeps its own weights per compiled model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vlm_export.core.errors import BundleError, UserError
+from vlm_export.core.manifest import IMAGE_INPUT
+from vlm_export.runtime.engines.base import EngineBackend
+from vlm_export.runtime.engines.bench_record import recorded_rungs
+from vlm_export.runtime.engines.budget import BudgetController, choose_rung
+
+if TYPE_CHECKING:
+    from vlm_export.runtime.bundle import Bundle
+
+#: backends that run ladder rungs (TensorRT engines and INT8 graphs are built for rung 0 only)
+LADDER_BACKENDS = ("auto", "onnxruntime", "openvino")
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One token budget of a ladder: drop rate, graph, GFLOPs, tokens after the last reduction."""
+
+    index: int
+    drop_rate: float
+    onnx: str
+    gflops: float
+    tokens: int
+
+    @property
+    def label(self) -> str:
+        """How messages name it: ``rung 1 (drop rate 0.035, 53 tokens)``."""
+        return f"rung {self.index} (drop rate {self.drop_rate:g}, {self.tokens} tokens)"
+
+
+def ladder_rungs(manifest: dict[str, Any]) -> list[Rung]:
+    """The rungs of a ladder bundle, largest budget first; empty for a one-engine bundle.
+
+    BundleError when a rung's graph or the weights file is not a listed (hashed) bundle file.
+    """
+    ladder = manifest.get("ladder")
+    if not isinstance(ladder, dict):
+        return []
+    listed = manifest["files"]
+    names = [record["onnx"] for record in ladder["rungs"]] + [ladder["weights"]["file"]]
+    unlisted = [name for name in names if name not in listed]
+    if unlisted:
+        raise BundleError(f"manifest ladder names unlisted files: {', '.join(unlisted[:3])}")
+    return [
+        Rung(
+            index=index,
+            drop_rate=float(record["drop_rate"]),
+            onnx=str(record["onnx"]),
+            gflops=float(record["gflops"]),
+            tokens=int(record["schedule"][-1]["tokens_out"]),
+        )
+        for index, record in enumerate(ladder["rungs"])
+    ]
+
+
+class SharedWeights:
+    """The ladder's weights file mapped once, as one ONNX Runtime value per shared tensor."""
+
+    def __init__(self, bundle: Bundle, ort: Any) -> None:
+        weights = bundle.manifest["ladder"]["weights"]
+        table = weights.get("table") or []
+        path = bundle.path / weights["file"]
+        self._map = np.memmap(path, dtype=np.uint8, mode="r") if table else None
+        self.values: dict[str, Any] = {}
+        for row in table:
+            dtype = np.dtype(row["dtype"])
+            count = int(np.prod(row["shape"], dtype=np.int64))
+            end = int(row["offset"]) + count * dtype.itemsize
+            if end > len(self._map):
+                raise BundleError(f"{weights['file']} is shorter than its table says")
+            array = np.ndarray(row["shape"], dtype, self._map, int(row["offset"]))
+            self.values[row["name"]] = ort.OrtValue.ortvalue_from_numpy(array)
+
+
+class LadderBackend(EngineBackend):
+    """The rungs' engines behind one backend: ``select`` switches the one that runs.
+
+    Anchors are state of the ladder: set on the active rung, and handed whole to a rung when it
+    becomes active, so the reservoir never needs to know which rung runs.
+    """
+
+    def __init__(self, rungs: Sequence[Rung], engines: Sequence[EngineBackend], start: int = 0):
+        if len(rungs) != len(engines) or not rungs:
+            raise ValueError("one engine per rung")
+        self.rungs = list(rungs)
+        self.engines = list(engines)
+        self.active = start
+        self._anchors: tuple[np.ndarray, np.ndarray] | None = None
+        self._current = {start}  # rungs that hold the latest anchors
+        self.notes: list[str] = []
+        #: the backend the rungs run on, as bench records name it (onnxruntime, openvino)
+        self.backend_name = engines[0].description.split(":")[0]
+
+    @property
+    def rung(self) -> Rung:
+        """The rung that runs now."""
+        return self.rungs[self.active]
+
+    @property
+    def drop_rate(self) -> float:  # type: ignore[override]
+        return self.rung.drop_rate
+
+    @property
+    def description(self) -> str:  # type: ignore[override]
+        return f"{self.engines[self.active].description} ladder {self.rung.label}"
+
+    def select(self, index: int) -> None:
+        """Run rung ``index`` from the next frame on (it gets the current anchors)."""
+        if not 0 <= index < len(self.rungs):
+            raise UserError(f"the ladder has rungs 0..{len(self.rungs) - 1}, not {index}")
+        if index not in self._current and self._anchors is not None:
+            self.engines[index].set_anchors(*self._anchors)
+        self._current.add(index)
+        self.active = index
+
+    def set_anchors(self, anchors: np.ndarray, valid: np.ndarray) -> None:
+        self._anchors = (anchors, valid)
+        self._current = {self.active}
+        self.engines[self.active].set_anchors(anchors, valid)
+
+    def update_anchor_rows(self, anchors: np.ndarray, valid: np.ndarray, rows: np.ndarray) -> None:
+        self._anchors = (anchors, valid)
+        self._current = {self.active}
+        self.engines[self.active].update_anchor_rows(anchors, valid, rows)
+
+    def infer(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        return self.engines[self.active].infer(image)
+
+    def close(self) -> None:
+        for engine in self.engines:
+            engine.close()
+
+
+def open_ladder(
+    bundle: Bundle,
+    backend: str = "auto",
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+    precision: str | None = None,
+    start: int = 0,
+    share_memory: bool = True,
+) -> LadderBackend:
+    """Open every rung of a ladder bundle with one backend (``auto``: ONNX Runtime).
+
+    ``share_memory`` hands ONNX Runtime sessions the one mapping of the weights file.
+    """
+    from vlm_export.runtime.engines.factory import graph_view
+
+    rungs = ladder_rungs(bundle.manifest)
+    if not rungs:
+        raise UserError("this bundle has one engine, not a ladder (export with --drop-rates)")
+    if backend not in LADDER_BACKENDS:
+        raise UserError(
+            f"ladder rungs run on {', '.join(LADDER_BACKENDS[1:])}; the {backend} engine is "
+            "built for rung 0 only"
+        )
+    if precision not in (None, "fp32") and not (backend == "openvino" and precision == "bf16"):
+        raise UserError(f"ladder rungs run fp32 (openvino also bf16), not {precision}")
+    engines: list[EngineBackend] = []
+    try:
+        if backend == "openvino":
+            from vlm_export.runtime.engines.openvino_backend import OpenVinoBackend
+
+            for rung in rungs:
+                engines.append(
+                    OpenVinoBackend(
+                        bundle, precision or "fp32", threads, graph=bundle.path / rung.onnx
+                    )
+                )
+        else:
+            from vlm_export.runtime.engines.onnxruntime_backend import (
+                OnnxRuntimeBackend,
+                import_onnxruntime,
+            )
+
+            shared = SharedWeights(bundle, import_onnxruntime()) if share_memory else None
+            for rung in rungs:
+                view = graph_view(bundle, rung.onnx)
+                engine = OnnxRuntimeBackend(
+                    view,  # type: ignore[arg-type]
+                    providers=providers,
+                    threads=threads,
+                    initializers=shared.values if shared else None,
+                )
+                engine.shared = shared  # type: ignore[attr-defined]  # keeps the mapping alive
+                engines.append(engine)
+    except BaseException:
+        for engine in engines:
+            engine.close()
+        raise
+    return LadderBackend(rungs, engines, start)
+
+
+#: rounds per rung when --measure times the rungs before running
+MEASURE_ROUNDS = 10
+
+
+def measure_rungs(ladder: LadderBackend, image_shape: Sequence[int], rounds: int) -> list[float]:
+    """p90 milliseconds of every rung on this device now (interleaved, synthetic image)."""
+    from vlm_export.runtime.engines import measure
+
+    image = measure.synthetic_images(image_shape, 1)[0]
+    runners = {i: (lambda e=engine: e.infer(image)) for i, engine in enumerate(ladder.engines)}
+    timings = measure.interleaved_latency(runners, rounds, warmup=2)
+    return [timings[i]["p90_ms"] for i in range(len(ladder.engines))]
+
+
+class BudgetRun:
+    """A ladder started for a latency target, optionally switched while running.
+
+    ``reason`` says which rung it started on and why; ``after_frame`` feeds the adaptive
+    controller one frame time and returns a line when it switched rungs.
+    """
+
+    def __init__(self, ladder: LadderBackend, controller: BudgetController | None, reason: str):
+        self.ladder = ladder
+        self.controller = controller
+        self.reason = reason
+
+    def after_frame(self, frame_ms: float) -> str | None:
+        """Feed one frame time; the line to show when the rung changed, else None."""
+        if self.controller is None:
+            return None
+        before = self.ladder.rung
+        rung = self.controller.observe(frame_ms)
+        if rung is None:
+            return None
+        self.ladder.select(rung)
+        way = "down" if rung > before.index else "up"
+        return (
+            f"budget {way}: {before.label} -> {self.ladder.rung.label} (moving p90 against "
+            f"--target-ms {self.controller.target:g})"
+        )
+
+
+def start_budget(
+    ladder: LadderBackend,
+    bundle: Bundle,
+    target_ms: float,
+    adapt: bool = False,
+    measure_first: bool = False,
+) -> BudgetRun:
+    """Select the largest rung whose p90 (recorded by ``vlm-edge bench`` for this device and
+    backend, or measured now with ``measure_first``) meets ``target_ms``, else the smallest.
+
+    UserError in one line when nothing is recorded and ``measure_first`` is off.
+    """
+    if not target_ms > 0:
+        raise UserError(f"--target-ms must be a positive number of milliseconds, got {target_ms}")
+    rows = recorded_rungs(bundle.path, bundle.fingerprint, ladder.backend_name)
+    if rows is not None and len(rows) != len(ladder.rungs):
+        rows = None
+    if rows is not None:
+        p90 = [float(row["p90_ms"]) for row in rows]
+        where = f"recorded by vlm-edge bench ({ladder.backend_name})"
+    elif measure_first:
+        shape = [int(v) for v in bundle.engine_io("inputs")[IMAGE_INPUT]["shape"]]
+        p90 = measure_rungs(ladder, shape, MEASURE_ROUNDS)
+        where = f"measured now over {MEASURE_ROUNDS} rounds (not recorded: vlm-edge bench keeps it)"
+    else:
+        raise UserError(
+            f"--target-ms needs this device's rung latencies ({ladder.backend_name}): run "
+            "`vlm-edge bench BUNDLE` first, or add --measure to time the rungs before running"
+        )
+    choice = choose_rung(p90, [rung.drop_rate for rung in ladder.rungs], target_ms)
+    ladder.select(choice.index)
+    controller = BudgetController(p90, target_ms, start=choice.index) if adapt else None
+    return BudgetRun(ladder, controller, f"{choice.reason}; p90 {where}")
+
+
+def open_budgeted(
+    bundle: Bundle,
+    backend: str = "auto",
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+    precision: str | None = None,
+    *,
+    target_ms: float | None = None,
+    adapt: bool = False,
+    measure_first: bool = False,
+) -> tuple[LadderBackend, BudgetRun | None]:
+    """A ladder bundle's rungs, started for ``target_ms`` when given (``run`` / ``serve`` / API).
+
+    Without a target the ladder runs rung 0 (the largest budget). ``adapt`` and
+    ``measure_first`` need a target; a one-engine bundle cannot take any of them.
+    """
+    if (adapt or measure_first) and target_ms is None:
+        raise UserError("--adapt-budget and --measure need --target-ms MS")
+    if not ladder_rungs(bundle.manifest):
+        raise UserError(
+            "--target-ms needs a ladder bundle (vlm-export --drop-rates 0,0.035,0.06,0.1); "
+            "this bundle has one engine"
+        )
+    ladder = open_ladder(bundle, backend, providers, threads, precision)
+    if target_ms is None:
+        return ladder, None
+    try:
+        return ladder, start_budget(ladder, bundle, target_ms, adapt, measure_first)
+    except BaseException:
+        ladder.close()
+        raise
