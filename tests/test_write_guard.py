@@ -42,6 +42,7 @@ NON_PATH = {
     "--reduction-layers",
     "--tca-preset",
     "--camera-size",  # WIDTHxHEIGHT
+    "--drop-rates",  # a comma-separated list of numbers
 }
 
 
