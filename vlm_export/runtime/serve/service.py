@@ -114,8 +114,9 @@ class Service:
         self.metrics = ServeMetrics()
         self.registry = self.metrics.registry
         self.method = settings.method or default_method(bundle, bool(settings.rail_state))
+        self.notes: list[str] = []  # start-up lines the command prints
         if fusion_dropped(bundle, bool(settings.rail_state)) and not settings.method:
-            log.info("without --rail-state, method %s runs as %s", bundle.method, self.method)
+            self.notes.append(f"without --rail-state, method {bundle.method} runs as {self.method}")
         self._check_method()
         self._engine = threading.RLock()
         self._classes_lock = threading.Lock()
@@ -196,7 +197,7 @@ class Service:
         tca = METHOD_STAGES[self.method].tca
         reservoir = build_reservoir(self.bundle, None, state) if tca else None
         if state is not None and state.exists() and reservoir is not None:
-            log.info("resumed %s (%d entries)", state, int(reservoir.counts().sum()))
+            self.notes.append(f"resumed {state} ({int(reservoir.counts().sum())} entries)")
         pipeline = self._pipeline(reservoir)
         pipeline.preprocessor.max_pixels = self.settings.max_pixels or None
         return Lane(pipeline, state)
@@ -357,6 +358,11 @@ class Service:
                 self.checkpoint()
             except UserError as exc:  # a full disk: said, tried again next time
                 log.warning("checkpoint failed: %s", exc)
+
+    def checkpoint_paths(self) -> list[Path]:
+        """The state files this service checkpoints to."""
+        lanes = {id(lane): lane for lane in self._lanes.values()}.values()
+        return [lane.state for lane in lanes if lane.state is not None]
 
     def checkpoint(self) -> list[Path]:
         """Save every state file now (atomically); return the files written."""
