@@ -20,11 +20,13 @@ import numpy as np
 from PIL import Image
 
 from vlm_export.core.errors import BundleError, UserError
+from vlm_export.core.json_text import dumps, name_fields
 from vlm_export.core.labels import label_sources
 from vlm_export.core.manifest import ANCHORS_INPUT, CLS_OUTPUT, EMBEDDING_OUTPUT, FATE_OUTPUT
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
-from vlm_export.runtime.io.preprocess import Preprocessor
+from vlm_export.runtime.io.preprocess import ImageError, Preprocessor
+from vlm_export.runtime.io.sources import Frame
 from vlm_export.runtime.numerics import softmax
 from vlm_export.runtime.tca.reservoir import TokenReservoir
 from vlm_export.runtime.tca.stage import TcaStage, build_reservoir, save_reservoir
@@ -272,6 +274,31 @@ class Pipeline:
             embedding=embedding,
             token_fate=None if fate is None else fate[0].astype(np.int8),
         )
+
+
+def process_frame(pipeline: Pipeline, frame: Frame) -> tuple[FrameResult | None, dict[str, Any]]:
+    """Run one source frame; return (result, its strict-JSON record), as ``vlm-edge run`` writes.
+
+    An unreadable image or a bad engine output gives (None, an error record); so does a
+    non-finite score (the record would not be strict JSON). File names become text fields.
+    """
+    try:
+        result = pipeline.process(frame.data, frame.index, frame.source)
+    except (ImageError, FrameError) as exc:
+        result, record = None, {"index": frame.index, "source": frame.source, "error": str(exc)}
+    else:
+        record = result.to_record()
+    if frame.timestamp_ms is not None:
+        record = {"index": frame.index, "timestamp_ms": frame.timestamp_ms, **record}
+    record = {**record, **name_fields("source", record["source"])}
+    try:
+        dumps(record)
+        return result, record
+    except ValueError:
+        error = "non-finite score (NaN or infinity): the bundle or a state holds bad numbers"
+        kept = ("index", "timestamp_ms", "source", "source_hex")
+        keep = {k: v for k, v in record.items() if k in kept}
+        return None, {**keep, "error": error}
 
 
 def _ms(since: float) -> float:
