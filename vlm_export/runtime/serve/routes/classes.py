@@ -1,0 +1,79 @@
+"""``GET /v1/classes`` and ``PUT /v1/classes``: the live label space, changed without a restart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from vlm_export.runtime.serve.bodies import json_body, string_list
+from vlm_export.runtime.serve.routes import service_of, settings_of
+
+router = APIRouter(prefix="/v1", tags=["classes"])
+
+#: the longest template set name accepted (names such as "openai" or "simple")
+MAX_TEMPLATES_CHARS = 80
+NAMES = {"type": "array", "items": {"type": "string"}, "minItems": 1}
+CLASSES_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        NAMES,
+                        {
+                            "type": "object",
+                            "properties": {
+                                "classes": NAMES,
+                                "templates": {"type": "string", "nullable": True},
+                            },
+                            "required": ["classes"],
+                            "additionalProperties": False,
+                        },
+                    ]
+                },
+                "example": {"classes": ["cat", "dog", "red fox"], "templates": None},
+            }
+        },
+    }
+}
+
+
+def parse_classes(payload: Any, max_classes: int, max_chars: int) -> tuple[list[str], str | None]:
+    """A PUT body (a list of names, or ``{"classes": [...], "templates": NAME}``) checked."""
+    templates = None
+    if isinstance(payload, dict):
+        unknown = sorted(set(payload) - {"classes", "templates"})
+        if unknown:
+            raise HTTPException(400, f"unknown field {unknown[0][:40]!r}: use classes, templates")
+        if "classes" not in payload:
+            raise HTTPException(400, "the object needs a 'classes' list")
+        templates = payload.get("templates")
+        if templates is not None:
+            if not isinstance(templates, str):
+                raise HTTPException(400, "templates must be a template set name or null")
+            templates = string_list([templates], "templates", 1, MAX_TEMPLATES_CHARS)[0]
+        payload = payload["classes"]
+    return string_list(payload, "classes", max_classes, max_chars), templates
+
+
+@router.get("/classes", summary="The live class names")
+async def get_classes(request: Request) -> dict[str, Any]:
+    """``{"classes": [...], "templates": NAME or null}``."""
+    return await run_in_threadpool(service_of(request).classes)
+
+
+@router.put("/classes", summary="Replace the live class names", openapi_extra=CLASSES_BODY)
+async def put_classes(request: Request) -> dict[str, Any]:
+    """Replace the label space as ``vlm-edge classes`` does (atomic on disk; reservoirs follow
+    the labels); the next frames use the new classes. Returns the new classes and
+    ``dropped_entries``."""
+    settings = settings_of(request)
+    names, templates = parse_classes(
+        await json_body(request), settings.limits.max_classes, settings.limits.max_class_name_chars
+    )
+    service = service_of(request)
+    return await run_in_threadpool(lambda: service.set_classes(names, templates))
