@@ -602,7 +602,7 @@ class Service:
                 lambda: stats.seq > after or self._stopped, timeout=max(0.0, timeout_s)
             ):
                 return None
-            if stats.view is None:
+            if stats.view is None or stats.seq <= after:  # stopped meanwhile
                 return None
             seq, view = stats.seq, stats.view
             cached = stats.jpeg.get(fate)
