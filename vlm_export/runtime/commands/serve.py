@@ -266,6 +266,12 @@ def handle(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     check_settings(settings)
     check_installed()
+    stop = _Stop()  # from here on a stop signal is an orderly stop, even while starting
+    with _signals(stop):
+        return _serve(settings, stop)
+
+
+def _serve(settings: ServeSettings, stop: _Stop) -> int:
     sock = listen(settings.bind, settings.port)  # a port in use: said before any work
     import uvicorn
 
@@ -279,10 +285,8 @@ def handle(args: argparse.Namespace) -> int:
         def capture_signals(self) -> Iterator[None]:
             yield
 
-    stop = _Stop()
     with contextlib.ExitStack() as stack:
         stack.callback(sock.close)
-        stack.enter_context(_signals(stop))
         service = Service.open(settings)
         stack.callback(_stopped, service)
         for note in service.notes:
