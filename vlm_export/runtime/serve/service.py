@@ -40,11 +40,17 @@ from vlm_export.runtime.commands._annotated import FrameDrawer
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.factory import open_backend
 from vlm_export.runtime.io.preprocess import image_from_array, load_image
-from vlm_export.runtime.io.sources import Frame, open_source
-from vlm_export.runtime.pipeline import METHOD_STAGES, FrameResult, Pipeline, process_frame
+from vlm_export.runtime.io.sources import Frame, Source, open_source
+from vlm_export.runtime.pipeline import (
+    METHOD_STAGES,
+    FrameResult,
+    Pipeline,
+    process_frame,
+    utc_now,
+)
 from vlm_export.runtime.rail.models import open_fusion
 from vlm_export.runtime.serve.config import ServeSettings, shown
-from vlm_export.runtime.serve.events import Events, open_sink, utc_now
+from vlm_export.runtime.serve.events import Events, open_sink
 from vlm_export.runtime.serve.metrics import ServeMetrics
 from vlm_export.runtime.serve.workers import Opener, SourceWorker
 from vlm_export.runtime.tca.stage import build_reservoir, save_reservoir
@@ -145,9 +151,15 @@ class Service:
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def open(cls, settings: ServeSettings, *, opener: Opener = open_source) -> Service:
+    def open(cls, settings: ServeSettings, *, opener: Opener | None = None) -> Service:
         """Open the bundle and the engine for ``settings`` (sources open on ``start``)."""
         settings.check()
+        if opener is None:
+            options = settings.source_options()
+
+            def opener(spec: str) -> Source:
+                return open_source(spec, options)
+
         if settings.bundle is None:
             raise UserError("give a BUNDLE (argument or bundle = ... in --config)")
         if not settings.sources:
@@ -189,8 +201,9 @@ class Service:
         return np.zeros(shape, np.float32), np.zeros(shape[0], np.float32)
 
     def _pipeline(self, reservoir: Any) -> Pipeline:
+        s = self.settings
         return Pipeline(
-            self.bundle, self.backend, self.method, reservoir, self._fusion, self.settings.topk
+            self.bundle, self.backend, self.method, reservoir, self._fusion, s.topk, s.min_score
         )
 
     def _lane(self, state: Path | None) -> Lane:
@@ -331,7 +344,7 @@ class Service:
                 lane.bind(self._zeros)
                 self._bound = lane
             result, record = process_frame(lane.pipeline, frame)
-        record = {**record, "input": record["source"], "source": name, "time_utc": utc_now()}
+        record = {"time_utc": utc_now(), **record, "input": record["source"], "source": name}
         now = time.monotonic()
         stats.frames += 1
         stats.last_at = now
@@ -494,7 +507,7 @@ class Service:
                 result = pipeline.process(image.convert("RGB"), 0, source or "")
             finally:
                 pipeline.topk = kept
-        return {**result.to_record(), "time_utc": utc_now()}
+        return result.to_record()
 
     def embed_image(self, image: Image.Image) -> list[float]:
         """The engine's image embedding (zero-shot: no anchors), L2-normalised."""
