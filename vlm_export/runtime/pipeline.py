@@ -227,15 +227,19 @@ class Pipeline:
         self.topk = min(self._topk, bundle.num_classes)
         self._text_t = np.ascontiguousarray(bundle.text_embeddings.T)
 
-    def process(self, frame: FrameInput, index: int = 0, source: str = "") -> FrameResult:
+    def process(
+        self, frame: FrameInput, index: int = 0, source: str = "", adapt: bool = True
+    ) -> FrameResult:
         """Run one frame: a PIL image, a BGR uint8 array (OpenCV) or an image path.
 
-        Raises ImageError for an unreadable image file (nothing else has happened then).
+        ``adapt=False`` decides with the adaptation state as it is, without adding this frame
+        to the reservoir (a look that changes nothing). Raises ImageError for an unreadable
+        image file (nothing else has happened then).
         """
         start = time.perf_counter()
         tensor = self.preprocessor.convert(frame)[None]
         timings = {"preprocess": _ms(start)}
-        return self._run(tensor, index, source, start, timings)
+        return self._run(tensor, index, source, start, timings, adapt)
 
     def process_tensor(self, tensor: np.ndarray, index: int = 0, source: str = "") -> FrameResult:
         """Run one already preprocessed frame [3, H, W] or [1, 3, H, W] float32."""
@@ -244,7 +248,13 @@ class Pipeline:
         return self._run(tensor, index, source, start, {"preprocess": 0.0})
 
     def _run(
-        self, tensor: np.ndarray, index: int, source: str, start: float, timings: dict[str, float]
+        self,
+        tensor: np.ndarray,
+        index: int,
+        source: str,
+        start: float,
+        timings: dict[str, float],
+        adapt: bool = True,
     ) -> FrameResult:
         mark = time.perf_counter()
         outputs = self.backend.infer(tensor)
@@ -259,9 +269,10 @@ class Pipeline:
             cls_stack = outputs[CLS_OUTPUT][0]
             if not np.isfinite(cls_stack).all():  # would poison the reservoir for good
                 raise FrameError(f"the engine returned non-finite CLS tokens for frame {index}")
-            mark = time.perf_counter()
-            self.tca.update(logits, cls_stack)
-            timings["reservoir"] = _ms(mark)
+            if adapt:
+                mark = time.perf_counter()
+                self.tca.update(logits, cls_stack)
+                timings["reservoir"] = _ms(mark)
             mark = time.perf_counter()
             logits = logits + self.tca.correction(cls_stack)
             timings["correction"] = _ms(mark)
