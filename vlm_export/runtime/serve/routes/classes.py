@@ -9,12 +9,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from vlm_export.runtime.serve.bodies import json_body, string_list
+from vlm_export.runtime.serve.replies import cut
 from vlm_export.runtime.serve.routes import service_of, settings_of
+from vlm_export.runtime.text.templates import template_set_names
 
 router = APIRouter(prefix="/v1", tags=["classes"])
 
-#: the longest template set name accepted (names such as "openai" or "simple")
-MAX_TEMPLATES_CHARS = 80
 NAMES = {"type": "array", "items": {"type": "string"}, "minItems": 1}
 CLASSES_BODY = {
     "requestBody": {
@@ -28,7 +28,11 @@ CLASSES_BODY = {
                             "type": "object",
                             "properties": {
                                 "classes": NAMES,
-                                "templates": {"type": "string", "nullable": True},
+                                "templates": {
+                                    "type": "string",
+                                    "nullable": True,
+                                    "description": "a built-in template set (never a file)",
+                                },
                             },
                             "required": ["classes"],
                             "additionalProperties": False,
@@ -43,7 +47,8 @@ CLASSES_BODY = {
 
 
 def parse_classes(payload: Any, max_classes: int, max_chars: int) -> tuple[list[str], str | None]:
-    """A PUT body (a list of names, or ``{"classes": [...], "templates": NAME}``) checked."""
+    """A PUT body (a list of names, or ``{"classes": [...], "templates": NAME}``) checked;
+    ``NAME`` must be a built-in template set (the command line's file form is refused here)."""
     templates = None
     if isinstance(payload, dict):
         unknown = sorted(set(payload) - {"classes", "templates"})
@@ -55,7 +60,12 @@ def parse_classes(payload: Any, max_classes: int, max_chars: int) -> tuple[list[
         if templates is not None:
             if not isinstance(templates, str):
                 raise HTTPException(400, "templates must be a template set name or null")
-            templates = string_list([templates], "templates", 1, MAX_TEMPLATES_CHARS)[0]
+            if templates not in template_set_names():  # never a file: no client paths
+                raise HTTPException(
+                    400,
+                    f"templates {cut(templates)!r} is not a built-in template set: "
+                    f"use one of {', '.join(template_set_names())}",
+                )
         payload = payload["classes"]
     return string_list(payload, "classes", max_classes, max_chars), templates
 
