@@ -95,3 +95,29 @@ def wait_for(condition: Any, what: str, tries: int = 300, pause_s: float = 0.1) 
             return value
         time.sleep(pause_s)
     raise AssertionError(f"gave up waiting for {what}")
+
+
+def export_tiny(folder: Path, classes: list[str], capacity: int = 8) -> Path:
+    """A TCA bundle of the registered tiny test model with its text engine (needs torch), so the
+    classes can change on the device."""
+    import torch
+
+    from vlm_export.export.pipeline import ExportOptions, export_bundle
+    from vlm_export.models.loading import TEST_MODEL
+    from vlm_export.models.schedule import CondensationConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    templates = folder / "templates.txt"
+    templates.write_text("a photo of a {}.\n", encoding="utf-8")
+    torch.manual_seed(0)
+    options = ExportOptions(
+        method="tca",
+        model=TEST_MODEL,
+        domains=[("things", classes)],
+        out=folder / "bundle",
+        templates=str(templates),
+        condensation=CondensationConfig(drop_rate=0.1, merge_centers=2),
+        max_classes=capacity,
+        quiet=True,
+    )
+    return export_bundle(options)
