@@ -46,9 +46,12 @@ CLASSES_BODY = {
 }
 
 
-def parse_classes(payload: Any, max_classes: int, max_chars: int) -> tuple[list[str], str | None]:
-    """A PUT body (a list of names, or ``{"classes": [...], "templates": NAME}``) checked;
-    ``NAME`` must be a built-in template set (the command line's file form is refused here)."""
+def parse_classes(
+    payload: Any, max_classes: int, max_chars: int, current: str | None
+) -> tuple[list[str], str | None]:
+    """A PUT body (a list of names, or ``{"classes": [...], "templates": NAME}``) checked.
+    ``NAME`` must be a built-in template set (the command line's file form is refused here) or
+    ``current``, the bundle's own templates, which stands for them (as null does)."""
     templates = None
     if isinstance(payload, dict):
         unknown = sorted(set(payload) - {"classes", "templates"})
@@ -57,6 +60,8 @@ def parse_classes(payload: Any, max_classes: int, max_chars: int) -> tuple[list[
         if "classes" not in payload:
             raise HTTPException(400, "the object needs a 'classes' list")
         templates = payload.get("templates")
+        if templates == current:
+            templates = None
         if templates is not None:
             if not isinstance(templates, str):
                 raise HTTPException(400, "templates must be a template set name or null")
@@ -82,8 +87,10 @@ async def put_classes(request: Request) -> dict[str, Any]:
     the labels); the next frames use the new classes. Returns the new classes and
     ``dropped_entries``."""
     settings = settings_of(request)
-    names, templates = parse_classes(
-        await json_body(request), settings.limits.max_classes, settings.limits.max_class_name_chars
-    )
     service = service_of(request)
+    current = (await run_in_threadpool(service.classes))["templates"]
+    limits = settings.limits
+    names, templates = parse_classes(
+        await json_body(request), limits.max_classes, limits.max_class_name_chars, current
+    )
     return await run_in_threadpool(lambda: service.set_classes(names, templates))
