@@ -159,6 +159,7 @@ async function loadClasses() {
   try {
     const body = await api("/v1/classes");
     $("classes").value = body.classes.join("\n");
+    message($("classes-message"), "", false);
     // empty: the bundle's own templates (its recorded name may be a workstation's file path)
     $("templates").value = "";
     $("templates").title = body.templates ? `now: ${body.templates}` : "";
