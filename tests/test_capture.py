@@ -132,7 +132,7 @@ def test_vlm_edge_run_reads_live_sources_on_the_capture_thread(
         opened.append(self)
 
     monkeypatch.setattr(NewestFrame, "__init__", remember)
-    monkeypatch.setattr(run_command, "open_source", lambda spec: Burst(40))
+    monkeypatch.setattr(run_command, "open_source", lambda spec, options=None: Burst(40))
     out = tmp_path / "o.jsonl"
     assert cli.main(["run", str(bundle_dir), "9", "--out", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]

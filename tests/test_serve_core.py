@@ -286,6 +286,9 @@ def test_bad_input_is_one_line_before_any_work(world, tmp_path, capsys, monkeypa
         (["--source", "bad/name=0"], "source name"),
         (["--source", front, "--events", "kafka://x"], "jsonl:FILE or mqtt"),
         ([], "at least one --source"),
+        (["--source", front, "--min-score", "2"], "--min-score must be from 0 to 1"),
+        (["--source", front, "--stride", "0"], "--stride must be at least 1"),
+        (["--source", front, "--camera-size", "big"], "WIDTHxHEIGHT"),
     ]
     for extra, message in cases:
         assert main(["serve", bundle, *extra]) == 1, extra

@@ -19,7 +19,13 @@ from vlm_export.core.manifest import uses_condensation
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.factory import open_backend
 from vlm_export.runtime.io.preprocess import image_from_array, load_image
-from vlm_export.runtime.pipeline import METHOD_STAGES, FrameResult, Pipeline, Stages
+from vlm_export.runtime.pipeline import (
+    METHOD_STAGES,
+    FrameResult,
+    Pipeline,
+    Stages,
+    check_min_score,
+)
 from vlm_export.runtime.rail.fusion import RailFusion
 from vlm_export.runtime.rail.models import fusion_beta, load_predictor
 from vlm_export.runtime.tca.stage import build_reservoir
@@ -142,13 +148,17 @@ def open_pipeline(
     providers: list[str] | None = None,
     threads: int | None = None,
     verify: bool = True,
+    min_score: float | None = None,
 ) -> EdgePipeline:
     """Open a bundle for classification, with ``vlm-edge run``'s defaults.
 
     ``method`` None is the bundle's method (:func:`default_method`); ``state`` is the TCA
     reservoir file, resumed if it exists and saved when the ``with`` block ends; ``rail_state``
-    a RAIL state from ``vlm-edge learn`` (methods rail and tca+rail).
+    a RAIL state from ``vlm-edge learn`` (methods rail and tca+rail). With ``min_score`` a
+    decision whose reported score is below it is unknown (``label`` -1, ``class_name``
+    ``"unknown"``).
     """
+    min_score = check_min_score(min_score)
     if not isinstance(bundle, Bundle):
         bundle = Bundle.open(bundle, verify=verify)
     if method is None:
@@ -173,6 +183,6 @@ def open_pipeline(
     engine = open_backend(bundle, backend, providers, threads)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(engine.close)  # closed again only if the pipeline cannot be built
-        pipeline = Pipeline(bundle, engine, method, reservoir, fusion)
+        pipeline = Pipeline(bundle, engine, method, reservoir, fusion, min_score=min_score)
         cleanup.pop_all()
     return EdgePipeline(pipeline, Path(state) if state is not None else None)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,6 +51,9 @@ METHODS = tuple(METHOD_STAGES)
 
 #: fixed zero-shot logit factor of the spec (not the model's logit_scale)
 LOGIT_FACTOR = 100.0
+#: the decision reported when the best score is below ``min_score``: no class of the label space
+UNKNOWN_LABEL = -1
+UNKNOWN_CLASS = "unknown"
 
 FrameInput = Image.Image | np.ndarray | str | Path
 
@@ -75,7 +79,9 @@ class FrameResult:
     ``embedding`` is the engine's image embedding [E] that the logits were computed from.
     ``token_fate`` [R, P] int8 is each original patch's fate at every reduction block
     (``vlm_export.core.manifest.TOKEN_FATE`` codes; ``vlm_export.runtime.draw`` draws it), None
-    for a full tower.
+    for a full tower. ``time_utc`` is the wall-clock time of the decision (ISO 8601, UTC). A
+    decision below the pipeline's ``min_score`` is unknown: ``label`` is ``UNKNOWN_LABEL`` (-1),
+    ``class_name`` ``"unknown"`` and ``domain`` empty, with ``topk`` and ``scores`` kept.
     """
 
     index: int
@@ -89,11 +95,17 @@ class FrameResult:
     timings: dict[str, float] = field(default_factory=dict)
     embedding: np.ndarray | None = None
     token_fate: np.ndarray | None = None
+    time_utc: str = ""
 
     @property
     def score(self) -> float:
-        """The reported score of the decided class."""
-        return float(self.scores[self.label])
+        """The reported score of the best class (also when the decision is unknown)."""
+        return float(self.scores.max())
+
+    @property
+    def unknown(self) -> bool:
+        """True when the best score was below the pipeline's ``min_score``."""
+        return self.label == UNKNOWN_LABEL
 
     def to_record(self) -> dict[str, Any]:
         """A JSON-serialisable record (one line of ``vlm-edge run`` output)."""
@@ -105,6 +117,7 @@ class FrameResult:
             "domain": self.domain,
             "topk": [{"index": i, "class": name, "score": round(s, 6)} for i, name, s in self.topk],
             "timings_ms": {name: round(ms, 3) for name, ms in self.timings.items()},
+            "time_utc": self.time_utc,
         }
 
 
@@ -119,6 +132,7 @@ class Pipeline:
         reservoir: TokenReservoir | None = None,
         fusion: Fusion | None = None,
         topk: int = 5,
+        min_score: float | None = None,
     ) -> None:
         if method not in METHOD_STAGES:
             raise UserError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
@@ -135,6 +149,7 @@ class Pipeline:
         self.bundle = bundle
         self.backend = backend
         self.method = method
+        self.min_score = check_min_score(min_score)
         self._topk = topk
         self.topk = min(topk, bundle.num_classes)
         self.preprocessor = Preprocessor.from_manifest(bundle.manifest)
@@ -212,15 +227,19 @@ class Pipeline:
         self.topk = min(self._topk, bundle.num_classes)
         self._text_t = np.ascontiguousarray(bundle.text_embeddings.T)
 
-    def process(self, frame: FrameInput, index: int = 0, source: str = "") -> FrameResult:
+    def process(
+        self, frame: FrameInput, index: int = 0, source: str = "", adapt: bool = True
+    ) -> FrameResult:
         """Run one frame: a PIL image, a BGR uint8 array (OpenCV) or an image path.
 
-        Raises ImageError for an unreadable image file (nothing else has happened then).
+        ``adapt=False`` decides with the adaptation state as it is, without adding this frame
+        to the reservoir (a look that changes nothing). Raises ImageError for an unreadable
+        image file (nothing else has happened then).
         """
         start = time.perf_counter()
         tensor = self.preprocessor.convert(frame)[None]
         timings = {"preprocess": _ms(start)}
-        return self._run(tensor, index, source, start, timings)
+        return self._run(tensor, index, source, start, timings, adapt)
 
     def process_tensor(self, tensor: np.ndarray, index: int = 0, source: str = "") -> FrameResult:
         """Run one already preprocessed frame [3, H, W] or [1, 3, H, W] float32."""
@@ -229,7 +248,13 @@ class Pipeline:
         return self._run(tensor, index, source, start, {"preprocess": 0.0})
 
     def _run(
-        self, tensor: np.ndarray, index: int, source: str, start: float, timings: dict[str, float]
+        self,
+        tensor: np.ndarray,
+        index: int,
+        source: str,
+        start: float,
+        timings: dict[str, float],
+        adapt: bool = True,
     ) -> FrameResult:
         mark = time.perf_counter()
         outputs = self.backend.infer(tensor)
@@ -244,9 +269,10 @@ class Pipeline:
             cls_stack = outputs[CLS_OUTPUT][0]
             if not np.isfinite(cls_stack).all():  # would poison the reservoir for good
                 raise FrameError(f"the engine returned non-finite CLS tokens for frame {index}")
-            mark = time.perf_counter()
-            self.tca.update(logits, cls_stack)
-            timings["reservoir"] = _ms(mark)
+            if adapt:
+                mark = time.perf_counter()
+                self.tca.update(logits, cls_stack)
+                timings["reservoir"] = _ms(mark)
             mark = time.perf_counter()
             logits = logits + self.tca.correction(cls_stack)
             timings["correction"] = _ms(mark)
@@ -261,7 +287,7 @@ class Pipeline:
         classes = self.bundle.classes
         fate = outputs.get(FATE_OUTPUT)
         timings["total"] = _ms(start)
-        return FrameResult(
+        result = FrameResult(
             index=index,
             source=source,
             label=label,
@@ -273,7 +299,27 @@ class Pipeline:
             timings=timings,
             embedding=embedding,
             token_fate=None if fate is None else fate[0].astype(np.int8),
+            time_utc=utc_now(),
         )
+        if self.min_score is not None and result.score < self.min_score:
+            return replace(result, label=UNKNOWN_LABEL, class_name=UNKNOWN_CLASS, domain="")
+        return result
+
+
+def check_min_score(min_score: float | None) -> float | None:
+    """``min_score`` if it is a number in [0, 1] (or None); UserError otherwise."""
+    if min_score is None:
+        return None
+    if isinstance(min_score, bool) or not isinstance(min_score, int | float):
+        raise UserError(f"min_score must be a number from 0 to 1, got {type(min_score).__name__}")
+    if not 0.0 <= float(min_score) <= 1.0:  # also refuses NaN
+        raise UserError(f"--min-score must be from 0 to 1 (a score), got {min_score:g}")
+    return float(min_score)
+
+
+def utc_now() -> str:
+    """The current wall-clock time as ISO 8601 in UTC with milliseconds (``...T12:00:00.000Z``)."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def process_frame(pipeline: Pipeline, frame: Frame) -> tuple[FrameResult | None, dict[str, Any]]:

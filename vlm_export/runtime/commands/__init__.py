@@ -17,7 +17,12 @@ from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.factory import BACKENDS, PRECISIONS, open_backend
 from vlm_export.runtime.io.preprocess import DEFAULT_MAX_PIXELS
-from vlm_export.runtime.io.sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from vlm_export.runtime.io.sources import (
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    SourceOptions,
+    parse_size,
+)
 from vlm_export.runtime.terminal import printable
 
 log = logging.getLogger(__name__)
@@ -70,6 +75,32 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="refuse images larger than N pixels before decoding them (default "
         f"{DEFAULT_MAX_PIXELS:,}; 0 = no limit)",
     )
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a source is read: --stride for files, --camera-size and --camera-fps for cameras."""
+    group = parser.add_argument_group("reading the source")
+    group.add_argument(
+        "--stride",
+        type=int,
+        default=1,
+        metavar="N",
+        help="every Nth frame of a video, folder or glob (skipped video frames are not decoded)",
+    )
+    group.add_argument(
+        "--camera-size",
+        metavar="WxH",
+        help="ask a camera (an index) for this frame size, e.g. 1280x720",
+    )
+    group.add_argument(
+        "--camera-fps", type=float, metavar="F", help="ask a camera (an index) for F frames/s"
+    )
+
+
+def source_options(args: argparse.Namespace) -> SourceOptions:
+    """The :class:`SourceOptions` of ``add_source_arguments``'s flags."""
+    size = parse_size(args.camera_size) if args.camera_size else None
+    return SourceOptions(args.stride, size, args.camera_fps)
 
 
 def _max_pixels(text: str) -> int:

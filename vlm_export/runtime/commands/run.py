@@ -32,9 +32,11 @@ from vlm_export.runtime import api
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import (
     add_engine_arguments,
+    add_source_arguments,
     bundle_reads,
     is_media_file,
     open_engine,
+    source_options,
     status,
 )
 from vlm_export.runtime.commands._annotated import AnnotatedOutput
@@ -56,6 +58,7 @@ from vlm_export.runtime.pipeline import (
     METHODS,
     FrameResult,
     Pipeline,
+    check_min_score,
     process_frame,
 )
 from vlm_export.runtime.rail.models import describe, open_fusion
@@ -134,6 +137,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--topk", type=int, default=5, help="classes per record (default 5)")
     parser.add_argument(
+        "--min-score",
+        type=float,
+        metavar="S",
+        help="report a frame whose best score is below S (0-1) as unknown (label -1, class "
+        "'unknown', top-k kept); pick S from eval-tta's reliability diagram",
+    )
+    parser.add_argument(
         "--state", help="reservoir state file: resumed if it exists, kept up to date"
     )
     parser.add_argument(
@@ -155,6 +165,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         action="store_true",
         help="with --save-annotated: tint the patch grid by token fate (condensing bundles)",
     )
+    add_source_arguments(parser)
     add_engine_arguments(parser)
     labels = parser.add_argument_group("classes for this run (the bundle is not changed)")
     labels.add_argument(
@@ -387,6 +398,8 @@ def handle(args: argparse.Namespace) -> int:
     )
     if args.out:
         check_can_create(args.out)  # before the bundle and engine load, not after
+    reading = source_options(args)
+    check_min_score(args.min_score)
     bundle = Bundle.open(args.bundle, verify=not args.no_verify)
     if args.classes:
         space = compute_label_space(bundle, args.classes, args.templates, None, args.text_backend)
@@ -408,7 +421,7 @@ def handle(args: argparse.Namespace) -> int:
     fmt = choose_format(args.format, args.out, sys.stdout)
     # ``signals`` is left last: stop signals stay handled until the state is saved and closed
     with contextlib.ExitStack() as signals, contextlib.ExitStack() as stack:
-        source = stack.enter_context(open_source(args.source))
+        source = stack.enter_context(open_source(args.source, reading))
         annotated = None
         if args.save_annotated:  # before the capture thread: it reads the source's kind and fps
             annotated = AnnotatedOutput(args.save_annotated, source, bundle, args.annotate_fate)
@@ -421,7 +434,7 @@ def handle(args: argparse.Namespace) -> int:
             stack.callback(window.close)
         backend = open_engine(bundle, args)
         stack.callback(backend.close)
-        pipeline = Pipeline(bundle, backend, method, reservoir, fusion, args.topk)
+        pipeline = Pipeline(bundle, backend, method, reservoir, fusion, args.topk, args.min_score)
         pipeline.preprocessor.max_pixels = args.max_pixels
         writer = open_writer(fmt, stack.enter_context(_output(args.out)), names, bundle.classes)
         status(f"{method} on {backend.description}; {source.description}")

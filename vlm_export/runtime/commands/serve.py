@@ -25,7 +25,13 @@ from typing import Any
 from vlm_export.core.atomic import check_can_create
 from vlm_export.core.errors import UserError
 from vlm_export.core.paths import check_paths, source_reads
-from vlm_export.runtime.commands import add_engine_arguments, bundle_reads, is_media_file, status
+from vlm_export.runtime.commands import (
+    add_engine_arguments,
+    add_source_arguments,
+    bundle_reads,
+    is_media_file,
+    status,
+)
 from vlm_export.runtime.pipeline import METHODS
 from vlm_export.runtime.serve.config import (
     ServeSettings,
@@ -48,6 +54,10 @@ FLAG_FIELDS = (
     "rail_state",
     "method",
     "topk",
+    "min_score",
+    "stride",
+    "camera_size",
+    "camera_fps",
     "checkpoint_every",
     "event_every",
     "max_fps",
@@ -130,9 +140,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="S",
         help="/healthz fails for a source without a frame in S seconds (default 10)",
     )
+    parser.add_argument(
+        "--min-score",
+        type=float,
+        metavar="S",
+        help="a decision scoring below S (0 to 1) is reported as unknown (label -1), as in run",
+    )
+    add_source_arguments(parser)
     add_engine_arguments(parser)
     parser.set_defaults(
-        backend=None, max_pixels=None, no_verify=None, quiet=None, precision_fallback=None
+        stride=None,
+        backend=None,
+        max_pixels=None,
+        no_verify=None,
+        quiet=None,
+        precision_fallback=None,
     )
     return parser
 
@@ -266,6 +288,12 @@ def handle(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     check_settings(settings)
     check_installed()
+    stop = _Stop()  # from here on a stop signal is an orderly stop, even while starting
+    with _signals(stop):
+        return _serve(settings, stop)
+
+
+def _serve(settings: ServeSettings, stop: _Stop) -> int:
     sock = listen(settings.bind, settings.port)  # a port in use: said before any work
     import uvicorn
 
@@ -279,10 +307,8 @@ def handle(args: argparse.Namespace) -> int:
         def capture_signals(self) -> Iterator[None]:
             yield
 
-    stop = _Stop()
     with contextlib.ExitStack() as stack:
         stack.callback(sock.close)
-        stack.enter_context(_signals(stop))
         service = Service.open(settings)
         stack.callback(_stopped, service)
         for note in service.notes:

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, TracebackType
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +45,32 @@ log = logging.getLogger(__name__)
 
 class SourceError(UserError):
     """A source that does not exist, holds no images, or cannot be opened."""
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """How to read a source: every ``stride``-th frame (files, folders, videos), and the size
+    and frame rate to ask a camera (an index) for."""
+
+    stride: int = 1
+    camera_size: tuple[int, int] | None = None
+    camera_fps: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.stride < 1:
+            raise UserError(f"--stride must be at least 1, got {self.stride}")
+        if self.camera_size is not None and min(self.camera_size) < 1:
+            raise UserError(f"--camera-size must be positive, got {self.camera_size}")
+        if self.camera_fps is not None and not 0 < self.camera_fps <= 1000:
+            raise UserError(f"--camera-fps must be above 0 and at most 1000, got {self.camera_fps}")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"1280x720"`` -> (1280, 720); UserError for anything else."""
+    found = re.fullmatch(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*", text)
+    if not found or min(int(found[1]), int(found[2])) < 1:
+        raise UserError(f"a size is WIDTHxHEIGHT, e.g. 1280x720, got {text[:40]!r}")
+    return int(found[1]), int(found[2])
 
 
 @dataclass(frozen=True)
@@ -95,16 +122,17 @@ def is_image_file(path: Path) -> bool:
 
 
 class ImageFiles(Source):
-    """Image files in a fixed order."""
+    """Image files in a fixed order; with ``stride`` N every N-th of them (indexes kept)."""
 
-    def __init__(self, paths: list[Path], description: str) -> None:
-        self.paths = paths
-        self.total = len(paths)
-        self.description = description
+    def __init__(self, paths: list[Path], description: str, stride: int = 1) -> None:
+        self.paths = paths[::stride]
+        self.stride = stride
+        self.total = len(self.paths)
+        self.description = description if stride == 1 else f"{description}, every {stride}th"
 
     def __iter__(self) -> Iterator[Frame]:
-        for index, path in enumerate(self.paths):
-            yield Frame(index, str(path), path)
+        for position, path in enumerate(self.paths):
+            yield Frame(position * self.stride, str(path), path)
 
     def close(self) -> None:
         """Nothing to release: files are opened one at a time by the pipeline."""
@@ -137,8 +165,9 @@ def is_gstreamer(spec: str) -> bool:
 class VideoSource(Source):
     """Frames of a video file, a camera (integer index), a stream URL or a GStreamer pipeline."""
 
-    def __init__(self, target: str | int) -> None:
+    def __init__(self, target: str | int, options: SourceOptions | None = None) -> None:
         cv2 = import_cv2()
+        options = options or SourceOptions()
         self.target = target
         self.is_camera = isinstance(target, int)
         gstreamer = not self.is_camera and is_gstreamer(str(target))
@@ -154,6 +183,8 @@ class VideoSource(Source):
                 "use JetPack's python3-opencv, elsewhere an OpenCV built with GStreamer"
             )
         self.live = self.is_camera or gstreamer or "://" in str(target)
+        _check_options(options, self.description, self.is_camera, self.live)
+        self.stride = options.stride
         level = cv2.utils.logging.getLogLevel()
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # our error says it
         try:
@@ -166,6 +197,8 @@ class VideoSource(Source):
         if not self._capture.isOpened():
             self._capture.release()
             raise SourceError(f"cannot open {self.description}")
+        if self.is_camera:
+            _ask_camera(cv2, self._capture, options, self.description)
         count = int(self._capture.get(cv2.CAP_PROP_FRAME_COUNT))
         self.total = count if count > 0 and not self.live else None
         self.fps = float(self._capture.get(cv2.CAP_PROP_FPS)) or None
@@ -185,6 +218,10 @@ class VideoSource(Source):
                 return
             yield Frame(index, self.source_id, frame, round(stamp, 3))
             index += 1
+            for _ in range(self.stride - 1):  # skipped frames are grabbed, never decoded
+                if not self._capture.grab():
+                    return
+                index += 1
 
     def _ended(self, frames: int) -> None:
         """A camera or stream that stops delivering frames is an error; a video file that ends
@@ -204,13 +241,49 @@ class VideoSource(Source):
         self._capture.release()
 
 
+def _check_options(options: SourceOptions, description: str, camera: bool, live: bool) -> None:
+    if options.stride > 1 and live:
+        raise SourceError(
+            f"--stride is for videos, folders and globs; {description} is read newest-frame "
+            "first already (stale frames are dropped)"
+        )
+    if not camera and (options.camera_size or options.camera_fps):
+        raise SourceError(
+            f"--camera-size and --camera-fps are for camera indexes, not {description} (for a "
+            "GStreamer pipeline, put the size and rate in its caps)"
+        )
+
+
+def _ask_camera(cv2: ModuleType, capture: Any, options: SourceOptions, description: str) -> None:
+    """Ask the camera for the size and frame rate; a warning when it gives something else."""
+    asked = []
+    if options.camera_size is not None:
+        capture.set(cv2.CAP_PROP_FRAME_WIDTH, options.camera_size[0])
+        capture.set(cv2.CAP_PROP_FRAME_HEIGHT, options.camera_size[1])
+        got = (
+            int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+            int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+        )
+        if got != options.camera_size:
+            asked.append(
+                f"{got[0]}x{got[1]} instead of {options.camera_size[0]}x{options.camera_size[1]}"
+            )
+    if options.camera_fps is not None:
+        capture.set(cv2.CAP_PROP_FPS, options.camera_fps)
+        got_fps = float(capture.get(cv2.CAP_PROP_FPS))
+        if abs(got_fps - options.camera_fps) > 0.5:
+            asked.append(f"{got_fps:g} fps instead of {options.camera_fps:g}")
+    if asked:
+        log.warning("%s delivers %s (what it supports)", description, " and ".join(asked))
+
+
 def _image_named(path: Path) -> bool:
     """An image extension on anything but a folder: regular files, and the links, FIFOs and
     devices that the pipeline then reports as an error record each (never opening them)."""
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.is_dir()
 
 
-def _folder(path: Path) -> ImageFiles:
+def _folder(path: Path, stride: int) -> ImageFiles:
     try:
         entries = list(path.iterdir())
     except OSError as exc:
@@ -218,10 +291,10 @@ def _folder(path: Path) -> ImageFiles:
     paths = sorted(p for p in entries if not p.name.startswith(".") and _image_named(p))
     if not paths:
         raise SourceError(f"no images in folder {path} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
-    return ImageFiles(paths, f"folder {path} ({len(paths)} images)")
+    return ImageFiles(paths, f"folder {path} ({len(paths)} images)", stride)
 
 
-def _glob(pattern: str) -> ImageFiles:
+def _glob(pattern: str, stride: int) -> ImageFiles:
     """Files matching ``pattern`` (``**`` recursive), each real file once under its shortest
     name; links that point to the same file are told apart by their real path."""
     found = glob_files(pattern)
@@ -234,31 +307,35 @@ def _glob(pattern: str) -> ImageFiles:
         raise SourceError(f"no image files match {pattern}")
     repeats = len(candidates) - len(paths)
     note = f", {repeats} repeated through symbolic links skipped" if repeats else ""
-    return ImageFiles(paths, f"{pattern} ({len(paths)} images{note})")
+    return ImageFiles(paths, f"{pattern} ({len(paths)} images{note})", stride)
 
 
-def open_source(spec: str) -> Source:
-    """Open SOURCE as given on the command line.
+def open_source(spec: str, options: SourceOptions | None = None) -> Source:
+    """Open SOURCE as given on the command line, read as ``options`` say.
 
     An existing folder (its images, sorted by name), an existing file (a video by extension,
     otherwise an image), a glob pattern, a camera index (``0``), a stream URL (``rtsp://...``) or
     a GStreamer pipeline (``nvarguscamerasrc ! ... ! appsink``: anything with a ``!``).
     """
+    options = options or SourceOptions()
     if is_gstreamer(spec):
-        return VideoSource(spec)
+        return VideoSource(spec, options)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _folder(path)
+        _check_options(options, f"folder {path}", camera=False, live=False)
+        return _folder(path, options.stride)
     if path.is_file():
         if path.suffix.lower() in VIDEO_EXTENSIONS:
-            return VideoSource(str(path))
+            return VideoSource(str(path), options)
+        _check_options(options, f"image {path}", camera=False, live=False)
         return ImageFiles([path], f"image {path}")
     if path.is_symlink() or path.exists():  # dangling link, link loop, FIFO, device: one record
         return ImageFiles([path], f"image {path}")
     if spec.isdigit():
-        return VideoSource(int(spec))
+        return VideoSource(int(spec), options)
     if "://" in spec:
-        return VideoSource(spec)
+        return VideoSource(spec, options)
     if any(char in spec for char in GLOB_CHARS):
-        return _glob(spec)
+        _check_options(options, spec, camera=False, live=False)
+        return _glob(spec, options.stride)
     raise SourceError(f"source not found: {spec}")

@@ -32,6 +32,8 @@ from typing import Any
 
 from vlm_export.core.errors import UserError
 from vlm_export.runtime.io.preprocess import DEFAULT_MAX_PIXELS
+from vlm_export.runtime.io.sources import SourceOptions, parse_size
+from vlm_export.runtime.pipeline import check_min_score
 
 SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NAME_CHARS = 80  # longest user string echoed in a message
@@ -49,6 +51,7 @@ class Limits:
 
     max_upload_bytes: int = 10 * 1024 * 1024
     max_upload_pixels: int = DEFAULT_MAX_PIXELS
+    max_upload_side: int = 16384
     upload_timeout_s: float = 10.0
     max_classes: int = 1000
     max_class_name_chars: int = 200
@@ -70,6 +73,10 @@ class ServeSettings:
     rail_state: str | None = None
     method: str | None = None
     topk: int = 5
+    min_score: float | None = None  # a decision below it is "unknown" (as run --min-score)
+    stride: int = 1  # every Nth frame of a file or folder
+    camera_size: str | None = None  # "WxH" asked of camera indexes
+    camera_fps: float | None = None
     checkpoint_every: float = 60.0
     events: list[str] = field(default_factory=list)
     event_every: float = 30.0
@@ -119,9 +126,16 @@ class ServeSettings:
             raise UserError("--state-dir and --shared-state exclude each other: give one")
         if self.token is not None and not self.token.strip():
             raise UserError("--token (or VLM_EDGE_TOKEN) is empty: give a token or none")
+        check_min_score(self.min_score)
+        self.source_options()
         for name, value in dataclasses.asdict(self.limits).items():
             if not value > 0:
                 raise UserError(f"limits.{name} must be more than 0, got {value}")
+
+    def source_options(self) -> SourceOptions:
+        """How every source is read (stride, camera size and rate), checked."""
+        size = parse_size(self.camera_size) if self.camera_size else None
+        return SourceOptions(self.stride, size, self.camera_fps)
 
 
 def _toml_module() -> Any:
@@ -156,6 +170,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,),
     "int | None": (int,),
     "float": (int, float),
+    "float | None": (int, float),
     "bool": (bool,),
     "list[str]": (list,),
 }
@@ -168,7 +183,7 @@ def _checked(key: str, value: Any, kind: str) -> Any:
         raise UserError(f"--config: {key} has the wrong type ({type(value).__name__})")
     if kind == "list[str]" and not all(isinstance(item, str) for item in value):
         raise UserError(f"--config: {key} must be a list of strings")
-    return float(value) if kind == "float" else value
+    return float(value) if kind.startswith("float") else value
 
 
 def apply_config(settings: ServeSettings, data: dict[str, Any]) -> None:

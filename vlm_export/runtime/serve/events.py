@@ -23,13 +23,13 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from vlm_export.core.errors import UserError
 from vlm_export.core.json_text import dumps
+from vlm_export.runtime.pipeline import utc_now
 from vlm_export.runtime.serve.config import shown
 from vlm_export.runtime.serve.metrics import ServeMetrics
 
@@ -37,12 +37,6 @@ log = logging.getLogger(__name__)
 
 QUEUE_EVENTS = 10_000
 MQTT_KEEPALIVE_S = 30
-
-
-def utc_now() -> str:
-    """The time as ISO-8601 UTC with milliseconds and a Z."""
-    now = datetime.now(timezone.utc)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
 def make_event(kind: str, source: str, record: dict[str, Any] | None, state: str) -> dict:

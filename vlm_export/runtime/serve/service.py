@@ -40,11 +40,17 @@ from vlm_export.runtime.commands._annotated import FrameDrawer
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.factory import open_backend
 from vlm_export.runtime.io.preprocess import image_from_array, load_image
-from vlm_export.runtime.io.sources import Frame, open_source
-from vlm_export.runtime.pipeline import METHOD_STAGES, FrameResult, Pipeline, process_frame
+from vlm_export.runtime.io.sources import Frame, Source, open_source
+from vlm_export.runtime.pipeline import (
+    METHOD_STAGES,
+    FrameResult,
+    Pipeline,
+    process_frame,
+    utc_now,
+)
 from vlm_export.runtime.rail.models import open_fusion
 from vlm_export.runtime.serve.config import ServeSettings, shown
-from vlm_export.runtime.serve.events import Events, open_sink, utc_now
+from vlm_export.runtime.serve.events import Events, open_sink
 from vlm_export.runtime.serve.metrics import ServeMetrics
 from vlm_export.runtime.serve.workers import Opener, SourceWorker
 from vlm_export.runtime.tca.stage import build_reservoir, save_reservoir
@@ -127,27 +133,35 @@ class Service:
         self._fusion = open_fusion(settings.rail_state, bundle) if settings.rail_state else None
         self._zeros = self._zero_anchors()
         self._bound: Lane | None = None
+        self._zeroshot: Lane | None = None
         self._lanes: dict[str, Lane] = {}
         self._stats: dict[str, SourceStats] = {}
         self._views = threading.Condition()
         self._build_lanes()
-        self.workers: dict[str, SourceWorker] = {}
-        for name, spec in settings.sources:
-            self.metrics.add_source(name)
-            self.workers[name] = self._worker(name, spec, opener)
-        self.metrics.watch_reservoirs(self._reservoir_fill)
         self.events = Events(
             [open_sink(spec, self.metrics) for spec in settings.events], settings.event_every
         )
+        self.workers: dict[str, SourceWorker] = {}
+        for name, spec in settings.sources:  # opened here: one line now for one that fails
+            self.metrics.add_source(name)
+            self.workers[name] = self._worker(name, spec, opener)
+        self.metrics.watch_reservoirs(self._reservoir_fill)
         self._threads: list[threading.Thread] = []
         self._running = False
         self._stopped = False
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def open(cls, settings: ServeSettings, *, opener: Opener = open_source) -> Service:
-        """Open the bundle and the engine for ``settings`` (sources open on ``start``)."""
+    def open(cls, settings: ServeSettings, *, opener: Opener | None = None) -> Service:
+        """Open the bundle, the engine, the event sinks and the sources for ``settings``
+        (nothing runs before ``start``)."""
         settings.check()
+        if opener is None:
+            options = settings.source_options()
+
+            def opener(spec: str) -> Source:
+                return open_source(spec, options)
+
         if settings.bundle is None:
             raise UserError("give a BUNDLE (argument or bundle = ... in --config)")
         if not settings.sources:
@@ -189,8 +203,9 @@ class Service:
         return np.zeros(shape, np.float32), np.zeros(shape[0], np.float32)
 
     def _pipeline(self, reservoir: Any) -> Pipeline:
+        s = self.settings
         return Pipeline(
-            self.bundle, self.backend, self.method, reservoir, self._fusion, self.settings.topk
+            self.bundle, self.backend, self.method, reservoir, self._fusion, s.topk, s.min_score
         )
 
     def _lane(self, state: Path | None) -> Lane:
@@ -331,7 +346,7 @@ class Service:
                 lane.bind(self._zeros)
                 self._bound = lane
             result, record = process_frame(lane.pipeline, frame)
-        record = {**record, "input": record["source"], "source": name, "time_utc": utc_now()}
+        record = {"time_utc": utc_now(), **record, "input": record["source"], "source": name}
         now = time.monotonic()
         stats.frames += 1
         stats.last_at = now
@@ -464,37 +479,49 @@ class Service:
         adapt: bool = False,
         topk: int = 5,
     ) -> dict[str, Any]:
-        """The record ``vlm-edge run`` gives ``image`` (plus ``time_utc``).
+        """The record ``vlm-edge run`` gives ``image``.
 
-        Without ``source``: a fresh run (empty reservoir). With ``source``: that source's state
-        applies; it changes only with ``adapt`` (otherwise a copy of it is used).
+        Without ``source``: zero-shot (with RAIL fusion when the service fuses). With
+        ``source``: that source's adaptation applies (its anchors and correction); the image
+        joins its reservoir only with ``adapt``. Nothing is copied either way.
         """
         if source is not None:
             self._check_source(source)
-        if not isinstance(topk, int) or topk < 1:
+        elif adapt:
+            raise UserError("adapt needs a source: the state of which source should change?")
+        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
             raise UserError(f"topk must be a whole number of at least 1, got {topk!r}")
         with self._engine:
-            if source is not None and adapt:
-                lane = self._lanes[source]
-            else:
-                reservoir = None
-                if METHOD_STAGES[self.method].tca:
-                    if source is None:
-                        reservoir = build_reservoir(self.bundle)
-                    else:
-                        reservoir = copy.deepcopy(self._lanes[source].pipeline.reservoir)
-                lane = Lane(self._pipeline(reservoir), None)
-            pipeline = lane.pipeline
+            lane = self._lanes[source] if source is not None else self._zeroshot_lane()
             if self._bound is not lane:
                 lane.bind(self._zeros)
-            self._bound = lane if source is not None and adapt else None
+                self._bound = lane
+            pipeline = lane.pipeline
             kept = pipeline.topk
             pipeline.topk = min(topk, pipeline.bundle.num_classes)
             try:
-                result = pipeline.process(image.convert("RGB"), 0, source or "")
+                result = pipeline.process(image.convert("RGB"), 0, source or "", adapt=adapt)
             finally:
                 pipeline.topk = kept
-        return {**result.to_record(), "time_utc": utc_now()}
+        return result.to_record()
+
+    def _zeroshot_lane(self) -> Lane:
+        """A lane whose reservoir stays empty (classify without a source never adapts it)."""
+        bundle = self._lanes[next(iter(self._lanes))].pipeline.bundle
+        if self._zeroshot is None or self._zeroshot.pipeline.bundle is not bundle:
+            tca = METHOD_STAGES[self.method].tca
+            pipeline = Pipeline(
+                bundle,
+                self.backend,
+                self.method,
+                build_reservoir(bundle) if tca else None,
+                self._fusion,
+                self.settings.topk,
+                self.settings.min_score,
+            )
+            self._zeroshot = Lane(pipeline, None)
+            self._bound = None  # the new pipeline pushed its (empty) anchors
+        return self._zeroshot
 
     def embed_image(self, image: Image.Image) -> list[float]:
         """The engine's image embedding (zero-shot: no anchors), L2-normalised."""

@@ -93,6 +93,9 @@ class SourceWorker:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+        if self._opened is not None:  # opened but never started
+            self._opened.close()
+            self._opened = None
 
     def _open(self) -> Source | None:
         source, self._opened = self._opened, None
