@@ -58,8 +58,12 @@ def decode_image(data: bytes, max_pixels: int, max_side: int) -> Image.Image:
             image = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))
     except UnidentifiedImageError:
         raise HTTPException(400, "the body is not a JPEG or PNG image") from None
-    except Image.DecompressionBombError:
-        raise HTTPException(413, "the image has more pixels than PIL allows") from None
+    except Image.DecompressionBombError:  # PIL's own cap (about 179 MP) comes before ours
+        raise HTTPException(
+            413,
+            f"the image has more than {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels, "
+            f"above the limit of {max_pixels / 1e6:g}",
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise HTTPException(400, f"the image cannot be read: {cut(str(exc), 120)}") from None
     width, height = image.size

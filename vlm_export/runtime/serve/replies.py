@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from vlm_export.core.errors import UserError
+from vlm_export.runtime.serve.service import UnknownSource
 from vlm_export.runtime.terminal import printable
 
 #: the longest error message a client gets (user strings inside are cut shorter, see ``cut``)
@@ -70,7 +71,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def user_error_status(exc: UserError) -> int:
     """404 for an unknown source, 400 for any other user mistake."""
-    return 404 if type(exc).__name__ == "UnknownSource" else 400
+    return 404 if isinstance(exc, UnknownSource) else 400
 
 
 def install_error_handlers(app: FastAPI) -> None:

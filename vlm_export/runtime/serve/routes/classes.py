@@ -9,12 +9,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from vlm_export.runtime.serve.bodies import json_body, string_list
+from vlm_export.runtime.serve.replies import cut
 from vlm_export.runtime.serve.routes import service_of, settings_of
+from vlm_export.runtime.text.templates import template_set_names
 
 router = APIRouter(prefix="/v1", tags=["classes"])
 
-#: the longest template set name accepted (names such as "openai" or "simple")
-MAX_TEMPLATES_CHARS = 80
 NAMES = {"type": "array", "items": {"type": "string"}, "minItems": 1}
 CLASSES_BODY = {
     "requestBody": {
@@ -28,7 +28,11 @@ CLASSES_BODY = {
                             "type": "object",
                             "properties": {
                                 "classes": NAMES,
-                                "templates": {"type": "string", "nullable": True},
+                                "templates": {
+                                    "type": "string",
+                                    "nullable": True,
+                                    "description": "a built-in template set (never a file)",
+                                },
                             },
                             "required": ["classes"],
                             "additionalProperties": False,
@@ -42,8 +46,12 @@ CLASSES_BODY = {
 }
 
 
-def parse_classes(payload: Any, max_classes: int, max_chars: int) -> tuple[list[str], str | None]:
-    """A PUT body (a list of names, or ``{"classes": [...], "templates": NAME}``) checked."""
+def parse_classes(
+    payload: Any, max_classes: int, max_chars: int, current: str | None
+) -> tuple[list[str], str | None]:
+    """A PUT body (a list of names, or ``{"classes": [...], "templates": NAME}``) checked.
+    ``NAME`` must be a built-in template set (the command line's file form is refused here) or
+    ``current``, the bundle's own templates, which stands for them (as null does)."""
     templates = None
     if isinstance(payload, dict):
         unknown = sorted(set(payload) - {"classes", "templates"})
@@ -52,10 +60,17 @@ def parse_classes(payload: Any, max_classes: int, max_chars: int) -> tuple[list[
         if "classes" not in payload:
             raise HTTPException(400, "the object needs a 'classes' list")
         templates = payload.get("templates")
+        if templates == current:
+            templates = None
         if templates is not None:
             if not isinstance(templates, str):
                 raise HTTPException(400, "templates must be a template set name or null")
-            templates = string_list([templates], "templates", 1, MAX_TEMPLATES_CHARS)[0]
+            if templates not in template_set_names():  # never a file: no client paths
+                raise HTTPException(
+                    400,
+                    f"templates {cut(templates)!r} is not a built-in template set: "
+                    f"use one of {', '.join(template_set_names())}",
+                )
         payload = payload["classes"]
     return string_list(payload, "classes", max_classes, max_chars), templates
 
@@ -72,8 +87,10 @@ async def put_classes(request: Request) -> dict[str, Any]:
     the labels); the next frames use the new classes. Returns the new classes and
     ``dropped_entries``."""
     settings = settings_of(request)
-    names, templates = parse_classes(
-        await json_body(request), settings.limits.max_classes, settings.limits.max_class_name_chars
-    )
     service = service_of(request)
+    current = (await run_in_threadpool(service.classes))["templates"]
+    limits = settings.limits
+    names, templates = parse_classes(
+        await json_body(request), limits.max_classes, limits.max_class_name_chars, current
+    )
     return await run_in_threadpool(lambda: service.set_classes(names, templates))

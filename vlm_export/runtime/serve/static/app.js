@@ -159,7 +159,10 @@ async function loadClasses() {
   try {
     const body = await api("/v1/classes");
     $("classes").value = body.classes.join("\n");
-    $("templates").value = body.templates || "";
+    message($("classes-message"), "", false);
+    // empty: the bundle's own templates (its recorded name may be a workstation's file path)
+    $("templates").value = "";
+    $("templates").title = body.templates ? `now: ${body.templates}` : "";
   } catch (error) {
     message($("classes-message"), error.message, true);
   }
