@@ -94,8 +94,12 @@ class SourceStats:
 
     frames: int = 0
     errors: int = 0
-    timings: collections.deque = field(default_factory=lambda: collections.deque(maxlen=256))
-    times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=512))
+    timings: collections.deque = field(
+        default_factory=lambda: collections.deque(maxlen=RECENT_FRAMES)
+    )  # stage ms of the recent frames (percentiles)
+    times: collections.deque = field(
+        default_factory=lambda: collections.deque(maxlen=2 * RECENT_FRAMES)
+    )  # time.monotonic() when each recent frame was decided (fps)
     last_record: dict[str, Any] | None = None
     last_at: float | None = None
     seq: int = 0
