@@ -3,8 +3,8 @@
 One factory receives its collaborators (the running Service and the settings) and keeps them on
 ``app.state``; one APIRouter per concern lives in ``routes/``. In front of the routes, from the
 outside in: the error guard (JSON 500, one log line), CORS (only when origins are configured),
-cross-site writes refused, the credential check (when a token is set) and the body limits
-(bytes and time).
+the body limits (bytes and time), cross-site writes refused and the credential check (when a
+token is set).
 
 FastAPI (on Starlette, served by uvicorn): the OpenAPI document at ``/openapi.json`` is built
 from the routes themselves, and one app factory with one router per concern is Frigate's shape.
@@ -58,14 +58,14 @@ def create_app(service: Service, settings: ServeSettings) -> FastAPI:
         app.include_router(module.router)
     install_error_handlers(app)
     # add_middleware puts each one outside the previous: the last added runs first
+    if app.state.sessions is not None:
+        app.add_middleware(Auth, sessions=app.state.sessions)
+    app.add_middleware(CrossSiteWrites, allowed_origins=list(settings.cors_origins))
     app.add_middleware(
         BodyLimit,
         max_bytes=settings.limits.max_upload_bytes,
         timeout_s=settings.limits.upload_timeout_s,
     )
-    if app.state.sessions is not None:
-        app.add_middleware(Auth, sessions=app.state.sessions)
-    app.add_middleware(CrossSiteWrites, allowed_origins=list(settings.cors_origins))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
