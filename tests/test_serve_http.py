@@ -485,6 +485,10 @@ def test_every_endpoint_needs_the_credential(secured, method, path, headers) -> 
 
 def test_bearer_token_and_public_paths(secured) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
+    document = httpx.get(f"{secured}/openapi.json", headers=auth).json()
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert document["paths"]["/v1/classes"]["put"]["security"] == [{"bearer": []}]
+    assert "security" not in document["paths"]["/healthz"]["get"]
     assert httpx.get(f"{secured}/v1/sources", headers=auth).status_code == 200
     assert httpx.get(f"{secured}/metrics", headers=auth).status_code == 200
     assert httpx.get(f"{secured}/healthz").status_code == 200

@@ -12,13 +12,13 @@ from the routes themselves, and one app factory with one router per concern is F
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from vlm_export.runtime.serve.auth import Auth, Sessions
+from vlm_export.runtime.serve.auth import PUBLIC_PATHS, Auth, Sessions
 from vlm_export.runtime.serve.guards import BodyLimit, CrossSiteWrites, ErrorGuard
 from vlm_export.runtime.serve.replies import install_error_handlers
 from vlm_export.runtime.serve.routes import (
@@ -74,4 +74,25 @@ def create_app(service: Service, settings: ServeSettings) -> FastAPI:
             allow_headers=["Authorization", "Content-Type"],
         )
     app.add_middleware(ErrorGuard)
+    if app.state.sessions is not None:
+        document_bearer(app)
     return app
+
+
+def document_bearer(app: FastAPI) -> None:
+    """Say in the OpenAPI document that every operation but the public ones needs the token."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+            schemes["bearer"] = {"type": "http", "scheme": "bearer"}
+            for path, operations in schema.get("paths", {}).items():
+                if path not in PUBLIC_PATHS:
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
