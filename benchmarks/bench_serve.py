@@ -14,10 +14,12 @@ ViT-B/16 export with random weights):
 - ``POST /v1/classify`` with 8 concurrent clients (the HTTP app on a loopback port, one source
   running): p50/p95 ms per request.
 
-All numbers are ratios within the run; the machine (CPU flags) is recorded. Prints a summary,
+Each bundle is measured in interleaved rounds (run, serve 1, 2, 4) and the medians reported, so
+that a change in the machine's load hits every configuration alike. All numbers are ratios
+within the run; the machine (CPU flags, load average) is recorded. Prints a summary,
 writes benchmarks/results/serve.json and serve.png (with matplotlib).
 
-    python benchmarks/bench_serve.py [--bundle DIR ...] [--seconds 8] [--images 8]
+    python benchmarks/bench_serve.py [--bundle DIR ...] [--seconds 8] [--rounds 3] [--images 8]
 """
 
 from __future__ import annotations
@@ -101,7 +103,12 @@ def run_loop(bundle_dir: Path, folder: Path, seconds: float) -> dict[str, Any]:
 
 
 def serve_run(bundle_dir: Path, folder: Path, count: int, seconds: float, tmp: Path) -> dict:
-    """A service with ``count`` looping sources for ``seconds`` (after a 1 s warm-up)."""
+    """A service with ``count`` looping sources for ``seconds`` (after a 1 s warm-up).
+
+    Rates and shares come from the frames completed inside one window that every source's
+    recent-frame record covers (the service keeps each frame's completion time and stage
+    timings), so no frame is half counted at the window's edges.
+    """
     settings = ServeSettings(
         bundle=str(bundle_dir),
         sources=[(f"s{i}", str(folder)) for i in range(count)],
@@ -112,38 +119,33 @@ def serve_run(bundle_dir: Path, folder: Path, count: int, seconds: float, tmp: P
     )
     with Service.open(settings) as service:
         time.sleep(1.0)
-        first = {s["name"]: s["frames"] for s in service.source_status()}
-        sums_before = _stage_sums(service)
-        start = time.perf_counter()
+        begin = time.monotonic()
         time.sleep(seconds)
-        wall = time.perf_counter() - start
         status = service.source_status()
-        sums_after = _stage_sums(service)
-    frames = {s["name"]: s["frames"] - first[s["name"]] for s in status}
-    total = sum(frames.values())
-    pipeline_s = sums_after["total"] - sums_before["total"]
-    engine_s = sums_after["engine"] - sums_before["engine"]
+        # the scheduler's own record: (completion time, stage ms) of each source's recent frames
+        recent = {
+            name: list(zip(list(stats.times)[-len(stats.timings) :], stats.timings, strict=True))
+            for name, stats in service._stats.items()
+        }
+    start = max([begin] + [frames[0][0] for frames in recent.values()])
+    done = sorted(
+        (t, name, ms) for name, frames in recent.items() for t, ms in frames if t >= start
+    )
+    wall = done[-1][0] - done[0][0]
+    counted = done[1:]  # frames completed after the first one, inside the window
+    per_source = {name: sum(1 for _, n, _ in counted if n == name) / wall for name in recent}
+    pipeline_s = sum(ms["total"] for _, _, ms in counted) / 1000.0
+    engine_s = sum(ms["engine"] for _, _, ms in counted) / 1000.0
     return {
         "sources": count,
-        "decisions_per_s": total / wall,
-        "per_source_decisions_per_s": {n: f / wall for n, f in frames.items()},
+        "window_s": wall,
+        "frames": len(counted),
+        "decisions_per_s": len(counted) / wall,
+        "per_source_decisions_per_s": per_source,
         "per_source_pipeline_ms": {s["name"]: s["latency_ms"].get("total") for s in status},
         "outside_pipeline": 1.0 - pipeline_s / wall,
         "outside_engine": 1.0 - engine_s / wall,
     }
-
-
-def _stage_sums(service: Service) -> dict[str, float]:
-    """Seconds spent per stage over all sources so far (the latency histograms' sums)."""
-    sums = {"total": 0.0, "engine": 0.0}
-    for family in service.registry.collect():
-        if family.name != "vlm_edge_stage_latency_seconds":
-            continue
-        for sample in family.samples:
-            stage = sample.labels.get("stage")
-            if sample.name.endswith("_sum") and stage in sums:
-                sums[stage] += sample.value
-    return sums
 
 
 def classify_clients(bundle_dir: Path, folder: Path, requests: int, tmp: Path) -> dict | None:
@@ -211,17 +213,43 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _median(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per key, the median over rounds (dicts of numbers: per inner key)."""
+    out: dict[str, Any] = {}
+    for key, value in rows[0].items():
+        if isinstance(value, dict):
+            out[key] = _median([row[key] for row in rows])
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = float(np.median([row[key] for row in rows]))
+        else:
+            out[key] = value
+    return out
+
+
 def measure(bundle_dir: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Rounds of (run, serve 1, 2, 4 sources) interleaved, so that a change in the machine's
+    load hits every configuration alike; the medians over rounds."""
     folder = write_pngs(tmp / "frames", args.images)
     manifest = Bundle.open(bundle_dir).manifest
+    runs, serves = [], {n: [] for n in SOURCE_COUNTS}
+    for round_ in range(args.rounds):
+        runs.append(run_loop(bundle_dir, folder, args.seconds))
+        for n in SOURCE_COUNTS:
+            serves[n].append(serve_run(bundle_dir, folder, n, args.seconds, tmp / f"r{round_}"))
     report: dict[str, Any] = {
         "bundle": manifest["model"]["name"],
         "image_size": manifest["preprocess"]["size"],
-        "run": run_loop(bundle_dir, folder, args.seconds),
-        "serve": [serve_run(bundle_dir, folder, n, args.seconds, tmp) for n in SOURCE_COUNTS],
+        "rounds": args.rounds,
+        "run": _median(runs),
+        "serve": [_median(serves[n]) for n in SOURCE_COUNTS],
+        "serve_over_run_one_source_per_round": [
+            serve["decisions_per_s"] / run["decisions_per_s"]
+            for serve, run in zip(serves[1], runs, strict=True)
+        ],
     }
-    one = report["serve"][0]
-    report["serve_over_run_one_source"] = one["decisions_per_s"] / report["run"]["decisions_per_s"]
+    report["serve_over_run_one_source"] = float(
+        np.median(report["serve_over_run_one_source_per_round"])
+    )
     report["classify"] = classify_clients(bundle_dir, folder, args.requests, tmp)
     return report
 
@@ -257,6 +285,7 @@ def main() -> None:
     parser.add_argument("--bundle", action="append", default=[], help="more bundles to measure")
     parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
     parser.add_argument("--images", type=int, default=8, help="PNGs in the looping folder")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
     parser.add_argument("--requests", type=int, default=25, help="per /v1/classify client")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -278,6 +307,7 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "cpu_flags": cpu_flags(),
             "python": platform.python_version(),
+            "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         },
         "seconds_per_measurement": args.seconds,
         "bundles": reports,

@@ -31,6 +31,7 @@ from vlm_export.runtime.commands import (
     bundle_reads,
     is_media_file,
     status,
+    thread_count,
 )
 from vlm_export.runtime.pipeline import METHODS
 from vlm_export.runtime.serve.config import (
@@ -286,6 +287,7 @@ def _signals(stop: _Stop) -> Iterator[None]:
 def handle(args: argparse.Namespace) -> int:
     """Check everything, start the service and the HTTP server; stop cleanly on a signal."""
     settings = settings_from(args)
+    settings.threads = thread_count(settings.threads)
     check_settings(settings)
     check_installed()
     stop = _Stop()  # from here on a stop signal is an orderly stop, even while starting

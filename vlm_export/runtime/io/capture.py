@@ -24,9 +24,10 @@ class NewestFrame(Source):
     source's end (or its error, such as a camera that stops) reaches the consumer after the
     last frame. ``close`` stops the thread, then closes the source.
 
-    ``keep_all`` makes the thread wait until the slot is taken instead of replacing it (files:
-    every frame, at the consumer's pace); ``on_frame`` is called after each frame put in the slot
-    (a consumer serving several sources wakes on it and polls with ``take``).
+    ``keep_all`` makes the thread keep every frame instead of replacing it (files: every frame,
+    at the consumer's pace), one frame read ahead so that the consumer does not wait for the
+    thread. ``on_frame`` is called after each frame put in the slot (a consumer serving several
+    sources wakes on it and polls with ``take``).
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class NewestFrame(Source):
         self._keep_all = keep_all
         self._on_frame = on_frame
         self._slot: Frame | None = None
+        self._ahead: Frame | None = None  # keep_all: the frame after the slot's
         self._done = False
         self._error: BaseException | None = None
         self._stop = threading.Event()
@@ -61,10 +63,15 @@ class NewestFrame(Source):
             for frame in self.source:
                 with self._changed:
                     if self._keep_all:
-                        self._changed.wait_for(lambda: self._slot is None or self._stop.is_set())
-                    if self._slot is not None:
-                        self.dropped += 1
-                    self._slot = frame
+                        self._changed.wait_for(lambda: self._ahead is None or self._stop.is_set())
+                        if self._slot is None:
+                            self._slot = frame
+                        else:
+                            self._ahead = frame
+                    else:
+                        if self._slot is not None:
+                            self.dropped += 1
+                        self._slot = frame
                     self.delivered += 1
                     self._changed.notify_all()
                 if self._on_frame is not None:
@@ -83,10 +90,15 @@ class NewestFrame(Source):
     def take(self) -> Frame | None:
         """The newest frame if one waits (it leaves the slot), else None; never blocks."""
         with self._changed:
-            frame, self._slot = self._slot, None
+            frame, self._slot, self._ahead = self._slot, self._ahead, None
             if frame is not None:
                 self._changed.notify_all()
             return frame
+
+    def wait_read(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the source to end (frames may still wait in the slot)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._done, timeout)
 
     def wait_finished(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for the source to end and its last frame to be taken."""
@@ -103,7 +115,7 @@ class NewestFrame(Source):
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: self._slot is not None or self._done)
-                frame, self._slot = self._slot, None
+                frame, self._slot, self._ahead = self._slot, self._ahead, None
                 self._changed.notify_all()
                 if frame is None:  # ended, nothing left
                     if self._error is not None:

@@ -61,6 +61,7 @@ class SourceWorker:
         self._opener = opener
         self._opened = opened
         self._capture: NewestFrame | None = None
+        self._draining: NewestFrame | None = None  # a pass that ended, frames still waiting
         self._counted_drops = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -73,9 +74,17 @@ class SourceWorker:
         self._thread.start()
 
     def take(self) -> Frame | None:
-        """The newest frame waiting, or None."""
+        """The newest frame waiting, or None (the last frames of the previous pass first)."""
         with self._lock:
-            capture = self._capture
+            draining, capture = self._draining, self._capture
+        if draining is not None:
+            frame = draining.take()
+            if frame is not None:
+                self.last_frame_at = time.monotonic()
+                return frame
+            with self._lock:
+                if self._draining is draining:
+                    self._draining = None
         if capture is None:
             return None
         frame = capture.take()
@@ -140,10 +149,12 @@ class SourceWorker:
                     self.passes += 1
                     if self.loop:
                         continue  # replay a file or folder at once
+                    self._drained()
                     self.state = "stopped"
                     self._metrics.up.labels(source=self.name).set(0)
                     log.warning("source %s ended (no --loop)", self.name)
                     break
+                self._drained()
                 if delivered:
                     delay = self._retry[0]  # it worked for a while: start the backoff again
                 self._failed(str(error) if error else "delivered no frame")
@@ -167,11 +178,19 @@ class SourceWorker:
         self._metrics.up.labels(source=self.name).set(1)
         capture.start()
         try:
-            while not capture.wait_finished(POLL_S):
+            while not capture.wait_read(POLL_S):
                 if self._stop.is_set():
                     break
         finally:
-            with self._lock:
-                self._capture = None
+            with self._lock:  # its last frames are still taken while the next pass opens
+                self._capture, self._draining = None, capture
             capture.close()
         return capture.delivered, capture.error
+
+    def _drained(self) -> None:
+        """Wait until the consumer took the last frames of the pass that ended (or a stop)."""
+        with self._lock:
+            draining = self._draining
+        while draining is not None and not draining.wait_finished(POLL_S):
+            if self._stop.is_set():
+                return
