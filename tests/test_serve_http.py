@@ -485,6 +485,10 @@ def test_every_endpoint_needs_the_credential(secured, method, path, headers) -> 
 
 def test_bearer_token_and_public_paths(secured) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
+    document = httpx.get(f"{secured}/openapi.json", headers=auth).json()
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert document["paths"]["/v1/classes"]["put"]["security"] == [{"bearer": []}]
+    assert "security" not in document["paths"]["/healthz"]["get"]
     assert httpx.get(f"{secured}/v1/sources", headers=auth).status_code == 200
     assert httpx.get(f"{secured}/metrics", headers=auth).status_code == 200
     assert httpx.get(f"{secured}/healthz").status_code == 200
@@ -625,3 +629,24 @@ def test_concurrent_class_changes_while_frames_run(texted) -> None:
     _decisions_follow(url, final)
     after = {s["name"]: s["errors"] for s in httpx.get(f"{url}/v1/sources").json()["sources"]}
     assert after == before_errors
+
+
+@pytest.mark.parametrize(
+    "target,path",
+    [
+        ("secured", "/v1/classify"),  # refused by the credential check
+        ("url", "/v1/classify?adapt=true"),  # refused by the route before it reads the body
+        ("url", "/nowhere"),  # no route
+    ],
+)
+def test_refused_before_the_body_closes_the_connection(request, target, path) -> None:
+    """An answer given without reading the body closes the connection, so a client that then
+    stalls does not hold it open."""
+    base = request.getfixturevalue(target)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        "Content-Length: 5000\r\n\r\n"
+    ).encode()
+    answer = _raw(base, head)
+    assert answer.split(b" ", 2)[1] in (b"400", b"401", b"404")
+    assert b"connection: close" in answer.lower()

@@ -106,7 +106,8 @@ def test_page_shows_both_sources_live(served, page, tmp_path) -> None:
 def test_class_editor_changes_the_label_shown(served, page) -> None:
     url, _ = served
     page.goto(url)
-    page.wait_for_function("document.getElementById('classes').value.length > 0")
+    # polled from here: the page's CSP (no eval) refuses Playwright's string predicates
+    wait_for(lambda: page.input_value("#classes"), "the classes in the editor")
     new = ["zebra", "yak", "owl"]
     page.fill("#classes", "\n".join(new))
     page.click("#apply")

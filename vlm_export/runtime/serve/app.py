@@ -3,8 +3,8 @@
 One factory receives its collaborators (the running Service and the settings) and keeps them on
 ``app.state``; one APIRouter per concern lives in ``routes/``. In front of the routes, from the
 outside in: the error guard (JSON 500, one log line), CORS (only when origins are configured),
-cross-site writes refused, the credential check (when a token is set) and the body limits
-(bytes and time).
+the body limits (bytes and time), cross-site writes refused and the credential check (when a
+token is set).
 
 FastAPI (on Starlette, served by uvicorn): the OpenAPI document at ``/openapi.json`` is built
 from the routes themselves, and one app factory with one router per concern is Frigate's shape.
@@ -12,13 +12,13 @@ from the routes themselves, and one app factory with one router per concern is F
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from vlm_export.runtime.serve.auth import Auth, Sessions
+from vlm_export.runtime.serve.auth import PUBLIC_PATHS, Auth, Sessions
 from vlm_export.runtime.serve.guards import BodyLimit, CrossSiteWrites, ErrorGuard
 from vlm_export.runtime.serve.replies import install_error_handlers
 from vlm_export.runtime.serve.routes import (
@@ -58,14 +58,14 @@ def create_app(service: Service, settings: ServeSettings) -> FastAPI:
         app.include_router(module.router)
     install_error_handlers(app)
     # add_middleware puts each one outside the previous: the last added runs first
+    if app.state.sessions is not None:
+        app.add_middleware(Auth, sessions=app.state.sessions)
+    app.add_middleware(CrossSiteWrites, allowed_origins=list(settings.cors_origins))
     app.add_middleware(
         BodyLimit,
         max_bytes=settings.limits.max_upload_bytes,
         timeout_s=settings.limits.upload_timeout_s,
     )
-    if app.state.sessions is not None:
-        app.add_middleware(Auth, sessions=app.state.sessions)
-    app.add_middleware(CrossSiteWrites, allowed_origins=list(settings.cors_origins))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -74,4 +74,25 @@ def create_app(service: Service, settings: ServeSettings) -> FastAPI:
             allow_headers=["Authorization", "Content-Type"],
         )
     app.add_middleware(ErrorGuard)
+    if app.state.sessions is not None:
+        document_bearer(app)
     return app
+
+
+def document_bearer(app: FastAPI) -> None:
+    """Say in the OpenAPI document that every operation but the public ones needs the token."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+            schemes["bearer"] = {"type": "http", "scheme": "bearer"}
+            for path, operations in schema.get("paths", {}).items():
+                if path not in PUBLIC_PATHS:
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -63,7 +63,8 @@ class ErrorGuard:
 
 
 class BodyLimit:
-    """Bound every request body: ``max_bytes`` in size, ``timeout_s`` from the request's start."""
+    """Bound every request body: ``max_bytes`` in size, ``timeout_s`` from the request's start;
+    close the connection after an answer given before the body was read."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
@@ -110,7 +111,18 @@ class BodyLimit:
             complete = not message.get("more_body", False)
             return message
 
-        await self.app(scope, bounded_receive, send)
+        expects_body = (declared is not None and declared.strip() != "0") or "chunked" in (
+            Headers(scope=scope).get("transfer-encoding", "").lower()
+        )
+
+        async def closing_send(message: Message) -> None:
+            # an answer given before the whole body arrived ends the connection: the client
+            # cannot keep it open by never sending the rest
+            if message["type"] == "http.response.start" and expects_body and not complete:
+                message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
+            await send(message)
+
+        await self.app(scope, bounded_receive, closing_send)
 
 
 class CrossSiteWrites:

@@ -23,6 +23,8 @@ router = APIRouter(prefix="/v1/sources", tags=["stream"])
 BOUNDARY = "frame"
 #: how long one wait for a new frame lasts (a worker thread is held at most this long)
 WAIT_S = 1.0
+#: the pause after a wait that brought no new frame
+IDLE_S = 0.1
 #: how long the snapshot waits for a first frame
 SNAPSHOT_WAIT_S = 5.0
 NO_STORE = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
@@ -54,7 +56,8 @@ async def stream(
         seq = -1
         while True:  # ends when the client leaves (Starlette cancels it or the send fails)
             got = await next_frame(request, name, seq, WAIT_S, fate)
-            if got is None:
+            if got is None or got[0] <= seq:  # nothing new (or the service stopping): no spin
+                await anyio.sleep(IDLE_S)
                 continue
             seq, jpeg = got
             head = f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n"
