@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from vlm_export.core.manifest import TOKEN_FATE
-from vlm_export.runtime.draw.annotate import annotate_frame, banner_text
+from vlm_export.runtime.draw.annotate import annotate_frame, banner_height, banner_text
 from vlm_export.runtime.draw.bars import topk_bars
 from vlm_export.runtime.draw.explain import explain_figure, upscale
 from vlm_export.runtime.draw.fate import (
@@ -104,12 +104,13 @@ def test_engine_view_box_matches_the_preprocessing_crop() -> None:
     assert engine_view_box((640, 480), (224, 224), "longest") == (0, -80, 640, 560)
 
 
-def test_annotate_frame_draws_a_banner_on_top_only() -> None:
+def test_annotate_frame_puts_the_banner_above_the_whole_frame() -> None:
     image = Image.new("RGB", (320, 240), GREY)
     drawn = np.asarray(annotate_frame(image, "cat", 0.873, 12.34))
-    assert drawn.shape == (240, 320, 3)
-    assert (drawn[-40:] == GREY).all()  # the frame below the banner is untouched
-    banner = drawn[:12]
+    strip = banner_height(image.size)
+    assert drawn.shape == (240 + strip, 320, 3)
+    assert (drawn[strip:] == GREY).all()  # the whole frame, none of it covered
+    banner = drawn[:strip]
     assert (banner.max(axis=2) > 200).any()  # white text
     assert (banner.mean(axis=2) < GREY[0] - 30).mean() > 0.5  # on a darkened strip
     assert banner_text("cat", 0.873, 12.34) == "cat  87.3%  |  12.3 fps"

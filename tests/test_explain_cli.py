@@ -16,8 +16,9 @@ from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import TOKEN_FATE
 from vlm_export.runtime import cli
 from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.draw.annotate import banner_height
 from vlm_export.runtime.draw.explain import upscale
-from vlm_export.runtime.draw.fate import FATE_STYLE
+from vlm_export.runtime.draw.fate import FATE_STYLE, OUTLINE_COLOUR
 from vlm_export.runtime.draw.heatmap import scale_colour
 from vlm_export.runtime.engines.factory import open_backend
 from vlm_export.runtime.pipeline import Pipeline
@@ -69,7 +70,7 @@ def test_frame_result_carries_the_engines_token_fate(tca_dir, full_dir, tmp_path
 
 def test_explain_draws_each_block_in_fate_colours(tca_dir, tmp_path, capsys) -> None:
     grey = tmp_path / "grey.png"
-    Image.new("RGB", (64, 48), GREY).save(grey)
+    Image.new("RGB", (64, 64), GREY).save(grey)  # square: no frame panel (the crop cuts nothing)
     others = write_images(tmp_path / "photos", 2)
     out = tmp_path / "pictures"
     code, stdout, err = _edge(capsys, "explain", tca_dir, grey, *others, "--out", out)
@@ -165,12 +166,16 @@ def test_save_annotated_folder_of_images(tca_dir, tmp_path, capsys) -> None:
     expected = ["grey", "img_0000", "img_0002", "large"]
     assert names == [f"{name}.annotated.png" for name in expected]
     for name, source in (("img_0000", paths[0]), ("img_0002", paths[2])):
-        assert Image.open(out / f"{name}.annotated.png").size == Image.open(source).size
+        width, height = Image.open(source).size  # the whole frame, under the banner strip
+        expected_size = (width, height + banner_height((width, height)))
+        assert Image.open(out / f"{name}.annotated.png").size == expected_size
     # the grey image: a 40 x 40 engine view in the middle, its lower half (patches 8-15) pruned
     drawn = np.asarray(Image.open(out / "grey.annotated.png").convert("RGB")).astype(float)
-    assert (drawn[30:, :15] == GREY).all() and (drawn[30:, 65:] == GREY).all()
+    drawn = drawn[banner_height((80, 40)) :]  # the frame itself
+    assert (drawn[:, :15] == GREY).all() and (drawn[:, 65:] == GREY).all()
     np.testing.assert_allclose(drawn[35, 25], _blend(TOKEN_FATE["pruned"]), atol=1.5)
     np.testing.assert_allclose(drawn[35, 55], _blend(TOKEN_FATE["pruned"]), atol=1.5)
+    assert (drawn[:, 20] == OUTLINE_COLOUR).all(axis=1).any()  # the centre crop's edge, outlined
     # a frame with room for it gets the legend in its bottom-left corner (pure swatch colours)
     large = np.asarray(Image.open(out / "large.annotated.png").convert("RGB"))
     corner = {tuple(c) for c in large[-60:, :320].reshape(-1, 3)}

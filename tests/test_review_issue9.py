@@ -15,7 +15,7 @@ from PIL import Image
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import TOKEN_FATE
 from vlm_export.runtime import cli, open_pipeline
-from vlm_export.runtime.draw.annotate import annotate_frame
+from vlm_export.runtime.draw.annotate import annotate_frame, banner_height
 from vlm_export.runtime.draw.fate import fate_overlay
 from vlm_export.runtime.draw.style import fit_text, font, text_block
 from vlm_export.runtime.io.preprocess import ImageError
@@ -62,8 +62,9 @@ def test_save_annotated_tiny_images_with_fate(tca_dir, tmp_path, capsys) -> None
     argv = ["run", tca_dir, photos, "--save-annotated", out, "--annotate-fate", "--quiet"]
     code, stdout, _ = _edge(capsys, *argv)
     assert code == 0 and len(stdout.splitlines()) == 3
-    for name, size in (("dot", (1, 1)), ("line", (80, 1)), ("column", (1, 80))):
-        assert Image.open(out / f"{name}.annotated.png").size == size
+    for name, (wide, high) in (("dot", (1, 1)), ("line", (80, 1)), ("column", (1, 80))):
+        expected = (wide, high + banner_height((wide, high)))  # the banner strip above
+        assert Image.open(out / f"{name}.annotated.png").size == expected
 
 
 def test_save_annotated_never_replaces_an_input_image(tca_dir, tmp_path, capsys) -> None:

@@ -149,6 +149,7 @@ def open_pipeline(
     threads: int | None = None,
     verify: bool = True,
     min_score: float | None = None,
+    crop: str | None = None,
 ) -> EdgePipeline:
     """Open a bundle for classification, with ``vlm-edge run``'s defaults.
 
@@ -156,7 +157,7 @@ def open_pipeline(
     reservoir file, resumed if it exists and saved when the ``with`` block ends; ``rail_state``
     a RAIL state from ``vlm-edge learn`` (methods rail and tca+rail). With ``min_score`` a
     decision whose reported score is below it is unknown (``label`` -1, ``class_name``
-    ``"unknown"``).
+    ``"unknown"``). ``crop`` is ``vlm-edge run --crop``: center, letterbox or squash.
     """
     min_score = check_min_score(min_score)
     if not isinstance(bundle, Bundle):
@@ -183,6 +184,8 @@ def open_pipeline(
     engine = open_backend(bundle, backend, providers, threads)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(engine.close)  # closed again only if the pipeline cannot be built
-        pipeline = Pipeline(bundle, engine, method, reservoir, fusion, min_score=min_score)
+        pipeline = Pipeline(
+            bundle, engine, method, reservoir, fusion, min_score=min_score, crop=crop
+        )
         cleanup.pop_all()
     return EdgePipeline(pipeline, Path(state) if state is not None else None)

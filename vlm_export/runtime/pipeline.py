@@ -133,6 +133,7 @@ class Pipeline:
         fusion: Fusion | None = None,
         topk: int = 5,
         min_score: float | None = None,
+        crop: str | None = None,
     ) -> None:
         if method not in METHOD_STAGES:
             raise UserError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
@@ -152,7 +153,7 @@ class Pipeline:
         self.min_score = check_min_score(min_score)
         self._topk = topk
         self.topk = min(topk, bundle.num_classes)
-        self.preprocessor = Preprocessor.from_manifest(bundle.manifest)
+        self.preprocessor = Preprocessor.from_manifest(bundle.manifest, crop)
         self.fusion = fusion
         self.tca: TcaStage | None = None
         if reservoir is not None and not stages.tca:

@@ -16,7 +16,7 @@ from vlm_export.core.paths import tree_reads
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.factory import BACKENDS, PRECISIONS, open_backend
-from vlm_export.runtime.io.preprocess import DEFAULT_MAX_PIXELS
+from vlm_export.runtime.io.preprocess import CROP_MODES, DEFAULT_MAX_PIXELS
 from vlm_export.runtime.io.sources import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
@@ -94,6 +94,17 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--camera-fps", type=float, metavar="F", help="ask a camera (an index) for F frames/s"
+    )
+
+
+def add_crop_argument(parser: argparse.ArgumentParser) -> None:
+    """--crop: how a frame of another shape becomes the engine's input."""
+    parser.add_argument(
+        "--crop",
+        choices=tuple(CROP_MODES),
+        help="center: the centre square, as the model was trained (default: the bundle's "
+        "preprocessing, center for CLIP); letterbox: the whole frame, padded; squash: the whole "
+        "frame, stretched. A 16:9 frame loses 44%% of its width to center",
     )
 
 

@@ -33,9 +33,10 @@ from vlm_export.runtime.draw.fate import (
     fate_legend,
     fate_overlay,
     final_fate,
+    outline_view,
     patch_grid,
 )
-from vlm_export.runtime.io.preprocess import ImageError, load_image
+from vlm_export.runtime.io.preprocess import ImageError, Preprocessor, load_image
 from vlm_export.runtime.io.sources import Frame, ImageFiles, Source, import_cv2
 from vlm_export.runtime.pipeline import FrameResult
 
@@ -47,7 +48,7 @@ DEFAULT_FPS = 30.0
 class FrameDrawer:
     """Draws one frame: the fate overlay (optional), then the label / score / fps banner."""
 
-    def __init__(self, bundle: Bundle, with_fate: bool) -> None:
+    def __init__(self, bundle: Bundle, with_fate: bool, crop: str | None = None) -> None:
         if with_fate and FATE_OUTPUT not in bundle.engine_io("outputs"):
             raise UserError(
                 f"--annotate-fate needs a condensing bundle (method tca or tca+rail); "
@@ -56,16 +57,18 @@ class FrameDrawer:
         self.with_fate = with_fate
         self.grid = patch_grid(bundle.manifest)
         self.engine_size = tuple(int(v) for v in bundle.manifest["preprocess"]["size"])
-        self.resize_mode = str(bundle.manifest["preprocess"]["resize_mode"])
+        self.resize_mode = Preprocessor.from_manifest(bundle.manifest, crop).resize_mode
 
     def __call__(self, image: Image.Image, result: FrameResult | None, fps: float) -> Image.Image:
-        """``image`` with what ``result`` decided (None: the frame failed) drawn on it."""
+        """``image`` with what ``result`` decided (None: the frame failed) drawn on it, and the
+        outline of the part the engine saw where it is not the whole frame."""
         if result is None:
             return annotate_frame(image, "error: frame not classified", None, fps)
+        box = engine_view_box(image.size, self.engine_size, self.resize_mode)
         if self.with_fate and result.token_fate is not None:
-            box = engine_view_box(image.size, self.engine_size, self.resize_mode)
             image = fate_overlay(image, final_fate(result.token_fate), self.grid, box)
             image = _with_legend(image)
+        image = outline_view(image, box)
         return annotate_frame(image, result.class_name, result.topk[0][2], fps)
 
 
@@ -189,8 +192,10 @@ class AnnotatedVideo:
 class AnnotatedOutput:
     """Context manager over either output: finished on a normal end, removed on an error."""
 
-    def __init__(self, path: str, source: Source, bundle: Bundle, with_fate: bool) -> None:
-        drawer = FrameDrawer(bundle, with_fate)
+    def __init__(
+        self, path: str, source: Source, bundle: Bundle, with_fate: bool, crop: str | None = None
+    ) -> None:
+        drawer = FrameDrawer(bundle, with_fate, crop)
         target = Path(path).expanduser()
         if isinstance(source, ImageFiles):
             self.sink: AnnotatedImages | AnnotatedVideo = AnnotatedImages(

@@ -24,7 +24,12 @@ import numpy as np
 from vlm_export.core.atomic import atomic_write_bytes, check_can_create
 from vlm_export.core.errors import UserError
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
+from vlm_export.runtime.commands import (
+    add_crop_argument,
+    add_engine_arguments,
+    open_engine,
+    status,
+)
 from vlm_export.runtime.commands._rail import show_progress
 from vlm_export.runtime.datasets.layouts import EvalSet, load_test_set
 from vlm_export.runtime.datasets.registry import dataset_names, get_dataset
@@ -72,6 +77,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--save-every", type=int, default=200, help="save --state every N images (default 200)"
     )
+    add_crop_argument(parser)
     add_engine_arguments(parser)
     return parser
 
@@ -195,7 +201,8 @@ def _stream(
             continue
         backend = open_engine(which, args)  # one engine each: TCA's anchors are its own
         stack.callback(backend.close)
-        methods.append(MethodStream.start(name, Pipeline(which, backend, method), len(order)))
+        pipeline = Pipeline(which, backend, method, crop=args.crop)
+        methods.append(MethodStream.start(name, pipeline, len(order)))
     return EvalStream(test.paths, test.labels, order, methods)
 
 
@@ -259,6 +266,7 @@ def _write_outputs(
             "data": str(args.data),
             "dataset": args.dataset,
             "seed": args.seed,
+            "crop": stream.methods[0].pipeline.preprocessor.crop,
             "images": stream.position,
             "unreadable": [{"position": p, "error": m} for p, m in stream.errors],
             "ece_bins": ECE_BINS,

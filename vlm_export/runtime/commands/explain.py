@@ -27,9 +27,14 @@ from vlm_export.core.atomic import atomic_file, check_can_create
 from vlm_export.core.errors import BundleError, UserError
 from vlm_export.core.manifest import FATE_OUTPUT
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import add_engine_arguments, open_engine, status
+from vlm_export.runtime.commands import (
+    add_crop_argument,
+    add_engine_arguments,
+    open_engine,
+    status,
+)
 from vlm_export.runtime.draw.explain import explain_figure
-from vlm_export.runtime.draw.fate import patch_grid
+from vlm_export.runtime.draw.fate import engine_view_box, patch_grid
 from vlm_export.runtime.io.preprocess import ImageError, load_image
 from vlm_export.runtime.pipeline import FrameError, FrameResult, Pipeline
 
@@ -55,6 +60,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help=f"folder for the pictures (created if needed), one <image stem>{SUFFIX} each",
     )
     parser.add_argument("--topk", type=int, default=5, help="classes drawn (default 5)")
+    add_crop_argument(parser)
     add_engine_arguments(parser)
     return parser
 
@@ -121,6 +127,8 @@ def _draw(pipeline: Pipeline, image_path: Path, index: int, facts: list[str]) ->
     result: FrameResult = pipeline.process_tensor(tensor, index, str(image_path))
     _, name, score = result.topk[0]
     condensation = pipeline.bundle.manifest.get("condensation") or {}
+    preprocessor = pipeline.preprocessor
+    box = engine_view_box(image.size, preprocessor.size, preprocessor.resize_mode)
     return explain_figure(
         seen,
         result.topk,
@@ -129,6 +137,8 @@ def _draw(pipeline: Pipeline, image_path: Path, index: int, facts: list[str]) ->
         grid=patch_grid(pipeline.bundle.manifest),
         fate=result.token_fate,
         blocks=condensation.get("reduction_layers", ()),
+        frame=image,
+        box=box,
     )
 
 
@@ -153,7 +163,7 @@ def handle(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         backend = open_engine(bundle, args)
         stack.callback(backend.close)
-        pipeline = Pipeline(bundle, backend, "zeroshot", topk=args.topk)
+        pipeline = Pipeline(bundle, backend, "zeroshot", topk=args.topk, crop=args.crop)
         for index, (image, target) in enumerate(zip(images, targets, strict=True)):
             try:
                 figure = _draw(pipeline, image, index, facts)

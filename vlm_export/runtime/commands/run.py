@@ -31,6 +31,7 @@ from vlm_export.core.paths import check_paths, source_reads
 from vlm_export.runtime import api
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import (
+    add_crop_argument,
     add_engine_arguments,
     add_source_arguments,
     bundle_reads,
@@ -165,6 +166,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         action="store_true",
         help="with --save-annotated: tint the patch grid by token fate (condensing bundles)",
     )
+    add_crop_argument(parser)
     add_source_arguments(parser)
     add_engine_arguments(parser)
     labels = parser.add_argument_group("classes for this run (the bundle is not changed)")
@@ -424,7 +426,9 @@ def handle(args: argparse.Namespace) -> int:
         source = stack.enter_context(open_source(args.source, reading))
         annotated = None
         if args.save_annotated:  # before the capture thread: it reads the source's kind and fps
-            annotated = AnnotatedOutput(args.save_annotated, source, bundle, args.annotate_fate)
+            annotated = AnnotatedOutput(
+                args.save_annotated, source, bundle, args.annotate_fate, args.crop
+            )
             stack.enter_context(annotated)
         names = _names(source)
         if source.live:
@@ -434,10 +438,15 @@ def handle(args: argparse.Namespace) -> int:
             stack.callback(window.close)
         backend = open_engine(bundle, args)
         stack.callback(backend.close)
-        pipeline = Pipeline(bundle, backend, method, reservoir, fusion, args.topk, args.min_score)
+        pipeline = Pipeline(
+            bundle, backend, method, reservoir, fusion, args.topk, args.min_score, args.crop
+        )
         pipeline.preprocessor.max_pixels = args.max_pixels
         writer = open_writer(fmt, stack.enter_context(_output(args.out)), names, bundle.classes)
-        status(f"{method} on {backend.description}; {source.description}")
+        status(
+            f"{method} on {backend.description}; {source.description}; crop "
+            f"{pipeline.preprocessor.crop}"
+        )
         for note in getattr(backend, "notes", ()):  # e.g. TensorRT engines for other devices
             status(f"note: {note}")
         progress = not args.quiet and sys.stderr.isatty() and fmt == "jsonl"

@@ -20,6 +20,7 @@ from vlm_export.runtime.draw.fate import (
     fate_legend,
     fate_overlay,
     final_fate,
+    outline_view,
     patch_grid,
 )
 from vlm_export.runtime.draw.heatmap import heatmap
@@ -33,6 +34,7 @@ __all__ = [
     "fate_overlay",
     "final_fate",
     "heatmap",
+    "outline_view",
     "reliability_diagram",
     "patch_grid",
     "topk_bars",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw
 
-from vlm_export.runtime.draw.style import fit_text, font, text_size
+from vlm_export.runtime.draw.style import fit_text, font
 
-BANNER = (0, 0, 0, 150)
+BANNER = (24, 24, 24)
 BANNER_TEXT = (255, 255, 255)
 
 
@@ -21,19 +21,31 @@ def banner_text(label: str, score: float | None, fps: float | None) -> str:
 def annotate_frame(
     image: Image.Image, label: str, score: float | None = None, fps: float | None = None
 ) -> Image.Image:
-    """``image`` (RGB copy) with a translucent banner across its top: label, score and fps.
+    """``image`` (RGB) under a banner strip with label, score and fps: the frame is not covered.
 
     The text is about a twentieth of the frame's height (at least 12 px), so it reads at the
-    frame's own size.
+    frame's own size; the strip's height depends only on the frame's size (:func:`banner_height`),
+    so every frame of a video grows by the same amount.
     """
-    base = image.convert("RGBA")
-    size = max(12, min(base.height // 20, base.width // 16))
+    size = banner_font_size(image.size)
     face = font(size)
     margin = max(3, size // 3)
-    text = fit_text(banner_text(label, score, fps), face, base.width - 2 * margin)
-    height = text_size(text, face)[1] + 2 * margin
-    layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer)
-    draw.rectangle((0, 0, base.width - 1, height - 1), fill=BANNER)
-    draw.text((margin, margin), text, fill=(*BANNER_TEXT, 255), font=face)
-    return Image.alpha_composite(base, layer).convert("RGB")
+    text = fit_text(banner_text(label, score, fps), face, image.width - 2 * margin)
+    strip = banner_height(image.size)
+    canvas = Image.new("RGB", (image.width, image.height + strip), BANNER)
+    canvas.paste(image.convert("RGB"), (0, strip))
+    ImageDraw.Draw(canvas).text((margin, margin), text, fill=BANNER_TEXT, font=face)
+    return canvas
+
+
+def banner_font_size(frame_size: tuple[int, int]) -> int:
+    """The banner's text size for a frame (width, height)."""
+    width, height = frame_size
+    return max(12, min(height // 20, width // 16))
+
+
+def banner_height(frame_size: tuple[int, int]) -> int:
+    """Pixels the banner strip adds above a frame (width, height)."""
+    size = banner_font_size(frame_size)
+    ascent, descent = font(size).getmetrics()
+    return ascent + descent + 2 * max(3, size // 3)

@@ -14,7 +14,14 @@ import numpy as np
 from PIL import Image
 
 from vlm_export.runtime.draw.bars import TopK, topk_bars
-from vlm_export.runtime.draw.fate import FATE_STYLE, fate_counts, fate_legend, fate_overlay
+from vlm_export.runtime.draw.fate import (
+    FATE_STYLE,
+    Box,
+    fate_counts,
+    fate_legend,
+    fate_overlay,
+    outline_view,
+)
 from vlm_export.runtime.draw.style import MUTED, stack, text_block
 
 PANEL_PX = 320
@@ -50,17 +57,32 @@ def explain_figure(
     fate: np.ndarray | None = None,
     blocks: Sequence[int] = (),
     size: int = 16,
+    frame: Image.Image | None = None,
+    box: Box | None = None,
 ) -> Image.Image:
     """The whole figure as one RGB image.
 
     ``seen`` is the image as the engine saw it (after resize and crop), ``grid`` its patch grid
     (rows, columns), ``fate`` the engine's [R, P] token fate (None for a full tower: then only
-    the view and the top-k are drawn) and ``blocks`` the R reduction blocks' numbers.
+    the view and the top-k are drawn) and ``blocks`` the R reduction blocks' numbers. With the
+    whole ``frame`` and the ``box`` of it that the engine saw, a first panel shows the frame with
+    that part outlined, when the crop left some of it out.
     """
     view = upscale(seen, grid)
     rows, cols = grid
     facts_of_view = f"{seen.width} x {seen.height} px, {rows} x {cols} patches"
     panels = [_panel(view, ["the engine's view", facts_of_view], size)]
+    if frame is not None and box is not None:
+        whole = frame.convert("RGB")
+        outlined = outline_view(whole, box)
+        if outlined is not whole:  # the crop left part of the frame out
+            scale = view.height / outlined.height
+            shown = outlined.resize(
+                (max(1, round(outlined.width * scale)), view.height), Image.Resampling.BILINEAR
+            )
+            kept = (box[2] - box[0]) * (box[3] - box[1]) / (frame.width * frame.height)
+            lines = ["the frame (dashed: what the engine saw)", f"{100 * min(kept, 1):.0f}% of it"]
+            panels.insert(0, _panel(shown, lines, size))
     if fate is not None:
         fate = np.asarray(fate)
         labels = list(blocks) if len(blocks) == len(fate) else list(range(1, len(fate) + 1))

@@ -69,6 +69,31 @@ def engine_view_box(frame_size: tuple[int, int], engine_size: tuple[int, int], m
     return left, top, left + view_w, top + view_h
 
 
+#: the dashed outline of the part of a frame the engine saw
+OUTLINE_COLOUR: Colour = (255, 214, 0)
+
+
+def outline_view(image: Image.Image, box: Box, colour: Colour = OUTLINE_COLOUR) -> Image.Image:
+    """``image`` with ``box`` (the part the engine saw) outlined, dashed, where it lies inside
+    the frame; unchanged when the engine saw the whole frame (letterbox, squash)."""
+    left, top, right, bottom = (round(v) for v in box)
+    if left <= 0 and top <= 0 and right >= image.width and bottom >= image.height:
+        return image
+    left, top = max(left, 0), max(top, 0)
+    right, bottom = min(right, image.width) - 1, min(bottom, image.height) - 1
+    image = image.convert("RGB")  # a copy: the caller's frame is not drawn on
+    draw = ImageDraw.Draw(image)
+    width = max(2, min(image.size) // 200)
+    dash = 6 * width
+    for start in range(left, right, 2 * dash):
+        for y in (top, bottom):
+            draw.line([(start, y), (min(start + dash, right), y)], fill=colour, width=width)
+    for start in range(top, bottom, 2 * dash):
+        for x in (left, right):
+            draw.line([(x, start), (x, min(start + dash, bottom))], fill=colour, width=width)
+    return image
+
+
 def fate_overlay(
     image: Image.Image,
     fate: np.ndarray,

@@ -36,6 +36,10 @@ from PIL import Image, UnidentifiedImageError
 from vlm_export.core.errors import BundleError, UserError
 
 RESIZE_MODES = ("shortest", "longest", "squash")
+#: --crop: how a frame of another aspect ratio becomes the engine's square, as resize modes.
+#: ``center`` is open_clip's inference transform (what CLIP models were trained with);
+#: ``letterbox`` keeps the whole frame, padded; ``squash`` keeps it, distorted.
+CROP_MODES = {"center": "shortest", "letterbox": "longest", "squash": "squash"}
 INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 #: channel orders of image arrays (OpenCV gives BGR; PIL, GStreamer RGB and jetson-utils RGBA)
@@ -234,7 +238,7 @@ def crop_or_pad(image: Image.Image, size: tuple[int, int], fill: int) -> Image.I
 class Preprocessor:
     """The manifest's preprocessing as a callable: image -> [3, H, W] float32."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], crop: str | None = None) -> None:
         try:
             height, width = (int(v) for v in config["size"])
             self.resize_mode = str(config["resize_mode"])
@@ -245,6 +249,10 @@ class Preprocessor:
             raise BundleError(f"manifest preprocess section is malformed ({exc})") from None
         if self.resize_mode not in RESIZE_MODES:
             raise BundleError(f"unsupported resize_mode {self.resize_mode!r} in manifest")
+        if crop is not None:
+            if crop not in CROP_MODES:
+                raise UserError(f"unknown crop {crop!r} (choose from {', '.join(CROP_MODES)})")
+            self.resize_mode = CROP_MODES[crop]
         if self.interpolation not in INTERPOLATIONS:
             raise BundleError(f"unsupported interpolation {self.interpolation!r} in manifest")
         self.size = (height, width)
@@ -262,10 +270,15 @@ class Preprocessor:
             return Image.Resampling.BICUBIC  # open_clip's ResizeKeepRatio(image_size) default
         return self._resample
 
+    @property
+    def crop(self) -> str:
+        """The crop as ``--crop`` names it: center, letterbox or squash."""
+        return next(name for name, mode in CROP_MODES.items() if mode == self.resize_mode)
+
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> Preprocessor:
-        """Build from a bundle manifest."""
-        return cls(manifest["preprocess"])
+    def from_manifest(cls, manifest: dict[str, Any], crop: str | None = None) -> Preprocessor:
+        """Build from a bundle manifest; ``crop`` (a CROP_MODES name) overrides its resize."""
+        return cls(manifest["preprocess"], crop)
 
     def resize_crop(self, image: Image.Image) -> Image.Image:
         """Resize and centre crop/pad to the engine size, in the image's own mode."""
