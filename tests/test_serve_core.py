@@ -82,6 +82,7 @@ def entries(path: Path, bundle: Path) -> int:
 def test_two_sources_run_in_turn_and_save_one_state_each(world, tmp_path) -> None:
     with Service.open(settings(world, tmp_path)) as service:
         assert "2 sources in turn, one state each" in service.describe()
+        assert service.describe().endswith("crop center")
         wait_until(lambda: min(frames_of(service, n) for n in ("front", "back")) >= 20, "frames")
         status = status_of(service)
         assert {s["state"] for s in status.values()} == {"running"}

@@ -26,6 +26,7 @@ from vlm_export.core.atomic import check_can_create
 from vlm_export.core.errors import UserError
 from vlm_export.core.paths import check_paths, source_reads
 from vlm_export.runtime.commands import (
+    add_crop_argument,
     add_engine_arguments,
     add_source_arguments,
     bundle_reads,
@@ -56,6 +57,7 @@ FLAG_FIELDS = (
     "method",
     "topk",
     "min_score",
+    "crop",
     "stride",
     "camera_size",
     "camera_fps",
@@ -147,6 +149,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="S",
         help="a decision scoring below S (0 to 1) is reported as unknown (label -1), as in run",
     )
+    add_crop_argument(parser)
     add_source_arguments(parser)
     add_engine_arguments(parser)
     parser.set_defaults(

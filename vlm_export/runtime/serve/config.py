@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_export.core.errors import UserError
-from vlm_export.runtime.io.preprocess import DEFAULT_MAX_PIXELS
+from vlm_export.runtime.io.preprocess import CROP_MODES, DEFAULT_MAX_PIXELS
 from vlm_export.runtime.io.sources import SourceOptions, parse_size
 from vlm_export.runtime.pipeline import check_min_score
 
@@ -80,6 +80,7 @@ class ServeSettings:
     method: str | None = None
     topk: int = 5
     min_score: float | None = None  # a decision below it is "unknown" (as run --min-score)
+    crop: str | None = None  # center | letterbox | squash (as run --crop); None: the bundle's
     stride: int = 1  # every Nth frame of a file or folder
     camera_size: str | None = None  # "WxH" asked of camera indexes
     camera_fps: float | None = None
@@ -133,6 +134,10 @@ class ServeSettings:
         if self.token is not None and not self.token.strip():
             raise UserError("--token (or VLM_EDGE_TOKEN) is empty: give a token or none")
         check_min_score(self.min_score)
+        if self.crop is not None and self.crop not in CROP_MODES:
+            raise UserError(
+                f"crop must be one of {', '.join(CROP_MODES)}, got {shown(self.crop)!r}"
+            )
         for name in [None, *names]:
             self.source_options(name)
         for name, value in dataclasses.asdict(self.limits).items():

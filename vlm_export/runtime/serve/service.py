@@ -203,7 +203,14 @@ class Service:
     def _pipeline(self, reservoir: Any) -> Pipeline:
         s = self.settings
         return Pipeline(
-            self.bundle, self.backend, self.method, reservoir, self._fusion, s.topk, s.min_score
+            self.bundle,
+            self.backend,
+            self.method,
+            reservoir,
+            self._fusion,
+            s.topk,
+            s.min_score,
+            s.crop,
         )
 
     def _lane(self, state: Path | None) -> Lane:
@@ -268,7 +275,8 @@ class Service:
             how = f"{count} sources in turn, one shared state (batch-1 engine: no batching)"
         else:
             how = f"{count} sources in turn, one state each (batch-1 engine: no batching)"
-        return f"{self.method} on {self.backend.description}; {how}"
+        crop = next(iter(self._lanes.values())).pipeline.preprocessor.crop
+        return f"{self.method} on {self.backend.description}; {how}; crop {crop}"
 
     # ------------------------------------------------------------------ running
     def start(self) -> None:
@@ -525,6 +533,7 @@ class Service:
                 self._fusion,
                 self.settings.topk,
                 self.settings.min_score,
+                self.settings.crop,
             )
             self._zeroshot = Lane(pipeline, None)
             self._bound = None  # the new pipeline pushed its (empty) anchors
@@ -659,7 +668,8 @@ class Service:
             image = Image.new("RGB", (320, 240), "gray")
         with_fate = fate and FATE_OUTPUT in self.bundle.engine_io("outputs")
         fps = self._fps(name)
-        picture = FrameDrawer(self.bundle, with_fate)(image.convert("RGB"), result, fps)
+        drawer = FrameDrawer(self.bundle, with_fate, self.settings.crop)
+        picture = drawer(image.convert("RGB"), result, fps)
         buffer = io.BytesIO()
         picture.save(buffer, format="JPEG", quality=JPEG_QUALITY)
         return buffer.getvalue()
