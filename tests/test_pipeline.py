@@ -371,3 +371,26 @@ def test_tca_stage_pushes_whole_anchors_once_then_only_moved_rows(tca_bundle: Bu
     assert backend.row_updates, "per-class anchors move one class per frame"
     assert all(len(rows) == 1 for rows in backend.row_updates)
     np.testing.assert_array_equal(backend.pushed[-1][0], reservoir.anchors()[0])
+
+
+def test_process_without_adapting_leaves_the_state_alone(tmp_path) -> None:
+    """``adapt=False`` decides with the reservoir as it is: same logits as the frame an adapting
+    pipeline would see after the same history, without the frame's own entry."""
+    bundle = Bundle.open(make_bundle(tmp_path / "bundle"))
+    images = write_images(tmp_path / "images", 6)
+    looking = Pipeline(bundle, open_backend(bundle, "onnxruntime"), "tca")
+    for path in images[:5]:
+        looking.process(path)
+    before = {k: v.copy() for k, v in looking.reservoir.state_arrays().items()}
+    version = looking.reservoir.version
+    result = looking.process(images[5], adapt=False)
+    assert "reservoir" not in result.timings
+    assert looking.reservoir.version == version
+    for key, value in looking.reservoir.state_arrays().items():
+        np.testing.assert_array_equal(value, before[key])
+    outputs = looking.backend.infer(looking.preprocessor.convert(images[5])[None])
+    zero_shot = 100.0 * outputs[mf.EMBEDDING_OUTPUT][0] @ bundle.text_embeddings.T
+    expected = zero_shot + looking.tca.correction(outputs[mf.CLS_OUTPUT][0])
+    np.testing.assert_allclose(result.logits, expected, rtol=1e-5, atol=1e-5)
+    adapting = looking.process(images[5])
+    assert "reservoir" in adapting.timings

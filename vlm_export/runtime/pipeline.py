@@ -21,11 +21,13 @@ import numpy as np
 from PIL import Image
 
 from vlm_export.core.errors import BundleError, UserError
+from vlm_export.core.json_text import dumps, name_fields
 from vlm_export.core.labels import label_sources
 from vlm_export.core.manifest import ANCHORS_INPUT, CLS_OUTPUT, EMBEDDING_OUTPUT, FATE_OUTPUT
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
-from vlm_export.runtime.io.preprocess import Preprocessor
+from vlm_export.runtime.io.preprocess import ImageError, Preprocessor
+from vlm_export.runtime.io.sources import Frame
 from vlm_export.runtime.numerics import softmax
 from vlm_export.runtime.tca.reservoir import TokenReservoir
 from vlm_export.runtime.tca.stage import TcaStage, build_reservoir, save_reservoir
@@ -229,15 +231,19 @@ class Pipeline:
         self.topk = min(self._topk, bundle.num_classes)
         self._text_t = np.ascontiguousarray(bundle.text_embeddings.T)
 
-    def process(self, frame: FrameInput, index: int = 0, source: str = "") -> FrameResult:
+    def process(
+        self, frame: FrameInput, index: int = 0, source: str = "", adapt: bool = True
+    ) -> FrameResult:
         """Run one frame: a PIL image, a BGR uint8 array (OpenCV) or an image path.
 
-        Raises ImageError for an unreadable image file (nothing else has happened then).
+        ``adapt=False`` decides with the adaptation state as it is, without adding this frame
+        to the reservoir (a look that changes nothing). Raises ImageError for an unreadable
+        image file (nothing else has happened then).
         """
         start = time.perf_counter()
         tensor = self.preprocessor.convert(frame)[None]
         timings = {"preprocess": _ms(start)}
-        return self._run(tensor, index, source, start, timings)
+        return self._run(tensor, index, source, start, timings, adapt)
 
     def process_tensor(self, tensor: np.ndarray, index: int = 0, source: str = "") -> FrameResult:
         """Run one already preprocessed frame [3, H, W] or [1, 3, H, W] float32."""
@@ -246,7 +252,13 @@ class Pipeline:
         return self._run(tensor, index, source, start, {"preprocess": 0.0})
 
     def _run(
-        self, tensor: np.ndarray, index: int, source: str, start: float, timings: dict[str, float]
+        self,
+        tensor: np.ndarray,
+        index: int,
+        source: str,
+        start: float,
+        timings: dict[str, float],
+        adapt: bool = True,
     ) -> FrameResult:
         mark = time.perf_counter()
         drop_rate = getattr(self.backend, "drop_rate", None)  # the rung this frame runs on
@@ -262,9 +274,10 @@ class Pipeline:
             cls_stack = outputs[CLS_OUTPUT][0]
             if not np.isfinite(cls_stack).all():  # would poison the reservoir for good
                 raise FrameError(f"the engine returned non-finite CLS tokens for frame {index}")
-            mark = time.perf_counter()
-            self.tca.update(logits, cls_stack)
-            timings["reservoir"] = _ms(mark)
+            if adapt:
+                mark = time.perf_counter()
+                self.tca.update(logits, cls_stack)
+                timings["reservoir"] = _ms(mark)
             mark = time.perf_counter()
             logits = logits + self.tca.correction(cls_stack)
             timings["correction"] = _ms(mark)
@@ -313,6 +326,31 @@ def check_min_score(min_score: float | None) -> float | None:
 def utc_now() -> str:
     """The current wall-clock time as ISO 8601 in UTC with milliseconds (``...T12:00:00.000Z``)."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def process_frame(pipeline: Pipeline, frame: Frame) -> tuple[FrameResult | None, dict[str, Any]]:
+    """Run one source frame; return (result, its strict-JSON record), as ``vlm-edge run`` writes.
+
+    An unreadable image or a bad engine output gives (None, an error record); so does a
+    non-finite score (the record would not be strict JSON). File names become text fields.
+    """
+    try:
+        result = pipeline.process(frame.data, frame.index, frame.source)
+    except (ImageError, FrameError) as exc:
+        result, record = None, {"index": frame.index, "source": frame.source, "error": str(exc)}
+    else:
+        record = result.to_record()
+    if frame.timestamp_ms is not None:
+        record = {"index": frame.index, "timestamp_ms": frame.timestamp_ms, **record}
+    record = {**record, **name_fields("source", record["source"])}
+    try:
+        dumps(record)
+        return result, record
+    except ValueError:
+        error = "non-finite score (NaN or infinity): the bundle or a state holds bad numbers"
+        kept = ("index", "timestamp_ms", "source", "source_hex")
+        keep = {k: v for k, v in record.items() if k in kept}
+        return None, {**keep, "error": error}
 
 
 def _ms(since: float) -> float:

@@ -27,7 +27,6 @@ from typing import IO, Any
 
 from vlm_export.core.atomic import check_can_create
 from vlm_export.core.errors import UserError
-from vlm_export.core.json_text import dumps, name_fields
 from vlm_export.runtime import api
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import (
@@ -61,18 +60,16 @@ from vlm_export.runtime.commands.classes import add_label_space_arguments, compu
 from vlm_export.runtime.engines.ladder import BudgetRun, ladder_rungs, open_budgeted
 from vlm_export.runtime.io.capture import NewestFrame
 from vlm_export.runtime.io.display import Window
-from vlm_export.runtime.io.preprocess import ImageError
-from vlm_export.runtime.io.sources import Frame, ImageFiles, Source, open_source
+from vlm_export.runtime.io.sources import ImageFiles, Source, open_source
 from vlm_export.runtime.pipeline import (
     METHOD_STAGES,
     METHODS,
-    FrameError,
     FrameResult,
     Pipeline,
     check_min_score,
+    process_frame,
 )
-from vlm_export.runtime.rail.fusion import RailFusion
-from vlm_export.runtime.rail.models import describe, fusion_beta, load_predictor
+from vlm_export.runtime.rail.models import describe, open_fusion
 from vlm_export.runtime.tca.reservoir import ANCHOR_RULES, EVICTION_MODES
 from vlm_export.runtime.tca.stage import build_reservoir
 
@@ -358,19 +355,6 @@ class RunStats:
         return lines
 
 
-def _process(pipeline: Pipeline, frame: Frame) -> tuple[FrameResult | None, dict[str, Any]]:
-    """Run one frame; an unreadable image or a bad engine output gives an error record."""
-    try:
-        result = pipeline.process(frame.data, frame.index, frame.source)
-    except (ImageError, FrameError) as exc:
-        result, record = None, {"index": frame.index, "source": frame.source, "error": str(exc)}
-    else:
-        record = result.to_record()
-    if frame.timestamp_ms is not None:
-        record = {"index": frame.index, "timestamp_ms": frame.timestamp_ms, **record}
-    return result, record
-
-
 def _stdout_lost() -> None:
     """Standard output cannot be written (a full disk): drop what it holds, so that the exit
     does not fail again on it (the error is reported once)."""
@@ -379,22 +363,6 @@ def _stdout_lost() -> None:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         sys.stdout.flush()
-
-
-def _strict(
-    record: dict[str, Any], result: FrameResult | None
-) -> tuple[dict[str, Any], FrameResult | None]:
-    """A record that is strict JSON (file names as text); a non-finite score makes it an error
-    record for that frame."""
-    record = {**record, **name_fields("source", record["source"])}
-    try:
-        dumps(record)
-        return record, result
-    except ValueError:
-        error = "non-finite score (NaN or infinity): the bundle or a state holds bad numbers"
-        kept = ("index", "timestamp_ms", "source", "source_hex")
-        keep = {k: v for k, v in record.items() if k in kept}
-        return {**keep, "error": error}, None
 
 
 def _process_all(
@@ -411,8 +379,7 @@ def _process_all(
     """The frame loop; it ends with the source, --max-frames, or a stop request."""
     shared_terminal = same_terminal(sys.stdout, sys.stderr) and args.out is None
     for frame in source:
-        result, record = _process(pipeline, frame)
-        record, result = _strict(record, result)
+        result, record = process_frame(pipeline, frame)
         if shared_terminal:
             stats.clear()  # the progress line never lands inside an output line
         try:
@@ -496,11 +463,8 @@ def handle(args: argparse.Namespace) -> int:
         if resumed:
             status(f"resumed state {args.state} ({int(reservoir.counts().sum())} entries)")
     if args.rail_state:
-        predictor = load_predictor(
-            args.rail_state, bundle.fingerprint, bundle.labels, bundle.engine_fingerprint
-        )
-        fusion = RailFusion(predictor, fusion_beta(bundle.manifest))
-        status(f"RAIL state {args.rail_state}: {describe(predictor)}")
+        fusion = open_fusion(args.rail_state, bundle)
+        status(f"RAIL state {args.rail_state}: {describe(fusion.adapter)}")
     fmt = choose_format(args.format, args.out, sys.stdout)
     # ``signals`` is left last: stop signals stay handled until the state is saved and closed
     with contextlib.ExitStack() as signals, contextlib.ExitStack() as stack:

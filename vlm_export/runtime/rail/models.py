@@ -22,7 +22,7 @@ from vlm_export.core.labels import Label, describe_change, label_sources, saved_
 from vlm_export.core.state_file import META_KEY
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.rail import dual, footprint, primal
-from vlm_export.runtime.rail.fusion import BETA
+from vlm_export.runtime.rail.fusion import BETA, RailFusion
 from vlm_export.runtime.rail.state import (
     LEARNER_KIND,
     Learner,
@@ -174,6 +174,13 @@ def load_predictor(
     if len(saved) != predictor.num_classes:
         raise StateError(f"{path} records {len(saved)} labels for {predictor.num_classes} classes")
     return follow_labels(predictor, saved, labels, str(path))
+
+
+def open_fusion(path: str | Path, bundle: Bundle) -> RailFusion:
+    """The RAIL fusion stage of ``vlm-edge run --rail-state``: the state's predictor over the
+    bundle's classes (by label), with the manifest's fusion beta."""
+    predictor = load_predictor(path, bundle.fingerprint, bundle.labels, bundle.engine_fingerprint)
+    return RailFusion(predictor, fusion_beta(bundle.manifest))
 
 
 def follow_labels(

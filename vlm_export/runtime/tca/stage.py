@@ -120,6 +120,14 @@ class TcaStage:
             self.backend.update_anchor_rows(anchors, valid, rows)
         self._pushed_version = self.reservoir.version
 
+    def rebind(self) -> None:
+        """Hand the whole anchors to the engine again: another reservoir (another source of a
+        service) used the engine since this stage last pushed them."""
+        self.reservoir.take_anchor_changes()
+        anchors, valid = self.reservoir.anchors()
+        self.backend.set_anchors(anchors, valid)
+        self._pushed_version = self.reservoir.version
+
     def update(self, logits: np.ndarray, cls_stack: np.ndarray) -> None:
         """Insert this frame into the reservoir, then push anchors if they moved."""
         self.reservoir.update(logits, cls_stack)

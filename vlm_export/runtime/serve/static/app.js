@@ -1,0 +1,232 @@
+// The live page of vlm-edge serve: polls /v1/sources every second, shows each source's MJPEG
+// stream with its decision, timings and reservoir fill, and edits the classes. Plain JS, no
+// build step. Every server string is shown through textContent (class names are user input).
+"use strict";
+
+const POLL_MS = 1000;
+const cards = new Map(); // source name -> {root, img, fate, fields}
+let fateDefault = false;
+let polling = null;
+
+const $ = (id) => document.getElementById(id);
+
+async function api(path, options = {}) {
+  // fetch with the session cookie; a 401 opens the login form and throws
+  const response = await fetch(path, { credentials: "same-origin", ...options });
+  if (response.status === 401) {
+    showLogin(true);
+    throw new Error("log in first");
+  }
+  const text = await response.text();
+  let body = null;
+  try { body = text ? JSON.parse(text) : null; } catch (e) { body = null; }
+  if (!response.ok) {
+    throw new Error((body && body.error) || `HTTP ${response.status}`);
+  }
+  return body;
+}
+
+function showLogin(visible) {
+  $("login").hidden = !visible;
+  if (visible) {
+    $("status").textContent = "log in to see the sources";
+    $("token").focus();
+  }
+}
+
+function streamUrl(name, fate) {
+  const base = `/v1/sources/${encodeURIComponent(name)}/stream.mjpg`;
+  return fate ? `${base}?fate=true` : base;
+}
+
+function makeCard(name) {
+  const root = $("source-card").content.firstElementChild.cloneNode(true);
+  root.dataset.source = name;
+  const q = (sel) => root.querySelector(sel);
+  const card = {
+    root,
+    img: q(".live"),
+    fate: q(".fate"),
+    fields: {
+      name: q(".name"), state: q(".state"), label: q(".label"), score: q(".score"),
+      when: q(".when"), fps: q(".fps"), frames: q(".frames"), dropped: q(".dropped"),
+      reconnects: q(".reconnects"), errors: q(".errors"), timings: q(".timings tbody"),
+      bars: q(".bars"), fill: q(".fill"),
+    },
+  };
+  card.fields.name.textContent = name;
+  card.img.alt = `live view of ${name}`;
+  card.fate.checked = fateDefault;
+  card.img.src = streamUrl(name, card.fate.checked);
+  card.fate.addEventListener("change", () => { card.img.src = streamUrl(name, card.fate.checked); });
+  $("sources").appendChild(root);
+  cards.set(name, card);
+  return card;
+}
+
+function number(value, digits = 1) {
+  return typeof value === "number" && isFinite(value) ? value.toFixed(digits) : "–";
+}
+
+function renderTimings(tbody, latency) {
+  const rows = Object.entries(latency || {});
+  tbody.replaceChildren(...rows.map(([stage, stats]) => {
+    const tr = document.createElement("tr");
+    for (const text of [stage, number(stats && stats.p50, 2), number(stats && stats.p95, 2)]) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      tr.appendChild(td);
+    }
+    return tr;
+  }));
+}
+
+function renderFill(card, fill, capacity) {
+  const { bars } = card.fields;
+  if (!fill) {
+    card.fields.fill.hidden = true;
+    return;
+  }
+  card.fields.fill.hidden = false;
+  const entries = Object.entries(fill);
+  const top = capacity || Math.max(1, ...entries.map(([, n]) => n));
+  bars.replaceChildren(...entries.map(([name, count]) => {
+    const li = document.createElement("li");
+    const label = document.createElement("span");
+    label.className = "bar-label";
+    label.textContent = name;
+    label.title = name;
+    const track = document.createElement("span");
+    track.className = "bar-track";
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    bar.style.width = `${Math.min(100, (100 * count) / top)}%`;
+    track.appendChild(bar);
+    const value = document.createElement("span");
+    value.className = "bar-value";
+    value.textContent = capacity ? `${count}/${capacity}` : `${count}`;
+    li.append(label, track, value);
+    return li;
+  }));
+}
+
+function render(source) {
+  const card = cards.get(source.name) || makeCard(source.name);
+  const f = card.fields;
+  f.state.textContent = source.state || "";
+  f.state.dataset.state = source.state || "";
+  const last = source.last;
+  f.label.textContent = last ? last.class : "no decision yet";
+  f.label.dataset.label = last ? last.class : "";
+  f.score.textContent = last ? number(last.score, 3) : "";
+  f.when.textContent = last && last.time_utc ? last.time_utc.replace("T", " ").replace(/\.\d+/, "") : "";
+  f.fps.textContent = number(source.fps);
+  f.frames.textContent = `${source.frames ?? 0}`;
+  card.root.dataset.frames = `${source.frames ?? 0}`;
+  f.dropped.textContent = `${source.dropped ?? 0}`;
+  f.reconnects.textContent = `${source.reconnects ?? 0}`;
+  f.errors.textContent = `${source.errors ?? 0}`;
+  renderTimings(f.timings, source.latency_ms);
+  renderFill(card, source.reservoir_fill, source.reservoir_capacity);
+}
+
+async function poll() {
+  try {
+    const body = await api("/v1/sources");
+    if (typeof body.fate_overlay === "boolean") fateDefault = body.fate_overlay;
+    $("logout").hidden = !body.auth;
+    for (const source of body.sources) render(source);
+    const failing = body.sources.filter((s) => s.state && s.state !== "running").length;
+    const n = body.sources.length;
+    $("status").textContent = `${n} source${n === 1 ? "" : "s"}` +
+      (failing ? `, ${failing} not running` : ", all running");
+    $("status").dataset.ok = failing ? "no" : "yes";
+  } catch (error) {
+    if ($("login").hidden) {
+      $("status").textContent = `cannot reach the service: ${error.message}`;
+      $("status").dataset.ok = "no";
+    }
+  }
+}
+
+function message(element, text, isError) {
+  element.textContent = text;
+  element.classList.toggle("error", Boolean(isError));
+  element.classList.toggle("ok", !isError && Boolean(text));
+}
+
+async function loadClasses() {
+  try {
+    const body = await api("/v1/classes");
+    $("classes").value = body.classes.join("\n");
+    message($("classes-message"), "", false);
+    // empty: the bundle's own templates (its recorded name may be a workstation's file path)
+    $("templates").value = "";
+    $("templates").title = body.templates ? `now: ${body.templates}` : "";
+  } catch (error) {
+    message($("classes-message"), error.message, true);
+  }
+}
+
+async function applyClasses(event) {
+  event.preventDefault();
+  const names = $("classes").value.split("\n").map((s) => s.trim()).filter((s) => s);
+  const templates = $("templates").value.trim();
+  const body = templates ? { classes: names, templates } : { classes: names };
+  $("apply").disabled = true;
+  message($("classes-message"), "applying…", false);
+  try {
+    const result = await api("/v1/classes", {
+      method: "PUT",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    const dropped = result.dropped_entries ? `, ${result.dropped_entries} reservoir entries dropped` : "";
+    message($("classes-message"), `${result.classes.length} classes live${dropped}`, false);
+  } catch (error) {
+    message($("classes-message"), error.message, true);
+  } finally {
+    $("apply").disabled = false;
+  }
+}
+
+async function logIn(event) {
+  event.preventDefault();
+  try {
+    const response = await fetch("/login", {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ token: $("token").value }),
+    });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      throw new Error(body.error || `HTTP ${response.status}`);
+    }
+    $("token").value = "";
+    message($("login-message"), "", false);
+    showLogin(false);
+    for (const card of cards.values()) card.img.src = streamUrl(card.root.dataset.source, card.fate.checked);
+    start();
+  } catch (error) {
+    message($("login-message"), error.message, true);
+  }
+}
+
+async function logOut() {
+  await fetch("/logout", { method: "POST", credentials: "same-origin" });
+  location.reload();
+}
+
+function start() {
+  loadClasses();
+  poll();
+  if (polling === null) polling = setInterval(poll, POLL_MS);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("classes-form").addEventListener("submit", applyClasses);
+  $("login-form").addEventListener("submit", logIn);
+  $("logout").addEventListener("click", logOut);
+  start();
+});
