@@ -219,6 +219,8 @@ def _median(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for key, value in rows[0].items():
         if isinstance(value, dict):
             out[key] = _median([row[key] for row in rows])
+        elif all(row[key] == value for row in rows):  # the same in every round (a count)
+            out[key] = value
         elif isinstance(value, int | float) and not isinstance(value, bool):
             out[key] = float(np.median([row[key] for row in rows]))
         else:

@@ -255,6 +255,34 @@ def test_settings_from_toml_and_flags(world, tmp_path) -> None:
     assert chosen.sources == [("front", str(world / "front"))]
     assert chosen.limits.max_upload_bytes == 1000 and chosen.token == "secret"
     assert read_config(config)["port"] == 9001
+    assert chosen.source_options("front").stride == 1
+
+
+def test_a_source_table_in_the_config_has_its_own_reading(world, tmp_path) -> None:
+    config = settings(world, tmp_path, loop=False, stride=1)
+    apply_config(
+        config,
+        {
+            "sources": {
+                "front": str(world / "front"),
+                "back": {"spec": str(world / "back"), "stride": 2},
+            }
+        },
+    )
+    assert config.source_options("back").stride == 2
+    with Service.open(config) as service:
+        wait_until(lambda: set(service.states().values()) == {"stopped"}, "both sources ended")
+        assert frames_of(service, "front") == 5 and frames_of(service, "back") == 2
+    with pytest.raises(UserError, match="unknown 'strde'"):
+        apply_config(ServeSettings(), {"sources": {"a": {"spec": "0", "strde": 2}}})
+    with pytest.raises(UserError, match="needs spec"):
+        apply_config(ServeSettings(), {"sources": {"a": {"stride": 2}}})
+    bad = settings(world, tmp_path, source_reading={"back": {"stride": 0}})
+    with pytest.raises(UserError, match="--stride must be at least 1"):
+        bad.check()
+
+
+def test_config_mistakes_are_one_line(world, tmp_path) -> None:
     with pytest.raises(UserError, match="unknown option 'prot'"):
         apply_config(ServeSettings(), {"prot": 1})
     with pytest.raises(UserError, match="wrong type"):

@@ -168,8 +168,9 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
         apply_config(settings, read_config(args.config))
     if args.bundle is not None:
         settings.bundle = args.bundle
-    if args.source:
+    if args.source:  # the file's sources (and their own reading options) give way
         settings.sources = [parse_source(text) for text in args.source]
+        settings.source_reading = {}
     if args.events:
         settings.events = list(args.events)
     for name in FLAG_FIELDS:

@@ -14,6 +14,10 @@ The TOML file holds every option under its flag's name (``-`` or ``_``), the sou
     front = "0"
     yard = "rtsp://camera.local/stream"
 
+    [sources.dock]  # its own reading options: stride, camera_size, camera_fps
+    spec = "2"
+    camera_size = "1280x720"
+
     [limits]
     max_upload_bytes = 10485760
 
@@ -64,6 +68,8 @@ class ServeSettings:
 
     bundle: str | None = None
     sources: list[tuple[str, str]] = field(default_factory=list)  # (name, spec) in order
+    #: per source name, reading options that replace the common ones (a [sources.NAME] table)
+    source_reading: dict[str, dict[str, Any]] = field(default_factory=dict)
     loop: bool = False
     bind: str = "127.0.0.1"
     port: int = 8080
@@ -127,15 +133,20 @@ class ServeSettings:
         if self.token is not None and not self.token.strip():
             raise UserError("--token (or VLM_EDGE_TOKEN) is empty: give a token or none")
         check_min_score(self.min_score)
-        self.source_options()
+        for name in [None, *names]:
+            self.source_options(name)
         for name, value in dataclasses.asdict(self.limits).items():
             if not value > 0:
                 raise UserError(f"limits.{name} must be more than 0, got {value}")
 
-    def source_options(self) -> SourceOptions:
-        """How every source is read (stride, camera size and rate), checked."""
-        size = parse_size(self.camera_size) if self.camera_size else None
-        return SourceOptions(self.stride, size, self.camera_fps)
+    def source_options(self, name: str | None = None) -> SourceOptions:
+        """How source ``name`` is read (stride, camera size and rate), checked: the common
+        options, replaced by the source's own from its ``[sources.NAME]`` table."""
+        values = {"stride": self.stride, "camera_size": self.camera_size}
+        values["camera_fps"] = self.camera_fps
+        values.update(self.source_reading.get(name or "", {}))
+        size = parse_size(values["camera_size"]) if values["camera_size"] else None
+        return SourceOptions(values["stride"], size, values["camera_fps"])
 
 
 def _toml_module() -> Any:
@@ -191,9 +202,9 @@ def apply_config(settings: ServeSettings, data: dict[str, Any]) -> None:
     for raw_key, value in data.items():
         key = raw_key.replace("-", "_")
         if key == "sources":
-            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            if not isinstance(value, dict):
                 raise UserError('--config: [sources] holds name = "spec" lines')
-            settings.sources = [(str(name), spec) for name, spec in value.items()]
+            settings.sources, settings.source_reading = _sources(value)
         elif key == "limits":
             if not isinstance(value, dict):
                 raise UserError("--config: limits must be a table ([limits])")
@@ -207,6 +218,32 @@ def apply_config(settings: ServeSettings, data: dict[str, Any]) -> None:
             setattr(settings, key, _checked(key, value, str(_FIELDS[key].type)))
         else:
             raise UserError(f"--config: unknown option {shown(raw_key)!r}")
+
+
+READING_KINDS = {"stride": "int", "camera_size": "str | None", "camera_fps": "float | None"}
+
+
+def _sources(table: dict[str, Any]) -> tuple[list[tuple[str, str]], dict[str, dict[str, Any]]]:
+    """``[sources]``: ``name = "spec"``, or a ``[sources.NAME]`` table with ``spec`` and the
+    source's own ``stride``, ``camera_size``, ``camera_fps``."""
+    sources, reading = [], {}
+    for name, value in table.items():
+        if isinstance(value, str):
+            sources.append((str(name), value))
+            continue
+        if not isinstance(value, dict) or not isinstance(value.get("spec"), str):
+            raise UserError(f'--config: source {shown(name)!r} needs spec = "..."')
+        own = {}
+        for raw_key, item in value.items():
+            key = raw_key.replace("-", "_")
+            if key == "spec":
+                continue
+            if key not in READING_KINDS:
+                raise UserError(f"--config: [sources.{shown(name)}] has unknown {shown(raw_key)!r}")
+            own[key] = _checked(f"sources.{name}.{key}", item, READING_KINDS[key])
+        sources.append((str(name), value["spec"]))
+        reading[str(name)] = own
+    return sources, reading
 
 
 def parse_source(text: str) -> tuple[str, str]:

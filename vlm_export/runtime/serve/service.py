@@ -94,8 +94,12 @@ class SourceStats:
 
     frames: int = 0
     errors: int = 0
-    timings: collections.deque = field(default_factory=lambda: collections.deque(maxlen=256))
-    times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=512))
+    timings: collections.deque = field(
+        default_factory=lambda: collections.deque(maxlen=RECENT_FRAMES)
+    )  # stage ms of the recent frames (percentiles)
+    times: collections.deque = field(
+        default_factory=lambda: collections.deque(maxlen=2 * RECENT_FRAMES)
+    )  # time.monotonic() when each recent frame was decided (fps)
     last_record: dict[str, Any] | None = None
     last_at: float | None = None
     seq: int = 0
@@ -112,7 +116,7 @@ class Service:
         backend: EngineBackend,
         settings: ServeSettings,
         *,
-        opener: Opener = open_source,
+        opener: Opener | None = None,
     ) -> None:
         self.settings = settings
         self.bundle = bundle
@@ -144,7 +148,7 @@ class Service:
         self.workers: dict[str, SourceWorker] = {}
         for name, spec in settings.sources:  # opened here: one line now for one that fails
             self.metrics.add_source(name)
-            self.workers[name] = self._worker(name, spec, opener)
+            self.workers[name] = self._worker(name, spec, opener or self._opener(name))
         self.metrics.watch_reservoirs(self._reservoir_fill)
         self._threads: list[threading.Thread] = []
         self._running = False
@@ -156,12 +160,6 @@ class Service:
         """Open the bundle, the engine, the event sinks and the sources for ``settings``
         (nothing runs before ``start``)."""
         settings.check()
-        if opener is None:
-            options = settings.source_options()
-
-            def opener(spec: str) -> Source:
-                return open_source(spec, options)
-
         if settings.bundle is None:
             raise UserError("give a BUNDLE (argument or bundle = ... in --config)")
         if not settings.sources:
@@ -230,6 +228,15 @@ class Service:
             }
         self._stats = {name: SourceStats() for name in names}
         self._bound = None
+
+    def _opener(self, name: str) -> Opener:
+        """``open_source`` with the source's reading options (stride, camera size and rate)."""
+        options = self.settings.source_options(name)
+
+        def opener(spec: str) -> Source:
+            return open_source(spec, options)
+
+        return opener
 
     def _worker(self, name: str, spec: str, opener: Opener) -> SourceWorker:
         opened = failed = None
