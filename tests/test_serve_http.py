@@ -650,3 +650,21 @@ def test_refused_before_the_body_closes_the_connection(request, target, path) ->
     answer = _raw(base, head)
     assert answer.split(b" ", 2)[1] in (b"400", b"401", b"404")
     assert b"connection: close" in answer.lower()
+
+
+def test_configured_cors_origin(service) -> None:
+    """An origin listed in cors_origins gets CORS answers and may write; others may not."""
+    allowed = "http://dashboard.example"
+    with serving(service, settings_with(service, cors_origins=[allowed])) as base:
+        preflight = httpx.options(
+            f"{base}/v1/classes",
+            headers={"Origin": allowed, "Access-Control-Request-Method": "PUT"},
+        )
+        assert preflight.headers["access-control-allow-origin"] == allowed
+        files = {"image": ("a.jpg", image_bytes(), "image/jpeg")}
+        ok = httpx.post(f"{base}/v1/classify", files=files, headers={"Origin": allowed})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == allowed
+        other = httpx.post(
+            f"{base}/v1/classify", files=files, headers={"Origin": "http://evil.example"}
+        )
+        _error(other, 403)

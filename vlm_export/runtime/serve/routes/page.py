@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request, Response
 from starlette.exceptions import HTTPException
 from starlette.responses import FileResponse
@@ -33,6 +34,8 @@ PAGE_HEADERS = {
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-cache",
 }
+#: the pause before a wrong token's 401 at the login form
+FAILED_LOGIN_PAUSE_S = 0.5
 LOGIN_BODY = {
     "requestBody": {
         "required": True,
@@ -87,6 +90,7 @@ async def login(request: Request) -> Response:
         payload = await json_body(request)
         given = payload.get("token") if isinstance(payload, dict) else None
     if not isinstance(given, str) or not sessions.token_matches(given):
+        await anyio.sleep(FAILED_LOGIN_PAUSE_S)  # slows guessing through the form
         raise HTTPException(401, "wrong token", {"WWW-Authenticate": "Bearer"})
     response = Response(status_code=204)
     response.set_cookie(
