@@ -43,6 +43,8 @@ NON_PATH = {
     "--tca-preset",
     "--camera-size",  # WIDTHxHEIGHT
     "--drop-rates",  # a comma-separated list of numbers
+    "--bind",  # vlm-edge serve: an address
+    "--token",  # vlm-edge serve: a secret
 }
 
 
@@ -139,6 +141,7 @@ def _bases(w: dict[str, Path], tmp: Path) -> dict[str, list[object]]:
         + ["--classes", w["root"] / "classes.txt", "--templates", w["root"] / "templates.txt"]
         + ["--out", tmp / "new"],
         "build-engine": [b],
+        "serve": [b, "--source", f"cam={images}"],
     }
 
 

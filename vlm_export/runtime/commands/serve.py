@@ -24,12 +24,15 @@ from typing import Any
 
 from vlm_export.core.atomic import check_can_create
 from vlm_export.core.errors import UserError
-from vlm_export.core.paths import check_paths, source_reads
+from vlm_export.core.paths import PathArg, check_paths, source_reads, tree_reads
 from vlm_export.runtime.commands import (
+    BUNDLE,
+    INTO,
+    READ,
+    STATE,
     add_crop_argument,
     add_engine_arguments,
     add_source_arguments,
-    bundle_reads,
     is_media_file,
     status,
     thread_count,
@@ -44,6 +47,11 @@ from vlm_export.runtime.serve.config import (
 )
 
 TOKEN_ENV = "VLM_EDGE_TOKEN"
+#: what the flags name for the write guard (paths from --config are checked with the settings)
+SOURCE_ARG = PathArg("source", keep=is_media_file, path_of=lambda value: value.partition("=")[2])
+EVENTS_ARG = PathArg(  # any sink but MQTT is taken for a file, as the guard must assume
+    "out", path_of=lambda value: "" if "://" in value else value.removeprefix("jsonl:")
+)
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client", "paho")
 #: flags whose value goes to the settings field of the same name when given
 FLAG_FIELDS = (
@@ -87,15 +95,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "events to JSONL or MQTT, Prometheus metrics at /metrics. States are checkpointed "
         "atomically; SIGTERM or Ctrl-C saves them and exits 0.",
     )
-    parser.add_argument("bundle", nargs="?", help="bundle folder (or bundle = ... in --config)")
+    parser.add_argument(
+        "bundle", nargs="?", type=BUNDLE, help="bundle folder (or bundle = ... in --config)"
+    )
     parser.add_argument(
         "--source",
         action="append",
+        type=SOURCE_ARG,
         metavar="NAME=SPEC",
         help="a source, repeatable: NAME (letters, digits, _ - .) = anything `vlm-edge run` "
         "takes (camera index, video file, folder, rtsp:// URL, GStreamer pipeline)",
     )
-    parser.add_argument("--config", metavar="FILE.toml", help="options from a TOML file")
+    parser.add_argument("--config", type=READ, metavar="FILE.toml", help="options from a TOML file")
     parser.add_argument(
         "--loop", action="store_true", default=None, help="replay files and folders at their end"
     )
@@ -108,13 +119,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     state = parser.add_mutually_exclusive_group()
     state.add_argument(
-        "--state-dir", metavar="DIR", help="one TCA state file per source: DIR/NAME.npz"
+        "--state-dir",
+        type=INTO,
+        metavar="DIR",
+        help="one TCA state file per source: DIR/NAME.npz",
     )
     state.add_argument(
-        "--shared-state", metavar="FILE", help="one TCA state for all sources (one scene)"
+        "--shared-state",
+        type=STATE,
+        metavar="FILE",
+        help="one TCA state for all sources (one scene)",
     )
     parser.add_argument(
-        "--rail-state", metavar="FILE", help="RAIL state for fusion (methods rail, tca+rail)"
+        "--rail-state",
+        type=READ,
+        metavar="FILE",
+        help="RAIL state for fusion (methods rail, tca+rail)",
     )
     parser.add_argument("--method", choices=METHODS, help="default: the bundle's (as run)")
     parser.add_argument("--topk", type=int, help="classes per decision record (default 5)")
@@ -127,6 +147,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--events",
         action="append",
+        type=EVENTS_ARG,
         metavar="SINK",
         help="jsonl:FILE or mqtt://HOST:PORT/TOPIC (repeatable): an event when a source's "
         "decision changes, and heartbeats",
@@ -241,7 +262,7 @@ def check_settings(settings: ServeSettings) -> None:
         ("--state-dir", state_file(settings.state_dir, name) if settings.state_dir else None)
         for name, _ in settings.sources
     ] + [("--shared-state", settings.shared_state)]
-    reads: list[tuple[str, Any]] = [*bundle_reads(settings.bundle)]
+    reads: list[tuple[str, Any]] = [*tree_reads("BUNDLE", settings.bundle)]
     for _, spec in settings.sources:
         reads += source_reads("--source", spec, is_media_file)
     reads += [("--rail-state", settings.rail_state), *states]
