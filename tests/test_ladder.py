@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fakebundle import write_images
+from PIL import Image
 
 torch = pytest.importorskip("torch")
 
-from vlm_export.core.errors import BundleError  # noqa: E402
+from vlm_export.core.errors import BundleError, UserError  # noqa: E402
 from vlm_export.core.manifest import read_manifest, verify_files  # noqa: E402
 from vlm_export.export.cli import main as export_main  # noqa: E402
 from vlm_export.export.pipeline import ExportOptions, export_bundle  # noqa: E402
@@ -223,3 +225,49 @@ def test_unlisted_rung_file_is_refused_by_the_runtime(bundles):
     del manifest["files"]["image_encoder.rung2.onnx"]
     with pytest.raises(BundleError, match="unlisted files: image_encoder.rung2.onnx"):
         ladder_rungs(manifest)
+
+
+def test_serve_runs_a_ladder_by_target_with_one_budget_for_all_sources(bundles, images, tmp_path):
+    """`vlm-edge serve --target-ms --adapt-budget --measure`: one budget over every source, its
+    rung in every decision (the service's frames are those of `run`)."""
+    pytest.importorskip("fastapi")
+    from vlm_export.runtime.serve.config import ServeSettings
+    from vlm_export.runtime.serve.service import Service
+
+    ladder, _ = bundles
+    folder = images[0].parent
+    config = ServeSettings(
+        bundle=str(ladder),
+        sources=[("a", str(folder)), ("b", str(folder))],
+        loop=True,
+        target_ms=1e6,
+        adapt_budget=True,
+        measure=True,
+    )
+    with Service.open(config) as service:
+        assert service.budget is not None and "rung 0" in service.budget.reason
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status = {item["name"]: item for item in service.source_status()}
+            if all(status[name]["frames"] >= 3 for name in "ab"):
+                break
+            time.sleep(0.05)
+        assert all(status[name]["frames"] >= 3 for name in "ab")
+        assert service.classify(Image.open(images[0]))["drop_rate"] in RATES
+    with Service.open(ServeSettings(bundle=str(ladder), sources=[("a", str(folder))])) as plain:
+        assert plain.budget is None  # no target: the ladder's rungs open, rung 0 runs
+        assert plain.classify(Image.open(images[0]))["drop_rate"] == 0.0
+
+
+def test_serve_budget_options_are_checked_before_any_work(bundles, images, tmp_path):
+    pytest.importorskip("fastapi")
+    from vlm_export.runtime.serve.config import ServeSettings
+    from vlm_export.runtime.serve.service import Service
+
+    folder = str(images[0].parent)
+    bad = ServeSettings(bundle=str(bundles[0]), sources=[("a", folder)], target_ms=-1)
+    with pytest.raises(UserError, match="--target-ms must be more than 0"):
+        Service.open(bad)
+    single = ServeSettings(bundle=str(bundles[1][1]), sources=[("a", folder)], target_ms=50)
+    with pytest.raises(UserError, match="needs a ladder bundle"):
+        Service.open(single)

@@ -107,6 +107,31 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """--target-ms, --adapt-budget and --measure: the token budget of a ladder bundle."""
+    budget = parser.add_argument_group("token budget (ladder bundles: vlm-export --drop-rates)")
+    budget.add_argument(
+        "--target-ms",
+        type=float,
+        metavar="MS",
+        help="start on the largest budget whose p90 latency, recorded by vlm-edge bench on this "
+        "device, meets MS per frame (none does: the fastest, the smallest budget worth running)",
+    )
+    budget.add_argument(
+        "--adapt-budget",
+        action="store_true",
+        default=None,
+        help="with --target-ms: switch rungs while running when the moving p90 frame time "
+        "crosses MS (with hysteresis)",
+    )
+    budget.add_argument(
+        "--measure",
+        action="store_true",
+        default=None,
+        help="with --target-ms: time the rungs now when vlm-edge bench recorded none",
+    )
+
+
 def add_crop_argument(parser: argparse.ArgumentParser) -> None:
     """--crop: how a frame of another shape becomes the engine's input."""
     parser.add_argument(

@@ -36,6 +36,7 @@ from vlm_export.runtime.commands import (
     READ,
     SOURCE,
     STATE,
+    add_budget_arguments,
     add_crop_argument,
     add_engine_arguments,
     add_source_arguments,
@@ -57,7 +58,7 @@ from vlm_export.runtime.commands._run_output import (
     short_name,
 )
 from vlm_export.runtime.commands.classes import add_label_space_arguments, compute_label_space
-from vlm_export.runtime.engines.ladder import BudgetRun, ladder_rungs, open_budgeted
+from vlm_export.runtime.engines.ladder import BudgetRun, open_budgeted, runs_ladder
 from vlm_export.runtime.io.capture import NewestFrame
 from vlm_export.runtime.io.display import Window
 from vlm_export.runtime.io.sources import ImageFiles, Source, open_source
@@ -181,25 +182,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_crop_argument(parser)
     add_source_arguments(parser)
     add_engine_arguments(parser)
-    budget = parser.add_argument_group("token budget (ladder bundles: vlm-export --drop-rates)")
-    budget.add_argument(
-        "--target-ms",
-        type=float,
-        metavar="MS",
-        help="start on the largest budget whose p90 latency, recorded by vlm-edge bench on this "
-        "device, meets MS per frame (none does: the fastest, the smallest budget worth running)",
-    )
-    budget.add_argument(
-        "--adapt-budget",
-        action="store_true",
-        help="with --target-ms: switch rungs while running when the moving p90 frame time "
-        "crosses MS (with hysteresis)",
-    )
-    budget.add_argument(
-        "--measure",
-        action="store_true",
-        help="with --target-ms: time the rungs now when vlm-edge bench recorded none",
-    )
+    add_budget_arguments(parser)
     labels = parser.add_argument_group("classes for this run (the bundle is not changed)")
     labels.add_argument(
         "--classes",
@@ -424,9 +407,10 @@ def _save(pipeline: Pipeline, path: str) -> None:
 def _open_backend(bundle: Bundle, args: argparse.Namespace) -> tuple[Any, BudgetRun | None]:
     """The engine, or a ladder bundle's rungs (each record then carries its drop rate), started
     for --target-ms and switched by --adapt-budget."""
-    wants_budget = args.target_ms is not None or args.adapt_budget or args.measure
-    plain = args.backend == "tensorrt" or getattr(args, "precision", None) not in (None, "fp32")
-    if not wants_budget and (plain or not ladder_rungs(bundle.manifest)):
+    precision = getattr(args, "precision", None)
+    if not runs_ladder(
+        bundle, args.backend, precision, args.target_ms, args.adapt_budget, args.measure
+    ):
         return open_engine(bundle, args), None
     providers = args.providers.split(",") if args.providers else None
     return open_budgeted(
@@ -436,8 +420,8 @@ def _open_backend(bundle: Bundle, args: argparse.Namespace) -> tuple[Any, Budget
         thread_count(args.threads),
         getattr(args, "precision", None),
         target_ms=args.target_ms,
-        adapt=args.adapt_budget,
-        measure_first=args.measure,
+        adapt=bool(args.adapt_budget),
+        measure_first=bool(args.measure),
     )
 
 

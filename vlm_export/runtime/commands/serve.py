@@ -30,6 +30,7 @@ from vlm_export.runtime.commands import (
     INTO,
     READ,
     STATE,
+    add_budget_arguments,
     add_crop_argument,
     add_engine_arguments,
     add_source_arguments,
@@ -72,6 +73,9 @@ FLAG_FIELDS = (
     "checkpoint_every",
     "event_every",
     "max_fps",
+    "target_ms",
+    "adapt_budget",
+    "measure",
     "health_max_age_s",
     "backend",
     "providers",
@@ -173,6 +177,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_crop_argument(parser)
     add_source_arguments(parser)
     add_engine_arguments(parser)
+    add_budget_arguments(parser)
     parser.set_defaults(
         stride=None,
         backend=None,

@@ -286,6 +286,23 @@ def start_budget(
     return BudgetRun(ladder, controller, f"{choice.reason}; p90 {where}")
 
 
+def runs_ladder(
+    bundle: Bundle,
+    backend: str,
+    precision: str | None,
+    target_ms: float | None,
+    adapt: bool | None,
+    measure: bool | None,
+) -> bool:
+    """Whether ``run`` and ``serve`` open the ladder's rungs (:func:`open_budgeted`) rather than
+    one engine: when a budget option is given, or for a ladder bundle on a backend and precision
+    its rungs run in (fp32 ONNX Runtime or OpenVINO; TensorRT and INT8 run rung 0 alone)."""
+    if target_ms is not None or adapt or measure:
+        return True
+    plain = backend == "tensorrt" or precision not in (None, "fp32")
+    return not plain and bool(ladder_rungs(bundle.manifest))
+
+
 def open_budgeted(
     bundle: Bundle,
     backend: str = "auto",

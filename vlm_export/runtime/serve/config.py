@@ -88,6 +88,9 @@ class ServeSettings:
     events: list[str] = field(default_factory=list)
     event_every: float = 30.0
     max_fps: float = 0.0  # per source; 0: as fast as the engine goes
+    target_ms: float | None = None  # a ladder bundle's budget: the rung whose p90 meets it
+    adapt_budget: bool = False  # switch rungs while running (as run --adapt-budget)
+    measure: bool = False  # time the rungs at start when vlm-edge bench recorded none
     retry_initial_s: float = 1.0
     retry_max_s: float = 60.0
     health_max_age_s: float = 10.0
@@ -127,6 +130,8 @@ class ServeSettings:
                 raise UserError(f"--{option.replace('_', '-')} must be more than 0")
         if self.max_fps < 0:
             raise UserError(f"--max-fps must be 0 (no limit) or more, got {self.max_fps}")
+        if self.target_ms is not None and not 0 < self.target_ms < 1e7:
+            raise UserError(f"--target-ms must be more than 0, got {self.target_ms:g}")
         if self.retry_max_s < self.retry_initial_s:
             raise UserError("retry_max_s must be at least retry_initial_s")
         if self.state_dir is not None and self.shared_state is not None:

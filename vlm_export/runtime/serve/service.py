@@ -39,6 +39,7 @@ from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands._annotated import FrameDrawer
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.factory import open_backend
+from vlm_export.runtime.engines.ladder import BudgetRun, open_budgeted, runs_ladder
 from vlm_export.runtime.io.preprocess import image_from_array, load_image
 from vlm_export.runtime.io.sources import Frame, Source, open_source
 from vlm_export.runtime.pipeline import (
@@ -154,6 +155,9 @@ class Service:
         self._running = False
         self._stopped = False
 
+    #: the ladder's latency budget (--target-ms), None without one
+    budget: BudgetRun | None = None
+
     # ------------------------------------------------------------------ building
     @classmethod
     def open(cls, settings: ServeSettings, *, opener: Opener | None = None) -> Service:
@@ -165,19 +169,16 @@ class Service:
         if not settings.sources:
             raise UserError("give at least one --source NAME=SPEC")
         bundle = Bundle.open(settings.bundle, verify=not settings.no_verify)
-        backend = open_backend(
-            bundle,
-            settings.backend,
-            settings.providers.split(",") if settings.providers else None,
-            settings.threads,
-            precision=settings.precision,
-            fallback=settings.precision_fallback,
-        )
+        backend, budget = _open_engine(bundle, settings)
         try:
-            return cls(bundle, backend, settings, opener=opener)
+            service = cls(bundle, backend, settings, opener=opener)
         except BaseException:
             backend.close()
             raise
+        service.budget = budget
+        if budget is not None:
+            log.info("budget: %s", budget.reason)
+        return service
 
     def _check_method(self) -> None:
         stages = METHOD_STAGES.get(self.method)
@@ -361,6 +362,10 @@ class Service:
                 lane.bind(self._zeros)
                 self._bound = lane
             result, record = process_frame(lane.pipeline, frame)
+            if self.budget is not None and result is not None:  # one budget for every source
+                switched = self.budget.after_frame(result.timings["total"])
+                if switched:
+                    log.info("budget: %s", switched)
         record = {"time_utc": utc_now(), **record, "input": record["source"], "source": name}
         now = time.monotonic()
         stats.frames += 1
@@ -678,3 +683,25 @@ class Service:
         now = time.monotonic()
         times = [t for t in list(self._stats[name].times) if now - t <= FPS_WINDOW_S]
         return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+
+
+def _open_engine(bundle: Bundle, settings: ServeSettings) -> tuple[Any, BudgetRun | None]:
+    """The engine, or a ladder bundle's rungs started for ``target_ms`` (as ``run`` opens them)."""
+    s = settings
+    providers = s.providers.split(",") if s.providers else None
+    if not runs_ladder(bundle, s.backend, s.precision, s.target_ms, s.adapt_budget, s.measure):
+        engine = open_backend(
+            bundle, s.backend, providers, s.threads, precision=s.precision,
+            fallback=s.precision_fallback,
+        )  # fmt: skip
+        return engine, None
+    return open_budgeted(
+        bundle,
+        s.backend,
+        providers,
+        s.threads,
+        s.precision,
+        target_ms=s.target_ms,
+        adapt=s.adapt_budget,
+        measure_first=s.measure,
+    )
