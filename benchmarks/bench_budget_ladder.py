@@ -351,7 +351,9 @@ def _meets(series: list[dict[str, Any]], target: float, loaded: bool | None = No
 
 
 def stream(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    bundle = Bundle.open(export(work, "ladder4", args.model, LADDER), verify=False)
+    rates = parse_steps(args.stream_rates) if args.stream_rates else LADDER
+    name = "ladder4" if rates == LADDER else "stream-" + "-".join(f"{r:g}" for r in rates)
+    bundle = Bundle.open(export(work, name, args.model, rates), verify=False)
     ladder = open_ladder(bundle, "onnxruntime", threads=args.threads)
     shape = [int(v) for v in bundle.engine_io("inputs")["image"]["shape"]]
     frames = [image[0] for image in measure.synthetic_images(shape, 8, seed=11)]
@@ -364,7 +366,7 @@ def stream(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             times[index].append(pipeline.process_tensor(frame, round_index).timings["total"])
     p90 = [float(np.percentile(values[2:], 90)) for values in times]
     target = args.target_ms or args.target_factor * p90[0]
-    choice = choose_rung(p90, LADDER, target)
+    choice = choose_rung(p90, rates, target)
     window = max(4, args.frames // 30)
     controller = BudgetController(p90, target, start=choice.index, window=window)
     ladders = {
@@ -375,6 +377,7 @@ def stream(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for opened in ladders.values():
         opened.close()
     return {
+        "rates": rates,
         "target_ms": target,
         "target_factor": None if args.target_ms else args.target_factor,
         "rung_p90_ms_unloaded": p90,
@@ -439,6 +442,10 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--parts", default="staircase,memory,stream")
     parser.add_argument("--steps", default="0:0.2:0.01", help="start:stop:step or a list")
+    parser.add_argument(
+        "--stream-rates",
+        help="the stream's ladder (default 0,0.035,0.06,0.1; a wider one absorbs more load)",
+    )
     parser.add_argument("--int8", action="store_true", help="also INT8 graphs of every rung")
     parser.add_argument("--passes", type=int, default=3, help="staircase passes over all rungs")
     parser.add_argument("--rounds", type=int, default=5, help="timed runs per rung and pass")
