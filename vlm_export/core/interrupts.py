@@ -32,8 +32,9 @@ def interrupted(exc: BaseException) -> bool:
 def ctrl_c_noticed() -> Iterator[list[int]]:
     """While active, each Ctrl-C is appended to the yielded list (and raised as usual).
 
-    Only in the main thread and only while Python's default handler is installed; other
-    handlers (a command's own stop request) are left alone and restored handlers stay.
+    Only in the main thread and only while Python's default handler, or a launcher's quick
+    exit (a handler marked ``quick_exit``, see ``vlm_export.runtime.launch``), is installed; it
+    is put back afterwards. Other handlers (a command's own stop request) are left alone.
     """
     pressed: list[int] = []
 
@@ -41,9 +42,9 @@ def ctrl_c_noticed() -> Iterator[list[int]]:
         pressed.append(signum)
         raise KeyboardInterrupt
 
-    watching = (
-        threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.getsignal(signal.SIGINT)
+    watching = threading.current_thread() is threading.main_thread() and (
+        previous is signal.default_int_handler or getattr(previous, "quick_exit", False)
     )
     if watching:
         signal.signal(signal.SIGINT, on_sigint)
@@ -51,7 +52,7 @@ def ctrl_c_noticed() -> Iterator[list[int]]:
         yield pressed
     finally:
         if watching and signal.getsignal(signal.SIGINT) is on_sigint:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGINT, previous)
 
 
 def exit_status_of(main: Callable[[], int], message: str) -> int:
