@@ -51,6 +51,7 @@ class EdgePipeline:
         self.pipeline = pipeline
         self.state = state
         self._frames = 0
+        self.closed = False
 
     @property
     def bundle(self) -> Bundle:
@@ -76,12 +77,15 @@ class EdgePipeline:
         one ``"RGBA"`` or ``"BGRA"``; HxW arrays are grayscale. Bad input raises ImageError (a
         UserError) with one line saying what is wrong; so does an unreadable file.
         """
+        if self.closed:
+            raise UserError("the pipeline is closed (its with block ended): open it again")
         if isinstance(image, np.ndarray):
             frame, source = image_from_array(image, channels), ""
         elif isinstance(image, Image.Image):
             frame, source = image, ""
         elif isinstance(image, str | Path):
-            frame, source = load_image(image), str(image)
+            limits = self.pipeline.preprocessor
+            frame, source = load_image(image, limits.max_pixels, limits.max_aspect), str(image)
         else:
             raise UserError(
                 f"cannot classify a {type(image).__name__}: give a PIL image, a "
@@ -102,8 +106,10 @@ class EdgePipeline:
         self.pipeline.save_state(target)
 
     def close(self) -> None:
-        """Release the engine."""
-        self.pipeline.backend.close()
+        """Release the engine (once; ``classify`` then refuses)."""
+        if not self.closed:
+            self.closed = True
+            self.pipeline.backend.close()
 
     def __enter__(self) -> EdgePipeline:
         return self
@@ -149,6 +155,10 @@ def open_pipeline(
     reservoir file, resumed if it exists and saved when the ``with`` block ends; ``rail_state``
     a RAIL state from ``vlm-edge learn`` (methods rail and tca+rail).
     """
+    if not isinstance(bundle, Bundle | str | Path):
+        raise UserError(
+            f"open_pipeline needs a bundle folder (a path or a Bundle), got {type(bundle).__name__}"
+        )
     if not isinstance(bundle, Bundle):
         bundle = Bundle.open(bundle, verify=verify)
     if method is None:
