@@ -58,6 +58,16 @@ def read_json(
     what: str | None = None,
 ) -> Any:
     """Read and parse a UTF-8 JSON file of at most ``max_bytes``; ``error`` names what is wrong."""
+    what = what or str(path)
+    return parse_json(read_text(path, max_bytes, error, what), what, error, max_depth)
+
+
+def read_text(
+    path: str | Path, max_bytes: int, error: type[UserError] = UserError, what: str | None = None
+) -> str:
+    """A UTF-8 text file of at most ``max_bytes`` (a leading byte order mark dropped), read
+    without holding more than that; ``error`` (one line) for a FIFO, a device, a larger file or
+    one that is not UTF-8."""
     path = Path(path)
     what = what or str(path)
     try:
@@ -70,7 +80,6 @@ def read_json(
     if len(data) > max_bytes:
         raise error(f"{what} is larger than {max_bytes} bytes: not a file this tool wrote")
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise error(f"{what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    return parse_json(text, what, error, max_depth)
