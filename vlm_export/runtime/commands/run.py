@@ -422,6 +422,12 @@ def handle(args: argparse.Namespace) -> int:
         check_can_create(args.out)  # before the bundle and engine load, not after
     bundle = Bundle.open(args.bundle, verify=not args.no_verify)
     if args.classes:
+        if len(bundle.domains) != 1:  # new_labels would ask for --domain, which run lacks
+            raise UserError(
+                f"run --classes replaces the classes of a one-domain bundle; this bundle has "
+                f"{len(bundle.domains)} domains: change one with vlm-edge classes BUNDLE FILE "
+                "--domain NAME, then run the bundle"
+            )
         space = compute_label_space(bundle, args.classes, args.templates, None, args.text_backend)
         bundle = bundle.with_classes(space.labels, space.text_embeddings, space.domains)
         status(f"{len(space.labels)} classes from {args.classes} ({space.embedded} embedded)")

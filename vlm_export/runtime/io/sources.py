@@ -237,6 +237,10 @@ def _glob(pattern: str) -> ImageFiles:
     return ImageFiles(paths, f"{pattern} ({len(paths)} images{note})")
 
 
+#: the largest camera index OpenCV takes (a C int)
+MAX_CAMERA_INDEX = 2**31 - 1
+
+
 def open_source(spec: str) -> Source:
     """Open SOURCE as given on the command line.
 
@@ -255,7 +259,12 @@ def open_source(spec: str) -> Source:
         return ImageFiles([path], f"image {path}")
     if path.is_symlink() or path.exists():  # dangling link, link loop, FIFO, device: one record
         return ImageFiles([path], f"image {path}")
-    if spec.isdigit():
+    if spec.isascii() and spec.isdigit():
+        if int(spec) > MAX_CAMERA_INDEX:
+            raise SourceError(
+                f"camera index {spec[:20]}{'...' if len(spec) > 20 else ''} is out of range "
+                f"(0 to {MAX_CAMERA_INDEX})"
+            )
         return VideoSource(int(spec))
     if "://" in spec:
         return VideoSource(spec)
