@@ -98,6 +98,7 @@ def wall_times(trees: dict[str, Path], args: list[str], repeats: int) -> dict[st
 
 def baseline_tree(revision: str, folder: Path) -> Path:
     """``vlm_export`` as it is at ``revision``, unpacked into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(
         ["git", "-C", str(ROOT), "archive", revision, "vlm_export"], capture_output=True, check=True
     ).stdout

@@ -75,8 +75,8 @@ class ReservoirConfig:
             value = getattr(self, name)
             if not _is_real(value) or not math.isfinite(value) or not 0 <= value <= MAX_LAM_BETA:
                 raise UserError(
-                    f"reservoir {name} must be a number from 0 to {MAX_LAM_BETA:g} (the reference "
-                    f"uses lam 3, beta 5; larger ones overflow float32), got {value!r}"
+                    f"reservoir {name} must be a finite number from 0 to {MAX_LAM_BETA:g} (the "
+                    f"reference uses lam 3, beta 5; larger ones overflow float32), got {value!r}"
                 )
         if self.eviction not in EVICTION_MODES:
             choices = " or ".join(EVICTION_MODES)
