@@ -98,11 +98,13 @@ def make_images(folder: Path) -> dict[str, Path]:
         "png 200000x1": (200_000, 1, 2, 8),
         "png 40000x400 (100:1)": (40_000, 400, 2, 8),
         "png 6300x6300 one colour (39.7 MP)": (6300, 6300, 2, 8),
-        "png 6300x6300 RGBA": (6300, 6300, 6, 8),
-        "png 6300x6300 16-bit grey": (6300, 6300, 0, 16),
-        "png 65535x600 (longest side)": (65_535, 600, 2, 8),
+        "png 6300x6300 RGBA (refused)": (6300, 6300, 6, 8),
+        "png 3850x3850 RGBA (largest accepted)": (3850, 3850, 6, 8),
+        "png 6300x6300 16-bit grey (refused)": (6300, 6300, 0, 16),
+        "png 4890x4890 16-bit grey (largest accepted)": (4890, 4890, 0, 16),
+        "png 50000x790 (63:1, 39.5 MP)": (50_000, 790, 2, 8),
     }.items():
-        out[name] = folder / (name.split(" ")[1] + f"-{mode}-{depth}.png")
+        out[name] = folder / f"{w}x{h}-{mode}-{depth}.png"
         png_header_only(out[name], w, h, mode, depth)
     big = folder / "100mp.jpg"  # a real 12000x8400 JPEG: decoded at 1/4 scale (draft)
     Image.new("RGB", (12_000, 8_400), (40, 90, 160)).save(big, quality=30)

@@ -1052,3 +1052,17 @@ def test_ray_address_that_drops_packets_fails_within_seconds_and_says_so() -> No
     assert ray_endpoint("auto") is None
     with pytest.raises(RayError, match="the port must be a number 1-65535"):
         ray_endpoint("head:99999")
+
+
+def test_modes_heavier_than_rgb_count_for_more_pixels(tmp_path) -> None:
+    from vlm_export.runtime.io.preprocess import ImageError, load_image
+
+    for mode, array in (("RGBA", np.zeros((100, 100, 4), np.uint8)),
+                        ("I;16", np.zeros((100, 100), np.uint16))):  # fmt: skip
+        path = tmp_path / f"{mode.replace(';', '')}.png"
+        Image.fromarray(array).save(path)
+        assert load_image(path, max_pixels=30_000).mode == mode  # 10,000 pixels, weighed
+        with pytest.raises(ImageError, match=f"a {mode} pixel counts"):
+            load_image(path, max_pixels=15_000)
+    rgb = _save_image(tmp_path / "rgb.png", (100, 100), "PNG")
+    assert load_image(rgb, max_pixels=10_000).size == (100, 100)

@@ -10,7 +10,8 @@ with premultiplied alpha, exactly as PIL does inside open_clip's transform.
 EXIF orientation is not applied (open_clip's transform does not apply it either).
 
 Memory is bounded by what an image really holds, checked from its header before any decoding:
-its area (``max_pixels``), each side (``MAX_SIDE``), and its aspect ratio (``max_aspect``: the
+its area (``max_pixels``, a pixel of a mode heavier than RGB counting for more: ``WORKING_BYTES``),
+each side (``MAX_SIDE``), and its aspect ratio (``max_aspect``: the
 resize to the engine size would otherwise blow a 1x100000 line up to gigabytes, and the model
 would see a sliver of it). A JPEG above the area limit is decoded at 1/2, 1/4 or 1/8 scale by
 libjpeg itself (``Image.draft``) when that brings it under the limit, instead of being refused;
@@ -54,6 +55,10 @@ MAX_SIDE = 65_535
 #: the widest aspect ratio an engine input is made from: beyond it the centre crop sees less than
 #: 1/64 of the image (resize "shortest"), or its short side shrinks to a few pixels ("longest")
 MAX_ASPECT = 64
+#: bytes per pixel that decoding, the 8-bit conversion and the resize hold at their peak, by mode
+WORKING_BYTES = {"1": 1, "L": 1, "P": 1, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "LA": 4}
+WORKING_BYTES |= {"PA": 4, "RGBA": 8, "RGBa": 4, "CMYK": 4, "F": 4, "I": 9}
+WORKING_BYTES |= {mode: 5 for mode in ("I;16", "I;16L", "I;16B", "I;16N")}
 #: rows of a deep grayscale image converted to 8 bits at a time (bounded temporary memory)
 _ROWS_PER_BLOCK = 256
 
@@ -62,12 +67,29 @@ class ImageError(UserError):
     """An image file that cannot be read: missing, empty, truncated or not an image."""
 
 
-def check_pixels(width: int, height: int, max_pixels: int | None, what: str) -> None:
-    """Refuse an image above ``max_pixels`` (None or 0: no limit) before it is decoded."""
-    if max_pixels and width * height > max_pixels:
+def pixel_weight(mode: str) -> float:
+    """How many RGB pixels' worth of memory one pixel of ``mode`` takes to decode, convert and
+    resize (``WORKING_BYTES`` / 3): RGBA resizes through a premultiplied copy, deep grayscale
+    through an 8-bit copy."""
+    return WORKING_BYTES.get(mode, 4) / 3
+
+
+def check_pixels(
+    width: int, height: int, max_pixels: int | None, what: str, mode: str = "RGB"
+) -> None:
+    """Refuse an image above ``max_pixels`` (None or 0: no limit) before it is decoded; a pixel
+    of a mode that needs more memory than RGB counts for more (``pixel_weight``)."""
+    weight = max(pixel_weight(mode), 1.0)
+    if max_pixels and width * height * weight > max_pixels:
+        counted = (
+            f" (a {mode} pixel counts {weight:.3g}x: {WORKING_BYTES.get(mode, 4)} bytes to decode "
+            "and resize, against 3 for RGB)"
+            if weight > 1
+            else ""
+        )
         raise ImageError(
-            f"{what} is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the "
-            f"limit of {max_pixels / 1e6:g} (--max-pixels; 0 = no limit)"
+            f"{what} is {width}x{height} = {width * height / 1e6:.1f} megapixels{counted}, above "
+            f"the limit of {max_pixels / 1e6:g} (--max-pixels; 0 = no limit)"
         )
 
 
@@ -96,10 +118,15 @@ def check_aspect(width: int, height: int, max_aspect: float | None, what: str) -
 def _draft_under(image: Image.Image, max_pixels: int | None) -> None:
     """A JPEG above ``max_pixels``: ask libjpeg to decode it at 1/2, 1/4 or 1/8 scale, the
     largest that fits (the header's size then reports the reduced size)."""
-    if not max_pixels or image.format != "JPEG" or image.width * image.height <= max_pixels:
+    weight = max(pixel_weight(image.mode), 1.0)
+    if (
+        not max_pixels
+        or image.format != "JPEG"
+        or image.width * image.height * weight <= max_pixels
+    ):
         return
     for scale in (2, 4, 8):
-        if -(-image.width // scale) * -(-image.height // scale) <= max_pixels:
+        if -(-image.width // scale) * -(-image.height // scale) * weight <= max_pixels:
             image.draft(image.mode, (-(-image.width // scale), -(-image.height // scale)))
             return
 
@@ -154,7 +181,7 @@ def load_image(
             with image:
                 _draft_under(image, max_pixels)
                 check_sides(image.width, image.height, f"image {path}")
-                check_pixels(image.width, image.height, max_pixels, f"image {path}")
+                check_pixels(image.width, image.height, max_pixels, f"image {path}", image.mode)
                 check_aspect(image.width, image.height, max_aspect, f"image {path}")
                 image.load()
         return image
@@ -339,7 +366,7 @@ class Preprocessor:
         check_sides(image.width, image.height, "the image")
         check_aspect(image.width, image.height, self.max_aspect, "the image")
         if getattr(image, "tile", None):  # a file opened lazily, its pixels not decoded yet
-            check_pixels(image.width, image.height, self.max_pixels, "the image")
+            check_pixels(image.width, image.height, self.max_pixels, "the image", image.mode)
         image = to_8bit(decoded(image))
         height, width = image.height, image.width
         if self.resize_mode == "squash":

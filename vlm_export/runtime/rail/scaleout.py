@@ -165,7 +165,7 @@ def decode(name: str, data: bytes) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as image:
             check_sides(image.width, image.height, f"image {name}")
-            check_pixels(image.width, image.height, DEFAULT_MAX_PIXELS, f"image {name}")
+            check_pixels(image.width, image.height, DEFAULT_MAX_PIXELS, f"image {name}", image.mode)
             image.load()
         return image
     except UnidentifiedImageError:
