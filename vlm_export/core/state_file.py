@@ -17,7 +17,7 @@ import math
 import re
 import struct
 import zipfile
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -245,11 +245,12 @@ def _refuse_unknown(headers: Mapping[str, object], known: Collection[str], path:
         raise StateError(f"{path} holds arrays this state does not have: {names}")
 
 
-def shape_text(shape: tuple[int, ...], most: int = 6) -> str:
-    """A shape for a message, at most ``most`` dimensions spelled out."""
+def shape_text(shape: Sequence[object], most: int = 6) -> str:
+    """A shape for a message, at most ``most`` dimensions spelled out (each cut to 20 chars)."""
+    dims = [str(dim)[:20] for dim in shape[:most]]
     if len(shape) <= most:
-        return str(list(shape))
-    return f"[{', '.join(map(str, shape[:most]))}, ...] ({len(shape)} dimensions)"
+        return f"[{', '.join(dims)}]"
+    return f"[{', '.join(dims)}, ...] ({len(shape)} dimensions)"
 
 
 def _open_archive(handle: BinaryIO, path: Path) -> np.lib.npyio.NpzFile:

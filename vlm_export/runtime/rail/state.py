@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from vlm_export.core.errors import StateError
-from vlm_export.core.state_file import StoredArray, load_state, save_state
+from vlm_export.core.state_file import StoredArray, load_state, save_state, shape_text
 from vlm_export.runtime.rail.dual import DualAdapter, DualPredictor
 from vlm_export.runtime.rail.inputs import RailError
 from vlm_export.runtime.rail.linalg import (
@@ -152,9 +152,9 @@ class _Reader:
     def array(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         value = self.arrays.get(name)
         if value is None or value.shape != shape or value.dtype != np.dtype(dtype):
-            found = "missing" if value is None else f"{value.dtype} {list(value.shape)}"
+            found = "missing" if value is None else f"{value.dtype} {shape_text(value.shape)}"
             raise StateError(
-                f"{self.path}: array {name!r} should be {np.dtype(dtype)} {list(shape)}, "
+                f"{self.path}: array {name!r} should be {np.dtype(dtype)} {shape_text(shape)}, "
                 f"found {found} (corrupt state)"
             )
         return value
