@@ -96,7 +96,8 @@ def make_images(folder: Path) -> dict[str, Path]:
     for name, (w, h, mode, depth) in {
         "png 1x100000": (1, 100_000, 0, 8),
         "png 200000x1": (200_000, 1, 2, 8),
-        "png 40000x400 (100:1)": (40_000, 400, 2, 8),
+        "png 60000x200 (300:1, refused)": (60_000, 200, 2, 8),
+        "png 60000x240 (250:1, accepted)": (60_000, 240, 2, 8),
         "png 6300x6300 one colour (39.7 MP)": (6300, 6300, 2, 8),
         "png 6300x6300 RGBA (refused)": (6300, 6300, 6, 8),
         "png 3850x3850 RGBA (largest accepted)": (3850, 3850, 6, 8),
@@ -111,8 +112,8 @@ def make_images(folder: Path) -> dict[str, Path]:
     out["jpeg 12000x8400 (100.8 MP)"] = big
     for fmt, suffix in (("GIF", ".gif"), ("TIFF", ".tif"), ("BMP", ".bmp"), ("WEBP", ".webp")):
         path = folder / f"wide{suffix}"
-        Image.new("L" if fmt == "GIF" else "RGB", (16_000, 100)).save(path, format=fmt)
-        out[f"{fmt.lower()} 16000x100 (160:1)"] = path
+        Image.new("L" if fmt == "GIF" else "RGB", (16_000, 50)).save(path, format=fmt)
+        out[f"{fmt.lower()} 16000x50 (320:1)"] = path
     return out
 
 

@@ -637,7 +637,7 @@ def test_aspect_ratio_the_model_cannot_use_is_an_error_record(
     code, _, out = _edge(["run", str(pristine), str(path), "--quiet"], capsys)
     (record,) = _records(out)
     assert code == 1 and "aspect ratio of 320:1" in record["error"], record
-    assert "up to 64:1" in record["error"]
+    assert "up to 256:1" in record["error"]
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "TIFF", "BMP"])  # JPEG, GIF and WebP cannot be this wide
@@ -1066,3 +1066,11 @@ def test_modes_heavier_than_rgb_count_for_more_pixels(tmp_path) -> None:
             load_image(path, max_pixels=15_000)
     rgb = _save_image(tmp_path / "rgb.png", (100, 100), "PNG")
     assert load_image(rgb, max_pixels=10_000).size == (100, 100)
+
+
+def test_aspect_limit_follows_the_engine_input() -> None:
+    from vlm_export.runtime.io.preprocess import aspect_limit
+
+    assert aspect_limit((224, 224), "shortest") == 256
+    assert aspect_limit((448, 448), "shortest") == 79  # the resize stays under 16 megapixels
+    assert aspect_limit((32, 32), "longest") == 32  # the short side stays a pixel or more

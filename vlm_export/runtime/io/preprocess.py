@@ -53,8 +53,11 @@ DEFAULT_MAX_PIXELS = 40_000_000
 #: the longest side any image may have, whatever its area (JPEG's and WebP's own limits)
 MAX_SIDE = 65_535
 #: the widest aspect ratio an engine input is made from: beyond it the centre crop sees less than
-#: 1/64 of the image (resize "shortest"), or its short side shrinks to a few pixels ("longest")
-MAX_ASPECT = 64
+#: 1/256 of the image (resize "shortest"), or its short side shrinks below a pixel ("longest")
+MAX_ASPECT = 256
+#: the most pixels the resize to the engine size may produce (the aspect limit of a large engine
+#: input is lower: a 448x448 one is fed images up to 79:1)
+MAX_RESIZED_PIXELS = 16_000_000
 #: bytes per pixel that decoding, the 8-bit conversion and the resize hold at their peak, by mode
 WORKING_BYTES = {"1": 1, "L": 1, "P": 1, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "LA": 4}
 WORKING_BYTES |= {"PA": 4, "RGBA": 8, "RGBa": 4, "CMYK": 4, "F": 4, "I": 9}
@@ -110,8 +113,8 @@ def check_aspect(width: int, height: int, max_aspect: float | None, what: str) -
         ratio = max(width, height) / min(width, height)
         raise ImageError(
             f"{what} is {width}x{height} pixels, an aspect ratio of {ratio:.0f}:1; the engine "
-            f"is fed images up to {max_aspect:g}:1 (beyond it the model would see a sliver of "
-            "the image, or the resize a line of a few pixels): crop it first"
+            f"is fed images up to {max_aspect:g}:1 (beyond it the model sees a sliver of the "
+            "image and the resize to its input alone takes a lot of memory): crop it first"
         )
 
 
@@ -317,6 +320,15 @@ def crop_or_pad(image: Image.Image, size: tuple[int, int], fill: int) -> Image.I
     return image.crop((left, top, left + target_w, top + target_h))
 
 
+def aspect_limit(size: tuple[int, int], resize_mode: str) -> int:
+    """The widest aspect ratio an engine input of ``size`` is made from: ``MAX_ASPECT``, lower
+    where the resize would produce more than ``MAX_RESIZED_PIXELS``, and for "longest" no more
+    than the input's short side (the image's short side must stay a pixel or more)."""
+    short = min(size)
+    limit = max(1, min(MAX_ASPECT, MAX_RESIZED_PIXELS // (short * short)))
+    return min(limit, short) if resize_mode == "longest" else limit
+
+
 class Preprocessor:
     """The manifest's preprocessing as a callable: image -> [3, H, W] float32."""
 
@@ -335,10 +347,7 @@ class Preprocessor:
             raise BundleError(f"unsupported interpolation {self.interpolation!r} in manifest")
         self.size = (height, width)
         self.max_pixels: int | None = DEFAULT_MAX_PIXELS
-        # "longest" shrinks the short side by the aspect ratio: keep it at one pixel or more
-        self.max_aspect = (
-            min(MAX_ASPECT, min(self.size)) if self.resize_mode == "longest" else MAX_ASPECT
-        )
+        self.max_aspect = aspect_limit(self.size, self.resize_mode)
         self.fill_color = int(config.get("fill_color", 0))
         self._resample = INTERPOLATIONS[self.interpolation]
         # ToTensor then Normalize, in float32 as torch does: one lookup table row per channel.
