@@ -202,6 +202,7 @@ def main() -> None:
         )
         for name, (hostile, reference) in cases.items():
             peak, code, line = peak_rss(hostile)
+            line = line.replace(tmp, "TMP")  # no machine path in the saved table
             base, _, _ = peak_rss(reference)
             rows.append({
                 "input": name, "peak_mb": peak / 2**20, "baseline_mb": base / 2**20,

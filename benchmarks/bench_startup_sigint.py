@@ -47,7 +47,8 @@ def machine() -> dict[str, object]:
 
 
 def edge(tree: Path) -> tuple[list[str], dict[str, str]]:
-    """The command line and environment that run ``vlm-edge`` from ``tree``."""
+    """The command line and environment that run ``vlm-edge`` from ``tree`` (run it from a
+    folder without a ``vlm_export`` in it: ``python -m`` puts the current folder first)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     return [sys.executable, "-m", "vlm_export.runtime"], env
 
@@ -61,7 +62,7 @@ def sweep(tree: Path, args: list[str], signals: int, until: float) -> dict[str, 
         delay = until * index / max(signals - 1, 1)
         proc = subprocess.Popen(
             [*command, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True,
+            text=True, cwd=tempfile.gettempdir(),
         )  # fmt: skip
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
@@ -91,7 +92,10 @@ def wall_times(trees: dict[str, Path], args: list[str], repeats: int) -> dict[st
         for name, tree in trees.items():
             command, env = edge(tree)
             start = time.perf_counter()
-            subprocess.run([*command, *args], env=env, capture_output=True, check=True)
+            subprocess.run(
+                [*command, *args], env=env, capture_output=True, check=True,
+                cwd=tempfile.gettempdir(),
+            )  # fmt: skip
             times[name].append(time.perf_counter() - start)
     return times
 
