@@ -16,15 +16,8 @@ The names are imported when first used (module ``__getattr__``), so ``import vlm
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from vlm_export.core.errors import UserError
-    from vlm_export.runtime.api import EdgePipeline, open_pipeline
-    from vlm_export.runtime.bundle import Bundle
-    from vlm_export.runtime.pipeline import FrameResult
-
+# No import at all here (not even typing): this module runs before the vlm-edge launcher can
+# install its Ctrl-C handler, so every import here would widen the window for a traceback.
 _HOMES = {
     "Bundle": "vlm_export.runtime.bundle",
     "EdgePipeline": "vlm_export.runtime.api",
@@ -36,11 +29,13 @@ _HOMES = {
 __all__ = ["Bundle", "EdgePipeline", "FrameResult", "UserError", "open_pipeline"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     """Import a public name on first use."""
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
     value = getattr(importlib.import_module(home), name)
     globals()[name] = value
     return value
