@@ -119,6 +119,9 @@ def main() -> None:
     parser.add_argument("--baseline", default="main", help="git revision to compare with")
     parser.add_argument("--sweep-baseline", action="store_true", help="sweep the baseline too")
     options = parser.parse_args()
+    # a shell that starts this script in the background leaves SIGINT ignored, and an ignored
+    # signal stays ignored in every child: give the children Ctrl-C's default action back
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from fakebundle import make_bundle, write_images
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -614,6 +614,11 @@ def test_ctrl_c_while_any_module_imports_is_one_line(world, launcher, module) ->
     assert lines[0].startswith(f"vlm-{launcher}: interrupted"), done.stderr
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C's default action (a background shell leaves it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _python_start_up_only(err: str) -> bool:
     """A traceback raised inside Python's own start-up (``site`` reading .pth files), before
     any of vlm-edge's code runs: no program can catch that one."""
@@ -633,7 +638,7 @@ def test_sixty_ctrl_c_from_process_start_are_one_line_each(tmp_path, world) -> N
         delay = 1.5 * index / 59
         proc = subprocess.Popen(
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=_default_sigint,
         )  # fmt: skip
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)

@@ -15,7 +15,8 @@ def _interrupted_at_start(signum: int, frame: object) -> None:
 
 
 _interrupted_at_start.quick_exit = True  # type: ignore[attr-defined]  # see core/interrupts
-signal.signal(signal.SIGINT, _interrupted_at_start)
+if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # started ignoring it: keep that
+    signal.signal(signal.SIGINT, _interrupted_at_start)
 
 import sys  # noqa: E402 - after the handler on purpose
 
