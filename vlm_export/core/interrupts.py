@@ -9,6 +9,7 @@ say "interrupted" (exit 130) instead of passing on that misleading error.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -66,3 +67,16 @@ def exit_status_of(main: Callable[[], int], message: str) -> int:
                 raise
     print(message, file=sys.stderr)
     return 130
+
+
+def exit_with(code: int) -> None:
+    """Exit with ``code``. After a Ctrl-C (130) the streams are flushed and the process ends at
+    once: a KeyboardInterrupt that went through a C extension's import (NumPy runs Python code
+    from C) leaves Python's "unhandled Ctrl-C" flag set, and Python would then end itself by
+    SIGINT (status -2) instead of the 130 the command reported."""
+    if code != 130:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(130)

@@ -18,7 +18,7 @@ _interrupted_at_start.quick_exit = True  # type: ignore[attr-defined]  # see cor
 if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # started ignoring it: keep that
     signal.signal(signal.SIGINT, _interrupted_at_start)
 
-import sys  # noqa: E402 - after the handler on purpose
+from vlm_export.core.interrupts import exit_with  # noqa: E402 - after the handler on purpose
 
 
 def entry() -> None:
@@ -27,4 +27,4 @@ def entry() -> None:
 
     code = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done: the status stays
-    sys.exit(code)
+    exit_with(code)

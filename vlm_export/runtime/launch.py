@@ -20,7 +20,8 @@ if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # started ignoring it
     signal.signal(signal.SIGINT, _interrupted_at_start)
 
 import contextlib  # noqa: E402 - after the handler on purpose
-import sys  # noqa: E402
+
+from vlm_export.core.interrupts import exit_with  # noqa: E402 - light: signal, threading
 
 
 def entry() -> None:
@@ -37,4 +38,4 @@ def entry() -> None:
         for name in ("SIGINT", "SIGTERM", "SIGHUP"):
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), signal.SIG_IGN)
-    sys.exit(code)
+    exit_with(code)
