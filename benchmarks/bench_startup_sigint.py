@@ -5,9 +5,10 @@
    process starts. Counts exit statuses, runs whose stderr holds a traceback, and runs that end
    with more than one line. (A signal that lands before Python has set up its own handling kills
    the process by the signal: the shell reports that as 130 too.)
-2. Start-up time: ``vlm-edge --help`` and ``vlm-edge info --no-verify BUNDLE``, wall time of
-   ``--repeats`` runs each, interleaved with the same commands of a baseline revision (default
-   ``main``; its ``vlm_export`` is taken with ``git archive``), as the ratio of medians.
+2. Start-up time: ``vlm-edge --help``, ``vlm-edge info --no-verify BUNDLE`` and
+   ``import vlm_export.runtime``, wall time of ``--repeats`` runs each, interleaved with the same
+   commands of a baseline revision (default ``main``; its ``vlm_export`` is taken with
+   ``git archive``), as the ratio of medians.
 
     PYTHONPATH=. python benchmarks/bench_startup_sigint.py [--baseline REV] [--sweep-baseline]
 
@@ -86,11 +87,14 @@ def sweep(tree: Path, args: list[str], signals: int, until: float) -> dict[str, 
 
 
 def wall_times(trees: dict[str, Path], args: list[str], repeats: int) -> dict[str, list[float]]:
-    """Seconds per run of ``vlm-edge ARGS`` from each tree, the trees interleaved."""
+    """Seconds per run of ``vlm-edge ARGS`` (no ARGS: ``import vlm_export.runtime``, what a
+    program using the Python API pays) from each tree, the trees interleaved."""
     times: dict[str, list[float]] = {name: [] for name in trees}
     for _ in range(repeats):
         for name, tree in trees.items():
             command, env = edge(tree)
+            if not args:
+                command = [sys.executable, "-c", "import vlm_export.runtime"]
             start = time.perf_counter()
             subprocess.run(
                 [*command, *args], env=env, capture_output=True, check=True,
@@ -147,6 +151,7 @@ def main() -> None:
         for name, args in {
             "--help": ["--help"],
             "info --no-verify": ["info", "--no-verify", str(bundle)],
+            "import vlm_export.runtime": [],
         }.items():
             times = wall_times(trees, args, options.repeats)
             now, before = statistics.median(times["now"]), statistics.median(times["baseline"])
