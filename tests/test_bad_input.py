@@ -16,6 +16,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,9 @@ from PIL import Image
 from vlm_export.core import manifest as mf
 from vlm_export.core.json_input import nesting_depth
 from vlm_export.core.manifest_schema import manifest_schema
-from vlm_export.runtime import cli
+from vlm_export.runtime import cli, open_pipeline
+from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.tca.stage import build_reservoir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -612,3 +615,462 @@ def test_hostile_bundle_from_the_command_line_prints_no_traceback(bundle: Path) 
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- bounded by content
+# Memory follows what an input really holds (issue 18): image sides and aspect ratio from the
+# header, class lists, JSON inputs and state files checked before they are read.
+FORMATS = ["PNG", "JPEG", "GIF", "TIFF", "BMP", "WEBP"]
+
+
+def _save_image(path: Path, size: tuple[int, int], fmt: str) -> Path:
+    Image.new("L" if fmt == "GIF" else "RGB", size, 90).save(path, format=fmt)
+    return path
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("size", [(6400, 20), (20, 6400)], ids=["wide", "tall"])
+def test_aspect_ratio_the_model_cannot_use_is_an_error_record(
+    pristine, tmp_path, capsys, fmt, size
+) -> None:
+    path = _save_image(tmp_path / f"odd.{fmt.lower()}", size, fmt)
+    code, _, out = _edge(["run", str(pristine), str(path), "--quiet"], capsys)
+    (record,) = _records(out)
+    assert code == 1 and "aspect ratio of 320:1" in record["error"], record
+    assert "up to 256:1" in record["error"]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "BMP"])  # JPEG, GIF and WebP cannot be this wide
+def test_side_longer_than_the_limit_is_refused_before_decoding(
+    pristine, tmp_path, capsys, fmt
+) -> None:
+    path = tmp_path / f"line.{fmt.lower()}"
+    if fmt == "PNG":
+        _png_header_only(path, 1, 100_000)  # the issue's 1x100000 PNG of a few hundred bytes
+    else:
+        _save_image(path, (70_000, 1), fmt)
+    code, _, out = _edge(["run", str(pristine), str(path), "--quiet"], capsys)
+    (record,) = _records(out)
+    assert code == 1 and "a side longer than 65535 pixels" in record["error"], record
+
+
+def test_explain_and_the_api_apply_the_same_limits(pristine, tmp_path, capsys) -> None:
+    from vlm_export.runtime.io.preprocess import ImageError
+
+    line = tmp_path / "line.png"
+    _png_header_only(line, 200_000, 1)
+    photo = write_images(tmp_path / "photos", 1)[0]
+    out = tmp_path / "pictures"
+    for argv, words in (
+        (["explain", str(pristine), str(line), "--out", str(out)], "side longer than 65535"),
+        (["explain", str(pristine), str(photo), "--out", str(out), "--max-pixels", "100"],
+         "above the limit of 0.0001"),
+    ):  # fmt: skip
+        code, lines, _ = _edge(argv, capsys)
+        assert code == 1 and any(words in entry for entry in lines), lines
+    assert not any(out.glob("*.png"))
+    lazy = tmp_path / "lazy.png"
+    _png_header_only(lazy, 13_000, 13_000)
+    with open_pipeline(pristine) as pipeline:
+        with pytest.raises(ImageError, match="side longer than 65535"):
+            pipeline.classify(line)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(lazy)  # opened, never decoded
+        with pytest.raises(ImageError, match="169.0 megapixels"):
+            pipeline.classify(opened)
+        with pytest.raises(ImageError, match="aspect ratio"):
+            pipeline.classify(np.zeros((2, 1000), np.uint8))
+        assert pipeline.classify(photo).class_name
+
+
+def test_jpeg_above_the_pixel_limit_is_decoded_reduced(tmp_path) -> None:
+    from vlm_export.runtime.io.preprocess import ImageError, load_image
+
+    jpeg = _save_image(tmp_path / "big.jpg", (4000, 3000), "JPEG")
+    png = _save_image(tmp_path / "big.png", (4000, 3000), "PNG")
+    assert load_image(jpeg).size == (4000, 3000)  # within the limit: decoded in full
+    assert load_image(jpeg, max_pixels=1_000_000).size == (1000, 750)  # libjpeg at 1/4
+    with pytest.raises(ImageError, match="above the limit of 0.1"):
+        load_image(jpeg, max_pixels=100_000)  # even 1/8 (500x375) is above it
+    with pytest.raises(ImageError, match="above the limit of 1"):
+        load_image(png, max_pixels=1_000_000)  # PNG cannot decode reduced
+
+
+def test_deep_grayscale_is_converted_in_blocks_with_the_same_values() -> None:
+    from vlm_export.runtime.io.preprocess import to_8bit
+
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 65536, (700, 33), dtype=np.int64)  # rows span three blocks
+    for mode, array in (("I;16", values.astype(np.uint16)), ("I", values.astype(np.int32) - 9)):
+        image = Image.fromarray(array)
+        assert image.mode == mode
+        got = np.asarray(to_8bit(image))
+        want = (np.clip(array.astype(np.int64), 0, 65535) * 255 + 32767) // 65535
+        assert np.array_equal(got, want.astype(np.uint8)), mode
+
+
+def _sparse(size: int) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        with open(path, "wb") as handle:
+            handle.truncate(size)
+
+    return write
+
+
+CLASS_LIST_CASES = [
+    ("folder", "classes.txt", lambda p: p.mkdir(), "is a folder, not a file"),
+    ("fifo", "classes.txt", os.mkfifo, "is a FIFO, not a regular file"),
+    ("9 MiB", "classes.txt", _sparse(9 << 20), "is 9 MiB, more than a class list's 8 MiB"),
+    ("100,001 names", "classes.txt",
+     lambda p: p.write_text("".join(f"c{i}\n" for i in range(100_001))), "more than 100,000"),
+    ("nested JSON", "classes.json", lambda p: p.write_text("[" * 100_000), "levels deep"),
+    ("lone surrogate", "classes.json", lambda p: p.write_text('["\\ud800"]'), "lone surrogate"),
+    ("JSON object", "classes.json", lambda p: p.write_text('{"a": 1}'), "JSON list of strings"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "name", "write", "message"), CLASS_LIST_CASES, ids=[c[0] for c in CLASS_LIST_CASES]
+)
+def test_class_list_is_checked_before_it_is_read(
+    pristine, tmp_path, capsys, case, name, write, message
+) -> None:
+    path = tmp_path / name
+    write(path)
+    before = _snapshot(pristine)
+    code, lines, _ = _edge(["classes", str(pristine), str(path), "--no-verify"], capsys)
+    assert code == 1 and message in _error_line(lines)
+    assert _snapshot(pristine) == before
+
+
+def test_a_device_as_class_list_is_never_read(pristine, capsys) -> None:
+    code, lines, _ = _edge(["classes", str(pristine), "/dev/zero", "--no-verify"], capsys)
+    assert code == 1 and "is a device or socket, not a regular file" in _error_line(lines)
+
+
+def test_run_classes_on_a_bundle_of_several_domains_says_what_to_do(
+    pristine, images, tmp_path, capsys
+) -> None:
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    code, lines, _ = _edge(["run", str(pristine), str(images), "--classes", str(classes)], capsys)
+    line = _error_line(lines)
+    assert code == 1 and "one-domain bundle" in line and "vlm-edge classes" in line
+    assert "--domain NAME" in line and "run the bundle" in line
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def _deep_class_list(root: Path, bundle: Path) -> None:
+    from vlm_export.runtime.text.class_lists import ClassListError, read_class_list
+
+    (root / "deep.json").write_text(DEEP)
+    with pytest.raises(ClassListError, match="levels deep"):
+        read_class_list(root / "deep.json")
+
+
+def _deep_bench_record(root: Path, bundle: Path) -> None:
+    from vlm_export.runtime.engines.bench_record import best_recorded, record_path
+
+    record_path(bundle).write_text(DEEP)
+    assert best_recorded(bundle, "any") is None  # ignored like any record it did not write
+
+
+def _deep_split_file(root: Path, bundle: Path) -> None:
+    from vlm_export.runtime.datasets.layouts import EvalSetError, load_test_set
+    from vlm_export.runtime.datasets.registry import get_dataset
+
+    dtd = get_dataset("dtd")
+    (root / "dtd").mkdir()
+    (root / "dtd" / str(dtd.split_file)).write_text(DEEP)
+    with pytest.raises(EvalSetError, match="levels deep"):
+        load_test_set(Bundle.open(bundle), root / "dtd", dtd)
+
+
+def _deep_state_header(root: Path, bundle: Path) -> None:
+    from vlm_export.core.errors import StateError
+    from vlm_export.runtime.rail.models import load_predictor, state_header
+
+    np.savez(root / "rail.npz", __meta__=np.array(DEEP))
+    assert state_header(root / "rail.npz") is None
+    with pytest.raises(StateError, match="levels deep"):
+        load_predictor(root / "rail.npz", "fingerprint")
+
+
+def _deep_manifest(root: Path, bundle: Path) -> None:
+    from vlm_export.core.errors import BundleError
+
+    (bundle / mf.MANIFEST_NAME).write_text(DEEP)
+    with pytest.raises(BundleError, match="levels deep"):
+        Bundle.open(bundle)
+
+
+@pytest.mark.parametrize(
+    "check",
+    [_deep_class_list, _deep_bench_record, _deep_split_file, _deep_state_header, _deep_manifest],
+)
+def test_deeply_nested_json_is_refused_in_every_json_input(bundle, tmp_path, check) -> None:
+    check(tmp_path, bundle)  # a RecursionError would escape as a traceback
+
+
+def _many_members(path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for index in range(300):
+            archive.writestr(f"a{index}.npy", b"")
+
+
+def _rail_state(path: Path, extra: str) -> None:
+    from vlm_export.core.state_file import save_state
+    from vlm_export.runtime.rail.state import LEARNER_KIND, SCHEMA_VERSION
+
+    arrays = {"weights": np.zeros((2, 2), np.float32), extra: np.zeros(1)}
+    save_state(path, LEARNER_KIND, SCHEMA_VERSION, "fp", arrays, {"form": "primal"})
+
+
+def _load_reservoir(path: Path, bundle: Path) -> None:
+    build_reservoir(Bundle.open(bundle), state=path)
+
+
+def _load_learner(path: Path, bundle: Path) -> None:
+    from vlm_export.runtime.rail.state import load_learner_state
+
+    load_learner_state(path, "fp")
+
+
+def _load_inference(path: Path, bundle: Path) -> None:
+    from vlm_export.runtime.rail.state import load_inference_state
+
+    load_inference_state(path, "fp")
+
+
+def _load_predictor(path: Path, bundle: Path) -> None:
+    from vlm_export.runtime.rail.models import load_predictor
+
+    load_predictor(path, "fp")
+
+
+NPZ_LOADERS = [_load_reservoir, _load_learner, _load_inference, _load_predictor]
+
+
+@pytest.mark.parametrize("load", NPZ_LOADERS)
+def test_every_state_loader_refuses_too_many_members(pristine, tmp_path, load) -> None:
+    from vlm_export.core.errors import StateError
+
+    path = tmp_path / "state.npz"
+    _many_members(path)
+    with pytest.raises(StateError, match="holds 300 members; a state file holds at most 256"):
+        load(path, pristine)
+
+
+@pytest.mark.parametrize("load", NPZ_LOADERS)
+def test_every_state_loader_refuses_members_it_does_not_know(
+    pristine, saved_state, tmp_path, load
+) -> None:
+    from vlm_export.core.errors import StateError
+
+    path = tmp_path / "state.npz"
+    if load is _load_reservoir:
+        _rewrite_state(saved_state, path, lambda arrays, meta: arrays.update(evil=np.zeros(1)))
+    elif load is _load_inference:
+        _rail_state(path, "evil")
+        data = dict(np.load(path))
+        meta = json.loads(str(data.pop("__meta__")))
+        meta["kind"] = "rail-inference"
+        np.savez(path, __meta__=np.array(json.dumps(meta)), **data)
+    else:
+        _rail_state(path, "evil")
+    with pytest.raises(StateError, match="holds arrays this state does not have: 'evil'"):
+        load(path, pristine)
+    import zipfile
+
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("notes.txt", b"hello")
+    with pytest.raises(StateError, match="not an array of a state: 'notes.txt'"):
+        load(path, pristine)
+
+
+STATE_FILE_CASES = [
+    ("JSON", lambda p: p.write_text('{"kind": "tca"}'), "it holds JSON, not a .npz archive"),
+    ("text", lambda p: p.write_text("hello\n"), "it holds text or other data"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "write", "message"), STATE_FILE_CASES, ids=[c[0] for c in STATE_FILE_CASES]
+)
+def test_a_state_that_is_not_an_archive_is_named_for_what_it_is(
+    pristine, images, tmp_path, capsys, case, write, message
+) -> None:
+    state = tmp_path / "state.npz"
+    write(state)
+    code, lines, _ = _edge(["run", str(pristine), str(images), "--state", str(state)], capsys)
+    line = _error_line(lines)
+    assert code == 1 and message in line and "pickled" not in line
+
+
+def test_a_state_shape_of_1000_dimensions_is_cut_in_the_message(
+    pristine, images, saved_state, tmp_path, capsys
+) -> None:
+    import zipfile
+
+    state = tmp_path / "state.npz"
+    with zipfile.ZipFile(saved_state) as archive, zipfile.ZipFile(state, "w") as out:
+        for item in archive.infolist():
+            data = archive.read(item)
+            if item.filename == "unit_stacks.npy":
+                data = _npy_header("(" + "1, " * 1000 + ")")
+            out.writestr(item, data)
+    code, lines, _ = _edge(["run", str(pristine), str(images), "--state", str(state)], capsys)
+    line = _error_line(lines)
+    assert code == 1 and "(1000 dimensions)" in line and len(line) < 400
+
+
+def _manifest_value(bundle: Path, text: str, replacement: str) -> None:
+    path = bundle / mf.MANIFEST_NAME
+    content = path.read_text()
+    assert text in content
+    path.write_text(content.replace(text, replacement, 1))
+
+
+MANIFEST_NUMBER_CASES = [
+    ("lone surrogate", '"test"', '"te\\ud800st"', "lone surrogate"),
+    ("infinite", "0.26862954", "1e400", "too large for a float"),
+    ("subnormal", "0.26862954", "1e-310", "is subnormal"),
+]
+
+
+@pytest.mark.parametrize("command", ["info", "run"])
+@pytest.mark.parametrize(
+    ("case", "text", "replacement", "message"),
+    MANIFEST_NUMBER_CASES,
+    ids=[c[0] for c in MANIFEST_NUMBER_CASES],
+)
+def test_manifest_that_cannot_be_text_or_float_is_refused_at_open(
+    bundle, images, capsys, command, case, text, replacement, message
+) -> None:
+    _manifest_value(bundle, text, replacement)
+    argv = [command, str(bundle), *([str(images)] if command == "run" else [])]
+    code, lines, _ = _edge(argv, capsys)
+    assert code == 1 and message in _error_line(lines)
+
+
+def test_info_refuses_a_capacity_that_cannot_fit_as_run_does(bundle, images, capsys) -> None:
+    _manifest_value(bundle, '"capacity": 3', f'"capacity": {10**12}')
+    for argv in (["info", str(bundle)], ["run", str(bundle), str(images)]):
+        code, lines, _ = _edge([*argv, "--no-verify"], capsys)
+        assert code == 1 and "TCA reservoir needs" in _error_line(lines)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--lam", "1e308"], "lam must be a finite number from 0 to 1e+06"),
+        (["--beta", "1e308"], "beta must be a finite number from 0 to 1e+06"),
+    ],
+)
+def test_settings_beyond_float32_blame_the_setting(pristine, images, capsys, extra, message):
+    code, lines, out = _edge(["run", str(pristine), str(images), "--quiet", *extra], capsys)
+    assert code == 1 and message in _error_line(lines) and not out
+
+
+def test_python_api_misuse_is_one_user_error(pristine, images) -> None:
+    from vlm_export.core.errors import UserError
+
+    for wrong in (None, 3, b"bundle"):
+        with pytest.raises(UserError, match="open_pipeline needs a bundle folder"):
+            open_pipeline(wrong)  # type: ignore[arg-type]
+    with open_pipeline(pristine) as pipeline:
+        pipeline.classify(next(images.iterdir()))
+    with pytest.raises(UserError, match="the pipeline is closed"):
+        pipeline.classify(next(images.iterdir()))  # ONNX Runtime said "Missing Input: anchors"
+    pipeline.close()  # a second close is harmless
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval-tta", "B", "I", "--seed", "-1"], "--seed: expected a whole number >= 0"),
+        (["eval-tta", "B", "I", "--seed", "²"], "--seed: expected a whole number >= 0"),
+        (["run", "B", "9" * 30], "camera index 99999999999999999999... is out of range"),
+        (["run", "B", str(2**31)], "camera index 2147483648 is out of range"),
+    ],
+)
+def test_numbers_beyond_what_the_library_takes_are_one_line(
+    pristine, images, capsys, argv, message
+) -> None:
+    argv = [str(pristine) if a == "B" else str(images) if a == "I" else a for a in argv]
+    code, lines, _ = _edge(argv, capsys)
+    assert code in (1, 2) and message in _error_line(lines)
+
+
+def test_tokenizer_vocabulary_bomb_is_refused_within_its_cap(tmp_path) -> None:
+    import gzip
+
+    from vlm_export.runtime.text import tokenizer
+
+    bomb = tmp_path / "vocab.txt.gz"
+    with gzip.open(bomb, "wb") as handle:
+        for _ in range(17):
+            handle.write(bytes(1 << 20))  # 17 MB of zeros, 17 kB packed
+    with pytest.raises(tokenizer.TokenizerError, match="unpacks to more than 16777216 bytes"):
+        tokenizer.read_merges(bomb)
+    big = tmp_path / "big.txt.gz"
+    _sparse(9 << 20)(big)
+    with pytest.raises(tokenizer.TokenizerError, match="larger than 8388608 bytes"):
+        tokenizer.read_merges(big)
+
+
+def test_ray_address_that_drops_packets_fails_within_seconds_and_says_so() -> None:
+    import socket
+
+    from vlm_export.runtime.rail.scaleout import RayError, _check_reachable, ray_endpoint
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    queued = []
+    for _ in range(8):  # a full accept queue: the kernel drops further SYNs, as a firewall does
+        client = socket.socket()
+        client.setblocking(False)
+        client.connect_ex(("127.0.0.1", port))
+        queued.append(client)
+    try:
+        with pytest.raises(RayError, match=r"127\.0\.0\.1:\d+ \(no answer within 0\.5 s\)"):
+            _check_reachable(f"127.0.0.1:{port}", seconds=0.5)
+    finally:
+        for client in queued:
+            client.close()
+        server.close()
+    assert ray_endpoint("10.0.0.1") == ("10.0.0.1", 6379)
+    assert ray_endpoint("ray://head") == ("head", 10001)
+    assert ray_endpoint("[::1]:7000") == ("::1", 7000)
+    assert ray_endpoint("auto") is None
+    with pytest.raises(RayError, match="the port must be a number 1-65535"):
+        ray_endpoint("head:99999")
+
+
+def test_modes_heavier_than_rgb_count_for_more_pixels(tmp_path) -> None:
+    from vlm_export.runtime.io.preprocess import ImageError, load_image
+
+    for mode, array in (("RGBA", np.zeros((100, 100, 4), np.uint8)),
+                        ("I;16", np.zeros((100, 100), np.uint16))):  # fmt: skip
+        path = tmp_path / f"{mode.replace(';', '')}.png"
+        Image.fromarray(array).save(path)
+        assert load_image(path, max_pixels=30_000).mode == mode  # 10,000 pixels, weighed
+        with pytest.raises(ImageError, match=f"a {mode} pixel counts"):
+            load_image(path, max_pixels=15_000)
+    rgb = _save_image(tmp_path / "rgb.png", (100, 100), "PNG")
+    assert load_image(rgb, max_pixels=10_000).size == (100, 100)
+
+
+def test_aspect_limit_follows_the_engine_input() -> None:
+    from vlm_export.runtime.io.preprocess import aspect_limit
+
+    assert aspect_limit((224, 224), "shortest") == 256
+    assert aspect_limit((448, 448), "shortest") == 79  # the resize stays under 16 megapixels
+    assert aspect_limit((32, 32), "longest") == 32  # the short side stays a pixel or more

@@ -267,7 +267,7 @@ def test_fgvc_aircraft_odd_test_lists(tmp_path: Path) -> None:
     odd = f"\n{ids[0]}\t707-320  \n\n{ids[1]}  F/A-18\r\n   \n{ids[2]} BAE 146-200 \n\n"
     assert labels_of(odd.encode()) == expected
     bad = {
-        plain.encode() + b"9999 Caf\xe9\n": "cannot read",
+        plain.encode() + b"9999 Caf\xe9\n": "is not UTF-8 text",
         f"{plain}{ids[0]}\n".encode(): "line 4: expected",
         b"\n\n": "lists no test images",
         b"1234567 707-320\n" + plain.encode(): "lists 1234567.jpg, which is not in",

@@ -568,6 +568,118 @@ def test_real_ctrl_c_during_start_up(world, delay) -> None:
         assert "interrupted" in done.stderr.strip().splitlines()[-1]
 
 
+def test_runtime_face_and_launchers_import_nothing_heavy() -> None:
+    """``import vlm_export.runtime`` (what ``python -m`` and the console script import before the
+    launcher's own code) loads no NumPy, PIL, SciPy, ONNX Runtime or pipeline."""
+    probe = (
+        "import sys, vlm_export.runtime, vlm_export.runtime.launch, vlm_export.export.launch\n"
+        "heavy = ('numpy', 'PIL', 'scipy', 'onnxruntime', 'torch', 'vlm_export.runtime.pipeline')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+        "from vlm_export.runtime import Bundle, EdgePipeline, FrameResult, open_pipeline\n"
+        "print(open_pipeline.__module__, 'numpy' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert done.stdout.splitlines() == ["[]", "vlm_export.runtime.api True"], done.stdout
+
+
+#: sends SIGINT to its own process the first time MODULE is looked up: a Ctrl-C that lands
+#: exactly while that module is being imported, then runs the launcher
+CTRL_C_WHILE_IMPORTING = textwrap.dedent(
+    """
+    import os, signal, sys
+    module, launcher = sys.argv.pop(1), sys.argv.pop(1)
+
+    class Interrupt:
+        def find_spec(self, name, path=None, target=None):
+            if name == module:
+                sys.meta_path.remove(self)
+                os.kill(os.getpid(), signal.SIGINT)
+            return None
+
+    sys.meta_path.insert(0, Interrupt())
+    if launcher == "edge":
+        from vlm_export.runtime.launch import entry
+    else:
+        from vlm_export.export.launch import entry
+    entry()
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("launcher", "module"),
+    [
+        ("edge", "vlm_export.runtime.cli"),  # before main: the launcher's quick exit
+        ("edge", "vlm_export.core.interrupts"),
+        ("edge", "numpy"),  # inside main: a KeyboardInterrupt, which main turns into the line
+        ("edge", "PIL.Image"),
+        ("edge", "scipy.linalg"),
+        ("edge", "onnxruntime"),
+        ("edge", "vlm_export.runtime.pipeline"),
+        ("export", "vlm_export.export.cli"),
+        ("export", "numpy"),
+    ],
+)
+def test_ctrl_c_while_any_module_imports_is_one_line(world, launcher, module) -> None:
+    argv = ["--help"]
+    if launcher == "edge":
+        argv = ["run", str(world["bundle"]), str(world["images"]), "--method", "tca", "--out",
+                os.devnull]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", CTRL_C_WHILE_IMPORTING, module, launcher, *argv],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert "Traceback" not in done.stderr and "reinstall" not in done.stderr, done.stderr
+    assert done.returncode == 130 and len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"vlm-{launcher}: interrupted"), done.stderr
+
+
+def _default_sigint() -> None:
+    """In the child: Ctrl-C's default action (a background shell leaves it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _python_start_up_only(err: str) -> bool:
+    """A traceback raised inside Python's own start-up (``site`` reading .pth files), before
+    any of vlm-edge's code runs: no program can catch that one."""
+    return "<frozen site>" in err and f"vlm_export{os.sep}" not in err
+
+
+@pytest.mark.slow  # 60 runs of vlm-edge: about two minutes on two cores
+def test_sixty_ctrl_c_from_process_start_are_one_line_each(tmp_path, world) -> None:
+    """The issue's sweep: a SIGINT at 60 moments from 0 to 1.5 s after ``vlm-edge run`` starts
+    (counted from the process start, Python's own start-up included)."""
+    folder = tmp_path / "frames"
+    write_images(folder, 3000)  # a run that lasts past 1.5 s
+    argv = [sys.executable, "-m", "vlm_export.runtime", "run", str(world["bundle"]), str(folder),
+            "--out", os.devnull]  # fmt: skip
+    outcomes: list[tuple[float, int, str]] = []
+    for index in range(60):
+        delay = 1.5 * index / 59
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=_default_sigint,
+        )  # fmt: skip
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+        outcomes.append((delay, proc.returncode, err))
+    for delay, code, err in outcomes:
+        lines = err.strip().splitlines()
+        if "Traceback" in err:  # only where no program can catch it
+            assert _python_start_up_only(err) and code == 1, (delay, err)
+            continue
+        assert code in (130, -signal.SIGINT, 0), (delay, code, err)  # -2: before Python's handler
+        if code == 130:
+            assert lines[-1].startswith("vlm-edge: interrupted"), (delay, err)
+    assert sum(code == 130 for _, code, _ in outcomes) >= 50
+
+
 def test_export_ctrl_c_is_one_line(monkeypatch, tmp_path, classes, capsys) -> None:
     def interrupt(*_args, **_kwargs):
         raise KeyboardInterrupt

@@ -9,6 +9,7 @@ say "interrupted" (exit 130) instead of passing on that misleading error.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -32,8 +33,9 @@ def interrupted(exc: BaseException) -> bool:
 def ctrl_c_noticed() -> Iterator[list[int]]:
     """While active, each Ctrl-C is appended to the yielded list (and raised as usual).
 
-    Only in the main thread and only while Python's default handler is installed; other
-    handlers (a command's own stop request) are left alone and restored handlers stay.
+    Only in the main thread and only while Python's default handler, or a launcher's quick
+    exit (a handler marked ``quick_exit``, see ``vlm_export.runtime.launch``), is installed; it
+    is put back afterwards. Other handlers (a command's own stop request) are left alone.
     """
     pressed: list[int] = []
 
@@ -41,9 +43,9 @@ def ctrl_c_noticed() -> Iterator[list[int]]:
         pressed.append(signum)
         raise KeyboardInterrupt
 
-    watching = (
-        threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.getsignal(signal.SIGINT)
+    watching = threading.current_thread() is threading.main_thread() and (
+        previous is signal.default_int_handler or getattr(previous, "quick_exit", False)
     )
     if watching:
         signal.signal(signal.SIGINT, on_sigint)
@@ -51,7 +53,7 @@ def ctrl_c_noticed() -> Iterator[list[int]]:
         yield pressed
     finally:
         if watching and signal.getsignal(signal.SIGINT) is on_sigint:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGINT, previous)
 
 
 def exit_status_of(main: Callable[[], int], message: str) -> int:
@@ -65,3 +67,16 @@ def exit_status_of(main: Callable[[], int], message: str) -> int:
                 raise
     print(message, file=sys.stderr)
     return 130
+
+
+def exit_with(code: int) -> None:
+    """Exit with ``code``. After a Ctrl-C (130) the streams are flushed and the process ends at
+    once: a KeyboardInterrupt that went through a C extension's import (NumPy runs Python code
+    from C) leaves Python's "unhandled Ctrl-C" flag set, and Python would then end itself by
+    SIGINT (status -2) instead of the 130 the command reported."""
+    if code != 130:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(130)

@@ -2,14 +2,19 @@
 
 Python's parser recurses once per nesting level, so a 100,000-deep ``[[[[...`` file ends in a
 RecursionError; the depth is therefore measured first with a linear scan of the brackets outside
-strings. ``NaN`` and ``Infinity`` (which Python's parser accepts, but JSON does not) are refused.
+strings. ``NaN`` and ``Infinity`` (which Python's parser accepts, but JSON does not) are refused,
+as are numbers beyond a float (``1e400``, which Python reads as infinity) or subnormal ones,
+and so are strings holding a lone surrogate (``"\ud800"``: valid JSON, but not Unicode text that
+can be printed or written as UTF-8).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,25 @@ from vlm_export.core.errors import UserError
 MAX_DEPTH = 64
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """True when a string anywhere in ``value`` (keys too) holds a lone surrogate (no recursion)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def nesting_depth(text: str) -> int:
@@ -37,6 +61,17 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_normal_float(text: str) -> float:
+    """A JSON number that fits a float: ``1e400`` (infinite) and subnormal ones such as
+    ``1e-310`` (which lose precision, and slow every computation they enter) are refused."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large for a float")
+    if value != 0.0 and abs(value) < sys.float_info.min:
+        raise ValueError(f"the number {text[:40]} is subnormal (too close to 0 for a float)")
+    return value
+
+
 def parse_json(
     text: str, what: str, error: type[UserError] = UserError, max_depth: int = MAX_DEPTH
 ) -> Any:
@@ -45,9 +80,14 @@ def parse_json(
     if depth > max_depth:
         raise error(f"{what}: JSON nested {depth} levels deep, more than the {max_depth} allowed")
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_normal_float)
     except (json.JSONDecodeError, ValueError, RecursionError) as exc:
         raise error(f"{what} is not valid JSON ({exc})") from None
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
+        raise error(
+            f"{what} holds a string with a lone surrogate escape (\\ud800-\\udfff): not text"
+        )
+    return value
 
 
 def read_json(
@@ -58,6 +98,16 @@ def read_json(
     what: str | None = None,
 ) -> Any:
     """Read and parse a UTF-8 JSON file of at most ``max_bytes``; ``error`` names what is wrong."""
+    what = what or str(path)
+    return parse_json(read_text(path, max_bytes, error, what), what, error, max_depth)
+
+
+def read_text(
+    path: str | Path, max_bytes: int, error: type[UserError] = UserError, what: str | None = None
+) -> str:
+    """A UTF-8 text file of at most ``max_bytes`` (a leading byte order mark dropped), read
+    without holding more than that; ``error`` (one line) for a FIFO, a device, a larger file or
+    one that is not UTF-8."""
     path = Path(path)
     what = what or str(path)
     try:
@@ -70,7 +120,6 @@ def read_json(
     if len(data) > max_bytes:
         raise error(f"{what} is larger than {max_bytes} bytes: not a file this tool wrote")
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise error(f"{what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    return parse_json(text, what, error, max_depth)

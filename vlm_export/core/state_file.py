@@ -4,14 +4,20 @@ Layout: every array of the state under its own name, plus ``__meta__``, a 0-d un
 JSON: {"kind": str, "schema_version": int, "bundle": fingerprint, ...caller's fields}. Loading never
 enables pickle, checks kind, schema and bundle, and the array shapes the headers declare before
 reading any array data, and names what is wrong in a StateError.
+
+Before the archive is opened, its first bytes must be a zip's and its end record may count at
+most ``MAX_MEMBERS`` members (a state holds a handful): a file of 100,000 members is refused
+without reading its directory, and loading stays linear in the file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import re
+import struct
 import zipfile
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,6 +34,10 @@ META_KEY = "__meta__"
 MAX_META_BYTES = 4 << 20  # the JSON header, as UCS-4 characters
 PAGE_BYTES = 4096  # the stretch ``StoredArray.read_sparse`` writes or skips
 READ_BYTES = 4 << 20  # read at a time by ``StoredArray.read_sparse``
+MAX_MEMBERS = 256  # arrays in one state file (a RAIL state holds 6, an evaluation a few dozen)
+_MEMBER = re.compile(r"[\w.-]{1,200}\.npy")  # what np.savez writes for an array name
+_ZIP_END = b"PK\x05\x06"  # end of central directory record
+_ZIP_END_BYTES = 22 + 0xFFFF  # the record and the longest comment after it
 
 
 def save_state(
@@ -137,6 +147,7 @@ def load_state(
     expected_shapes: Callable[[dict[str, Any]], Mapping[str, tuple[int, ...]]] | None = None,
     engine_fingerprint: str | None = None,
     defer: Collection[str] = (),
+    allowed: Collection[str] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read a state file written by ``save_state``; return (arrays, meta).
 
@@ -149,7 +160,8 @@ def load_state(
     caller then maps the state's rows by label, see ``vlm_export.core.labels``).
     Arrays named in ``defer`` stay in the file: they come back as ``StoredArray`` (shape and
     dtype known, read block by block), so that a caller can fold a d x d matrix into another
-    without holding both.
+    without holding both. Arrays other than those ``expected_shapes`` names, or outside
+    ``allowed`` when given, are refused (StateError) before any is read.
     """
     path = Path(path)
     if path.is_dir():
@@ -158,6 +170,7 @@ def load_state(
         raise StateError(f"state file not found: {path}")
     try:
         with open(path, "rb") as handle:
+            _check_container(handle, path)
             archive = _open_archive(handle, path)
             with archive:
                 headers = _declared_arrays(archive, path)
@@ -166,7 +179,11 @@ def load_state(
                     meta, path, kind, schema_version, bundle_fingerprint, engine_fingerprint
                 )
                 if expected_shapes is not None:
-                    _check_shapes(headers, expected_shapes(meta), path)
+                    expected = expected_shapes(meta)
+                    _check_shapes(headers, expected, path)
+                    _refuse_unknown(headers, expected, path)
+                if allowed is not None:
+                    _refuse_unknown(headers, allowed, path)
                 loaded = [name for name in headers if name != META_KEY and name not in defer]
                 require_memory(
                     f"state file {path}", sum(_nbytes(*headers[name]) for name in loaded)
@@ -179,6 +196,61 @@ def load_state(
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise StateError(f"{path} is not a readable state file ({exc})") from None
     return arrays, meta
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The JSON header of a state file (no array read); StateError if it cannot be read."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            _check_container(handle, path)
+            with _open_archive(handle, path) as archive:
+                return _read_meta(archive, _declared_arrays(archive, path), path)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise StateError(f"{path} is not a readable state file ({exc})") from None
+
+
+def _check_container(handle: BinaryIO, path: Path) -> None:
+    """Refuse what is not a zip archive of at most MAX_MEMBERS members, from its first bytes
+    and its end record (the directory itself is not read)."""
+    start = handle.read(4)
+    if len(start) < 4:
+        raise StateError(f"{path} is not a readable state file (empty or truncated)")
+    if start == b"\x93NUM":  # the magic of a .npy file
+        raise StateError(f"{path} is not a state file (a single .npy array, not .npz)")
+    if start not in (b"PK\x03\x04", _ZIP_END):
+        what = "JSON" if start[:1] in (b"{", b"[") else "text or other data"
+        raise StateError(
+            f"{path} is not a readable state file: it holds {what}, not a .npz archive"
+        )
+    size = handle.seek(0, 2)
+    handle.seek(max(size - _ZIP_END_BYTES, 0))
+    tail = handle.read()
+    at = tail.rfind(_ZIP_END)
+    if at < 0 or len(tail) - at < 22:
+        raise StateError(f"{path} is not a readable state file (truncated: no zip directory)")
+    disk_entries, entries = struct.unpack("<HH", tail[at + 8 : at + 12])
+    if max(disk_entries, entries) > MAX_MEMBERS:
+        count = "65,535 or more" if entries == 0xFFFF else f"{entries:,}"
+        raise StateError(
+            f"{path} holds {count} members; a state file holds at most {MAX_MEMBERS} arrays"
+        )
+    handle.seek(0)
+
+
+def _refuse_unknown(headers: Mapping[str, object], known: Collection[str], path: Path) -> None:
+    unknown = sorted(name for name in headers if name != META_KEY and name not in known)
+    if unknown:
+        names = ", ".join(repr(name[:80]) for name in unknown[:5])
+        raise StateError(f"{path} holds arrays this state does not have: {names}")
+
+
+def shape_text(shape: Sequence[object], most: int = 6) -> str:
+    """A shape for a message, at most ``most`` dimensions spelled out (each cut to 20 chars)."""
+    dims = [str(dim)[:20] for dim in shape[:most]]
+    if len(shape) <= most:
+        return f"[{', '.join(dims)}]"
+    return f"[{', '.join(dims)}, ...] ({len(shape)} dimensions)"
 
 
 def _open_archive(handle: BinaryIO, path: Path) -> np.lib.npyio.NpzFile:
@@ -199,8 +271,14 @@ def _declared_arrays(
 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every array, from its ``.npy`` header (no array data is read)."""
     headers = {}
-    for name in archive.files:
-        member = name if name in archive.zip.namelist() else f"{name}.npy"
+    members = archive.zip.namelist()
+    strange = [member for member in members if not _MEMBER.fullmatch(member)]
+    if strange:
+        raise StateError(
+            f"{path} holds a member that is not an array of a state: {strange[0][:80]!r}"
+        )
+    for member in members:
+        name = member[: -len(".npy")]
         with archive.zip.open(member) as stream:
             version = np.lib.format.read_magic(stream)
             if version == (1, 0):
@@ -273,7 +351,8 @@ def _check_shapes(
         declared = headers[name][0]
         if declared != tuple(shape):
             raise StateError(
-                f"{path}: array {name!r} is declared {list(declared)}, expected {list(shape)}"
+                f"{path}: array {name!r} is declared {shape_text(declared)}, expected "
+                f"{shape_text(tuple(shape))}"
             )
 
 

@@ -196,8 +196,13 @@ def quantized_node_names(onnx_path: Path, scope: str = DEFAULT_SCOPE) -> list[st
     if scope not in SCOPES:
         raise UserError(f"unknown quantization scope {scope!r} (choose from {', '.join(SCOPES)})")
     import onnx
+    from google.protobuf.message import DecodeError
 
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    try:
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    except (DecodeError, OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or "truncated or corrupt"
+        raise UserError(f"{onnx_path} is not a readable ONNX model ({reason})") from None
     initializers = {tensor.name for tensor in graph.initializer}
     producers = {output: node for node in graph.node for output in node.output}
     return [

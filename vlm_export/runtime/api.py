@@ -22,7 +22,7 @@ from vlm_export.core.paths import check_paths, tree_reads
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.factory import open_backend
 from vlm_export.runtime.engines.ladder import BudgetRun, open_budgeted
-from vlm_export.runtime.io.preprocess import image_from_array, load_image
+from vlm_export.runtime.io.preprocess import Preprocessor, image_from_array, load_image
 from vlm_export.runtime.pipeline import (
     METHOD_STAGES,
     FrameResult,
@@ -71,6 +71,7 @@ class EdgePipeline:
         self._text_encoder = None
         #: the ladder's latency budget (open_pipeline's target_ms), None without one
         self.budget = budget
+        self.closed = False
 
     @property
     def bundle(self) -> Bundle:
@@ -96,7 +97,7 @@ class EdgePipeline:
         one ``"RGBA"`` or ``"BGRA"``; HxW arrays are grayscale. Bad input raises ImageError (a
         UserError) with one line saying what is wrong; so does an unreadable file.
         """
-        frame, source = _frame(image, channels, "classify")
+        frame, source = self._frame(image, channels, "classify")
         if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
             raise UserError(f"topk must be at least 1 (a whole number), got {topk!r}")
         self.pipeline.topk = min(topk, self.bundle.num_classes)
@@ -114,7 +115,7 @@ class EdgePipeline:
         decision (a condensing engine condenses with the anchors it holds, none until TCA has
         seen frames).
         """
-        frame, _ = _frame(image, channels, "embed")
+        frame, _ = self._frame(image, channels, "embed")
         tensor = self.pipeline.preprocessor.convert(frame)[None]
         embedding = np.asarray(self.pipeline.backend.infer(tensor)[EMBEDDING_OUTPUT][0], np.float32)
         norm = float(np.linalg.norm(embedding))
@@ -143,9 +144,16 @@ class EdgePipeline:
         check_paths(self._reads, [("state", target)])  # never over the bundle or the RAIL state
         self.pipeline.save_state(target)
 
+    def _frame(self, image: ImageInput, channels: str | None, what: str) -> tuple[Image.Image, str]:
+        if self.closed:
+            raise UserError("the pipeline is closed (its with block ended): open it again")
+        return _frame(image, channels, what, self.pipeline.preprocessor)
+
     def close(self) -> None:
-        """Release the engine."""
-        self.pipeline.backend.close()
+        """Release the engine (once; ``classify`` then refuses)."""
+        if not self.closed:
+            self.closed = True
+            self.pipeline.backend.close()
 
     def __enter__(self) -> EdgePipeline:
         return self
@@ -174,14 +182,17 @@ class EdgePipeline:
             self.close()
 
 
-def _frame(image: ImageInput, channels: str | None, what: str) -> tuple[Image.Image, str]:
-    """A PIL image and its source name from what ``classify`` and ``embed`` accept."""
+def _frame(
+    image: ImageInput, channels: str | None, what: str, limits: Preprocessor
+) -> tuple[Image.Image, str]:
+    """A PIL image and its source name from what ``classify`` and ``embed`` accept; files are
+    checked against the preprocessor's size and aspect limits before they are decoded."""
     if isinstance(image, np.ndarray):
         return image_from_array(image, channels), ""
     if isinstance(image, Image.Image):
         return image, ""
     if isinstance(image, str | Path):
-        return load_image(image), str(image)
+        return load_image(image, limits.max_pixels, limits.max_aspect), str(image)
     raise UserError(
         f"cannot {what} a {type(image).__name__}: give a PIL image, a path or a numpy array"
     )
@@ -217,6 +228,10 @@ def open_pipeline(
     none is recorded); ``adapt_budget`` switches rungs while running. ``pipeline.budget.reason``
     says which rung and why; each result's ``drop_rate`` is the rung it ran on.
     """
+    if not isinstance(bundle, Bundle | str | Path):
+        raise UserError(
+            f"open_pipeline needs a bundle folder (a path or a Bundle), got {type(bundle).__name__}"
+        )
     min_score = check_min_score(min_score)
     reads = [*tree_reads("bundle", bundle.path if isinstance(bundle, Bundle) else bundle)]
     reads.append(("rail_state", rail_state))

@@ -21,6 +21,7 @@ from vlm_export.core.errors import BundleError, UserError
 from vlm_export.core.json_input import read_json
 from vlm_export.core.labels import Label
 from vlm_export.core.manifest_schema import describe_value
+from vlm_export.core.state_file import shape_text
 from vlm_export.core.verified import verify_bundle_files, verify_mode
 from vlm_export.runtime.text.class_lists import MAX_NAME_CHARS
 
@@ -62,7 +63,9 @@ def _load_embeddings(path: Path, shape: list[int]) -> np.ndarray:
             if dtype.kind != "f":
                 raise BundleError(f"{name} has dtype {dtype}, expected float32")
             if list(declared) != [int(v) for v in shape]:
-                raise BundleError(f"{name} has shape {list(declared)}, manifest says {list(shape)}")
+                raise BundleError(
+                    f"{name} has shape {shape_text(declared)}, manifest says {shape_text(shape)}"
+                )
             data_bytes = os.fstat(handle.fileno()).st_size - handle.tell()
             if data_bytes != math.prod(declared) * dtype.itemsize:
                 raise BundleError(

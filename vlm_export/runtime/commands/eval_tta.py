@@ -52,6 +52,13 @@ from vlm_export.runtime.tca.evaluation import UNREADABLE, EvalStream, MethodStre
 TITLES = {"baseline": "zero-shot (full tower)", "zeroshot": "zero-shot", "tca": "TCA"}
 
 
+def _seed(text: str) -> int:
+    """--seed: a whole number >= 0 (NumPy's generators take no negative seed)."""
+    if not (text.isascii() and text.strip().isdigit()):
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text[:40]!r}")
+    return int(text)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``eval-tta`` subcommand."""
     parser = subparsers.add_parser(
@@ -70,7 +77,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--dataset",
         help=f"map a paper dataset's usual layout to its classes ({', '.join(dataset_names())})",
     )
-    parser.add_argument("--seed", type=int, default=1, help="seed of the stream order (default 1)")
+    parser.add_argument(
+        "--seed", type=_seed, default=1, help="seed of the stream order, >= 0 (default 1)"
+    )
     parser.add_argument(
         "--baseline", type=BUNDLE, help="a full-tower bundle of the same classes: zero-shot"
     )

@@ -128,7 +128,8 @@ def _facts(bundle: Bundle, condensing: bool) -> list[str]:
 
 def _draw(pipeline: Pipeline, image_path: Path, index: int, facts: list[str]) -> Image.Image:
     """The figure of one image; ImageError or FrameError when it cannot be made."""
-    image = load_image(image_path)
+    limits = pipeline.preprocessor
+    image = load_image(image_path, limits.max_pixels, limits.max_aspect)
     seen = pipeline.preprocessor.resize_crop(image).convert("RGB")
     tensor = pipeline.preprocessor.normalize(np.asarray(seen))
     result: FrameResult = pipeline.process_tensor(tensor, index, str(image_path))
@@ -171,6 +172,7 @@ def handle(args: argparse.Namespace) -> int:
         backend = open_engine(bundle, args)
         stack.callback(backend.close)
         pipeline = Pipeline(bundle, backend, "zeroshot", topk=args.topk, crop=args.crop)
+        pipeline.preprocessor.max_pixels = args.max_pixels
         for index, (image, target) in enumerate(zip(images, targets, strict=True)):
             try:
                 figure = _draw(pipeline, image, index, facts)

@@ -10,6 +10,7 @@ from vlm_export.core.json_text import dumps
 from vlm_export.core.manifest import onnx_engines, tensorrt_engines
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import BUNDLE, add_verify_arguments, format_bytes, verify_mode
+from vlm_export.runtime.tca.stage import check_reservoir_fits
 
 LABEL_WIDTH = 12
 
@@ -206,6 +207,7 @@ def describe(bundle: Bundle) -> list[str]:
 def handle(args: argparse.Namespace) -> int:
     """Print the bundle description."""
     bundle = Bundle.open(args.bundle, verify=verify_mode(args))
+    check_reservoir_fits(bundle)  # refused here as by run, not only when the bundle runs
     if args.json:
         try:
             print(dumps(bundle.manifest, indent=2))

@@ -433,6 +433,12 @@ def handle(args: argparse.Namespace) -> int:
     check_min_score(args.min_score)
     bundle = Bundle.open(args.bundle, verify=verify_mode(args))
     if args.classes:
+        if len(bundle.domains) != 1:  # new_labels would ask for --domain, which run lacks
+            raise UserError(
+                f"run --classes replaces the classes of a one-domain bundle; this bundle has "
+                f"{len(bundle.domains)} domains: change one with vlm-edge classes BUNDLE FILE "
+                "--domain NAME, then run the bundle"
+            )
         space = compute_label_space(bundle, args.classes, args.templates, None, args.text_backend)
         bundle = bundle.with_classes(space.labels, space.text_embeddings, space.domains)
         status(f"{len(space.labels)} classes from {args.classes} ({space.embedded} embedded)")

@@ -15,16 +15,18 @@ the dataset is class i of the bundle, which keeps CLIP's two pairs of same-named
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from vlm_export.core.errors import UserError
+from vlm_export.core.json_input import read_json, read_text
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.datasets.registry import DatasetSpec
 from vlm_export.runtime.rail.dataset import image_files
+
+MAX_LIST_BYTES = 64 << 20  # a split or list file (CoOp's largest splits are about 10 MB)
 
 
 class EvalSetError(UserError):
@@ -166,9 +168,9 @@ def _split_file_pairs(root: Path, dataset: DatasetSpec) -> Pairs:
     """(class name, image) of the ``test`` list of CoOp's split file."""
     split = root / str(dataset.split_file)
     try:
-        items = json.loads(split.read_text(encoding="utf-8"))["test"]
+        items = read_json(split, MAX_LIST_BYTES, EvalSetError)["test"]
         entries = [(str(path), str(name)) for path, _label, name in items]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise EvalSetError(f"{split} is not a CoOp split file with a test list ({exc})") from None
     if not entries:
         raise EvalSetError(f"{split} lists no test images")
@@ -192,10 +194,7 @@ def _aircraft_pairs(root: Path, dataset: DatasetSpec) -> Pairs:
     listing = data / "images_variant_test.txt"
     if not listing.is_file():
         raise EvalSetError(f"{data} has no images_variant_test.txt (FGVC Aircraft's test list)")
-    try:
-        text = listing.read_text(encoding="utf-8-sig")  # a byte order mark is not an image id
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EvalSetError(f"cannot read {listing}: {exc}") from None
+    text = read_text(listing, MAX_LIST_BYTES, EvalSetError)  # a byte order mark is dropped
     index = {name: i for i, name in enumerate(dataset.classes)}
     pairs: Pairs = []
     for number, line in enumerate(text.splitlines(), start=1):

@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from vlm_export.core.atomic import atomic_write_bytes
+from vlm_export.core.errors import UserError
+from vlm_export.core.json_input import read_json
 
 RECORD_FORMAT = "vlm-edge-bench"
+MAX_RECORD_BYTES = 1 << 20  # a record holds a few dozen result rows
 #: CPU flags that change which precision is fastest
 RELEVANT_FLAGS = (
     "avx2",
@@ -88,8 +91,10 @@ def best_recorded(bundle_dir: str | Path, bundle_fingerprint: str) -> RecordedCh
     """The fastest result that passed parity, from this device's record of this very bundle."""
     path = record_path(bundle_dir)
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        record = read_json(path, MAX_RECORD_BYTES)
+    except UserError:  # none yet, or not one this tool wrote: benchmarks will write a new one
+        return None
+    if not isinstance(record, dict):
         return None
     if record.get("format") != RECORD_FORMAT or record.get("bundle") != bundle_fingerprint:
         return None

@@ -9,6 +9,14 @@ with premultiplied alpha, exactly as PIL does inside open_clip's transform.
 
 EXIF orientation is not applied (open_clip's transform does not apply it either).
 
+Memory is bounded by what an image really holds, checked from its header before any decoding:
+its area (``max_pixels``, a pixel of a mode heavier than RGB counting for more: ``WORKING_BYTES``),
+each side (``MAX_SIDE``), and its aspect ratio (``max_aspect``: the
+resize to the engine size would otherwise blow a 1x100000 line up to gigabytes, and the model
+would see a sliver of it). A JPEG above the area limit is decoded at 1/2, 1/4 or 1/8 scale by
+libjpeg itself (``Image.draft``) when that brings it under the limit, instead of being refused;
+images within the limits decode in full, exactly as open_clip's transform sees them.
+
 The manifest's ``interpolation`` applies where open_clip applies it: ``squash``, ``longest`` and
 ``shortest`` with a square size. For ``shortest`` with a non-square size open_clip calls
 ``ResizeKeepRatio(image_size)`` without its interpolation argument, so that case always resizes
@@ -46,19 +54,88 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 CHANNEL_ORDERS = ("RGB", "BGR", "RGBA", "BGRA", "GRAY")
 #: default --max-pixels: larger images are refused before decoding (40 MP is a 7300x5500 photo)
 DEFAULT_MAX_PIXELS = 40_000_000
+#: the longest side any image may have, whatever its area (JPEG's and WebP's own limits)
+MAX_SIDE = 65_535
+#: the widest aspect ratio an engine input is made from: beyond it the centre crop sees less than
+#: 1/256 of the image (resize "shortest"), or its short side shrinks below a pixel ("longest")
+MAX_ASPECT = 256
+#: the most pixels the resize to the engine size may produce (the aspect limit of a large engine
+#: input is lower: a 448x448 one is fed images up to 79:1)
+MAX_RESIZED_PIXELS = 16_000_000
+#: bytes per pixel that decoding, the 8-bit conversion and the resize hold at their peak, by mode
+WORKING_BYTES = {"1": 1, "L": 1, "P": 1, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "LA": 4}
+WORKING_BYTES |= {"PA": 4, "RGBA": 8, "RGBa": 4, "CMYK": 4, "F": 4, "I": 9}
+WORKING_BYTES |= {mode: 5 for mode in ("I;16", "I;16L", "I;16B", "I;16N")}
+#: rows of a deep grayscale image converted to 8 bits at a time (bounded temporary memory)
+_ROWS_PER_BLOCK = 256
 
 
 class ImageError(UserError):
     """An image file that cannot be read: missing, empty, truncated or not an image."""
 
 
-def check_pixels(width: int, height: int, max_pixels: int | None, what: str) -> None:
-    """Refuse an image above ``max_pixels`` (None or 0: no limit) before it is decoded."""
-    if max_pixels and width * height > max_pixels:
-        raise ImageError(
-            f"{what} is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the "
-            f"limit of {max_pixels / 1e6:g} (--max-pixels; 0 = no limit)"
+def pixel_weight(mode: str) -> float:
+    """How many RGB pixels' worth of memory one pixel of ``mode`` takes to decode, convert and
+    resize (``WORKING_BYTES`` / 3): RGBA resizes through a premultiplied copy, deep grayscale
+    through an 8-bit copy."""
+    return WORKING_BYTES.get(mode, 4) / 3
+
+
+def check_pixels(
+    width: int, height: int, max_pixels: int | None, what: str, mode: str = "RGB"
+) -> None:
+    """Refuse an image above ``max_pixels`` (None or 0: no limit) before it is decoded; a pixel
+    of a mode that needs more memory than RGB counts for more (``pixel_weight``)."""
+    weight = max(pixel_weight(mode), 1.0)
+    if max_pixels and width * height * weight > max_pixels:
+        counted = (
+            f" (a {mode} pixel counts {weight:.3g}x: {WORKING_BYTES.get(mode, 4)} bytes to decode "
+            "and resize, against 3 for RGB)"
+            if weight > 1
+            else ""
         )
+        raise ImageError(
+            f"{what} is {width}x{height} = {width * height / 1e6:.1f} megapixels{counted}, above "
+            f"the limit of {max_pixels / 1e6:g} (--max-pixels; 0 = no limit)"
+        )
+
+
+def check_sides(width: int, height: int, what: str) -> None:
+    """Refuse an image with a side longer than ``MAX_SIDE`` (whatever its area) or an empty
+    one, before it is decoded."""
+    if width < 1 or height < 1:
+        raise ImageError(f"{what} is empty ({width}x{height} pixels)")
+    if max(width, height) > MAX_SIDE:
+        raise ImageError(
+            f"{what} is {width}x{height} pixels: a side longer than {MAX_SIDE} pixels is refused"
+        )
+
+
+def check_aspect(width: int, height: int, max_aspect: float | None, what: str) -> None:
+    """Refuse an image whose aspect ratio is above ``max_aspect`` (None: no limit)."""
+    if max_aspect and max(width, height) > max_aspect * min(width, height):
+        ratio = max(width, height) / min(width, height)
+        raise ImageError(
+            f"{what} is {width}x{height} pixels, an aspect ratio of {ratio:.0f}:1; the engine "
+            f"is fed images up to {max_aspect:g}:1 (beyond it the model sees a sliver of the "
+            "image and the resize to its input alone takes a lot of memory): crop it first"
+        )
+
+
+def _draft_under(image: Image.Image, max_pixels: int | None) -> None:
+    """A JPEG above ``max_pixels``: ask libjpeg to decode it at 1/2, 1/4 or 1/8 scale, the
+    largest that fits (the header's size then reports the reduced size)."""
+    weight = max(pixel_weight(image.mode), 1.0)
+    if (
+        not max_pixels
+        or image.format != "JPEG"
+        or image.width * image.height * weight <= max_pixels
+    ):
+        return
+    for scale in (2, 4, 8):
+        if -(-image.width // scale) * -(-image.height // scale) * weight <= max_pixels:
+            image.draft(image.mode, (-(-image.width // scale), -(-image.height // scale)))
+            return
 
 
 def file_problem(path: Path) -> str | None:
@@ -84,11 +161,17 @@ def file_problem(path: Path) -> str | None:
     return None
 
 
-def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(
+    path: str | Path,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_aspect: float | None = MAX_ASPECT,
+) -> Image.Image:
     """Open and fully decode an image file; raise ImageError naming the file and the reason.
 
-    The size in the file's header is checked against ``max_pixels`` before decoding (a small
-    PNG can decode to gigabytes); PIL's own decompression-bomb limit gives way to this one.
+    The size in the file's header is checked before decoding (a small PNG can decode to
+    gigabytes): area against ``max_pixels`` (a JPEG above it is decoded at a reduced scale when
+    one fits, see the module docstring), each side against ``MAX_SIDE``, the aspect ratio
+    against ``max_aspect``. PIL's own decompression-bomb limit gives way to these.
     """
     path = Path(path)
     problem = file_problem(path)
@@ -103,7 +186,10 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
             finally:
                 Image.MAX_IMAGE_PIXELS = limit
             with image:
-                check_pixels(image.width, image.height, max_pixels, f"image {path}")
+                _draft_under(image, max_pixels)
+                check_sides(image.width, image.height, f"image {path}")
+                check_pixels(image.width, image.height, max_pixels, f"image {path}", image.mode)
+                check_aspect(image.width, image.height, max_aspect, f"image {path}")
                 image.load()
         return image
     except ImageError:
@@ -185,15 +271,18 @@ def to_8bit(image: Image.Image) -> Image.Image:
     """
     if image.mode not in SIXTEEN_BIT_MODES:
         return image
-    values = np.clip(np.asarray(image).astype(np.int64), 0, None)
+    pixels = np.asarray(image)
     top = 65535
     if image.mode == "I":
-        peak = int(values.max(initial=0))
+        peak = int(pixels.max(initial=0))
         if peak <= 255:
             return image
         top = 65535 if peak <= 65535 else 2**31 - 1
-    values = np.minimum(values, top)
-    return Image.fromarray(((values * 255 + top // 2) // top).astype(np.uint8))
+    out = np.empty(pixels.shape, dtype=np.uint8)
+    for row in range(0, pixels.shape[0], _ROWS_PER_BLOCK):  # int64 temporaries, a block at a time
+        block = np.clip(pixels[row : row + _ROWS_PER_BLOCK].astype(np.int64), 0, top)
+        out[row : row + _ROWS_PER_BLOCK] = (block * 255 + top // 2) // top
+    return Image.fromarray(out)
 
 
 def shortest_side_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -235,6 +324,15 @@ def crop_or_pad(image: Image.Image, size: tuple[int, int], fill: int) -> Image.I
     return image.crop((left, top, left + target_w, top + target_h))
 
 
+def aspect_limit(size: tuple[int, int], resize_mode: str) -> int:
+    """The widest aspect ratio an engine input of ``size`` is made from: ``MAX_ASPECT``, lower
+    where the resize would produce more than ``MAX_RESIZED_PIXELS``, and for "longest" no more
+    than the input's short side (the image's short side must stay a pixel or more)."""
+    short = min(size)
+    limit = max(1, min(MAX_ASPECT, MAX_RESIZED_PIXELS // (short * short)))
+    return min(limit, short) if resize_mode == "longest" else limit
+
+
 class Preprocessor:
     """The manifest's preprocessing as a callable: image -> [3, H, W] float32."""
 
@@ -257,6 +355,7 @@ class Preprocessor:
             raise BundleError(f"unsupported interpolation {self.interpolation!r} in manifest")
         self.size = (height, width)
         self.max_pixels: int | None = DEFAULT_MAX_PIXELS
+        self.max_aspect = aspect_limit(self.size, self.resize_mode)
         self.fill_color = int(config.get("fill_color", 0))
         self._resample = INTERPOLATIONS[self.interpolation]
         # ToTensor then Normalize, in float32 as torch does: one lookup table row per channel.
@@ -281,7 +380,15 @@ class Preprocessor:
         return cls(manifest["preprocess"], crop)
 
     def resize_crop(self, image: Image.Image) -> Image.Image:
-        """Resize and centre crop/pad to the engine size, in the image's own mode."""
+        """Resize and centre crop/pad to the engine size, in the image's own mode.
+
+        Sides and aspect ratio are checked first (see the module docstring), and the area
+        against ``max_pixels`` too while the image is not decoded yet.
+        """
+        check_sides(image.width, image.height, "the image")
+        check_aspect(image.width, image.height, self.max_aspect, "the image")
+        if getattr(image, "tile", None):  # a file opened lazily, its pixels not decoded yet
+            check_pixels(image.width, image.height, self.max_pixels, "the image", image.mode)
         image = to_8bit(decoded(image))
         height, width = image.height, image.width
         if self.resize_mode == "squash":
@@ -311,7 +418,7 @@ class Preprocessor:
 
     def from_path(self, path: str | Path) -> np.ndarray:
         """An image file -> [3, H, W] float32; ImageError if it cannot be read."""
-        return self(load_image(path, self.max_pixels))
+        return self(load_image(path, self.max_pixels, self.max_aspect))
 
     def from_bgr(self, frame: np.ndarray) -> np.ndarray:
         """A BGR uint8 [H, W, 3] frame (OpenCV) -> the same tensor as the RGB image would give."""

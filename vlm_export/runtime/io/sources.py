@@ -308,6 +308,10 @@ def _glob(pattern: str, stride: int) -> ImageFiles:
     return ImageFiles(paths, f"{pattern} ({len(paths)} images{note})", stride)
 
 
+#: the largest camera index OpenCV takes (a C int)
+MAX_CAMERA_INDEX = 2**31 - 1
+
+
 def open_source(spec: str, options: SourceOptions | None = None) -> Source:
     """Open SOURCE as given on the command line, read as ``options`` say.
 
@@ -329,7 +333,12 @@ def open_source(spec: str, options: SourceOptions | None = None) -> Source:
         return ImageFiles([path], f"image {path}")
     if path.is_symlink() or path.exists():  # dangling link, link loop, FIFO, device: one record
         return ImageFiles([path], f"image {path}")
-    if spec.isdigit():
+    if spec.isascii() and spec.isdigit():
+        if int(spec) > MAX_CAMERA_INDEX:
+            raise SourceError(
+                f"camera index {spec[:20]}{'...' if len(spec) > 20 else ''} is out of range "
+                f"(0 to {MAX_CAMERA_INDEX})"
+            )
         return VideoSource(int(spec), options)
     if "://" in spec:
         return VideoSource(spec, options)

@@ -9,8 +9,6 @@ or inference, loads as a predictor for the fusion stage.
 
 from __future__ import annotations
 
-import json
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ import numpy as np
 
 from vlm_export.core.errors import StateError, UserError
 from vlm_export.core.labels import Label, describe_change, label_sources, saved_labels
-from vlm_export.core.state_file import META_KEY
+from vlm_export.core.state_file import read_meta
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.rail import dual, footprint, primal
 from vlm_export.runtime.rail.fusion import BETA, RailFusion
@@ -144,11 +142,9 @@ def describe(learner: Learner | Predictor) -> str:
 def state_header(path: str | Path) -> dict[str, Any] | None:
     """The JSON header of a state file, or None if it cannot be read (loading then says why)."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            header = json.loads(str(data[META_KEY]))
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return read_meta(path)
+    except StateError:
         return None
-    return header if isinstance(header, dict) else None
 
 
 def load_predictor(

@@ -17,11 +17,14 @@ The bundle travels through the object store when a worker does not have it at th
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
 import socket
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,14 +33,20 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vlm_export.core.errors import UserError
-from vlm_export.runtime.io.preprocess import ImageError
+from vlm_export.runtime.io.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    check_pixels,
+    check_sides,
+)
 from vlm_export.runtime.rail.primal import PrimalAdapter
 
 BATCH_IMAGES = 32  # images per task sent to an actor
 IN_FLIGHT_PER_WORKER = 2  # batches queued per actor (bounds the object store's use)
 BLOCK_BYTES = 64 * 2**20  # bytes of one block of G moved between actors
 LOCAL_OBJECT_STORE = 1 << 30  # object store of a local instance
-CONNECT_TIMEOUT_S = 3.0
+CONNECT_TIMEOUT_S = 3.0  # for the name lookup and the connection together
+GCS_PORT, CLIENT_PORT = 6379, 10001  # Ray's defaults: a cluster's GCS, the Ray Client server
 
 
 class RayError(UserError):
@@ -54,19 +63,83 @@ def _ray() -> Any:
     return ray
 
 
-def _check_reachable(address: str) -> None:
-    """Refuse within seconds a host:port (or ray://host:port) that does not answer."""
-    target = address.removeprefix("ray://")
-    host, _, port = target.rpartition(":")
-    if address == "auto" or not host or not port.isdigit():
+def ray_endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) that a ``--ray`` address connects to (Ray's default ports where none is
+    given: 6379 for a cluster's GCS, 10001 for ``ray://``); None for ``auto``."""
+    if address == "auto":
+        return None
+    client = address.startswith("ray://")
+    target = address.removeprefix("ray://").rstrip("/")
+    if target.startswith("["):  # an IPv6 address, [::1]:6379
+        host, _, rest = target[1:].partition("]")
+        port_text = rest.removeprefix(":")
+    else:
+        host, colon, port_text = target.rpartition(":")
+        host, port_text = (host, port_text) if colon else (target, "")
+    if not host:
+        raise RayError(f"--ray address {address[:80]!r} names no host")
+    if not port_text:
+        return host, CLIENT_PORT if client else GCS_PORT
+    if not (port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536):
+        raise RayError(f"--ray address {address[:80]!r}: the port must be a number 1-65535")
+    return host, int(port_text)
+
+
+class _LookupTimeout(TimeoutError):
+    """The name lookup of a Ray address took too long."""
+
+
+def _resolve(host: str, port: int, seconds: float) -> list[Any]:
+    """getaddrinfo within ``seconds`` (a name server that drops packets is not waited for)."""
+    found: list[Any] = []
+    failed: list[OSError] = []
+
+    def lookup() -> None:
+        try:
+            found.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=lookup, name="ray-address-lookup", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise _LookupTimeout(f"its name did not resolve within {seconds:g} s")
+    if failed:
+        raise failed[0]
+    return found
+
+
+def _check_reachable(address: str, seconds: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse within ``seconds`` in all (name lookup and every address it gives) a Ray address
+    that does not answer, rather than letting Ray wait for it."""
+    endpoint = ray_endpoint(address)
+    if endpoint is None:
         return
+    deadline = time.monotonic() + seconds
     try:
-        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
-            pass
+        last: OSError = ConnectionRefusedError(errno.ECONNREFUSED, "connection refused")
+        for family, kind, proto, _, where in _resolve(*endpoint, seconds):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            with socket.socket(family, kind, proto) as probe:
+                probe.settimeout(left)
+                try:
+                    probe.connect(where)
+                    return
+                except OSError as exc:
+                    last = exc
+        raise last
     except OSError as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        if isinstance(exc, _LookupTimeout):
+            reason = str(exc)
+        elif isinstance(exc, TimeoutError):
+            reason = f"no answer within {seconds:g} s"
+        else:
+            reason = exc.strerror or str(exc)
         raise RayError(
-            f"cannot reach the Ray cluster at {address} ({reason}): start it with "
+            f"cannot reach the Ray cluster at {address[:80]} ({reason}): start it with "
             "`ray start --head` and give its address, or leave the address out for a local "
             "instance"
         ) from None
@@ -91,6 +164,8 @@ def decode(name: str, data: bytes) -> Image.Image:
         raise ImageError(f"cannot read image {name}: file is empty")
     try:
         with Image.open(io.BytesIO(data)) as image:
+            check_sides(image.width, image.height, f"image {name}")
+            check_pixels(image.width, image.height, DEFAULT_MAX_PIXELS, f"image {name}", image.mode)
             image.load()
         return image
     except UnidentifiedImageError:

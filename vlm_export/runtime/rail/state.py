@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from vlm_export.core.errors import StateError
-from vlm_export.core.state_file import StoredArray, load_state, save_state
+from vlm_export.core.state_file import StoredArray, load_state, save_state, shape_text
 from vlm_export.runtime.rail.dual import DualAdapter, DualPredictor
 from vlm_export.runtime.rail.inputs import RailError
 from vlm_export.runtime.rail.linalg import (
@@ -40,6 +40,11 @@ SCHEMA_VERSION = 1
 FULL_CHECK_DIM = 4096  # up to this width a loaded G or R is also Cholesky-factored (< 1 s)
 MERGE_BLOCK_ROWS = 256  # rows of a streamed d x d matrix read at a time
 COLUMN_ARRAYS = ("weights", "cross")  # W and B: read sparsely, their zero columns left untouched
+#: every array a RAIL state may hold (learner and inference, primal and dual); others are refused
+STATE_ARRAYS = frozenset(
+    ("weights", "learned_mask", "projection", "gram", "cross", "inverse", "features", "labels",
+     "coef")
+)  # fmt: skip
 
 Learner = PrimalAdapter | DualAdapter
 Predictor = PrimalPredictor | DualPredictor
@@ -147,9 +152,9 @@ class _Reader:
     def array(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         value = self.arrays.get(name)
         if value is None or value.shape != shape or value.dtype != np.dtype(dtype):
-            found = "missing" if value is None else f"{value.dtype} {list(value.shape)}"
+            found = "missing" if value is None else f"{value.dtype} {shape_text(value.shape)}"
             raise StateError(
-                f"{self.path}: array {name!r} should be {np.dtype(dtype)} {list(shape)}, "
+                f"{self.path}: array {name!r} should be {np.dtype(dtype)} {shape_text(shape)}, "
                 f"found {found} (corrupt state)"
             )
         return value
@@ -178,6 +183,7 @@ def load_learner_state(
             bundle_fingerprint,
             engine_fingerprint=engine_fingerprint,
             defer=COLUMN_ARRAYS,
+            allowed=STATE_ARRAYS,
         ),
     )
     form = reader.field("form", str)
@@ -314,6 +320,7 @@ def load_inference_state(
             SCHEMA_VERSION,
             bundle_fingerprint,
             engine_fingerprint=engine_fingerprint,
+            allowed=STATE_ARRAYS,
         ),
     )
     form = reader.field("form", str)
@@ -444,6 +451,7 @@ def merge_learner_files(paths: Sequence[str | Path], bundle_fingerprint: str) ->
                 SCHEMA_VERSION,
                 bundle_fingerprint,
                 defer=("gram", *COLUMN_ARRAYS),
+                allowed=STATE_ARRAYS,
             ),
         )
         if reader.field("form", str) != "primal":

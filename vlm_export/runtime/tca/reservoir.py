@@ -47,6 +47,10 @@ def _is_real(value: object) -> bool:
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
+#: the largest lam and beta: the correction is computed in float32 (up to 3.4e38)
+MAX_LAM_BETA = 1e6
+
+
 @dataclass(frozen=True)
 class ReservoirConfig:
     """Reservoir hyperparameters (spec 3.5: ImageNet M=3, tau=0.1, lambda=3, beta=5).
@@ -69,8 +73,11 @@ class ReservoirConfig:
             raise UserError(f"reservoir tau must be a finite number > 0, got {self.tau!r}")
         for name in ("lam", "beta"):
             value = getattr(self, name)
-            if not _is_real(value) or not math.isfinite(value) or value < 0:
-                raise UserError(f"reservoir {name} must be a finite number >= 0, got {value!r}")
+            if not _is_real(value) or not math.isfinite(value) or not 0 <= value <= MAX_LAM_BETA:
+                raise UserError(
+                    f"reservoir {name} must be a finite number from 0 to {MAX_LAM_BETA:g} (the "
+                    f"reference uses lam 3, beta 5; larger ones overflow float32), got {value!r}"
+                )
         if self.eviction not in EVICTION_MODES:
             choices = " or ".join(EVICTION_MODES)
             raise UserError(f"unknown reservoir eviction {self.eviction!r}; choose {choices}")
@@ -81,6 +88,22 @@ class ReservoirConfig:
             raise UserError(
                 "anchor rule 'all_classes' needs capacity >= 2 (it waits for 2 entries per class)"
             )
+
+
+def require_reservoir_memory(
+    num_classes: int, num_layers: int, width: int, anchor_layers: int, capacity: int
+) -> None:
+    """UserError naming a ``--capacity`` that fits when the reservoir cannot fit in memory."""
+    require_memory(
+        "TCA reservoir",
+        reservoir_bytes(num_classes, capacity, num_layers, width, anchor_layers),
+        fits=lambda available: capacity_hint(
+            "--capacity",
+            lambda m: reservoir_bytes(num_classes, m, num_layers, width, anchor_layers),
+            available,
+            capacity,
+        ),
+    )
 
 
 def layer_weights(num_layers: int, tau: float) -> np.ndarray:
@@ -164,16 +187,7 @@ class TokenReservoir:
             raise UserError(
                 f"{num_classes} classes do not fit an engine with class capacity {anchor_rows}"
             )
-        require_memory(
-            "TCA reservoir",
-            reservoir_bytes(num_classes, config.capacity, num_layers, width, len(layers)),
-            fits=lambda available: capacity_hint(
-                "--capacity",
-                lambda m: reservoir_bytes(num_classes, m, num_layers, width, len(layers)),
-                available,
-                config.capacity,
-            ),
-        )
+        require_reservoir_memory(num_classes, num_layers, width, len(layers), config.capacity)
         self.config = config
         self.num_classes = int(num_classes)
         self.anchor_rows = int(anchor_rows)

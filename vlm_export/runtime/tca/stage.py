@@ -18,7 +18,11 @@ from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import ANCHORS_INPUT, CLS_OUTPUT
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
-from vlm_export.runtime.tca.reservoir import ReservoirConfig, TokenReservoir
+from vlm_export.runtime.tca.reservoir import (
+    ReservoirConfig,
+    TokenReservoir,
+    require_reservoir_memory,
+)
 
 RESERVOIR_KEYS = tuple(item.name for item in dataclasses.fields(ReservoirConfig))
 
@@ -51,6 +55,16 @@ def reservoir_geometry(bundle: Bundle) -> tuple[int, int, int, list[int]]:
     # shapes were checked against each other when the bundle was opened (runtime contract)
     _, num_layers, width = (int(v) for v in bundle.engine_io("outputs")[CLS_OUTPUT]["shape"])
     return bundle.num_classes, num_layers, width, [int(i) for i in condensation["anchor_layers"]]
+
+
+def check_reservoir_fits(bundle: Bundle) -> None:
+    """UserError when the reservoir of a condensing bundle's own settings cannot fit in memory
+    (what ``run`` would refuse); nothing for a bundle that does not condense."""
+    if not bundle.manifest.get("condensation") or ANCHORS_INPUT not in bundle.engine_io("inputs"):
+        return
+    num_classes, num_layers, width, anchor_layers = reservoir_geometry(bundle)
+    capacity = reservoir_config(bundle.manifest).capacity
+    require_reservoir_memory(num_classes, num_layers, width, len(anchor_layers), capacity)
 
 
 def build_reservoir(

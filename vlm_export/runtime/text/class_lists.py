@@ -1,7 +1,9 @@
 """Class-list files, `--domain NAME=FILE` arguments, and the union label space over domains.
 
 A class list is a text file with one class name per line (surrounding whitespace stripped; blank
-lines and lines starting with '#' skipped) or a ``.json`` file holding a list of strings.
+lines and lines starting with '#' skipped) or a ``.json`` file holding a list of strings. Its size
+is checked before it is read (``MAX_CLASS_LIST_BYTES``, ``MAX_CLASSES``): memory stays bounded
+whatever file is given.
 
 Union label space (RAIL's X-TAIL setting): domains are laid out one after another in the order
 given, each domain's classes in file order, and every label carries its domain. The same class
@@ -11,18 +13,24 @@ and ``shared_class_names`` tells the caller which names are shared so that it ca
 
 from __future__ import annotations
 
-import json
+import io
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from vlm_export.core.errors import UserError, shown
+from vlm_export.core.json_input import parse_json
 
 _DOMAIN_NAME = re.compile(r"[\w.-]+")
 #: the longest class or domain name a class list, and a bundle's classes.json, may hold: the
 #: bundle loader refuses longer ones, so the writers check it before anything is written
 MAX_NAME_CHARS = 1000
+#: the largest class-list file read (ImageNet-21k's 21,841 names take about 1 MB)
+MAX_CLASS_LIST_BYTES = 8 * 1024 * 1024
+#: the most class names a list may hold
+MAX_CLASSES = 100_000
 
 
 class ClassListError(UserError):
@@ -47,22 +55,52 @@ def _prompt_key(classname: str) -> str:
     return " ".join(prompt_name(classname).split()).casefold()
 
 
+def _too_many(path: Path) -> ClassListError:
+    return ClassListError(f"class list {path} holds more than {MAX_CLASSES:,} class names")
+
+
 def _read_json_list(path: Path, text: str) -> list[str]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ClassListError(f"class list {path} is not valid JSON: {exc}") from None
+    data = parse_json(text, f"class list {path}", ClassListError)
     if not isinstance(data, list) or not all(isinstance(item, str) for item in data):
         raise ClassListError(f"class list {path} must be a JSON list of strings")
+    if len(data) > MAX_CLASSES:
+        raise _too_many(path)
     names = [item.strip() for item in data]
     if any(not name for name in names):
         raise ClassListError(f"class list {path} holds an empty class name")
     return names
 
 
-def _read_text_lines(text: str) -> list[str]:
-    lines = (raw.strip() for raw in text.splitlines())
-    return [line for line in lines if line and not line.startswith("#")]
+def _read_text_lines(path: Path, text: str) -> list[str]:
+    names: list[str] = []
+    for raw in io.StringIO(text, newline=None):  # one line at a time: blank lines cost nothing
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            if len(names) == MAX_CLASSES:
+                raise _too_many(path)
+            names.append(line)
+    return names
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a class list, checked without opening it, or None."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return "is a dangling symbolic link" if path.is_symlink() else "not found"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    if stat.S_ISDIR(info.st_mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device or socket"
+        return f"is {kind}, not a regular file (never opened)"
+    if info.st_size > MAX_CLASS_LIST_BYTES:
+        return (
+            f"is {info.st_size / 2**20:.0f} MiB, more than a class list's "
+            f"{MAX_CLASS_LIST_BYTES // 2**20} MiB"
+        )
+    return None
 
 
 def _check_duplicates(names: list[str], path: Path) -> None:
@@ -95,16 +133,23 @@ def read_class_list(path: str | Path) -> list[str]:
     that give the same prompt (after '_' -> ' ', whitespace collapsing and lower-casing).
     """
     path = Path(path).expanduser()
-    if not path.is_file():
+    problem = _file_problem(path)
+    if problem == "not found":
         raise ClassListError(f"class list not found: {path}")
+    if problem:
+        raise ClassListError(f"class list {path} {problem}")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CLASS_LIST_BYTES + 1)  # it may have grown since stat
+        if len(data) > MAX_CLASS_LIST_BYTES:
+            raise ClassListError(f"class list {path} is larger than {MAX_CLASS_LIST_BYTES} bytes")
+        text = data.decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ClassListError(f"cannot read class list {path}: {exc}") from None
     if path.suffix.lower() == ".json":
         names = _read_json_list(path, text)
     else:
-        names = _read_text_lines(text)
+        names = _read_text_lines(path, text)
     if not names:
         raise ClassListError(f"class list {path} holds no class names")
     check_name_lengths(names, f"class list {path}")

@@ -13,8 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vlm_export.core.errors import UserError
+from vlm_export.core.json_input import read_text
 
 PLACEHOLDER = "{}"
+MAX_TEMPLATE_FILE_BYTES = 1 << 20  # one template a line: CLIP's 80 ImageNet ones take 3 KB
 
 # CLIP's 80 ImageNet prompt templates, in the order of OpenAI's CLIP notebook (open_clip's
 # zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES, stored there as lambdas).
@@ -176,10 +178,7 @@ def check_templates(templates: Sequence[str], source: str = "templates") -> tupl
 
 
 def _read_template_file(path: Path) -> tuple[str, ...]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TemplateError(f"cannot read template file {path}: {exc}") from None
+    text = read_text(path, MAX_TEMPLATE_FILE_BYTES, TemplateError, f"template file {path}")
     templates = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()

@@ -34,6 +34,10 @@ CLEAN_FUNCTIONS = ("lower", "whitespace", "canonicalize")
 SOT = "<start_of_text>"
 EOT = "<end_of_text>"
 _NUM_MERGES = 49152 - 256 - 2  # open_clip reads merges[1 : 49152 - 256 - 2 + 1]
+#: CLIP's vocabulary file is 1.36 MB gzip'd, 3.2 MB unpacked: larger ones are refused, checked
+#: before reading (compressed) and while unpacking (never more than the limit is held)
+MAX_VOCABULARY_GZ_BYTES = 8 * 1024 * 1024
+MAX_VOCABULARY_BYTES = 16 * 1024 * 1024
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
@@ -79,9 +83,20 @@ def read_merges(path: str | Path) -> list[tuple[str, str]]:
     """The BPE merge list of a gzip'd CLIP vocabulary file; TokenizerError if unreadable."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_VOCABULARY_GZ_BYTES:
+            raise TokenizerError(
+                f"the tokenizer vocabulary {path} is larger than {MAX_VOCABULARY_GZ_BYTES} bytes "
+                "(CLIP's is 1.4 MB)"
+            )
         with gzip.open(path) as handle:
-            lines = handle.read().decode("utf-8").split("\n")
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
+            data = handle.read(MAX_VOCABULARY_BYTES + 1)
+        if len(data) > MAX_VOCABULARY_BYTES:
+            raise TokenizerError(
+                f"the tokenizer vocabulary {path} unpacks to more than {MAX_VOCABULARY_BYTES} "
+                "bytes (CLIP's is 3.2 MB)"
+            )
+        lines = data.decode("utf-8").split("\n")
+    except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile) as exc:
         raise TokenizerError(f"cannot read the tokenizer vocabulary {path}: {exc}") from None
     merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
     if len(merges) != _NUM_MERGES or any(len(merge) != 2 for merge in merges):
