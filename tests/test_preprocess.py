@@ -234,3 +234,29 @@ def test_mode_i_value_range_decides_the_scale() -> None:
         values[0, 0] = high - 1  # the peak decides the range
         got = np.asarray(to_8bit(Image.fromarray(values, "I")).convert("L"))
         np.testing.assert_array_equal(got, literal(values, top))
+
+
+def test_concurrent_loads_never_leave_pils_bomb_cap_lifted(tmp_path) -> None:
+    """load_image lifts PIL's process-wide decompression-bomb cap to check sizes itself: threads
+    loading at once (a service's capture threads and uploads) must leave it as it was."""
+    import threading
+
+    from vlm_export.runtime.io.preprocess import load_image
+
+    cap = Image.MAX_IMAGE_PIXELS
+    paths = []
+    for index in range(4):
+        path = tmp_path / f"img{index}.png"
+        Image.new("RGB", (40 + index, 30), (index, 0, 0)).save(path)
+        paths.append(path)
+
+    def work(path) -> None:
+        for _ in range(200):
+            load_image(path).close()
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in paths]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert cap == Image.MAX_IMAGE_PIXELS

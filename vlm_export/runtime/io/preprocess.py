@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import stat
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -161,6 +162,23 @@ def file_problem(path: Path) -> str | None:
     return None
 
 
+#: PIL's decompression-bomb cap is one process-wide setting: lifted under this lock only
+_PIL_CAP = threading.Lock()
+
+
+def open_uncapped(source: Any, formats: Sequence[str] | None = None) -> Image.Image:
+    """``Image.open`` (header only) with PIL's decompression-bomb cap lifted: the caller checks
+    the size itself before decoding. Thread-safe: the cap is lifted and restored under a lock, so
+    concurrent opens (capture threads, HTTP uploads) never leave it lifted."""
+    with _PIL_CAP, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(source, formats=formats)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
 def load_image(
     path: str | Path,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -178,19 +196,12 @@ def load_image(
     if problem:
         raise ImageError(f"cannot read image {path}: {problem}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                image = Image.open(path)
-            finally:
-                Image.MAX_IMAGE_PIXELS = limit
-            with image:
-                _draft_under(image, max_pixels)
-                check_sides(image.width, image.height, f"image {path}")
-                check_pixels(image.width, image.height, max_pixels, f"image {path}", image.mode)
-                check_aspect(image.width, image.height, max_aspect, f"image {path}")
-                image.load()
+        with open_uncapped(path) as image:
+            _draft_under(image, max_pixels)
+            check_sides(image.width, image.height, f"image {path}")
+            check_pixels(image.width, image.height, max_pixels, f"image {path}", image.mode)
+            check_aspect(image.width, image.height, max_aspect, f"image {path}")
+            image.load()
         return image
     except ImageError:
         raise

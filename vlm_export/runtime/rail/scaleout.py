@@ -38,6 +38,7 @@ from vlm_export.runtime.io.preprocess import (
     ImageError,
     check_pixels,
     check_sides,
+    open_uncapped,
 )
 from vlm_export.runtime.rail.primal import PrimalAdapter
 
@@ -163,7 +164,7 @@ def decode(name: str, data: bytes) -> Image.Image:
     if not data:
         raise ImageError(f"cannot read image {name}: file is empty")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_uncapped(io.BytesIO(data)) as image:
             check_sides(image.width, image.height, f"image {name}")
             check_pixels(image.width, image.height, DEFAULT_MAX_PIXELS, f"image {name}", image.mode)
             image.load()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
@@ -19,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from vlm_export.runtime.io.preprocess import open_uncapped
 from vlm_export.runtime.serve.replies import cut
 
 if TYPE_CHECKING:
@@ -52,29 +52,21 @@ def decode_image(data: bytes, max_pixels: int, max_side: int) -> Image.Image:
     """Decode a JPEG or PNG after checking its header's size; HTTPException 400/413 otherwise."""
     if not data:
         raise HTTPException(400, "the image is empty: send the bytes of a JPEG or PNG")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))
+    try:  # the header only: the sizes are checked here, before anything is decoded
+        image = open_uncapped(io.BytesIO(data), formats=("JPEG", "PNG"))
     except UnidentifiedImageError:
         raise HTTPException(400, "the body is not a JPEG or PNG image") from None
-    except Image.DecompressionBombError:  # PIL's own cap (about 179 MP) comes before ours
-        raise HTTPException(
-            413,
-            f"the image has more than {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels, "
-            f"above the limit of {max_pixels / 1e6:g}",
-        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise HTTPException(400, f"the image cannot be read: {cut(str(exc), 120)}") from None
     width, height = image.size
-    if max_side and max(width, height) > max_side:
-        raise HTTPException(413, f"the image is {width}x{height}, above {max_side} pixels a side")
     if max_pixels and width * height > max_pixels:
         raise HTTPException(
             413,
             f"the image is {width}x{height} = {width * height / 1e6:.1f} megapixels, "
             f"above the limit of {max_pixels / 1e6:g}",
         )
+    if max_side and max(width, height) > max_side:
+        raise HTTPException(413, f"the image is {width}x{height}, above {max_side} pixels a side")
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
