@@ -45,6 +45,7 @@ NON_PATH = {
     "--drop-rates",  # a comma-separated list of numbers
     "--bind",  # vlm-edge serve: an address
     "--token",  # vlm-edge serve: a secret
+    "--seed",  # eval-tta: a whole number >= 0 (its own parser)
 }
 
 
