@@ -42,6 +42,7 @@ from PIL import Image
 
 from vlm_export.core.atomic import atomic_write_bytes
 from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.engines.bench_record import device_description
 from vlm_export.runtime.engines.factory import open_backend
 from vlm_export.runtime.io.sources import open_source
 from vlm_export.runtime.pipeline import Pipeline, process_frame
@@ -52,20 +53,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "serve.json"
 SOURCE_COUNTS = (1, 2, 4)
 CLIENTS = 8
-FLAGS = ("avx", "avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma", "neon", "asimd")
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD flags of /proc/cpuinfo that matter to the engines (empty where unknown)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    found = set()
-    for line in text.splitlines():
-        if line.lower().startswith(("flags", "features")):
-            found.update(line.split(":", 1)[1].split())
-    return [flag for flag in FLAGS if flag in found]
 
 
 def write_pngs(folder: Path, count: int, size: int = 320) -> Path:
@@ -307,7 +294,7 @@ def main() -> None:
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
-            "cpu_flags": cpu_flags(),
+            "cpu": device_description(),
             "python": platform.python_version(),
             "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         },

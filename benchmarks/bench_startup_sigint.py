@@ -30,21 +30,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from vlm_export.runtime.engines.bench_record import device_description
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 RESULTS = ROOT / "benchmarks" / "results" / "startup_sigint.json"
 
 
 def machine() -> dict[str, object]:
-    """Platform, CPU count and the CPU's SIMD flags (compare ratios, never absolute times)."""
-    flags: list[str] = []
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "sse4"))]
-                break
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu_flags": flags}
+    """Platform, CPU count and the CPU with its SIMD flags (compare ratios, never times)."""
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": device_description()}
 
 
 def edge(tree: Path) -> tuple[list[str], dict[str, str]]:
