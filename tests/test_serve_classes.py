@@ -5,13 +5,12 @@ classes, each source's state follows its labels, and text embeddings come back n
 from __future__ import annotations
 
 import shutil
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fakebundle import write_images
+from polling import wait_until
 
 pytest.importorskip("prometheus_client")
 pytest.importorskip("torch")
@@ -25,14 +24,6 @@ from vlm_export.runtime.serve.service import Service  # noqa: E402
 from vlm_export.runtime.tca.stage import build_reservoir  # noqa: E402
 
 pytestmark = pytest.mark.exporter
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

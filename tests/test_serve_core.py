@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fakebundle import make_bundle, write_images
 from PIL import Image
+from polling import WAIT_S, wait_until
 
 pytest.importorskip("prometheus_client")
 
@@ -27,17 +26,6 @@ from vlm_export.runtime.cli import main  # noqa: E402
 from vlm_export.runtime.serve.config import ServeSettings, apply_config  # noqa: E402
 from vlm_export.runtime.serve.service import Service, UnknownSource  # noqa: E402
 from vlm_export.runtime.tca.stage import build_reservoir  # noqa: E402
-
-WAIT_S = 60.0  # generous: the machine is shared; nothing asserts on time
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
-    """Poll ``check`` until true; fail naming ``what`` after ``timeout`` (a hang, not a speed)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from fakebundle import make_bundle, write_images
+from polling import WAIT_S, wait_until
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
@@ -32,15 +33,6 @@ from vlm_export.runtime.serve.service import Service  # noqa: E402
 from vlm_export.runtime.tca.stage import build_reservoir  # noqa: E402
 
 MOSQUITTO = "/usr/sbin/mosquitto"
-WAIT_S = 90.0
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def free_port() -> int:
