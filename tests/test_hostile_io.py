@@ -186,6 +186,7 @@ EXPORT = ["--method", "zeroshot", "--model", "vlm-test-tiny", "--pretrained", "n
 EXPORT += ["--templates", "single", "--quiet"]
 
 
+@pytest.mark.exporter  # without torch, vlm-export refuses to export before this
 def test_overwrite_refuses_a_folder_of_photos_and_a_thesis(tmp_path, classes, capsys) -> None:
     out = tmp_path / "life"
     write_images(out / "holiday", 3)
@@ -196,6 +197,7 @@ def test_overwrite_refuses_a_folder_of_photos_and_a_thesis(tmp_path, classes, ca
     assert "thesis.tex" in line
 
 
+@pytest.mark.exporter  # without torch, vlm-export refuses to export before this
 def test_overwrite_refuses_a_bundle_holding_a_users_file(world, tmp_path, classes, capsys):
     out = tmp_path / "bundle"
     make_bundle(out, method="zeroshot")

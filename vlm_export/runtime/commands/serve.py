@@ -346,6 +346,8 @@ def _serve(settings: ServeSettings, stop: _Stop) -> int:
         for note in service.notes:
             status(note)
         status(service.describe())
+        if service.budget is not None:
+            status(f"budget: {service.budget.reason}")
         app = create_app(service, settings)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
         server = Server(config)
