@@ -1,4 +1,4 @@
-"""``vlm-edge explain``: the score it names and the token counts it shows agree with the rest."""
+"""``vlm-edge explain`` (its score, its token counts) and the lines saying what commands wrote."""
 
 from __future__ import annotations
 
@@ -52,3 +52,14 @@ def test_explain_token_counts_are_those_info_prints(tca_dir, capsys) -> None:
     assert len(flow) == len(chain) - 1 >= 1
     assert flow[0][0] == chain[0]  # info: the first block's input, then every block's output
     assert [tokens_out for _, tokens_out in flow] == chain[1:]
+
+
+def test_run_save_annotated_says_what_it_wrote_and_where(tca_dir, tmp_path, capsys) -> None:
+    images = tmp_path / "images"
+    write_images(images, 3, seed=4)
+    out = tmp_path / "annotated"
+    argv = ["run", str(tca_dir), str(images), "--out", str(tmp_path / "o.jsonl")]
+    assert cli.main([*argv, "--save-annotated", str(out)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert f"vlm-edge: 3 annotated images written to {out}" in err
+    assert len(list(out.glob("*.png"))) == 3
