@@ -231,10 +231,27 @@ def test_failing_gate_writes_nothing(tiny_tca, images, tmp_path, monkeypatch, ca
     shutil.copytree(tiny_tca, folder)
     before = _hashes(folder)
     monkeypatch.setattr(quantize, "MIN_COSINE", 1.000001)
-    code = export_main(["quantize", str(folder), "--calibration", str(images)])
+    code = export_main(["quantize", str(folder), "--calibration", str(images), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "was not added to the bundle" in err[0]
     assert _hashes(folder) == before and sorted(p.name for p in folder.iterdir()) == sorted(before)
+
+
+def test_quantize_reports_progress_and_where_it_wrote(tiny_tca, images, tmp_path, capsys):
+    folder = tmp_path / "bundle"
+    shutil.copytree(tiny_tca, folder)
+    assert export_main(["quantize", str(folder), "--calibration", str(images)]) == 0
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    steps = [line.split(" ...")[0] for line in err if line.startswith("[")]
+    assert steps == [
+        "[1/2] calibrating and quantizing the image encoder (8 images)",
+        "[2/2] comparing with the fp32 graph (8 calibration, 2 held-out images)",
+    ]
+    assert sum("done in" in line for line in err) == 2 and any("8/8" in line for line in err)
+    (line,) = captured.out.splitlines()
+    name = json.loads((folder / MANIFEST_NAME).read_text())["engines"][-1]["file"]
+    assert line.startswith(f"added {name} to {folder}: int8 QDQ") and (folder / name).is_file()
 
 
 @pytest.mark.parametrize("kind", ["empty", "unreadable", "missing"])

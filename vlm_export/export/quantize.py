@@ -24,7 +24,7 @@ import importlib.util
 import logging
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,6 +56,7 @@ from vlm_export.export.engine_cmd import (
     move_into_bundle,
     record_engine,
 )
+from vlm_export.export.progress import Progress
 from vlm_export.runtime.engines.parity import REFERENCE, BundleGraph, cls_like_anchors
 from vlm_export.runtime.io.preprocess import ImageError, Preprocessor, load_image
 from vlm_export.runtime.io.sources import is_image_file
@@ -139,14 +140,20 @@ def engine_feeds(manifest: dict[str, Any], image: np.ndarray) -> dict[str, np.nd
     return feeds
 
 
-def calibration_reader(manifest: dict[str, Any], images: list[np.ndarray]) -> Any:
-    """An onnxruntime CalibrationDataReader over ``images`` (imports onnxruntime only now)."""
+def calibration_reader(
+    manifest: dict[str, Any],
+    images: list[np.ndarray],
+    on_image: Callable[[int, int], None] | None = None,
+) -> Any:
+    """An onnxruntime CalibrationDataReader over ``images`` (imports onnxruntime only now);
+    ``on_image(done, total)`` after each image handed out."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         """Feeds ``images[start:end]``; ``set_range`` lets ONNX Runtime calibrate in strides."""
 
         def __init__(self) -> None:
+            self._given = 0
             self.set_range(0, len(images))
 
         def __len__(self) -> int:
@@ -158,7 +165,11 @@ def calibration_reader(manifest: dict[str, Any], images: list[np.ndarray]) -> An
             )
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._feeds, None)
+            feed = next(self._feeds, None)
+            if feed is not None and on_image is not None:
+                self._given += 1
+                on_image(min(self._given, len(images)), len(images))
+            return feed
 
     return Reader()
 
@@ -221,8 +232,10 @@ def quantize_graph(
     manifest: dict[str, Any],
     images: list[np.ndarray],
     scope: str = DEFAULT_SCOPE,
+    on_image: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Write the QDQ INT8 graph of ``onnx_path`` calibrated on ``images`` to ``out_path``."""
+    """Write the QDQ INT8 graph of ``onnx_path`` calibrated on ``images`` to ``out_path``
+    (``on_image(done, total)`` as calibration goes)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     root = logging.getLogger()
@@ -232,7 +245,7 @@ def quantize_graph(
         quantize_static(
             str(onnx_path),
             str(out_path),
-            calibration_reader(manifest, images),
+            calibration_reader(manifest, images, on_image),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS),
             per_channel=True,
@@ -388,8 +401,13 @@ def quantize_bundle(
     held_out: str | Path | None = None,
     overwrite: bool = False,
     scope: str = DEFAULT_SCOPE,
+    progress: Progress | None = None,
 ) -> GraphRecord:
-    """Calibrate, quantize and gate; add the passing INT8 graph to the bundle (else raise)."""
+    """Calibrate, quantize and gate; add the passing INT8 graph to the bundle (else raise).
+
+    ``progress`` (two steps: quantize, compare) reports the work once the inputs are checked.
+    """
+    progress = progress or Progress(2, quiet=True)
     require_quantization_tools()
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
@@ -405,10 +423,17 @@ def quantize_bundle(
     onnx_path = bundle_dir / manifest["engine"]["onnx"]
     with _staging(bundle_dir) as staging:
         staged = staging / name
-        quantize_graph(onnx_path, staged, manifest, images, scope)
+        progress.step(f"calibrating and quantizing the image encoder ({len(images)} images)")
+        quantize_graph(onnx_path, staged, manifest, images, scope, progress.bar)
         for leftover in staging.glob("*-inferred.onnx"):  # onnxruntime's scratch files
             leftover.unlink()
+        progress.done(f"scope {scope}")
+        progress.step(
+            f"comparing with the fp32 graph ({len(images)} calibration, {len(held)} held-out "
+            "images)"
+        )
         report = gate_report(bundle_dir, manifest, staged, images, held)
+        progress.done("passed" if report["passed"] else "failed")
         if not report["passed"]:
             raise QuantizationGateError(
                 f"the INT8 graph was not added to the bundle: {describe_gate(report)}"
@@ -440,11 +465,11 @@ def quantize_bundle(
     return record
 
 
-def describe_record(record: GraphRecord) -> str:
-    """One line about an INT8 graph added to a bundle."""
+def describe_record(record: GraphRecord, bundle_dir: str | Path) -> str:
+    """One line about an INT8 graph added to a bundle: what was written, where, how close."""
     return (
-        f"added {record.file}: int8 QDQ, {record.nbytes / 2**20:.1f} MiB; against the fp32 graph: "
-        f"{describe_gate(record.parity)}"
+        f"added {record.file} to {bundle_dir}: int8 QDQ, {record.nbytes / 2**20:.1f} MiB; "
+        f"against the fp32 graph: {describe_gate(record.parity)}"
     )
 
 
@@ -463,8 +488,9 @@ def run_quantize_step(args: argparse.Namespace, bundle_dir: str | Path) -> Graph
     """After an export with --int8-calibration: quantize, gate, record; else do nothing."""
     if getattr(args, "int8_calibration", None) is None:
         return None
-    record = quantize_bundle(bundle_dir, args.int8_calibration, overwrite=True)
-    print(describe_record(record))
+    progress = Progress(2, quiet=getattr(args, "quiet", False))
+    record = quantize_bundle(bundle_dir, args.int8_calibration, overwrite=True, progress=progress)
+    print(describe_record(record, bundle_dir))
     return record
 
 
@@ -513,6 +539,7 @@ def quantize_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an INT8 graph the bundle already has"
     )
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
 
@@ -524,11 +551,12 @@ def quantize_main(argv: Sequence[str] | None = None) -> int:
         guard_arguments(parser, args)  # before any work
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
+            progress = Progress(2, quiet=args.quiet)
             record = quantize_bundle(
-                args.bundle, args.calibration, args.held_out, args.overwrite, args.scope
+                args.bundle, args.calibration, args.held_out, args.overwrite, args.scope, progress
             )
     except UserError as exc:
         print(f"vlm-export quantize: error: {exc}", file=sys.stderr)
         return 2
-    print(describe_record(record))
+    print(describe_record(record, args.bundle))
     return 0

@@ -27,6 +27,7 @@ from vlm_export.core.atomic import WriteError, atomic_file, check_can_create
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import FATE_OUTPUT, TOKEN_FATE
 from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.commands import status
 from vlm_export.runtime.draw.annotate import annotate_frame
 from vlm_export.runtime.draw.fate import (
     engine_view_box,
@@ -105,6 +106,7 @@ class AnnotatedImages:
         self.drawer = drawer
         self._taken: set[str] = set()
         self._inputs = {os.path.realpath(path) for path in inputs}  # never replaced
+        self.written = 0
 
     def add(self, frame: Frame, result: FrameResult | None, fps: float) -> None:
         """Write the annotated image (an unreadable image has nothing to draw on)."""
@@ -122,9 +124,12 @@ class AnnotatedImages:
         self._taken.add(name)
         with atomic_file(self.folder / name) as handle:
             self.drawer(image.convert("RGB"), result, fps).save(handle, format="PNG")
+        self.written += 1
 
     def close(self, complete: bool) -> None:
-        """Nothing to finish: every image is whole once written."""
+        """Say what was written: every image is whole once written, nothing to finish."""
+        if complete:
+            status(f"{self.written} annotated images written to {self.folder}")
 
 
 class AnnotatedVideo:
@@ -182,6 +187,7 @@ class AnnotatedVideo:
         try:
             if complete and self.frames:
                 os.replace(self._tmp, self.path)
+                status(f"annotated video of {self.frames} frames written to {self.path}")
         except OSError as exc:
             raise WriteError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         finally:  # gone after the rename; otherwise nothing half-written stays

@@ -79,6 +79,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=SOURCE,
         help="image folder for the parity check (default: 3 synthetic images)",
     )
+    parser.add_argument(
+        "--baseline",
+        type=BUNDLE,
+        metavar="FULL_BUNDLE",
+        help="a full-tower bundle of the same model (e.g. exported with --method zeroshot): its "
+        "engines are timed in the same interleaved rounds, so the table shows what condensation "
+        "buys on this device",
+    )
     parser.add_argument("--json", type=OUT, metavar="FILE", help="also write the results here")
     parser.add_argument(
         "--no-record", action="store_true", help="do not record the results beside the bundle"
@@ -97,9 +105,8 @@ def _names(text: str, known: tuple[str, ...], what: str) -> list[str]:
 
 
 def _images(bundle: Bundle, folder: str | None) -> tuple[list[np.ndarray], str]:
-    shape = [int(v) for v in bundle.engine_io("inputs")[IMAGE_INPUT]["shape"]]
     if folder is None:
-        return measure.synthetic_images(shape, 3), "3 synthetic images"
+        return measure.synthetic_images(_image_shape(bundle), 3), "3 synthetic images"
     preprocess = Preprocessor.from_manifest(bundle.manifest)
     with open_source(folder) as source:
         paths = [frame.data for _, frame in zip(range(3), source, strict=False)]
@@ -126,15 +133,66 @@ def _open(bundle: Bundle, backend: str, precision: str, threads: int | None):
     return open_backend(bundle, backend, threads=threads, precision=precision)
 
 
-def measure_bundle(bundle: Bundle, args: argparse.Namespace) -> dict[str, Any]:
-    """Open, check and time every requested engine; the record ``bench`` prints and keeps."""
+def open_baseline(bundle: Bundle, path: str, verify: str) -> Bundle:
+    """The ``--baseline`` bundle: a full tower of ``bundle``'s model, or a one-line refusal."""
+    baseline = Bundle.open(path, verify=verify)
+    if baseline.manifest.get("condensation"):
+        raise UserError(
+            f"--baseline must be a full tower, but it condenses tokens ({baseline.method}); "
+            "export one with --method zeroshot"
+        )
+    keys = ("name", "pretrained", "image_size", "patch_size", "width", "layers")
+    ours, theirs = bundle.manifest["model"], baseline.manifest["model"]
+    differ = [key for key in keys if ours.get(key) != theirs.get(key)]
+    if differ:
+        raise UserError(
+            f"--baseline is another model ({', '.join(differ)} differ: "
+            f"{str(theirs.get(differ[0]))[:80]} vs {str(ours.get(differ[0]))[:80]})"
+        )
+    return baseline
+
+
+def _baseline_row(
+    baseline: Bundle, backend: str, precision: str, threads: int | None, stack
+) -> tuple[dict[str, Any], Any]:
+    """A full-tower row (and its engine, or None when it cannot run here)."""
+    row: dict[str, Any] = {"backend": backend, "precision": precision}
+    watch = measure.MemoryWatch()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine = _open(baseline, backend, precision, threads)
+    except (UserError, RuntimeError) as exc:
+        row["skipped"] = " ".join(str(exc).split())
+        return row, None
+    stack.callback(engine.close)
+    engine.infer(measure.synthetic_images(_image_shape(baseline), 1)[0])
+    watch.sample()
+    row.update(engine=engine.description, memory_mb=watch.delta_mb)
+    return row, engine
+
+
+def _image_shape(bundle: Bundle) -> list[int]:
+    return [int(v) for v in bundle.engine_io("inputs")[IMAGE_INPUT]["shape"]]
+
+
+def measure_bundle(
+    bundle: Bundle, args: argparse.Namespace, baseline: Bundle | None = None
+) -> dict[str, Any]:
+    """Open, check and time every requested engine; the record ``bench`` prints and keeps.
+
+    With a full-tower ``baseline`` its engines (same backends and precisions) run in the same
+    interleaved rounds; their rows go under ``baseline``, never among the results that
+    ``--backend auto`` chooses from.
+    """
     backends = _names(args.backends, DEFAULT_BACKENDS, "backend(s)")
     precisions = _names(args.precisions, DEFAULT_PRECISIONS, "precision(s)")
     if args.rounds < 1 or args.warmup < 0:
         raise UserError("--rounds must be at least 1 and --warmup at least 0")
     images, image_text = _images(bundle, args.images)
     results: list[dict[str, Any]] = []
-    runners = {}
+    full_rows: list[dict[str, Any]] = []
+    runners: dict[Any, Any] = {}
     with contextlib.ExitStack() as stack:
         watch = measure.MemoryWatch()
         reference = open_backend(
@@ -163,9 +221,18 @@ def measure_bundle(bundle: Bundle, args: argparse.Namespace) -> dict[str, Any]:
             watch.sample()
             row.setdefault("memory_mb", watch.delta_mb)
             runners[len(results) - 1] = lambda e=engine: e.infer(images[0])
+            if baseline is not None:
+                full, full_engine = _baseline_row(baseline, backend, precision, args.threads, stack)
+                full_rows.append(full)
+                if full_engine is not None:
+                    key = ("baseline", len(full_rows) - 1)
+                    runners[key] = lambda e=full_engine: e.infer(images[0])
         timings = measure.interleaved_latency(runners, args.rounds, args.warmup)
-    for index, timing in timings.items():
-        results[index].update(timing)
+    for key, timing in timings.items():
+        if isinstance(key, tuple):
+            full_rows[key[1]].update(timing)
+        else:
+            results[key].update(timing)
     ladder = _measure_rungs(bundle, args, backends, precisions, images[0])
     return {
         "format": RECORD_FORMAT,
@@ -182,6 +249,11 @@ def measure_bundle(bundle: Bundle, args: argparse.Namespace) -> dict[str, Any]:
         "reference": "onnxruntime CPU fp32",
         "results": results,
         **({"ladder": ladder} if ladder else {}),
+        **(
+            {"baseline": {"bundle": baseline.fingerprint, "rows": full_rows}}
+            if baseline is not None
+            else {}
+        ),
     }
 
 
@@ -246,6 +318,29 @@ def rung_table(record: dict[str, Any]) -> list[str]:
     return lines
 
 
+def baseline_table(record: dict[str, Any]) -> list[str]:
+    """The full tower's rows beside the condensed engine's, as aligned text lines."""
+    rows = (record.get("baseline") or {}).get("rows") or []
+    if not rows:
+        return []
+    condensed = {(r["backend"], r["precision"]): r for r in record["results"]}
+    header = f"{'backend':<12} {'precision':<9} {'median ms':>9} {'p90 ms':>8} {'mem MB':>7}"
+    lines = [f"{header}  result"]
+    for row in rows:
+        if "skipped" in row:
+            lines.append(f"{row['backend']:<12} {row['precision']:<9} skipped: {row['skipped']}")
+            continue
+        verdict = ""
+        ours = condensed.get((row["backend"], row["precision"]), {})
+        if ours.get("median_ms") and row["median_ms"]:
+            verdict = f"condensed runs in {ours['median_ms'] / row['median_ms']:.2f}x its time"
+        lines.append(
+            f"{row['backend']:<12} {row['precision']:<9} {row['median_ms']:>9.1f} "
+            f"{row['p90_ms']:>8.1f} {row['memory_mb']:>7.0f}  {verdict}"
+        )
+    return lines
+
+
 def table(record: dict[str, Any]) -> list[str]:
     """The results as aligned text lines."""
     header = f"{'backend':<12} {'precision':<9} {'median ms':>9} {'p90 ms':>8} {'cosine min':>10} "
@@ -274,7 +369,10 @@ def table(record: dict[str, Any]) -> list[str]:
 def handle(args: argparse.Namespace) -> int:
     """Run ``vlm-edge bench``."""
     bundle = Bundle.open(args.bundle, verify=verify_mode(args))
-    record = measure_bundle(bundle, args)
+    baseline = None
+    if args.baseline is not None:
+        baseline = open_baseline(bundle, args.baseline, verify_mode(args))
+    record = measure_bundle(bundle, args, baseline)
     print(
         f"{record['model']} ({record['method']}) on {record['device']}; {record['images']}, "
         f"{record['rounds']} interleaved rounds"
@@ -284,6 +382,10 @@ def handle(args: argparse.Namespace) -> int:
     if rungs:
         print("ladder rungs (vlm-edge run --target-ms picks by p90):")
         print("\n".join(rungs))
+    full = baseline_table(record)
+    if full:
+        print("full tower (--baseline), timed in the same rounds:")
+        print("\n".join(full))
     text = json.dumps(record, indent=2) + "\n"
     if args.json is not None:
         atomic_write_bytes(args.json, text.encode("utf-8"))

@@ -104,8 +104,8 @@ def handle(args: argparse.Namespace) -> int:
     change = describe_change(bundle.labels, space.labels)
     templates = f"{len(space.templates)} templates '{space.template_spec}'"
     status(
-        f"{args.bundle}: {len(space.labels)} classes ({change}; {space.embedded} embedded with "
-        f"{templates})"
+        f"wrote {len(space.labels)} classes into {args.bundle} ({change}; {space.embedded} "
+        f"embedded with {templates})"
     )
     capacity = bundle.class_capacity
     if capacity is not None:

@@ -6,8 +6,14 @@ reduction block (kept, merged, pruned, already gone), the legend, the top-k clas
 zero-shot scores, and the engine's GFLOPs against the full tower's.
 
 Every image is classified on its own with method zeroshot (no adaptation state, all anchors
-off), so a picture does not depend on the other images. A full tower (method zeroshot or rail)
-condenses nothing: one line says so, and the pictures show the view and the top-k only.
+off), so a picture does not depend on the other images. That is also the score of the bundle's
+method on one image before it has adapted (TCA's reservoir is empty, RAIL has learned nothing);
+for an adapting method a line of the figure says that its adapted scores come from ``vlm-edge
+run``. Each reduction block's token counts are those ``vlm-edge info`` prints, beside the patch
+counts (which leave out the CLS token, the merge centres and the fused token).
+
+A full tower (method zeroshot or rail) condenses nothing: one line says so, and the pictures
+show the view and the top-k only.
 
 An image that cannot be read gives an error line and the others are still drawn; the exit status
 is then 1. Outputs never replace an input: a name that would is given a ``-2``, ``-3`` suffix.
@@ -105,6 +111,20 @@ def _check_grid(bundle: Bundle) -> None:
         )
 
 
+#: how each adapting method adapts (the figure's line on why its scores are zero-shot)
+ADAPTS = {
+    "tca": "over a stream of images",
+    "rail": "from a state learned with `vlm-edge learn`",
+    "tca+rail": "over a stream and from a learned state",
+}
+
+
+def token_flow(manifest: dict) -> list[tuple[int, int]]:
+    """(tokens in, tokens out) of each reduction block, as ``vlm-edge info`` prints them."""
+    condensation = manifest.get("condensation") or {}
+    return [(int(s["tokens_in"]), int(s["tokens_out"])) for s in condensation.get("schedule", [])]
+
+
 def _gflops(value: float) -> str:
     return f"{value:.2f}" if value >= 1 else f"{value:.2g}"
 
@@ -116,6 +136,12 @@ def _facts(bundle: Bundle, condensing: bool) -> list[str]:
     engine = float(flops.get("condensed_gflops") or full)
     weights = "RANDOM weights" if bundle.untrained else f"weights {model['pretrained']}"
     lines = [f"{model['name']} ({weights}), bundle method {bundle.method}, scores zero-shot"]
+    adapts = ADAPTS.get(bundle.method)
+    if adapts:
+        lines.append(
+            f"{bundle.method} adapts {adapts}; on one image, before it has adapted, it scores as "
+            "zero-shot: `vlm-edge run` gives the adapted scores"
+        )
     if condensing:
         lines.append(
             f"engine {_gflops(engine)} GFLOPs = {100 * engine / full:.0f}% of the full tower's "
@@ -140,13 +166,14 @@ def _draw(pipeline: Pipeline, image_path: Path, index: int, facts: list[str]) ->
     return explain_figure(
         seen,
         result.topk,
-        title=f"{image_path.name}: {name} ({100 * score:.1f}%)",
+        title=f"{image_path.name}: {name} (zero-shot {100 * score:.1f}%)",
         facts=facts,
         grid=patch_grid(pipeline.bundle.manifest),
         fate=result.token_fate,
         blocks=condensation.get("reduction_layers", ()),
         frame=image,
         box=box,
+        tokens=token_flow(pipeline.bundle.manifest),
     )
 
 

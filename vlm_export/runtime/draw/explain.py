@@ -29,6 +29,10 @@ LEGEND_NOTE = (
     "One cell per image patch; the counts are of patches. A token merged or fused at an earlier "
     "block has no cell (its patches show as already gone)."
 )
+TOKENS_NOTE = (
+    "Tokens in -> out (as `vlm-edge info` prints them) also count the CLS token, the merge "
+    "centres and the fused token, so they differ from the patch counts."
+)
 
 
 def upscale(seen: Image.Image, grid: tuple[int, int], target: int = PANEL_PX) -> Image.Image:
@@ -59,6 +63,8 @@ def explain_figure(
     size: int = 16,
     frame: Image.Image | None = None,
     box: Box | None = None,
+    tokens: Sequence[tuple[int, int]] = (),
+    scores: str = "zero-shot",
 ) -> Image.Image:
     """The whole figure as one RGB image.
 
@@ -66,7 +72,8 @@ def explain_figure(
     (rows, columns), ``fate`` the engine's [R, P] token fate (None for a full tower: then only
     the view and the top-k are drawn) and ``blocks`` the R reduction blocks' numbers. With the
     whole ``frame`` and the ``box`` of it that the engine saw, a first panel shows the frame with
-    that part outlined, when the crop left some of it out.
+    that part outlined, when the crop left some of it out. ``tokens`` gives each reduction
+    block's (tokens in, tokens out), ``scores`` names what the top-k bars are.
     """
     view = upscale(seen, grid)
     rows, cols = grid
@@ -86,9 +93,13 @@ def explain_figure(
     if fate is not None:
         fate = np.asarray(fate)
         labels = list(blocks) if len(blocks) == len(fate) else list(range(1, len(fate) + 1))
-        for block, row in zip(labels, fate, strict=True):
+        flows = list(tokens) if len(tokens) == len(fate) else [None] * len(fate)
+        for block, row, flow in zip(labels, fate, flows, strict=True):
             drawn = fate_overlay(view, row, grid)
-            panels.append(_panel(drawn, [f"reduction at block {block}", _counts_line(row)], size))
+            heading = f"reduction at block {block}"
+            if flow is not None:
+                heading += f": {flow[0]} -> {flow[1]} tokens"
+            panels.append(_panel(drawn, [heading, _counts_line(row)], size))
     row_of_panels = stack(panels, vertical=False, gap=size)
     header = [
         text_block([title], round(size * 1.4)),
@@ -97,7 +108,9 @@ def explain_figure(
     parts = [*header, row_of_panels]
     if fate is not None:
         parts.append(fate_legend(size, list(FATE_STYLE)))
-        parts.append(text_block([LEGEND_NOTE], size - 2, colour=MUTED))
+        notes = [LEGEND_NOTE, *([TOKENS_NOTE] if tokens else [])]
+        parts.append(text_block(notes, size - 2, colour=MUTED))
     bars_width = min(row_of_panels.width, max(2 * view.width, 560))
-    parts += [text_block([f"top {len(topk)} classes"], size), topk_bars(topk, bars_width, size)]
+    heading = text_block([f"top {len(topk)} classes ({scores})"], size)
+    parts += [heading, topk_bars(topk, bars_width, size)]
     return stack(parts, vertical=True, gap=size, pad=size)
