@@ -140,6 +140,23 @@ def test_heatmap_cells_take_the_scale_colour() -> None:
         assert scale_colour(value) in colours
 
 
+def test_heatmap_long_column_labels_stand_upright_and_whole() -> None:
+    """A domain name wider than its column is turned upright: each heading stays over its own
+    column, as tall as the name is wide (level, it was cut and ran into its neighbours)."""
+    from vlm_export.runtime.draw.style import font, text_size
+
+    names = ["a_rather_long_domain_name_here", "short", "another_long_one_for_columns"]
+    drawn = np.asarray(heatmap(np.full((3, 3), 0.5), ["r1", "r2", "r3"], names, "t", cell=60))
+    cells = np.all(drawn == scale_colour(0.5), axis=2)
+    rows, columns = np.nonzero(cells)
+    grid_top, left, right = rows.min(), columns.min(), columns.max()
+    ink = drawn[:grid_top].astype(int).sum(axis=2) < 300
+    assert not ink[:, right + 2 :].any()  # nothing past the last column
+    for j, name in enumerate(names):
+        heading = np.nonzero(ink[:, left + j * 60 : left + (j + 1) * 60 - 2].any(axis=1))[0]
+        assert heading.max() - heading.min() + 1 >= text_size(name, font(15))[0] - 2, name
+
+
 def test_explain_figure_holds_every_block_in_its_colours() -> None:
     grid = (2, 3)
     fate = np.array([[0, 0, 1, 2, 0, 0], [0, -1, -1, -1, 2, 1]])

@@ -206,3 +206,10 @@ def test_reservoir_state_follows_the_new_classes(bundle, tmp_path, capsys) -> No
         if j is not None:
             for key, array in after.state_arrays().items():
                 np.testing.assert_array_equal(array[i], before.state_arrays()[key][j])
+    # a run with the changed classes says how many entries of the removed class it dropped
+    dropped = int(before.counts()[EXPORTED.index("bird")])
+    capsys.readouterr()
+    resumed = [*run[:-1], "--state", str(state), "--out", str(tmp_path / "b.jsonl")]
+    assert main(resumed) == 0
+    line = f"dropped {dropped} reservoir entries of classes the bundle no longer has"
+    assert dropped > 0 and line in capsys.readouterr().err

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakebundle import make_bundle, write_images
+from fakebundle import DOMAINS, make_bundle, write_images
 from PIL import Image
 
 from vlm_export.runtime.bundle import Bundle
@@ -146,6 +146,27 @@ def test_json_plot_and_table(
     assert "zero-shot" in out and "TCA" in out and "ECE %" in out and "cat" in out
     with Image.open(plot) as image:
         assert image.size[0] > 600 and image.format == "PNG"
+
+
+def test_a_domain_per_folder_root_reads_the_same_images(
+    tta_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DATA/<domain>/<class>/ (as learn and eval read it) holds the same labelled images as
+    DATA/<class>/: zero-shot decides each alone, so its results agree; each run names its layout."""
+    bundle_dir, data = tta_data
+    domains = tmp_path / "domains"
+    for domain, members in DOMAINS.items():
+        for name in members:
+            shutil.copytree(data / name, domains / domain / name)
+    results = []
+    for root, layout in ((data, "ROOT/CLASS"), (domains, "ROOT/DOMAIN/CLASS: 2 domain folder")):
+        out = tmp_path / "r.json"
+        assert main(["eval-tta", str(bundle_dir), str(root), "--json", str(out)]) == 0
+        assert f"vlm-edge: layout {layout}" in capsys.readouterr().err
+        results.append(json.loads(out.read_text()))
+    assert results[0]["images"] == results[1]["images"] == 30
+    flat, by_domain = (r["results"]["zeroshot"] for r in results)
+    assert flat["top1"] == by_domain["top1"] and flat["per_class"] == by_domain["per_class"]
 
 
 def test_unknown_empty_and_unreadable(

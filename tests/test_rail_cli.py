@@ -270,6 +270,46 @@ def test_learn_bad_input_leaves_the_state_alone(
     _fails(capsys, learn(tools), "non-finite", state)
 
 
+def test_learn_reads_a_domain_root_and_takes_the_only_domain(
+    bundle_dir, data, encoder, tmp_path, capsys
+) -> None:
+    """DATA_DIR/<domain>/<class>/ learns what DATA_DIR/<domain> does, and says which layout it
+    found; --domain may be left out only when the bundle has one domain."""
+    by_class, by_domain = tmp_path / "class.npz", tmp_path / "domain.npz"
+    err = _learn(capsys, bundle_dir, data, "shapes", by_class)
+    assert f"vlm-edge: layout ROOT/CLASS: class folders in {data / 'learn' / 'shapes'}" in err
+    code, _, err = _edge(
+        capsys, "learn", bundle_dir, data / "learn", "--domain", "shapes", "--state", by_domain,
+        "--shots", 3, *HIDDEN,
+    )  # fmt: skip
+    assert code == 0 and any("layout ROOT/DOMAIN/CLASS: 1 domain folder(s)" in e for e in err)
+    fingerprint = encoder.bundle.fingerprint
+    first, second = (load_learner_state(p, fingerprint) for p in (by_class, by_domain))
+    np.testing.assert_array_equal(first.gram, second.gram)
+    argv = ["learn", bundle_dir, data / "learn" / "tools", "--state", tmp_path / "x.npz"]
+    _fails(capsys, argv, "the bundle has 2 domains (shapes, tools): name one with --domain")
+
+    torch = pytest.importorskip("torch")
+    from vlm_export.export.pipeline import ExportOptions, export_bundle
+
+    torch.manual_seed(0)
+    options = ExportOptions(
+        method="rail",
+        model="vlm-test-tiny",
+        domains=DOMAINS[1:],
+        out=tmp_path / "one",
+        templates="single",
+        quiet=True,
+    )
+    one = export_bundle(options)
+    state = tmp_path / "one.npz"
+    code, _, err = _edge(capsys, "learn", one, data / "learn", "--state", state, "--shots", 3)
+    assert code == 0, err
+    assert "vlm-edge: domain tools (the bundle's only one)" in err
+    assert any("layout ROOT/DOMAIN/CLASS" in line for line in err)
+    assert load_learner_state(state, Bundle.open(one).fingerprint).num_samples == 9
+
+
 # ------------------------------------------------------------------ eval
 def test_eval_fills_the_whole_table(bundle_dir, xtail, tmp_path, capsys) -> None:
     root, order = xtail
@@ -311,6 +351,68 @@ def test_eval_fills_the_whole_table(bundle_dir, xtail, tmp_path, capsys) -> None
     report = json.loads(out.read_text())
     assert report["base"] == "tca" and set(report["results"]) == {"zeroshot", "primal"}
     assert [d["test_images"] for d in report["domains"]] == [3, 3]
+
+
+def test_eval_of_a_given_state_learns_nothing(
+    bundle_dir, data, xtail, encoder, tmp_path, capsys
+) -> None:
+    """--rail-state: zero-shot and the state's fused accuracy on each domain's test images, the
+    state left as it was; zero-shot equals the learning run's first row."""
+    root, order = xtail
+    state, inference = tmp_path / "s.npz", tmp_path / "i.npz"
+    _learn(capsys, bundle_dir, data, order[0], state)
+    _learn(capsys, bundle_dir, data, order[1], state, "--inference-state", inference)
+    before = state.read_bytes()
+    out, learned = tmp_path / "state.json", tmp_path / "learned.json"
+    argv = ["eval", bundle_dir, root, "--order", ",".join(order), "--shots", 3, "--method"]
+    code, _, err = _edge(capsys, *argv, "zeroshot", *HIDDEN, "--json", learned)
+    message = f"vlm-edge: learning {', '.join(order)} in order (primal, dual), testing after each"
+    assert code == 0 and message in err
+    plot = tmp_path / "state.png"
+    extra = ["--rail-state", inference, "--json", out, "--plot", plot]
+    code, stdout, err = _edge(capsys, *argv, "zeroshot", *extra)
+    assert code == 0, err
+    assert f"vlm-edge: testing {inference} on {', '.join(order)} without learning" in err
+    assert state.read_bytes() == before
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"zeroshot", "rail"} and report["rail_state"] == str(inference)
+    first_row = json.loads(learned.read_text())["results"]["zeroshot"]["table"][0]
+    assert report["results"]["zeroshot"]["accuracy"] == first_row
+    predictor = load_inference_state(inference, encoder.bundle.fingerprint)
+    beta = report["results"]["rail"]["beta"]
+    for j, domain in enumerate(order):
+        paths = sorted((root / domain).glob("test/*/*.png")) or sorted(
+            p for p in (root / domain).glob("*/*.png") if int(p.stem) >= 3
+        )
+        labels = np.array([FOLDERS.index((domain, p.parent.name)) for p in paths])
+        features = encoder(paths)
+        scores = fuse(
+            encoder.logits(features), predictor.predict(features), predictor.learned_mask, beta
+        )
+        expected = float(np.mean(scores.argmax(axis=1) == labels))
+        assert report["results"]["rail"]["accuracy"][j] == pytest.approx(expected, abs=1e-9)
+    assert "Average" in stdout and Image.open(plot).format == "PNG"
+    rail, zeroshot = (report["results"][m]["accuracy"] for m in ("rail", "zeroshot"))
+    assert rail != zeroshot  # the state changed some decisions
+    _fails(
+        capsys, [*argv, "zeroshot", "--rail-state", inference, "--form", "dual"], "--form is for"
+    )
+
+
+def test_eval_reads_a_class_folder_root_for_one_domain(bundle_dir, xtail, tmp_path, capsys):
+    root, (unsplit, second) = xtail
+    results = []
+    for data in (root, root / unsplit):
+        out = tmp_path / "r.json"
+        argv = ["eval", bundle_dir, data, "--order", unsplit, "--shots", 3, "--json", out, *HIDDEN]
+        code, _, err = _edge(capsys, *argv)
+        assert code == 0, err
+        kind = "ROOT/DOMAIN/CLASS" if data == root else "ROOT/CLASS"
+        assert any(f"layout {kind}" in line for line in err)
+        results.append(json.loads(out.read_text())["results"])
+    assert results[0] == results[1]
+    argv = ["eval", bundle_dir, root / unsplit, "--order", f"{unsplit},{second}", "--shots", 3]
+    _fails(capsys, argv, "holds no domain folder: several domains need")
 
 
 def test_eval_bad_input(bundle_dir, xtail, tmp_path, capsys) -> None:

@@ -7,6 +7,9 @@ after another, and after every step each domain's test set is classified over th
 label space: the full accuracy table (future domains included) for zero-shot and for each RAIL
 form, with Transfer, Average and Last (spec/rail.md section 1).
 
+With ``--rail-state FILE`` (a learner or inference state of ``learn`` or ``merge``) nothing is
+learned: the state and zero-shot are tested on each domain's test images, one row each.
+
 Every image is embedded once: training images by the plain tower (no anchors), test images by the
 base method, ``zeroshot`` or ``tca`` (a fresh TCA reservoir per test domain, images in file-name
 order). The features are kept in memory and shared by all forms.
@@ -30,6 +33,7 @@ from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import (
     BUNDLE,
     OUT,
+    READ,
     add_engine_arguments,
     media_tree,
     open_engine,
@@ -47,16 +51,19 @@ from vlm_export.runtime.draw.heatmap import heatmap
 from vlm_export.runtime.draw.style import stack, text_block
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.pipeline import METHOD_STAGES, Pipeline
-from vlm_export.runtime.rail.dataset import DomainData, domain_data
+from vlm_export.runtime.rail.dataset import DomainData, domain_data, read_layout
 from vlm_export.runtime.rail.embed import embed_images
+from vlm_export.runtime.rail.fusion import fuse
 from vlm_export.runtime.rail.models import (
     FORMS,
     LearnerOptions,
     check_options,
+    describe,
     fusion_beta,
     new_learner,
+    open_fusion,
 )
-from vlm_export.runtime.rail.xtail import run_xtail, xtail_metrics
+from vlm_export.runtime.rail.xtail import accuracy, run_xtail, xtail_metrics
 
 BASES = ("zeroshot", "tca")
 METRICS = ("transfer", "average", "last")
@@ -71,8 +78,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "eval",
         help="X-TAIL evaluation: learn domains in order, test on all after each step",
         description="Run the X-TAIL protocol over DATA_ROOT/<domain>/{train,test}/<class>/ (or "
-        "DATA_ROOT/<domain>/<class>/, split by --shots): the full accuracy table and Transfer, "
-        "Average, Last for zero-shot and RAIL.",
+        "DATA_ROOT/<domain>/<class>/, split by --shots; for one domain DATA_ROOT may be its "
+        "folder): the full accuracy table and Transfer, Average, Last for zero-shot and RAIL. "
+        "With --rail-state: that state's accuracy on each domain, learning nothing.",
     )
     parser.add_argument(
         "bundle", type=BUNDLE, metavar="BUNDLE", help="bundle folder written by vlm-export"
@@ -91,7 +99,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--test-per-class", type=int, metavar="N", help="test on the first N images per class"
     )
     parser.add_argument(
-        "--form", choices=(*FORMS, "both"), default="both", help="RAIL form(s) (default both)"
+        "--form", choices=(*FORMS, "both"), help="RAIL form(s) to learn (default both)"
+    )
+    parser.add_argument(
+        "--rail-state",
+        type=READ,
+        metavar="FILE",
+        help="evaluate this learner or inference state (vlm-edge learn, merge) on the test "
+        "images instead of learning the domains in order",
     )
     parser.add_argument(
         "--method",
@@ -130,13 +145,15 @@ def _embed(
     base: str,
     progress: bool,
     max_pixels: int | None,
+    learn: bool = True,
 ) -> tuple[TrainSet, TestSet]:
-    """Training features (plain tower) and test features and logits (base method), per domain."""
+    """Training features (plain tower; none unless ``learn``) and test features and logits (base
+    method), per domain."""
     plain = Pipeline(bundle, backend, "zeroshot")
     plain.preprocessor.max_pixels = max_pixels
-    paths = [path for domain in data for path in domain.train.paths]
+    paths = [path for domain in data for path in domain.train.paths] if learn else []
     features, _ = embed_images(plain, paths, "training images", progress)
-    bounds = np.cumsum([0] + [len(domain.train) for domain in data])
+    bounds = np.cumsum([0] + [len(domain.train) if learn else 0 for domain in data])
     train = [
         (features[start:stop], domain.train.labels)
         for domain, start, stop in zip(data, bounds[:-1], bounds[1:], strict=True)
@@ -175,6 +192,34 @@ def evaluate(
     return results
 
 
+def evaluate_state(bundle: Bundle, test: TestSet, path: str) -> dict[str, dict[str, Any]]:
+    """Accuracy on each domain of zero-shot and of the RAIL state at ``path`` (nothing learned)."""
+    fusion = open_fusion(path, bundle)
+    status(f"RAIL state {path}: {describe(fusion.adapter)}")
+    zeroshot, rail = [], []
+    for features, logits, labels in test:
+        zeroshot.append(accuracy(logits, labels))
+        adapter = fusion.adapter.predict(features)
+        rail.append(
+            accuracy(fuse(logits, adapter, fusion.adapter.learned_mask, fusion.beta), labels)
+        )
+    return {
+        "zeroshot": {"accuracy": zeroshot, "average": float(np.mean(zeroshot))},
+        "rail": {"accuracy": rail, "average": float(np.mean(rail)), "beta": fusion.beta},
+    }
+
+
+def state_lines(order: list[str], results: dict[str, dict[str, Any]], path: str) -> list[str]:
+    """The accuracy of each method (rows) on each domain (columns) and its average, in %."""
+    width = max(10, *(len(name) + 2 for name in order))
+    lines = [f"accuracy (%) on each domain (columns) of zero-shot and of {path} (nothing learned)"]
+    lines += ["", f"{'method':<12}" + "".join(f"{n:>{width}}" for n in [*order, "Average"])]
+    for method, result in results.items():
+        values = [*result["accuracy"], result["average"]]
+        lines.append(f"{method:<12}" + "".join(f"{_percent(v):>{width}}" for v in values))
+    return lines
+
+
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
@@ -200,16 +245,21 @@ def plot(order: list[str], results: dict[str, dict[str, Any]], path: str) -> Non
     """Write the accuracy tables side by side as heatmaps, each with its metrics, as a PNG."""
     rows = [f"{step + 1} after {name}" for step, name in enumerate(order)]
     maps = []
+    lines = [
+        "X-TAIL accuracy (%) on each domain (columns) after each learning step (rows)",
+        "above the diagonal: domains not learned yet",
+    ]
     for method, result in results.items():
+        if "table" not in result:  # --rail-state: one row per method, drawn together below
+            continue
         note = ", ".join(f"{m.title()} {_percent(result[m])}" for m in METRICS)
         maps.append(heatmap(np.array(result["table"], dtype=float), rows, order, method, note))
-    title = text_block(
-        [
-            "X-TAIL accuracy (%) on each domain (columns) after each learning step (rows)",
-            "above the diagonal: domains not learned yet",
-        ],
-        16,
-    )
+    if not maps:
+        table = np.array([result["accuracy"] for result in results.values()], dtype=float)
+        averages = ", ".join(f"{m} {_percent(r['average'])}" for m, r in results.items())
+        maps.append(heatmap(table, list(results), order, "RAIL state", f"Average: {averages}"))
+        lines = ["accuracy (%) on each domain (columns) of zero-shot and the state (rows)"]
+    title = text_block(lines, 16)
     figure = stack([title, stack(maps, vertical=False, gap=40)], vertical=True, gap=16, pad=16)
     with atomic_file(path) as handle:
         figure.save(handle, format="PNG")
@@ -239,26 +289,43 @@ def handle(args: argparse.Namespace) -> int:
         check_can_create(args.json)
     if args.plot is not None:
         _check_plot(args.plot, args.json, args.data_root)
-    forms = list(FORMS) if args.form == "both" else [args.form]
+    forms = list(FORMS) if args.form in (None, "both") else [args.form]
+    if args.rail_state:
+        names = ("form", "hidden_dim", "seed", "route")
+        given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None]
+        if given:
+            raise UserError(f"--rail-state is learned already: {', '.join(given)} is for learning")
+        forms = []
     if forms == ["dual"]:
         check_options(learner_options(args, "dual"), "dual")
     bundle = Bundle.open(args.bundle, verify=verify_mode(args))
     base = args.method or ("tca" if METHOD_STAGES[bundle.method].tca else "zeroshot")
     order = _order(bundle, args.order)
-    root = Path(args.data_root)
-    data = [domain_data(bundle, root, name, args.shots, args.test_per_class) for name in order]
+    layout = read_layout(bundle, Path(args.data_root), order)
+    status(layout.describe())
+    data = [domain_data(bundle, layout, name, args.shots, args.test_per_class) for name in order]
+    if args.rail_state:
+        status(f"testing {args.rail_state} on {', '.join(order)} without learning")
+    else:
+        status(f"learning {', '.join(order)} in order ({', '.join(forms)}), testing after each")
+    learn = not args.rail_state
     with contextlib.ExitStack() as stack:
         backend = open_engine(bundle, args)
         stack.callback(backend.close)
         start = time.perf_counter()
-        train, test = _embed(bundle, backend, data, base, show_progress(args), args.max_pixels)
-    images = sum(len(d.train) + len(d.test) for d in data)
+        progress = show_progress(args)
+        train, test = _embed(bundle, backend, data, base, progress, args.max_pixels, learn)
+    images = sum((len(d.train) if learn else 0) + len(d.test) for d in data)
     status(
         f"embedded {images} images on {backend.description} in {time.perf_counter() - start:.1f} s"
         f" (base {base})"
     )
-    results = evaluate(bundle, train, test, forms, args)
-    print("\n".join(report_lines(order, results)), flush=True)
+    if args.rail_state:
+        results = evaluate_state(bundle, test, args.rail_state)
+        print("\n".join(state_lines(order, results, args.rail_state)), flush=True)
+    else:
+        results = evaluate(bundle, train, test, forms, args)
+        print("\n".join(report_lines(order, results)), flush=True)
     if args.json:
         document = {
             "bundle": {"path": str(bundle.path), "fingerprint": bundle.fingerprint},
@@ -266,6 +333,7 @@ def handle(args: argparse.Namespace) -> int:
             "shots": args.shots,
             "test_per_class": args.test_per_class,
             "base": base,
+            "rail_state": args.rail_state,
             "domains": [
                 {
                     "name": d.name,

@@ -37,10 +37,11 @@ from vlm_export.runtime.commands import (
     verify_mode,
 )
 from vlm_export.runtime.commands._rail import show_progress
-from vlm_export.runtime.datasets.layouts import EvalSet, load_test_set
-from vlm_export.runtime.datasets.registry import dataset_names, get_dataset
+from vlm_export.runtime.datasets.layouts import EvalSet, joined, load_test_set
+from vlm_export.runtime.datasets.registry import DatasetSpec, dataset_names, get_dataset
 from vlm_export.runtime.draw.reliability import reliability_diagram
 from vlm_export.runtime.pipeline import METHOD_STAGES, Pipeline
+from vlm_export.runtime.rail.dataset import read_layout
 from vlm_export.runtime.tca.calibration import (
     ECE_BINS,
     expected_calibration_error,
@@ -71,7 +72,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "data",
         type=media_tree(4),
-        help="test set: class-per-folder (DATA/<class>/<images>) or a --dataset layout",
+        help="test set: class-per-folder (DATA/<class>/<images>), one folder per domain "
+        "(DATA/<domain>/<class>/<images>) or a --dataset layout",
     )
     parser.add_argument(
         "--dataset",
@@ -128,6 +130,17 @@ def _open_bundles(args: argparse.Namespace) -> tuple[Bundle, Bundle | None]:
                 f"({baseline.num_classes} vs {bundle.num_classes}); export both with one list"
             )
     return bundle, baseline
+
+
+def _test_set(args: argparse.Namespace, bundle: Bundle, dataset: DatasetSpec | None) -> EvalSet:
+    """The labelled test images: of every domain folder (DATA/<domain>/<class>/), or of DATA."""
+    root = Path(args.data)
+    if dataset is not None:  # the dataset's own layout
+        return load_test_set(bundle, root, dataset, args.ignore_unknown)
+    layout = read_layout(bundle, root, bundle.domains)
+    status(layout.describe())
+    folders = list(layout.folders.values()) or [root]
+    return joined([load_test_set(bundle, f, None, args.ignore_unknown) for f in folders])
 
 
 def _gflops(bundle: Bundle) -> float | None:
@@ -231,7 +244,7 @@ def handle(args: argparse.Namespace) -> int:
     _check_outputs(args)
     dataset = get_dataset(args.dataset) if args.dataset else None
     bundle, baseline = _open_bundles(args)
-    test = load_test_set(bundle, Path(args.data), dataset, args.ignore_unknown)
+    test = _test_set(args, bundle, dataset)
     if test.unknown:
         status(
             f"left out {len(test.unknown)} classes the bundle does not have: "

@@ -1,12 +1,14 @@
-"""``vlm-edge learn BUNDLE DATA_DIR --domain NAME --state FILE``: RAIL learns one domain.
+"""``vlm-edge learn BUNDLE DATA_DIR [--domain NAME] --state FILE``: RAIL learns one domain.
 
 DATA_DIR is class-per-folder, ``DATA_DIR/<class>/<images>``, each folder a class of the domain in
-the bundle (see runtime.rail.dataset). The first --shots images of each class, in file-name order,
-are embedded by the bundle's engine (a condensing engine runs with all anchors invalid, so these
-are the plain tower's features) and learned with their global class indices. An existing --state
-is loaded and learning continues (the next domain); classes it has already learned are refused,
-since their images would count twice. The learner state, and the predict-only inference state if
-asked, are written atomically; on any error the state files are left as they were.
+the bundle, or holds one folder per domain, ``DATA_DIR/<domain>/<class>/<images>`` (see
+runtime.rail.dataset). --domain may be left out when the bundle has one domain. The first --shots
+images of each class, in file-name order, are embedded by the bundle's engine (a condensing
+engine runs with all anchors invalid, so these are the plain tower's features) and learned with
+their global class indices. An existing --state is loaded and learning continues (the next
+domain); classes it has already learned are refused, since their images would count twice. The
+learner state, and the predict-only inference state if asked, are written atomically; on any
+error the state files are left as they were.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from vlm_export.runtime.commands._rail import (
 )
 from vlm_export.runtime.pipeline import Pipeline
 from vlm_export.runtime.rail import footprint
-from vlm_export.runtime.rail.dataset import LabelledImages, training_images
+from vlm_export.runtime.rail.dataset import LabelledImages, read_layout, training_images
 from vlm_export.runtime.rail.dual import DualAdapter
 from vlm_export.runtime.rail.embed import embed_images
 from vlm_export.runtime.rail.models import (
@@ -66,18 +68,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "learn",
         help="learn a domain's classes with RAIL from labelled images",
         description="Learn one domain with RAIL from class-per-folder images "
-        "(DATA_DIR/<class>/<images>), continuing --state if it exists.",
+        "(DATA_DIR/<class>/<images>, or DATA_DIR/<domain>/<class>/<images>), continuing --state "
+        "if it exists.",
     )
     parser.add_argument(
         "bundle", type=BUNDLE, metavar="BUNDLE", help="bundle folder written by vlm-export"
     )
     parser.add_argument(
         "data_dir",
-        type=media_tree(2),
+        type=media_tree(3),
         metavar="DATA_DIR",
-        help="class-per-folder images: DATA_DIR/<class>/<images>",
+        help="class-per-folder images: DATA_DIR/<class>/<images> or DATA_DIR/<domain>/<class>/...",
     )
-    parser.add_argument("--domain", required=True, help="the bundle domain of these classes")
+    parser.add_argument(
+        "--domain", help="the bundle domain of these classes (default: the bundle's only one)"
+    )
     parser.add_argument(
         "--state",
         type=STATE,
@@ -142,6 +147,20 @@ def _learner(bundle: Bundle, path: str, options: LearnerOptions) -> Learner:
     return new_learner(bundle, options.form or "primal", options)
 
 
+def _domain(bundle: Bundle, domain: str | None) -> str:
+    """--domain, or the bundle's only domain when it is left out."""
+    if domain is not None:
+        bundle.domain_class_indices(domain)  # an unknown domain is refused here
+        return domain
+    if len(bundle.domains) != 1:
+        shown = ", ".join(name[:80] for name in bundle.domains[:10])
+        raise UserError(
+            f"the bundle has {len(bundle.domains)} domains ({shown}): name one with --domain"
+        )
+    status(f"domain {bundle.domains[0]} (the bundle's only one)")
+    return bundle.domains[0]
+
+
 def _check_new_classes(
     bundle: Bundle, learner: Learner, data: LabelledImages, domain: str, state: str
 ) -> None:
@@ -186,7 +205,10 @@ def handle(args: argparse.Namespace) -> int:
         check_can_create(path)  # before minutes of embedding and solving, not after
     bundle = Bundle.open(args.bundle, verify=verify_mode(args))
     learner = _learner(bundle, args.state, learner_options(args, args.form))
-    data = training_images(bundle, args.domain, Path(args.data_dir), args.shots)
+    args.domain = _domain(bundle, args.domain)
+    layout = read_layout(bundle, Path(args.data_dir), [args.domain])
+    status(layout.describe())
+    data = training_images(bundle, args.domain, layout.folder(args.domain), args.shots)
     _check_new_classes(bundle, learner, data, args.domain, args.state)
     if isinstance(learner, DualAdapter):
         footprint.check_dual(learner.in_dim, learner.num_classes, learner.num_samples + len(data))

@@ -452,6 +452,11 @@ def handle(args: argparse.Namespace) -> int:
         reservoir = build_reservoir(bundle, _overrides(args), args.state)
         if resumed:
             status(f"resumed state {args.state} ({int(reservoir.counts().sum())} entries)")
+            if reservoir.dropped_entries:
+                status(
+                    f"dropped {reservoir.dropped_entries} reservoir entries of classes the "
+                    "bundle no longer has"
+                )
     if args.rail_state:
         fusion = open_fusion(args.rail_state, bundle)
         status(f"RAIL state {args.rail_state}: {describe(fusion.adapter)}")

@@ -46,6 +46,18 @@ class EvalSet:
         return len(self.paths)
 
 
+def joined(sets: list[EvalSet]) -> EvalSet:
+    """One set of the images (and what was left out) of ``sets``, in their order."""
+    if len(sets) == 1:
+        return sets[0]
+    return EvalSet(
+        [path for test in sets for path in test.paths],
+        np.concatenate([test.labels for test in sets]),
+        sorted({name for test in sets for name in test.unknown}),
+        sorted({name for test in sets for name in test.empty}),
+    )
+
+
 def normal_name(name: str) -> str:
     """A class name's prompt form for matching: '_' as ' ', case and outer spaces ignored."""
     return " ".join(name.replace("_", " ").split()).lower()

@@ -12,6 +12,7 @@ from vlm_export.runtime.draw.style import (
     INK,
     MUTED,
     Colour,
+    Font,
     font,
     stack,
     text_block,
@@ -37,6 +38,18 @@ def _ink_on(colour: Colour) -> Colour:
     return INK if luminance > 140 else (255, 255, 255)
 
 
+def _column_heads(labels: Sequence[str], face: Font, line: int, room: int) -> list[Image.Image]:
+    """Each column label as a picture: level when every label fits its column (``room`` pixels),
+    else all turned upright (read bottom to top), so that none is cut or runs into the next."""
+    level = all(text_size(label, face)[0] <= room for label in labels)
+    heads = []
+    for label in labels:
+        head = Image.new("RGB", (text_size(label, face)[0], line), BACKGROUND)
+        ImageDraw.Draw(head).text((0, 0), label, fill=INK, font=face)
+        heads.append(head if level else head.rotate(90, expand=True))
+    return heads
+
+
 def heatmap(
     table: np.ndarray,
     row_labels: Sequence[str],
@@ -47,19 +60,21 @@ def heatmap(
     size: int = 15,
 ) -> Image.Image:
     """A [rows, cols] table of values in [0, 1] (NaN: an empty cell) as coloured cells with the
-    values in percent, row labels on the left, column labels on top, a title and a note below."""
+    values in percent, row labels on the left, column labels on top (upright when one is wider
+    than its column), a title and a note below."""
     table = np.asarray(table, dtype=float)
     rows, cols = table.shape
     row_labels, col_labels = [printable(s) for s in row_labels], [printable(s) for s in col_labels]
     face = font(size)
     label_w = max((text_size(label, face)[0] for label in row_labels), default=0) + size
     line = text_size("Hg", face)[1]
-    top = line + size // 2
+    heads = _column_heads(col_labels, face, line, cell - size // 2)
+    top = max((head.height for head in heads), default=line) + size // 2
     image = Image.new("RGB", (label_w + cols * cell, top + rows * cell), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    for j, label in enumerate(col_labels):
-        width = text_size(label, face)[0]
-        draw.text((label_w + j * cell + (cell - width) // 2, 0), label, fill=INK, font=face)
+    for j, head in enumerate(heads):
+        x = label_w + j * cell + (cell - head.width) // 2
+        image.paste(head, (x, top - size // 2 - head.height))
     for i, label in enumerate(row_labels):
         y = top + i * cell
         draw.text((0, y + (cell - line) // 2), label, fill=INK, font=face)

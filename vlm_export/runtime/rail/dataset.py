@@ -5,9 +5,11 @@ that domain's classes in the bundle, exactly or in its prompt form ("_" and " " 
 that names a single class. Images are taken in file-name order, so "the first N shots" of a class
 are the same on every device.
 
-The X-TAIL evaluation root holds one folder per domain, ``ROOT/<domain>/``, either split as
-``train/<class>/`` and ``test/<class>/``, or unsplit ``<class>/``: then the first ``shots`` images
-of each class train and the rest test.
+A data root (``learn``, ``eval``, ``eval-tta``: ``read_layout``) is class-per-folder for one
+domain, ``ROOT/<class>/``, or holds one folder per domain, ``ROOT/<domain>/<class>/``, for several.
+For the X-TAIL evaluation a domain's folder is either split as ``train/<class>/`` and
+``test/<class>/``, or unsplit ``<class>/``: then the first ``shots`` images of each class train
+and the rest test.
 """
 
 from __future__ import annotations
@@ -53,6 +55,48 @@ class DomainData:
     train: LabelledImages
     test: LabelledImages
     split: bool
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the domains' class folders lie under a data root."""
+
+    root: Path
+    domains: tuple[str, ...]  # the domains asked for
+    folders: dict[str, Path]  # domain -> its folder (ROOT/DOMAIN); empty: ROOT is class-per-folder
+
+    def describe(self) -> str:
+        """The layout found, for a status line."""
+        if self.folders:
+            return f"layout ROOT/DOMAIN/CLASS: {len(self.folders)} domain folder(s) in {self.root}"
+        return f"layout ROOT/CLASS: class folders in {self.root}"
+
+    def folder(self, domain: str) -> Path:
+        """The folder of ``domain``'s classes (or of its train/ and test/ split)."""
+        if self.folders:
+            if domain not in self.folders:
+                raise DatasetError(f"no folder for domain {domain!r}: {self.root / domain}")
+            return self.folders[domain]
+        if len(self.domains) > 1:
+            raise DatasetError(
+                f"{self.root} holds no domain folder: several domains need "
+                f"{self.root}/<domain>/<class>/ (class-per-folder is for one domain)"
+            )
+        return self.root
+
+
+def read_layout(bundle: Bundle, root: Path, domains: Sequence[str]) -> Layout:
+    """The layout of ``root`` for ``domains``: ROOT/DOMAIN/CLASS when it holds a folder named
+    after one of them (and not after a class), else class-per-folder."""
+    if not root.is_dir():
+        raise DatasetError(f"data folder not found: {root}")
+    classes = {_prompt_form(name) for name in bundle.classes}
+    folders = {
+        name: root / name
+        for name in domains
+        if (root / name).is_dir() and _prompt_form(name) not in classes
+    }
+    return Layout(root, tuple(domains), folders)
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -148,16 +192,14 @@ def _split_layout(folder: Path, classes: set[str]) -> bool:
 
 
 def domain_data(
-    bundle: Bundle, root: Path, domain: str, shots: int, test_per_class: int | None
+    bundle: Bundle, layout: Layout, domain: str, shots: int, test_per_class: int | None
 ) -> DomainData:
-    """Training and test images of one domain under ``root`` (see the module doc for layouts).
+    """Training and test images of one domain of ``layout`` (see the module doc for layouts).
 
     ``test_per_class`` keeps the first N test images of each class (None: all).
     """
     classes = {bundle.classes[i] for i in bundle.domain_class_indices(domain)}
-    folder = root / domain
-    if not folder.is_dir():
-        raise DatasetError(f"no folder for domain {domain!r}: {folder}")
+    folder = layout.folder(domain)
     split = _split_layout(folder, classes)
     if split:
         train = training_images(bundle, domain, folder / "train", shots)

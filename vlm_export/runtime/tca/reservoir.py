@@ -195,6 +195,7 @@ class TokenReservoir:
         self.width = int(width)
         self.anchor_layers = tuple(int(i) for i in layers)
         self.version = 0
+        self.dropped_entries = 0  # entries of classes select_classes left out (for a message)
         self._changed: set[int] | None = set()  # classes whose anchor moved; None: all of them
 
         classes, slots = self.num_classes, config.capacity
@@ -357,7 +358,7 @@ class TokenReservoir:
         """A reservoir for another label space: class i holds the entries of this reservoir's
         class ``sources[i]``, or none when that is None (``core.labels.label_sources`` maps labels
         to sources). Same config and geometry, ``anchor_rows`` (default: this one's); anchors are
-        rebuilt from the moved entries."""
+        rebuilt from the moved entries; ``dropped_entries`` of the new one counts those left out."""
         for source in sources:
             if source is not None and not (_is_int(source) and 0 <= source < self.num_classes):
                 raise ValueError(f"source class {source} is not in 0..{self.num_classes - 1}")
@@ -381,6 +382,7 @@ class TokenReservoir:
         for name, array in current.items():
             arrays[name][chosen] = array[old]
         new.load_state_arrays(arrays)
+        new.dropped_entries = int(self._counts.sum() - self._counts[old].sum())
         return new
 
     # ------------------------------------------------------------------ persistence
