@@ -336,22 +336,27 @@ def test_state_of_a_source_is_refused_as_an_input(world, tmp_path, capsys) -> No
     assert "which this run reads" in _error_line(capsys)
 
 
-def test_without_the_serve_extra_one_line_names_it(world, tmp_path) -> None:
+@pytest.mark.parametrize("missing", ["fastapi", "prometheus_client", "paho"])
+def test_without_the_serve_extra_one_line_names_it(world, tmp_path, missing) -> None:
+    """Whichever [serve] package is missing, and whatever options would import the service's
+    modules (state dir, a JSONL sink), the answer is the one line naming the extra."""
     import subprocess
     import sys
 
     code = (
-        "import sys; sys.modules['fastapi'] = None\n"
+        f"import sys; sys.modules[{missing!r}] = None\n"
         "from vlm_export.runtime.cli import main\n"
         f"sys.exit(main(['serve', {str(world / 'bundle')!r}, '--source', "
-        f"'a={world / 'front'}', '--port', '1']))"
+        f"'a={world / 'front'}', '--port', '1', '--state-dir', {str(tmp_path / 's')!r}, "
+        f"'--events', 'jsonl:{tmp_path / 'e.jsonl'}']))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1
+    assert done.returncode == 1, done.stderr
     assert done.stderr.strip().splitlines() == [
-        'vlm-edge: error: vlm-edge serve needs fastapi: pip install ".[serve]" (or '
+        f'vlm-edge: error: vlm-edge serve needs {missing}: pip install ".[serve]" (or '
         "'vlm-export[serve]')"
     ]
+    assert not (tmp_path / "s").exists() and not (tmp_path / "e.jsonl").exists()
 
 
 def test_concurrent_classify_while_frames_run(world, tmp_path) -> None:

@@ -316,10 +316,10 @@ def _signals(stop: _Stop) -> Iterator[None]:
 
 def handle(args: argparse.Namespace) -> int:
     """Check everything, start the service and the HTTP server; stop cleanly on a signal."""
+    check_installed()  # first: the checks below import the service's own modules
     settings = settings_from(args)
     settings.threads = thread_count(settings.threads)
     check_settings(settings)
-    check_installed()
     stop = _Stop()  # from here on a stop signal is an orderly stop, even while starting
     with _signals(stop):
         return _serve(settings, stop)
