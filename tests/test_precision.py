@@ -129,6 +129,13 @@ def test_bf16_pins_condensation_layernorm_and_softmax(tiny_tca) -> None:
     )
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known defect: OpenVINO 2025+ replaced the disable_fp16_compression runtime attribute "
+    "with a typed DisablePrecisionConversion that Python cannot set, so the pin is ignored and "
+    "the condensation runs in bf16 (84 of 185 nodes on the tiny tower, seen on an AVX512-BF16 "
+    "CPU with OpenVINO 2026.4); strict: a fix makes this test pass and the marker must go",
+)
 def test_bf16_compiled_model_runs_the_condensation_in_fp32(tiny_tca) -> None:
     """On a CPU with bf16: the compiled model's runtime precisions (skipped elsewhere)."""
     ov = pytest.importorskip("openvino")
