@@ -383,3 +383,17 @@ def test_concurrent_classify_while_frames_run(world, tmp_path) -> None:
         Bundle.open(world / "bundle"), None, tmp_path / "states" / "front.npz"
     )
     assert reservoir.counts().sum() > 0
+
+
+def test_fps_holds_for_a_slow_engine_and_falls_to_zero_when_stalled() -> None:
+    """A source decided every 4 s (two sources at 2 s a frame) shows 0.25 fps, not 0."""
+    from vlm_export.runtime.serve.views import STALL_S, SourceStats
+
+    stats = SourceStats()
+    for index in range(6):
+        stats.times.append(100.0 + 4.0 * index)
+    assert stats.fps(now=121.0) == pytest.approx(0.25)
+    assert stats.fps(now=120.0 + max(STALL_S, 8.0) + 0.1) == 0.0
+    single = SourceStats()
+    single.times.append(5.0)
+    assert single.fps(now=5.0) == 0.0

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from vlm_export.core.errors import UserError
-from vlm_export.runtime.serve.service import UnknownSource
+from vlm_export.runtime.serve.operations import UnknownSource
 from vlm_export.runtime.terminal import printable
 
 #: the longest error message a client gets (user strings inside are cut shorter, see ``cut``)

@@ -1,0 +1,175 @@
+"""The operations the HTTP routes call: classify an image, embeddings, the live label space.
+
+Each runs on the shared engine under the lanes' lock, between two frames of the sources; nothing
+here touches the scheduler or the sources.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from vlm_export.core.errors import UserError
+from vlm_export.core.manifest import EMBEDDING_OUTPUT
+from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.serve.config import shown
+from vlm_export.runtime.serve.lanes import Lanes
+
+log = logging.getLogger(__name__)
+
+
+class UnknownSource(UserError):
+    """A source name the service does not have (HTTP 404)."""
+
+
+class Operations:
+    """Requests served on the engine the sources share."""
+
+    def __init__(self, lanes: Lanes, sources: list[str], topk: int) -> None:
+        self.lanes = lanes
+        self.sources = sources
+        self.topk = topk
+        self._classes_lock = threading.Lock()
+        self._text_encoder: Any = None
+
+    def check_source(self, name: str) -> None:
+        """UnknownSource unless the service has a source ``name``."""
+        if name not in self.sources:
+            raise UnknownSource(f"no source named {shown(name)!r}")
+
+    # ------------------------------------------------------------------ images
+    def classify(
+        self,
+        image: Image.Image,
+        *,
+        source: str | None = None,
+        adapt: bool = False,
+        topk: int = 5,
+    ) -> dict[str, Any]:
+        """The record ``vlm-edge run`` gives ``image``.
+
+        Without ``source``: zero-shot (with RAIL fusion when the service fuses). With
+        ``source``: that source's adaptation applies (its anchors and correction); the image
+        joins its reservoir only with ``adapt``. Nothing is copied either way.
+        """
+        if source is not None:
+            self.check_source(source)
+            if source not in self.lanes.by_source:
+                raise UserError(f"source {shown(source)!r} is not running: {self.failed(source)}")
+        elif adapt:
+            raise UserError("adapt needs a source: the state of which source should change?")
+        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+            raise UserError(f"topk must be a whole number of at least 1, got {topk!r}")
+        lanes = self.lanes
+        with lanes.lock:
+            lane = lanes.by_source[source] if source is not None else lanes.zeroshot()
+            pipeline = lanes.use(lane)
+            kept = pipeline.topk
+            pipeline.topk = min(topk, pipeline.bundle.num_classes)
+            try:
+                result = pipeline.process(image.convert("RGB"), 0, source or "", adapt=adapt)
+            finally:
+                pipeline.topk = kept
+        return result.to_record()
+
+    def failed(self, source: str) -> str:
+        """Why ``source`` has no lane."""
+        return self.lanes.failed.get(source, "it has no state")
+
+    def embedding(self, image: Image.Image) -> np.ndarray:
+        """The engine's image embedding [E] (zero-shot: no anchors), float64, L2-normalised."""
+        lanes = self.lanes
+        with lanes.lock:
+            pipeline = lanes.zeroshot().pipeline
+            tensor = pipeline.preprocessor(image.convert("RGB"))[None]
+            lanes.set_zero_anchors()
+            embedding = lanes.backend.infer(tensor)[EMBEDDING_OUTPUT][0].astype(np.float64)
+        norm = np.linalg.norm(embedding)
+        if not np.isfinite(norm) or norm == 0:
+            raise UserError("the engine gave no usable embedding for this image")
+        return embedding / norm
+
+    def embed_image(self, image: Image.Image) -> list[float]:
+        """The engine's image embedding (zero-shot: no anchors), L2-normalised, as a list."""
+        return [float(v) for v in self.embedding(image)]
+
+    # ------------------------------------------------------------------ text and classes
+    def encoder(self) -> Any:
+        """The bundle's text engine, opened on first use."""
+        if self._text_encoder is None:
+            from vlm_export.runtime.text.encoder import TextEncoder
+
+            self._text_encoder = TextEncoder.open(self.lanes.bundle)
+        return self._text_encoder
+
+    def embed_texts(self, texts: list[str]) -> list[list[float]]:
+        """Text embeddings through the bundle's text engine, L2-normalised."""
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise UserError("give a non-empty list of strings")
+        with self._classes_lock:
+            vectors = np.asarray(self.encoder().embed_prompts(list(texts)), np.float64)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors.tolist()
+
+    def classes(self) -> dict[str, Any]:
+        """The live label space: class names and the templates they were embedded with."""
+        bundle = self.lanes.bundle
+        return {
+            "classes": list(bundle.classes),
+            "templates": bundle.manifest["text"].get("templates"),
+        }
+
+    def set_classes(self, names: list[str], templates: str | None = None) -> dict[str, Any]:
+        """Replace the label space, as ``vlm-edge classes`` does (bundle rewritten atomically,
+        states follow their labels); the next frame uses the new classes."""
+        if not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise UserError("give a non-empty list of class names (non-empty strings)")
+        if len(set(names)) != len(names):
+            raise UserError("a class name is given twice")
+        with self._classes_lock:
+            dropped = self._replace_classes(names, templates)
+        log.info("classes replaced: %d classes", len(names))
+        return {**self.classes(), "dropped_entries": dropped}
+
+    def _replace_classes(self, names: list[str], templates: str | None) -> int:
+        from vlm_export.runtime.text.bundle_classes import write_label_space
+        from vlm_export.runtime.text.label_space import (
+            choose_templates,
+            embed_label_space,
+            new_labels,
+        )
+
+        lanes = self.lanes
+        bundle = lanes.bundle
+        chosen, spec = choose_templates(bundle, templates)
+        labels, domains = new_labels(bundle, names, None)
+        space = embed_label_space(bundle, labels, domains, chosen, spec, self.encoder())
+        with lanes.lock:
+            unique = lanes.unique()
+            before = sum(lane.entries for lane in unique)
+            kept = [
+                (lane, lane.pipeline.bundle, lane.pipeline.tca, lane.pipeline.fusion)
+                for lane in unique
+            ]
+            try:
+                for lane in unique:
+                    lane.pipeline.set_classes(
+                        space.names, space.text_embeddings, [d for d, _ in space.labels]
+                    )
+                write_label_space(bundle, space)
+                reopened = Bundle.open(bundle.path, verify=False)
+            except BaseException:
+                for lane, old_bundle, tca, fusion in kept:
+                    pipeline = lane.pipeline
+                    pipeline.bundle, pipeline.tca, pipeline.fusion = old_bundle, tca, fusion
+                    pipeline.topk = min(self.topk, old_bundle.num_classes)
+                    pipeline._text_t = np.ascontiguousarray(old_bundle.text_embeddings.T)
+                raise
+            finally:
+                lanes.unbind()  # set_classes pushed the last lane's anchors
+            lanes.replace_bundle(reopened)
+            return before - sum(lane.entries for lane in unique)
