@@ -179,6 +179,12 @@ class Lanes:
         for lane in lanes:
             lane.pipeline.fusion = fusion
 
+    def set_min_score(self, min_score: float | None) -> None:
+        """Report decisions below ``min_score`` as unknown on every lane (call under ``lock``)."""
+        lanes = self.unique() + ([self._zeroshot] if self._zeroshot is not None else [])
+        for lane in lanes:
+            lane.pipeline.min_score = min_score
+
     # ------------------------------------------------------------------ states
     def state_paths(self) -> list[Path]:
         """The state files the lanes checkpoint to."""

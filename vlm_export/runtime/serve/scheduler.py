@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.2
 
-#: called after each decided frame: (source, sequence number, result or None)
-FrameListener = Callable[[str, int, FrameResult | None], None]
+#: called after each decided frame: (source, sequence number, frame, result or None)
+FrameListener = Callable[[str, int, Frame, FrameResult | None], None]
 
 
 class Scheduler:
@@ -107,4 +107,4 @@ class Scheduler:
             self.events.decision(name, record)
         seq = self.views.show(name, frame, result)
         for listener in self.listeners:
-            listener(name, seq, result)
+            listener(name, seq, frame, result)

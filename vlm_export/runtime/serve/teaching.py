@@ -1,0 +1,407 @@
+"""Teaching the running service by example: stored examples, the learner beside the frame loop.
+
+A person labels a frame a source already decided (by its sequence number: each source keeps the
+embeddings of its last ``RECENT_FRAMES`` frames) or uploads an image with a label. The example
+(embedding, label, source, time, thumbnail) is stored in SQLite first, then learned: a learning
+thread applies every change that arrived meanwhile as one batch (``TeachLearner.apply``) and puts
+the new predictor on every lane (``TeachFusion``) under the engine lock, between two frames; the
+request is answered once its example is in the decisions. A delete is the exact downdate. With
+``--min-score auto`` the threshold is chosen again after each batch from the examples' exact
+leave-one-out scores. The learner is checkpointed beside the reservoirs; at start a checkpoint
+that does not hold exactly the stored examples (a crash between the two) is rebuilt from them.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from vlm_export.core.atomic import atomic_write_bytes
+from vlm_export.core.errors import StateError, UserError
+from vlm_export.runtime.io.sources import Frame
+from vlm_export.runtime.pipeline import FrameResult, utc_now
+from vlm_export.runtime.serve.config import ServeSettings, shown
+from vlm_export.runtime.serve.lanes import Lanes
+from vlm_export.runtime.serve.operations import Operations
+from vlm_export.runtime.serve.views import frame_image
+from vlm_export.runtime.teach.calibrate import Calibration, calibrate
+from vlm_export.runtime.teach.examples import (
+    UNKNOWN,
+    Example,
+    check_id,
+    check_label,
+    new_id,
+    thumbnail_jpeg,
+)
+from vlm_export.runtime.teach.fusion import TeachFusion
+from vlm_export.runtime.teach.learner import TeachLearner
+from vlm_export.runtime.teach.store import ExampleStore
+
+log = logging.getLogger(__name__)
+
+RECENT_FRAMES = 64  # per source: the frames a label can still land on, by sequence number
+MAX_PENDING = 64  # changes waiting for the learner; more is answered 429
+LEARN_WAIT_S = 30.0  # how long a request waits for its example to be learned
+THUMB_STEP_SIDE = 192  # recent frames keep a strided copy about this wide for the thumbnail
+DEFAULT_HIDDEN_DIM = 4096
+DEFAULT_MAX_EXAMPLES = 5000
+DATABASE = "examples.sqlite"
+LEARNER_STATE = "teach.npz"
+DEVICE_ID = "device-id"
+
+
+class Busy(UserError):
+    """Too many changes wait for the learner (HTTP 429 with Retry-After)."""
+
+
+class Gone(UserError):
+    """A frame's sequence number that has left the buffer (HTTP 410)."""
+
+
+class NotFound(UserError):
+    """An example id that is not stored (HTTP 404)."""
+
+
+@dataclass
+class _Recent:
+    seq: int
+    embedding: np.ndarray
+    picture: Any  # a small strided copy of the frame (BGR array) or its path
+
+
+@dataclass
+class _Change:
+    added: Example | None = None
+    removed: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None
+    learned_ms: float = 0.0
+
+
+class Teaching:
+    """The service's examples, learner and fusion; every method is thread-safe."""
+
+    def __init__(
+        self,
+        lanes: Lanes,
+        operations: Operations,
+        settings: ServeSettings,
+        *,
+        publish: Callable[[str, Example | str], None] | None = None,
+    ) -> None:
+        self.lanes = lanes
+        self.operations = operations
+        self.settings = settings
+        self.publish = publish  # the fleet: ("add", example) or ("delete", id)
+        bundle = lanes.bundle
+        self.dim = int(bundle.text_embeddings.shape[1])
+        self.hidden_dim = (
+            DEFAULT_HIDDEN_DIM if settings.teach_hidden_dim is None else settings.teach_hidden_dim
+        )
+        if self.hidden_dim < 0:
+            raise UserError(f"--teach-hidden-dim must be 0 or more, got {self.hidden_dim}")
+        self.max_examples = settings.teach_max_examples
+        folder = Path(settings.state_dir) if settings.state_dir else None
+        self.store = ExampleStore.open(
+            folder / DATABASE if folder else None, bundle.fingerprint, self.dim
+        )
+        self.state = folder / LEARNER_STATE if folder else None
+        self.device_id = _device_id(folder)
+        self.notes: list[str] = []
+        self.learner = self._resume()
+        self.calibration: Calibration | None = None
+        self._recent: dict[str, collections.deque[_Recent]] = {
+            name: collections.deque(maxlen=RECENT_FRAMES) for name, _ in settings.sources
+        }
+        self._recent_lock = threading.Lock()
+        self._learner_lock = threading.Lock()
+        self._pending: collections.deque[_Change] = collections.deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._install()
+
+    # ------------------------------------------------------------------ start and stop
+    def _resume(self) -> TeachLearner:
+        """The checkpointed learner if it holds exactly the stored examples, else rebuilt."""
+        stored = self.store.count()
+        where = "memory" if self.state is None else str(self.state.parent)
+        peak = TeachLearner.peak_bytes(self.dim, self.hidden_dim, self.max_examples, 1000)
+        self.notes.append(
+            f"teaching: examples in {where} ({stored} stored), d_h {self.hidden_dim}, up to "
+            f"{self.max_examples} examples, learner peak about {peak / 2**20:,.0f} MB"
+        )
+        if self.state is not None and self.state.exists():
+            try:
+                learner = TeachLearner.load(self.state, self.lanes.bundle.fingerprint)
+                if learner.digest == self.store.digest() and learner.hidden_dim == self.hidden_dim:
+                    return learner
+                self.notes.append(
+                    f"teaching: {self.state.name} holds {learner.num_samples} examples, the "
+                    f"database {stored}: rebuilt from the database"
+                )
+            except StateError as exc:
+                self.notes.append(f"teaching: {shown(exc)}; rebuilt from the database")
+        return TeachLearner.fit(self.store.all(), self.dim, self.hidden_dim)
+
+    def start(self) -> None:
+        """Start the learning thread."""
+        self._thread = threading.Thread(target=self._learn_loop, name="vlm-teach", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish the changes in hand, stop the thread, close the database."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(LEARN_WAIT_S)
+        self.store.close()
+
+    def checkpoint(self) -> Path | None:
+        """Save the learner state atomically (None without a state directory)."""
+        if self.state is None:
+            return None
+        with self._learner_lock:
+            self.learner.save(self.state, self.lanes.bundle.fingerprint)
+        return self.state
+
+    # ------------------------------------------------------------------ the frame path
+    def on_frame(self, source: str, seq: int, frame: Frame, result: FrameResult | None) -> None:
+        """Keep the frame's embedding (and a small copy of the picture) under its number."""
+        if result is None or result.embedding is None:
+            return
+        picture = frame.data
+        if isinstance(picture, np.ndarray) and picture.ndim == 3:
+            step = max(1, max(picture.shape[:2]) // THUMB_STEP_SIDE)
+            picture = np.ascontiguousarray(picture[::step, ::step])
+        entry = _Recent(seq, np.asarray(result.embedding, np.float32).copy(), picture)
+        with self._recent_lock:
+            self._recent[source].append(entry)
+
+    # ------------------------------------------------------------------ teaching
+    def teach_frame(self, source: str, seq: int, label: str) -> dict[str, Any]:
+        """Label the frame ``seq`` of ``source`` (one the service decided lately)."""
+        self.operations.check_source(source)
+        with self._recent_lock:
+            recent = next((r for r in self._recent[source] if r.seq == seq), None)
+            oldest = self._recent[source][0].seq if self._recent[source] else None
+        if recent is None:
+            held = "no frame yet" if oldest is None else f"frames {oldest} and later"
+            raise Gone(
+                f"frame {seq} of {shown(source)} has left the buffer (it keeps the last "
+                f"{RECENT_FRAMES}: {held}); pick the frame again"
+            )
+        thumbnail = _thumbnail(recent.picture)
+        return self._teach(recent.embedding, label, source, thumbnail)
+
+    def teach_image(self, image: Image.Image, label: str, source: str = "upload") -> dict[str, Any]:
+        """Label an uploaded image (its embedding from the engine, zero-shot)."""
+        label = check_label(label)
+        embedding = self.operations.embedding(image)
+        return self._teach(embedding, label, source, thumbnail_jpeg(image))
+
+    def _teach(
+        self, embedding: np.ndarray, label: str, source: str, thumbnail: bytes | None
+    ) -> dict[str, Any]:
+        label = check_label(label)
+        self._check_room()
+        if self.store.count() >= self.max_examples:
+            raise Busy(
+                f"{self.max_examples} examples are stored, the most this service keeps "
+                "(--teach-max-examples): delete some first"
+            )
+        self._ensure_class(label)
+        example = Example(
+            new_id(), label, source, utc_now(), np.asarray(embedding, np.float32), "", thumbnail
+        )
+        self.store.add(example)
+        change = self._submit(_Change(added=example))
+        if self.publish is not None:
+            self.publish("add", example)
+        return self._answer(example, change)
+
+    def add_remote(self, example: Example) -> bool:
+        """A fleet peer's example: stored once and learned (no waiting)."""
+        if example.label != UNKNOWN and example.label not in self.lanes.bundle.classes:
+            self._ensure_class(example.label)
+        if not self.store.add(example):
+            return False
+        self._submit(_Change(added=example), wait=False)
+        return True
+
+    def forget(self, example_id: str, *, remote: bool = False) -> dict[str, Any]:
+        """Delete an example: the learner state becomes exactly the state without it."""
+        check_id(example_id)
+        removed = self.store.delete(example_id)
+        if removed is None:
+            if remote:
+                return {"id": example_id, "deleted": False}
+            raise NotFound(f"no example {example_id}")
+        change = self._submit(_Change(removed=example_id), wait=not remote)
+        if self.publish is not None and not remote:
+            self.publish("delete", example_id)
+        return {
+            "id": example_id,
+            "deleted": True,
+            "label": removed.label,
+            "class_examples": self.store.count(removed.label),
+            "learned_ms": round(change.learned_ms, 3),
+        }
+
+    def _answer(self, example: Example, change: _Change) -> dict[str, Any]:
+        return {
+            "id": example.id,
+            "label": example.label,
+            "source": example.source,
+            "class_examples": self.store.count(example.label),
+            "learned_ms": round(change.learned_ms, 3),
+        }
+
+    def _check_room(self) -> None:
+        with self._wake:
+            if len(self._pending) >= MAX_PENDING:
+                raise Busy(f"{MAX_PENDING} examples wait to be learned: try again in a second")
+
+    def _ensure_class(self, label: str) -> None:
+        """A label that is not a class yet becomes one (its text embedding from the text
+        engine, as PUT /v1/classes does); ``unknown`` never does."""
+        classes = list(self.lanes.bundle.classes)
+        if label == UNKNOWN or label in classes:
+            return
+        if not self.lanes.bundle.manifest.get("text_encoder"):
+            raise UserError(
+                f"{shown(label)!r} is not a class and this bundle has no text engine to add it: "
+                "teach one of its classes"
+            )
+        self.operations.set_classes([*classes, label], None)
+
+    # ------------------------------------------------------------------ the learning thread
+    def _submit(self, change: _Change, wait: bool = True) -> _Change:
+        with self._wake:
+            self._pending.append(change)
+            self._wake.notify_all()
+        if wait and not change.done.wait(LEARN_WAIT_S):
+            raise UserError("the example is stored but not learned yet (the learner is slow)")
+        if change.error is not None:
+            raise UserError(change.error)
+        return change
+
+    def _learn_loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending and not self._stopping:
+                    self._wake.wait()
+                if not self._pending and self._stopping:
+                    return
+                batch = list(self._pending)
+                self._pending.clear()
+            self._learn(batch)
+
+    def _learn(self, batch: list[_Change]) -> None:
+        started = time.perf_counter()
+        added = [c.added for c in batch if c.added is not None]
+        removed = [c.removed for c in batch if c.removed is not None]
+        try:
+            with self._learner_lock:
+                self.learner.apply(added=added, removed=removed)
+                self._install()
+        except Exception as exc:  # noqa: BLE001 - one line to each waiting request
+            log.error("teaching: a batch could not be learned: %s", shown(exc))
+            for change in batch:
+                change.error = f"not learned: {shown(exc)}"
+        elapsed = (time.perf_counter() - started) * 1000.0
+        for change in batch:
+            change.learned_ms = elapsed
+            change.done.set()
+
+    def _install(self) -> None:
+        """Put the learner's predictor on every lane (the next frame uses it) and choose
+        ``--min-score auto`` again."""
+        learner = self.learner
+        with self.lanes.lock:
+            if learner.num_samples == 0:
+                self.lanes.set_fusion(None)
+            else:
+                self.lanes.set_fusion(TeachFusion(learner.predictor(), self.lanes.bundle.labels))
+        if self.settings.min_score_auto:
+            bundle = self.lanes.bundle
+            self.calibration = calibrate(
+                learner, bundle.labels, bundle.text_embeddings, self.settings.min_score
+            )
+            with self.lanes.lock:
+                self.lanes.set_min_score(self.calibration.threshold)
+            log.info("teaching: %s", self.calibration.describe())
+
+    # ------------------------------------------------------------------ reading
+    def examples(
+        self,
+        *,
+        label: str | None = None,
+        source: str | None = None,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> dict[str, Any]:
+        """A page of examples (newest first) with counts per label."""
+        rows = self.store.page(label=label, source=source, offset=offset, limit=limit)
+        return {
+            "examples": [
+                {
+                    "id": e.id,
+                    "label": e.label,
+                    "source": e.source,
+                    "time_utc": e.time_utc,
+                    "origin": e.origin or self.device_id,
+                    "thumbnail": f"/v1/examples/{e.id}/thumbnail.jpg" if e.thumbnail else None,
+                }
+                for e in rows
+            ],
+            "total": self.store.count(label=label, source=source),
+            "offset": offset,
+            "limit": limit,
+            "counts": self.store.counts(),
+            "learned": self.learner.num_samples,
+            "min_score": None if self.calibration is None else self.calibration.threshold,
+            "calibration": None if self.calibration is None else self.calibration.describe(),
+        }
+
+    def thumbnail(self, example_id: str) -> bytes:
+        """An example's thumbnail JPEG (NotFound without one)."""
+        example = self.store.get(check_id(example_id))
+        if example is None or not example.thumbnail:
+            raise NotFound(f"no thumbnail for example {example_id}")
+        return example.thumbnail
+
+
+def _thumbnail(picture: Any) -> bytes | None:
+    """The thumbnail of a recent frame's kept picture (None if it cannot be read)."""
+    try:
+        image = frame_image(Frame(0, "", picture, 0.0))
+    except Exception:  # noqa: BLE001 - a frame file gone meanwhile: no thumbnail
+        return None
+    return thumbnail_jpeg(image)
+
+
+def _device_id(folder: Path | None) -> str:
+    """This device's id in the fleet: kept in the state directory (a new one in memory)."""
+    if folder is None:
+        return new_id()
+    path = folder / DEVICE_ID
+    try:
+        text = path.read_text(encoding="ascii").strip()
+        return check_id(text)
+    except (OSError, UnicodeDecodeError, UserError):
+        pass
+    identity = new_id()
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (identity + "\n").encode("ascii"))
+    return identity
