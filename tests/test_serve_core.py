@@ -78,7 +78,7 @@ def test_two_sources_run_in_turn_and_save_one_state_each(world, tmp_path) -> Non
         assert set(status["front"]["latency_ms"]) >= {"engine", "reservoir", "total"}
         assert service.failing_sources(WAIT_S) == []
     states = sorted(p.name for p in (tmp_path / "states").iterdir())
-    assert states == ["back.npz", "front.npz"]
+    assert states == ["back.npz", "front.npz", "teach"]  # teach/: taught examples (none here)
     assert entries(tmp_path / "states" / "front.npz", world / "bundle") > 0
 
 

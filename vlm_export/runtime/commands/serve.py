@@ -66,6 +66,9 @@ FLAG_FIELDS = (
     "method",
     "topk",
     "min_score",
+    "teach_hidden_dim",
+    "teach_max_examples",
+    "fleet",
     "crop",
     "stride",
     "camera_size",
@@ -170,9 +173,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--min-score",
-        type=float,
+        type=min_score_arg,
         metavar="S",
-        help="a decision scoring below S (0 to 1) is reported as unknown (label -1), as in run",
+        help="a decision scoring below S (0 to 1) is reported as unknown (label -1), as in run; "
+        "'auto': chosen from the taught examples (it rejects 90%% of the 'unknown' ones, "
+        "leave-one-out) and kept current as examples arrive",
+    )
+    teach = parser.add_argument_group("teaching by example (POST /v1/examples, the page)")
+    teach.add_argument(
+        "--teach-hidden-dim",
+        type=int,
+        metavar="D",
+        help="width of RAIL's random layer for taught examples (default 4096: about 1.3 GB at "
+        "5000 examples, for an 8 GB device; 0: ridge on the embeddings)",
+    )
+    teach.add_argument(
+        "--teach-max-examples",
+        type=int,
+        metavar="N",
+        help="keep at most N taught examples (default 5000)",
+    )
+    teach.add_argument(
+        "--fleet",
+        metavar="mqtt://HOST:PORT/PREFIX",
+        help="share taught examples (embeddings and labels, never images) with every device "
+        "serving this bundle on the broker; each learns what any of them is taught",
     )
     add_crop_argument(parser)
     add_source_arguments(parser)
@@ -187,6 +212,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         precision_fallback=None,
     )
     return parser
+
+
+def min_score_arg(text: str) -> float | str:
+    """``--min-score``: a number, or ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"give a number from 0 to 1 or 'auto', not {text!r}"
+        ) from None
 
 
 def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServeSettings:
@@ -206,6 +243,8 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
         value = getattr(args, name, None)
         if value is not None:
             setattr(settings, name, value)
+    if settings.min_score == "auto":
+        settings.min_score, settings.min_score_auto = None, True
     if settings.token is None and TOKEN_ENV in environ:
         settings.token = environ[TOKEN_ENV]
     settings.check()

@@ -25,6 +25,7 @@ from vlm_export.runtime.serve.routes import (
     classes,
     classify,
     embed,
+    examples,
     health,
     metrics,
     page,
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
 #: live views served at once (each holds a worker thread while it waits for a frame)
 MAX_STREAMS = 16
-ROUTERS = (health, sources, stream, classify, embed, classes, metrics, page)
+ROUTERS = (health, sources, stream, classify, embed, classes, examples, metrics, page)
 
 
 def create_app(service: Service, settings: ServeSettings) -> FastAPI:
@@ -70,7 +71,7 @@ def create_app(service: Service, settings: ServeSettings) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST", "PUT"],
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
         )
     app.add_middleware(ErrorGuard)

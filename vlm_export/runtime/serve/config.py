@@ -80,6 +80,10 @@ class ServeSettings:
     method: str | None = None
     topk: int = 5
     min_score: float | None = None  # a decision below it is "unknown" (as run --min-score)
+    min_score_auto: bool = False  # --min-score auto: chosen from the taught examples
+    teach_hidden_dim: int | None = None  # the teach learner's d_h (None: teaching's default)
+    teach_max_examples: int = 5000  # examples kept at most (the learner's memory bound)
+    fleet: str | None = None  # mqtt://HOST:PORT/PREFIX: share taught examples with other devices
     crop: str | None = None  # center | letterbox | squash (as run --crop); None: the bundle's
     stride: int = 1  # every Nth frame of a file or folder
     camera_size: str | None = None  # "WxH" asked of camera indexes
@@ -139,6 +143,12 @@ class ServeSettings:
         if self.token is not None and not self.token.strip():
             raise UserError("--token (or VLM_EDGE_TOKEN) is empty: give a token or none")
         check_min_score(self.min_score)
+        if self.teach_max_examples < 1:
+            raise UserError(
+                f"--teach-max-examples must be at least 1, got {self.teach_max_examples}"
+            )
+        if self.fleet is not None and not self.fleet.startswith("mqtt://"):
+            raise UserError(f"--fleet {shown(self.fleet)}: give mqtt://HOST:PORT/PREFIX")
         if self.crop is not None and self.crop not in CROP_MODES:
             raise UserError(
                 f"crop must be one of {', '.join(CROP_MODES)}, got {shown(self.crop)!r}"
@@ -224,6 +234,8 @@ def apply_config(settings: ServeSettings, data: dict[str, Any]) -> None:
                     raise UserError(f"--config: unknown limit {shown(raw_limit)!r}")
                 kind = "float" if name == "upload_timeout_s" else "int"
                 setattr(settings.limits, name, _checked(f"limits.{name}", limit, kind))
+        elif key == "min_score" and value == "auto":
+            settings.min_score, settings.min_score_auto = None, True
         elif key in _FIELDS:
             setattr(settings, key, _checked(key, value, str(_FIELDS[key].type)))
         else:

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 class UnknownSource(UserError):
     """A source name the service does not have (HTTP 404)."""
 
+    http_status = 404
+
 
 class Operations:
     """Requests served on the engine the sources share."""

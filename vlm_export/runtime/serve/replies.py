@@ -1,7 +1,8 @@
 """JSON replies for every error: ``{"error": "one message"}``, never a traceback.
 
 The exception handlers turn HTTP errors (404, 405, 408, 413, 415...), request validation errors
-(422) and user mistakes (``UserError``: 400, an unknown source 404) into one short line. Any other
+(422) and user mistakes (``UserError``: 400, or the ``http_status`` its class names) into one
+short line. Any other
 exception is caught by :class:`~vlm_export.runtime.serve.guards.ErrorGuard` (500).
 """
 
@@ -16,7 +17,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from vlm_export.core.errors import UserError
-from vlm_export.runtime.serve.operations import UnknownSource
 from vlm_export.runtime.terminal import printable
 
 #: the longest error message a client gets (user strings inside are cut shorter, see ``cut``)
@@ -70,8 +70,9 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def user_error_status(exc: UserError) -> int:
-    """404 for an unknown source, 400 for any other user mistake."""
-    return 404 if isinstance(exc, UnknownSource) else 400
+    """The status a user mistake names (``http_status``: 404 for an unknown source, 429 when
+    busy...), else 400."""
+    return int(getattr(exc, "http_status", 400))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -84,7 +85,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error(422, _validation_message(exc))
 
     async def on_user_error(request: Request, exc: UserError) -> JSONResponse:
-        return error(user_error_status(exc), str(exc))
+        return error(user_error_status(exc), str(exc), getattr(exc, "http_headers", None))
 
     app.add_exception_handler(HTTPException, on_http)
     app.add_exception_handler(RequestValidationError, on_validation)

@@ -37,6 +37,7 @@ from vlm_export.runtime.serve.lanes import Lanes, state_file
 from vlm_export.runtime.serve.metrics import ServeMetrics
 from vlm_export.runtime.serve.operations import Operations, UnknownSource
 from vlm_export.runtime.serve.scheduler import Scheduler
+from vlm_export.runtime.serve.teaching import Teaching
 from vlm_export.runtime.serve.views import LiveViews
 from vlm_export.runtime.serve.workers import Opener, SourceWorker
 
@@ -74,11 +75,14 @@ class Service:
         self.events = Events(
             [open_sink(spec, self.metrics) for spec in settings.events], settings.event_every
         )
+        self.teaching = self._teaching()
         self._started_at = time.monotonic()
         self.workers: dict[str, SourceWorker] = {}
         self.scheduler = Scheduler(
             self.workers, self.lanes, self.views, self.metrics, self.events, settings.max_fps
         )
+        if self.teaching is not None:
+            self.scheduler.listeners.append(self.teaching.on_frame)
         for name, spec in settings.sources:  # opened here: one line now for one that fails
             self.metrics.add_source(name)
             self.workers[name] = self._worker(name, spec, opener or self._opener(name))
@@ -114,14 +118,21 @@ class Service:
         if stages is None:
             raise UserError(f"unknown method {shown(self.method)!r}")
         s = self.settings
-        if (s.state_dir or s.shared_state) and not stages.tca:
-            raise UserError(
-                f"--state-dir and --shared-state need method tca or tca+rail, not {self.method}"
-            )
+        if s.shared_state and not stages.tca:
+            raise UserError(f"--shared-state needs method tca or tca+rail, not {self.method}")
         if stages.fusion and not s.rail_state:
             raise UserError(f"method {self.method} needs --rail-state FILE (from vlm-edge learn)")
         if s.rail_state and not stages.fusion:
             raise UserError(f"--rail-state needs method rail or tca+rail (running {self.method})")
+
+    def _teaching(self) -> Teaching | None:
+        """Teaching by example, unless a fixed RAIL state is fused (--rail-state)."""
+        if self.settings.rail_state:
+            self.notes.append("teaching is off: this service fuses the fixed --rail-state")
+            return None
+        teaching = Teaching(self.lanes, self.operations, self.settings)
+        self.notes.extend(teaching.notes)
+        return teaching
 
     def _opener(self, name: str) -> Opener:
         """``open_source`` with the source's reading options (stride, camera size and rate)."""
@@ -199,6 +210,8 @@ class Service:
             if name not in self.lanes.failed:
                 worker.start()
         self.events.start(self.states)
+        if self.teaching is not None:
+            self.teaching.start()
         threads = ((self.scheduler.run, "vlm-scheduler"), (self._checkpoints, "vlm-ckpt"))
         for target, name in threads:
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -220,6 +233,8 @@ class Service:
         try:
             self.checkpoint()
         finally:
+            if self.teaching is not None:
+                self.teaching.stop()
             self.events.close()
             with self.lanes.lock:
                 self.backend.close()
@@ -250,7 +265,9 @@ class Service:
 
     def checkpoint(self) -> list[Path]:
         """Save every state file now (atomically); return the files written."""
-        return self.lanes.checkpoint()
+        written = self.lanes.checkpoint()
+        taught = self.teaching.checkpoint() if self.teaching is not None else None
+        return written if taught is None else [*written, taught]
 
     # ------------------------------------------------------------------ status
     def source_names(self) -> list[str]:

@@ -54,6 +54,7 @@ LEARN_WAIT_S = 30.0  # how long a request waits for its example to be learned
 THUMB_STEP_SIDE = 192  # recent frames keep a strided copy about this wide for the thumbnail
 DEFAULT_HIDDEN_DIM = 4096
 DEFAULT_MAX_EXAMPLES = 5000
+TEACH_FOLDER = "teach"  # in --state-dir: the database, the learner state, this device's id
 DATABASE = "examples.sqlite"
 LEARNER_STATE = "teach.npz"
 DEVICE_ID = "device-id"
@@ -62,13 +63,20 @@ DEVICE_ID = "device-id"
 class Busy(UserError):
     """Too many changes wait for the learner (HTTP 429 with Retry-After)."""
 
+    http_status = 429
+    http_headers = {"Retry-After": "1"}
+
 
 class Gone(UserError):
     """A frame's sequence number that has left the buffer (HTTP 410)."""
 
+    http_status = 410
+
 
 class NotFound(UserError):
     """An example id that is not stored (HTTP 404)."""
+
+    http_status = 404
 
 
 @dataclass
@@ -110,7 +118,9 @@ class Teaching:
         if self.hidden_dim < 0:
             raise UserError(f"--teach-hidden-dim must be 0 or more, got {self.hidden_dim}")
         self.max_examples = settings.teach_max_examples
-        folder = Path(settings.state_dir) if settings.state_dir else None
+        folder = Path(settings.state_dir) / TEACH_FOLDER if settings.state_dir else None
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
         self.store = ExampleStore.open(
             folder / DATABASE if folder else None, bundle.fingerprint, self.dim
         )
@@ -134,7 +144,7 @@ class Teaching:
     def _resume(self) -> TeachLearner:
         """The checkpointed learner if it holds exactly the stored examples, else rebuilt."""
         stored = self.store.count()
-        where = "memory" if self.state is None else str(self.state.parent)
+        where = "memory only (no --state-dir)" if self.state is None else str(self.state.parent)
         peak = TeachLearner.peak_bytes(self.dim, self.hidden_dim, self.max_examples, 1000)
         self.notes.append(
             f"teaching: examples in {where} ({stored} stored), d_h {self.hidden_dim}, up to "
@@ -402,6 +412,5 @@ def _device_id(folder: Path | None) -> str:
     except (OSError, UnicodeDecodeError, UserError):
         pass
     identity = new_id()
-    folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, (identity + "\n").encode("ascii"))
     return identity
