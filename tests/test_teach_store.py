@@ -1,0 +1,224 @@
+"""The example database: a real SQLite file in WAL mode, tombstones, filters, bundle checks, and
+a writer killed with SIGKILL that loses no answered add."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlm_export.core.errors import StateError, UserError
+from vlm_export.runtime.teach.examples import (
+    EXAMPLE_ID,
+    MAX_LABEL_CHARS,
+    Example,
+    check_embedding,
+    check_label,
+    new_id,
+    thumbnail_jpeg,
+)
+from vlm_export.runtime.teach.store import ExampleStore
+
+DIM = 8
+BUNDLE = "f" * 16
+
+
+def example(label: str, source: str = "cam", time: str = "2026-01-01T00:00:00Z", seed: int = 0):
+    vector = np.random.default_rng(seed).standard_normal(DIM)
+    return Example(new_id(), label, source, time, check_embedding(vector, DIM), "", b"\xff\xd8jpg")
+
+
+def test_journal_mode_is_wal_on_a_file(tmp_path):
+    path = tmp_path / "examples.sqlite"
+    store = ExampleStore.open(path, BUNDLE, DIM)
+    store.add(example("cat"))
+    assert store.journal_mode == "wal"
+    store.close()
+    raw = sqlite3.connect(path)  # an independent reader of the same file
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert raw.execute("SELECT COUNT(*) FROM examples").fetchone()[0] == 1
+    raw.close()
+
+
+def test_add_duplicate_delete_tombstone_and_reopen(tmp_path):
+    path = tmp_path / "examples.sqlite"
+    store = ExampleStore.open(path, BUNDLE, DIM)
+    first, second = example("cat", seed=1), example("dog", seed=2)
+    assert store.add(first) and store.add(second)
+    assert not store.add(first)  # the same id again: applied once
+    got = store.get(first.id)
+    assert got.label == "cat" and got.thumbnail == first.thumbnail
+    np.testing.assert_array_equal(got.embedding, first.embedding)  # float32 bit for bit
+    assert got.embedding.dtype == np.float32
+    removed = store.delete(first.id)
+    assert removed.id == first.id and store.get(first.id) is None
+    assert store.delete(first.id) is None  # absent now
+    assert not store.add(first)  # a replayed add of a deleted example changes nothing
+    assert store.deleted_ids() == {first.id}
+    later = new_id()
+    assert store.delete(later) is None  # a delete that arrives before its add wins
+    assert not store.add(Example(later, "cat", "cam", "t", first.embedding))
+    store.close()
+    again = ExampleStore.open(path, BUNDLE, DIM)
+    assert [e.id for e in again.all()] == [second.id]
+    assert again.deleted_ids() == {first.id, later}
+    again.close()
+
+
+def test_page_filters_counts_and_digest(tmp_path):
+    store = ExampleStore.open(tmp_path / "e.sqlite", BUNDLE, DIM)
+    made = [
+        example(label, source, f"2026-01-01T00:00:{second:02d}Z", seed=second)
+        for second, (label, source) in enumerate(
+            [("cat", "a"), ("dog", "a"), ("cat", "b"), ("unknown", "b"), ("cat", "a")]
+        )
+    ]
+    for item in made:
+        assert store.add(item)
+    assert store.counts() == {"cat": 3, "dog": 1, "unknown": 1}
+    assert store.count() == 5 and store.count(label="cat") == 3
+    assert store.count(source="a") == 3 and store.count(label="cat", source="b") == 1
+    newest_first = [item.id for item in reversed(made)]
+    assert [e.id for e in store.page()] == newest_first
+    assert [e.id for e in store.page(offset=1, limit=2)] == newest_first[1:3]
+    assert [e.id for e in store.page(label="cat", source="a")] == [made[4].id, made[0].id]
+    assert store.page(label="nothing") == []
+    listed = store.all()
+    assert [e.id for e in listed] == sorted(item.id for item in made)
+    assert all(e.thumbnail is None for e in listed)
+    ids = sorted(item.id for item in made)
+    assert store.digest() == hashlib.sha256("".join(i + "\n" for i in ids).encode()).hexdigest()
+    store.delete(made[0].id)
+    rest = [i for i in ids if i != made[0].id]
+    assert store.digest() == hashlib.sha256("".join(i + "\n" for i in rest).encode()).hexdigest()
+    store.close()
+
+
+def test_refuses_another_bundle_another_dim_and_a_non_database(tmp_path):
+    path = tmp_path / "e.sqlite"
+    ExampleStore.open(path, BUNDLE, DIM).close()
+    with pytest.raises(StateError, match="another bundle"):
+        ExampleStore.open(path, "0" * 16, DIM)
+    with pytest.raises(StateError, match="width 8"):
+        ExampleStore.open(path, BUNDLE, DIM + 1)
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StateError, match="not a readable example database"):
+        ExampleStore.open(junk, BUNDLE, DIM)
+    with pytest.raises(StateError, match="folder"):
+        ExampleStore.open(tmp_path, BUNDLE, DIM)
+
+
+def test_refuses_bad_records():
+    store = ExampleStore.open(None, BUNDLE, DIM)
+    good = example("cat")
+    with pytest.raises(UserError, match="example id"):
+        store.add(Example("X" * 32, "cat", "cam", "t", good.embedding))
+    with pytest.raises(UserError, match="shape"):
+        store.add(Example(new_id(), "cat", "cam", "t", np.ones(DIM + 1, np.float32)))
+    with pytest.raises(UserError):
+        store.add(Example(new_id(), "bad\nlabel", "cam", "t", good.embedding))
+    assert store.count() == 0
+    store.close()
+
+
+def test_label_and_embedding_checks():
+    assert check_label("  forklift ") == "forklift"
+    for bad in ["", "   ", "x" * (MAX_LABEL_CHARS + 1), "a\x00b", "a\tb", 5, None]:
+        with pytest.raises(UserError):
+            check_label(bad)
+    assert check_label("line 3 jam ✓") == "line 3 jam ✓"
+    vector = check_embedding([3.0, 4.0], 2)
+    assert vector.dtype == np.float32 and np.allclose(vector, [0.6, 0.8])
+    for bad in [[np.nan, 1.0], [np.inf, 1.0], [0.0, 0.0], [1.0, 2.0, 3.0], [[1.0, 2.0]], "ab"]:
+        with pytest.raises(UserError):
+            check_embedding(bad, 2)
+    assert EXAMPLE_ID.fullmatch(new_id())
+
+
+def test_thumbnail_is_a_small_jpeg():
+    data = thumbnail_jpeg(Image.new("RGB", (640, 320), (200, 10, 10)))
+    assert data[:2] == b"\xff\xd8"
+    small = Image.open(io.BytesIO(data))
+    assert small.format == "JPEG" and max(small.size) == 96 and small.size == (96, 48)
+
+
+def test_threads_share_one_store(tmp_path):
+    store = ExampleStore.open(tmp_path / "e.sqlite", BUNDLE, DIM)
+    made = [example("cat", seed=i) for i in range(80)]
+
+    def worker(part):
+        for item in part:
+            assert store.add(item)
+            store.count()
+
+    threads = [threading.Thread(target=worker, args=(made[i::4],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(store.ids()) == sorted(item.id for item in made)
+    store.close()
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from vlm_export.runtime.teach.examples import Example, check_embedding, new_id
+    from vlm_export.runtime.teach.store import ExampleStore
+
+    store = ExampleStore.open(sys.argv[1], "f" * 16, 8)
+    rng = np.random.default_rng(0)
+    while True:
+        ex = Example(new_id(), "cat", "cam", "2026-01-01T00:00:00Z",
+                     check_embedding(rng.standard_normal(8), 8), "", b"x" * 2000)
+        store.add(ex)
+        print(ex.id, flush=True)
+    """
+)
+
+
+def test_kill_9_loses_no_answered_add(tmp_path):
+    path = tmp_path / "e.sqlite"
+    ExampleStore.open(path, BUNDLE, DIM).close()
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    answered = []
+    try:
+        for line in child.stdout:
+            if line.endswith("\n"):
+                answered.append(line.strip())
+            if len(answered) >= 60:
+                break
+        child.send_signal(signal.SIGKILL)
+        answered += [line.strip() for line in child.stdout if line.endswith("\n")]
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    raw.close()
+    store = ExampleStore.open(path, BUNDLE, DIM)
+    held = set(store.ids())
+    assert set(answered) <= held  # every add that had returned is there
+    assert len(held) - len(answered) <= 1  # at most the add in flight when killed, whole
+    assert all(e.embedding.shape == (DIM,) for e in store.all())
+    store.close()
