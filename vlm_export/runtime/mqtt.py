@@ -31,7 +31,9 @@ def parse_mqtt_url(url: str, option: str) -> MqttAddress:
     except ValueError:
         raise UserError(f"{option} {shown(url)}: the port is not a number") from None
     topic = parts.path.strip("/")
-    if parts.scheme != "mqtt" or not parts.hostname or not topic or any(c in topic for c in "#+"):
+    # urlsplit takes "#..." as a fragment and "?..." as a query: neither belongs in a topic
+    wildcard = "#" in url or "+" in topic or bool(parts.query)
+    if parts.scheme != "mqtt" or not parts.hostname or not topic or wildcard:
         raise UserError(
             f"{option} {shown(url)}: write mqtt://HOST:PORT/TOPIC (a topic without # or +)"
         )
