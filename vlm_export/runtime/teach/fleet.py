@@ -72,7 +72,7 @@ from vlm_export.runtime.teach.examples import (
 log = logging.getLogger(__name__)
 
 WIRE_VERSION = 1
-#: a message over this size is refused unread (an add at dimension 1024 is about 6 KB)
+#: a message over this size is refused unread (an add is 3 KB at dimension 512, 6 KB at 1024)
 MAX_MESSAGE_BYTES = 64 * 1024
 #: origin and source: at most this many characters
 MAX_TEXT_CHARS = 200
