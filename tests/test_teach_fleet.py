@@ -20,8 +20,6 @@ from polling import wait_until
 
 mqtt = pytest.importorskip("paho.mqtt.client")
 
-from vlm_export.runtime.teach.learner import TeachLearner  # noqa: E402
-
 from vlm_export.core.errors import UserError  # noqa: E402
 from vlm_export.runtime.teach import fleet  # noqa: E402
 from vlm_export.runtime.teach.examples import Example, new_id  # noqa: E402
@@ -33,6 +31,7 @@ from vlm_export.runtime.teach.fleet import (  # noqa: E402
     encode_delete,
     topic_of,
 )
+from vlm_export.runtime.teach.learner import TeachLearner  # noqa: E402
 from vlm_export.runtime.teach.store import ExampleStore  # noqa: E402
 
 DIM = 32
@@ -468,3 +467,28 @@ def test_no_broker_is_no_hang(tmp_path) -> None:
     device.sync.publish_add(example(np.random.default_rng(6), "forklift"))
     device.close()
     assert device.sync.applied == 0 and not device.sync.linked.is_set()
+
+
+def test_a_failing_callback_is_counted_and_the_link_stays_up(devices, site) -> None:
+    """An exception in the service's callback (say, a full disk) is one refusal, not a dead
+    network thread: later messages still arrive."""
+    rng = np.random.default_rng(8)
+    got: list[str] = []
+
+    def on_add(item: Example) -> bool:
+        if item.label == "boom":
+            raise OSError(28, "No space left on device")
+        got.append(item.id)
+        return True
+
+    sync = FleetSync(site, "dev-b", BUNDLE, DIM, on_add=on_add, on_delete=print)
+    sync.start()
+    try:
+        a = devices("dev-a").start()
+        a.teach(example(rng, "boom"))
+        good = example(rng, "forklift")
+        a.teach(good)
+        wait_until(lambda: got == [good.id], "the add after the failing one")
+        assert sync.refusals == {"could not apply": 1} and sync.applied == 1
+    finally:
+        sync.close()

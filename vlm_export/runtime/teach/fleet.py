@@ -16,8 +16,8 @@ A message is refused (counted in ``refused`` and ``refusals``, logged once per r
 handed on) when it is over 64 KiB, not JSON, of another version, has missing, extra or mistyped
 fields, a bad id or one that differs from its topic, another bundle's fingerprint, an embedding of
 the wrong dimension, non-finite, of zero norm or not L2-normalised, or a bad label. These checks
-stop mistakes (a device with another bundle, a broken publisher); the broker's access control is
-what keeps out a peer that must not teach at all.
+stop mistakes (a device with another bundle, a broken publisher); only a broker that nothing
+else can reach keeps out a peer that must not teach at all.
 
 Wiring (the service): one ``FleetSync`` per service, on the service's store and learner::
 
@@ -272,6 +272,7 @@ class FleetSync:
         self.refusals: dict[str, int] = {}
         self.published = 0
         self.linked = threading.Event()
+        self._warned: set[str] = set()
         self._lock = threading.Lock()
         self._unacked: set[int] = set()
         self._acked_early: set[int] = set()
@@ -280,6 +281,7 @@ class FleetSync:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
+        self._client.on_subscribe = self._on_subscribe
 
     @property
     def topic_filter(self) -> str:
@@ -334,10 +336,16 @@ class FleetSync:
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if getattr(reason, "is_failure", False):
-            log.warning("fleet: the broker refused the connection: %s", reason)
+            self._warn_once("connect", "the broker refused the connection: %s", reason)
             return
         client.subscribe(self.topic_filter, qos=QOS)
         self.linked.set()
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: Any, props: Any):
+        if any(getattr(reason, "is_failure", False) for reason in reasons):
+            self._warn_once(
+                "subscribe", "the broker refused the subscription to %s", self.topic_filter
+            )
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any):
         self.linked.clear()
@@ -380,3 +388,8 @@ class FleetSync:
                 reason,
                 f": {detail}" if detail else "",
             )
+
+    def _warn_once(self, key: str, message: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("fleet: " + message, *args)
