@@ -492,3 +492,18 @@ def test_a_failing_callback_is_counted_and_the_link_stays_up(devices, site) -> N
         assert sync.refusals == {"could not apply": 1} and sync.applied == 1
     finally:
         sync.close()
+
+
+def test_a_device_on_another_bundle_is_refused_both_ways(devices) -> None:
+    """A device still serving another bundle shares the site: neither learns the other's
+    examples (their embeddings mean different things), both say why."""
+    rng = np.random.default_rng(9)
+    a = devices("dev-a").start()
+    old = devices("dev-old", bundle="0" * 64).start()
+    mine, theirs = example(rng, "forklift"), example(rng, "pallet")
+    a.teach(mine)
+    old.teach(theirs)
+    wait_until(lambda: a.sync.refused == 1 and old.sync.refused == 1, "one refusal each")
+    wait_until(lambda: a.sync.echoes == 1 and old.sync.echoes == 1, "both echoes")
+    assert a.ids() == {mine.id} and old.ids() == {theirs.id}
+    assert a.sync.refusals == old.sync.refusals == {"other bundle": 1}
