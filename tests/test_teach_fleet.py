@@ -10,7 +10,7 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -256,7 +256,7 @@ def site(broker: Broker) -> str:
 
 
 @pytest.fixture()
-def devices(tmp_path: Path, site: str) -> Iterator[list[Device]]:
+def devices(tmp_path: Path, site: str) -> Iterator[Callable[..., Device]]:
     made: list[Device] = []
 
     def make(name: str, **changes: object) -> Device:
@@ -264,7 +264,7 @@ def devices(tmp_path: Path, site: str) -> Iterator[list[Device]]:
         made.append(device)
         return device
 
-    yield make  # type: ignore[misc]
+    yield make
     for device in made:
         device.close()
 
