@@ -8,9 +8,7 @@ import contextlib
 import json
 import os
 import queue
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from fakebundle import make_bundle, write_images
+from mosquitto import Broker, free_port
 from polling import WAIT_S, wait_until
 
 pytest.importorskip("uvicorn")
@@ -31,14 +30,6 @@ from vlm_export.runtime.bundle import Bundle  # noqa: E402
 from vlm_export.runtime.serve.config import ServeSettings  # noqa: E402
 from vlm_export.runtime.serve.service import Service  # noqa: E402
 from vlm_export.runtime.tca.stage import build_reservoir  # noqa: E402
-
-MOSQUITTO = "/usr/sbin/mosquitto"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -150,44 +141,8 @@ def test_kill_9_at_any_moment_leaves_every_state_loadable(world, tmp_path) -> No
 
 
 # ---------------------------------------------------------------------- a real MQTT broker
-class Broker:
-    """Debian's mosquitto on a free loopback port, its config in a temporary folder."""
-
-    def __init__(self, folder: Path) -> None:
-        self.port = free_port()
-        self.config = folder / "mosquitto.conf"
-        self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        )
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [MOSQUITTO, "-c", str(self.config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-        def listening() -> bool:
-            assert self.process is not None and self.process.poll() is None, "mosquitto exited"
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return True
-            except OSError:
-                return False
-
-        wait_until(listening, "mosquitto to listen")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(WAIT_S)
-
-
 @pytest.fixture()
 def broker(tmp_path: Path) -> Iterator[Broker]:
-    if not Path(MOSQUITTO).exists() and shutil.which("mosquitto") is None:
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
     found = Broker(tmp_path)
     try:
         yield found

@@ -25,10 +25,10 @@ import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from vlm_export.core.errors import UserError
 from vlm_export.core.json_text import dumps
+from vlm_export.runtime.mqtt import connect, paho_client, parse_mqtt_url
 from vlm_export.runtime.pipeline import utc_now
 from vlm_export.runtime.serve.config import shown
 from vlm_export.runtime.serve.metrics import ServeMetrics
@@ -36,7 +36,6 @@ from vlm_export.runtime.serve.metrics import ServeMetrics
 log = logging.getLogger(__name__)
 
 QUEUE_EVENTS = 10_000
-MQTT_KEEPALIVE_S = 30
 
 
 def make_event(kind: str, source: str, record: dict[str, Any] | None, state: str) -> dict:
@@ -154,30 +153,14 @@ class MqttSink(QueuedSink):
     def __init__(self, url: str, metrics: ServeMetrics, client_id: str = "") -> None:
         self.name = f"mqtt:{shown(url)}"
         super().__init__(metrics)
-        parts = urlsplit(url)
-        try:
-            port = parts.port or 1883
-        except ValueError:
-            raise UserError(f"--events {shown(url)}: the port is not a number") from None
-        topic = parts.path.strip("/")
-        if not parts.hostname or not topic or any(c in topic for c in "#+"):
-            raise UserError(
-                f"--events {shown(url)}: write mqtt://HOST:PORT/TOPIC (a topic without # or +)"
-            )
-        try:
-            import paho.mqtt.client as mqtt
-        except ImportError:
-            raise UserError('MQTT events need paho-mqtt: pip install ".[serve]"') from None
-        self.topic = topic
-        self._mqtt = mqtt
+        address = parse_mqtt_url(url, "--events")
+        self.topic = address.topic
         self._linked = threading.Event()
         self._connected_once = False
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
-        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client = paho_client("--events", client_id)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
-        self._client.connect_async(parts.hostname, port, keepalive=MQTT_KEEPALIVE_S)
-        self._client.loop_start()  # connects and reconnects on paho's network thread
+        connect(self._client, address)  # connects and reconnects on paho's network thread
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if getattr(reason, "is_failure", False):
@@ -195,7 +178,7 @@ class MqttSink(QueuedSink):
             return False
         topic = f"{self.topic}/{event['source']}"
         info = self._client.publish(topic, dumps(event), qos=1)
-        return info.rc == self._mqtt.MQTT_ERR_SUCCESS
+        return info.rc == 0  # MQTT_ERR_SUCCESS
 
     def wait_for_link(self) -> None:
         self._linked.wait(1.0)
