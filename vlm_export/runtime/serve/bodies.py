@@ -76,7 +76,17 @@ def decode_image(data: bytes, max_pixels: int, max_side: int) -> Image.Image:
 
 async def image_body(request: Request, limits: Limits) -> Image.Image:
     """The request's image (raw JPEG/PNG body or multipart field ``image``), decoded and checked."""
+    image, _ = await image_with_fields(request, limits)
+    return image
+
+
+async def image_with_fields(
+    request: Request, limits: Limits, fields: tuple[str, ...] = ()
+) -> tuple[Image.Image, dict[str, str]]:
+    """The request's image, decoded and checked, and the multipart text ``fields`` given with it
+    (a raw image body has none)."""
     kind = media_type(request)
+    given: dict[str, str] = {}
     if kind in IMAGE_TYPES:
         data = await request.body()
     elif kind == "multipart/form-data":
@@ -85,15 +95,17 @@ async def image_body(request: Request, limits: Limits) -> Image.Image:
             if not isinstance(field, UploadFile):
                 raise HTTPException(400, "the multipart body needs a file field named 'image'")
             data = await field.read()
+            given = {name: form[name] for name in fields if isinstance(form.get(name), str)}
     else:
         raise HTTPException(
             415,
             "send a JPEG or PNG as the body (Content-Type: image/jpeg or image/png) or as the "
             "multipart/form-data field 'image'",
         )
-    return await run_in_threadpool(
+    image = await run_in_threadpool(
         decode_image, data, limits.max_upload_pixels, limits.max_upload_side
     )
+    return image, given
 
 
 async def json_body(request: Request) -> Any:

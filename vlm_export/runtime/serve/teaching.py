@@ -14,10 +14,11 @@ that does not hold exactly the stored examples (a crash between the two) is rebu
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from vlm_export.runtime.teach.examples import (
     new_id,
     thumbnail_jpeg,
 )
+from vlm_export.runtime.teach.fleet import FleetSync
 from vlm_export.runtime.teach.fusion import TeachFusion
 from vlm_export.runtime.teach.learner import TeachLearner
 from vlm_export.runtime.teach.store import ExampleStore
@@ -49,7 +51,8 @@ from vlm_export.runtime.teach.store import ExampleStore
 log = logging.getLogger(__name__)
 
 RECENT_FRAMES = 64  # per source: the frames a label can still land on, by sequence number
-MAX_PENDING = 64  # changes waiting for the learner; more is answered 429
+MAX_PENDING = 32  # changes waiting for the learner; more is answered 429 (the API keeps
+# threads of its pool of 40 for other requests while teaches wait)
 LEARN_WAIT_S = 30.0  # how long a request waits for its example to be learned
 THUMB_STEP_SIDE = 192  # recent frames keep a strided copy about this wide for the thumbnail
 DEFAULT_HIDDEN_DIM = 4096
@@ -103,13 +106,11 @@ class Teaching:
         lanes: Lanes,
         operations: Operations,
         settings: ServeSettings,
-        *,
-        publish: Callable[[str, Example | str], None] | None = None,
     ) -> None:
         self.lanes = lanes
         self.operations = operations
         self.settings = settings
-        self.publish = publish  # the fleet: ("add", example) or ("delete", id)
+        self.fleet: FleetSync | None = None
         bundle = lanes.bundle
         self.dim = int(bundle.text_embeddings.shape[1])
         self.hidden_dim = (
@@ -122,7 +123,7 @@ class Teaching:
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
         self.store = ExampleStore.open(
-            folder / DATABASE if folder else None, bundle.fingerprint, self.dim
+            folder / DATABASE if folder else None, bundle.engine_fingerprint, self.dim
         )
         self.state = folder / LEARNER_STATE if folder else None
         self.device_id = _device_id(folder)
@@ -135,10 +136,21 @@ class Teaching:
         self._recent_lock = threading.Lock()
         self._learner_lock = threading.Lock()
         self._pending: collections.deque[_Change] = collections.deque()
+        self._reserved = 0  # places in the queue taken by requests not yet queued
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._install()
+        if settings.fleet:
+            self.fleet = FleetSync(
+                settings.fleet,
+                self.device_id,
+                bundle.engine_fingerprint,
+                self.dim,
+                on_add=self.add_remote,
+                on_delete=self.forget_remote,
+            )
+            self.notes.append(f"fleet: device {self.device_id} on {shown(settings.fleet)}")
 
     # ------------------------------------------------------------------ start and stop
     def _resume(self) -> TeachLearner:
@@ -152,7 +164,7 @@ class Teaching:
         )
         if self.state is not None and self.state.exists():
             try:
-                learner = TeachLearner.load(self.state, self.lanes.bundle.fingerprint)
+                learner = TeachLearner.load(self.state, self.lanes.bundle.engine_fingerprint)
                 if learner.digest == self.store.digest() and learner.hidden_dim == self.hidden_dim:
                     return learner
                 self.notes.append(
@@ -161,12 +173,21 @@ class Teaching:
                 )
             except StateError as exc:
                 self.notes.append(f"teaching: {shown(exc)}; rebuilt from the database")
+        elif stored:
+            self.notes.append(f"teaching: no learner state: learned {stored} examples")
         return TeachLearner.fit(self.store.all(), self.dim, self.hidden_dim)
 
     def start(self) -> None:
-        """Start the learning thread."""
+        """Start the learning thread, then the fleet link (it republishes this device's own
+        examples: one stored but not published before a crash reaches the fleet; peers apply
+        each id once)."""
         self._thread = threading.Thread(target=self._learn_loop, name="vlm-teach", daemon=True)
         self._thread.start()
+        if self.fleet is not None:
+            self.fleet.start()
+            for example in self.store.all():
+                if not example.origin:
+                    self.fleet.publish_add(example)
 
     def stop(self) -> None:
         """Finish the changes in hand, stop the thread, close the database."""
@@ -175,6 +196,8 @@ class Teaching:
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(LEARN_WAIT_S)
+        if self.fleet is not None:
+            self.fleet.close()
         self.store.close()
 
     def checkpoint(self) -> Path | None:
@@ -182,7 +205,7 @@ class Teaching:
         if self.state is None:
             return None
         with self._learner_lock:
-            self.learner.save(self.state, self.lanes.bundle.fingerprint)
+            self.learner.save(self.state, self.lanes.bundle.engine_fingerprint)
         return self.state
 
     # ------------------------------------------------------------------ the frame path
@@ -205,8 +228,11 @@ class Teaching:
         with self._recent_lock:
             recent = next((r for r in self._recent[source] if r.seq == seq), None)
             oldest = self._recent[source][0].seq if self._recent[source] else None
+            newest = self._recent[source][-1].seq if self._recent[source] else 0
+        if recent is None and seq > newest:
+            raise NotFound(f"{shown(source)} has decided no frame {seq} yet (newest: {newest})")
         if recent is None:
-            held = "no frame yet" if oldest is None else f"frames {oldest} and later"
+            held = "no frame kept" if oldest is None else f"frames {oldest} and later"
             raise Gone(
                 f"frame {seq} of {shown(source)} has left the buffer (it keeps the last "
                 f"{RECENT_FRAMES}: {held}); pick the frame again"
@@ -224,42 +250,53 @@ class Teaching:
         self, embedding: np.ndarray, label: str, source: str, thumbnail: bytes | None
     ) -> dict[str, Any]:
         label = check_label(label)
-        self._check_room()
         if self.store.count() >= self.max_examples:
             raise Busy(
                 f"{self.max_examples} examples are stored, the most this service keeps "
                 "(--teach-max-examples): delete some first"
             )
-        self._ensure_class(label)
-        example = Example(
-            new_id(), label, source, utc_now(), np.asarray(embedding, np.float32), "", thumbnail
-        )
-        self.store.add(example)
-        change = self._submit(_Change(added=example))
-        if self.publish is not None:
-            self.publish("add", example)
+        with self._slot():
+            self._ensure_class(label)
+            example = Example(
+                new_id(), label, source, utc_now(), np.asarray(embedding, np.float32), "", thumbnail
+            )
+            self.store.add(example)
+            change = self._queue(_Change(added=example))
+        self._await(change)
+        if self.fleet is not None:
+            self.fleet.publish_add(example)
         return self._answer(example, change)
 
     def add_remote(self, example: Example) -> bool:
-        """A fleet peer's example: stored once and learned (no waiting)."""
-        if example.label != UNKNOWN and example.label not in self.lanes.bundle.classes:
-            self._ensure_class(example.label)
+        """A fleet peer's example (or this device's own, echoed): stored once, then learned
+        without waiting; False when nothing changed."""
         if not self.store.add(example):
             return False
-        self._submit(_Change(added=example), wait=False)
+        try:
+            self._ensure_class(example.label)
+        except UserError as exc:  # learned all the same; it wins no class here
+            log.warning("fleet: %s", shown(exc))
+        self._queue(_Change(added=example))
         return True
 
-    def forget(self, example_id: str, *, remote: bool = False) -> dict[str, Any]:
+    def forget_remote(self, example_id: str) -> bool:
+        """A fleet peer's delete: False when the example was not held."""
+        if self.store.delete(example_id) is None:
+            return False
+        self._queue(_Change(removed=example_id))
+        return True
+
+    def forget(self, example_id: str) -> dict[str, Any]:
         """Delete an example: the learner state becomes exactly the state without it."""
         check_id(example_id)
-        removed = self.store.delete(example_id)
-        if removed is None:
-            if remote:
-                return {"id": example_id, "deleted": False}
-            raise NotFound(f"no example {example_id}")
-        change = self._submit(_Change(removed=example_id), wait=not remote)
-        if self.publish is not None and not remote:
-            self.publish("delete", example_id)
+        with self._slot():
+            removed = self.store.delete(example_id)
+            if removed is None:
+                raise NotFound(f"no example {example_id}")
+            change = self._queue(_Change(removed=example_id))
+        self._await(change)
+        if self.fleet is not None:
+            self.fleet.publish_delete(example_id)
         return {
             "id": example_id,
             "deleted": True,
@@ -277,10 +314,19 @@ class Teaching:
             "learned_ms": round(change.learned_ms, 3),
         }
 
-    def _check_room(self) -> None:
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[None]:
+        """A place in the learner's queue, taken before anything is stored (Busy when none is
+        left) and handed back once the change is queued or has failed."""
         with self._wake:
-            if len(self._pending) >= MAX_PENDING:
+            if len(self._pending) + self._reserved >= MAX_PENDING:
                 raise Busy(f"{MAX_PENDING} examples wait to be learned: try again in a second")
+            self._reserved += 1
+        try:
+            yield
+        finally:
+            with self._wake:
+                self._reserved -= 1
 
     def _ensure_class(self, label: str) -> None:
         """A label that is not a class yet becomes one (its text embedding from the text
@@ -296,15 +342,20 @@ class Teaching:
         self.operations.set_classes([*classes, label], None)
 
     # ------------------------------------------------------------------ the learning thread
-    def _submit(self, change: _Change, wait: bool = True) -> _Change:
+    def _queue(self, change: _Change) -> _Change:
+        """Hand ``change`` to the learning thread's next batch."""
         with self._wake:
             self._pending.append(change)
             self._wake.notify_all()
-        if wait and not change.done.wait(LEARN_WAIT_S):
-            raise UserError("the example is stored but not learned yet (the learner is slow)")
+        return change
+
+    @staticmethod
+    def _await(change: _Change) -> None:
+        """Wait until ``change`` is in the decisions (UserError when it failed or took long)."""
+        if not change.done.wait(LEARN_WAIT_S):
+            raise UserError("the change is stored but not learned yet (the learner is slow)")
         if change.error is not None:
             raise UserError(change.error)
-        return change
 
     def _learn_loop(self) -> None:
         while True:

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from vlm_export.runtime.serve.bodies import IMAGE_TYPES, image_body, json_body, media_type
+from vlm_export.runtime.serve.bodies import IMAGE_TYPES, image_with_fields, json_body, media_type
 from vlm_export.runtime.serve.replies import cut
 from vlm_export.runtime.serve.routes import service_of
 from vlm_export.runtime.serve.teaching import Teaching
@@ -97,16 +97,11 @@ async def teach(
     if kind == "application/json" or kind.endswith("+json"):
         source, seq, given = frame_label(await json_body(request))
         return await run_in_threadpool(teaching.teach_frame, source, seq, given)
-    if kind == "multipart/form-data":
-        async with request.form(max_files=1, max_fields=8) as form:
-            given = form.get("label")
-        if not isinstance(given, str):
-            raise HTTPException(400, "the multipart body needs a text field named 'label'")
-    elif label is None:
-        raise HTTPException(400, "give the label: ?label=NAME with a raw image body")
-    else:
-        given = label
-    image = await image_body(request, settings.limits)
+    image, fields = await image_with_fields(request, settings.limits, ("label",))
+    given = fields.get("label", label)
+    if given is None:
+        where = "a text field named 'label'" if kind == "multipart/form-data" else "?label=NAME"
+        raise HTTPException(400, f"give the label: {where}")
     return await run_in_threadpool(teaching.teach_image, image, given)
 
 

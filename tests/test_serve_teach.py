@@ -1,0 +1,277 @@
+"""Teaching a running service by example, over real sockets: POST /v1/examples (an uploaded image
+or a frame a source decided, by its seq), GET (pages, thumbnails), DELETE (exact unlearning), the
+decisions that follow, the SQLite store in the state directory, and hostile input.
+
+The reference for every learner state is a fresh ``TeachLearner.fit`` on the examples the store
+holds (itself proven equal to the primal RAIL closed form in tests/test_teach_learner.py)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import sqlite3
+import threading
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fakebundle import make_bundle, write_images
+from liveserver import image_bytes, open_service, serving, wait_for
+from PIL import Image
+
+pytest.importorskip("prometheus_client")
+
+from vlm_export.runtime.serve.teaching import MAX_PENDING, RECENT_FRAMES  # noqa: E402
+from vlm_export.runtime.teach.examples import Example, new_id  # noqa: E402
+from vlm_export.runtime.teach.learner import TeachLearner  # noqa: E402
+from vlm_export.runtime.teach.store import ExampleStore  # noqa: E402
+
+HIDDEN = 64
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max(initial=0.0) / max(np.abs(b).max(initial=0.0), 1e-300))
+
+
+def _fresh(service) -> TeachLearner:
+    """A fresh learner on what the store holds (the reference)."""
+    teaching = service.teaching
+    return TeachLearner.fit(teaching.store.all(), teaching.dim, teaching.hidden_dim)
+
+
+def _assert_exact(service) -> None:
+    learner, fresh = service.teaching.learner, _fresh(service)
+    assert learner.ids == fresh.ids
+    assert learner.labels == fresh.labels
+    assert _relative(learner.weights, fresh.weights) <= 1e-9
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_teach")
+    bundle = make_bundle(root / "bundle", method="tca")
+    write_images(root / "front", 5, seed=1)
+    write_images(root / "yard", 5, seed=2)
+    service = open_service(
+        bundle,
+        {"front": root / "front", "yard": root / "yard"},
+        root / "states",
+        teach_hidden_dim=HIDDEN,
+    )
+    with service, serving(service) as url:
+        wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, "both sources live")
+        yield service, url, root
+
+
+def _teach_upload(url: str, label: str, seed: int) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/examples",
+        params={"label": label},
+        content=image_bytes(seed=seed),
+        headers={"Content-Type": "image/jpeg"},
+        timeout=30,
+    )
+
+
+def test_taught_examples_decide_and_delete_is_exact(served) -> None:
+    service, url, root = served
+    answers = []
+    for seed, label in [(10, "car"), (11, "car"), (12, "bus"), (13, "bus"), (14, "car")]:
+        reply = _teach_upload(url, label, seed)
+        assert reply.status_code == 200, reply.text
+        answers.append(reply.json())
+    assert [a["class_examples"] for a in answers] == [1, 2, 1, 2, 3]
+    assert all(len(a["id"]) == 32 and a["learned_ms"] >= 0 for a in answers)
+    _assert_exact(service)
+    # an image like a taught one is decided as its label (the teach gate opens on it)
+    decided = httpx.post(
+        f"{url}/v1/classify",
+        content=image_bytes(seed=12),
+        headers={"Content-Type": "image/jpeg"},
+        timeout=30,
+    ).json()
+    assert decided["class"] == "bus"
+    # the same through the multipart form
+    multipart = httpx.post(
+        f"{url}/v1/examples",
+        files={"image": ("x.png", image_bytes(seed=15, fmt="PNG"), "image/png")},
+        data={"label": "train"},
+        timeout=30,
+    )
+    assert multipart.status_code == 200, multipart.text
+    listed = httpx.get(f"{url}/v1/examples", params={"label": "car"}).json()
+    assert listed["total"] == 3 and listed["counts"]["bus"] == 2
+    assert listed["learned"] == 6
+    thumb = httpx.get(url + listed["examples"][0]["thumbnail"])
+    assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
+    # exact unlearning: the state equals the state learned without the example
+    gone = answers[2]["id"]
+    reply = httpx.delete(f"{url}/v1/examples/{gone}", timeout=30)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["class_examples"] == 1
+    assert gone not in service.teaching.learner.ids
+    _assert_exact(service)
+    assert httpx.delete(f"{url}/v1/examples/{gone}").status_code == 404
+    # the store is a real SQLite database in WAL mode in the state directory
+    database = root / "states" / "teach" / "examples.sqlite"
+    with sqlite3.connect(database) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("SELECT COUNT(*) FROM examples").fetchone()[0] == 5
+
+
+def test_a_frame_is_labelled_by_its_seq(served) -> None:
+    service, url, _ = served
+    seq = wait_for(
+        lambda: next(s["seq"] for s in httpx.get(f"{url}/v1/sources").json()["sources"]
+                     if s["name"] == "yard") or None,
+        "a decided frame",
+    )  # fmt: skip
+    kept = {r.seq: r.embedding for r in service.teaching._recent["yard"]}
+    reply = httpx.post(
+        f"{url}/v1/examples", json={"source": "yard", "seq": seq, "label": "dog"}, timeout=30
+    )
+    assert reply.status_code == 200, reply.text
+    example = service.teaching.store.get(reply.json()["id"])
+    assert example.source == "yard" and example.label == "dog"
+    if seq in kept:  # the embedding of exactly that frame
+        np.testing.assert_array_equal(example.embedding, kept[seq])
+    assert example.thumbnail and example.thumbnail[:2] == b"\xff\xd8"
+    _assert_exact(service)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"source": "nowhere", "seq": 1, "label": "dog"}, 404, "no source"),
+        ({"source": "front", "seq": 10**9, "label": "dog"}, 404, "no frame"),
+        ({"source": "front", "seq": 0, "label": "dog"}, 400, "sequence number"),
+        ({"source": "front", "seq": "1", "label": "dog"}, 400, "sequence number"),
+        ({"source": "front", "seq": 1, "label": ""}, 400, "empty"),
+        ({"source": "front", "seq": 1, "label": "x" * 10_000}, 400, "at most"),
+        ({"source": "front", "seq": 1, "label": "a\x00b"}, 400, "control"),
+        ({"source": "front", "seq": 1, "label": 7}, 400, "string"),
+        ({"source": "front", "seq": 1}, 400, "needs label"),
+        ({"source": "front", "seq": 1, "label": "dog", "path": "/etc"}, 400, "unknown field"),
+        ([1, 2], 400, "send"),
+    ],
+)
+def test_bad_teach_requests_get_one_json_error_and_change_nothing(served, body, status, words):
+    service, url, _ = served
+    before = service.teaching.store.digest()
+    reply = httpx.post(f"{url}/v1/examples", json=body, timeout=30)
+    assert reply.status_code == status, reply.text
+    assert words in reply.json()["error"]
+    assert service.teaching.store.digest() == before
+
+
+def test_a_seq_that_left_the_buffer_is_410(served) -> None:
+    service, url, _ = served
+    wait_for(
+        lambda: (
+            len(service.teaching._recent["front"]) == RECENT_FRAMES
+            and service.teaching._recent["front"][0].seq > 1
+        ),
+        "more frames than the buffer keeps",
+        tries=600,
+    )
+    reply = httpx.post(
+        f"{url}/v1/examples", json={"source": "front", "seq": 1, "label": "dog"}, timeout=30
+    )
+    assert reply.status_code == 410, reply.text
+    assert "left the buffer" in reply.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "status"),
+    [
+        ("/v1/examples/not-an-id", "DELETE", 400),
+        ("/v1/examples/" + "0" * 32, "DELETE", 404),
+        ("/v1/examples/" + "0" * 32 + "/thumbnail.jpg", "GET", 404),
+        ("/v1/examples?limit=100000", "GET", 422),
+    ],
+)
+def test_bad_ids_and_pages(served, path, method, status) -> None:
+    _, url, _ = served
+    reply = httpx.request(method, url + path, timeout=30)
+    assert reply.status_code == status, reply.text
+    assert reply.headers["content-type"].startswith("application/json")
+
+
+def test_uploads_without_a_label_or_too_large_are_refused(served) -> None:
+    service, url, _ = served
+    before = service.teaching.store.digest()
+    plain = httpx.post(
+        f"{url}/v1/examples", content=image_bytes(), headers={"Content-Type": "image/jpeg"}
+    )
+    assert plain.status_code == 400 and "label" in plain.json()["error"]
+    form = httpx.post(f"{url}/v1/examples", files={"image": ("a.jpg", image_bytes(), "image/jpeg")})
+    assert form.status_code == 400 and "label" in form.json()["error"]
+    huge = httpx.post(
+        f"{url}/v1/examples",
+        params={"label": "dog"},
+        content=image_bytes(size=(2100, 10)),
+        headers={"Content-Type": "image/jpeg"},
+    )
+    assert huge.status_code == 413
+    assert service.teaching.store.digest() == before
+
+
+def test_a_flood_is_answered_429_and_nothing_is_half_learned(served) -> None:
+    service, url, _ = served
+    teaching = service.teaching
+    replies: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def post(seed: int) -> None:
+        reply = _teach_upload(url, "train", 100 + seed)
+        with lock:
+            replies.append(reply)
+
+    with teaching._learner_lock:  # the learner is busy: changes pile up
+        # one change is in the blocked batch, MAX_PENDING wait: the rest are answered 429
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(MAX_PENDING + 8)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(replies) >= 5, "the requests over the queue's bound")
+    for thread in threads:
+        thread.join(60)
+    busy = [r for r in replies if r.status_code == 429]
+    assert busy and all(r.headers["retry-after"] == "1" for r in busy)
+    assert all(r.status_code in (200, 429) for r in replies)
+    assert teaching.learner.num_samples == teaching.store.count()
+    _assert_exact(service)
+
+
+def test_restart_resumes_the_same_state_and_rebuilds_a_stale_one(served, tmp_path) -> None:
+    service, url, root = served
+    probe = image_bytes(seed=12)
+    before = httpx.post(
+        f"{url}/v1/classify", content=probe, headers={"Content-Type": "image/jpeg"}, timeout=30
+    ).json()
+    service.checkpoint()
+    assert (root / "states" / "teach" / "teach.npz").exists()
+    copy = tmp_path / "states"
+    shutil.copytree(root / "states", copy)
+    for case in ("resumed", "stale", "missing"):
+        if case == "stale":  # a crash between the store and the checkpoint: the state is behind
+            store = ExampleStore.open(
+                copy / "teach" / "examples.sqlite", service.bundle.engine_fingerprint, 8
+            )
+            late = service.teaching.store.all()[0]
+            store.add(Example(new_id(), "bus", "front", late.time_utc, late.embedding[::-1]))
+            store.close()
+        if case == "missing":
+            (copy / "teach" / "teach.npz").unlink()
+        again = open_service(
+            Path(service.settings.bundle), {"front": root / "front"}, copy, teach_hidden_dim=HIDDEN
+        )
+        with again:
+            _assert_exact(again)
+            notes = " ".join(again.notes)
+            assert ("rebuilt from the database" in notes) == (case == "stale")
+            assert ("no learner state" in notes) == (case == "missing")
+            if case == "resumed":  # the same decisions as before the restart
+                scores = again.classify(Image.open(io.BytesIO(probe)))
+                assert scores["class"] == before["class"]
+                assert abs(scores["topk"][0]["score"] - before["topk"][0]["score"]) <= 1e-5
