@@ -301,3 +301,69 @@ def test_soak_ten_minutes_two_sources_memory_flat(world, tmp_path) -> None:
     print(f"RSS warm {warm} kB, samples {samples}, growth {growth_kb} kB")
     assert growth_kb < 8 * 1024, (warm, samples)
     assert os.path.getsize(events) > 0
+
+
+def _teach_and_forget(port: int, stop: Callable[[], bool]) -> None:
+    """Teach examples and delete every third one until ``stop()`` (errors once killed)."""
+    base = f"http://127.0.0.1:{port}/v1/examples"
+    from liveserver import image_bytes
+
+    seed = 0
+    while not stop():
+        seed += 1
+        request = urllib.request.Request(
+            f"{base}?label={'car' if seed % 2 else 'bus'}",
+            data=image_bytes(seed=seed),
+            headers={"Content-Type": "image/jpeg"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                taught = json.load(reply)["id"]
+            if seed % 3 == 0:
+                delete = urllib.request.Request(f"{base}/{taught}", method="DELETE")
+                urllib.request.urlopen(delete, timeout=10).close()
+        except OSError:
+            return
+
+
+def test_kill_9_while_teaching_restarts_to_the_state_of_the_database(world, tmp_path) -> None:
+    """Examples are taught and deleted while checkpoints run every 20 ms; kill -9 in each round
+    at another moment. Each restart serves the learner of exactly the stored examples."""
+    import threading
+
+    from vlm_export.runtime.teach.learner import TeachLearner
+
+    states = tmp_path / "states"
+    sizes = []
+    for round_ in range(5):
+        process, port = start_serve(
+            world, tmp_path, "--state-dir", str(states), "--checkpoint-every", "0.02",
+            "--teach-hidden-dim", "32",
+        )  # fmt: skip
+        killed = threading.Event()
+        try:
+            wait_serving(process, port)
+            teacher = threading.Thread(target=_teach_and_forget, args=(port, killed.is_set))
+            teacher.start()
+            time.sleep(0.4 + 0.25 * round_)
+            process.kill()
+        finally:
+            killed.set()
+            process.kill()
+            process.communicate(timeout=WAIT_S)
+        teacher.join(WAIT_S)
+        settings = ServeSettings(
+            bundle=str(world / "bundle"),
+            sources=[("front", str(world / "front"))],
+            state_dir=str(states),
+            teach_hidden_dim=32,
+        )
+        with Service.open(settings) as again:
+            teaching = again.teaching
+            fresh = TeachLearner.fit(teaching.store.all(), teaching.dim, 32)
+            assert teaching.learner.ids == fresh.ids
+            scale = max(abs(fresh.weights).max(initial=0.0), 1e-300)
+            assert abs(teaching.learner.weights - fresh.weights).max(initial=0.0) <= 1e-9 * scale
+            sizes.append(teaching.store.count())
+    print(f"examples stored after each kill: {sizes}")
+    assert sizes[-1] > 0
