@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from fakebundle import make_bundle, write_images
-from liveserver import image_bytes, open_service, serving, wait_for
+from liveserver import export_tiny, image_bytes, open_service, serving, wait_for
 from PIL import Image
 
 pytest.importorskip("prometheus_client")
@@ -64,11 +64,24 @@ def served(tmp_path_factory):
         yield service, url, root
 
 
-def _teach_upload(url: str, label: str, seed: int) -> httpx.Response:
+def tinted(color: tuple[int, int, int], seed: int) -> bytes:
+    """A JPEG of one colour with noise: images of one colour look alike to any engine."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(-30, 30, (48, 64, 3))
+    pixels = np.clip(np.array(color)[None, None, :] + noise, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+RED, BLUE = (200, 40, 40), (40, 40, 200)
+
+
+def _teach_upload(url: str, label: str, seed: int, image: bytes | None = None) -> httpx.Response:
     return httpx.post(
         f"{url}/v1/examples",
         params={"label": label},
-        content=image_bytes(seed=seed),
+        content=image or image_bytes(seed=seed),
         headers={"Content-Type": "image/jpeg"},
         timeout=30,
     )
@@ -275,3 +288,38 @@ def test_restart_resumes_the_same_state_and_rebuilds_a_stale_one(served, tmp_pat
                 scores = again.classify(Image.open(io.BytesIO(probe)))
                 assert scores["class"] == before["class"]
                 assert abs(scores["topk"][0]["score"] - before["topk"][0]["score"]) <= 1e-5
+
+
+@pytest.mark.exporter
+def test_five_examples_of_a_new_label_make_a_class_that_wins(tmp_path) -> None:
+    """A label that is no class becomes one (domain "taught", text engine); five examples of it
+    change the decision on images like them; "line 3 jam" works as well as "forklift"."""
+    pytest.importorskip("torch")
+    bundle = export_tiny(tmp_path / "export", ["cat", "dog", "red fox"])
+    write_images(tmp_path / "front", 3, seed=1)
+    service = open_service(bundle, {"front": tmp_path / "front"}, tmp_path / "states",
+                           teach_hidden_dim=HIDDEN)  # fmt: skip
+    with service, serving(service) as url:
+        probe = tinted(RED, seed=99)
+        before = httpx.post(
+            f"{url}/v1/classify", content=probe, headers={"Content-Type": "image/jpeg"}
+        ).json()
+        assert before["class"] in ("cat", "dog", "red fox")
+        for label in ("forklift", "line 3 jam"):
+            for seed in range(5):
+                color = RED if label == "forklift" else BLUE
+                reply = _teach_upload(url, label, seed, tinted(color, seed))
+                assert reply.status_code == 200, reply.text
+            assert reply.json()["class_examples"] == 5
+        classes = httpx.get(f"{url}/v1/classes").json()["classes"]
+        assert classes == ["cat", "dog", "red fox", "forklift", "line 3 jam"]
+        after = httpx.post(
+            f"{url}/v1/classify", content=probe, headers={"Content-Type": "image/jpeg"}
+        ).json()
+        assert (after["class"], after["domain"]) == ("forklift", "taught")
+        jam = httpx.post(
+            f"{url}/v1/classify", content=tinted(BLUE, seed=98),
+            headers={"Content-Type": "image/jpeg"},
+        ).json()  # fmt: skip
+        assert jam["class"] == "line 3 jam"
+        _assert_exact(service)

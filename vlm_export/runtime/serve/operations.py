@@ -133,11 +133,22 @@ class Operations:
         if len(set(names)) != len(names):
             raise UserError("a class name is given twice")
         with self._classes_lock:
-            dropped = self._replace_classes(names, templates)
+            dropped = self._replace_classes(names, templates, None)
         log.info("classes replaced: %d classes", len(names))
         return {**self.classes(), "dropped_entries": dropped}
 
-    def _replace_classes(self, names: list[str], templates: str | None) -> int:
+    def add_class(self, name: str, domain: str) -> None:
+        """Add class ``name`` to ``domain`` (a new domain comes last), embedded by the text
+        engine with the bundle's templates; the other classes stay as they are."""
+        with self._classes_lock:
+            bundle = self.lanes.bundle
+            if name in bundle.classes:
+                return
+            members = [n for d, n in bundle.labels if d == domain]
+            self._replace_classes([*members, name], None, domain)
+        log.info("class %r added to domain %r", name, domain)
+
+    def _replace_classes(self, names: list[str], templates: str | None, domain: str | None) -> int:
         from vlm_export.runtime.text.bundle_classes import write_label_space
         from vlm_export.runtime.text.label_space import (
             choose_templates,
@@ -148,7 +159,7 @@ class Operations:
         lanes = self.lanes
         bundle = lanes.bundle
         chosen, spec = choose_templates(bundle, templates)
-        labels, domains = new_labels(bundle, names, None)
+        labels, domains = new_labels(bundle, names, domain)
         space = embed_label_space(bundle, labels, domains, chosen, spec, self.encoder())
         with lanes.lock:
             unique = lanes.unique()

@@ -57,6 +57,7 @@ LEARN_WAIT_S = 30.0  # how long a request waits for its example to be learned
 THUMB_STEP_SIDE = 192  # recent frames keep a strided copy about this wide for the thumbnail
 DEFAULT_HIDDEN_DIM = 4096
 DEFAULT_MAX_EXAMPLES = 5000
+TAUGHT_DOMAIN = "taught"  # the domain of classes that exist because they were taught
 TEACH_FOLDER = "teach"  # in --state-dir: the database, the learner state, this device's id
 DATABASE = "examples.sqlite"
 LEARNER_STATE = "teach.npz"
@@ -329,8 +330,8 @@ class Teaching:
                 self._reserved -= 1
 
     def _ensure_class(self, label: str) -> None:
-        """A label that is not a class yet becomes one (its text embedding from the text
-        engine, as PUT /v1/classes does); ``unknown`` never does."""
+        """A label that is not a class yet becomes one, in the domain ``taught`` (its text
+        embedding from the text engine, as PUT /v1/classes makes them); ``unknown`` never does."""
         classes = list(self.lanes.bundle.classes)
         if label == UNKNOWN or label in classes:
             return
@@ -339,7 +340,7 @@ class Teaching:
                 f"{shown(label)!r} is not a class and this bundle has no text engine to add it: "
                 "teach one of its classes"
             )
-        self.operations.set_classes([*classes, label], None)
+        self.operations.add_class(label, TAUGHT_DOMAIN)
 
     # ------------------------------------------------------------------ the learning thread
     def _queue(self, change: _Change) -> _Change:
