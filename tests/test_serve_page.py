@@ -153,3 +153,36 @@ def test_page_asks_for_the_token(served, page) -> None:
     cookies = {c["name"]: c for c in page.context.cookies()}
     session = next(iter(cookies.values()))
     assert session["httpOnly"] and session["sameSite"] == "Strict"
+
+
+def test_teach_a_frame_from_the_page_and_delete_it(served_text, page, tmp_path) -> None:
+    """The card's Teach button freezes the frame on screen; a new label typed there becomes a
+    class and an example with its thumbnail; its Delete button unlearns it."""
+    url, _ = served_text
+    page.goto(url)
+    page.wait_for_selector('[data-source="front"] .teach-button')
+    wait_for(lambda: page.evaluate(SNAPSHOT, "front"), "a frame")
+    for round_ in range(5):
+        page.click('[data-source="front"] .teach-button')
+        page.wait_for_selector("#teach:not([hidden])")
+        wait_for(lambda: page.get_attribute("#teach-frame", "data-seq"), "the frozen frame")
+        seq = int(page.get_attribute("#teach-frame", "data-seq"))
+        assert seq >= 1
+        if round_ == 0:
+            page.screenshot(path=str(tmp_path / "teach-dialog.png"))
+        page.fill("#teach-label", "forklift")
+        page.click("#teach-submit")
+        page.wait_for_selector("#teach", state="hidden")
+        wait_for(
+            lambda r=round_: page.locator("#example-list li").count() == r + 1, "the example"
+        )
+    listed = httpx.get(f"{url}/v1/examples").json()
+    assert listed["counts"] == {"forklift": 5}
+    assert all(e["source"] == "front" and e["thumbnail"] for e in listed["examples"])
+    assert "forklift" in httpx.get(f"{url}/v1/classes").json()["classes"]
+    wait_for(lambda: page.locator('#example-list img[src*="thumbnail"]').count() == 5, "thumbs")
+    page.screenshot(path=str(tmp_path / "teach-page.png"), full_page=True)
+    first = listed["examples"][0]["id"]
+    page.click(f'#example-list li[data-id="{first}"] button.delete')
+    wait_for(lambda: page.locator("#example-list li").count() == 4, "the deleted example gone")
+    assert httpx.get(f"{url}/v1/examples").json()["counts"] == {"forklift": 4}

@@ -59,6 +59,7 @@ function makeCard(name) {
   card.fate.checked = fateDefault;
   card.img.src = streamUrl(name, card.fate.checked);
   card.fate.addEventListener("change", () => { card.img.src = streamUrl(name, card.fate.checked); });
+  root.querySelector(".teach-button").addEventListener("click", () => openTeach(name));
   $("sources").appendChild(root);
   cards.set(name, card);
   return card;
@@ -218,8 +219,132 @@ async function logOut() {
   location.reload();
 }
 
+// ---------------------------------------------------------------- teaching by example
+let teaching = null; // {source, seq} of the frame in the teach dialog
+
+function dataUrl(blob) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error("cannot read the frame"));
+    reader.readAsDataURL(blob);
+  });
+}
+
+async function openTeach(name) {
+  // the frame on screen now, frozen with its sequence number: the label lands on exactly it
+  $("teach").hidden = false;
+  $("teach-source").textContent = name;
+  message($("teach-message"), "taking the frame…", false);
+  $("teach-submit").disabled = true;
+  try {
+    const classes = await api("/v1/classes");
+    $("teach-classes").replaceChildren(...[...classes.classes, "unknown"].map((c) => {
+      const option = document.createElement("option");
+      option.value = c;
+      return option;
+    }));
+    const response = await fetch(`/v1/sources/${encodeURIComponent(name)}/frame.jpg`,
+      { credentials: "same-origin" });
+    if (!response.ok) throw new Error(`no frame (HTTP ${response.status})`);
+    const seq = Number(response.headers.get("X-Frame-Seq"));
+    $("teach-frame").src = await dataUrl(await response.blob());
+    teaching = { source: name, seq };
+    $("teach-frame").dataset.seq = `${seq}`;
+    message($("teach-message"), "", false);
+    $("teach-submit").disabled = false;
+    $("teach-label").focus();
+  } catch (error) {
+    message($("teach-message"), error.message, true);
+  }
+}
+
+function closeTeach() {
+  $("teach").hidden = true;
+  $("teach-label").value = "";
+  teaching = null;
+}
+
+async function submitTeach(event) {
+  event.preventDefault();
+  if (!teaching) return;
+  const label = $("teach-label").value.trim();
+  $("teach-submit").disabled = true;
+  message($("teach-message"), "learning…", false);
+  try {
+    const result = await api("/v1/examples", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ source: teaching.source, seq: teaching.seq, label }),
+    });
+    message($("examples-message"),
+      `learned "${result.label}" (${result.class_examples} example${result.class_examples === 1 ? "" : "s"}, ` +
+      `${number(result.learned_ms, 0)} ms)`, false);
+    closeTeach();
+    loadClasses();
+    loadExamples();
+  } catch (error) {
+    message($("teach-message"), error.message, true);
+    $("teach-submit").disabled = false;
+  }
+}
+
+function chip(text, count) {
+  const li = document.createElement("li");
+  li.textContent = `${text} `;
+  const n = document.createElement("b");
+  n.textContent = `${count}`;
+  li.appendChild(n);
+  li.dataset.label = text;
+  return li;
+}
+
+function exampleRow(example) {
+  const li = document.createElement("li");
+  li.dataset.id = example.id;
+  const img = document.createElement("img");
+  img.alt = example.label;
+  if (example.thumbnail) img.src = example.thumbnail;
+  const text = document.createElement("span");
+  text.className = "example-text";
+  const label = document.createElement("b");
+  label.textContent = example.label;
+  const where = document.createElement("small");
+  where.textContent = `${example.source} · ${(example.time_utc || "").replace("T", " ").replace(/\.\d+.*/, "")}`;
+  text.append(label, where);
+  const remove = document.createElement("button");
+  remove.type = "button";
+  remove.className = "quiet delete";
+  remove.textContent = "Delete";
+  remove.addEventListener("click", () => deleteExample(example));
+  li.append(img, text, remove);
+  return li;
+}
+
+async function loadExamples() {
+  try {
+    const body = await api("/v1/examples?limit=50");
+    $("example-counts").replaceChildren(...Object.entries(body.counts).map(([l, n]) => chip(l, n)));
+    $("example-list").replaceChildren(...body.examples.map(exampleRow));
+    $("calibration").textContent = body.calibration ? `min score: ${body.calibration}` : "";
+  } catch (error) {
+    message($("examples-message"), error.message, true);
+  }
+}
+
+async function deleteExample(example) {
+  try {
+    const result = await api(`/v1/examples/${example.id}`, { method: "DELETE" });
+    message($("examples-message"), `forgot one "${result.label}" (${result.class_examples} left)`, false);
+    loadExamples();
+  } catch (error) {
+    message($("examples-message"), error.message, true);
+  }
+}
+
 function start() {
   loadClasses();
+  loadExamples();
   poll();
   if (polling === null) polling = setInterval(poll, POLL_MS);
 }
@@ -228,5 +353,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("classes-form").addEventListener("submit", applyClasses);
   $("login-form").addEventListener("submit", logIn);
   $("logout").addEventListener("click", logOut);
+  $("teach-form").addEventListener("submit", submitTeach);
+  $("teach-cancel").addEventListener("click", closeTeach);
   start();
 });
