@@ -1,0 +1,101 @@
+"""Three ``vlm-edge serve`` services on one bundle and a real mosquitto on loopback: what any of
+them is taught over HTTP, all of them learn (embeddings and labels travel, never images), deletes
+included; they converge to one learner on the union of the examples, to 1e-9 relative, and a
+fourth that starts late catches up from the broker's retained messages."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fakebundle import make_bundle, write_images
+from liveserver import image_bytes, open_service, serving
+from mosquitto import Broker
+from polling import wait_until
+
+pytest.importorskip("paho.mqtt.client")
+pytest.importorskip("prometheus_client")
+
+from vlm_export.runtime.teach.learner import TeachLearner  # noqa: E402
+
+HIDDEN = 48
+
+
+@pytest.fixture()
+def broker(tmp_path):
+    broker = Broker(tmp_path)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def _fleet(tmp_path: Path, broker: Broker, name: str):
+    bundle = tmp_path / "bundles" / name
+    if not bundle.exists():
+        shutil.copytree(tmp_path / "bundle", bundle)  # the same bundle on every device
+    return open_service(
+        bundle,
+        {"cam": tmp_path / "cam"},
+        tmp_path / "states" / name,
+        teach_hidden_dim=HIDDEN,
+        fleet=f"mqtt://127.0.0.1:{broker.port}/site-a",
+    )
+
+
+def _teach(url: str, label: str, seed: int) -> str:
+    reply = httpx.post(
+        f"{url}/v1/examples",
+        params={"label": label},
+        content=image_bytes(seed=seed),
+        headers={"Content-Type": "image/jpeg"},
+        timeout=30,
+    )
+    assert reply.status_code == 200, reply.text
+    return reply.json()["id"]
+
+
+def _union_learner(services) -> TeachLearner:
+    teaching = services[0].teaching
+    return TeachLearner.fit(teaching.store.all(), teaching.dim, HIDDEN)
+
+
+def _converged(services, ids: set[str]) -> bool:
+    return all(set(s.teaching.learner.ids) == ids and not s.teaching._pending for s in services)
+
+
+def test_three_services_learn_together_exactly(tmp_path, broker) -> None:
+    make_bundle(tmp_path / "bundle", method="tca")
+    write_images(tmp_path / "cam", 3, seed=4)
+    services = [_fleet(tmp_path, broker, name) for name in ("a", "b", "c")]
+    with services[0], services[1], services[2]:
+        with serving(services[0]) as a, serving(services[1]) as b, serving(services[2]) as c:
+            taught = {
+                _teach(a, "car", 1), _teach(a, "bus", 2), _teach(b, "car", 3),
+                _teach(b, "unknown", 4), _teach(c, "train", 5), _teach(c, "bus", 6),
+            }  # fmt: skip
+            wait_until(lambda: _converged(services, taught), "every device to hold all six")
+            gone = sorted(taught)[:2]  # deleted on another device than the one that taught it
+            assert httpx.delete(f"{b}/v1/examples/{gone[0]}", timeout=30).status_code == 200
+            assert httpx.delete(f"{c}/v1/examples/{gone[1]}", timeout=30).status_code == 200
+            surviving = taught - set(gone)
+            wait_until(lambda: _converged(services, surviving), "the deletes everywhere")
+        reference = _union_learner(services)
+        assert set(reference.ids) == surviving
+        worst = 0.0
+        for service in services:
+            learner = service.teaching.learner
+            assert learner.ids == reference.ids and learner.labels == reference.labels
+            scale = np.abs(reference.weights).max()
+            worst = max(worst, float(np.abs(learner.weights - reference.weights).max() / scale))
+            assert set(service.teaching.store.ids()) == surviving
+            assert service.teaching.store.deleted_ids() >= set(gone)
+        print(f"three services agree with one learner on the union to {worst:.1e} relative")
+        assert worst <= 1e-9
+        late = _fleet(tmp_path, broker, "d")  # was off: catches up from retained messages
+        with late:
+            wait_until(lambda: _converged([late], surviving), "the late device to catch up")
+            learner = late.teaching.learner
+            assert np.abs(learner.weights - reference.weights).max() <= 1e-9 * scale
