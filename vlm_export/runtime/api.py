@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -33,6 +34,10 @@ from vlm_export.runtime.pipeline import (
 from vlm_export.runtime.rail.fusion import RailFusion
 from vlm_export.runtime.rail.models import fusion_beta, load_predictor
 from vlm_export.runtime.tca.stage import build_reservoir
+
+if TYPE_CHECKING:  # imported when first taught: scipy and sqlite3 stay out of start-up
+    from vlm_export.runtime.teach.examples import Example
+    from vlm_export.runtime.teach.local import LocalTeaching
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +68,15 @@ class EdgePipeline:
         state: Path | None,
         reads: list[tuple[str, str | Path | None]] | None = None,
         budget: BudgetRun | None = None,
+        examples: str | Path | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.state = state
         self._reads = reads or []  # what the write guard protects from save_state
         self._frames = 0
         self._text_encoder = None
+        self._teaching: LocalTeaching | None = None
+        self._examples = examples
         #: the ladder's latency budget (open_pipeline's target_ms), None without one
         self.budget = budget
         self.closed = False
@@ -136,6 +144,35 @@ class EdgePipeline:
         rows = np.asarray(self._text_encoder.embed_prompts(items), dtype=np.float32)
         return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
+    def teach(self, image: ImageInput, label: str, *, channels: str | None = None) -> str:
+        """Learn that ``image`` (inputs as ``classify``) shows ``label``; return the example's id.
+
+        The next decisions fuse RAIL's ridge regression on the taught examples with zero-shot
+        (and TCA): images like it are decided as ``label``. A label that is not a class becomes
+        one (domain ``taught``, its text embedding from the text engine); ``"unknown"`` teaches
+        what to reject. Examples are kept in ``open_pipeline(..., examples=FILE)`` (SQLite), or
+        in memory.
+        """
+        embedding = self.embed(image, channels=channels)
+        return self._taught().teach(embedding, label).id
+
+    def forget(self, example_id: str) -> bool:
+        """Unlearn one taught example exactly (the state learned without it); False if unknown."""
+        return self._taught().forget(example_id)
+
+    def examples(self, label: str | None = None) -> list[Example]:
+        """The taught examples, newest first (``label``: only those)."""
+        return self._taught().examples(label)
+
+    def _taught(self) -> LocalTeaching:
+        if self.closed:
+            raise UserError("the pipeline is closed (its with block ended): open it again")
+        if self._teaching is None:
+            from vlm_export.runtime.teach.local import LocalTeaching
+
+            self._teaching = LocalTeaching(self.pipeline, self._examples)
+        return self._teaching
+
     def save_state(self, path: str | Path | None = None) -> None:
         """Save the adaptation state to ``path`` (default: the ``state`` it was opened with)."""
         target = path if path is not None else self.state
@@ -153,6 +190,8 @@ class EdgePipeline:
         """Release the engine (once; ``classify`` then refuses)."""
         if not self.closed:
             self.closed = True
+            if self._teaching is not None:
+                self._teaching.close()
             self.pipeline.backend.close()
 
     def __enter__(self) -> EdgePipeline:
@@ -213,6 +252,7 @@ def open_pipeline(
     target_ms: float | None = None,
     adapt_budget: bool = False,
     measure: bool = False,
+    examples: str | Path | None = None,
 ) -> EdgePipeline:
     """Open a bundle for classification, with ``vlm-edge run``'s defaults.
 
@@ -227,6 +267,9 @@ def open_pipeline(
     budget whose p90 recorded by ``vlm-edge bench`` meets it (``measure``: time the rungs now if
     none is recorded); ``adapt_budget`` switches rungs while running. ``pipeline.budget.reason``
     says which rung and why; each result's ``drop_rate`` is the rung it ran on.
+
+    ``examples`` is the SQLite file that ``pipeline.teach`` keeps taught examples in (resumed
+    when it exists); without it they live in memory.
     """
     if not isinstance(bundle, Bundle | str | Path):
         raise UserError(
@@ -235,7 +278,7 @@ def open_pipeline(
     min_score = check_min_score(min_score)
     reads = [*tree_reads("bundle", bundle.path if isinstance(bundle, Bundle) else bundle)]
     reads.append(("rail_state", rail_state))
-    check_paths(reads, [("state", state)])  # before any work
+    check_paths(reads, [("state", state), ("examples", examples)])  # before any work
     if not isinstance(bundle, Bundle):
         bundle = Bundle.open(bundle, verify=verify)
     if method is None:
@@ -278,4 +321,6 @@ def open_pipeline(
             bundle, engine, method, reservoir, fusion, min_score=min_score, crop=crop
         )
         cleanup.pop_all()
-    return EdgePipeline(pipeline, Path(state) if state is not None else None, reads, budget)
+    return EdgePipeline(
+        pipeline, Path(state) if state is not None else None, reads, budget, examples
+    )

@@ -36,6 +36,7 @@ from vlm_export.runtime.serve.operations import Operations
 from vlm_export.runtime.serve.views import frame_image
 from vlm_export.runtime.teach.calibrate import Calibration, calibrate
 from vlm_export.runtime.teach.examples import (
+    TAUGHT_DOMAIN,
     UNKNOWN,
     Example,
     check_id,
@@ -45,7 +46,7 @@ from vlm_export.runtime.teach.examples import (
 )
 from vlm_export.runtime.teach.fleet import FleetSync
 from vlm_export.runtime.teach.fusion import TeachFusion
-from vlm_export.runtime.teach.learner import TeachLearner
+from vlm_export.runtime.teach.learner import DEFAULT_HIDDEN_DIM, TeachLearner
 from vlm_export.runtime.teach.store import ExampleStore
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,7 @@ MAX_PENDING = 32  # changes waiting for the learner; more is answered 429 (the A
 # threads of its pool of 40 for other requests while teaches wait)
 LEARN_WAIT_S = 30.0  # how long a request waits for its example to be learned
 THUMB_STEP_SIDE = 192  # recent frames keep a strided copy about this wide for the thumbnail
-DEFAULT_HIDDEN_DIM = 4096
 DEFAULT_MAX_EXAMPLES = 5000
-TAUGHT_DOMAIN = "taught"  # the domain of classes that exist because they were taught
 TEACH_FOLDER = "teach"  # in --state-dir: the database, the learner state, this device's id
 DATABASE = "examples.sqlite"
 LEARNER_STATE = "teach.npz"

@@ -17,6 +17,8 @@ from vlm_export.core.errors import UserError, shown
 EXAMPLE_ID = re.compile(r"^[0-9a-f]{32}$")
 #: the reserved label of "nothing of interest" (examples the service learns to reject)
 UNKNOWN = "unknown"
+#: the domain of the classes that exist because they were taught (a label that was no class)
+TAUGHT_DOMAIN = "taught"
 MAX_LABEL_CHARS = 100
 THUMBNAIL_SIDE = 96
 _CONTROL = {"Cc", "Cs", "Zl", "Zp"}  # control characters, lone surrogates, line separators

@@ -1,0 +1,42 @@
+"""The Python API's teaching: ``pipeline.teach(image, label)``, ``forget(id)``, ``examples()``
+on an opened pipeline, checked against a fresh learner on the stored examples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fakebundle import make_bundle, write_images
+
+from vlm_export.core.errors import UserError
+from vlm_export.runtime import open_pipeline
+from vlm_export.runtime.teach.learner import TeachLearner
+
+
+def _tinted(color: tuple[int, int, int], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(-30, 30, (40, 40, 3))
+    return np.clip(np.array(color)[None, None, :] + noise, 0, 255).astype(np.uint8)
+
+
+def test_teach_forget_and_examples(tmp_path) -> None:
+    bundle = make_bundle(tmp_path / "bundle", method="tca")
+    database = tmp_path / "examples.sqlite"
+    with open_pipeline(bundle, examples=database) as pipeline:
+        ids = [
+            pipeline.teach(_tinted((220, 30, 30), seed), "bus", channels="RGB") for seed in range(3)
+        ] + [pipeline.teach(_tinted((30, 30, 220), 9), "unknown", channels="RGB")]
+        assert [e.label for e in pipeline.examples()].count("bus") == 3
+        decided = pipeline.classify(_tinted((220, 30, 30), 7), channels="RGB")
+        assert decided.class_name == "bus"
+        assert pipeline.forget(ids[0]) and not pipeline.forget(ids[0])
+        teaching = pipeline._teaching
+        fresh = TeachLearner.fit(teaching.store.all(), teaching.dim, teaching.learner.hidden_dim)
+        assert teaching.learner.ids == fresh.ids == sorted(ids[1:])
+        scale = np.abs(fresh.weights).max()
+        assert np.abs(teaching.learner.weights - fresh.weights).max() <= 1e-9 * scale
+        with pytest.raises(UserError, match="control"):
+            pipeline.teach(write_images(tmp_path / "img", 1)[0], "a\nb")
+    with open_pipeline(bundle, examples=database) as again:  # kept in the database
+        assert sorted(e.id for e in again.examples()) == sorted(ids[1:])
+    with pytest.raises(UserError, match="closed"):
+        again.teach(_tinted((1, 2, 3), 0), "bus", channels="RGB")
