@@ -21,6 +21,8 @@ from vlm_export.core.errors import StateError, UserError
 from vlm_export.runtime.teach.examples import Example, check_id, check_label
 
 SCHEMA_VERSION = 1
+#: the database's name in a state directory
+DB_NAME = "examples.sqlite"
 _COLUMNS = "id, label, source, time_utc, origin, embedding"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -200,6 +202,31 @@ class ExampleStore:
         if embedding.shape != (self.dim,):
             raise StateError(f"{self._where}: example {example_id} has a corrupt embedding")
         return Example(example_id, label, source, time_utc, embedding, origin, thumbnail)
+
+
+def database_path(state_dir_or_db: str | Path) -> Path:
+    """The example database of a state directory (``DB_NAME`` in it), or the file given."""
+    path = Path(state_dir_or_db)
+    return path / DB_NAME if path.is_dir() else path
+
+
+def recorded_meta(path: str | Path) -> tuple[str, int] | None:
+    """(bundle fingerprint, dim) an existing database records, read without changing it; None
+    when there is no file. StateError for a file that is not an example database."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    if path.is_dir():
+        raise StateError(f"{path} is a folder, not an example database")
+    try:
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            held = dict(connection.execute("SELECT key, value FROM meta").fetchall())
+        finally:
+            connection.close()
+        return str(held["bundle"]), int(held["dim"])
+    except (sqlite3.Error, KeyError, ValueError) as exc:
+        raise StateError(f"{path} is not a readable example database ({exc})") from None
 
 
 def ids_digest(ids: list[str]) -> str:
