@@ -4,6 +4,10 @@ One database file in the state directory holds the examples (embedding as float3
 source, time, origin, JPEG thumbnail), the tombstones of deleted ids (so that an id is applied
 once: a replayed add of a deleted example changes nothing) and the bundle fingerprint and
 embedding width it was made for (a database of another bundle is refused).
+
+The fingerprint to record is the image engine's (``Bundle.engine_fingerprint``), not
+``Bundle.fingerprint``: the latter changes with the class list, and teaching a new label adds a
+class. Embeddings depend on the engine alone, and labels are names, not class rows.
 """
 
 from __future__ import annotations
