@@ -219,8 +219,8 @@ class TeachLearner:
     def save(self, path: str | Path, bundle_fingerprint: str, digest: str | None = None) -> None:
         """Write the state atomically: the examples' embeddings, ids and labels, and W; the
         header records the ids' digest and the sample count. ``bundle_fingerprint``: the image
-        engine's (``Bundle.engine_fingerprint``), as the store records it. ``digest``, when given (the
-        store's), must be this learner's own."""
+        engine's (``Bundle.engine_fingerprint``), as the store records it. ``digest``, when
+        given (the store's), must be this learner's own."""
         if digest is not None and digest != self.digest:
             raise ValueError("the digest given is not the digest of this learner's examples")
         arrays = {
