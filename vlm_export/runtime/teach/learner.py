@@ -208,7 +208,11 @@ class TeachLearner:
     def predictor(self) -> TeachPredictor:
         """An immutable float32 snapshot for the frame path."""
         projection = None if self.projection is None else self.projection.astype(np.float32)
-        return TeachPredictor(projection, self.weights.astype(np.float32), tuple(self.labels))
+        weights = self.weights.astype(np.float32)
+        for array in (projection, weights):
+            if array is not None:
+                array.flags.writeable = False
+        return TeachPredictor(projection, weights, tuple(self.labels))
 
     def primal_statistics(self) -> tuple[np.ndarray, np.ndarray]:
         """G = Phi^T Phi [d, d] and B = Phi^T Y [d, len(labels)] (the primal route's statistics:
