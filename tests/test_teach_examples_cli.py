@@ -152,6 +152,16 @@ def test_learn_reads_an_exported_set(setup, tmp_path):
             )
 
 
+def test_learn_refuses_a_file_that_is_no_export(setup, tmp_path):
+    bundle_path, _, _, _ = setup
+    image = tmp_path / "frame.jpg"
+    image.write_bytes(b"\xff\xd8 not really a folder")
+    done = edge("learn", bundle_path, image, "--domain", "animals", "--state", tmp_path / "s.npz")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "neither a data folder nor a file written by vlm-edge examples export" in done.stderr
+    assert not (tmp_path / "s.npz").exists()
+
+
 def test_learn_ray_on_an_exported_set_without_ray_is_one_line(setup, tmp_path):
     try:
         import ray  # noqa: F401

@@ -134,10 +134,16 @@ class TeachLearner:
         if not fresh and not gone:
             return
         new = list(fresh.values())
-        x_new = as_features(
-            np.array([e.embedding for e in new], np.float32).reshape(len(new), self.in_dim),
-            self.in_dim,
-        )
+        x_new = np.zeros((len(new), self.in_dim), np.float32)
+        for row, example in enumerate(new):
+            vector = np.asarray(example.embedding)
+            if vector.shape != (self.in_dim,):
+                raise RailError(
+                    f"example {example.id}: an embedding must have shape [{self.in_dim}], got "
+                    f"{list(vector.shape)}"
+                )
+            x_new[row] = vector
+        x_new = as_features(x_new, self.in_dim)
         keep = np.array([i for i, name in enumerate(self.ids) if name not in gone], np.int64)
         phi_keep = self._phi[keep]
         phi_new = hidden_features(x_new, self.projection)

@@ -130,6 +130,13 @@ def training_examples(
     each label is the class of that name in the domain (exactly, else in its prompt form);
     ``unknown`` examples keep -1; other labels are left out (said through ``note``). The first
     ``shots`` examples (0: all) of each label by id. StateError for a file of another engine."""
+    try:
+        export_header(path)
+    except StateError as exc:
+        raise DatasetError(
+            f"{path} is neither a data folder nor a file written by vlm-edge examples export "
+            f"({exc})"
+        ) from None
     exported = read_examples(path, bundle.engine_fingerprint)
     indices = [int(i) for i in bundle.domain_class_indices(domain)]
     exact = {bundle.classes[i]: i for i in indices}
