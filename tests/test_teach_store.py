@@ -76,6 +76,20 @@ def test_add_duplicate_delete_tombstone_and_reopen(tmp_path):
     again.close()
 
 
+def test_add_all_is_one_transaction_applied_once():
+    store = ExampleStore.open(None, BUNDLE, DIM)
+    first, second, third = (example("cat", seed=i) for i in range(3))
+    store.add(first)
+    store.delete(second.id)
+    assert store.add_all([first, second, third, third]) == [False, False, True, False]
+    bad = Example(new_id(), "cat", "cam", "t", np.ones(DIM + 1, np.float32))
+    fourth = example("dog", seed=4)
+    with pytest.raises(UserError):
+        store.add_all([fourth, bad])
+    assert store.get(fourth.id) is None and store.count() == 2  # a bad one stores none
+    store.close()
+
+
 def test_page_filters_counts_and_digest(tmp_path):
     store = ExampleStore.open(tmp_path / "e.sqlite", BUNDLE, DIM)
     made = [

@@ -107,7 +107,7 @@ def _import(args: argparse.Namespace) -> int:
         check_can_create(path)
     store = ExampleStore.open(path, exported.fingerprint, exported.dim)
     try:
-        new = sum(store.add(example) for example in exported.examples)
+        new = sum(store.add_all(exported.examples))
         total = store.count()
     finally:
         store.close()

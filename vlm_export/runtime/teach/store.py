@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +102,28 @@ class ExampleStore:
 
     def add(self, example: Example) -> bool:
         """Store ``example``; False (nothing changed) if its id is held or was deleted before."""
+        return self.add_all([example])[0]
+
+    def add_all(self, examples: Sequence[Example]) -> list[bool]:
+        """Store several examples in one transaction (one sync to disk: an import); for each,
+        whether it was new. All are checked before any is stored: a bad one stores none."""
+        rows = [self._row(example) for example in examples]
+        added = []
+        with self._transaction() as db:
+            for row in rows:
+                if db.execute("SELECT 1 FROM tombstones WHERE id = ?", (row[0],)).fetchone():
+                    added.append(False)
+                    continue
+                cursor = db.execute(
+                    f"INSERT OR IGNORE INTO examples ({_COLUMNS}, thumbnail) "
+                    "VALUES (?,?,?,?,?,?,?)",
+                    row,
+                )
+                added.append(cursor.rowcount == 1)
+        return added
+
+    def _row(self, example: Example) -> tuple:
+        """The database row of ``example``; UserError for a bad id, label or embedding."""
         check_id(example.id)
         if check_label(example.label) != example.label:
             raise UserError(f"a label must not start or end with spaces: {example.label!r}")
@@ -110,7 +132,7 @@ class ExampleStore:
             raise UserError(
                 f"an embedding must have shape [{self.dim}], got {list(embedding.shape)}"
             )
-        row = (
+        return (
             example.id,
             example.label,
             example.source,
@@ -119,14 +141,6 @@ class ExampleStore:
             embedding.tobytes(),
             example.thumbnail,
         )
-        with self._transaction() as db:
-            if db.execute("SELECT 1 FROM tombstones WHERE id = ?", (example.id,)).fetchone():
-                return False
-            cursor = db.execute(
-                f"INSERT OR IGNORE INTO examples ({_COLUMNS}, thumbnail) VALUES (?,?,?,?,?,?,?)",
-                row,
-            )
-            return cursor.rowcount == 1
 
     def delete(self, example_id: str) -> Example | None:
         """Remove an example and leave a tombstone (also for an id not held: a delete that
