@@ -12,13 +12,12 @@ import pytest
 from fakebundle import make_bundle
 
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands import examples as command
 from vlm_export.runtime.rail.primal import RIDGE, PrimalAdapter, random_projection
 from vlm_export.runtime.rail.scaleout import StatisticsWorker, embedding_batches
 from vlm_export.runtime.rail.state import load_learner_state
 from vlm_export.runtime.teach.examples import UNKNOWN, Example, check_embedding, new_id
 from vlm_export.runtime.teach.learner import TeachLearner
-from vlm_export.runtime.teach.store import DB_NAME, ExampleStore
+from vlm_export.runtime.teach.store import DB_NAME, TEACH_FOLDER, ExampleStore
 from vlm_export.runtime.teach.transfer import read_examples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,9 +41,9 @@ def setup(tmp_path_factory):
     bundle_path = make_bundle(root / "bundle", method="zeroshot")
     bundle = Bundle.open(bundle_path)
     dim = bundle.text_embeddings.shape[1]
-    state = root / "state"
-    state.mkdir()
-    store = ExampleStore.open(state / DB_NAME, bundle.engine_fingerprint, dim)
+    state = root / "state"  # a serve --state-dir: the database in its teach folder
+    (state / TEACH_FOLDER).mkdir(parents=True)
+    store = ExampleStore.open(state / TEACH_FOLDER / DB_NAME, bundle.engine_fingerprint, dim)
     rng = np.random.default_rng(0)
     taught = [
         Example(new_id(), label, "cam", "2026-01-01T00:00:00Z",
@@ -58,16 +57,13 @@ def setup(tmp_path_factory):
     return bundle_path, bundle, state, taught
 
 
-def test_database_name_is_the_stores():
-    assert command.DB_NAME == DB_NAME
-
-
 def test_export_writes_every_example_bit_for_bit(setup, tmp_path):
     _, bundle, state, taught = setup
     out = tmp_path / "set.npz"
     done = edge("examples", "export", state, out)
     assert done.returncode == 0, done.stderr
-    assert f"exported 30 examples of 5 labels from {state / DB_NAME} to {out}" in done.stderr
+    database = state / TEACH_FOLDER / DB_NAME
+    assert f"exported 30 examples of 5 labels from {database} to {out}" in done.stderr
     exported = read_examples(out, bundle.engine_fingerprint)
     assert exported.fingerprint == bundle.engine_fingerprint and exported.dim == 8
     by_id = {e.id: e for e in taught}
@@ -86,20 +82,21 @@ def test_export_writes_every_example_bit_for_bit(setup, tmp_path):
 def test_import_applies_each_id_once_and_refuses_another_engine(setup, tmp_path):
     _, bundle, state, taught = setup
     out = tmp_path / "set.npz"
-    assert edge("examples", "export", state / DB_NAME, out).returncode == 0
-    target = tmp_path / "other"
+    assert edge("examples", "export", state / TEACH_FOLDER, out).returncode == 0  # teach folder
+    target = tmp_path / "other"  # a fresh --state-dir
     target.mkdir()
     done = edge("examples", "import", target, out)
     assert done.returncode == 0, done.stderr
-    assert "created" in done.stderr and "30 new of 30 examples" in done.stderr
-    again = edge("examples", "import", target / DB_NAME, out)
+    database = target / TEACH_FOLDER / DB_NAME
+    assert f"into created {database}: 30 new of 30 examples" in done.stderr
+    again = edge("examples", "import", database, out)  # the database file itself
     assert again.returncode == 0 and "0 new of 30 examples" in again.stderr
-    store = ExampleStore.open(target / DB_NAME, bundle.engine_fingerprint, 8)
+    store = ExampleStore.open(database, bundle.engine_fingerprint, 8)
     store.delete(taught[0].id)
     store.close()
     third = edge("examples", "import", target, out)
     assert "0 new of 30" in third.stderr  # a deleted example is not brought back
-    store = ExampleStore.open(target / DB_NAME, bundle.engine_fingerprint, 8)
+    store = ExampleStore.open(database, bundle.engine_fingerprint, 8)
     assert store.count() == 29 and taught[0].id not in store.ids()
     store.close()
     foreign = tmp_path / "foreign.sqlite"

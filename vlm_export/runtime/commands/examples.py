@@ -1,7 +1,8 @@
 """``vlm-edge examples export|import``: a taught, labelled set moved between devices as one file.
 
 ``export STATE_DIR_OR_DB OUT.npz`` writes every example of a service's example database (its
-state directory, or the database file) with the image engine's fingerprint, atomically;
+``--state-dir``, whose ``teach/examples.sqlite`` it reads, or the database file) with the image
+engine's fingerprint, atomically;
 ``import STATE_DIR_OR_DB IN.npz`` adds a file's examples to a database (created if missing),
 each id once: examples held already, or deleted there before, are left as they are. A file of
 another image engine is refused. The file also feeds ``vlm-edge learn BUNDLE FILE``. Stop the
@@ -18,14 +19,12 @@ from vlm_export.core.errors import StateError, UserError
 from vlm_export.core.paths import PathArg
 from vlm_export.runtime.commands import OUT, READ, status
 
-#: the database's name in a state directory (teach.store.DB_NAME, not imported: the launcher
-#: imports every command module at start, this one stays light)
-DB_NAME = "examples.sqlite"
-
 
 def _database(text: str) -> str:
-    path = Path(text)
-    return str(path / DB_NAME if path.is_dir() else path)
+    """The database file STATE_DIR_OR_DB names (``teach.store.database_path``)."""
+    from vlm_export.runtime.teach.store import database_path  # the launcher stays light
+
+    return str(database_path(text))
 
 
 DATABASE_READ = PathArg("file", path_of=_database)
@@ -43,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     export = actions.add_parser(
         "export", help="write a database's examples to a file", description="Write every "
-        "example of STATE_DIR_OR_DB (a serve --state-dir, or its examples.sqlite) to OUT.",
+        "example of STATE_DIR_OR_DB (a serve --state-dir, or its teach/examples.sqlite) to OUT.",
     )  # fmt: skip
     export.add_argument(
         "database", type=DATABASE_READ, metavar="STATE_DIR_OR_DB", help="the examples to export"
@@ -57,7 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "database",
         type=DATABASE_STATE,
         metavar="STATE_DIR_OR_DB",
-        help="the database to add to (stop the service using it first)",
+        help="the database to add to, created if missing (stop the service using it first)",
     )
     imported.add_argument("file", type=READ, metavar="IN", help="a file written by export")
     return parser
@@ -104,6 +103,8 @@ def _import(args: argparse.Namespace) -> int:
             f"{recorded[1]}): nothing imported"
         )
     if recorded is None:
+        if Path(args.database).is_dir():  # a state dir: its teach folder
+            path.parent.mkdir(exist_ok=True)
         check_can_create(path)
     store = ExampleStore.open(path, exported.fingerprint, exported.dim)
     try:

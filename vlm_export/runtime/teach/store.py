@@ -25,8 +25,9 @@ from vlm_export.core.errors import StateError, UserError
 from vlm_export.runtime.teach.examples import Example, check_id, check_label
 
 SCHEMA_VERSION = 1
-#: the database's name in a state directory
+#: the database's name, in the folder TEACH_FOLDER of a ``serve --state-dir``
 DB_NAME = "examples.sqlite"
+TEACH_FOLDER = "teach"
 _COLUMNS = "id, label, source, time_utc, origin, embedding"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -223,9 +224,15 @@ class ExampleStore:
 
 
 def database_path(state_dir_or_db: str | Path) -> Path:
-    """The example database of a state directory (``DB_NAME`` in it), or the file given."""
+    """The example database a path names: a folder holding ``DB_NAME`` (the teach folder) gives
+    that file; any other folder is a ``serve --state-dir``: its ``TEACH_FOLDER/DB_NAME``; a file
+    path is itself."""
     path = Path(state_dir_or_db)
-    return path / DB_NAME if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    if (path / DB_NAME).exists():
+        return path / DB_NAME
+    return path / TEACH_FOLDER / DB_NAME
 
 
 def recorded_meta(path: str | Path) -> tuple[str, int] | None:
