@@ -115,3 +115,39 @@ def test_nothing_taught_is_zero_shot(world):
     frame = unit(np.random.default_rng(3).standard_normal(DIM))
     logits = logits_of(text, frame)
     np.testing.assert_array_equal(fusion.fused_scores(logits, frame), softmax(logits))
+
+
+def test_in_the_pipeline_a_taught_class_and_unknown_frames(tmp_path):
+    """Through Pipeline on a real (fake) bundle: set_classes adds the taught class (for_labels
+    follows it by name), its frames are decided as it, unknown frames fall below min_score."""
+    from fakebundle import make_bundle, write_images
+
+    from vlm_export.runtime.bundle import Bundle
+    from vlm_export.runtime.engines.factory import open_backend
+    from vlm_export.runtime.pipeline import Pipeline
+
+    bundle = Bundle.open(make_bundle(tmp_path / "bundle", method="zeroshot"))
+    images = write_images(tmp_path / "images", 8)
+    backend = open_backend(bundle, "onnxruntime")
+    plain = Pipeline(bundle, backend, "zeroshot")
+    embeddings = [plain.process(path).embedding for path in images]
+    dim = bundle.text_embeddings.shape[1]
+    taught = [
+        Example(new_id(), "line 3 jam" if i < 4 else UNKNOWN, "cam", "t", embeddings[i])
+        for i in range(8)
+    ]
+    learner = TeachLearner.fit(taught, dim, 256)
+    fusion = TeachFusion(learner.predictor(), bundle.labels)
+    pipeline = Pipeline(bundle, backend, "rail", fusion=fusion, min_score=0.3)
+    text = np.random.default_rng(5).standard_normal(dim)
+    pipeline.set_classes(
+        [*bundle.classes, "line 3 jam"],
+        np.vstack([bundle.text_embeddings, unit(text)[None]]),
+        [*bundle.class_domains, bundle.domains[0]],
+    )
+    for index in range(4):
+        assert pipeline.process(images[index]).class_name == "line 3 jam"
+    for index in range(4, 8):
+        result = pipeline.process(images[index])
+        assert result.unknown and result.score < 0.3
+    backend.close()

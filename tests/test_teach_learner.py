@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from vlm_export.core.errors import StateError
+from vlm_export.runtime.rail.inputs import RailError
 from vlm_export.runtime.rail.primal import RIDGE, PrimalAdapter, random_projection
 from vlm_export.runtime.teach.examples import UNKNOWN, Example, new_id
 from vlm_export.runtime.teach.learner import TeachLearner
@@ -255,3 +256,16 @@ def test_peak_bytes_covers_the_arrays_held():
     assert TeachLearner.peak_bytes(IN_DIM, 4096, 2000, 10) > TeachLearner.peak_bytes(
         IN_DIM, 4096, 1000, 10
     )
+
+
+def test_a_bad_embedding_changes_nothing():
+    items = examples(14, 10)
+    learner = TeachLearner.fit(items[:5], IN_DIM, HIDDEN)
+    before = learner.weights.copy()
+    wrong = Example(new_id(), "cat", "cam", "t", np.ones(IN_DIM + 1, np.float32))
+    broken = Example(new_id(), "cat", "cam", "t", np.full(IN_DIM, np.nan, np.float32))
+    for bad in (wrong, broken):
+        with pytest.raises(RailError):
+            learner.apply(added=[items[5], bad], removed=[items[0].id])
+    assert learner.ids == sorted(e.id for e in items[:5])
+    np.testing.assert_array_equal(learner.weights, before)

@@ -76,6 +76,20 @@ def test_add_duplicate_delete_tombstone_and_reopen(tmp_path):
     again.close()
 
 
+def test_add_all_is_one_transaction_applied_once():
+    store = ExampleStore.open(None, BUNDLE, DIM)
+    first, second, third = (example("cat", seed=i) for i in range(3))
+    store.add(first)
+    store.delete(second.id)
+    assert store.add_all([first, second, third, third]) == [False, False, True, False]
+    bad = Example(new_id(), "cat", "cam", "t", np.ones(DIM + 1, np.float32))
+    fourth = example("dog", seed=4)
+    with pytest.raises(UserError):
+        store.add_all([fourth, bad])
+    assert store.get(fourth.id) is None and store.count() == 2  # a bad one stores none
+    store.close()
+
+
 def test_page_filters_counts_and_digest(tmp_path):
     store = ExampleStore.open(tmp_path / "e.sqlite", BUNDLE, DIM)
     made = [
@@ -181,16 +195,22 @@ CHILD = textwrap.dedent(
 
     store = ExampleStore.open(sys.argv[1], "f" * 16, 8)
     rng = np.random.default_rng(0)
+    held = []
     while True:
         ex = Example(new_id(), "cat", "cam", "2026-01-01T00:00:00Z",
                      check_embedding(rng.standard_normal(8), 8), "", b"x" * 2000)
         store.add(ex)
-        print(ex.id, flush=True)
+        print("add", ex.id, flush=True)
+        held.append(ex.id)
+        if len(held) % 3 == 0:
+            gone = held.pop(0)
+            store.delete(gone)
+            print("del", gone, flush=True)
     """
 )
 
 
-def test_kill_9_loses_no_answered_add(tmp_path):
+def test_kill_9_loses_no_answered_add_or_delete(tmp_path):
     path = tmp_path / "e.sqlite"
     ExampleStore.open(path, BUNDLE, DIM).close()
     child = subprocess.Popen(
@@ -203,11 +223,11 @@ def test_kill_9_loses_no_answered_add(tmp_path):
     try:
         for line in child.stdout:
             if line.endswith("\n"):
-                answered.append(line.strip())
-            if len(answered) >= 60:
+                answered.append(line.split())
+            if len(answered) >= 90:
                 break
         child.send_signal(signal.SIGKILL)
-        answered += [line.strip() for line in child.stdout if line.endswith("\n")]
+        answered += [line.split() for line in child.stdout if line.endswith("\n")]
     finally:
         child.kill()
         child.wait()
@@ -216,9 +236,14 @@ def test_kill_9_loses_no_answered_add(tmp_path):
     raw = sqlite3.connect(path)
     assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     raw.close()
+    added = [name for op, name in answered if op == "add"]
+    deleted = {name for op, name in answered if op == "del"}
+    assert len(deleted) >= 10 and len(added) >= 40
     store = ExampleStore.open(path, BUNDLE, DIM)
-    held = set(store.ids())
-    assert set(answered) <= held  # every add that had returned is there
-    assert len(held) - len(answered) <= 1  # at most the add in flight when killed, whole
+    held, tombstones = set(store.ids()), store.deleted_ids()
+    assert set(added) - deleted <= held  # every add that had returned is there
+    assert deleted <= tombstones and not deleted & held  # every answered delete is done
+    # at most the one change in flight when killed differs, and it is whole or absent
+    assert len(held - (set(added) - deleted)) <= 1 and len(tombstones - deleted) <= 1
     assert all(e.embedding.shape == (DIM,) for e in store.all())
     store.close()

@@ -9,6 +9,12 @@ their global class indices. An existing --state is loaded and learning continues
 domain); classes it has already learned are refused, since their images would count twice. The
 learner state, and the predict-only inference state if asked, are written atomically; on any
 error the state files are left as they were.
+
+DATA_DIR may instead be a file written by ``vlm-edge examples export``: its embeddings are
+learned as they are (no engine runs), each example with the class of its label's name in the
+domain; ``unknown`` examples add to G with targets 0 on every class (primal cholesky route), and
+labels that are not classes of the domain are left out, with a note. --shots takes the first N
+examples of each class by id.
 """
 
 from __future__ import annotations
@@ -42,7 +48,12 @@ from vlm_export.runtime.commands._rail import (
 )
 from vlm_export.runtime.pipeline import Pipeline
 from vlm_export.runtime.rail import footprint
-from vlm_export.runtime.rail.dataset import LabelledImages, read_layout, training_images
+from vlm_export.runtime.rail.dataset import (
+    LabelledEmbeddings,
+    LabelledImages,
+    read_layout,
+    training_images,
+)
 from vlm_export.runtime.rail.dual import DualAdapter
 from vlm_export.runtime.rail.embed import embed_images
 from vlm_export.runtime.rail.models import (
@@ -78,7 +89,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "data_dir",
         type=media_tree(3),
         metavar="DATA_DIR",
-        help="class-per-folder images: DATA_DIR/<class>/<images> or DATA_DIR/<domain>/<class>/...",
+        help="class-per-folder images: DATA_DIR/<class>/<images> or DATA_DIR/<domain>/<class>/..."
+        ", or a file written by vlm-edge examples export (embeddings: no engine runs)",
     )
     parser.add_argument(
         "--domain", help="the bundle domain of these classes (default: the bundle's only one)"
@@ -162,7 +174,11 @@ def _domain(bundle: Bundle, domain: str | None) -> str:
 
 
 def _check_new_classes(
-    bundle: Bundle, learner: Learner, data: LabelledImages, domain: str, state: str
+    bundle: Bundle,
+    learner: Learner,
+    data: LabelledImages | LabelledEmbeddings,
+    domain: str,
+    state: str,
 ) -> None:
     """Refuse classes the state has learned already; note the domain's classes left out."""
     again = [bundle.classes[i] for i in data.classes if learner.learned_mask[i]]
@@ -174,7 +190,8 @@ def _check_new_classes(
     indices = [int(i) for i in bundle.domain_class_indices(domain)]
     absent = [bundle.classes[i] for i in indices if i not in data.classes]
     if absent:
-        status(f"note: no folder for {len(absent)} class(es) of {domain}: {', '.join(absent)}")
+        what = "folder" if isinstance(data, LabelledImages) else "examples"
+        status(f"note: no {what} for {len(absent)} class(es) of {domain}: {', '.join(absent)}")
 
 
 def _learn_on_ray(
@@ -196,6 +213,42 @@ def _learn_on_ray(
         return f"Ray ({len(cluster.workers)} workers)"
 
 
+def _learn_exported(bundle: Bundle, learner: Learner, args: argparse.Namespace) -> None:
+    """Learn the examples of an ``examples export`` file (DATA_DIR), on Ray with --ray."""
+    from vlm_export.runtime.teach.transfer import training_examples
+
+    data = training_examples(bundle, Path(args.data_dir), args.domain, args.shots, status)
+    _check_new_classes(bundle, learner, data, args.domain, args.state)
+    if isinstance(learner, DualAdapter):
+        footprint.check_dual(learner.in_dim, learner.num_classes, learner.num_samples + len(data))
+    unknown = int((data.labels < 0).sum())
+    if unknown and not (isinstance(learner, PrimalAdapter) and learner.route == "cholesky"):
+        status(f"note: {unknown} 'unknown' examples left out (they need the primal cholesky route)")
+        data = data.known()
+    start = time.perf_counter()
+    if args.ray is not None:
+        if not isinstance(learner, PrimalAdapter):
+            raise UserError(
+                "--ray computes the primal form's statistics; the dual form learns here"
+            )
+        from vlm_export.runtime.rail.scaleout import RayStatistics
+
+        with RayStatistics(bundle, learner, args.ray or None, args.workers, None, status) as ray:
+            ray.accumulate_embeddings(data.features, data.labels)
+            ray.reduce_into(learner)
+            where = f"Ray ({len(ray.workers)} workers)"
+    else:
+        known = data.known()
+        learner.partial_fit(known.features, known.labels)
+        if unknown:
+            learner.accumulate_unlabelled(data.features[data.labels < 0])
+        where = "this machine"
+    status(
+        f"learned {len(data)} exported examples ({unknown} unknown) of {len(data.classes)} "
+        f"classes on {where} in {time.perf_counter() - start:.1f} s"
+    )
+
+
 def handle(args: argparse.Namespace) -> int:
     """Embed the domain's shots, learn them, save the state(s); return the exit status."""
     check_shots(args.shots)
@@ -206,6 +259,22 @@ def handle(args: argparse.Namespace) -> int:
     bundle = Bundle.open(args.bundle, verify=verify_mode(args))
     learner = _learner(bundle, args.state, learner_options(args, args.form))
     args.domain = _domain(bundle, args.domain)
+    if Path(args.data_dir).is_file():
+        _learn_exported(bundle, learner, args)
+    else:
+        _learn_images(bundle, learner, args)
+    learner.finalize()
+    follow = labels_meta(bundle.engine_fingerprint, bundle.labels)
+    save_learner_state(args.state, learner, bundle.fingerprint, follow)  # the primary state first
+    status(f"learned domain {args.domain}; {args.state}: {describe(learner)}")
+    if args.inference_state:
+        save_inference_state(args.inference_state, learner, bundle.fingerprint, follow)
+        status(f"inference state saved to {args.inference_state}")
+    return 0
+
+
+def _learn_images(bundle: Bundle, learner: Learner, args: argparse.Namespace) -> None:
+    """Embed the domain's image shots with the bundle's engine (on Ray with --ray), learn them."""
     layout = read_layout(bundle, Path(args.data_dir), [args.domain])
     status(layout.describe())
     data = training_images(bundle, args.domain, layout.folder(args.domain), args.shots)
@@ -228,11 +297,3 @@ def handle(args: argparse.Namespace) -> int:
         f"embedded {len(data)} images of {len(data.classes)} classes on {where} "
         f"in {time.perf_counter() - start:.1f} s"
     )
-    learner.finalize()
-    follow = labels_meta(bundle.engine_fingerprint, bundle.labels)
-    save_learner_state(args.state, learner, bundle.fingerprint, follow)  # the primary state first
-    status(f"learned domain {args.domain}; {args.state}: {describe(learner)}")
-    if args.inference_state:
-        save_inference_state(args.inference_state, learner, bundle.fingerprint, follow)
-        status(f"inference state saved to {args.inference_state}")
-    return 0

@@ -90,11 +90,11 @@ def read_layout(bundle: Bundle, root: Path, domains: Sequence[str]) -> Layout:
     after one of them (and not after a class), else class-per-folder."""
     if not root.is_dir():
         raise DatasetError(f"data folder not found: {root}")
-    classes = {_prompt_form(name) for name in bundle.classes}
+    classes = {prompt_form(name) for name in bundle.classes}
     folders = {
         name: root / name
         for name in domains
-        if (root / name).is_dir() and _prompt_form(name) not in classes
+        if (root / name).is_dir() and prompt_form(name) not in classes
     }
     return Layout(root, tuple(domains), folders)
 
@@ -113,7 +113,8 @@ def _subfolders(folder: Path) -> list[Path]:
     return found
 
 
-def _prompt_form(name: str) -> str:
+def prompt_form(name: str) -> str:
+    """A class or folder name with "_" read as " " (how folder names match class names)."""
     return name.replace("_", " ")
 
 
@@ -122,7 +123,7 @@ def class_index(bundle: Bundle, domain: str, indices: list[int], folder: Path) -
     name = folder.name
     hits = [i for i in indices if bundle.classes[i] == name]
     if not hits:
-        hits = [i for i in indices if _prompt_form(bundle.classes[i]) == _prompt_form(name)]
+        hits = [i for i in indices if prompt_form(bundle.classes[i]) == prompt_form(name)]
     if len(hits) > 1:
         names = ", ".join(repr(bundle.classes[i]) for i in hits)
         raise DatasetError(f"class folder {folder} matches several classes of {domain}: {names}")
@@ -222,3 +223,25 @@ def domain_data(
             f"domain {domain!r} has no test images: --shots {shots} takes all of {folder}"
         )
     return DomainData(domain, train, test, split)
+
+
+@dataclass(frozen=True)
+class LabelledEmbeddings:
+    """Computed embeddings [N, E] float32 with global class indices (int64; -1: an ``unknown``
+    example, targets 0 on every class), in a fixed order."""
+
+    features: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def classes(self) -> list[int]:
+        """The distinct class indices, ascending (no -1)."""
+        return sorted({int(label) for label in self.labels if label >= 0})
+
+    def known(self) -> LabelledEmbeddings:
+        """Only the examples of a class."""
+        keep = self.labels >= 0
+        return LabelledEmbeddings(self.features[keep], self.labels[keep])
+
+    def __len__(self) -> int:
+        return len(self.labels)

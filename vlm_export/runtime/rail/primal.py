@@ -224,6 +224,25 @@ class PrimalAdapter:
             raise RailError("accumulate needs the cholesky route (statistics G and B)")
         self._learn(features, labels, first_solve=False)
 
+    def accumulate_unlabelled(self, features: np.ndarray) -> None:
+        """Add samples whose targets are 0 on every class (taught ``unknown`` examples) to G
+        (cholesky route; W is solved by ``finalize``). The learner is unchanged on RailError."""
+        if self.route != "cholesky":
+            raise RailError("samples without a class need the cholesky route (statistics G, B)")
+        x = as_features(features, self.in_dim)
+        if not len(x):
+            return
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked and refused
+            self._check_growth(x, None)
+            for start in range(0, len(x), CHUNK_ROWS):
+                phi = np.ascontiguousarray(
+                    hidden_features(x[start : start + CHUNK_ROWS], self.projection)
+                )
+                rank_update(self._matrix, phi.T, 1.0)  # G += phi^T phi, upper triangle
+                self._mirrored = False
+        self.num_samples += len(x)
+        self.solved = False
+
     def add_statistics(
         self,
         gram_blocks: Iterable[tuple[int, np.ndarray]],

@@ -43,6 +43,7 @@ from vlm_export.runtime.io.preprocess import (
 from vlm_export.runtime.rail.primal import PrimalAdapter
 
 BATCH_IMAGES = 32  # images per task sent to an actor
+BATCH_ROWS = 4096  # computed embeddings per task sent to an actor
 IN_FLIGHT_PER_WORKER = 2  # batches queued per actor (bounds the object store's use)
 BLOCK_BYTES = 64 * 2**20  # bytes of one block of G moved between actors
 LOCAL_OBJECT_STORE = 1 << 30  # object store of a local instance
@@ -176,7 +177,8 @@ def decode(name: str, data: bytes) -> Image.Image:
 
 
 class StatisticsWorker:
-    """A Ray actor's state: the bundle's engine and a learner that only accumulates G and B."""
+    """A Ray actor's state: the bundle's engine and a learner that only accumulates G and B.
+    ``engine`` None: no engine (the embeddings come computed, ``learn_embeddings``)."""
 
     def __init__(
         self,
@@ -185,13 +187,21 @@ class StatisticsWorker:
         files: Any,
         setup: dict[str, Any],
         projection: np.ndarray | None,
-        engine: dict[str, Any],
+        engine: dict[str, Any] | None,
+    ) -> None:
+        self.learner = PrimalAdapter(**setup, projection=projection)
+        self.backend = None
+        self._folder: tempfile.TemporaryDirectory | None = None
+        if engine is not None:
+            self._open_engine(bundle_path, fingerprint, files, engine)
+
+    def _open_engine(
+        self, bundle_path: str, fingerprint: str, files: Any, engine: dict[str, Any]
     ) -> None:
         from vlm_export.runtime.bundle import Bundle
         from vlm_export.runtime.engines.factory import open_backend
         from vlm_export.runtime.pipeline import Pipeline
 
-        self._folder: tempfile.TemporaryDirectory | None = None
         bundle = None
         with contextlib.suppress(UserError, OSError):
             bundle = Bundle.open(bundle_path, verify=False)
@@ -206,11 +216,11 @@ class StatisticsWorker:
             bundle, engine["backend"], engine["providers"], engine["threads"]
         )
         self.pipeline = Pipeline(bundle, self.backend, "zeroshot")
-        self.learner = PrimalAdapter(**setup, projection=projection)
 
     def describe(self) -> str:
-        """The engine this worker runs and its host."""
-        return f"{self.backend.description} on {socket.gethostname()}"
+        """The engine this worker runs (if any) and its host."""
+        what = "computed embeddings" if self.backend is None else self.backend.description
+        return f"{what} on {socket.gethostname()}"
 
     def learn(self, names: Sequence[str], blobs: Sequence[bytes], labels: np.ndarray) -> int:
         """Decode, preprocess and embed a batch, then add it to G and B; returns its size."""
@@ -221,6 +231,16 @@ class StatisticsWorker:
             ]
         )
         self.learner.accumulate(features, labels)
+        return len(labels)
+
+    def learn_embeddings(self, features: np.ndarray, labels: np.ndarray) -> int:
+        """Add computed embeddings to G and B; a label of -1 (a taught ``unknown`` example)
+        adds to G only (targets 0 on every class). Returns the batch's size."""
+        known = labels >= 0
+        if known.any():
+            self.learner.accumulate(features[known], labels[known])
+        if not known.all():
+            self.learner.accumulate_unlabelled(features[~known])
         return len(labels)
 
     def rows(self, start: int, count: int) -> np.ndarray:
@@ -269,9 +289,10 @@ class RayStatistics:
         learner: PrimalAdapter,
         address: str | None,
         workers: int | None,
-        engine: dict[str, Any],
+        engine: dict[str, Any] | None,
         log: Callable[[str], None] = lambda message: None,
     ) -> None:
+        """``engine`` None starts workers without an engine, for ``accumulate_embeddings``."""
         if learner.route != "cholesky":
             raise RayError("--ray learns the cholesky route's statistics G and B (not woodbury)")
         if workers is not None and workers < 1:
@@ -314,10 +335,11 @@ class RayStatistics:
     ) -> list[Any]:
         ray = self.ray
         resources = ray.cluster_resources()
-        gpu = engine["backend"] == "tensorrt" or any(
-            name in ("cuda", "tensorrt") for name in engine["providers"] or ()
+        gpu = engine is not None and (
+            engine["backend"] == "tensorrt"
+            or any(name in ("cuda", "tensorrt") for name in engine["providers"] or ())
+            or (engine["backend"] == "auto" and resources.get("GPU", 0) >= 1)
         )
-        gpu = gpu or (engine["backend"] == "auto" and resources.get("GPU", 0) >= 1)
         available = int(resources.get("GPU" if gpu else "CPU", 1)) or 1
         count = workers or available
         if gpu and count > available:
@@ -331,7 +353,7 @@ class RayStatistics:
             "ridge": learner.ridge,
             "seed": learner.seed,
         }
-        files = ray.put(bundle_files(bundle.path))
+        files = None if engine is None else ray.put(bundle_files(bundle.path))
         projection = ray.put(learner.projection)
         actor = ray.remote(StatisticsWorker).options(
             num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0, max_task_retries=0
@@ -370,10 +392,17 @@ class RayStatistics:
 
     def accumulate(self, paths: Sequence[Path], labels: np.ndarray) -> int:
         """Send the images in batches to the workers; they embed and accumulate them."""
+        return self._spread(_batches(paths, labels), "learn")
+
+    def accumulate_embeddings(self, features: np.ndarray, labels: np.ndarray) -> int:
+        """Send computed embeddings [N, E] (labels -1: no class) in batches to the workers."""
+        return self._spread(embedding_batches(features, labels), "learn_embeddings")
+
+    def _spread(self, batches: Iterator[tuple[Any, ...]], method: str) -> int:
+        """Hand ``batches`` to the workers' ``method``, a few in flight per worker."""
         ray = self.ray
         pending: dict[Any, int] = {}
         done = 0
-        batches = _batches(paths, labels)
         idle = list(range(len(self.workers))) * IN_FLIGHT_PER_WORKER
         while True:
             while idle:
@@ -381,7 +410,7 @@ class RayStatistics:
                 if batch is None:
                     break
                 worker = idle.pop()
-                pending[self.workers[worker].learn.remote(*batch)] = worker
+                pending[getattr(self.workers[worker], method).remote(*batch)] = worker
             if not pending:
                 return done
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -422,6 +451,14 @@ class RayStatistics:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def embedding_batches(
+    features: np.ndarray, labels: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(features, labels) of BATCH_ROWS rows at a time, in order."""
+    for start in range(0, len(labels), BATCH_ROWS):
+        yield features[start : start + BATCH_ROWS], labels[start : start + BATCH_ROWS]
 
 
 def _batches(

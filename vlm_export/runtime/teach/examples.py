@@ -21,6 +21,7 @@ UNKNOWN = "unknown"
 TAUGHT_DOMAIN = "taught"
 MAX_LABEL_CHARS = 100
 THUMBNAIL_SIDE = 96
+NORM_TOLERANCE = 1e-3  # an L2-normalised float32 vector's norm is 1 within ~1e-7
 _CONTROL = {"Cc", "Cs", "Zl", "Zp"}  # control characters, lone surrogates, line separators
 
 
@@ -78,6 +79,23 @@ def check_embedding(vector: object, dim: int) -> np.ndarray:
     if not norm > 0 or not np.isfinite(norm):
         raise UserError("an embedding has zero norm")
     return (array / norm).astype(np.float32)
+
+
+def check_stored_embedding(vector: object, dim: int) -> np.ndarray:
+    """An embedding made elsewhere (import, fleet), kept bit for bit: float32 [dim], finite,
+    of norm 1 within NORM_TOLERANCE; UserError otherwise. Not renormalised, so that every
+    device learns from the same bytes."""
+    array = np.asarray(vector)
+    if array.dtype != np.float32 or array.shape != (dim,):
+        raise UserError(
+            f"an embedding must be float32 [{dim}], got {array.dtype} {list(array.shape)}"
+        )
+    if not np.isfinite(array).all():
+        raise UserError("an embedding holds NaN or infinite values")
+    norm = float(np.linalg.norm(array.astype(np.float64)))
+    if abs(norm - 1.0) > NORM_TOLERANCE:
+        raise UserError(f"an embedding must have norm 1, got {norm:.6g}")
+    return array
 
 
 def thumbnail_jpeg(image: Image.Image, side: int = THUMBNAIL_SIDE) -> bytes:

@@ -136,10 +136,16 @@ class TeachLearner:
         if not fresh and not gone:
             return
         new = list(fresh.values())
-        x_new = as_features(
-            np.array([e.embedding for e in new], np.float32).reshape(len(new), self.in_dim),
-            self.in_dim,
-        )
+        x_new = np.zeros((len(new), self.in_dim), np.float32)
+        for row, example in enumerate(new):
+            vector = np.asarray(example.embedding)
+            if vector.shape != (self.in_dim,):
+                raise RailError(
+                    f"example {example.id}: an embedding must have shape [{self.in_dim}], got "
+                    f"{list(vector.shape)}"
+                )
+            x_new[row] = vector
+        x_new = as_features(x_new, self.in_dim)
         keep = np.array([i for i, name in enumerate(self.ids) if name not in gone], np.int64)
         phi_keep = self._phi[keep]
         phi_new = hidden_features(x_new, self.projection)
@@ -210,7 +216,11 @@ class TeachLearner:
     def predictor(self) -> TeachPredictor:
         """An immutable float32 snapshot for the frame path."""
         projection = None if self.projection is None else self.projection.astype(np.float32)
-        return TeachPredictor(projection, self.weights.astype(np.float32), tuple(self.labels))
+        weights = self.weights.astype(np.float32)
+        for array in (projection, weights):
+            if array is not None:
+                array.flags.writeable = False
+        return TeachPredictor(projection, weights, tuple(self.labels))
 
     def primal_statistics(self) -> tuple[np.ndarray, np.ndarray]:
         """G = Phi^T Phi [d, d] and B = Phi^T Y [d, len(labels)] (the primal route's statistics:
@@ -220,8 +230,9 @@ class TeachLearner:
 
     def save(self, path: str | Path, bundle_fingerprint: str, digest: str | None = None) -> None:
         """Write the state atomically: the examples' embeddings, ids and labels, and W; the
-        header records the ids' digest and the sample count. ``digest``, when given (the
-        store's), must be this learner's own."""
+        header records the ids' digest and the sample count. ``bundle_fingerprint``: the image
+        engine's (``Bundle.engine_fingerprint``), as the store records it. ``digest``, when
+        given (the store's), must be this learner's own."""
         if digest is not None and digest != self.digest:
             raise ValueError("the digest given is not the digest of this learner's examples")
         arrays = {

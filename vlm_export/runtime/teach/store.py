@@ -4,6 +4,10 @@ One database file in the state directory holds the examples (embedding as float3
 source, time, origin, JPEG thumbnail), the tombstones of deleted ids (so that an id is applied
 once: a replayed add of a deleted example changes nothing) and the bundle fingerprint and
 embedding width it was made for (a database of another bundle is refused).
+
+The fingerprint to record is the image engine's (``Bundle.engine_fingerprint``), not
+``Bundle.fingerprint``: the latter changes with the class list, and teaching a new label adds a
+class. Embeddings depend on the engine alone, and labels are names, not class rows.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import contextlib
 import hashlib
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,9 @@ from vlm_export.core.errors import StateError, UserError
 from vlm_export.runtime.teach.examples import Example, check_id, check_label
 
 SCHEMA_VERSION = 1
+#: the database's name, in the folder TEACH_FOLDER of a ``serve --state-dir``
+DB_NAME = "examples.sqlite"
+TEACH_FOLDER = "teach"
 _COLUMNS = "id, label, source, time_utc, origin, embedding"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -96,6 +103,28 @@ class ExampleStore:
 
     def add(self, example: Example) -> bool:
         """Store ``example``; False (nothing changed) if its id is held or was deleted before."""
+        return self.add_all([example])[0]
+
+    def add_all(self, examples: Sequence[Example]) -> list[bool]:
+        """Store several examples in one transaction (one sync to disk: an import); for each,
+        whether it was new. All are checked before any is stored: a bad one stores none."""
+        rows = [self._row(example) for example in examples]
+        added = []
+        with self._transaction() as db:
+            for row in rows:
+                if db.execute("SELECT 1 FROM tombstones WHERE id = ?", (row[0],)).fetchone():
+                    added.append(False)
+                    continue
+                cursor = db.execute(
+                    f"INSERT OR IGNORE INTO examples ({_COLUMNS}, thumbnail) "
+                    "VALUES (?,?,?,?,?,?,?)",
+                    row,
+                )
+                added.append(cursor.rowcount == 1)
+        return added
+
+    def _row(self, example: Example) -> tuple:
+        """The database row of ``example``; UserError for a bad id, label or embedding."""
         check_id(example.id)
         if check_label(example.label) != example.label:
             raise UserError(f"a label must not start or end with spaces: {example.label!r}")
@@ -104,7 +133,7 @@ class ExampleStore:
             raise UserError(
                 f"an embedding must have shape [{self.dim}], got {list(embedding.shape)}"
             )
-        row = (
+        return (
             example.id,
             example.label,
             example.source,
@@ -113,14 +142,6 @@ class ExampleStore:
             embedding.tobytes(),
             example.thumbnail,
         )
-        with self._transaction() as db:
-            if db.execute("SELECT 1 FROM tombstones WHERE id = ?", (example.id,)).fetchone():
-                return False
-            cursor = db.execute(
-                f"INSERT OR IGNORE INTO examples ({_COLUMNS}, thumbnail) VALUES (?,?,?,?,?,?,?)",
-                row,
-            )
-            return cursor.rowcount == 1
 
     def delete(self, example_id: str) -> Example | None:
         """Remove an example and leave a tombstone (also for an id not held: a delete that
@@ -200,6 +221,37 @@ class ExampleStore:
         if embedding.shape != (self.dim,):
             raise StateError(f"{self._where}: example {example_id} has a corrupt embedding")
         return Example(example_id, label, source, time_utc, embedding, origin, thumbnail)
+
+
+def database_path(state_dir_or_db: str | Path) -> Path:
+    """The example database a path names: a folder holding ``DB_NAME`` (the teach folder) gives
+    that file; any other folder is a ``serve --state-dir``: its ``TEACH_FOLDER/DB_NAME``; a file
+    path is itself."""
+    path = Path(state_dir_or_db)
+    if not path.is_dir():
+        return path
+    if (path / DB_NAME).exists():
+        return path / DB_NAME
+    return path / TEACH_FOLDER / DB_NAME
+
+
+def recorded_meta(path: str | Path) -> tuple[str, int] | None:
+    """(bundle fingerprint, dim) an existing database records, read without changing it; None
+    when there is no file. StateError for a file that is not an example database."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    if path.is_dir():
+        raise StateError(f"{path} is a folder, not an example database")
+    try:
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            held = dict(connection.execute("SELECT key, value FROM meta").fetchall())
+        finally:
+            connection.close()
+        return str(held["bundle"]), int(held["dim"])
+    except (sqlite3.Error, KeyError, ValueError) as exc:
+        raise StateError(f"{path} is not a readable example database ({exc})") from None
 
 
 def ids_digest(ids: list[str]) -> str:
