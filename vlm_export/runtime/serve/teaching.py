@@ -47,7 +47,7 @@ from vlm_export.runtime.teach.examples import (
 from vlm_export.runtime.teach.fleet import FleetSync
 from vlm_export.runtime.teach.fusion import TeachFusion
 from vlm_export.runtime.teach.learner import DEFAULT_HIDDEN_DIM, TeachLearner
-from vlm_export.runtime.teach.store import ExampleStore
+from vlm_export.runtime.teach.store import DB_NAME, TEACH_FOLDER, ExampleStore
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,6 @@ MAX_PENDING = 32  # changes waiting for the learner; more is answered 429 (the A
 LEARN_WAIT_S = 30.0  # how long a request waits for its example to be learned
 THUMB_STEP_SIDE = 192  # recent frames keep a strided copy about this wide for the thumbnail
 DEFAULT_MAX_EXAMPLES = 5000
-TEACH_FOLDER = "teach"  # in --state-dir: the database, the learner state, this device's id
-DATABASE = "examples.sqlite"
 LEARNER_STATE = "teach.npz"
 DEVICE_ID = "device-id"
 
@@ -123,7 +121,7 @@ class Teaching:
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
         self.store = ExampleStore.open(
-            folder / DATABASE if folder else None, bundle.engine_fingerprint, self.dim
+            folder / DB_NAME if folder else None, bundle.engine_fingerprint, self.dim
         )
         self.state = folder / LEARNER_STATE if folder else None
         self.device_id = _device_id(folder)
