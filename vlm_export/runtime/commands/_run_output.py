@@ -14,7 +14,7 @@ import numpy as np
 
 from vlm_export.core.json_text import dumps
 from vlm_export.runtime.io.sources import is_gstreamer
-from vlm_export.runtime.pipeline import FrameResult
+from vlm_export.runtime.result import FrameResult
 from vlm_export.runtime.terminal import printable, width
 
 FORMATS = ("auto", "text", "jsonl")
