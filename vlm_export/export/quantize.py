@@ -49,7 +49,7 @@ from vlm_export.core.manifest import (
     read_manifest,
 )
 from vlm_export.core.paths import PathArg, guard_arguments
-from vlm_export.export.engine_cmd import (
+from vlm_export.export.bundle_staging import (
     BUNDLE_RW,
     _refuse_listed,
     _staging,
