@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from vlm_export.core.atomic import atomic_write_bytes
-from vlm_export.export import quantize
+from vlm_export.export import int8_graph
 from vlm_export.export.pipeline import ExportOptions, export_bundle
 from vlm_export.models.condensing_tower import CondensingVisionTower
 from vlm_export.models.loading import load_clip
@@ -153,7 +153,7 @@ def _openers(bundle: Bundle, work: Path, args: argparse.Namespace) -> dict[str, 
             if not target.is_file():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 print(f"quantizing rung {rung.index} (drop rate {rung.drop_rate})", flush=True)
-                quantize.quantize_graph(bundle.path / rung.onnx, target, bundle.manifest, images)
+                int8_graph.quantize_graph(bundle.path / rung.onnx, target, bundle.manifest, images)
         int8 = work / "int8"
         openers["onnxruntime int8"] = lambda rung: OnnxRuntimeBackend(
             BundleGraph(int8, graph_view(bundle, f"rung{rung.index}.onnx").manifest),

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from vlm_export.core.manifest import read_manifest
-from vlm_export.export import quantize
+from vlm_export.export import int8_calibration, int8_gate, int8_graph
 from vlm_export.export.pipeline import ExportOptions, export_bundle
 from vlm_export.models.schedule import CondensationConfig
 from vlm_export.runtime.engines import measure
@@ -85,8 +85,8 @@ def calibration_images(folder: Path, count: int, manifest: dict[str, Any]) -> li
         noise = rng.integers(-20, 21, (256, 256, 3))
         pixels = np.clip(np.asarray(image, dtype=np.int64) + noise, 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"calib_{index:04d}.png")
-    return quantize.preprocess_all(
-        quantize.image_paths(folder), Preprocessor.from_manifest(manifest)
+    return int8_calibration.preprocess_all(
+        int8_calibration.image_paths(folder), Preprocessor.from_manifest(manifest)
     )
 
 
@@ -110,7 +110,7 @@ def flip_analysis(
     """Flipped first-reduction fates against the distance of their scores to the cuts."""
     schedule = manifest["condensation"]["schedule"][0]
     keep, merge = schedule["keep"], schedule["merge"]
-    feeds_of = lambda image: quantize.engine_feeds(manifest, image)  # noqa: E731
+    feeds_of = lambda image: int8_calibration.engine_feeds(manifest, image)  # noqa: E731
     runs = {}
     for name, source in (("fp32", tca / manifest["engine"]["onnx"]), ("int8", work / int8_file)):
         instrumented = work / f"scores_{name}.onnx"
@@ -170,17 +170,17 @@ def main() -> None:
     full, tca = export(work, "zeroshot", args), export(work, "tca", args)
     manifest = read_manifest(tca)
     calibration = calibration_images(work / "calibration", args.calibration_images, manifest)
-    calibration, held_out = quantize.split_held_out(calibration)
+    calibration, held_out = int8_calibration.split_held_out(calibration)
     gates, int8_files = {}, {}
     for scope in args.scopes.split(","):
         name = f"int8_{scope}.onnx"
         if not (work / name).is_file():
-            quantize.quantize_graph(
+            int8_graph.quantize_graph(
                 tca / manifest["engine"]["onnx"], work / name, manifest, calibration, scope
             )
-        gates[scope] = quantize.gate_report(tca, manifest, work / name, calibration, held_out)
+        gates[scope] = int8_gate.gate_report(tca, manifest, work / name, calibration, held_out)
         int8_files[scope] = name
-        print(f"int8 {scope}: {quantize.describe_gate(gates[scope])}", flush=True)
+        print(f"int8 {scope}: {int8_gate.describe_gate(gates[scope])}", flush=True)
 
     cpu = ["CPUExecutionProvider"]
     shape = [int(v) for v in manifest["engine"]["inputs"][0]["shape"]]

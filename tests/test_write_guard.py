@@ -23,7 +23,7 @@ from fakebundle import make_bundle, write_images
 from vlm_export.core.paths import PathArg, PathConflict, declared_paths, role_of
 from vlm_export.export import cli as export_cli
 from vlm_export.export.engine_cmd import build_engine_parser
-from vlm_export.export.quantize import quantize_parser
+from vlm_export.export.quantize_cmd import quantize_parser
 from vlm_export.runtime import api, cli
 
 RAIL = ["--shots", "2", "--hidden-dim", "16"]

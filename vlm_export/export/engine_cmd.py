@@ -33,11 +33,7 @@ from vlm_export.export.tensorrt_build import (
     check_build_options,
 )
 from vlm_export.runtime.engines import parity as engine_parity
-from vlm_export.runtime.engines.select import (
-    PRECISIONS,
-    TensorRTUnavailableError,
-    query_device,
-)
+from vlm_export.runtime.engines.select import PRECISIONS, TensorRTUnavailableError, query_device
 
 REGISTER_HELP = (
     "add an engine built elsewhere (e.g. with the printed trtexec line) instead of building one: "
