@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm_export.runtime.tca.reservoir import ReservoirConfig, TokenReservoir
+from vlm_export.runtime.tca.reservoir import TokenReservoir
+from vlm_export.runtime.tca.reservoir_config import ReservoirConfig
 
 CLASSES, CAPACITY, LAYERS, WIDTH = 1000, 3, 12, 768
 ANCHOR_LAYERS = (2, 5, 8)

@@ -25,26 +25,13 @@ from vlm_export.core.manifest import sha256_file
 from vlm_export.core.paths import PathArg, check_bundle_links
 from vlm_export.export.tensorrt_build import EngineRecord
 
-
-def record_engine(manifest: dict[str, Any], record: EngineRecord) -> dict[str, Any]:
-    """Add ``record`` to ``engines`` (replacing an entry of that file) and to ``files``."""
-    engines = [entry for entry in manifest.get("engines") or [] if entry.get("file") != record.file]
-    manifest["engines"] = [*engines, record.to_manifest()]
-    manifest["files"][record.file] = {"sha256": record.sha256, "bytes": record.nbytes}
-    return manifest
-
-
-#: a bundle this command writes into (the write guard refuses one that links outside)
+#: a bundle a command writes into (the write guard refuses one that links outside)
 BUNDLE_RW = PathArg("bundle-rw", Path)
 
 
 #: staging folders in a bundle: ``.engine-`` and mkdtemp's 8 random characters
 STAGING_PREFIX = ".engine-"
-
-
 _STAGING_NAME = re.compile(rf"^{re.escape(STAGING_PREFIX)}[a-z0-9_]{{8}}$")
-
-
 #: written into the staging folder just before its file moves into the bundle: {file, sha256}
 INSTALLING = "installing.json"
 
@@ -141,3 +128,11 @@ def _refuse_listed(
         f"{target} exists but the bundle's manifest does not list it; move it away first "
         "(it is not replaced)"
     )
+
+
+def record_engine(manifest: dict[str, Any], record: EngineRecord) -> dict[str, Any]:
+    """Add ``record`` to ``engines`` (replacing an entry of that file) and to ``files``."""
+    engines = [entry for entry in manifest.get("engines") or [] if entry.get("file") != record.file]
+    manifest["engines"] = [*engines, record.to_manifest()]
+    manifest["files"][record.file] = {"sha256": record.sha256, "bytes": record.nbytes}
+    return manifest

@@ -17,8 +17,6 @@ from vlm_export.runtime.io.preprocess import ImageError, Preprocessor, load_imag
 from vlm_export.runtime.io.sources import is_image_file
 
 HELD_OUT_EVERY = 5  # without --held-out: every 5th calibration image is held out
-
-
 log = logging.getLogger(__name__)
 
 

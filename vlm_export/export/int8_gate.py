@@ -15,8 +15,6 @@ from vlm_export.core.manifest import EMBEDDING_OUTPUT, FATE_OUTPUT, TEXT_EMBEDDI
 from vlm_export.runtime.engines.parity import REFERENCE, BundleGraph, cls_like_anchors
 
 MIN_COSINE = 0.99
-
-
 ANCHORS_ON_IMAGES = 4  # held-out images also run with anchors on (CLS-like, every class valid)
 
 

@@ -18,20 +18,12 @@ from vlm_export.core.manifest import CONDENSATION_NODE_PREFIXES
 from vlm_export.export.int8_calibration import calibration_reader
 
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
-
-
 PASS_THROUGH_OPS = frozenset({"Transpose", "Identity", "Reshape", "Cast"})
-
-
 #: which weight products are quantized: the MLPs (two thirds of a ViT's matrix FLOPs, and the
 #: least sensitive), every transformer-block product (adds the attention projections, which also
 #: feed the token ranking), or all (adds the patch embedding and the final projection)
 SCOPES = ("mlp", "blocks", "all")
-
-
 DEFAULT_SCOPE = "mlp"
-
-
 SCOPE_MARKERS = {"mlp": ("/mlp/",), "blocks": ("/mlp/", "/attn/", "/out_proj")}
 
 

@@ -62,7 +62,7 @@ from vlm_export.runtime.io.display import Window
 from vlm_export.runtime.io.sources import ImageFiles, Source, open_source
 from vlm_export.runtime.pipeline import METHOD_STAGES, METHODS, Pipeline, check_min_score
 from vlm_export.runtime.rail.models import describe, open_fusion
-from vlm_export.runtime.tca.reservoir import ANCHOR_RULES, EVICTION_MODES
+from vlm_export.runtime.tca.reservoir_config import ANCHOR_RULES, EVICTION_MODES
 from vlm_export.runtime.tca.stage import build_reservoir
 
 
