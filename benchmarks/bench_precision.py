@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -38,7 +39,6 @@ from vlm_export.export import int8_calibration, int8_gate, int8_graph
 from vlm_export.export.pipeline import ExportOptions, export_bundle
 from vlm_export.models.schedule import CondensationConfig
 from vlm_export.runtime.engines import measure
-from vlm_export.runtime.engines.bench_record import device_description
 from vlm_export.runtime.engines.onnxruntime_backend import OnnxRuntimeBackend
 from vlm_export.runtime.engines.openvino_backend import (
     OpenVinoBackend,
@@ -48,7 +48,6 @@ from vlm_export.runtime.engines.openvino_backend import (
 from vlm_export.runtime.engines.parity import BundleGraph
 from vlm_export.runtime.io.preprocess import Preprocessor
 
-RESULTS = Path(__file__).with_name("results")
 CLASSES = ["cat", "dog", "bird", "car", "bus", "truck", "ship", "plane", "horse", "frog"]
 TARGET_RATIO = 0.45
 TARGET_COSINE = {"bf16": 0.999, "int8": 0.99}
@@ -278,7 +277,7 @@ def main() -> None:
         "model": args.model,
         "weights": "random (--pretrained none)",
         "condensation": {"drop_rate": args.drop_rate, "merge_centers": args.merge_centers},
-        "device": device_description(),
+        "machine": common.machine(),
         "openvino_cpu_capabilities": capabilities,
         "bf16": "measured" if "BF16" in capabilities else "not available on this CPU",
         "threads": args.threads,
@@ -289,9 +288,8 @@ def main() -> None:
         "fate_flips_first_reduction": flips,
         "targets": {"ratio_at_most": TARGET_RATIO, "cosine": TARGET_COSINE, "results": targets},
     }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"precision_{args.model}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = common.RESULTS / f"precision_{args.model}.json"
+    common.write_json(path, result)
     for key, row in engines.items():
         cosine = row.get("embedding_cosine_min")
         fate = row.get("token_fate_agreement")
@@ -301,29 +299,24 @@ def main() -> None:
             + (f"  fates {fate:.4f}" if fate is not None else "")
         )
     print(json.dumps(flips, indent=1))
-    plot(result, RESULTS / f"precision_{args.model}.png")
-    print(path)
+    plot(result, path.with_suffix(".png"))
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Latency ratio per engine (if matplotlib is installed)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = common.pyplot()
+    if plt is None:
         return
     rows = list(result["engines"].items())
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
     ax.barh([key for key, _ in rows], [row["ratio_to_full_fp32"] for _, row in rows])
     ax.axvline(TARGET_RATIO, color="red", linestyle="--", label=f"target {TARGET_RATIO}x")
     ax.set_xlabel("median latency / full fp32 ONNX Runtime (same run)")
-    ax.set_title(f"{result['model']} batch 1, {result['device']}")
+    ax.set_title(f"{result['model']} batch 1, {result['machine']['cpu']}")
     ax.invert_yaxis()
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    common.save_plot(fig, path)
 
 
 if __name__ == "__main__":
