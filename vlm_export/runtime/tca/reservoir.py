@@ -29,31 +29,17 @@ from vlm_export.runtime.tca.reservoir_config import (
     require_reservoir_memory,
     saved_geometry,
 )
+from vlm_export.runtime.tca.scores import layer_weights, mean_similarity, prediction_entropy
 
 STATE_KIND = "tca_reservoir"
 STATE_SCHEMA_VERSION = 1
 
-# Norm floors: cosine as in torch.nn.functional.cosine_similarity (eps 1e-8 per vector) and the
-# eviction's F.normalize (eps 1e-12), as the released code computes them.
+# Norm floor: cosine as in torch.nn.functional.cosine_similarity (eps 1e-8 per vector), as the
+# released code computes it.
 _COS_EPS = 1e-8
-_NORMALIZE_EPS = 1e-12
 # Leading layers whose summed weight is below this are left out of the correction: |cos| <= 1, so
 # each affinity moves by at most this much, below float32 resolution of the affinity itself.
 _SKIP_WEIGHT_MASS = 1e-7
-
-
-def layer_weights(num_layers: int, tau: float) -> np.ndarray:
-    """w = softmax(linspace(0, 1, L) / tau), float64 [L] (spec 3.4)."""
-    logits = np.linspace(0.0, 1.0, num_layers) / tau
-    weights = np.exp(logits - logits.max())
-    return weights / weights.sum()
-
-
-def prediction_entropy(logits: np.ndarray) -> float:
-    """H = -sum softmax(s) * log_softmax(s), computed in float64."""
-    shifted = logits - logits.max()
-    log_probs = shifted - np.log(np.exp(shifted).sum())
-    return float(-(np.exp(log_probs) * log_probs).sum())
 
 
 class TokenReservoir:
@@ -209,22 +195,12 @@ class TokenReservoir:
         self, label: int, entropy: float, units: np.ndarray, norms: np.ndarray
     ) -> int:
         """Slot to evict from a full buffer plus newcomer (slot ``capacity`` = the newcomer)."""
-        count = self.config.capacity
         entropies = np.append(self._entropies[label], entropy)
         if self.config.eviction == "entropy":
             return int(np.argmax(entropies))
-        # Released TCA code (Jo-wang/TCA, utils.py cls_feature_similarity with token_sim=True, as
-        # called from update_reservoir_sim in runner.py): torch.mean(cls_token_list, dim=0) over
-        # ALL layers of the raw CLS tokens, then F.normalize, a cosine matrix, and per entry the
-        # mean over the other entries, (row sum - diagonal) / (n - 1); score = entropy + that.
-        # Layer means of the raw tokens are norms @ units / L, entry by entry.
         all_units = np.concatenate([self._units[label], units[None]])
         all_norms = np.concatenate([self._norms[label], norms[None]])
-        means = np.matmul(all_norms[:, None, :], all_units)[:, 0] / np.float64(self.num_layers)
-        means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), _NORMALIZE_EPS)
-        gram = means @ means.T
-        similarity = (gram.sum(axis=1) - np.diag(gram)) / count
-        return int(np.argmax(entropies + similarity))
+        return int(np.argmax(entropies + mean_similarity(all_units, all_norms)))
 
     def _class_anchor(self, label: int) -> np.ndarray:
         count = int(self._counts[label])
