@@ -40,18 +40,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 import torch
 
-from vlm_export.core.atomic import atomic_write_bytes
-from vlm_export.export import quantize
+from vlm_export.export import int8_graph
 from vlm_export.export.pipeline import ExportOptions, export_bundle
 from vlm_export.models.condensing_tower import CondensingVisionTower
 from vlm_export.models.loading import load_clip
 from vlm_export.models.schedule import CondensationConfig, ScheduleError
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines import measure
-from vlm_export.runtime.engines.bench_record import device_description
 from vlm_export.runtime.engines.budget import BudgetController, choose_rung
 from vlm_export.runtime.engines.factory import graph_view
 from vlm_export.runtime.engines.ladder import LadderBackend, ladder_rungs, open_ladder
@@ -61,7 +60,6 @@ from vlm_export.runtime.engines.parity import BundleGraph
 from vlm_export.runtime.pipeline import Pipeline
 from vlm_export.runtime.tca.stage import build_reservoir
 
-RESULTS = Path(__file__).with_name("results")
 CLASSES = ["cat", "dog", "bird", "car", "bus", "truck", "ship", "plane", "horse", "frog"]
 LADDER = [0.0, 0.035, 0.06, 0.1]
 SINGLE = 0.035
@@ -153,7 +151,7 @@ def _openers(bundle: Bundle, work: Path, args: argparse.Namespace) -> dict[str, 
             if not target.is_file():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 print(f"quantizing rung {rung.index} (drop rate {rung.drop_rate})", flush=True)
-                quantize.quantize_graph(bundle.path / rung.onnx, target, bundle.manifest, images)
+                int8_graph.quantize_graph(bundle.path / rung.onnx, target, bundle.manifest, images)
         int8 = work / "int8"
         openers["onnxruntime int8"] = lambda rung: OnnxRuntimeBackend(
             BundleGraph(int8, graph_view(bundle, f"rung{rung.index}.onnx").manifest),
@@ -399,9 +397,7 @@ def stream(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    from plotting import pyplot, save
-
-    plt = pyplot()
+    plt = common.pyplot()
     if plt is None:
         return
     parts = [part for part in ("staircase", "stream") if part in result]
@@ -434,7 +430,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             axis.set_ylabel("frame time, ms")
             axis.set_title("fixed budget against --adapt-budget")
             axis.legend(fontsize=8)
-    save(figure, path)
+    common.save_plot(figure, path)
 
 
 def main() -> None:
@@ -463,15 +459,14 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-ladder-"))
     work.mkdir(parents=True, exist_ok=True)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"budget_ladder_{args.model}.json"
+    path = common.RESULTS / f"budget_ladder_{args.model}.json"
     result = json.loads(path.read_text()) if path.is_file() else {}
     result.update(
         {
             "benchmark": "bench_budget_ladder",
             "model": args.model,
             "weights": "random (--pretrained none)",
-            "device": device_description(),
+            "machine": common.machine(),
             "threads": args.threads,
         }
     )
@@ -479,8 +474,8 @@ def main() -> None:
     for name in args.parts.split(","):
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         result[name] = {"started_utc": started, **parts[name](args, work)}
-        atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode("utf-8"))
-        print(f"{name} saved to {path}", flush=True)
+        print(f"{name} done", flush=True)
+        common.write_json(path, result)
     plot(result, path.with_suffix(".png"))
 
 

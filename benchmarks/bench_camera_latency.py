@@ -22,10 +22,7 @@ Without BUNDLE it builds the tiny test bundle of tests/fakebundle.py.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import platform
 import queue
 import sys
 import tempfile
@@ -35,9 +32,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 
-from vlm_export.core.atomic import atomic_write_bytes
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.factory import open_backend
@@ -45,8 +42,8 @@ from vlm_export.runtime.io.capture import NewestFrame
 from vlm_export.runtime.io.sources import Frame, Source
 from vlm_export.runtime.pipeline import Pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "camera_latency.json"
+ROOT = common.ROOT
+RESULTS = common.RESULTS / "camera_latency.json"
 CHECKPOINTS = (100, 500, 1000)
 
 
@@ -151,12 +148,8 @@ def summary(latencies: list[tuple[int, float]], captured: int) -> dict[str, Any]
 
 def plot(report: dict[str, Any], path: Path) -> bool:
     """Latency against capture index for both readers; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = common.pyplot()
+    if plt is None:
         return False
     figure, axis = plt.subplots(figsize=(8, 4.5))
     for key, label in (
@@ -170,21 +163,19 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     axis.set_title(f"{report['fps']:g} fps camera, engine {report['engine_ms']:g} ms per frame")
     axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    common.save_plot(figure, path)
     return True
 
 
-def write_report(report: dict[str, Any], out: Path) -> list[Path]:
+def write_report(report: dict[str, Any], out: Path) -> None:
     """The summary as indented JSON at ``out``, the per-frame series compact beside it."""
     series_path = out.with_name(out.stem + "_series.json")
     series = {key: report[key].pop("series") for key in ("with_dropping", "without_dropping")}
     report["series_file"] = series_path.name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, (json.dumps(report, indent=1) + "\n").encode())
-    atomic_write_bytes(series_path, (json.dumps(series, separators=(",", ":")) + "\n").encode())
+    common.write_json(out, report, indent=1)
+    common.write_json(series_path, series, indent=None, separators=(",", ":"))
     for key, values in series.items():  # for the plot
         report[key]["series"] = values
-    return [out, series_path]
 
 
 def main() -> None:
@@ -225,7 +216,7 @@ def main() -> None:
         "fps": args.fps,
         "engine_ms": args.engine_ms,
         "frame_size": list(size),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": common.machine(),
         **results,
     }
     print(f"{args.frames} frames at {args.fps:g} fps, engine held to {args.engine_ms:g} ms")
@@ -237,10 +228,8 @@ def main() -> None:
             f"median {result['latency_ms']['median']} ms  p99 {result['latency_ms']['p99']} ms  "
             f"max {result['latency_ms']['max']} ms  ({at})"
         )
-    for path in write_report(report, args.out):
-        print(f"wrote {path}")
-    if plot(report, args.out.with_suffix(".png")):
-        print(f"wrote {args.out.with_suffix('.png')}")
+    write_report(report, args.out)
+    plot(report, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
+import common
 import numpy as np
 import onnxruntime as ort
 import torch
@@ -35,8 +34,6 @@ from vlm_export.export.onnx_export import export_onnx
 from vlm_export.models.condensing_tower import AnchorSelector, CondensingVisionTower
 from vlm_export.models.loading import load_clip
 from vlm_export.models.schedule import CondensationConfig
-
-RESULTS = Path(__file__).with_name("results")
 
 
 def _engine(path: Path, threads: int, anchors: np.ndarray, valid: np.ndarray):
@@ -106,14 +103,8 @@ def _time_selections(folder: Path, args, reductions: int, width: int, rng) -> di
         valid = (np.arange(rows) < args.classes).astype(np.float32)
         cls = rng.standard_normal((1, reductions, width)).astype(np.float32)
         feeds[name] = {"cls": cls, "anchors": anchors, "anchors_valid": valid}
-    times = {name: [] for name in sessions}
-    for round_index in range(20 + args.rounds * 20):
-        for name in sessions if round_index % 2 == 0 else list(sessions)[::-1]:
-            start = time.perf_counter()
-            sessions[name].run(None, feeds[name])
-            if round_index >= 20:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
+    runners = {name: lambda n=name: sessions[n].run(None, feeds[n]) for name in sessions}
+    return common.medians(common.interleaved_rounds(runners, args.rounds * 20, 20, flip=True))
 
 
 def main() -> None:
@@ -151,17 +142,11 @@ def main() -> None:
             float(np.abs(a.astype(np.float64) - b).max())
             for a, b in zip(outputs["exact"], outputs["capacity"], strict=True)
         )
-        times = {name: [] for name in engines}
-        order = list(engines)
-        for round_index in range(args.warmup + args.rounds):
-            for name in order if round_index % 2 == 0 else order[::-1]:
-                start = time.perf_counter()
-                engines[name](image)
-                if round_index >= args.warmup:
-                    times[name].append((time.perf_counter() - start) * 1e3)
+        runners = {name: lambda n=name: engines[n](image) for name in engines}
+        times = common.interleaved_rounds(runners, args.rounds, args.warmup, flip=True)
         width = used.shape[2]
         selection = _time_selections(Path(folder), args, used.shape[1], width, rng)
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    medians = common.medians(times)
     extra_ms = selection["capacity"] - selection["exact"]
     report = {
         "model": args.model,
@@ -171,11 +156,7 @@ def main() -> None:
         "batch_size": 1,
         "threads": args.threads,
         "rounds": args.rounds,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "load_average_1m": os.getloadavg()[0],
-        },
+        "machine": {**common.machine(), "load_average_1m": os.getloadavg()[0]},
         "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__},
         "median_ms": medians,
         "capacity_vs_exact": medians["capacity"] / medians["exact"],
@@ -187,11 +168,8 @@ def main() -> None:
         "anchor_choice_extra_ms": extra_ms,
         "anchor_choice_extra_vs_exact_engine": extra_ms / medians["exact"],
     }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"class_capacity_{args.model}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-    print(f"saved {out}")
+    common.write_json(common.RESULTS / f"class_capacity_{args.model}.json", report)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
+import common
 import numpy as np
 import onnxruntime as ort
-import plotting
 import torch
 
 from vlm_export.export.onnx_export import export_onnx, io_names
@@ -33,7 +30,6 @@ from vlm_export.models.flops import closed_form_gflops
 from vlm_export.models.loading import load_clip
 from vlm_export.models.schedule import CondensationConfig
 
-RESULTS = Path(__file__).with_name("results")
 VARIANTS = {"full": None, "r0.035_K2": (0.035, 2), "r0.1_K2": (0.1, 2)}
 
 
@@ -45,15 +41,9 @@ def _session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
 def plot(report: dict, path: Path) -> None:
     """Median latency against GFLOPs per engine, with latency proportional to GFLOPs dashed."""
-    plt = plotting.pyplot()
+    plt = common.pyplot()
     if plt is None:
         return
     figure, axes = plt.subplots(figsize=(6.4, 4.4))
@@ -81,7 +71,7 @@ def plot(report: dict, path: Path) -> None:
     )
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    plotting.save(figure, path)
+    common.save_plot(figure, path)
 
 
 def main() -> None:
@@ -95,7 +85,7 @@ def main() -> None:
         "--replot", action="store_true", help="only redraw the PNG from the saved JSON"
     )
     args = parser.parse_args()
-    out = RESULTS / f"export_latency_{args.model}.json"
+    out = common.RESULTS / f"export_latency_{args.model}.json"
     if args.replot:
         plot(json.loads(out.read_text()), out.with_suffix(".png"))
         return
@@ -114,26 +104,24 @@ def main() -> None:
             inputs = tower.example_inputs(1)
             eager[name] = inputs
             feeds[name] = {k: v.numpy() for k, v in zip(io_names(tower)[0], inputs, strict=True)}
-        times = {(engine, name): [] for engine in ("ort", "torch") for name in VARIANTS}
-        for round_index in range(args.warmup + args.rounds):
-            for name in VARIANTS:
-                ort_ms = _timed(lambda n=name: sessions[n].run(None, feeds[n]))
-                with torch.no_grad():
-                    torch_ms = _timed(lambda n=name: towers[n](*eager[n]))
-                if round_index >= args.warmup:
-                    times[("ort", name)].append(ort_ms)
-                    times[("torch", name)].append(torch_ms)
+        runners = {}
+        for name in VARIANTS:
+            runners[("ort", name)] = lambda n=name: sessions[n].run(None, feeds[n])
+            runners[("torch", name)] = lambda n=name: towers[n](*eager[n])
+        with torch.no_grad():  # ONNX Runtime does not mind
+            times = common.interleaved_rounds(runners, args.rounds, args.warmup)
     gflops = {name: closed_form_gflops(towers[name]) for name in VARIANTS}
-    medians = {f"{engine}/{name}": statistics.median(v) for (engine, name), v in times.items()}
+    medians = {
+        f"{engine}/{name}": statistics.median(times[(engine, name)])
+        for engine in ("ort", "torch")
+        for name in VARIANTS
+    }
     report = {
         "model": args.model,
         "batch_size": 1,
         "threads": args.threads,
         "rounds": args.rounds,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-        },
+        "machine": common.machine(),
         "versions": {
             "onnxruntime": ort.__version__,
             "torch": torch.__version__,
@@ -151,11 +139,9 @@ def main() -> None:
             for name in VARIANTS
         },
     }
-    RESULTS.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    common.write_json(out, report)
     print(json.dumps(report["ratios"], indent=2))
     print({key: round(value, 1) for key, value in medians.items()})
-    print(f"saved {out}")
     plot(report, out.with_suffix(".png"))
 
 

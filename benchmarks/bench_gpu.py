@@ -21,24 +21,21 @@ import datetime as dt
 import json
 import logging
 import re
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 import onnx
 import onnxruntime as ort
-import plotting
 from onnx import TensorProto, helper
 
 from vlm_export.core.errors import UserError
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 WORK = HERE / "work" / "gpu"
 TORCH, ORT_CUDA, TENSORRT = "pytorch-eager-fp16", "onnxruntime-cuda", "tensorrt-fp16"
 BENCH_CLASSES = [f"class {index}" for index in range(16)]
@@ -92,16 +89,9 @@ def interleaved_median_ms(
     full: Runner, condensed: Runner, sync: Callable[[], None], runs: int, warmup: int
 ) -> tuple[float, float]:
     """Median milliseconds of ``full`` and ``condensed``, timed alternately, each synchronised."""
-    times: dict[int, list[float]] = {0: [], 1: []}
-    for round_index in range(warmup + runs):
-        for which, run in enumerate((full, condensed)):
-            sync()
-            start = time.perf_counter()
-            run()
-            sync()
-            if round_index >= warmup:
-                times[which].append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[0]), statistics.median(times[1])
+    runners = {"full": full, "condensed": condensed}
+    medians = common.medians(common.interleaved_rounds(runners, runs, warmup, sync))
+    return medians["full"], medians["condensed"]
 
 
 def torch_runners(visual: Any, config: Any, num_classes: int) -> tuple[Runner, Runner, Callable]:
@@ -178,7 +168,7 @@ def open_backends(path_name: str, bundles: dict[str, Path], workspace_mb: int) -
     backends = {}
     for kind, folder in bundles.items():
         if path_name == TENSORRT:
-            from vlm_export.export.engine_cmd import add_engine_to_bundle
+            from vlm_export.export.engine_install import add_engine_to_bundle
             from vlm_export.runtime.engines.tensorrt_backend import TensorRTBackend
 
             add_engine_to_bundle(
@@ -264,7 +254,7 @@ def versions() -> dict[str, str]:
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """Latency against GFLOPs: one line (full -> condensed) per model and GPU path."""
-    plt = plotting.pyplot()
+    plt = common.pyplot()
     if plt is None:
         return
     figure, axes = plt.subplots(figsize=(6.4, 4.4))
@@ -282,7 +272,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     axes.set_title(f"{results['device']}: latency against GFLOPs", fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
-    plotting.save(figure, path)
+    common.save_plot(figure, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -342,10 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             results["models"][model] = {"error": str(exc)}
             print(f"  {model}: {exc}", file=sys.stderr)
     slug = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_") or "gpu"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"gpu_{slug}.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out.relative_to(HERE.parent)}")
+    out = common.RESULTS / f"gpu_{slug}.json"
+    common.write_json(out, results)
     plot(results, out.with_suffix(".png"))
     return 0
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import os
-import platform
 import struct
 import subprocess
 import sys
@@ -28,14 +26,13 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import common
 import numpy as np
 from PIL import Image
 
-from vlm_export.runtime.engines.bench_record import device_description
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = common.ROOT
 sys.path.insert(0, str(ROOT / "tests"))
-RESULTS = ROOT / "benchmarks" / "results" / "hostile_memory.json"
+RESULTS = common.RESULTS / "hostile_memory.json"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 EDGE = [sys.executable, "-m", "vlm_export.runtime"]
 API = (
@@ -132,11 +129,6 @@ def many_members(path: Path, count: int) -> None:
             archive.writestr(f"a{index}.npy", b"")
 
 
-def machine() -> dict[str, object]:
-    """Platform, CPU count and the CPU with its SIMD flags (compare ratios, never times)."""
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": device_description()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-mb", type=float, default=300.0)
@@ -208,14 +200,13 @@ def main() -> None:
                   f"{(peak - base) / 2**20:+7.0f}  exit {code}  {line[:70]}")  # fmt: skip
     worst = max(row["difference_mb"] for row in rows)
     result = {
-        "machine": machine(),
+        "machine": common.machine(),
         "budget_mb": options.budget_mb,
         "worst_difference_mb": worst,
         "all_within_budget": worst < options.budget_mb,
         "rows": rows,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    common.write_json(RESULTS, result, indent=1)
     print(f"worst difference {worst:.0f} MB (budget {options.budget_mb:g} MB)")
 
 

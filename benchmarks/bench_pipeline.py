@@ -18,7 +18,6 @@ writes benchmarks/results/pipeline.json (or --out).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 import onnxruntime
 from PIL import Image
@@ -40,8 +40,8 @@ from vlm_export.runtime.engines.factory import BACKENDS, open_backend
 from vlm_export.runtime.io.sources import Frame, open_source
 from vlm_export.runtime.pipeline import Pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "pipeline.json"
+ROOT = common.ROOT
+RESULTS = common.RESULTS / "pipeline.json"
 STAGES = ("preprocess", "engine", "reservoir", "correction", "total")
 
 
@@ -158,10 +158,7 @@ def main() -> None:
         "fixture_bundle": fixture,
         "images": {"count": args.images, "size": [width, height], "format": "jpeg"},
         "machine": {
-            "platform": platform.platform(),
-            "machine": platform.machine(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
+            **common.machine(),
             "onnxruntime": onnxruntime.__version__,
             "threads": args.threads,
         },
@@ -177,10 +174,7 @@ def main() -> None:
         )
         name = result["bundle"][:19]
         print(f"{name:<20}{result['method']:<10}{result['frames_per_second']:>8.2f}{stages}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    shown = args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out
-    print(f"wrote {shown}")
+    common.write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -34,11 +35,10 @@ import torch
 from PIL import Image
 
 from vlm_export.core.manifest import read_manifest
-from vlm_export.export import quantize
+from vlm_export.export import int8_calibration, int8_gate, int8_graph
 from vlm_export.export.pipeline import ExportOptions, export_bundle
 from vlm_export.models.schedule import CondensationConfig
 from vlm_export.runtime.engines import measure
-from vlm_export.runtime.engines.bench_record import device_description
 from vlm_export.runtime.engines.onnxruntime_backend import OnnxRuntimeBackend
 from vlm_export.runtime.engines.openvino_backend import (
     OpenVinoBackend,
@@ -48,7 +48,6 @@ from vlm_export.runtime.engines.openvino_backend import (
 from vlm_export.runtime.engines.parity import BundleGraph
 from vlm_export.runtime.io.preprocess import Preprocessor
 
-RESULTS = Path(__file__).with_name("results")
 CLASSES = ["cat", "dog", "bird", "car", "bus", "truck", "ship", "plane", "horse", "frog"]
 TARGET_RATIO = 0.45
 TARGET_COSINE = {"bf16": 0.999, "int8": 0.99}
@@ -85,8 +84,8 @@ def calibration_images(folder: Path, count: int, manifest: dict[str, Any]) -> li
         noise = rng.integers(-20, 21, (256, 256, 3))
         pixels = np.clip(np.asarray(image, dtype=np.int64) + noise, 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"calib_{index:04d}.png")
-    return quantize.preprocess_all(
-        quantize.image_paths(folder), Preprocessor.from_manifest(manifest)
+    return int8_calibration.preprocess_all(
+        int8_calibration.image_paths(folder), Preprocessor.from_manifest(manifest)
     )
 
 
@@ -110,7 +109,7 @@ def flip_analysis(
     """Flipped first-reduction fates against the distance of their scores to the cuts."""
     schedule = manifest["condensation"]["schedule"][0]
     keep, merge = schedule["keep"], schedule["merge"]
-    feeds_of = lambda image: quantize.engine_feeds(manifest, image)  # noqa: E731
+    feeds_of = lambda image: int8_calibration.engine_feeds(manifest, image)  # noqa: E731
     runs = {}
     for name, source in (("fp32", tca / manifest["engine"]["onnx"]), ("int8", work / int8_file)):
         instrumented = work / f"scores_{name}.onnx"
@@ -170,17 +169,17 @@ def main() -> None:
     full, tca = export(work, "zeroshot", args), export(work, "tca", args)
     manifest = read_manifest(tca)
     calibration = calibration_images(work / "calibration", args.calibration_images, manifest)
-    calibration, held_out = quantize.split_held_out(calibration)
+    calibration, held_out = int8_calibration.split_held_out(calibration)
     gates, int8_files = {}, {}
     for scope in args.scopes.split(","):
         name = f"int8_{scope}.onnx"
         if not (work / name).is_file():
-            quantize.quantize_graph(
+            int8_graph.quantize_graph(
                 tca / manifest["engine"]["onnx"], work / name, manifest, calibration, scope
             )
-        gates[scope] = quantize.gate_report(tca, manifest, work / name, calibration, held_out)
+        gates[scope] = int8_gate.gate_report(tca, manifest, work / name, calibration, held_out)
         int8_files[scope] = name
-        print(f"int8 {scope}: {quantize.describe_gate(gates[scope])}", flush=True)
+        print(f"int8 {scope}: {int8_gate.describe_gate(gates[scope])}", flush=True)
 
     cpu = ["CPUExecutionProvider"]
     shape = [int(v) for v in manifest["engine"]["inputs"][0]["shape"]]
@@ -278,7 +277,7 @@ def main() -> None:
         "model": args.model,
         "weights": "random (--pretrained none)",
         "condensation": {"drop_rate": args.drop_rate, "merge_centers": args.merge_centers},
-        "device": device_description(),
+        "machine": common.machine(),
         "openvino_cpu_capabilities": capabilities,
         "bf16": "measured" if "BF16" in capabilities else "not available on this CPU",
         "threads": args.threads,
@@ -289,9 +288,8 @@ def main() -> None:
         "fate_flips_first_reduction": flips,
         "targets": {"ratio_at_most": TARGET_RATIO, "cosine": TARGET_COSINE, "results": targets},
     }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"precision_{args.model}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = common.RESULTS / f"precision_{args.model}.json"
+    common.write_json(path, result)
     for key, row in engines.items():
         cosine = row.get("embedding_cosine_min")
         fate = row.get("token_fate_agreement")
@@ -301,29 +299,24 @@ def main() -> None:
             + (f"  fates {fate:.4f}" if fate is not None else "")
         )
     print(json.dumps(flips, indent=1))
-    plot(result, RESULTS / f"precision_{args.model}.png")
-    print(path)
+    plot(result, path.with_suffix(".png"))
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Latency ratio per engine (if matplotlib is installed)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = common.pyplot()
+    if plt is None:
         return
     rows = list(result["engines"].items())
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
     ax.barh([key for key, _ in rows], [row["ratio_to_full_fp32"] for _, row in rows])
     ax.axvline(TARGET_RATIO, color="red", linestyle="--", label=f"target {TARGET_RATIO}x")
     ax.set_xlabel("median latency / full fp32 ONNX Runtime (same run)")
-    ax.set_title(f"{result['model']} batch 1, {result['device']}")
+    ax.set_title(f"{result['model']} batch 1, {result['machine']['cpu']}")
     ax.invert_yaxis()
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    common.save_plot(fig, path)
 
 
 if __name__ == "__main__":

@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
+import common
 import numpy as np
 
 from vlm_export.runtime.rail import PrimalAdapter, hidden_features, to_inference
@@ -50,7 +49,7 @@ from vlm_export.runtime.rail.state import save_inference_state, save_learner_sta
 
 IN_DIM, CLASSES, SHOTS = 512, 1100, 16
 BUNDLE = "0123456789abcdef"
-RESULTS = Path(__file__).resolve().parent / "results" / "rail_cost.json"
+RESULTS = common.RESULTS / "rail_cost.json"
 
 
 def peak_rss_mib() -> float:
@@ -298,13 +297,10 @@ def main() -> None:
         "first_domain": first,
         "state_files": sizes,
         "numpy": np.__version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
+        "machine": common.machine(),
     }
     print(json.dumps(report, indent=2))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {RESULTS.relative_to(Path(__file__).resolve().parent.parent)}")
+    common.write_json(RESULTS, report)
 
 
 if __name__ == "__main__":

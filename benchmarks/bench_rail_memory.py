@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import common
 import numpy as np
 
 IN_DIM, CLASSES = 512, 1100
 BUNDLE = "0123456789abcdef"
-RESULTS = Path(__file__).resolve().parent / "results" / "rail_memory.json"
+RESULTS = common.RESULTS / "rail_memory.json"
 
 
 def status_kib(field: str) -> int:
@@ -120,8 +119,7 @@ def main() -> None:
         "goal": "peak RSS <= 1.3 x the d_h x d_h float64 matrix + phi of one batch",
         "cases": {},
         "numpy": np.__version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
+        "machine": common.machine(),
     }
     for hidden in (int(value) for value in args.hidden_dims.split(",")):
         with tempfile.TemporaryDirectory() as folder:
@@ -131,9 +129,7 @@ def main() -> None:
         report["cases"][str(hidden)] = cases
         print(hidden, json.dumps(cases), flush=True)
     print(json.dumps(report, indent=2))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {RESULTS.relative_to(Path(__file__).resolve().parent.parent)}")
+    common.write_json(RESULTS, report)
 
 
 if __name__ == "__main__":

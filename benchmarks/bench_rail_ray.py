@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
+import common
 import numpy as np
 
 from vlm_export.runtime.bundle import Bundle
@@ -36,7 +35,7 @@ from vlm_export.runtime.rail.embed import embed_images
 from vlm_export.runtime.rail.primal import PrimalAdapter
 from vlm_export.runtime.rail.scaleout import RayStatistics
 
-RESULTS = Path(__file__).resolve().parent / "results" / "rail_ray.json"
+RESULTS = common.RESULTS / "rail_ray.json"
 
 
 def peak_rss_mib() -> float:
@@ -47,7 +46,7 @@ def peak_rss_mib() -> float:
 
 
 def test_bundle(folder: Path) -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    sys.path.insert(0, str(common.ROOT / "tests"))
     from fakebundle import make_bundle
 
     return make_bundle(folder / "bundle", method="tca+rail", image_size=64, width=64)
@@ -124,13 +123,10 @@ def main() -> None:
         "single_process_images_per_s": round(single, 1),
         "ray": runs,
         "address": args.address or "local instance",
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
+        "machine": common.machine(),
     }
     print(json.dumps(report, indent=2))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {RESULTS.relative_to(Path(__file__).resolve().parent.parent)}")
+    common.write_json(RESULTS, report)
 
 
 if __name__ == "__main__":

@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
-from pathlib import Path
 
+import common
 import numpy as np
 
+from vlm_export.runtime.numerics import softmax
 from vlm_export.runtime.rail import (
     DualAdapter,
     PrimalAdapter,
     accuracy,
     fuse,
     run_xtail,
-    softmax,
     xtail_metrics,
 )
 
@@ -42,7 +40,7 @@ DOMAIN_SPREAD = 0.4  # spread of class centres around their domain mean (closer 
 DOMAIN_SEPARATION = 0.7  # how far domain means lie from a shared mean (smaller = more confusion)
 DOMAIN_SHIFT = 0.5  # norm of the per-domain image offset that the text does not see
 IMAGE_NOISE, TEXT_NOISE = 2.0, 0.8
-RESULTS = Path(__file__).resolve().parent / "results" / "rail_synthetic.json"
+RESULTS = common.RESULTS / "rail_synthetic.json"
 
 
 def unit(v: np.ndarray) -> np.ndarray:
@@ -167,12 +165,9 @@ def main() -> None:
         "checks": checks,
         "passed": ok,
         "numpy": np.__version__,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
+        "machine": common.machine(),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"\nwrote {RESULTS.relative_to(Path(__file__).resolve().parent.parent)}")
+    common.write_json(RESULTS, report)
 
 
 if __name__ == "__main__":

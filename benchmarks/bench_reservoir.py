@@ -17,17 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
-from pathlib import Path
 
+import common
 import numpy as np
 
-from vlm_export.runtime.tca.reservoir import ReservoirConfig, TokenReservoir
+from vlm_export.runtime.tca.reservoir import TokenReservoir
+from vlm_export.runtime.tca.reservoir_config import ReservoirConfig
 
 CLASSES, CAPACITY, LAYERS, WIDTH = 1000, 3, 12, 768
 ANCHOR_LAYERS = (2, 5, 8)
-RESULTS = Path(__file__).resolve().parent / "results" / "reservoir.json"
+RESULTS = common.RESULTS / "reservoir.json"
 
 
 def random_frame(rng: np.random.Generator, label: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,15 +112,11 @@ def main() -> None:
         "target_frame_ms": 3.0,
         "cases": cases,
         "numpy": np.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
+        "machine": common.machine(),
         "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {RESULTS.relative_to(Path(__file__).resolve().parent.parent)}")
+    common.write_json(RESULTS, report)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
-import platform
 import socket
 import sys
 import tempfile
@@ -37,20 +35,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 from PIL import Image
 
-from vlm_export.core.atomic import atomic_write_bytes
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.engines.bench_record import device_description
 from vlm_export.runtime.engines.factory import open_backend
 from vlm_export.runtime.io.sources import open_source
 from vlm_export.runtime.pipeline import Pipeline, process_frame
 from vlm_export.runtime.serve.config import ServeSettings
 from vlm_export.runtime.serve.service import Service
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "serve.json"
+ROOT = common.ROOT
+RESULTS = common.RESULTS / "serve.json"
 SOURCE_COUNTS = (1, 2, 4)
 CLIENTS = 8
 
@@ -244,10 +241,7 @@ def measure(bundle_dir: Path, args: argparse.Namespace, tmp: Path) -> dict[str, 
 
 
 def plot(reports: list[dict[str, Any]], path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from plotting import pyplot, save
-
-    plt = pyplot()
+    plt = common.pyplot()
     if plt is None:
         return
     figure, axes = plt.subplots(1, len(reports), figsize=(5 * len(reports), 3.6), squeeze=False)
@@ -266,7 +260,7 @@ def plot(reports: list[dict[str, Any]], path: Path) -> None:
         axis.set_ylabel("decisions / s")
         axis.set_title(report["bundle"])
         axis.legend(fontsize=8)
-    save(figure, path)
+    common.save_plot(figure, path)
 
 
 def main() -> None:
@@ -292,18 +286,13 @@ def main() -> None:
     result = {
         "benchmark": "serve",
         "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "cpu": device_description(),
-            "python": platform.python_version(),
+            **common.machine(),
             "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         },
         "seconds_per_measurement": args.seconds,
         "bundles": reports,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
-    print(f"saved {args.out}")
+    common.write_json(args.out, result)
     for report in reports:
         run = report["run"]
         print(f"\n{report['bundle']} {report['image_size']}")

@@ -24,22 +24,20 @@ small, so verification costs little). Writes benchmarks/results/startup.json (or
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
+import common
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "startup.json"
+ROOT = common.ROOT
+RESULTS = common.RESULTS / "startup.json"
 EDGE = [sys.executable, "-m", "vlm_export.runtime"]
 ENGINE_ONLY = """
 import sys, time
@@ -110,12 +108,6 @@ def _ratios(values: dict[str, float]) -> dict[str, float]:
     }
 
 
-def _cpu() -> dict[str, Any]:
-    from vlm_export.runtime.engines.bench_record import device_description
-
-    return {"machine": platform.machine(), "cpu": device_description(), "cores": os.cpu_count()}
-
-
 def main() -> int:
     """Measure, print, save JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -167,8 +159,7 @@ def main() -> int:
         "ratios": ratios,
         "verification_in_process_ms": {mode: min(v) for mode, v in in_process.items()},
         "goal_info_cached_within": 1.3,
-        "device": _cpu(),
-        "python": platform.python_version(),
+        "machine": common.machine(),
     }
     print(f"bundle: {kind}, {size / 2**20:.0f} MiB; {args.rounds} rounds: median, minimum")
     for name, value in median.items():
@@ -177,9 +168,7 @@ def main() -> int:
         print(f"  {name:36s} {ratios['of_medians'][name]:6.2f}x {ratios['of_minima'][name]:6.2f}x")
     for mode, values in in_process.items():
         print(f"  verification alone, {mode:6s} {min(values):9.1f} ms (in one process)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    common.write_json(args.out, result)
     return 0
 
 

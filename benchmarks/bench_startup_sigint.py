@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -30,16 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from vlm_export.runtime.engines.bench_record import device_description
+import common
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = common.ROOT
 sys.path.insert(0, str(ROOT / "tests"))
-RESULTS = ROOT / "benchmarks" / "results" / "startup_sigint.json"
-
-
-def machine() -> dict[str, object]:
-    """Platform, CPU count and the CPU with its SIMD flags (compare ratios, never times)."""
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": device_description()}
+RESULTS = common.RESULTS / "startup_sigint.json"
 
 
 def edge(tree: Path) -> tuple[list[str], dict[str, str]]:
@@ -131,7 +125,7 @@ def main() -> None:
         trees = {"now": ROOT, "baseline": baseline_tree(options.baseline, root / "baseline")}
         run_args = ["run", str(bundle), str(images), "--out", os.devnull]
         result: dict[str, object] = {
-            "machine": machine(),
+            "machine": common.machine(),
             "baseline": options.baseline,
             "sweep_command": "vlm-edge run BUNDLE IMAGES --out /dev/null",
             "signals": options.signals,
@@ -153,8 +147,7 @@ def main() -> None:
             timing[name] = {"now_s": now, "baseline_s": before, "ratio": now / before}
         result["start_up_time"] = timing
     print(json.dumps(result, indent=1))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    common.write_json(RESULTS, result, indent=1)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import time
-from collections.abc import Callable
-from pathlib import Path
 
+import common
 import numpy as np
 import torch
 
@@ -40,13 +37,7 @@ from vlm_export.runtime.datasets.registry import get_dataset
 from vlm_export.runtime.text.prompts import embed_prompts
 from vlm_export.runtime.text.templates import IMAGENET80
 
-RESULTS = Path(__file__).resolve().parent / "results" / "text_embeddings.json"
-
-
-def _timed(fn: Callable[[], object]) -> tuple[float, float]:
-    start, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - start, time.process_time() - cpu
+RESULTS = common.RESULTS / "text_embeddings.json"
 
 
 def main() -> None:
@@ -90,7 +81,7 @@ def main() -> None:
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
     for _ in range(args.rounds):
         for name, path in paths.items():
-            times[name].append(_timed(path))
+            times[name].append(common.wall_and_cpu_seconds(path))
     wall = {k: float(np.median([t[0] for t in v])) for k, v in times.items()}
     cpu = {k: float(np.median([t[1] for t in v])) for k, v in times.items()}
     report: dict[str, object] = {
@@ -111,7 +102,7 @@ def main() -> None:
         "speedup_cpu_vs_full_context": {k: cpu["full_context"] / v for k, v in cpu.items()},
     }
     if not args.skip_full_job:
-        job_wall, job_cpu = _timed(
+        job_wall, job_cpu = common.wall_and_cpu_seconds(
             lambda: encode_class_texts(model, loaded.tokenizer, imagenet, IMAGENET80)
         )
         report["full_job_1000_classes_x_80_templates"] = {
@@ -124,16 +115,13 @@ def main() -> None:
             / report["prompts_per_second_wall"]["full_context"],  # type: ignore[index]
         }
     report["machine"] = {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
+        **common.machine(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0],
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-    print(f"wrote {RESULTS}")
+    common.write_json(RESULTS, report)
 
 
 if __name__ == "__main__":

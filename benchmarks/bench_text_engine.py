@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
-import time
 from pathlib import Path
 
+import common
 import numpy as np
 import onnxruntime as ort
 
@@ -38,7 +37,7 @@ from vlm_export.runtime.text.encoder import OnnxRuntimeTextRunner, TextEncoder
 from vlm_export.runtime.text.templates import IMAGENET80
 from vlm_export.runtime.text.tokenizer import ClipTokenizer
 
-RESULTS = Path(__file__).resolve().parent / "results" / "text_engine.json"
+RESULTS = common.RESULTS / "text_engine.json"
 BUCKETS = (16, 32, 77)
 CLASSES = ("cat", "Lesser Spotted Woodpecker of the northern forests")
 
@@ -51,15 +50,11 @@ def _session(path: Path) -> ort.InferenceSession:
 
 def _run(session: ort.InferenceSession, tokens: np.ndarray) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) of one run."""
-    start, cpu = time.perf_counter(), time.process_time()
-    session.run(None, {"tokens": tokens})
-    return time.perf_counter() - start, time.process_time() - cpu
+    return common.wall_and_cpu_seconds(lambda: session.run(None, {"tokens": tokens}))
 
 
 def _timed_embed(encoder: TextEncoder, classname: str) -> tuple[float, float]:
-    start, cpu = time.perf_counter(), time.process_time()
-    encoder.embed_classes([classname], IMAGENET80)
-    return time.perf_counter() - start, time.process_time() - cpu
+    return common.wall_and_cpu_seconds(lambda: encoder.embed_classes([classname], IMAGENET80))
 
 
 def main() -> None:
@@ -132,15 +127,12 @@ def main() -> None:
         },
         "results": results,
         "machine": {
-            "cpu_count": os.cpu_count(),
+            **common.machine(),
             "load_average_1min": os.getloadavg()[0],
-            "platform": platform.platform(),
             "onnxruntime": ort.__version__,
         },
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    common.write_json(RESULTS, report)
 
 
 def _vocab_path() -> str:

@@ -17,11 +17,10 @@ Prints and writes benchmarks/results/tokenizers.json.
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import time
-from pathlib import Path
 
+import common
 import numpy as np
 
 from vlm_export.models.torchvision_compat import ensure_torchvision_importable
@@ -41,10 +40,10 @@ from tokenizers import (  # noqa: E402
 
 from vlm_export.runtime.text.tokenizer import ClipTokenizer, read_merges  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(common.ROOT / "tests"))
 from test_tokenizer_golden import golden_corpus  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "tokenizers.json"
+RESULTS = common.RESULTS / "tokenizers.json"
 CONTEXT = 77
 SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -126,10 +125,9 @@ def main() -> None:
             "by_kind": kinds,
             "examples": [corpus[row] for row in rows[:8]],
         }
-    report["machine"] = {"platform": platform.platform()}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    report["machine"] = common.machine()
     print(json.dumps(report, indent=2, ensure_ascii=False))
+    common.write_json(RESULTS, report, ensure_ascii=False)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import common
+
+ROOT = common.ROOT
 sys.path.insert(0, str(ROOT / "tests"))
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 EDGE = [sys.executable, "-m", "vlm_export.runtime"]
@@ -295,9 +297,7 @@ def main() -> None:
         "kill_9_state_writes": kills,
     }
     print(json.dumps(report, indent=2))
-    out = ROOT / "benchmarks" / "results" / "hostile_corpus.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"saved {out}")
+    common.write_json(common.RESULTS / "hostile_corpus.json", report)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import common
+
 from vlm_export.runtime.datasets.registry import CROSS_DATASETS, DATASETS, find_dataset_root
 
 #: spec/tca.md section 5: CLIP ViT-B/16, average over the ten cross-dataset sets (top-1 %)
@@ -189,9 +191,8 @@ def main() -> int:
     if args.xtail:
         lines += ["", *xtail(args)]
     print("\n".join(lines))
-    (args.work / "tables.json").write_text(
-        json.dumps({"tca": measured, "paper_tca": PAPER_TCA, "text": lines}, indent=2) + "\n"
-    )
+    tables = {"tca": measured, "paper_tca": PAPER_TCA, "text": lines}
+    common.write_json(args.work / "tables.json", tables)
     return 0
 
 

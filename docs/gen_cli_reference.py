@@ -52,7 +52,7 @@ def help_texts() -> list[tuple[str, str]]:
     """(command line, --help text) of vlm-export, its subcommands, vlm-edge and each command."""
     from vlm_export.export.cli import build_parser as export_parser
     from vlm_export.export.engine_cmd import build_engine_parser
-    from vlm_export.export.quantize import quantize_parser
+    from vlm_export.export.quantize_cmd import quantize_parser
     from vlm_export.runtime.cli import build_parser as edge_parser
 
     with fixed_terminal():

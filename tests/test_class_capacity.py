@@ -65,7 +65,8 @@ def test_export_refuses_a_capacity_below_the_class_count(tmp_path, capsys):
 
 def test_runtime_pads_to_capacity_and_refuses_more(tmp_path):
     """The reservoir's anchors have the capacity's rows; more classes than that is one line."""
-    from vlm_export.runtime.tca.reservoir import ReservoirConfig, TokenReservoir
+    from vlm_export.runtime.tca.reservoir import TokenReservoir
+    from vlm_export.runtime.tca.reservoir_config import ReservoirConfig
 
     reservoir = TokenReservoir(3, 4, 8, [1, 2], ReservoirConfig(anchor_rule="per_class"), 10)
     rng = np.random.default_rng(0)

@@ -255,7 +255,7 @@ def test_max_frames_and_glob_source(tca_dir, folder, tmp_path) -> None:
 
 
 def test_progress_line_and_summary(capsys) -> None:
-    from vlm_export.runtime.commands.run import RunStats
+    from vlm_export.runtime.commands._run_loop import RunStats
     from vlm_export.runtime.pipeline import FrameResult
 
     stats = RunStats(total=3, progress=True)

@@ -17,10 +17,10 @@ from test_tensorrt import ORIN, FakeMemory, _fake_build, _install_fake_trt
 
 from vlm_export.core import manifest as mf
 from vlm_export.core.errors import UserError
-from vlm_export.export import engine_cmd
-from vlm_export.export.engine_cmd import (
+from vlm_export.export import engine_install
+from vlm_export.export.engine_cmd import build_engine_main
+from vlm_export.export.engine_install import (
     add_engine_to_bundle,
-    build_engine_main,
     precision_of,
     register_engine_in_bundle,
 )
@@ -252,9 +252,9 @@ def _fake_engines(monkeypatch, noise: float = 0.0) -> list[TensorRTBackend]:
         opened.append(backend)
         return backend
 
-    monkeypatch.setattr(engine_cmd, "query_device", lambda: ORIN)
-    monkeypatch.setattr(engine_cmd, "build_engine", _fake_build(ORIN))
-    monkeypatch.setattr(engine_cmd, "open_engine_backend", open_engine)
+    monkeypatch.setattr(engine_install, "query_device", lambda: ORIN)
+    monkeypatch.setattr(engine_install, "build_engine", _fake_build(ORIN))
+    monkeypatch.setattr(engine_install, "open_engine_backend", open_engine)
     return opened
 
 
@@ -381,7 +381,7 @@ def test_the_builder_flow_with_a_fake_tensorrt_module(tca_bundle, monkeypatch):
     """build_engine itself (fake tensorrt module) into the staging folder, then the parity run."""
     _fake_engines(monkeypatch)
     fake = _install_fake_trt(monkeypatch)
-    monkeypatch.setattr(engine_cmd, "build_engine", build_engine)  # the real one again
+    monkeypatch.setattr(engine_install, "build_engine", build_engine)  # the real one again
     record = add_engine_to_bundle(tca_bundle, "fp16", 128)
     assert fake.events.flags == {"FP16", "OBEY_PRECISION_CONSTRAINTS"}
     assert fake.events.parsed == str(tca_bundle / "image_encoder.onnx")
@@ -397,14 +397,14 @@ def test_an_engine_that_fails_to_run_is_not_kept(tca_bundle, monkeypatch):
     def broken(stream):
         raise RuntimeError("CUDA call cudaMemcpyAsync failed:\ncudaErrorIllegalAddress")
 
-    real_open = engine_cmd.open_engine_backend
+    real_open = engine_install.open_engine_backend
 
     def open_broken(*args):
         backend = real_open(*args)
         backend.runner.execute = broken
         return backend
 
-    monkeypatch.setattr(engine_cmd, "open_engine_backend", open_broken)
+    monkeypatch.setattr(engine_install, "open_engine_backend", open_broken)
     before = (tca_bundle / mf.MANIFEST_NAME).read_bytes()
     with pytest.raises(EngineParityError) as caught:
         add_engine_to_bundle(tca_bundle, "fp32", 64)

@@ -17,9 +17,9 @@ from vlm_export.runtime.cli import main
 from vlm_export.runtime.datasets.layouts import EvalSetError, load_test_set
 from vlm_export.runtime.datasets.registry import get_dataset
 from vlm_export.runtime.engines.factory import open_backend
+from vlm_export.runtime.evaluation import EvalStream, MethodStream, stream_order
 from vlm_export.runtime.pipeline import Pipeline
 from vlm_export.runtime.tca.calibration import expected_calibration_error, reliability_bins
-from vlm_export.runtime.tca.evaluation import EvalStream, MethodStream, stream_order
 
 
 def _literal_ece(confidences: list[float], correct: list[bool], bins: int = 15) -> float:

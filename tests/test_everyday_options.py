@@ -13,7 +13,7 @@ from fakebundle import make_bundle, write_images
 from vlm_export.core.errors import UserError
 from vlm_export.runtime import cli, open_pipeline
 from vlm_export.runtime.io.sources import SourceOptions, open_source, parse_size
-from vlm_export.runtime.pipeline import UNKNOWN_CLASS, UNKNOWN_LABEL
+from vlm_export.runtime.result import UNKNOWN_CLASS, UNKNOWN_LABEL
 
 
 @pytest.fixture(scope="module")

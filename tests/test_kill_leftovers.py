@@ -348,21 +348,21 @@ def _killed_install(tmp_path: Path, content: bytes, recorded: bytes) -> tuple[Pa
 
 
 def test_a_killed_install_is_replaced_and_its_staging_removed(tmp_path) -> None:
-    from vlm_export.export import engine_cmd
+    from vlm_export.export import bundle_staging
 
     folder, name = _killed_install(tmp_path, b"graph", b"graph")
-    engine_cmd._refuse_listed(folder, read_manifest(folder), name, False, "replace")
+    bundle_staging._refuse_listed(folder, read_manifest(folder), name, False, "replace")
     assert not (folder / name).exists()
-    with engine_cmd._staging(folder) as staging:
+    with bundle_staging._staging(folder) as staging:
         assert staging.name.startswith(".engine-")
     _clean(folder)
 
 
 def test_an_unlisted_file_the_record_does_not_match_is_refused(tmp_path) -> None:
     from vlm_export.core.errors import UserError
-    from vlm_export.export import engine_cmd
+    from vlm_export.export import bundle_staging
 
     folder, name = _killed_install(tmp_path, b"a user's own file", b"graph")
     with pytest.raises(UserError, match="does not list it"):
-        engine_cmd._refuse_listed(folder, read_manifest(folder), name, False, "replace")
+        bundle_staging._refuse_listed(folder, read_manifest(folder), name, False, "replace")
     assert (folder / name).read_bytes() == b"a user's own file"

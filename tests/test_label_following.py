@@ -13,9 +13,10 @@ from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.pipeline import Pipeline
 from vlm_export.runtime.rail.dual import DualPredictor
 from vlm_export.runtime.rail.fusion import RailFusion
-from vlm_export.runtime.rail.models import follow_labels
 from vlm_export.runtime.rail.primal import PrimalPredictor
-from vlm_export.runtime.tca.reservoir import ReservoirConfig, TokenReservoir
+from vlm_export.runtime.rail.relabel import follow_labels
+from vlm_export.runtime.tca.reservoir import TokenReservoir
+from vlm_export.runtime.tca.reservoir_config import ReservoirConfig
 
 L, D, LAYERS = 4, 8, [1, 2]
 OLD = [("d", "cat"), ("d", "dog"), ("d", "bird"), ("d", "sea lion")]

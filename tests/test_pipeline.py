@@ -23,7 +23,8 @@ from vlm_export.runtime.engines.factory import open_backend
 from vlm_export.runtime.io.preprocess import ImageError
 from vlm_export.runtime.numerics import softmax
 from vlm_export.runtime.pipeline import Pipeline
-from vlm_export.runtime.tca.reservoir import ReservoirConfig, TokenReservoir
+from vlm_export.runtime.tca.reservoir import TokenReservoir
+from vlm_export.runtime.tca.reservoir_config import ReservoirConfig
 from vlm_export.runtime.tca.stage import build_reservoir, reservoir_config
 
 

@@ -17,7 +17,7 @@ from vlm_export.core.manifest import (
     onnx_engines,
     sha256_file,
 )
-from vlm_export.export import quantize
+from vlm_export.export import int8_gate, quantize
 from vlm_export.export.cli import main as export_main
 from vlm_export.runtime import cli
 from vlm_export.runtime.bundle import Bundle
@@ -198,7 +198,7 @@ def test_quantize_adds_a_gated_qdq_graph(quantized) -> None:
     path = quantized / record["file"]
     assert record["sha256"] == sha256_file(path) == manifest["files"][record["file"]]["sha256"]
     parity = record["parity"]
-    assert parity["passed"] and parity["embedding_cosine_min"] >= quantize.MIN_COSINE
+    assert parity["passed"] and parity["embedding_cosine_min"] >= int8_gate.MIN_COSINE
     assert parity["calibration"]["images"] == 8 and parity["held_out"]["images"] == 2
     assert 0.0 <= parity["held_out"]["top1_agreement"] <= 1.0
     graph = onnx.load(str(path)).graph
@@ -237,7 +237,7 @@ def test_failing_gate_writes_nothing(tiny_tca, images, tmp_path, monkeypatch, ca
     folder = tmp_path / "bundle"
     shutil.copytree(tiny_tca, folder)
     before = _hashes(folder)
-    monkeypatch.setattr(quantize, "MIN_COSINE", 1.000001)
+    monkeypatch.setattr(int8_gate, "MIN_COSINE", 1.000001)
     code = export_main(["quantize", str(folder), "--calibration", str(images), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "was not added to the bundle" in err[0]

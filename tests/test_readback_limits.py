@@ -15,12 +15,12 @@ from test_bundle_classes import snapshot
 
 from vlm_export.core import manifest as mf
 from vlm_export.core.errors import BundleError
+from vlm_export.core.labels import MAX_NAME_CHARS
 from vlm_export.runtime import bundle as bundle_module
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.cli import main
 from vlm_export.runtime.text import bundle_classes
 from vlm_export.runtime.text.class_lists import (
-    MAX_NAME_CHARS,
     ClassListError,
     parse_domain_args,
     read_class_list,

@@ -9,7 +9,8 @@ import pytest
 
 from vlm_export.core.errors import StateError, UserError
 from vlm_export.core.state_file import save_state
-from vlm_export.runtime.tca.reservoir import ReservoirConfig, TokenReservoir
+from vlm_export.runtime.tca.reservoir import TokenReservoir
+from vlm_export.runtime.tca.reservoir_config import ReservoirConfig
 
 C, L, D = 7, 5, 16
 ANCHOR_LAYERS = (1, 3)

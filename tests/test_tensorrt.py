@@ -32,16 +32,15 @@ from vlm_export.core.manifest import (
     read_manifest,
     verify_files,
 )
-from vlm_export.export import engine_cmd
+from vlm_export.export import engine_install
+from vlm_export.export.bundle_staging import record_engine
 from vlm_export.export.engine_cmd import (
-    add_engine_to_bundle,
     add_tensorrt_arguments,
     build_engine_main,
     preflight_tensorrt,
-    record_engine,
-    register_engine_in_bundle,
     run_tensorrt_step,
 )
+from vlm_export.export.engine_install import add_engine_to_bundle, register_engine_in_bundle
 from vlm_export.export.tensorrt_build import (
     EngineRecord,
     build_engine,
@@ -889,11 +888,11 @@ def _fake_build(device: DeviceInfo):
 
 def test_add_engine_records_it_in_the_manifest(tmp_path, monkeypatch):
     bundle = make_bundle(tmp_path / "bundle", method="tca")
-    monkeypatch.setattr(engine_cmd, "query_device", lambda: ORIN)
-    monkeypatch.setattr(engine_cmd, "build_engine", _fake_build(ORIN))
+    monkeypatch.setattr(engine_install, "query_device", lambda: ORIN)
+    monkeypatch.setattr(engine_install, "build_engine", _fake_build(ORIN))
     # the "engine" is ONNX Runtime itself: parity with the reference is exact
     monkeypatch.setattr(
-        engine_cmd,
+        engine_install,
         "open_engine_backend",
         lambda folder, manifest, path: open_reference(folder, manifest),
     )

@@ -23,7 +23,7 @@ from fakebundle import make_bundle, write_images
 from vlm_export.core.paths import PathArg, PathConflict, declared_paths, role_of
 from vlm_export.export import cli as export_cli
 from vlm_export.export.engine_cmd import build_engine_parser
-from vlm_export.export.quantize import quantize_parser
+from vlm_export.export.quantize_cmd import quantize_parser
 from vlm_export.runtime import api, cli
 
 RAIL = ["--shots", "2", "--hidden-dim", "16"]
@@ -284,7 +284,7 @@ def _label_space(bundle, names: list[str]):
 
 
 def test_library_bundle_writers_refuse_links_to_outside(tmp_path) -> None:
-    from vlm_export.export import engine_cmd
+    from vlm_export.export import bundle_staging
     from vlm_export.runtime.bundle import Bundle
     from vlm_export.runtime.text.bundle_classes import write_label_space
 
@@ -296,7 +296,7 @@ def test_library_bundle_writers_refuse_links_to_outside(tmp_path) -> None:
     bundle = Bundle.open(folder)
     with pytest.raises(PathConflict, match="outside the bundle"):
         write_label_space(bundle, _label_space(bundle, ["owl", "fox"]))
-    with pytest.raises(PathConflict, match="outside the bundle"), engine_cmd._staging(folder):
+    with pytest.raises(PathConflict, match="outside the bundle"), bundle_staging._staging(folder):
         pass
     assert _hashes(tmp_path) == before
 

@@ -16,6 +16,9 @@ from typing import Any
 from vlm_export.core.errors import StateError
 
 Label = tuple[str, str]
+#: the longest class or domain name a class list, and a bundle's classes.json, may hold: the
+#: bundle loader refuses longer ones, so the writers check it before anything is written
+MAX_NAME_CHARS = 1000
 
 
 def labels_meta(engine_fingerprint: str, labels: Sequence[Label]) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from vlm_export.export.engine_cmd import (
     preflight_tensorrt,
     run_tensorrt_step,
 )
-from vlm_export.export.quantize import add_quantize_arguments, image_paths, run_quantize_step
+from vlm_export.export.int8_calibration import image_paths
+from vlm_export.export.quantize_cmd import add_quantize_arguments, run_quantize_step
 from vlm_export.runtime.log import one_line_messages
 
 EXAMPLES = """examples:
@@ -348,7 +349,7 @@ def _dispatch(argv: list[str]) -> int:
         if argv[:1] == ["build-engine"]:
             return build_engine_main(argv[1:])
         if argv[:1] == ["quantize"]:
-            from vlm_export.export.quantize import quantize_main
+            from vlm_export.export.quantize_cmd import quantize_main
 
             return quantize_main(argv[1:])
         args = build_parser().parse_args(argv)

@@ -21,7 +21,7 @@ from __future__ import annotations
 _HOMES = {
     "Bundle": "vlm_export.runtime.bundle",
     "EdgePipeline": "vlm_export.runtime.api",
-    "FrameResult": "vlm_export.runtime.pipeline",
+    "FrameResult": "vlm_export.runtime.result",
     "UserError": "vlm_export.core.errors",
     "open_pipeline": "vlm_export.runtime.api",
 }

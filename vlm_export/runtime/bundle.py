@@ -19,11 +19,10 @@ import numpy as np
 from vlm_export.core import manifest as mf
 from vlm_export.core.errors import BundleError, UserError
 from vlm_export.core.json_input import read_json
-from vlm_export.core.labels import Label
+from vlm_export.core.labels import MAX_NAME_CHARS, Label
 from vlm_export.core.manifest_schema import describe_value
 from vlm_export.core.state_file import shape_text
 from vlm_export.core.verified import verify_bundle_files, verify_mode
-from vlm_export.runtime.text.class_lists import MAX_NAME_CHARS
 
 #: largest classes.json read (ImageNet-21k's names take about 1 MB)
 MAX_CLASSES_BYTES = 64 << 20

@@ -6,15 +6,19 @@ redirected, or written to a file).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+from vlm_export.core.errors import UserError
 from vlm_export.core.json_text import dumps
 from vlm_export.runtime.io.sources import is_gstreamer
-from vlm_export.runtime.pipeline import FrameResult
+from vlm_export.runtime.result import FrameResult
 from vlm_export.runtime.terminal import printable, width
 
 FORMATS = ("auto", "text", "jsonl")
@@ -147,3 +151,34 @@ def open_writer(
 ) -> JsonLines | TextLines:
     """The writer of a format (``text`` or ``jsonl``)."""
     return TextLines(out, names, classes) if fmt == "text" else JsonLines(out)
+
+
+Writer = JsonLines | TextLines
+
+
+@contextlib.contextmanager
+def open_output(path: str | None) -> Iterator[IO[str]]:
+    """The file ``path`` (line-buffered), else standard output; UserError when it cannot be
+    opened."""
+    if path is None:
+        yield sys.stdout
+        return
+    try:
+        handle = open(path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        yield handle
+    finally:
+        with contextlib.suppress(OSError):  # a write error is already reported
+            handle.close()
+
+
+def stdout_lost() -> None:
+    """Standard output cannot be written (a full disk): drop what it holds, so that the exit
+    does not fail again on it (the error is reported once)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        sys.stdout.flush()

@@ -40,6 +40,7 @@ from vlm_export.runtime.commands._rail import show_progress
 from vlm_export.runtime.datasets.layouts import EvalSet, joined, load_test_set
 from vlm_export.runtime.datasets.registry import DatasetSpec, dataset_names, get_dataset
 from vlm_export.runtime.draw.reliability import reliability_diagram
+from vlm_export.runtime.evaluation import UNREADABLE, EvalStream, MethodStream, stream_order
 from vlm_export.runtime.pipeline import METHOD_STAGES, Pipeline
 from vlm_export.runtime.rail.dataset import read_layout
 from vlm_export.runtime.tca.calibration import (
@@ -48,7 +49,6 @@ from vlm_export.runtime.tca.calibration import (
     per_class_accuracy,
     reliability_bins,
 )
-from vlm_export.runtime.tca.evaluation import UNREADABLE, EvalStream, MethodStream, stream_order
 
 TITLES = {"baseline": "zero-shot (full tower)", "zeroshot": "zero-shot", "tca": "TCA"}
 

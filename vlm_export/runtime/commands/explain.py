@@ -46,7 +46,8 @@ from vlm_export.runtime.commands import (
 from vlm_export.runtime.draw.explain import explain_figure
 from vlm_export.runtime.draw.fate import engine_view_box, patch_grid
 from vlm_export.runtime.io.preprocess import ImageError, load_image
-from vlm_export.runtime.pipeline import FrameError, FrameResult, Pipeline
+from vlm_export.runtime.pipeline import FrameError, Pipeline
+from vlm_export.runtime.result import FrameResult
 
 SUFFIX = ".explain.png"
 

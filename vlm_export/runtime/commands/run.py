@@ -16,14 +16,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import signal
 import sys
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from vlm_export.core.atomic import check_can_create
 from vlm_export.core.errors import UserError
@@ -43,18 +38,21 @@ from vlm_export.runtime.commands import (
     open_engine,
     source_options,
     status,
-    stop_signals,
     thread_count,
     verify_mode,
 )
 from vlm_export.runtime.commands._annotated import AnnotatedOutput
+from vlm_export.runtime.commands._run_loop import (
+    RunStats,
+    StopRequest,
+    process_all,
+    stop_on_signals,
+)
 from vlm_export.runtime.commands._run_output import (
     FORMATS,
-    JsonLines,
-    TextLines,
     choose_format,
+    open_output,
     open_writer,
-    same_terminal,
     short_name,
 )
 from vlm_export.runtime.commands.classes import add_label_space_arguments, compute_label_space
@@ -62,47 +60,10 @@ from vlm_export.runtime.engines.ladder import BudgetRun, open_budgeted, runs_lad
 from vlm_export.runtime.io.capture import NewestFrame
 from vlm_export.runtime.io.display import Window
 from vlm_export.runtime.io.sources import ImageFiles, Source, open_source
-from vlm_export.runtime.pipeline import (
-    METHOD_STAGES,
-    METHODS,
-    FrameResult,
-    Pipeline,
-    check_min_score,
-    process_frame,
-)
+from vlm_export.runtime.pipeline import METHOD_STAGES, METHODS, Pipeline, check_min_score
 from vlm_export.runtime.rail.models import describe, open_fusion
-from vlm_export.runtime.tca.reservoir import ANCHOR_RULES, EVICTION_MODES
+from vlm_export.runtime.tca.reservoir_config import ANCHOR_RULES, EVICTION_MODES
 from vlm_export.runtime.tca.stage import build_reservoir
-
-Writer = JsonLines | TextLines
-STAGES = ("preprocess", "engine", "reservoir", "correction", "fusion", "total")
-PROGRESS_INTERVAL_S = 0.25
-
-
-class StopRequest:
-    """SIGINT (Ctrl-C), SIGTERM and SIGHUP ask the frame loop to stop between frames.
-
-    Stopping only between frames keeps the adaptation state whole (a signal in the middle of a
-    reservoir update would save a half-written entry). A second Ctrl-C stops at once, without
-    saving: the last periodic save stays. The first request decides the exit status (Ctrl-C
-    then SIGTERM still exits 130).
-    """
-
-    def __init__(self) -> None:
-        self.ending: str | None = None
-        self.code = 0
-        self.forced = False
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        if self.ending is not None and signum == signal.SIGINT:
-            self.forced = True
-            raise KeyboardInterrupt
-        if self.ending is not None:
-            return
-        if signum == signal.SIGINT:
-            self.ending, self.code = "interrupted (Ctrl-C)", 130
-        else:
-            self.ending, self.code = f"stopped ({signal.Signals(signum).name})", 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -246,150 +207,6 @@ def _check_args(args: argparse.Namespace, method: str) -> None:
         raise UserError(f"--rail-state needs --method rail or tca+rail (running {method})")
 
 
-@contextlib.contextmanager
-def _stop_on_signals(stop: StopRequest) -> Iterator[None]:
-    """While active, SIGINT, SIGTERM and SIGHUP (unless ignored: nohup) go to ``stop`` (main
-    thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, stop) for sig in stop_signals()}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def _output(path: str | None) -> Iterator[IO[str]]:
-    if path is None:
-        yield sys.stdout
-        return
-    try:
-        handle = open(path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror}") from None
-    try:
-        yield handle
-    finally:
-        with contextlib.suppress(OSError):  # a write error is already reported
-            handle.close()
-
-
-class RunStats:
-    """Frame and error counts, per-stage time sums, and a stderr progress line."""
-
-    def __init__(self, total: int | None, progress: bool) -> None:
-        self.total = total
-        self.progress = progress
-        self.frames = 0
-        self.errors = 0
-        self.sums: dict[str, float] = {}
-        self.start = time.perf_counter()
-        self._last_shown = 0.0
-        self._shown = False
-
-    def add(self, result: FrameResult | None) -> None:
-        """Count one frame (None: it failed)."""
-        self.frames += 1
-        if result is None:
-            self.errors += 1
-        else:
-            for stage, ms in result.timings.items():
-                self.sums[stage] = self.sums.get(stage, 0.0) + ms
-        self._show(result)
-
-    def fps(self) -> float:
-        """Frames per second since the start, over everything (source, pipeline, output)."""
-        elapsed = time.perf_counter() - self.start
-        return self.frames / elapsed if elapsed > 0 else 0.0
-
-    def clear(self) -> None:
-        """Erase the progress line (before a line on the same terminal); the next frame redraws."""
-        if self._shown:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
-            self._shown = False
-
-    def _show(self, result: FrameResult | None) -> None:
-        now = time.perf_counter()
-        if not self.progress or (self._shown and now - self._last_shown < PROGRESS_INTERVAL_S):
-            return
-        self._last_shown = now
-        count = f"{self.frames}/{self.total}" if self.total else f"{self.frames}"
-        errors = f", {self.errors} errors" if self.errors else ""
-        last = f"  {result.class_name}" if result else ""
-        sys.stderr.write(f"\r{count} frames, {self.fps():.1f} fps{errors}{last}\x1b[K")
-        sys.stderr.flush()
-        self._shown = True
-
-    def summary(self) -> list[str]:
-        """The closing lines: counts, speed and mean time per stage."""
-        if self._shown:
-            sys.stderr.write("\n")
-        elapsed = time.perf_counter() - self.start
-        errors = f", {self.errors} unreadable" if self.errors else ""
-        lines = [f"{self.frames} frames{errors} in {elapsed:.2f} s: {self.fps():.1f} frames/s"]
-        good = self.frames - self.errors
-        if good:
-            means = [f"{s} {self.sums[s] / good:.2f}" for s in STAGES if s in self.sums]
-            lines.append("mean ms per frame: " + ", ".join(means))
-        return lines
-
-
-def _stdout_lost() -> None:
-    """Standard output cannot be written (a full disk): drop what it holds, so that the exit
-    does not fail again on it (the error is reported once)."""
-    with contextlib.suppress(OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        sys.stdout.flush()
-
-
-def _process_all(
-    pipeline: Pipeline,
-    source: Source,
-    out: Writer,
-    stats: RunStats,
-    args: argparse.Namespace,
-    stop: StopRequest,
-    window: Window | None,
-    annotated: AnnotatedOutput | None = None,
-    budget: BudgetRun | None = None,
-) -> None:
-    """The frame loop; it ends with the source, --max-frames, or a stop request."""
-    shared_terminal = same_terminal(sys.stdout, sys.stderr) and args.out is None
-    for frame in source:
-        result, record = process_frame(pipeline, frame)
-        if shared_terminal:
-            stats.clear()  # the progress line never lands inside an output line
-        try:
-            out.write(record, result)
-        except BrokenPipeError:
-            raise  # the reader went away: cli.main ends quietly with status 141
-        except OSError as exc:
-            if args.out is None:
-                _stdout_lost()
-            where = args.out or "standard output"
-            raise UserError(f"cannot write {where}: {exc.strerror}") from None
-        stats.add(result)
-        switched = budget.after_frame(result.timings["total"]) if budget and result else None
-        if switched:
-            stats.clear()
-            status(switched)
-        if window is not None and not window.show(frame, result):
-            stop.ending = "stopped (window closed)"
-        if annotated is not None:
-            annotated.add(frame, result, stats.fps())
-        good = stats.frames - stats.errors
-        if args.state and args.save_every and result and good % args.save_every == 0:
-            pipeline.save_state(args.state)
-        if stop.ending or (args.max_frames and stats.frames >= args.max_frames):
-            break
-
-
 def _names(source: Source) -> list[str]:
     """Source names as the text format shows them (for its column width)."""
     if isinstance(source, ImageFiles):
@@ -482,7 +299,7 @@ def handle(args: argparse.Namespace) -> int:
             bundle, backend, method, reservoir, fusion, args.topk, args.min_score, args.crop
         )
         pipeline.preprocessor.max_pixels = args.max_pixels
-        writer = open_writer(fmt, stack.enter_context(_output(args.out)), names, bundle.classes)
+        writer = open_writer(fmt, stack.enter_context(open_output(args.out)), names, bundle.classes)
         status(
             f"{method} on {backend.description}; {source.description}; crop "
             f"{pipeline.preprocessor.crop}"
@@ -494,9 +311,9 @@ def handle(args: argparse.Namespace) -> int:
         progress = not args.quiet and sys.stderr.isatty() and fmt == "jsonl"
         stats = RunStats(source.total, progress=progress)
         stop = StopRequest()
-        signals.enter_context(_stop_on_signals(stop))
+        signals.enter_context(stop_on_signals(stop))
         try:
-            _process_all(pipeline, source, writer, stats, args, stop, window, annotated, budget)
+            process_all(pipeline, source, writer, stats, args, stop, window, annotated, budget)
         except KeyboardInterrupt:
             stop.ending, stop.code = "interrupted (Ctrl-C)", 130
         finally:

@@ -5,6 +5,8 @@ Pure functions: numpy arrays and PIL images in, PIL images out; nothing here wri
 - ``style``: fonts and colours shared by every picture.
 - ``fate``: the patch grid coloured by token fate (kept, merged, pruned, already gone), its legend.
 - ``annotate``: a label / score / fps banner on a frame.
+- ``frame``: ``FrameDrawer``, one frame with a pipeline's decision drawn on it (fate overlay,
+  the engine's view, the banner); imported from its module, it needs the bundle's manifest.
 - ``bars``: top-k classes as horizontal bars.
 - ``explain``: the ``vlm-edge explain`` figure (the engine's view, fate per reduction block,
   legend, top-k, GFLOPs).

@@ -10,7 +10,7 @@ import numpy as np
 
 from vlm_export.core.errors import UserError
 from vlm_export.runtime.io.sources import Frame, build_feature, import_cv2
-from vlm_export.runtime.pipeline import FrameResult
+from vlm_export.runtime.result import FrameResult
 
 TITLE = "vlm-edge"
 QUIT_KEYS = (ord("q"), 27)  # q, Esc

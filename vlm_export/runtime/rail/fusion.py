@@ -15,6 +15,7 @@ import numpy as np
 
 from vlm_export.runtime.numerics import softmax
 from vlm_export.runtime.rail.inputs import RailError
+from vlm_export.runtime.rail.relabel import follow_labels
 
 BETA = 0.8
 
@@ -65,8 +66,6 @@ class RailFusion:
 
     def for_labels(self, old: list[tuple[str, str]], new: list[tuple[str, str]]) -> RailFusion:
         """This fusion over label space ``new``, the adapter following its classes by label."""
-        from vlm_export.runtime.rail.models import follow_labels
-
         adapter = getattr(self.adapter, "to_inference", lambda: self.adapter)()
         return RailFusion(follow_labels(adapter, old, new), self.beta)
 

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from vlm_export.core.errors import StateError, UserError
-from vlm_export.core.labels import Label, describe_change, label_sources, saved_labels
+from vlm_export.core.labels import Label, saved_labels
 from vlm_export.core.state_file import read_meta
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.rail import dual, footprint, primal
 from vlm_export.runtime.rail.fusion import BETA, RailFusion
+from vlm_export.runtime.rail.relabel import follow_labels
 from vlm_export.runtime.rail.state import (
     LEARNER_KIND,
     Learner,
@@ -177,27 +176,3 @@ def open_fusion(path: str | Path, bundle: Bundle) -> RailFusion:
     bundle's classes (by label), with the manifest's fusion beta."""
     predictor = load_predictor(path, bundle.fingerprint, bundle.labels, bundle.engine_fingerprint)
     return RailFusion(predictor, fusion_beta(bundle.manifest))
-
-
-def follow_labels(
-    predictor: Predictor, old: list[Label], new: list[Label], where: str = "RAIL state"
-) -> Predictor:
-    """The predictor over label space ``new``: each class keeps the output column (and learned
-    flag) of the same label in ``old``; new labels are unlearned (zero column); labels not in
-    ``new`` are dropped. StateError when none of its learned classes is left (it no longer fits).
-    """
-    sources = label_sources(old, new)
-    present = np.array([source is not None for source in sources])
-    take = np.array([0 if source is None else source for source in sources], dtype=np.int64)
-    mask = predictor.learned_mask[take] & present
-    learned = int(predictor.learned_mask.sum())
-    if learned and not mask.any():
-        raise StateError(
-            f"{where} no longer fits: none of the {learned} classes it learned is in the "
-            f"bundle's classes ({describe_change(old, new)})"
-        )
-    if isinstance(predictor, primal.PrimalPredictor):
-        weights = predictor.weights[:, take] * present.astype(predictor.weights.dtype)
-        return primal.PrimalPredictor(predictor.projection, weights, mask)
-    coef = predictor.coef[:, take] * present.astype(predictor.coef.dtype)
-    return dual.DualPredictor(predictor.features, coef, predictor.gamma, mask)

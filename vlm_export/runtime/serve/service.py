@@ -24,7 +24,7 @@ from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import FATE_OUTPUT
 from vlm_export.runtime.api import default_method, fusion_dropped
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.commands._annotated import FrameDrawer
+from vlm_export.runtime.draw.frame import FrameDrawer
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.factory import open_backend
 from vlm_export.runtime.engines.ladder import BudgetRun, open_budgeted, runs_ladder

@@ -13,132 +13,33 @@ holds the reservoir in half the memory of raw plus normalised copies (ImageNet, 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from vlm_export.core.errors import StateError, UserError
 from vlm_export.core.labels import Label, label_sources, labels_meta, saved_labels
-from vlm_export.core.memory import capacity_hint, require_memory
 from vlm_export.core.state_file import load_state, save_state
+from vlm_export.runtime.tca.reservoir_config import (
+    DEFAULT_CONFIG,
+    ReservoirConfig,
+    check_state_arrays,
+    is_int,
+    require_reservoir_memory,
+    saved_geometry,
+)
+from vlm_export.runtime.tca.scores import layer_weights, mean_similarity, prediction_entropy
 
 STATE_KIND = "tca_reservoir"
 STATE_SCHEMA_VERSION = 1
-EVICTION_MODES = ("diversity", "entropy")
-ANCHOR_RULES = ("all_classes", "per_class")
 
-# Norm floors: cosine as in torch.nn.functional.cosine_similarity (eps 1e-8 per vector) and the
-# eviction's F.normalize (eps 1e-12), as the released code computes them.
+# Norm floor: cosine as in torch.nn.functional.cosine_similarity (eps 1e-8 per vector), as the
+# released code computes it.
 _COS_EPS = 1e-8
-_NORMALIZE_EPS = 1e-12
 # Leading layers whose summed weight is below this are left out of the correction: |cos| <= 1, so
 # each affinity moves by at most this much, below float32 resolution of the affinity itself.
 _SKIP_WEIGHT_MASS = 1e-7
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
-
-
-#: the largest lam and beta: the correction is computed in float32 (up to 3.4e38)
-MAX_LAM_BETA = 1e6
-
-
-@dataclass(frozen=True)
-class ReservoirConfig:
-    """Reservoir hyperparameters (spec 3.5: ImageNet M=3, tau=0.1, lambda=3, beta=5).
-
-    ``eviction``: "diversity" (score = entropy + mean similarity, reference) or "entropy".
-    ``anchor_rule``: "all_classes" (reference) or "per_class"; see ``TokenReservoir``.
-    """
-
-    capacity: int = 3
-    tau: float = 0.1
-    lam: float = 3.0
-    beta: float = 5.0
-    eviction: str = "diversity"
-    anchor_rule: str = "all_classes"
-
-    def __post_init__(self) -> None:
-        if not _is_int(self.capacity) or self.capacity < 1:
-            raise UserError(f"reservoir capacity must be an integer >= 1, got {self.capacity!r}")
-        if not _is_real(self.tau) or not math.isfinite(self.tau) or self.tau <= 0:
-            raise UserError(f"reservoir tau must be a finite number > 0, got {self.tau!r}")
-        for name in ("lam", "beta"):
-            value = getattr(self, name)
-            if not _is_real(value) or not math.isfinite(value) or not 0 <= value <= MAX_LAM_BETA:
-                raise UserError(
-                    f"reservoir {name} must be a finite number from 0 to {MAX_LAM_BETA:g} (the "
-                    f"reference uses lam 3, beta 5; larger ones overflow float32), got {value!r}"
-                )
-        if self.eviction not in EVICTION_MODES:
-            choices = " or ".join(EVICTION_MODES)
-            raise UserError(f"unknown reservoir eviction {self.eviction!r}; choose {choices}")
-        if self.anchor_rule not in ANCHOR_RULES:
-            choices = " or ".join(ANCHOR_RULES)
-            raise UserError(f"unknown anchor rule {self.anchor_rule!r}; choose {choices}")
-        if self.anchor_rule == "all_classes" and self.capacity < 2:
-            raise UserError(
-                "anchor rule 'all_classes' needs capacity >= 2 (it waits for 2 entries per class)"
-            )
-
-
-def require_reservoir_memory(
-    num_classes: int, num_layers: int, width: int, anchor_layers: int, capacity: int
-) -> None:
-    """UserError naming a ``--capacity`` that fits when the reservoir cannot fit in memory."""
-    require_memory(
-        "TCA reservoir",
-        reservoir_bytes(num_classes, capacity, num_layers, width, anchor_layers),
-        fits=lambda available: capacity_hint(
-            "--capacity",
-            lambda m: reservoir_bytes(num_classes, m, num_layers, width, anchor_layers),
-            available,
-            capacity,
-        ),
-    )
-
-
-def layer_weights(num_layers: int, tau: float) -> np.ndarray:
-    """w = softmax(linspace(0, 1, L) / tau), float64 [L] (spec 3.4)."""
-    logits = np.linspace(0.0, 1.0, num_layers) / tau
-    weights = np.exp(logits - logits.max())
-    return weights / weights.sum()
-
-
-def prediction_entropy(logits: np.ndarray) -> float:
-    """H = -sum softmax(s) * log_softmax(s), computed in float64."""
-    shifted = logits - logits.max()
-    log_probs = shifted - np.log(np.exp(shifted).sum())
-    return float(-(np.exp(log_probs) * log_probs).sum())
-
-
-def state_shapes(
-    num_classes: int, capacity: int, num_layers: int, width: int
-) -> dict[str, tuple[int, ...]]:
-    """The arrays of a reservoir state and their shapes."""
-    return {
-        "unit_stacks": (num_classes, capacity, num_layers, width),
-        "norms": (num_classes, capacity, num_layers),
-        "entropies": (num_classes, capacity),
-        "counts": (num_classes,),
-    }
-
-
-def reservoir_bytes(
-    num_classes: int, capacity: int, num_layers: int, width: int, reductions: int
-) -> int:
-    """Bytes a reservoir's buffers take (entries, norms, entropies, anchors, per-frame scratch)."""
-    per_entry = num_layers * width * 4 + num_layers * 4 + 8 + 4 + 4  # units, norms, H, occupied, a
-    per_class = reductions * width * 4 + 4 + 8  # anchors, valid, count
-    return num_classes * (capacity * per_entry + per_class)
 
 
 class TokenReservoir:
@@ -167,23 +68,23 @@ class TokenReservoir:
         num_layers: int,
         width: int,
         anchor_layers: Sequence[int],
-        config: ReservoirConfig = ReservoirConfig(),
+        config: ReservoirConfig = DEFAULT_CONFIG,
         anchor_rows: int | None = None,
     ) -> None:
         for name, value in (("num_classes", num_classes), ("num_layers", num_layers)):
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise UserError(f"reservoir {name} must be an integer >= 1, got {value!r}")
-        if not _is_int(width) or width < 1:
+        if not is_int(width) or width < 1:
             raise UserError(f"reservoir width must be an integer >= 1, got {width!r}")
         layers = tuple(anchor_layers)
-        if not layers or not all(_is_int(i) and 0 <= i < num_layers for i in layers):
+        if not layers or not all(is_int(i) and 0 <= i < num_layers for i in layers):
             raise UserError(
                 f"anchor_layers must be a non-empty list of layers in 0..{num_layers - 1}, "
                 f"got {list(layers)}"
             )
         if anchor_rows is None:
             anchor_rows = num_classes
-        if not _is_int(anchor_rows) or anchor_rows < num_classes:
+        if not is_int(anchor_rows) or anchor_rows < num_classes:
             raise UserError(
                 f"{num_classes} classes do not fit an engine with class capacity {anchor_rows}"
             )
@@ -294,22 +195,12 @@ class TokenReservoir:
         self, label: int, entropy: float, units: np.ndarray, norms: np.ndarray
     ) -> int:
         """Slot to evict from a full buffer plus newcomer (slot ``capacity`` = the newcomer)."""
-        count = self.config.capacity
         entropies = np.append(self._entropies[label], entropy)
         if self.config.eviction == "entropy":
             return int(np.argmax(entropies))
-        # Released TCA code (Jo-wang/TCA, utils.py cls_feature_similarity with token_sim=True, as
-        # called from update_reservoir_sim in runner.py): torch.mean(cls_token_list, dim=0) over
-        # ALL layers of the raw CLS tokens, then F.normalize, a cosine matrix, and per entry the
-        # mean over the other entries, (row sum - diagonal) / (n - 1); score = entropy + that.
-        # Layer means of the raw tokens are norms @ units / L, entry by entry.
         all_units = np.concatenate([self._units[label], units[None]])
         all_norms = np.concatenate([self._norms[label], norms[None]])
-        means = np.matmul(all_norms[:, None, :], all_units)[:, 0] / np.float64(self.num_layers)
-        means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), _NORMALIZE_EPS)
-        gram = means @ means.T
-        similarity = (gram.sum(axis=1) - np.diag(gram)) / count
-        return int(np.argmax(entropies + similarity))
+        return int(np.argmax(entropies + mean_similarity(all_units, all_norms)))
 
     def _class_anchor(self, label: int) -> np.ndarray:
         count = int(self._counts[label])
@@ -360,7 +251,7 @@ class TokenReservoir:
         to sources). Same config and geometry, ``anchor_rows`` (default: this one's); anchors are
         rebuilt from the moved entries; ``dropped_entries`` of the new one counts those left out."""
         for source in sources:
-            if source is not None and not (_is_int(source) and 0 <= source < self.num_classes):
+            if source is not None and not (is_int(source) and 0 <= source < self.num_classes):
                 raise ValueError(f"source class {source} is not in 0..{self.num_classes - 1}")
         chosen = [i for i, source in enumerate(sources) if source is not None]
         if len({sources[i] for i in chosen}) != len(chosen):
@@ -402,30 +293,9 @@ class TokenReservoir:
 
     def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Replace the state with arrays from ``state_arrays``; rebuilds anchors, bumps version."""
-        slots = self.config.capacity
-        expected = state_shapes(self.num_classes, slots, self.num_layers, self.width)
-        for name, shape in expected.items():
-            if name not in arrays:
-                raise StateError(f"reservoir state has no array {name!r}")
-            if np.shape(arrays[name]) != shape:
-                raise StateError(
-                    f"reservoir state array {name!r} is {np.shape(arrays[name])}, expected {shape}"
-                )
-        counts = np.asarray(arrays["counts"])
-        if counts.dtype.kind not in "iu" or counts.min() < 0 or counts.max() > slots:
-            raise StateError(f"reservoir state counts must be integers in 0..{slots}")
-        occupied = np.arange(slots) < counts[:, None]
-        for name in expected:
-            values = np.asarray(arrays[name])
-            if values.dtype.kind not in "iuf":
-                raise StateError(f"reservoir state array {name!r} has dtype {values.dtype}")
-            if not np.isfinite(values).all():
-                what = "NaN" if np.isnan(values).any() else "infinite"
-                raise StateError(
-                    f"reservoir state array {name!r} holds {what} values: the state is corrupt"
-                )
-        if (np.asarray(arrays["norms"])[occupied] <= 0).any():
-            raise StateError("reservoir state holds non-positive norms")
+        counts, occupied = check_state_arrays(
+            arrays, self.num_classes, self.config.capacity, self.num_layers, self.width
+        )
         self._units[:] = arrays["unit_stacks"]
         self._norms[:] = arrays["norms"]
         self._entropies[:] = arrays["entropies"]
@@ -491,22 +361,9 @@ class TokenReservoir:
 
         def expected_shapes(meta: dict) -> dict[str, tuple[int, ...]]:
             """Check the header's geometry and config; the shapes its arrays must declare."""
-            saved = saved_labels(meta, path)
-            stored = num_classes if saved is None else len(saved)
-            for name, value in (
-                ("num_classes", stored),
-                ("num_layers", num_layers),
-                ("width", width),
-            ):
-                if meta.get(name) != value:
-                    raise StateError(
-                        f"{path} holds a reservoir with {name}={meta.get(name)}, not {value}"
-                    )
-            try:
-                configs.append(ReservoirConfig(**meta["config"]))
-            except (KeyError, TypeError, UserError) as exc:
-                raise StateError(f"{path} has an unusable reservoir config ({exc})") from None
-            return state_shapes(stored, configs[0].capacity, num_layers, width)
+            config, shapes = saved_geometry(meta, path, num_classes, num_layers, width)
+            configs.append(config)
+            return shapes
 
         arrays, meta = load_state(
             path,

@@ -18,11 +18,8 @@ from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import ANCHORS_INPUT, CLS_OUTPUT
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
-from vlm_export.runtime.tca.reservoir import (
-    ReservoirConfig,
-    TokenReservoir,
-    require_reservoir_memory,
-)
+from vlm_export.runtime.tca.reservoir import TokenReservoir
+from vlm_export.runtime.tca.reservoir_config import ReservoirConfig, require_reservoir_memory
 
 RESERVOIR_KEYS = tuple(item.name for item in dataclasses.fields(ReservoirConfig))
 

@@ -22,11 +22,9 @@ from pathlib import Path
 
 from vlm_export.core.errors import UserError, shown
 from vlm_export.core.json_input import parse_json
+from vlm_export.core.labels import MAX_NAME_CHARS
 
 _DOMAIN_NAME = re.compile(r"[\w.-]+")
-#: the longest class or domain name a class list, and a bundle's classes.json, may hold: the
-#: bundle loader refuses longer ones, so the writers check it before anything is written
-MAX_NAME_CHARS = 1000
 #: the largest class-list file read (ImageNet-21k's 21,841 names take about 1 MB)
 MAX_CLASS_LIST_BYTES = 8 * 1024 * 1024
 #: the most class names a list may hold

@@ -1,0 +1,118 @@
+"""Which products of the image encoder become int8, and the QDQ graph ONNX Runtime writes for them.
+
+Only products with weights (MatMul, Gemm, Conv) within the chosen scope are quantized (default:
+the MLPs; see SCOPES), and none under the condensing tower's CONDENSATION_NODE_PREFIXES.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlm_export.core.errors import UserError
+from vlm_export.core.manifest import CONDENSATION_NODE_PREFIXES
+from vlm_export.export.int8_calibration import calibration_reader
+
+QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
+PASS_THROUGH_OPS = frozenset({"Transpose", "Identity", "Reshape", "Cast"})
+#: which weight products are quantized: the MLPs (two thirds of a ViT's matrix FLOPs, and the
+#: least sensitive), every transformer-block product (adds the attention projections, which also
+#: feed the token ranking), or all (adds the patch embedding and the final projection)
+SCOPES = ("mlp", "blocks", "all")
+DEFAULT_SCOPE = "mlp"
+SCOPE_MARKERS = {"mlp": ("/mlp/",), "blocks": ("/mlp/", "/attn/", "/out_proj")}
+
+
+def int8_file_name(onnx_name: str) -> str:
+    """``image_encoder.int8.onnx`` for ``image_encoder.onnx``."""
+    return f"{Path(onnx_name).stem}.int8.onnx"
+
+
+def _reads_weights(node: Any, initializers: set[str], producers: dict[str, Any]) -> bool:
+    """True when the node's second input is a weight: an initializer, perhaps transposed."""
+    if len(node.input) < 2:
+        return False
+    name = node.input[1]
+    for _ in range(3):
+        if name in initializers:
+            return True
+        source = producers.get(name)
+        if source is None or source.op_type not in PASS_THROUGH_OPS or not source.input:
+            return False
+        name = source.input[0]
+    return False
+
+
+def in_scope(name: str, scope: str) -> bool:
+    """True when the node ``name`` (a product with weights) belongs to the quantization scope."""
+    if scope == "all":
+        return True
+    markers = SCOPE_MARKERS[scope]
+    return any(marker in name for marker in markers)
+
+
+def quantized_node_names(onnx_path: Path, scope: str = DEFAULT_SCOPE) -> list[str]:
+    """The nodes to quantize: products with weights (MatMul, Gemm, Conv) outside the condensation,
+    within ``scope`` (see SCOPES).
+
+    Products of two activations (attention scores, attention times values) stay float, so the
+    softmax reads float scores; so does everything under the condensation's name prefixes.
+    """
+    if scope not in SCOPES:
+        raise UserError(f"unknown quantization scope {scope!r} (choose from {', '.join(SCOPES)})")
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    except (DecodeError, OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or "truncated or corrupt"
+        raise UserError(f"{onnx_path} is not a readable ONNX model ({reason})") from None
+    initializers = {tensor.name for tensor in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    return [
+        node.name
+        for node in graph.node
+        if node.op_type in QUANTIZED_OPS
+        and not node.name.startswith(CONDENSATION_NODE_PREFIXES)
+        and _reads_weights(node, initializers, producers)
+        and in_scope(node.name, scope)
+    ]
+
+
+def quantize_graph(
+    onnx_path: Path,
+    out_path: Path,
+    manifest: dict[str, Any],
+    images: list[np.ndarray],
+    scope: str = DEFAULT_SCOPE,
+    on_image: Callable[[int, int], None] | None = None,
+) -> None:
+    """Write the QDQ INT8 graph of ``onnx_path`` calibrated on ``images`` to ``out_path``
+    (``on_image(done, total)`` as calibration goes)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # onnxruntime's advice on pre-processing, as root warnings
+    try:
+        quantize_static(
+            str(onnx_path),
+            str(out_path),
+            calibration_reader(manifest, images, on_image),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=quantized_node_names(onnx_path, scope),
+            calibrate_method=CalibrationMethod.MinMax,
+            # ranges merged after every image: one image's intermediate tensors in memory at a time
+            extra_options={"CalibStridedMinMax": 1},
+        )
+    finally:
+        root.setLevel(level)

@@ -1,0 +1,118 @@
+"""``vlm-export quantize BUNDLE --calibration DIR``, and the export's ``--int8-calibration DIR``.
+
+Parses, then ``quantize.quantize_bundle`` calibrates, quantizes, gates and adds the INT8 graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from vlm_export.core.errors import UserError
+from vlm_export.core.paths import PathArg, guard_arguments
+from vlm_export.export.bundle_staging import BUNDLE_RW
+from vlm_export.export.int8_calibration import HELD_OUT_EVERY
+from vlm_export.export.int8_gate import MIN_COSINE, describe_gate
+from vlm_export.export.int8_graph import DEFAULT_SCOPE, SCOPES
+from vlm_export.export.progress import Progress
+from vlm_export.export.quantize import GraphRecord, quantize_bundle
+
+
+def describe_record(record: GraphRecord, bundle_dir: str | Path) -> str:
+    """One line about an INT8 graph added to a bundle: what was written, where, how close."""
+    return (
+        f"added {record.file} to {bundle_dir}: int8 QDQ, {record.nbytes / 2**20:.1f} MiB; "
+        f"against the fp32 graph: {describe_gate(record.parity)}"
+    )
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    """The export command's --int8-calibration option."""
+    parser.add_argument(
+        "--int8-calibration",
+        type=PathArg("tree", Path),
+        metavar="DIR",
+        help="also add an INT8 graph calibrated on the images in DIR (as `vlm-export quantize`; "
+        "100-500 images from the deployment camera, spread over the classes)",
+    )
+
+
+def run_quantize_step(args: argparse.Namespace, bundle_dir: str | Path) -> GraphRecord | None:
+    """After an export with --int8-calibration: quantize, gate, record; else do nothing."""
+    if getattr(args, "int8_calibration", None) is None:
+        return None
+    progress = Progress(2, quiet=getattr(args, "quiet", False))
+    record = quantize_bundle(bundle_dir, args.int8_calibration, overwrite=True, progress=progress)
+    print(describe_record(record, bundle_dir))
+    return record
+
+
+def quantize_parser() -> argparse.ArgumentParser:
+    """The parser of ``vlm-export quantize``."""
+    parser = argparse.ArgumentParser(
+        prog="vlm-export quantize",
+        description=(
+            "Add a statically quantized INT8 image encoder (ONNX, QDQ form) to a bundle,\n"
+            "calibrated on your images with the bundle's own preprocessing. Condensation,\n"
+            "anchor selection, LayerNorm and softmax stay float. The graph is compared with\n"
+            f"the fp32 graph on calibration and held-out images (embedding cosine >= {MIN_COSINE}\n"
+            "for every image; top-1 agreement on the bundle's classes reported) and is not\n"
+            "written if it fails. Run it with `vlm-edge run --precision int8`."
+        ),
+        epilog=(
+            "Bring 100-500 images from the deployment camera, spread over the classes.\n"
+            "example:\n  vlm-export quantize bundles/vitb16-tca --calibration calib/ "
+            "--held-out holdout/"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("bundle", type=BUNDLE_RW, metavar="BUNDLE", help="bundle folder")
+    parser.add_argument(
+        "--calibration",
+        type=PathArg("tree", Path),
+        required=True,
+        metavar="DIR",
+        help="calibration images",
+    )
+    parser.add_argument(
+        "--held-out",
+        type=PathArg("tree", Path),
+        metavar="DIR",
+        help=f"images for the gate only (default: every {HELD_OUT_EVERY}th calibration image is "
+        "held out of calibration)",
+    )
+    parser.add_argument(
+        "--scope",
+        choices=SCOPES,
+        default=DEFAULT_SCOPE,
+        help="which weight products become int8: mlp (default; the MLPs, two thirds of the "
+        "FLOPs), blocks (every transformer-block projection), all (also the patch embedding and "
+        "the final projection); the wider, the faster and the further from fp32",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an INT8 graph the bundle already has"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def quantize_main(argv: Sequence[str] | None = None) -> int:
+    """Run ``vlm-export quantize``; 0 on success, 2 with a one-line error on stderr."""
+    parser = quantize_parser()
+    args = parser.parse_args(argv)
+    try:
+        guard_arguments(parser, args)  # before any work
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            progress = Progress(2, quiet=args.quiet)
+            record = quantize_bundle(
+                args.bundle, args.calibration, args.held_out, args.overwrite, args.scope, progress
+            )
+    except UserError as exc:
+        print(f"vlm-export quantize: error: {exc}", file=sys.stderr)
+        return 2
+    print(describe_record(record, args.bundle))
+    return 0
