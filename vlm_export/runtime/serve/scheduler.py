@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 from vlm_export.runtime.engines.ladder import BudgetRun
 from vlm_export.runtime.io.sources import Frame
-from vlm_export.runtime.pipeline import FrameResult, process_frame, utc_now
+from vlm_export.runtime.pipeline import process_frame, utc_now
+from vlm_export.runtime.result import FrameResult
 from vlm_export.runtime.serve.events import Events
 from vlm_export.runtime.serve.lanes import Lanes
 from vlm_export.runtime.serve.metrics import ServeMetrics

@@ -29,7 +29,8 @@ from PIL import Image
 from vlm_export.core.atomic import atomic_write_bytes
 from vlm_export.core.errors import StateError, UserError
 from vlm_export.runtime.io.sources import Frame
-from vlm_export.runtime.pipeline import FrameResult, utc_now
+from vlm_export.runtime.pipeline import utc_now
+from vlm_export.runtime.result import FrameResult
 from vlm_export.runtime.serve.config import ServeSettings, shown
 from vlm_export.runtime.serve.lanes import Lanes
 from vlm_export.runtime.serve.operations import Operations

@@ -19,10 +19,10 @@ import numpy as np
 from PIL import Image
 
 from vlm_export.core.errors import UserError
-from vlm_export.runtime.commands._annotated import FrameDrawer
+from vlm_export.runtime.draw.frame import FrameDrawer
 from vlm_export.runtime.io.preprocess import image_from_array, load_image
 from vlm_export.runtime.io.sources import Frame
-from vlm_export.runtime.pipeline import FrameResult
+from vlm_export.runtime.result import FrameResult
 
 RECENT_FRAMES = 256  # per source, for latency percentiles
 #: frame rates are measured over this many recent frames (a slow engine still shows its rate)
