@@ -27,6 +27,7 @@ from typing import IO, Any
 
 from vlm_export.core.atomic import check_can_create
 from vlm_export.core.errors import UserError
+from vlm_export.core.special_files import open_output
 from vlm_export.runtime import api
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import (
@@ -267,7 +268,7 @@ def _output(path: str | None) -> Iterator[IO[str]]:
         yield sys.stdout
         return
     try:
-        handle = open(path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
+        handle = open_output(path, "w", encoding="utf-8", buffering=1)
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror}") from None
     try:

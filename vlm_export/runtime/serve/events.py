@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from vlm_export.core.errors import UserError
 from vlm_export.core.json_text import dumps
+from vlm_export.core.special_files import open_output
 from vlm_export.runtime.pipeline import utc_now
 from vlm_export.runtime.serve.config import shown
 from vlm_export.runtime.serve.metrics import ServeMetrics
@@ -126,7 +127,7 @@ class JsonlSink(QueuedSink):
         super().__init__(metrics)
         self.path = Path(path)
         try:
-            self._handle = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            self._handle = open_output(self.path, "a", encoding="utf-8", buffering=1)
         except OSError as exc:
             raise UserError(f"cannot write --events {shown(path)}: {exc.strerror}") from None
 
