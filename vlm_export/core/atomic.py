@@ -154,13 +154,13 @@ def check_can_create(path: str | Path, folder: bool = False) -> None:
             raise WriteError(f"cannot write {shown}: no write permission")
         return
     path = final_target(path)
-    if not folder and path.is_dir():
+    if not folder and os.path.isdir(path):
         raise WriteError(f"{shown} is a folder, not a file")
     check_output(None, shown, folder)
     ancestor = path.parent
-    while not ancestor.exists():
+    while not os.path.exists(ancestor):  # False also where a folder above may not be searched
         ancestor = ancestor.parent
-    if not ancestor.is_dir():
+    if not os.path.isdir(ancestor):
         raise WriteError(f"cannot create {shown}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise WriteError(f"cannot create {shown}: no write permission in {ancestor}")
