@@ -340,6 +340,7 @@ def _serve(settings: ServeSettings, stop: _Stop) -> int:
     import uvicorn
 
     from vlm_export.runtime.serve.app import create_app
+    from vlm_export.runtime.serve.protocol import http_protocol
     from vlm_export.runtime.serve.service import Service
 
     class Server(uvicorn.Server):
@@ -359,7 +360,9 @@ def _serve(settings: ServeSettings, stop: _Stop) -> int:
         if service.budget is not None:
             status(f"budget: {service.budget.reason}")
         app = create_app(service, settings)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        config = uvicorn.Config(
+            app, log_level="warning", access_log=False, lifespan="off", http=http_protocol()
+        )
         server = Server(config)
         stop.server = server
         service.start()
