@@ -24,8 +24,8 @@ MAX_DEPTH = 64
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-#: a JSON string, or an opening bracket (the one-byte matches)
-_TOKEN_BYTES = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[{]', re.DOTALL)
+#: a JSON string, or a bracket
+_TOKEN_BYTES = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 
 
 def _has_lone_surrogate(value: Any) -> bool:
@@ -108,7 +108,11 @@ def read_json(
     what = what or str(path)
     data = _read_bytes(path, max_bytes, error, what)
     if max_containers is not None:
-        found = count_containers(data, max_containers)
+        found, depth = count_containers(data, max_containers)
+        if depth > max_depth:  # said as parse_json says it
+            raise error(
+                f"{what}: JSON nested {depth} levels deep, more than the {max_depth} allowed"
+            )
         if found > max_containers:
             raise error(
                 f"{what} holds {found:,} JSON objects and lists, more than the "
@@ -117,14 +121,23 @@ def read_json(
     return parse_json(_decoded(data, error, what), what, error, max_depth)
 
 
-def count_containers(data: bytes, most: int) -> int:
-    """The ``{`` and ``[`` of JSON ``data`` outside strings: exact when more than ``most`` (a
-    scan without copies of the text), else a bound at most ``most`` (the brackets in
-    the bytes, strings included, when they are no more than that)."""
+def count_containers(data: bytes, most: int) -> tuple[int, int]:
+    """(objects and lists, deepest nesting) of JSON ``data``, brackets in strings skipped, when
+    there may be more than ``most`` containers (a scan without copies of the text); else
+    (a bound at most ``most``, 0): the brackets in the bytes, strings included, are no more."""
     bound = data.count(b"{") + data.count(b"[")
     if bound <= most:
-        return bound
-    return sum(1 for match in _TOKEN_BYTES.finditer(data) if match.end() - match.start() == 1)
+        return bound, 0
+    found = depth = deepest = 0
+    for match in _TOKEN_BYTES.finditer(data):
+        char = match.group()
+        if char in (b"{", b"["):
+            found += 1
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in (b"}", b"]"):
+            depth -= 1
+    return found, deepest
 
 
 def read_text(

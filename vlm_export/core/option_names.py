@@ -14,10 +14,13 @@ from collections.abc import Iterator
 _PYTHON = contextvars.ContextVar("vlm_export_python_names", default=False)
 
 
-def option(name: str) -> str:
-    """``name`` (a Python parameter name) as the caller knows it: ``--min-score`` or
-    ``min_score``."""
-    return name if _PYTHON.get() else "--" + name.replace("_", "-")
+def option(name: str, metavar: str = "") -> str:
+    """``name`` (a Python parameter name) as the caller knows it: ``--min-score`` (followed by
+    ``metavar`` when given: ``--target-ms MS``) or ``min_score``."""
+    if _PYTHON.get():
+        return name
+    flag = "--" + name.replace("_", "-")
+    return f"{flag} {metavar}" if metavar else flag
 
 
 def option_value(name: str, value: str) -> str:

@@ -325,7 +325,7 @@ def open_budgeted(
     """
     if (adapt or measure_first) and target_ms is None:
         raise UserError(
-            f"{option('adapt_budget')} and {option('measure')} need {option('target_ms')}"
+            f"{option('adapt_budget')} and {option('measure')} need {option('target_ms', 'MS')}"
         )
     if not ladder_rungs(bundle.manifest):
         raise UserError(
