@@ -26,7 +26,8 @@ from fakebundle import make_bundle, write_images
 from polling import WAIT_S, wait_until
 
 from vlm_export.core.atomic import WriteError, atomic_write_bytes, check_can_create
-from vlm_export.core.special_files import kind_of
+from vlm_export.core.paths import check_paths
+from vlm_export.core.special_files import SpecialFileError, kind_of
 from vlm_export.runtime import cli
 
 RAIL = ["--shots", "2", "--hidden-dim", "16"]
@@ -373,3 +374,33 @@ def test_serve_events_to_a_fifo_without_reader_stops_on_sigterm(world, tmp_path)
     code, err = _stopped_while_waiting(process, signal.SIGTERM)
     assert code == 1 and "Traceback" not in err, err
     assert "stopped (SIGTERM) while waiting for a reader" in err, err
+
+
+def test_dev_stdout_on_a_file_is_written_where_stdout_stands(world, tmp_path) -> None:
+    """``--json /dev/stdout > FILE``: the table and then the JSON in FILE, never a new file
+    renamed over the one the shell opened (which would lose what the command printed)."""
+    out = tmp_path / "out.txt"
+    bundle, data = str(world["bundle"]), str(world["root"] / "data")
+    with open(out, "wb") as handle:
+        inode = os.fstat(handle.fileno()).st_ino
+        done = subprocess.run(
+            [sys.executable, "-m", "vlm_export.runtime", "eval-tta", bundle, data]
+            + ["--json", "/dev/stdout"],
+            stdout=handle,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=WAIT_S,
+        )
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_ino == inode
+    table, brace, rest = out.read_text().partition("\n{")
+    assert "top-1 %" in table and brace
+    assert "bundle" in json.loads("{" + rest)
+
+
+@pytest.mark.parametrize("kind", ["folder_writes", "into"])
+def test_a_folder_output_may_not_be_a_fifo(tmp_path, kind) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(SpecialFileError, match="is a FIFO, not a folder"):
+        check_paths([], [], **{kind: [("--out", fifo)]})

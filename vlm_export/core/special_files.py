@@ -15,12 +15,15 @@ stop signal before the wait calls ``request_stop`` so that the wait ends at once
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
 import os
+import re
 import signal
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 NEW, FILE, FOLDER, STREAM = "new", "file", "folder", "stream"
 #: how often a FIFO without a reader is tried again
 READER_POLL_S = 0.05
+_STANDARD = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
 
 
 _stop_requested = threading.Event()
@@ -57,10 +61,31 @@ class StoppedWaiting(UserError):
     """A stop signal came while waiting for a FIFO's reader: nothing was written to it."""
 
 
+def own_descriptor(path: str | Path) -> int | None:
+    """The open file descriptor of this process that ``path`` names (``/dev/stdout``,
+    ``/dev/fd/1``, ``/proc/self/fd/1``), else None."""
+    text = os.path.abspath(os.fspath(path))
+    number = _STANDARD.get(text)
+    if number is None:
+        match = re.fullmatch(rf"/(?:proc/(?:self|thread-self|{os.getpid()})/fd|dev/fd)/(\d+)", text)
+        number = int(match.group(1)) if match else None
+    if number is None:
+        return None
+    try:
+        os.fstat(number)
+    except OSError:
+        return None
+    return number
+
+
 def kind_of(path: str | Path) -> tuple[str, str]:
     """What ``path`` is, links followed: (``new``|``file``|``folder``|``stream``|``other``,
     words for it such as "a FIFO" or "a symbolic link loop"). A path that cannot be looked at
-    (no such file, no permission) counts as new: creating it says what is wrong."""
+    (no such file, no permission) counts as new: creating it says what is wrong. A descriptor
+    of this process (``/dev/stdout``) is a stream whatever it is open on: replacing the file
+    it names would leave the command's own output in a deleted file."""
+    if own_descriptor(path) is not None:
+        return STREAM, "an open file descriptor"
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
@@ -117,6 +142,12 @@ def open_stream(path: str | Path, mode: str = "wb", **options: Any) -> IO:
     """Open an existing character device or FIFO for writing (``mode`` ``w``/``a``, text or
     binary; ``options`` go to ``open``). A FIFO without a reader is waited for; a stop signal
     ends the wait (see the module's docstring). OSError when it cannot be opened."""
+    own = own_descriptor(path)
+    if own is not None:  # written where the descriptor stands, after what Python buffered
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        return os.fdopen(os.dup(own), mode.replace("x", "w"), **options)
     flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     if "a" in mode:
         flags |= os.O_APPEND
