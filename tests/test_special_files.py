@@ -404,3 +404,18 @@ def test_a_folder_output_may_not_be_a_fifo(tmp_path, kind) -> None:
     os.mkfifo(fifo)
     with pytest.raises(SpecialFileError, match="is a FIFO, not a folder"):
         check_paths([], [], **{kind: [("--out", fifo)]})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_output_that_cannot_be_created_is_said_before_any_work(
+    world, tmp_path, capsys, name
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    out = blocker / "out.json"  # its folder is a file: as root too, nothing can create it
+    argv = _commands(world, tmp_path)[name](out)
+    argv[2 if argv[0] == "merge" else 1] = str(tmp_path / "missing")  # work would stop here
+    code, err = _call(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert "cannot create" in lines[0] and "is a file, not a folder" in lines[0], err
