@@ -7,11 +7,16 @@ half-way (kill -9, power loss) leaves the target as it was plus such a temporary
 successful write of the same target removes its own leftovers (``stale_temps``: only names of that
 pattern, older than the write), and ``report_interrupted_first_save`` names the ones left by a
 first save that never finished (no target yet).
+
+A target that is a character device or a FIFO (``/dev/null``, a pipe a reader waits on) is
+written through instead, never renamed over (see ``vlm_export.core.special_files``); a socket,
+a block device or a symbolic link loop is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import shutil
@@ -22,8 +27,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vlm_export.core.errors import UserError
+from vlm_export.core.special_files import STREAM, check_output, kind_of, open_stream
 
 TEMP_MARK = ".vlm-tmp-"
+#: output for a character device or FIFO held in memory before it spills to a temporary file
+SPOOL_BYTES = 16 << 20
 #: mkstemp's random part: 8 of ``[a-z0-9_]``
 _RANDOM = r"[a-z0-9_]{8}"
 
@@ -137,15 +145,22 @@ def check_can_create(path: str | Path, folder: bool = False) -> None:
     """Raise WriteError unless ``path`` could be created or replaced, before any work is done.
 
     The first existing ancestor must be a writable folder; a file ``path`` must not be a folder.
+    A character device or FIFO (written through) must be writable; a socket, a block device or
+    a link loop is refused (``special_files.check_output``).
     """
     shown = Path(path)
+    if not folder and kind_of(path)[0] == STREAM:
+        if not os.access(path, os.W_OK):
+            raise WriteError(f"cannot write {shown}: no write permission")
+        return
     path = final_target(path)
-    if not folder and path.is_dir():
+    if not folder and os.path.isdir(path):
         raise WriteError(f"{shown} is a folder, not a file")
+    check_output(None, shown, folder)
     ancestor = path.parent
-    while not ancestor.exists():
+    while not os.path.exists(ancestor):  # False also where a folder above may not be searched
         ancestor = ancestor.parent
-    if not ancestor.is_dir():
+    if not os.path.isdir(ancestor):
         raise WriteError(f"cannot create {shown}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise WriteError(f"cannot create {shown}: no write permission in {ancestor}")
@@ -166,9 +181,17 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator:
     A symbolic link ``path`` is written through (its target is replaced). On an exception the
     temporary file is removed and ``path`` keeps its previous content; an OSError (no
     permission, disk full, a file in the way) becomes a one-line WriteError. After a successful
-    write, leftovers of earlier interrupted writes of the same target are removed.
+    write, leftovers of earlier interrupted writes of the same target are removed. A character
+    device or FIFO is opened and written instead (a FIFO waits for its reader).
     """
     shown = Path(path)
+    kind, words = kind_of(path)
+    if kind == STREAM:
+        with _written_through(path, mode) as handle:
+            yield handle
+        return
+    if kind == "other":
+        raise WriteError(f"cannot write {shown}: it is {words}, not a file")
     target = final_target(path)
     started = time.time()
     try:
@@ -191,6 +214,27 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator:
             raise WriteError(f"cannot write {shown}: {exc.strerror or exc}") from None
         raise
     remove_stale_temps(target, before=started)
+
+
+@contextlib.contextmanager
+def _written_through(path: str | Path, mode: str) -> Iterator:
+    """Collect the output in a spooled temporary file (seekable, as a zip archive needs), then
+    copy it whole into ``path`` (a character device or FIFO): nothing reaches it when the block
+    fails, and a FIFO is opened only once the output is ready. OSError becomes WriteError."""
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, mode="w+b") as spool:
+        if "b" in mode:
+            yield spool
+        else:
+            text = io.TextIOWrapper(spool, encoding="utf-8", newline="")
+            yield text
+            text.flush()
+            text.detach()
+        spool.seek(0)
+        try:
+            with open_stream(path, "wb") as handle:
+                shutil.copyfileobj(spool, handle)
+        except OSError as exc:
+            raise WriteError(f"cannot write {Path(path)}: {exc.strerror or exc}") from None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

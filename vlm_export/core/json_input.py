@@ -24,6 +24,8 @@ MAX_DEPTH = 64
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+#: a JSON string, or a bracket
+_TOKEN_BYTES = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 
 
 def _has_lone_surrogate(value: Any) -> bool:
@@ -96,10 +98,46 @@ def read_json(
     error: type[UserError] = UserError,
     max_depth: int = MAX_DEPTH,
     what: str | None = None,
+    max_containers: int | None = None,
 ) -> Any:
-    """Read and parse a UTF-8 JSON file of at most ``max_bytes``; ``error`` names what is wrong."""
+    """Read and parse a UTF-8 JSON file of at most ``max_bytes``; ``error`` names what is wrong.
+
+    With ``max_containers``, a file holding more JSON objects and lists than that is refused
+    before it is decoded or parsed (a list of a million entries is never built to be refused).
+    """
     what = what or str(path)
-    return parse_json(read_text(path, max_bytes, error, what), what, error, max_depth)
+    data = _read_bytes(path, max_bytes, error, what)
+    if max_containers is not None:
+        found, depth = count_containers(data, max_containers)
+        if depth > max_depth:  # said as parse_json says it
+            raise error(
+                f"{what}: JSON nested {depth} levels deep, more than the {max_depth} allowed"
+            )
+        if found > max_containers:
+            raise error(
+                f"{what} holds {found:,} JSON objects and lists, more than the "
+                f"{max_containers:,} it may hold"
+            )
+    return parse_json(_decoded(data, error, what), what, error, max_depth)
+
+
+def count_containers(data: bytes, most: int) -> tuple[int, int]:
+    """(objects and lists, deepest nesting) of JSON ``data``, brackets in strings skipped, when
+    there may be more than ``most`` containers (a scan without copies of the text); else
+    (a bound at most ``most``, 0): the brackets in the bytes, strings included, are no more."""
+    bound = data.count(b"{") + data.count(b"[")
+    if bound <= most:
+        return bound, 0
+    found = depth = deepest = 0
+    for match in _TOKEN_BYTES.finditer(data):
+        char = match.group()
+        if char in (b"{", b"["):
+            found += 1
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in (b"}", b"]"):
+            depth -= 1
+    return found, deepest
 
 
 def read_text(
@@ -108,8 +146,12 @@ def read_text(
     """A UTF-8 text file of at most ``max_bytes`` (a leading byte order mark dropped), read
     without holding more than that; ``error`` (one line) for a FIFO, a device, a larger file or
     one that is not UTF-8."""
-    path = Path(path)
     what = what or str(path)
+    return _decoded(_read_bytes(path, max_bytes, error, what), error, what)
+
+
+def _read_bytes(path: str | Path, max_bytes: int, error: type[UserError], what: str) -> bytes:
+    path = Path(path)
     try:
         if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or device would block or never end
             raise error(f"{what} is not a regular file")
@@ -119,6 +161,10 @@ def read_text(
         raise error(f"cannot read {what}: {exc.strerror or exc}") from None
     if len(data) > max_bytes:
         raise error(f"{what} is larger than {max_bytes} bytes: not a file this tool wrote")
+    return data
+
+
+def _decoded(data: bytes, error: type[UserError], what: str) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

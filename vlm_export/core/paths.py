@@ -13,7 +13,12 @@ inode:
 - a folder replaced as a whole (``folder_writes``) may not hold an input; a folder written into
   (``into``: pictures, annotated frames) may not directly hold an input (it would write among
   them);
-- two outputs may not be one path, nor one inside the other.
+- two outputs may not be one path, nor one inside the other;
+- a file output is new, a regular file, or a character device or FIFO (written through, never
+  replaced: ``/dev/null``); a folder output is new or a folder; a state (read back, then
+  replaced) is new or a regular file. A socket, a block device, a link loop is refused
+  (``vlm_export.core.special_files``). A command line's file outputs must also be creatable
+  (``check_can_create``), so that a read-only place is said before the work, not after it.
 
 Writing into a bundle is for the commands whose job it is (``classes``, ``quantize``,
 ``build-engine``: kind ``bundle-rw``); they refuse a bundle whose manifest or files are symbolic
@@ -28,13 +33,14 @@ import argparse
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlm_export.core.atomic import final_target, report_interrupted_first_save
+from vlm_export.core.atomic import check_can_create, final_target, report_interrupted_first_save
 from vlm_export.core.errors import UserError, shown
 from vlm_export.core.globbing import GLOB_CHARS, glob_files
+from vlm_export.core.special_files import check_output, check_regular, is_stream
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,7 @@ class _Place:
     real: Path
     ident: tuple[int, int] | None
     folder: bool
+    stream: bool = False  # a character device or FIFO: written through, may take two outputs
 
     @classmethod
     def of(cls, role: str, path: str | Path, folder: bool = False) -> _Place:
@@ -61,8 +68,9 @@ class _Place:
         try:
             info = os.stat(real)
         except OSError:
-            return cls(role, shown(path), real, None, folder)
-        return cls(role, shown(path), real, (info.st_dev, info.st_ino), folder or real.is_dir())
+            return cls(role, shown(path), real, None, folder, is_stream(path))
+        ident = (info.st_dev, info.st_ino)
+        return cls(role, shown(path), real, ident, folder or real.is_dir(), is_stream(path))
 
     def same(self, other: _Place) -> bool:
         """The same file or folder (by inode when both exist, else by resolved path)."""
@@ -120,14 +128,17 @@ def check_paths(
 
     ``writes`` are files, ``folder_writes`` folders replaced as a whole (everything inside is
     lost), ``into`` folders that files are written into. Entries whose path is None or empty are
-    skipped. Logs a warning for each file output whose first save was killed, after removing
-    that save's temporary files.
+    skipped. Refuses (SpecialFileError) an output that is a socket, a block device, a link loop,
+    or a folder where a file is written (``special_files.check_output``). Logs a warning for
+    each file output whose first save was killed, after removing that save's temporary files.
     """
     writes = [(role, path) for role, path in writes if path]
+    folder_writes = [(role, path) for role, path in folder_writes if path]
+    into = [(role, path) for role, path in into if path]
     inputs = [_Place.of(role, path) for role, path in reads if path]
     outputs = [(_Place.of(role, path), "file") for role, path in writes]
-    outputs += [(_Place.of(role, path, True), "folder") for role, path in folder_writes if path]
-    outputs += [(_Place.of(role, path, True), "into") for role, path in into if path]
+    outputs += [(_Place.of(role, path, True), "folder") for role, path in folder_writes]
+    outputs += [(_Place.of(role, path, True), "into") for role, path in into]
     for index, (out, kind) in enumerate(outputs):
         for place in inputs:
             if out.same(place) and (out.role != place.role or kind != "file"):
@@ -139,8 +150,14 @@ def check_paths(
             if kind == "into" and out.real == place.real.parent and not place.folder:
                 _refuse(out, f"holds {place.named()}: the outputs would land among the inputs")
         for other, _ in outputs[:index]:
+            if out.stream and other.stream:
+                continue  # /dev/null twice: nothing is replaced
             if out.same(other) or other.holds(out) or out.holds(other):
                 _refuse(out, f"and {other.named()} are the same file")
+    for role, path in writes:
+        check_output(role, path)
+    for role, path in [*folder_writes, *into]:
+        check_output(role, path, folder=True)
     for role, path in writes:
         if line := report_interrupted_first_save(path):
             log.warning("%s: %s", role, line)
@@ -210,10 +227,19 @@ class DeclaredPaths:
     into: list[tuple[str, Path | str]]
     folder_writes: list[tuple[str, Path | str]]
     bundles_written: list[tuple[str, Path | str]]
+    states: list[tuple[str, Path | str]] = field(default_factory=list)
 
     def check(self) -> None:
-        """Refuse conflicting outputs, and bundles written into that link outside."""
+        """Refuse conflicting, special or uncreatable outputs, states that are not regular
+        files, and bundles written into that link outside."""
         check_paths(self.reads, self.writes, self.folder_writes, self.into)
+        for role, path in self.states:
+            check_regular(role, path)
+        for role, path in self.writes:
+            try:
+                check_can_create(path)
+            except UserError as exc:
+                raise UserError(f"{role}: {exc}") from None
         for role, folder in self.bundles_written:
             check_bundle_links(role, folder)
 
@@ -267,6 +293,7 @@ def _declare(found: DeclaredPaths, spec: PathArg, role: str, path: str) -> None:
     elif spec.kind == "state":
         found.reads.append((role, path))
         found.writes.append((role, path))
+        found.states.append((role, path))
     elif spec.kind == "into":
         found.into.append((role, path))
     else:

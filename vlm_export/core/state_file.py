@@ -166,6 +166,8 @@ def load_state(
     path = Path(path)
     if path.is_dir():
         raise StateError(f"{path} is a folder, not a state file")
+    if path.exists() and not path.is_file():
+        raise StateError(f"{path} is not a regular file (a device, FIFO or socket)")
     if not path.is_file():
         raise StateError(f"state file not found: {path}")
     try:

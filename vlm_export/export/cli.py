@@ -279,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
     from vlm_export.export.pipeline import ExportOptions, export_bundle  # imports torch
     from vlm_export.models.schedule import CondensationConfig
 
-    drop_rates = parse_drop_rates(args.drop_rates) if args.drop_rates else None
+    drop_rates = parse_drop_rates(args.drop_rates) if args.drop_rates is not None else None
     if drop_rates and args.drop_rate is not None:
         raise UserError("give either --drop-rate or --drop-rates, not both")
 

@@ -39,6 +39,8 @@ def parse_drop_rates(text: str) -> list[float]:
         raise UserError(
             f"--drop-rates: expected comma-separated numbers, got {text[:80]!r}"
         ) from None
+    if not rates:
+        raise UserError("--drop-rates is empty: give two or more rates, e.g. 0,0.035,0.1")
     if len(rates) < 2:
         raise UserError("--drop-rates needs at least two rates (one rate: use --drop-rate)")
     if len(set(rates)) != len(rates):

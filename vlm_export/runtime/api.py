@@ -1,6 +1,9 @@
 """The Python face of the runtime: ``open_pipeline(bundle)`` and ``pipeline.classify(image)``;
 ``pipeline.embed(image)`` and ``pipeline.embed_text(texts)`` for CLIP embeddings.
 
+Errors name the Python parameters (``min_score``), never the command line's flags
+(``vlm_export.core.option_names``).
+
 Defaults are ``vlm-edge run``'s: the bundle's method (:func:`default_method`, which both use),
 the reservoir resumed from and saved to ``state``, the engine chosen by ``backend="auto"``.
 """
@@ -19,6 +22,7 @@ from PIL import Image
 
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import EMBEDDING_OUTPUT, uses_condensation
+from vlm_export.core.option_names import python_names
 from vlm_export.core.paths import check_paths, tree_reads
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.factory import open_backend
@@ -96,6 +100,7 @@ class EdgePipeline:
         """What executes the engine, e.g. ``onnxruntime:CPUExecutionProvider``."""
         return self.pipeline.backend.description
 
+    @python_names()
     def classify(
         self, image: ImageInput, *, channels: str | None = None, topk: int = 5
     ) -> FrameResult:
@@ -116,6 +121,7 @@ class EdgePipeline:
             log.info(switched)
         return result
 
+    @python_names()
     def embed(self, image: ImageInput, *, channels: str | None = None) -> np.ndarray:
         """The image's CLIP embedding [E] float32, L2-normalised (inputs as ``classify``).
 
@@ -131,6 +137,7 @@ class EdgePipeline:
             raise UserError("the engine returned no usable embedding for this image")
         return embedding / np.float32(norm)
 
+    @python_names()
     def embed_text(self, texts: str | Sequence[str]) -> np.ndarray:
         """CLIP embeddings [N, E] float32, L2-normalised, of ``texts`` as written (no templates),
         by the bundle's text engine; a single string gives one row."""
@@ -173,6 +180,7 @@ class EdgePipeline:
             self._teaching = LocalTeaching(self.pipeline, self._examples)
         return self._teaching
 
+    @python_names()
     def save_state(self, path: str | Path | None = None) -> None:
         """Save the adaptation state to ``path`` (default: the ``state`` it was opened with)."""
         target = path if path is not None else self.state
@@ -237,6 +245,7 @@ def _frame(
     )
 
 
+@python_names()
 def open_pipeline(
     bundle: str | Path | Bundle,
     method: str | None = None,

@@ -93,9 +93,15 @@ def _load_embeddings(path: Path, shape: list[int]) -> np.ndarray:
     return np.ascontiguousarray(embeddings, dtype=np.float32)
 
 
-def _load_classes(path: Path) -> tuple[list[str], list[str], list[str]]:
-    """classes.json: {"classes": [{"name": str, "domain": str}, ...], "domains": [str, ...]}."""
-    data = read_json(path, MAX_CLASSES_BYTES, BundleError, what=path.name)
+def _load_classes(path: Path, expected: int) -> tuple[list[str], list[str], list[str]]:
+    """classes.json: {"classes": [{"name": str, "domain": str}, ...], "domains": [str, ...]}.
+
+    A file of more than ``expected`` class entries (the text embeddings' rows) is refused
+    before its entries are built: counting its objects is a scan of the text.
+    """
+    # one object per class, the top object and its two lists
+    most = expected + 3
+    data = read_json(path, MAX_CLASSES_BYTES, BundleError, what=path.name, max_containers=most)
     if not isinstance(data, dict):
         raise BundleError(f"{path.name}: expected a JSON object, got {describe_value(data)}")
     entries, domains = data.get("classes"), data.get("domains")
@@ -166,7 +172,7 @@ class Bundle:
         if (path / onnx_name).stat().st_size == 0:
             raise BundleError(f"{onnx_name} is empty (0 bytes): not an ONNX model")
         embeddings = _load_embeddings(path / embeddings_name, manifest["text"]["shape"])
-        names, class_domains, domains = _load_classes(path / classes_name)
+        names, class_domains, domains = _load_classes(path / classes_name, embeddings.shape[0])
         if len(names) != embeddings.shape[0]:
             raise BundleError(
                 f"{classes_name} has {len(names)} classes, {embeddings_name} has "

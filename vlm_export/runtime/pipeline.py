@@ -24,6 +24,7 @@ from vlm_export.core.errors import BundleError, UserError
 from vlm_export.core.json_text import dumps, name_fields
 from vlm_export.core.labels import label_sources
 from vlm_export.core.manifest import ANCHORS_INPUT, CLS_OUTPUT, EMBEDDING_OUTPUT, FATE_OUTPUT
+from vlm_export.core.option_names import option
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.io.preprocess import ImageError, Preprocessor
@@ -89,7 +90,7 @@ class Pipeline:
         if stages.fusion and fusion is None:
             raise UserError(f"method {method} needs a RAIL fusion stage (a learned RAIL state)")
         if topk < 1:
-            raise UserError(f"--topk must be at least 1, got {topk}")
+            raise UserError(f"{option('topk')} must be at least 1, got {topk}")
         batch = int(bundle.manifest["engine"]["batch_size"])
         if batch != 1:
             raise BundleError(
@@ -264,7 +265,7 @@ def check_min_score(min_score: float | None) -> float | None:
     if isinstance(min_score, bool) or not isinstance(min_score, int | float):
         raise UserError(f"min_score must be a number from 0 to 1, got {type(min_score).__name__}")
     if not 0.0 <= float(min_score) <= 1.0:  # also refuses NaN
-        raise UserError(f"--min-score must be from 0 to 1 (a score), got {min_score:g}")
+        raise UserError(f"{option('min_score')} must be from 0 to 1 (a score), got {min_score:g}")
     return float(min_score)
 
 

@@ -15,6 +15,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from vlm_export.core import special_files
 from vlm_export.core.errors import UserError
 from vlm_export.core.json_text import dumps
 from vlm_export.runtime.io.sources import is_gstreamer
@@ -164,7 +165,7 @@ def open_output(path: str | None) -> Iterator[IO[str]]:
         yield sys.stdout
         return
     try:
-        handle = open(path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
+        handle = special_files.open_output(path, "w", encoding="utf-8", buffering=1)
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror}") from None
     try:

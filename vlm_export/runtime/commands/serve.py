@@ -25,6 +25,11 @@ from typing import Any
 from vlm_export.core.atomic import check_can_create
 from vlm_export.core.errors import UserError
 from vlm_export.core.paths import PathArg, check_paths, source_reads, tree_reads
+from vlm_export.core.special_files import (
+    check_regular,
+    clear_stop_request,
+    request_stop,
+)
 from vlm_export.runtime.commands import (
     BUNDLE,
     INTO,
@@ -306,6 +311,9 @@ def check_settings(settings: ServeSettings) -> None:
         ("--state-dir", state_file(settings.state_dir, name) if settings.state_dir else None)
         for name, _ in settings.sources
     ] + [("--shared-state", settings.shared_state)]
+    for role, path in states:
+        if path is not None:
+            check_regular(role, path)
     reads: list[tuple[str, Any]] = [*tree_reads("BUNDLE", settings.bundle)]
     for _, spec in settings.sources:
         reads += source_reads("--source", spec, is_media_file)
@@ -333,6 +341,7 @@ class _Stop:
 
     def __call__(self, signum: int, frame: Any) -> None:
         self.signal = signum
+        request_stop()  # a wait for a FIFO's reader (--events jsonl:FIFO) ends too
         if self.server is not None:
             if self.server.should_exit:
                 self.server.force_exit = True
@@ -351,6 +360,7 @@ def _signals(stop: _Stop) -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        clear_stop_request()
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -369,6 +379,7 @@ def _serve(settings: ServeSettings, stop: _Stop) -> int:
     import uvicorn
 
     from vlm_export.runtime.serve.app import create_app
+    from vlm_export.runtime.serve.protocol import http_protocol
     from vlm_export.runtime.serve.service import Service
 
     class Server(uvicorn.Server):
@@ -388,7 +399,9 @@ def _serve(settings: ServeSettings, stop: _Stop) -> int:
         if service.budget is not None:
             status(f"budget: {service.budget.reason}")
         app = create_app(service, settings)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        config = uvicorn.Config(
+            app, log_level="warning", access_log=False, lifespan="off", http=http_protocol()
+        )
         server = Server(config)
         stop.server = server
         service.start()

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import onnx_engines, tensorrt_engines
+from vlm_export.core.option_names import option, option_value
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.bench_record import best_recorded
 from vlm_export.runtime.engines.parity import BundleGraph
@@ -37,7 +38,7 @@ def _open_tensorrt(bundle: Bundle) -> EngineBackend:
     except ImportError as exc:
         raise UserError(
             f'the TensorRT backend is not available ({exc}); pip install ".[tensorrt]" on a '
-            "device with TensorRT, or use --backend onnxruntime"
+            f"device with TensorRT, or use {option_value('backend', 'onnxruntime')}"
         ) from None
     return module.TensorRTBackend(bundle)
 
@@ -143,11 +144,14 @@ def open_backend(
         raise UserError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
     if backend == "openvino":
         if providers:
-            raise UserError("--providers applies to the onnxruntime backend only")
+            raise UserError(f"{option('providers')} applies to the onnxruntime backend only")
         return _open_openvino(bundle, precision, threads, fallback)
     if backend == "tensorrt":
         if providers or threads is not None:
-            raise UserError("--providers and --threads apply to the onnxruntime backend only")
+            raise UserError(
+                f"{option('providers')} and {option('threads')} apply to the onnxruntime backend "
+                "only"
+            )
         if precision is not None:
             raise UserError("the tensorrt backend runs the engine the bundle lists for this GPU")
         return _open_tensorrt(bundle)

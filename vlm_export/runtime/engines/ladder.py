@@ -19,6 +19,7 @@ import numpy as np
 
 from vlm_export.core.errors import BundleError, UserError
 from vlm_export.core.manifest import IMAGE_INPUT
+from vlm_export.core.option_names import option
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.bench_record import recorded_rungs
 from vlm_export.runtime.engines.budget import BudgetController, choose_rung
@@ -247,7 +248,7 @@ class BudgetRun:
         way = "down" if rung > before.index else "up"
         return (
             f"budget {way}: {before.label} -> {self.ladder.rung.label} (moving p90 against "
-            f"--target-ms {self.controller.target:g})"
+            f"{option('target_ms')} {self.controller.target:g})"
         )
 
 
@@ -264,7 +265,9 @@ def start_budget(
     UserError in one line when nothing is recorded and ``measure_first`` is off.
     """
     if not target_ms > 0:
-        raise UserError(f"--target-ms must be a positive number of milliseconds, got {target_ms}")
+        raise UserError(
+            f"{option('target_ms')} must be a positive number of milliseconds, got {target_ms}"
+        )
     rows = recorded_rungs(bundle.path, bundle.fingerprint, ladder.backend_name)
     if rows is not None and len(rows) != len(ladder.rungs):
         rows = None
@@ -277,8 +280,9 @@ def start_budget(
         where = f"measured now over {MEASURE_ROUNDS} rounds (not recorded: vlm-edge bench keeps it)"
     else:
         raise UserError(
-            f"--target-ms needs this device's rung latencies ({ladder.backend_name}): run "
-            "`vlm-edge bench BUNDLE` first, or add --measure to time the rungs before running"
+            f"{option('target_ms')} needs this device's rung latencies ({ladder.backend_name}): "
+            f"run `vlm-edge bench BUNDLE` first, or add {option('measure')} to time the rungs "
+            "before running"
         )
     choice = choose_rung(p90, [rung.drop_rate for rung in ladder.rungs], target_ms)
     ladder.select(choice.index)
@@ -320,10 +324,13 @@ def open_budgeted(
     ``measure_first`` need a target; a one-engine bundle cannot take any of them.
     """
     if (adapt or measure_first) and target_ms is None:
-        raise UserError("--adapt-budget and --measure need --target-ms MS")
+        raise UserError(
+            f"{option('adapt_budget')} and {option('measure')} need {option('target_ms', 'MS')}"
+        )
     if not ladder_rungs(bundle.manifest):
         raise UserError(
-            "--target-ms needs a ladder bundle (vlm-export --drop-rates 0,0.035,0.06,0.1); "
+            f"{option('target_ms')} needs a ladder bundle (vlm-export --drop-rates "
+            "0,0.035,0.06,0.1); "
             "this bundle has one engine"
         )
     ladder = open_ladder(bundle, backend, providers, threads, precision)

@@ -22,6 +22,7 @@ import numpy as np
 from vlm_export.core.errors import BundleError, UserError
 from vlm_export.core.interrupts import ctrl_c_noticed, interrupted
 from vlm_export.core.manifest import ANCHORS_INPUT, ANCHORS_VALID_INPUT, IMAGE_INPUT
+from vlm_export.core.option_names import option
 from vlm_export.runtime.engines.base import EngineBackend, check_anchor_shapes
 
 if TYPE_CHECKING:
@@ -194,7 +195,7 @@ class OnnxRuntimeBackend(EngineBackend):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
             if threads < 1:
-                raise UserError(f"--threads must be at least 1, got {threads}")
+                raise UserError(f"{option('threads')} must be at least 1, got {threads}")
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         for name, value in (initializers or {}).items():  # shared with other sessions (ladder)

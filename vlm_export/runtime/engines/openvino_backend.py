@@ -27,6 +27,7 @@ from vlm_export.core.manifest import (
     CONDENSATION_NODE_PREFIXES,
     IMAGE_INPUT,
 )
+from vlm_export.core.option_names import option
 from vlm_export.runtime.engines.base import EngineBackend, check_anchor_shapes
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ class OpenVinoBackend(EngineBackend):
         }
         if threads is not None:
             if threads < 1:
-                raise UserError(f"--threads must be at least 1, got {threads}")
+                raise UserError(f"{option('threads')} must be at least 1, got {threads}")
             config["INFERENCE_NUM_THREADS"] = str(threads)
         try:
             self.compiled = core.compile_model(model, "CPU", config)

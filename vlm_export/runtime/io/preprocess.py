@@ -32,6 +32,7 @@ used as they are, exactly as open_clip does (see ``to_8bit``).
 from __future__ import annotations
 
 import errno
+import os
 import stat
 import threading
 import warnings
@@ -191,6 +192,11 @@ def load_image(
     one fits, see the module docstring), each side against ``MAX_SIDE``, the aspect ratio
     against ``max_aspect``. PIL's own decompression-bomb limit gives way to these.
     """
+    text = os.fspath(path)
+    if not text:
+        raise ImageError("cannot read an image from an empty path: give an image file's path")
+    if "\x00" in text:
+        raise ImageError(f"cannot read image {text!r}: a path cannot hold a NUL character")
     path = Path(path)
     problem = file_problem(path)
     if problem:

@@ -35,12 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from vlm_export.core.errors import UserError
+from vlm_export.core.json_input import read_text
 from vlm_export.runtime.io.preprocess import CROP_MODES, DEFAULT_MAX_PIXELS
 from vlm_export.runtime.io.sources import SourceOptions, parse_size
 from vlm_export.runtime.pipeline import check_min_score
 
 SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NAME_CHARS = 80  # longest user string echoed in a message
+MAX_CONFIG_BYTES = 1 << 20  # a --config file: a few dozen lines in practice
 
 
 def shown(text: object) -> str:
@@ -182,15 +184,17 @@ def _toml_module() -> Any:
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """The TOML file as a dict (UserError for a missing or malformed file)."""
+    """The TOML file as a dict (UserError, one line, for a missing, malformed or too deeply
+    nested file, one that is not UTF-8, larger than MAX_CONFIG_BYTES or not a regular file)."""
     toml = _toml_module()
+    what = f"--config {shown(path)}"
+    text = read_text(path, MAX_CONFIG_BYTES, UserError, what)
     try:
-        with open(path, "rb") as handle:
-            return toml.load(handle)
-    except OSError as exc:
-        raise UserError(f"cannot read --config {shown(path)}: {exc.strerror or exc}") from None
+        return toml.loads(text)
     except toml.TOMLDecodeError as exc:
-        raise UserError(f"--config {shown(path)} is not valid TOML: {exc}") from None
+        raise UserError(f"{what} is not valid TOML: {exc}") from None
+    except RecursionError:  # the parser recurses once per level of [[[...]]]
+        raise UserError(f"{what} is nested too deeply: not a configuration") from None
 
 
 _FIELDS = {item.name: item for item in dataclasses.fields(ServeSettings)}

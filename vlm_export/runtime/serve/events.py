@@ -28,6 +28,7 @@ from typing import Any
 
 from vlm_export.core.errors import UserError
 from vlm_export.core.json_text import dumps
+from vlm_export.core.special_files import open_output
 from vlm_export.runtime.mqtt import connect, paho_client, parse_mqtt_url
 from vlm_export.runtime.pipeline import utc_now
 from vlm_export.runtime.serve.config import shown
@@ -125,7 +126,7 @@ class JsonlSink(QueuedSink):
         super().__init__(metrics)
         self.path = Path(path)
         try:
-            self._handle = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            self._handle = open_output(self.path, "a", encoding="utf-8", buffering=1)
         except OSError as exc:
             raise UserError(f"cannot write --events {shown(path)}: {exc.strerror}") from None
 
