@@ -46,6 +46,8 @@ NON_PATH = {
     "--bind",  # vlm-edge serve: an address
     "--token",  # vlm-edge serve: a secret
     "--seed",  # eval-tta: a whole number >= 0 (its own parser)
+    "--min-score",  # vlm-edge serve: a number from 0 to 1 or 'auto' (its own parser)
+    "--fleet",  # vlm-edge serve: an mqtt:// URL
 }
 
 
