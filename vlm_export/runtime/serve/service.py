@@ -692,7 +692,7 @@ def _open_engine(bundle: Bundle, settings: ServeSettings) -> tuple[Any, BudgetRu
     if not runs_ladder(bundle, s.backend, s.precision, s.target_ms, s.adapt_budget, s.measure):
         engine = open_backend(
             bundle, s.backend, providers, s.threads, precision=s.precision,
-            fallback=s.precision_fallback,
+            fallback=s.precision_fallback, allow_drift=s.allow_drift,
         )  # fmt: skip
         return engine, None
     return open_budgeted(
@@ -704,4 +704,5 @@ def _open_engine(bundle: Bundle, settings: ServeSettings) -> tuple[Any, BudgetRu
         target_ms=s.target_ms,
         adapt=s.adapt_budget,
         measure_first=s.measure,
+        allow_drift=s.allow_drift,
     )
