@@ -299,12 +299,12 @@ def describe_check(manifest: dict[str, Any]) -> list[str]:
     """The check as ``vlm-edge info`` shows it: the record, and the bound per precision."""
     section = reference_section(manifest)
     if section is None:
-        return ["no reference record (exported before the check existed): skipped at open"]
+        return ["none recorded (exported before the engine check): the check at open is skipped"]
     graphs = [str(r.get("graph")) for r in section.get("records") or [] if isinstance(r, dict)]
     bounds = ", ".join(f"{name} {bound}" for name, bound in PRECISION_BOUNDS.items())
     return [
-        f"{section.get('images')} reference images ({section.get('generator', GENERATOR)}) "
-        f"recorded for {', '.join(graphs)} by {section.get('runtime')}",
-        f"at open: cosine to the record >= {bounds} (else refused, or --allow-drift warns); "
+        f"embeddings of {section.get('images')} synthetic images for {', '.join(graphs)} "
+        f"({section.get('runtime')})",
+        f"checked at open: cosine to them >= {bounds}, else refused (--allow-drift: a warning); "
         "a collapsed engine is always refused",
     ]
