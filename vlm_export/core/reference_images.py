@@ -42,7 +42,7 @@ def _hash_unit(height: int, width: int, channels: int, seed: int) -> np.ndarray:
 def reference_pixels(
     height: int, width: int, count: int = REFERENCE_COUNT, seed: int = REFERENCE_SEED
 ) -> np.ndarray:
-    """The reference images as RGB in [0, 1]: float32 [count, H, W, 3] (count <= 4)."""
+    """The reference images as RGB in [0, 1] (multiples of 1/255): float32 [count, H, W, 3]."""
     if not 1 <= count <= 4:
         raise ValueError(f"1 to 4 reference images, not {count}")
     y = np.linspace(0.0, 1.0, height)[:, None]
@@ -61,8 +61,9 @@ def reference_pixels(
         axis=-1,
     )
     noise = _hash_unit(height, width, 3, seed)
-    images = np.stack([gradient, checker, blobs, noise])[:count]
-    return np.clip(images, 0.0, 1.0).astype(np.float32)
+    images = np.clip(np.stack([gradient, checker, blobs, noise])[:count], 0.0, 1.0)
+    # in 8-bit steps, as a camera gives them (and a last-bit difference of sin() disappears)
+    return (np.round(images * 255.0) / 255.0).astype(np.float32)
 
 
 def reference_inputs(
