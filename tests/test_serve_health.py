@@ -130,3 +130,25 @@ def test_one_source_retrying_is_degraded_not_down(folders) -> None:
         body = response.json()
         assert body["status"] == "degraded" and body["degraded"] == ["yard"]
         assert body["reasons"]["yard"].startswith("retrying: ")
+
+
+def test_serve_refuses_a_drifted_engine_unless_allowed(folders, tmp_path) -> None:
+    """The check at open applies to serve too; --allow-drift (flag or config key) runs it."""
+    from fakebundle import drift_encoder
+
+    from vlm_export.runtime.cli import build_parser
+    from vlm_export.runtime.commands import serve as command
+    from vlm_export.runtime.engines.reference import EngineDriftError
+
+    bundle = drift_encoder(make_bundle(tmp_path / "drifted", method="tca", reference=True))
+    sources = {"front": folders["moving"]}
+    with pytest.raises(EngineDriftError, match="drifted .* pass --allow-drift"):
+        open_service(bundle, sources, tmp_path / "states")
+    with open_service(bundle, sources, tmp_path / "states", allow_drift=True) as service:
+        assert service.source_names() == ["front"]
+    argv = ["serve", str(bundle), "--source", f"front={folders['moving']}", "--allow-drift"]
+    assert command.settings_from(build_parser().parse_args(argv), environ={}).allow_drift
+    config = tmp_path / "serve.toml"
+    config.write_text(f'bundle = "{bundle}"\nallow-drift = true\n', encoding="utf-8")
+    argv = ["serve", "--config", str(config), "--source", f"front={folders['moving']}"]
+    assert command.settings_from(build_parser().parse_args(argv), environ={}).allow_drift
