@@ -53,7 +53,7 @@ from vlm_export.runtime.rail.models import open_fusion
 from vlm_export.runtime.serve.config import ServeSettings, shown
 from vlm_export.runtime.serve.events import Events, open_sink
 from vlm_export.runtime.serve.metrics import ServeMetrics
-from vlm_export.runtime.serve.watch import CollapseWatch, frame_fingerprint
+from vlm_export.runtime.serve.watch import SourceWatches
 from vlm_export.runtime.serve.workers import Opener, SourceWorker
 from vlm_export.runtime.tca.stage import build_reservoir, save_reservoir
 
@@ -152,7 +152,7 @@ class Service:
             self.metrics.add_source(name)
             self.workers[name] = self._worker(name, spec, opener or self._opener(name))
         self.metrics.watch_reservoirs(self._reservoir_fill)
-        self.watches = {name: CollapseWatch() for name in self.workers}  # engine output collapse
+        self.watches = SourceWatches(list(self.workers), self.metrics, self.events)
         self._threads: list[threading.Thread] = []
         self._running = False
         self._stopped = False
@@ -383,34 +383,12 @@ class Service:
             for stage, ms in result.timings.items():
                 self.metrics.latency.labels(source=name, stage=stage).observe(ms / 1000.0)
             self.events.decision(name, record)
-            self._watch(name, frame, result)
+            self.watches.on_frame(name, stats.seq, frame, result)
         with self._views:
             stats.seq += 1
             stats.view = (frame, result)
             stats.jpeg = {}
             self._views.notify_all()
-
-    def _watch(self, name: str, frame: Frame, result: FrameResult) -> None:
-        """Feed the source's collapse watch; say when its engine output collapses or recovers."""
-        watch = self.watches[name]
-        if result.embedding is None:
-            return
-        was = watch.collapsed
-        fingerprint = frame_fingerprint(frame.data)
-        reason = watch.observe(result.embedding, result.label, result.score, fingerprint)
-        if reason is not None:
-            log.warning("source %s: engine output collapsed: %s", name, reason)
-            self.metrics.collapsed.labels(source=name).set(1)
-            self.metrics.collapses.labels(source=name).inc()
-            self.events.alert(name, "collapsed", reason)
-        elif was and not watch.collapsed:
-            log.warning("source %s: engine output varies again", name)
-            self.metrics.collapsed.labels(source=name).set(0)
-            self.events.alert(name, "recovered")
-
-    def collapsed_sources(self) -> dict[str, str]:
-        """Sources whose engine output collapsed, with the reason."""
-        return {name: w.reason for name, w in self.watches.items() if w.reason is not None}
 
     def _checkpoints(self) -> None:
         while not self._stop.wait(self.settings.checkpoint_every):
@@ -498,7 +476,7 @@ class Service:
                     "failures": worker.failures,
                     "reconnects": worker.reconnects,
                     "reservoir_fill": fill[name][0] if name in fill else None,
-                    "collapsed": self.watches[name].reason,
+                    "collapsed": self.watches.reason(name),
                     "last": None
                     if last is None
                     else {

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import logging
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 #: frames a verdict looks at (3 s at 10 frames/s)
 DEFAULT_WINDOW = 30
@@ -109,3 +112,44 @@ class CollapseWatch:
         if len(labels) == 1 and steady and not saturated:
             return f"the same decision (label {labels.pop()}, score {scores[0]:.6f})"
         return None
+
+
+class SourceWatches:
+    """A :class:`CollapseWatch` per source, wired to the service: a warning line, the metrics
+    ``source_collapsed`` / ``source_collapses_total`` and a ``collapsed`` or ``recovered`` event.
+
+    ``on_frame(source, seq, frame, result)`` takes each decided frame (a scheduler frame
+    listener); ``reasons()`` is read by ``/healthz`` and ``/v1/sources``.
+    """
+
+    def __init__(self, names: list[str], metrics: Any, events: Any) -> None:
+        self.watches = {name: CollapseWatch() for name in names}
+        self.metrics = metrics
+        self.events = events
+
+    def on_frame(self, name: str, seq: int, frame: Any, result: Any) -> None:
+        """Feed one decided frame (``result`` None, or without an embedding, is skipped)."""
+        watch = self.watches.get(name)
+        if watch is None or result is None or result.embedding is None:
+            return
+        was = watch.collapsed
+        fingerprint = frame_fingerprint(frame.data)
+        reason = watch.observe(result.embedding, result.label, result.score, fingerprint)
+        if reason is not None:
+            log.warning("source %s: engine output collapsed: %s", name, reason)
+            self.metrics.collapsed.labels(source=name).set(1)
+            self.metrics.collapses.labels(source=name).inc()
+            self.events.alert(name, "collapsed", reason)
+        elif was and not watch.collapsed:
+            log.warning("source %s: engine output varies again", name)
+            self.metrics.collapsed.labels(source=name).set(0)
+            self.events.alert(name, "recovered")
+
+    def reason(self, name: str) -> str | None:
+        """Why ``name`` counts as collapsed, None while it does not."""
+        watch = self.watches.get(name)
+        return None if watch is None else watch.reason
+
+    def reasons(self) -> dict[str, str]:
+        """The collapsed sources, with the reason."""
+        return {name: w.reason for name, w in self.watches.items() if w.reason is not None}

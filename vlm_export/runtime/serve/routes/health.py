@@ -24,7 +24,7 @@ router = APIRouter(tags=["health"])
 
 def _troubles(service: Any) -> dict[str, str]:
     """Sources that are retrying or collapsed, with the reason (collapse first)."""
-    troubles = {name: f"collapsed: {why}" for name, why in service.collapsed_sources().items()}
+    troubles = {name: f"collapsed: {why}" for name, why in service.watches.reasons().items()}
     for name, worker in service.workers.items():
         if worker.state == "retrying" and name not in troubles:
             troubles[name] = f"retrying: {cut(worker.last_error or 'the source failed', 200)}"
