@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from vlm_export.core import manifest as mf
+from vlm_export.runtime.engines.reference import record_reference
 
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -122,8 +123,13 @@ def make_bundle(
     embed: int = 8,
     untrained: bool = False,
     seed: int = 0,
+    reference: bool = False,
 ) -> Path:
-    """Write a complete, valid bundle (6 classes in 2 domains) into ``folder`` and return it."""
+    """Write a complete, valid bundle (6 classes in 2 domains) into ``folder`` and return it.
+
+    ``reference`` records the reference images' embeddings, as the exporter does (the engine
+    check at open then runs; without it the check is skipped, as for an older bundle).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     names = [(name, domain) for domain, members in DOMAINS.items() for name in members]
@@ -233,13 +239,61 @@ def make_bundle(
             },
             "rail": {},
         },
-        "files": {
-            name: mf.file_record(folder / name)
-            for name in (mf.IMAGE_ENCODER_ONNX, mf.TEXT_EMBEDDINGS, mf.CLASSES_FILE)
-        },
     }
+    names = [mf.IMAGE_ENCODER_ONNX, mf.TEXT_EMBEDDINGS, mf.CLASSES_FILE]
+    if reference:
+        manifest["reference"] = record_reference(folder, manifest, [mf.IMAGE_ENCODER_ONNX])
+        names.append(manifest["reference"]["records"][0]["file"])
+    manifest["files"] = {name: mf.file_record(folder / name) for name in names}
     mf.validate_manifest(manifest)
     (folder / mf.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    return folder
+
+
+def _replace_encoder(folder: Path, model: onnx.ModelProto) -> None:
+    """Save ``model`` as the bundle's image encoder and rehash it in the manifest."""
+    onnx.checker.check_model(model)
+    onnx.save(model, folder / mf.IMAGE_ENCODER_ONNX)
+    path = folder / mf.MANIFEST_NAME
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest["files"][mf.IMAGE_ENCODER_ONNX] = mf.file_record(folder / mf.IMAGE_ENCODER_ONNX)
+    path.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+
+
+def collapse_encoder(folder: str | Path) -> Path:
+    """Make the bundle's image encoder collapse: the image becomes ``image * 0 + 0.5`` before
+    anything reads it, so every image gives the same finite embedding (it runs without error)."""
+    folder = Path(folder)
+    model = onnx.load(folder / mf.IMAGE_ENCODER_ONNX)
+    graph = model.graph
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.zeros((), np.float32), "collapse_zero"),
+            numpy_helper.from_array(np.full((), 0.5, np.float32), "collapse_grey"),
+        ]
+    )
+    for node in graph.node:
+        node.input[:] = ["image_collapsed" if name == "image" else name for name in node.input]
+    graph.node.insert(0, helper.make_node("Mul", ["image", "collapse_zero"], ["image_zero"]))
+    graph.node.insert(
+        1, helper.make_node("Add", ["image_zero", "collapse_grey"], ["image_collapsed"])
+    )
+    _replace_encoder(folder, model)
+    return folder
+
+
+def drift_encoder(folder: str | Path, scale: float = 0.5, seed: int = 7) -> Path:
+    """Perturb the projection of the bundle's image encoder: embeddings move away from the
+    recorded ones (cosine well under the fp32 bound) but still differ from image to image."""
+    folder = Path(folder)
+    model = onnx.load(folder / mf.IMAGE_ENCODER_ONNX)
+    for index, tensor in enumerate(model.graph.initializer):
+        if tensor.name == "proj":
+            weight = numpy_helper.to_array(tensor)
+            noise = np.random.default_rng(seed).standard_normal(weight.shape).astype(np.float32)
+            moved = weight + scale * noise * float(np.std(weight))
+            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(moved, "proj"))
+    _replace_encoder(folder, model)
     return folder
 
 

@@ -70,6 +70,7 @@ def test_tca_export_writes_a_complete_bundle(tmp_path, classes, capsys):
         "classes.json",
         "text_encoder.onnx",  # the text engine and its vocabulary (on by default)
         "bpe_simple_vocab_16e6.txt.gz",
+        "image_encoder.reference.npy",  # the reference images' embeddings (the check at open)
     }
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary leftovers"
 

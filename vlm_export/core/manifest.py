@@ -64,6 +64,10 @@ The manifest's JSON Schema, ``manifest.schema.json`` next to this module, docume
                        [{"drop_rate", "onnx", "schedule", "tokens_per_block", "gflops",
                        "parity"}, ...]}: one graph per rung, largest budget first (rung 0 is
                        engine.onnx), all reading their weights from the one shared file
+    reference         optional: {"images": N, "generator", "seed", "runtime", "records": [{"graph":
+                       ONNX file, "file": .npy file [N, E], "precision": "fp32"}, ...]}: the
+                       embeddings of the fixed reference images (core.reference_images) per
+                       fp32 graph, which an engine is checked against when it opens
     adaptation        {"tca": {...reservoir defaults...}, "rail": {...adapter defaults...}}
     files             {file name: {"sha256": hex, "bytes": int}} for every other file in the bundle;
                       names are plain file names inside the bundle folder (no "/", "\\" or "..")

@@ -42,6 +42,7 @@ from vlm_export.models.condensing_tower import CondensingVisionTower
 from vlm_export.models.flops import closed_form_gflops, drop_rate_for_gflops, flops_report
 from vlm_export.models.loading import LoadedClip, load_clip
 from vlm_export.models.schedule import CondensationConfig, ScheduleError, anchor_layers
+from vlm_export.runtime.engines.reference import record_reference
 from vlm_export.runtime.text.class_lists import shared_class_names, union_labels
 from vlm_export.runtime.text.templates import load_templates
 
@@ -344,7 +345,7 @@ def export_bundle(options: ExportOptions) -> Path:
                 "domains": domains,
             },
         )
-        return {
+        manifest = {
             "format": FORMAT,
             "schema_version": SCHEMA_VERSION,
             "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -386,6 +387,9 @@ def export_bundle(options: ExportOptions) -> Path:
             **text_sections,
             **_ladder_section(towers, parities, weights),
         }
+        graphs = [rung_file(index) for index in range(len(towers))]
+        manifest["reference"] = record_reference(folder, manifest, graphs)
+        return manifest
 
     out = write_bundle(options.out, options.overwrite, populate)
     progress.done(str(out))

@@ -261,6 +261,7 @@ def open_pipeline(
     target_ms: float | None = None,
     adapt_budget: bool = False,
     measure: bool = False,
+    allow_drift: bool = False,
     examples: str | Path | None = None,
 ) -> EdgePipeline:
     """Open a bundle for classification, with ``vlm-edge run``'s defaults.
@@ -276,6 +277,10 @@ def open_pipeline(
     budget whose p90 recorded by ``vlm-edge bench`` meets it (``measure``: time the rungs now if
     none is recorded); ``adapt_budget`` switches rungs while running. ``pipeline.budget.reason``
     says which rung and why; each result's ``drop_rate`` is the rung it ran on.
+
+    The engine runs the bundle's reference images when it opens and is refused (a UserError)
+    when its embeddings drifted from the bundle's record or collapsed; ``allow_drift`` runs a
+    drifted one with a logged warning (docs/precision.md).
 
     ``examples`` is the SQLite file that ``pipeline.teach`` keeps taught examples in (resumed
     when it exists); without it they live in memory.
@@ -319,11 +324,12 @@ def open_pipeline(
             target_ms=target_ms,
             adapt=adapt_budget,
             measure_first=measure,
+            allow_drift=allow_drift,
         )
         if budget is not None:
             log.info("budget: %s", budget.reason)
     else:
-        engine = open_backend(bundle, backend, providers, threads)
+        engine = open_backend(bundle, backend, providers, threads, allow_drift=allow_drift)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(engine.close)  # closed again only if the pipeline cannot be built
         pipeline = Pipeline(

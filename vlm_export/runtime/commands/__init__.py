@@ -73,6 +73,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run fp32 when the CPU lacks the requested bf16 (default: refuse)",
     )
+    add_drift_argument(parser)
     add_verify_arguments(parser)
     parser.add_argument(
         "--quiet", action="store_true", help="no progress line (shown when stderr is a terminal)"
@@ -84,6 +85,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="refuse images larger than N pixels before decoding them (default "
         f"{DEFAULT_MAX_PIXELS:,}; 0 = no limit)",
+    )
+
+
+def add_drift_argument(parser: argparse.ArgumentParser) -> None:
+    """--allow-drift: run an engine whose reference embeddings drifted, with a warning."""
+    parser.add_argument(
+        "--allow-drift",
+        action="store_true",
+        help="run the engine even when its embeddings of the bundle's reference images fall "
+        "below its precision's cosine bound (a warning instead of a refusal; a collapsed "
+        "engine is refused anyway)",
     )
 
 
@@ -223,4 +235,5 @@ def open_engine(bundle: Bundle, args: argparse.Namespace) -> EngineBackend:
         thread_count(args.threads),
         precision=getattr(args, "precision", None),
         fallback=getattr(args, "precision_fallback", False),
+        allow_drift=bool(getattr(args, "allow_drift", False)),
     )

@@ -28,6 +28,7 @@ from vlm_export.runtime.commands import (
     BUNDLE,
     OUT,
     SOURCE,
+    add_drift_argument,
     add_verify_arguments,
     status,
     verify_mode,
@@ -91,6 +92,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--no-record", action="store_true", help="do not record the results beside the bundle"
     )
+    add_drift_argument(parser)
     add_verify_arguments(parser)
     return parser
 
@@ -123,14 +125,19 @@ def _candidates(backends: list[str], precisions: list[str]) -> list[tuple[str, s
     return pairs
 
 
-def _open(bundle: Bundle, backend: str, precision: str, threads: int | None):
+def _open(bundle: Bundle, backend: str, precision: str, threads: int | None, drift: bool = False):
     if backend == "tensorrt":
-        return open_backend(bundle, "tensorrt")
+        return open_backend(bundle, "tensorrt", allow_drift=drift)
     if backend == "onnxruntime":
         return open_backend(
-            bundle, backend, list(REFERENCE_PROVIDERS), threads, precision=precision
+            bundle,
+            backend,
+            list(REFERENCE_PROVIDERS),
+            threads,
+            precision=precision,
+            allow_drift=drift,
         )
-    return open_backend(bundle, backend, threads=threads, precision=precision)
+    return open_backend(bundle, backend, threads=threads, precision=precision, allow_drift=drift)
 
 
 def open_baseline(bundle: Bundle, path: str, verify: str) -> Bundle:
@@ -196,7 +203,12 @@ def measure_bundle(
     with contextlib.ExitStack() as stack:
         watch = measure.MemoryWatch()
         reference = open_backend(
-            bundle, "onnxruntime", list(REFERENCE_PROVIDERS), args.threads, precision="fp32"
+            bundle,
+            "onnxruntime",
+            list(REFERENCE_PROVIDERS),
+            args.threads,
+            precision="fp32",
+            allow_drift=args.allow_drift,
         )
         stack.callback(reference.close)
         cases = measure.reference_runs(reference, images, bundle.manifest)
@@ -211,7 +223,7 @@ def measure_bundle(
                 try:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        engine = _open(bundle, backend, precision, args.threads)
+                        engine = _open(bundle, backend, precision, args.threads, args.allow_drift)
                 except (UserError, RuntimeError) as exc:
                     row.update(passed=False, skipped=" ".join(str(exc).split()))
                     continue
@@ -276,7 +288,9 @@ def _measure_rungs(
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    ladder = open_ladder(bundle, backend, threads=args.threads)
+                    ladder = open_ladder(
+                        bundle, backend, threads=args.threads, allow_drift=args.allow_drift
+                    )
             except (UserError, RuntimeError):
                 continue
             stack.callback(ladder.close)

@@ -10,6 +10,7 @@ from vlm_export.core.json_text import dumps
 from vlm_export.core.manifest import onnx_engines, tensorrt_engines
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import BUNDLE, add_verify_arguments, format_bytes, verify_mode
+from vlm_export.runtime.engines.reference import describe_check
 from vlm_export.runtime.tca.stage import check_reservoir_fits
 
 LABEL_WIDTH = 12
@@ -182,6 +183,7 @@ def describe(bundle: Bundle) -> list[str]:
         ("preprocess", _preprocess(manifest["preprocess"])),
         ("classes", _classes(bundle)),
         ("engine", _engines(manifest)),
+        ("reference", describe_check(manifest)),
         ("text engine", _text_engine(manifest)),
         ("adaptation", _adaptation(manifest["adaptation"])),
         (

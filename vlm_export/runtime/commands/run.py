@@ -239,6 +239,7 @@ def _open_backend(bundle: Bundle, args: argparse.Namespace) -> tuple[Any, Budget
         target_ms=args.target_ms,
         adapt=bool(args.adapt_budget),
         measure_first=bool(args.measure),
+        allow_drift=bool(args.allow_drift),
     )
 
 

@@ -90,6 +90,7 @@ FLAG_FIELDS = (
     "threads",
     "precision",
     "precision_fallback",
+    "allow_drift",
     "no_verify",
     "quiet",
     "max_pixels",
@@ -215,6 +216,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         no_verify=None,
         quiet=None,
         precision_fallback=None,
+        allow_drift=None,
     )
     return parser
 

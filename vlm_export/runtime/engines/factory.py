@@ -13,6 +13,7 @@ from vlm_export.core.option_names import option, option_value
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.bench_record import best_recorded
 from vlm_export.runtime.engines.parity import BundleGraph
+from vlm_export.runtime.engines.reference import check_engine
 from vlm_export.runtime.engines.select import IMAGE_ROLE, engines_of_role
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ def _open_recorded(bundle: Bundle, threads: int | None) -> EngineBackend | None:
         return None
     precision = None if choice.backend == "tensorrt" else choice.precision
     try:
-        opened = open_backend(bundle, choice.backend, threads=threads, precision=precision)
+        opened = _open(bundle, choice.backend, threads=threads, precision=precision)
     except (UserError, RuntimeError) as exc:
         log.warning(
             "bench recorded %s %s as fastest, but it cannot be opened now (%s); choosing as "
@@ -125,6 +126,7 @@ def open_backend(
     threads: int | None = None,
     precision: str | None = None,
     fallback: bool = False,
+    allow_drift: bool = False,
 ) -> EngineBackend:
     """Open the engine of ``bundle`` with the chosen backend.
 
@@ -137,7 +139,29 @@ def open_backend(
     there and notes why. ``precision`` picks fp32/bf16/int8 (see BACKEND_PRECISIONS; ``fallback``
     lets an unavailable bf16 run fp32). Backends are imported only when used; a missing one is a
     UserError naming the extra to install.
+
+    The opened engine runs the bundle's reference images and is refused (EngineDriftError) when
+    its embeddings drifted from the bundle's record beyond its precision's bound, unless
+    ``allow_drift`` (then a warning), or collapsed (always); see ``engines.reference``.
     """
+    opened = _open(bundle, backend, providers, threads, precision, fallback)
+    try:
+        check_engine(bundle, opened, allow_drift)
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+def _open(
+    bundle: Bundle,
+    backend: str,
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+    precision: str | None = None,
+    fallback: bool = False,
+) -> EngineBackend:
+    """``open_backend`` without the reference check."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if precision is not None and precision not in PRECISIONS:

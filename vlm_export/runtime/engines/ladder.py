@@ -23,6 +23,7 @@ from vlm_export.core.option_names import option
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.bench_record import recorded_rungs
 from vlm_export.runtime.engines.budget import BudgetController, choose_rung
+from vlm_export.runtime.engines.reference import check_engine
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
@@ -158,10 +159,12 @@ def open_ladder(
     precision: str | None = None,
     start: int = 0,
     share_memory: bool = True,
+    allow_drift: bool = False,
 ) -> LadderBackend:
     """Open every rung of a ladder bundle with one backend (``auto``: ONNX Runtime).
 
-    ``share_memory`` hands ONNX Runtime sessions the one mapping of the weights file.
+    ``share_memory`` hands ONNX Runtime sessions the one mapping of the weights file. Each rung
+    runs the reference images against its own record (``engines.reference.check_engine``).
     """
     from vlm_export.runtime.engines.factory import graph_view
 
@@ -203,11 +206,17 @@ def open_ladder(
                 )
                 engine.shared = shared  # type: ignore[attr-defined]  # keeps the mapping alive
                 engines.append(engine)
+        notes = []
+        for rung, engine in zip(rungs, engines, strict=True):
+            check_engine(bundle, engine, allow_drift, graph=rung.onnx)
+            notes += [n for n in getattr(engine, "notes", []) if n not in notes]
     except BaseException:
         for engine in engines:
             engine.close()
         raise
-    return LadderBackend(rungs, engines, start)
+    ladder = LadderBackend(rungs, engines, start)
+    ladder.notes = notes
+    return ladder
 
 
 #: rounds per rung when --measure times the rungs before running
@@ -317,6 +326,7 @@ def open_budgeted(
     target_ms: float | None = None,
     adapt: bool = False,
     measure_first: bool = False,
+    allow_drift: bool = False,
 ) -> tuple[LadderBackend, BudgetRun | None]:
     """A ladder bundle's rungs, started for ``target_ms`` when given (``run`` / ``serve`` / API).
 
@@ -333,7 +343,7 @@ def open_budgeted(
             "0,0.035,0.06,0.1); "
             "this bundle has one engine"
         )
-    ladder = open_ladder(bundle, backend, providers, threads, precision)
+    ladder = open_ladder(bundle, backend, providers, threads, precision, allow_drift=allow_drift)
     if target_ms is None:
         return ladder, None
     try:

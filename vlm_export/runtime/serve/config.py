@@ -108,6 +108,7 @@ class ServeSettings:
     threads: int | None = None
     precision: str | None = None
     precision_fallback: bool = False
+    allow_drift: bool = False  # run an engine that failed the reference check, with a warning
     no_verify: bool = False
     quiet: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS

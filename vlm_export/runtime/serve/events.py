@@ -13,6 +13,8 @@ An event (docs/serve.md)::
      "state": "running"}
 
 A heartbeat without any decision yet has ``class``, ``label``, ``score`` null and ``topk`` [].
+When a source's engine output collapses (``serve.watch``) an event of type ``"collapsed"`` is
+sent with a ``reason``, and one of type ``"recovered"`` when its output varies again.
 """
 
 from __future__ import annotations
@@ -239,6 +241,14 @@ class Events:
             record.get("domain"),
         ):
             self._emit(make_event("decision", source, record, "running"))
+
+    def alert(self, source: str, kind: str, reason: str | None = None) -> None:
+        """A ``collapsed`` (with its ``reason``) or ``recovered`` event for ``source``."""
+        if not self.sinks:
+            return
+        with self._lock:
+            last = self._last.get(source)
+        self._emit({**make_event(kind, source, last, "running"), "reason": reason})
 
     def _emit(self, event: dict) -> None:
         for sink in self.sinks:

@@ -2,10 +2,11 @@
 
 Names (all prefixed ``vlm_edge_``): ``frames_total``, ``frames_dropped_total`` (stale frames a
 capture thread replaced), ``frame_errors_total``, ``source_failures_total``,
-``source_reconnects_total``, ``source_up`` per source; ``stage_latency_seconds`` histograms per
-source and stage; ``reservoir_entries`` per source and class and ``reservoir_fill_ratio`` per
-source (read when scraped); ``events_sent_total`` / ``events_dropped_total`` per sink and
-``event_sink_reconnects_total``.
+``source_reconnects_total``, ``source_up`` per source; ``source_collapsed`` (1 while the source's
+engine output looks collapsed, see ``serve.watch``) and ``source_collapses_total`` per source;
+``stage_latency_seconds`` histograms per source and stage; ``reservoir_entries`` per source and
+class and ``reservoir_fill_ratio`` per source (read when scraped); ``events_sent_total`` /
+``events_dropped_total`` per sink and ``event_sink_reconnects_total``.
 """
 
 from __future__ import annotations
@@ -83,6 +84,18 @@ class ServeMetrics:
         self.up = Gauge(
             "vlm_edge_source_up", "1 while the source delivers frames", ["source"], registry=r
         )
+        self.collapsed = Gauge(
+            "vlm_edge_source_collapsed",
+            "1 while the source's engine output is the same whatever the picture (collapsed)",
+            ["source"],
+            registry=r,
+        )
+        self.collapses = Counter(
+            "vlm_edge_source_collapses",
+            "Times the source's engine output collapsed (the same while the picture changed)",
+            ["source"],
+            registry=r,
+        )
         self.latency = Histogram(
             "vlm_edge_stage_latency_seconds",
             "Time per frame in each pipeline stage",
@@ -108,9 +121,17 @@ class ServeMetrics:
 
     def add_source(self, name: str) -> None:
         """Make a source's series exist (at 0) before its first frame."""
-        for metric in (self.frames, self.dropped, self.errors, self.failures, self.reconnects):
+        for metric in (
+            self.frames,
+            self.dropped,
+            self.errors,
+            self.failures,
+            self.reconnects,
+            self.collapses,
+        ):
             metric.labels(source=name)
         self.up.labels(source=name).set(0)
+        self.collapsed.labels(source=name).set(0)
 
     def watch_reservoirs(self, read: FillReader) -> None:
         """Report reservoir fill from ``read`` at every scrape."""

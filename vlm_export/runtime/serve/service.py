@@ -39,6 +39,7 @@ from vlm_export.runtime.serve.operations import Operations, UnknownSource
 from vlm_export.runtime.serve.scheduler import Scheduler
 from vlm_export.runtime.serve.teaching import Teaching
 from vlm_export.runtime.serve.views import LiveViews
+from vlm_export.runtime.serve.watch import SourceWatches
 from vlm_export.runtime.serve.workers import Opener, SourceWorker
 
 __all__ = ["Service", "UnknownSource", "state_file"]
@@ -87,6 +88,8 @@ class Service:
             self.metrics.add_source(name)
             self.workers[name] = self._worker(name, spec, opener or self._opener(name))
         self.metrics.watch_reservoirs(self.lanes.fill)
+        self.watches = SourceWatches(list(self.workers), self.metrics, self.events)
+        self.scheduler.listeners.append(self.watches.on_frame)
         self._threads: list[threading.Thread] = []
         self._running = False
         self._stopped = False
@@ -307,6 +310,7 @@ class Service:
                     "reconnects": worker.reconnects,
                     "reservoir_fill": fill[name][0] if name in fill else None,
                     "seq": stats.seq,
+                    "collapsed": self.watches.reason(name),
                     "last": None
                     if last is None
                     else {
@@ -368,7 +372,7 @@ def _open_engine(bundle: Bundle, settings: ServeSettings) -> tuple[Any, BudgetRu
     if not runs_ladder(bundle, s.backend, s.precision, s.target_ms, s.adapt_budget, s.measure):
         engine = open_backend(
             bundle, s.backend, providers, s.threads, precision=s.precision,
-            fallback=s.precision_fallback,
+            fallback=s.precision_fallback, allow_drift=s.allow_drift,
         )  # fmt: skip
         return engine, None
     return open_budgeted(
@@ -380,4 +384,5 @@ def _open_engine(bundle: Bundle, settings: ServeSettings) -> tuple[Any, BudgetRu
         target_ms=s.target_ms,
         adapt=s.adapt_budget,
         measure_first=s.measure,
+        allow_drift=s.allow_drift,
     )
