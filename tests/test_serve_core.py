@@ -25,7 +25,7 @@ from vlm_export.runtime.bundle import Bundle  # noqa: E402
 from vlm_export.runtime.cli import main  # noqa: E402
 from vlm_export.runtime.serve.config import ServeSettings, apply_config  # noqa: E402
 from vlm_export.runtime.serve.service import Service, UnknownSource  # noqa: E402
-from vlm_export.runtime.tca.stage import build_reservoir  # noqa: E402
+from vlm_export.runtime.tca.stage import build_reservoir, save_reservoir  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,35 @@ def test_two_sources_run_in_turn_and_save_one_state_each(world, tmp_path) -> Non
     states = sorted(p.name for p in (tmp_path / "states").iterdir())
     assert states == ["back.npz", "front.npz", "teach"]  # teach/: taught examples (none here)
     assert entries(tmp_path / "states" / "front.npz", world / "bundle") > 0
+
+
+@pytest.mark.parametrize("state", [b"not a state file", "other bundle", "other source"])
+def test_a_source_whose_state_cannot_be_used_fails_alone(world, tmp_path, state) -> None:
+    """An unreadable state, one another bundle saved, or another source's state copied over
+    stops its own source (state "failed", the reason shown, /healthz names it) while the other
+    sources run."""
+    folder = tmp_path / "states"
+    folder.mkdir()
+    if state == "other bundle":  # a state of another bundle (another engine) copied in
+        other = Bundle.open(make_bundle(tmp_path / "other", seed=7))
+        save_reservoir(build_reservoir(other), folder / "front.npz", other)
+    elif state == "other source":  # back's state copied over front's
+        bundle = Bundle.open(world / "bundle")
+        save_reservoir(build_reservoir(bundle), folder / "front.npz", bundle, owner="back")
+    else:
+        (folder / "front.npz").write_bytes(state)
+    before = (folder / "front.npz").read_bytes()
+    with Service.open(settings(world, tmp_path)) as service:
+        wait_until(lambda: frames_of(service, "back") >= 5, "the other source's frames")
+        status = status_of(service)
+        assert status["front"]["state"] == "failed" and status["front"]["frames"] == 0
+        assert "state cannot be used" in status["front"]["error"]
+        assert status["back"]["state"] == "running"
+        assert "front" in service.failing_sources(WAIT_S)
+        if state == "other source":
+            assert "state of 'back'" in status["front"]["error"]
+    assert (folder / "front.npz").read_bytes() == before  # left as it was
+    assert entries(folder / "back.npz", world / "bundle") > 0
 
 
 def test_each_source_adapts_as_run_would_on_its_own(world, tmp_path, capsys) -> None:

@@ -40,9 +40,10 @@ def state_file(state_dir: str | Path, name: str) -> Path:
 class Lane:
     """One pipeline on the shared engine, with the state file it checkpoints to."""
 
-    def __init__(self, pipeline: Pipeline, state: Path | None) -> None:
+    def __init__(self, pipeline: Pipeline, state: Path | None, owner: str | None = None) -> None:
         self.pipeline = pipeline
         self.state = state
+        self.owner = owner  # the source a per-source state belongs to (recorded in the file)
 
     def bind(self, zeros: tuple[np.ndarray, np.ndarray] | None) -> None:
         """Give the engine this lane's anchors (a full push: another lane used it)."""
@@ -101,14 +102,14 @@ class Lanes:
             bundle, self.backend, self.method, reservoir, self.fusion, s.topk, s.min_score, s.crop
         )
 
-    def _lane(self, state: Path | None) -> Lane:
+    def _lane(self, state: Path | None, owner: str | None = None) -> Lane:
         tca = METHOD_STAGES[self.method].tca
-        reservoir = build_reservoir(self._bundle, None, state) if tca else None
+        reservoir = build_reservoir(self._bundle, None, state, owner) if tca else None
         if state is not None and state.exists() and reservoir is not None:
             self.notes.append(f"resumed {state} ({int(reservoir.counts().sum())} entries)")
         pipeline = self.pipeline(self._bundle, reservoir)
         pipeline.preprocessor.max_pixels = self.settings.max_pixels or None
-        return Lane(pipeline, state)
+        return Lane(pipeline, state, owner)
 
     def _build(self, names: list[str]) -> dict[str, Lane]:
         s = self.settings
@@ -119,7 +120,7 @@ class Lanes:
         for name in names:
             state = state_file(s.state_dir, name) if s.state_dir else None
             try:
-                lanes[name] = self._lane(state)
+                lanes[name] = self._lane(state, name)
             except UserError as exc:  # this source's state: it fails alone, the others run
                 self.failed[name] = f"its state cannot be used: {exc}"
                 log.error("source %s: %s", name, shown(self.failed[name]))
@@ -194,13 +195,13 @@ class Lanes:
         """Save every state file now (atomically; copied under the lock, written outside it)."""
         with self.lock:
             snapshots = [
-                (copy.deepcopy(lane.pipeline.reservoir), lane.state, lane.pipeline.bundle)
+                (copy.deepcopy(lane.pipeline.reservoir), lane)
                 for lane in self.unique()
                 if lane.state is not None and lane.pipeline.reservoir is not None
             ]
-        for reservoir, path, bundle in snapshots:
-            save_reservoir(reservoir, path, bundle)
-        return [path for _, path, _ in snapshots]
+        for reservoir, lane in snapshots:
+            save_reservoir(reservoir, lane.state, lane.pipeline.bundle, lane.owner)
+        return [lane.state for _, lane in snapshots]
 
     def fill(self) -> dict[str, tuple[dict[str, int], int]]:
         """Reservoir entries per source and class, with the capacity per class."""

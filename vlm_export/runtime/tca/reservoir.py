@@ -318,13 +318,17 @@ class TokenReservoir:
         bundle_fingerprint: str,
         labels: Sequence[Label] | None = None,
         engine_fingerprint: str | None = None,
+        owner: str | None = None,
     ) -> None:
         """Write the reservoir to a state file (atomic; config and shapes in its header).
 
         With ``labels`` (one (domain, name) per class) and ``engine_fingerprint`` the state
-        follows its labels when the bundle's classes change (see ``load``).
+        follows its labels when the bundle's classes change (see ``load``). ``owner`` names
+        whose state it is (a service's source), checked by ``load``.
         """
         meta = self._meta()
+        if owner is not None:
+            meta["owner"] = owner
         if labels is not None:
             if len(labels) != self.num_classes:
                 raise ValueError(f"{len(labels)} labels for {self.num_classes} classes")
@@ -345,6 +349,7 @@ class TokenReservoir:
         labels: Sequence[Label] | None = None,
         engine_fingerprint: str | None = None,
         anchor_rows: int | None = None,
+        owner: str | None = None,
     ) -> TokenReservoir:
         """Read a reservoir saved by ``save``, with the config it was saved with.
 
@@ -355,7 +360,8 @@ class TokenReservoir:
         its label: kept labels keep their entries, new labels start empty, labels the bundle no
         longer has are dropped. Such a state also loads into a bundle of the same image engine
         (``engine_fingerprint``) whose classes changed. A state without labels must come from
-        this very bundle (its fingerprint), hence has this bundle's classes.
+        this very bundle (its fingerprint), hence has this bundle's classes. With ``owner``, a
+        state saved for another owner (another source's state copied over) is a StateError.
         """
         configs: list[ReservoirConfig] = []
 
@@ -373,6 +379,12 @@ class TokenReservoir:
             expected_shapes=expected_shapes,
             engine_fingerprint=engine_fingerprint,
         )
+        saved_owner = meta.get("owner")
+        if owner is not None and saved_owner is not None and saved_owner != owner:
+            raise StateError(
+                f"{path} is the state of {str(saved_owner)[:80]!r}, not of {owner!r} (copied from "
+                "another source?): move it back or delete it"
+            )
         saved = saved_labels(meta, path)
         same = saved is None or labels is None or list(saved) == [tuple(x) for x in labels]
         stored = num_classes if same else len(saved)

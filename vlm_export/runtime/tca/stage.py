@@ -68,6 +68,7 @@ def build_reservoir(
     bundle: Bundle,
     overrides: Mapping[str, Any] | None = None,
     state: str | Path | None = None,
+    owner: str | None = None,
 ) -> TokenReservoir:
     """A reservoir for ``bundle``: loaded from ``state`` if that file exists, else empty.
 
@@ -87,6 +88,7 @@ def build_reservoir(
             labels=bundle.labels,
             engine_fingerprint=bundle.engine_fingerprint,
             anchor_rows=bundle.class_capacity,
+            owner=owner,
         )
         saved = dataclasses.asdict(reservoir.config)
         clashes = [
@@ -104,9 +106,12 @@ def build_reservoir(
     return TokenReservoir(*geometry, config=config, anchor_rows=bundle.class_capacity)
 
 
-def save_reservoir(reservoir: TokenReservoir, path: str | Path, bundle: Bundle) -> None:
-    """Save ``reservoir`` (of ``bundle``'s classes) with its labels, so that it follows them."""
-    reservoir.save(path, bundle.fingerprint, bundle.labels, bundle.engine_fingerprint)
+def save_reservoir(
+    reservoir: TokenReservoir, path: str | Path, bundle: Bundle, owner: str | None = None
+) -> None:
+    """Save ``reservoir`` (of ``bundle``'s classes) with its labels, so that it follows them;
+    ``owner`` names whose state it is (a service's source)."""
+    reservoir.save(path, bundle.fingerprint, bundle.labels, bundle.engine_fingerprint, owner)
 
 
 class TcaStage:
