@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from ctrl_c import default_sigint
 from fakebundle import make_bundle, write_images
 from polling import WAIT_S, wait_until
 
@@ -32,7 +33,8 @@ from vlm_export.runtime.serve.config import ServeSettings  # noqa: E402
 from vlm_export.runtime.serve.service import Service  # noqa: E402
 from vlm_export.runtime.tca.stage import build_reservoir  # noqa: E402
 
-MOSQUITTO = "/usr/sbin/mosquitto"
+#: Debian's broker (in /usr/sbin, which a normal user's PATH may lack)
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
 def free_port() -> int:
@@ -68,7 +70,12 @@ def start_serve(world: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.Po
         *extra,
     ]
     process = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        preexec_fn=default_sigint,  # some tests send it SIGINT: Ctrl-C as from a terminal
     )
     return process, port
 
@@ -186,8 +193,8 @@ class Broker:
 
 @pytest.fixture()
 def broker(tmp_path: Path) -> Iterator[Broker]:
-    if not Path(MOSQUITTO).exists() and shutil.which("mosquitto") is None:
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    if not Path(MOSQUITTO).exists():
+        pytest.skip("needs Debian's mosquitto (apt-get install mosquitto)")
     found = Broker(tmp_path)
     try:
         yield found
