@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from vlm_export.core import live_line
 from vlm_export.core.atomic import atomic_write_bytes
 from vlm_export.core.errors import UserError
 from vlm_export.core.json_text import dumps
@@ -561,6 +562,7 @@ def quantize_main(argv: Sequence[str] | None = None) -> int:
                 args.bundle, args.calibration, args.held_out, args.overwrite, args.scope, progress
             )
     except UserError as exc:
+        live_line.end()  # the calibration bar, cut short: the error starts a line of its own
         print(f"vlm-export quantize: error: {exc}", file=sys.stderr)
         return 2
     print(describe_record(record, args.bundle))
