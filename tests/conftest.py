@@ -9,6 +9,7 @@ import shutil
 import tempfile
 
 import pytest
+from ctrl_c import python_sigint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may wait on the network
 # bundle verification records (core.verified) go to a cache of this session, not the user's
@@ -27,6 +28,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "exporter" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def ctrl_c():
+    """SIGINT raises KeyboardInterrupt in this test, as in a program started from a terminal,
+    even when the test run started with SIGINT ignored (a background job)."""
+    with python_sigint():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,12 @@ def _encoder(
         weight = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
         init.append(numpy_helper.from_array(weight, f"w{layer}"))
         nodes += [
-            helper.make_node("MatMul", [previous, f"w{layer}"], [f"m{layer}"]),
+            helper.make_node(  # named as in an exported ViT: quantize's default scope (MLPs)
+                "MatMul",
+                [previous, f"w{layer}"],
+                [f"m{layer}"],
+                name=f"/transformer/resblocks.{layer}/mlp/c_fc/MatMul",
+            ),
             helper.make_node("Add", [f"m{layer}", previous], [f"r{layer}"]),
             helper.make_node("Tanh", [f"r{layer}"], [f"h{layer}"]),
             helper.make_node("Unsqueeze", [f"h{layer}", "axis1"], [f"u{layer}"]),

@@ -124,7 +124,9 @@ def test_quantize_runs_without_torch(tmp_path) -> None:
 
     from vlm_export.core.manifest import read_manifest
 
-    bundle = make_bundle(tmp_path / "bundle", method="tca")
+    # wide enough for per-tensor uint8 activations to meet the gate's cosine (at the default
+    # width of 16, one layer's rounding costs a random network 1-5 % of it)
+    bundle = make_bundle(tmp_path / "bundle", method="tca", width=256, embed=128)
     write_images(tmp_path / "calib", 10, seed=5)
     done = subprocess.run(
         [sys.executable, "-c", QUANTIZE_WITHOUT_TORCH, str(bundle), str(tmp_path / "calib")],
@@ -136,3 +138,27 @@ def test_quantize_runs_without_torch(tmp_path) -> None:
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"code": 0, "torch": False}
     engines = read_manifest(bundle)["engines"]
     assert any(e.get("precision") == "int8" and e.get("format") == "onnx" for e in engines)
+
+
+def test_quantize_with_nothing_in_scope_is_one_line(tmp_path, capsys) -> None:
+    """A graph with no weight product in the scope is refused before any work: ONNX Runtime
+    would read the empty selection as "quantize every node"."""
+    import onnx
+    from fakebundle import make_bundle, write_images
+
+    from vlm_export.core.manifest import read_manifest
+    from vlm_export.export.cli import main
+
+    bundle = make_bundle(tmp_path / "bundle", method="tca")
+    write_images(tmp_path / "calib", 2, seed=5)
+    path = bundle / read_manifest(bundle)["engine"]["onnx"]
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        node.name = ""  # no "/mlp/" in any name: nothing in the default scope
+    onnx.save(model, str(path))
+    before = sorted(p.name for p in bundle.iterdir())
+    assert main(["quantize", str(bundle), "--calibration", str(tmp_path / "calib")]) == 2
+    err = capsys.readouterr().err
+    assert "has no weight products in scope 'mlp' (try --scope all)" in err, err
+    assert len(err.strip().splitlines()) == 1 and "calibrating" not in err
+    assert sorted(p.name for p in bundle.iterdir()) == before

@@ -121,7 +121,7 @@ def _raise_keyboard_interrupt() -> None:
     ],
 )
 def test_signals_save_state_and_leave_valid_jsonl(
-    tca_dir, folder, tmp_path, capsys, monkeypatch, action, code, message, lines
+    tca_dir, folder, tmp_path, capsys, monkeypatch, ctrl_c, action, code, message, lines
 ) -> None:
     _interrupt_at(monkeypatch, 5, action)
     state, out = tmp_path / "s.npz", tmp_path / "o.jsonl"
@@ -135,7 +135,9 @@ def test_signals_save_state_and_leave_valid_jsonl(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_second_ctrl_c_stops_at_once_without_saving(tca_dir, folder, tmp_path, capsys, monkeypatch):
+def test_second_ctrl_c_stops_at_once_without_saving(
+    tca_dir, folder, tmp_path, capsys, monkeypatch, ctrl_c
+) -> None:
     def two_interrupts() -> None:
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from ctrl_c import default_sigint
 from fakebundle import make_bundle, write_images
 
 from vlm_export.core import atomic
@@ -503,7 +504,7 @@ def test_ctrl_c_during_start_up(world, capsys, monkeypatch, where) -> None:
     assert "Traceback" not in err
 
 
-def test_ctrl_c_while_importing_onnxruntime_is_not_a_reinstall_hint(monkeypatch) -> None:
+def test_ctrl_c_while_importing_onnxruntime_is_not_a_reinstall_hint(monkeypatch, ctrl_c) -> None:
     def broken_by_ctrl_c(name: str):
         try:
             raise KeyboardInterrupt
@@ -562,7 +563,7 @@ def test_real_ctrl_c_during_start_up(world, delay) -> None:
     done = subprocess.run(
         [sys.executable, "-c", CTRL_C_AFTER, str(delay), *argv],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=120,
+        timeout=120, preexec_fn=default_sigint,
     )  # fmt: skip
     assert "Traceback" not in done.stderr and "reinstall" not in done.stderr, done.stderr
     assert done.returncode in (0, 130), done.stderr  # finished before the signal, or stopped
@@ -633,17 +634,12 @@ def test_ctrl_c_while_any_module_imports_is_one_line(world, launcher, module) ->
     done = subprocess.run(
         [sys.executable, "-c", CTRL_C_WHILE_IMPORTING, module, launcher, *argv],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=default_sigint,
     )  # fmt: skip
     lines = done.stderr.strip().splitlines()
     assert "Traceback" not in done.stderr and "reinstall" not in done.stderr, done.stderr
     assert done.returncode == 130 and len(lines) == 1, done.stderr
     assert lines[0].startswith(f"vlm-{launcher}: interrupted"), done.stderr
-
-
-def _default_sigint() -> None:
-    """In the child: Ctrl-C's default action (a background shell leaves it ignored)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _python_start_up_only(err: str) -> bool:
@@ -665,7 +661,7 @@ def test_sixty_ctrl_c_from_process_start_are_one_line_each(tmp_path, world) -> N
         delay = 1.5 * index / 59
         proc = subprocess.Popen(
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=_default_sigint,
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=default_sigint,
         )  # fmt: skip
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)

@@ -29,7 +29,8 @@ def _extras() -> dict[str, str]:
     """pyproject.toml's extras: name -> its requirement list as written (tomllib is 3.11+)."""
     text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     table = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
-    return dict(re.findall(r"^([\w-]+) = (\[.*?\])", table, re.DOTALL | re.MULTILINE))
+    pattern = r"^([\w-]+) = (\[.*?\])[ \t]*(?:#[^\n]*)?$"  # to the ] that ends a line
+    return dict(re.findall(pattern, table, re.DOTALL | re.MULTILINE))
 
 
 EXTRAS = _extras()
@@ -105,6 +106,22 @@ def test_camera_service_lines_parse_as_written() -> None:
     assert "serve" in commands[0][2]
     args = build_parser().parse_args(commands[1][1:])
     assert args.command == "serve" and len(args.source) == 2
+
+
+def test_ci_runs_the_readme_test_command_as_written() -> None:
+    """`.ci/run` runs the README's test line itself, and that install brings the service's
+    packages (tests/liveserver.py imports uvicorn): a fresh machine collects every test."""
+    (block,) = _blocks(_section("Tests"), "bash")
+    (line,) = block.strip().splitlines()
+    install = shlex.split(line.split("&&", 1)[0])
+    assert install[:3] == ["pip", "install", "-e"], line
+    extras = re.fullmatch(r"\.\[([\w,]+)\]", install[3]).group(1).split(",")
+    assert set(extras) <= set(EXTRAS) and "dev" in extras, extras
+    assert "vlm-export[serve]" in EXTRAS["dev"]
+    ci = ROOT / ".ci" / "run"
+    if not ci.exists():
+        pytest.skip("the checkout's .ci/run is not here (the device-side copy of the tests)")
+    assert line in ci.read_text(encoding="utf-8").splitlines()
 
 
 def test_workstation_quick_start_runs_as_written(tmp_path) -> None:

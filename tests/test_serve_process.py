@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from ctrl_c import default_sigint
 from fakebundle import make_bundle, write_images
 from mosquitto import Broker, free_port
 from polling import WAIT_S, wait_until
@@ -59,7 +60,12 @@ def start_serve(world: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.Po
         *extra,
     ]
     process = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        preexec_fn=default_sigint,  # some tests send it SIGINT: Ctrl-C as from a terminal
     )
     return process, port
 

@@ -157,6 +157,23 @@ def test_out_file_is_json_while_the_terminal_shows_progress(setup, tmp_path) -> 
     assert "{" not in raw
 
 
+def test_no_line_lands_inside_the_progress_line(setup, tmp_path) -> None:
+    """``run --out FILE --state S`` on a terminal: the progress line shows while frames run, and
+    every line printed after it (state saved, the summary) starts on a line of its own."""
+    bundle, images = setup
+    out, state = tmp_path / "o.jsonl", tmp_path / "s.npz"
+    code, raw = _on_terminal(
+        ["run", str(bundle), str(images), "--out", str(out), "--state", str(state)]
+    )
+    assert code == 0, raw
+    assert re.search(r"\r\d/5 frames, ", raw), raw  # the progress line was drawn
+    lines = _render(raw)
+    saved = [line for line in lines if "state saved" in line]
+    assert len(saved) == 1 and saved[0].startswith("vlm-edge: state saved"), lines
+    assert all(line.startswith("vlm-edge: ") for line in lines if "vlm-edge:" in line), lines
+    assert any(line.startswith("vlm-edge: 5 frames, 1 unreadable in ") for line in lines), lines
+
+
 class _Tty(io.StringIO):
     def isatty(self) -> bool:
         return True

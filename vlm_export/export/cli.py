@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from vlm_export.core import live_line
 from vlm_export.core.errors import UserError, describe_os_error
 from vlm_export.core.interrupts import exit_status_of
 from vlm_export.core.paths import PathArg, guard_arguments
@@ -355,15 +356,18 @@ def _dispatch(argv: list[str]) -> int:
         args = build_parser().parse_args(argv)
         return run(args)
     except UserError as exc:
+        live_line.end()  # a progress bar showing: the error starts a line of its own
         print(f"vlm-export: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        live_line.end()
         print("vlm-export: interrupted; nothing was written", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (vlm-export --list-models | head)
         stdout_to_devnull()
         return EXIT_BROKEN_PIPE
     except OSError as exc:  # a permission or I/O error that no step turned into a line
+        live_line.end()
         print(f"vlm-export: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
 

@@ -61,6 +61,7 @@ def quantized_node_names(onnx_path: Path, scope: str = DEFAULT_SCOPE) -> list[st
 
     Products of two activations (attention scores, attention times values) stay float, so the
     softmax reads float scores; so does everything under the condensation's name prefixes.
+    None in scope is a UserError: ONNX Runtime reads an empty list as "quantize every node".
     """
     if scope not in SCOPES:
         raise UserError(f"unknown quantization scope {scope!r} (choose from {', '.join(SCOPES)})")
@@ -74,7 +75,7 @@ def quantized_node_names(onnx_path: Path, scope: str = DEFAULT_SCOPE) -> list[st
         raise UserError(f"{onnx_path} is not a readable ONNX model ({reason})") from None
     initializers = {tensor.name for tensor in graph.initializer}
     producers = {output: node for node in graph.node for output in node.output}
-    return [
+    names = [
         node.name
         for node in graph.node
         if node.op_type in QUANTIZED_OPS
@@ -82,6 +83,10 @@ def quantized_node_names(onnx_path: Path, scope: str = DEFAULT_SCOPE) -> list[st
         and _reads_weights(node, initializers, producers)
         and in_scope(node.name, scope)
     ]
+    if not names:
+        hint = "" if scope == SCOPES[-1] else f" (try --scope {SCOPES[-1]})"
+        raise UserError(f"{onnx_path.name} has no weight products in scope {scope!r}{hint}")
+    return names
 
 
 def quantize_graph(

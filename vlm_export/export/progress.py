@@ -6,6 +6,8 @@ import sys
 import time
 from typing import TextIO
 
+from vlm_export.core import live_line
+
 
 class Progress:
     """Prints ``[i/n] title ... done (1.2 s)``; ``bar`` redraws one line on a terminal and prints
@@ -22,6 +24,8 @@ class Progress:
 
     def _write(self, text: str) -> None:
         if not self.quiet:
+            if self.stream is sys.stderr:
+                live_line.end()  # a bar left unfinished: this line starts a line of its own
             self.stream.write(text)
             self.stream.flush()
 
@@ -45,8 +49,15 @@ class Progress:
         if self._tty:
             width = 30
             filled = int(width * done / total)
-            end = "\n" if done >= total else ""
-            self._write(f"\r      [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{end}")
+            bar = f"      [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+            if self.quiet:
+                return
+            if self.stream is not sys.stderr:
+                self._write(f"\r{bar}" + ("\n" if done >= total else ""))
+                return
+            live_line.draw(bar)  # any other line on stderr erases it first
+            if done >= total:
+                live_line.finish()
             return
         quarter = int(4 * done / total)
         if quarter > self._last_quarter:

@@ -101,7 +101,7 @@ def quantize_bundle(
     manifest = read_manifest(bundle_dir)
     name = int8_file_name(manifest["engine"]["onnx"])
     _refuse_listed(bundle_dir, manifest, name, overwrite, "replace")
-    quantized_node_names(bundle_dir / manifest["engine"]["onnx"], scope)  # a bad scope: now
+    quantized_node_names(bundle_dir / manifest["engine"]["onnx"], scope)  # bad or empty scope: now
     preprocess = Preprocessor.from_manifest(manifest)
     images = preprocess_all(image_paths(calibration), preprocess)
     if held_out is not None:

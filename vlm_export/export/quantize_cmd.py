@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from vlm_export.core import live_line
 from vlm_export.core.errors import UserError
 from vlm_export.core.paths import PathArg, guard_arguments
 from vlm_export.export.bundle_staging import BUNDLE_RW
@@ -112,6 +113,7 @@ def quantize_main(argv: Sequence[str] | None = None) -> int:
                 args.bundle, args.calibration, args.held_out, args.overwrite, args.scope, progress
             )
     except UserError as exc:
+        live_line.end()  # the calibration bar, cut short: the error starts a line of its own
         print(f"vlm-export quantize: error: {exc}", file=sys.stderr)
         return 2
     print(describe_record(record, args.bundle))

@@ -33,6 +33,7 @@ from types import ModuleType
 from typing import TextIO
 
 from vlm_export import __version__
+from vlm_export.core import live_line
 from vlm_export.core.errors import UserError, describe_os_error
 from vlm_export.core.interrupts import exit_status_of
 from vlm_export.core.paths import guard_arguments
@@ -77,6 +78,7 @@ def _one_line_warning(
     file: TextIO | None = None,
     line: str | None = None,
 ) -> None:
+    live_line.end()
     print(f"{PROG}: WARNING: {message}", file=sys.stderr, flush=True)
 
 
@@ -88,11 +90,13 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             guard_arguments(parser, args)  # before any work
             return int(args.handler(args))
         except UserError as exc:
+            live_line.end()  # a progress line showing: the error starts a line of its own
             print(f"{PROG}: error: {exc}", file=sys.stderr)
             return 1
         except BrokenPipeError:
             raise
         except OSError as exc:  # a permission or I/O error that no command turned into a line
+            live_line.end()
             print(f"{PROG}: error: {describe_os_error(exc)}", file=sys.stderr)
             return 1
 
@@ -122,10 +126,12 @@ def _main(argv: Sequence[str] | None) -> int:
         _stdout_to_devnull()
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
+        live_line.end()
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # standard output on a full disk, its error not yet reported
         _stdout_to_devnull()
+        live_line.end()
         print(
             f"{PROG}: error: cannot write standard output: {describe_os_error(exc)}",
             file=sys.stderr,

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from vlm_export.core import live_line
+
 ROOT_LOGGER = "vlm_export"
 
 
@@ -26,6 +28,7 @@ class OneLineHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         kind = "WARNING" if record.levelno < logging.ERROR else "error"
         try:
+            live_line.end()  # a progress line showing: this line starts a line of its own
             print(f"{self.prog}: {kind}: {record.getMessage()}", file=sys.stderr, flush=True)
         except Exception:  # noqa: BLE001 - logging must never raise into the caller
             self.handleError(record)

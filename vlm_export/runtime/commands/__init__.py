@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from vlm_export.core import live_line
 from vlm_export.core.errors import UserError
 from vlm_export.core.paths import PathArg
 from vlm_export.runtime.bundle import Bundle
@@ -30,7 +31,9 @@ log = logging.getLogger(__name__)
 
 
 def status(message: str) -> None:
-    """One line on stderr, prefixed with the program name (names in it made printable)."""
+    """One line on stderr, prefixed with the program name (names in it made printable); a
+    progress line showing is erased first."""
+    live_line.end()
     print(f"vlm-edge: {printable(message)}", file=sys.stderr, flush=True)
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from vlm_export.core import live_line
 from vlm_export.core.errors import UserError
 from vlm_export.runtime.commands import status, stop_signals
 from vlm_export.runtime.commands._annotated import AnnotatedOutput
@@ -80,7 +81,6 @@ class RunStats:
         self.sums: dict[str, float] = {}
         self.start = time.perf_counter()
         self._last_shown = 0.0
-        self._shown = False
 
     def add(self, result: FrameResult | None) -> None:
         """Count one frame (None: it failed)."""
@@ -99,27 +99,24 @@ class RunStats:
 
     def clear(self) -> None:
         """Erase the progress line (before a line on the same terminal); the next frame redraws."""
-        if self._shown:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
-            self._shown = False
+        live_line.end()
 
     def _show(self, result: FrameResult | None) -> None:
         now = time.perf_counter()
-        if not self.progress or (self._shown and now - self._last_shown < PROGRESS_INTERVAL_S):
+        if not self.progress or (
+            live_line.shown() and now - self._last_shown < PROGRESS_INTERVAL_S
+        ):
             return
         self._last_shown = now
         count = f"{self.frames}/{self.total}" if self.total else f"{self.frames}"
         errors = f", {self.errors} errors" if self.errors else ""
         last = f"  {result.class_name}" if result else ""
-        sys.stderr.write(f"\r{count} frames, {self.fps():.1f} fps{errors}{last}\x1b[K")
-        sys.stderr.flush()
-        self._shown = True
+        live_line.draw(f"{count} frames, {self.fps():.1f} fps{errors}{last}")
 
     def summary(self) -> list[str]:
-        """The closing lines: counts, speed and mean time per stage."""
-        if self._shown:
-            sys.stderr.write("\n")
+        """The closing lines: counts, speed and mean time per stage (the last progress line
+        stays on the screen above them)."""
+        live_line.finish()
         elapsed = time.perf_counter() - self.start
         errors = f", {self.errors} unreadable" if self.errors else ""
         lines = [f"{self.frames} frames{errors} in {elapsed:.2f} s: {self.fps():.1f} frames/s"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vlm_export.core import live_line
 from vlm_export.core.labels import describe_change
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import BUNDLE_RW, READ, add_verify_arguments, status, verify_mode
@@ -88,8 +89,9 @@ def _progress():
         return None
 
     def show(done: int, total: int) -> None:
-        end = "\n" if done == total else ""
-        print(f"\rvlm-edge: {done}/{total} prompts embedded\x1b[K", end=end, file=sys.stderr)
+        live_line.draw(f"vlm-edge: {done}/{total} prompts embedded")
+        if done == total:
+            live_line.finish()
 
     return show
 

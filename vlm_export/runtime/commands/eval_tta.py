@@ -15,12 +15,12 @@ import contextlib
 import io
 import json
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vlm_export.core import live_line
 from vlm_export.core.atomic import atomic_write_bytes, check_can_create
 from vlm_export.core.errors import UserError
 from vlm_export.runtime.bundle import Bundle
@@ -267,8 +267,7 @@ def handle(args: argparse.Namespace) -> int:
             stream.run(stream.position + args.save_every, progress, lambda: bool(stop))
             if args.state:
                 stream.save(args.state, bundle.fingerprint)
-        if progress:
-            print(file=sys.stderr)
+        live_line.finish()
     if stop:
         where = f"; resume with --state {args.state}" if args.state else ""
         status(f"stopped at image {stream.position} of {len(stream.order)}{where}")
@@ -287,7 +286,7 @@ def handle(args: argparse.Namespace) -> int:
 
 
 def _progress_line(done: int, total: int) -> None:
-    print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)
+    live_line.draw(f"{done}/{total} images")
 
 
 def _write_outputs(

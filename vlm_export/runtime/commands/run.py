@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vlm_export.core import live_line
 from vlm_export.core.atomic import check_can_create
 from vlm_export.core.errors import UserError
 from vlm_export.runtime import api
@@ -318,6 +319,7 @@ def handle(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             stop.ending, stop.code = "interrupted (Ctrl-C)", 130
         finally:
+            live_line.finish()  # the last count stays on the screen, the lines below it
             if args.state and pipeline.reservoir is not None:
                 if stop.forced:
                     status(f"forced stop: {args.state} keeps its last periodic save")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from vlm_export.core import live_line
 from vlm_export.runtime.pipeline import Pipeline
 
 PROGRESS_INTERVAL_S = 0.25
@@ -33,8 +33,6 @@ def embed_images(
         now = time.perf_counter()
         if progress and (now - shown >= PROGRESS_INTERVAL_S or index + 1 == len(paths)):
             shown = now
-            sys.stderr.write(f"\r{what}: {index + 1}/{len(paths)} images\x1b[K")
-            sys.stderr.flush()
-    if progress and len(paths):
-        sys.stderr.write("\n")
+            live_line.draw(f"{what}: {index + 1}/{len(paths)} images")
+    live_line.finish()
     return embeddings, logits
