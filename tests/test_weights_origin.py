@@ -130,10 +130,17 @@ def _export(tmp_path: Path, checkpoint: Path, capsys, *extra: str) -> tuple[int,
     classes = tmp_path / "classes.txt"
     classes.write_text("cat\ndog\n")
     out = tmp_path / "bundle"
-    argv = ["--method", "zeroshot", "--model", TEST_MODEL, "--pretrained", str(checkpoint)]
+    argv = ["--method", "tca", "--model", TEST_MODEL, "--pretrained", str(checkpoint)]
     argv += ["--templates", "single", "--quiet", "--classes", str(classes), "--out", str(out)]
     code = main([*argv, *extra])
     return code, capsys.readouterr().err, out
+
+
+def _image_graph_ops(bundle: Path) -> set[str]:
+    import onnx
+
+    graph = onnx.load(str(bundle / "image_encoder.onnx"), load_external_data=False).graph
+    return {node.op_type for node in graph.node}
 
 
 def test_export_records_the_activation_and_how(tmp_path, openai_file, capsys):
@@ -143,6 +150,8 @@ def test_export_records_the_activation_and_how(tmp_path, openai_file, capsys):
     model = read_manifest(out)["model"]  # read_manifest checks the schema
     assert model["activation"] == "quick_gelu" and model["activation_source"] == "checkpoint"
     assert "pretrained_tag" not in model  # the tiny model has no tags
+    ops = _image_graph_ops(out)  # QuickGELU is x * sigmoid(1.702 x); GELU exports as Erf
+    assert "Sigmoid" in ops and "Erf" not in ops
 
 
 def test_export_of_a_file_that_does_not_say_warns_in_one_line(tmp_path, open_clip_file, capsys):
@@ -152,6 +161,7 @@ def test_export_of_a_file_that_does_not_say_warns_in_one_line(tmp_path, open_cli
     assert len(lines) == 1 and lines[0].startswith("vlm-export: WARNING: cannot tell"), err
     model = read_manifest(out)["model"]
     assert model["activation"] == "gelu" and model["activation_source"] == "unknown"
+    assert "Erf" in _image_graph_ops(out)
 
 
 @pytest.mark.parametrize(
