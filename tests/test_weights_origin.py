@@ -63,6 +63,19 @@ def test_openai_format_state_dict_builds_quick_gelu(openai_file, tiny_weights):
     assert torch.equal(proj, tiny_weights["visual.proj"].half().float())  # the file's weights
 
 
+def test_safetensors_in_either_format(tmp_path, tiny_weights):
+    from safetensors.torch import save_file
+
+    plain = {key: value.contiguous() for key, value in tiny_weights.items()}
+    openai = {**plain, **{key: torch.tensor(value) for key, value in OPENAI_EXTRAS.items()}}
+    for name, weights, module in (("oa", openai, "QuickGELU"), ("oc", plain, "GELU")):
+        path = tmp_path / f"{name}.safetensors"
+        save_file(weights, str(path))
+        loaded = load_clip(TEST_MODEL, str(path))
+        assert _activation_module(loaded.model) == module, name
+        assert torch.equal(loaded.model.visual.proj.detach(), tiny_weights["visual.proj"])
+
+
 def test_torchscript_archive_builds_quick_gelu(tmp_path, tiny_weights):
     """OpenAI's .pt files are TorchScript archives: torch.load(weights_only=True) refuses them."""
     model = load_clip(TEST_MODEL, "none").model

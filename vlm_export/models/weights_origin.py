@@ -72,13 +72,17 @@ def is_torchscript(path: Path) -> bool:
 
 
 def read_state_dict(path: Path) -> Mapping[str, Any] | None:
-    """The checkpoint's state dict (memory-mapped where torch can), or None when it cannot be
-    read here (then open_clip's own load reports why)."""
+    """The checkpoint's state dict (memory-mapped where torch can; of a .safetensors file only
+    when it holds OpenAI's entries, else empty), or None when it cannot be read here (then
+    open_clip's own load reports why)."""
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors":  # the keys first: the tensors only when OpenAI's
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
-            return load_file(str(path), device="cpu")
+            with safe_open(str(path), framework="pt") as archive:
+                keys = set(archive.keys())
+            return load_file(str(path)) if keys.intersection(OPENAI_EXTRA_KEYS) else {}
         if is_torchscript(path):
             return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         try:
