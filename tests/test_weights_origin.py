@@ -130,6 +130,42 @@ def test_a_hub_cache_folder_names_its_tag(tmp_path):
     assert checkpoint_origin("ViT-B-16", tmp_path / "w.bin", False).source == "unknown"
 
 
+@pytest.fixture()
+def tiny_tag(monkeypatch) -> str:
+    """A pretrained tag of the tiny model in open_clip's table, as a tag of QuickGELU weights
+    prepared with other mean and std (ViT-L-14's laion2b_s32b_b82k has mean 0.5)."""
+    from open_clip import pretrained
+
+    record = {"hf_hub": "", "url": "", "mean": (0.5,) * 3, "std": (0.5,) * 3, "quick_gelu": True}
+    monkeypatch.setitem(pretrained._PRETRAINED, TEST_MODEL, {"halfmean": record})
+    return "halfmean"
+
+
+def test_pretrained_tag_builds_as_the_tag(tmp_path, open_clip_file, tiny_tag, caplog):
+    """The file says nothing; --pretrained-tag names the tag: its activation and preprocessing."""
+    from vlm_export.export.pipeline import ExportOptions, export_bundle
+
+    with caplog.at_level("WARNING", logger="vlm_export"):
+        loaded = load_clip(TEST_MODEL, str(open_clip_file), pretrained_tag=tiny_tag)
+    assert _activation_module(loaded.model) == "QuickGELU" and not caplog.records
+    assert (loaded.activation_source, loaded.pretrained_tag) == ("tag", tiny_tag)
+    assert tuple(loaded.preprocess_cfg["mean"]) == (0.5, 0.5, 0.5)
+    options = ExportOptions(
+        method="zeroshot",
+        model=TEST_MODEL,
+        pretrained=str(open_clip_file),
+        pretrained_tag=tiny_tag,
+        domains=[("things", ["cat", "dog"])],
+        templates="single",
+        out=tmp_path / "bundle",
+        quiet=True,
+    )
+    manifest = read_manifest(export_bundle(options))
+    assert manifest["model"]["pretrained_tag"] == tiny_tag
+    assert manifest["model"]["activation"] == "quick_gelu"
+    assert manifest["preprocess"]["mean"] == [0.5, 0.5, 0.5]
+
+
 def test_a_tag_that_contradicts_the_file_is_refused(openai_file):
     with pytest.raises(ModelLoadError, match="leave --pretrained-tag out"):
         load_clip("ViT-B-32", str(openai_file), pretrained_tag="laion2b_s34b_b79k")

@@ -226,12 +226,16 @@ def load_clip(
     if origin.source == UNKNOWN and model_quick_gelu(name):
         origin = WeightsOrigin(True, FROM_MODEL)  # a -quickgelu name says it
     quick_gelu = {} if origin.quick_gelu is None else {"quick_gelu": origin.quick_gelu}
+    is_file = source is not None and Path(source).is_file()
+    # a file holding a tag's weights is prepared as the tag's (open_clip does it for tags only)
+    preprocess = tag_config(name, origin.tag) if is_file and origin.tag else None
     try:
         with _quiet_loaders():
             model = open_clip.create_model(
                 name,
                 pretrained=None if openai_weights is not None else source,
                 device="cpu",
+                force_preprocess_cfg=preprocess,
                 **quick_gelu,
             )
             if openai_weights is not None:
