@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pretrained-tag",
         metavar="TAG",
         help="the open_clip tag whose weights the --pretrained FILE holds (e.g. openai): the "
-        "model is built as that tag's (QuickGELU for openai); needed when the file does not say",
+        "model is built and its images prepared as that tag's (QuickGELU for openai); needed "
+        "when the file does not say",
     )
     what.add_argument(
         "--force-quick-gelu",
