@@ -603,6 +603,7 @@ def test_pretrained_tag_without_network_names_the_file(tmp_path: Path) -> None:
     line = result.stderr.strip().splitlines()[-1]
     assert "timm/vit_base_patch16_clip_224.openai" in line and "open_clip_pytorch_model.bin" in line
     assert "--pretrained path/to/" in line and "HF_HUB_OFFLINE=1" in line
+    assert "--pretrained-tag openai" in line  # the file alone does not say it is QuickGELU
 
 
 def test_hostile_bundle_from_the_command_line_prints_no_traceback(bundle: Path) -> None:

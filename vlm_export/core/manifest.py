@@ -19,6 +19,7 @@ The manifest's JSON Schema, ``manifest.schema.json`` next to this module, docume
     producer          {"vlm_export": str, "torch": str, "open_clip": str, "onnx": str, ...}
     method            "zeroshot" | "tca" | "rail" | "tca+rail"
     model             {"name", "pretrained", "untrained": bool, "activation": "gelu"|"quick_gelu",
+                       "activation_source" (optional), "pretrained_tag" (optional),
                        "image_size", "patch_size", "width", "layers", "heads", "embed_dim",
                        "logit_scale": float}
     preprocess        {"size": [H, W], "resize_mode": "shortest", "interpolation": "bicubic",

@@ -70,9 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
         "random weights (default: openai)",
     )
     what.add_argument(
+        "--pretrained-tag",
+        metavar="TAG",
+        help="the open_clip tag whose weights the --pretrained FILE holds (e.g. openai): the "
+        "model is built and its images prepared as that tag's (QuickGELU for openai); needed "
+        "when the file does not say",
+    )
+    what.add_argument(
         "--force-quick-gelu",
         action="store_true",
-        help="use QuickGELU (needed for OpenAI-trained checkpoint files loaded by path)",
+        help="use QuickGELU whatever the weights say",
     )
     what.add_argument(
         "--classes",
@@ -228,6 +235,7 @@ def check_arguments(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         load_templates(args.templates)
     tca_settings(args.tca_preset, args.eviction, args.anchor_rule)
     _check_weights_reachable(args.model, args.pretrained)
+    _check_pretrained_tag(args.model, args.pretrained, args.pretrained_tag)
     return domains
 
 
@@ -241,6 +249,25 @@ def _check_weights_reachable(model: str, pretrained: str) -> None:
     problem = weights_problem(model, pretrained, cfg) if cfg else None
     if problem:
         raise UserError(problem)
+
+
+def _check_pretrained_tag(model: str, pretrained: str, tag: str | None) -> None:
+    """--pretrained-tag goes with a checkpoint file and names a tag of the model."""
+    from vlm_export.models.offline import pretrained_cfg_without_torch
+
+    if tag is None:
+        return
+    if pretrained.lower() == "none" or not Path(pretrained).expanduser().is_file():
+        raise UserError(
+            f"--pretrained-tag names the tag of the weights in a local checkpoint file "
+            f"(--pretrained FILE); {pretrained!r} is not one"
+        )
+    found = [
+        pretrained_cfg_without_torch(name, tag)
+        for name in (model, model.removesuffix("-quickgelu"))
+    ]
+    if all(cfg == {} for cfg in found):  # None: not readable here, load_clip checks it later
+        raise UserError(f"{model} has no pretrained tag {tag!r} (--pretrained-tag)")
 
 
 def _check_paths(args: argparse.Namespace) -> None:
@@ -302,6 +329,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         overwrite=args.overwrite,
         force_quick_gelu=args.force_quick_gelu,
+        pretrained_tag=args.pretrained_tag,
         tca_preset=args.tca_preset,
         eviction=args.eviction,
         anchor_rule=args.anchor_rule,

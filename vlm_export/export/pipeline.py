@@ -70,6 +70,8 @@ class ExportOptions:
     batch_size: int = 1
     overwrite: bool = False
     force_quick_gelu: bool = False
+    #: the open_clip tag whose weights a local checkpoint file holds (its activation, quick_gelu)
+    pretrained_tag: str | None = None
     tca_preset: str = "imagenet"
     eviction: str = "diversity"
     anchor_rule: str = "all_classes"
@@ -131,6 +133,8 @@ def _model_section(loaded: LoadedClip, tower: CondensingVisionTower) -> dict[str
         "pretrained": loaded.pretrained,
         "untrained": loaded.untrained,
         "activation": loaded.activation,
+        "activation_source": loaded.activation_source,
+        **({"pretrained_tag": loaded.pretrained_tag} if loaded.pretrained_tag else {}),
         "image_size": geometry["image_size"],
         "patch_size": geometry["patch_size"],
         "width": geometry["width"],
@@ -291,7 +295,9 @@ def export_bundle(options: ExportOptions) -> Path:
     progress = Progress(6 + int(options.text_encoder), quiet=options.quiet)
 
     progress.step(f"loading {options.model} ({options.pretrained})")
-    loaded = load_clip(options.model, options.pretrained, options.force_quick_gelu)
+    loaded = load_clip(
+        options.model, options.pretrained, options.force_quick_gelu, options.pretrained_tag
+    )
     progress.done("RANDOM WEIGHTS (untrained)" if loaded.untrained else loaded.pretrained)
 
     progress.step("building the image tower and counting FLOPs")

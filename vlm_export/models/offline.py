@@ -71,8 +71,9 @@ def weights_problem(name: str, tag: str, pretrained_cfg: dict[str, Any]) -> str 
     return (
         f"{name} weights {tag!r} are not in the Hugging Face cache and {reason}: fetch {file} "
         f"from the hub repo {repo} where there is network and pass that local checkpoint file "
-        f"with --pretrained path/to/{file} (or put it in the cache, hf download "
-        f"{repo} {file}, and set HF_HUB_OFFLINE=1); --pretrained none exports random weights"
+        f"with --pretrained path/to/{file} --pretrained-tag {tag} (the tag builds the model "
+        f"its weights were trained with, e.g. QuickGELU), or put it in the cache (hf download "
+        f"{repo} {file}) and set HF_HUB_OFFLINE=1; --pretrained none exports random weights"
     )
 
 
