@@ -63,7 +63,9 @@ def _union_learner(services) -> TeachLearner:
 
 
 def _converged(services, ids: set[str]) -> bool:
-    return all(set(s.teaching.learner.ids) == ids and not s.teaching._pending for s in services)
+    return all(
+        set(s.teaching.learner.ids) == ids and not s.teaching.queue.pending for s in services
+    )
 
 
 def test_three_services_learn_together_exactly(tmp_path, broker) -> None:

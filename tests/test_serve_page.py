@@ -173,9 +173,7 @@ def test_teach_a_frame_from_the_page_and_delete_it(served_text, page, tmp_path) 
         page.fill("#teach-label", "forklift")
         page.click("#teach-submit")
         page.wait_for_selector("#teach", state="hidden")
-        wait_for(
-            lambda r=round_: page.locator("#example-list li").count() == r + 1, "the example"
-        )
+        wait_for(lambda r=round_: page.locator("#example-list li").count() == r + 1, "the example")
     listed = httpx.get(f"{url}/v1/examples").json()
     assert listed["counts"] == {"forklift": 5}
     assert all(e["source"] == "front" and e["thumbnail"] for e in listed["examples"])

@@ -22,7 +22,8 @@ from PIL import Image
 
 pytest.importorskip("prometheus_client")
 
-from vlm_export.runtime.serve.teaching import MAX_PENDING, RECENT_FRAMES  # noqa: E402
+from vlm_export.runtime.serve.learning import MAX_PENDING  # noqa: E402
+from vlm_export.runtime.serve.recent import RECENT_FRAMES  # noqa: E402
 from vlm_export.runtime.teach.examples import Example, new_id  # noqa: E402
 from vlm_export.runtime.teach.learner import TeachLearner  # noqa: E402
 from vlm_export.runtime.teach.store import ExampleStore  # noqa: E402
@@ -140,7 +141,7 @@ def test_a_frame_is_labelled_by_its_seq(served) -> None:
                      if s["name"] == "yard") or None,
         "a decided frame",
     )  # fmt: skip
-    kept = {r.seq: r.embedding for r in service.teaching._recent["yard"]}
+    kept = {r.seq: r.embedding for r in service.teaching.recent.kept("yard")}
     reply = httpx.post(
         f"{url}/v1/examples", json={"source": "yard", "seq": seq, "label": "dog"}, timeout=30
     )
@@ -182,8 +183,8 @@ def test_a_seq_that_left_the_buffer_is_410(served) -> None:
     service, url, _ = served
     wait_for(
         lambda: (
-            len(service.teaching._recent["front"]) == RECENT_FRAMES
-            and service.teaching._recent["front"][0].seq > 1
+            len(service.teaching.recent.kept("front")) == RECENT_FRAMES
+            and service.teaching.recent.kept("front")[0].seq > 1
         ),
         "more frames than the buffer keeps",
         tries=600,

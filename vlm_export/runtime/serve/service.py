@@ -83,7 +83,7 @@ class Service:
             self.workers, self.lanes, self.views, self.metrics, self.events, settings.max_fps
         )
         if self.teaching is not None:
-            self.scheduler.listeners.append(self.teaching.on_frame)
+            self.scheduler.listeners.append(self.teaching.recent.on_frame)
         for name, spec in settings.sources:  # opened here: one line now for one that fails
             self.metrics.add_source(name)
             self.workers[name] = self._worker(name, spec, opener or self._opener(name))

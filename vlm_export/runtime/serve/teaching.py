@@ -1,7 +1,7 @@
 """Teaching the running service by example: stored examples, the learner beside the frame loop.
 
 A person labels a frame a source already decided (by its sequence number: each source keeps the
-embeddings of its last ``RECENT_FRAMES`` frames) or uploads an image with a label. The example
+embeddings of its last frames, ``recent``) or uploads an image with a label. The example
 (embedding, label, source, time, thumbnail) is stored in SQLite first, then learned: a learning
 thread applies every change that arrived meanwhile as one batch (``TeachLearner.apply``) and puts
 the new predictor on every lane (``TeachFusion``) under the engine lock, between two frames; the
@@ -13,13 +13,8 @@ that does not hold exactly the stored examples (a crash between the two) is rebu
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import logging
 import threading
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +23,12 @@ from PIL import Image
 
 from vlm_export.core.atomic import atomic_write_bytes
 from vlm_export.core.errors import StateError, UserError
-from vlm_export.runtime.io.sources import Frame
 from vlm_export.runtime.pipeline import utc_now
-from vlm_export.runtime.result import FrameResult
 from vlm_export.runtime.serve.config import ServeSettings, shown
 from vlm_export.runtime.serve.lanes import Lanes
+from vlm_export.runtime.serve.learning import Change, LearningQueue
 from vlm_export.runtime.serve.operations import Operations
-from vlm_export.runtime.serve.views import frame_image
+from vlm_export.runtime.serve.recent import NotFound, RecentFrames
 from vlm_export.runtime.teach.calibrate import Calibration, calibrate
 from vlm_export.runtime.teach.examples import (
     TAUGHT_DOMAIN,
@@ -52,49 +46,15 @@ from vlm_export.runtime.teach.store import DB_NAME, TEACH_FOLDER, ExampleStore
 
 log = logging.getLogger(__name__)
 
-RECENT_FRAMES = 64  # per source: the frames a label can still land on, by sequence number
-MAX_PENDING = 32  # changes waiting for the learner; more is answered 429 (the API keeps
-# threads of its pool of 40 for other requests while teaches wait)
-LEARN_WAIT_S = 30.0  # how long a request waits for its example to be learned
-THUMB_STEP_SIDE = 192  # recent frames keep a strided copy about this wide for the thumbnail
 DEFAULT_MAX_EXAMPLES = 5000
 LEARNER_STATE = "teach.npz"
 DEVICE_ID = "device-id"
 
 
-class Busy(UserError):
-    """Too many changes wait for the learner (HTTP 429 with Retry-After)."""
+class Full(UserError):
+    """As many examples are stored as the service keeps (HTTP 409: delete some first)."""
 
-    http_status = 429
-    http_headers = {"Retry-After": "1"}
-
-
-class Gone(UserError):
-    """A frame's sequence number that has left the buffer (HTTP 410)."""
-
-    http_status = 410
-
-
-class NotFound(UserError):
-    """An example id that is not stored (HTTP 404)."""
-
-    http_status = 404
-
-
-@dataclass
-class _Recent:
-    seq: int
-    embedding: np.ndarray
-    picture: Any  # a small strided copy of the frame (BGR array) or its path
-
-
-@dataclass
-class _Change:
-    added: Example | None = None
-    removed: str | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    error: str | None = None
-    learned_ms: float = 0.0
+    http_status = 409
 
 
 class Teaching:
@@ -129,16 +89,9 @@ class Teaching:
         self.notes: list[str] = []
         self.learner = self._resume()
         self.calibration: Calibration | None = None
-        self._recent: dict[str, collections.deque[_Recent]] = {
-            name: collections.deque(maxlen=RECENT_FRAMES) for name, _ in settings.sources
-        }
-        self._recent_lock = threading.Lock()
+        self.recent = RecentFrames([name for name, _ in settings.sources])
         self._learner_lock = threading.Lock()
-        self._pending: collections.deque[_Change] = collections.deque()
-        self._reserved = 0  # places in the queue taken by requests not yet queued
-        self._wake = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
+        self.queue = LearningQueue(self._apply)
         self._install()
         if settings.fleet:
             self.fleet = FleetSync(
@@ -180,8 +133,7 @@ class Teaching:
         """Start the learning thread, then the fleet link (it republishes this device's own
         examples: one stored but not published before a crash reaches the fleet; peers apply
         each id once)."""
-        self._thread = threading.Thread(target=self._learn_loop, name="vlm-teach", daemon=True)
-        self._thread.start()
+        self.queue.start()
         if self.fleet is not None:
             self.fleet.start()
             for example in self.store.all():
@@ -190,11 +142,7 @@ class Teaching:
 
     def stop(self) -> None:
         """Finish the changes in hand, stop the thread, close the database."""
-        with self._wake:
-            self._stopping = True
-            self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join(LEARN_WAIT_S)
+        self.queue.stop()
         if self.fleet is not None:
             self.fleet.close()
         self.store.close()
@@ -207,36 +155,12 @@ class Teaching:
             self.learner.save(self.state, self.lanes.bundle.engine_fingerprint)
         return self.state
 
-    # ------------------------------------------------------------------ the frame path
-    def on_frame(self, source: str, seq: int, frame: Frame, result: FrameResult | None) -> None:
-        """Keep the frame's embedding (and a small copy of the picture) under its number."""
-        if result is None or result.embedding is None:
-            return
-        picture = frame.data
-        if isinstance(picture, np.ndarray) and picture.ndim == 3:
-            step = max(1, max(picture.shape[:2]) // THUMB_STEP_SIDE)
-            picture = np.ascontiguousarray(picture[::step, ::step])
-        entry = _Recent(seq, np.asarray(result.embedding, np.float32).copy(), picture)
-        with self._recent_lock:
-            self._recent[source].append(entry)
-
     # ------------------------------------------------------------------ teaching
     def teach_frame(self, source: str, seq: int, label: str) -> dict[str, Any]:
         """Label the frame ``seq`` of ``source`` (one the service decided lately)."""
         self.operations.check_source(source)
-        with self._recent_lock:
-            recent = next((r for r in self._recent[source] if r.seq == seq), None)
-            oldest = self._recent[source][0].seq if self._recent[source] else None
-            newest = self._recent[source][-1].seq if self._recent[source] else 0
-        if recent is None and seq > newest:
-            raise NotFound(f"{shown(source)} has decided no frame {seq} yet (newest: {newest})")
-        if recent is None:
-            held = "no frame kept" if oldest is None else f"frames {oldest} and later"
-            raise Gone(
-                f"frame {seq} of {shown(source)} has left the buffer (it keeps the last "
-                f"{RECENT_FRAMES}: {held}); pick the frame again"
-            )
-        thumbnail = _thumbnail(recent.picture)
+        recent = self.recent.find(source, seq)
+        thumbnail = recent.thumbnail()
         return self._teach(recent.embedding, label, source, thumbnail)
 
     def teach_image(self, image: Image.Image, label: str, source: str = "upload") -> dict[str, Any]:
@@ -250,18 +174,18 @@ class Teaching:
     ) -> dict[str, Any]:
         label = check_label(label)
         if self.store.count() >= self.max_examples:
-            raise Busy(
+            raise Full(
                 f"{self.max_examples} examples are stored, the most this service keeps "
                 "(--teach-max-examples): delete some first"
             )
-        with self._slot():
+        with self.queue.slot():
             self._ensure_class(label)
             example = Example(
                 new_id(), label, source, utc_now(), np.asarray(embedding, np.float32), "", thumbnail
             )
             self.store.add(example)
-            change = self._queue(_Change(added=example))
-        self._await(change)
+            change = self.queue.put(Change(added=example))
+        self.queue.wait(change)
         if self.fleet is not None:
             self.fleet.publish_add(example)
         return self._answer(example, change)
@@ -275,25 +199,25 @@ class Teaching:
             self._ensure_class(example.label)
         except UserError as exc:  # learned all the same; it wins no class here
             log.warning("fleet: %s", shown(exc))
-        self._queue(_Change(added=example))
+        self.queue.put(Change(added=example))
         return True
 
     def forget_remote(self, example_id: str) -> bool:
         """A fleet peer's delete: False when the example was not held."""
         if self.store.delete(example_id) is None:
             return False
-        self._queue(_Change(removed=example_id))
+        self.queue.put(Change(removed=example_id))
         return True
 
     def forget(self, example_id: str) -> dict[str, Any]:
         """Delete an example: the learner state becomes exactly the state without it."""
         check_id(example_id)
-        with self._slot():
+        with self.queue.slot():
             removed = self.store.delete(example_id)
             if removed is None:
                 raise NotFound(f"no example {example_id}")
-            change = self._queue(_Change(removed=example_id))
-        self._await(change)
+            change = self.queue.put(Change(removed=example_id))
+        self.queue.wait(change)
         if self.fleet is not None:
             self.fleet.publish_delete(example_id)
         return {
@@ -304,7 +228,7 @@ class Teaching:
             "learned_ms": round(change.learned_ms, 3),
         }
 
-    def _answer(self, example: Example, change: _Change) -> dict[str, Any]:
+    def _answer(self, example: Example, change: Change) -> dict[str, Any]:
         return {
             "id": example.id,
             "label": example.label,
@@ -312,20 +236,6 @@ class Teaching:
             "class_examples": self.store.count(example.label),
             "learned_ms": round(change.learned_ms, 3),
         }
-
-    @contextlib.contextmanager
-    def _slot(self) -> Iterator[None]:
-        """A place in the learner's queue, taken before anything is stored (Busy when none is
-        left) and handed back once the change is queued or has failed."""
-        with self._wake:
-            if len(self._pending) + self._reserved >= MAX_PENDING:
-                raise Busy(f"{MAX_PENDING} examples wait to be learned: try again in a second")
-            self._reserved += 1
-        try:
-            yield
-        finally:
-            with self._wake:
-                self._reserved -= 1
 
     def _ensure_class(self, label: str) -> None:
         """A label that is not a class yet becomes one, in the domain ``taught`` (its text
@@ -340,49 +250,12 @@ class Teaching:
             )
         self.operations.add_class(label, TAUGHT_DOMAIN)
 
-    # ------------------------------------------------------------------ the learning thread
-    def _queue(self, change: _Change) -> _Change:
-        """Hand ``change`` to the learning thread's next batch."""
-        with self._wake:
-            self._pending.append(change)
-            self._wake.notify_all()
-        return change
-
-    @staticmethod
-    def _await(change: _Change) -> None:
-        """Wait until ``change`` is in the decisions (UserError when it failed or took long)."""
-        if not change.done.wait(LEARN_WAIT_S):
-            raise UserError("the change is stored but not learned yet (the learner is slow)")
-        if change.error is not None:
-            raise UserError(change.error)
-
-    def _learn_loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._pending and not self._stopping:
-                    self._wake.wait()
-                if not self._pending and self._stopping:
-                    return
-                batch = list(self._pending)
-                self._pending.clear()
-            self._learn(batch)
-
-    def _learn(self, batch: list[_Change]) -> None:
-        started = time.perf_counter()
-        added = [c.added for c in batch if c.added is not None]
-        removed = [c.removed for c in batch if c.removed is not None]
-        try:
-            with self._learner_lock:
-                self.learner.apply(added=added, removed=removed)
-                self._install()
-        except Exception as exc:  # noqa: BLE001 - one line to each waiting request
-            log.error("teaching: a batch could not be learned: %s", shown(exc))
-            for change in batch:
-                change.error = f"not learned: {shown(exc)}"
-        elapsed = (time.perf_counter() - started) * 1000.0
-        for change in batch:
-            change.learned_ms = elapsed
-            change.done.set()
+    # ------------------------------------------------------------------ learning
+    def _apply(self, added: list[Example], removed: list[str]) -> None:
+        """One batch of changes (on the learning thread): learned, then in the decisions."""
+        with self._learner_lock:
+            self.learner.apply(added=added, removed=removed)
+            self._install()
 
     def _install(self) -> None:
         """Put the learner's predictor on every lane (the next frame uses it) and choose
@@ -440,15 +313,6 @@ class Teaching:
         if example is None or not example.thumbnail:
             raise NotFound(f"no thumbnail for example {example_id}")
         return example.thumbnail
-
-
-def _thumbnail(picture: Any) -> bytes | None:
-    """The thumbnail of a recent frame's kept picture (None if it cannot be read)."""
-    try:
-        image = frame_image(Frame(0, "", picture, 0.0))
-    except Exception:  # noqa: BLE001 - a frame file gone meanwhile: no thumbnail
-        return None
-    return thumbnail_jpeg(image)
 
 
 def _device_id(folder: Path | None) -> str:
