@@ -426,3 +426,23 @@ def test_fps_holds_for_a_slow_engine_and_falls_to_zero_when_stalled() -> None:
     single = SourceStats()
     single.times.append(5.0)
     assert single.fps(now=5.0) == 0.0
+
+
+def test_sizes_are_said_as_people_say_them() -> None:
+    """The 413 names 10 MiB for 10 MiB (it said 10.4858 MB)."""
+    from vlm_export.runtime.serve.guards import byte_size
+
+    assert byte_size(10 * 1024 * 1024) == "10 MiB"
+    assert byte_size(300_000) == "293 KiB"
+    assert byte_size(1536 * 1024) == "1.5 MiB"
+    assert byte_size(512) == "512 B"
+
+
+def test_an_event_sinks_counters_exist_before_the_first_drop(world, tmp_path) -> None:
+    """vlm_edge_events_dropped_total has a series at 0 as soon as the sink starts."""
+    with Service.open(settings(world, tmp_path, events=[f"jsonl:{tmp_path / 'e.jsonl'}"])) as s:
+        text = generate_latest(s.registry).decode()
+    dropped = [
+        line for line in text.splitlines() if line.startswith("vlm_edge_events_dropped_total")
+    ]
+    assert len(dropped) == 1 and dropped[0].endswith(" 0.0") and 'sink="jsonl:' in dropped[0]

@@ -74,7 +74,9 @@ class QueuedSink(ABC):
         self._thread = threading.Thread(target=self._run, name=f"vlm-{self.name}", daemon=True)
 
     def start(self) -> None:
-        """Start the delivery thread."""
+        """Start the delivery thread (the sink's counters exist, at 0, from now on)."""
+        for counter in (self.metrics.events_sent, self.metrics.events_dropped):
+            counter.labels(sink=self.name)
         self._thread.start()
 
     def put(self, event: dict) -> None:

@@ -73,7 +73,7 @@ class BodyLimit:
 
     def too_large(self) -> HTTPException:
         """The 413 for a body above the limit."""
-        limit = f"{self.max_bytes / 1e6:g} MB" if self.max_bytes >= 1e6 else f"{self.max_bytes} B"
+        limit = byte_size(self.max_bytes)
         return HTTPException(413, f"the request body is larger than the limit of {limit}")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -152,3 +152,11 @@ class CrossSiteWrites:
             await reply(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def byte_size(count: int) -> str:
+    """``count`` bytes as people say it: 10 MiB, 300 KiB, 1.5 MiB, 512 B."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.4g} {unit}"
+    return f"{count} B"

@@ -85,6 +85,10 @@ class Lanes:
         self._zeros = self._zero_anchors()
         self._bound: Lane | None = None
         self._zeroshot: Lane | None = None
+        self._offer_lock = threading.Lock()  # guards the offer only: never held for a frame
+        self._offered: tuple[Fusion | None, float | None] | None = None
+        self.offered_version = 0  # offers made
+        self.installed_version = 0  # offers the lanes run with (the next frame uses them)
         self.by_source = self._build([name for name, _ in settings.sources])
 
     # ------------------------------------------------------------------ building
@@ -179,6 +183,31 @@ class Lanes:
         lanes = self.unique() + ([self._zeroshot] if self._zeroshot is not None else [])
         for lane in lanes:
             lane.pipeline.fusion = fusion
+
+    def offer(self, fusion: Fusion | None, min_score: float | None) -> int:
+        """Hand the lanes a new fusion stage and ``min_score`` without waiting for the engine:
+        the next frame (or request) installs them (``install_offer``). Returns the offer's
+        version; a newer offer replaces one not installed yet."""
+        with self._offer_lock:
+            self._offered = (fusion, min_score)
+            self.offered_version += 1
+            return self.offered_version
+
+    def install_offer(self) -> None:
+        """Install the newest offer, if any (call under ``lock``, before a frame): its fusion
+        follows the live classes by label (the classes may have changed since it was made)."""
+        with self._offer_lock:
+            offered, version = self._offered, self.offered_version
+            self._offered = None
+        if offered is None:
+            return
+        fusion, min_score = offered
+        labels = self._bundle.labels
+        if fusion is not None and getattr(fusion, "labels", labels) != labels:
+            fusion = fusion.for_labels(fusion.labels, labels)
+        self.set_fusion(fusion)
+        self.set_min_score(min_score)
+        self.installed_version = version
 
     def set_min_score(self, min_score: float | None) -> None:
         """Report decisions below ``min_score`` as unknown on every lane (call under ``lock``)."""

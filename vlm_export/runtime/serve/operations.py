@@ -68,6 +68,7 @@ class Operations:
             raise UserError(f"topk must be a whole number of at least 1, got {topk!r}")
         lanes = self.lanes
         with lanes.lock:
+            lanes.install_offer()
             lane = lanes.by_source[source] if source is not None else lanes.zeroshot()
             pipeline = lanes.use(lane)
             kept = pipeline.topk

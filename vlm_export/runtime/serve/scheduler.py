@@ -85,6 +85,7 @@ class Scheduler:
         stats = self.views.stats[name]
         frame = Frame(stats.frames, frame.source, frame.data, frame.timestamp_ms)
         with self.lanes.lock:
+            self.lanes.install_offer()  # what teaching learned since the last frame
             pipeline = self.lanes.use(self.lanes.by_source[name])
             result, record = process_frame(pipeline, frame)
             if self.budget is not None and result is not None:  # one budget for every source

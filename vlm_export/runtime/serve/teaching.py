@@ -258,22 +258,21 @@ class Teaching:
             self._install()
 
     def _install(self) -> None:
-        """Put the learner's predictor on every lane (the next frame uses it) and choose
-        ``--min-score auto`` again."""
+        """Offer the learner's predictor (and ``--min-score auto``, chosen again) to every lane:
+        the next frame uses them. Nothing here waits for the engine."""
         learner = self.learner
-        with self.lanes.lock:
-            if learner.num_samples == 0:
-                self.lanes.set_fusion(None)
-            else:
-                self.lanes.set_fusion(TeachFusion(learner.predictor(), self.lanes.bundle.labels))
+        bundle = self.lanes.bundle
+        fusion = None
+        if learner.num_samples:
+            fusion = TeachFusion(learner.predictor(), bundle.labels)
+        min_score = self.settings.min_score
         if self.settings.min_score_auto:
-            bundle = self.lanes.bundle
             self.calibration = calibrate(
                 learner, bundle.labels, bundle.text_embeddings, self.settings.min_score
             )
-            with self.lanes.lock:
-                self.lanes.set_min_score(self.calibration.threshold)
+            min_score = self.calibration.threshold
             log.info("teaching: %s", self.calibration.describe())
+        self.lanes.offer(fusion, min_score)
 
     # ------------------------------------------------------------------ reading
     def examples(
