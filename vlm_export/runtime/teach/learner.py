@@ -75,6 +75,7 @@ class TeachLearner:
         self.in_dim, self.hidden_dim = int(in_dim), int(hidden_dim)
         self.seed, self.ridge = int(seed), float(ridge)
         self.projection = random_projection(in_dim, hidden_dim, seed) if hidden_dim else None
+        self._projection32: np.ndarray | None = None  # the predictors' copy, made once
         self.ids: list[str] = []
         self.example_labels: list[str] = []  # the label of each example, in ``ids`` order
         self.labels: list[str] = []
@@ -215,7 +216,9 @@ class TeachLearner:
 
     def predictor(self) -> TeachPredictor:
         """An immutable float32 snapshot for the frame path."""
-        projection = None if self.projection is None else self.projection.astype(np.float32)
+        if self.projection is not None and self._projection32 is None:
+            self._projection32 = self.projection.astype(np.float32)
+        projection = self._projection32
         weights = self.weights.astype(np.float32)
         for array in (projection, weights):
             if array is not None:
