@@ -48,10 +48,9 @@ def open_service(bundle: Path, sources: dict[str, Path], state_dir: Path, **extr
         sources=[(name, str(path)) for name, path in sources.items()],
         loop=True,
         state_dir=str(state_dir),
-        max_fps=10.0,
         quiet=True,
         limits=TEST_LIMITS,
-        **extra,
+        **{"max_fps": 10.0, **extra},
     )
     return Service.open(settings)
 

@@ -187,3 +187,27 @@ def test_reliability_axis_label_stays_clear_of_the_title() -> None:
     assert dark[top - 26 : top - 2, MARGIN : MARGIN + 100].any()  # the title itself
     label = dark[top + PANEL // 2 - 30 : top + PANEL // 2 + 30, : MARGIN - 30]
     assert label.any()  # "accuracy", turned, beside the panel's middle
+
+
+def test_a_long_label_is_cut_and_the_score_and_fps_stay() -> None:
+    """The banner cuts a long class name, never the score or the frame rate."""
+    from vlm_export.runtime.draw.annotate import banner_fitted, banner_font_size
+    from vlm_export.runtime.draw.style import font, text_size
+
+    face = font(banner_font_size((320, 240)))
+    long_name = "a very long class name that a person typed into the page " * 3
+    text = banner_fitted(long_name, 0.873, 12.4, face, 300)
+    assert text.endswith("  87.3%  |  12.4 fps") and "..." in text
+    assert text_size(text, face)[0] <= 300
+    assert banner_fitted("cat", 0.5, 1.0, face, 300) == "cat  50.0%  |  1.0 fps"
+
+
+def test_the_live_picture_is_enlarged_before_its_banner_is_drawn() -> None:
+    from PIL import Image
+
+    from vlm_export.runtime.serve.views import LIVE_MIN_WIDTH, enlarged
+
+    small = Image.new("RGB", (64, 48))
+    assert enlarged(small).size == (64 * 10, 48 * 10)
+    big = Image.new("RGB", (LIVE_MIN_WIDTH + 1, 10))
+    assert enlarged(big) is big

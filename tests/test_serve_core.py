@@ -446,3 +446,12 @@ def test_an_event_sinks_counters_exist_before_the_first_drop(world, tmp_path) ->
         line for line in text.splitlines() if line.startswith("vlm_edge_events_dropped_total")
     ]
     assert len(dropped) == 1 and dropped[0].endswith(" 0.0") and 'sink="jsonl:' in dropped[0]
+
+
+def test_the_service_keeps_blas_on_one_thread(world, tmp_path) -> None:
+    """NumPy's and SciPy's BLAS run on one thread once the service starts: learning beside the
+    engine does not oversubscribe the cores (benchmarks/bench_teach.py)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with Service.open(settings(world, tmp_path)):
+        blas = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+        assert blas and all(i["num_threads"] == 1 for i in blas)

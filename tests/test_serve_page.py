@@ -110,8 +110,10 @@ def test_page_shows_both_sources_live(served, page, tmp_path) -> None:
         assert label in ("cat", "dog", "bird", "car", "bus", "train")
         assert page.locator(f'[data-source="{name}"] .timings tbody tr').count() >= 1
         assert page.locator(f'[data-source="{name}"] .bars li').count() == 6
+    seq = int(page.get_attribute('[data-source="front"] img.live', "data-seq"))
+    assert seq >= 1  # the picture on screen is a frame the service numbered
     page.check('[data-source="front"] input.fate')
-    assert "fate=true" in page.get_attribute('[data-source="front"] img.live', "src")
+    assert page.get_attribute('[data-source="front"] img.live', "data-fate") == "true"
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
 
 
@@ -184,3 +186,35 @@ def test_teach_a_frame_from_the_page_and_delete_it(served_text, page, tmp_path) 
     page.click(f'#example-list li[data-id="{first}"] button.delete')
     wait_for(lambda: page.locator("#example-list li").count() == 4, "the deleted example gone")
     assert httpx.get(f"{url}/v1/examples").json()["counts"] == {"forklift": 4}
+
+
+@pytest.fixture(scope="module")
+def served_slow(tmp_path_factory):
+    """One source decided every 2 s (a slow engine's pace)."""
+    root = tmp_path_factory.mktemp("serve_page_slow")
+    write_images(root / "cam", 2, seed=3)
+    bundle = make_bundle(root / "bundle", method="tca")
+    service = open_service(bundle, {"cam": root / "cam"}, root / "st", max_fps=0.5)
+    with service, serving(service) as base:
+        yield base
+
+
+def test_a_slow_source_shows_its_rate_and_the_frame_decision(served_slow, page) -> None:
+    """At 0.5 frames a second the card shows 0.5 fps as the API does (it showed 0.0), and the
+    decision under the picture is that frame's."""
+    url = served_slow
+    page.goto(url)
+    api_fps = wait_for(
+        lambda: httpx.get(f"{url}/v1/sources").json()["sources"][0]["fps"] or None,
+        "a rate from the API",
+        tries=200,
+    )
+    assert 0.3 < api_fps < 0.7
+    wait_for(lambda: page.text_content('[data-source="cam"] .fps') not in ("–", "0.0"), "fps")
+    shown = float(page.text_content('[data-source="cam"] .fps'))
+    assert abs(shown - api_fps) <= 0.1
+    seq = wait_for(lambda: page.get_attribute('[data-source="cam"] img.live', "data-seq"), "seq")
+    headers = httpx.get(f"{url}/v1/sources/cam/frame.jpg", params={"after": int(seq) - 1}).headers
+    assert int(headers["x-frame-seq"]) >= int(seq)
+    label = page.text_content('[data-source="cam"] .decision .label')
+    assert label in ("cat", "dog", "bird", "car", "bus", "train")

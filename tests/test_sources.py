@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -154,3 +155,14 @@ def test_gstreamer_pipelines_need_an_opencv_built_with_it(monkeypatch) -> None:
     assert sources.build_feature(cv2, "GStreamer") == "YES (1.20.3)"
     assert sources.build_feature(cv2, "GUI") == "NONE"
     assert sources.build_feature(cv2, "FFMPEG") == "NO"
+
+
+def test_opencv_and_ffmpeg_log_lines_are_quiet_unless_asked(monkeypatch) -> None:
+    """FFmpeg's own lines do not mix into the service's log; a user's setting is kept."""
+    from vlm_export.runtime.io import sources
+
+    monkeypatch.delenv("OPENCV_FFMPEG_LOGLEVEL", raising=False)
+    monkeypatch.setenv("OPENCV_LOG_LEVEL", "INFO")
+    sources.import_cv2()
+    assert os.environ["OPENCV_FFMPEG_LOGLEVEL"] == "-8"
+    assert os.environ["OPENCV_LOG_LEVEL"] == "INFO"

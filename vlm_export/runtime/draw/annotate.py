@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw
 
-from vlm_export.runtime.draw.style import fit_text, font
+from vlm_export.runtime.draw.style import Font, fit_text, font, text_size
 
 BANNER = (24, 24, 24)
 BANNER_TEXT = (255, 255, 255)
@@ -30,12 +30,26 @@ def annotate_frame(
     size = banner_font_size(image.size)
     face = font(size)
     margin = max(3, size // 3)
-    text = fit_text(banner_text(label, score, fps), face, image.width - 2 * margin)
+    text = banner_fitted(label, score, fps, face, image.width - 2 * margin)
     strip = banner_height(image.size)
     canvas = Image.new("RGB", (image.width, image.height + strip), BANNER)
     canvas.paste(image.convert("RGB"), (0, strip))
     ImageDraw.Draw(canvas).text((margin, margin), text, fill=BANNER_TEXT, font=face)
     return canvas
+
+
+def banner_fitted(
+    label: str, score: float | None, fps: float | None, face: Font, width: int
+) -> str:
+    """The banner text in ``width`` pixels: a long label is cut short (with an ellipsis) so that
+    the score and the frame rate always show; only when even they do not fit is the whole cut."""
+    whole = fit_text(banner_text(label, score, fps), face, width)
+    if not whole.endswith("..."):
+        return whole
+    room = width - text_size(banner_text("", score, fps), face)[0]
+    if room < text_size("M...", face)[0]:
+        return whole
+    return banner_text(fit_text(label, face, room), score, fps)
 
 
 def banner_font_size(frame_size: tuple[int, int]) -> int:

@@ -138,8 +138,17 @@ class ImageFiles(Source):
         """Nothing to release: files are opened one at a time by the pipeline."""
 
 
+#: OpenCV's and FFmpeg's own logging, unless the user set it: the sources report their failures
+#: in one line each, so FFmpeg's lines (a stream that stutters, a codec warning) would only be
+#: mixed into the service's log
+QUIET_OPENCV = {"OPENCV_FFMPEG_LOGLEVEL": "-8", "OPENCV_LOG_LEVEL": "ERROR"}
+
+
 def import_cv2() -> ModuleType:
-    """Import OpenCV or raise a SourceError that names the extra to install."""
+    """Import OpenCV (its own and FFmpeg's log lines quiet unless the environment asks for them)
+    or raise a SourceError that names the extra to install."""
+    for name, value in QUIET_OPENCV.items():
+        os.environ.setdefault(name, value)
     try:
         import cv2
     except ImportError:

@@ -73,6 +73,7 @@ def create_app(service: Service, settings: ServeSettings) -> FastAPI:
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["X-Frame-Seq", "X-Frame-Class", "X-Frame-Score", "X-Frame-Time"],
         )
     app.add_middleware(ErrorGuard)
     if app.state.sessions is not None:

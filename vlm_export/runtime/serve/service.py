@@ -38,7 +38,7 @@ from vlm_export.runtime.serve.metrics import ServeMetrics
 from vlm_export.runtime.serve.operations import Operations, UnknownSource
 from vlm_export.runtime.serve.scheduler import Scheduler
 from vlm_export.runtime.serve.teaching import Teaching
-from vlm_export.runtime.serve.views import LiveViews
+from vlm_export.runtime.serve.views import LiveFrame, LiveViews
 from vlm_export.runtime.serve.watch import SourceWatches
 from vlm_export.runtime.serve.workers import Opener, SourceWorker
 
@@ -208,6 +208,7 @@ class Service:
         if self._running:
             return
         self._running = True
+        one_blas_thread()
         self._started_at = time.monotonic()
         for name, worker in self.workers.items():
             if name not in self.lanes.failed:
@@ -363,6 +364,25 @@ class Service:
         (waits up to ``timeout_s``); None on timeout."""
         self.operations.check_source(name)
         return self.views.frame(name, after, timeout_s, fate)
+
+    def live_frame(
+        self, name: str, after: int, timeout_s: float, fate: bool = False
+    ) -> LiveFrame | None:
+        """As ``frame``, with the frame's decision."""
+        self.operations.check_source(name)
+        return self.views.live(name, after, timeout_s, fate)
+
+
+def one_blas_thread() -> None:
+    """Run NumPy's BLAS on one thread in this process: the engine's own threads keep the cores.
+    Two BLAS threads beside a 2-thread engine on 2 cores cost 14% of the frame rate while
+    teaching (benchmarks/bench_teach.py: 0.856 of quiet; 0.982 with one)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # an install from before [serve] brought it: BLAS keeps its threads
+        log.info("threadpoolctl is not installed: NumPy's BLAS keeps its threads")
+        return
+    threadpool_limits(limits=1, user_api="blas")
 
 
 def _open_engine(bundle: Bundle, settings: ServeSettings) -> tuple[Any, BudgetRun | None]:

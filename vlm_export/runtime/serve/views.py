@@ -30,6 +30,30 @@ RATE_FRAMES = 16
 #: a source with no frame for this long, and for twice its usual interval, shows 0 fps
 STALL_S = 5.0
 JPEG_QUALITY = 80
+#: the live picture is drawn at least this wide: a small camera's frame is enlarged before the
+#: banner is drawn, so the text stays sharp where the page shows it larger
+LIVE_MIN_WIDTH = 640
+
+
+@dataclass(frozen=True)
+class LiveFrame:
+    """One drawn frame of a source: its sequence number, the JPEG, what was decided for it."""
+
+    seq: int
+    jpeg: bytes
+    result: FrameResult | None
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers that say which frame this is and its decision (ASCII: the class name is
+        percent-encoded in ``X-Frame-Class``)."""
+        from urllib.parse import quote
+
+        headers = {"X-Frame-Seq": str(self.seq)}
+        if self.result is not None:
+            headers["X-Frame-Class"] = quote(self.result.class_name, safe=" ")
+            headers["X-Frame-Score"] = f"{self.result.score:.6f}"
+            headers["X-Frame-Time"] = self.result.time_utc
+        return headers
 
 
 @dataclass
@@ -103,11 +127,9 @@ class LiveViews:
             self._closed = True
             self._changed.notify_all()
 
-    def frame(
-        self, name: str, after: int, timeout_s: float, fate: bool = False
-    ) -> tuple[int, bytes] | None:
-        """The newest annotated frame of ``name`` as JPEG with a sequence number > ``after``
-        (waits up to ``timeout_s``); None on timeout."""
+    def live(self, name: str, after: int, timeout_s: float, fate: bool = False) -> LiveFrame | None:
+        """The newest frame of ``name`` with a sequence number > ``after``, drawn as JPEG, with
+        its decision (waits up to ``timeout_s``); None on timeout."""
         stats = self.stats[name]
         with self._changed:
             if not self._changed.wait_for(
@@ -118,20 +140,37 @@ class LiveViews:
                 return None
             seq, view = stats.seq, stats.view
             cached = stats.jpeg.get(fate)
-        if cached is not None and cached[0] == seq:
-            return cached
-        data = self._draw(view, fate, stats.fps())
-        with self._changed:
-            if stats.seq == seq:
-                stats.jpeg[fate] = (seq, data)
-        return seq, data
+        if cached is None or cached[0] != seq:
+            data = self._draw(view, fate, stats.fps())
+            with self._changed:
+                if stats.seq == seq:
+                    stats.jpeg[fate] = (seq, data)
+        else:
+            data = cached[1]
+        return LiveFrame(seq, data, view[1])
+
+    def frame(
+        self, name: str, after: int, timeout_s: float, fate: bool = False
+    ) -> tuple[int, bytes] | None:
+        """``live`` as (sequence number, JPEG)."""
+        got = self.live(name, after, timeout_s, fate)
+        return None if got is None else (got.seq, got.jpeg)
 
     def _draw(self, view: tuple[Frame, FrameResult | None], fate: bool, fps: float) -> bytes:
         frame, result = view
-        picture = self._drawer(fate)(frame_image(frame), result, fps)
+        picture = self._drawer(fate)(enlarged(frame_image(frame)), result, fps)
         buffer = io.BytesIO()
         picture.save(buffer, format="JPEG", quality=JPEG_QUALITY)
         return buffer.getvalue()
+
+
+def enlarged(image: Image.Image, width: int = LIVE_MIN_WIDTH) -> Image.Image:
+    """``image`` scaled up by a whole factor to at least ``width`` pixels wide (as it is when it
+    is that wide already)."""
+    factor = -(-width // max(1, image.width))
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.BILINEAR)
 
 
 def frame_image(frame: Frame) -> Image.Image:

@@ -74,11 +74,23 @@ async def stream(
     response_class=Response,
     responses={200: {"content": {"image/jpeg": {}}}, 503: {"description": "no frame yet"}},
 )
-async def snapshot(request: Request, name: str, fate: Annotated[bool, FATE] = False) -> Response:
-    """The newest frame as one JPEG (its sequence number in ``X-Frame-Seq``)."""
+async def snapshot(
+    request: Request,
+    name: str,
+    fate: Annotated[bool, FATE] = False,
+    after: Annotated[
+        int, Query(ge=-1, le=2**62, description="wait for a frame newer than this seq")
+    ] = -1,
+) -> Response:
+    """The newest frame as one JPEG, newer than ``after`` (waits up to 5 s). Which frame it is
+    and what was decided for it: ``X-Frame-Seq``, ``X-Frame-Class`` (percent-encoded),
+    ``X-Frame-Score``, ``X-Frame-Time`` (the page shows the decision of the frame on screen)."""
     known_source(request, name)
-    got = await next_frame(request, name, -1, SNAPSHOT_WAIT_S, fate)
+    service = service_of(request)
+    limiter: anyio.CapacityLimiter = request.app.state.stream_limiter
+    got = await anyio.to_thread.run_sync(
+        lambda: service.live_frame(name, after, SNAPSHOT_WAIT_S, fate), limiter=limiter
+    )
     if got is None:
-        raise HTTPException(503, f"no frame from this source within {SNAPSHOT_WAIT_S:g} s")
-    seq, jpeg = got
-    return Response(jpeg, media_type="image/jpeg", headers={**NO_STORE, "X-Frame-Seq": str(seq)})
+        raise HTTPException(503, f"no new frame from this source within {SNAPSHOT_WAIT_S:g} s")
+    return Response(got.jpeg, media_type="image/jpeg", headers={**NO_STORE, **got.headers()})

@@ -1,6 +1,8 @@
-// The live page of vlm-edge serve: polls /v1/sources every second, shows each source's MJPEG
-// stream with its decision, timings and reservoir fill, and edits the classes. Plain JS, no
-// build step. Every server string is shown through textContent (class names are user input).
+// The live page of vlm-edge serve: polls /v1/sources every second for rates, timings and
+// reservoir fill; follows each source frame by frame (frame.jpg?after=SEQ, whose headers carry
+// that frame's decision, so the card shows the decision of the frame on screen); edits the
+// classes; teaches the frame on screen. Plain JS, no build step. Every server string is shown
+// through textContent (class names are user input).
 "use strict";
 
 const POLL_MS = 1000;
@@ -34,9 +36,44 @@ function showLogin(visible) {
   }
 }
 
-function streamUrl(name, fate) {
-  const base = `/v1/sources/${encodeURIComponent(name)}/stream.mjpg`;
-  return fate ? `${base}?fate=true` : base;
+function frameUrl(name, after, fate) {
+  const base = `/v1/sources/${encodeURIComponent(name)}/frame.jpg?after=${after}`;
+  return fate ? `${base}&fate=true` : base;
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+function showDecision(card, label, score, when) {
+  const f = card.fields;
+  f.label.textContent = label;
+  f.label.dataset.label = label;
+  f.label.title = label;
+  f.score.textContent = score === null ? "" : number(score, 3);
+  f.when.textContent = when ? when.replace("T", " ").replace(/\.\d+/, "") : "";
+}
+
+async function follow(card, name) {
+  // the live picture, frame by frame: each answer carries its frame's decision, so the card
+  // shows what was decided for the frame on screen (and Teach labels exactly that frame)
+  while (card.root.isConnected) {
+    try {
+      const response = await fetch(frameUrl(name, card.seq, card.fate.checked),
+        { credentials: "same-origin", cache: "no-store" });
+      if (response.status === 401) { showLogin(true); await sleep(1000); continue; }
+      if (!response.ok) { await sleep(500); continue; }
+      const seq = Number(response.headers.get("X-Frame-Seq"));
+      card.img.src = await dataUrl(await response.blob());
+      card.seq = seq;
+      card.img.dataset.seq = `${seq}`;
+      const label = response.headers.get("X-Frame-Class");
+      if (label !== null) {
+        showDecision(card, decodeURIComponent(label), Number(response.headers.get("X-Frame-Score")),
+          response.headers.get("X-Frame-Time"));
+      }
+    } catch (error) {
+      await sleep(1000);
+    }
+  }
 }
 
 function makeCard(name) {
@@ -57,11 +94,12 @@ function makeCard(name) {
   card.fields.name.textContent = name;
   card.img.alt = `live view of ${name}`;
   card.fate.checked = fateDefault;
-  card.img.src = streamUrl(name, card.fate.checked);
-  card.fate.addEventListener("change", () => { card.img.src = streamUrl(name, card.fate.checked); });
+  card.seq = -1;
+  card.fate.addEventListener("change", () => { card.img.dataset.fate = `${card.fate.checked}`; });
   root.querySelector(".teach-button").addEventListener("click", () => openTeach(name));
   $("sources").appendChild(root);
   cards.set(name, card);
+  follow(card, name);
   return card;
 }
 
@@ -116,11 +154,11 @@ function render(source) {
   const f = card.fields;
   f.state.textContent = source.state || "";
   f.state.dataset.state = source.state || "";
-  const last = source.last;
-  f.label.textContent = last ? last.class : "no decision yet";
-  f.label.dataset.label = last ? last.class : "";
-  f.score.textContent = last ? number(last.score, 3) : "";
-  f.when.textContent = last && last.time_utc ? last.time_utc.replace("T", " ").replace(/\.\d+/, "") : "";
+  if (card.seq < 0) {  // no picture yet: the last decision the service reports
+    const last = source.last;
+    showDecision(card, last ? last.class : "no decision yet", last ? last.score : null,
+      last ? last.time_utc : "");
+  }
   f.fps.textContent = number(source.fps);
   f.frames.textContent = `${source.frames ?? 0}`;
   card.root.dataset.frames = `${source.frames ?? 0}`;
@@ -207,7 +245,6 @@ async function logIn(event) {
     $("token").value = "";
     message($("login-message"), "", false);
     showLogin(false);
-    for (const card of cards.values()) card.img.src = streamUrl(card.root.dataset.source, card.fate.checked);
     start();
   } catch (error) {
     message($("login-message"), error.message, true);
@@ -233,10 +270,20 @@ function dataUrl(blob) {
 
 async function openTeach(name) {
   // the frame on screen now, frozen with its sequence number: the label lands on exactly it
+  const card = cards.get(name);
   $("teach").hidden = false;
   $("teach-source").textContent = name;
-  message($("teach-message"), "taking the frame…", false);
   $("teach-submit").disabled = true;
+  if (!card || card.seq < 0) {
+    message($("teach-message"), "no frame on screen yet", true);
+    return;
+  }
+  teaching = { source: name, seq: card.seq };
+  $("teach-frame").src = card.img.src;
+  $("teach-frame").dataset.seq = `${card.seq}`;
+  message($("teach-message"), "", false);
+  $("teach-submit").disabled = false;
+  $("teach-label").focus();
   try {
     const classes = await api("/v1/classes");
     $("teach-classes").replaceChildren(...[...classes.classes, "unknown"].map((c) => {
@@ -244,16 +291,6 @@ async function openTeach(name) {
       option.value = c;
       return option;
     }));
-    const response = await fetch(`/v1/sources/${encodeURIComponent(name)}/frame.jpg`,
-      { credentials: "same-origin" });
-    if (!response.ok) throw new Error(`no frame (HTTP ${response.status})`);
-    const seq = Number(response.headers.get("X-Frame-Seq"));
-    $("teach-frame").src = await dataUrl(await response.blob());
-    teaching = { source: name, seq };
-    $("teach-frame").dataset.seq = `${seq}`;
-    message($("teach-message"), "", false);
-    $("teach-submit").disabled = false;
-    $("teach-label").focus();
   } catch (error) {
     message($("teach-message"), error.message, true);
   }
