@@ -455,3 +455,14 @@ def test_the_service_keeps_blas_on_one_thread(world, tmp_path) -> None:
     with Service.open(settings(world, tmp_path)):
         blas = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
         assert blas and all(i["num_threads"] == 1 for i in blas)
+
+
+def test_max_fps_spaces_the_first_frames_too(world, tmp_path) -> None:
+    """--max-fps 5: no two frames of a source closer than the period allows (the second frame
+    came at once after the first)."""
+    with Service.open(settings(world, tmp_path, sources=[("front", str(world / "front"))],
+                               max_fps=5.0)) as service:  # fmt: skip
+        wait_until(lambda: frames_of(service, "front") >= 4, "four frames")
+        times = list(service.views.stats["front"].times)
+    gaps = np.diff(times)
+    assert gaps.min() >= 0.2 * 0.9, gaps

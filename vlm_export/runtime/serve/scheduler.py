@@ -68,7 +68,9 @@ class Scheduler:
                 frame = self.workers[name].take()
                 if frame is None:
                     continue
-                due[name] = max(due[name] + period, now)
+                # on time (or late by less than a period): keep the cadence; later than that
+                # (the first frame too): a whole period from now, never two frames at once
+                due[name] = now + period if now - due[name] > period else due[name] + period
                 self.serve(name, frame)
                 served = True
                 if self.stopping.is_set():
