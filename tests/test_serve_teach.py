@@ -259,6 +259,8 @@ def test_a_flood_is_answered_429_and_nothing_is_half_learned(served) -> None:
 
 def test_restart_resumes_the_same_state_and_rebuilds_a_stale_one(served, tmp_path) -> None:
     service, url, root = served
+    for seed, label in ((70, "car"), (71, "bus")):  # whatever ran before, examples are stored
+        assert _teach_upload(url, label, seed).status_code == 200
     probe = image_bytes(seed=12)
     before = httpx.post(
         f"{url}/v1/classify", content=probe, headers={"Content-Type": "image/jpeg"}, timeout=30
@@ -324,3 +326,27 @@ def test_five_examples_of_a_new_label_make_a_class_that_wins(tmp_path) -> None:
         ).json()  # fmt: skip
         assert jam["class"] == "line 3 jam"
         _assert_exact(service)
+
+
+def test_a_zero_shot_bundle_is_taught_too(tmp_path) -> None:
+    """A full tower (method zeroshot): teaching adds RAIL's fusion to zero-shot; the examples
+    live in --state-dir (which then holds only teach/) and survive a restart."""
+    bundle = make_bundle(tmp_path / "bundle", method="zeroshot")
+    write_images(tmp_path / "cam", 3, seed=1)
+    service = open_service(bundle, {"cam": tmp_path / "cam"}, tmp_path / "states",
+                           teach_hidden_dim=HIDDEN)  # fmt: skip
+    assert service.method == "zeroshot"
+    with service, serving(service) as url:
+        for seed in range(3):
+            assert _teach_upload(url, "train", seed, tinted(RED, seed)).status_code == 200
+        decided = httpx.post(
+            f"{url}/v1/classify", content=tinted(RED, 9), headers={"Content-Type": "image/jpeg"}
+        ).json()
+        assert decided["class"] == "train"
+        _assert_exact(service)
+    assert sorted(p.name for p in (tmp_path / "states").iterdir()) == ["teach"]
+    again = open_service(bundle, {"cam": tmp_path / "cam"}, tmp_path / "states",
+                         teach_hidden_dim=HIDDEN)  # fmt: skip
+    with again:
+        assert again.teaching.learner.num_samples == 3
+        _assert_exact(again)

@@ -48,6 +48,7 @@ NON_PATH = {
     "--seed",  # eval-tta: a whole number >= 0 (its own parser)
     "--min-score",  # vlm-edge serve: a number from 0 to 1 or 'auto' (its own parser)
     "--fleet",  # vlm-edge serve: an mqtt:// URL
+    "--pretrained-tag",  # vlm-export: an open_clip pretrained tag (openai, laion2b_...)
 }
 
 

@@ -235,10 +235,12 @@ class Service:
             if name not in self.lanes.failed:
                 worker.stop()
         try:
+            if self.teaching is not None:
+                self.teaching.finish()  # what was taught last is in the last checkpoint
             self.checkpoint()
         finally:
             if self.teaching is not None:
-                self.teaching.stop()
+                self.teaching.close()
             self.events.close()
             with self.lanes.lock:
                 self.backend.close()

@@ -140,11 +140,15 @@ class Teaching:
                 if not example.origin:
                     self.fleet.publish_add(example)
 
-    def stop(self) -> None:
-        """Finish the changes in hand, stop the thread, close the database."""
+    def finish(self) -> None:
+        """Learn the changes in hand and stop the thread and the fleet link (then the last
+        checkpoint holds them)."""
         self.queue.stop()
         if self.fleet is not None:
             self.fleet.close()
+
+    def close(self) -> None:
+        """Close the database (after ``finish`` and the last checkpoint)."""
         self.store.close()
 
     def checkpoint(self) -> Path | None:
