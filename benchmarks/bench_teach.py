@@ -204,6 +204,7 @@ def main() -> None:
             learned = service.teaching.learner.num_samples
             labels = len(service.bundle.classes) + 1
             dim = service.teaching.dim
+            model = service.bundle.manifest["model"]["name"]
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     budget = TeachLearner.peak_bytes(dim, DEFAULT_HIDDEN_DIM, 5000, labels) / 2**20
     quiet = [p["fps"] for p in phases if not p["teaching"]]
@@ -211,7 +212,8 @@ def main() -> None:
     answers = [ms for p in phases for ms in p["answers_ms"]]
     reach = [ms for p in phases for ms in p["to_decisions_ms"]]
     report = {
-        "bundle": str(ARGS.bundle),
+        "bundle": Path(ARGS.bundle).name,  # its name only: results name no machine path
+        "model": model,
         "first_example_of_each_label_ms": first,
         "machine": machine(),
         "seconds_per_phase": ARGS.seconds,
