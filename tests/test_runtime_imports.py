@@ -20,6 +20,10 @@ CHILD = textwrap.dedent(
 
     BLOCKED = ("torch", "torchvision", "open_clip", "onnx", "onnxscript")
     OPTIONAL = ("tensorrt", "cuda")  # extras a backend may import at module level
+    # the [serve] extra's packages: a [cpu]-only device has none of them (serve says so in one
+    # line); the modules of serve/ are then skipped, never counted as torch leaks
+    OPTIONAL += ("fastapi", "starlette", "anyio", "uvicorn", "prometheus_client", "paho",
+                 "multipart", "threadpoolctl")
 
     class Block:
         def find_spec(self, name, path=None, target=None):
