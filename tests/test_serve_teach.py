@@ -350,3 +350,28 @@ def test_a_zero_shot_bundle_is_taught_too(tmp_path) -> None:
     with again:
         assert again.teaching.learner.num_samples == 3
         _assert_exact(again)
+
+
+def test_min_score_auto_is_chosen_from_the_examples(tmp_path) -> None:
+    """--min-score auto: the threshold that rejects 90% of the unknown examples (leave-one-out)
+    is chosen after each batch, said in GET /v1/examples, and used for the decisions."""
+    bundle = make_bundle(tmp_path / "bundle", method="tca")
+    write_images(tmp_path / "cam", 3, seed=1)
+    service = open_service(bundle, {"cam": tmp_path / "cam"}, tmp_path / "states",
+                           teach_hidden_dim=HIDDEN, min_score_auto=True)  # fmt: skip
+    with service, serving(service) as url:
+        listed = httpx.get(f"{url}/v1/examples").json()
+        assert listed["min_score"] is None  # nothing taught: none chosen
+        for seed in range(6):
+            assert _teach_upload(url, "bus", seed, tinted(RED, seed)).status_code == 200
+            assert _teach_upload(url, "unknown", seed, tinted(BLUE, seed)).status_code == 200
+        listed = httpx.get(f"{url}/v1/examples").json()
+        assert listed["min_score"] is not None and "rejects" in listed["calibration"]
+        chosen = listed["min_score"]
+        decided = httpx.post(
+            f"{url}/v1/classify", content=tinted(RED, 50), headers={"Content-Type": "image/jpeg"}
+        ).json()
+        assert decided["class"] == "bus"
+        lane = service.lanes.unique()[0]
+        assert lane.pipeline.min_score == pytest.approx(chosen)
+        assert service.teaching.calibration.rejected_unknown >= 0.9

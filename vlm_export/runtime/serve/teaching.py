@@ -306,7 +306,9 @@ class Teaching:
             "limit": limit,
             "counts": self.store.counts(),
             "learned": self.learner.num_samples,
-            "min_score": None if self.calibration is None else self.calibration.threshold,
+            "min_score": self.settings.min_score
+            if self.calibration is None
+            else self.calibration.threshold,
             "calibration": None if self.calibration is None else self.calibration.describe(),
         }
 
