@@ -5,6 +5,7 @@ events reach Debian's mosquitto (also after the broker was down), memory stays f
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import queue
@@ -328,7 +329,7 @@ def _teach_and_forget(port: int, stop: Callable[[], bool]) -> None:
             if seed % 3 == 0:
                 delete = urllib.request.Request(f"{base}/{taught}", method="DELETE")
                 urllib.request.urlopen(delete, timeout=10).close()
-        except OSError:
+        except (OSError, http.client.HTTPException, ValueError):  # killed mid-answer
             return
 
 
