@@ -175,7 +175,9 @@ class Lanes:
     def replace_bundle(self, bundle: Bundle) -> None:
         """The bundle after a class change (the pipelines already follow it)."""
         self._bundle = bundle
-        self.fusion = self.unique()[0].pipeline.fusion if self.unique() else self.fusion
+        lanes = self.unique()
+        if lanes:
+            self.fusion = lanes[0].pipeline.fusion
 
     def set_fusion(self, fusion: Fusion | None) -> None:
         """Put ``fusion`` on every pipeline (call under ``lock``): the next frame uses it."""

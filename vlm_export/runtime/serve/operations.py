@@ -151,17 +151,11 @@ class Operations:
 
     def _replace_classes(self, names: list[str], templates: str | None, domain: str | None) -> int:
         from vlm_export.runtime.text.bundle_classes import write_label_space
-        from vlm_export.runtime.text.label_space import (
-            choose_templates,
-            embed_label_space,
-            new_labels,
-        )
+        from vlm_export.runtime.text.label_space import label_space_for
 
         lanes = self.lanes
         bundle = lanes.bundle
-        chosen, spec = choose_templates(bundle, templates)
-        labels, domains = new_labels(bundle, names, domain)
-        space = embed_label_space(bundle, labels, domains, chosen, spec, self.encoder())
+        space = label_space_for(bundle, names, domain, templates, self.encoder())
         with lanes.lock:
             unique = lanes.unique()
             before = sum(lane.entries for lane in unique)

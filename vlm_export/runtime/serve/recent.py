@@ -90,10 +90,6 @@ class RecentFrames:
             f"{RECENT_FRAMES}: {held}); pick the frame again"
         )
 
-    def __len__(self) -> int:
-        with self._lock:
-            return sum(len(frames) for frames in self._frames.values())
-
     def kept(self, source: str) -> list[RecentFrame]:
         """The frames ``source`` keeps now, oldest first."""
         with self._lock:

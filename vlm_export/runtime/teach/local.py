@@ -82,11 +82,7 @@ class LocalTeaching:
 
     def _ensure_class(self, label: str) -> None:
         from vlm_export.runtime.text.encoder import TextEncoder
-        from vlm_export.runtime.text.label_space import (
-            choose_templates,
-            embed_label_space,
-            new_labels,
-        )
+        from vlm_export.runtime.text.label_space import label_space_for
 
         bundle = self.pipeline.bundle
         if label == UNKNOWN or label in bundle.classes:
@@ -94,7 +90,5 @@ class LocalTeaching:
         if self._encoder is None:
             self._encoder = TextEncoder.open(bundle)
         members = [name for domain, name in bundle.labels if domain == TAUGHT_DOMAIN]
-        templates, spec = choose_templates(bundle, None)
-        labels, domains = new_labels(bundle, [*members, label], TAUGHT_DOMAIN)
-        space = embed_label_space(bundle, labels, domains, templates, spec, self._encoder)
+        space = label_space_for(bundle, [*members, label], TAUGHT_DOMAIN, None, self._encoder)
         self.pipeline.set_classes(space.names, space.text_embeddings, [d for d, _ in space.labels])

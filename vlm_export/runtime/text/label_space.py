@@ -123,6 +123,20 @@ def embed_label_space(
     return LabelSpace(labels, domains, text, templates, template_spec, len(missing))
 
 
+def label_space_for(
+    bundle: Bundle,
+    names: Sequence[str],
+    domain: str | None,
+    templates: str | None,
+    embedder: ClassEmbedder,
+) -> LabelSpace:
+    """The bundle's label space with ``names`` as the classes of ``domain`` (``new_labels``),
+    embedded with ``templates`` (None: the bundle's own) by ``embedder``."""
+    chosen, spec = choose_templates(bundle, templates)
+    labels, domains = new_labels(bundle, names, domain)
+    return embed_label_space(bundle, labels, domains, chosen, spec, embedder)
+
+
 def label_space_meta(space: LabelSpace) -> dict[str, Any]:
     """The manifest's ``text`` fields that describe how ``space``'s rows were made."""
     return {
