@@ -138,7 +138,7 @@ def classify_clients(bundle_dir: Path, folder: Path, requests: int, tmp: Path) -
         import httpx
         import uvicorn
 
-        from vlm_export.runtime.serve.app import create_app
+        from vlm_export.runtime.serve.http.app import create_app
     except ImportError as exc:
         print(f"no /v1/classify numbers: {exc}")
         return None

@@ -17,8 +17,8 @@ import numpy as np
 import uvicorn
 from PIL import Image
 
-from vlm_export.runtime.serve.app import create_app
 from vlm_export.runtime.serve.config import Limits, ServeSettings
+from vlm_export.runtime.serve.http.app import create_app
 from vlm_export.runtime.serve.service import Service
 
 #: limits small enough that tests reach them with small bodies

@@ -205,7 +205,7 @@ def test_a_long_label_is_cut_and_the_score_and_fps_stay() -> None:
 def test_the_live_picture_is_enlarged_before_its_banner_is_drawn() -> None:
     from PIL import Image
 
-    from vlm_export.runtime.serve.views import LIVE_MIN_WIDTH, enlarged
+    from vlm_export.runtime.serve.frames.views import LIVE_MIN_WIDTH, enlarged
 
     small = Image.new("RGB", (64, 48))
     assert enlarged(small).size == (64 * 10, 48 * 10)

@@ -416,7 +416,7 @@ def test_concurrent_classify_while_frames_run(world, tmp_path) -> None:
 
 def test_fps_holds_for_a_slow_engine_and_falls_to_zero_when_stalled() -> None:
     """A source decided every 4 s (two sources at 2 s a frame) shows 0.25 fps, not 0."""
-    from vlm_export.runtime.serve.views import STALL_S, SourceStats
+    from vlm_export.runtime.serve.frames.views import STALL_S, SourceStats
 
     stats = SourceStats()
     for index in range(6):
@@ -430,7 +430,7 @@ def test_fps_holds_for_a_slow_engine_and_falls_to_zero_when_stalled() -> None:
 
 def test_sizes_are_said_as_people_say_them() -> None:
     """The 413 names 10 MiB for 10 MiB (it said 10.4858 MB)."""
-    from vlm_export.runtime.serve.guards import byte_size
+    from vlm_export.runtime.serve.http.guards import byte_size
 
     assert byte_size(10 * 1024 * 1024) == "10 MiB"
     assert byte_size(300_000) == "293 KiB"

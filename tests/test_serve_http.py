@@ -21,7 +21,7 @@ from liveserver import export_tiny, image_bytes, open_service, serving, settings
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from vlm_export.runtime.serve.auth import COOKIE
+from vlm_export.runtime.serve.http.auth import COOKIE
 
 TOKEN = "s3cret-token"
 
@@ -403,7 +403,7 @@ def test_metrics_parse_as_prometheus_text(url) -> None:
 
 
 def test_openapi_lists_every_v1_route(url) -> None:
-    from vlm_export.runtime.serve.app import ROUTERS
+    from vlm_export.runtime.serve.http.app import ROUTERS
 
     document = httpx.get(f"{url}/openapi.json").json()
     routes = {route.path for module in ROUTERS for route in module.router.routes}

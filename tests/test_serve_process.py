@@ -247,8 +247,8 @@ def test_events_wait_while_the_broker_is_down(world, broker) -> None:
 def test_a_full_queue_drops_the_oldest_and_counts_it(world) -> None:
     from prometheus_client import generate_latest
 
-    from vlm_export.runtime.serve.events import MqttSink
-    from vlm_export.runtime.serve.metrics import ServeMetrics
+    from vlm_export.runtime.serve.outputs.events import MqttSink
+    from vlm_export.runtime.serve.outputs.metrics import ServeMetrics
 
     metrics = ServeMetrics()
     sink = MqttSink(f"mqtt://127.0.0.1:{free_port()}/vlm", metrics)  # no broker there

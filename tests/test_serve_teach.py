@@ -22,8 +22,8 @@ from PIL import Image
 
 pytest.importorskip("prometheus_client")
 
-from vlm_export.runtime.serve.learning import MAX_PENDING  # noqa: E402
-from vlm_export.runtime.serve.recent import RECENT_FRAMES  # noqa: E402
+from vlm_export.runtime.serve.frames.recent import RECENT_FRAMES  # noqa: E402
+from vlm_export.runtime.serve.teaching.queue import MAX_PENDING  # noqa: E402
 from vlm_export.runtime.teach.examples import Example, new_id  # noqa: E402
 from vlm_export.runtime.teach.learner import TeachLearner  # noqa: E402
 from vlm_export.runtime.teach.store import ExampleStore  # noqa: E402

@@ -1,11 +1,11 @@
-"""The collapse detector of a served source (vlm_export.runtime.serve.watch), on its own."""
+"""The collapse detector of a served source (vlm_export.runtime.serve.frames.watch), on its own."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from vlm_export.runtime.serve.watch import CollapseWatch, frame_fingerprint
+from vlm_export.runtime.serve.frames.watch import CollapseWatch, frame_fingerprint
 
 WINDOW = 8
 

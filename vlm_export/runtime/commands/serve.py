@@ -306,7 +306,7 @@ def check_settings(settings: ServeSettings) -> None:
         check_can_create(folder, folder=True)
     if settings.shared_state is not None:
         check_can_create(settings.shared_state)
-    from vlm_export.runtime.serve.events import jsonl_path
+    from vlm_export.runtime.serve.outputs.events import jsonl_path
     from vlm_export.runtime.serve.service import state_file
 
     states = [
@@ -380,8 +380,8 @@ def _serve(settings: ServeSettings, stop: _Stop) -> int:
     sock = listen(settings.bind, settings.port)  # a port in use: said before any work
     import uvicorn
 
-    from vlm_export.runtime.serve.app import create_app
-    from vlm_export.runtime.serve.protocol import http_protocol
+    from vlm_export.runtime.serve.http.app import create_app
+    from vlm_export.runtime.serve.http.protocol import http_protocol
     from vlm_export.runtime.serve.service import Service
 
     class Server(uvicorn.Server):

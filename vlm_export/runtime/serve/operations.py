@@ -17,7 +17,7 @@ from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import EMBEDDING_OUTPUT
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.serve.config import shown
-from vlm_export.runtime.serve.lanes import Lanes
+from vlm_export.runtime.serve.frames.lanes import Lanes
 
 log = logging.getLogger(__name__)
 

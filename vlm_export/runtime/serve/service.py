@@ -32,15 +32,15 @@ from vlm_export.runtime.io.sources import Source, open_source
 from vlm_export.runtime.pipeline import METHOD_STAGES
 from vlm_export.runtime.rail.models import open_fusion
 from vlm_export.runtime.serve.config import ServeSettings, shown
-from vlm_export.runtime.serve.events import Events, open_sink
-from vlm_export.runtime.serve.lanes import Lanes, state_file
-from vlm_export.runtime.serve.metrics import ServeMetrics
+from vlm_export.runtime.serve.frames.lanes import Lanes, state_file
+from vlm_export.runtime.serve.frames.scheduler import Scheduler
+from vlm_export.runtime.serve.frames.views import LiveFrame, LiveViews
+from vlm_export.runtime.serve.frames.watch import SourceWatches
+from vlm_export.runtime.serve.frames.workers import Opener, SourceWorker
 from vlm_export.runtime.serve.operations import Operations, UnknownSource
-from vlm_export.runtime.serve.scheduler import Scheduler
-from vlm_export.runtime.serve.teaching import Teaching
-from vlm_export.runtime.serve.views import LiveFrame, LiveViews
-from vlm_export.runtime.serve.watch import SourceWatches
-from vlm_export.runtime.serve.workers import Opener, SourceWorker
+from vlm_export.runtime.serve.outputs.events import Events, open_sink
+from vlm_export.runtime.serve.outputs.metrics import ServeMetrics
+from vlm_export.runtime.serve.teaching.teacher import Teaching
 
 __all__ = ["Service", "UnknownSource", "state_file"]
 

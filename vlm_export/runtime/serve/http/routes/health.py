@@ -2,7 +2,7 @@
 
 - 503 when a source delivered no frame within ``health_max_age_s``, or when every source is
   retrying (cannot open or read its source) or collapsed (its engine output is the same whatever
-  the picture, see ``serve.watch``); ``failing`` names them, ``reasons`` says why for each.
+  the picture, see ``serve.frames.watch``); ``failing`` names them, ``reasons`` says why for each.
 - 200 ``{"status": "degraded", ...}`` while only some sources are retrying or collapsed:
   ``degraded`` names them and ``reasons`` says why.
 - 200 ``{"status": "ok", "sources": N}`` otherwise.
@@ -16,8 +16,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from vlm_export.runtime.serve.replies import cut, error
-from vlm_export.runtime.serve.routes import service_of, settings_of
+from vlm_export.runtime.serve.http.replies import cut, error
+from vlm_export.runtime.serve.http.routes import service_of, settings_of
 
 router = APIRouter(tags=["health"])
 

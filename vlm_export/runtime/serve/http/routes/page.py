@@ -1,6 +1,6 @@
 """The web page (``/`` and its two static files) and the login form's ``POST /login``.
 
-The page's files come from the package (``runtime/serve/static``), named in a fixed table: no
+The page's files come from the package (``runtime/serve/http/static``), named in a fixed table: no
 client string ever becomes a file path. The page shell holds no data, so it loads without a
 credential and shows the login form when the API answers 401.
 """
@@ -15,8 +15,8 @@ from fastapi import APIRouter, Request, Response
 from starlette.exceptions import HTTPException
 from starlette.responses import FileResponse
 
-from vlm_export.runtime.serve.auth import COOKIE
-from vlm_export.runtime.serve.bodies import json_body, media_type
+from vlm_export.runtime.serve.http.auth import COOKIE
+from vlm_export.runtime.serve.http.bodies import json_body, media_type
 
 router = APIRouter(tags=["page"])
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from vlm_export.runtime.serve.routes import service_of
+from vlm_export.runtime.serve.http.routes import service_of
 
 router = APIRouter(tags=["metrics"])
 

@@ -3,7 +3,7 @@
 The exception handlers turn HTTP errors (404, 405, 408, 413, 415...), request validation errors
 (422) and user mistakes (``UserError``: 400, or the ``http_status`` its class names) into one
 short line. Any other
-exception is caught by :class:`~vlm_export.runtime.serve.guards.ErrorGuard` (500).
+exception is caught by :class:`~vlm_export.runtime.serve.http.guards.ErrorGuard` (500).
 """
 
 from __future__ import annotations

@@ -17,11 +17,11 @@ from vlm_export.runtime.engines.ladder import BudgetRun
 from vlm_export.runtime.io.sources import Frame
 from vlm_export.runtime.pipeline import process_frame, utc_now
 from vlm_export.runtime.result import FrameResult
-from vlm_export.runtime.serve.events import Events
-from vlm_export.runtime.serve.lanes import Lanes
-from vlm_export.runtime.serve.metrics import ServeMetrics
-from vlm_export.runtime.serve.views import LiveViews
-from vlm_export.runtime.serve.workers import SourceWorker
+from vlm_export.runtime.serve.frames.lanes import Lanes
+from vlm_export.runtime.serve.frames.views import LiveViews
+from vlm_export.runtime.serve.frames.workers import SourceWorker
+from vlm_export.runtime.serve.outputs.events import Events
+from vlm_export.runtime.serve.outputs.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
 

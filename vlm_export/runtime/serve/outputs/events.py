@@ -13,7 +13,7 @@ An event (docs/serve.md)::
      "state": "running"}
 
 A heartbeat without any decision yet has ``class``, ``label``, ``score`` null and ``topk`` [].
-When a source's engine output collapses (``serve.watch``) an event of type ``"collapsed"`` is
+When a source's engine output collapses (``serve.frames.watch``) an event of type ``"collapsed"`` is
 sent with a ``reason``, and one of type ``"recovered"`` when its output varies again.
 """
 
@@ -34,7 +34,7 @@ from vlm_export.core.special_files import open_output
 from vlm_export.runtime.mqtt import connect, paho_client, parse_mqtt_url
 from vlm_export.runtime.pipeline import utc_now
 from vlm_export.runtime.serve.config import shown
-from vlm_export.runtime.serve.metrics import ServeMetrics
+from vlm_export.runtime.serve.outputs.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import anyio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from vlm_export.runtime.serve.auth import PUBLIC_PATHS, Auth, Sessions
-from vlm_export.runtime.serve.guards import BodyLimit, CrossSiteWrites, ErrorGuard
-from vlm_export.runtime.serve.replies import install_error_handlers
-from vlm_export.runtime.serve.routes import (
+from vlm_export.runtime.serve.http.auth import PUBLIC_PATHS, Auth, Sessions
+from vlm_export.runtime.serve.http.guards import BodyLimit, CrossSiteWrites, ErrorGuard
+from vlm_export.runtime.serve.http.replies import install_error_handlers
+from vlm_export.runtime.serve.http.routes import (
     classes,
     classify,
     embed,

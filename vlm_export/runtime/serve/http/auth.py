@@ -20,7 +20,7 @@ from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from vlm_export.runtime.serve.replies import error
+from vlm_export.runtime.serve.http.replies import error
 
 COOKIE = "vlm_edge_session"
 #: how long a login lasts (the service's restart ends it sooner)

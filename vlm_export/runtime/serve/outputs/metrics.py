@@ -3,7 +3,8 @@
 Names (all prefixed ``vlm_edge_``): ``frames_total``, ``frames_dropped_total`` (stale frames a
 capture thread replaced), ``frame_errors_total``, ``source_failures_total``,
 ``source_reconnects_total``, ``source_up`` per source; ``source_collapsed`` (1 while the source's
-engine output looks collapsed, see ``serve.watch``) and ``source_collapses_total`` per source;
+engine output looks collapsed, see ``serve.frames.watch``) and ``source_collapses_total`` per
+source;
 ``stage_latency_seconds`` histograms per source and stage; ``reservoir_entries`` per source and
 class and ``reservoir_fill_ratio`` per source (read when scraped); ``events_sent_total`` /
 ``events_dropped_total`` per sink and ``event_sink_reconnects_total``.

@@ -25,10 +25,10 @@ from vlm_export.core.atomic import atomic_write_bytes
 from vlm_export.core.errors import StateError, UserError
 from vlm_export.runtime.pipeline import utc_now
 from vlm_export.runtime.serve.config import ServeSettings, shown
-from vlm_export.runtime.serve.lanes import Lanes
-from vlm_export.runtime.serve.learning import Change, LearningQueue
+from vlm_export.runtime.serve.frames.lanes import Lanes
+from vlm_export.runtime.serve.frames.recent import NotFound, RecentFrames
 from vlm_export.runtime.serve.operations import Operations
-from vlm_export.runtime.serve.recent import NotFound, RecentFrames
+from vlm_export.runtime.serve.teaching.queue import Change, LearningQueue
 from vlm_export.runtime.teach.calibrate import Calibration, calibrate
 from vlm_export.runtime.teach.examples import (
     TAUGHT_DOMAIN,

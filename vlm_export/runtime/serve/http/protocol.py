@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from vlm_export.runtime.serve.guards import COMMON_HEADERS
+from vlm_export.runtime.serve.http.guards import COMMON_HEADERS
 
 MESSAGE = "the request is not valid HTTP"
 

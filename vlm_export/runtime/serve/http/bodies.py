@@ -3,7 +3,7 @@
 Images: a JPEG or PNG as the raw body (``Content-Type: image/jpeg`` or ``image/png``) or as the
 multipart field ``image``. The header's size is checked per side and in area before a pixel is
 decoded (a small PNG can decode to gigabytes); decoding runs off the event loop. The body itself
-was already bounded in bytes and time by :class:`~vlm_export.runtime.serve.guards.BodyLimit`.
+was already bounded in bytes and time by :class:`~vlm_export.runtime.serve.http.guards.BodyLimit`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from vlm_export.runtime.io.preprocess import open_uncapped
-from vlm_export.runtime.serve.replies import cut
+from vlm_export.runtime.serve.http.replies import cut
 
 if TYPE_CHECKING:
     from vlm_export.runtime.serve.config import Limits

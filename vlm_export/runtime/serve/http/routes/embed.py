@@ -7,8 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from vlm_export.runtime.serve.bodies import IMAGE_BODY, image_body, json_body, string_list
-from vlm_export.runtime.serve.routes import service_of, settings_of
+from vlm_export.runtime.serve.http.bodies import IMAGE_BODY, image_body, json_body, string_list
+from vlm_export.runtime.serve.http.routes import service_of, settings_of
 
 router = APIRouter(prefix="/v1/embed", tags=["embed"])
 

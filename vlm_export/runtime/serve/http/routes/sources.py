@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from vlm_export.runtime.serve.routes import service_of, settings_of
+from vlm_export.runtime.serve.http.routes import service_of, settings_of
 
 router = APIRouter(prefix="/v1", tags=["sources"])
 

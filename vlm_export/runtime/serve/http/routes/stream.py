@@ -15,8 +15,8 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
-from vlm_export.runtime.serve.routes import service_of
-from vlm_export.runtime.serve.routes.classify import known_source
+from vlm_export.runtime.serve.http.routes import service_of
+from vlm_export.runtime.serve.http.routes.classify import known_source
 
 router = APIRouter(prefix="/v1/sources", tags=["stream"])
 

@@ -1,5 +1,5 @@
 """One APIRouter per concern. Routes reach their collaborators through ``request.app.state``
-(set by :func:`~vlm_export.runtime.serve.app.create_app`), never through module globals."""
+(set by :func:`~vlm_export.runtime.serve.http.app.create_app`), never through module globals."""
 
 from __future__ import annotations
 

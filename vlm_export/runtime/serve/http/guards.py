@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vlm_export.runtime.serve.replies import cut, error
+from vlm_export.runtime.serve.http.replies import cut, error
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,15 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from vlm_export.runtime.serve.bodies import IMAGE_TYPES, image_with_fields, json_body, media_type
-from vlm_export.runtime.serve.replies import cut
-from vlm_export.runtime.serve.routes import service_of
-from vlm_export.runtime.serve.teaching import Teaching
+from vlm_export.runtime.serve.http.bodies import (
+    IMAGE_TYPES,
+    image_with_fields,
+    json_body,
+    media_type,
+)
+from vlm_export.runtime.serve.http.replies import cut
+from vlm_export.runtime.serve.http.routes import service_of
+from vlm_export.runtime.serve.teaching.teacher import Teaching
 
 router = APIRouter(prefix="/v1/examples", tags=["examples"])
 

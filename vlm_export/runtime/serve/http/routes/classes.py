@@ -8,9 +8,9 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from vlm_export.runtime.serve.bodies import json_body, string_list
-from vlm_export.runtime.serve.replies import cut
-from vlm_export.runtime.serve.routes import service_of, settings_of
+from vlm_export.runtime.serve.http.bodies import json_body, string_list
+from vlm_export.runtime.serve.http.replies import cut
+from vlm_export.runtime.serve.http.routes import service_of, settings_of
 from vlm_export.runtime.text.templates import template_set_names
 
 router = APIRouter(prefix="/v1", tags=["classes"])

@@ -18,7 +18,7 @@ from vlm_export.core.errors import UserError
 from vlm_export.runtime.io.sources import Frame
 from vlm_export.runtime.result import FrameResult
 from vlm_export.runtime.serve.config import shown
-from vlm_export.runtime.serve.views import frame_image
+from vlm_export.runtime.serve.frames.views import frame_image
 from vlm_export.runtime.teach.examples import thumbnail_jpeg
 
 RECENT_FRAMES = 64  # per source: the frames a label can still land on, by sequence number

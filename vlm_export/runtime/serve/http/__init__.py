@@ -1,0 +1,1 @@
+"""The service's door: the FastAPI app factory, its guards, bodies, replies and routers."""

@@ -1,0 +1,1 @@
+"""What the service tells the outside: events (MQTT, JSONL) and Prometheus metrics."""

@@ -1,0 +1,1 @@
+"""Teaching the running service by example: the teacher and its learning queue."""
