@@ -452,6 +452,14 @@ def hangup() -> Iterator[Callable[[Any], None]]:
     signal.signal(signal.SIGHUP, inherited)
 
 
+@pytest.fixture
+def interrupt_key() -> Iterator[Callable[[Any], None]]:
+    """Sets SIGINT's disposition for one test; the one pytest inherited comes back after it."""
+    inherited = signal.getsignal(signal.SIGINT)
+    yield lambda disposition: signal.signal(signal.SIGINT, disposition)
+    signal.signal(signal.SIGINT, inherited)
+
+
 @pytest.mark.parametrize(
     ("signals", "code", "message"),
     [
@@ -461,9 +469,10 @@ def hangup() -> Iterator[Callable[[Any], None]]:
     ],
 )
 def test_stop_signals_save_the_state(
-    world, tmp_path, capsys, monkeypatch, hangup, signals, code, message
+    world, tmp_path, capsys, monkeypatch, hangup, interrupt_key, signals, code, message
 ) -> None:
     hangup(signal.SIG_DFL)  # as started from a terminal, whatever started pytest
+    interrupt_key(signal.default_int_handler)
     _signal_at(monkeypatch, 2, signals)
     state = tmp_path / "s.npz"
     argv = ["run", world["bundle"], world["images"], "--state", state, "--out", os.devnull]
@@ -484,6 +493,21 @@ def test_an_ignored_hangup_stays_ignored(world, tmp_path, capsys, monkeypatch, h
     images = [p for p in Path(world["images"]).iterdir() if p.is_file()]
     assert len(out.read_text().splitlines()) == len(images)
     assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+
+
+def test_an_ignored_interrupt_stays_ignored(
+    world, tmp_path, capsys, monkeypatch, interrupt_key
+) -> None:
+    """A script's background job (SIGINT ignored from the start) outlives the script's Ctrl-C."""
+    interrupt_key(signal.SIG_IGN)
+    _signal_at(monkeypatch, 2, [signal.SIGINT])
+    out = tmp_path / "out.jsonl"
+    argv = ["run", world["bundle"], world["images"], "--out", out]
+    status, err = _call(cli.main, argv, capsys)
+    assert status == 0 and "interrupted" not in err, err
+    images = [p for p in Path(world["images"]).iterdir() if p.is_file()]
+    assert len(out.read_text().splitlines()) == len(images)
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 @pytest.mark.parametrize(

@@ -38,13 +38,14 @@ def status(message: str) -> None:
 
 
 def stop_signals() -> list[signal.Signals]:
-    """The signals that stop a long command between frames: SIGINT, SIGTERM and SIGHUP, less
-    SIGHUP when it is ignored at the start (nohup, screen: the user asked it to outlive the
-    terminal)."""
-    signals = [signal.SIGINT, signal.SIGTERM]
-    hangup = getattr(signal, "SIGHUP", None)
-    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
-        signals.append(hangup)
+    """The signals that stop a long command between frames: SIGTERM always; SIGINT and SIGHUP
+    unless ignored at the start (a script's background job, nohup, screen: the user asked the
+    command to outlive a Ctrl-C of the script or the terminal)."""
+    signals = [signal.SIGTERM]
+    for name in ("SIGINT", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
+            signals.append(number)
     return signals
 
 
