@@ -3,11 +3,18 @@
 Reservoirs of C=1000 classes, capacity 3, L=12 layers of width 768 and anchor layers 2, 5, 8 are
 filled (every class holds 3 entries, anchors active), then one stream of frames is timed: update,
 correction, and both, for the reference tau=0.1 (all 12 layers in the correction) and tau=0.01
-(leading layers skipped). Each frame also times a bare float32 matrix-vector product of a full
-reservoir's size, the floor of the correction at tau=0.1 (it reads every stored float once). The
-cases and the floor alternate frame by frame, so a busy machine slows them alike: compare ratios.
+(leading layers skipped). NumPy's BLAS runs on ``--threads`` threads (default 1, as in the
+service, which keeps it on one thread beside the engine).
 
-    python benchmarks/bench_reservoir.py [--frames 1000]
+Each frame also times products of a full reservoir's size (3000 entries of 12 x 768 values): the
+float32 matrix-vector product the correction makes at tau=0.1 (its floor: it reads every stored
+float once), the same product over entry-minor storage (a [L*D, C*M] matrix), and the product
+from two-byte copies (float16, and int16 with one scale per entry) converted to float32 in
+blocks of 32 entries, the only way NumPy reaches BLAS from two-byte storage: what storing the
+stacks in half the bytes would cost per frame. Everything alternates frame by frame, so a busy
+machine slows it alike: compare ratios. Times are wall and CPU (this thread) milliseconds.
+
+    python benchmarks/bench_reservoir.py [--frames 1000] [--threads 1]
 
 Prints and writes benchmarks/results/reservoir.json.
 """
@@ -18,15 +25,19 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 
 import common
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from vlm_export.runtime.tca.reservoir import TokenReservoir
 from vlm_export.runtime.tca.reservoir_config import ReservoirConfig
 
 CLASSES, CAPACITY, LAYERS, WIDTH = 1000, 3, 12, 768
 ANCHOR_LAYERS = (2, 5, 8)
+BLOCK_ROWS = 32  # entries converted to float32 at a time: 1.2 MB, about the size of an L2 cache
+TARGET_FRAME_MS = 2.0
 RESULTS = common.RESULTS / "reservoir.json"
 
 
@@ -48,37 +59,100 @@ def filled_reservoir(config: ReservoirConfig, rng: np.random.Generator) -> Token
     return reservoir
 
 
+def product_floors(
+    units: np.ndarray, rng: np.random.Generator
+) -> tuple[dict[str, Callable[[np.ndarray], np.ndarray]], dict[str, float]]:
+    """Affinity products over a full reservoir's unit stacks [C*M, L*D] from each storage, and
+    the largest affinity error of each against float32 (for a unit-norm query)."""
+    entry_minor = np.ascontiguousarray(units.T)
+    half = units.astype(np.float16)
+    scale = np.abs(units).max(axis=1) / np.float32(32767)
+    fixed = np.round(units / scale[:, None]).astype(np.int16)
+    block = np.empty((BLOCK_ROWS, units.shape[1]), np.float32)
+    out = np.empty(units.shape[0], np.float32)
+
+    def from_blocks(stored: np.ndarray, query: np.ndarray) -> np.ndarray:
+        for start in range(0, len(stored), BLOCK_ROWS):
+            rows = stored[start : start + BLOCK_ROWS]
+            np.copyto(block[: len(rows)], rows, casting="unsafe")
+            np.matmul(block[: len(rows)], query, out=out[start : start + len(rows)])
+        return out
+
+    products = {
+        "float32": lambda query: np.matmul(units, query, out=out),
+        "float32_entry_minor": lambda query: np.matmul(query, entry_minor, out=out),
+        "float16_blocks": lambda query: from_blocks(half, query),
+        "int16_blocks": lambda query: from_blocks(fixed, query) * scale,
+    }
+    query = rng.normal(size=units.shape[1]).astype(np.float32)
+    query /= np.linalg.norm(query)
+    exact = units @ query
+    errors = {
+        name: float(np.abs(product(query) - exact).max()) for name, product in products.items()
+    }
+    return products, errors
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    """Median and 90th percentile, milliseconds."""
+    return {
+        "median_ms": round(float(np.median(values)), 4),
+        "p90_ms": round(float(np.percentile(values, 90)), 4),
+    }
+
+
 def time_stream(
     reservoirs: dict[str, TokenReservoir], frames: int, rng: np.random.Generator
 ) -> dict[str, dict]:
-    """Time every reservoir and the gemv floor on the same frames, interleaved; milliseconds."""
+    """Time every reservoir and product on the same frames, interleaved; wall and CPU ms."""
     stream = [random_frame(rng, int(rng.integers(CLASSES))) for _ in range(frames)]
-    matrix = rng.normal(size=(CLASSES * CAPACITY, LAYERS * WIDTH)).astype(np.float32)
-    vector = rng.normal(size=LAYERS * WIDTH).astype(np.float32)
-    times = {name: {"update": [], "correction": [], "frame": []} for name in reservoirs}
-    floor_ms = []
+    units = rng.normal(size=(CLASSES * CAPACITY, LAYERS * WIDTH)).astype(np.float32)
+    units /= np.linalg.norm(units, axis=1, keepdims=True)
+    products, errors = product_floors(units, rng)
+    parts = ("update", "correction", "frame")
+    wall = {name: {part: [] for part in parts} for name in reservoirs}
+    cpu = {name: {part: [] for part in parts} for name in reservoirs}
+    product_wall: dict[str, list[float]] = {name: [] for name in products}
+    product_cpu: dict[str, list[float]] = {name: [] for name in products}
     versions = {name: reservoir.version for name, reservoir in reservoirs.items()}
     for logits, stack in stream:
         for name, reservoir in reservoirs.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             reservoir.update(logits, stack)
-            middle = time.perf_counter()
+            middle, middle_cpu = time.perf_counter(), time.thread_time()
             reservoir.correction(stack)
-            end = time.perf_counter()
-            times[name]["update"].append((middle - start) * 1e3)
-            times[name]["correction"].append((end - middle) * 1e3)
-            times[name]["frame"].append((end - start) * 1e3)
-        start = time.perf_counter()
-        matrix @ vector
-        floor_ms.append((time.perf_counter() - start) * 1e3)
-    floor = float(np.median(floor_ms))
-    results: dict[str, dict] = {"gemv_floor": {"median_ms": round(floor, 4)}}
+            end, end_cpu = time.perf_counter(), time.thread_time()
+            clocks = ((wall, start, middle, end), (cpu, start_cpu, middle_cpu, end_cpu))
+            for times, before, between, after in clocks:
+                times[name]["update"].append((between - before) * 1e3)
+                times[name]["correction"].append((after - between) * 1e3)
+                times[name]["frame"].append((after - before) * 1e3)
+        query = stack.ravel() / np.float32(np.linalg.norm(stack))
+        for name, product in products.items():
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            product(query)
+            product_wall[name].append((time.perf_counter() - start) * 1e3)
+            product_cpu[name].append((time.thread_time() - start_cpu) * 1e3)
+    floor_wall = float(np.median(product_wall["float32"]))
+    floor_cpu = float(np.median(product_cpu["float32"]))
+    results: dict[str, dict] = {"products": {}}
+    for name in products:
+        results["products"][name] = {
+            "wall": summary(product_wall[name]),
+            "cpu": summary(product_cpu[name]),
+            "wall_over_float32": round(float(np.median(product_wall[name])) / floor_wall, 3),
+            "cpu_over_float32": round(float(np.median(product_cpu[name])) / floor_cpu, 3),
+            "max_affinity_error": errors[name],
+        }
     for name, reservoir in reservoirs.items():
-        result = {}
-        for part, values in times[name].items():
-            result[f"{part}_median_ms"] = round(float(np.median(values)), 4)
-            result[f"{part}_p90_ms"] = round(float(np.percentile(values, 90)), 4)
-        result["frame_over_gemv_floor"] = round(result["frame_median_ms"] / floor, 3)
+        result: dict = {
+            "wall": {part: summary(values) for part, values in wall[name].items()},
+            "cpu": {part: summary(values) for part, values in cpu[name].items()},
+        }
+        result["frame_over_float32_product"] = {
+            "wall": round(result["wall"]["frame"]["median_ms"] / floor_wall, 3),
+            "cpu": round(result["cpu"]["frame"]["median_ms"] / floor_cpu, 3),
+        }
         result["anchor_changes_per_frame"] = round((reservoir.version - versions[name]) / frames, 3)
         state_bytes = sum(array.nbytes for array in reservoir.state_arrays().values())
         result["state_mib"] = round(state_bytes / 2**20, 1)
@@ -88,15 +162,17 @@ def time_stream(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=1000, help="timed frames per case (>= 500)")
+    parser.add_argument("--frames", type=int, default=1000, help="timed frames per case")
+    parser.add_argument("--threads", type=int, default=1, help="NumPy BLAS threads (default 1)")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
     rng = np.random.default_rng(0)
-    reservoirs = {
-        f"tau={tau}": filled_reservoir(ReservoirConfig(capacity=CAPACITY, tau=tau), rng)
-        for tau in (0.1, 0.01)
-    }
-    cases = time_stream(reservoirs, args.frames, rng)
+    with threadpool_limits(limits=args.threads, user_api="blas"):
+        reservoirs = {
+            f"tau={tau}": filled_reservoir(ReservoirConfig(capacity=CAPACITY, tau=tau), rng)
+            for tau in (0.1, 0.01)
+        }
+        cases = time_stream(reservoirs, args.frames, rng)
     for name, result in cases.items():
         print(f"{name}: {json.dumps(result)}")
     report = {
@@ -109,11 +185,12 @@ def main() -> None:
             "anchor_layers": list(ANCHOR_LAYERS),
         },
         "frames": args.frames,
-        "target_frame_ms": 3.0,
+        "blas_threads": args.threads,
+        "conversion_block_entries": BLOCK_ROWS,
+        "target_frame_ms": TARGET_FRAME_MS,
         "cases": cases,
         "numpy": np.__version__,
         "machine": common.machine(),
-        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     common.write_json(RESULTS, report)
