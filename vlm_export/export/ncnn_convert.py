@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import signal
 import subprocess
 from collections import Counter
 from dataclasses import dataclass
@@ -196,8 +197,17 @@ def describe_foreign(counts: Counter[str]) -> str:
 
 
 def _last_lines(text: str, count: int = 3) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # pnnx colours some lines
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return " | ".join(lines[-count:])[-400:] or "no output"
+
+
+def signal_name(status: int) -> str:
+    """SIGSEGV for a child that a signal ended (status -11)."""
+    try:
+        return signal.Signals(-status).name
+    except ValueError:
+        return f"signal {-status}"
 
 
 def run_pnnx(onnx_path: Path, shapes: list[list[int]], folder: Path, stem: str) -> Converted:
@@ -234,7 +244,10 @@ def run_pnnx(onnx_path: Path, shapes: list[list[int]], folder: Path, stem: str) 
     param, weights = folder / outputs["ncnnparam"], folder / outputs["ncnnbin"]
     if done.returncode != 0 or not param.is_file() or not weights.is_file():
         log = _last_lines(done.stderr + done.stdout)
-        raise NcnnConversionError(f"pnnx failed (exit status {done.returncode}): {log}")
+        how = f"exit status {done.returncode}"
+        if done.returncode < 0:
+            how = f"crashed, {signal_name(done.returncode)}"
+        raise NcnnConversionError(f"pnnx failed ({how}): {log}")
     foreign = foreign_layers(param.read_text(encoding="utf-8", errors="replace"))
     if foreign:
         raise NcnnConversionError(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from vlm_export.core.manifest import (
     MANIFEST_NAME,
     NCNN_ENGINE_FORMAT,
     file_record,
+    ncnn_engines,
     read_manifest,
 )
 from vlm_export.export.bundle_staging import (
@@ -37,6 +37,7 @@ from vlm_export.export.bundle_staging import (
     move_into_bundle,
     record_engine,
 )
+from vlm_export.export.ncnn_convert import signal_name
 from vlm_export.runtime.engines import parity as engine_parity
 
 PRECISION = "fp32"
@@ -117,13 +118,6 @@ def _blob_map(manifest: dict[str, Any], param_text: str) -> dict[str, dict[str, 
     }
 
 
-def _signal_name(status: int) -> str:
-    try:
-        return signal.Signals(-status).name
-    except ValueError:
-        return f"signal {-status}"
-
-
 def check_in_child(bundle_dir: Path, record: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Run ``ncnn_check`` in a child process; its parity report, or EngineParityError."""
     request = {"bundle": str(bundle_dir), "record": record, "folder": str(folder)}
@@ -140,7 +134,7 @@ def check_in_child(bundle_dir: Path, record: dict[str, Any], folder: Path) -> di
         raise engine_parity.EngineParityError(f"cannot start the ncnn check: {exc}") from None
     if done.returncode < 0:
         raise engine_parity.EngineParityError(
-            f"ncnn crashed ({_signal_name(done.returncode)}) running the converted graph"
+            f"ncnn crashed ({signal_name(done.returncode)}) running the converted graph"
         )
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     try:
@@ -184,8 +178,9 @@ def add_ncnn_to_bundle(
         )
     pnnx_executable()  # missing converter: one line before any work
     param_name, weights_name = file_names(engine["onnx"])
-    for name in (param_name, weights_name):
-        _refuse_listed(bundle_dir, manifest, name, overwrite, "rebuild")
+    _refuse_listed(bundle_dir, manifest, param_name, overwrite, "rebuild")
+    if not any(r.get("weights") == weights_name for r in ncnn_engines(manifest)):
+        _refuse_listed(bundle_dir, manifest, weights_name, overwrite, "rebuild")
     shapes = [list(record["shape"]) for record in engine["inputs"]]
     with _staging(bundle_dir) as work, _staging(bundle_dir) as holder:
         rounded = _prepared_onnx(bundle_dir / engine["onnx"], work / "prepared.onnx")
