@@ -271,3 +271,24 @@ def test_todays_condensing_graph_names_the_ops_ncnn_cannot_run(tiny_topk_bundle,
         assert op in err[0], err
     assert _hashes(tiny_topk_bundle) == before
     assert json.loads((tiny_topk_bundle / mf.MANIFEST_NAME).read_text())["engines"] == []
+
+
+@needs_pnnx
+@needs_ncnn
+def test_the_ncnn_target_graph_converts_and_matches_onnxruntime(tmp_path_factory, capsys) -> None:
+    """vlm-test-tiny exported with --target ncnn (no TopK, gathers, ArgMax or comparisons):
+    every operation becomes an ncnn layer and ncnn matches ONNX Runtime in fp32."""
+    folder = tmp_path_factory.mktemp("tiny_ncnn") / "bundle"
+    classes = tmp_path_factory.mktemp("classes") / "classes.txt"
+    classes.write_text("cat\ndog\nbird\n")
+    argv = ["--method", "tca", "--model", "vlm-test-tiny", "--pretrained", "none"]
+    argv += ["--classes", str(classes), "--target", "ncnn", "--out", str(folder)]
+    assert export_cli.main(argv) == 0
+    capsys.readouterr()
+    assert _build(folder) == 0, capsys.readouterr().err
+    (record,) = mf.ncnn_engines(mf.read_manifest(folder))
+    parity = record["parity"]
+    assert parity["passed"] and parity["embedding_cosine_min"] >= 0.9999
+    assert parity["token_fate_agreement_min"] == 1.0
+    engine = open_backend(Bundle.open(folder), "ncnn")  # the reference-image check at open
+    engine.close()

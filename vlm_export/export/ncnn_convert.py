@@ -254,7 +254,7 @@ def run_pnnx(onnx_path: Path, shapes: list[list[int]], folder: Path, stem: str) 
             f"ncnn has no layer for {sum(foreign.values())} operation(s) of this graph: "
             f"{describe_foreign(foreign)} (pnnx left them unconverted: ncnn computes in float "
             "only, without TopK, gathers, ArgMax/ArgMin, comparisons or integer casts); export "
-            "the graph for ncnn as docs/ncnn.md describes"
+            "the bundle with --target ncnn for a graph without them"
         )
     return Converted(param, weights, pnnx_version())
 
