@@ -24,6 +24,7 @@ from vlm_export.core.errors import UserError
 from vlm_export.export import cli as export_cli
 from vlm_export.export import ncnn_convert
 from vlm_export.export.ncnn_graph import prepare_for_pnnx
+from vlm_export.runtime import cli as runtime_cli
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines import parity as engine_parity
 from vlm_export.runtime.engines.factory import open_backend
@@ -197,6 +198,19 @@ def test_build_ncnn_records_a_graph_that_matches_onnxruntime(tmp_path, capsys, m
         engine.close()
         reference.close()
     assert report["passed"] and report["embedding_cosine_min"] >= 0.9999
+    assert runtime_cli.main(["info", str(folder)]) == 0
+    assert "ncnn graph image_encoder.ncnn.param + image_encoder.ncnn.bin" in capsys.readouterr().out
+    if method == "zeroshot":  # a layer this ncnn build lacks: one line naming it, at open
+        param = folder / record["file"]
+        lines = param.read_text().splitlines()
+        at = next(i for i, line in enumerate(lines) if line.startswith("InnerProduct"))
+        lines[at] = "ArgMax" + lines[at][len("InnerProduct") :]
+        param.write_text("\n".join(lines) + "\n")
+        with pytest.raises(UserError) as caught:
+            open_backend(Bundle.open(folder, verify=False), "ncnn")
+        assert str(caught.value) == (
+            "this ncnn build has no layer ArgMax that image_encoder.ncnn.param uses"
+        )
     if method == "tca":
         assert report["token_fate_agreement_min"] == 1.0
         image = np.zeros(bundle.engine_io("inputs")["image"]["shape"], np.float32)

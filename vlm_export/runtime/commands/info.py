@@ -7,7 +7,7 @@ from typing import Any
 
 from vlm_export.core.errors import BundleError
 from vlm_export.core.json_text import dumps
-from vlm_export.core.manifest import onnx_engines, tensorrt_engines
+from vlm_export.core.manifest import ncnn_engines, onnx_engines, tensorrt_engines
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import BUNDLE, add_verify_arguments, format_bytes, verify_mode
 from vlm_export.runtime.engines.reference import describe_check
@@ -127,6 +127,15 @@ def _engines(manifest: dict[str, Any]) -> list[str]:
         lines.append(
             f"{record.get('precision')} ONNX graph {record.get('file')}: embedding cosine min "
             f"{parity.get('embedding_cosine_min')} against the fp32 graph"
+        )
+    for record in ncnn_engines(manifest):
+        parity = record.get("parity") or {}
+        checked = parity.get("embedding_cosine_min")
+        lines.append(
+            f"ncnn graph {record.get('file')} + {record.get('weights')}, "
+            f"{record.get('precision')}, {record.get('converter')}: "
+            + (f"embedding cosine min {checked:.6f}" if checked is not None else "not compared")
+            + " against ONNX Runtime (--backend ncnn)"
         )
     image_engines = [r for r in tensorrt_engines(manifest) if r.get("role") != "text_encoder"]
     for record in image_engines:
