@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -227,4 +227,4 @@ def _with_parity(record: NcnnRecord, report: dict[str, Any]) -> NcnnRecord:
             f"{engine_parity.REFERENCE}: {engine_parity.describe(report)} (fp32 needs every "
             "token fate equal)"
         )
-    return NcnnRecord(**{**record.__dict__, "parity": report})
+    return replace(record, parity=report)
