@@ -39,7 +39,9 @@ The manifest's JSON Schema, ``manifest.schema.json`` next to this module, docume
                        "sha256", "parity": {...engine vs ONNX Runtime CPU...}, ...} (may be empty),
                       and quantized ONNX graphs: {"file", "format": "onnx", "precision": "int8",
                        "quantization": {...}, "built_utc", "sha256", "bytes", "parity": {...}}
-                       (any backend that reads ONNX runs them; TensorRT records have no "format")
+                       (any backend that reads ONNX runs them; TensorRT records have no "format"),
+                      and ncnn graphs: {"file": .param, "weights": .bin, "format": "ncnn",
+                       "precision": "fp32", "blobs", "rounded_outputs", "parity", ...}
                       "role": "text_encoder" marks an engine of the text tower (absent: image)
     condensation      null, or {"drop_rate", "merge_centers", "ranking", "reduction_layers",
                        "anchor_layers", "schedule": [{"layer", "tokens_in", "keep", "merge",
@@ -128,6 +130,9 @@ MAX_MANIFEST_BYTES = 8 << 20
 
 #: ``format`` of an ``engines`` record that is an ONNX graph (a quantized one), not a TensorRT plan
 ONNX_ENGINE_FORMAT = "onnx"
+#: ``format`` of an ``engines`` record that is an ncnn graph (``file`` the .param, ``weights``
+#: the .bin), written by ``vlm-export build-ncnn``
+NCNN_ENGINE_FORMAT = "ncnn"
 
 
 def tensorrt_engines(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -146,6 +151,15 @@ def onnx_engines(manifest: dict[str, Any], precision: str | None = None) -> list
         for record in manifest.get("engines") or []
         if record.get("format") == ONNX_ENGINE_FORMAT
         and (precision is None or record.get("precision") == precision)
+    ]
+
+
+def ncnn_engines(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``engines`` records that are ncnn graphs (the last one is the newest)."""
+    return [
+        record
+        for record in manifest.get("engines") or []
+        if record.get("format") == NCNN_ENGINE_FORMAT
     ]
 
 

@@ -65,7 +65,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--providers", help="ONNX Runtime providers in order, comma-separated (e.g. cuda,cpu)"
     )
-    parser.add_argument("--threads", type=int, help="ONNX Runtime / OpenVINO inference threads")
+    parser.add_argument(
+        "--threads", type=int, help="ONNX Runtime / OpenVINO / ncnn inference threads"
+    )
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,

@@ -7,7 +7,7 @@ from typing import Any
 
 from vlm_export.core.errors import BundleError
 from vlm_export.core.json_text import dumps
-from vlm_export.core.manifest import onnx_engines, tensorrt_engines
+from vlm_export.core.manifest import ncnn_engines, onnx_engines, tensorrt_engines
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import BUNDLE, add_verify_arguments, format_bytes, verify_mode
 from vlm_export.runtime.engines.reference import describe_check
@@ -51,15 +51,18 @@ def _model(model: dict[str, Any]) -> list[str]:
     return [", ".join(parts), weights]
 
 
-def _tokens(condensation: dict[str, Any] | None) -> str:
+def _tokens(condensation: dict[str, Any] | None, engine: dict[str, Any]) -> str:
     if not condensation:
         return "no condensation (every block sees all tokens)"
     schedule = condensation.get("schedule", [])
     chain = [str(schedule[0]["tokens_in"])] if schedule else []
     chain += [f"{step['tokens_out']} (block {step['layer']})" for step in schedule]
+    graph = engine.get("condensation_graph", "topk")
+    how = "TopK graph" if graph == "topk" else "TopK-free graph (pairwise ranks, one-hot MatMul)"
     return (
         f"{' -> '.join(chain)}; drop rate {condensation.get('drop_rate')}, "
-        f"{condensation.get('merge_centers')} merge centres, {condensation.get('ranking')} ranking"
+        f"{condensation.get('merge_centers')} merge centres, {condensation.get('ranking')} "
+        f"ranking; {how}"
     )
 
 
@@ -125,6 +128,15 @@ def _engines(manifest: dict[str, Any]) -> list[str]:
             f"{record.get('precision')} ONNX graph {record.get('file')}: embedding cosine min "
             f"{parity.get('embedding_cosine_min')} against the fp32 graph"
         )
+    for record in ncnn_engines(manifest):
+        parity = record.get("parity") or {}
+        checked = parity.get("embedding_cosine_min")
+        lines.append(
+            f"ncnn graph {record.get('file')} + {record.get('weights')}, "
+            f"{record.get('precision')}, {record.get('converter')}: "
+            + (f"embedding cosine min {checked:.6f}" if checked is not None else "not compared")
+            + " against ONNX Runtime (--backend ncnn)"
+        )
     image_engines = [r for r in tensorrt_engines(manifest) if r.get("role") != "text_encoder"]
     for record in image_engines:
         lines.append(
@@ -177,7 +189,7 @@ def describe(bundle: Bundle) -> list[str]:
         ("bundle", f"{bundle.path} (fingerprint {bundle.fingerprint})"),
         ("model", _model(manifest["model"])),
         ("method", bundle.method),
-        ("tokens", _tokens(manifest["condensation"])),
+        ("tokens", _tokens(manifest["condensation"], manifest["engine"])),
         ("compute", _flops(manifest["flops"])),
         ("parity", _parity(manifest["parity"])),
         ("preprocess", _preprocess(manifest["preprocess"])),
