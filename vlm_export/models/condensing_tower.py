@@ -146,7 +146,7 @@ class AnchorSelector(nn.Module):
         and would then cut the anchors' class axis as if it were the batch."""
         anchors_unit = F.normalize(class_anchors, dim=-1)
         if cls_token.shape[0] == 1:
-            cosine = anchors_unit @ F.normalize(cls_token.reshape(-1), dim=0)  # [K]
+            cosine = F.normalize(cls_token.reshape(-1), dim=0) @ anchors_unit.T  # [K]
         else:
             cosine = F.normalize(cls_token, dim=-1) @ anchors_unit.T  # [B, K]
         rows = rank_free.first_max(cosine + (valid - 1.0) * MASK_BIAS)

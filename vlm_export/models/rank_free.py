@@ -46,7 +46,7 @@ def descending_ranks(scores: Tensor) -> Tensor:
     rank_i = #{j: s_j > s_i} + #{j < i: s_j == s_i}. With M[i, j] = [j > i] * [s_j > s_i]
     (a later token that scores higher), rank_i = sum_j M[i, j] + i - sum_j M[j, i]: the second
     sum counts the earlier tokens that score strictly lower, the rest of the i earlier tokens
-    score higher or equal. One Greater, one constant mask.
+    score higher or equal. One pairwise comparison table, one constant mask.
     """
     n = scores.shape[-1]
     later = torch.from_numpy(np.triu(np.ones((n, n), np.float32), 1))  # a constant, not Trilu
