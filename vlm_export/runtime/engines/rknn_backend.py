@@ -67,7 +67,7 @@ def choose_record(manifest: dict[str, Any], target: str | None = None) -> dict[s
     if not records:
         if target is not None and rknn_engines(manifest):
             have = sorted({str(r.get("target")) for r in rknn_engines(manifest)})
-            raise UserError(f"this bundle has no RKNN graph for {target} (it has {', '.join(have)})")
+            raise UserError(f"this bundle has no RKNN graph for {target} (only {', '.join(have)})")
         raise UserError(NO_GRAPH_HINT)
     targets = sorted({str(record.get("target")) for record in records})
     if len(targets) > 1:
@@ -148,7 +148,7 @@ class RknnBackend(EngineBackend):
             )
         return {
             name: _as_declared(np.asarray(value), self._outputs[name])
-            for name, value in zip(self._order, results)
+            for name, value in zip(self._order, results, strict=True)
         }
 
     def close(self) -> None:
