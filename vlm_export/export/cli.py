@@ -36,6 +36,11 @@ EXAMPLES = """examples:
 """
 
 
+#: --target choices; the runtimes in TOPK_FREE_TARGETS have no TopK, so they get --no-topk's graph
+TARGETS = ("onnx", "rknn", "ncnn", "litert")
+TOPK_FREE_TARGETS = ("rknn", "ncnn")
+
+
 def _layers(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
@@ -123,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="token ranking: head-mean attention (released code) or rank consensus",
     )
     tca.add_argument(
+        "--no-topk",
+        dest="topk_free",
+        action="store_true",
+        help="build the condensation without TopK and gathers (pairwise ranks, one-hot MatMul), "
+        "for NPU runtimes that lack them; same tokens and embeddings (--target rknn/ncnn imply it)",
+    )
+    tca.add_argument(
         "--reduction-layers",
         type=_layers,
         help="comma-separated block indices (default: L/4, L/2, 3L/4, e.g. 3,6,9)",
@@ -159,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=17,
         choices=[16, 17],
         help="ONNX opset: 17 (default; TensorRT >= 8.6) or 16 (for older ONNX consumers)",
+    )
+    out.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="onnx",
+        help="the runtime the graph is for: onnx (default), litert (keeps TopK), or rknn / ncnn "
+        "(no TopK: the --no-topk graph)",
     )
     out.add_argument("--batch-size", type=int, default=1, help="static batch of the engine (1)")
     out.add_argument("--out", type=PathArg("folder", Path), help="bundle folder to create")
@@ -323,6 +342,7 @@ def run(args: argparse.Namespace) -> int:
             merge_centers=args.merge_centers,
             ranking=args.ranking,
             reduction_layers=args.reduction_layers,
+            topk_free=args.topk_free or args.target in TOPK_FREE_TARGETS,
         ),
         target_gflops=args.target_gflops,
         opset=args.opset,

@@ -177,6 +177,11 @@ def _condensation_section(tower: CondensingVisionTower) -> dict[str, Any] | None
     }
 
 
+def _condensation_graph(tower: CondensingVisionTower) -> dict[str, str]:
+    """``engine.condensation_graph`` of a condensing engine: "topk" or "topk-free" (--no-topk)."""
+    return {"condensation_graph": tower.config.graph} if tower.condensing else {}
+
+
 def _producer() -> dict[str, str]:
     import open_clip
 
@@ -365,6 +370,7 @@ def export_bundle(options: ExportOptions) -> Path:
                 "batch_size": options.batch_size,
                 **io_spec(tower, options.batch_size),
                 "embedding_normalized": True,
+                **_condensation_graph(tower),
                 "graph": graph_summary(graph),
                 "tensorrt_operator_check": {"passed": ops_report.ok, "notes": ops_report.notes},
             },

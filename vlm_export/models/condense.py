@@ -44,7 +44,7 @@ def fuse_pruned(patches: Tensor, head_mean_attn: Tensor, prune_index: Tensor) ->
     return (weights * gather_tokens(patches, prune_index)).sum(dim=1, keepdim=True)
 
 
-def _distance_to(tokens: Tensor, centre: Tensor) -> Tensor:
+def distance_to(tokens: Tensor, centre: Tensor) -> Tensor:
     """Euclidean distance of tokens [B, m, D] to one centre [B, D] -> [B, m]."""
     return (tokens - centre.unsqueeze(1)).pow(2).sum(dim=-1).sqrt()
 
@@ -61,13 +61,13 @@ def merge_coreset(tokens: Tensor, centers: int) -> Tensor:
     """
     batch, m, _ = tokens.shape
     centre_index = [torch.zeros(batch, dtype=torch.long, device=tokens.device)]
-    distances = [_distance_to(tokens, tokens[:, 0])]
+    distances = [distance_to(tokens, tokens[:, 0])]
     nearest = distances[0]
     for _ in range(centers - 1):
         farthest = nearest.argmax(dim=1)
         centre = gather_tokens(tokens, farthest.unsqueeze(1)).squeeze(1)
         centre_index.append(farthest)
-        distances.append(_distance_to(tokens, centre))
+        distances.append(distance_to(tokens, centre))
         nearest = torch.minimum(nearest, distances[-1])
     table = torch.stack(distances, dim=-1)  # [B, m, K]
     assign = table.argmin(dim=-1)  # [B, m]

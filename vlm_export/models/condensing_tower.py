@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm_export.core.errors import UserError
+from vlm_export.models import rank_free
 from vlm_export.models.condense import (
     fate_codes,
     fuse_pruned,
@@ -123,13 +124,21 @@ class AnchorSelector(nn.Module):
 
     A module (without weights) so that its ONNX nodes share the name prefix ``/anchor_select/``
     (``/anchor_select_1/``, ... per reduction block), which fp16 TensorRT builds keep in fp32
-    (cosines and the -1e4 masking need fp32 range).
+    (cosines and the -1e4 masking need fp32 range). ``gather_free`` picks the row as a one-hot
+    product instead of a Gather (the TopK-free graph).
     """
+
+    def __init__(self, gather_free: bool = False):
+        super().__init__()
+        self.gather_free = gather_free
 
     def forward(self, cls_token: Tensor, class_anchors: Tensor, valid: Tensor):
         """-> (anchor [B, D], key bias: 0 if any class is valid, else -1e4)."""
         cosine = F.normalize(cls_token, dim=-1) @ F.normalize(class_anchors, dim=-1).T
         choice = (cosine + (valid - 1.0) * MASK_BIAS).argmax(dim=-1)
+        if self.gather_free:
+            rows = rank_free.one_hot(choice.to(class_anchors.dtype), class_anchors.shape[0])
+            return rows @ class_anchors, (valid.max() - 1.0) * MASK_BIAS
         return class_anchors.index_select(0, choice), (valid.max() - 1.0) * MASK_BIAS
 
 
@@ -170,6 +179,34 @@ class TokenCondenser(nn.Module):
         return x, torch.cat([sorted_ids[:, :keep_end], gone], dim=1), fate
 
 
+class TopKFreeCondenser(TokenCondenser):
+    """TokenCondenser without TopK and gathers (``rank_free``): the same tokens, fates and ids.
+
+    The sort is a permutation matrix from pairwise comparisons; every gather is a one-hot MatMul.
+    """
+
+    def forward(self, x: Tensor, cls_attn: Tensor, patch_ids: Tensor):
+        """x [B, N, D] after attention, cls_attn [B, H, n] -> (x' [B, N', D], ids, fate)."""
+        counts = self.counts
+        codes = fate_codes(counts, x.device)
+        if counts.passthrough:
+            token_fate = codes.unsqueeze(0).expand(x.shape[0], -1)
+            return x, patch_ids, rank_free.patch_fate(token_fate, patch_ids, self.num_patches)
+        perm = rank_free.sort_matrix(token_scores(cls_attn, self.ranking))  # [B, rank, token]
+        keep_end, merge_end = counts.keep, counts.keep + counts.merge
+        patches = x[:, 1:]
+        kept = rank_free.take(perm[:, :keep_end], patches)
+        merge_set = rank_free.take(perm[:, keep_end:merge_end], patches)
+        merged = rank_free.merge_coreset(merge_set, counts.merge_centers)
+        fused = rank_free.fuse_pruned(patches, cls_attn.mean(dim=1), perm[:, merge_end:])
+        x = torch.cat([x[:, :1], kept, merged, fused], dim=1)
+        token_fate = (codes.view(1, 1, -1) @ perm).squeeze(1)  # fate of each token, own order
+        fate = rank_free.patch_fate(token_fate, patch_ids, self.num_patches)
+        gone = patch_ids.new_full((x.shape[0], counts.merge_centers + 1), -1.0)
+        kept_ids = rank_free.take(perm[:, :keep_end], patch_ids)
+        return x, torch.cat([kept_ids, gone], dim=1), fate
+
+
 class CondensingVisionTower(nn.Module):
     """open_clip ViT image tower with static-budget TCA condensation (or none, for a full tower).
 
@@ -199,10 +236,12 @@ class CondensingVisionTower(nn.Module):
             )
         num_patches = self.geometry["num_patches"]
         ranking = config.ranking if config is not None else "mean"
+        topk_free = config is not None and config.topk_free
+        condenser = TopKFreeCondenser if topk_free else TokenCondenser
         self.condensers = nn.ModuleList(
-            TokenCondenser(counts, ranking, num_patches) for counts in self.schedule
+            condenser(counts, ranking, num_patches) for counts in self.schedule
         )
-        self.anchor_select = AnchorSelector()
+        self.anchor_select = AnchorSelector(gather_free=topk_free)
         self.anchored_scores = AnchoredScores(self.geometry["width"] // self.geometry["heads"])
         self._condenser_at = {c.counts.layer: c for c in self.condensers}
 

@@ -24,12 +24,20 @@ class CondensationConfig:
     """What the user chooses: per-layer drop rate r, merge centres K, ranking, reduction blocks.
 
     ``reduction_layers`` None means the reference positions scaled to the depth (L/4, L/2, 3L/4).
+    ``topk_free`` builds the same condensation without TopK or gathers (``rank_free``), for NPU
+    runtimes that lack them.
     """
 
     drop_rate: float = 0.035
     merge_centers: int = 2
     ranking: str = "mean"
     reduction_layers: tuple[int, ...] | None = None
+    topk_free: bool = False
+
+    @property
+    def graph(self) -> str:
+        """The manifest's ``engine.condensation_graph``: "topk" or "topk-free"."""
+        return "topk-free" if self.topk_free else "topk"
 
     def resolved_layers(self, depth: int) -> tuple[int, ...]:
         """The reduction block indices for a tower of ``depth`` blocks, validated."""

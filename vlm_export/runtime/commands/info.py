@@ -51,15 +51,18 @@ def _model(model: dict[str, Any]) -> list[str]:
     return [", ".join(parts), weights]
 
 
-def _tokens(condensation: dict[str, Any] | None) -> str:
+def _tokens(condensation: dict[str, Any] | None, engine: dict[str, Any]) -> str:
     if not condensation:
         return "no condensation (every block sees all tokens)"
     schedule = condensation.get("schedule", [])
     chain = [str(schedule[0]["tokens_in"])] if schedule else []
     chain += [f"{step['tokens_out']} (block {step['layer']})" for step in schedule]
+    graph = engine.get("condensation_graph", "topk")
+    how = "TopK graph" if graph == "topk" else "TopK-free graph (pairwise ranks, one-hot MatMul)"
     return (
         f"{' -> '.join(chain)}; drop rate {condensation.get('drop_rate')}, "
-        f"{condensation.get('merge_centers')} merge centres, {condensation.get('ranking')} ranking"
+        f"{condensation.get('merge_centers')} merge centres, {condensation.get('ranking')} "
+        f"ranking; {how}"
     )
 
 
@@ -184,7 +187,7 @@ def describe(bundle: Bundle) -> list[str]:
         ("bundle", f"{bundle.path} (fingerprint {bundle.fingerprint})"),
         ("model", _model(manifest["model"])),
         ("method", bundle.method),
-        ("tokens", _tokens(manifest["condensation"])),
+        ("tokens", _tokens(manifest["condensation"], manifest["engine"])),
         ("compute", _flops(manifest["flops"])),
         ("parity", _parity(manifest["parity"])),
         ("preprocess", _preprocess(manifest["preprocess"])),
