@@ -268,3 +268,20 @@ def test_rknn_toolkit2_converts_and_the_simulator_matches(tiny_bundles, graph, c
     assert ("TopK" in record["cpu_ops"]) == (graph == "topk")
     assert "GatherElements" not in record["cpu_ops"] or graph == "topk"
     print(f"{graph}: {out.strip()}")
+
+
+def test_the_layers_on_the_cpu_are_read_from_the_toolkits_log() -> None:
+    from vlm_export.export.rknn_build import cpu_ops, error_lines
+
+    header = "D RKNN: [06:39:50.589] ID   OpType   DataType Target InputShape   OutputShape"
+    rows = [
+        "D RKNN: [06:39:50.589] 0    InputOperator  FLOAT16  CPU    \\   (1,3,64,64)  0/0/0  0  In",
+        "D RKNN: [06:39:50.589] 3    Conv   FLOAT16  NPU    (1,3,64,64)  (1,64,8,8)  5/6/6  88  C",
+        "\x1b[0mD RKNN: [06:39:50.589] 63   TopK   FLOAT16  CPU  (1,1,1,64)  (1,1,1,32)  0/0/0  T",
+        "D RKNN: [06:39:50.589] 67   GatherElements INT64  CPU  (1,64)  (1,32)  0/0/0  1  G",
+        "D RKNN: [06:39:50.647] 318 ConvExGelu     onnx::MatMul_1760   FLOAT16 (256,64,1,1) | 0x0",
+    ]
+    log = "\n".join([header, *rows, *rows])  # a log read twice counts each layer once
+    assert cpu_ops(log) == {"GatherElements": 1, "TopK": 1}
+    lines = "W x\nE RKNN: [1] first\n\x1b[1;31mE\x1b[0m second\nE third\nE fourth"
+    assert error_lines(lines) == "E RKNN: [1] first; E second; E third"

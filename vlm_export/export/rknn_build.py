@@ -15,6 +15,7 @@ written atomically.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import sys
@@ -48,7 +49,7 @@ TOOLKIT_HINT = (
     "in a venv of its own, with --no-deps if its torch pin would replace yours (docs/rockchip.md)"
 )
 #: a layer row of the toolkit's verbose build log: id, op type, data type, target (CPU/NPU)
-_LAYER_ROW = re.compile(r"^D RKNN: \[[^\]]*\] +\d+ +(\w+) +\w+ +(CPU|NPU) ")
+_LAYER_ROW = re.compile(r"^D RKNN: \[[^\]]*\] +(\d+) +(\w+) +\w+ +(CPU|NPU) ")
 #: the ends of the graph, placed on the CPU by definition
 _IO_OPS = frozenset({"InputOperator", "OutputOperator"})
 
@@ -136,20 +137,28 @@ def _output_to(log_path: Path) -> Iterator[None]:
             with contextlib.suppress(ValueError, OSError):
                 sys.stdout.flush()
                 sys.stderr.flush()
+            _flush_c_streams()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
 
 
+def _flush_c_streams() -> None:
+    """Flush the C library's stdio buffers: the toolkit's C++ log is buffered when it goes to a
+    file, and must reach the file before the file is read (and before stdout is restored)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).fflush(None)
+
+
 def cpu_ops(log_text: str) -> dict[str, int]:
     """The op types (and how many layers of each) the verbose build log places on the CPU."""
-    counts: Counter[str] = Counter()
+    layers = {}  # by layer id: a log read twice counts each layer once
     for line in log_text.splitlines():
         found = _LAYER_ROW.match(_plain(line))
-        if found and found.group(2) == "CPU" and found.group(1) not in _IO_OPS:
-            counts[found.group(1)] += 1
-    return dict(sorted(counts.items()))
+        if found and found.group(3) == "CPU" and found.group(2) not in _IO_OPS:
+            layers[int(found.group(1))] = found.group(2)
+    return dict(sorted(Counter(layers.values()).items()))
 
 
 def error_lines(log_text: str, limit: int = 3) -> str:
@@ -157,6 +166,18 @@ def error_lines(log_text: str, limit: int = 3) -> str:
     found = [_plain(line).strip() for line in log_text.splitlines()]
     errors = [line for line in found if line.startswith("E ")]
     return "; ".join(errors[:limit]) or "no error line in its log"
+
+
+def _printed(log_path: Path) -> Path:
+    """Where the toolkit's printed output (its C++ library's log among it) goes."""
+    return log_path.with_name(log_path.name + ".out")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
 def _plain(line: str) -> str:
@@ -175,11 +196,12 @@ def convert(onnx_path: Path, rknn_path: Path, target: str, log_path: Path) -> An
     """Convert ``onnx_path`` for ``target`` (fp16), write ``rknn_path``, start the simulator.
 
     Returns the toolkit's RKNN object, ready to infer in the simulator (the caller releases it).
-    The toolkit's output goes to ``log_path``; RknnBuildError carries its error lines.
+    The toolkit writes its verbose log to ``log_path`` and anything else it prints to
+    ``log_path`` + ``.out``; RknnBuildError carries the error lines of both.
     """
     rknn_class, _ = import_toolkit()
-    with _output_to(log_path):
-        rknn = rknn_class(verbose=True)
+    with _output_to(_printed(log_path)):
+        rknn = rknn_class(verbose=True, verbose_file=str(log_path))
         steps = (
             ("configure", lambda: rknn.config(target_platform=target)),
             ("load", lambda: rknn.load_onnx(model=str(onnx_path))),
@@ -199,7 +221,7 @@ def convert(onnx_path: Path, rknn_path: Path, target: str, log_path: Path) -> An
                 break
     if failed is not None:
         rknn.release()
-        log = log_path.read_text(encoding="utf-8", errors="replace")
+        log = _read(log_path) + "\n" + _read(_printed(log_path))
         raise RknnBuildError(f"rknn-toolkit2 could not {failed}: {error_lines(log)}")
     return rknn
 
@@ -248,10 +270,10 @@ def add_rknn_to_bundle(
         progress.step(f"converting {onnx_path.name} for {target} with rknn-toolkit2 {version}")
         simulator = convert(onnx_path, staged, target, log_path)
         try:
-            on_cpu = cpu_ops(log_path.read_text(encoding="utf-8", errors="replace"))
+            on_cpu = cpu_ops(_read(log_path) + "\n" + _read(_printed(log_path)))
             progress.done(f"{PRECISION}, {sum(on_cpu.values())} layers on the CPU")
             progress.step(f"comparing with {engine_parity.REFERENCE} in the toolkit's simulator")
-            with _output_to(log_path):
+            with _output_to(log_path.with_name("simulator.out")):
                 report = simulator_parity(bundle_dir, manifest, simulator, outputs, name)
         finally:
             simulator.release()
