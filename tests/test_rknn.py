@@ -200,7 +200,7 @@ def _edge_run(bundle: Path, images: Path, capsys, *extra: str) -> tuple[int, lis
     return code, capsys.readouterr().err.strip().splitlines()
 
 
-def test_rknn_backend_errors_are_one_line(fakes, bundle, tmp_path, monkeypatch, capsys) -> None:
+def test_rknn_backend_errors_are_one_line(fakes, bundle, tmp_path, capsys) -> None:
     images = tmp_path / "images"
     write_images(images, 1)
     code, err = _edge_run(bundle, images, capsys)  # no RKNN graph yet
@@ -214,9 +214,10 @@ def test_rknn_backend_errors_are_one_line(fakes, bundle, tmp_path, monkeypatch, 
     code, err = _edge_run(bundle, images, capsys)
     assert code != 0 and len(err) == 1 and "cannot start the NPU runtime" in err[0], err
 
-    _forget_rockchip_modules(monkeypatch)
-    monkeypatch.setitem(sys.modules, "rknnlite", None)  # rknn-toolkit-lite2 not installed
-    code, err = _edge_run(bundle, images, capsys)
+    with pytest.MonkeyPatch.context() as patch:  # undone before the fakes fixture's teardown
+        _forget_rockchip_modules(patch)
+        patch.setitem(sys.modules, "rknnlite", None)  # rknn-toolkit-lite2 not installed
+        code, err = _edge_run(bundle, images, capsys)
     assert code != 0 and len(err) == 1, err
     assert "rknn-toolkit-lite2 is not installed" in err[0] and "Rockchip" in err[0]
 

@@ -124,7 +124,8 @@ def check_target(target: str) -> str:
 
 @contextlib.contextmanager
 def _output_to(log_path: Path) -> Iterator[None]:
-    """Send this process's stdout and stderr (the toolkit's C++ and Python logs) to a file."""
+    """Send this process's stdout and stderr (file descriptors 1 and 2: the toolkit's C++ and
+    Python logs, when sys.stdout is the process's) to a file."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
@@ -276,7 +277,8 @@ def add_rknn_to_bundle(
             with _output_to(log_path.with_name("simulator.out")):
                 report = simulator_parity(bundle_dir, manifest, simulator, outputs, name)
         finally:
-            simulator.release()
+            with _output_to(log_path.with_name("release.out")):
+                simulator.release()
         progress.done(engine_parity.describe(report))
         copied = file_record(staged)
         record = RknnRecord(
