@@ -111,6 +111,8 @@ def test_build_rknn_records_a_checked_graph(fakes, bundle: Path, capsys) -> None
     assert f"added {RKNN_FILE}: rk3588, fp16" in out and err == []
     assert not list(bundle.glob(".engine-*"))  # the staging folder is gone
     Bundle.open(bundle, verify="full")  # every listed file matches its sha256
+    assert edge_cli.main(["info", str(bundle)]) == 0
+    assert f"RKNN {RKNN_FILE}: rk3588, fp16" in capsys.readouterr().out
 
 
 def test_build_rknn_refusals_leave_the_bundle_as_it_was(fakes, bundle: Path, capsys) -> None:

@@ -135,11 +135,12 @@ def _engines(manifest: dict[str, Any]) -> list[str]:
             f"compute capability {record.get('compute_capability')}, {record.get('precision')}"
         )
     for record in rknn_engines(manifest):
-        parity = record.get("parity") or {}
+        cosine = (record.get("parity") or {}).get("embedding_cosine_min")
+        shown = f"{cosine:.6f}" if isinstance(cosine, float) else "not recorded"
         lines.append(
             f"RKNN {record.get('file')}: {record.get('target')}, {record.get('precision')}, "
             f"rknn-toolkit2 {record.get('toolkit_version')}, simulator embedding cosine min "
-            f"{parity.get('embedding_cosine_min')} (--backend rknn)"
+            f"{shown} (--backend rknn)"
         )
     if not image_engines:
         lines.append("no TensorRT engines built (ONNX Runtime runs the ONNX file)")
