@@ -59,6 +59,7 @@ def fakes(monkeypatch: pytest.MonkeyPatch):
     for cls, name, value in (
         (RKNN, "fail_build", False),
         (RKNN, "perturb", 0.0),
+        (RKNN, "fail_inference", False),
         (RKNNLite, "fail_init", False),
         (RKNNLite, "released", 0),
         (RKNNLite, "last_core_mask", None),
@@ -127,7 +128,12 @@ def test_build_rknn_refusals_leave_the_bundle_as_it_was(fakes, bundle: Path, cap
     assert code == 2 and len(err) == 1, err
     assert f"{RKNN_FILE} was not added to the bundle" in err[0] and "embedding cosine" in err[0]
 
-    fakes.RKNN.perturb, fakes.RKNN.fail_build = 0.0, True
+    fakes.RKNN.perturb, fakes.RKNN.fail_inference = 0.0, True
+    code, err, _ = _build(bundle, capsys, "--overwrite")
+    assert code == 2 and len(err) == 1, err
+    assert "running it in the simulator failed" in err[0] and "the simulator crashed" in err[0]
+
+    fakes.RKNN.fail_inference, fakes.RKNN.fail_build = False, True
     code, err, _ = _build(bundle, capsys, "--overwrite")
     assert code == 2 and len(err) == 1, err
     assert "rknn-toolkit2 could not build" in err[0] and "fake: op Foo is not supported" in err[0]

@@ -220,8 +220,9 @@ def convert(onnx_path: Path, rknn_path: Path, target: str, log_path: Path) -> An
             if status not in (0, None):
                 failed = f"{name} {onnx_path.name} (status {status})"
                 break
+        if failed is not None:
+            rknn.release()
     if failed is not None:
-        rknn.release()
         log = _read(log_path) + "\n" + _read(_printed(log_path))
         raise RknnBuildError(f"rknn-toolkit2 could not {failed}: {error_lines(log)}")
     return rknn
@@ -236,7 +237,13 @@ def simulator_parity(
         engine = RknnBackend(graph, simulator, outputs, "rknn-toolkit2 simulator", PRECISION)
         reference = engine_parity.open_reference(bundle_dir, manifest)
         stack.callback(reference.close)
-        report = engine_parity.compare_backends(engine, reference, manifest, PRECISION)
+        try:
+            report = engine_parity.compare_backends(engine, reference, manifest, PRECISION)
+        except RuntimeError as exc:  # the simulator failed on the inputs
+            raise engine_parity.EngineParityError(
+                f"{name} was not added to the bundle: running it in the simulator failed "
+                f"({' '.join(str(exc).split())[:300]})"
+            ) from None
     if not report["passed"]:
         raise engine_parity.EngineParityError(
             f"{name} was not added to the bundle: in the simulator it differs from "

@@ -14,9 +14,10 @@ from rknnlite.api import run_onnx
 
 class RKNN:
     #: tests set these: a build that fails (with an E line on stdout, as the toolkit's library
-    #: writes it), or a simulator whose embedding is moved by this much
+    #: writes it), a simulator whose embedding is moved by this much, or one that fails to run
     fail_build = False
     perturb = 0.0
+    fail_inference = False
 
     def __init__(self, verbose: bool = False, verbose_file: str | None = None) -> None:
         self._onnx: str | None = None
@@ -45,6 +46,8 @@ class RKNN:
         return 0
 
     def inference(self, inputs: list[np.ndarray], data_format: Any = None, **_: Any) -> list:
+        if type(self).fail_inference:
+            raise RuntimeError("fake: the simulator\n crashed")
         outputs = run_onnx(self._session, inputs, data_format)
         outputs[0] = outputs[0] + np.float32(type(self).perturb)
         return outputs
