@@ -294,3 +294,16 @@ def test_the_layers_on_the_cpu_are_read_from_the_toolkits_log() -> None:
     assert cpu_ops(log) == {"GatherElements": 1, "TopK": 1}
     lines = "W x\nE RKNN: [1] first\n\x1b[1;31mE\x1b[0m second\nE third\nE fourth"
     assert error_lines(lines) == "E RKNN: [1] first; E second; E third"
+
+
+def test_bench_compares_rknn_when_named(fakes, bundle: Path, tmp_path: Path, capsys) -> None:
+    assert _build(bundle, capsys)[0] == 0
+    images = tmp_path / "images"
+    write_images(images, 2)
+    report = tmp_path / "bench.json"
+    argv = ["bench", str(bundle), "--backends", "onnxruntime,rknn", "--images", str(images)]
+    argv += ["--rounds", "2", "--warmup", "1", "--json", str(report)]
+    assert edge_cli.main(argv) == 0, capsys.readouterr().err
+    rows = json.loads(report.read_text(encoding="utf-8"))["results"]
+    (rknn,) = [row for row in rows if row["backend"] == "rknn"]
+    assert rknn["precision"] == "fp16" and rknn["passed"] is True
