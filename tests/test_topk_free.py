@@ -43,7 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES = REPO / "examples" / "cifar10_classes.txt"
 #: ops a TopK-free graph must not hold at all, and ops its condensing modules must not hold
 NEVER = {"TopK", "GatherElements", "ScatterND", "ScatterElements", "CumSum", "NonZero"}
-NOT_IN_CONDENSATION = NEVER | {"Gather", "Equal", "Where", "Trilu"}
+NEVER |= {"ArgMax", "ArgMin", "Trilu"}
+#: no integer or boolean tensor inside the condensation (ncnn has none, RKNN runs them on CPU)
+NOT_IN_CONDENSATION = NEVER | {"Gather", "Equal", "Where", "Greater", "Less", "Cast"}
 NUM_CLASSES = 5
 
 

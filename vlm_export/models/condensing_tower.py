@@ -134,12 +134,24 @@ class AnchorSelector(nn.Module):
 
     def forward(self, cls_token: Tensor, class_anchors: Tensor, valid: Tensor):
         """-> (anchor [B, D], key bias: 0 if any class is valid, else -1e4)."""
+        if self.gather_free:
+            return self._one_hot_pick(cls_token, class_anchors, valid)
         cosine = F.normalize(cls_token, dim=-1) @ F.normalize(class_anchors, dim=-1).T
         choice = (cosine + (valid - 1.0) * MASK_BIAS).argmax(dim=-1)
-        if self.gather_free:
-            rows = rank_free.one_hot(choice.to(class_anchors.dtype), class_anchors.shape[0])
-            return rows @ class_anchors, (valid.max() - 1.0) * MASK_BIAS
         return class_anchors.index_select(0, choice), (valid.max() - 1.0) * MASK_BIAS
+
+    def _one_hot_pick(self, cls_token: Tensor, class_anchors: Tensor, valid: Tensor):
+        """The anchor as a one-hot product (no ArgMax, no Gather). Batch 1 goes through 1-D
+        tensors: ncnn's converter takes every tensor that meets the image in a MatMul as batched,
+        and would then cut the anchors' class axis as if it were the batch."""
+        anchors_unit = F.normalize(class_anchors, dim=-1)
+        if cls_token.shape[0] == 1:
+            cosine = F.normalize(cls_token.reshape(-1), dim=0) @ anchors_unit.T  # [K]
+        else:
+            cosine = F.normalize(cls_token, dim=-1) @ anchors_unit.T  # [B, K]
+        rows = rank_free.first_max(cosine + (valid - 1.0) * MASK_BIAS)
+        anchor = (rows @ class_anchors).reshape(cls_token.shape[0], -1)
+        return anchor, (valid.max() - 1.0) * MASK_BIAS
 
 
 class TokenCondenser(nn.Module):
@@ -192,7 +204,7 @@ class TopKFreeCondenser(TokenCondenser):
         if counts.passthrough:
             token_fate = codes.unsqueeze(0).expand(x.shape[0], -1)
             return x, patch_ids, rank_free.patch_fate(token_fate, patch_ids, self.num_patches)
-        perm = rank_free.sort_matrix(token_scores(cls_attn, self.ranking))  # [B, rank, token]
+        perm = rank_free.sort_matrix(rank_free.token_scores(cls_attn, self.ranking))  # [B, r, i]
         keep_end, merge_end = counts.keep, counts.keep + counts.merge
         patches = x[:, 1:]
         kept = rank_free.take(perm[:, :keep_end], patches)
@@ -287,7 +299,9 @@ class CondensingVisionTower(nn.Module):
             pooled = pooled @ visual.proj
         outputs = (F.normalize(pooled, dim=-1), torch.stack(cls_per_layer, dim=1))
         if self.condensing:
-            outputs += (torch.stack(fates, dim=1),)
+            fate = torch.stack(fates, dim=1)
+            # the TopK-free condensers give float fates (for ncnn): one cast for all blocks
+            outputs += (fate if fate.dtype == torch.int32 else fate.to(torch.int32),)
         return outputs
 
     def _reduction_block(

@@ -1,15 +1,18 @@
-"""TopK-free, gather-free condensation ops for NPU runtimes (RKNN, ncnn) that have no TopK.
+"""TopK-free, index-free condensation ops for NPU runtimes (RKNN, ncnn) that have no TopK.
 
 The same condensation as ``condense`` (spec/tca.md 2.1-2.3), with every data-dependent selection
-written as comparisons and one-hot matrix products:
+written in float arithmetic and one-hot matrix products, so that no integer or boolean tensor
+exists (ncnn has none; RKNN puts every op with one on the CPU):
 
-- ranks from pairwise Greater with the token index as tie-breaker, exactly TopK's order
+- a > b as ceil(clip(a - b, 0, 1)): exactly 1.0 or 0.0, no Greater or Cast;
+- ranks from pairwise comparisons with the token index as tie-breaker, exactly TopK's order
   (ONNX TopK puts the lower index first among equal values);
 - the sort as a permutation matrix P[b, r, i] = (rank_i == r), and every gather as P @ tokens;
-- one-hot vectors as relu(1 - |value - position|) on exact small integers, so no Equal, Where,
-  TopK, Gather, GatherElements or ScatterND is needed. ArgMax/ArgMin stay (merge centres).
+- ArgMax/ArgMin as the one-hot of the first maximum (ReduceMax, no index output);
+- one-hot vectors as relu(1 - |value - position|) on exact small integers.
 
-A one-hot product copies its row exactly (x * 1 plus zeros), so the kept, merged and fused tokens
+No TopK, Gather, GatherElements, ScatterND, Equal, Where, CumSum, ArgMax or ArgMin remains. A
+one-hot product copies its row exactly (x * 1 plus zeros), so the kept, merged and fused tokens
 are bit-for-bit those of the TopK graph.
 """
 
@@ -20,6 +23,21 @@ import torch
 from torch import Tensor
 
 from vlm_export.models.condense import distance_to
+
+
+def greater(a: Tensor, b: Tensor) -> Tensor:
+    """[a > b] as 0.0/1.0 in a's dtype, exact: the ceiling of a - b clipped to [0, 1]."""
+    return torch.ceil(torch.clamp(a - b, 0.0, 1.0))
+
+
+def token_scores(cls_attn: Tensor, ranking: str) -> Tensor:
+    """``condense.token_scores`` (same values) with the consensus comparisons as ``greater``."""
+    if ranking == "mean":
+        return cls_attn.mean(dim=1)
+    n = cls_attn.shape[-1]
+    rank_sum = greater(cls_attn.unsqueeze(-1), cls_attn.unsqueeze(-2)).sum(dim=-1).sum(dim=1)
+    tie_break = torch.arange(n - 1, -1, -1, dtype=cls_attn.dtype, device=cls_attn.device)
+    return rank_sum * n + tie_break
 
 
 def descending_ranks(scores: Tensor) -> Tensor:
@@ -33,7 +51,7 @@ def descending_ranks(scores: Tensor) -> Tensor:
     n = scores.shape[-1]
     later = torch.from_numpy(np.triu(np.ones((n, n), np.float32), 1))  # a constant, not Trilu
     later = later.to(scores.dtype).to(scores.device)
-    higher = (scores.unsqueeze(-2) > scores.unsqueeze(-1)).to(scores.dtype)  # [B, i, j]
+    higher = greater(scores.unsqueeze(-2), scores.unsqueeze(-1))  # [B, i, j] = s_j > s_i
     beaten = later * higher
     position = torch.arange(n, dtype=scores.dtype, device=scores.device)
     return beaten.sum(dim=-1) + position - beaten.sum(dim=-2)
@@ -47,6 +65,18 @@ def one_hot(values: Tensor, size: int) -> Tensor:
     """
     columns = torch.arange(size, dtype=values.dtype, device=values.device)
     return torch.relu(1.0 - (values.unsqueeze(-1) - columns).abs())
+
+
+def first_max(values: Tensor) -> Tensor:
+    """One-hot [..., n] of ``values.argmax(-1)`` (the first maximum on ties), without ArgMax.
+
+    hit = (value == max); the first hit's index = n - max(hit * (n - index)).
+    """
+    n = values.shape[-1]
+    hit = 1.0 - greater(values.amax(dim=-1, keepdim=True), values)
+    countdown = torch.arange(n, 0, -1, dtype=values.dtype, device=values.device)
+    first = n - (hit * countdown).amax(dim=-1)
+    return one_hot(first, n)
 
 
 def sort_matrix(scores: Tensor) -> Tensor:
@@ -77,27 +107,26 @@ def fuse_pruned(patches: Tensor, head_mean_attn: Tensor, prune_rows: Tensor) -> 
 
 
 def merge_coreset(tokens: Tensor, centers: int) -> Tensor:
-    """``condense.merge_coreset`` without Gather, Equal or Where: [B, m, D] -> [B, K, D].
+    """``condense.merge_coreset`` with one-hot picks only: [B, m, D] -> [B, K, D].
 
-    Same steps (first centre = highest score, K-1 farthest-point steps by ArgMax, nearest centre
-    by ArgMin, 1/distance weights, the centre 1.0, an empty cluster takes its centre alone); each
-    pick is a one-hot row, so every value equals the gather version's.
+    Same steps (first centre = highest score, K-1 farthest-point steps, nearest centre with the
+    lowest centre index on ties, 1/distance weights, the centre 1.0, an empty cluster takes its
+    centre alone); each pick is a one-hot row, so every value equals the gather version's.
     """
     m = tokens.shape[1]
-    first = tokens[:, :1]  # [B, 1, D]
-    centre_rows = [one_hot(tokens.new_zeros(tokens.shape[0]), m)]
-    distances = [distance_to(tokens, first.squeeze(1))]
+    centre_rows = [one_hot(tokens.new_zeros(tokens.shape[0]), m)]  # [B, m]
+    distances = [distance_to(tokens, tokens[:, :1].squeeze(1))]
     nearest = distances[0]
     for _ in range(centers - 1):
-        row = one_hot(nearest.argmax(dim=1).to(tokens.dtype), m)  # [B, m]
+        row = first_max(nearest)  # the farthest token
         centre_rows.append(row)
         distances.append(distance_to(tokens, take(row.unsqueeze(1), tokens).squeeze(1)))
         nearest = torch.minimum(nearest, distances[-1])
     table = torch.stack(distances, dim=-1)  # [B, m, K]
-    assign = one_hot(table.argmin(dim=-1).to(tokens.dtype), centers)  # [B, m, K]
+    assign = first_max(-table)  # [B, m, K]: the nearest centre
     own_distance = (table * assign).sum(dim=-1)
-    at_centre = 1.0 - (own_distance > 0).to(tokens.dtype)  # distance 0: weight 1.0
-    weight = 1.0 / (own_distance + at_centre)
+    at_centre = 1.0 - greater(own_distance, torch.zeros_like(own_distance))  # distance 0
+    weight = 1.0 / (own_distance + at_centre)  # exactly 1/d, or 1.0 for the centre
     members = assign.transpose(1, 2)  # [B, K, m]
     empty = torch.relu(1.0 - members.sum(dim=-1, keepdim=True))  # member counts are integers
     matrix = members * weight.unsqueeze(1) + empty * torch.stack(centre_rows, dim=1)
@@ -106,11 +135,12 @@ def merge_coreset(tokens: Tensor, centers: int) -> Tensor:
 
 
 def patch_fate(token_fate: Tensor, patch_ids: Tensor, num_patches: int) -> Tensor:
-    """Per original patch [B, num_patches] int32 from each current token's fate [B, n].
+    """Per original patch [B, num_patches] from each current token's fate [B, n], as float
+    (the tower casts all blocks' fates to int32 at once; ncnn has no integer tensors).
 
     ``patch_ids`` [B, n] (-1 for tokens made by earlier blocks) are in the tokens' own order, so
     no sorted ids are needed: fate of patch p = fate of the token whose id is p, or -1.
     """
     match = one_hot(patch_ids, num_patches)  # [B, n, P]
     fate_plus_one = (match * (token_fate + 1.0).unsqueeze(-1)).sum(dim=1)
-    return (fate_plus_one - 1.0).to(torch.int32)
+    return fate_plus_one - 1.0
