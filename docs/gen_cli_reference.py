@@ -54,6 +54,7 @@ def help_texts() -> list[tuple[str, str]]:
     from vlm_export.export.engine_cmd import build_engine_parser
     from vlm_export.export.ncnn_cmd import build_ncnn_parser
     from vlm_export.export.quantize_cmd import quantize_parser
+    from vlm_export.export.rknn_cmd import build_rknn_parser
     from vlm_export.runtime.cli import build_parser as edge_parser
 
     with fixed_terminal():
@@ -62,6 +63,7 @@ def help_texts() -> list[tuple[str, str]]:
             ("vlm-export build-engine", build_engine_parser().format_help()),
             ("vlm-export quantize", quantize_parser().format_help()),
             ("vlm-export build-ncnn", build_ncnn_parser().format_help()),
+            ("vlm-export build-rknn", build_rknn_parser().format_help()),
         ]
         edge = edge_parser()
         texts.append(("vlm-edge", edge.format_help()))

@@ -72,6 +72,7 @@ def test_every_commands_help_appears_in_the_reference(capsys, monkeypatch) -> No
         edge_commands
     )
     runs = [(export_main, []), (export_main, ["build-engine"]), (export_main, ["quantize"])]
+    runs += [(export_main, ["build-rknn"])]
     runs += [(edge_main, [])] + [(edge_main, [name]) for name in edge_commands]
     for main, argv in runs:
         text = _help_of(main, argv, capsys, monkeypatch)

@@ -25,6 +25,7 @@ from vlm_export.export import cli as export_cli
 from vlm_export.export.engine_cmd import build_engine_parser
 from vlm_export.export.ncnn_cmd import build_ncnn_parser
 from vlm_export.export.quantize_cmd import quantize_parser
+from vlm_export.export.rknn_cmd import build_rknn_parser
 from vlm_export.runtime import api, cli
 
 RAIL = ["--shots", "2", "--hidden-dim", "16"]
@@ -67,6 +68,7 @@ def parsers() -> Iterator[tuple[str, argparse.ArgumentParser, Callable[[list[str
     yield "build-engine", build_engine_parser(), _export_main
     yield "build-ncnn", build_ncnn_parser(), _export_main
     yield "quantize", quantize_parser(), _export_main
+    yield "build-rknn", build_rknn_parser(), _export_main
 
 
 def _value_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
@@ -264,6 +266,7 @@ def test_classes_refuses_a_bundle_linked_from_outside(world, tmp_path, capsys) -
         ["quantize", copy, "--calibration", world["images"]],
         ["build-engine", copy],
         ["build-ncnn", copy],
+        ["build-rknn", copy],
     ):
         assert export_cli.main([str(a) for a in argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()

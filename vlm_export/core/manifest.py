@@ -9,6 +9,7 @@ A bundle is a folder::
     text_encoder.onnx      the text tower (optional: left out by --no-text-encoder), free axes
     bpe_simple_vocab_16e6.txt.gz   the tokenizer's vocabulary (with the text engine)
     *.engine               TensorRT engines, if built (listed in ``engines``)
+    *.rknn                 Rockchip NPU graphs, if built (listed in ``engines``)
 
 The manifest's JSON Schema, ``manifest.schema.json`` next to this module, documents every field
 (types, ranges, a description each); a summary (all required unless marked optional)::
@@ -42,6 +43,8 @@ The manifest's JSON Schema, ``manifest.schema.json`` next to this module, docume
                        (any backend that reads ONNX runs them; TensorRT records have no "format"),
                       and ncnn graphs: {"file": .param, "weights": .bin, "format": "ncnn",
                        "precision": "fp32", "blobs", "rounded_outputs", "parity", ...}
+                      and RKNN graphs: {"file", "format": "rknn", "target": "rk3588",
+                       "precision": "fp16", "toolkit_version", "outputs", "sha256", "parity"}
                       "role": "text_encoder" marks an engine of the text tower (absent: image)
     condensation      null, or {"drop_rate", "merge_centers", "ranking", "reduction_layers",
                        "anchor_layers", "schedule": [{"layer", "tokens_in", "keep", "merge",
@@ -160,6 +163,20 @@ def ncnn_engines(manifest: dict[str, Any]) -> list[dict[str, Any]]:
         record
         for record in manifest.get("engines") or []
         if record.get("format") == NCNN_ENGINE_FORMAT
+    ]
+
+
+#: ``format`` of an ``engines`` record that is a Rockchip RKNN graph (``vlm-export build-rknn``)
+RKNN_ENGINE_FORMAT = "rknn"
+
+
+def rknn_engines(manifest: dict[str, Any], target: str | None = None) -> list[dict[str, Any]]:
+    """The ``engines`` records that are RKNN graphs (for the SoC ``target`` if given)."""
+    return [
+        record
+        for record in manifest.get("engines") or []
+        if record.get("format") == RKNN_ENGINE_FORMAT
+        and (target is None or record.get("target") == target)
     ]
 
 

@@ -33,6 +33,7 @@ EXAMPLES = """examples:
   vlm-export build-engine bundles/vitb16-tca --precision fp16   # on the device
   vlm-export quantize bundles/vitb16-tca --calibration calib/    # add an INT8 graph
   vlm-export build-ncnn bundles/vitb16-tca                       # add an ncnn graph
+  vlm-export build-rknn bundles/vitb16-tca --target rk3588       # a Rockchip NPU graph
 """
 
 
@@ -402,6 +403,10 @@ def _dispatch(argv: list[str]) -> int:
             from vlm_export.export.ncnn_cmd import build_ncnn_main
 
             return build_ncnn_main(argv[1:])
+        if argv[:1] == ["build-rknn"]:
+            from vlm_export.export.rknn_cmd import build_rknn_main
+
+            return build_rknn_main(argv[1:])
         if argv[:1] == ["quantize"]:
             from vlm_export.export.quantize_cmd import quantize_main
 

@@ -47,6 +47,8 @@ from vlm_export.runtime.io.preprocess import Preprocessor
 from vlm_export.runtime.io.sources import open_source
 
 DEFAULT_BACKENDS = ("onnxruntime", "openvino", "tensorrt", "ncnn")
+#: backends bench runs only when named (--backends): rknn needs a Rockchip board
+NAMED_BACKENDS = (*DEFAULT_BACKENDS, "rknn")
 DEFAULT_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
@@ -128,8 +130,8 @@ def _candidates(backends: list[str], precisions: list[str]) -> list[tuple[str, s
 
 
 def _open(bundle: Bundle, backend: str, precision: str, threads: int | None, drift: bool = False):
-    if backend == "tensorrt":
-        return open_backend(bundle, "tensorrt", allow_drift=drift)
+    if backend in ("tensorrt", "rknn"):  # their own engine file: no threads, one precision
+        return open_backend(bundle, backend, allow_drift=drift)
     if backend == "onnxruntime":
         return open_backend(
             bundle,
@@ -194,7 +196,7 @@ def measure_bundle(
     interleaved rounds; their rows go under ``baseline``, never among the results that
     ``--backend auto`` chooses from.
     """
-    backends = _names(args.backends, DEFAULT_BACKENDS, "backend(s)")
+    backends = _names(args.backends, NAMED_BACKENDS, "backend(s)")
     precisions = _names(args.precisions, DEFAULT_PRECISIONS, "precision(s)")
     if args.rounds < 1 or args.warmup < 0:
         raise UserError("--rounds must be at least 1 and --warmup at least 0")

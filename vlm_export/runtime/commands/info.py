@@ -7,7 +7,7 @@ from typing import Any
 
 from vlm_export.core.errors import BundleError
 from vlm_export.core.json_text import dumps
-from vlm_export.core.manifest import ncnn_engines, onnx_engines, tensorrt_engines
+from vlm_export.core.manifest import ncnn_engines, onnx_engines, rknn_engines, tensorrt_engines
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import BUNDLE, add_verify_arguments, format_bytes, verify_mode
 from vlm_export.runtime.engines.reference import describe_check
@@ -142,6 +142,14 @@ def _engines(manifest: dict[str, Any]) -> list[str]:
         lines.append(
             f"TensorRT {record.get('file')}: TensorRT {record.get('tensorrt_version')}, "
             f"compute capability {record.get('compute_capability')}, {record.get('precision')}"
+        )
+    for record in rknn_engines(manifest):
+        cosine = (record.get("parity") or {}).get("embedding_cosine_min")
+        shown = f"{cosine:.6f}" if isinstance(cosine, float) else "not recorded"
+        lines.append(
+            f"RKNN {record.get('file')}: {record.get('target')}, {record.get('precision')}, "
+            f"rknn-toolkit2 {record.get('toolkit_version')}, simulator embedding cosine min "
+            f"{shown} (--backend rknn)"
         )
     if not image_engines:
         lines.append("no TensorRT engines built (ONNX Runtime runs the ONNX file)")

@@ -1,4 +1,4 @@
-"""Choose and open an engine backend for a bundle (ONNX Runtime, OpenVINO, TensorRT or ncnn)."""
+"""Choose and open an engine backend for a bundle (ONNX Runtime, OpenVINO, TensorRT, ncnn, RKNN)."""
 
 from __future__ import annotations
 
@@ -19,13 +19,14 @@ from vlm_export.runtime.engines.select import IMAGE_ROLE, engines_of_role
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
 
-BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "ncnn")
+BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "ncnn", "rknn")
 #: precisions by backend (the first is the default); int8 runs the bundle's quantized ONNX graph
 BACKEND_PRECISIONS = {
     "onnxruntime": ("fp32", "int8"),
     "openvino": ("fp32", "bf16", "int8"),
     "tensorrt": ("fp16", "fp32"),
     "ncnn": ("fp32",),
+    "rknn": ("fp16",),
 }
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 TENSORRT_MODULE = "vlm_export.runtime.engines.tensorrt_backend"
@@ -87,6 +88,20 @@ def _open_ncnn(bundle: Bundle, precision: str | None, threads: int | None) -> En
     from vlm_export.runtime.engines.ncnn_backend import NcnnBackend
 
     return NcnnBackend(bundle, threads=threads)
+
+
+def _open_rknn(
+    bundle: Bundle, providers: Sequence[str] | None, threads: int | None, precision: str | None
+) -> EngineBackend:
+    """The bundle's RKNN graph on a Rockchip NPU (rknn-toolkit-lite2, imported only now)."""
+    if providers or threads is not None:
+        raise UserError(
+            f"{option('providers')} and {option('threads')} apply to the onnxruntime backend only"
+        )
+    _check_precision("rknn", precision)
+    from vlm_export.runtime.engines.rknn_backend import open_rknn
+
+    return open_rknn(bundle)  # type: ignore[arg-type]
 
 
 def _open_onnxruntime_int8(
@@ -182,6 +197,8 @@ def _open(
         if providers:
             raise UserError(f"{option('providers')} applies to the onnxruntime backend only")
         return _open_ncnn(bundle, precision, threads)
+    if backend == "rknn":
+        return _open_rknn(bundle, providers, threads, precision)
     if backend == "tensorrt":
         if providers or threads is not None:
             raise UserError(
