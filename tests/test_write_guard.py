@@ -23,6 +23,7 @@ from fakebundle import make_bundle, write_images
 from vlm_export.core.paths import PathArg, PathConflict, declared_paths, role_of
 from vlm_export.export import cli as export_cli
 from vlm_export.export.engine_cmd import build_engine_parser
+from vlm_export.export.litert_cmd import build_litert_parser
 from vlm_export.export.quantize_cmd import quantize_parser
 from vlm_export.runtime import api, cli
 
@@ -65,6 +66,7 @@ def parsers() -> Iterator[tuple[str, argparse.ArgumentParser, Callable[[list[str
     yield "vlm-export", export_cli.build_parser(), _export_main
     yield "build-engine", build_engine_parser(), _export_main
     yield "quantize", quantize_parser(), _export_main
+    yield "build-litert", build_litert_parser(), _export_main
 
 
 def _value_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
@@ -257,7 +259,11 @@ def test_classes_refuses_a_bundle_linked_from_outside(world, tmp_path, capsys) -
     code, err = _run(["classes", copy, tmp_path / "new.txt"], capsys)
     assert code == 1 and len(err) == 1 and "outside the bundle" in err[0], err
     assert _hashes(tmp_path) == before
-    for argv in (["quantize", copy, "--calibration", world["images"]], ["build-engine", copy]):
+    for argv in (
+        ["quantize", copy, "--calibration", world["images"]],
+        ["build-engine", copy],
+        ["build-litert", copy],
+    ):
         assert export_cli.main([str(a) for a in argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "outside the bundle" in err[0], err

@@ -39,7 +39,10 @@ The manifest's JSON Schema, ``manifest.schema.json`` next to this module, docume
                        "sha256", "parity": {...engine vs ONNX Runtime CPU...}, ...} (may be empty),
                       and quantized ONNX graphs: {"file", "format": "onnx", "precision": "int8",
                        "quantization": {...}, "built_utc", "sha256", "bytes", "parity": {...}}
-                       (any backend that reads ONNX runs them; TensorRT records have no "format")
+                       (any backend that reads ONNX runs them; TensorRT records have no "format"),
+                      and LiteRT graphs: {"file", "format": "tflite", "precision": "fp32",
+                       "layout": "nchw"|"nhwc", "converter": {...}, "sha256", "bytes",
+                       "operators", "parity": {...}} (the litert backend runs them)
                       "role": "text_encoder" marks an engine of the text tower (absent: image)
     condensation      null, or {"drop_rate", "merge_centers", "ranking", "reduction_layers",
                        "anchor_layers", "schedule": [{"layer", "tokens_in", "keep", "merge",
@@ -146,6 +149,19 @@ def onnx_engines(manifest: dict[str, Any], precision: str | None = None) -> list
         for record in manifest.get("engines") or []
         if record.get("format") == ONNX_ENGINE_FORMAT
         and (precision is None or record.get("precision") == precision)
+    ]
+
+
+#: ``format`` of an ``engines`` record that is a LiteRT (TensorFlow Lite) graph
+TFLITE_ENGINE_FORMAT = "tflite"
+
+
+def tflite_engines(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``engines`` records that are LiteRT ``.tflite`` graphs (vlm-export build-litert)."""
+    return [
+        record
+        for record in manifest.get("engines") or []
+        if record.get("format") == TFLITE_ENGINE_FORMAT
     ]
 
 

@@ -32,6 +32,7 @@ EXAMPLES = """examples:
       --domain pets=pets.txt --domain cars=cars.txt --out bundles/xtail
   vlm-export build-engine bundles/vitb16-tca --precision fp16   # on the device
   vlm-export quantize bundles/vitb16-tca --calibration calib/    # add an INT8 graph
+  vlm-export build-litert bundles/vitb16-tca                     # add a LiteRT .tflite graph
 """
 
 
@@ -381,6 +382,10 @@ def _dispatch(argv: list[str]) -> int:
             from vlm_export.export.quantize_cmd import quantize_main
 
             return quantize_main(argv[1:])
+        if argv[:1] == ["build-litert"]:
+            from vlm_export.export.litert_cmd import build_litert_main
+
+            return build_litert_main(argv[1:])
         args = build_parser().parse_args(argv)
         return run(args)
     except UserError as exc:

@@ -1,4 +1,4 @@
-"""Choose and open an engine backend for a bundle (ONNX Runtime, OpenVINO or TensorRT)."""
+"""Choose and open an engine backend for a bundle (ONNX Runtime, OpenVINO, TensorRT or LiteRT)."""
 
 from __future__ import annotations
 
@@ -19,12 +19,13 @@ from vlm_export.runtime.engines.select import IMAGE_ROLE, engines_of_role
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
 
-BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "litert")
 #: precisions by backend (the first is the default); int8 runs the bundle's quantized ONNX graph
 BACKEND_PRECISIONS = {
     "onnxruntime": ("fp32", "int8"),
     "openvino": ("fp32", "bf16", "int8"),
     "tensorrt": ("fp16", "fp32"),
+    "litert": ("fp32",),
 }
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 TENSORRT_MODULE = "vlm_export.runtime.engines.tensorrt_backend"
@@ -79,6 +80,13 @@ def _open_openvino(
 
     graph = bundle.path / int8_graph(bundle) if precision == "int8" else None
     return OpenVinoBackend(bundle, precision, threads=threads, fallback=fallback, graph=graph)
+
+
+def _open_litert(bundle: Bundle, precision: str | None, threads: int | None) -> EngineBackend:
+    _check_precision("litert", precision)
+    from vlm_export.runtime.engines.litert_backend import LiteRtBackend
+
+    return LiteRtBackend(bundle, threads=threads)
 
 
 def _open_onnxruntime_int8(
@@ -170,6 +178,10 @@ def _open(
         if providers:
             raise UserError(f"{option('providers')} applies to the onnxruntime backend only")
         return _open_openvino(bundle, precision, threads, fallback)
+    if backend == "litert":
+        if providers:
+            raise UserError(f"{option('providers')} applies to the onnxruntime backend only")
+        return _open_litert(bundle, precision, threads)
     if backend == "tensorrt":
         if providers or threads is not None:
             raise UserError(
