@@ -52,6 +52,7 @@ def help_texts() -> list[tuple[str, str]]:
     """(command line, --help text) of vlm-export, its subcommands, vlm-edge and each command."""
     from vlm_export.export.cli import build_parser as export_parser
     from vlm_export.export.engine_cmd import build_engine_parser
+    from vlm_export.export.litert_cmd import build_litert_parser
     from vlm_export.export.ncnn_cmd import build_ncnn_parser
     from vlm_export.export.quantize_cmd import quantize_parser
     from vlm_export.export.rknn_cmd import build_rknn_parser
@@ -64,6 +65,7 @@ def help_texts() -> list[tuple[str, str]]:
             ("vlm-export quantize", quantize_parser().format_help()),
             ("vlm-export build-ncnn", build_ncnn_parser().format_help()),
             ("vlm-export build-rknn", build_rknn_parser().format_help()),
+            ("vlm-export build-litert", build_litert_parser().format_help()),
         ]
         edge = edge_parser()
         texts.append(("vlm-edge", edge.format_help()))

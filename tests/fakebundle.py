@@ -302,6 +302,28 @@ def drift_encoder(folder: str | Path, scale: float = 0.5, seed: int = 7) -> Path
     return folder
 
 
+def live_fate_encoder(folder: str | Path) -> Path:
+    """Make the condensing encoder's ``token_fate`` depend on its inputs (converters fold a
+    constant output away): the fixed fates while any anchor is valid, all "kept" otherwise.
+    The embeddings do not change (a recorded reference stays valid)."""
+    folder = Path(folder)
+    model = onnx.load(folder / mf.IMAGE_ENCODER_ONNX)
+    graph = model.graph
+    graph.initializer.append(numpy_helper.from_array(np.full((), 0.5, np.float32), "fate_half"))
+    (identity,) = [node for node in graph.node if node.output[0] == "token_fate"]
+    graph.node.remove(identity)
+    graph.node.extend(
+        [
+            helper.make_node("ReduceMax", ["anchors_valid"], ["valid_max"], keepdims=0),
+            helper.make_node("Greater", ["valid_max", "fate_half"], ["any_valid"]),
+            helper.make_node("Cast", ["any_valid"], ["any_valid_int"], to=TensorProto.INT32),
+            helper.make_node("Mul", ["fate", "any_valid_int"], ["token_fate"]),
+        ]
+    )
+    _replace_encoder(folder, model)
+    return folder
+
+
 def write_images(folder: str | Path, count: int, seed: int = 0, suffix: str = ".jpg") -> list[Path]:
     """Write ``count`` random RGB images of varied sizes; return their paths in sorted order."""
     folder = Path(folder)

@@ -23,6 +23,7 @@ from fakebundle import make_bundle, write_images
 from vlm_export.core.paths import PathArg, PathConflict, declared_paths, role_of
 from vlm_export.export import cli as export_cli
 from vlm_export.export.engine_cmd import build_engine_parser
+from vlm_export.export.litert_cmd import build_litert_parser
 from vlm_export.export.ncnn_cmd import build_ncnn_parser
 from vlm_export.export.quantize_cmd import quantize_parser
 from vlm_export.export.rknn_cmd import build_rknn_parser
@@ -69,6 +70,7 @@ def parsers() -> Iterator[tuple[str, argparse.ArgumentParser, Callable[[list[str
     yield "build-ncnn", build_ncnn_parser(), _export_main
     yield "quantize", quantize_parser(), _export_main
     yield "build-rknn", build_rknn_parser(), _export_main
+    yield "build-litert", build_litert_parser(), _export_main
 
 
 def _value_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
@@ -267,6 +269,7 @@ def test_classes_refuses_a_bundle_linked_from_outside(world, tmp_path, capsys) -
         ["build-engine", copy],
         ["build-ncnn", copy],
         ["build-rknn", copy],
+        ["build-litert", copy],
     ):
         assert export_cli.main([str(a) for a in argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -45,6 +45,9 @@ The manifest's JSON Schema, ``manifest.schema.json`` next to this module, docume
                        "precision": "fp32", "blobs", "rounded_outputs", "parity", ...}
                       and RKNN graphs: {"file", "format": "rknn", "target": "rk3588",
                        "precision": "fp16", "toolkit_version", "outputs", "sha256", "parity"}
+                      and LiteRT graphs: {"file", "format": "tflite", "precision": "fp32",
+                       "layout": "nchw"|"nhwc", "converter": {...}, "sha256", "bytes",
+                       "operators", "parity": {...}} (the litert backend runs them)
                       "role": "text_encoder" marks an engine of the text tower (absent: image)
     condensation      null, or {"drop_rate", "merge_centers", "ranking", "reduction_layers",
                        "anchor_layers", "schedule": [{"layer", "tokens_in", "keep", "merge",
@@ -177,6 +180,19 @@ def rknn_engines(manifest: dict[str, Any], target: str | None = None) -> list[di
         for record in manifest.get("engines") or []
         if record.get("format") == RKNN_ENGINE_FORMAT
         and (target is None or record.get("target") == target)
+    ]
+
+
+#: ``format`` of an ``engines`` record that is a LiteRT (TensorFlow Lite) graph
+TFLITE_ENGINE_FORMAT = "tflite"
+
+
+def tflite_engines(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``engines`` records that are LiteRT ``.tflite`` graphs (vlm-export build-litert)."""
+    return [
+        record
+        for record in manifest.get("engines") or []
+        if record.get("format") == TFLITE_ENGINE_FORMAT
     ]
 
 

@@ -34,6 +34,7 @@ EXAMPLES = """examples:
   vlm-export quantize bundles/vitb16-tca --calibration calib/    # add an INT8 graph
   vlm-export build-ncnn bundles/vitb16-tca                       # add an ncnn graph
   vlm-export build-rknn bundles/vitb16-tca --target rk3588       # a Rockchip NPU graph
+  vlm-export build-litert bundles/vitb16-tca                     # add a LiteRT .tflite graph
 """
 
 
@@ -411,6 +412,10 @@ def _dispatch(argv: list[str]) -> int:
             from vlm_export.export.quantize_cmd import quantize_main
 
             return quantize_main(argv[1:])
+        if argv[:1] == ["build-litert"]:
+            from vlm_export.export.litert_cmd import build_litert_main
+
+            return build_litert_main(argv[1:])
         args = build_parser().parse_args(argv)
         return run(args)
     except UserError as exc:

@@ -66,12 +66,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--providers", help="ONNX Runtime providers in order, comma-separated (e.g. cuda,cpu)"
     )
     parser.add_argument(
-        "--threads", type=int, help="ONNX Runtime / OpenVINO / ncnn inference threads"
+        "--threads", type=int, help="ONNX Runtime / OpenVINO / ncnn / LiteRT inference threads"
     )
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
-        help="engine precision: onnxruntime fp32|int8, openvino fp32|bf16|int8 (int8 runs the "
+        help="engine precision: onnxruntime fp32|int8, openvino fp32|bf16|int8, litert fp32 (int8 "
+        "runs the "
         "bundle's quantized graph; bf16 needs a CPU with bf16); default fp32",
     )
     parser.add_argument(

@@ -46,7 +46,7 @@ from vlm_export.runtime.engines.parity import REFERENCE_PROVIDERS
 from vlm_export.runtime.io.preprocess import Preprocessor
 from vlm_export.runtime.io.sources import open_source
 
-DEFAULT_BACKENDS = ("onnxruntime", "openvino", "tensorrt", "ncnn")
+DEFAULT_BACKENDS = ("onnxruntime", "openvino", "tensorrt", "ncnn", "litert")
 #: backends bench runs only when named (--backends): rknn needs a Rockchip board
 NAMED_BACKENDS = (*DEFAULT_BACKENDS, "rknn")
 DEFAULT_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
@@ -72,12 +72,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--precisions",
         default=",".join(DEFAULT_PRECISIONS),
         help="comma-separated precisions (default: all each backend has: onnxruntime fp32/int8, "
-        "openvino fp32/bf16/int8, tensorrt the engine for this GPU, ncnn fp32)",
+        "openvino fp32/bf16/int8, tensorrt the engine for this GPU, ncnn fp32, litert fp32)",
     )
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
     parser.add_argument(
-        "--threads", type=int, help="inference threads (ONNX Runtime, OpenVINO, ncnn)"
+        "--threads", type=int, help="inference threads (ONNX Runtime, OpenVINO, ncnn, LiteRT)"
     )
     parser.add_argument(
         "--images",

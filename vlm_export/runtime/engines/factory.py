@@ -1,4 +1,4 @@
-"""Choose and open an engine backend for a bundle (ONNX Runtime, OpenVINO, TensorRT, ncnn, RKNN)."""
+"""Choose and open an engine backend for a bundle (ONNX Runtime, OpenVINO, TensorRT, ncnn, ...)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from vlm_export.runtime.engines.select import IMAGE_ROLE, engines_of_role
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
 
-BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "ncnn", "rknn")
+BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt", "ncnn", "rknn", "litert")
 #: precisions by backend (the first is the default); int8 runs the bundle's quantized ONNX graph
 BACKEND_PRECISIONS = {
     "onnxruntime": ("fp32", "int8"),
@@ -27,6 +27,7 @@ BACKEND_PRECISIONS = {
     "tensorrt": ("fp16", "fp32"),
     "ncnn": ("fp32",),
     "rknn": ("fp16",),
+    "litert": ("fp32",),
 }
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 TENSORRT_MODULE = "vlm_export.runtime.engines.tensorrt_backend"
@@ -102,6 +103,13 @@ def _open_rknn(
     from vlm_export.runtime.engines.rknn_backend import open_rknn
 
     return open_rknn(bundle)  # type: ignore[arg-type]
+
+
+def _open_litert(bundle: Bundle, precision: str | None, threads: int | None) -> EngineBackend:
+    _check_precision("litert", precision)
+    from vlm_export.runtime.engines.litert_backend import LiteRtBackend
+
+    return LiteRtBackend(bundle, threads=threads)
 
 
 def _open_onnxruntime_int8(
@@ -199,6 +207,10 @@ def _open(
         return _open_ncnn(bundle, precision, threads)
     if backend == "rknn":
         return _open_rknn(bundle, providers, threads, precision)
+    if backend == "litert":
+        if providers:
+            raise UserError(f"{option('providers')} applies to the onnxruntime backend only")
+        return _open_litert(bundle, precision, threads)
     if backend == "tensorrt":
         if providers or threads is not None:
             raise UserError(

@@ -1,0 +1,58 @@
+"""``vlm-export build-litert BUNDLE``: add a LiteRT (.tflite) graph of the image tower."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from vlm_export.core import live_line
+from vlm_export.core.errors import UserError
+from vlm_export.core.paths import guard_arguments
+from vlm_export.export.bundle_staging import BUNDLE_RW
+from vlm_export.export.litert_build import MIN_COSINE, add_litert_to_bundle
+from vlm_export.export.progress import Progress
+from vlm_export.runtime.engines import parity as engine_parity
+
+
+def build_litert_parser() -> argparse.ArgumentParser:
+    """The parser of ``vlm-export build-litert``."""
+    parser = argparse.ArgumentParser(
+        prog="vlm-export build-litert",
+        description=(
+            "Convert the bundle's ONNX image tower to a LiteRT (TensorFlow Lite) graph with\n"
+            "onnx2tf and add it to the bundle as <onnx>.fp32.tflite, inputs and outputs as the\n"
+            "manifest names them (image NCHW). It is compared with ONNX Runtime CPU on random\n"
+            "and the bundle's reference images (embedding cosine >= "
+            f"{MIN_COSINE}, token fates\n"
+            "equal) and is not kept if it fails. Run it with `vlm-edge run --backend litert`.\n"
+            'Needs pip install ".[litert-export]" (onnx2tf, TensorFlow) with numpy<2.'
+        ),
+        epilog="example:\n  vlm-export build-litert bundles/vitb32-tca",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("bundle", type=BUNDLE_RW, metavar="BUNDLE", help="bundle folder")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a .tflite graph the bundle already lists"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def build_litert_main(argv: Sequence[str] | None = None) -> int:
+    """Run ``vlm-export build-litert``; 0 on success, 2 with a one-line error on stderr."""
+    parser = build_litert_parser()
+    args = parser.parse_args(argv)
+    try:
+        guard_arguments(parser, args)  # before any work
+        record = add_litert_to_bundle(args.bundle, args.overwrite, Progress(2, quiet=args.quiet))
+    except UserError as exc:
+        live_line.end()
+        print(f"vlm-export build-litert: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"added {record['file']}: {record['bytes'] / 2**20:.1f} MiB, {len(record['operators'])} "
+        f"operator types; against {engine_parity.REFERENCE}: "
+        f"{engine_parity.describe(record['parity'])}"
+    )
+    return 0
