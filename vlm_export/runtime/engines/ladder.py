@@ -1,12 +1,14 @@
 """A ladder bundle on the device: one engine per token budget (rung), one set of anchors, switched.
 
 Every rung takes the same anchors [K, R, D], so one TCA reservoir serves all of them: the ladder
-keeps the latest anchors and hands them to a rung when it becomes active. With ONNX Runtime the
-rungs share their weights in memory too: the shared weights file is mapped once and every
-session gets the same buffers (``SessionOptions.add_initializer``). The Python API has no shared
-pre-packed weights container, and pre-packing copies the MatMul weights into each session, so
-sharing sessions run without pre-packing (``share_memory=False`` trades memory for that).
-OpenVINO compiles each rung on its own and keeps its own weights per compiled model.
+keeps the latest anchors and hands them to a rung when it becomes active. With ONNX Runtime on
+CPU the rungs share their weights in memory too, pre-packed: the weights file is mapped once,
+every session reads it, and the packed copies the MatMul kernels run on live once in a shared
+container (``prepacked_rungs``, through ONNX Runtime's C API, which the Python API lacks). On
+other providers, or without the C API library, the sessions share the mapped weights
+(``SessionOptions.add_initializer``) and run without pre-packing. ``share_memory=False`` opens
+every rung as a one-engine session. OpenVINO compiles each rung on its own and keeps its own
+weights per compiled model.
 """
 
 from __future__ import annotations
@@ -99,11 +101,22 @@ class LadderBackend(EngineBackend):
     becomes active, so the reservoir never needs to know which rung runs.
     """
 
-    def __init__(self, rungs: Sequence[Rung], engines: Sequence[EngineBackend], start: int = 0):
+    def __init__(
+        self,
+        rungs: Sequence[Rung],
+        engines: Sequence[EngineBackend],
+        start: int = 0,
+        shared: Any = None,
+    ):
         if len(rungs) != len(engines) or not rungs:
             raise ValueError("one engine per rung")
         self.rungs = list(rungs)
         self.engines = list(engines)
+        #: what the rungs share (closed after them): a pre-packed weights group, or None
+        self.shared = shared
+        #: how the rungs hold their weights: "prepacked" (one packed copy for all rungs),
+        #: "mapped" (one copy, not pre-packed), "per-rung"
+        self.sharing = "per-rung"
         self.active = start
         self._anchors: tuple[np.ndarray, np.ndarray] | None = None
         self._current = {start}  # rungs that hold the latest anchors
@@ -149,6 +162,9 @@ class LadderBackend(EngineBackend):
     def close(self) -> None:
         for engine in self.engines:
             engine.close()
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
 
 
 def open_ladder(
@@ -160,14 +176,15 @@ def open_ladder(
     start: int = 0,
     share_memory: bool = True,
     allow_drift: bool = False,
+    prepack: bool = True,
 ) -> LadderBackend:
     """Open every rung of a ladder bundle with one backend (``auto``: ONNX Runtime).
 
-    ``share_memory`` hands ONNX Runtime sessions the one mapping of the weights file. Each rung
-    runs the reference images against its own record (``engines.reference.check_engine``).
+    ``share_memory`` gives ONNX Runtime sessions one copy of the weights: on the CPU provider
+    with ``prepack``, one pre-packed copy (:mod:`prepacked_rungs`); otherwise the one mapping of
+    the weights file, not pre-packed. Each rung runs the reference images against its own
+    record (``engines.reference.check_engine``).
     """
-    from vlm_export.runtime.engines.factory import graph_view
-
     rungs = ladder_rungs(bundle.manifest)
     if not rungs:
         raise UserError("this bundle has one engine, not a ladder (export with --drop-rates)")
@@ -179,6 +196,8 @@ def open_ladder(
     if precision not in (None, "fp32") and not (backend == "openvino" and precision == "bf16"):
         raise UserError(f"ladder rungs run fp32 (openvino also bf16), not {precision}")
     engines: list[EngineBackend] = []
+    shared: Any = None
+    sharing = "per-rung"
     try:
         if backend == "openvino":
             from vlm_export.runtime.engines.openvino_backend import OpenVinoBackend
@@ -190,22 +209,9 @@ def open_ladder(
                     )
                 )
         else:
-            from vlm_export.runtime.engines.onnxruntime_backend import (
-                OnnxRuntimeBackend,
-                import_onnxruntime,
+            engines, shared, sharing = _open_onnxruntime_rungs(
+                bundle, rungs, providers, threads, share_memory and prepack, share_memory
             )
-
-            shared = SharedWeights(bundle, import_onnxruntime()) if share_memory else None
-            for rung in rungs:
-                view = graph_view(bundle, rung.onnx)
-                engine = OnnxRuntimeBackend(
-                    view,  # type: ignore[arg-type]
-                    providers=providers,
-                    threads=threads,
-                    initializers=shared.values if shared else None,
-                )
-                engine.shared = shared  # type: ignore[attr-defined]  # keeps the mapping alive
-                engines.append(engine)
         notes = []
         for rung, engine in zip(rungs, engines, strict=True):
             check_engine(bundle, engine, allow_drift, graph=rung.onnx)
@@ -213,10 +219,59 @@ def open_ladder(
     except BaseException:
         for engine in engines:
             engine.close()
+        if shared is not None:
+            shared.close()
         raise
-    ladder = LadderBackend(rungs, engines, start)
+    ladder = LadderBackend(rungs, engines, start, shared=shared)
+    ladder.sharing = sharing
     ladder.notes = notes
     return ladder
+
+
+def _open_onnxruntime_rungs(
+    bundle: Bundle,
+    rungs: Sequence[Rung],
+    providers: Sequence[str] | None,
+    threads: int | None,
+    prepack: bool,
+    share: bool,
+) -> tuple[list[EngineBackend], Any, str]:
+    """The rungs' ONNX Runtime engines, what they share (to close after them) and how."""
+    from vlm_export.runtime.engines.factory import graph_view
+    from vlm_export.runtime.engines.onnxruntime_backend import (
+        OnnxRuntimeBackend,
+        choose_providers,
+        import_onnxruntime,
+    )
+
+    ort = import_onnxruntime()
+    chosen = choose_providers(providers, ort.get_available_providers())
+    if prepack and chosen == ["CPUExecutionProvider"]:
+        from vlm_export.runtime.engines import ort_capi
+        from vlm_export.runtime.engines.prepacked_rungs import open_prepacked_rungs
+
+        if threads is not None and threads < 1:
+            raise UserError(f"{option('threads')} must be at least 1, got {threads}")
+        try:
+            prepacked, group = open_prepacked_rungs(
+                bundle, ort, [rung.onnx for rung in rungs], threads
+            )
+        except ort_capi.CApiMissing:
+            pass  # sessions sharing the mapped weights, not pre-packed, below
+        else:
+            return list(prepacked), group, "prepacked"
+    shared = SharedWeights(bundle, ort) if share else None
+    engines: list[EngineBackend] = []
+    for rung in rungs:
+        engine = OnnxRuntimeBackend(
+            graph_view(bundle, rung.onnx),  # type: ignore[arg-type]
+            providers=providers,
+            threads=threads,
+            initializers=shared.values if shared else None,
+        )
+        engine.shared = shared  # type: ignore[attr-defined]  # keeps the mapping alive
+        engines.append(engine)
+    return engines, None, "mapped" if shared else "per-rung"
 
 
 #: rounds per rung when --measure times the rungs before running
