@@ -278,22 +278,31 @@ def _measure_rungs(
     precisions: list[str],
     image: np.ndarray,
 ) -> list[dict[str, Any]]:
-    """A ladder bundle: every rung timed on ONNX Runtime and OpenVINO fp32, each rung warmed
+    """A ladder bundle: every rung timed on ONNX Runtime and OpenVINO in every precision its
+    rungs run (fp32; int8 with INT8 rungs; OpenVINO bf16 where it runs), each rung warmed
     (``RUNG_WARM_RUNS`` runs in a row) before any is timed, then timed in interleaved rounds
     across rungs and backends, so that a rung's record is its own latency, not a cold start."""
     rungs = ladder_rungs(bundle.manifest)
-    if not rungs or "fp32" not in precisions:
+    if not rungs:
         return []
     rows: list[dict[str, Any]] = []
     runners = {}
     with contextlib.ExitStack() as stack:
-        for backend in (name for name in ("onnxruntime", "openvino") if name in backends):
+        for backend, precision in _candidates(backends, precisions):
+            if backend not in ("onnxruntime", "openvino") or precision == "fp16":
+                continue
+            if precision == "int8" and not all(rung.int8 for rung in rungs):
+                continue
             watch = measure.MemoryWatch()
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     ladder = open_ladder(
-                        bundle, backend, threads=args.threads, allow_drift=args.allow_drift
+                        bundle,
+                        backend,
+                        threads=args.threads,
+                        precision=precision,
+                        allow_drift=args.allow_drift,
                     )
             except (UserError, RuntimeError):
                 continue
@@ -305,7 +314,7 @@ def _measure_rungs(
                 rows.append(
                     {
                         "backend": backend,
-                        "precision": "fp32",
+                        "precision": precision,
                         "rung": rung.index,
                         "drop_rate": rung.drop_rate,
                         "tokens": rung.tokens,
@@ -328,12 +337,13 @@ def rung_table(record: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     lines = [
-        f"{'backend':<12} {'rung':>4} {'drop rate':>9} {'tokens':>6} {'GFLOPs':>7} "
-        f"{'median ms':>9} {'p90 ms':>8}"
+        f"{'backend':<12} {'precision':<9} {'rung':>4} {'drop rate':>9} {'tokens':>6} "
+        f"{'GFLOPs':>7} {'median ms':>9} {'p90 ms':>8}"
     ]
     for row in rows:
         lines.append(
-            f"{row['backend']:<12} {row['rung']:>4} {row['drop_rate']:>9g} {row['tokens']:>6} "
+            f"{row['backend']:<12} {row.get('precision', 'fp32'):<9} {row['rung']:>4} "
+            f"{row['drop_rate']:>9g} {row['tokens']:>6} "
             f"{row['gflops']:>7.2f} {row['median_ms']:>9.1f} {row['p90_ms']:>8.1f}"
         )
     return lines

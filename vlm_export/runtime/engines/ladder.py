@@ -30,8 +30,12 @@ from vlm_export.runtime.engines.reference import check_engine
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
 
-#: backends that run ladder rungs (TensorRT engines and INT8 graphs are built for rung 0 only)
+#: backends that run ladder rungs (TensorRT engines are built for rung 0 only)
 LADDER_BACKENDS = ("auto", "onnxruntime", "openvino")
+#: what a ladder asks for when it has no INT8 rungs
+NO_INT8_LADDER = (
+    "this ladder has no INT8 rungs: add them with `vlm-export quantize BUNDLE --calibration DIR`"
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class Rung:
     onnx: str
     gflops: float
     tokens: int
+    #: this rung's INT8 graph (vlm-export quantize), None when the ladder has none
+    int8: str | None = None
 
     @property
     def label(self) -> str:
@@ -59,7 +65,12 @@ def ladder_rungs(manifest: dict[str, Any]) -> list[Rung]:
     if not isinstance(ladder, dict):
         return []
     listed = manifest["files"]
+    int8 = ladder.get("int8") if isinstance(ladder.get("int8"), dict) else None
+    int8_files = [str(record["onnx"]) for record in int8["rungs"]] if int8 else []
+    if int8 and len(int8_files) != len(ladder["rungs"]):
+        raise BundleError("manifest ladder.int8 lists another number of rungs than the ladder")
     names = [record["onnx"] for record in ladder["rungs"]] + [ladder["weights"]["file"]]
+    names += int8_files + ([int8["weights"]["file"]] if int8 else [])
     unlisted = [name for name in names if name not in listed]
     if unlisted:
         raise BundleError(f"manifest ladder names unlisted files: {', '.join(unlisted[:3])}")
@@ -70,6 +81,7 @@ def ladder_rungs(manifest: dict[str, Any]) -> list[Rung]:
             onnx=str(record["onnx"]),
             gflops=float(record["gflops"]),
             tokens=int(record["schedule"][-1]["tokens_out"]),
+            int8=int8_files[index] if int8_files else None,
         )
         for index, record in enumerate(ladder["rungs"])
     ]
@@ -78,8 +90,8 @@ def ladder_rungs(manifest: dict[str, Any]) -> list[Rung]:
 class SharedWeights:
     """The ladder's weights file mapped once, as one ONNX Runtime value per shared tensor."""
 
-    def __init__(self, bundle: Bundle, ort: Any) -> None:
-        weights = bundle.manifest["ladder"]["weights"]
+    def __init__(self, bundle: Bundle, ort: Any, weights: dict[str, Any] | None = None) -> None:
+        weights = weights or bundle.manifest["ladder"]["weights"]
         table = weights.get("table") or []
         path = bundle.path / weights["file"]
         self._map = np.memmap(path, dtype=np.uint8, mode="r") if table else None
@@ -117,6 +129,8 @@ class LadderBackend(EngineBackend):
         #: how the rungs hold their weights: "prepacked" (one packed copy for all rungs),
         #: "mapped" (one copy, not pre-packed), "per-rung"
         self.sharing = "per-rung"
+        #: the precision every rung runs (fp32, int8, bf16)
+        self.precision = "fp32"
         self.active = start
         self._anchors: tuple[np.ndarray, np.ndarray] | None = None
         self._current = {start}  # rungs that hold the latest anchors
@@ -193,8 +207,13 @@ def open_ladder(
             f"ladder rungs run on {', '.join(LADDER_BACKENDS[1:])}; the {backend} engine is "
             "built for rung 0 only"
         )
-    if precision not in (None, "fp32") and not (backend == "openvino" and precision == "bf16"):
-        raise UserError(f"ladder rungs run fp32 (openvino also bf16), not {precision}")
+    if precision not in (None, "fp32", "int8") and not (
+        backend == "openvino" and precision == "bf16"
+    ):
+        raise UserError(f"ladder rungs run fp32 and int8 (openvino also bf16), not {precision}")
+    int8 = precision == "int8"
+    if int8 and not all(rung.int8 for rung in rungs):
+        raise UserError(NO_INT8_LADDER)
     engines: list[EngineBackend] = []
     shared: Any = None
     sharing = "per-rung"
@@ -203,14 +222,11 @@ def open_ladder(
             from vlm_export.runtime.engines.openvino_backend import OpenVinoBackend
 
             for rung in rungs:
-                engines.append(
-                    OpenVinoBackend(
-                        bundle, precision or "fp32", threads, graph=bundle.path / rung.onnx
-                    )
-                )
+                graph = bundle.path / (rung.int8 if int8 else rung.onnx)  # type: ignore[operator]
+                engines.append(OpenVinoBackend(bundle, precision or "fp32", threads, graph=graph))
         else:
             engines, shared, sharing = _open_onnxruntime_rungs(
-                bundle, rungs, providers, threads, share_memory and prepack, share_memory
+                bundle, rungs, providers, threads, share_memory and prepack, share_memory, int8
             )
         notes = []
         for rung, engine in zip(rungs, engines, strict=True):
@@ -224,6 +240,7 @@ def open_ladder(
         raise
     ladder = LadderBackend(rungs, engines, start, shared=shared)
     ladder.sharing = sharing
+    ladder.precision = precision or "fp32"
     ladder.notes = notes
     return ladder
 
@@ -235,8 +252,10 @@ def _open_onnxruntime_rungs(
     threads: int | None,
     prepack: bool,
     share: bool,
+    int8: bool = False,
 ) -> tuple[list[EngineBackend], Any, str]:
-    """The rungs' ONNX Runtime engines, what they share (to close after them) and how."""
+    """The rungs' ONNX Runtime engines (their INT8 graphs with ``int8``), what they share (to
+    close after them) and how."""
     from vlm_export.runtime.engines.factory import graph_view
     from vlm_export.runtime.engines.onnxruntime_backend import (
         OnnxRuntimeBackend,
@@ -246,6 +265,10 @@ def _open_onnxruntime_rungs(
 
     ort = import_onnxruntime()
     chosen = choose_providers(providers, ort.get_available_providers())
+    ladder = bundle.manifest["ladder"]
+    weights = ladder["int8"]["weights"] if int8 else ladder["weights"]
+    graphs = [str(rung.int8 if int8 else rung.onnx) for rung in rungs]
+    suffix = ":int8" if int8 else ""
     if prepack and chosen == ["CPUExecutionProvider"]:
         from vlm_export.runtime.engines import ort_capi
         from vlm_export.runtime.engines.prepacked_rungs import open_prepacked_rungs
@@ -253,22 +276,23 @@ def _open_onnxruntime_rungs(
         if threads is not None and threads < 1:
             raise UserError(f"{option('threads')} must be at least 1, got {threads}")
         try:
-            prepacked, group = open_prepacked_rungs(
-                bundle, ort, [rung.onnx for rung in rungs], threads
-            )
+            prepacked, group = open_prepacked_rungs(bundle, ort, graphs, threads, weights)
         except ort_capi.CApiMissing:
             pass  # sessions sharing the mapped weights, not pre-packed, below
         else:
+            for engine in prepacked:
+                engine.description += suffix
             return list(prepacked), group, "prepacked"
-    shared = SharedWeights(bundle, ort) if share else None
+    shared = SharedWeights(bundle, ort, weights) if share else None
     engines: list[EngineBackend] = []
-    for rung in rungs:
+    for graph in graphs:
         engine = OnnxRuntimeBackend(
-            graph_view(bundle, rung.onnx),  # type: ignore[arg-type]
+            graph_view(bundle, graph),  # type: ignore[arg-type]
             providers=providers,
             threads=threads,
             initializers=shared.values if shared else None,
         )
+        engine.description += suffix
         engine.shared = shared  # type: ignore[attr-defined]  # keeps the mapping alive
         engines.append(engine)
     return engines, None, "mapped" if shared else "per-rung"
@@ -332,7 +356,7 @@ def start_budget(
         raise UserError(
             f"{option('target_ms')} must be a positive number of milliseconds, got {target_ms}"
         )
-    rows = recorded_rungs(bundle.path, bundle.fingerprint, ladder.backend_name)
+    rows = recorded_rungs(bundle.path, bundle.fingerprint, ladder.backend_name, ladder.precision)
     if rows is not None and len(rows) != len(ladder.rungs):
         rows = None
     if rows is not None:
@@ -344,7 +368,8 @@ def start_budget(
         where = f"measured now over {MEASURE_ROUNDS} rounds (not recorded: vlm-edge bench keeps it)"
     else:
         raise UserError(
-            f"{option('target_ms')} needs this device's rung latencies ({ladder.backend_name}): "
+            f"{option('target_ms')} needs this device's rung latencies ({ladder.backend_name} "
+            f"{ladder.precision}): "
             f"run `vlm-edge bench BUNDLE` first, or add {option('measure')} to time the rungs "
             "before running"
         )
@@ -364,11 +389,14 @@ def runs_ladder(
 ) -> bool:
     """Whether ``run`` and ``serve`` open the ladder's rungs (:func:`open_budgeted`) rather than
     one engine: when a budget option is given, or for a ladder bundle on a backend and precision
-    its rungs run in (fp32 ONNX Runtime or OpenVINO; TensorRT and INT8 run rung 0 alone)."""
+    its rungs run in (fp32 ONNX Runtime or OpenVINO, and INT8 when the ladder has INT8 rungs;
+    TensorRT runs rung 0 alone)."""
     if target_ms is not None or adapt or measure:
         return True
-    plain = backend == "tensorrt" or precision not in (None, "fp32")
-    return not plain and bool(ladder_rungs(bundle.manifest))
+    rungs = ladder_rungs(bundle.manifest)
+    int8 = precision == "int8" and bool(rungs) and all(rung.int8 for rung in rungs)
+    plain = backend == "tensorrt" or (precision not in (None, "fp32") and not int8)
+    return not plain and bool(rungs)
 
 
 def open_budgeted(

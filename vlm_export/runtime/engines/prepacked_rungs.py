@@ -29,8 +29,7 @@ DESCRIPTION = "onnxruntime:CPUExecutionProvider"
 class MappedWeights:
     """The ladder's weights file mapped read-only, as one array per row of its table."""
 
-    def __init__(self, bundle: Bundle) -> None:
-        weights = bundle.manifest["ladder"]["weights"]
+    def __init__(self, bundle: Bundle, weights: dict[str, Any]) -> None:
         table = weights.get("table") or []
         with open(bundle.path / weights["file"], "rb") as handle:
             self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if table else None
@@ -53,9 +52,10 @@ class MappedWeights:
 class PrepackedRungBackend(EngineBackend):
     """One rung: a CPU session in the ladder's shared-weights group, anchors bound once."""
 
-    description = DESCRIPTION
-
-    def __init__(self, group: ort_capi.SharedWeightsGroup, bundle: Bundle, onnx: str, threads):
+    def __init__(
+        self, group: ort_capi.SharedWeightsGroup, bundle: Bundle, onnx: str, threads: int | None
+    ) -> None:
+        self.description = DESCRIPTION
         self.session = group.session(str(bundle.path / onnx), threads)
         self._inputs = bundle.engine_io("inputs")
         self._outputs = bundle.engine_io("outputs")
@@ -116,11 +116,17 @@ class PrepackedRungBackend(EngineBackend):
 
 
 def open_prepacked_rungs(
-    bundle: Bundle, ort: Any, onnx_files: Sequence[str], threads: int | None
+    bundle: Bundle,
+    ort: Any,
+    onnx_files: Sequence[str],
+    threads: int | None,
+    weights_record: dict[str, Any] | None = None,
 ) -> tuple[list[PrepackedRungBackend], ort_capi.SharedWeightsGroup]:
     """One backend per rung graph, all in one shared-weights group (close the group after the
-    backends). ``ort_capi.CApiMissing`` when this onnxruntime ships no C API library."""
-    weights = MappedWeights(bundle)
+    backends); the graphs read the weights file of ``weights_record`` (default: the ladder's
+    fp32 ``ladder.weights``). ``ort_capi.CApiMissing`` when this onnxruntime ships no C API
+    library."""
+    weights = MappedWeights(bundle, weights_record or bundle.manifest["ladder"]["weights"])
     group = ort_capi.SharedWeightsGroup(ort_capi.load(ort), weights.arrays)
     group.mapping = weights  # type: ignore[attr-defined]  # the sessions read this memory
     engines: list[PrepackedRungBackend] = []
