@@ -159,3 +159,22 @@ def test_bench_warms_every_rung_before_timing(ladder_path, tmp_path, monkeypatch
     assert edge_main([*argv, "--rounds", "1", "--warmup", "0"]) == 0
     assert seen == {"warm_each": bench.RUNG_WARM_RUNS, "keys": [0, 1, 2]}
     assert bench.RUNG_WARM_RUNS >= 1
+
+
+def test_the_exported_rungs_move_no_weights_at_run_time(ladder_path):
+    """Split/Transpose/Identity of weights were folded at export (weight_folding), so the
+    q/k/v parts are shared initializers, not constants every session folds for itself."""
+    import onnx
+
+    from vlm_export.export.weight_folding import FOLDABLE_OPS
+
+    manifest = Bundle.open(ladder_path).manifest
+    for rung in manifest["ladder"]["rungs"]:
+        graph = onnx.load(str(ladder_path / rung["onnx"]), load_external_data=False).graph
+        weights = {tensor.name for tensor in graph.initializer}
+        moved = [
+            node.name
+            for node in graph.node
+            if node.op_type in FOLDABLE_OPS and node.input and node.input[0] in weights
+        ]
+        assert moved == [], rung["onnx"]
