@@ -1,8 +1,16 @@
-"""A ladder of token budgets on this CPU: the latency staircase, memory, and a stream under load.
+"""A ladder of token budgets on this CPU: shared weights, the latency staircase, memory, a stream.
 
-Three parts (``--parts``), each saved into one JSON (``benchmarks/results/budget_ladder_<model>
-.json``, merged, so parts can be rerun alone) with a PNG beside it:
+Four parts (``--parts``, default ``sharing``), each saved into one JSON
+(``benchmarks/results/budget_ladder_<model>.json``, merged, so parts can be rerun alone) with a
+PNG beside it:
 
+- ``sharing`` (the default; about 3 minutes on ViT-B-32 once the bundles are exported): each
+  rung of a ladder (``--sharing-rates``, default 0, 0.035, 0.06, 0.1) against a bundle exported
+  at that rate alone, timed in one run of interleaved rounds (every engine warmed first):
+  ONNX Runtime rungs sharing one pre-packed copy of the weights (the default), rungs sharing the
+  mapped weights without pre-packing, and the one-engine bundles. Then resident memory added by
+  opening and running the one-engine bundle of rung 0's rate and the ladder (pre-packed, mapped,
+  one session per rung unshared; ``--openvino``: also OpenVINO), each in a fresh process.
 - ``staircase``: batch-1 latency against kept tokens in fine drop-rate steps (``--steps``), for
   ONNX Runtime fp32, OpenVINO fp32 and (``--int8``) the QDQ INT8 graph of every rung on both
   (calibrated on synthetic images). Rungs are timed one at a time (one session in memory), in
@@ -10,8 +18,8 @@ Three parts (``--parts``), each saved into one JSON (``benchmarks/results/budget
   drift during the sweep is spread over all rungs. Also as ratios to rung 0 of the same backend.
 - ``memory``: bundle size on disk and resident memory added by opening and running a 4-rung
   ladder (0, 0.035, 0.06, 0.1) against a one-engine bundle (r = 0.035), each in a fresh process:
-  ONNX Runtime with shared weights (mapped once, no pre-packing), without sharing, and OpenVINO;
-  plus the latency cost of not pre-packing (shared against unshared sessions, interleaved).
+  ONNX Runtime pre-packed and shared, mapped and not pre-packed, unshared, and OpenVINO; plus
+  the latency cost of not pre-packing (mapped against unshared sessions, interleaved).
 - ``stream``: the same frames through the 4-rung ladder (TCA pipeline) at a fixed budget and
   with ``--adapt-budget``, the two runs taking turns frame by frame (so both see the same load),
   while the script starts CPU-burning processes (one per core) for the middle third. The
@@ -20,10 +28,12 @@ Three parts (``--parts``), each saved into one JSON (``benchmarks/results/budget
   run (all frames, the loaded third and the rest).
 
 Exports (random weights, ``--pretrained none``) and INT8 graphs stay in ``--work`` and are reused,
-so an interrupted run resumes. Develop on ``--model vlm-test-tiny``; ViT-B-16 is the real run:
+so an interrupted run resumes (the first ``sharing`` run exports five ViT-B-32 bundles). Develop
+on ``--model vlm-test-tiny``:
 
-    python benchmarks/bench_budget_ladder.py --model ViT-B-16 --steps 0:0.2:0.01 --int8 \\
-        --passes 3 --rounds 5 --frames 240 --work DIR
+    python benchmarks/bench_budget_ladder.py --work DIR                       # sharing, ViT-B-32
+    python benchmarks/bench_budget_ladder.py --model ViT-B-16 --parts staircase,memory,stream \\
+        --steps 0:0.2:0.01 --int8 --passes 3 --rounds 5 --frames 240 --work DIR
 """
 
 from __future__ import annotations
