@@ -1,8 +1,16 @@
-"""A ladder of token budgets on this CPU: the latency staircase, memory, and a stream under load.
+"""A ladder of token budgets on this CPU: shared weights, the latency staircase, memory, a stream.
 
-Three parts (``--parts``), each saved into one JSON (``benchmarks/results/budget_ladder_<model>
-.json``, merged, so parts can be rerun alone) with a PNG beside it:
+Four parts (``--parts``, default ``sharing``), each saved into one JSON
+(``benchmarks/results/budget_ladder_<model>.json``, merged, so parts can be rerun alone) with a
+PNG beside it:
 
+- ``sharing`` (the default; about 3 minutes on ViT-B-32 once the bundles are exported): each
+  rung of a ladder (``--sharing-rates``, default 0, 0.035, 0.06, 0.1) against a bundle exported
+  at that rate alone, timed in one run of interleaved rounds (every engine warmed first):
+  ONNX Runtime rungs sharing one pre-packed copy of the weights (the default), rungs sharing the
+  mapped weights without pre-packing, and the one-engine bundles. Then resident memory added by
+  opening and running the one-engine bundle of rung 0's rate and the ladder (pre-packed, mapped,
+  one session per rung unshared; ``--openvino``: also OpenVINO), each in a fresh process.
 - ``staircase``: batch-1 latency against kept tokens in fine drop-rate steps (``--steps``), for
   ONNX Runtime fp32, OpenVINO fp32 and (``--int8``) the QDQ INT8 graph of every rung on both
   (calibrated on synthetic images). Rungs are timed one at a time (one session in memory), in
@@ -10,8 +18,8 @@ Three parts (``--parts``), each saved into one JSON (``benchmarks/results/budget
   drift during the sweep is spread over all rungs. Also as ratios to rung 0 of the same backend.
 - ``memory``: bundle size on disk and resident memory added by opening and running a 4-rung
   ladder (0, 0.035, 0.06, 0.1) against a one-engine bundle (r = 0.035), each in a fresh process:
-  ONNX Runtime with shared weights (mapped once, no pre-packing), without sharing, and OpenVINO;
-  plus the latency cost of not pre-packing (shared against unshared sessions, interleaved).
+  ONNX Runtime pre-packed and shared, mapped and not pre-packed, unshared, and OpenVINO; plus
+  the latency cost of not pre-packing (mapped against unshared sessions, interleaved).
 - ``stream``: the same frames through the 4-rung ladder (TCA pipeline) at a fixed budget and
   with ``--adapt-budget``, the two runs taking turns frame by frame (so both see the same load),
   while the script starts CPU-burning processes (one per core) for the middle third. The
@@ -20,10 +28,12 @@ Three parts (``--parts``), each saved into one JSON (``benchmarks/results/budget
   run (all frames, the loaded third and the rest).
 
 Exports (random weights, ``--pretrained none``) and INT8 graphs stay in ``--work`` and are reused,
-so an interrupted run resumes. Develop on ``--model vlm-test-tiny``; ViT-B-16 is the real run:
+so an interrupted run resumes (the first ``sharing`` run exports five ViT-B-32 bundles). Develop
+on ``--model vlm-test-tiny``:
 
-    python benchmarks/bench_budget_ladder.py --model ViT-B-16 --steps 0:0.2:0.01 --int8 \\
-        --passes 3 --rounds 5 --frames 240 --work DIR
+    python benchmarks/bench_budget_ladder.py --work DIR                       # sharing, ViT-B-32
+    python benchmarks/bench_budget_ladder.py --model ViT-B-16 --parts staircase,memory,stream \\
+        --steps 0:0.2:0.01 --int8 --passes 3 --rounds 5 --frames 240 --work DIR
 """
 
 from __future__ import annotations
@@ -217,7 +227,11 @@ MEMORY_PROBE = """
 import json, sys, numpy as np
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.measure import rss_bytes
-import onnxruntime, openvino
+import onnxruntime
+try:
+    import openvino
+except ImportError:
+    pass
 kind, path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 bundle = Bundle.open(path, verify=False)
 image = np.zeros([int(v) for v in bundle.engine_io("inputs")["image"]["shape"]], np.float32)
@@ -226,15 +240,109 @@ if kind.startswith("single"):
     from vlm_export.runtime.engines.factory import open_backend
     engine = open_backend(bundle, kind.split("-")[1], threads=threads)
     engine.infer(image)
+    sharing = "one engine"
 else:
     from vlm_export.runtime.engines.ladder import open_ladder
     _, backend, share = kind.split("-")
-    engine = open_ladder(bundle, backend, threads=threads, share_memory=share == "shared")
+    engine = open_ladder(
+        bundle, backend, threads=threads, share_memory=share != "unshared",
+        prepack=share != "mapped",
+    )
     for index in range(len(engine.rungs)):
         engine.select(index)
         engine.infer(image)
-print(json.dumps({"rss_added_mb": (rss_bytes() - base) / 2**20}))
+    sharing = engine.sharing
+print(json.dumps({"rss_added_mb": (rss_bytes() - base) / 2**20, "sharing": sharing}))
 """
+
+
+def _probe(kind: str, path: Path, threads: int) -> dict[str, Any]:
+    """Resident memory added by opening and running ``kind`` in a fresh process."""
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, kind, str(path), str(threads)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def sharing(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Each rung of a ladder against a bundle exported at that rate alone, interleaved in one
+    run: rungs sharing one pre-packed copy of the weights (the default), rungs sharing the
+    mapped weights without pre-packing, and the one-engine bundles; then resident memory."""
+    rates = parse_steps(args.sharing_rates)
+    name = "ladder4" if rates == LADDER else "ladder-" + "-".join(f"{r:g}" for r in rates)
+    ladder_path = export(work, name, args.model, rates)
+    single_paths = [export(work, f"single-{rate:g}", args.model, [rate]) for rate in rates]
+    bundle = Bundle.open(ladder_path, verify=False)
+    image = measure.synthetic_images(
+        [int(v) for v in bundle.engine_io("inputs")["image"]["shape"]], 1
+    )[0]
+    prepacked = open_ladder(bundle, "onnxruntime", threads=args.threads)
+    mapped = open_ladder(bundle, "onnxruntime", threads=args.threads, prepack=False)
+    singles = [
+        OnnxRuntimeBackend(Bundle.open(path, verify=False), ["CPUExecutionProvider"], args.threads)
+        for path in single_paths
+    ]
+    runners: dict[Any, Any] = {}
+    for index in range(len(rates)):
+        runners[("single", index)] = lambda e=singles[index]: e.infer(image)
+        runners[("prepacked", index)] = lambda e=prepacked.engines[index]: e.infer(image)
+        runners[("mapped", index)] = lambda e=mapped.engines[index]: e.infer(image)
+    timings = measure.interleaved_latency(runners, args.sharing_rounds, args.warmup, warm_each=2)
+    sharing_modes = {"prepacked": prepacked.sharing, "mapped": mapped.sharing}
+    for engine in [prepacked, mapped, *singles]:
+        engine.close()
+    rungs = []
+    for index, rate in enumerate(rates):
+        single = timings[("single", index)]["median_ms"]
+        rungs.append(
+            {
+                "drop_rate": rate,
+                "median_ms": {kind: timings[(kind, index)]["median_ms"] for kind in sharing_modes}
+                | {"single": single},
+                "p90_ms": {
+                    kind: timings[(kind, index)]["p90_ms"]
+                    for kind in ("single", "prepacked", "mapped")
+                },
+                "over_single": {
+                    kind: timings[(kind, index)]["median_ms"] / single for kind in sharing_modes
+                },
+            }
+        )
+        print(
+            f"rung {index} (drop rate {rate:g}): single {single:.1f} ms, prepacked x"
+            f"{rungs[-1]['over_single']['prepacked']:.3f}, mapped x"
+            f"{rungs[-1]['over_single']['mapped']:.3f}",
+            flush=True,
+        )
+    probes = {
+        "single-onnxruntime": single_paths[0],
+        "ladder-onnxruntime-prepacked": ladder_path,
+        "ladder-onnxruntime-mapped": ladder_path,
+        "ladder-onnxruntime-unshared": ladder_path,
+    }
+    if args.openvino:
+        probes |= {"single-openvino": single_paths[0], "ladder-openvino-x": ladder_path}
+    rss = {}
+    for kind, path in probes.items():
+        rss[kind] = _probe(kind, path, args.threads)
+        print(f"{kind}: {rss[kind]['rss_added_mb']:.0f} MB ({rss[kind]['sharing']})", flush=True)
+    one = rss["single-onnxruntime"]["rss_added_mb"]
+    return {
+        "rates": rates,
+        "rounds": args.sharing_rounds,
+        "sharing": sharing_modes,
+        "rungs": rungs,
+        "rss_added_mb": {kind: row["rss_added_mb"] for kind, row in rss.items()},
+        "rss_over_one_engine": {
+            kind: row["rss_added_mb"] / one
+            for kind, row in rss.items()
+            if kind.startswith("ladder-onnxruntime")
+        },
+        "one_engine": f"bundle exported at drop rate {rates[0]:g} alone",
+    }
 
 
 def _bundle_bytes(path: Path) -> dict[str, int]:
@@ -248,26 +356,21 @@ def memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     single = export(work, "single", args.model, [SINGLE])
     probes = {
         "single-onnxruntime": single,
-        "ladder-onnxruntime-shared": ladder,
+        "ladder-onnxruntime-prepacked": ladder,
+        "ladder-onnxruntime-mapped": ladder,
         "ladder-onnxruntime-unshared": ladder,
         "single-openvino": single,
         "ladder-openvino-x": ladder,
     }
     rss = {}
     for kind, path in probes.items():
-        done = subprocess.run(
-            [sys.executable, "-c", MEMORY_PROBE, kind, str(path), str(args.threads)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        rss[kind] = json.loads(done.stdout.strip().splitlines()[-1])["rss_added_mb"]
+        rss[kind] = _probe(kind, path, args.threads)["rss_added_mb"]
         print(f"{kind}: {rss[kind]:.0f} MB", flush=True)
     bundle = Bundle.open(ladder, verify=False)
     image = measure.synthetic_images(
         [int(v) for v in bundle.engine_io("inputs")["image"]["shape"]], 1
     )[0]
-    shared = open_ladder(bundle, "onnxruntime", threads=args.threads, share_memory=True)
+    shared = open_ladder(bundle, "onnxruntime", threads=args.threads, prepack=False)
     plain = open_ladder(bundle, "onnxruntime", threads=args.threads, share_memory=False)
     runners = {}
     for index in range(len(shared.rungs)):
@@ -435,8 +538,19 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="ViT-B-16")
-    parser.add_argument("--parts", default="staircase,memory,stream")
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument(
+        "--parts", default="sharing", help="sharing (default), staircase, memory, stream"
+    )
+    parser.add_argument(
+        "--sharing-rates", default="0,0.035,0.06,0.1", help="the sharing part's ladder"
+    )
+    parser.add_argument(
+        "--sharing-rounds", type=int, default=20, help="interleaved rounds of the sharing part"
+    )
+    parser.add_argument(
+        "--openvino", action="store_true", help="sharing part: also OpenVINO's memory"
+    )
     parser.add_argument("--steps", default="0:0.2:0.01", help="start:stop:step or a list")
     parser.add_argument(
         "--stream-rates",
@@ -470,7 +584,7 @@ def main() -> None:
             "threads": args.threads,
         }
     )
-    parts = {"staircase": staircase, "memory": memory, "stream": stream}
+    parts = {"sharing": sharing, "staircase": staircase, "memory": memory, "stream": stream}
     for name in args.parts.split(","):
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         result[name] = {"started_utc": started, **parts[name](args, work)}

@@ -4,9 +4,13 @@ Every rung is the same tower traced at another drop rate, so its weights are the
 ``share_weights`` moves every large initializer of the rung graphs into one ONNX external-data
 file, each distinct tensor once, and names it by its content (``w_<sha256 prefix>``): the same
 weight has the same name in every rung, which is what a runtime needs to share it in memory
-(ONNX Runtime ``SessionOptions.add_initializer``). Rung 0 may be drop rate 0: pass-through
-reduction blocks that keep every token but still inject the anchor, so the anchors input [K, R, D]
-is the same for every rung and one reservoir serves them all.
+(ONNX Runtime ``SessionOptions.add_initializer``). Data movement on weights (the condensing
+blocks' split and transposed q/k/v parts) is folded first (``weight_folding``), so that those
+parts are shared weights too rather than constants each session folds for itself.
+
+Rung 0 may be drop rate 0: pass-through reduction blocks that keep every token but still inject
+the anchor, so the anchors input [K, R, D] is the same for every rung and one reservoir serves
+them all.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from onnx import TensorProto
 
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import IMAGE_ENCODER_ONNX
+from vlm_export.export.weight_folding import fold_weight_transforms
 from vlm_export.models.schedule import ScheduleError
 
 #: the external-data file the rung graphs share
@@ -88,6 +93,7 @@ def share_weights(graphs: Sequence[Path], weights_name: str = WEIGHTS_FILE) -> d
         for path in graphs:
             model = onnx.load(str(path), load_external_data=False)
             graph = model.graph
+            fold_weight_transforms(graph)  # split/transposed weights shared too, not per session
             renamed: dict[str, str] = {}
             kept: list[TensorProto] = []
             names: set[str] = set()

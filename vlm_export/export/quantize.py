@@ -43,9 +43,12 @@ from vlm_export.export.int8_graph import (
     quantize_graph,
     quantized_node_names,
 )
+from vlm_export.export.ladder import share_weights
 from vlm_export.export.progress import Progress
 from vlm_export.runtime.io.preprocess import Preprocessor
 
+#: the file a ladder's INT8 rung graphs read their int8 weights from (stored once)
+INT8_WEIGHTS = "image_encoder.int8.weights"
 #: what quantization needs besides the device runtime: no torch (pyproject's [quantize] extra)
 QUANTIZE_INSTALL_HINT = 'pip install ".[quantize]" (onnx; no torch), with [cpu] or [gpu] installed'
 
@@ -93,61 +96,102 @@ def quantize_bundle(
 ) -> GraphRecord:
     """Calibrate, quantize and gate; add the passing INT8 graph to the bundle (else raise).
 
-    ``progress`` (two steps: quantize, compare) reports the work once the inputs are checked.
+    A ladder bundle gets one INT8 graph per rung, each calibrated on the same images and gated
+    against its own fp32 rung, their int8 weights in one shared file (``INT8_WEIGHTS``): every
+    rung quantizes the same weights to the same int8 tensors, so they are stored once. The
+    manifest's ``ladder.int8`` lists them; rung 0's INT8 graph is the bundle's INT8 engine.
+    Returns rung 0's record. ``progress`` (two steps per graph: quantize, compare) reports the
+    work once the inputs are checked.
     """
     progress = progress or Progress(2, quiet=True)
     require_quantization_tools()
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
-    name = int8_file_name(manifest["engine"]["onnx"])
-    _refuse_listed(bundle_dir, manifest, name, overwrite, "replace")
-    quantized_node_names(bundle_dir / manifest["engine"]["onnx"], scope)  # bad or empty scope: now
+    ladder = manifest.get("ladder") if isinstance(manifest.get("ladder"), dict) else None
+    graphs = [r["onnx"] for r in ladder["rungs"]] if ladder else [manifest["engine"]["onnx"]]
+    names = [int8_file_name(graph) for graph in graphs]
+    for name in names:
+        _refuse_listed(bundle_dir, manifest, name, overwrite, "replace")
+    if ladder and not (overwrite and INT8_WEIGHTS in manifest["files"]):
+        _refuse_listed(bundle_dir, manifest, INT8_WEIGHTS, overwrite, "replace")
+    for graph in graphs:  # bad or empty scope: now
+        quantized_node_names(bundle_dir / graph, scope)
     preprocess = Preprocessor.from_manifest(manifest)
     images = preprocess_all(image_paths(calibration), preprocess)
     if held_out is not None:
         held = preprocess_all(image_paths(held_out), preprocess)
     else:
         images, held = split_held_out(images)
-    onnx_path = bundle_dir / manifest["engine"]["onnx"]
+    progress.total_steps = 2 * len(graphs)
     with _staging(bundle_dir) as staging:
-        staged = staging / name
-        progress.step(f"calibrating and quantizing the image encoder ({len(images)} images)")
-        quantize_graph(onnx_path, staged, manifest, images, scope, progress.bar)
-        for leftover in staging.glob("*-inferred.onnx"):  # onnxruntime's scratch files
-            leftover.unlink()
-        progress.done(f"scope {scope}")
-        progress.step(
-            f"comparing with the fp32 graph ({len(images)} calibration, {len(held)} held-out "
-            "images)"
-        )
-        report = gate_report(bundle_dir, manifest, staged, images, held)
-        progress.done("passed" if report["passed"] else "failed")
-        if not report["passed"]:
-            raise QuantizationGateError(
-                f"the INT8 graph was not added to the bundle: {describe_gate(report)}"
+        reports = []
+        for index, (graph, name) in enumerate(zip(graphs, names, strict=True)):
+            which = f"rung {index} " if ladder else ""
+            view = {**manifest, "engine": {**manifest["engine"], "onnx": graph}}
+            progress.step(
+                f"calibrating and quantizing the {which}image encoder ({len(images)} images)"
             )
-        copied = file_record(staged)
-        record = GraphRecord(
-            file=name,
-            sha256=copied["sha256"],
-            nbytes=copied["bytes"],
-            quantization={
-                "tool": "onnxruntime.quantization.quantize_static",
-                "format": "QDQ",
-                "scope": scope,
-                "weights": "int8 per-channel",
-                "activations": "uint8 per-tensor",
-                "calibration": "minmax",
-                "calibration_images": len(images),
-                "held_out_images": len(held),
-                "float": "condensation, anchor selection, attention scores, LayerNorm, softmax, "
-                "elementwise ops, weight products outside the scope",
-            },
-            parity=report,
-        )
-        move_into_bundle(staged, bundle_dir, name, record.sha256)
-        manifest = record_engine(manifest, record)  # type: ignore[arg-type]
+            quantize_graph(bundle_dir / graph, staging / name, view, images, scope, progress.bar)
+            for leftover in staging.glob("*-inferred.onnx"):  # onnxruntime's scratch files
+                leftover.unlink()
+            progress.done(f"scope {scope}")
+            progress.step(
+                f"comparing {which}with the fp32 graph ({len(images)} calibration, {len(held)} "
+                "held-out images)"
+            )
+            report = gate_report(bundle_dir, view, staging / name, images, held)
+            progress.done("passed" if report["passed"] else "failed")
+            if not report["passed"]:
+                where = f" of {which.strip()} ({graph})" if ladder else ""
+                raise QuantizationGateError(
+                    f"the INT8 graph{where} was not added to the bundle: {describe_gate(report)}"
+                )
+            reports.append(report)
+        shared = share_weights([staging / n for n in names], INT8_WEIGHTS) if ladder else None
+        records = [
+            _graph_record(staging / name, name, scope, len(images), len(held), report)
+            for name, report in zip(names, reports, strict=True)
+        ]
+        if shared is not None:
+            weights = file_record(staging / INT8_WEIGHTS)
+            move_into_bundle(staging / INT8_WEIGHTS, bundle_dir, INT8_WEIGHTS, weights["sha256"])
+            manifest["files"][INT8_WEIGHTS] = weights
+            manifest["ladder"]["int8"] = {
+                "weights": shared,
+                "rungs": [
+                    {"onnx": r.file, "sha256": r.sha256, "parity": r.parity} for r in records
+                ],
+            }
+        for record in records[1:]:
+            move_into_bundle(staging / record.file, bundle_dir, record.file, record.sha256)
+            manifest["files"][record.file] = {"sha256": record.sha256, "bytes": record.nbytes}
+        move_into_bundle(staging / records[0].file, bundle_dir, records[0].file, records[0].sha256)
+        manifest = record_engine(manifest, records[0])  # type: ignore[arg-type]
         atomic_write_bytes(
             bundle_dir / MANIFEST_NAME, (dumps(manifest, indent=2) + "\n").encode("utf-8")
         )
-    return record
+    return records[0]
+
+
+def _graph_record(
+    staged: Path, name: str, scope: str, calibration: int, held: int, report: dict[str, Any]
+) -> GraphRecord:
+    copied = file_record(staged)
+    return GraphRecord(
+        file=name,
+        sha256=copied["sha256"],
+        nbytes=copied["bytes"],
+        quantization={
+            "tool": "onnxruntime.quantization.quantize_static",
+            "format": "QDQ",
+            "scope": scope,
+            "weights": "int8 per-channel",
+            "activations": "uint8 per-tensor",
+            "calibration": "minmax",
+            "calibration_images": calibration,
+            "held_out_images": held,
+            "float": "condensation, anchor selection, attention scores, LayerNorm, softmax, "
+            "elementwise ops, weight products outside the scope",
+        },
+        parity=report,
+    )

@@ -61,7 +61,9 @@ def quantize_parser() -> argparse.ArgumentParser:
             "anchor selection, LayerNorm and softmax stay float. The graph is compared with\n"
             f"the fp32 graph on calibration and held-out images (embedding cosine >= {MIN_COSINE}\n"
             "for every image; top-1 agreement on the bundle's classes reported) and is not\n"
-            "written if it fails. Run it with `vlm-edge run --precision int8`."
+            "written if it fails. A ladder bundle (--drop-rates) gets one INT8 graph per\n"
+            "rung, each gated against its own rung, their int8 weights stored once.\n"
+            "Run it with `vlm-edge run --precision int8`."
         ),
         epilog=(
             "Bring 100-500 images from the deployment camera, spread over the classes.\n"

@@ -50,6 +50,8 @@ DEFAULT_BACKENDS = ("onnxruntime", "openvino", "tensorrt", "ncnn", "litert")
 #: backends bench runs only when named (--backends): rknn needs a Rockchip board
 NAMED_BACKENDS = (*DEFAULT_BACKENDS, "rknn")
 DEFAULT_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+#: runs of each ladder rung in a row before any rung is timed (lazy allocations, caches)
+RUNG_WARM_RUNS = 2
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -280,20 +282,31 @@ def _measure_rungs(
     precisions: list[str],
     image: np.ndarray,
 ) -> list[dict[str, Any]]:
-    """A ladder bundle: every rung timed (interleaved) on ONNX Runtime and OpenVINO fp32."""
+    """A ladder bundle: every rung timed on ONNX Runtime and OpenVINO in every precision its
+    rungs run (fp32; int8 with INT8 rungs; OpenVINO bf16 where it runs), each rung warmed
+    (``RUNG_WARM_RUNS`` runs in a row) before any is timed, then timed in interleaved rounds
+    across rungs and backends, so that a rung's record is its own latency, not a cold start."""
     rungs = ladder_rungs(bundle.manifest)
-    if not rungs or "fp32" not in precisions:
+    if not rungs:
         return []
     rows: list[dict[str, Any]] = []
     runners = {}
     with contextlib.ExitStack() as stack:
-        for backend in (name for name in ("onnxruntime", "openvino") if name in backends):
+        for backend, precision in _candidates(backends, precisions):
+            if backend not in ("onnxruntime", "openvino") or precision == "fp16":
+                continue
+            if precision == "int8" and not all(rung.int8 for rung in rungs):
+                continue
             watch = measure.MemoryWatch()
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     ladder = open_ladder(
-                        bundle, backend, threads=args.threads, allow_drift=args.allow_drift
+                        bundle,
+                        backend,
+                        threads=args.threads,
+                        precision=precision,
+                        allow_drift=args.allow_drift,
                     )
             except (UserError, RuntimeError):
                 continue
@@ -305,7 +318,7 @@ def _measure_rungs(
                 rows.append(
                     {
                         "backend": backend,
-                        "precision": "fp32",
+                        "precision": precision,
                         "rung": rung.index,
                         "drop_rate": rung.drop_rate,
                         "tokens": rung.tokens,
@@ -314,7 +327,10 @@ def _measure_rungs(
                 )
             for row in rows[-len(rungs) :]:
                 row["ladder_memory_mb"] = watch.delta_mb
-        for index, timing in measure.interleaved_latency(runners, args.rounds, args.warmup).items():
+        timings = measure.interleaved_latency(
+            runners, args.rounds, args.warmup, warm_each=RUNG_WARM_RUNS
+        )
+        for index, timing in timings.items():
             rows[index].update(timing)
     return rows
 
@@ -325,12 +341,13 @@ def rung_table(record: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     lines = [
-        f"{'backend':<12} {'rung':>4} {'drop rate':>9} {'tokens':>6} {'GFLOPs':>7} "
-        f"{'median ms':>9} {'p90 ms':>8}"
+        f"{'backend':<12} {'precision':<9} {'rung':>4} {'drop rate':>9} {'tokens':>6} "
+        f"{'GFLOPs':>7} {'median ms':>9} {'p90 ms':>8}"
     ]
     for row in rows:
         lines.append(
-            f"{row['backend']:<12} {row['rung']:>4} {row['drop_rate']:>9g} {row['tokens']:>6} "
+            f"{row['backend']:<12} {row.get('precision', 'fp32'):<9} {row['rung']:>4} "
+            f"{row['drop_rate']:>9g} {row['tokens']:>6} "
             f"{row['gflops']:>7.2f} {row['median_ms']:>9.1f} {row['p90_ms']:>8.1f}"
         )
     return lines

@@ -1,12 +1,14 @@
 """A ladder bundle on the device: one engine per token budget (rung), one set of anchors, switched.
 
 Every rung takes the same anchors [K, R, D], so one TCA reservoir serves all of them: the ladder
-keeps the latest anchors and hands them to a rung when it becomes active. With ONNX Runtime the
-rungs share their weights in memory too: the shared weights file is mapped once and every
-session gets the same buffers (``SessionOptions.add_initializer``). The Python API has no shared
-pre-packed weights container, and pre-packing copies the MatMul weights into each session, so
-sharing sessions run without pre-packing (``share_memory=False`` trades memory for that).
-OpenVINO compiles each rung on its own and keeps its own weights per compiled model.
+keeps the latest anchors and hands them to a rung when it becomes active. With ONNX Runtime on
+CPU the rungs share their weights in memory too, pre-packed: the weights file is mapped once,
+every session reads it, and the packed copies the MatMul kernels run on live once in a shared
+container (``prepacked_rungs``, through ONNX Runtime's C API, which the Python API lacks). On
+other providers, or without the C API library, the sessions share the mapped weights
+(``SessionOptions.add_initializer``) and run without pre-packing. ``share_memory=False`` opens
+every rung as a one-engine session. OpenVINO compiles each rung on its own and keeps its own
+weights per compiled model.
 """
 
 from __future__ import annotations
@@ -28,8 +30,12 @@ from vlm_export.runtime.engines.reference import check_engine
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
 
-#: backends that run ladder rungs (TensorRT engines and INT8 graphs are built for rung 0 only)
+#: backends that run ladder rungs (TensorRT engines are built for rung 0 only)
 LADDER_BACKENDS = ("auto", "onnxruntime", "openvino")
+#: what a ladder asks for when it has no INT8 rungs
+NO_INT8_LADDER = (
+    "this ladder has no INT8 rungs: add them with `vlm-export quantize BUNDLE --calibration DIR`"
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ class Rung:
     onnx: str
     gflops: float
     tokens: int
+    #: this rung's INT8 graph (vlm-export quantize), None when the ladder has none
+    int8: str | None = None
 
     @property
     def label(self) -> str:
@@ -57,7 +65,12 @@ def ladder_rungs(manifest: dict[str, Any]) -> list[Rung]:
     if not isinstance(ladder, dict):
         return []
     listed = manifest["files"]
+    int8 = ladder.get("int8") if isinstance(ladder.get("int8"), dict) else None
+    int8_files = [str(record["onnx"]) for record in int8["rungs"]] if int8 else []
+    if int8 and len(int8_files) != len(ladder["rungs"]):
+        raise BundleError("manifest ladder.int8 lists another number of rungs than the ladder")
     names = [record["onnx"] for record in ladder["rungs"]] + [ladder["weights"]["file"]]
+    names += int8_files + ([int8["weights"]["file"]] if int8 else [])
     unlisted = [name for name in names if name not in listed]
     if unlisted:
         raise BundleError(f"manifest ladder names unlisted files: {', '.join(unlisted[:3])}")
@@ -68,6 +81,7 @@ def ladder_rungs(manifest: dict[str, Any]) -> list[Rung]:
             onnx=str(record["onnx"]),
             gflops=float(record["gflops"]),
             tokens=int(record["schedule"][-1]["tokens_out"]),
+            int8=int8_files[index] if int8_files else None,
         )
         for index, record in enumerate(ladder["rungs"])
     ]
@@ -76,8 +90,8 @@ def ladder_rungs(manifest: dict[str, Any]) -> list[Rung]:
 class SharedWeights:
     """The ladder's weights file mapped once, as one ONNX Runtime value per shared tensor."""
 
-    def __init__(self, bundle: Bundle, ort: Any) -> None:
-        weights = bundle.manifest["ladder"]["weights"]
+    def __init__(self, bundle: Bundle, ort: Any, weights: dict[str, Any] | None = None) -> None:
+        weights = weights or bundle.manifest["ladder"]["weights"]
         table = weights.get("table") or []
         path = bundle.path / weights["file"]
         self._map = np.memmap(path, dtype=np.uint8, mode="r") if table else None
@@ -99,11 +113,24 @@ class LadderBackend(EngineBackend):
     becomes active, so the reservoir never needs to know which rung runs.
     """
 
-    def __init__(self, rungs: Sequence[Rung], engines: Sequence[EngineBackend], start: int = 0):
+    def __init__(
+        self,
+        rungs: Sequence[Rung],
+        engines: Sequence[EngineBackend],
+        start: int = 0,
+        shared: Any = None,
+    ):
         if len(rungs) != len(engines) or not rungs:
             raise ValueError("one engine per rung")
         self.rungs = list(rungs)
         self.engines = list(engines)
+        #: what the rungs share (closed after them): a pre-packed weights group, or None
+        self.shared = shared
+        #: how the rungs hold their weights: "prepacked" (one packed copy for all rungs),
+        #: "mapped" (one copy, not pre-packed), "per-rung"
+        self.sharing = "per-rung"
+        #: the precision every rung runs (fp32, int8, bf16)
+        self.precision = "fp32"
         self.active = start
         self._anchors: tuple[np.ndarray, np.ndarray] | None = None
         self._current = {start}  # rungs that hold the latest anchors
@@ -149,6 +176,9 @@ class LadderBackend(EngineBackend):
     def close(self) -> None:
         for engine in self.engines:
             engine.close()
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
 
 
 def open_ladder(
@@ -160,14 +190,15 @@ def open_ladder(
     start: int = 0,
     share_memory: bool = True,
     allow_drift: bool = False,
+    prepack: bool = True,
 ) -> LadderBackend:
     """Open every rung of a ladder bundle with one backend (``auto``: ONNX Runtime).
 
-    ``share_memory`` hands ONNX Runtime sessions the one mapping of the weights file. Each rung
-    runs the reference images against its own record (``engines.reference.check_engine``).
+    ``share_memory`` gives ONNX Runtime sessions one copy of the weights: on the CPU provider
+    with ``prepack``, one pre-packed copy (:mod:`prepacked_rungs`); otherwise the one mapping of
+    the weights file, not pre-packed. Each rung runs the reference images against its own
+    record (``engines.reference.check_engine``).
     """
-    from vlm_export.runtime.engines.factory import graph_view
-
     rungs = ladder_rungs(bundle.manifest)
     if not rungs:
         raise UserError("this bundle has one engine, not a ladder (export with --drop-rates)")
@@ -176,36 +207,27 @@ def open_ladder(
             f"ladder rungs run on {', '.join(LADDER_BACKENDS[1:])}; the {backend} engine is "
             "built for rung 0 only"
         )
-    if precision not in (None, "fp32") and not (backend == "openvino" and precision == "bf16"):
-        raise UserError(f"ladder rungs run fp32 (openvino also bf16), not {precision}")
+    if precision not in (None, "fp32", "int8") and not (
+        backend == "openvino" and precision == "bf16"
+    ):
+        raise UserError(f"ladder rungs run fp32 and int8 (openvino also bf16), not {precision}")
+    int8 = precision == "int8"
+    if int8 and not all(rung.int8 for rung in rungs):
+        raise UserError(NO_INT8_LADDER)
     engines: list[EngineBackend] = []
+    shared: Any = None
+    sharing = "per-rung"
     try:
         if backend == "openvino":
             from vlm_export.runtime.engines.openvino_backend import OpenVinoBackend
 
             for rung in rungs:
-                engines.append(
-                    OpenVinoBackend(
-                        bundle, precision or "fp32", threads, graph=bundle.path / rung.onnx
-                    )
-                )
+                graph = bundle.path / (rung.int8 if int8 else rung.onnx)  # type: ignore[operator]
+                engines.append(OpenVinoBackend(bundle, precision or "fp32", threads, graph=graph))
         else:
-            from vlm_export.runtime.engines.onnxruntime_backend import (
-                OnnxRuntimeBackend,
-                import_onnxruntime,
+            engines, shared, sharing = _open_onnxruntime_rungs(
+                bundle, rungs, providers, threads, share_memory and prepack, share_memory, int8
             )
-
-            shared = SharedWeights(bundle, import_onnxruntime()) if share_memory else None
-            for rung in rungs:
-                view = graph_view(bundle, rung.onnx)
-                engine = OnnxRuntimeBackend(
-                    view,  # type: ignore[arg-type]
-                    providers=providers,
-                    threads=threads,
-                    initializers=shared.values if shared else None,
-                )
-                engine.shared = shared  # type: ignore[attr-defined]  # keeps the mapping alive
-                engines.append(engine)
         notes = []
         for rung, engine in zip(rungs, engines, strict=True):
             check_engine(bundle, engine, allow_drift, graph=rung.onnx)
@@ -213,10 +235,67 @@ def open_ladder(
     except BaseException:
         for engine in engines:
             engine.close()
+        if shared is not None:
+            shared.close()
         raise
-    ladder = LadderBackend(rungs, engines, start)
+    ladder = LadderBackend(rungs, engines, start, shared=shared)
+    ladder.sharing = sharing
+    ladder.precision = precision or "fp32"
     ladder.notes = notes
     return ladder
+
+
+def _open_onnxruntime_rungs(
+    bundle: Bundle,
+    rungs: Sequence[Rung],
+    providers: Sequence[str] | None,
+    threads: int | None,
+    prepack: bool,
+    share: bool,
+    int8: bool = False,
+) -> tuple[list[EngineBackend], Any, str]:
+    """The rungs' ONNX Runtime engines (their INT8 graphs with ``int8``), what they share (to
+    close after them) and how."""
+    from vlm_export.runtime.engines.factory import graph_view
+    from vlm_export.runtime.engines.onnxruntime_backend import (
+        OnnxRuntimeBackend,
+        choose_providers,
+        import_onnxruntime,
+    )
+
+    ort = import_onnxruntime()
+    chosen = choose_providers(providers, ort.get_available_providers())
+    ladder = bundle.manifest["ladder"]
+    weights = ladder["int8"]["weights"] if int8 else ladder["weights"]
+    graphs = [str(rung.int8 if int8 else rung.onnx) for rung in rungs]
+    suffix = ":int8" if int8 else ""
+    if prepack and chosen == ["CPUExecutionProvider"]:
+        from vlm_export.runtime.engines import ort_capi
+        from vlm_export.runtime.engines.prepacked_rungs import open_prepacked_rungs
+
+        if threads is not None and threads < 1:
+            raise UserError(f"{option('threads')} must be at least 1, got {threads}")
+        try:
+            prepacked, group = open_prepacked_rungs(bundle, ort, graphs, threads, weights)
+        except ort_capi.CApiMissing:
+            pass  # sessions sharing the mapped weights, not pre-packed, below
+        else:
+            for engine in prepacked:
+                engine.description += suffix
+            return list(prepacked), group, "prepacked"
+    shared = SharedWeights(bundle, ort, weights) if share else None
+    engines: list[EngineBackend] = []
+    for graph in graphs:
+        engine = OnnxRuntimeBackend(
+            graph_view(bundle, graph),  # type: ignore[arg-type]
+            providers=providers,
+            threads=threads,
+            initializers=shared.values if shared else None,
+        )
+        engine.description += suffix
+        engine.shared = shared  # type: ignore[attr-defined]  # keeps the mapping alive
+        engines.append(engine)
+    return engines, None, "mapped" if shared else "per-rung"
 
 
 #: rounds per rung when --measure times the rungs before running
@@ -277,7 +356,7 @@ def start_budget(
         raise UserError(
             f"{option('target_ms')} must be a positive number of milliseconds, got {target_ms}"
         )
-    rows = recorded_rungs(bundle.path, bundle.fingerprint, ladder.backend_name)
+    rows = recorded_rungs(bundle.path, bundle.fingerprint, ladder.backend_name, ladder.precision)
     if rows is not None and len(rows) != len(ladder.rungs):
         rows = None
     if rows is not None:
@@ -289,7 +368,8 @@ def start_budget(
         where = f"measured now over {MEASURE_ROUNDS} rounds (not recorded: vlm-edge bench keeps it)"
     else:
         raise UserError(
-            f"{option('target_ms')} needs this device's rung latencies ({ladder.backend_name}): "
+            f"{option('target_ms')} needs this device's rung latencies ({ladder.backend_name} "
+            f"{ladder.precision}): "
             f"run `vlm-edge bench BUNDLE` first, or add {option('measure')} to time the rungs "
             "before running"
         )
@@ -309,11 +389,14 @@ def runs_ladder(
 ) -> bool:
     """Whether ``run`` and ``serve`` open the ladder's rungs (:func:`open_budgeted`) rather than
     one engine: when a budget option is given, or for a ladder bundle on a backend and precision
-    its rungs run in (fp32 ONNX Runtime or OpenVINO; TensorRT and INT8 run rung 0 alone)."""
+    its rungs run in (fp32 ONNX Runtime or OpenVINO, and INT8 when the ladder has INT8 rungs;
+    TensorRT runs rung 0 alone)."""
     if target_ms is not None or adapt or measure:
         return True
-    plain = backend == "tensorrt" or precision not in (None, "fp32")
-    return not plain and bool(ladder_rungs(bundle.manifest))
+    rungs = ladder_rungs(bundle.manifest)
+    int8 = precision == "int8" and bool(rungs) and all(rung.int8 for rung in rungs)
+    plain = backend == "tensorrt" or (precision not in (None, "fp32") and not int8)
+    return not plain and bool(rungs)
 
 
 def open_budgeted(

@@ -119,12 +119,18 @@ def interleaved_latency(
     rounds: int,
     warmup: int = 2,
     settle_s: float = SETTLE_S,
+    warm_each: int = 0,
 ) -> dict[Any, dict[str, float]]:
     """Median and p90 milliseconds per runner over ``rounds`` interleaved rounds after warm-up.
 
-    Each run starts ``settle_s`` after the previous one ended: thread pools that spin-wait after
-    a run (ONNX Runtime's, OpenVINO's) would otherwise take cores from the next engine.
+    ``warm_each`` runs each runner that many times in a row first (all of them, before any
+    timed run), then ``warmup`` untimed interleaved rounds. Each timed run starts ``settle_s``
+    after the previous one ended: thread pools that spin-wait after a run (ONNX Runtime's,
+    OpenVINO's) would otherwise take cores from the next engine.
     """
+    for run in runners.values():
+        for _ in range(warm_each):
+            run()
     for _ in range(warmup):
         for run in runners.values():
             run()
