@@ -140,8 +140,9 @@ def quantize_bundle(
                 "calibration": "minmax",
                 "calibration_images": len(images),
                 "held_out_images": len(held),
-                "float": "condensation, anchor selection, attention scores, LayerNorm, softmax, "
-                "elementwise ops, weight products outside the scope",
+                "float": "condensation, anchor selection, LayerNorm, softmax, elementwise ops, "
+                "products outside the scope"
+                + ("" if scope == "attention" else ", attention scores"),
             },
             parity=report,
         )

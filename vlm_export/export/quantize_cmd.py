@@ -89,9 +89,11 @@ def quantize_parser() -> argparse.ArgumentParser:
         "--scope",
         choices=SCOPES,
         default=DEFAULT_SCOPE,
-        help="which weight products become int8: mlp (default; the MLPs, two thirds of the "
-        "FLOPs), blocks (every transformer-block projection), all (also the patch embedding and "
-        "the final projection); the wider, the faster and the further from fp32",
+        help="which products become int8: mlp (default; the MLPs, two thirds of the FLOPs), "
+        "blocks (every transformer-block projection), attention (blocks, and the blocks' "
+        "attention scores and scores-times-values products), all (every weight product: blocks, "
+        "the patch embedding and the final projection); the wider, the faster and the further "
+        "from fp32",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an INT8 graph the bundle already has"
