@@ -39,7 +39,9 @@ The manifest's JSON Schema, ``manifest.schema.json`` next to this module, docume
                        "sha256", "parity": {...engine vs ONNX Runtime CPU...}, ...} (may be empty),
                       and quantized ONNX graphs: {"file", "format": "onnx", "precision": "int8",
                        "quantization": {...}, "built_utc", "sha256", "bytes", "parity": {...}}
-                       (any backend that reads ONNX runs them; TensorRT records have no "format")
+                       (any backend that reads ONNX runs them; TensorRT records have no "format"),
+                      and OpenVINO INT8 IRs (NNCF): {"file": the .xml, "format": "openvino",
+                       "weights": {"file": the .bin, "sha256", "bytes"}, ...as ONNX graphs}
                       "role": "text_encoder" marks an engine of the text tower (absent: image)
     condensation      null, or {"drop_rate", "merge_centers", "ranking", "reduction_layers",
                        "anchor_layers", "schedule": [{"layer", "tokens_in", "keep", "merge",
@@ -145,6 +147,23 @@ def onnx_engines(manifest: dict[str, Any], precision: str | None = None) -> list
         record
         for record in manifest.get("engines") or []
         if record.get("format") == ONNX_ENGINE_FORMAT
+        and (precision is None or record.get("precision") == precision)
+    ]
+
+
+#: ``format`` of an ``engines`` record that is an OpenVINO IR: ``file`` the ``.xml``, ``weights``
+#: the ``.bin`` record ({"file", "sha256", "bytes"}); both files are listed in ``files``
+OPENVINO_ENGINE_FORMAT = "openvino"
+
+
+def openvino_engines(
+    manifest: dict[str, Any], precision: str | None = None
+) -> list[dict[str, Any]]:
+    """The ``engines`` records that are OpenVINO IRs (of ``precision`` if given)."""
+    return [
+        record
+        for record in manifest.get("engines") or []
+        if record.get("format") == OPENVINO_ENGINE_FORMAT
         and (precision is None or record.get("precision") == precision)
     ]
 

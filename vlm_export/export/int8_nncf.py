@@ -14,7 +14,9 @@ names what to install.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import logging
 import re
 from collections.abc import Callable
@@ -99,17 +101,18 @@ def quantize_ir(
         return engine_feeds(manifest, image)
 
     logging.getLogger("nncf").setLevel(logging.ERROR)
-    quantized = nncf.quantize(
-        model,
-        nncf.Dataset(images, feeds),
-        preset=nncf.QuantizationPreset.MIXED,
-        model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(images),
-        fast_bias_correction=True,
-        ignored_scope=nncf.IgnoredScope(patterns=ignored_patterns(), validate=False),
-        advanced_parameters=AdvancedQuantizationParameters(
-            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=SMOOTH_QUANT_ALPHA)
-        ),
-    )
+    with contextlib.redirect_stdout(io.StringIO()):  # NNCF's own progress bars
+        quantized = nncf.quantize(
+            model,
+            nncf.Dataset(images, feeds),
+            preset=nncf.QuantizationPreset.MIXED,
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(images),
+            fast_bias_correction=True,
+            ignored_scope=nncf.IgnoredScope(patterns=ignored_patterns(), validate=False),
+            advanced_parameters=AdvancedQuantizationParameters(
+                smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=SMOOTH_QUANT_ALPHA)
+            ),
+        )
     ov.save_model(quantized, str(out_xml), compress_to_fp16=False)
     return ignored
