@@ -295,6 +295,95 @@ def test_bad_calibration_folder_is_one_line(tiny_tca, tmp_path, capsys, kind) ->
     assert _hashes(folder) == before
 
 
+def test_attention_scope_quantizes_the_blocks_attention_products(tiny_tca, images, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from vlm_export.export import int8_calibration, int8_graph
+    from vlm_export.runtime.io.preprocess import Preprocessor
+
+    source = tiny_tca / "image_encoder.onnx"
+    blocks = set(int8_graph.quantized_node_names(source, "blocks"))
+    attention = set(int8_graph.quantized_node_names(source, "attention"))
+    added = attention - blocks
+    assert blocks < attention and added
+    assert all("/attn/MatMul" in name for name in added)
+    assert not any(name.startswith(CONDENSATION_NODE_PREFIXES) for name in attention)
+    manifest = json.loads((tiny_tca / MANIFEST_NAME).read_text())
+    arrays = int8_calibration.preprocess_all(
+        int8_calibration.image_paths(images), Preprocessor.from_manifest(manifest)
+    )
+    out = tmp_path / "attention.onnx"
+    int8_graph.quantize_graph(source, out, manifest, arrays[:4], "attention")
+    graph = onnx.load(str(out)).graph
+    produced_by = {name: node for node in graph.node for name in node.output}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.name in added:  # both activations dequantized
+            assert all(produced_by[name].op_type == "DequantizeLinear" for name in node.input)
+        if node.op_type == "Softmax":  # the softmax still reads float scores
+            assert produced_by[node.input[0]].op_type != "DequantizeLinear"
+
+
+def test_nncf_quantize_adds_a_gated_openvino_ir(tiny_tca, images, tmp_path, capsys) -> None:
+    ov = pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    folder = tmp_path / "bundle"
+    shutil.copytree(tiny_tca, folder)
+    argv = ["quantize", str(folder), "--calibration", str(images), "--method", "nncf", "--quiet"]
+    assert export_main(argv) == 0
+    (line,) = capsys.readouterr().out.splitlines()  # NNCF's own progress bars kept quiet
+    assert line.startswith(f"added image_encoder.int8.xml to {folder}: int8 OpenVINO IR (NNCF)")
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    (record,) = [r for r in manifest["engines"] if r.get("format") == "openvino"]
+    assert record["precision"] == "int8" and record["parity"]["passed"]
+    assert record["quantization"]["model_type"] == "transformer"
+    for name, sha in ((record["file"], record["sha256"]), (record["weights"]["file"], None)):
+        assert sha256_file(folder / name) == manifest["files"][name]["sha256"]
+        assert sha in (None, manifest["files"][name]["sha256"])
+    assert record["weights"]["sha256"] == sha256_file(folder / record["weights"]["file"])
+    model = ov.Core().read_model(str(folder / record["file"]))
+    fake = [op for op in model.get_ordered_ops() if op.get_type_name() == "FakeQuantize"]
+    assert fake
+    for op in model.get_ordered_ops():  # NNCF's ignored scope: the condensation reads float
+        if op.get_friendly_name().startswith(CONDENSATION_NODE_PREFIXES):
+            sources = [port.get_source_output().get_node() for port in op.inputs()]
+            assert not any(s.get_type_name() == "FakeQuantize" for s in sources)
+    bundle = Bundle.open(folder)  # hashes of the .xml and .bin check out
+    engine = open_backend(bundle, "openvino", precision="int8")
+    assert engine.description == "openvino:CPU:int8"
+    assert (
+        len(
+            _run_labels(
+                folder,
+                images,
+                tmp_path / "ov.jsonl",
+                "--backend",
+                "openvino",
+                "--precision",
+                "int8",
+            )
+        )
+        == 10
+    )
+
+
+def test_nncf_method_refuses_a_scope_and_a_missing_nncf(tiny_tca, images, tmp_path, capsys):
+    import importlib.util
+
+    folder = tmp_path / "bundle"
+    shutil.copytree(tiny_tca, folder)
+    before = _hashes(folder)
+    argv = ["quantize", str(folder), "--calibration", str(images), "--method", "nncf"]
+    assert export_main([*argv, "--scope", "mlp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "vlm-export quantize: error: --scope applies to --method qdq; NNCF chooses what to quantize"
+    ]
+    if importlib.util.find_spec("nncf") is None:
+        assert export_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "needs nncf" in err[0] and "pip install" in err[0]
+    assert _hashes(folder) == before
+
+
 # --- bench ------------------------------------------------------------------------------------
 
 

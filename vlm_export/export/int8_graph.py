@@ -107,6 +107,16 @@ def quantized_node_names(onnx_path: Path, scope: str = DEFAULT_SCOPE) -> list[st
     return names
 
 
+def _extra_options(scope: str) -> dict[str, Any]:
+    """ONNX Runtime's extra options: ranges merged after every image (one image's intermediate
+    tensors in memory at a time); with the attention products quantized, products' outputs stay
+    float, so that the softmax reads float scores."""
+    options: dict[str, Any] = {"CalibStridedMinMax": 1}
+    if scope in ACTIVATION_PRODUCT_SCOPES:
+        options["OpTypesToExcludeOutputQuantization"] = ["MatMul"]
+    return options
+
+
 def quantize_graph(
     onnx_path: Path,
     out_path: Path,
@@ -134,8 +144,7 @@ def quantize_graph(
             weight_type=QuantType.QInt8,
             nodes_to_quantize=quantized_node_names(onnx_path, scope),
             calibrate_method=CalibrationMethod.MinMax,
-            # ranges merged after every image: one image's intermediate tensors in memory at a time
-            extra_options={"CalibStridedMinMax": 1},
+            extra_options=_extra_options(scope),
         )
     finally:
         root.setLevel(level)
