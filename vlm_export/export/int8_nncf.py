@@ -29,7 +29,7 @@ from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import CONDENSATION_NODE_PREFIXES
 from vlm_export.export.int8_calibration import engine_feeds
 
-NNCF_INSTALL_HINT = 'pip install ".[openvino]" nncf (NNCF brings scikit-learn; no torch)'
+NNCF_INSTALL_HINT = 'pip install ".[nncf]" (NNCF and OpenVINO; no torch)'
 #: SmoothQuant's migration strength for matrix products (NNCF's transformer default)
 SMOOTH_QUANT_ALPHA = 0.95
 
