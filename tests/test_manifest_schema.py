@@ -66,7 +66,11 @@ WRONG = [
     (("condensation", "class_capacity"), "10", "condensation.class_capacity: expected an integer"),
     (("text", "template_strings"), "a {}", "text.template_strings: expected a list"),
     (("engines", 0, "role"), 3, "engines[0].role: expected one of 'image_encoder', 'text_encoder'"),
-    (("engines", 1, "format"), "plan", "engines[1].format: expected one of 'onnx', 'tensorrt'"),
+    (
+        ("engines", 1, "format"),
+        "plan",
+        "engines[1].format: expected one of 'onnx', 'openvino', 'tensorrt'",
+    ),
     (("engines", 1, "quantization"), [], "engines[1].quantization: expected an object, got a list"),
 ]
 

@@ -48,6 +48,8 @@ The manifest's JSON Schema, ``manifest.schema.json`` next to this module, docume
                       and LiteRT graphs: {"file", "format": "tflite", "precision": "fp32",
                        "layout": "nchw"|"nhwc", "converter": {...}, "sha256", "bytes",
                        "operators", "parity": {...}} (the litert backend runs them)
+                      and OpenVINO INT8 IRs (NNCF): {"file": the .xml, "format": "openvino",
+                       "weights": {"file": the .bin, "sha256", "bytes"}, ...as ONNX graphs}
                       "role": "text_encoder" marks an engine of the text tower (absent: image)
     condensation      null, or {"drop_rate", "merge_centers", "ranking", "reduction_layers",
                        "anchor_layers", "schedule": [{"layer", "tokens_in", "keep", "merge",
@@ -193,6 +195,23 @@ def tflite_engines(manifest: dict[str, Any]) -> list[dict[str, Any]]:
         record
         for record in manifest.get("engines") or []
         if record.get("format") == TFLITE_ENGINE_FORMAT
+    ]
+
+
+#: ``format`` of an ``engines`` record that is an OpenVINO IR: ``file`` the ``.xml``, ``weights``
+#: the ``.bin`` record ({"file", "sha256", "bytes"}); both files are listed in ``files``
+OPENVINO_ENGINE_FORMAT = "openvino"
+
+
+def openvino_engines(
+    manifest: dict[str, Any], precision: str | None = None
+) -> list[dict[str, Any]]:
+    """The ``engines`` records that are OpenVINO IRs (of ``precision`` if given)."""
+    return [
+        record
+        for record in manifest.get("engines") or []
+        if record.get("format") == OPENVINO_ENGINE_FORMAT
+        and (precision is None or record.get("precision") == precision)
     ]
 
 

@@ -64,14 +64,25 @@ def gate_report(
     calibration: list[np.ndarray],
     held_out: list[np.ndarray],
 ) -> dict[str, Any]:
-    """The INT8 graph against the fp32 graph (ONNX Runtime CPU) on both image sets."""
+    """The INT8 graph against the fp32 graph (ONNX Runtime CPU) on both image sets.
+
+    An ONNX graph runs in ONNX Runtime CPU, an OpenVINO IR (``.xml``) in OpenVINO's CPU plugin.
+    """
     from vlm_export.runtime.engines.onnxruntime_backend import OnnxRuntimeBackend
 
     text = np.load(bundle_dir / manifest["text"].get("embeddings", TEXT_EMBEDDINGS))
     int8_manifest = {**manifest, "engine": {**manifest["engine"], "onnx": int8_path.name}}
     cpu = ["CPUExecutionProvider"]
     reference = OnnxRuntimeBackend(BundleGraph(bundle_dir, manifest), providers=cpu)  # type: ignore[arg-type]
-    engine = OnnxRuntimeBackend(BundleGraph(int8_path.parent, int8_manifest), providers=cpu)  # type: ignore[arg-type]
+    engine: Any
+    if int8_path.suffix == ".xml":
+        from vlm_export.runtime.engines.openvino_backend import OpenVinoBackend
+
+        graph = BundleGraph(bundle_dir, manifest)
+        engine = OpenVinoBackend(graph, "int8", graph=int8_path)  # type: ignore[arg-type]
+    else:
+        graph = BundleGraph(int8_path.parent, int8_manifest)
+        engine = OnnxRuntimeBackend(graph, providers=cpu)  # type: ignore[arg-type]
     rng = np.random.default_rng(0)
     sets = {"calibration": GateStats(), "held_out": GateStats(), "held_out_anchors_on": GateStats()}
     try:

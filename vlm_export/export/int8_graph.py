@@ -19,12 +19,20 @@ from vlm_export.export.int8_calibration import calibration_reader
 
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 PASS_THROUGH_OPS = frozenset({"Transpose", "Identity", "Reshape", "Cast"})
-#: which weight products are quantized: the MLPs (two thirds of a ViT's matrix FLOPs, and the
-#: least sensitive), every transformer-block product (adds the attention projections, which also
-#: feed the token ranking), or all (adds the patch embedding and the final projection)
-SCOPES = ("mlp", "blocks", "all")
+#: which products are quantized: the MLPs (two thirds of a ViT's matrix FLOPs, and the least
+#: sensitive), every transformer-block weight product (adds the attention projections, which also
+#: feed the token ranking), attention (also the blocks' two attention products of activations,
+#: scores and scores times values; softmax still reads float), or all weight products (adds the
+#: patch embedding and the final projection; no attention products)
+SCOPES = ("mlp", "blocks", "attention", "all")
 DEFAULT_SCOPE = "mlp"
-SCOPE_MARKERS = {"mlp": ("/mlp/",), "blocks": ("/mlp/", "/attn/", "/out_proj")}
+SCOPE_MARKERS = {
+    "mlp": ("/mlp/",),
+    "blocks": ("/mlp/", "/attn/", "/out_proj"),
+    "attention": ("/mlp/", "/attn/", "/out_proj"),
+}
+#: the scope that also quantizes products of two activations, and where they are
+ACTIVATION_PRODUCT_SCOPES = {"attention": "/attn/MatMul"}
 
 
 def int8_file_name(onnx_name: str) -> str:
@@ -55,12 +63,20 @@ def in_scope(name: str, scope: str) -> bool:
     return any(marker in name for marker in markers)
 
 
+def _activation_product(node: Any, scope: str) -> bool:
+    """True when ``node`` is a block's attention product of two activations that ``scope``
+    quantizes (scores, scores times values)."""
+    marker = ACTIVATION_PRODUCT_SCOPES.get(scope)
+    return marker is not None and node.op_type == "MatMul" and marker in node.name
+
+
 def quantized_node_names(onnx_path: Path, scope: str = DEFAULT_SCOPE) -> list[str]:
     """The nodes to quantize: products with weights (MatMul, Gemm, Conv) outside the condensation,
-    within ``scope`` (see SCOPES).
+    within ``scope`` (see SCOPES), and with scope ``attention`` the blocks' attention products.
 
-    Products of two activations (attention scores, attention times values) stay float, so the
-    softmax reads float scores; so does everything under the condensation's name prefixes.
+    Otherwise products of two activations (attention scores, attention times values) stay float;
+    the softmax always reads float scores, and everything under the condensation's name prefixes
+    stays float.
     None in scope is a UserError: ONNX Runtime reads an empty list as "quantize every node".
     """
     if scope not in SCOPES:
@@ -80,13 +96,25 @@ def quantized_node_names(onnx_path: Path, scope: str = DEFAULT_SCOPE) -> list[st
         for node in graph.node
         if node.op_type in QUANTIZED_OPS
         and not node.name.startswith(CONDENSATION_NODE_PREFIXES)
-        and _reads_weights(node, initializers, producers)
-        and in_scope(node.name, scope)
+        and (
+            (_reads_weights(node, initializers, producers) and in_scope(node.name, scope))
+            or _activation_product(node, scope)
+        )
     ]
     if not names:
         hint = "" if scope == SCOPES[-1] else f" (try --scope {SCOPES[-1]})"
         raise UserError(f"{onnx_path.name} has no weight products in scope {scope!r}{hint}")
     return names
+
+
+def _extra_options(scope: str) -> dict[str, Any]:
+    """ONNX Runtime's extra options: ranges merged after every image (one image's intermediate
+    tensors in memory at a time); with the attention products quantized, products' outputs stay
+    float, so that the softmax reads float scores."""
+    options: dict[str, Any] = {"CalibStridedMinMax": 1}
+    if scope in ACTIVATION_PRODUCT_SCOPES:
+        options["OpTypesToExcludeOutputQuantization"] = ["MatMul"]
+    return options
 
 
 def quantize_graph(
@@ -116,8 +144,7 @@ def quantize_graph(
             weight_type=QuantType.QInt8,
             nodes_to_quantize=quantized_node_names(onnx_path, scope),
             calibrate_method=CalibrationMethod.MinMax,
-            # ranges merged after every image: one image's intermediate tensors in memory at a time
-            extra_options={"CalibStridedMinMax": 1},
+            extra_options=_extra_options(scope),
         )
     finally:
         root.setLevel(level)

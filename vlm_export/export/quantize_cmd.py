@@ -19,13 +19,17 @@ from vlm_export.export.int8_calibration import HELD_OUT_EVERY
 from vlm_export.export.int8_gate import MIN_COSINE, describe_gate
 from vlm_export.export.int8_graph import DEFAULT_SCOPE, SCOPES
 from vlm_export.export.progress import Progress
-from vlm_export.export.quantize import GraphRecord, quantize_bundle
+from vlm_export.export.quantize import METHODS, GraphRecord, quantize_bundle
 
 
 def describe_record(record: GraphRecord, bundle_dir: str | Path) -> str:
     """One line about an INT8 graph added to a bundle: what was written, where, how close."""
+    if record.weights is not None:
+        kind, nbytes = "int8 OpenVINO IR (NNCF)", record.nbytes + record.weights["bytes"]
+    else:
+        kind, nbytes = "int8 QDQ", record.nbytes
     return (
-        f"added {record.file} to {bundle_dir}: int8 QDQ, {record.nbytes / 2**20:.1f} MiB; "
+        f"added {record.file} to {bundle_dir}: {kind}, {nbytes / 2**20:.1f} MiB; "
         f"against the fp32 graph: {describe_gate(record.parity)}"
     )
 
@@ -56,9 +60,10 @@ def quantize_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlm-export quantize",
         description=(
-            "Add a statically quantized INT8 image encoder (ONNX, QDQ form) to a bundle,\n"
-            "calibrated on your images with the bundle's own preprocessing. Condensation,\n"
-            "anchor selection, LayerNorm and softmax stay float. The graph is compared with\n"
+            "Add a statically quantized INT8 image encoder (ONNX, QDQ form; or with\n"
+            "--method nncf an OpenVINO IR by NNCF) to a bundle, calibrated on your images with\n"
+            "the bundle's own preprocessing. Condensation, anchor selection, LayerNorm and\n"
+            "softmax stay float. The graph is compared with\n"
             f"the fp32 graph on calibration and held-out images (embedding cosine >= {MIN_COSINE}\n"
             "for every image; top-1 agreement on the bundle's classes reported) and is not\n"
             "written if it fails. A ladder bundle (--drop-rates) gets one INT8 graph per\n"
@@ -88,12 +93,22 @@ def quantize_parser() -> argparse.ArgumentParser:
         "held out of calibration)",
     )
     parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default=METHODS[0],
+        help="qdq (default): ONNX Runtime's QDQ ONNX graph, which every backend reads; nncf: an "
+        "OpenVINO IR by NNCF's transformer preset (SmoothQuant, fast bias correction, the "
+        "condensation in its ignored scope), run by --backend openvino (needs nncf)",
+    )
+    parser.add_argument(
         "--scope",
         choices=SCOPES,
-        default=DEFAULT_SCOPE,
-        help="which weight products become int8: mlp (default; the MLPs, two thirds of the "
-        "FLOPs), blocks (every transformer-block projection), all (also the patch embedding and "
-        "the final projection); the wider, the faster and the further from fp32",
+        default=None,
+        help="which products become int8: mlp (default; the MLPs, two thirds of the FLOPs), "
+        "blocks (every transformer-block projection), attention (blocks, and the blocks' "
+        "attention scores and scores-times-values products), all (every weight product: blocks, "
+        "the patch embedding and the final projection); the wider, the faster and the further "
+        f"from fp32 (--method qdq only; default {DEFAULT_SCOPE})",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an INT8 graph the bundle already has"
@@ -108,11 +123,19 @@ def quantize_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         guard_arguments(parser, args)  # before any work
+        if args.method == "nncf" and args.scope is not None:
+            raise UserError("--scope applies to --method qdq; NNCF chooses what to quantize")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             progress = Progress(2, quiet=args.quiet)
             record = quantize_bundle(
-                args.bundle, args.calibration, args.held_out, args.overwrite, args.scope, progress
+                args.bundle,
+                args.calibration,
+                args.held_out,
+                args.overwrite,
+                args.scope or DEFAULT_SCOPE,
+                progress,
+                args.method,
             )
     except UserError as exc:
         live_line.end()  # the calibration bar, cut short: the error starts a line of its own

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from vlm_export.core.errors import UserError
-from vlm_export.core.manifest import onnx_engines, tensorrt_engines
+from vlm_export.core.manifest import onnx_engines, openvino_engines, tensorrt_engines
 from vlm_export.core.option_names import option, option_value
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.bench_record import best_recorded
@@ -80,7 +80,10 @@ def _open_openvino(
     precision = _check_precision("openvino", precision)
     from vlm_export.runtime.engines.openvino_backend import OpenVinoBackend
 
-    graph = bundle.path / int8_graph(bundle) if precision == "int8" else None
+    graph = None
+    if precision == "int8":  # the bundle's NNCF IR where it has one, else its QDQ ONNX graph
+        irs = openvino_engines(bundle.manifest, "int8")
+        graph = bundle.path / (str(irs[-1]["file"]) if irs else int8_graph(bundle))
     return OpenVinoBackend(bundle, precision, threads=threads, fallback=fallback, graph=graph)
 
 

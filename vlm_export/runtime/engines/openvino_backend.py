@@ -6,8 +6,10 @@ UserError names the extra to install. bf16 runs only where the CPU has it (OpenV
 ``OPTIMIZATION_CAPABILITIES``: AVX512-BF16 or AMX); elsewhere the request is refused in one line,
 or falls back to fp32 when the caller allows it. Under bf16 the nodes that rank, merge and pick
 anchors (``CONDENSATION_NODE_PREFIXES``, as the TensorRT fp16 build pins them), the
-normalisations and the softmaxes carry OpenVINO's ``disable_fp16_compression`` runtime attribute,
-which keeps a node in its original precision when the CPU plugin lowers the rest of the graph.
+normalisations and the softmaxes carry OpenVINO's typed ``DisablePrecisionConversion`` runtime
+attribute (through an IR, see ``openvino_precise``), which keeps a node in its original precision
+when the CPU plugin lowers the rest of the graph; a condensation node the compiled model still
+runs in bf16 is logged as a warning.
 """
 
 from __future__ import annotations
@@ -24,24 +26,17 @@ from vlm_export.core.errors import BundleError, UserError
 from vlm_export.core.manifest import (
     ANCHORS_INPUT,
     ANCHORS_VALID_INPUT,
-    CONDENSATION_NODE_PREFIXES,
     IMAGE_INPUT,
 )
 from vlm_export.core.option_names import option
 from vlm_export.runtime.engines.base import EngineBackend, check_anchor_shapes
+from vlm_export.runtime.engines.openvino_precise import bf16_condensation_nodes, pinned_model
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
 
 PRECISIONS = ("fp32", "bf16", "int8")
 INSTALL_HINT = 'OpenVINO is not installed: pip install ".[openvino]"'
-#: the runtime attribute OpenVINO reads as "keep this node in its original precision"
-PRECISE_ATTRIBUTE = "disable_fp16_compression_0"
-#: node name prefixes of the condensing tower's TokenCondenser and AnchorSelector modules
-#: OpenVINO operation types kept precise under bf16 (LayerNorm becomes MVN; softmax)
-PRECISE_TYPES = frozenset({"MVN", "Softmax", "NormalizeL2"})
-#: node types that only hold or pass data: never marked
-UNMARKED_TYPES = frozenset({"Constant", "Parameter", "Result"})
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +64,6 @@ def import_openvino() -> ModuleType:
 def cpu_capabilities(core: Any) -> list[str]:
     """What OpenVINO's CPU plugin reports it can compute in (e.g. FP32, BF16, INT8)."""
     return [str(value).upper() for value in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
-
-
-def pin_precise_nodes(model: Any) -> list[str]:
-    """Mark the condensation, anchor selection, normalisations and softmaxes as precise.
-
-    Returns the friendly names of the marked nodes (in graph order).
-    """
-    marked = []
-    for node in model.get_ordered_ops():
-        kind = node.get_type_name()
-        if kind in UNMARKED_TYPES:
-            continue
-        name = node.get_friendly_name()
-        if kind in PRECISE_TYPES or name.startswith(CONDENSATION_NODE_PREFIXES):
-            node.get_rt_info()[PRECISE_ATTRIBUTE] = ""
-            marked.append(name)
-    return marked
 
 
 def resolve_precision(precision: str, capabilities: list[str], fallback: bool) -> str:
@@ -136,7 +114,9 @@ class OpenVinoBackend(EngineBackend):
             model = core.read_model(str(path))
         except RuntimeError as exc:
             raise BundleError(f"OpenVINO cannot read {path.name}: {_first_line(exc)}") from None
-        self.pinned = pin_precise_nodes(model) if self.precision == "bf16" else []
+        self.pinned: list[str] = []
+        if self.precision == "bf16":
+            model, self.pinned = pinned_model(ov, core, model)
         config: dict[str, Any] = {
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": "1",
@@ -150,6 +130,13 @@ class OpenVinoBackend(EngineBackend):
             self.compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as exc:
             raise BundleError(f"OpenVINO cannot compile {path.name}: {_first_line(exc)}") from None
+        if self.precision == "bf16" and (unpinned := bf16_condensation_nodes(self.compiled)):
+            log.warning(
+                "OpenVINO runs %d condensation node(s) in bf16 despite the fp32 pin (%s ...); "
+                "token fates may differ from fp32",
+                len(unpinned),
+                unpinned[0],
+            )
         self.description = f"openvino:CPU:{self.precision}"
         self._inputs = bundle.engine_io("inputs")
         self._outputs = bundle.engine_io("outputs")
