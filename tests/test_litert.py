@@ -1,10 +1,10 @@
-"""LiteRT: ``vlm-export build-litert`` (onnx2tf) and the ``litert`` backend (ai-edge-litert).
+"""LiteRT: ``vlm-export build-litert`` (litert-torch) and the ``litert`` backend (ai-edge-litert).
 
 The backend tests run wherever ai-edge-litert is installed: they add the committed
 ``tests/data/fake_tca.fp32.tflite`` (``tests/data/make_litert_fixture.py`` converted it from
 ``fakebundle``'s condensing graph) to a fresh fake bundle and compare it with ONNX Runtime.
-The conversion tests need the converter (``.[litert-export]``: onnx2tf, TensorFlow, numpy<2)
-and are skipped without it.
+The conversion tests need the converter (``.[export,litert-export]``: litert-torch) and are
+skipped without it.
 """
 
 from __future__ import annotations
@@ -36,15 +36,12 @@ from vlm_export.runtime.engines.parity import open_reference
 
 FIXTURE = Path(__file__).parent / "data" / "fake_tca.fp32.tflite"
 LITERT = importlib.util.find_spec("ai_edge_litert") is not None
-CONVERTER = (
-    all(importlib.util.find_spec(n) for n in ("onnx2tf", "tensorflow"))
-    and int(np.__version__.split(".")[0]) < 2
-)
+CONVERTER = all(importlib.util.find_spec(n) for n in ("litert_torch", "torch", "open_clip"))
 needs_litert = pytest.mark.skipif(
     not LITERT, reason='needs ai-edge-litert: pip install ".[litert]"'
 )
 needs_converter = pytest.mark.skipif(
-    not CONVERTER, reason='needs the converter: pip install ".[litert-export]" "numpy<2"'
+    not CONVERTER, reason='needs the converter: pip install ".[export,litert-export]"'
 )
 
 
@@ -178,37 +175,45 @@ def test_missing_converter_is_one_line(tmp_path: Path, capsys) -> None:
     assert {p.name for p in folder.iterdir()} == listed  # no staging folder left
 
 
-@needs_converter
-@needs_litert
-@pytest.mark.slow
-@pytest.mark.exporter
-def test_build_litert_converts_the_tiny_tower_exactly(tmp_path: Path, capsys) -> None:
-    """vlm-test-tiny (TopK graph) converted, checked and recorded; a rerun needs --overwrite."""
-    torch = pytest.importorskip("torch")
+def _export_tiny(out: Path, topk_free: bool = False) -> Path:
     from vlm_export.export.pipeline import ExportOptions, export_bundle
+    from vlm_export.models.schedule import CondensationConfig
 
-    torch.manual_seed(0)
-    folder = export_bundle(
+    return export_bundle(
         ExportOptions(
             method="tca",
             model="vlm-test-tiny",
             pretrained="none",
             domains=[("things", ["cat", "dog", "bird"])],
             templates="single",
-            out=tmp_path / "tiny",
+            condensation=CondensationConfig(topk_free=topk_free),
+            out=out,
             quiet=True,
             text_encoder=False,
         )
     )
+
+
+@needs_converter
+@needs_litert
+@pytest.mark.slow
+@pytest.mark.exporter
+@pytest.mark.parametrize("topk_free", [False, True], ids=["topk", "topk-free"])
+def test_build_litert_converts_the_tiny_tower_exactly(
+    tmp_path: Path, capsys, topk_free: bool
+) -> None:
+    """vlm-test-tiny rebuilt from its manifest, converted, checked and recorded (TopK and
+    TopK-free graphs); a rerun needs --overwrite."""
+    folder = _export_tiny(tmp_path / "tiny", topk_free)
     assert export_main(["build-litert", str(folder), "--quiet"]) == 0
     (record,) = tflite_engines(read_manifest(folder))
+    assert record["converter"]["tool"] == "litert-torch"
     parity = record["parity"]
     assert parity["passed"] and parity["embedding_cosine_min"] >= 0.9999
     assert parity["token_fate_agreement_min"] == 1.0
     assert {case["case"] for case in parity["cases"]} >= {"reference0", "image0_anchors_on"}
-    assert "TOPK_V2" in record["operators"] and not any(
-        name.startswith("Flex") for name in record["operators"]
-    )
+    assert ("TOPK_V2" in record["operators"]) is not topk_free
+    assert not any(name.startswith("Flex") for name in record["operators"])
     bundle = Bundle.open(folder)  # hashes verified
     engine = open_backend(bundle, "litert")
     reference = open_reference(folder, bundle.manifest)
@@ -229,15 +234,32 @@ def test_build_litert_converts_the_tiny_tower_exactly(tmp_path: Path, capsys) ->
 @needs_converter
 @needs_litert
 @pytest.mark.slow
+@pytest.mark.exporter
 def test_a_graph_failing_parity_is_not_added(tmp_path: Path, monkeypatch, capsys) -> None:
     from vlm_export.export import litert_build
 
-    folder = make_bundle(tmp_path / "bundle", method="tca", reference=True)
+    folder = _export_tiny(tmp_path / "tiny")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     monkeypatch.setattr(litert_build, "MIN_COSINE", 1.5)  # no graph can reach it
     assert export_main(["build-litert", str(folder), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "was not added to the bundle" in err[0], err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+@needs_converter
+@pytest.mark.slow
+@pytest.mark.exporter
+def test_a_random_bundle_without_its_seed_is_one_line(tmp_path: Path, capsys) -> None:
+    """A random-weight bundle from before the seed was recorded cannot be rebuilt: one line."""
+    folder = _export_tiny(tmp_path / "tiny")
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    del manifest["model"]["random_seed"]
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert export_main(["build-litert", str(folder), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "export it again" in err[0], err
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 

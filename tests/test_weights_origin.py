@@ -270,3 +270,18 @@ def test_openai_tag_and_its_weights_by_file_build_quick_gelu(tmp_path):
         ["QuickGELU", "hub-config", "openai"],
         ["QuickGELU", "tag", "openai"],
     ]
+
+
+def test_random_weights_are_seeded_and_leave_the_global_generator_alone():
+    """--pretrained none draws the same weights whatever the global torch seed (so build-litert
+    can rebuild a random-weight bundle), records the seed, and does not move the global RNG."""
+    torch.manual_seed(1)
+    first = load_clip(TEST_MODEL, "none")
+    after_first = torch.rand(1)
+    torch.manual_seed(1)
+    _ = torch.rand(0)
+    second = load_clip(TEST_MODEL, "none")
+    assert torch.equal(torch.rand(1), after_first)  # the global stream was not consumed
+    assert first.random_seed == second.random_seed == 0
+    pairs = zip(first.model.state_dict().values(), second.model.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)

@@ -1,18 +1,21 @@
-"""A LiteRT (``.tflite``) graph of the bundle's image tower, converted from its ONNX graph.
+"""A LiteRT (``.tflite``) graph of the bundle's image tower, converted by litert-torch.
 
-``add_litert_to_bundle`` runs onnx2tf (TensorFlow's converter behind it) on the bundle's ONNX
-graph in a staging folder inside the bundle, keeping the manifest's tensor names (a
-``serving_default`` signature) and shapes: the image input stays NCHW
-(``keep_shape_absolutely_input_names``), so every backend feeds the same arrays. ONNX ``Erf``
-(exact GELU) has no TFLite builtin; onnx2tf writes it as a polynomial of builtins (absolute error
-< 1.5e-7, ``replace_to_pseudo_operators``), which the parity check below bounds. The graph is then
-run with the LiteRT interpreter against ONNX Runtime CPU: the engine parity cases (random images,
-anchors off and on) and the bundle's reference images. It is kept only when every embedding
-cosine reaches ``MIN_COSINE`` and every token fate equals ONNX Runtime's; then it moves into the
-bundle and is recorded in ``engines`` (manifest written atomically). A failing or interrupted
-conversion leaves the bundle as it was.
+``add_litert_to_bundle`` rebuilds the bundle's tower in PyTorch from its manifest and lowers it
+with litert-torch (``litert_convert``, in a child process: its logs and memory stay there) into
+a staging folder inside the bundle. The graph keeps the manifest's tensor names (its
+``serving_default`` signature) and shapes, image NCHW, so every backend feeds the same arrays.
+It is then run with the LiteRT interpreter against the bundle's own ONNX graph on ONNX Runtime
+CPU: the engine parity cases (random images, anchors off and on) and the bundle's reference
+images. It is kept only when every embedding cosine reaches ``MIN_COSINE`` and every token fate
+equals ONNX Runtime's, which also proves the rebuilt tower is the bundle's; then it moves into
+the bundle and is recorded in ``engines`` (manifest written atomically). A failing or
+interrupted conversion leaves the bundle as it was.
 
-onnx2tf runs in a child process (``python -m onnx2tf``): TensorFlow's logs and memory stay there.
+Why litert-torch and not onnx2tf (which converts the ONNX graph itself): onnx2tf 1.29 guesses
+NCHW/NHWC layouts per tensor and, on these towers, transposed the token axis of the patch
+embedding when tokens and channels have equal sizes (vlm-test-tiny: embedding cosine 0.92),
+failed on ViT-B-32's positional-embedding Add and on ``Clip`` with only a minimum; litert-torch
+lowers the PyTorch tower without layout guessing (cosine 1.0, fates equal, TopK and TopK-free).
 It is the optional ``[litert-export]`` extra; without it the error names what to install.
 """
 
@@ -35,10 +38,8 @@ from vlm_export.core.errors import UserError
 from vlm_export.core.json_text import dumps
 from vlm_export.core.manifest import (
     ANCHORS_INPUT,
-    ANCHORS_VALID_INPUT,
     EMBEDDING_OUTPUT,
     FATE_OUTPUT,
-    IMAGE_INPUT,
     MANIFEST_NAME,
     TFLITE_ENGINE_FORMAT,
     file_record,
@@ -46,17 +47,18 @@ from vlm_export.core.manifest import (
 )
 from vlm_export.core.reference_images import REFERENCE_COUNT
 from vlm_export.export.bundle_staging import _refuse_listed, _staging, move_into_bundle
+from vlm_export.export.litert_convert import REFUSED
 from vlm_export.export.progress import Progress
 from vlm_export.runtime.engines import parity as engine_parity
 from vlm_export.runtime.engines.reference import bundle_inputs
 
 INSTALL_HINT = (
-    'the LiteRT converter is not installed: pip install ".[litert-export]" (onnx2tf with '
-    "TensorFlow; in a virtual environment with numpy<2, see docs/litert.md)"
+    'the LiteRT converter is not installed: pip install ".[export,litert-export]" (litert-torch; '
+    "see docs/litert.md)"
 )
 #: the converter's modules (import names) and the distributions whose versions are recorded
-CONVERTER_MODULES = ("onnx2tf", "tensorflow", "tf_keras", "onnx_graphsurgeon", "onnxsim")
-CONVERTER_DISTRIBUTIONS = ("onnx2tf", "tensorflow", "onnxsim")
+CONVERTER_MODULES = ("litert_torch", "torch", "open_clip")
+CONVERTER_DISTRIBUTIONS = ("litert-torch", "torch", "open_clip_torch")
 #: the embedding cosine every case needs (fp32; token fates must be equal too)
 MIN_COSINE = 0.9999
 PRECISION = "fp32"
@@ -66,11 +68,11 @@ CONVERT_TIMEOUT_S = 3600
 
 
 class LiteRtConverterMissing(UserError):
-    """onnx2tf or TensorFlow is not installed in this environment."""
+    """litert-torch (or torch, open_clip) is not installed in this environment."""
 
 
 class LiteRtConversionError(UserError):
-    """onnx2tf failed, or its graph differs from ONNX Runtime's outputs."""
+    """The conversion failed, or its graph differs from the bundle's ONNX graph."""
 
 
 def litert_file_name(onnx_name: str) -> str:
@@ -83,47 +85,17 @@ def check_converter() -> dict[str, str]:
     missing = [name for name in CONVERTER_MODULES if importlib.util.find_spec(name) is None]
     if missing:
         raise LiteRtConverterMissing(f"{INSTALL_HINT}; missing: {', '.join(missing)}")
-    if int(np.__version__.split(".")[0]) >= 2:
-        raise LiteRtConverterMissing(
-            f"onnx2tf needs numpy<2 (this environment has numpy {np.__version__}): convert in a "
-            'virtual environment with pip install ".[litert-export]" "numpy<2"'
-        )
     return {name: metadata.version(name) for name in CONVERTER_DISTRIBUTIONS}
 
 
-def onnx2tf_command(onnx_path: Path, out_dir: Path) -> list[str]:
-    """The onnx2tf command line: names and NCHW shapes kept, signature written, Erf as builtins."""
-    return [
-        sys.executable,
-        "-m",
-        "onnx2tf",
-        "-i",
-        str(onnx_path),
-        "-o",
-        str(out_dir),
-        "-kat",
-        IMAGE_INPUT,
-        ANCHORS_INPUT,
-        ANCHORS_VALID_INPUT,
-        "-coion",
-        "-osd",
-        "-rtpo",
-        "Erf",
-        "-n",
-    ]
-
-
-def convert_onnx(onnx_path: Path, out_dir: Path) -> Path:
-    """Run onnx2tf on ``onnx_path`` into ``out_dir``; the fp32 ``.tflite`` it wrote.
-
-    onnx2tf simplifies the graph with the ``onnxsim`` command of this environment first (its
-    ``bin`` folder goes first on PATH)."""
+def convert_tower(bundle_dir: Path, out: Path) -> Path:
+    """Rebuild the bundle's tower and write it to ``out`` with litert-torch (a child process)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    command = [sys.executable, "-m", "vlm_export.export.litert_convert", str(bundle_dir), str(out)]
     try:
         done = subprocess.run(
-            onnx2tf_command(onnx_path, out_dir),
-            cwd=out_dir,
+            command,
+            cwd=out.parent,
             env=env,
             capture_output=True,
             text=True,
@@ -132,12 +104,15 @@ def convert_onnx(onnx_path: Path, out_dir: Path) -> Path:
         )
     except subprocess.TimeoutExpired:
         raise LiteRtConversionError(
-            f"onnx2tf did not finish within {CONVERT_TIMEOUT_S} s"
+            f"litert-torch did not finish within {CONVERT_TIMEOUT_S} s"
         ) from None
-    written = out_dir / f"{onnx_path.stem}_float32.tflite"
-    if done.returncode != 0 or not written.is_file():
-        raise LiteRtConversionError(f"onnx2tf failed: {_last_error(done.stdout + done.stderr)}")
-    return written
+    if done.returncode == REFUSED:
+        raise LiteRtConversionError(done.stderr.strip().splitlines()[-1])
+    if done.returncode != 0 or not out.is_file():
+        raise LiteRtConversionError(
+            f"litert-torch failed: {_last_error(done.stdout + done.stderr)}"
+        )
+    return out
 
 
 def _last_error(log: str) -> str:
@@ -229,7 +204,7 @@ def add_litert_to_bundle(
     """Convert the bundle's ONNX image tower to ``.tflite``, check it, record it; the record.
 
     The file is ``<onnx stem>.fp32.tflite``; one the manifest already lists is replaced only
-    with ``overwrite``. Steps: convert (onnx2tf), check against ONNX Runtime, then move in and
+    with ``overwrite``. Steps: convert (litert-torch), check against ONNX Runtime, then move in and
     write the manifest.
     """
     bundle_dir = Path(bundle_dir)
@@ -240,9 +215,11 @@ def add_litert_to_bundle(
     name = litert_file_name(onnx_name)
     _refuse_listed(bundle_dir, manifest, name, overwrite, "rebuild")
     with _staging(bundle_dir) as staging:
-        progress.step(f"converting {onnx_name} with onnx2tf {versions['onnx2tf']}")
-        converted = convert_onnx(bundle_dir / onnx_name, staging)
-        staged = converted.rename(staging / name)
+        progress.step(
+            f"rebuilding the image tower and converting it with litert-torch "
+            f"{versions['litert-torch']}"
+        )
+        staged = convert_tower(bundle_dir, staging / name)
         progress.done(f"{staged.stat().st_size / 2**20:.1f} MiB")
         progress.step("checking it against ONNX Runtime CPU (parity images, reference images)")
         parity = parity_report(bundle_dir, manifest, staged)
@@ -253,7 +230,11 @@ def add_litert_to_bundle(
             "format": TFLITE_ENGINE_FORMAT,
             "precision": PRECISION,
             "layout": LAYOUT,
-            "converter": {"tool": "onnx2tf", "from": onnx_name, **versions},
+            "converter": {
+                "tool": "litert-torch",
+                "from": "the tower rebuilt from the manifest",
+                **versions,
+            },
             "operators": parity.pop("operators"),
             "built_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "sha256": listed["sha256"],

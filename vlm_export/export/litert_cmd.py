@@ -20,13 +20,15 @@ def build_litert_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlm-export build-litert",
         description=(
-            "Convert the bundle's ONNX image tower to a LiteRT (TensorFlow Lite) graph with\n"
-            "onnx2tf and add it to the bundle as <onnx>.fp32.tflite, inputs and outputs as the\n"
-            "manifest names them (image NCHW). It is compared with ONNX Runtime CPU on random\n"
-            "and the bundle's reference images (embedding cosine >= "
-            f"{MIN_COSINE}, token fates\n"
-            "equal) and is not kept if it fails. Run it with `vlm-edge run --backend litert`.\n"
-            'Needs pip install ".[litert-export]" (onnx2tf, TensorFlow) with numpy<2.'
+            "Rebuild the bundle's image tower in PyTorch from its manifest (model, weights,\n"
+            "condensation) and convert it with litert-torch into a LiteRT (TensorFlow Lite)\n"
+            "graph, added to the bundle as <onnx>.fp32.tflite with the manifest's tensor names\n"
+            "(image NCHW). It is compared with the bundle's ONNX graph on ONNX Runtime CPU on\n"
+            f"random and the bundle's reference images (embedding cosine >= {MIN_COSINE}, token\n"
+            "fates equal) and is not kept if it fails. Run it with `vlm-edge run --backend\n"
+            'litert`. Needs pip install ".[export,litert-export]" (litert-torch) and the\n'
+            "bundle's weights: its open_clip tag (cached or downloaded), or random weights with\n"
+            "their recorded seed."
         ),
         epilog="example:\n  vlm-export build-litert bundles/vitb32-tca",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -135,6 +135,7 @@ def _model_section(loaded: LoadedClip, tower: CondensingVisionTower) -> dict[str
         "activation": loaded.activation,
         "activation_source": loaded.activation_source,
         **({"pretrained_tag": loaded.pretrained_tag} if loaded.pretrained_tag else {}),
+        **({"random_seed": loaded.random_seed} if loaded.random_seed is not None else {}),
         "image_size": geometry["image_size"],
         "patch_size": geometry["patch_size"],
         "width": geometry["width"],

@@ -40,6 +40,8 @@ import torch  # noqa: E402
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 TEST_MODEL = "vlm-test-tiny"
 RANDOM_WEIGHTS = "none"
+#: the torch seed random weights are drawn with, so a random-weight bundle can be rebuilt
+RANDOM_SEED = 0
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ class LoadedClip:
     activation_source: str = FROM_MODEL
     #: the open_clip pretrained tag the weights are, when known
     pretrained_tag: str | None = None
+    #: the torch seed of random weights (``RANDOM_SEED``); None for trained weights
+    random_seed: int | None = None
 
 
 @contextlib.contextmanager
@@ -230,7 +234,8 @@ def load_clip(
     # a file holding a tag's weights is prepared as the tag's (open_clip does it for tags only)
     preprocess = tag_config(name, origin.tag) if is_file and origin.tag else None
     try:
-        with _quiet_loaders():
+        with _quiet_loaders(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)  # random weights are the same on every export
             model = open_clip.create_model(
                 name,
                 pretrained=None if openai_weights is not None else source,
@@ -280,4 +285,5 @@ def load_clip(
         preprocess_cfg=dict(open_clip.get_model_preprocess_cfg(model)),
         activation_source=origin.source,
         pretrained_tag=origin.tag,
+        random_seed=RANDOM_SEED if source is None else None,
     )
