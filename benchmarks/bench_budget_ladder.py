@@ -54,7 +54,7 @@ import common
 import numpy as np
 import torch
 
-from vlm_export.export import int8_graph
+from vlm_export.export.int8 import graph as int8_graph
 from vlm_export.export.pipeline import ExportOptions, export_bundle
 from vlm_export.models.condensing_tower import CondensingVisionTower
 from vlm_export.models.loading import load_clip

@@ -30,7 +30,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from vlm_export.export.onnx_export import export_onnx
+from vlm_export.export.graph.onnx_export import export_onnx
 from vlm_export.models.condensing_tower import AnchorSelector, CondensingVisionTower
 from vlm_export.models.loading import load_clip
 from vlm_export.models.schedule import CondensationConfig

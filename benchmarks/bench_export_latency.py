@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from vlm_export.export.onnx_export import export_onnx, io_names
+from vlm_export.export.graph.onnx_export import export_onnx, io_names
 from vlm_export.models.condensing_tower import CondensingVisionTower
 from vlm_export.models.flops import closed_form_gflops
 from vlm_export.models.loading import load_clip

@@ -168,7 +168,7 @@ def open_backends(path_name: str, bundles: dict[str, Path], workspace_mb: int) -
     backends = {}
     for kind, folder in bundles.items():
         if path_name == TENSORRT:
-            from vlm_export.export.engine_install import add_engine_to_bundle
+            from vlm_export.export.tensorrt.install import add_engine_to_bundle
             from vlm_export.runtime.engines.tensorrt_backend import TensorRTBackend
 
             add_engine_to_bundle(

@@ -40,7 +40,10 @@ import torch
 from PIL import Image
 
 from vlm_export.core.manifest import TEXT_EMBEDDINGS, read_manifest
-from vlm_export.export import int8_calibration, int8_gate, int8_graph, int8_nncf
+from vlm_export.export.int8 import calibration as int8_calibration
+from vlm_export.export.int8 import gate as int8_gate
+from vlm_export.export.int8 import graph as int8_graph
+from vlm_export.export.int8 import nncf as int8_nncf
 from vlm_export.export.pipeline import ExportOptions, export_bundle
 from vlm_export.models.schedule import CondensationConfig
 from vlm_export.runtime.engines import measure

@@ -30,7 +30,7 @@ import common
 import numpy as np
 import torch
 
-from vlm_export.export.text_embeddings import build_prompts, encode_class_texts
+from vlm_export.export.graph.text_embeddings import build_prompts, encode_class_texts
 from vlm_export.models.loading import load_clip
 from vlm_export.models.text_tower import TextTower
 from vlm_export.runtime.datasets.registry import get_dataset

@@ -29,8 +29,8 @@ import common
 import numpy as np
 import onnxruntime as ort
 
-from vlm_export.export.onnx_export import export_text_onnx
-from vlm_export.export.text_embeddings import build_prompts
+from vlm_export.export.graph.onnx_export import export_text_onnx
+from vlm_export.export.graph.text_embeddings import build_prompts
 from vlm_export.models.loading import load_clip
 from vlm_export.models.text_tower import TextTower
 from vlm_export.runtime.text.encoder import OnnxRuntimeTextRunner, TextEncoder

@@ -51,11 +51,11 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 def help_texts() -> list[tuple[str, str]]:
     """(command line, --help text) of vlm-export, its subcommands, vlm-edge and each command."""
     from vlm_export.export.cli import build_parser as export_parser
-    from vlm_export.export.engine_cmd import build_engine_parser
-    from vlm_export.export.litert_cmd import build_litert_parser
-    from vlm_export.export.ncnn_cmd import build_ncnn_parser
-    from vlm_export.export.quantize_cmd import quantize_parser
-    from vlm_export.export.rknn_cmd import build_rknn_parser
+    from vlm_export.export.int8.quantize_cmd import quantize_parser
+    from vlm_export.export.litert.cmd import build_litert_parser
+    from vlm_export.export.ncnn.cmd import build_ncnn_parser
+    from vlm_export.export.rknn.cmd import build_rknn_parser
+    from vlm_export.export.tensorrt.engine_cmd import build_engine_parser
     from vlm_export.runtime.cli import build_parser as edge_parser
 
     with fixed_terminal():

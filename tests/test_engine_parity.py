@@ -17,14 +17,14 @@ from test_tensorrt import ORIN, FakeMemory, _fake_build, _install_fake_trt
 
 from vlm_export.core import manifest as mf
 from vlm_export.core.errors import UserError
-from vlm_export.export import engine_install
-from vlm_export.export.engine_cmd import build_engine_main
-from vlm_export.export.engine_install import (
+from vlm_export.export.tensorrt import install as engine_install
+from vlm_export.export.tensorrt.build import build_engine
+from vlm_export.export.tensorrt.engine_cmd import build_engine_main
+from vlm_export.export.tensorrt.install import (
     add_engine_to_bundle,
     precision_of,
     register_engine_in_bundle,
 )
-from vlm_export.export.tensorrt_build import build_engine
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines import parity as engine_parity
 from vlm_export.runtime.engines.base import EngineBackend

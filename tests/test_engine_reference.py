@@ -249,8 +249,8 @@ def test_export_records_every_rung_and_each_rung_is_checked(exported: Path, capl
 def test_an_int8_graph_meets_its_bound_on_the_reference_images(tmp_path, images) -> None:
     """quantize's graph opens under the int8 bound (compared with the fp32 record)."""
     pytest.importorskip("torch")
+    from vlm_export.export.int8.quantize import quantize_bundle
     from vlm_export.export.pipeline import ExportOptions, export_bundle
-    from vlm_export.export.quantize import quantize_bundle
     from vlm_export.models.schedule import CondensationConfig
 
     options = ExportOptions(

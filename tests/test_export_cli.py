@@ -281,7 +281,7 @@ def test_tensorrt_flag_fails_before_exporting_without_tensorrt(tmp_path, classes
 
 
 def test_failed_parity_fails_the_export_and_leaves_nothing(tmp_path, classes, capsys, monkeypatch):
-    import vlm_export.export.parity as parity
+    import vlm_export.export.graph.parity as parity
 
     monkeypatch.setattr(parity, "MIN_COSINE", 1.1)  # no graph can meet this
     out = tmp_path / "bundle"
@@ -296,8 +296,8 @@ def test_failed_parity_fails_the_export_and_leaves_nothing(tmp_path, classes, ca
 def test_parity_gates_cls_stack_and_token_fate(tiny_clip, tmp_path, monkeypatch):
     import numpy as np
 
-    import vlm_export.export.parity as parity
-    from vlm_export.export.onnx_export import export_onnx
+    import vlm_export.export.graph.parity as parity
+    from vlm_export.export.graph.onnx_export import export_onnx
     from vlm_export.models.condensing_tower import CondensingVisionTower
     from vlm_export.models.schedule import CondensationConfig
 

@@ -224,7 +224,7 @@ def test_build_engine_timing_cache_may_not_be_a_bundle_file(world, capsys) -> No
 
 def test_build_engine_never_replaces_an_unlisted_file(tmp_path) -> None:
     from vlm_export.core.errors import UserError
-    from vlm_export.export.bundle_staging import _refuse_listed
+    from vlm_export.export.bundle.staging import _refuse_listed
 
     (tmp_path / "image_encoder.x.engine").write_bytes(b"someone's file")
     manifest = {"engines": []}

@@ -224,9 +224,9 @@ def _engines(bundle: Path) -> list[str]:
 @pytest.mark.parametrize(
     "point",
     [
-        ("vlm_export.export.quantize:quantize_graph", 1, "after"),  # staging folder filled
-        ("vlm_export.export.quantize:move_into_bundle", 1, "after"),  # moved in, not listed
-        ("vlm_export.export.quantize:atomic_write_bytes", 1, "after"),  # listed, staging left
+        ("vlm_export.export.int8.quantize:quantize_graph", 1, "after"),  # staging folder filled
+        ("vlm_export.export.int8.quantize:move_into_bundle", 1, "after"),  # moved in, not listed
+        ("vlm_export.export.int8.quantize:atomic_write_bytes", 1, "after"),  # listed, staging left
     ],
 )
 def test_quantize_killed_leaves_nothing_after_the_next_run(bundle, world, point) -> None:
@@ -348,7 +348,7 @@ def _killed_install(tmp_path: Path, content: bytes, recorded: bytes) -> tuple[Pa
 
 
 def test_a_killed_install_is_replaced_and_its_staging_removed(tmp_path) -> None:
-    from vlm_export.export import bundle_staging
+    from vlm_export.export.bundle import staging as bundle_staging
 
     folder, name = _killed_install(tmp_path, b"graph", b"graph")
     bundle_staging._refuse_listed(folder, read_manifest(folder), name, False, "replace")
@@ -360,7 +360,7 @@ def test_a_killed_install_is_replaced_and_its_staging_removed(tmp_path) -> None:
 
 def test_an_unlisted_file_the_record_does_not_match_is_refused(tmp_path) -> None:
     from vlm_export.core.errors import UserError
-    from vlm_export.export import bundle_staging
+    from vlm_export.export.bundle import staging as bundle_staging
 
     folder, name = _killed_install(tmp_path, b"a user's own file", b"graph")
     with pytest.raises(UserError, match="does not list it"):

@@ -17,8 +17,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from vlm_export.core.errors import UserError  # noqa: E402
 from vlm_export.core.manifest import read_manifest, verify_files  # noqa: E402
+from vlm_export.export.int8.quantize import INT8_WEIGHTS, quantize_bundle  # noqa: E402
 from vlm_export.export.pipeline import ExportOptions, export_bundle  # noqa: E402
-from vlm_export.export.quantize import INT8_WEIGHTS, quantize_bundle  # noqa: E402
 from vlm_export.models.loading import TEST_MODEL  # noqa: E402
 from vlm_export.models.schedule import CondensationConfig  # noqa: E402
 from vlm_export.runtime.bundle import Bundle  # noqa: E402

@@ -166,7 +166,7 @@ def test_the_exported_rungs_move_no_weights_at_run_time(ladder_path):
     q/k/v parts are shared initializers, not constants every session folds for itself."""
     import onnx
 
-    from vlm_export.export.weight_folding import FOLDABLE_OPS
+    from vlm_export.export.graph.weight_folding import FOLDABLE_OPS
 
     manifest = Bundle.open(ladder_path).manifest
     for rung in manifest["ladder"]["rungs"]:

@@ -236,7 +236,7 @@ def test_build_litert_converts_the_tiny_tower_exactly(
 @pytest.mark.slow
 @pytest.mark.exporter
 def test_a_graph_failing_parity_is_not_added(tmp_path: Path, monkeypatch, capsys) -> None:
-    from vlm_export.export import litert_build
+    from vlm_export.export.litert import build as litert_build
 
     folder = _export_tiny(tmp_path / "tiny")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}

@@ -14,8 +14,8 @@ pytest.importorskip("torch")
 from vlm_export.core import manifest as mf  # noqa: E402
 from vlm_export.core.manifest_schema import schema_problem  # noqa: E402
 from vlm_export.export import cli  # noqa: E402
-from vlm_export.export.quantize import GraphRecord  # noqa: E402
-from vlm_export.export.tensorrt_build import EngineRecord  # noqa: E402
+from vlm_export.export.int8.quantize import GraphRecord  # noqa: E402
+from vlm_export.export.tensorrt.build import EngineRecord  # noqa: E402
 from vlm_export.runtime.engines.select import TEXT_ROLE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

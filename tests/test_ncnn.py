@@ -22,8 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 from vlm_export.core import manifest as mf
 from vlm_export.core.errors import UserError
 from vlm_export.export import cli as export_cli
-from vlm_export.export import ncnn_convert
-from vlm_export.export.ncnn_graph import prepare_for_pnnx
+from vlm_export.export.ncnn import convert as ncnn_convert
+from vlm_export.export.ncnn.graph import prepare_for_pnnx
 from vlm_export.runtime import cli as runtime_cli
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines import parity as engine_parity

@@ -17,8 +17,9 @@ from vlm_export.core.manifest import (
     onnx_engines,
     sha256_file,
 )
-from vlm_export.export import int8_gate, quantize
 from vlm_export.export.cli import main as export_main
+from vlm_export.export.int8 import gate as int8_gate
+from vlm_export.export.int8 import quantize
 from vlm_export.runtime import cli
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.factory import open_backend
@@ -297,7 +298,8 @@ def test_bad_calibration_folder_is_one_line(tiny_tca, tmp_path, capsys, kind) ->
 
 def test_attention_scope_quantizes_the_blocks_attention_products(tiny_tca, images, tmp_path):
     onnx = pytest.importorskip("onnx")
-    from vlm_export.export import int8_calibration, int8_graph
+    from vlm_export.export.int8 import calibration as int8_calibration
+    from vlm_export.export.int8 import graph as int8_graph
     from vlm_export.runtime.io.preprocess import Preprocessor
 
     source = tiny_tca / "image_encoder.onnx"

@@ -280,7 +280,7 @@ def test_rknn_toolkit2_converts_and_the_simulator_matches(tiny_bundles, graph, c
 
 
 def test_the_layers_on_the_cpu_are_read_from_the_toolkits_log() -> None:
-    from vlm_export.export.rknn_build import cpu_ops, error_lines
+    from vlm_export.export.rknn.build import cpu_ops, error_lines
 
     header = "D RKNN: [06:39:50.589] ID   OpType   DataType Target InputShape   OutputShape"
     rows = [

@@ -32,16 +32,14 @@ from vlm_export.core.manifest import (
     read_manifest,
     verify_files,
 )
-from vlm_export.export import engine_install
-from vlm_export.export.bundle_staging import record_engine
-from vlm_export.export.engine_cmd import (
-    add_tensorrt_arguments,
-    build_engine_main,
-    preflight_tensorrt,
-    run_tensorrt_step,
+from vlm_export.export.bundle.staging import record_engine
+from vlm_export.export.graph.trt_ops import (
+    OnnxMissingError,
+    TensorRTCompatibilityError,
+    check_onnx_for_tensorrt,
 )
-from vlm_export.export.engine_install import add_engine_to_bundle, register_engine_in_bundle
-from vlm_export.export.tensorrt_build import (
+from vlm_export.export.tensorrt import install as engine_install
+from vlm_export.export.tensorrt.build import (
     EngineRecord,
     build_engine,
     engine_file_name,
@@ -49,11 +47,13 @@ from vlm_export.export.tensorrt_build import (
     mark_fp32_layers,
     trtexec_command,
 )
-from vlm_export.export.trt_ops import (
-    OnnxMissingError,
-    TensorRTCompatibilityError,
-    check_onnx_for_tensorrt,
+from vlm_export.export.tensorrt.engine_cmd import (
+    add_tensorrt_arguments,
+    build_engine_main,
+    preflight_tensorrt,
+    run_tensorrt_step,
 )
+from vlm_export.export.tensorrt.install import add_engine_to_bundle, register_engine_in_bundle
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines import tensorrt_backend
 from vlm_export.runtime.engines.factory import open_backend
@@ -425,7 +425,7 @@ class _FakeTrtModule(SimpleNamespace):
 
 
 def _install_fake_trt(monkeypatch, **kwargs):
-    from vlm_export.export import tensorrt_build
+    from vlm_export.export.tensorrt import build as tensorrt_build
 
     fake = _FakeTrtModule(_network().layers, **kwargs)
     monkeypatch.setitem(sys.modules, "tensorrt", fake)

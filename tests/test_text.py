@@ -258,7 +258,7 @@ def _reference(model, tokenizer, classnames, templates):
 
 
 def test_encode_class_texts_matches_per_prompt_loop(tiny_clip):
-    from vlm_export.export.text_embeddings import encode_class_texts
+    from vlm_export.export.graph.text_embeddings import encode_class_texts
 
     classnames = ["golden_retriever", "tabby cat", "sea_lion", "airplane", "pizza"]
     templates = load_templates("imagenet7")
@@ -280,7 +280,7 @@ def test_encode_class_texts_matches_per_prompt_loop(tiny_clip):
 
 
 def test_encode_class_texts_batch_size_independent_and_deterministic(tiny_clip):
-    from vlm_export.export.text_embeddings import encode_class_texts
+    from vlm_export.export.graph.text_embeddings import encode_class_texts
 
     classnames = ["dog", "cat", "bird"]
     templates = load_templates("imagenet80")
@@ -292,7 +292,7 @@ def test_encode_class_texts_batch_size_independent_and_deterministic(tiny_clip):
 
 
 def test_single_template_gives_the_normalised_prompt_embedding(tiny_clip):
-    from vlm_export.export.text_embeddings import build_prompts, encode_class_texts
+    from vlm_export.export.graph.text_embeddings import build_prompts, encode_class_texts
 
     assert build_prompts(["sea_lion"], ("a photo of a {}.", "{}!")) == [
         "a photo of a sea lion.",
@@ -304,7 +304,7 @@ def test_single_template_gives_the_normalised_prompt_embedding(tiny_clip):
 
 
 def test_encode_class_texts_errors(tiny_clip):
-    from vlm_export.export.text_embeddings import TextEmbeddingError, encode_class_texts
+    from vlm_export.export.graph.text_embeddings import TextEmbeddingError, encode_class_texts
 
     model, tokenizer = tiny_clip.model, tiny_clip.tokenizer
     with pytest.raises(TextEmbeddingError, match="no class names"):
@@ -318,7 +318,7 @@ def test_encode_class_texts_errors(tiny_clip):
 def test_broken_text_tower_is_reported(tiny_clip):
     import torch
 
-    from vlm_export.export.text_embeddings import TextEmbeddingError, encode_class_texts
+    from vlm_export.export.graph.text_embeddings import TextEmbeddingError, encode_class_texts
 
     class ZeroText(torch.nn.Module):
         def __init__(self) -> None:
@@ -338,7 +338,7 @@ def test_shared_prefix_path_equals_each_prompt_alone(tiny_clip):
     word, that share prefixes with each other, and a class cut at the context."""
     import torch
 
-    from vlm_export.export.text_embeddings import (
+    from vlm_export.export.graph.text_embeddings import (
         build_prompts,
         embed_with_shared_prefixes,
         shared_prefix_lengths,
@@ -369,7 +369,7 @@ def test_encode_class_texts_end_of_text_inside_a_prompt(tiny_clip):
     """CLIP's tokenizer turns a literal "<end_of_text>" into the EOT id mid-prompt; open_clip
     pools at the first EOT, and so must the shared-prefix path (in the class name, before and
     after the template's placeholder, a class whose prompts equal another's, batch size 1)."""
-    from vlm_export.export.text_embeddings import encode_class_texts
+    from vlm_export.export.graph.text_embeddings import encode_class_texts
 
     classnames = ["<end_of_text>", "x <end_of_text> y", "cat", "Cat ", "x " * 90]
     templates = ("{}", "a {} b", "<end_of_text> {}", "{} <end_of_text> tail")

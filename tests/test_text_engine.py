@@ -14,9 +14,9 @@ torch = pytest.importorskip("torch")
 from vlm_export.core.errors import UserError  # noqa: E402
 from vlm_export.core.manifest import TEXT_ENCODER_ONNX, read_manifest  # noqa: E402
 from vlm_export.export import pipeline  # noqa: E402
+from vlm_export.export.graph.text_embeddings import encode_class_texts  # noqa: E402
+from vlm_export.export.graph.text_engine import TextEngineSkipped, text_engine_problem  # noqa: E402
 from vlm_export.export.pipeline import ExportOptions, export_bundle  # noqa: E402
-from vlm_export.export.text_embeddings import encode_class_texts  # noqa: E402
-from vlm_export.export.text_engine import TextEngineSkipped, text_engine_problem  # noqa: E402
 from vlm_export.models.loading import TEST_MODEL, load_clip  # noqa: E402
 from vlm_export.models.text_tower import TextTower  # noqa: E402
 from vlm_export.runtime.text.encoder import NoTextEngineError, TextEncoder  # noqa: E402
@@ -220,7 +220,7 @@ def test_manifest_needs_both_text_sections(bundle: Path) -> None:
 def test_vit_b16_text_engine_parity_and_text_encoder(tmp_path: Path) -> None:
     """ViT-B-16 (random weights): the exported text engine passes parity vs open_clip, and
     TextEncoder.embed_classes equals the exporter's embeddings."""
-    from vlm_export.export.text_engine import export_text_engine
+    from vlm_export.export.graph.text_engine import export_text_engine
     from vlm_export.runtime.text.encoder import OnnxRuntimeTextRunner
 
     torch.manual_seed(0)

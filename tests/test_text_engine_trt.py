@@ -155,7 +155,7 @@ def test_engine_selection_keeps_roles_apart() -> None:
 
 def test_engine_record_names_its_role_for_text_only() -> None:
     pytest.importorskip("onnx")
-    from vlm_export.export.tensorrt_build import EngineRecord
+    from vlm_export.export.tensorrt.build import EngineRecord
 
     fields = dict(
         file="x.engine", tensorrt_version="10.3", compute_capability="8.7", precision="fp16",

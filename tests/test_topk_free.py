@@ -26,8 +26,8 @@ from vlm_export.core import manifest as mf  # noqa: E402
 from vlm_export.core.manifest_schema import schema_problem  # noqa: E402
 from vlm_export.core.reference_images import reference_inputs  # noqa: E402
 from vlm_export.export import cli  # noqa: E402
-from vlm_export.export.onnx_export import export_onnx, io_names  # noqa: E402
-from vlm_export.export.parity import _realistic_anchors  # noqa: E402
+from vlm_export.export.graph.onnx_export import export_onnx, io_names  # noqa: E402
+from vlm_export.export.graph.parity import _realistic_anchors  # noqa: E402
 from vlm_export.models import rank_free  # noqa: E402
 from vlm_export.models.condense import token_scores  # noqa: E402
 from vlm_export.models.condensing_tower import (  # noqa: E402

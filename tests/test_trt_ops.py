@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from vlm_export.core.errors import UserError
-from vlm_export.export.trt_ops import (
+from vlm_export.export.graph.trt_ops import (
     TENSORRT_SUPPORTED_OPS,
     TensorRTCompatibilityError,
     assert_tensorrt_compatible,
@@ -242,8 +242,8 @@ def test_reads_files_and_refuses_missing_or_corrupt(tmp_path):
 @pytest.mark.parametrize("opset", [17, 16])
 def test_torch_exported_condensing_tower_passes(tiny_clip, tmp_path, opset):
     pytest.importorskip("torch")
-    from vlm_export.export.onnx_export import export_onnx
-    from vlm_export.export.tensorrt_build import fp32_node_names
+    from vlm_export.export.graph.onnx_export import export_onnx
+    from vlm_export.export.tensorrt.build import fp32_node_names
     from vlm_export.models.condensing_tower import CondensingVisionTower
     from vlm_export.models.schedule import CondensationConfig
 

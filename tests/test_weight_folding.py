@@ -11,7 +11,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from vlm_export.export.weight_folding import fold_weight_transforms  # noqa: E402
+from vlm_export.export.graph.weight_folding import fold_weight_transforms  # noqa: E402
 
 
 def _model(split_as_input: bool) -> onnx.ModelProto:

@@ -22,11 +22,11 @@ from fakebundle import make_bundle, write_images
 
 from vlm_export.core.paths import PathArg, PathConflict, declared_paths, role_of
 from vlm_export.export import cli as export_cli
-from vlm_export.export.engine_cmd import build_engine_parser
-from vlm_export.export.litert_cmd import build_litert_parser
-from vlm_export.export.ncnn_cmd import build_ncnn_parser
-from vlm_export.export.quantize_cmd import quantize_parser
-from vlm_export.export.rknn_cmd import build_rknn_parser
+from vlm_export.export.int8.quantize_cmd import quantize_parser
+from vlm_export.export.litert.cmd import build_litert_parser
+from vlm_export.export.ncnn.cmd import build_ncnn_parser
+from vlm_export.export.rknn.cmd import build_rknn_parser
+from vlm_export.export.tensorrt.engine_cmd import build_engine_parser
 from vlm_export.runtime import api, cli
 
 RAIL = ["--shots", "2", "--hidden-dim", "16"]
@@ -300,7 +300,7 @@ def _label_space(bundle, names: list[str]):
 
 
 def test_library_bundle_writers_refuse_links_to_outside(tmp_path) -> None:
-    from vlm_export.export import bundle_staging
+    from vlm_export.export.bundle import staging as bundle_staging
     from vlm_export.runtime.bundle import Bundle
     from vlm_export.runtime.text.bundle_classes import write_label_space
 

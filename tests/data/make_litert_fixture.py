@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE.parent))  # fakebundle
 from fakebundle import live_fate_encoder, make_bundle  # noqa: E402
 
 from vlm_export.core.manifest import read_manifest  # noqa: E402
-from vlm_export.export.litert_build import parity_report  # noqa: E402
+from vlm_export.export.litert.build import parity_report  # noqa: E402
 
 #: onnx2tf: keep every input's NCHW shape, write a signature with the ONNX names, Erf as builtins
 ONNX2TF_FLAGS = ["-kat", "image", "anchors", "anchors_valid", "-coion", "-osd", "-rtpo", "Erf"]

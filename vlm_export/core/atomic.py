@@ -248,7 +248,7 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     """Yield a temporary folder beside ``path`` that becomes ``path`` only if the block succeeds.
 
     With ``overwrite`` an existing ``path`` is replaced (after the new folder is complete; the
-    caller decides whether it may be: see export.bundle_writer.check_output_folder); otherwise
+    caller decides whether it may be: see export.bundle.writer.check_output_folder); otherwise
     the caller must have checked that ``path`` does not exist. A symbolic link is written through.
     """
     target = final_target(path)

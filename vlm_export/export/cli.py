@@ -13,14 +13,14 @@ from vlm_export.core.errors import UserError, describe_os_error
 from vlm_export.core.interrupts import exit_status_of
 from vlm_export.core.paths import PathArg, guard_arguments
 from vlm_export.core.pipes import EXIT_BROKEN_PIPE, stdout_to_devnull
-from vlm_export.export.engine_cmd import (
+from vlm_export.export.int8.calibration import image_paths
+from vlm_export.export.int8.quantize_cmd import add_quantize_arguments, run_quantize_step
+from vlm_export.export.tensorrt.engine_cmd import (
     add_tensorrt_arguments,
     build_engine_main,
     preflight_tensorrt,
     run_tensorrt_step,
 )
-from vlm_export.export.int8_calibration import image_paths
-from vlm_export.export.quantize_cmd import add_quantize_arguments, run_quantize_step
 from vlm_export.runtime.log import one_line_messages
 
 EXAMPLES = """examples:
@@ -237,7 +237,7 @@ def check_arguments(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     open_clip's config files), templates, TCA preset, and pretrained weights that would have to
     be downloaded without network (open_clip's table read without torch).
     """
-    from vlm_export.export.bundle_writer import check_output_folder
+    from vlm_export.export.bundle.writer import check_output_folder
     from vlm_export.export.presets import tca_settings
     from vlm_export.models.names import check_model_name
     from vlm_export.runtime.datasets.registry import get_dataset
@@ -325,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
             '".[export]" on a workstation; on the device, vlm-export quantize and build-engine work'
         )
     domains = check_arguments(args)
-    from vlm_export.export.ladder import parse_drop_rates
+    from vlm_export.export.graph.ladder import parse_drop_rates
     from vlm_export.export.pipeline import ExportOptions, export_bundle  # imports torch
     from vlm_export.models.schedule import CondensationConfig
 
@@ -401,19 +401,19 @@ def _dispatch(argv: list[str]) -> int:
         if argv[:1] == ["build-engine"]:
             return build_engine_main(argv[1:])
         if argv[:1] == ["build-ncnn"]:
-            from vlm_export.export.ncnn_cmd import build_ncnn_main
+            from vlm_export.export.ncnn.cmd import build_ncnn_main
 
             return build_ncnn_main(argv[1:])
         if argv[:1] == ["build-rknn"]:
-            from vlm_export.export.rknn_cmd import build_rknn_main
+            from vlm_export.export.rknn.cmd import build_rknn_main
 
             return build_rknn_main(argv[1:])
         if argv[:1] == ["quantize"]:
-            from vlm_export.export.quantize_cmd import quantize_main
+            from vlm_export.export.int8.quantize_cmd import quantize_main
 
             return quantize_main(argv[1:])
         if argv[:1] == ["build-litert"]:
-            from vlm_export.export.litert_cmd import build_litert_main
+            from vlm_export.export.litert.cmd import build_litert_main
 
             return build_litert_main(argv[1:])
         args = build_parser().parse_args(argv)

@@ -24,20 +24,24 @@ from vlm_export.core.manifest import (
     TEXT_EMBEDDINGS,
     uses_condensation,
 )
-from vlm_export.export.bundle_writer import (
+from vlm_export.export.bundle.writer import (
     check_output_folder,
     write_array,
     write_bundle,
     write_json,
 )
-from vlm_export.export.ladder import rung_file, rung_problem, share_weights
-from vlm_export.export.onnx_export import export_onnx, graph_summary, io_spec
-from vlm_export.export.parity import check_parity
+from vlm_export.export.graph.ladder import rung_file, rung_problem, share_weights
+from vlm_export.export.graph.onnx_export import export_onnx, graph_summary, io_spec
+from vlm_export.export.graph.parity import check_parity
+from vlm_export.export.graph.text_embeddings import encode_class_texts
+from vlm_export.export.graph.text_engine import (
+    export_text_engine,
+    text_engine_problem,
+    warn_skipped,
+)
+from vlm_export.export.graph.trt_ops import assert_tensorrt_compatible
 from vlm_export.export.presets import RAIL_DEFAULTS, tca_settings
 from vlm_export.export.progress import Progress
-from vlm_export.export.text_embeddings import encode_class_texts
-from vlm_export.export.text_engine import export_text_engine, text_engine_problem, warn_skipped
-from vlm_export.export.trt_ops import assert_tensorrt_compatible
 from vlm_export.models.condensing_tower import CondensingVisionTower
 from vlm_export.models.flops import closed_form_gflops, drop_rate_for_gflops, flops_report
 from vlm_export.models.loading import LoadedClip, load_clip

@@ -154,9 +154,9 @@ class TextEncoder:
     ) -> np.ndarray:
         """Per class, the L2-normalised mean of its normalised prompt embeddings, float32 [C, E].
 
-        Exactly the exporter's rule (``vlm_export.export.text_embeddings``): templates filled with
-        ``prompt_name(class)``; a prompt longer than the context is cut keeping its end-of-text
-        token, with a logged warning naming the class. TemplateError for a template
+        Exactly the exporter's rule (``vlm_export.export.graph.text_embeddings``): templates
+        filled with ``prompt_name(class)``; a prompt longer than the context is cut keeping its
+        end-of-text token, with a logged warning naming the class. TemplateError for a template
         without exactly one ``{}``.
         """
         check_classes(class_names)

@@ -1,7 +1,7 @@
 """A LiteRT (``.tflite``) graph of the bundle's image tower, converted by litert-torch.
 
 ``add_litert_to_bundle`` rebuilds the bundle's tower in PyTorch from its manifest and lowers it
-with litert-torch (``litert_convert``, in a child process: its logs and memory stay there) into
+with litert-torch (``litert.convert``, in a child process: its logs and memory stay there) into
 a staging folder inside the bundle. The graph keeps the manifest's tensor names (its
 ``serving_default`` signature) and shapes, image NCHW, so every backend feeds the same arrays.
 It is then run with the LiteRT interpreter against the bundle's own ONNX graph on ONNX Runtime
@@ -46,8 +46,8 @@ from vlm_export.core.manifest import (
     read_manifest,
 )
 from vlm_export.core.reference_images import REFERENCE_COUNT
-from vlm_export.export.bundle_staging import _refuse_listed, _staging, move_into_bundle
-from vlm_export.export.litert_convert import REFUSED
+from vlm_export.export.bundle.staging import _refuse_listed, _staging, move_into_bundle
+from vlm_export.export.litert.convert import REFUSED
 from vlm_export.export.progress import Progress
 from vlm_export.runtime.engines import parity as engine_parity
 from vlm_export.runtime.engines.reference import bundle_inputs
@@ -91,7 +91,7 @@ def check_converter() -> dict[str, str]:
 def convert_tower(bundle_dir: Path, out: Path) -> Path:
     """Rebuild the bundle's tower and write it to ``out`` with litert-torch (a child process)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, "-m", "vlm_export.export.litert_convert", str(bundle_dir), str(out)]
+    command = [sys.executable, "-m", "vlm_export.export.litert.convert", str(bundle_dir), str(out)]
     try:
         done = subprocess.run(
             command,

@@ -10,7 +10,7 @@ import torch
 
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import CLS_OUTPUT, EMBEDDING_OUTPUT
-from vlm_export.export.onnx_export import io_names
+from vlm_export.export.graph.onnx_export import io_names
 from vlm_export.models.condensing_tower import CondensingVisionTower
 from vlm_export.runtime.engines.parity import compare_outputs
 

@@ -24,13 +24,13 @@ from vlm_export.core.atomic import WriteError, atomic_write_bytes
 from vlm_export.core.errors import UserError
 from vlm_export.core.json_text import dumps
 from vlm_export.core.manifest import MANIFEST_NAME, file_record, read_manifest
-from vlm_export.export.bundle_staging import (
+from vlm_export.export.bundle.staging import (
     _refuse_listed,
     _staging,
     move_into_bundle,
     record_engine,
 )
-from vlm_export.export.tensorrt_build import (
+from vlm_export.export.tensorrt.build import (
     DEFAULT_FP32_LAYER_TYPES,
     DEFAULT_WORKSPACE_MB,
     ORIGIN_REGISTERED,

@@ -25,7 +25,7 @@ from onnx import TensorProto
 
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import IMAGE_ENCODER_ONNX
-from vlm_export.export.weight_folding import fold_weight_transforms
+from vlm_export.export.graph.weight_folding import fold_weight_transforms
 from vlm_export.models.schedule import ScheduleError
 
 #: the external-data file the rung graphs share

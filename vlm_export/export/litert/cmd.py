@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from vlm_export.core import live_line
 from vlm_export.core.errors import UserError
 from vlm_export.core.paths import guard_arguments
-from vlm_export.export.bundle_staging import BUNDLE_RW
-from vlm_export.export.litert_build import MIN_COSINE, add_litert_to_bundle
+from vlm_export.export.bundle.staging import BUNDLE_RW
+from vlm_export.export.litert.build import MIN_COSINE, add_litert_to_bundle
 from vlm_export.export.progress import Progress
 from vlm_export.runtime.engines import parity as engine_parity
 

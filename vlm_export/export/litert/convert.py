@@ -1,13 +1,13 @@
 """The bundle's image tower rebuilt in PyTorch from its manifest, converted to LiteRT.
 
-Run as a child process by ``litert_build`` (``python -m vlm_export.export.litert_convert BUNDLE
+Run as a child process by ``litert.build`` (``python -m vlm_export.export.litert.convert BUNDLE
 OUT``), so litert-torch's logs and memory stay there. The tower is rebuilt from what the manifest
 records: the open_clip model and its weights (a pretrained tag, found in the Hugging Face cache or
 downloaded, or random weights drawn with the recorded ``random_seed``), the activation, and the
 condensation (drop rate, merge centres, ranking, reduction blocks, class capacity, TopK or
 TopK-free graph). litert-torch then lowers the PyTorch tower itself (TopK becomes TFLite's
 TOPK_V2), with the manifest's input and output names as the graph's ``serving_default``
-signature. Whether the rebuilt tower is the bundle's is not assumed: ``litert_build`` compares
+signature. Whether the rebuilt tower is the bundle's is not assumed: ``litert.build`` compares
 the converted graph with the bundle's ONNX graph before keeping it.
 """
 
@@ -80,7 +80,7 @@ def convert_tower(tower: Any, out: Path, batch_size: int = 1) -> None:
     import litert_torch
     import torch
 
-    from vlm_export.export.onnx_export import io_names
+    from vlm_export.export.graph.onnx_export import io_names
 
     inputs, outputs = io_names(tower)
 
@@ -101,7 +101,7 @@ def convert_tower(tower: Any, out: Path, batch_size: int = 1) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Rebuild BUNDLE's tower and write OUT; REFUSED with one line on stderr for a user mistake."""
-    parser = argparse.ArgumentParser(prog="python -m vlm_export.export.litert_convert")
+    parser = argparse.ArgumentParser(prog="python -m vlm_export.export.litert.convert")
     parser.add_argument("bundle", type=Path)
     parser.add_argument("out", type=Path)
     args = parser.parse_args(argv)

@@ -3,7 +3,7 @@
 ``build-engine`` builds an engine for this machine's GPU from a bundle's ONNX; ``build-engine
 --register FILE`` adds an engine built elsewhere (the trtexec line) under its versioned name.
 Either way the engine is checked against ONNX Runtime CPU before it is recorded
-(``engine_install`` does the work). It prints the equivalent trtexec line first, with the
+(``tensorrt.install`` does the work). It prints the equivalent trtexec line first, with the
 ``--register`` line that adds that engine to the bundle.
 """
 
@@ -17,20 +17,20 @@ from typing import Any
 
 from vlm_export.core.errors import UserError
 from vlm_export.core.paths import PathArg, guard_arguments
-from vlm_export.export.bundle_staging import BUNDLE_RW
-from vlm_export.export.engine_install import (
-    add_engine_to_bundle,
-    add_text_engine_to_bundle,
-    register_command,
-    register_engine_in_bundle,
-    trtexec_hint,
-)
-from vlm_export.export.tensorrt_build import (
+from vlm_export.export.bundle.staging import BUNDLE_RW
+from vlm_export.export.tensorrt.build import (
     DEFAULT_FP32_LAYER_TYPES,
     DEFAULT_WORKSPACE_MB,
     ORIGIN_REGISTERED,
     EngineRecord,
     check_build_options,
+)
+from vlm_export.export.tensorrt.install import (
+    add_engine_to_bundle,
+    add_text_engine_to_bundle,
+    register_command,
+    register_engine_in_bundle,
+    trtexec_hint,
 )
 from vlm_export.runtime.engines import parity as engine_parity
 from vlm_export.runtime.engines.select import PRECISIONS, TensorRTUnavailableError, query_device

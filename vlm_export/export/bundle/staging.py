@@ -23,7 +23,7 @@ from vlm_export.core.atomic import WriteError
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import sha256_file
 from vlm_export.core.paths import PathArg, check_bundle_links
-from vlm_export.export.tensorrt_build import EngineRecord
+from vlm_export.export.tensorrt.build import EngineRecord
 
 #: a bundle a command writes into (the write guard refuses one that links outside)
 BUNDLE_RW = PathArg("bundle-rw", Path)

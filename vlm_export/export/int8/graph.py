@@ -15,7 +15,7 @@ import numpy as np
 
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import CONDENSATION_NODE_PREFIXES
-from vlm_export.export.int8_calibration import calibration_reader
+from vlm_export.export.int8.calibration import calibration_reader
 
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 PASS_THROUGH_OPS = frozenset({"Transpose", "Identity", "Reshape", "Cast"})

@@ -14,12 +14,12 @@ from pathlib import Path
 from vlm_export.core import live_line
 from vlm_export.core.errors import UserError
 from vlm_export.core.paths import PathArg, guard_arguments
-from vlm_export.export.bundle_staging import BUNDLE_RW
-from vlm_export.export.int8_calibration import HELD_OUT_EVERY
-from vlm_export.export.int8_gate import MIN_COSINE, describe_gate
-from vlm_export.export.int8_graph import DEFAULT_SCOPE, SCOPES
+from vlm_export.export.bundle.staging import BUNDLE_RW
+from vlm_export.export.int8.calibration import HELD_OUT_EVERY
+from vlm_export.export.int8.gate import MIN_COSINE, describe_gate
+from vlm_export.export.int8.graph import DEFAULT_SCOPE, SCOPES
+from vlm_export.export.int8.quantize import METHODS, GraphRecord, quantize_bundle
 from vlm_export.export.progress import Progress
-from vlm_export.export.quantize import METHODS, GraphRecord, quantize_bundle
 
 
 def describe_record(record: GraphRecord, bundle_dir: str | Path) -> str:

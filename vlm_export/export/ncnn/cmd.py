@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 from vlm_export.core.errors import UserError
 from vlm_export.core.paths import guard_arguments
-from vlm_export.export.bundle_staging import BUNDLE_RW
-from vlm_export.export.ncnn_install import add_ncnn_to_bundle, describe_report
+from vlm_export.export.bundle.staging import BUNDLE_RW
+from vlm_export.export.ncnn.install import add_ncnn_to_bundle, describe_report
 
 
 def build_ncnn_parser() -> argparse.ArgumentParser:

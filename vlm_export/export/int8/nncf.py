@@ -6,7 +6,7 @@ asymmetric activations) quantizes every product it finds, the attention products
 except the nodes of the condensing tower (``CONDENSATION_NODE_PREFIXES``), which are NNCF's
 ignored scope: ranking, merging, anchor selection and the reduction blocks' attention scores
 stay float. Calibration feeds are the bundle's preprocessing of the user's images (anchors zero
-and invalid), as for ONNX Runtime's QDQ graph (``int8_graph``).
+and invalid), as for ONNX Runtime's QDQ graph (``int8.graph``).
 
 ``nncf`` and ``openvino`` are imported when a graph is quantized; without them the UserError
 names what to install.
@@ -27,7 +27,7 @@ import numpy as np
 
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import CONDENSATION_NODE_PREFIXES
-from vlm_export.export.int8_calibration import engine_feeds
+from vlm_export.export.int8.calibration import engine_feeds
 
 NNCF_INSTALL_HINT = 'pip install ".[nncf]" (NNCF and OpenVINO; no torch)'
 #: SmoothQuant's migration strength for matrix products (NNCF's transformer default)

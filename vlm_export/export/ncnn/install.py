@@ -1,8 +1,8 @@
 """``vlm-export build-ncnn``: the bundle's image encoder as an ncnn graph, checked, then recorded.
 
-The ONNX graph is rewritten for pnnx (``ncnn_graph``), converted in fp32 (``ncnn_convert``) in a
+The ONNX graph is rewritten for pnnx (``ncnn.graph``), converted in fp32 (``ncnn.convert``) in a
 staging folder inside the bundle, and, where the ``ncnn`` Python package is installed, run
-against ONNX Runtime CPU (``ncnn_check``, in a child process: a graph ncnn cannot run may crash
+against ONNX Runtime CPU (``ncnn.check``, in a child process: a graph ncnn cannot run may crash
 it). Only a passing graph is moved into the bundle: the .bin, then the .param, each from its own
 staging folder, then the manifest (written atomically) lists both. A failure leaves the bundle as
 it was.
@@ -31,17 +31,17 @@ from vlm_export.core.manifest import (
     ncnn_engines,
     read_manifest,
 )
-from vlm_export.export.bundle_staging import (
+from vlm_export.export.bundle.staging import (
     _refuse_listed,
     _staging,
     move_into_bundle,
     record_engine,
 )
-from vlm_export.export.ncnn_convert import signal_name
+from vlm_export.export.ncnn.convert import signal_name
 from vlm_export.runtime.engines import parity as engine_parity
 
 PRECISION = "fp32"
-CHECK_MODULE = "vlm_export.export.ncnn_check"
+CHECK_MODULE = "vlm_export.export.ncnn.check"
 ONNX_INSTALL_HINT = 'build-ncnn reads the ONNX graph with onnx: pip install ".[ncnn-export]"'
 
 
@@ -94,7 +94,7 @@ def _prepared_onnx(onnx_path: Path, target: Path) -> list[str]:
         import onnx
     except ImportError:
         raise UserError(ONNX_INSTALL_HINT) from None
-    from vlm_export.export.ncnn_graph import prepare_for_pnnx
+    from vlm_export.export.ncnn.graph import prepare_for_pnnx
 
     prepared, rounded = prepare_for_pnnx(onnx.load(str(onnx_path)))
     onnx.save(prepared, str(target))
@@ -103,7 +103,7 @@ def _prepared_onnx(onnx_path: Path, target: Path) -> list[str]:
 
 def _blob_map(manifest: dict[str, Any], param_text: str) -> dict[str, dict[str, str]]:
     """Manifest input/output name -> ncnn blob (pnnx names them in0.., out0.. in ONNX order)."""
-    from vlm_export.export.ncnn_convert import NcnnConversionError, io_blobs
+    from vlm_export.export.ncnn.convert import NcnnConversionError, io_blobs
 
     inputs, outputs = io_blobs(param_text)
     names = {kind: [r["name"] for r in manifest["engine"][kind]] for kind in ("inputs", "outputs")}
@@ -119,7 +119,7 @@ def _blob_map(manifest: dict[str, Any], param_text: str) -> dict[str, dict[str, 
 
 
 def check_in_child(bundle_dir: Path, record: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """Run ``ncnn_check`` in a child process; its parity report, or EngineParityError."""
+    """Run ``ncnn.check`` in a child process; its parity report, or EngineParityError."""
     request = {"bundle": str(bundle_dir), "record": record, "folder": str(folder)}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     try:
@@ -167,7 +167,7 @@ def add_ncnn_to_bundle(
     ``check`` runs the converted graph against ONNX Runtime; None (or no ncnn installed) skips
     it and records ``parity`` null.
     """
-    from vlm_export.export.ncnn_convert import pnnx_executable, run_pnnx
+    from vlm_export.export.ncnn.convert import pnnx_executable, run_pnnx
 
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from vlm_export.core.atomic import atomic_file, atomic_write_bytes
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import CONDENSATION_NODE_PREFIXES, file_record
-from vlm_export.export.trt_ops import assert_tensorrt_compatible, import_onnx
+from vlm_export.export.graph.trt_ops import assert_tensorrt_compatible, import_onnx
 from vlm_export.runtime.engines.select import (
     IMAGE_ROLE,
     PRECISIONS,

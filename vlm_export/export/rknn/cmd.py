@@ -1,6 +1,6 @@
 """``vlm-export build-rknn BUNDLE --target rk3588``: add a Rockchip NPU graph to a bundle.
 
-Parses, then ``rknn_build.add_rknn_to_bundle`` converts, checks in the simulator and records.
+Parses, then ``rknn.build.add_rknn_to_bundle`` converts, checks in the simulator and records.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from vlm_export.core import live_line
 from vlm_export.core.errors import UserError
 from vlm_export.core.paths import guard_arguments
-from vlm_export.export.bundle_staging import BUNDLE_RW
+from vlm_export.export.bundle.staging import BUNDLE_RW
 from vlm_export.export.progress import Progress
-from vlm_export.export.rknn_build import TARGETS, RknnRecord, add_rknn_to_bundle
+from vlm_export.export.rknn.build import TARGETS, RknnRecord, add_rknn_to_bundle
 from vlm_export.runtime.engines import parity as engine_parity
 
 

@@ -31,7 +31,7 @@ from vlm_export.core.atomic import atomic_write_bytes
 from vlm_export.core.errors import UserError
 from vlm_export.core.json_text import dumps
 from vlm_export.core.manifest import MANIFEST_NAME, RKNN_ENGINE_FORMAT, file_record, read_manifest
-from vlm_export.export.bundle_staging import (
+from vlm_export.export.bundle.staging import (
     _refuse_listed,
     _staging,
     move_into_bundle,

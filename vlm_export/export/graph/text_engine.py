@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import TEXT_EMBEDDING_OUTPUT, TEXT_ENCODER_ONNX, TOKENS_INPUT
-from vlm_export.export.onnx_export import export_text_onnx, graph_summary
-from vlm_export.export.trt_ops import assert_tensorrt_compatible
+from vlm_export.export.graph.onnx_export import export_text_onnx, graph_summary
+from vlm_export.export.graph.trt_ops import assert_tensorrt_compatible
 from vlm_export.models.text_tower import TextTower, describe, text_tower_problem
 from vlm_export.runtime.engines.parity import compare_outputs
 from vlm_export.runtime.text.prompts import parity_prompts, token_lengths

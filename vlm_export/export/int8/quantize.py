@@ -18,7 +18,7 @@ written; a passing one is moved into the bundle and recorded in ``engines`` (``f
 
 A ladder bundle gets one INT8 graph per rung, their int8 weights stored once (see
 ``quantize_bundle``). ``method="nncf"`` makes an OpenVINO INT8 IR of rung 0 instead
-(``int8_nncf``: NNCF's transformer preset, the condensation in its ignored scope), gated the same
+(``int8.nncf``: NNCF's transformer preset, the condensation in its ignored scope), gated the same
 way in OpenVINO's CPU plugin and recorded with ``format`` "openvino" and its ``.bin`` as
 ``weights``.
 """
@@ -41,23 +41,22 @@ from vlm_export.core.manifest import (
     file_record,
     read_manifest,
 )
-from vlm_export.export.bundle_staging import (
+from vlm_export.export.bundle.staging import (
     _refuse_listed,
     _staging,
     move_into_bundle,
     record_engine,
 )
-from vlm_export.export.int8_calibration import image_paths, preprocess_all, split_held_out
-from vlm_export.export.int8_gate import QuantizationGateError, describe_gate, gate_report
-from vlm_export.export.int8_graph import (
+from vlm_export.export.int8.calibration import image_paths, preprocess_all, split_held_out
+from vlm_export.export.int8.gate import QuantizationGateError, describe_gate, gate_report
+from vlm_export.export.int8.graph import (
     DEFAULT_SCOPE,
     int8_file_name,
     quantize_graph,
     quantized_node_names,
 )
-from vlm_export.export.int8_nncf import int8_ir_name, quantize_ir, require_nncf
-from vlm_export.export.int8_nncf import settings as nncf_settings
-from vlm_export.export.ladder import share_weights
+from vlm_export.export.int8.nncf import int8_ir_name, quantize_ir, require_nncf
+from vlm_export.export.int8.nncf import settings as nncf_settings
 from vlm_export.export.progress import Progress
 from vlm_export.runtime.io.preprocess import Preprocessor
 
@@ -173,7 +172,11 @@ def quantize_bundle(
                     f"the INT8 graph{where} was not added to the bundle: {describe_gate(report)}"
                 )
             reports.append(report)
-        shared = share_weights([staging / n for n in names], INT8_WEIGHTS) if ladder else None
+        shared = None
+        if ladder:
+            from vlm_export.export.graph.ladder import share_weights  # onnx: quantizing only
+
+            shared = share_weights([staging / n for n in names], INT8_WEIGHTS)
         records = [
             _graph_record(staging / name, name, scope, len(images), len(held), report)
             for name, report in zip(names, reports, strict=True)

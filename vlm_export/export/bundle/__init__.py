@@ -1,0 +1,1 @@
+"""Writing a bundle folder: staging inside it, atomic moves, the manifest's records."""

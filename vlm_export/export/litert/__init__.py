@@ -1,0 +1,1 @@
+"""`vlm-export build-litert`: the tower rebuilt and lowered by litert-torch, checked, added."""
