@@ -17,13 +17,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from vlm_export.core.atomic import WriteError
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import sha256_file
 from vlm_export.core.paths import PathArg, check_bundle_links
-from vlm_export.export.tensorrt.build import EngineRecord
 
 #: a bundle a command writes into (the write guard refuses one that links outside)
 BUNDLE_RW = PathArg("bundle-rw", Path)
@@ -128,6 +127,21 @@ def _refuse_listed(
         f"{target} exists but the bundle's manifest does not list it; move it away first "
         "(it is not replaced)"
     )
+
+
+class EngineRecord(Protocol):
+    """What every engine record of a bundle has (TensorRT engines, INT8 graphs, ...)."""
+
+    @property
+    def file(self) -> str: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def to_manifest(self) -> dict[str, Any]: ...
 
 
 def record_engine(manifest: dict[str, Any], record: EngineRecord) -> dict[str, Any]:

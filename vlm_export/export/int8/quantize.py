@@ -195,7 +195,7 @@ def quantize_bundle(
             move_into_bundle(staging / record.file, bundle_dir, record.file, record.sha256)
             manifest["files"][record.file] = {"sha256": record.sha256, "bytes": record.nbytes}
         move_into_bundle(staging / records[0].file, bundle_dir, records[0].file, records[0].sha256)
-        manifest = record_engine(manifest, records[0])  # type: ignore[arg-type]
+        manifest = record_engine(manifest, records[0])
         _write_manifest(bundle_dir, manifest)
     return records[0]
 
@@ -250,7 +250,7 @@ def _quantize_ir(
         weights = record.weights or {}
         move_into_bundle(staged.with_suffix(".bin"), bundle_dir, weights["file"], weights["sha256"])
         move_into_bundle(staged, bundle_dir, name, record.sha256)
-        manifest = record_engine(manifest, record)  # type: ignore[arg-type]
+        manifest = record_engine(manifest, record)
         manifest["files"][weights["file"]] = {
             "sha256": weights["sha256"],
             "bytes": weights["bytes"],

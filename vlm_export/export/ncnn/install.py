@@ -210,7 +210,7 @@ def add_ncnn_to_bundle(
         weights = file_record(staged_weights)
         move_into_bundle(staged_weights, bundle_dir, weights_name, weights["sha256"])
         move_into_bundle(staged_param, bundle_dir, param_name, record.sha256)
-        manifest = record_engine(manifest, record)  # type: ignore[arg-type]
+        manifest = record_engine(manifest, record)
         manifest["files"][weights_name] = {"sha256": weights["sha256"], "bytes": weights["bytes"]}
         atomic_write_bytes(
             bundle_dir / MANIFEST_NAME, (dumps(manifest, indent=2) + "\n").encode("utf-8")

@@ -299,7 +299,7 @@ def add_rknn_to_bundle(
             parity=report,
         )
         move_into_bundle(staged, bundle_dir, name, record.sha256)
-        manifest = record_engine(manifest, record)  # type: ignore[arg-type]
+        manifest = record_engine(manifest, record)
         text = dumps(manifest, indent=2) + "\n"
         atomic_write_bytes(bundle_dir / MANIFEST_NAME, text.encode("utf-8"))
     return record
