@@ -14,6 +14,7 @@ invocations.
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -102,7 +103,9 @@ class LiteRtBackend(EngineBackend):
         if not path.is_file():
             raise BundleError(f"LiteRT graph not found: {path.name}")
         try:
-            self.interpreter = interpreter_class(model_path=str(path), num_threads=threads)
+            self.interpreter = interpreter_class(
+                model_path=str(path), num_threads=threads or usable_cpus()
+            )
             self.interpreter.allocate_tensors()
             signature = self.interpreter.get_signature_runner(SIGNATURE)
         except (ValueError, RuntimeError) as exc:
@@ -184,6 +187,15 @@ class LiteRtBackend(EngineBackend):
     def close(self) -> None:
         """Drop the interpreter."""
         self.interpreter = None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: LiteRT's default is one thread, ONNX Runtime's and
+    OpenVINO's every core, so ``--threads`` left out means the same on every backend."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on macOS
+        return os.cpu_count() or 1
 
 
 def _first_line(exc: BaseException) -> str:
