@@ -499,16 +499,41 @@ def stream(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
+def _plot_sharing(axis: Any, result: dict[str, Any]) -> None:
+    """Each rung's latency over a bundle exported at its rate alone, by how rungs share."""
+    data = result["sharing"]
+    rungs = data["rungs"]
+    kinds = list(rungs[0]["over_single"])
+    width = 0.8 / len(kinds)
+    memory = data["rss_over_one_engine"]
+    for offset, kind in enumerate(kinds):
+        axis.bar(
+            [i + offset * width for i in range(len(rungs))],
+            [rung["over_single"][kind] for rung in rungs],
+            width,
+            label=f"{kind} (memory x{memory[f'ladder-onnxruntime-{kind}']:.2f})",
+        )
+    axis.axhline(1.03, color="k", ls="--", lw=1, label="target 1.03")
+    axis.set_xticks([i + width * (len(kinds) - 1) / 2 for i in range(len(rungs))])
+    axis.set_xticklabels([f"r = {rung['drop_rate']:g}" for rung in rungs])
+    axis.set_ylim(0.8, max(1.4, *(max(r["over_single"].values()) for r in rungs)) + 0.05)
+    axis.set_ylabel("rung latency / a bundle exported at that rate alone")
+    axis.set_title(f"{result['model']}: ONNX Runtime rungs sharing weights")
+    axis.legend(fontsize=8)
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     plt = common.pyplot()
     if plt is None:
         return
-    parts = [part for part in ("staircase", "stream") if part in result]
+    parts = [part for part in ("sharing", "staircase", "stream") if part in result]
     if not parts:
         return
     figure, axes = plt.subplots(1, len(parts), figsize=(6.5 * len(parts), 4.2), squeeze=False)
     for axis, part in zip(axes[0], parts, strict=True):
-        if part == "staircase":
+        if part == "sharing":
+            _plot_sharing(axis, result)
+        elif part == "staircase":
             for kind, rows in result["staircase"]["series"].items():
                 axis.plot(
                     [row["tokens_summed"] for row in rows],
