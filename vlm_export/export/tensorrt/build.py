@@ -118,6 +118,8 @@ class EngineRecord:
     origin: str = ORIGIN_BUILT
     parity: dict[str, Any] | None = None
     role: str = IMAGE_ROLE
+    #: the ladder rung whose graph it was built from (0: the bundle's engine graph)
+    rung: int = 0
 
     def to_manifest(self) -> dict[str, Any]:
         """The manifest entry (keys as in ``manifest.py``; ``parity`` once it was run)."""
@@ -137,6 +139,8 @@ class EngineRecord:
             entry["parity"] = self.parity
         if self.role != IMAGE_ROLE:
             entry["role"] = self.role
+        if self.rung:
+            entry["rung"] = self.rung
         return entry
 
 

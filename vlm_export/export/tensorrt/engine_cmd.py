@@ -27,6 +27,7 @@ from vlm_export.export.tensorrt.build import (
 )
 from vlm_export.export.tensorrt.install import (
     add_engine_to_bundle,
+    add_rung_engines_to_bundle,
     add_text_engine_to_bundle,
     register_command,
     register_engine_in_bundle,
@@ -107,8 +108,9 @@ def print_trtexec_hint(bundle_dir: str | Path, precision: str, workspace_mb: int
 def describe_record(record: EngineRecord) -> str:
     """One line about an engine added to a bundle, with its parity numbers."""
     verb = "registered" if record.origin == ORIGIN_REGISTERED else "built"
+    rung = f" (ladder rung {record.rung})" if record.rung else ""
     line = (
-        f"{verb} {record.file}: {record.precision}, TensorRT {record.tensorrt_version}, "
+        f"{verb} {record.file}{rung}: {record.precision}, TensorRT {record.tensorrt_version}, "
         f"{record.device_name} (compute {record.compute_capability}), "
         f"{record.nbytes / 2**20:.1f} MiB"
     )
@@ -126,6 +128,10 @@ def run_tensorrt_step(args: argparse.Namespace, bundle_dir: str | Path) -> Engin
         bundle_dir, args.precision, args.workspace, args.timing_cache, overwrite=True
     )
     print(describe_record(record))
+    for rung in add_rung_engines_to_bundle(
+        bundle_dir, args.precision, args.workspace, args.timing_cache, overwrite=True
+    ):
+        print(describe_record(rung))
     text = add_text_engine_to_bundle(
         bundle_dir, args.precision, args.workspace, args.timing_cache, overwrite=True
     )
@@ -142,7 +148,9 @@ def build_engine_parser() -> argparse.ArgumentParser:
             "Build a TensorRT engine for this machine's GPU into an existing bundle, or add one\n"
             "built elsewhere with --register. Either way the engine is compared with ONNX\n"
             "Runtime CPU on the same inputs (embedding cosine >= 0.999 for fp16, 0.9999 for\n"
-            "fp32) before it is recorded in the manifest; a failing engine is not kept."
+            "fp32) before it is recorded in the manifest; a failing engine is not kept. A\n"
+            "ladder bundle (--drop-rates) gets one engine per rung, each checked against its\n"
+            "rung's graph, so --backend tensorrt runs every rung."
         ),
         epilog=(
             "examples:\n"
@@ -187,6 +195,10 @@ def _build_main(args: argparse.Namespace) -> EngineRecord:
     record = add_engine_to_bundle(
         args.bundle, precision, workspace, args.timing_cache, args.overwrite
     )
+    for rung in add_rung_engines_to_bundle(
+        args.bundle, precision, workspace, args.timing_cache, args.overwrite
+    ):
+        print(describe_record(rung))
     if args.text_engine:
         text = add_text_engine_to_bundle(
             args.bundle, precision, workspace, args.timing_cache, args.overwrite

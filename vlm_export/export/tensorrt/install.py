@@ -131,10 +131,12 @@ def _install(
     staged: Path,
     record: EngineRecord,
     parity_report: Callable[[Path, dict[str, Any], Path, str], dict[str, Any]] | None = None,
+    graph: str | None = None,
 ) -> EngineRecord:
     """Check the staged engine against ONNX Runtime (``parity_report``, the image engine's by
-    default), move it into the bundle, record it."""
-    parity = (parity_report or engine_parity_report)(bundle_dir, manifest, staged, record.precision)
+    default; on ``graph``, a ladder rung's, if given), move it into the bundle, record it."""
+    view = manifest if graph is None else _graph_view(manifest, graph)
+    parity = (parity_report or engine_parity_report)(bundle_dir, view, staged, record.precision)
     record = dataclasses.replace(record, parity=parity)
     move_into_bundle(staged, bundle_dir, record.file, record.sha256)
     manifest = record_engine(manifest, record)
@@ -211,17 +213,23 @@ def add_text_engine_to_bundle(
     )
 
 
+def _graph_view(manifest: dict[str, Any], graph: str) -> dict[str, Any]:
+    """The manifest as a backend reads it with ``graph`` (a ladder rung) as its image engine."""
+    return {**manifest, "engine": {**manifest["engine"], "onnx": graph}}
+
+
 def _build_into_bundle(
     bundle_dir: Path,
     manifest: dict[str, Any],
     onnx_path: Path,
     options: tuple[str, int, str | Path | None, bool],
     parity_report: Callable[[Path, dict[str, Any], Path, str], dict[str, Any]] | None,
+    rung: int = 0,
     **build_options: Any,
 ) -> EngineRecord:
     """Check the options, refuse a listed engine without overwrite, build into a staging folder,
     then install through ``_install``. ``options``: precision, workspace MB, timing cache,
-    overwrite."""
+    overwrite. ``rung`` > 0 builds that ladder rung's graph (``onnx_path``)."""
     precision, workspace_mb, timing_cache, overwrite = options
     check_build_options(precision, workspace_mb, DEFAULT_FP32_LAYER_TYPES)
     name = planned_engine_name(onnx_path.stem, precision, query_device())
@@ -235,7 +243,9 @@ def _build_into_bundle(
             timing_cache=timing_cache,
             **build_options,
         )
-        return _install(bundle_dir, manifest, staging / record.file, record, parity_report)
+        record = dataclasses.replace(record, rung=rung)
+        graph = onnx_path.name if rung else None
+        return _install(bundle_dir, manifest, staging / record.file, record, parity_report, graph)
 
 
 def add_engine_to_bundle(
@@ -263,6 +273,37 @@ def add_engine_to_bundle(
         None,
         batch_size=int(manifest["engine"]["batch_size"]),
     )
+
+
+def add_rung_engines_to_bundle(
+    bundle_dir: str | Path,
+    precision: str = "fp16",
+    workspace_mb: int = DEFAULT_WORKSPACE_MB,
+    timing_cache: str | Path | None = None,
+    overwrite: bool = False,
+) -> list[EngineRecord]:
+    """A ladder bundle's further rungs (1, 2, ...) as engines for this GPU, each built from its
+    rung's graph, checked against that graph on ONNX Runtime CPU and recorded with its ``rung``
+    (rung 0 is the bundle's engine: ``add_engine_to_bundle``). Empty for a one-engine bundle."""
+    bundle_dir = Path(bundle_dir)
+    ladder = read_manifest(bundle_dir).get("ladder")
+    if not isinstance(ladder, dict):
+        return []
+    records = []
+    for index, rung in enumerate(ladder["rungs"][1:], start=1):
+        manifest = read_manifest(bundle_dir)  # each install rewrites it
+        records.append(
+            _build_into_bundle(
+                bundle_dir,
+                manifest,
+                bundle_dir / str(rung["onnx"]),
+                (precision, workspace_mb, timing_cache, overwrite),
+                None,
+                rung=index,
+                batch_size=int(manifest["engine"]["batch_size"]),
+            )
+        )
+    return records
 
 
 def precision_of(engine_file: str | Path, precision: str | None) -> str:

@@ -41,7 +41,7 @@ from vlm_export.runtime.engines.bench_record import (
     write_record,
 )
 from vlm_export.runtime.engines.factory import BACKEND_PRECISIONS, open_backend
-from vlm_export.runtime.engines.ladder import ladder_rungs, open_ladder
+from vlm_export.runtime.engines.ladder import ladder_rungs, open_ladder, tensorrt_rungs_built
 from vlm_export.runtime.engines.parity import REFERENCE_PROVIDERS
 from vlm_export.runtime.io.preprocess import Preprocessor
 from vlm_export.runtime.io.sources import open_source
@@ -283,7 +283,8 @@ def _measure_rungs(
     image: np.ndarray,
 ) -> list[dict[str, Any]]:
     """A ladder bundle: every rung timed on ONNX Runtime and OpenVINO in every precision its
-    rungs run (fp32; int8 with INT8 rungs; OpenVINO bf16 where it runs), each rung warmed
+    rungs run (fp32; int8 with INT8 rungs; OpenVINO bf16 where it runs) and on TensorRT where
+    build-engine built every rung, each rung warmed
     (``RUNG_WARM_RUNS`` runs in a row) before any is timed, then timed in interleaved rounds
     across rungs and backends, so that a rung's record is its own latency, not a cold start."""
     rungs = ladder_rungs(bundle.manifest)
@@ -293,7 +294,10 @@ def _measure_rungs(
     runners = {}
     with contextlib.ExitStack() as stack:
         for backend, precision in _candidates(backends, precisions):
-            if backend not in ("onnxruntime", "openvino") or precision == "fp16":
+            if backend == "tensorrt":
+                if not tensorrt_rungs_built(bundle.manifest, len(rungs)):
+                    continue
+            elif backend not in ("onnxruntime", "openvino") or precision == "fp16":
                 continue
             if precision == "int8" and not all(rung.int8 for rung in rungs):
                 continue

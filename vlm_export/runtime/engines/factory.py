@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import onnx_engines, openvino_engines, tensorrt_engines
@@ -36,15 +36,19 @@ TENSORRT_MODULE = "vlm_export.runtime.engines.tensorrt_backend"
 log = logging.getLogger(__name__)
 
 
-def _open_tensorrt(bundle: Bundle) -> EngineBackend:
+def tensorrt_module() -> Any:
+    """The TensorRT backend's module; UserError (one line) where it cannot be imported."""
     try:
-        module = importlib.import_module(TENSORRT_MODULE)
+        return importlib.import_module(TENSORRT_MODULE)
     except ImportError as exc:
         raise UserError(
             f'the TensorRT backend is not available ({exc}); pip install ".[tensorrt]" on a '
             f"device with TensorRT, or use {option_value('backend', 'onnxruntime')}"
         ) from None
-    return module.TensorRTBackend(bundle)
+
+
+def _open_tensorrt(bundle: Bundle) -> EngineBackend:
+    return tensorrt_module().TensorRTBackend(bundle)
 
 
 def int8_graph(bundle: Bundle) -> str:

@@ -8,7 +8,8 @@ container (``prepacked_rungs``, through ONNX Runtime's C API, which the Python A
 other providers, or without the C API library, the sessions share the mapped weights
 (``SessionOptions.add_initializer``) and run without pre-packing. ``share_memory=False`` opens
 every rung as a one-engine session. OpenVINO compiles each rung on its own and keeps its own
-weights per compiled model.
+weights per compiled model. TensorRT runs one engine per rung, each built for this GPU by
+``vlm-export build-engine`` from its rung's graph (``rung`` in the engine's record).
 """
 
 from __future__ import annotations
@@ -30,8 +31,13 @@ from vlm_export.runtime.engines.reference import check_engine
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
 
-#: backends that run ladder rungs (TensorRT engines are built for rung 0 only)
-LADDER_BACKENDS = ("auto", "onnxruntime", "openvino")
+#: backends that run ladder rungs (TensorRT: once build-engine has built every rung)
+LADDER_BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
+#: what a ladder asks for when TensorRT engines exist for rung 0 only
+NO_TENSORRT_RUNGS = (
+    "this ladder's TensorRT engines cover rung 0 only: build every rung with "
+    "`vlm-export build-engine BUNDLE` (it builds one engine per rung)"
+)
 #: what a ladder asks for when it has no INT8 rungs
 NO_INT8_LADDER = (
     "this ladder has no INT8 rungs: add them with `vlm-export quantize BUNDLE --calibration DIR`"
@@ -207,7 +213,10 @@ def open_ladder(
             f"ladder rungs run on {', '.join(LADDER_BACKENDS[1:])}; the {backend} engine is "
             "built for rung 0 only"
         )
-    if precision not in (None, "fp32", "int8") and not (
+    if backend == "tensorrt":
+        if not tensorrt_rungs_built(bundle.manifest, len(rungs)):
+            raise UserError(NO_TENSORRT_RUNGS)
+    elif precision not in (None, "fp32", "int8") and not (
         backend == "openvino" and precision == "bf16"
     ):
         raise UserError(f"ladder rungs run fp32 and int8 (openvino also bf16), not {precision}")
@@ -224,6 +233,8 @@ def open_ladder(
             for rung in rungs:
                 graph = bundle.path / (rung.int8 if int8 else rung.onnx)  # type: ignore[operator]
                 engines.append(OpenVinoBackend(bundle, precision or "fp32", threads, graph=graph))
+        elif backend == "tensorrt":
+            engines = _open_tensorrt_rungs(bundle, rungs, precision)
         else:
             engines, shared, sharing = _open_onnxruntime_rungs(
                 bundle, rungs, providers, threads, share_memory and prepack, share_memory, int8
@@ -243,6 +254,34 @@ def open_ladder(
     ladder.precision = precision or "fp32"
     ladder.notes = notes
     return ladder
+
+
+def tensorrt_rungs_built(manifest: dict[str, Any], count: int) -> bool:
+    """Whether the manifest records a TensorRT image engine for each of ``count`` rungs."""
+    from vlm_export.core.manifest import tensorrt_engines
+    from vlm_export.runtime.engines.select import IMAGE_ROLE, engines_of_role
+
+    engines = tensorrt_engines(manifest)
+    return all(engines_of_role(engines, IMAGE_ROLE, index) for index in range(count))
+
+
+def _open_tensorrt_rungs(
+    bundle: Bundle, rungs: Sequence[Rung], precision: str | None
+) -> list[EngineBackend]:
+    """One TensorRT engine per rung: the rung's engine for this GPU, bound to its graph's view."""
+    from vlm_export.runtime.engines.factory import graph_view, tensorrt_module
+
+    module = tensorrt_module()
+    engines: list[EngineBackend] = []
+    try:
+        for rung in rungs:
+            view = graph_view(bundle, rung.onnx)
+            engines.append(module.TensorRTBackend(view, precision, rung=rung.index))
+    except BaseException:
+        for engine in engines:
+            engine.close()
+        raise
+    return engines
 
 
 def _open_onnxruntime_rungs(
@@ -390,12 +429,14 @@ def runs_ladder(
     """Whether ``run`` and ``serve`` open the ladder's rungs (:func:`open_budgeted`) rather than
     one engine: when a budget option is given, or for a ladder bundle on a backend and precision
     its rungs run in (fp32 ONNX Runtime or OpenVINO, and INT8 when the ladder has INT8 rungs;
-    TensorRT runs rung 0 alone)."""
+    TensorRT when build-engine built every rung)."""
     if target_ms is not None or adapt or measure:
         return True
     rungs = ladder_rungs(bundle.manifest)
     int8 = precision == "int8" and bool(rungs) and all(rung.int8 for rung in rungs)
-    plain = backend == "tensorrt" or (precision not in (None, "fp32") and not int8)
+    if backend == "tensorrt":
+        return bool(rungs) and tensorrt_rungs_built(bundle.manifest, len(rungs))
+    plain = precision not in (None, "fp32") and not int8
     return not plain and bool(rungs)
 
 

@@ -134,9 +134,16 @@ def engine_role(record: dict[str, Any]) -> str:
     return str(record.get("role", IMAGE_ROLE))
 
 
-def engines_of_role(engines: list[dict[str, Any]], role: str) -> list[dict[str, Any]]:
-    """The manifest's engine records built from the ``role`` model."""
-    return [record for record in engines if engine_role(record) == role]
+def engine_rung(record: dict[str, Any]) -> int:
+    """The ladder rung an engine record was built from (0, the bundle's engine, when absent)."""
+    return int(record.get("rung", 0))
+
+
+def engines_of_role(
+    engines: list[dict[str, Any]], role: str, rung: int = 0
+) -> list[dict[str, Any]]:
+    """The manifest's engine records built from the ``role`` model (of ladder ``rung``)."""
+    return [r for r in engines if engine_role(r) == role and engine_rung(r) == rung]
 
 
 @dataclass
@@ -192,10 +199,12 @@ def select_engine(
     device: DeviceInfo,
     precision: str | None = None,
     role: str = IMAGE_ROLE,
+    rung: int = 0,
 ) -> EngineChoice:
     """Pick the engine of ``engines`` (manifest records) that runs on ``device``.
 
-    Only engines of ``role`` (the image encoder unless asked for the text encoder) compete.
+    Only engines of ``role`` (the image encoder unless asked for the text encoder) and of ladder
+    ``rung`` (0: the bundle's engine graph) compete.
 
     An engine fits when its TensorRT major.minor and compute capability equal the device's.
     Among fitting engines: an exact TensorRT version before a patch-level difference (TensorRT
@@ -205,7 +214,7 @@ def select_engine(
     if precision is not None and precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     fitting, refused = [], []
-    for record in engines_of_role(engines, role):
+    for record in engines_of_role(engines, role, rung):
         reason = _refusal(record, device, precision)
         name = str(record.get("file", "<unnamed engine>"))
         if reason is None:

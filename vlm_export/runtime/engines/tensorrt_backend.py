@@ -166,8 +166,9 @@ class TensorRTBackend(EngineBackend):
     ``bundle`` is a ``runtime.bundle.Bundle`` (or a bundle folder). The engine is the manifest's
     engine for this device (``engine_select.select_engine``, fp16 first unless ``precision``), or
     ``engine_file`` (e.g. one built with trtexec). ``runner`` and ``memory`` replace TensorRT and
-    CUDA (tests drive the backend with fakes through them). ``notes`` says why each other engine
-    of the manifest was not chosen (``vlm-edge run`` prints it).
+    CUDA (tests drive the backend with fakes through them). ``rung`` picks among the engines of
+    that ladder rung (``vlm-export build-engine`` builds one per rung). ``notes`` says why each
+    other engine of the manifest was not chosen (``vlm-edge run`` prints it).
     """
 
     def __init__(
@@ -178,6 +179,7 @@ class TensorRTBackend(EngineBackend):
         *,
         runner: EngineRunner | None = None,
         memory: DeviceMemory | None = None,
+        rung: int = 0,
     ):
         if (runner is None) != (memory is None):
             raise ValueError("pass both runner and memory, or neither")
@@ -185,7 +187,7 @@ class TensorRTBackend(EngineBackend):
         self.description = "tensorrt"
         self.notes: list[str] = []
         if runner is None:
-            path, self.notes = engine_path(folder, manifest, precision, engine_file)
+            path, self.notes = engine_path(folder, manifest, precision, engine_file, rung=rung)
             self.description = f"tensorrt:{path.name}"
             runner, memory = open_on_gpu(path)
         self.runner, self.memory = runner, memory
@@ -287,6 +289,7 @@ def engine_path(
     precision: str | None,
     engine_file: str | Path | None,
     device: DeviceInfo | None = None,
+    rung: int = 0,
 ) -> tuple[Path, list[str]]:
     """The engine file to load and why the manifest's other engines were not chosen.
 
@@ -299,7 +302,7 @@ def engine_path(
             raise BundleError(f"engine file not found: {path}")
         return path, []
     device = device or query_device()
-    choice = select_engine(tensorrt_engines(manifest), device, precision)
+    choice = select_engine(tensorrt_engines(manifest), device, precision, rung=rung)
     if choice.engine is None:
         raise no_engine_error(choice, device)
     record = choice.engine
