@@ -125,6 +125,19 @@ def test_threads_left_out_use_every_usable_cpu(fake: Path, monkeypatch, threads)
     assert litert_backend.usable_cpus() >= 1
 
 
+def test_info_lists_the_litert_graph(fake: Path, capsys) -> None:
+    """`vlm-edge info` names the .tflite graph, its converter and its recorded parity."""
+    manifest = json.loads((fake / MANIFEST_NAME).read_text())
+    record = manifest["engines"][-1]
+    record["converter"] = {"tool": "litert-torch", "from": "manifest", "litert-torch": "0.10.0"}
+    record["parity"] = {"embedding_cosine_min": 0.9999999}
+    (fake / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    assert cli.main(["info", str(fake)]) == 0
+    out = capsys.readouterr().out
+    assert "LiteRT graph image_encoder.fp32.tflite, fp32, litert-torch 0.10.0" in out
+    assert "embedding cosine min 1.000000 against ONNX Runtime (--backend litert)" in out
+
+
 @needs_litert
 def test_litert_refusals_are_one_line(fake: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     bundle = Bundle.open(fake)

@@ -7,7 +7,13 @@ from typing import Any
 
 from vlm_export.core.errors import BundleError
 from vlm_export.core.json_text import dumps
-from vlm_export.core.manifest import ncnn_engines, onnx_engines, rknn_engines, tensorrt_engines
+from vlm_export.core.manifest import (
+    ncnn_engines,
+    onnx_engines,
+    rknn_engines,
+    tensorrt_engines,
+    tflite_engines,
+)
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import BUNDLE, add_verify_arguments, format_bytes, verify_mode
 from vlm_export.runtime.engines.reference import describe_check
@@ -136,6 +142,20 @@ def _engines(manifest: dict[str, Any]) -> list[str]:
             f"{record.get('precision')}, {record.get('converter')}: "
             + (f"embedding cosine min {checked:.6f}" if checked is not None else "not compared")
             + " against ONNX Runtime (--backend ncnn)"
+        )
+    for record in tflite_engines(manifest):
+        cosine = (record.get("parity") or {}).get("embedding_cosine_min")
+        converter = record.get("converter") or {}
+        tool = converter.get("tool", "?") if isinstance(converter, dict) else str(converter)
+        version = converter.get(tool, "") if isinstance(converter, dict) else ""
+        lines.append(
+            f"LiteRT graph {record.get('file')}, {record.get('precision')}, {tool} {version}: "
+            + (
+                f"embedding cosine min {cosine:.6f}"
+                if isinstance(cosine, float)
+                else "not compared"
+            )
+            + " against ONNX Runtime (--backend litert)"
         )
     image_engines = [r for r in tensorrt_engines(manifest) if r.get("role") != "text_encoder"]
     for record in image_engines:
