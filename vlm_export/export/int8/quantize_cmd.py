@@ -6,20 +6,19 @@ Parses, then ``quantize.quantize_bundle`` calibrates, quantizes, gates and adds 
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from vlm_export.core import live_line
 from vlm_export.core.errors import UserError
-from vlm_export.core.paths import PathArg, guard_arguments
+from vlm_export.core.paths import PathArg
 from vlm_export.export.bundle.staging import BUNDLE_RW
 from vlm_export.export.int8.calibration import HELD_OUT_EVERY
 from vlm_export.export.int8.gate import MIN_COSINE, describe_gate
 from vlm_export.export.int8.graph import DEFAULT_SCOPE, SCOPES
 from vlm_export.export.int8.quantize import METHODS, GraphRecord, quantize_bundle
 from vlm_export.export.progress import Progress
+from vlm_export.export.subcommand import run_subcommand
 
 
 def describe_record(record: GraphRecord, bundle_dir: str | Path) -> str:
@@ -119,10 +118,8 @@ def quantize_parser() -> argparse.ArgumentParser:
 
 def quantize_main(argv: Sequence[str] | None = None) -> int:
     """Run ``vlm-export quantize``; 0 on success, 2 with a one-line error on stderr."""
-    parser = quantize_parser()
-    args = parser.parse_args(argv)
-    try:
-        guard_arguments(parser, args)  # before any work
+
+    def quantize(args: argparse.Namespace) -> str:
         if args.method == "nncf" and args.scope is not None:
             raise UserError("--scope applies to --method qdq; NNCF chooses what to quantize")
         with warnings.catch_warnings():
@@ -137,9 +134,6 @@ def quantize_main(argv: Sequence[str] | None = None) -> int:
                 progress,
                 args.method,
             )
-    except UserError as exc:
-        live_line.end()  # the calibration bar, cut short: the error starts a line of its own
-        print(f"vlm-export quantize: error: {exc}", file=sys.stderr)
-        return 2
-    print(describe_record(record, args.bundle))
-    return 0
+        return describe_record(record, args.bundle)
+
+    return run_subcommand(quantize_parser(), argv, quantize)

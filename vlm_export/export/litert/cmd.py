@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
-from vlm_export.core import live_line
-from vlm_export.core.errors import UserError
-from vlm_export.core.paths import guard_arguments
 from vlm_export.export.bundle.staging import BUNDLE_RW
 from vlm_export.export.litert.build import MIN_COSINE, add_litert_to_bundle
 from vlm_export.export.progress import Progress
+from vlm_export.export.subcommand import run_subcommand
 from vlm_export.runtime.engines import parity as engine_parity
 
 
@@ -43,18 +40,13 @@ def build_litert_parser() -> argparse.ArgumentParser:
 
 def build_litert_main(argv: Sequence[str] | None = None) -> int:
     """Run ``vlm-export build-litert``; 0 on success, 2 with a one-line error on stderr."""
-    parser = build_litert_parser()
-    args = parser.parse_args(argv)
-    try:
-        guard_arguments(parser, args)  # before any work
+
+    def build(args: argparse.Namespace) -> str:
         record = add_litert_to_bundle(args.bundle, args.overwrite, Progress(2, quiet=args.quiet))
-    except UserError as exc:
-        live_line.end()
-        print(f"vlm-export build-litert: error: {exc}", file=sys.stderr)
-        return 2
-    print(
-        f"added {record['file']}: {record['bytes'] / 2**20:.1f} MiB, {len(record['operators'])} "
-        f"operator types; against {engine_parity.REFERENCE}: "
-        f"{engine_parity.describe(record['parity'])}"
-    )
-    return 0
+        return (
+            f"added {record['file']}: {record['bytes'] / 2**20:.1f} MiB, "
+            f"{len(record['operators'])} operator types; against {engine_parity.REFERENCE}: "
+            f"{engine_parity.describe(record['parity'])}"
+        )
+
+    return run_subcommand(build_litert_parser(), argv, build)

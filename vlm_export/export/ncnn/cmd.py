@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
-from vlm_export.core.errors import UserError
-from vlm_export.core.paths import guard_arguments
 from vlm_export.export.bundle.staging import BUNDLE_RW
 from vlm_export.export.ncnn.install import add_ncnn_to_bundle, describe_report
+from vlm_export.export.subcommand import run_subcommand
 
 
 def build_ncnn_parser() -> argparse.ArgumentParser:
@@ -34,16 +32,12 @@ def build_ncnn_parser() -> argparse.ArgumentParser:
 
 def build_ncnn_main(argv: Sequence[str] | None = None) -> int:
     """Run ``vlm-export build-ncnn``: 0 on success, 2 with a one-line error on stderr."""
-    parser = build_ncnn_parser()
-    args = parser.parse_args(argv)
-    try:
-        guard_arguments(parser, args)  # before any work
+
+    def build(args: argparse.Namespace) -> str:
         record = add_ncnn_to_bundle(args.bundle, overwrite=args.overwrite)
-    except UserError as exc:
-        print(f"vlm-export build-ncnn: error: {exc}", file=sys.stderr)
-        return 2
-    print(
-        f"built {record.file} + {record.weights}: {record.converter}, fp32; "
-        f"{describe_report(record.parity)}"
-    )
-    return 0
+        return (
+            f"built {record.file} + {record.weights}: {record.converter}, fp32; "
+            f"{describe_report(record.parity)}"
+        )
+
+    return run_subcommand(build_ncnn_parser(), argv, build)

@@ -6,16 +6,13 @@ Parses, then ``rknn.build.add_rknn_to_bundle`` converts, checks in the simulator
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from collections.abc import Sequence
 
-from vlm_export.core import live_line
-from vlm_export.core.errors import UserError
-from vlm_export.core.paths import guard_arguments
 from vlm_export.export.bundle.staging import BUNDLE_RW
 from vlm_export.export.progress import Progress
 from vlm_export.export.rknn.build import TARGETS, RknnRecord, add_rknn_to_bundle
+from vlm_export.export.subcommand import run_subcommand
 from vlm_export.runtime.engines import parity as engine_parity
 
 
@@ -57,17 +54,12 @@ def build_rknn_parser() -> argparse.ArgumentParser:
 
 def build_rknn_main(argv: Sequence[str] | None = None) -> int:
     """Run ``vlm-export build-rknn``; 0 on success, 2 with a one-line error on stderr."""
-    parser = build_rknn_parser()
-    args = parser.parse_args(argv)
-    try:
-        guard_arguments(parser, args)  # before any work
+
+    def build(args: argparse.Namespace) -> str:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore")  # the toolkit's deprecation notices
             progress = Progress(2, quiet=args.quiet)
             record = add_rknn_to_bundle(args.bundle, args.target, args.overwrite, progress)
-    except UserError as exc:
-        live_line.end()
-        print(f"vlm-export build-rknn: error: {exc}", file=sys.stderr)
-        return 2
-    print(describe_record(record))
-    return 0
+        return describe_record(record)
+
+    return run_subcommand(build_rknn_parser(), argv, build)
