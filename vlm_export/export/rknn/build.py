@@ -31,6 +31,7 @@ from vlm_export.core.atomic import atomic_write_bytes
 from vlm_export.core.errors import UserError
 from vlm_export.core.json_text import dumps
 from vlm_export.core.manifest import MANIFEST_NAME, RKNN_ENGINE_FORMAT, file_record, read_manifest
+from vlm_export.core.optional_import import import_optional
 from vlm_export.export.bundle.staging import (
     _refuse_listed,
     _staging,
@@ -95,19 +96,12 @@ class RknnRecord:
 
 def import_toolkit() -> tuple[Any, str]:
     """rknn-toolkit2's ``RKNN`` class and version; RknnToolkitMissing when it is not there."""
-    try:
-        from rknn.api import RKNN  # type: ignore[import-not-found]
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] == "rknn":
-            raise RknnToolkitMissing(TOOLKIT_HINT) from None
-        raise RknnToolkitMissing(f"rknn-toolkit2 cannot be imported ({exc})") from None
-    except ImportError as exc:
-        raise RknnToolkitMissing(f"rknn-toolkit2 cannot be imported ({exc})") from None
+    api = import_optional("rknn.api", "rknn-toolkit2", TOOLKIT_HINT, RknnToolkitMissing)
     try:
         version = metadata.version("rknn-toolkit2")
     except metadata.PackageNotFoundError:
         version = "unknown"
-    return RKNN, version
+    return api.RKNN, version
 
 
 def rknn_file_name(onnx_name: str, target: str) -> str:

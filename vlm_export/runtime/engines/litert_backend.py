@@ -13,10 +13,8 @@ invocations.
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -29,6 +27,7 @@ from vlm_export.core.manifest import (
     tflite_engines,
 )
 from vlm_export.core.option_names import option
+from vlm_export.core.optional_import import import_optional
 from vlm_export.runtime.engines.base import EngineBackend, check_anchor_shapes
 
 INSTALL_HINT = 'LiteRT is not installed: pip install ".[litert]" (the ai-edge-litert package)'
@@ -44,15 +43,9 @@ class LiteRtMissing(UserError):
 
 def import_interpreter() -> Any:
     """LiteRT's ``Interpreter`` class; LiteRtMissing (a UserError) when it is not installed."""
-    try:
-        module: ModuleType = importlib.import_module("ai_edge_litert.interpreter")
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] == "ai_edge_litert":
-            raise LiteRtMissing(INSTALL_HINT) from None
-        raise LiteRtMissing(f"LiteRT cannot be imported ({exc})") from None
-    except ImportError as exc:
-        raise LiteRtMissing(f"LiteRT is installed but cannot be imported ({exc})") from None
-    return module.Interpreter
+    return import_optional(
+        "ai_edge_litert.interpreter", "LiteRT", INSTALL_HINT, LiteRtMissing
+    ).Interpreter
 
 
 def litert_version() -> str:

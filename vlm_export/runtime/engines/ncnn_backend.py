@@ -9,7 +9,6 @@ ncnn would otherwise lower precision on CPUs that have them.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
@@ -19,6 +18,7 @@ import numpy as np
 from vlm_export.core.errors import BundleError, UserError
 from vlm_export.core.manifest import ANCHORS_INPUT, ANCHORS_VALID_INPUT, IMAGE_INPUT, ncnn_engines
 from vlm_export.core.option_names import option
+from vlm_export.core.optional_import import import_optional
 from vlm_export.runtime.engines.base import EngineBackend, check_anchor_shapes
 from vlm_export.runtime.engines.select import IMAGE_ROLE
 
@@ -48,14 +48,7 @@ class GraphSource(Protocol):
 
 def import_ncnn() -> ModuleType:
     """The ``ncnn`` module; NcnnMissing (a UserError) when it is not installed."""
-    try:
-        return importlib.import_module("ncnn")
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] == "ncnn":
-            raise NcnnMissing(INSTALL_HINT) from None
-        raise NcnnMissing(f"ncnn cannot be imported ({exc})") from None
-    except ImportError as exc:
-        raise NcnnMissing(f"ncnn is installed but cannot be imported ({exc})") from None
+    return import_optional("ncnn", "ncnn", INSTALL_HINT, NcnnMissing)
 
 
 def ncnn_record(manifest: dict[str, Any]) -> dict[str, Any]:

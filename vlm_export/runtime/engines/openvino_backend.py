@@ -14,7 +14,6 @@ runs in bf16 is logged as a warning.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
 from types import ModuleType
@@ -29,6 +28,7 @@ from vlm_export.core.manifest import (
     IMAGE_INPUT,
 )
 from vlm_export.core.option_names import option
+from vlm_export.core.optional_import import import_optional
 from vlm_export.runtime.engines.base import EngineBackend, check_anchor_shapes
 from vlm_export.runtime.engines.openvino_precise import bf16_condensation_nodes, pinned_model
 
@@ -51,14 +51,7 @@ class PrecisionUnavailable(UserError):
 
 def import_openvino() -> ModuleType:
     """The ``openvino`` module; OpenVinoMissing (a UserError) when it is not installed."""
-    try:
-        return importlib.import_module("openvino")
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] == "openvino":
-            raise OpenVinoMissing(INSTALL_HINT) from None
-        raise OpenVinoMissing(f"OpenVINO cannot be imported ({exc})") from None
-    except ImportError as exc:
-        raise OpenVinoMissing(f"OpenVINO is installed but cannot be imported ({exc})") from None
+    return import_optional("openvino", "OpenVINO", INSTALL_HINT, OpenVinoMissing)
 
 
 def cpu_capabilities(core: Any) -> list[str]:

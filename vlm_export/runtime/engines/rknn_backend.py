@@ -11,7 +11,6 @@ board, rknn-toolkit2's simulator when ``build-rknn`` checks the graph it built.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from vlm_export.core.errors import BundleError, UserError
 from vlm_export.core.manifest import ANCHORS_INPUT, ANCHORS_VALID_INPUT, IMAGE_INPUT, rknn_engines
+from vlm_export.core.optional_import import import_optional
 from vlm_export.runtime.engines.base import EngineBackend, check_anchor_shapes
 
 if TYPE_CHECKING:
@@ -49,15 +49,9 @@ class RknnLiteMissing(UserError):
 
 def import_rknnlite() -> Any:
     """The ``RKNNLite`` class; RknnLiteMissing (a UserError) when rknnlite is not installed."""
-    try:
-        module = importlib.import_module("rknnlite.api")
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] == "rknnlite":
-            raise RknnLiteMissing(INSTALL_HINT) from None
-        raise RknnLiteMissing(f"rknn-toolkit-lite2 cannot be imported ({exc})") from None
-    except ImportError as exc:
-        raise RknnLiteMissing(f"rknn-toolkit-lite2 cannot be imported ({exc})") from None
-    return module.RKNNLite
+    return import_optional(
+        "rknnlite.api", "rknn-toolkit-lite2", INSTALL_HINT, RknnLiteMissing
+    ).RKNNLite
 
 
 def choose_record(manifest: dict[str, Any], target: str | None = None) -> dict[str, Any]:
