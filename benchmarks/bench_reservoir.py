@@ -3,8 +3,10 @@
 Reservoirs of C=1000 classes, capacity 3, L=12 layers of width 768 and anchor layers 2, 5, 8 are
 filled (every class holds 3 entries, anchors active), then one stream of frames is timed: update,
 correction, and both, for the reference tau=0.1 (all 12 layers in the correction) and tau=0.01
-(leading layers skipped). NumPy's BLAS runs on ``--threads`` threads (default 1, as in the
-service, which keeps it on one thread beside the engine).
+(leading layers skipped). A third case, ``camera``, is what a camera sees: the same 1000-class
+reservoir (tau=0.1) fed a stream of ``--seen`` classes only (default 20), from empty; its
+correction reads only the rows of the entries stored so far. NumPy's BLAS runs on ``--threads``
+threads (default 1, as in the service, which keeps it on one thread beside the engine).
 
 Each frame also times products of a full reservoir's size (3000 entries of 12 x 768 values): the
 float32 matrix-vector product the correction makes at tau=0.1 (its floor: it reads every stored
@@ -102,10 +104,17 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def time_stream(
-    reservoirs: dict[str, TokenReservoir], frames: int, rng: np.random.Generator
+    reservoirs: dict[str, TokenReservoir],
+    frames: int,
+    rng: np.random.Generator,
+    seen: dict[str, int] | None = None,
 ) -> dict[str, dict]:
-    """Time every reservoir and product on the same frames, interleaved; wall and CPU ms."""
+    """Time every reservoir and product frame by frame, interleaved; wall and CPU ms. A
+    reservoir named in ``seen`` gets frames of that many classes only (its own stream)."""
     stream = [random_frame(rng, int(rng.integers(CLASSES))) for _ in range(frames)]
+    streams = {name: stream for name in reservoirs}
+    for name, count in (seen or {}).items():
+        streams[name] = [random_frame(rng, int(rng.integers(count))) for _ in range(frames)]
     units = rng.normal(size=(CLASSES * CAPACITY, LAYERS * WIDTH)).astype(np.float32)
     units /= np.linalg.norm(units, axis=1, keepdims=True)
     products, errors = product_floors(units, rng)
@@ -115,12 +124,13 @@ def time_stream(
     product_wall: dict[str, list[float]] = {name: [] for name in products}
     product_cpu: dict[str, list[float]] = {name: [] for name in products}
     versions = {name: reservoir.version for name, reservoir in reservoirs.items()}
-    for logits, stack in stream:
+    for index, (_, stack) in enumerate(stream):
         for name, reservoir in reservoirs.items():
+            logits, own = streams[name][index]
             start, start_cpu = time.perf_counter(), time.thread_time()
-            reservoir.update(logits, stack)
+            reservoir.update(logits, own)
             middle, middle_cpu = time.perf_counter(), time.thread_time()
-            reservoir.correction(stack)
+            reservoir.correction(own)
             end, end_cpu = time.perf_counter(), time.thread_time()
             clocks = ((wall, start, middle, end), (cpu, start_cpu, middle_cpu, end_cpu))
             for times, before, between, after in clocks:
@@ -164,6 +174,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=1000, help="timed frames per case")
     parser.add_argument("--threads", type=int, default=1, help="NumPy BLAS threads (default 1)")
+    parser.add_argument("--seen", type=int, default=20, help="classes the camera case sees")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
     rng = np.random.default_rng(0)
@@ -172,7 +183,11 @@ def main() -> None:
             f"tau={tau}": filled_reservoir(ReservoirConfig(capacity=CAPACITY, tau=tau), rng)
             for tau in (0.1, 0.01)
         }
-        cases = time_stream(reservoirs, args.frames, rng)
+        camera = f"camera, {args.seen} of {CLASSES} classes seen, tau=0.1"
+        reservoirs[camera] = TokenReservoir(
+            CLASSES, LAYERS, WIDTH, ANCHOR_LAYERS, ReservoirConfig(capacity=CAPACITY, tau=0.1)
+        )
+        cases = time_stream(reservoirs, args.frames, rng, {camera: args.seen})
     for name, result in cases.items():
         print(f"{name}: {json.dumps(result)}")
     report = {

@@ -5,9 +5,12 @@ and its CLS stack [L, D] (``cls_per_layer`` of the engine). Per image the pipeli
 ``update`` (insert, evict, rebuild anchors) and then ``correction`` (logit offsets z [C]).
 
 Storage: every entry is kept as its per-layer unit vectors plus per-layer norms. The unit stacks of
-all entries form one contiguous [C*M, L*D] matrix, so the correction is one matrix-vector product
-per frame; the raw tokens that anchors and eviction need are unit * norm (float32 rounding). This
-holds the reservoir in half the memory of raw plus normalised copies (ImageNet, ViT-B/16: 110 MB).
+all entries form one contiguous [C*M, L*D] matrix whose rows are handed out in the order entries
+first arrive (an entry's slot keeps its row when a later entry replaces it), so the stored entries
+are always its first rows and the correction is one matrix-vector product over them alone: a
+camera that has seen 20 of 1000 classes reads 60 rows per frame, not 3000. The raw tokens that
+anchors and eviction need are unit * norm (float32 rounding). This holds the reservoir in half
+the memory of raw plus normalised copies (ImageNet, ViT-B/16: 110 MB).
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ from vlm_export.runtime.tca.reservoir_config import (
 from vlm_export.runtime.tca.scores import layer_weights, mean_similarity, prediction_entropy
 
 STATE_KIND = "tca_reservoir"
+#: the state array that records each filled slot's row of the correction's matrix ([C, M], -1
+#: empty): a loaded state keeps the rows, so its corrections equal the saved one's to the bit
+#: (a BLAS product may round a row differently at another position); optional, older states
+#: without it are packed class by class
+ROW_ORDER = "row_order"
 STATE_SCHEMA_VERSION = 1
 
 # Norm floor: cosine as in torch.nn.functional.cosine_similarity (eps 1e-8 per vector), as the
@@ -100,12 +108,14 @@ class TokenReservoir:
         self._changed: set[int] | None = set()  # classes whose anchor moved; None: all of them
 
         classes, slots = self.num_classes, config.capacity
-        self._units = np.zeros((classes, slots, self.num_layers, self.width), np.float32)
-        self._unit_matrix = self._units.reshape(classes * slots, self.num_layers * self.width)
+        self._rows = np.zeros((classes * slots, self.num_layers, self.width), np.float32)
+        self._unit_matrix = self._rows.reshape(classes * slots, self.num_layers * self.width)
+        self._row_of = np.full((classes, slots), -1, np.int64)  # the row of each filled slot
+        self._class_of_row = np.zeros(classes * slots, np.int64)
+        self._live = 0  # rows handed out: the stored entries are rows 0..live-1
         self._norms = np.zeros((classes, slots, self.num_layers), np.float32)
         self._entropies = np.zeros((classes, slots), np.float64)
         self._counts = np.zeros(classes, np.int64)
-        self._occupied = np.zeros((classes, slots), np.float32)
         rows = self.anchor_rows
         self._anchors = np.zeros((rows, len(self.anchor_layers), self.width), np.float32)
         self._valid = np.zeros(rows, np.float32)
@@ -144,11 +154,10 @@ class TokenReservoir:
         if slot == self.config.capacity:
             return label  # the newcomer itself was evicted
         # entry first, count last: a reader never sees a counted slot without its entry
-        self._units[label, slot] = units
+        self._store(label, slot, units)
         self._norms[label, slot] = norms
         self._entropies[label, slot] = entropy
         if appending:
-            self._occupied[label, slot] = 1.0
             self._counts[label] = count + 1
         self._refresh_anchors(label)
         return label
@@ -162,10 +171,13 @@ class TokenReservoir:
         stack = self._check_stack(cls_stack)[self._first_layer :]
         norms = np.maximum(np.linalg.norm(stack, axis=1), np.float32(_COS_EPS))
         query = (stack * (self._weights / norms)[:, None].astype(np.float32)).ravel()
-        units = self._unit_matrix[:, self._first_layer * self.width :]
-        np.matmul(units, query, out=self._affinity)
-        terms = np.exp(np.float32(self.config.beta) * (self._affinity - np.float32(1.0)))
-        per_class = (terms.reshape(self._occupied.shape) * self._occupied).sum(axis=1)
+        live = self._live
+        units = self._unit_matrix[:live, self._first_layer * self.width :]
+        affinity = self._affinity[:live]
+        np.matmul(units, query, out=affinity)
+        terms = np.exp(np.float32(self.config.beta) * (affinity - np.float32(1.0)))
+        per_class = np.zeros(self.num_classes, np.float32)
+        np.add.at(per_class, self._class_of_row[:live], terms)  # in slot order within a class
         return (np.float32(self.config.lam) * per_class).astype(np.float32, copy=False)
 
     # ------------------------------------------------------------------ views
@@ -198,13 +210,33 @@ class TokenReservoir:
         entropies = np.append(self._entropies[label], entropy)
         if self.config.eviction == "entropy":
             return int(np.argmax(entropies))
-        all_units = np.concatenate([self._units[label], units[None]])
+        all_units = np.concatenate([self._rows[self._row_of[label]], units[None]])
         all_norms = np.concatenate([self._norms[label], norms[None]])
         return int(np.argmax(entropies + mean_similarity(all_units, all_norms)))
 
+    def _store(self, label: int, slot: int, units: np.ndarray) -> None:
+        """Write an entry's unit stack into its slot's row; a slot filled for the first time gets
+        the next free row, published (``_live``) only once it holds the entry."""
+        row = int(self._row_of[label, slot])
+        if row >= 0:
+            self._rows[row] = units
+            return
+        row = self._live
+        self._rows[row] = units
+        self._class_of_row[row] = label
+        self._row_of[label, slot] = row
+        self._live = row + 1
+
+    def _unit_stacks(self) -> np.ndarray:
+        """The stored unit stacks as [C, M, L, D] (zeros in empty slots), as states hold them."""
+        stacks = np.zeros((*self._row_of.shape, self.num_layers, self.width), np.float32)
+        filled = self._row_of >= 0
+        stacks[filled] = self._rows[self._row_of[filled]]
+        return stacks
+
     def _class_anchor(self, label: int) -> np.ndarray:
         count = int(self._counts[label])
-        rows = self._units[label, :count][:, self.anchor_layers]
+        rows = self._rows[self._row_of[label, :count]][:, self.anchor_layers]
         rows = rows * self._norms[label, :count][:, self.anchor_layers, None]
         return rows.mean(axis=0)
 
@@ -265,6 +297,7 @@ class TokenReservoir:
             self.anchor_rows if anchor_rows is None else anchor_rows,
         )
         current = self.state_arrays()
+        del current[ROW_ORDER]  # the moved entries are packed anew, class by class
         arrays = {
             name: np.zeros((len(sources), *array.shape[1:]), array.dtype)
             for name, array in current.items()
@@ -278,9 +311,11 @@ class TokenReservoir:
 
     # ------------------------------------------------------------------ persistence
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """The state as named arrays (read-only views of the live buffers; copy to keep)."""
+        """The state as named arrays (read-only; ``unit_stacks`` [C, M, L, D] is assembled from the
+        rows, the others are views of the live buffers: copy to keep)."""
         arrays = {
-            "unit_stacks": self._units,
+            "unit_stacks": self._unit_stacks(),
+            ROW_ORDER: self._row_of,
             "norms": self._norms,
             "entropies": self._entropies,
             "counts": self._counts,
@@ -296,11 +331,18 @@ class TokenReservoir:
         counts, occupied = check_state_arrays(
             arrays, self.num_classes, self.config.capacity, self.num_layers, self.width
         )
-        self._units[:] = arrays["unit_stacks"]
+        self._row_of[:] = -1
+        self._live = 0
+        stacks = arrays["unit_stacks"]
+        filled = list(zip(*np.nonzero(occupied), strict=True))  # class by class, slot order
+        rows = _saved_rows(arrays.get(ROW_ORDER), occupied)
+        if rows is not None:  # the saved rows, in the order they were handed out
+            filled.sort(key=lambda at: rows[at])
+        for label, slot in filled:
+            self._store(int(label), int(slot), stacks[label, slot])
         self._norms[:] = arrays["norms"]
         self._entropies[:] = arrays["entropies"]
         self._counts[:] = counts
-        self._occupied[:] = occupied
         self._rebuild_all_anchors()
 
     def _meta(self) -> dict:
@@ -310,6 +352,7 @@ class TokenReservoir:
             "num_layers": self.num_layers,
             "width": self.width,
             "anchor_layers": list(self.anchor_layers),
+            ROW_ORDER: True,  # the state holds the row_order array
         }
 
     def save(
@@ -369,6 +412,8 @@ class TokenReservoir:
             """Check the header's geometry and config; the shapes its arrays must declare."""
             config, shapes = saved_geometry(meta, path, num_classes, num_layers, width)
             configs.append(config)
+            if meta.get(ROW_ORDER) is True:
+                shapes[ROW_ORDER] = shapes["entropies"]
             return shapes
 
         arrays, meta = load_state(
@@ -399,3 +444,14 @@ class TokenReservoir:
             return reservoir
         rows = num_classes if anchor_rows is None else anchor_rows
         return reservoir.select_classes(label_sources(saved, labels), rows)
+
+
+def _saved_rows(rows: np.ndarray | None, occupied: np.ndarray) -> np.ndarray | None:
+    """A state's ``row_order`` when it fits its filled slots (rows 0..n-1, one each), else None."""
+    if rows is None or np.shape(rows) != occupied.shape or np.asarray(rows).dtype.kind not in "iu":
+        return None
+    rows = np.asarray(rows)
+    taken = np.sort(rows[occupied])
+    if not np.array_equal(taken, np.arange(taken.size)) or (rows[~occupied] != -1).any():
+        return None
+    return rows
