@@ -297,7 +297,10 @@ def test_rows_follow_arrival_and_a_state_without_them_still_loads(tmp_path) -> N
         logits = np.full(C, -5.0, np.float32)
         logits[label] = 5.0
         reservoir.update(logits, stack)
-    rows = reservoir.state_arrays()["row_order"]
+    saved = tmp_path / "new.npz"
+    reservoir.save(saved, FINGERPRINT)
+    with np.load(saved) as state:
+        rows = state["row_order"]
     assert rows[5].tolist() == [0, 2] and rows[2].tolist() == [1, 4] and rows[0, 0] == 3
     assert (rows[[1, 3, 4, 6]] == -1).all() and rows[0, 1] == -1
     stack = next(iter(frame_stream(seed=4, frames=1)))[1]
@@ -305,12 +308,14 @@ def test_rows_follow_arrival_and_a_state_without_them_still_loads(tmp_path) -> N
     assert (want[[1, 3, 4, 6]] == 0).all() and (want[[0, 2, 5]] > 0).all()
 
     path = tmp_path / "old.npz"
-    arrays = {k: v for k, v in reservoir.state_arrays().items() if k != "row_order"}
+    arrays = dict(reservoir.state_arrays())
     meta = {k: v for k, v in reservoir._meta().items() if k != "row_order"}
     save_state(path, "tca_reservoir", 1, FINGERPRINT, arrays, meta)
     old = TokenReservoir.load(path, FINGERPRINT, C, L, D, ANCHOR_LAYERS)
     np.testing.assert_allclose(old.correction(stack), want, rtol=1e-6)
-    assert old.state_arrays()["row_order"][0, 0] == 0  # packed class by class
+    old.save(saved, FINGERPRINT)
+    with np.load(saved) as state:
+        assert state["row_order"][0, 0] == 0  # packed class by class
     for logits, stack in frame_stream(seed=5, frames=20):
         assert old.update(logits, stack) == reservoir.update(logits, stack)
 

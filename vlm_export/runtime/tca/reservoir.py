@@ -297,7 +297,6 @@ class TokenReservoir:
             self.anchor_rows if anchor_rows is None else anchor_rows,
         )
         current = self.state_arrays()
-        del current[ROW_ORDER]  # the moved entries are packed anew, class by class
         arrays = {
             name: np.zeros((len(sources), *array.shape[1:]), array.dtype)
             for name, array in current.items()
@@ -315,7 +314,6 @@ class TokenReservoir:
         rows, the others are views of the live buffers: copy to keep)."""
         arrays = {
             "unit_stacks": self._unit_stacks(),
-            ROW_ORDER: self._row_of,
             "norms": self._norms,
             "entropies": self._entropies,
             "counts": self._counts,
@@ -327,7 +325,8 @@ class TokenReservoir:
         return views
 
     def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
-        """Replace the state with arrays from ``state_arrays``; rebuilds anchors, bumps version."""
+        """Replace the state with arrays from ``state_arrays`` (and, from a state file, the rows
+        it recorded: ``ROW_ORDER``); rebuilds anchors, bumps version."""
         counts, occupied = check_state_arrays(
             arrays, self.num_classes, self.config.capacity, self.num_layers, self.width
         )
@@ -377,7 +376,12 @@ class TokenReservoir:
                 raise ValueError(f"{len(labels)} labels for {self.num_classes} classes")
             meta.update(labels_meta(engine_fingerprint or "", labels))
         save_state(
-            path, STATE_KIND, STATE_SCHEMA_VERSION, bundle_fingerprint, self.state_arrays(), meta
+            path,
+            STATE_KIND,
+            STATE_SCHEMA_VERSION,
+            bundle_fingerprint,
+            {**self.state_arrays(), ROW_ORDER: self._row_of},
+            meta,
         )
 
     @classmethod
