@@ -297,6 +297,7 @@ class TokenReservoir:
             self.anchor_rows if anchor_rows is None else anchor_rows,
         )
         current = self.state_arrays()
+        del current[ROW_ORDER]  # the moved entries are packed anew, class by class
         arrays = {
             name: np.zeros((len(sources), *array.shape[1:]), array.dtype)
             for name, array in current.items()
@@ -310,10 +311,12 @@ class TokenReservoir:
 
     # ------------------------------------------------------------------ persistence
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """The state as named arrays (read-only; ``unit_stacks`` [C, M, L, D] is assembled from the
-        rows, the others are views of the live buffers: copy to keep)."""
+        """The state as named arrays, all a resumed reservoir needs to compute the same bits
+        (read-only; ``unit_stacks`` [C, M, L, D] is assembled from the rows, the others are views
+        of the live buffers: copy to keep). ``ROW_ORDER`` is storage, not a class's state."""
         arrays = {
             "unit_stacks": self._unit_stacks(),
+            ROW_ORDER: self._row_of,
             "norms": self._norms,
             "entropies": self._entropies,
             "counts": self._counts,
@@ -325,8 +328,8 @@ class TokenReservoir:
         return views
 
     def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
-        """Replace the state with arrays from ``state_arrays`` (and, from a state file, the rows
-        it recorded: ``ROW_ORDER``); rebuilds anchors, bumps version."""
+        """Replace the state with arrays from ``state_arrays`` (``ROW_ORDER`` optional: without
+        it the entries are packed class by class); rebuilds anchors, bumps version."""
         counts, occupied = check_state_arrays(
             arrays, self.num_classes, self.config.capacity, self.num_layers, self.width
         )
@@ -380,7 +383,7 @@ class TokenReservoir:
             STATE_KIND,
             STATE_SCHEMA_VERSION,
             bundle_fingerprint,
-            {**self.state_arrays(), ROW_ORDER: self._row_of},
+            self.state_arrays(),
             meta,
         )
 
