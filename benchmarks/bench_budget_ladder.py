@@ -226,7 +226,7 @@ def staircase(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 MEMORY_PROBE = """
 import json, sys, numpy as np
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.engines.measure import rss_bytes
+from vlm_export.runtime.engines.measure import pss_bytes, rss_bytes
 import onnxruntime
 try:
     import openvino
@@ -235,7 +235,7 @@ except ImportError:
 kind, path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 bundle = Bundle.open(path, verify=False)
 image = np.zeros([int(v) for v in bundle.engine_io("inputs")["image"]["shape"]], np.float32)
-base = rss_bytes()
+base, base_pss = rss_bytes(), pss_bytes()
 if kind.startswith("single"):
     from vlm_export.runtime.engines.factory import open_backend
     engine = open_backend(bundle, kind.split("-")[1], threads=threads)
@@ -252,7 +252,12 @@ else:
         engine.select(index)
         engine.infer(image)
     sharing = engine.sharing
-print(json.dumps({"rss_added_mb": (rss_bytes() - base) / 2**20, "sharing": sharing}))
+pss = pss_bytes()
+print(json.dumps({
+    "rss_added_mb": (rss_bytes() - base) / 2**20,
+    "pss_added_mb": None if pss is None else (pss - base_pss) / 2**20,
+    "sharing": sharing,
+}))
 """
 
 
@@ -285,36 +290,50 @@ def sharing(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         OnnxRuntimeBackend(Bundle.open(path, verify=False), ["CPUExecutionProvider"], args.threads)
         for path in single_paths
     ]
+    ladders = {"prepacked": prepacked, "mapped": mapped}
+    openvino_singles = []
+    if args.openvino:
+        ladders["openvino"] = open_ladder(bundle, "openvino", threads=args.threads)
+        openvino_singles = [
+            OpenVinoBackend(Bundle.open(path, verify=False), "fp32", args.threads)
+            for path in single_paths
+        ]
     runners: dict[Any, Any] = {}
     for index in range(len(rates)):
         runners[("single", index)] = lambda e=singles[index]: e.infer(image)
-        runners[("prepacked", index)] = lambda e=prepacked.engines[index]: e.infer(image)
-        runners[("mapped", index)] = lambda e=mapped.engines[index]: e.infer(image)
+        for kind, ladder in ladders.items():
+            runners[(kind, index)] = lambda e=ladder.engines[index]: e.infer(image)
+        if openvino_singles:
+            runners[("openvino single", index)] = lambda e=openvino_singles[index]: e.infer(image)
     timings = measure.interleaved_latency(runners, args.sharing_rounds, args.warmup, warm_each=2)
-    sharing_modes = {"prepacked": prepacked.sharing, "mapped": mapped.sharing}
-    for engine in [prepacked, mapped, *singles]:
+    sharing_modes = {kind: ladder.sharing for kind, ladder in ladders.items()}
+    for engine in [*ladders.values(), *singles, *openvino_singles]:
         engine.close()
     rungs = []
     for index, rate in enumerate(rates):
         single = timings[("single", index)]["median_ms"]
+        baseline = {kind: single for kind in sharing_modes}
+        if openvino_singles:  # OpenVINO rungs against OpenVINO one-engine bundles
+            baseline["openvino"] = timings[("openvino single", index)]["median_ms"]
         rungs.append(
             {
                 "drop_rate": rate,
                 "median_ms": {kind: timings[(kind, index)]["median_ms"] for kind in sharing_modes}
-                | {"single": single},
+                | {"single": single}
+                | ({"openvino single": baseline["openvino"]} if openvino_singles else {}),
                 "p90_ms": {
                     kind: timings[(kind, index)]["p90_ms"]
                     for kind in ("single", "prepacked", "mapped")
                 },
                 "over_single": {
-                    kind: timings[(kind, index)]["median_ms"] / single for kind in sharing_modes
+                    kind: timings[(kind, index)]["median_ms"] / baseline[kind]
+                    for kind in sharing_modes
                 },
             }
         )
         print(
-            f"rung {index} (drop rate {rate:g}): single {single:.1f} ms, prepacked x"
-            f"{rungs[-1]['over_single']['prepacked']:.3f}, mapped x"
-            f"{rungs[-1]['over_single']['mapped']:.3f}",
+            f"rung {index} (drop rate {rate:g}): single {single:.1f} ms, "
+            + ", ".join(f"{kind} x{ratio:.3f}" for kind, ratio in rungs[-1]["over_single"].items()),
             flush=True,
         )
     probes = {
@@ -324,24 +343,41 @@ def sharing(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "ladder-onnxruntime-unshared": ladder_path,
     }
     if args.openvino:
-        probes |= {"single-openvino": single_paths[0], "ladder-openvino-x": ladder_path}
+        probes |= {
+            "single-openvino": single_paths[0],
+            "ladder-openvino-shared": ladder_path,
+            "ladder-openvino-unshared": ladder_path,
+        }
     rss = {}
     for kind, path in probes.items():
         rss[kind] = _probe(kind, path, args.threads)
-        print(f"{kind}: {rss[kind]['rss_added_mb']:.0f} MB ({rss[kind]['sharing']})", flush=True)
-    one = rss["single-onnxruntime"]["rss_added_mb"]
+        print(
+            f"{kind}: {rss[kind]['rss_added_mb']:.0f} MB resident, "
+            f"{rss[kind]['pss_added_mb'] or float('nan'):.0f} MB proportional "
+            f"({rss[kind]['sharing']})",
+            flush=True,
+        )
+
+    def over_one(kind: str, measure_key: str) -> float:
+        backend = kind.split("-")[1]
+        return rss[kind][measure_key] / rss[f"single-{backend}"][measure_key]
+
     return {
         "rates": rates,
         "rounds": args.sharing_rounds,
         "sharing": sharing_modes,
         "rungs": rungs,
         "rss_added_mb": {kind: row["rss_added_mb"] for kind, row in rss.items()},
+        "pss_added_mb": {kind: row["pss_added_mb"] for kind, row in rss.items()},
         "rss_over_one_engine": {
-            kind: row["rss_added_mb"] / one
-            for kind, row in rss.items()
-            if kind.startswith("ladder-onnxruntime")
+            kind: over_one(kind, "rss_added_mb") for kind in rss if kind.startswith("ladder-")
         },
-        "one_engine": f"bundle exported at drop rate {rates[0]:g} alone",
+        "pss_over_one_engine": {
+            kind: over_one(kind, "pss_added_mb")
+            for kind in rss
+            if kind.startswith("ladder-") and rss[kind]["pss_added_mb"] is not None
+        },
+        "one_engine": f"bundle exported at drop rate {rates[0]:g} alone, same backend",
     }
 
 
@@ -360,7 +396,8 @@ def memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "ladder-onnxruntime-mapped": ladder,
         "ladder-onnxruntime-unshared": ladder,
         "single-openvino": single,
-        "ladder-openvino-x": ladder,
+        "ladder-openvino-shared": ladder,
+        "ladder-openvino-unshared": ladder,
     }
     rss = {}
     for kind, path in probes.items():
@@ -499,26 +536,39 @@ def stream(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
+#: how the sharing plot names each way rungs share weights
+SHARING_LABELS = {
+    "prepacked": "ONNX Runtime, pre-packed",
+    "mapped": "ONNX Runtime, mapped",
+    "openvino": "OpenVINO, one model",
+}
+
+
+def _memory_kind(kind: str) -> str:
+    """The memory probe of a sharing mode: ONNX Runtime's by name, OpenVINO's shared ladder."""
+    return "ladder-openvino-shared" if kind == "openvino" else f"ladder-onnxruntime-{kind}"
+
+
 def _plot_sharing(axis: Any, result: dict[str, Any]) -> None:
     """Each rung's latency over a bundle exported at its rate alone, by how rungs share."""
     data = result["sharing"]
     rungs = data["rungs"]
     kinds = list(rungs[0]["over_single"])
     width = 0.8 / len(kinds)
-    memory = data["rss_over_one_engine"]
+    memory = data.get("pss_over_one_engine") or data["rss_over_one_engine"]
     for offset, kind in enumerate(kinds):
         axis.bar(
             [i + offset * width for i in range(len(rungs))],
             [rung["over_single"][kind] for rung in rungs],
             width,
-            label=f"{kind} (memory x{memory[f'ladder-onnxruntime-{kind}']:.2f})",
+            label=f"{SHARING_LABELS.get(kind, kind)} (memory x{memory[_memory_kind(kind)]:.2f})",
         )
     axis.axhline(1.03, color="k", ls="--", lw=1, label="target 1.03")
     axis.set_xticks([i + width * (len(kinds) - 1) / 2 for i in range(len(rungs))])
     axis.set_xticklabels([f"r = {rung['drop_rate']:g}" for rung in rungs])
     axis.set_ylim(0.8, max(1.4, *(max(r["over_single"].values()) for r in rungs)) + 0.05)
     axis.set_ylabel("rung latency / a bundle exported at that rate alone")
-    axis.set_title(f"{result['model']}: ONNX Runtime rungs sharing weights")
+    axis.set_title(f"{result['model']}: ladder rungs sharing weights")
     axis.legend(fontsize=8)
 
 

@@ -1,6 +1,7 @@
 """`vlm-export quantize` on a ladder bundle: one INT8 graph per rung, gated against its own fp32
-rung, int8 weights stored once; the INT8 rungs run shared and pre-packed in ONNX Runtime (equal
-to each graph run alone), in OpenVINO, and `vlm-edge bench` / `--target-ms` use them."""
+rung, int8 weights stored once; the INT8 rungs run shared and pre-packed in ONNX Runtime and in
+OpenVINO (one compiled model), each equal to its graph run alone, and `vlm-edge bench` /
+`--target-ms` use them."""
 
 from __future__ import annotations
 
@@ -98,12 +99,26 @@ def test_each_int8_rung_gives_the_outputs_of_its_graph_run_alone(ladders):
         ladder.close()
 
 
-def test_openvino_runs_the_int8_rungs(ladders):
+def test_openvino_runs_the_int8_rungs_as_one_model(ladders):
     pytest.importorskip("openvino")
-    ladder = open_ladder(Bundle.open(ladders[1]), "openvino", threads=1, precision="int8")
+    from vlm_export.runtime.engines.openvino_backend import OpenVinoBackend
+
+    bundle = Bundle.open(ladders[1])
+    ladder = open_ladder(bundle, "openvino", threads=1, precision="int8")
+    shape = [int(v) for v in bundle.engine_io("inputs")["image"]["shape"]]
     try:
         assert ladder.precision == "int8" and len(ladder.engines) == len(RATES)
-        assert all(engine.description.startswith("openvino") for engine in ladder.engines)
+        assert ladder.sharing == "prepacked"
+        table = bundle.manifest["ladder"]["int8"]["weights"]["table"]
+        assert sorted(ladder.shared.constants.mapped.arrays) == sorted(r["name"] for r in table)
+        for rung, engine in zip(ladder.rungs, ladder.engines, strict=True):
+            assert engine.description == "openvino:CPU:int8"
+            alone = OpenVinoBackend(bundle, "int8", 1, graph=bundle.path / str(rung.int8))
+            for image in measure.synthetic_images(shape, 2, seed=4):
+                got, want = engine.infer(image), alone.infer(image)
+                np.testing.assert_array_equal(got["token_fate"], want["token_fate"])
+                np.testing.assert_allclose(got["embedding"], want["embedding"], atol=1e-5)
+            alone.close()
     finally:
         ladder.close()
 

@@ -28,3 +28,9 @@ def describe_os_error(exc: OSError) -> str:
     reason = exc.strerror or str(exc) or type(exc).__name__
     name = exc.filename if exc.filename is not None else None
     return f"{name}: {reason}" if name is not None else reason
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of a library's error, cut to ``limit`` characters (its type if empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

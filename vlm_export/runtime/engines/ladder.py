@@ -7,9 +7,10 @@ every session reads it, and the packed copies the MatMul kernels run on live onc
 container (``prepacked_rungs``, through ONNX Runtime's C API, which the Python API lacks). On
 other providers, or without the C API library, the sessions share the mapped weights
 (``SessionOptions.add_initializer``) and run without pre-packing. ``share_memory=False`` opens
-every rung as a one-engine session. OpenVINO compiles each rung on its own and keeps its own
-weights per compiled model. TensorRT runs one engine per rung, each built for this GPU by
-``vlm-export build-engine`` from its rung's graph (``rung`` in the engine's record).
+every rung as a one-engine session. OpenVINO compiles the rungs as the branches of one model, so
+they share one packed copy of the weights too (``openvino_rungs``; bf16 rungs, each pinned
+through its own IR, compile one by one). TensorRT runs one engine per rung, each built for this
+GPU by ``vlm-export build-engine`` from its rung's graph (``rung`` in the engine's record).
 """
 
 from __future__ import annotations
@@ -228,11 +229,9 @@ def open_ladder(
     sharing = "per-rung"
     try:
         if backend == "openvino":
-            from vlm_export.runtime.engines.openvino_backend import OpenVinoBackend
-
-            for rung in rungs:
-                graph = bundle.path / (rung.int8 if int8 else rung.onnx)  # type: ignore[operator]
-                engines.append(OpenVinoBackend(bundle, precision or "fp32", threads, graph=graph))
+            engines, shared, sharing = _open_openvino_rungs(
+                bundle, rungs, precision or "fp32", threads, share_memory
+            )
         elif backend == "tensorrt":
             engines = _open_tensorrt_rungs(bundle, rungs, precision)
         else:
@@ -282,6 +281,34 @@ def _open_tensorrt_rungs(
             engine.close()
         raise
     return engines
+
+
+def _open_openvino_rungs(
+    bundle: Bundle, rungs: Sequence[Rung], precision: str, threads: int | None, share: bool
+) -> tuple[list[EngineBackend], Any, str]:
+    """The rungs' OpenVINO engines, what they share (to close after them) and how: fp32 and
+    int8 rungs compiled as one model with one packed copy of the weights (``openvino_rungs``);
+    bf16 rungs (each pinned through its own IR) and ``share=False`` compiled one by one."""
+    from vlm_export.runtime.engines.openvino_backend import OpenVinoBackend
+
+    int8 = precision == "int8"
+    graphs = [str(rung.int8 if int8 else rung.onnx) for rung in rungs]
+    if share and precision in ("fp32", "int8"):
+        from vlm_export.runtime.engines.openvino_rungs import open_openvino_rungs
+
+        ladder = bundle.manifest["ladder"]
+        weights = ladder["int8"]["weights"] if int8 else ladder["weights"]
+        engines, group = open_openvino_rungs(bundle, graphs, precision, threads, weights)
+        return list(engines), group, "prepacked"
+    engines: list[EngineBackend] = []
+    try:
+        for graph in graphs:
+            engines.append(OpenVinoBackend(bundle, precision, threads, graph=bundle.path / graph))
+    except BaseException:
+        for engine in engines:
+            engine.close()
+        raise
+    return engines, None, "per-rung"
 
 
 def _open_onnxruntime_rungs(

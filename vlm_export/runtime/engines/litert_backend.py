@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from vlm_export.core.errors import BundleError, UserError
+from vlm_export.core.errors import BundleError, UserError, first_line
 from vlm_export.core.manifest import (
     ANCHORS_INPUT,
     ANCHORS_VALID_INPUT,
@@ -102,7 +102,7 @@ class LiteRtBackend(EngineBackend):
             self.interpreter.allocate_tensors()
             signature = self.interpreter.get_signature_runner(SIGNATURE)
         except (ValueError, RuntimeError) as exc:
-            raise BundleError(f"LiteRT cannot load {path.name}: {_first_line(exc)}") from None
+            raise BundleError(f"LiteRT cannot load {path.name}: {first_line(exc)}") from None
         self.description = f"litert:CPU:{self.precision}"
         self._inputs = bundle.engine_io("inputs")
         self._outputs = bundle.engine_io("outputs")
@@ -174,7 +174,7 @@ class LiteRtBackend(EngineBackend):
         try:
             self.interpreter.invoke()
         except RuntimeError as exc:
-            raise RuntimeError(f"LiteRT inference failed: {_first_line(exc)}") from exc
+            raise RuntimeError(f"LiteRT inference failed: {first_line(exc)}") from exc
         return {name: self.interpreter.get_tensor(index) for name, index in self._out.items()}
 
     def close(self) -> None:
@@ -189,8 +189,3 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # no affinity on macOS
         return os.cpu_count() or 1
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

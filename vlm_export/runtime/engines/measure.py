@@ -38,6 +38,19 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def pss_bytes() -> int | None:
+    """This process's proportional set size (Linux ``smaps_rollup``; None elsewhere): resident
+    memory with each page shared by several mappings counted once among them, which RSS counts
+    once per mapping (a weights file mapped by every rung of a ladder)."""
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 class MemoryWatch:
     """The largest RSS increase over a baseline, sampled at the calls of ``sample``."""
 

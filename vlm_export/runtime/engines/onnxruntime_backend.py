@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vlm_export.core.errors import BundleError, UserError
+from vlm_export.core.errors import BundleError, UserError, first_line
 from vlm_export.core.interrupts import ctrl_c_noticed, interrupted
 from vlm_export.core.manifest import ANCHORS_INPUT, ANCHORS_VALID_INPUT, IMAGE_INPUT
 from vlm_export.core.option_names import option
@@ -115,7 +115,7 @@ def _import_onnxruntime() -> ModuleType:
         raise OnnxRuntimeMissing(f"ONNX Runtime cannot be imported ({exc})") from None
     except ImportError as exc:
         raise OnnxRuntimeMissing(
-            f"ONNX Runtime is installed but cannot be imported ({_first_line(exc)}); "
+            f"ONNX Runtime is installed but cannot be imported ({first_line(exc)}); "
             'reinstall it: pip install --force-reinstall ".[cpu]" (or [gpu])'
         ) from None
     warn_if_conflicting()
@@ -126,11 +126,6 @@ def ort_errors(ort: ModuleType) -> tuple[type[BaseException], ...]:
     """ONNX Runtime's own exception classes (they derive from Exception only)."""
     state = importlib.import_module(f"{ort.__name__}.capi.onnxruntime_pybind11_state")
     return tuple(getattr(state, name) for name in ORT_ERROR_NAMES if hasattr(state, name))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def choose_providers(requested: Sequence[str] | None, available: Sequence[str]) -> list[str]:
@@ -210,7 +205,7 @@ class OnnxRuntimeBackend(EngineBackend):
                 )
         except self._errors as exc:
             raise BundleError(
-                f"ONNX Runtime cannot load {bundle.onnx_path.name}: {_first_line(exc)}"
+                f"ONNX Runtime cannot load {bundle.onnx_path.name}: {first_line(exc)}"
             ) from None
         self.providers = list(self.session.get_providers())
         self.description = "onnxruntime:" + "+".join(self.providers)
@@ -295,7 +290,7 @@ class OnnxRuntimeBackend(EngineBackend):
         try:
             self.session.run_with_iobinding(self._binding)
         except self._errors as exc:
-            raise RuntimeError(f"ONNX Runtime inference failed: {_first_line(exc)}") from exc
+            raise RuntimeError(f"ONNX Runtime inference failed: {first_line(exc)}") from exc
         values = self._binding.copy_outputs_to_cpu()
         return dict(zip(self._outputs, values, strict=True))
 

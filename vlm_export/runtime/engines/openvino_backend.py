@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vlm_export.core.errors import BundleError, UserError
+from vlm_export.core.errors import BundleError, UserError, first_line
 from vlm_export.core.manifest import (
     ANCHORS_INPUT,
     ANCHORS_VALID_INPUT,
@@ -31,6 +31,10 @@ from vlm_export.core.option_names import option
 from vlm_export.core.optional_import import import_optional
 from vlm_export.runtime.engines.base import EngineBackend, check_anchor_shapes
 from vlm_export.runtime.engines.openvino_precise import bf16_condensation_nodes, pinned_model
+from vlm_export.runtime.engines.openvino_rungs import RUNG_INPUT
+
+if TYPE_CHECKING:
+    from vlm_export.runtime.engines.openvino_rungs import OpenVinoRungs
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
@@ -80,13 +84,28 @@ def resolve_precision(precision: str, capabilities: list[str], fallback: bool) -
     return "fp32"
 
 
+def compile_config(precision: str, threads: int | None) -> dict[str, Any]:
+    """The CPU plugin's settings: lowest latency, one stream, ``threads`` threads (default: all)."""
+    config: dict[str, Any] = {
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": "1",
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+    }
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"{option('threads')} must be at least 1, got {threads}")
+        config["INFERENCE_NUM_THREADS"] = str(threads)
+    return config
+
+
 class OpenVinoBackend(EngineBackend):
     """Runs the bundle's image encoder with OpenVINO's CPU plugin through one infer request.
 
     ``graph`` is the ONNX file to run (default: the bundle's; an INT8 QDQ graph for ``int8``).
     The anchors live in an array owned by the backend and shared with OpenVINO
     (``ov.Tensor(..., shared_memory=True)``), bound once: ``update_anchor_rows`` writes only the
-    moved classes into it, and nothing is copied per frame.
+    moved classes into it, and nothing is copied per frame. With ``rungs`` it is rung ``rung`` of
+    a ladder compiled as one model (``openvino_rungs``): its own request, that rung's branch.
     """
 
     def __init__(
@@ -96,60 +115,78 @@ class OpenVinoBackend(EngineBackend):
         threads: int | None = None,
         fallback: bool = False,
         graph: str | Path | None = None,
+        rungs: OpenVinoRungs | None = None,
+        rung: int = 0,
     ) -> None:
         self._ov = ov = import_openvino()
-        core = ov.Core()
-        self.precision = resolve_precision(precision, cpu_capabilities(core), fallback)
-        if self.precision == "int8" and graph is None:
-            raise UserError("int8 runs a quantized graph: pass the bundle's INT8 ONNX file")
-        path = Path(graph) if graph is not None else bundle.onnx_path
-        try:
-            model = core.read_model(str(path))
-        except RuntimeError as exc:
-            raise BundleError(f"OpenVINO cannot read {path.name}: {_first_line(exc)}") from None
         self.pinned: list[str] = []
-        if self.precision == "bf16":
-            model, self.pinned = pinned_model(ov, core, model)
-        config: dict[str, Any] = {
-            "PERFORMANCE_HINT": "LATENCY",
-            "NUM_STREAMS": "1",
-            "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
-        }
-        if threads is not None:
-            if threads < 1:
-                raise UserError(f"{option('threads')} must be at least 1, got {threads}")
-            config["INFERENCE_NUM_THREADS"] = str(threads)
-        try:
-            self.compiled = core.compile_model(model, "CPU", config)
-        except RuntimeError as exc:
-            raise BundleError(f"OpenVINO cannot compile {path.name}: {_first_line(exc)}") from None
-        if self.precision == "bf16" and (unpinned := bf16_condensation_nodes(self.compiled)):
-            log.warning(
-                "OpenVINO runs %d condensation node(s) in bf16 despite the fp32 pin (%s ...); "
-                "token fates may differ from fp32",
-                len(unpinned),
-                unpinned[0],
-            )
+        if rungs is not None:  # one rung of a ladder compiled as one model
+            self.precision = precision
+            self.compiled = rungs.compiled
+        else:
+            compiled = self._compile(bundle, precision, threads, fallback, graph)
+            self.precision, self.compiled = compiled
         self.description = f"openvino:CPU:{self.precision}"
         self._inputs = bundle.engine_io("inputs")
         self._outputs = bundle.engine_io("outputs")
-        self._check_model()
+        self._check_model(extra_inputs={RUNG_INPUT} if rungs is not None else set())
         self.image_shape = tuple(int(v) for v in self._inputs[IMAGE_INPUT]["shape"])
         self.condensing = ANCHORS_INPUT in self._inputs
         self.request = self.compiled.create_infer_request()
+        if rungs is not None:
+            self._rung = np.array(rung, np.int32)
+            self.request.set_tensor(RUNG_INPUT, ov.Tensor(self._rung, shared_memory=True))
         self._anchors: np.ndarray | None = None
         self._valid: np.ndarray | None = None
         if self.condensing:
             shape = tuple(int(v) for v in self._inputs[ANCHORS_INPUT]["shape"])
             self.set_anchors(np.zeros(shape, np.float32), np.zeros(shape[0], np.float32))
 
-    def _check_model(self) -> None:
-        """The model's inputs and outputs must be the manifest's, with the manifest's shapes."""
+    def _compile(
+        self,
+        bundle: Bundle,
+        precision: str,
+        threads: int | None,
+        fallback: bool,
+        graph: str | Path | None,
+    ) -> tuple[str, Any]:
+        """(the precision it runs, the compiled model) of one graph."""
+        core = self._ov.Core()
+        precision = resolve_precision(precision, cpu_capabilities(core), fallback)
+        if precision == "int8" and graph is None:
+            raise UserError("int8 runs a quantized graph: pass the bundle's INT8 ONNX file")
+        path = Path(graph) if graph is not None else bundle.onnx_path
+        try:
+            model = core.read_model(str(path))
+        except RuntimeError as exc:
+            raise BundleError(f"OpenVINO cannot read {path.name}: {first_line(exc)}") from None
+        if precision == "bf16":
+            model, self.pinned = pinned_model(self._ov, core, model)
+        try:
+            compiled = core.compile_model(model, "CPU", compile_config(precision, threads))
+        except RuntimeError as exc:
+            raise BundleError(f"OpenVINO cannot compile {path.name}: {first_line(exc)}") from None
+        if precision == "bf16" and (unpinned := bf16_condensation_nodes(compiled)):
+            log.warning(
+                "OpenVINO runs %d condensation node(s) in bf16 despite the fp32 pin (%s ...); "
+                "token fates may differ from fp32",
+                len(unpinned),
+                unpinned[0],
+            )
+        return precision, compiled
+
+    def _check_model(self, extra_inputs: set[str]) -> None:
+        """The model's inputs (but ``extra_inputs``) and outputs must be the manifest's, with the
+        manifest's shapes."""
         for kind, ports, records in (
             ("input", self.compiled.inputs, self._inputs),
             ("output", self.compiled.outputs, self._outputs),
         ):
-            found = {port.get_any_name(): port for port in ports}
+            found = {
+                port.get_any_name(): port
+                for port in ports
+                if kind == "output" or port.get_any_name() not in extra_inputs
+            }
             if set(found) != set(records):
                 raise BundleError(
                     f"model {kind}s {sorted(found)} differ from the manifest's {sorted(records)}"
@@ -197,15 +234,10 @@ class OpenVinoBackend(EngineBackend):
         try:
             self.request.infer()
         except RuntimeError as exc:
-            raise RuntimeError(f"OpenVINO inference failed: {_first_line(exc)}") from exc
+            raise RuntimeError(f"OpenVINO inference failed: {first_line(exc)}") from exc
         return {name: np.array(self.request.get_tensor(name).data) for name in self._outputs}
 
     def close(self) -> None:
         """Drop the infer request and the compiled model."""
         self.request = None
         self.compiled = None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -9,44 +9,21 @@ never read them again, and what still reads them (biases, norms) pages back in f
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vlm_export.core.errors import BundleError
+from vlm_export.core.errors import BundleError, first_line
 from vlm_export.core.manifest import ANCHORS_INPUT, ANCHORS_VALID_INPUT, IMAGE_INPUT
 from vlm_export.runtime.engines import ort_capi
 from vlm_export.runtime.engines.base import EngineBackend, check_anchor_shapes
+from vlm_export.runtime.engines.mapped_weights import MappedWeights
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
 
 DESCRIPTION = "onnxruntime:CPUExecutionProvider"
-
-
-class MappedWeights:
-    """The ladder's weights file mapped read-only, as one array per row of its table."""
-
-    def __init__(self, bundle: Bundle, weights: dict[str, Any]) -> None:
-        table = weights.get("table") or []
-        with open(bundle.path / weights["file"], "rb") as handle:
-            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if table else None
-        self.arrays: dict[str, np.ndarray] = {}
-        for row in table:
-            dtype = np.dtype(row["dtype"])
-            count = int(np.prod(row["shape"], dtype=np.int64))
-            offset = int(row["offset"])
-            if self._map is None or offset + count * dtype.itemsize > len(self._map):
-                raise BundleError(f"{weights['file']} is shorter than its table says")
-            array = np.frombuffer(self._map, dtype, count, offset).reshape(row["shape"])
-            self.arrays[row["name"]] = array
-
-    def release_pages(self) -> None:
-        """Drop the resident pages of the mapping (they page back in from the file if read)."""
-        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
-            self._map.madvise(mmap.MADV_DONTNEED)
 
 
 class PrepackedRungBackend(EngineBackend):
@@ -135,8 +112,7 @@ def open_prepacked_rungs(
             try:
                 engines.append(PrepackedRungBackend(group, bundle, onnx, threads))
             except ort_capi.CApiError as exc:
-                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "error"
-                raise BundleError(f"ONNX Runtime cannot load {onnx}: {first}") from None
+                raise BundleError(f"ONNX Runtime cannot load {onnx}: {first_line(exc)}") from None
     except BaseException:
         group.close()
         raise

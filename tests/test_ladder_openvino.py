@@ -1,0 +1,164 @@
+"""A ladder's OpenVINO rungs compiled as one model: ``ladder_rung`` picks the branch that runs,
+each rung gives the outputs of its graph compiled alone, and every constant two rungs share is
+one array (the mapped weights file where it is a row of it), so the plugin packs it once."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ov = pytest.importorskip("openvino")
+
+from vlm_export.core.errors import BundleError  # noqa: E402
+from vlm_export.export.pipeline import ExportOptions, export_bundle  # noqa: E402
+from vlm_export.models.loading import TEST_MODEL  # noqa: E402
+from vlm_export.models.schedule import CondensationConfig  # noqa: E402
+from vlm_export.runtime.bundle import Bundle  # noqa: E402
+from vlm_export.runtime.engines import measure  # noqa: E402
+from vlm_export.runtime.engines.ladder import open_ladder  # noqa: E402
+from vlm_export.runtime.engines.mapped_weights import MappedWeights  # noqa: E402
+from vlm_export.runtime.engines.openvino_backend import OpenVinoBackend  # noqa: E402
+from vlm_export.runtime.engines.openvino_rungs import (  # noqa: E402
+    RUNG_INPUT,
+    OpenVinoRungs,
+    SharedConstants,
+    open_openvino_rungs,
+    rung_switch_model,
+    same_bytes,
+)
+
+RATES = [0.0, 0.035, 0.1]
+
+
+@pytest.fixture(scope="module")
+def ladder_path(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    options = ExportOptions(
+        method="tca",
+        model=TEST_MODEL,
+        domains=[("things", ["cat", "dog", "bird"])],
+        out=tmp_path_factory.mktemp("ovladder") / "ladder",
+        templates="single",
+        condensation=CondensationConfig(drop_rate=RATES[0]),
+        max_classes=8,
+        quiet=True,
+        text_encoder=False,
+        drop_rates=RATES,
+    )
+    return export_bundle(options)
+
+
+def _cases(bundle: Bundle) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    inputs = bundle.engine_io("inputs")
+    shape = [int(v) for v in inputs["anchors"]["shape"]]
+    images = measure.synthetic_images([int(v) for v in inputs["image"]["shape"]], 3, seed=7)
+    anchors = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    valid = (np.arange(shape[0]) < 3).astype(np.float32)
+    off = (np.zeros(shape, np.float32), np.zeros(shape[0], np.float32))
+    return [(images[0], *off), (images[1], *off), (images[2], anchors, valid)]
+
+
+def test_each_rung_gives_the_outputs_of_its_graph_compiled_alone(ladder_path):
+    bundle = Bundle.open(ladder_path)
+    ladder = open_ladder(bundle, "openvino", threads=1)
+    try:
+        assert ladder.sharing == "prepacked" and isinstance(ladder.shared, OpenVinoRungs)
+        for rung, engine in zip(ladder.rungs, ladder.engines, strict=True):
+            alone = OpenVinoBackend(bundle, "fp32", 1, graph=bundle.path / rung.onnx)
+            for image, anchors, valid in _cases(bundle):
+                engine.set_anchors(anchors, valid)
+                alone.set_anchors(anchors, valid)
+                got, want = engine.infer(image), alone.infer(image)
+                assert list(got) == list(want)
+                for name in want:
+                    np.testing.assert_array_equal(got[name], want[name])
+            alone.close()
+        fates = [engine.infer(_cases(bundle)[0][0])["token_fate"] for engine in ladder.engines]
+        assert not np.array_equal(fates[0], fates[-1]), "the rungs keep different tokens"
+    finally:
+        ladder.close()
+
+
+def test_the_rungs_are_one_compiled_model_reading_one_copy_of_the_weights(ladder_path):
+    bundle = Bundle.open(ladder_path)
+    ladder = open_ladder(bundle, "openvino", threads=1)
+    try:
+        group = ladder.shared
+        assert all(engine.compiled is group.compiled for engine in ladder.engines)
+        assert RUNG_INPUT in {port.get_any_name() for port in group.compiled.inputs}
+        mapped = group.constants.mapped
+        start = np.frombuffer(mapped._map, np.uint8).ctypes.data
+        table = bundle.manifest["ladder"]["weights"]["table"]
+        for row in table:
+            assert mapped.arrays[row["name"]].ctypes.data == start + row["offset"]
+    finally:
+        ladder.close()
+    assert group.compiled is None and group.constants.mapped is None
+
+
+def test_shared_constants_point_equal_bytes_of_every_rung_at_one_array(ladder_path):
+    bundle = Bundle.open(ladder_path)
+    mapped = MappedWeights(bundle, bundle.manifest["ladder"]["weights"], writable=True)
+    constants = SharedConstants(mapped)
+    core = ov.Core()
+    models = [core.read_model(str(bundle.path / rung["onnx"])) for rung in _rungs(bundle)]
+    for model in models:
+        constants.share(ov.opset13, model)
+    where: dict[bytes, set[int]] = {}
+    for model in models:
+        for node in model.get_ordered_ops():
+            if node.get_type_name() == "Constant":
+                data = node.get_data()
+                key = data.dtype.str.encode() + str(data.shape).encode() + data.tobytes()
+                where.setdefault(key, set()).add(data.ctypes.data)
+    assert all(len(addresses) == 1 for addresses in where.values())
+    start = np.frombuffer(mapped._map, np.uint8).ctypes.data
+    in_file = {a for addresses in where.values() for a in addresses if a >= start}
+    assert len(in_file) == len(bundle.manifest["ladder"]["weights"]["table"])
+
+
+def _rungs(bundle: Bundle) -> list[dict]:
+    return bundle.manifest["ladder"]["rungs"]
+
+
+def test_the_rung_input_picks_the_branch():
+    ops = ov.opset13
+    models = []
+    for factor in (1.0, 2.0, 3.0):
+        x = ops.parameter([2], ov.Type.f32, name="x")
+        y = ops.multiply(x, ops.constant(np.float32(factor)))
+        result = ops.result(y)
+        result.output(0).set_names({"y"})
+        models.append(ov.Model([result], [x], f"times{factor:g}"))
+    compiled = ov.Core().compile_model(rung_switch_model(ov, models), "CPU")
+    request = compiled.create_infer_request()
+    for rung, factor in enumerate((1.0, 2.0, 3.0)):
+        request.infer({"x": np.array([1.0, -2.0], np.float32), RUNG_INPUT: np.int32(rung)})
+        np.testing.assert_array_equal(request.get_tensor("y").data, [factor, -2.0 * factor])
+
+
+def test_same_bytes_tells_minus_zero_from_zero():
+    assert same_bytes(np.zeros(3, np.float32), np.zeros(3, np.float32))
+    assert not same_bytes(np.zeros(3, np.float32), -np.zeros(3, np.float32))
+
+
+def test_unshared_rungs_compile_one_by_one(ladder_path):
+    ladder = open_ladder(Bundle.open(ladder_path), "openvino", threads=1, share_memory=False)
+    try:
+        assert ladder.sharing == "per-rung" and ladder.shared is None
+        assert len({id(engine.compiled) for engine in ladder.engines}) == len(RATES)
+    finally:
+        ladder.close()
+
+
+def test_a_rung_graph_openvino_cannot_read_is_one_line(ladder_path, tmp_path):
+    copy = Path(shutil.copytree(ladder_path, tmp_path / "bundle"))
+    (copy / "image_encoder.rung1.onnx").write_bytes(b"not a model")
+    bundle = Bundle.open(copy, verify=False)
+    graphs = ["image_encoder.onnx", "image_encoder.rung1.onnx"]
+    with pytest.raises(BundleError, match="OpenVINO cannot read image_encoder.rung1.onnx"):
+        open_openvino_rungs(bundle, graphs, "fp32", 1)
