@@ -31,10 +31,6 @@ from vlm_export.core.option_names import option
 from vlm_export.core.optional_import import import_optional
 from vlm_export.runtime.engines.base import EngineBackend, check_anchor_shapes
 from vlm_export.runtime.engines.openvino_precise import bf16_condensation_nodes, pinned_model
-from vlm_export.runtime.engines.openvino_rungs import RUNG_INPUT
-
-if TYPE_CHECKING:
-    from vlm_export.runtime.engines.openvino_rungs import OpenVinoRungs
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
@@ -104,8 +100,9 @@ class OpenVinoBackend(EngineBackend):
     ``graph`` is the ONNX file to run (default: the bundle's; an INT8 QDQ graph for ``int8``).
     The anchors live in an array owned by the backend and shared with OpenVINO
     (``ov.Tensor(..., shared_memory=True)``), bound once: ``update_anchor_rows`` writes only the
-    moved classes into it, and nothing is copied per frame. With ``rungs`` it is rung ``rung`` of
-    a ladder compiled as one model (``openvino_rungs``): its own request, that rung's branch.
+    moved classes into it, and nothing is copied per frame. ``compiled`` runs a model compiled
+    elsewhere in ``precision`` (a ladder's rungs as one model, ``openvino_rungs``), with
+    ``fixed_inputs`` (more than the manifest's, such as the rung) bound once to this request.
     """
 
     def __init__(
@@ -115,27 +112,26 @@ class OpenVinoBackend(EngineBackend):
         threads: int | None = None,
         fallback: bool = False,
         graph: str | Path | None = None,
-        rungs: OpenVinoRungs | None = None,
-        rung: int = 0,
+        compiled: Any = None,
+        fixed_inputs: dict[str, np.ndarray] | None = None,
     ) -> None:
         self._ov = ov = import_openvino()
         self.pinned: list[str] = []
-        if rungs is not None:  # one rung of a ladder compiled as one model
-            self.precision = precision
-            self.compiled = rungs.compiled
+        self._fixed = dict(fixed_inputs or {})
+        if compiled is not None:
+            self.precision, self.compiled = precision, compiled
         else:
             compiled = self._compile(bundle, precision, threads, fallback, graph)
             self.precision, self.compiled = compiled
         self.description = f"openvino:CPU:{self.precision}"
         self._inputs = bundle.engine_io("inputs")
         self._outputs = bundle.engine_io("outputs")
-        self._check_model(extra_inputs={RUNG_INPUT} if rungs is not None else set())
+        self._check_model(extra_inputs=set(self._fixed))
         self.image_shape = tuple(int(v) for v in self._inputs[IMAGE_INPUT]["shape"])
         self.condensing = ANCHORS_INPUT in self._inputs
         self.request = self.compiled.create_infer_request()
-        if rungs is not None:
-            self._rung = np.array(rung, np.int32)
-            self.request.set_tensor(RUNG_INPUT, ov.Tensor(self._rung, shared_memory=True))
+        for name, value in self._fixed.items():
+            self.request.set_tensor(name, ov.Tensor(value, shared_memory=True))
         self._anchors: np.ndarray | None = None
         self._valid: np.ndarray | None = None
         if self.condensing:

@@ -20,6 +20,11 @@ import numpy as np
 
 from vlm_export.core.errors import BundleError, first_line
 from vlm_export.runtime.engines.mapped_weights import MappedWeights
+from vlm_export.runtime.engines.openvino_backend import (
+    OpenVinoBackend,
+    compile_config,
+    import_openvino,
+)
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
@@ -194,26 +199,25 @@ def open_openvino_rungs(
     precision: str,
     threads: int | None,
     weights_record: dict[str, Any] | None = None,
-) -> tuple[list[Any], OpenVinoRungs]:
+) -> tuple[list[OpenVinoBackend], OpenVinoRungs]:
     """One OpenVINO backend per rung graph, all running in one compiled model (close the
     returned group after the backends); the graphs read the weights file of ``weights_record``
     (default: the ladder's fp32 ``ladder.weights``)."""
-    from vlm_export.runtime.engines.openvino_backend import (
-        OpenVinoBackend,
-        compile_config,
-        import_openvino,
-    )
-
     ov = import_openvino()
     record = weights_record or bundle.manifest["ladder"]["weights"]
     mapped = MappedWeights(bundle, record, writable=True) if record.get("table") else None
     group = OpenVinoRungs(
         ov, ov.Core(), [bundle.path / g for g in graphs], compile_config(precision, threads), mapped
     )
-    engines: list[Any] = []
+    engines: list[OpenVinoBackend] = []
     try:
         for index in range(len(graphs)):
-            engines.append(OpenVinoBackend(bundle, precision, threads, rungs=group, rung=index))
+            rung = {RUNG_INPUT: np.array(index, np.int32)}
+            engines.append(
+                OpenVinoBackend(
+                    bundle, precision, threads, compiled=group.compiled, fixed_inputs=rung
+                )
+            )
     except BaseException:
         for engine in engines:
             engine.close()
