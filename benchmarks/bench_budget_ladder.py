@@ -60,13 +60,13 @@ from vlm_export.models.condensing_tower import CondensingVisionTower
 from vlm_export.models.loading import load_clip
 from vlm_export.models.schedule import CondensationConfig, ScheduleError
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.engines import measure
-from vlm_export.runtime.engines.budget import BudgetController, choose_rung
+from vlm_export.runtime.engines.backends.onnxruntime_backend import OnnxRuntimeBackend
+from vlm_export.runtime.engines.backends.openvino_backend import OpenVinoBackend
+from vlm_export.runtime.engines.base import BundleGraph
+from vlm_export.runtime.engines.checks import measure
 from vlm_export.runtime.engines.factory import graph_view
-from vlm_export.runtime.engines.ladder import LadderBackend, ladder_rungs, open_ladder
-from vlm_export.runtime.engines.onnxruntime_backend import OnnxRuntimeBackend
-from vlm_export.runtime.engines.openvino_backend import OpenVinoBackend
-from vlm_export.runtime.engines.parity import BundleGraph
+from vlm_export.runtime.engines.ladder.budget import BudgetController, choose_rung
+from vlm_export.runtime.engines.ladder.ladder import LadderBackend, ladder_rungs, open_ladder
 from vlm_export.runtime.pipeline import Pipeline
 from vlm_export.runtime.tca.stage import build_reservoir
 
@@ -226,7 +226,7 @@ def staircase(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 MEMORY_PROBE = """
 import json, sys, numpy as np
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.engines.measure import pss_bytes, rss_bytes
+from vlm_export.runtime.engines.checks.measure import pss_bytes, rss_bytes
 import onnxruntime
 try:
     import openvino
@@ -242,7 +242,7 @@ if kind.startswith("single"):
     engine.infer(image)
     sharing = "one engine"
 else:
-    from vlm_export.runtime.engines.ladder import open_ladder
+    from vlm_export.runtime.engines.ladder.ladder import open_ladder
     _, backend, share = kind.split("-")
     engine = open_ladder(
         bundle, backend, threads=threads, share_memory=share != "unshared",

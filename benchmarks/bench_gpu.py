@@ -169,7 +169,7 @@ def open_backends(path_name: str, bundles: dict[str, Path], workspace_mb: int) -
     for kind, folder in bundles.items():
         if path_name == TENSORRT:
             from vlm_export.export.tensorrt.install import add_engine_to_bundle
-            from vlm_export.runtime.engines.tensorrt_backend import TensorRTBackend
+            from vlm_export.runtime.engines.backends.tensorrt_backend import TensorRTBackend
 
             add_engine_to_bundle(
                 folder, "fp16", workspace_mb, WORK / "timing.cache", overwrite=True
@@ -177,7 +177,7 @@ def open_backends(path_name: str, bundles: dict[str, Path], workspace_mb: int) -
             bundle = open_bundle(folder)
             backends[kind] = (TensorRTBackend(bundle, precision="fp16"), bundle)
         else:
-            from vlm_export.runtime.engines.onnxruntime_backend import OnnxRuntimeBackend
+            from vlm_export.runtime.engines.backends.onnxruntime_backend import OnnxRuntimeBackend
 
             bundle = open_bundle(folder)
             with warnings.catch_warnings():

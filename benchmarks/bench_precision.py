@@ -5,12 +5,12 @@ bundles, quantizes the condensed one (calibrated on synthetic images: ONNX Runti
 graph per ``--scopes`` entry, and, where nncf is installed, an OpenVINO INT8 IR by NNCF's
 transformer preset with the condensation in its ignored scope; each with its gate numbers),
 then times batch-1 inference of every engine interleaved (after warm-up,
-``vlm_export.runtime.engines.measure``) and reports each median as a ratio of the full fp32 ONNX
-Runtime median measured in the same run. Parity is against condensed fp32 ONNX Runtime on seeded
-images (anchors off, and on for the first image): embedding cosine and token-fate agreement, and
-top-1 agreement on the bundle's classes (anchors off). bf16 runs only where OpenVINO lists BF16
-for this CPU. The result records the CPU's SIMD flags and whether it has VNNI: the INT8 target
-(0.30x of full fp32) is for CPUs with VNNI (AVX512-VNNI or AVX-VNNI).
+``vlm_export.runtime.engines.checks.measure``) and reports each median as a ratio of the full
+fp32 ONNX Runtime median measured in the same run. Parity is against condensed fp32 ONNX Runtime
+on seeded images (anchors off, and on for the first image): embedding cosine and token-fate
+agreement, and top-1 agreement on the bundle's classes (anchors off). bf16 runs only where
+OpenVINO lists BF16 for this CPU. The result records the CPU's SIMD flags and whether it has
+VNNI: the INT8 target (0.30x of full fp32) is for CPUs with VNNI (AVX512-VNNI or AVX-VNNI).
 
 Why fates flip: for the first reduction (where both graphs rank the same 196 patches) the ranking
 scores of the fp32 and INT8 graphs are read out (the TopK input of ``/condensers.0``) and each
@@ -46,14 +46,14 @@ from vlm_export.export.int8 import graph as int8_graph
 from vlm_export.export.int8 import nncf as int8_nncf
 from vlm_export.export.pipeline import ExportOptions, export_bundle
 from vlm_export.models.schedule import CondensationConfig
-from vlm_export.runtime.engines import measure
-from vlm_export.runtime.engines.onnxruntime_backend import OnnxRuntimeBackend
-from vlm_export.runtime.engines.openvino_backend import (
+from vlm_export.runtime.engines.backends.onnxruntime_backend import OnnxRuntimeBackend
+from vlm_export.runtime.engines.backends.openvino_backend import (
     OpenVinoBackend,
     cpu_capabilities,
     import_openvino,
 )
-from vlm_export.runtime.engines.parity import BundleGraph
+from vlm_export.runtime.engines.base import BundleGraph
+from vlm_export.runtime.engines.checks import measure
 from vlm_export.runtime.io.preprocess import Preprocessor
 
 CLASSES = ["cat", "dog", "bird", "car", "bus", "truck", "ship", "plane", "horse", "frog"]

@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import Any
 
 from vlm_export.core.atomic import atomic_file, atomic_write_bytes
-from vlm_export.runtime.engines.bench_record import device_description
+from vlm_export.runtime.engines.checks.bench_record import device_description
 
 #: the repository root, and the folder the benchmarks write their results to
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from vlm_export.core import manifest as mf
-from vlm_export.runtime.engines.reference import record_reference
+from vlm_export.runtime.engines.checks.reference import record_reference
 
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]

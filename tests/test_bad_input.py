@@ -773,7 +773,7 @@ def _deep_class_list(root: Path, bundle: Path) -> None:
 
 
 def _deep_bench_record(root: Path, bundle: Path) -> None:
-    from vlm_export.runtime.engines.bench_record import best_recorded, record_path
+    from vlm_export.runtime.engines.checks.bench_record import best_recorded, record_path
 
     record_path(bundle).write_text(DEEP)
     assert best_recorded(bundle, "any") is None  # ignored like any record it did not write

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vlm_export.runtime.engines.budget import BudgetController, choose_rung, efficient_rungs
+from vlm_export.runtime.engines.ladder.budget import BudgetController, choose_rung, efficient_rungs
 
 RATES = [0.0, 0.035, 0.06, 0.1]
 RECORDED = [40.0, 34.0, 30.0, 24.0]  # p90 per rung, largest budget first

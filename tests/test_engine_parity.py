@@ -26,15 +26,18 @@ from vlm_export.export.tensorrt.install import (
     register_engine_in_bundle,
 )
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.engines import parity as engine_parity
-from vlm_export.runtime.engines.base import EngineBackend
-from vlm_export.runtime.engines.parity import (
+from vlm_export.runtime.engines.backends.tensorrt_backend import (
+    EngineRunner,
+    TensorRTBackend,
+    TensorSpec,
+)
+from vlm_export.runtime.engines.base import BundleGraph, EngineBackend
+from vlm_export.runtime.engines.checks.parity import (
     EngineParityError,
     check_engine_parity,
     compare_backends,
 )
 from vlm_export.runtime.engines.select import TensorRTUnavailableError, choose_engine
-from vlm_export.runtime.engines.tensorrt_backend import EngineRunner, TensorRTBackend, TensorSpec
 
 C, R, D, E, L, P = 3, 2, 6, 5, 4, 9  # classes, reductions, width, embedding, layers, patches
 IMAGE = (1, 3, 8, 8)
@@ -247,7 +250,7 @@ def _fake_engines(monkeypatch, noise: float = 0.0) -> list[TensorRTBackend]:
         assert Path(engine_path).is_file()
         memory = FakeMemory()
         runner = OrtRunner(memory, bundle_dir / manifest["engine"]["onnx"], manifest, noise)
-        graph = engine_parity.BundleGraph(bundle_dir, manifest)
+        graph = BundleGraph(bundle_dir, manifest)
         backend = TensorRTBackend(graph, runner=runner, memory=memory)
         opened.append(backend)
         return backend

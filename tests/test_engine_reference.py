@@ -19,13 +19,13 @@ from vlm_export.core.reference_images import reference_inputs, reference_pixels
 from vlm_export.runtime import cli
 from vlm_export.runtime.api import open_pipeline
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.engines.factory import open_backend
-from vlm_export.runtime.engines.reference import (
+from vlm_export.runtime.engines.checks.reference import (
     PRECISION_BOUNDS,
     EngineDriftError,
     check_engine,
     compare,
 )
+from vlm_export.runtime.engines.factory import open_backend
 
 #: sha256 of reference_pixels(16, 24) as float32 bytes: the images must not change silently
 #: (a change makes every recorded bundle fail its check; bump GENERATOR with it)
@@ -226,8 +226,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_export_records_every_rung_and_each_rung_is_checked(exported: Path, caplog) -> None:
     """One record per fp32 graph, listed with its sha256; the ladder's rungs open against their
     own records (a rung compared with another rung's record would fail the fp32 bound)."""
-    from vlm_export.runtime.engines.ladder import open_ladder
-    from vlm_export.runtime.engines.reference import load_record, run_reference
+    from vlm_export.runtime.engines.checks.reference import load_record, run_reference
+    from vlm_export.runtime.engines.ladder.ladder import open_ladder
 
     bundle = Bundle.open(exported, verify="full")
     records = bundle.manifest["reference"]["records"]

@@ -33,7 +33,7 @@ from vlm_export.core.state_file import load_state, save_state
 from vlm_export.export.cli import main as export_main
 from vlm_export.runtime import cli
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.engines import onnxruntime_backend
+from vlm_export.runtime.engines.backends import onnxruntime_backend
 from vlm_export.runtime.pipeline import FrameResult, Pipeline
 from vlm_export.runtime.tca.stage import build_reservoir
 

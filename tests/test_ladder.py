@@ -25,7 +25,7 @@ from vlm_export.models.schedule import CondensationConfig  # noqa: E402
 from vlm_export.runtime.bundle import Bundle  # noqa: E402
 from vlm_export.runtime.cli import main as edge_main  # noqa: E402
 from vlm_export.runtime.engines.factory import open_backend  # noqa: E402
-from vlm_export.runtime.engines.ladder import open_ladder  # noqa: E402
+from vlm_export.runtime.engines.ladder.ladder import open_ladder  # noqa: E402
 from vlm_export.runtime.pipeline import Pipeline  # noqa: E402
 from vlm_export.runtime.tca.stage import build_reservoir  # noqa: E402
 
@@ -219,7 +219,7 @@ def test_schema_checks_the_ladder_section(bundles, change, message):
 
 
 def test_unlisted_rung_file_is_refused_by_the_runtime(bundles):
-    from vlm_export.runtime.engines.ladder import ladder_rungs
+    from vlm_export.runtime.engines.ladder.ladder import ladder_rungs
 
     manifest = read_manifest(bundles[0])
     del manifest["files"]["image_encoder.rung2.onnx"]

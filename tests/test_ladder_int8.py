@@ -24,10 +24,10 @@ from vlm_export.models.loading import TEST_MODEL  # noqa: E402
 from vlm_export.models.schedule import CondensationConfig  # noqa: E402
 from vlm_export.runtime.bundle import Bundle  # noqa: E402
 from vlm_export.runtime.cli import main as edge_main  # noqa: E402
-from vlm_export.runtime.engines import measure  # noqa: E402
+from vlm_export.runtime.engines.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
+from vlm_export.runtime.engines.checks import measure  # noqa: E402
 from vlm_export.runtime.engines.factory import graph_view  # noqa: E402
-from vlm_export.runtime.engines.ladder import open_ladder  # noqa: E402
-from vlm_export.runtime.engines.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
+from vlm_export.runtime.engines.ladder.ladder import open_ladder  # noqa: E402
 
 RATES = [0.0, 0.035, 0.1]
 
@@ -101,7 +101,7 @@ def test_each_int8_rung_gives_the_outputs_of_its_graph_run_alone(ladders):
 
 def test_openvino_runs_the_int8_rungs_as_one_model(ladders):
     pytest.importorskip("openvino")
-    from vlm_export.runtime.engines.openvino_backend import OpenVinoBackend
+    from vlm_export.runtime.engines.backends.openvino_backend import OpenVinoBackend
 
     bundle = Bundle.open(ladders[1])
     ladder = open_ladder(bundle, "openvino", threads=1, precision="int8")

@@ -18,11 +18,11 @@ from vlm_export.export.pipeline import ExportOptions, export_bundle  # noqa: E40
 from vlm_export.models.loading import TEST_MODEL  # noqa: E402
 from vlm_export.models.schedule import CondensationConfig  # noqa: E402
 from vlm_export.runtime.bundle import Bundle  # noqa: E402
-from vlm_export.runtime.engines import measure  # noqa: E402
-from vlm_export.runtime.engines.ladder import open_ladder  # noqa: E402
-from vlm_export.runtime.engines.mapped_weights import MappedWeights  # noqa: E402
-from vlm_export.runtime.engines.openvino_backend import OpenVinoBackend  # noqa: E402
-from vlm_export.runtime.engines.openvino_rungs import (  # noqa: E402
+from vlm_export.runtime.engines.backends.openvino_backend import OpenVinoBackend  # noqa: E402
+from vlm_export.runtime.engines.checks import measure  # noqa: E402
+from vlm_export.runtime.engines.ladder.ladder import open_ladder  # noqa: E402
+from vlm_export.runtime.engines.ladder.mapped_weights import MappedWeights  # noqa: E402
+from vlm_export.runtime.engines.ladder.openvino_rungs import (  # noqa: E402
     RUNG_INPUT,
     OpenVinoRungs,
     SharedConstants,

@@ -19,11 +19,12 @@ from vlm_export.export.pipeline import ExportOptions, export_bundle  # noqa: E40
 from vlm_export.models.loading import TEST_MODEL  # noqa: E402
 from vlm_export.models.schedule import CondensationConfig  # noqa: E402
 from vlm_export.runtime.bundle import Bundle  # noqa: E402
-from vlm_export.runtime.engines import measure, ort_capi  # noqa: E402
+from vlm_export.runtime.engines.backends import ort_capi  # noqa: E402
+from vlm_export.runtime.engines.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
+from vlm_export.runtime.engines.checks import measure  # noqa: E402
 from vlm_export.runtime.engines.factory import graph_view  # noqa: E402
-from vlm_export.runtime.engines.ladder import open_ladder  # noqa: E402
-from vlm_export.runtime.engines.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
-from vlm_export.runtime.engines.prepacked_rungs import open_prepacked_rungs  # noqa: E402
+from vlm_export.runtime.engines.ladder.ladder import open_ladder  # noqa: E402
+from vlm_export.runtime.engines.ladder.prepacked_rungs import open_prepacked_rungs  # noqa: E402
 
 RATES = [0.0, 0.035, 0.1]
 

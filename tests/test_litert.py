@@ -30,9 +30,9 @@ from vlm_export.core.manifest import (
 from vlm_export.export.cli import main as export_main
 from vlm_export.runtime import cli
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.engines.bench_record import record_path
+from vlm_export.runtime.engines.checks.bench_record import record_path
+from vlm_export.runtime.engines.checks.parity import open_reference
 from vlm_export.runtime.engines.factory import open_backend
-from vlm_export.runtime.engines.parity import open_reference
 
 FIXTURE = Path(__file__).parent / "data" / "fake_tca.fp32.tflite"
 LITERT = importlib.util.find_spec("ai_edge_litert") is not None
@@ -110,7 +110,7 @@ def test_litert_backend_matches_onnxruntime(fake: Path) -> None:
 def test_threads_left_out_use_every_usable_cpu(fake: Path, monkeypatch, threads) -> None:
     """LiteRT's own default is one thread; left out, --threads means every usable CPU, as on
     ONNX Runtime and OpenVINO (one thread ran ViT-B-16 at 1.7x ONNX Runtime's latency)."""
-    from vlm_export.runtime.engines import litert_backend
+    from vlm_export.runtime.engines.backends import litert_backend
 
     real = litert_backend.import_interpreter()
     asked: list[int | None] = []

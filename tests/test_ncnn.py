@@ -26,7 +26,7 @@ from vlm_export.export.ncnn import convert as ncnn_convert
 from vlm_export.export.ncnn.graph import prepare_for_pnnx
 from vlm_export.runtime import cli as runtime_cli
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.engines import parity as engine_parity
+from vlm_export.runtime.engines.checks import parity as engine_parity
 from vlm_export.runtime.engines.factory import open_backend
 
 HAVE_PNNX = importlib.util.find_spec("pnnx") is not None

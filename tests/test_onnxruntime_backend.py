@@ -17,7 +17,7 @@ from vlm_export.core import manifest as mf
 from vlm_export.core.errors import BundleError, UserError
 from vlm_export.runtime import cli
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.engines import onnxruntime_backend as ortb
+from vlm_export.runtime.engines.backends import onnxruntime_backend as ortb
 from vlm_export.runtime.engines.factory import open_backend
 
 
@@ -93,7 +93,8 @@ def test_backend_module_imports_without_onnxruntime() -> None:
         """
         import sys
         sys.modules["onnxruntime"] = None
-        from vlm_export.runtime.engines import factory, onnxruntime_backend
+        from vlm_export.runtime.engines import factory
+        from vlm_export.runtime.engines.backends import onnxruntime_backend
         print(onnxruntime_backend.choose_providers(["cpu"], ["CPUExecutionProvider"]))
         """
     )

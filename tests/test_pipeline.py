@@ -17,7 +17,7 @@ from PIL import Image
 from vlm_export.core import manifest as mf
 from vlm_export.core.errors import BundleError, StateError, UserError
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.engines import onnxruntime_backend as ortb
+from vlm_export.runtime.engines.backends import onnxruntime_backend as ortb
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.factory import open_backend
 from vlm_export.runtime.io.preprocess import ImageError

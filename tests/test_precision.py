@@ -113,7 +113,7 @@ def test_openvino_anchor_rows_update_in_place(tiny_tca) -> None:
 
 def test_bf16_pins_condensation_layernorm_and_softmax(tiny_tca) -> None:
     ov = pytest.importorskip("openvino")
-    from vlm_export.runtime.engines import openvino_precise as pins
+    from vlm_export.runtime.engines.backends import openvino_precise as pins
 
     core = ov.Core()
     model = core.read_model(str(tiny_tca / "image_encoder.onnx"))
@@ -144,7 +144,7 @@ def test_bf16_pins_condensation_layernorm_and_softmax(tiny_tca) -> None:
 def test_python_rt_info_strings_are_not_the_typed_pin(tiny_tca) -> None:
     """Why the pin goes through an IR: a string set from Python is not OpenVINO's attribute."""
     ov = pytest.importorskip("openvino")
-    from vlm_export.runtime.engines import openvino_precise as pins
+    from vlm_export.runtime.engines.backends import openvino_precise as pins
 
     model = ov.Core().read_model(str(tiny_tca / "image_encoder.onnx"))
     node = next(op for op in model.get_ordered_ops() if op.get_type_name() == "Softmax")
@@ -156,8 +156,8 @@ def test_python_rt_info_strings_are_not_the_typed_pin(tiny_tca) -> None:
 def test_bf16_compiled_model_runs_the_condensation_in_fp32(tiny_tca) -> None:
     """On a CPU with bf16: the compiled model's runtime precisions (skipped elsewhere)."""
     ov = pytest.importorskip("openvino")
-    from vlm_export.runtime.engines import openvino_backend as ovb
-    from vlm_export.runtime.engines import openvino_precise as pins
+    from vlm_export.runtime.engines.backends import openvino_backend as ovb
+    from vlm_export.runtime.engines.backends import openvino_precise as pins
 
     if "BF16" not in ovb.cpu_capabilities(ov.Core()):
         pytest.skip("this CPU has no bf16 (OpenVINO's OPTIMIZATION_CAPABILITIES)")
@@ -178,7 +178,7 @@ def test_bf16_compiled_model_runs_the_condensation_in_fp32(tiny_tca) -> None:
 
 
 def test_bf16_without_cpu_support_refuses_or_falls_back(caplog: pytest.LogCaptureFixture) -> None:
-    from vlm_export.runtime.engines import openvino_backend as ovb
+    from vlm_export.runtime.engines.backends import openvino_backend as ovb
 
     with pytest.raises(ovb.PrecisionUnavailable, match="no bf16 support"):
         ovb.resolve_precision("bf16", ["FP32", "INT8"], fallback=False)

@@ -29,9 +29,9 @@ from vlm_export.export import cli as export_cli
 from vlm_export.runtime import api
 from vlm_export.runtime import cli as edge_cli
 from vlm_export.runtime.bundle import Bundle
+from vlm_export.runtime.engines.backends.onnxruntime_backend import OnnxRuntimeBackend
+from vlm_export.runtime.engines.checks.reference import EngineDriftError
 from vlm_export.runtime.engines.factory import open_backend
-from vlm_export.runtime.engines.onnxruntime_backend import OnnxRuntimeBackend
-from vlm_export.runtime.engines.reference import EngineDriftError
 
 FAKES = Path(__file__).parent / "fake_rockchip"
 RKNN_FILE = "image_encoder.rk3588.fp16.rknn"

@@ -138,7 +138,7 @@ def test_serve_refuses_a_drifted_engine_unless_allowed(folders, tmp_path) -> Non
 
     from vlm_export.runtime.cli import build_parser
     from vlm_export.runtime.commands import serve as command
-    from vlm_export.runtime.engines.reference import EngineDriftError
+    from vlm_export.runtime.engines.checks.reference import EngineDriftError
 
     bundle = drift_encoder(make_bundle(tmp_path / "drifted", method="tca", reference=True))
     sources = {"front": folders["moving"]}

@@ -55,9 +55,16 @@ from vlm_export.export.tensorrt.engine_cmd import (
 )
 from vlm_export.export.tensorrt.install import add_engine_to_bundle, register_engine_in_bundle
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.engines import tensorrt_backend
+from vlm_export.runtime.engines.backends import tensorrt_backend
+from vlm_export.runtime.engines.backends.tensorrt_backend import (
+    DeviceMemory,
+    EngineRunner,
+    TensorRTBackend,
+    TensorSpec,
+)
+from vlm_export.runtime.engines.backends.tensorrt_backend import engine_path as tensorrt_engine_path
+from vlm_export.runtime.engines.checks.parity import open_reference
 from vlm_export.runtime.engines.factory import open_backend
-from vlm_export.runtime.engines.parity import open_reference
 from vlm_export.runtime.engines.select import (
     DeviceInfo,
     NoMatchingEngineError,
@@ -66,13 +73,6 @@ from vlm_export.runtime.engines.select import (
     normalize_compute_capability,
     select_engine,
 )
-from vlm_export.runtime.engines.tensorrt_backend import (
-    DeviceMemory,
-    EngineRunner,
-    TensorRTBackend,
-    TensorSpec,
-)
-from vlm_export.runtime.engines.tensorrt_backend import engine_path as tensorrt_engine_path
 
 C, R, D, E, L = 3, 2, 8, 4, 5  # classes, reduction blocks, width, embedding, layers
 IMAGE_SHAPE = (1, 3, 16, 16)
@@ -1052,7 +1052,7 @@ def test_the_chosen_engine_notes_the_refused_ones(tmp_path):
 def test_vlm_edge_run_prints_the_notes_of_the_backend(tmp_path, monkeypatch, capsys):
     from vlm_export.runtime import cli
     from vlm_export.runtime.engines import factory
-    from vlm_export.runtime.engines.onnxruntime_backend import OnnxRuntimeBackend
+    from vlm_export.runtime.engines.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     def with_notes(bundle):
         backend = OnnxRuntimeBackend(bundle)
@@ -1097,7 +1097,7 @@ def gpu_device():
 
 @pytest.mark.gpu
 def test_cuda_memory_round_trip(gpu_device):
-    from vlm_export.runtime.engines.tensorrt_backend import CudaDeviceMemory
+    from vlm_export.runtime.engines.backends.tensorrt_backend import CudaDeviceMemory
 
     memory = CudaDeviceMemory()
     try:

@@ -25,15 +25,16 @@ from vlm_export.export.tensorrt.build import EngineRecord, engine_file_name  # n
 from vlm_export.models.loading import TEST_MODEL  # noqa: E402
 from vlm_export.runtime.bundle import Bundle  # noqa: E402
 from vlm_export.runtime.engines import factory  # noqa: E402
-from vlm_export.runtime.engines.ladder import (  # noqa: E402
+from vlm_export.runtime.engines.backends.tensorrt_backend import engine_path  # noqa: E402
+from vlm_export.runtime.engines.base import BundleGraph  # noqa: E402
+from vlm_export.runtime.engines.checks.parity import open_reference  # noqa: E402
+from vlm_export.runtime.engines.ladder.ladder import (  # noqa: E402
     NO_TENSORRT_RUNGS,
     ladder_rungs,
     open_ladder,
     runs_ladder,
 )
-from vlm_export.runtime.engines.parity import BundleGraph, open_reference  # noqa: E402
 from vlm_export.runtime.engines.select import DeviceInfo, choose_engine  # noqa: E402
-from vlm_export.runtime.engines.tensorrt_backend import engine_path  # noqa: E402
 
 ORIN = DeviceInfo("10.3.0.30", "8.7", "Orin")
 RATES = [0.0, 0.1]

@@ -7,6 +7,11 @@ import numpy as np
 import pytest
 
 from vlm_export.core.manifest import TEXT_EMBEDDING_OUTPUT, TOKENS_INPUT
+from vlm_export.runtime.engines.backends.tensorrt_backend import (
+    DeviceMemory,
+    EngineRunner,
+    TensorSpec,
+)
 from vlm_export.runtime.engines.select import (
     IMAGE_ROLE,
     TEXT_ROLE,
@@ -14,7 +19,6 @@ from vlm_export.runtime.engines.select import (
     engines_of_role,
     select_engine,
 )
-from vlm_export.runtime.engines.tensorrt_backend import DeviceMemory, EngineRunner, TensorSpec
 from vlm_export.runtime.text.tensorrt_text import TensorRTTextRunner
 
 E, MAX = 8, (16, 77)

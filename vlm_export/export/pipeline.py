@@ -46,7 +46,7 @@ from vlm_export.models.condensing_tower import CondensingVisionTower
 from vlm_export.models.flops import closed_form_gflops, drop_rate_for_gflops, flops_report
 from vlm_export.models.loading import LoadedClip, load_clip
 from vlm_export.models.schedule import CondensationConfig, ScheduleError, anchor_layers
-from vlm_export.runtime.engines.reference import record_reference
+from vlm_export.runtime.engines.checks.reference import record_reference
 from vlm_export.runtime.text.class_lists import shared_class_names, union_labels
 from vlm_export.runtime.text.templates import load_templates
 

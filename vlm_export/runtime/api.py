@@ -26,7 +26,7 @@ from vlm_export.core.option_names import python_names
 from vlm_export.core.paths import check_paths, tree_reads
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.factory import open_backend
-from vlm_export.runtime.engines.ladder import BudgetRun, open_budgeted
+from vlm_export.runtime.engines.ladder.ladder import BudgetRun, open_budgeted
 from vlm_export.runtime.io.preprocess import Preprocessor, image_from_array, load_image
 from vlm_export.runtime.pipeline import (
     METHOD_STAGES,

@@ -12,7 +12,7 @@ from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import CLS_OUTPUT, EMBEDDING_OUTPUT
 from vlm_export.export.graph.onnx_export import io_names
 from vlm_export.models.condensing_tower import CondensingVisionTower
-from vlm_export.runtime.engines.parity import compare_outputs
+from vlm_export.runtime.engines.checks.parity import compare_outputs
 
 MIN_COSINE = 0.9999  # embedding and cls_per_layer (the reservoir reads the CLS stack)
 MAX_ABS_EMBEDDING = 1e-3

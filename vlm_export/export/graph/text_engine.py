@@ -23,7 +23,7 @@ from vlm_export.core.manifest import TEXT_EMBEDDING_OUTPUT, TEXT_ENCODER_ONNX, T
 from vlm_export.export.graph.onnx_export import export_text_onnx, graph_summary
 from vlm_export.export.graph.trt_ops import assert_tensorrt_compatible
 from vlm_export.models.text_tower import TextTower, describe, text_tower_problem
-from vlm_export.runtime.engines.parity import compare_outputs
+from vlm_export.runtime.engines.checks.parity import compare_outputs
 from vlm_export.runtime.text.prompts import parity_prompts, token_lengths
 from vlm_export.runtime.text.tokenizer import CLEAN_FUNCTIONS, KIND, VOCAB_FILE, ClipTokenizer
 

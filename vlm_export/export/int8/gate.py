@@ -12,7 +12,8 @@ import numpy as np
 
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import EMBEDDING_OUTPUT, FATE_OUTPUT, TEXT_EMBEDDINGS
-from vlm_export.runtime.engines.parity import REFERENCE, BundleGraph, cls_like_anchors
+from vlm_export.runtime.engines.base import BundleGraph
+from vlm_export.runtime.engines.checks.parity import REFERENCE, cls_like_anchors
 
 MIN_COSINE = 0.99
 ANCHORS_ON_IMAGES = 4  # held-out images also run with anchors on (CLS-like, every class valid)
@@ -68,7 +69,7 @@ def gate_report(
 
     An ONNX graph runs in ONNX Runtime CPU, an OpenVINO IR (``.xml``) in OpenVINO's CPU plugin.
     """
-    from vlm_export.runtime.engines.onnxruntime_backend import OnnxRuntimeBackend
+    from vlm_export.runtime.engines.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     text = np.load(bundle_dir / manifest["text"].get("embeddings", TEXT_EMBEDDINGS))
     int8_manifest = {**manifest, "engine": {**manifest["engine"], "onnx": int8_path.name}}
@@ -76,7 +77,7 @@ def gate_report(
     reference = OnnxRuntimeBackend(BundleGraph(bundle_dir, manifest), providers=cpu)  # type: ignore[arg-type]
     engine: Any
     if int8_path.suffix == ".xml":
-        from vlm_export.runtime.engines.openvino_backend import OpenVinoBackend
+        from vlm_export.runtime.engines.backends.openvino_backend import OpenVinoBackend
 
         graph = BundleGraph(bundle_dir, manifest)
         engine = OpenVinoBackend(graph, "int8", graph=int8_path)  # type: ignore[arg-type]

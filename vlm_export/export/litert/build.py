@@ -49,8 +49,9 @@ from vlm_export.core.reference_images import REFERENCE_COUNT
 from vlm_export.export.bundle.staging import _refuse_listed, _staging, move_into_bundle
 from vlm_export.export.litert.convert import REFUSED
 from vlm_export.export.progress import Progress
-from vlm_export.runtime.engines import parity as engine_parity
-from vlm_export.runtime.engines.reference import bundle_inputs
+from vlm_export.runtime.engines.base import BundleGraph
+from vlm_export.runtime.engines.checks import parity as engine_parity
+from vlm_export.runtime.engines.checks.reference import bundle_inputs
 
 INSTALL_HINT = (
     'the LiteRT converter is not installed: pip install ".[export,litert-export]" (litert-torch; '
@@ -158,9 +159,9 @@ def _reference_cases(engine: Any, reference: Any, manifest: dict[str, Any]) -> l
 def parity_report(bundle_dir: Path, manifest: dict[str, Any], tflite: Path) -> dict[str, Any]:
     """The ``.tflite`` graph on LiteRT against ONNX Runtime CPU; LiteRtConversionError when an
     embedding cosine is below MIN_COSINE or a token fate differs."""
-    from vlm_export.runtime.engines.litert_backend import LiteRtBackend
+    from vlm_export.runtime.engines.backends.litert_backend import LiteRtBackend
 
-    graph = engine_parity.BundleGraph(bundle_dir, manifest)
+    graph = BundleGraph(bundle_dir, manifest)
     with contextlib.ExitStack() as stack:
         engine = LiteRtBackend(graph, graph=tflite, layout=LAYOUT)
         stack.callback(engine.close)

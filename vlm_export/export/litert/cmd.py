@@ -9,7 +9,7 @@ from vlm_export.export.bundle.staging import BUNDLE_RW
 from vlm_export.export.litert.build import MIN_COSINE, add_litert_to_bundle
 from vlm_export.export.progress import Progress
 from vlm_export.export.subcommand import run_subcommand
-from vlm_export.runtime.engines import parity as engine_parity
+from vlm_export.runtime.engines.checks import parity as engine_parity
 
 
 def build_litert_parser() -> argparse.ArgumentParser:

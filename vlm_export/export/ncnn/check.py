@@ -14,8 +14,9 @@ from pathlib import Path
 
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import read_manifest
-from vlm_export.runtime.engines import parity as engine_parity
-from vlm_export.runtime.engines.ncnn_backend import NcnnBackend
+from vlm_export.runtime.engines.backends.ncnn_backend import NcnnBackend
+from vlm_export.runtime.engines.base import BundleGraph
+from vlm_export.runtime.engines.checks import parity as engine_parity
 
 
 def main() -> int:
@@ -24,7 +25,7 @@ def main() -> int:
     bundle = Path(request["bundle"])
     try:
         manifest = read_manifest(bundle)
-        graph = engine_parity.BundleGraph(bundle, manifest)
+        graph = BundleGraph(bundle, manifest)
         with contextlib.ExitStack() as stack:
             engine = NcnnBackend(graph, record=request["record"], folder=request["folder"])
             stack.callback(engine.close)

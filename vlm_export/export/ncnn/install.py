@@ -38,7 +38,7 @@ from vlm_export.export.bundle.staging import (
     record_engine,
 )
 from vlm_export.export.ncnn.convert import signal_name
-from vlm_export.runtime.engines import parity as engine_parity
+from vlm_export.runtime.engines.checks import parity as engine_parity
 
 PRECISION = "fp32"
 CHECK_MODULE = "vlm_export.export.ncnn.check"

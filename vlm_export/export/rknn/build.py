@@ -5,7 +5,7 @@ rknn-toolkit2 (x86-64 Linux; it pins old onnx, numpy and torch, so it lives in a
 own) converts the bundle's ONNX image graph for one SoC (``TARGETS``) in RKNN's float type,
 fp16; no int8 quantization. The graph is built into a staging folder inside the bundle, then run
 in the toolkit's simulator (``init_runtime()`` without a target: the same graph, emulated on this
-CPU in fp16) against ONNX Runtime CPU on the bundle's ONNX graph (``runtime.engines.parity``:
+CPU in fp16) against ONNX Runtime CPU on the bundle's ONNX graph (``runtime.engines.checks.parity``:
 embedding cosine >= the fp16 bar, token fates and CLS rows recorded). A failing graph is not
 kept; a passing one is moved into the bundle and recorded in ``engines`` (``format`` "rknn",
 target, toolkit version, output order, the layers RKNN placed on the CPU, parity), the manifest
@@ -39,8 +39,9 @@ from vlm_export.export.bundle.staging import (
     record_engine,
 )
 from vlm_export.export.progress import Progress
-from vlm_export.runtime.engines import parity as engine_parity
-from vlm_export.runtime.engines.rknn_backend import RknnBackend
+from vlm_export.runtime.engines.backends.rknn_backend import RknnBackend
+from vlm_export.runtime.engines.base import BundleGraph
+from vlm_export.runtime.engines.checks import parity as engine_parity
 
 #: the SoCs build-rknn converts for (the ones whose simulator parity was measured)
 TARGETS = ("rk3588",)
@@ -226,7 +227,7 @@ def simulator_parity(
     bundle_dir: Path, manifest: dict[str, Any], simulator: Any, outputs: list[str], name: str
 ) -> dict[str, Any]:
     """The simulator against ONNX Runtime CPU on the same inputs; EngineParityError on failure."""
-    graph = engine_parity.BundleGraph(bundle_dir, manifest)
+    graph = BundleGraph(bundle_dir, manifest)
     with contextlib.ExitStack() as stack:
         engine = RknnBackend(graph, simulator, outputs, "rknn-toolkit2 simulator", PRECISION)
         reference = engine_parity.open_reference(bundle_dir, manifest)

@@ -33,7 +33,7 @@ from vlm_export.export.tensorrt.install import (
     register_engine_in_bundle,
     trtexec_hint,
 )
-from vlm_export.runtime.engines import parity as engine_parity
+from vlm_export.runtime.engines.checks import parity as engine_parity
 from vlm_export.runtime.engines.select import PRECISIONS, TensorRTUnavailableError, query_device
 
 REGISTER_HELP = (

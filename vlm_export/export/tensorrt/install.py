@@ -41,8 +41,8 @@ from vlm_export.export.tensorrt.build import (
     fp32_node_names,
     trtexec_command,
 )
-from vlm_export.runtime.engines import parity as engine_parity
-from vlm_export.runtime.engines.base import EngineBackend
+from vlm_export.runtime.engines.base import BundleGraph, EngineBackend
+from vlm_export.runtime.engines.checks import parity as engine_parity
 from vlm_export.runtime.engines.select import (
     PRECISIONS,
     TEXT_ROLE,
@@ -99,9 +99,9 @@ def open_engine_backend(
     bundle_dir: Path, manifest: dict[str, Any], engine_path: Path
 ) -> EngineBackend:
     """The TensorRT backend over ``engine_path`` (tests replace this with a fake engine)."""
-    from vlm_export.runtime.engines.tensorrt_backend import TensorRTBackend
+    from vlm_export.runtime.engines.backends.tensorrt_backend import TensorRTBackend
 
-    graph = engine_parity.BundleGraph(bundle_dir, manifest)
+    graph = BundleGraph(bundle_dir, manifest)
     return TensorRTBackend(graph, engine_file=engine_path)
 
 

@@ -19,7 +19,7 @@ from vlm_export.core.errors import UserError
 from vlm_export.runtime.commands import status, stop_signals
 from vlm_export.runtime.commands._annotated import AnnotatedOutput
 from vlm_export.runtime.commands._run_output import Writer, same_terminal, stdout_lost
-from vlm_export.runtime.engines.ladder import BudgetRun
+from vlm_export.runtime.engines.ladder.ladder import BudgetRun
 from vlm_export.runtime.io.display import Window
 from vlm_export.runtime.io.sources import Source
 from vlm_export.runtime.pipeline import Pipeline, process_frame

@@ -33,16 +33,16 @@ from vlm_export.runtime.commands import (
     status,
     verify_mode,
 )
-from vlm_export.runtime.engines import measure
-from vlm_export.runtime.engines.bench_record import (
+from vlm_export.runtime.engines.checks import measure
+from vlm_export.runtime.engines.checks.bench_record import (
     RECORD_FORMAT,
     device_description,
     device_fingerprint,
     write_record,
 )
+from vlm_export.runtime.engines.checks.parity import REFERENCE_PROVIDERS
 from vlm_export.runtime.engines.factory import BACKEND_PRECISIONS, open_backend
-from vlm_export.runtime.engines.ladder import ladder_rungs, open_ladder, tensorrt_rungs_built
-from vlm_export.runtime.engines.parity import REFERENCE_PROVIDERS
+from vlm_export.runtime.engines.ladder.ladder import ladder_rungs, open_ladder, tensorrt_rungs_built
 from vlm_export.runtime.io.preprocess import Preprocessor
 from vlm_export.runtime.io.sources import open_source
 

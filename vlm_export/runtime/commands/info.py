@@ -16,7 +16,7 @@ from vlm_export.core.manifest import (
 )
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import BUNDLE, add_verify_arguments, format_bytes, verify_mode
-from vlm_export.runtime.engines.reference import describe_check
+from vlm_export.runtime.engines.checks.reference import describe_check
 from vlm_export.runtime.tca.stage import check_reservoir_fits
 
 LABEL_WIDTH = 12

@@ -57,7 +57,7 @@ from vlm_export.runtime.commands._run_output import (
     short_name,
 )
 from vlm_export.runtime.commands.classes import add_label_space_arguments, compute_label_space
-from vlm_export.runtime.engines.ladder import BudgetRun, open_budgeted, runs_ladder
+from vlm_export.runtime.engines.ladder.ladder import BudgetRun, open_budgeted, runs_ladder
 from vlm_export.runtime.io.capture import NewestFrame
 from vlm_export.runtime.io.display import Window
 from vlm_export.runtime.io.sources import ImageFiles, Source, open_source

@@ -1,2 +1,4 @@
-"""Engines: the backend interface and its ONNX Runtime and TensorRT implementations, engine choice
-for a device, and engine parity against ONNX Runtime on CPU."""
+"""Engines: the interface every backend implements (``base``), engine choice for a device
+(``select``) and opening one (``factory``); rooms for the backends themselves (``backends/``), a
+ladder of token budgets (``ladder/``) and what is checked and measured about an engine
+(``checks/``)."""

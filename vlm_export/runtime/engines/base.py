@@ -1,8 +1,12 @@
-"""The interface every engine backend implements (ONNX Runtime, TensorRT, test fakes)."""
+"""The interface every engine backend implements (ONNX Runtime, TensorRT, test fakes), and the
+view of a bundle that a backend reads (``BundleGraph``)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,3 +58,22 @@ class EngineBackend(ABC):
 
     def close(self) -> None:  # noqa: B027 - an optional hook, not every backend holds resources
         """Release engine resources (optional)."""
+
+
+@dataclass(frozen=True)
+class BundleGraph:
+    """What ``OnnxRuntimeBackend`` reads of a bundle: its folder, manifest, ONNX file and I/O.
+
+    A ``Bundle`` also loads the text embeddings and the class list, which the engine check does
+    not need (and which a bundle being built into may not be verified against yet).
+    """
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def onnx_path(self) -> Path:
+        return Path(self.path) / self.manifest["engine"]["onnx"]
+
+    def engine_io(self, kind: str) -> dict[str, dict[str, Any]]:
+        return {record["name"]: record for record in self.manifest["engine"][kind]}

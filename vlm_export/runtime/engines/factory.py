@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING, Any
 from vlm_export.core.errors import UserError
 from vlm_export.core.manifest import onnx_engines, openvino_engines, tensorrt_engines
 from vlm_export.core.option_names import option, option_value
-from vlm_export.runtime.engines.base import EngineBackend
-from vlm_export.runtime.engines.bench_record import best_recorded
-from vlm_export.runtime.engines.parity import BundleGraph
-from vlm_export.runtime.engines.reference import check_engine
+from vlm_export.runtime.engines.base import BundleGraph, EngineBackend
+from vlm_export.runtime.engines.checks.bench_record import best_recorded
+from vlm_export.runtime.engines.checks.reference import check_engine
 from vlm_export.runtime.engines.select import IMAGE_ROLE, engines_of_role
 
 if TYPE_CHECKING:
@@ -30,7 +29,7 @@ BACKEND_PRECISIONS = {
     "litert": ("fp32",),
 }
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
-TENSORRT_MODULE = "vlm_export.runtime.engines.tensorrt_backend"
+TENSORRT_MODULE = "vlm_export.runtime.engines.backends.tensorrt_backend"
 
 
 log = logging.getLogger(__name__)
@@ -82,7 +81,7 @@ def _open_openvino(
     bundle: Bundle, precision: str | None, threads: int | None, fallback: bool
 ) -> EngineBackend:
     precision = _check_precision("openvino", precision)
-    from vlm_export.runtime.engines.openvino_backend import OpenVinoBackend
+    from vlm_export.runtime.engines.backends.openvino_backend import OpenVinoBackend
 
     graph = None
     if precision == "int8":  # the bundle's NNCF IR where it has one, else its QDQ ONNX graph
@@ -93,7 +92,7 @@ def _open_openvino(
 
 def _open_ncnn(bundle: Bundle, precision: str | None, threads: int | None) -> EngineBackend:
     _check_precision("ncnn", precision)
-    from vlm_export.runtime.engines.ncnn_backend import NcnnBackend
+    from vlm_export.runtime.engines.backends.ncnn_backend import NcnnBackend
 
     return NcnnBackend(bundle, threads=threads)
 
@@ -107,14 +106,14 @@ def _open_rknn(
             f"{option('providers')} and {option('threads')} apply to the onnxruntime backend only"
         )
     _check_precision("rknn", precision)
-    from vlm_export.runtime.engines.rknn_backend import open_rknn
+    from vlm_export.runtime.engines.backends.rknn_backend import open_rknn
 
     return open_rknn(bundle)  # type: ignore[arg-type]
 
 
 def _open_litert(bundle: Bundle, precision: str | None, threads: int | None) -> EngineBackend:
     _check_precision("litert", precision)
-    from vlm_export.runtime.engines.litert_backend import LiteRtBackend
+    from vlm_export.runtime.engines.backends.litert_backend import LiteRtBackend
 
     return LiteRtBackend(bundle, threads=threads)
 
@@ -122,7 +121,7 @@ def _open_litert(bundle: Bundle, precision: str | None, threads: int | None) -> 
 def _open_onnxruntime_int8(
     bundle: Bundle, providers: Sequence[str] | None, threads: int | None
 ) -> EngineBackend:
-    from vlm_export.runtime.engines.onnxruntime_backend import OnnxRuntimeBackend
+    from vlm_export.runtime.engines.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     graph = graph_view(bundle, int8_graph(bundle))
     opened = OnnxRuntimeBackend(graph, providers=providers, threads=threads)  # type: ignore[arg-type]
@@ -180,7 +179,7 @@ def open_backend(
 
     The opened engine runs the bundle's reference images and is refused (EngineDriftError) when
     its embeddings drifted from the bundle's record beyond its precision's bound, unless
-    ``allow_drift`` (then a warning), or collapsed (always); see ``engines.reference``.
+    ``allow_drift`` (then a warning), or collapsed (always); see ``engines.checks.reference``.
     """
     opened = _open(bundle, backend, providers, threads, precision, fallback)
     try:
@@ -242,7 +241,7 @@ def _open(
         except (UserError, RuntimeError) as exc:  # RuntimeError: a CUDA call failed
             tensorrt_problem = exc
     # imports onnxruntime only now, inside the backend: OnnxRuntimeMissing when not installed
-    from vlm_export.runtime.engines.onnxruntime_backend import (
+    from vlm_export.runtime.engines.backends.onnxruntime_backend import (
         OnnxRuntimeBackend,
         OnnxRuntimeMissing,
     )

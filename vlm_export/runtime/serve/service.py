@@ -27,7 +27,7 @@ from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.draw.frame import FrameDrawer
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.factory import open_backend
-from vlm_export.runtime.engines.ladder import BudgetRun, open_budgeted, runs_ladder
+from vlm_export.runtime.engines.ladder.ladder import BudgetRun, open_budgeted, runs_ladder
 from vlm_export.runtime.io.sources import Source, open_source
 from vlm_export.runtime.pipeline import METHOD_STAGES
 from vlm_export.runtime.rail.models import open_fusion

@@ -68,7 +68,7 @@ class OnnxRuntimeTextRunner:
     """The text engine on ONNX Runtime (free batch and length axes)."""
 
     def __init__(self, path: Path, providers: Sequence[str] | None = None) -> None:
-        from vlm_export.runtime.engines.onnxruntime_backend import (
+        from vlm_export.runtime.engines.backends.onnxruntime_backend import (
             choose_providers,
             import_onnxruntime,
             ort_errors,

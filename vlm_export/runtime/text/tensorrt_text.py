@@ -18,13 +18,17 @@ import numpy as np
 
 from vlm_export.core.errors import BundleError
 from vlm_export.core.manifest import TEXT_EMBEDDING_OUTPUT, TOKENS_INPUT
+from vlm_export.runtime.engines.backends.tensorrt_backend import (
+    DeviceMemory,
+    EngineRunner,
+    open_on_gpu,
+)
 from vlm_export.runtime.engines.select import (
     TEXT_ROLE,
     no_engine_error,
     query_device,
     select_engine,
 )
-from vlm_export.runtime.engines.tensorrt_backend import DeviceMemory, EngineRunner, open_on_gpu
 
 
 class TensorRTTextRunner:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from vlm_export.runtime.engines.ladder import BudgetRun
+from vlm_export.runtime.engines.ladder.ladder import BudgetRun
 from vlm_export.runtime.io.sources import Frame
 from vlm_export.runtime.pipeline import process_frame, utc_now
 from vlm_export.runtime.result import FrameResult

@@ -16,7 +16,6 @@ No torch and no onnx: this runs where ``vlm-export build-engine`` runs, on the d
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from vlm_export.core.manifest import (
     FATE_OUTPUT,
     IMAGE_INPUT,
 )
-from vlm_export.runtime.engines.base import EngineBackend
+from vlm_export.runtime.engines.base import BundleGraph, EngineBackend
 
 REFERENCE = "onnxruntime CPU"
 REFERENCE_PROVIDERS = ("CPUExecutionProvider",)
@@ -46,28 +45,9 @@ class EngineParityError(UserError):
     compared); the message gives the numbers."""
 
 
-@dataclass(frozen=True)
-class BundleGraph:
-    """What ``OnnxRuntimeBackend`` reads of a bundle: its folder, manifest, ONNX file and I/O.
-
-    A ``Bundle`` also loads the text embeddings and the class list, which the engine check does
-    not need (and which a bundle being built into may not be verified against yet).
-    """
-
-    path: Path
-    manifest: dict[str, Any]
-
-    @property
-    def onnx_path(self) -> Path:
-        return Path(self.path) / self.manifest["engine"]["onnx"]
-
-    def engine_io(self, kind: str) -> dict[str, dict[str, Any]]:
-        return {record["name"]: record for record in self.manifest["engine"][kind]}
-
-
 def open_reference(folder: str | Path, manifest: dict[str, Any]) -> EngineBackend:
     """ONNX Runtime on CPU over the bundle's ONNX graph (imports onnxruntime only now)."""
-    from vlm_export.runtime.engines.onnxruntime_backend import OnnxRuntimeBackend
+    from vlm_export.runtime.engines.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     graph = BundleGraph(Path(folder), manifest)
     return OnnxRuntimeBackend(graph, providers=list(REFERENCE_PROVIDERS))  # type: ignore[arg-type]

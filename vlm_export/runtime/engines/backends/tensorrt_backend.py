@@ -9,7 +9,7 @@ Three parts, so that the bookkeeping is testable without a GPU:
   copies the anchors in only in ``set_anchors`` and the image in on every ``infer``.
 
 On GPUs without a TensorRT engine for this device, ONNX Runtime runs the ONNX model instead:
-``vlm_export.runtime.engines.onnxruntime_backend.OnnxRuntimeBackend`` with providers
+``vlm_export.runtime.engines.backends.onnxruntime_backend.OnnxRuntimeBackend`` with providers
 ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"] (onnxruntime-gpu).
 """
 

@@ -16,9 +16,9 @@ import numpy as np
 
 from vlm_export.core.errors import BundleError, first_line
 from vlm_export.core.manifest import ANCHORS_INPUT, ANCHORS_VALID_INPUT, IMAGE_INPUT
-from vlm_export.runtime.engines import ort_capi
+from vlm_export.runtime.engines.backends import ort_capi
 from vlm_export.runtime.engines.base import EngineBackend, check_anchor_shapes
-from vlm_export.runtime.engines.mapped_weights import MappedWeights
+from vlm_export.runtime.engines.ladder.mapped_weights import MappedWeights
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle

@@ -25,9 +25,9 @@ from vlm_export.core.errors import BundleError, UserError
 from vlm_export.core.manifest import IMAGE_INPUT
 from vlm_export.core.option_names import option
 from vlm_export.runtime.engines.base import EngineBackend
-from vlm_export.runtime.engines.bench_record import recorded_rungs
-from vlm_export.runtime.engines.budget import BudgetController, choose_rung
-from vlm_export.runtime.engines.reference import check_engine
+from vlm_export.runtime.engines.checks.bench_record import recorded_rungs
+from vlm_export.runtime.engines.checks.reference import check_engine
+from vlm_export.runtime.engines.ladder.budget import BudgetController, choose_rung
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
@@ -204,7 +204,7 @@ def open_ladder(
     ``share_memory`` gives ONNX Runtime sessions one copy of the weights: on the CPU provider
     with ``prepack``, one pre-packed copy (:mod:`prepacked_rungs`); otherwise the one mapping of
     the weights file, not pre-packed. Each rung runs the reference images against its own
-    record (``engines.reference.check_engine``).
+    record (``engines.checks.reference.check_engine``).
     """
     rungs = ladder_rungs(bundle.manifest)
     if not rungs:
@@ -289,12 +289,12 @@ def _open_openvino_rungs(
     """The rungs' OpenVINO engines, what they share (to close after them) and how: fp32 and
     int8 rungs compiled as one model with one packed copy of the weights (``openvino_rungs``);
     bf16 rungs (each pinned through its own IR) and ``share=False`` compiled one by one."""
-    from vlm_export.runtime.engines.openvino_backend import OpenVinoBackend
+    from vlm_export.runtime.engines.backends.openvino_backend import OpenVinoBackend
 
     int8 = precision == "int8"
     graphs = [str(rung.int8 if int8 else rung.onnx) for rung in rungs]
     if share and precision in ("fp32", "int8"):
-        from vlm_export.runtime.engines.openvino_rungs import open_openvino_rungs
+        from vlm_export.runtime.engines.ladder.openvino_rungs import open_openvino_rungs
 
         ladder = bundle.manifest["ladder"]
         weights = ladder["int8"]["weights"] if int8 else ladder["weights"]
@@ -322,12 +322,12 @@ def _open_onnxruntime_rungs(
 ) -> tuple[list[EngineBackend], Any, str]:
     """The rungs' ONNX Runtime engines (their INT8 graphs with ``int8``), what they share (to
     close after them) and how."""
-    from vlm_export.runtime.engines.factory import graph_view
-    from vlm_export.runtime.engines.onnxruntime_backend import (
+    from vlm_export.runtime.engines.backends.onnxruntime_backend import (
         OnnxRuntimeBackend,
         choose_providers,
         import_onnxruntime,
     )
+    from vlm_export.runtime.engines.factory import graph_view
 
     ort = import_onnxruntime()
     chosen = choose_providers(providers, ort.get_available_providers())
@@ -336,8 +336,8 @@ def _open_onnxruntime_rungs(
     graphs = [str(rung.int8 if int8 else rung.onnx) for rung in rungs]
     suffix = ":int8" if int8 else ""
     if prepack and chosen == ["CPUExecutionProvider"]:
-        from vlm_export.runtime.engines import ort_capi
-        from vlm_export.runtime.engines.prepacked_rungs import open_prepacked_rungs
+        from vlm_export.runtime.engines.backends import ort_capi
+        from vlm_export.runtime.engines.ladder.prepacked_rungs import open_prepacked_rungs
 
         if threads is not None and threads < 1:
             raise UserError(f"{option('threads')} must be at least 1, got {threads}")
@@ -370,7 +370,7 @@ MEASURE_ROUNDS = 10
 
 def measure_rungs(ladder: LadderBackend, image_shape: Sequence[int], rounds: int) -> list[float]:
     """p90 milliseconds of every rung on this device now (interleaved, synthetic image)."""
-    from vlm_export.runtime.engines import measure
+    from vlm_export.runtime.engines.checks import measure
 
     image = measure.synthetic_images(image_shape, 1)[0]
     runners = {i: (lambda e=engine: e.infer(image)) for i, engine in enumerate(ladder.engines)}

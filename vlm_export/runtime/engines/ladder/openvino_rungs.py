@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlm_export.core.errors import BundleError, first_line
-from vlm_export.runtime.engines.mapped_weights import MappedWeights
-from vlm_export.runtime.engines.openvino_backend import (
+from vlm_export.runtime.engines.backends.openvino_backend import (
     OpenVinoBackend,
     compile_config,
     import_openvino,
 )
+from vlm_export.runtime.engines.ladder.mapped_weights import MappedWeights
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle

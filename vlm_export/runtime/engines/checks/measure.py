@@ -22,7 +22,7 @@ from vlm_export.core.manifest import (
     FATE_OUTPUT,
 )
 from vlm_export.runtime.engines.base import EngineBackend
-from vlm_export.runtime.engines.parity import cls_like_anchors
+from vlm_export.runtime.engines.checks.parity import cls_like_anchors
 
 #: the smallest embedding cosine against fp32 ONNX Runtime for a result to count as passed
 MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "bf16": 0.999, "int8": 0.99}

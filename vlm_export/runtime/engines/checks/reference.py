@@ -32,8 +32,8 @@ from vlm_export.core.reference_images import (
     REFERENCE_SEED,
     reference_inputs,
 )
-from vlm_export.runtime.engines.base import EngineBackend
-from vlm_export.runtime.engines.parity import REFERENCE_PROVIDERS, BundleGraph
+from vlm_export.runtime.engines.base import BundleGraph, EngineBackend
+from vlm_export.runtime.engines.checks.parity import REFERENCE_PROVIDERS
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
@@ -269,7 +269,7 @@ def record_reference(
     ``manifest`` needs ``engine`` and ``preprocess`` (the exporter calls this before the files
     are hashed, so the records are listed with their sha256 like every other file).
     """
-    from vlm_export.runtime.engines.onnxruntime_backend import (
+    from vlm_export.runtime.engines.backends.onnxruntime_backend import (
         OnnxRuntimeBackend,
         import_onnxruntime,
     )

@@ -22,7 +22,7 @@ from vlm_export.core.optional_import import import_optional
 from vlm_export.runtime.engines.base import EngineBackend, check_anchor_shapes
 
 if TYPE_CHECKING:
-    from vlm_export.runtime.engines.parity import BundleGraph
+    from vlm_export.runtime.engines.base import BundleGraph
 
 INSTALL_HINT = (
     "rknn-toolkit-lite2 is not installed: on the board, pip install Rockchip's "

@@ -29,8 +29,11 @@ from vlm_export.core.manifest import (
 )
 from vlm_export.core.option_names import option
 from vlm_export.core.optional_import import import_optional
+from vlm_export.runtime.engines.backends.openvino_precise import (
+    bf16_condensation_nodes,
+    pinned_model,
+)
 from vlm_export.runtime.engines.base import EngineBackend, check_anchor_shapes
-from vlm_export.runtime.engines.openvino_precise import bf16_condensation_nodes, pinned_model
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
