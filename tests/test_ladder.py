@@ -164,9 +164,12 @@ def test_bench_records_rungs_and_run_picks_one_by_target(bundles, images, tmp_pa
     bench = ["bench", str(bundle), "--backends", "onnxruntime", "--precisions", "fp32"]
     code, out, _ = _run([*bench, "--rounds", "2", "--warmup", "0"], capsys)
     assert code == 0 and "ladder rungs" in out
+    assert "onnxruntime fp32: all rungs added" in out
+    assert "(the rungs share one packed copy of the weights)" in out
     record = json.loads(next(bundle.glob("bench.*.json")).read_text())
     rows = record["ladder"]
     assert [row["drop_rate"] for row in rows] == RATES
+    assert {row["sharing"] for row in rows} == {"prepacked"}
     assert all(row["p90_ms"] > 0 and row["median_ms"] > 0 for row in rows)
     code, out, err = _run(
         ["run", str(bundle), source, "--target-ms", "1e6", "--format", "jsonl"], capsys

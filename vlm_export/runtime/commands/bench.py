@@ -331,6 +331,7 @@ def _measure_rungs(
                 )
             for row in rows[-len(rungs) :]:
                 row["ladder_memory_mb"] = watch.delta_mb
+                row["sharing"] = ladder.sharing
         timings = measure.interleaved_latency(
             runners, args.rounds, args.warmup, warm_each=RUNG_WARM_RUNS
         )
@@ -339,8 +340,17 @@ def _measure_rungs(
     return rows
 
 
+#: what a ladder's ``sharing`` means, as the bench prints it
+SHARING_WORDS = {
+    "prepacked": "the rungs share one packed copy of the weights",
+    "mapped": "the rungs share the mapped weights, each packs its own",
+    "per-rung": "every rung holds its own weights",
+}
+
+
 def rung_table(record: dict[str, Any]) -> list[str]:
-    """A ladder bundle's rung timings as aligned text lines (none for one engine)."""
+    """A ladder bundle's rung timings as aligned text lines, then the memory each backend's
+    rungs took together and how they hold the weights (none for one engine)."""
     rows = record.get("ladder") or []
     if not rows:
         return []
@@ -354,6 +364,14 @@ def rung_table(record: dict[str, Any]) -> list[str]:
             f"{row['drop_rate']:>9g} {row['tokens']:>6} "
             f"{row['gflops']:>7.2f} {row['median_ms']:>9.1f} {row['p90_ms']:>8.1f}"
         )
+    ladders = {(row["backend"], row.get("precision", "fp32")): row for row in rows}
+    for (backend, precision), row in ladders.items():
+        if "ladder_memory_mb" in row:
+            how = SHARING_WORDS.get(str(row.get("sharing")), "")
+            lines.append(
+                f"{backend} {precision}: all rungs added {row['ladder_memory_mb']:.0f} MB resident"
+                + (f" ({how})" if how else "")
+            )
     return lines
 
 
