@@ -31,6 +31,8 @@ from vlm_export.runtime.engines.ladder.openvino_rungs import (  # noqa: E402
     same_bytes,
 )
 
+OPS = ov.opset13
+
 RATES = [0.0, 0.035, 0.1]
 
 
@@ -117,28 +119,81 @@ def test_shared_constants_point_equal_bytes_of_every_rung_at_one_array(ladder_pa
                 where.setdefault(key, set()).add(data.ctypes.data)
     assert all(len(addresses) == 1 for addresses in where.values())
     start = np.frombuffer(mapped._map, np.uint8).ctypes.data
-    in_file = {a for addresses in where.values() for a in addresses if a >= start}
-    assert len(in_file) == len(bundle.manifest["ladder"]["weights"]["table"])
+    end = start + len(mapped._map)
+    in_file = {a for addresses in where.values() for a in addresses if start <= a < end}
+    distinct_rows = {
+        array.dtype.str + str(array.shape) + array.tobytes().hex()
+        for array in mapped.arrays.values()
+    }
+    assert len(in_file) == len(distinct_rows), "every row of the file, once, read in place"
 
 
 def _rungs(bundle: Bundle) -> list[dict]:
     return bundle.manifest["ladder"]["rungs"]
 
 
+def _model(factor: float, outputs: tuple[str, ...] = ("y",), name: str = "m") -> ov.Model:
+    """x [2] -> outputs named ``outputs``: output k is x * factor + 100 * k."""
+    x = OPS.parameter([2], ov.Type.f32, name="x")
+    results = []
+    for k, output in enumerate(outputs):
+        value = OPS.add(
+            OPS.multiply(x, OPS.constant(np.float32(factor))), OPS.constant(np.float32(100 * k))
+        )
+        result = OPS.result(value)
+        result.output(0).set_names({output})
+        results.append(result)
+    return ov.Model(results, [x], name)
+
+
+def _switch(models: list) -> ov.InferRequest:
+    return ov.Core().compile_model(rung_switch_model(ov, models), "CPU").create_infer_request()
+
+
 def test_the_rung_input_picks_the_branch():
-    ops = ov.opset13
-    models = []
-    for factor in (1.0, 2.0, 3.0):
-        x = ops.parameter([2], ov.Type.f32, name="x")
-        y = ops.multiply(x, ops.constant(np.float32(factor)))
-        result = ops.result(y)
-        result.output(0).set_names({"y"})
-        models.append(ov.Model([result], [x], f"times{factor:g}"))
-    compiled = ov.Core().compile_model(rung_switch_model(ov, models), "CPU")
-    request = compiled.create_infer_request()
+    request = _switch([_model(factor) for factor in (1.0, 2.0, 3.0)])
     for rung, factor in enumerate((1.0, 2.0, 3.0)):
         request.infer({"x": np.array([1.0, -2.0], np.float32), RUNG_INPUT: np.int32(rung)})
         np.testing.assert_array_equal(request.get_tensor("y").data, [factor, -2.0 * factor])
+
+
+def test_outputs_are_paired_by_name_not_by_position():
+    first = _model(1.0, ("a", "b"))
+    second = _model(2.0, ("b", "a"))  # its first output is named b
+    request = _switch([first, second])
+    request.infer({"x": np.array([1.0, 2.0], np.float32), RUNG_INPUT: np.int32(1)})
+    np.testing.assert_array_equal(request.get_tensor("b").data, [2.0, 4.0])
+    np.testing.assert_array_equal(request.get_tensor("a").data, [102.0, 104.0])
+
+
+def test_constants_of_types_numpy_cannot_hold_stay_as_they_are():
+    """bf16 reads back from OpenVINO as float16 bits: such a constant must not be replaced (nor
+    merged with a float16 constant of the same bytes)."""
+    bf16 = ov.op.Constant(ov.Type.bf16, ov.Shape([3]), [1.0, 2.0, 3.0])
+    half = OPS.constant(bf16.get_data().view(np.float16))  # the same bytes, as float16
+    x = OPS.parameter([3], ov.Type.f32, name="x")
+    total = OPS.add(OPS.add(x, OPS.convert(bf16, "f32")), OPS.convert(half, "f32"))
+    model = ov.Model([OPS.result(total)], [x], "typed")
+    SharedConstants(None).share(OPS, model)
+    types = sorted(
+        node.get_element_type().get_type_name()
+        for node in model.get_ordered_ops()
+        if node.get_type_name() == "Constant"
+    )
+    assert types == ["bf16", "f16"]
+    request = ov.Core().compile_model(model, "CPU").create_infer_request()
+    request.infer({"x": np.zeros(3, np.float32)})
+    expected = np.array([1.0, 2.0, 3.0], np.float32) + half.get_data().astype(np.float32)
+    np.testing.assert_allclose(request.get_output_tensor(0).data, expected)
+
+
+def test_rungs_that_differ_in_inputs_or_outputs_are_one_line(tmp_path):
+    paths = []
+    for name, model in (("a", _model(1.0, ("y",))), ("b", _model(2.0, ("z",)))):
+        paths.append(tmp_path / f"{name}.xml")
+        ov.save_model(model, paths[-1])
+    with pytest.raises(BundleError, match=r"b.xml has other outputs than a.xml"):
+        OpenVinoRungs(ov, ov.Core(), paths, {}, None)
 
 
 def test_same_bytes_tells_minus_zero_from_zero():
@@ -162,3 +217,10 @@ def test_a_rung_graph_openvino_cannot_read_is_one_line(ladder_path, tmp_path):
     graphs = ["image_encoder.onnx", "image_encoder.rung1.onnx"]
     with pytest.raises(BundleError, match="OpenVINO cannot read image_encoder.rung1.onnx"):
         open_openvino_rungs(bundle, graphs, "fp32", 1)
+
+
+def test_a_fixed_input_the_compiled_model_lacks_is_one_line(ladder_path):
+    bundle = Bundle.open(ladder_path)
+    compiled = ov.Core().compile_model(str(bundle.onnx_path), "CPU")
+    with pytest.raises(BundleError, match="takes no int32 input 'ladder_rung'"):
+        OpenVinoBackend(bundle, compiled=compiled, fixed_inputs={RUNG_INPUT: np.array(0, np.int32)})

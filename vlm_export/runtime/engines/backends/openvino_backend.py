@@ -133,7 +133,10 @@ class OpenVinoBackend(EngineBackend):
         self.image_shape = tuple(int(v) for v in self._inputs[IMAGE_INPUT]["shape"])
         self.condensing = ANCHORS_INPUT in self._inputs
         self.request = self.compiled.create_infer_request()
+        ports = {port.get_any_name(): port for port in self.compiled.inputs}
         for name, value in self._fixed.items():
+            if name not in ports or ports[name].get_element_type() != ov.Type(value.dtype):
+                raise BundleError(f"the compiled model takes no {value.dtype} input {name!r}")
             self.request.set_tensor(name, ov.Tensor(value, shared_memory=True))
         self._anchors: np.ndarray | None = None
         self._valid: np.ndarray | None = None

@@ -3,7 +3,9 @@ offset): the memory every rung reads its weights from, on ONNX Runtime and on Op
 
 from __future__ import annotations
 
+import contextlib
 import mmap
+import sys
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -12,6 +14,10 @@ from vlm_export.core.errors import BundleError
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
+
+
+#: madvise(2)'s MADV_PAGEOUT (Linux 5.4+; Python's mmap names it from 3.13 where the headers do)
+MADV_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21 if sys.platform == "linux" else None)
 
 
 class MappedWeights:
@@ -24,6 +30,7 @@ class MappedWeights:
 
     def __init__(self, bundle: Bundle, weights: dict[str, Any], writable: bool = False) -> None:
         table = weights.get("table") or []
+        self.writable = writable
         access = mmap.ACCESS_COPY if writable else mmap.ACCESS_READ
         with open(bundle.path / weights["file"], "rb") as handle:
             self._map = mmap.mmap(handle.fileno(), 0, access=access) if table else None
@@ -38,6 +45,17 @@ class MappedWeights:
             self.arrays[row["name"]] = array
 
     def release_pages(self) -> None:
-        """Drop the resident pages of the mapping (they page back in from the file if read)."""
-        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
-            self._map.madvise(mmap.MADV_DONTNEED)
+        """Hand the resident pages of the mapping back (they page back in from the file if read).
+
+        A read-only mapping drops them (``MADV_DONTNEED``). A copy-on-write mapping is paged out
+        instead (``MADV_PAGEOUT``), which keeps a page that was written to: dropping it would
+        bring the file's bytes back in its place. Where the kernel has no MADV_PAGEOUT, the
+        pages of a copy-on-write mapping stay.
+        """
+        if self._map is None:
+            return
+        advice = MADV_PAGEOUT if self.writable else getattr(mmap, "MADV_DONTNEED", None)
+        if advice is None:
+            return
+        with contextlib.suppress(OSError):  # an older kernel: the pages stay, nothing is lost
+            self._map.madvise(advice)

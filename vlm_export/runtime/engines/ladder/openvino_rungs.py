@@ -7,7 +7,7 @@ per rung), and every constant whose bytes two rungs share is one array, the ladd
 weights file where the bytes are a row of it. Inside one compiled model the plugin keys its
 packed weights by the memory they come from, so the rungs share one packed copy. Each rung is an
 infer request with ``ladder_rung`` fixed to its index and its own anchors; a rung computes only
-its own branch, so it runs at the speed of its graph compiled alone.
+its own branch, at about the cost of its graph compiled alone (docs/budget.md has the figures).
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ if TYPE_CHECKING:
 #: the input of the combined model that picks the rung (int32 scalar)
 RUNG_INPUT = "ladder_rung"
 
+#: OpenVINO element types whose NumPy view is the constant itself (the same type comes back from
+#: a NumPy array): constants of other types (bf16, 4-bit, fp8) stay as the rung has them
+SHARED_TYPES = frozenset(
+    {"f64", "f32", "f16", "i64", "i32", "i16", "i8", "u64", "u32", "u16", "u8", "boolean"}
+)
 #: dtype, shape and a few of the bytes: constants with the same key are compared in full
 SampleKey = tuple[str, tuple[int, ...], bytes]
 #: elements sampled (evenly spaced) into a key
@@ -58,7 +63,7 @@ class SharedConstants:
         self.mapped = mapped
         self._arrays: dict[SampleKey, list[np.ndarray]] = {}
         for array in mapped.arrays.values() if mapped else ():
-            self._one_of(np.ascontiguousarray(array))
+            self._one_of(array)
 
     def _one_of(self, data: np.ndarray) -> np.ndarray:
         """The array held for ``data``'s bytes (a copy of ``data`` when none is yet)."""
@@ -71,22 +76,30 @@ class SharedConstants:
         return array
 
     def share(self, ops: Any, model: Any) -> None:
-        """Point every constant of ``model`` at the one array that holds its bytes."""
+        """Point every constant of ``model`` (of a type in ``SHARED_TYPES``) at the one array
+        that holds its bytes."""
         for node in model.get_ordered_ops():
             if node.get_type_name() != "Constant":
+                continue
+            if node.get_element_type().get_type_name() not in SHARED_TYPES:
                 continue
             replacement = ops.constant(self._one_of(node.get_data()), shared_memory=True)
             replacement.set_friendly_name(node.get_friendly_name())
             for target in node.output(0).get_target_inputs():
                 target.replace_source_output(replacement.output(0))
 
-    def release_pages(self) -> None:
-        """Hand the mapped weights' resident pages back (the packed copies are what runs)."""
+    def seal(self) -> None:
+        """Make the arrays read-only for Python (the compiled model reads them) and hand the
+        mapped weights' resident pages back: the packed copies are what the MatMuls read, and
+        what else reads the file (biases, norms) pages back in on the first frame."""
+        for same in self._arrays.values():
+            for array in same:
+                array.flags.writeable = False
         if self.mapped is not None:
             self.mapped.release_pages()
 
     def close(self) -> None:
-        """Forget the arrays (after the compiled model that reads them is gone)."""
+        """Forget the arrays (the compiled model holds those it reads until it is dropped)."""
         self._arrays.clear()
         self.mapped = None
 
@@ -98,7 +111,7 @@ def rung_switch_model(ov: Any, rungs: Sequence[Any]) -> Any:
     else-branch only gives zeros; ``Select`` passes on the outputs of the rung that ran. The Ifs
     stand side by side, not nested: a rung nested in other Ifs' else-branches ran 2-4% slower
     on ViT-B/32. Every rung takes the same inputs and gives the same outputs (names, shapes,
-    types), as a ladder's graphs do.
+    types), as a ladder's graphs do (``check_alike``); inputs and outputs are paired by name.
     """
     ops = ov.opset13
     first = rungs[0]
@@ -119,10 +132,9 @@ def rung_switch_model(ov: Any, rungs: Sequence[Any]) -> Any:
         parameters = {p.get_friendly_name(): p for p in body.get_parameters()}
         for name, outer in inputs.items():
             branch.set_input(outer.output(0), parameters[name], None)
-        outputs = [
-            branch.set_output(ran, zero)
-            for ran, zero in zip(body.get_results(), idle.get_results(), strict=True)
-        ]
+        results = dict(zip(_output_names(body), body.get_results(), strict=True))
+        zeros = dict(zip(_output_names(body), idle.get_results(), strict=True))
+        outputs = [branch.set_output(results[name], zeros[name]) for name in _output_names(first)]
         branches.append((chosen, outputs))
     combined = branches[-1][1]
     for chosen, outputs in reversed(branches[:-1]):
@@ -136,6 +148,38 @@ def rung_switch_model(ov: Any, rungs: Sequence[Any]) -> Any:
         result.output(0).set_names(set(port.get_names()))
         results.append(result)
     return ov.Model(results, [*inputs.values(), rung], "ladder")
+
+
+def _output_names(model: Any) -> list[str]:
+    """A model's output names, in its order."""
+    return [port.get_any_name() for port in model.outputs]
+
+
+def _typed_shape(port: Any) -> tuple[str, str]:
+    return port.get_element_type().get_type_name(), str(port.get_partial_shape())
+
+
+def _signature(model: Any) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, str]]]:
+    """(inputs, outputs) of a model: name -> (element type, shape)."""
+    inputs = {p.get_friendly_name(): _typed_shape(p.output(0)) for p in model.get_parameters()}
+    outputs = {port.get_any_name(): _typed_shape(port) for port in model.outputs}
+    return inputs, outputs
+
+
+def check_alike(models: Sequence[Any], names: Sequence[str]) -> None:
+    """BundleError unless every model takes the inputs and gives the outputs of the first (names,
+    types, static shapes), as one ladder's rungs do; ``names`` name the models in messages."""
+    expected = _signature(models[0])
+    if any(not port.get_partial_shape().is_static for port in models[0].outputs):
+        raise BundleError(f"{names[0]} has outputs of dynamic shape: a ladder's rungs are static")
+    for model, name in zip(models[1:], names[1:], strict=True):
+        signature = _signature(model)
+        for kind, found, want in zip(("inputs", "outputs"), signature, expected, strict=True):
+            if found != want:
+                raise BundleError(
+                    f"{name} has other {kind} than {names[0]} ({sorted(found)} against "
+                    f"{sorted(want)}, with their types and shapes): not rungs of one ladder"
+                )
 
 
 def _zeros_like_outputs(ov: Any, model: Any) -> Any:
@@ -170,22 +214,29 @@ class OpenVinoRungs:
         mapped: MappedWeights | None,
     ) -> None:
         self.constants = SharedConstants(mapped)
-        models = []
-        for path in graphs:
-            try:
-                model = core.read_model(str(path))
-            except RuntimeError as exc:
-                raise BundleError(f"OpenVINO cannot read {path.name}: {first_line(exc)}") from None
-            self.constants.share(ov.opset13, model)
-            models.append(model)
-        combined = rung_switch_model(ov, models)
-        del models
+        combined = self._combined(ov, core, graphs)
         try:
             self.compiled = core.compile_model(combined, "CPU", config)
         except RuntimeError as exc:
             raise BundleError(f"OpenVINO cannot compile the ladder: {first_line(exc)}") from None
-        self.constants.release_pages()
-        self.count = len(graphs)
+        self.constants.seal()
+
+    def _combined(self, ov: Any, core: Any, graphs: Sequence[Path]) -> Any:
+        """The rungs' graphs read, checked alike, their constants shared, as one model."""
+        models = []
+        for path in graphs:
+            try:
+                models.append(core.read_model(str(path)))
+            except RuntimeError as exc:
+                raise BundleError(f"OpenVINO cannot read {path.name}: {first_line(exc)}") from None
+        check_alike(models, [path.name for path in graphs])
+        for model in models:
+            self.constants.share(ov.opset13, model)
+        try:
+            return rung_switch_model(ov, models)
+        except RuntimeError as exc:
+            message = f"OpenVINO cannot join the ladder's rungs: {first_line(exc)}"
+            raise BundleError(message) from None
 
     def close(self) -> None:
         """Drop the compiled model, then the weights it reads."""
