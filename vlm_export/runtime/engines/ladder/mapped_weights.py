@@ -3,9 +3,8 @@ offset): the memory every rung reads its weights from, on ONNX Runtime and on Op
 
 from __future__ import annotations
 
-import contextlib
 import mmap
-import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,10 +13,6 @@ from vlm_export.core.errors import BundleError
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
-
-
-#: madvise(2)'s MADV_PAGEOUT (Linux 5.4+; Python's mmap names it from 3.13 where the headers do)
-MADV_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21 if sys.platform == "linux" else None)
 
 
 class MappedWeights:
@@ -45,17 +40,34 @@ class MappedWeights:
             self.arrays[row["name"]] = array
 
     def release_pages(self) -> None:
-        """Hand the resident pages of the mapping back (they page back in from the file if read).
+        """Drop the resident pages of the mapping (they page back in from the file if read).
 
-        A read-only mapping drops them (``MADV_DONTNEED``). A copy-on-write mapping is paged out
-        instead (``MADV_PAGEOUT``), which keeps a page that was written to: dropping it would
-        bring the file's bytes back in its place. Where the kernel has no MADV_PAGEOUT, the
-        pages of a copy-on-write mapping stay.
+        A copy-on-write mapping is dropped only while none of its pages was written to (its
+        ``Private_Dirty`` in ``/proc/self/smaps`` is 0): dropping a written page would bring
+        the file's bytes back in its place. Where that cannot be read, its pages stay.
         """
-        if self._map is None:
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        advice = MADV_PAGEOUT if self.writable else getattr(mmap, "MADV_DONTNEED", None)
-        if advice is None:
+        address = np.frombuffer(self._map, np.uint8).ctypes.data
+        if self.writable and written_kb(address, len(self._map)) != 0:
             return
-        with contextlib.suppress(OSError):  # an older kernel: the pages stay, nothing is lost
-            self._map.madvise(advice)
+        self._map.madvise(mmap.MADV_DONTNEED)
+
+
+def written_kb(address: int, length: int) -> int | None:
+    """Private_Dirty (kB) summed over this process's mappings in [address, address + length):
+    what was written to them; None where unknown (no /proc, or nothing mapped there)."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return None
+    total, found, inside = 0, False, False
+    for line in lines:
+        head = line.split(maxsplit=1)[0] if line.strip() else ""
+        if "-" in head and not head.endswith(":"):
+            start, _, end = head.partition("-")
+            inside = int(start, 16) < address + length and address < int(end, 16)
+            found = found or inside
+        elif inside and head == "Private_Dirty:":
+            total += int(line.split()[1])
+    return total if found else None
