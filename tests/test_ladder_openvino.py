@@ -9,17 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_ladder import RATES, anchor_cases, export_tiny_ladder
 
 torch = pytest.importorskip("torch")
 ov = pytest.importorskip("openvino")
 
 from vlm_export.core.errors import BundleError  # noqa: E402
-from vlm_export.export.pipeline import ExportOptions, export_bundle  # noqa: E402
-from vlm_export.models.loading import TEST_MODEL  # noqa: E402
-from vlm_export.models.schedule import CondensationConfig  # noqa: E402
 from vlm_export.runtime.bundle import Bundle  # noqa: E402
 from vlm_export.runtime.engines.backends.openvino_backend import OpenVinoBackend  # noqa: E402
-from vlm_export.runtime.engines.checks import measure  # noqa: E402
 from vlm_export.runtime.engines.ladder.ladder import open_ladder  # noqa: E402
 from vlm_export.runtime.engines.ladder.mapped_weights import MappedWeights  # noqa: E402
 from vlm_export.runtime.engines.ladder.openvino_rungs import (  # noqa: E402
@@ -33,35 +30,10 @@ from vlm_export.runtime.engines.ladder.openvino_rungs import (  # noqa: E402
 
 OPS = ov.opset13
 
-RATES = [0.0, 0.035, 0.1]
-
 
 @pytest.fixture(scope="module")
 def ladder_path(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    options = ExportOptions(
-        method="tca",
-        model=TEST_MODEL,
-        domains=[("things", ["cat", "dog", "bird"])],
-        out=tmp_path_factory.mktemp("ovladder") / "ladder",
-        templates="single",
-        condensation=CondensationConfig(drop_rate=RATES[0]),
-        max_classes=8,
-        quiet=True,
-        text_encoder=False,
-        drop_rates=RATES,
-    )
-    return export_bundle(options)
-
-
-def _cases(bundle: Bundle) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    inputs = bundle.engine_io("inputs")
-    shape = [int(v) for v in inputs["anchors"]["shape"]]
-    images = measure.synthetic_images([int(v) for v in inputs["image"]["shape"]], 3, seed=7)
-    anchors = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
-    valid = (np.arange(shape[0]) < 3).astype(np.float32)
-    off = (np.zeros(shape, np.float32), np.zeros(shape[0], np.float32))
-    return [(images[0], *off), (images[1], *off), (images[2], anchors, valid)]
+    return export_tiny_ladder(tmp_path_factory.mktemp("ovladder"))
 
 
 def test_each_rung_gives_the_outputs_of_its_graph_compiled_alone(ladder_path):
@@ -71,7 +43,7 @@ def test_each_rung_gives_the_outputs_of_its_graph_compiled_alone(ladder_path):
         assert ladder.sharing == "prepacked" and isinstance(ladder.shared, OpenVinoRungs)
         for rung, engine in zip(ladder.rungs, ladder.engines, strict=True):
             alone = OpenVinoBackend(bundle, "fp32", 1, graph=bundle.path / rung.onnx)
-            for image, anchors, valid in _cases(bundle):
+            for image, anchors, valid in anchor_cases(bundle):
                 engine.set_anchors(anchors, valid)
                 alone.set_anchors(anchors, valid)
                 got, want = engine.infer(image), alone.infer(image)
@@ -79,7 +51,9 @@ def test_each_rung_gives_the_outputs_of_its_graph_compiled_alone(ladder_path):
                 for name in want:
                     np.testing.assert_array_equal(got[name], want[name])
             alone.close()
-        fates = [engine.infer(_cases(bundle)[0][0])["token_fate"] for engine in ladder.engines]
+        fates = [
+            engine.infer(anchor_cases(bundle)[0][0])["token_fate"] for engine in ladder.engines
+        ]
         assert not np.array_equal(fates[0], fates[-1]), "the rungs keep different tokens"
     finally:
         ladder.close()

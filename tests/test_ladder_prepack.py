@@ -10,14 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_ladder import RATES, anchor_cases, export_tiny_ladder
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
 from vlm_export.core.errors import BundleError  # noqa: E402
-from vlm_export.export.pipeline import ExportOptions, export_bundle  # noqa: E402
-from vlm_export.models.loading import TEST_MODEL  # noqa: E402
-from vlm_export.models.schedule import CondensationConfig  # noqa: E402
 from vlm_export.runtime.bundle import Bundle  # noqa: E402
 from vlm_export.runtime.engines.backends import ort_capi  # noqa: E402
 from vlm_export.runtime.engines.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
@@ -26,36 +24,10 @@ from vlm_export.runtime.engines.factory import graph_view  # noqa: E402
 from vlm_export.runtime.engines.ladder.ladder import open_ladder  # noqa: E402
 from vlm_export.runtime.engines.ladder.prepacked_rungs import open_prepacked_rungs  # noqa: E402
 
-RATES = [0.0, 0.035, 0.1]
-
 
 @pytest.fixture(scope="module")
 def ladder_path(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    options = ExportOptions(
-        method="tca",
-        model=TEST_MODEL,
-        domains=[("things", ["cat", "dog", "bird"])],
-        out=tmp_path_factory.mktemp("prepack") / "ladder",
-        templates="single",
-        condensation=CondensationConfig(drop_rate=RATES[0]),
-        max_classes=8,
-        quiet=True,
-        text_encoder=False,
-        drop_rates=RATES,
-    )
-    return export_bundle(options)
-
-
-def _cases(bundle: Bundle) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    inputs = bundle.engine_io("inputs")
-    shape = [int(v) for v in inputs["anchors"]["shape"]]
-    images = measure.synthetic_images([int(v) for v in inputs["image"]["shape"]], 3, seed=7)
-    rng = np.random.default_rng(3)
-    anchors = rng.standard_normal(shape).astype(np.float32)
-    valid = (np.arange(shape[0]) < 3).astype(np.float32)
-    off = (np.zeros(shape, np.float32), np.zeros(shape[0], np.float32))
-    return [(images[0], *off), (images[1], *off), (images[2], anchors, valid)]
+    return export_tiny_ladder(tmp_path_factory.mktemp("prepack"))
 
 
 def test_each_prepacked_rung_gives_the_outputs_of_its_graph_run_alone(ladder_path):
@@ -65,7 +37,7 @@ def test_each_prepacked_rung_gives_the_outputs_of_its_graph_run_alone(ladder_pat
         assert ladder.sharing == "prepacked"
         for rung, engine in zip(ladder.rungs, ladder.engines, strict=True):
             alone = OnnxRuntimeBackend(graph_view(bundle, rung.onnx), ["cpu"], threads=1)
-            for image, anchors, valid in _cases(bundle):
+            for image, anchors, valid in anchor_cases(bundle):
                 engine.set_anchors(anchors, valid)
                 alone.set_anchors(anchors, valid)
                 got, want = engine.infer(image), alone.infer(image)

@@ -60,6 +60,24 @@ class EngineBackend(ABC):
         """Release engine resources (optional)."""
 
 
+class HostAnchorRows:
+    """For a backend whose engine reads anchors from float32 arrays the backend owns
+    (``_anchors`` [C, R, D], ``_valid`` [C], set by its ``set_anchors``): moved classes are
+    written into those arrays in place."""
+
+    _anchors: np.ndarray | None = None
+    _valid: np.ndarray | None = None
+
+    def update_anchor_rows(self, anchors: np.ndarray, valid: np.ndarray, rows: np.ndarray) -> None:
+        """Write only the classes ``rows`` into the owned arrays (all of them the first time)."""
+        if self._anchors is None or self._valid is None:
+            self.set_anchors(anchors, valid)  # type: ignore[attr-defined]
+            return
+        rows = np.asarray(rows, dtype=np.int64)
+        self._anchors[rows] = anchors[rows]
+        self._valid[rows] = valid[rows]
+
+
 @dataclass(frozen=True)
 class BundleGraph:
     """What ``OnnxRuntimeBackend`` reads of a bundle: its folder, manifest, ONNX file and I/O.

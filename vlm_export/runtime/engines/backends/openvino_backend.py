@@ -33,7 +33,7 @@ from vlm_export.runtime.engines.backends.openvino_precise import (
     bf16_condensation_nodes,
     pinned_model,
 )
-from vlm_export.runtime.engines.base import EngineBackend, check_anchor_shapes
+from vlm_export.runtime.engines.base import EngineBackend, HostAnchorRows, check_anchor_shapes
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
@@ -97,7 +97,7 @@ def compile_config(precision: str, threads: int | None) -> dict[str, Any]:
     return config
 
 
-class OpenVinoBackend(EngineBackend):
+class OpenVinoBackend(HostAnchorRows, EngineBackend):
     """Runs the bundle's image encoder with OpenVINO's CPU plugin through one infer request.
 
     ``graph`` is the ONNX file to run (default: the bundle's; an INT8 QDQ graph for ``int8``).
@@ -215,15 +215,6 @@ class OpenVinoBackend(EngineBackend):
         self._valid = np.array(valid, dtype=np.float32, order="C")
         for name, array in ((ANCHORS_INPUT, self._anchors), (ANCHORS_VALID_INPUT, self._valid)):
             self.request.set_tensor(name, self._ov.Tensor(array, shared_memory=True))
-
-    def update_anchor_rows(self, anchors: np.ndarray, valid: np.ndarray, rows: np.ndarray) -> None:
-        """Write only the classes ``rows`` into the bound arrays (OpenVINO reads them in place)."""
-        if self._anchors is None or self._valid is None:
-            self.set_anchors(anchors, valid)
-            return
-        rows = np.asarray(rows, dtype=np.int64)
-        self._anchors[rows] = anchors[rows]
-        self._valid[rows] = valid[rows]
 
     def infer(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """Run one batch [B, 3, H, W] float32; outputs by manifest name (copies)."""

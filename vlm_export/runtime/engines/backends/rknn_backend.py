@@ -19,7 +19,7 @@ import numpy as np
 from vlm_export.core.errors import BundleError, UserError
 from vlm_export.core.manifest import ANCHORS_INPUT, ANCHORS_VALID_INPUT, IMAGE_INPUT, rknn_engines
 from vlm_export.core.optional_import import import_optional
-from vlm_export.runtime.engines.base import EngineBackend, check_anchor_shapes
+from vlm_export.runtime.engines.base import EngineBackend, HostAnchorRows, check_anchor_shapes
 
 if TYPE_CHECKING:
     from vlm_export.runtime.engines.base import BundleGraph
@@ -69,7 +69,7 @@ def choose_record(manifest: dict[str, Any], target: str | None = None) -> dict[s
     return records[-1]
 
 
-class RknnBackend(EngineBackend):
+class RknnBackend(HostAnchorRows, EngineBackend):
     """Runs an RKNN graph through an object with the RKNN inference API.
 
     ``runtime`` is ready to infer (loaded and initialised); ``outputs`` names the graph's outputs
@@ -110,15 +110,6 @@ class RknnBackend(EngineBackend):
         check_anchor_shapes(self.condensing, tuple(int(v) for v in record["shape"]), anchors, valid)
         self._anchors = np.array(anchors, dtype=np.float32, order="C")
         self._valid = np.array(valid, dtype=np.float32, order="C")
-
-    def update_anchor_rows(self, anchors: np.ndarray, valid: np.ndarray, rows: np.ndarray) -> None:
-        """Write only the classes ``rows`` into the kept arrays."""
-        if self._anchors is None or self._valid is None:
-            self.set_anchors(anchors, valid)
-            return
-        rows = np.asarray(rows, dtype=np.int64)
-        self._anchors[rows] = anchors[rows]
-        self._valid[rows] = valid[rows]
 
     def infer(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """Run one batch [B, 3, H, W] float32; outputs by manifest name, shape and dtype."""
