@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fakebundle import write_images
+from tiny_ladder import RATES, export_tiny_ladder
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
@@ -19,9 +20,6 @@ ort = pytest.importorskip("onnxruntime")
 from vlm_export.core.errors import UserError  # noqa: E402
 from vlm_export.core.manifest import read_manifest, verify_files  # noqa: E402
 from vlm_export.export.int8.quantize import INT8_WEIGHTS, quantize_bundle  # noqa: E402
-from vlm_export.export.pipeline import ExportOptions, export_bundle  # noqa: E402
-from vlm_export.models.loading import TEST_MODEL  # noqa: E402
-from vlm_export.models.schedule import CondensationConfig  # noqa: E402
 from vlm_export.runtime.bundle import Bundle  # noqa: E402
 from vlm_export.runtime.cli import main as edge_main  # noqa: E402
 from vlm_export.runtime.engines.backends.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
@@ -29,28 +27,12 @@ from vlm_export.runtime.engines.checks import measure  # noqa: E402
 from vlm_export.runtime.engines.factory import graph_view  # noqa: E402
 from vlm_export.runtime.engines.ladder.ladder import open_ladder  # noqa: E402
 
-RATES = [0.0, 0.035, 0.1]
-
 
 @pytest.fixture(scope="module")
 def ladders(tmp_path_factory) -> tuple[Path, Path]:
     """(fp32-only ladder, the same ladder with INT8 rungs)."""
     folder = tmp_path_factory.mktemp("int8ladder")
-    torch.manual_seed(0)
-    plain = export_bundle(
-        ExportOptions(
-            method="tca",
-            model=TEST_MODEL,
-            domains=[("things", ["cat", "dog", "bird"])],
-            out=folder / "ladder",
-            templates="single",
-            condensation=CondensationConfig(drop_rate=RATES[0]),
-            max_classes=8,
-            quiet=True,
-            text_encoder=False,
-            drop_rates=RATES,
-        )
-    )
+    plain = export_tiny_ladder(folder)
     quantized = Path(shutil.copytree(plain, folder / "quantized"))
     calibration = folder / "calibration"
     calibration.mkdir()

@@ -28,6 +28,7 @@ from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.engines.checks.bench_record import recorded_rungs
 from vlm_export.runtime.engines.checks.reference import check_engine
 from vlm_export.runtime.engines.ladder.budget import BudgetController, choose_rung
+from vlm_export.runtime.engines.ladder.mapped_weights import MappedWeights
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
@@ -98,19 +99,12 @@ class SharedWeights:
     """The ladder's weights file mapped once, as one ONNX Runtime value per shared tensor."""
 
     def __init__(self, bundle: Bundle, ort: Any, weights: dict[str, Any] | None = None) -> None:
-        weights = weights or bundle.manifest["ladder"]["weights"]
-        table = weights.get("table") or []
-        path = bundle.path / weights["file"]
-        self._map = np.memmap(path, dtype=np.uint8, mode="r") if table else None
-        self.values: dict[str, Any] = {}
-        for row in table:
-            dtype = np.dtype(row["dtype"])
-            count = int(np.prod(row["shape"], dtype=np.int64))
-            end = int(row["offset"]) + count * dtype.itemsize
-            if end > len(self._map):
-                raise BundleError(f"{weights['file']} is shorter than its table says")
-            array = np.ndarray(row["shape"], dtype, self._map, int(row["offset"]))
-            self.values[row["name"]] = ort.OrtValue.ortvalue_from_numpy(array)
+        #: the mapping the values read (kept alive with them)
+        self.mapped = MappedWeights(bundle, weights or bundle.manifest["ladder"]["weights"])
+        self.values: dict[str, Any] = {
+            name: ort.OrtValue.ortvalue_from_numpy(array)
+            for name, array in self.mapped.arrays.items()
+        }
 
 
 class LadderBackend(EngineBackend):
