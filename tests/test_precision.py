@@ -424,3 +424,50 @@ def test_export_checks_int8_calibration_folder_first(tmp_path, capsys) -> None:
         f"vlm-export: error: calibration folder not found: {tmp_path / 'nothing'}"
     ]
     assert not (tmp_path / "b").exists()
+
+
+def _export_argv(out: Path, classes: Path) -> list[str]:
+    argv = ["--model", "vlm-test-tiny", "--pretrained", "none", "--classes", str(classes)]
+    return [*argv, "--method", "tca", "--templates", "single", "--out", str(out), "--quiet"]
+
+
+@pytest.mark.exporter
+def test_export_whose_int8_step_fails_writes_no_bundle_and_keeps_the_old_one(
+    tiny_tca, tmp_path, capsys
+) -> None:
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    unreadable = tmp_path / "calib"
+    unreadable.mkdir()
+    (unreadable / "a.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    fresh = tmp_path / "fresh"
+    code = export_main([*_export_argv(fresh, classes), "--int8-calibration", str(unreadable)])
+    err = capsys.readouterr().err
+    assert code == 2 and "calibration images can be read" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "classes.txt"]
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_tca, old)
+    before = _hashes(old)
+    argv = [*_export_argv(old, classes), "--overwrite", "--int8-calibration", str(unreadable)]
+    assert export_main(argv) == 2
+    assert _hashes(old) == before and sorted(p.name for p in old.iterdir()) == sorted(before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "classes.txt", "old"]
+
+
+@pytest.mark.exporter
+def test_export_with_int8_calibration_adds_the_graph_before_the_bundle_appears(
+    images, tmp_path, capsys
+) -> None:
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    out = tmp_path / "b"
+    assert export_main([*_export_argv(out, classes), "--int8-calibration", str(images)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == str(out)
+    assert any(line.startswith(f"added image_encoder.int8.onnx to {out}:") for line in printed)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    int8 = [e for e in onnx_engines(manifest) if e.get("precision") == "int8"]
+    assert int8 and int8[0]["sha256"] == sha256_file(out / int8[0]["file"])
+    assert Bundle.open(out).manifest == manifest  # every file listed, hashes verified
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "classes.txt"]

@@ -109,6 +109,27 @@ def test_a_stop_signal_saves_states_and_exits_0(world, tmp_path, sig) -> None:
         loadable(states / f"{name}.npz", world / "bundle")
 
 
+def test_sigterm_while_a_live_stream_is_open_ends_it_and_exits_0(world, tmp_path) -> None:
+    states = tmp_path / "states"
+    process, port = start_serve(world, tmp_path, "--state-dir", str(states))
+    viewer = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT_S)
+    try:
+        wait_serving(process, port)
+        viewer.request("GET", "/v1/sources/front/stream.mjpg")
+        stream = viewer.getresponse()
+        assert stream.status == 200 and stream.readline() == b"--frame\r\n"  # a first part
+        process.send_signal(signal.SIGTERM)  # the viewer stays connected
+        _, err = process.communicate(timeout=WAIT_S)
+        stream.read()  # the server ended the response: the body is complete, no hang
+    finally:
+        viewer.close()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    assert "states saved" in err and "Traceback" not in err and "CancelledError" not in err
+    loadable(states / "front.npz", world / "bundle")
+
+
 def _kill_during_a_write(process: subprocess.Popen, states: Path, limit_s: float) -> bool:
     """kill -9 as soon as a checkpoint's temporary file shows (True), or after ``limit_s``."""
     deadline = time.monotonic() + limit_s

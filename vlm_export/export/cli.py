@@ -371,15 +371,19 @@ def run(args: argparse.Namespace) -> int:
     preflight_tensorrt(args)
     if args.int8_calibration is not None:
         image_paths(args.int8_calibration)  # an empty or missing folder fails before the export
-    out = export_bundle(options)
+
+    def add_engines(folder: Path) -> None:  # to the complete bundle, before it is moved in
+        run_tensorrt_step(args, folder, shown_as=args.out)
+        run_quantize_step(args, folder, shown_as=args.out)
+
+    adds_engines = getattr(args, "tensorrt", False) or args.int8_calibration is not None
+    out = export_bundle(options, add_engines if adds_engines else None)
     if options.pretrained.lower() == "none":
         print(
             "vlm-export: WARNING: this bundle holds RANDOM (untrained) weights: its predictions "
             "are meaningless; use it for tests and demos only",
             file=sys.stderr,
         )
-    run_tensorrt_step(args, out)
-    run_quantize_step(args, out)
     print(out)
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -295,8 +296,11 @@ def _export_rungs(
     return first, report, parities, weights
 
 
-def export_bundle(options: ExportOptions) -> Path:
-    """Run the export and write the bundle; raise a UserError subclass on any user mistake."""
+def export_bundle(options: ExportOptions, finish: Callable[[Path], None] | None = None) -> Path:
+    """Run the export and write the bundle; raise a UserError subclass on any user mistake.
+
+    ``finish(folder)`` adds to the complete bundle before it is moved into place (the INT8 graph,
+    TensorRT engines): should it fail, no bundle is written (see ``write_bundle``)."""
     _check_options(options)
     template_spec = options.templates or DEFAULT_TEMPLATES[options.method]
     templates = load_templates(template_spec)
@@ -408,6 +412,6 @@ def export_bundle(options: ExportOptions) -> Path:
         manifest["reference"] = record_reference(folder, manifest, graphs)
         return manifest
 
-    out = write_bundle(options.out, options.overwrite, populate)
+    out = write_bundle(options.out, options.overwrite, populate, finish)
     progress.done(str(out))
     return out

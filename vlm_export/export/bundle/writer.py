@@ -87,21 +87,31 @@ def write_array(path: Path, array: np.ndarray) -> None:
 
 
 def write_bundle(
-    out_dir: str | Path, overwrite: bool, populate: Callable[[Path], dict[str, Any]]
+    out_dir: str | Path,
+    overwrite: bool,
+    populate: Callable[[Path], dict[str, Any]],
+    finish: Callable[[Path], None] | None = None,
 ) -> Path:
     """Create a bundle: ``populate(folder)`` writes every file and returns the manifest without
-    ``files``; the sha256 and size of each file are added, the manifest is validated and written
-    last, and the folder is renamed into place. On any error nothing is left at ``out_dir``.
+    ``files``; the sha256 and size of each file are added, the manifest is validated and written,
+    ``finish(folder)`` may then add engines to the complete bundle (as build-engine and quantize
+    add them to a written one), and the folder is renamed into place. On any error, in
+    ``finish`` too, nothing is left at ``out_dir`` and a bundle it replaces is kept.
     """
     out_dir = check_output_folder(out_dir, overwrite)
     try:
-        return _write(out_dir, overwrite, populate)
+        return _write(out_dir, overwrite, populate, finish)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise UserError(f"could not write the bundle {out_dir}: {reason}") from None
 
 
-def _write(out_dir: Path, overwrite: bool, populate: Callable[[Path], dict[str, Any]]) -> Path:
+def _write(
+    out_dir: Path,
+    overwrite: bool,
+    populate: Callable[[Path], dict[str, Any]],
+    finish: Callable[[Path], None] | None,
+) -> Path:
     with atomic_directory(out_dir, overwrite=overwrite) as folder:
         manifest = populate(folder)
         manifest["files"] = {
@@ -111,4 +121,6 @@ def _write(out_dir: Path, overwrite: bool, populate: Callable[[Path], dict[str, 
         }
         validate_manifest(manifest)
         write_json(folder / MANIFEST_NAME, manifest)
+        if finish is not None:
+            finish(folder)
     return out_dir

@@ -44,13 +44,16 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_quantize_step(args: argparse.Namespace, bundle_dir: str | Path) -> GraphRecord | None:
-    """After an export with --int8-calibration: quantize, gate, record; else do nothing."""
+def run_quantize_step(
+    args: argparse.Namespace, bundle_dir: str | Path, shown_as: str | Path | None = None
+) -> GraphRecord | None:
+    """After an export with --int8-calibration: quantize, gate, record; else do nothing.
+    ``shown_as``: the bundle's name in messages (its final path while it is being written)."""
     if getattr(args, "int8_calibration", None) is None:
         return None
     progress = Progress(2, quiet=getattr(args, "quiet", False))
     record = quantize_bundle(bundle_dir, args.int8_calibration, overwrite=True, progress=progress)
-    print(describe_record(record, bundle_dir))
+    print(describe_record(record, shown_as or bundle_dir))
     return record
 
 

@@ -94,11 +94,15 @@ def preflight_tensorrt(args: argparse.Namespace) -> None:
             ) from None
 
 
-def print_trtexec_hint(bundle_dir: str | Path, precision: str, workspace_mb: int) -> None:
-    """Print the trtexec line and the --register line that adds its engine to the bundle."""
+def print_trtexec_hint(
+    bundle_dir: str | Path, precision: str, workspace_mb: int, shown_as: str | Path | None = None
+) -> None:
+    """Print the trtexec line and the --register line that adds its engine to the bundle
+    (``shown_as``: the bundle's path in them, when ``bundle_dir`` is not where it will be)."""
     line, name = trtexec_hint(bundle_dir, precision, workspace_mb)
-    register = register_command(bundle_dir, Path(bundle_dir) / name, precision)
-    print(f"equivalent trtexec line (run in {bundle_dir}):\n  {line}")
+    shown = shown_as or bundle_dir
+    register = register_command(shown, Path(shown) / name, precision)
+    print(f"equivalent trtexec line (run in {shown}):\n  {line}")
     print(
         "an engine built by trtexec is used only once registered (checked against ONNX Runtime, "
         f"renamed, recorded with its sha256):\n  {register}"
@@ -119,11 +123,14 @@ def describe_record(record: EngineRecord) -> str:
     return line
 
 
-def run_tensorrt_step(args: argparse.Namespace, bundle_dir: str | Path) -> EngineRecord | None:
-    """After an export with --tensorrt: print the trtexec line, build, record; else do nothing."""
+def run_tensorrt_step(
+    args: argparse.Namespace, bundle_dir: str | Path, shown_as: str | Path | None = None
+) -> EngineRecord | None:
+    """After an export with --tensorrt: print the trtexec line, build, record; else do nothing.
+    ``shown_as``: the bundle's name in messages (its final path while it is being written)."""
     if not getattr(args, "tensorrt", False):
         return None
-    print_trtexec_hint(bundle_dir, args.precision, args.workspace)
+    print_trtexec_hint(bundle_dir, args.precision, args.workspace, shown_as)
     record = add_engine_to_bundle(
         bundle_dir, args.precision, args.workspace, args.timing_cache, overwrite=True
     )

@@ -53,6 +53,9 @@ from vlm_export.runtime.serve.config import (
 )
 
 TOKEN_ENV = "VLM_EDGE_TOKEN"
+#: how long a stopping server waits for open requests before it cancels them (live streams end
+#: within a second on their own; docker stop allows 10 s before SIGKILL)
+SHUTDOWN_GRACE_S = 5.0
 #: what the flags name for the write guard (paths from --config are checked with the settings)
 SOURCE_ARG = PathArg("source", keep=is_media_file, path_of=lambda value: value.partition("=")[2])
 EVENTS_ARG = PathArg(  # any sink but MQTT is taken for a file, as the guard must assume
@@ -385,11 +388,16 @@ def _serve(settings: ServeSettings, stop: _Stop) -> int:
     from vlm_export.runtime.serve.service import Service
 
     class Server(uvicorn.Server):
-        """uvicorn without its own signal handling: ours stops it (and never re-raises)."""
+        """uvicorn without its own signal handling: ours stops it (and never re-raises). Its
+        shutdown first tells live streams to end, since it waits for every open response."""
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             yield
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            self.config.app.state.closing = True
+            await super().shutdown(sockets)
 
     with contextlib.ExitStack() as stack:
         stack.callback(sock.close)
@@ -402,7 +410,12 @@ def _serve(settings: ServeSettings, stop: _Stop) -> int:
             status(f"budget: {service.budget.reason}")
         app = create_app(service, settings)
         config = uvicorn.Config(
-            app, log_level="warning", access_log=False, lifespan="off", http=http_protocol()
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            http=http_protocol(),
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         )
         server = Server(config)
         stop.server = server

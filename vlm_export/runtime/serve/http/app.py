@@ -55,6 +55,7 @@ def create_app(service: Service, settings: ServeSettings) -> FastAPI:
     app.state.settings = settings
     app.state.sessions = Sessions(settings.token) if settings.token else None
     app.state.stream_limiter = anyio.CapacityLimiter(MAX_STREAMS)
+    app.state.closing = False  # set by the server as it shuts down: live streams end
     for module in ROUTERS:
         app.include_router(module.router)
     install_error_handlers(app)

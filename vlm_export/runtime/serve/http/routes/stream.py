@@ -54,7 +54,9 @@ async def stream(
 
     async def parts() -> AsyncIterator[bytes]:
         seq = -1
-        while True:  # ends when the client leaves (Starlette cancels it or the send fails)
+        # ends when the client leaves (Starlette cancels it or the send fails), or within a
+        # wait once the server shuts down (which waits for every response to end)
+        while not request.app.state.closing:
             got = await next_frame(request, name, seq, WAIT_S, fate)
             if got is None or got[0] <= seq:  # nothing new (or the service stopping): no spin
                 await anyio.sleep(IDLE_S)
