@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -168,13 +170,17 @@ def test_a_huge_classes_json_is_refused_before_its_list_is_built(world, tmp_path
 
 @pytest.fixture
 def served(world, tmp_path):
-    """A real ``vlm-edge serve`` process on a free port: its port."""
+    """A real ``vlm-edge serve`` process on a free port (requests' heads and bodies have 2 s):
+    its port."""
     pytest.importorskip("uvicorn")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    config = tmp_path / "serve.toml"
+    config.write_text(f"[limits]\nupload_timeout_s = {HEAD_TIMEOUT_S}\n")
     argv = [sys.executable, "-m", "vlm_export.runtime", "serve", str(world["bundle"])]
     argv += ["--source", f"a={world['images']}", "--loop", "--port", str(port)]
+    argv += ["--config", str(config)]
     process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True).start()
@@ -188,6 +194,9 @@ def served(world, tmp_path):
     finally:
         process.terminate()
         process.wait(WAIT_S)
+
+
+HEAD_TIMEOUT_S = 2.0
 
 
 def _exchange(port: int, raw: bytes) -> bytes:
@@ -221,3 +230,41 @@ def test_a_request_that_is_not_http_gets_json(served, raw) -> None:
     assert headers["x-content-type-options"] == "nosniff"
     assert int(headers["content-length"]) == len(body)
     assert json.loads(body) == {"error": "the request is not valid HTTP"}
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["stalled", "one-line-a-second"])
+def test_a_head_that_does_not_arrive_in_time_gets_408_and_the_connection_closes(served, trickle):
+    lines = [b"GET /healthz HTTP/1.1\r\n", b"Host: x\r\n"] + [b"X-Slow: 1\r\n"] * 30
+    with socket.create_connection(("127.0.0.1", served), timeout=WAIT_S) as sock:
+        started = time.monotonic()
+        for line in lines if trickle else lines[:2]:
+            sock.sendall(line)
+            if not trickle:
+                break
+            time.sleep(0.5)
+            if select.select([sock], [], [], 0)[0]:  # the answer came: stop sending
+                break
+        reply = b""
+        while chunk := sock.recv(65536):  # the service closes the connection
+            reply += chunk
+        waited = time.monotonic() - started
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), reply
+    assert json.loads(body) == {"error": "the request's headers did not arrive in time"}
+    assert HEAD_TIMEOUT_S <= waited < WAIT_S
+
+
+def test_keep_alive_requests_are_answered_within_the_head_deadline(served) -> None:
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", served), timeout=WAIT_S) as sock:
+        replies = sock.makefile("rb")
+        for _ in range(3):  # longer together than the deadline: it is per head, not per link
+            sock.sendall(request)
+            status = replies.readline()
+            assert status.startswith(b"HTTP/1.1 ") and b" 408 " not in status, status
+            length = 0
+            while (line := replies.readline()) != b"\r\n":
+                name, _, value = line.decode("latin-1").partition(":")
+                length = int(value) if name.lower() == "content-length" else length
+            assert json.loads(replies.read(length))
+            time.sleep(HEAD_TIMEOUT_S * 0.6)

@@ -101,3 +101,28 @@ def test_three_services_learn_together_exactly(tmp_path, broker) -> None:
             wait_until(lambda: _converged([late], surviving), "the late device to catch up")
             learner = late.teaching.learner
             assert np.abs(learner.weights - reference.weights).max() <= 1e-9 * scale
+
+
+def test_a_peer_cannot_push_a_device_past_its_example_limit(tmp_path, broker) -> None:
+    """Adds from the fleet count against --teach-max-examples as local ones do: beyond it they
+    are refused and counted (reason "not stored here"), the device keeps serving and learns
+    exactly what it holds."""
+    make_bundle(tmp_path / "bundle", method="tca")
+    write_images(tmp_path / "cam", 3, seed=4)
+    teacher = _fleet(tmp_path, broker, "a")
+    small = _fleet(tmp_path, broker, "b")
+    small.teaching.max_examples = 2
+    with teacher, small:
+        with serving(teacher) as a:
+            taught = {_teach(a, "car", seed) for seed in range(5)}
+            wait_until(lambda: _converged([teacher], taught), "the teacher to learn five")
+            fleet = small.teaching.fleet
+            wait_until(lambda: fleet.refused >= 3, "the small device to refuse three")
+            with serving(small) as b:
+                metrics = httpx.get(f"{b}/metrics").text
+        held = set(small.teaching.store.ids())
+        assert len(held) == 2 and held <= taught
+        assert fleet.refusals == {"not stored here": 3}
+        assert 'vlm_edge_fleet_refused_total{reason="not stored here"} 3.0' in metrics
+        assert 'vlm_edge_fleet_messages_total{result="applied"} 2.0' in metrics
+        wait_until(lambda: _converged([small], held), "the small device to learn its two")

@@ -7,6 +7,7 @@ holds (itself proven equal to the primal RAIL closed form in tests/test_teach_le
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import shutil
 import sqlite3
@@ -22,6 +23,7 @@ from PIL import Image
 
 pytest.importorskip("prometheus_client")
 
+from vlm_export.runtime.bundle import Bundle  # noqa: E402
 from vlm_export.runtime.serve.frames.recent import RECENT_FRAMES  # noqa: E402
 from vlm_export.runtime.serve.teaching.queue import MAX_PENDING  # noqa: E402
 from vlm_export.runtime.teach.examples import Example, new_id  # noqa: E402
@@ -375,3 +377,78 @@ def test_min_score_auto_is_chosen_from_the_examples(tmp_path) -> None:
         lane = service.lanes.unique()[0]
         assert lane.pipeline.min_score == pytest.approx(chosen)
         assert service.teaching.calibration.rejected_unknown >= 0.9
+        # a request without a source, on a pipeline made after a class change, uses it too
+        with service.lanes.lock:
+            service.lanes.replace_bundle(Bundle.open(bundle, verify=False))
+            assert service.lanes.zeroshot().pipeline.min_score == pytest.approx(chosen)
+
+
+def test_the_example_limit_holds_under_concurrent_teaching(tmp_path) -> None:
+    bundle = make_bundle(tmp_path / "bundle", method="tca")
+    write_images(tmp_path / "cam", 3, seed=1)
+    service = open_service(bundle, {"cam": tmp_path / "cam"}, tmp_path / "states",
+                           teach_hidden_dim=HIDDEN, teach_max_examples=5)  # fmt: skip
+    with service, serving(service) as url:
+        statuses: list[int] = []
+        start = threading.Barrier(12)
+
+        def post(seed: int) -> None:
+            start.wait()
+            statuses.append(_teach_upload(url, "car", seed).status_code)
+
+        threads = [threading.Thread(target=post, args=(seed,)) for seed in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(statuses) == [200] * 5 + [409] * 7
+        assert service.teaching.store.count() == 5
+        refused = _teach_upload(url, "car", 99)
+        assert refused.status_code == 409 and "5 examples are stored" in refused.json()["error"]
+        _assert_exact(service)
+
+
+@pytest.mark.parametrize(
+    "label",
+    ["\u200b", "\u202edog", "a\ufffdb", "\ue000", "\u200d"],
+    ids=["zero-width", "bidi-override", "undecodable", "private-use", "joiner-only"],
+)
+def test_invisible_labels_are_refused(served, label) -> None:
+    service, url, _ = served
+    held = service.teaching.store.count()
+    reply = _teach_upload(url, label, 3)
+    assert reply.status_code == 400 and list(reply.json()) == ["error"]
+    assert service.teaching.store.count() == held
+
+
+@pytest.mark.exporter
+def test_taught_classes_follow_their_examples_and_leave_the_class_list_editable(tmp_path):
+    """A taught label makes a class; its case does not make another (``Forklift`` is
+    ``forklift``, ``UNKNOWN`` is ``unknown``); PUT /v1/classes replaces the bundle's own classes
+    and keeps the taught ones; deleting a taught class's last example removes the class; a label
+    over the class limit is refused without storing anything."""
+    pytest.importorskip("torch")
+    bundle = export_tiny(tmp_path / "export", ["cat", "dog"])
+    write_images(tmp_path / "front", 3, seed=1)
+    service = open_service(bundle, {"front": tmp_path / "front"}, tmp_path / "states",
+                           teach_hidden_dim=HIDDEN)  # fmt: skip
+    with service, serving(service) as url:
+        first = _teach_upload(url, "forklift", 1, tinted(RED, 1)).json()
+        second = _teach_upload(url, "Forklift", 2, tinted(RED, 2)).json()
+        assert (second["label"], second["class_examples"]) == ("forklift", 2)
+        assert _teach_upload(url, "UNKNOWN", 3).json()["label"] == "unknown"
+        assert httpx.get(f"{url}/v1/classes").json()["classes"] == ["cat", "dog", "forklift"]
+        put = httpx.put(f"{url}/v1/classes", json=["cat", "dog", "bird"], timeout=60)
+        assert put.status_code == 200, put.text
+        assert put.json()["classes"] == ["cat", "dog", "bird", "forklift"]
+        for example in (first, second):
+            assert httpx.delete(f"{url}/v1/examples/{example['id']}", timeout=30).status_code == 200
+        assert httpx.get(f"{url}/v1/classes").json()["classes"] == ["cat", "dog", "bird"]
+        _assert_exact(service)
+
+        service.settings.limits = dataclasses.replace(service.settings.limits, max_classes=3)
+        held = service.teaching.store.count()
+        full = _teach_upload(url, "pallet", 4)
+        assert full.status_code == 409 and "at most 3" in full.json()["error"]
+        assert service.teaching.store.count() == held
+        assert httpx.get(f"{url}/v1/classes").json()["classes"] == ["cat", "dog", "bird"]

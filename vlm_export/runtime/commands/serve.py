@@ -414,7 +414,7 @@ def _serve(settings: ServeSettings, stop: _Stop) -> int:
             log_level="warning",
             access_log=False,
             lifespan="off",
-            http=http_protocol(),
+            http=http_protocol(settings.limits.upload_timeout_s),
             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         )
         server = Server(config)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -18,6 +18,10 @@ from vlm_export.core.manifest import EMBEDDING_OUTPUT
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.serve.config import shown
 from vlm_export.runtime.serve.frames.lanes import Lanes
+from vlm_export.runtime.teach.examples import TAUGHT_DOMAIN
+
+if TYPE_CHECKING:
+    from vlm_export.runtime.text.label_space import LabelSpace
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +132,20 @@ class Operations:
 
     def set_classes(self, names: list[str], templates: str | None = None) -> dict[str, Any]:
         """Replace the label space, as ``vlm-edge classes`` does (bundle rewritten atomically,
-        states follow their labels); the next frame uses the new classes."""
+        states follow their labels); the next frame uses the new classes. The classes that
+        teaching made (domain ``taught``) stay: ``names`` replace the bundle's own."""
         if not names or not all(isinstance(n, str) and n.strip() for n in names):
             raise UserError("give a non-empty list of class names (non-empty strings)")
         if len(set(names)) != len(names):
             raise UserError("a class name is given twice")
         with self._classes_lock:
-            dropped = self._replace_classes(names, templates, None)
+            own = [d for d in self.lanes.bundle.domains if d != TAUGHT_DOMAIN]
+            if len(own) != 1:
+                raise UserError(
+                    f"this bundle's classes are in domains {', '.join(own)}: replace them with "
+                    "vlm-edge classes BUNDLE --domain NAME"
+                )
+            dropped = self._replace_classes(names, templates, own[0])
         log.info("classes replaced: %d classes", len(names))
         return {**self.classes(), "dropped_entries": dropped}
 
@@ -149,13 +160,35 @@ class Operations:
             self._replace_classes([*members, name], None, domain)
         log.info("class %r added to domain %r", name, domain)
 
+    def remove_class(self, name: str, domain: str) -> None:
+        """Remove class ``name`` of ``domain`` (a domain left empty goes too); the other
+        classes keep their rows. Nothing happens when it is the last class."""
+        from vlm_export.runtime.text.label_space import choose_templates, embed_label_space
+
+        with self._classes_lock:
+            bundle = self.lanes.bundle
+            labels = [label for label in bundle.labels if label != (domain, name)]
+            if len(labels) == len(bundle.labels) or not labels:
+                return
+            domains = [d for d in bundle.domains if any(d == ld for ld, _ in labels)]
+            templates, spec = choose_templates(bundle, None)
+            space = embed_label_space(bundle, labels, domains, templates, spec, self.encoder())
+            self._install(space)
+        log.info("class %r removed from domain %r", name, domain)
+
     def _replace_classes(self, names: list[str], templates: str | None, domain: str | None) -> int:
-        from vlm_export.runtime.text.bundle_classes import write_label_space
         from vlm_export.runtime.text.label_space import label_space_for
+
+        space = label_space_for(self.lanes.bundle, names, domain, templates, self.encoder())
+        return self._install(space)
+
+    def _install(self, space: LabelSpace) -> int:
+        """Put the label space ``space`` on every lane and into the bundle (atomically; all
+        lanes as they were on any error); the entries the reservoirs dropped."""
+        from vlm_export.runtime.text.bundle_classes import write_label_space
 
         lanes = self.lanes
         bundle = lanes.bundle
-        space = label_space_for(bundle, names, domain, templates, self.encoder())
         with lanes.lock:
             unique = lanes.unique()
             before = sum(lane.entries for lane in unique)

@@ -88,6 +88,8 @@ class Service:
             self.metrics.add_source(name)
             self.workers[name] = self._worker(name, spec, opener or self._opener(name))
         self.metrics.watch_reservoirs(self.lanes.fill)
+        if self.teaching is not None and self.teaching.fleet is not None:
+            self.metrics.watch_fleet(self.teaching.fleet.counts)
         self.watches = SourceWatches(list(self.workers), self.metrics, self.events)
         self.scheduler.listeners.append(self.watches.on_frame)
         self._threads: list[threading.Thread] = []

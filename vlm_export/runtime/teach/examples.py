@@ -6,6 +6,7 @@ import io
 import re
 import unicodedata
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,11 @@ TAUGHT_DOMAIN = "taught"
 MAX_LABEL_CHARS = 100
 THUMBNAIL_SIDE = 96
 NORM_TOLERANCE = 1e-3  # an L2-normalised float32 vector's norm is 1 within ~1e-7
-_CONTROL = {"Cc", "Cs", "Zl", "Zp"}  # control characters, lone surrogates, line separators
+#: control and format characters (invisible ones, bidirectional overrides), lone surrogates,
+#: private-use and unassigned code points, line and paragraph separators
+_REFUSED = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+_ZERO_WIDTH_JOINER = "\u200d"  # a format character that emoji sequences need
+_REPLACEMENT = "\ufffd"  # what undecodable bytes became on the way in
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,8 @@ def check_id(example_id: object) -> str:
 
 
 def check_label(label: object) -> str:
-    """The label stripped; UserError if not a string, empty, too long or with control chars."""
+    """The label stripped; UserError if not a string, empty, too long, with control or
+    invisible characters (the emoji joiner aside), undecodable bytes, or nothing visible."""
     if not isinstance(label, str):
         raise UserError(f"a label must be a string, got {type(label).__name__}")
     text = label.strip()
@@ -59,9 +65,23 @@ def check_label(label: object) -> str:
         raise UserError("a label must not be empty")
     if len(text) > MAX_LABEL_CHARS:
         raise UserError(f"a label has at most {MAX_LABEL_CHARS} characters, got {len(text):,}")
-    if any(unicodedata.category(char) in _CONTROL for char in text):
-        raise UserError(f"a label must not hold control characters: {shown(text)!r}")
+    if any(unicodedata.category(char) in _REFUSED and char != _ZERO_WIDTH_JOINER for char in text):
+        raise UserError(f"a label must not hold control or invisible characters: {shown(text)!r}")
+    if _REPLACEMENT in text:
+        raise UserError(f"a label must be valid UTF-8 text: {shown(text)!r}")
+    if not any(unicodedata.category(char)[0] in "LNPS" for char in text):
+        raise UserError(f"a label needs a visible character: {shown(text)!r}")
     return text
+
+
+def same_label(label: str, names: Iterable[str]) -> str:
+    """``label`` as the class it names regardless of case (``Cat`` is the class ``cat``;
+    ``UNKNOWN`` the reserved ``unknown``: CLIP's tokenizer lowercases, so they would embed
+    alike), or ``label`` itself when no class does."""
+    folded = label.casefold()
+    if folded == UNKNOWN:
+        return UNKNOWN
+    return next((name for name in names if name.casefold() == folded), label)
 
 
 def check_embedding(vector: object, dim: int) -> np.ndarray:

@@ -34,8 +34,9 @@ duplicate add, a delete of an id not held; e.g. ``return store.add(example)``), 
 in ``duplicates`` instead of ``applied``. A device's own messages come back from the broker (and
 after a restart with the same device id): they are handed on too, so a store that lost one gets
 it back, and counted in ``echoes``. ``store.add`` returning False for a known or deleted id (its
-tombstone) is what makes every example applied once. An exception from a callback is logged once
-and counted as refused ("could not apply"); the link stays up.
+tombstone) is what makes every example applied once. A callback that raises ``Refused`` (the
+device's own limits) is counted under its reason; any other exception is logged once and counted
+as refused ("could not apply"); the link stays up.
 
 Publishes made while the broker is away wait in paho's queue and go out on reconnect; ``close``
 waits a moment for the unacknowledged ones. What a device taught while its process was down
@@ -283,6 +284,16 @@ class FleetSync:
         self._client.on_publish = self._on_publish
         self._client.on_subscribe = self._on_subscribe
 
+    def counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """({result: messages}, {refusal reason: messages}) so far, for metrics."""
+        results = {
+            "applied": self.applied,
+            "duplicate": self.duplicates,
+            "echo": self.echoes,
+            "published": self.published,
+        }
+        return results, dict(self.refusals)
+
     @property
     def topic_filter(self) -> str:
         """What this device subscribes to: every example's topic."""
@@ -366,6 +377,9 @@ class FleetSync:
                 result = self.on_add(example)
             else:
                 result = self.on_delete(change.id)
+        except Refused as refused:  # the device's own limits (counted, as the other reasons)
+            self._refuse(refused.reason, refused.detail, message.topic)
+            return
         except Exception as exc:  # noqa: BLE001 - the link must outlive a failing callback
             self._refuse("could not apply", f"{type(exc).__name__}: {exc}", message.topic)
             return

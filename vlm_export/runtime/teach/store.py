@@ -143,16 +143,19 @@ class ExampleStore:
             example.thumbnail,
         )
 
-    def delete(self, example_id: str) -> Example | None:
+    def delete(self, example_id: str, tombstone: bool = True) -> Example | None:
         """Remove an example and leave a tombstone (also for an id not held: a delete that
-        arrives before its add wins). The example removed, or None if it was not held."""
+        arrives before its add wins). The example removed, or None if it was not held.
+        ``tombstone=False`` takes back an add that could not be completed (the id may come
+        again)."""
         check_id(example_id)
         with self._transaction() as db:
             row = db.execute(
                 f"SELECT {_COLUMNS}, thumbnail FROM examples WHERE id = ?", (example_id,)
             ).fetchone()
             db.execute("DELETE FROM examples WHERE id = ?", (example_id,))
-            db.execute("INSERT OR IGNORE INTO tombstones (id) VALUES (?)", (example_id,))
+            if tombstone:
+                db.execute("INSERT OR IGNORE INTO tombstones (id) VALUES (?)", (example_id,))
         return None if row is None else self._example(row)
 
     def get(self, example_id: str) -> Example | None:

@@ -79,6 +79,7 @@ class Lanes:
         self.method = method
         self.fusion = fusion
         self.settings = settings
+        self.min_score = settings.min_score  # what the lanes run with (teaching may choose it)
         self.notes: list[str] = []  # start-up lines the command prints
         self.failed: dict[str, str] = {}  # sources without a lane: why
         self._bundle = bundle
@@ -103,7 +104,14 @@ class Lanes:
         """A pipeline on the shared engine with the service's options."""
         s = self.settings
         return Pipeline(
-            bundle, self.backend, self.method, reservoir, self.fusion, s.topk, s.min_score, s.crop
+            bundle,
+            self.backend,
+            self.method,
+            reservoir,
+            self.fusion,
+            s.topk,
+            self.min_score,
+            s.crop,
         )
 
     def _lane(self, state: Path | None, owner: str | None = None) -> Lane:
@@ -213,6 +221,7 @@ class Lanes:
 
     def set_min_score(self, min_score: float | None) -> None:
         """Report decisions below ``min_score`` as unknown on every lane (call under ``lock``)."""
+        self.min_score = min_score
         lanes = self.unique() + ([self._zeroshot] if self._zeroshot is not None else [])
         for lane in lanes:
             lane.pipeline.min_score = min_score

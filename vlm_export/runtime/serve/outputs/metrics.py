@@ -7,7 +7,9 @@ engine output looks collapsed, see ``serve.frames.watch``) and ``source_collapse
 source;
 ``stage_latency_seconds`` histograms per source and stage; ``reservoir_entries`` per source and
 class and ``reservoir_fill_ratio`` per source (read when scraped); ``events_sent_total`` /
-``events_dropped_total`` per sink and ``event_sink_reconnects_total``.
+``events_dropped_total`` per sink and ``event_sink_reconnects_total``; with ``--fleet``,
+``fleet_messages_total`` per result (applied, duplicate, echo, published) and
+``fleet_refused_total`` per reason (read when scraped).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 #: seconds; from 1 ms (a tiny engine's reservoir update) to 2.5 s (ViT-L on a small CPU)
@@ -23,6 +25,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 #: reservoir fill per source: {source: ({class: entries}, capacity per class)}
 FillReader = Callable[[], dict[str, tuple[dict[str, int], int]]]
+#: fleet messages: ({result: count}, {refusal reason: count})
+FleetReader = Callable[[], tuple[dict[str, int], dict[str, int]]]
 
 
 class _ReservoirCollector(Collector):
@@ -49,6 +53,30 @@ class _ReservoirCollector(Collector):
             ratio.add_metric([source], sum(counts.values()) / total if total else 0.0)
         yield entries
         yield ratio
+
+
+class _FleetCollector(Collector):
+    """The fleet link's message counts, read at scrape time."""
+
+    def __init__(self, read: FleetReader) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        results, refusals = self._read()
+        messages = CounterMetricFamily(
+            "vlm_edge_fleet_messages",
+            "Fleet messages by result: applied, duplicate, echo (received), published (sent)",
+            labels=["result"],
+        )
+        for result, count in results.items():
+            messages.add_metric([result], count)
+        refused = CounterMetricFamily(
+            "vlm_edge_fleet_refused", "Fleet messages refused, by reason", labels=["reason"]
+        )
+        for reason, count in refusals.items():
+            refused.add_metric([reason], count)
+        yield messages
+        yield refused
 
 
 class ServeMetrics:
@@ -137,3 +165,7 @@ class ServeMetrics:
     def watch_reservoirs(self, read: FillReader) -> None:
         """Report reservoir fill from ``read`` at every scrape."""
         self.registry.register(_ReservoirCollector(read))
+
+    def watch_fleet(self, read: FleetReader) -> None:
+        """Report the fleet link's message counts from ``read`` at every scrape."""
+        self.registry.register(_FleetCollector(read))

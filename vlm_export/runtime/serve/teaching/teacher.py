@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,10 @@ from vlm_export.runtime.teach.examples import (
     check_id,
     check_label,
     new_id,
+    same_label,
     thumbnail_jpeg,
 )
-from vlm_export.runtime.teach.fleet import FleetSync
+from vlm_export.runtime.teach.fleet import FleetSync, Refused
 from vlm_export.runtime.teach.fusion import TeachFusion
 from vlm_export.runtime.teach.learner import DEFAULT_HIDDEN_DIM, TeachLearner
 from vlm_export.runtime.teach.store import DB_NAME, TEACH_FOLDER, ExampleStore
@@ -91,6 +93,7 @@ class Teaching:
         self.calibration: Calibration | None = None
         self.recent = RecentFrames([name for name, _ in settings.sources])
         self._learner_lock = threading.Lock()
+        self._store_lock = threading.Lock()  # a limit's check and the store's change, as one
         self.queue = LearningQueue(self._apply)
         self._install()
         if settings.fleet:
@@ -176,50 +179,70 @@ class Teaching:
     def _teach(
         self, embedding: np.ndarray, label: str, source: str, thumbnail: bytes | None
     ) -> dict[str, Any]:
-        label = check_label(label)
-        if self.store.count() >= self.max_examples:
-            raise Full(
-                f"{self.max_examples} examples are stored, the most this service keeps "
-                "(--teach-max-examples): delete some first"
-            )
+        label = same_label(check_label(label), self.lanes.bundle.classes)
         with self.queue.slot():
-            self._ensure_class(label)
             example = Example(
                 new_id(), label, source, utc_now(), np.asarray(embedding, np.float32), "", thumbnail
             )
-            self.store.add(example)
+            self._store(example)
             change = self.queue.put(Change(added=example))
         self.queue.wait(change)
         if self.fleet is not None:
             self.fleet.publish_add(example)
         return self._answer(example, change)
 
+    def _store(self, example: Example) -> bool:
+        """Store ``example`` and make its label a class, or neither (Full when the store or the
+        class list is at its limit); False when its id is held or was deleted. One at a time:
+        the limits hold under concurrent teaching, local and from the fleet."""
+        with self._store_lock:
+            if self.store.count() >= self.max_examples:
+                raise Full(
+                    f"{self.max_examples} examples are stored, the most this service keeps "
+                    "(--teach-max-examples): delete some first"
+                )
+            if not self.store.add(example):
+                return False
+            try:
+                self._ensure_class(example.label)
+            except BaseException:
+                self.store.delete(example.id, tombstone=False)
+                raise
+            return True
+
     def add_remote(self, example: Example) -> bool:
         """A fleet peer's example (or this device's own, echoed): stored once, then learned
-        without waiting; False when nothing changed."""
-        if not self.store.add(example):
-            return False
+        without waiting; False when nothing changed. Refused (counted by the fleet link) when
+        this device holds as many examples or classes as it keeps, or cannot add its class."""
+        example = replace(example, label=same_label(example.label, self.lanes.bundle.classes))
         try:
-            self._ensure_class(example.label)
-        except UserError as exc:  # learned all the same; it wins no class here
-            log.warning("fleet: %s", shown(exc))
+            if not self._store(example):
+                return False
+        except UserError as exc:
+            raise Refused("not stored here", shown(exc)) from None
         self.queue.put(Change(added=example))
         return True
 
     def forget_remote(self, example_id: str) -> bool:
         """A fleet peer's delete: False when the example was not held."""
-        if self.store.delete(example_id) is None:
-            return False
+        with self._store_lock:
+            removed = self.store.delete(example_id)
+            if removed is None:
+                return False
+            self._drop_untaught_class(removed.label)
         self.queue.put(Change(removed=example_id))
         return True
 
     def forget(self, example_id: str) -> dict[str, Any]:
-        """Delete an example: the learner state becomes exactly the state without it."""
+        """Delete an example: the learner state becomes exactly the state without it (a class
+        that exists only because it was taught goes with its last example)."""
         check_id(example_id)
         with self.queue.slot():
-            removed = self.store.delete(example_id)
-            if removed is None:
-                raise NotFound(f"no example {example_id}")
+            with self._store_lock:
+                removed = self.store.delete(example_id)
+                if removed is None:
+                    raise NotFound(f"no example {example_id}")
+                self._drop_untaught_class(removed.label)
             change = self.queue.put(Change(removed=example_id))
         self.queue.wait(change)
         if self.fleet is not None:
@@ -252,7 +275,19 @@ class Teaching:
                 f"{shown(label)!r} is not a class and this bundle has no text engine to add it: "
                 "teach one of its classes"
             )
+        most = self.settings.limits.max_classes
+        if len(classes) >= most:
+            raise Full(
+                f"{shown(label)!r} would be class {len(classes) + 1}, and this service keeps "
+                f"at most {most}: teach one of its classes, or replace the classes"
+            )
         self.operations.add_class(label, TAUGHT_DOMAIN)
+
+    def _drop_untaught_class(self, label: str) -> None:
+        """Remove ``label``'s class if teaching made it (domain ``taught``) and no stored
+        example holds the label any more: the delete leaves the classes as they were."""
+        if self.store.count(label) == 0 and (TAUGHT_DOMAIN, label) in self.lanes.bundle.labels:
+            self.operations.remove_class(label, TAUGHT_DOMAIN)
 
     # ------------------------------------------------------------------ learning
     def _apply(self, added: list[Example], removed: list[str]) -> None:
