@@ -6,6 +6,7 @@ fourth that starts late catches up from the broker's retained messages."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -16,9 +17,10 @@ from liveserver import image_bytes, open_service, serving
 from mosquitto import Broker
 from polling import wait_until
 
-pytest.importorskip("paho.mqtt.client")
+mqtt = pytest.importorskip("paho.mqtt.client")
 pytest.importorskip("prometheus_client")
 
+from vlm_export.runtime.teach.fleet import encode_add, topic_of  # noqa: E402
 from vlm_export.runtime.teach.learner import TeachLearner  # noqa: E402
 
 HIDDEN = 48
@@ -126,3 +128,33 @@ def test_a_peer_cannot_push_a_device_past_its_example_limit(tmp_path, broker) ->
         assert 'vlm_edge_fleet_refused_total{reason="not stored here"} 3.0' in metrics
         assert 'vlm_edge_fleet_messages_total{result="applied"} 2.0' in metrics
         wait_until(lambda: _converged([small], held), "the small device to learn its two")
+
+
+def test_an_add_that_reuses_a_held_id_for_other_content_is_refused(tmp_path, broker) -> None:
+    """A broken or hostile publisher that sends another label under a held id: the device keeps
+    what it holds and counts the message ("conflicts with a held example"); a true duplicate
+    stays a duplicate."""
+    make_bundle(tmp_path / "bundle", method="tca")
+    write_images(tmp_path / "cam", 3, seed=4)
+    device = _fleet(tmp_path, broker, "a")
+    with device, serving(device) as a:
+        held_id = _teach(a, "car", 1)
+        fleet = device.teaching.fleet
+        wait_until(lambda: fleet.echoes >= 1, "the device's own add to come back")
+        held = device.teaching.store.get(held_id)
+        peer = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        peer.connect("127.0.0.1", broker.port)
+        peer.loop_start()
+        try:
+            topic = topic_of("site-a", held_id)
+            for label in ("car", "bus"):  # the same content, then other content
+                other = replace(held, label=label, origin="f" * 32)
+                payload = encode_add(other, device.lanes.bundle.engine_fingerprint, "f" * 32)
+                peer.publish(topic, payload, qos=1).wait_for_publish(30)
+            wait_until(lambda: fleet.refused >= 1, "the conflicting add to be refused")
+        finally:
+            peer.loop_stop()
+            peer.disconnect()
+        assert fleet.refusals == {"conflicts with a held example": 1} and fleet.duplicates >= 1
+        assert device.teaching.store.get(held_id).label == "car"
+        assert device.teaching.learner.labels == ["car"]

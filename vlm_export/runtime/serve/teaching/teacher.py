@@ -217,6 +217,9 @@ class Teaching:
         example = replace(example, label=same_label(example.label, self.lanes.bundle.classes))
         try:
             if not self._store(example):
+                held = self.store.get(example.id)
+                if held is not None and not _same_content(held, example):
+                    raise Refused("conflicts with a held example", f"id {example.id}")
                 return False
         except UserError as exc:
             raise Refused("not stored here", shown(exc)) from None
@@ -353,6 +356,11 @@ class Teaching:
         if example is None or not example.thumbnail:
             raise NotFound(f"no thumbnail for example {example_id}")
         return example.thumbnail
+
+
+def _same_content(a: Example, b: Example) -> bool:
+    """True when two examples of one id teach the same (label and embedding)."""
+    return a.label == b.label and np.array_equal(a.embedding, b.embedding)
 
 
 def _device_id(folder: Path | None) -> str:
