@@ -243,3 +243,22 @@ def test_embed_is_the_engines_embedding_and_leaves_the_state_alone(tca_dir, imag
             pipeline.embed_text(["a photo of a cat"])
         with pytest.raises(UserError, match="a string or a non-empty list"):
             pipeline.embed_text([])
+
+
+@pytest.mark.parametrize("texts", [None, 5, {"a": 1}, b"cat", ["cat", 3]])
+def test_embed_text_refuses_what_is_not_text_in_one_line(tca_dir, texts) -> None:
+    pipeline = open_pipeline(tca_dir, method="zeroshot")
+    with pipeline, pytest.raises(UserError, match="a string or a non-empty list of strings, got"):
+        pipeline.embed_text(texts)  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="the pipeline is closed"):
+        pipeline.embed_text("a photo of a cat")
+
+
+def test_premultiplied_alpha_images_classify_as_their_straight_alpha_form(tca_dir) -> None:
+    rng = np.random.default_rng(4)
+    straight = Image.fromarray(rng.integers(0, 255, (40, 56, 2), np.uint8), mode="LA")
+    premultiplied = straight.convert("La")
+    with open_pipeline(tca_dir, method="zeroshot") as pipeline:
+        got = pipeline.classify(premultiplied).scores
+        expected = pipeline.classify(premultiplied.convert("LA")).scores
+    np.testing.assert_array_equal(got, expected)

@@ -320,3 +320,22 @@ def test_parity_gates_cls_stack_and_token_fate(tiny_clip, tmp_path, monkeypatch)
     monkeypatch.setattr(parity.ort.InferenceSession, "run", corrupt)
     with pytest.raises(parity.ParityError, match="token fate agreement"):
         parity.check_parity(tower, path)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--max-classes", "100000000", "--max-classes must be 1 to 100,000, got 100,000,000"),
+        ("--max-classes", "0", "--max-classes must be 1 to 100,000, got 0"),
+        ("--batch-size", "100000", "--batch-size must be 1 to 256, got 100,000"),
+        ("--batch-size", "0", "--batch-size must be 1 to 256, got 0"),
+    ],
+)
+def test_engine_sizes_are_bounded_before_torch_loads(
+    tmp_path, classes, capsys, option, value, message
+):
+    out = tmp_path / "b"
+    argv = ["--method", "tca", *BASE, "--classes", str(classes), "--out", str(out), option, value]
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and err.strip().splitlines() == [f"vlm-export: error: {message}"]
+    assert not out.exists()

@@ -711,6 +711,26 @@ def test_export_ctrl_c_is_one_line(monkeypatch, tmp_path, classes, capsys) -> No
     assert code == 130 and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.exporter
+def test_export_sigterm_removes_its_temporary_folder(monkeypatch, tmp_path, classes, capsys):
+    """SIGTERM (timeout, docker stop, systemd) while the bundle is being written: exit 143, one
+    line, and nothing left beside --out (SIGTERM used to leave the temporary folder)."""
+    import vlm_export.export.bundle.writer as writer
+
+    def terminate(manifest):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(writer, "validate_manifest", terminate)
+    before = signal.getsignal(signal.SIGTERM)
+    argv = [*EXPORT, "--classes", classes, "--out", tmp_path / "b"]
+    code, err = _call(export_main, argv, capsys)
+    assert code == 143 and err.strip().splitlines() == [
+        "vlm-export: interrupted; nothing was written"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.txt"]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 # ---- strict JSON; --threads ---------------------------------------------------------------
 
 

@@ -216,3 +216,51 @@ def test_rail_state_file_follows_names_or_is_refused(tmp_path) -> None:
         load_predictor(path, "bundle-new", NEW, "engine-2")
     with pytest.raises(StateError, match="another bundle"):
         load_predictor(legacy, "bundle-new", NEW, "engine-1")
+
+
+def _unit(rows: int, width: int, seed: int = 0) -> np.ndarray:
+    text = np.random.default_rng(seed).standard_normal((rows, width)).astype(np.float32)
+    return text / np.linalg.norm(text, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize(
+    ("names", "change", "message"),
+    [
+        (["cat", "dog"], lambda t: np.full_like(t, np.nan), "NaN or infinite"),
+        (["cat", "dog"], lambda t: np.zeros_like(t), "row 0 is all zeros"),
+        (["cat", "dog"], lambda t: t[:1], r"must be \[2, \d+\]"),
+        (["cat", "dog"], lambda t: t[:, :3], r"must be \[2, \d+\]"),
+        (["cat", "dog"], lambda t: t.ravel(), r"must be \[2, \d+\]"),
+        (["cat", "dog"], lambda t: [["a"] * t.shape[1]] * 2, "array of numbers"),
+        ("cat", lambda t: t[:1], "give a list of class names, got str"),
+        (["cat", ""], lambda t: t, "class name 2 is not a non-empty string"),
+        (["cat", 2], lambda t: t, "class name 2 is not a non-empty string"),
+        (["cat", "x" * 1001], lambda t: t, "1,001 characters"),
+        (["cat", "ca\x00t"], lambda t: t, "control or invisible characters"),
+        (["cat", "Cat"], lambda t: t, "'Cat' is given twice in domain"),
+        (["red_fox", "red fox"], lambda t: t, "'red fox' is given twice in domain"),
+    ],
+)
+def test_set_classes_refuses_bad_names_and_embeddings_and_changes_nothing(
+    tmp_path, names, change, message
+) -> None:
+    bundle = Bundle.open(make_bundle(tmp_path / "b", method="tca"))
+    pipeline = Pipeline(bundle, _Backend(bundle), "tca")
+    text = change(_unit(2, bundle.text_embeddings.shape[1]))
+    with pytest.raises(UserError, match=message):
+        pipeline.set_classes(names, text, ["animals"] * 2)
+    assert pipeline.bundle is bundle
+
+
+def test_set_classes_normalises_rows_and_keeps_unit_rows_bit_for_bit(tmp_path) -> None:
+    bundle = Bundle.open(make_bundle(tmp_path / "b", method="tca"))
+    pipeline = Pipeline(bundle, _Backend(bundle), "tca")
+    text = _unit(2, bundle.text_embeddings.shape[1])
+    scaled = text.copy()
+    scaled[1] *= 10.0
+    pipeline.set_classes(["cat", "dog"], scaled, ["animals"] * 2)
+    held = pipeline.bundle.text_embeddings
+    assert np.array_equal(held[0], text[0])  # already of unit length: kept as given
+    assert np.allclose(held[1], text[1], atol=1e-7)
+    with pytest.raises(UserError, match="give one domain per class: 1 for 2 classes"):
+        pipeline.set_classes(["cat", "dog"], text, ["animals"])

@@ -56,6 +56,34 @@ def ctrl_c_noticed() -> Iterator[list[int]]:
             signal.signal(signal.SIGINT, previous)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interrupt (``sigterm_interrupts``): cleanups run as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[list[int]]:
+    """While active, SIGTERM raises ``Terminated`` in the main thread (each one is appended to
+    the yielded list), so that temporary files and folders are removed as after a Ctrl-C
+    (``timeout``, ``docker stop`` and systemd send SIGTERM). Only where SIGTERM has its default
+    disposition; put back afterwards."""
+    received: list[int] = []
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise Terminated
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    watching = main and previous is signal.SIG_DFL
+    if watching:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield received
+    finally:
+        if watching and signal.getsignal(signal.SIGTERM) is on_sigterm:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def exit_status_of(main: Callable[[], int], message: str) -> int:
     """Run a command's ``main``: its status, or ``message`` on stderr and 130 when Ctrl-C was
     pressed, even if an import turned the interrupt into another error."""

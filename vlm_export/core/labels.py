@@ -9,6 +9,7 @@ rows, new labels start empty, dropped labels are dropped. A row is never moved t
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,26 @@ Label = tuple[str, str]
 #: the longest class or domain name a class list, and a bundle's classes.json, may hold: the
 #: bundle loader refuses longer ones, so the writers check it before anything is written
 MAX_NAME_CHARS = 1000
+#: control and format characters (invisible ones, bidirectional overrides), lone surrogates,
+#: private-use and unassigned code points, line and paragraph separators
+_HIDDEN_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+_ZERO_WIDTH_JOINER = "\u200d"  # a format character that emoji sequences need
+_REPLACEMENT = "\ufffd"  # what undecodable bytes became on the way in
+
+
+def hidden_text_problem(text: str) -> str | None:
+    """Why ``text`` cannot name a class or label (control or invisible characters, bytes that
+    were not UTF-8, nothing visible), or None."""
+    if any(
+        unicodedata.category(char) in _HIDDEN_CATEGORIES and char != _ZERO_WIDTH_JOINER
+        for char in text
+    ):
+        return "holds control or invisible characters"
+    if _REPLACEMENT in text:
+        return "holds U+FFFD, the mark of bytes that were not UTF-8"
+    if not any(unicodedata.category(char)[0] in "LNPS" for char in text):
+        return "has no visible character"
+    return None
 
 
 def labels_meta(engine_fingerprint: str, labels: Sequence[Label]) -> dict[str, Any]:

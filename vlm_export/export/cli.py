@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from vlm_export.core import live_line
 from vlm_export.core.errors import UserError, describe_os_error
-from vlm_export.core.interrupts import exit_status_of
+from vlm_export.core.interrupts import exit_status_of, sigterm_interrupts
 from vlm_export.core.paths import PathArg, guard_arguments
 from vlm_export.core.pipes import EXIT_BROKEN_PIPE, stdout_to_devnull
 from vlm_export.export.int8.calibration import image_paths
@@ -238,7 +239,7 @@ def check_arguments(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     be downloaded without network (open_clip's table read without torch).
     """
     from vlm_export.export.bundle.writer import check_output_folder
-    from vlm_export.export.presets import tca_settings
+    from vlm_export.export.presets import check_sizes, tca_settings
     from vlm_export.models.names import check_model_name
     from vlm_export.runtime.datasets.registry import get_dataset
     from vlm_export.runtime.text.templates import load_templates
@@ -246,6 +247,7 @@ def check_arguments(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     if args.out is None:
         raise UserError("--out DIR is required")
     check_output_folder(args.out, args.overwrite)
+    check_sizes(args.max_classes, args.batch_size)
     if args.dataset:  # the dataset's templates and preset, unless given
         spec = get_dataset(args.dataset)
         args.templates = args.templates or spec.templates
@@ -390,8 +392,11 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``vlm-export``: one line and status 2 on errors, 130 on Ctrl-C."""
-    # a Ctrl-C during torch's import may come back as another error
-    return exit_status_of(lambda: _main(argv), "vlm-export: interrupted; nothing was written")
+    # a Ctrl-C during torch's import may come back as another error; SIGTERM cleans up as
+    # Ctrl-C does (no temporary folder left behind) and exits 143
+    with sigterm_interrupts() as terminated:
+        code = exit_status_of(lambda: _main(argv), "vlm-export: interrupted; nothing was written")
+    return 128 + signal.SIGTERM if terminated and code == 130 else code
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -41,7 +41,7 @@ from vlm_export.export.graph.text_engine import (
     warn_skipped,
 )
 from vlm_export.export.graph.trt_ops import assert_tensorrt_compatible
-from vlm_export.export.presets import RAIL_DEFAULTS, tca_settings
+from vlm_export.export.presets import RAIL_DEFAULTS, check_sizes, tca_settings
 from vlm_export.export.progress import Progress
 from vlm_export.models.condensing_tower import CondensingVisionTower
 from vlm_export.models.flops import closed_form_gflops, drop_rate_for_gflops, flops_report
@@ -97,6 +97,7 @@ DEFAULT_CLASS_CAPACITY = 1000
 
 def class_capacity(options: ExportOptions, num_classes: int) -> int:
     """Rows of the condensing engine's anchors input: --max-classes, else max(1000, classes)."""
+    check_sizes(options.max_classes, options.batch_size)
     if options.max_classes is None:
         return max(DEFAULT_CLASS_CAPACITY, num_classes)
     if options.max_classes < num_classes:
@@ -111,8 +112,6 @@ def _check_options(options: ExportOptions) -> None:
         raise UserError(f"unknown method {options.method!r}; choose from {', '.join(METHODS)}")
     if not options.domains or not any(classes for _, classes in options.domains):
         raise UserError("no classes given: pass --classes FILE (or --domain NAME=FILE for rail)")
-    if options.batch_size < 1:
-        raise UserError(f"batch size must be >= 1, got {options.batch_size}")
     class_capacity(options, sum(len(classes) for _, classes in options.domains))
     check_output_folder(options.out, options.overwrite)
     tca_settings(options.tca_preset, options.eviction, options.anchor_rule)  # an unknown preset

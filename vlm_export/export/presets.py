@@ -1,10 +1,12 @@
-"""Reference hyperparameters recorded in a bundle's manifest (spec/tca.md 3.5, spec/rail.md)."""
+"""Reference hyperparameters recorded in a bundle's manifest (spec/tca.md 3.5, spec/rail.md), and
+the bounds of an engine's sizes (class capacity, batch)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from vlm_export.core.errors import UserError
+from vlm_export.runtime.text.class_lists import MAX_CLASSES
 
 # dataset: (capacity M, tau, lambda, beta), as the TCA authors' released configs.
 TCA_PRESETS: dict[str, tuple[int, float, float, float]] = {
@@ -52,3 +54,16 @@ def tca_settings(
         "eviction": eviction,
         "anchor_rule": anchor_rule,
     }
+
+
+#: the largest engine batch: a batch-N engine is for the user's own batched integration
+MAX_BATCH_SIZE = 256
+
+
+def check_sizes(max_classes: int | None, batch_size: int) -> None:
+    """--max-classes (1 to the most a class list holds) and --batch-size (1 to MAX_BATCH_SIZE):
+    UserError otherwise, before anything is built."""
+    if max_classes is not None and not 1 <= max_classes <= MAX_CLASSES:
+        raise UserError(f"--max-classes must be 1 to {MAX_CLASSES:,}, got {max_classes:,}")
+    if not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise UserError(f"--batch-size must be 1 to {MAX_BATCH_SIZE}, got {batch_size:,}")

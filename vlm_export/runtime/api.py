@@ -143,9 +143,19 @@ class EdgePipeline:
         by the bundle's text engine; a single string gives one row."""
         from vlm_export.runtime.text.encoder import TextEncoder
 
-        items = [texts] if isinstance(texts, str) else list(texts)
+        if self.closed:
+            raise UserError("the pipeline is closed (its with block ended): open it again")
+        if isinstance(texts, str):
+            items = [texts]
+        elif isinstance(texts, (list, tuple)):
+            items = list(texts)
+        else:
+            items = []
         if not items or not all(isinstance(text, str) for text in items):
-            raise UserError("embed_text takes a string or a non-empty list of strings")
+            raise UserError(
+                f"embed_text takes a string or a non-empty list of strings, got "
+                f"{type(texts).__name__}"
+            )
         if self._text_encoder is None:
             self._text_encoder = TextEncoder.open(self.bundle)
         rows = np.asarray(self._text_encoder.embed_prompts(items), dtype=np.float32)
@@ -198,6 +208,7 @@ class EdgePipeline:
         """Release the engine (once; ``classify`` then refuses)."""
         if not self.closed:
             self.closed = True
+            self._text_encoder = None
             if self._teaching is not None:
                 self._teaching.close()
             self.pipeline.backend.close()

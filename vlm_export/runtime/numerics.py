@@ -4,9 +4,40 @@ from __future__ import annotations
 
 import numpy as np
 
+from vlm_export.core.errors import UserError
+
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable softmax along ``axis``, in the input's floating dtype."""
     shifted = logits - np.max(logits, axis=axis, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=axis, keepdims=True)
+
+
+#: a float32 row whose norm is within this of 1 is taken as L2-normalised (float32 rounding
+#: leaves ~1e-7)
+UNIT_TOLERANCE = 1e-5
+
+
+def unit_rows(array: object, rows: int, width: int) -> np.ndarray:
+    """``array`` as float32 [rows, width] with L2-normalised rows (text embeddings given by a
+    caller: rows of unit length as given, others normalised); UserError for another shape,
+    non-numbers, NaN or infinity, or a row of zeros."""
+    try:
+        values = np.asarray(array, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise UserError("text embeddings must be an array of numbers") from None
+    if values.shape != (rows, width):
+        raise UserError(
+            f"text embeddings must be [{rows}, {width}] (one row per class), got "
+            f"{list(values.shape)}"
+        )
+    if not np.isfinite(values).all():
+        raise UserError("text embeddings hold NaN or infinite values")
+    norms = np.linalg.norm(values, axis=1)
+    if not (norms > 0).all():
+        raise UserError(f"text embedding row {int(np.argmin(norms))} is all zeros")
+    out = values.astype(np.float32)  # rows already of unit length keep their bits
+    off = np.abs(norms - 1.0) > UNIT_TOLERANCE
+    out[off] = (values[off] / norms[off, None]).astype(np.float32)
+    return out

@@ -29,10 +29,11 @@ from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.io.preprocess import ImageError, Preprocessor
 from vlm_export.runtime.io.sources import Frame
-from vlm_export.runtime.numerics import softmax
+from vlm_export.runtime.numerics import softmax, unit_rows
 from vlm_export.runtime.result import UNKNOWN_CLASS, UNKNOWN_LABEL, FrameResult
 from vlm_export.runtime.tca.reservoir import TokenReservoir
 from vlm_export.runtime.tca.stage import TcaStage, build_reservoir, save_reservoir
+from vlm_export.runtime.text.class_lists import check_class_names, same_prompt
 
 
 @dataclass(frozen=True)
@@ -143,14 +144,16 @@ class Pipeline:
     ) -> None:
         """Classify with another label space from the next frame on (call between two frames).
 
-        ``names`` [C] and ``text_embeddings`` [C, E] (L2-normalised rows, e.g. from the text
-        engine) row by row; ``domains`` gives each class's domain (default: the bundle's domain,
-        when it has just one). Adaptation follows the labels (domain, name): the TCA reservoir
-        keeps the entries of kept classes, new classes start empty, removed ones are dropped; a
-        RAIL fusion stage keeps predicting for its classes still present and refuses (StateError)
-        when none of them is left. More classes than the engine's capacity is a UserError. Nothing
-        changes when this raises.
+        ``names`` [C] and ``text_embeddings`` [C, E] (e.g. from the text engine; rows are
+        L2-normalised here) row by row; ``domains`` gives each class's domain (default: the
+        bundle's domain, when it has just one). Adaptation follows the labels (domain, name):
+        the TCA reservoir keeps the entries of kept classes, new classes start empty, removed
+        ones are dropped; a RAIL fusion stage keeps predicting for its classes still present and
+        refuses (StateError) when none of them is left. Bad names or embeddings, or more classes
+        than the engine's capacity, are a UserError. Nothing changes when this raises.
         """
+        names = check_class_names(names, "set_classes")
+        self.bundle.check_capacity(len(names))
         if domains is None:
             if len(self.bundle.domains) != 1:
                 raise UserError(
@@ -158,13 +161,15 @@ class Pipeline:
                     "domain"
                 )
             domains = self.bundle.domains * len(names)
-        if len(domains) != len(names):
-            raise ValueError(f"{len(domains)} domains for {len(names)} classes")
-        labels = list(zip((str(d) for d in domains), (str(n) for n in names), strict=True))
-        if len(set(labels)) != len(labels):
-            raise UserError("a class is given twice in the same domain")
+        if isinstance(domains, str) or len(domains) != len(names):
+            raise UserError(f"give one domain per class: {len(domains)} for {len(names)} classes")
+        labels = list(zip((str(d) for d in domains), names, strict=True))
+        for index, (domain, name) in enumerate(labels):
+            if any(d == domain and same_prompt(n, name) for d, n in labels[:index]):
+                raise UserError(f"class {name!r} is given twice in domain {domain!r}")
+        text = unit_rows(text_embeddings, len(names), self.bundle.text_embeddings.shape[1])
         order = list(dict.fromkeys(domain for domain, _ in labels))
-        bundle = self.bundle.with_classes(labels, text_embeddings, order)
+        bundle = self.bundle.with_classes(labels, text, order)
         old = self.bundle.labels
         tca = fusion = None
         if self.tca is not None:

@@ -274,7 +274,13 @@ def decoded(image: Image.Image) -> Image.Image:
         raise ImageError(f"cannot read image {name}: {exc}") from None
     if image.width < 1 or image.height < 1:
         raise ImageError(f"the image is empty ({image.width}x{image.height} pixels)")
+    if image.mode in _PREMULTIPLIED:  # PIL converts ``La`` to nothing but ``LA``
+        image = image.convert(_PREMULTIPLIED[image.mode])
     return image
+
+
+#: modes whose colour is premultiplied by alpha, and the straight-alpha mode of each
+_PREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}
 
 
 def to_8bit(image: Image.Image) -> Image.Image:

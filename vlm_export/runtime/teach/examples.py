@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import re
-import unicodedata
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from vlm_export.core.errors import UserError, shown
+from vlm_export.core.labels import hidden_text_problem
 
 #: an example's id: uuid4().hex, made where it was taught; anything else is refused
 EXAMPLE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -23,11 +23,6 @@ TAUGHT_DOMAIN = "taught"
 MAX_LABEL_CHARS = 100
 THUMBNAIL_SIDE = 96
 NORM_TOLERANCE = 1e-3  # an L2-normalised float32 vector's norm is 1 within ~1e-7
-#: control and format characters (invisible ones, bidirectional overrides), lone surrogates,
-#: private-use and unassigned code points, line and paragraph separators
-_REFUSED = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
-_ZERO_WIDTH_JOINER = "\u200d"  # a format character that emoji sequences need
-_REPLACEMENT = "\ufffd"  # what undecodable bytes became on the way in
 
 
 @dataclass(frozen=True)
@@ -65,12 +60,9 @@ def check_label(label: object) -> str:
         raise UserError("a label must not be empty")
     if len(text) > MAX_LABEL_CHARS:
         raise UserError(f"a label has at most {MAX_LABEL_CHARS} characters, got {len(text):,}")
-    if any(unicodedata.category(char) in _REFUSED and char != _ZERO_WIDTH_JOINER for char in text):
-        raise UserError(f"a label must not hold control or invisible characters: {shown(text)!r}")
-    if _REPLACEMENT in text:
-        raise UserError(f"a label must be valid UTF-8 text: {shown(text)!r}")
-    if not any(unicodedata.category(char)[0] in "LNPS" for char in text):
-        raise UserError(f"a label needs a visible character: {shown(text)!r}")
+    problem = hidden_text_problem(text)
+    if problem:
+        raise UserError(f"a label {problem}: {shown(text)!r}")
     return text
 
 

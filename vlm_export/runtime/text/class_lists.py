@@ -22,7 +22,7 @@ from pathlib import Path
 
 from vlm_export.core.errors import UserError, shown
 from vlm_export.core.json_input import parse_json
-from vlm_export.core.labels import MAX_NAME_CHARS
+from vlm_export.core.labels import MAX_NAME_CHARS, hidden_text_problem
 
 _DOMAIN_NAME = re.compile(r"[\w.-]+")
 #: the largest class-list file read (ImageNet-21k's 21,841 names take about 1 MB)
@@ -124,11 +124,39 @@ def check_name_lengths(names: Sequence[str], where: str) -> None:
             )
 
 
+def check_class_names(names: object, where: str) -> list[str]:
+    """``names`` as a list of class names, each stripped; ClassListError (one line) for a string
+    or non-list, an empty list, a name that is not a string, empty, too long, or holds control
+    or invisible characters."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)):
+        raise ClassListError(f"{where}: give a list of class names, got {type(names).__name__}")
+    if not names:
+        raise ClassListError(f"{where}: the list of class names is empty")
+    checked = []
+    for number, name in enumerate(names, 1):
+        if not isinstance(name, str) or not name.strip():
+            raise ClassListError(f"{where}: class name {number} is not a non-empty string")
+        checked.append(name.strip())
+    check_name_lengths(checked, where)
+    for number, name in enumerate(checked, 1):
+        problem = hidden_text_problem(name)
+        if problem:
+            raise ClassListError(f"{where}: class name {number} {problem}: {shown(name)!r}")
+    return checked
+
+
+def same_prompt(a: str, b: str) -> bool:
+    """True when two class names give the same prompt (``Cat`` and ``cat``, ``red_fox`` and
+    ``red fox``): CLIP's tokenizer cannot tell them apart."""
+    return _prompt_key(a) == _prompt_key(b)
+
+
 def read_class_list(path: str | Path) -> list[str]:
     """Read class names from a text file (one per line) or a .json list, in file order.
 
-    Raise ClassListError (one line) for a missing or unreadable file, an empty list, or names
-    that give the same prompt (after '_' -> ' ', whitespace collapsing and lower-casing).
+    Raise ClassListError (one line) for a missing or unreadable file, an empty list, a name with
+    control or invisible characters, or names that give the same prompt (after '_' -> ' ',
+    whitespace collapsing and lower-casing).
     """
     path = Path(path).expanduser()
     problem = _file_problem(path)
@@ -150,7 +178,7 @@ def read_class_list(path: str | Path) -> list[str]:
         names = _read_text_lines(path, text)
     if not names:
         raise ClassListError(f"class list {path} holds no class names")
-    check_name_lengths(names, f"class list {path}")
+    names = check_class_names(names, f"class list {path}")
     _check_duplicates(names, path)
     return names
 
