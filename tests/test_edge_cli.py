@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -305,3 +306,24 @@ def test_closed_stdout_exits_quietly_and_saves_state(tca_dir, folder, tmp_path, 
     assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr
     if command == "run":
         assert state.is_file() and f"state saved to {state}" in done.stderr
+
+
+def test_out_is_replaced_only_once_a_line_is_written(tca_dir, folder, tmp_path, capsys) -> None:
+    """An existing --out file survives a run that decides no frame (an empty --classes refused,
+    a source with no readable frame); a run that decides frames replaces it, error records
+    included, and keeps its permission bits; nothing is left beside it."""
+    out = tmp_path / "o.jsonl"
+    out.write_text("precious\n")
+    out.chmod(0o640)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    for extra in (["--classes", ""], []):
+        source = str(folder) if extra else str(empty)
+        code = cli.main(["run", str(tca_dir), source, "--out", str(out), "--quiet", *extra])
+        capsys.readouterr()
+        assert code in (1, 2) and out.read_text() == "precious\n"
+    assert cli.main(["run", str(tca_dir), str(folder), "--out", str(out), "--quiet"]) == 0
+    lines = _lines(out)
+    assert len(lines) == 8 and sum("error" in line for line in lines) == 1
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jpg", "o.jsonl"]

@@ -275,3 +275,22 @@ def test_an_int8_graph_meets_its_bound_on_the_reference_images(tmp_path, images)
         engine.close()
     assert result is not None and result.precision == "int8"
     assert PRECISION_BOUNDS["int8"] <= result.cosine < 1.0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda width: np.ones((10, width), np.float32),  # more images than the record holds
+        lambda width: np.ones((0, width), np.float32),
+        lambda width: np.ones((4, width + 1), np.float32),  # another width
+        lambda width: np.full((4, width), np.nan, np.float32),
+    ],
+    ids=["ten-rows", "no-rows", "other-width", "nan"],
+)
+def test_a_misshapen_record_is_one_bundle_error(recorded, images, tmp_path, capsys, make) -> None:
+    bundle = _copy(recorded, tmp_path)
+    width = Bundle.open(bundle).text_embeddings.shape[1]
+    name = next(p.name for p in bundle.iterdir() if p.name.endswith(".reference.npy"))
+    np.save(bundle / name, make(width))
+    code, lines = _edge(capsys, "run", bundle, images, "--quiet", "--no-verify")
+    assert code in (1, 2) and len(lines) == 1 and name in lines[0], lines

@@ -229,6 +229,42 @@ def test_a_state_may_not_be_a_fifo_or_a_device(world, tmp_path, capsys, device) 
         assert words in err and "not a regular file" in err, err
 
 
+def _inputs_as_fifo(world: dict[str, Path], fifo: Path, tmp: Path) -> dict[str, list[str]]:
+    """Every command that reads a state or example database given by the user, reading ``fifo``."""
+    bundle, images, a = str(world["bundle"]), str(world["root"] / "images"), world["root"] / "a.npz"
+    return {
+        "run --rail-state": ["run", bundle, images, "--method", "rail", "--rail-state", str(fifo)],
+        "merge": ["merge", str(tmp / "m.npz"), str(a), str(fifo)],
+        "examples export": ["examples", "export", str(fifo), str(tmp / "e.npz")],
+        "examples export (a folder)": ["examples", "export", str(fifo.parent), str(tmp / "f.npz")],
+    }
+
+
+@pytest.mark.parametrize(
+    "name", ["run --rail-state", "merge", "examples export", "examples export (a folder)"]
+)
+def test_a_fifo_as_a_state_or_database_is_refused_not_opened(world, tmp_path, name) -> None:
+    """A FIFO is never opened as an input: it would block until a writer came (SQLite's open
+    even outlived Ctrl-C). Run in a child with a time limit, so that a regression fails."""
+    folder = tmp_path / "states"
+    (folder / "teach").mkdir(parents=True)
+    fifo = folder / "teach" / "examples.sqlite"
+    os.mkfifo(fifo)
+    argv = _inputs_as_fifo(world, fifo, tmp_path)[name]
+    if name == "examples export (a folder)":
+        argv[2] = str(folder)
+    done = subprocess.run(
+        [sys.executable, "-m", "vlm_export.runtime", *argv],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        cwd=tmp_path,
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode in (1, 2) and len(lines) == 1, done.stderr
+    assert "not a regular file" in lines[0], done.stderr
+
+
 def test_the_decision_write_through_or_replace(tmp_path, device) -> None:
     """What the write does with each kind of target, watched on the folder it lies in."""
     fifo = tmp_path / "pipe"
@@ -419,3 +455,23 @@ def test_an_output_that_cannot_be_created_is_said_before_any_work(
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
     assert "cannot create" in lines[0] and "is a file, not a folder" in lines[0], err
+
+
+@pytest.mark.parametrize("command", ["info", "run"])
+def test_a_command_started_without_stdout_runs_as_if_it_went_to_the_null_device(
+    world, tmp_path, command
+) -> None:
+    """``vlm-edge info BUNDLE >&-``: Python starts with sys.stdout None; the command used to end
+    in a traceback (after ``classes`` had already rewritten the bundle)."""
+    argv = [command, str(world["bundle"])]
+    if command == "run":
+        argv.append(str(world["root"] / "images"))
+    done = subprocess.run(
+        [sys.executable, "-m", "vlm_export.runtime", *argv],
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=WAIT_S,
+        cwd=tmp_path,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr

@@ -237,6 +237,54 @@ def _written_through(path: str | Path, mode: str) -> Iterator:
             raise WriteError(f"cannot write {Path(path)}: {exc.strerror or exc}") from None
 
 
+class PublishedLog:
+    """A text log of lines (``vlm-edge run --out``) that replaces ``path`` once it is worth it.
+
+    The lines go to a temporary file beside ``path``; ``publish`` renames it over ``path`` and
+    the log is written on in place from then on (readers may follow it as it grows). Closed
+    without ``publish`` (a run that failed, or was stopped, before its first decision), an
+    existing file stays as it was; where there was none, the lines written (error records) are
+    put in place, and nothing when there are none. A symbolic link is written through; an
+    existing file's permission bits are kept; the folder must exist (OSError otherwise).
+    Line-buffered UTF-8; the other file methods are the handle's.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self._target = final_target(path)
+        fd, self._tmp = tempfile.mkstemp(prefix=temp_prefix(self._target), dir=self._target.parent)
+        os.chmod(self._tmp, _mode_for(self._target, 0o666 & ~_UMASK))  # mkstemp: private
+        self._handle = os.fdopen(fd, "w", encoding="utf-8", buffering=1)
+        self.published = False
+        self._written = False
+
+    def write(self, text: str) -> int:
+        """Write ``text`` (to the temporary file until published)."""
+        self._written = self._written or bool(text)
+        return self._handle.write(text)
+
+    def publish(self) -> None:
+        """Put the log in place of ``path`` (once; what it holds so far is flushed first)."""
+        if not self.published:
+            self._handle.flush()
+            os.replace(self._tmp, self._target)
+            self.published = True
+
+    def close(self) -> None:
+        """Close; unpublished, put what was written where no file stands, else remove it."""
+        if not self.published and self._written and not os.path.lexists(self._target):
+            with contextlib.suppress(OSError):  # a write error is reported by the writer
+                self.publish()
+        try:
+            self._handle.close()
+        finally:
+            if not self.published:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._tmp)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._handle, name)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     with atomic_file(path, "wb") as handle:

@@ -86,7 +86,12 @@ def sigterm_interrupts() -> Iterator[list[int]]:
 
 def exit_status_of(main: Callable[[], int], message: str) -> int:
     """Run a command's ``main``: its status, or ``message`` on stderr and 130 when Ctrl-C was
-    pressed, even if an import turned the interrupt into another error."""
+    pressed, even if an import turned the interrupt into another error. A standard stream the
+    command was started without (``>&-``: Python's ``sys.stdout`` is None) writes to the null
+    device, as if redirected there."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115
     with ctrl_c_noticed() as pressed:
         try:
             return main()

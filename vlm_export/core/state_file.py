@@ -163,13 +163,7 @@ def load_state(
     without holding both. Arrays other than those ``expected_shapes`` names, or outside
     ``allowed`` when given, are refused (StateError) before any is read.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise StateError(f"{path} is a folder, not a state file")
-    if path.exists() and not path.is_file():
-        raise StateError(f"{path} is not a regular file (a device, FIFO or socket)")
-    if not path.is_file():
-        raise StateError(f"state file not found: {path}")
+    path = _state_path(path)
     try:
         with open(path, "rb") as handle:
             _check_container(handle, path)
@@ -202,7 +196,7 @@ def load_state(
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The JSON header of a state file (no array read); StateError if it cannot be read."""
-    path = Path(path)
+    path = _state_path(path)
     try:
         with open(path, "rb") as handle:
             _check_container(handle, path)
@@ -210,6 +204,19 @@ def read_meta(path: str | Path) -> dict[str, Any]:
                 return _read_meta(archive, _declared_arrays(archive, path), path)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise StateError(f"{path} is not a readable state file ({exc})") from None
+
+
+def _state_path(path: str | Path) -> Path:
+    """``path`` if it is a regular file; StateError for a folder, a missing file, a device, FIFO
+    or socket (never opened: a FIFO would block the open until a writer came)."""
+    path = Path(path)
+    if path.is_dir():
+        raise StateError(f"{path} is a folder, not a state file")
+    if path.exists() and not path.is_file():
+        raise StateError(f"{path} is not a regular file (a device, FIFO or socket)")
+    if not path.is_file():
+        raise StateError(f"state file not found: {path}")
+    return path
 
 
 def _check_container(handle: BinaryIO, path: Path) -> None:
@@ -323,8 +330,8 @@ def _check_meta(
         raise StateError(f"{path} holds a {meta.get('kind')!r} state, expected {kind!r}")
     if meta.get("schema_version") != schema_version:
         raise StateError(
-            f"{path} has {kind} schema {meta.get('schema_version')}, this version reads "
-            f"{schema_version}"
+            f"{path} has {kind} schema {meta.get('schema_version')!r}, this version reads "
+            f"{schema_version!r}"
         )
     same_engine = (
         engine_fingerprint is not None

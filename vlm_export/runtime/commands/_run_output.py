@@ -16,6 +16,7 @@ from typing import IO, Any
 import numpy as np
 
 from vlm_export.core import special_files
+from vlm_export.core.atomic import PublishedLog
 from vlm_export.core.errors import UserError
 from vlm_export.core.json_text import dumps
 from vlm_export.runtime.io.sources import is_gstreamer
@@ -48,6 +49,13 @@ def same_terminal(a: IO[str], b: IO[str]) -> bool:
     )
 
 
+def decided(out: IO[str]) -> None:
+    """A frame was decided: an output file waiting for one takes its path (``PublishedLog``)."""
+    publish = getattr(out, "publish", None)
+    if callable(publish):
+        publish()
+
+
 class JsonLines:
     """One JSON record per line, written whole and flushed."""
 
@@ -58,6 +66,8 @@ class JsonLines:
         """Write one frame's record."""
         self.out.write(dumps(record) + "\n")
         self.out.flush()
+        if result is not None:
+            decided(self.out)
 
     def finish(self) -> None:
         """Nothing closes a JSON lines stream."""
@@ -119,6 +129,7 @@ class TextLines:
             f"{head}  {_cell(result.class_name, self.class_width)}  "
             f"{result.score:>6.3f}  {result.timings.get('total', 0.0):>8.1f}"
         )
+        decided(self.out)
 
     def finish(self) -> None:
         """The closing table: frames and mean score per class, then times per stage."""
@@ -160,12 +171,17 @@ Writer = JsonLines | TextLines
 @contextlib.contextmanager
 def open_output(path: str | None) -> Iterator[IO[str]]:
     """The file ``path`` (line-buffered), else standard output; UserError when it cannot be
-    opened."""
+    opened. A file (new or existing) is replaced only once a frame was decided (``published``
+    by the writers): a run that decides none leaves it as it was; a device or FIFO is written
+    through."""
     if path is None:
         yield sys.stdout
         return
     try:
-        handle = special_files.open_output(path, "w", encoding="utf-8", buffering=1)
+        if special_files.is_stream(path):
+            handle = special_files.open_output(path, "w", encoding="utf-8", buffering=1)
+        else:
+            handle = PublishedLog(path)
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror}") from None
     try:

@@ -52,6 +52,8 @@ NAMED_BACKENDS = (*DEFAULT_BACKENDS, "rknn")
 DEFAULT_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 #: runs of each ladder rung in a row before any rung is timed (lazy allocations, caches)
 RUNG_WARM_RUNS = 2
+#: the most rounds (timed or warm-up) bench takes: 10,000 rounds of ViT-B/16 on a CPU are hours
+MAX_ROUNDS = 10_000
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -200,8 +202,11 @@ def measure_bundle(
     """
     backends = _names(args.backends, NAMED_BACKENDS, "backend(s)")
     precisions = _names(args.precisions, DEFAULT_PRECISIONS, "precision(s)")
-    if args.rounds < 1 or args.warmup < 0:
-        raise UserError("--rounds must be at least 1 and --warmup at least 0")
+    if not 1 <= args.rounds <= MAX_ROUNDS or not 0 <= args.warmup <= MAX_ROUNDS:
+        raise UserError(
+            f"--rounds must be 1 to {MAX_ROUNDS:,} and --warmup 0 to {MAX_ROUNDS:,}, got "
+            f"{args.rounds:,} and {args.warmup:,}"
+        )
     images, image_text = _images(bundle, args.images)
     results: list[dict[str, Any]] = []
     full_rows: list[dict[str, Any]] = []

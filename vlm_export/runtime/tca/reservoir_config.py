@@ -129,9 +129,12 @@ def saved_geometry(
     ):
         if meta.get(name) != value:
             raise StateError(f"{path} holds a reservoir with {name}={meta.get(name)}, not {value}")
+    settings = meta.get("config")
+    if not isinstance(settings, dict):
+        raise StateError(f"{path} has no reservoir config (its header is damaged)")
     try:
-        config = ReservoirConfig(**meta["config"])
-    except (KeyError, TypeError, UserError) as exc:
+        config = ReservoirConfig(**settings)
+    except (TypeError, UserError) as exc:
         raise StateError(f"{path} has an unusable reservoir config ({exc})") from None
     return config, state_shapes(stored, config.capacity, num_layers, width)
 

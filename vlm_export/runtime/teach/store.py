@@ -65,6 +65,8 @@ class ExampleStore:
         where = ":memory:" if path is None else str(path)
         if path is not None and Path(path).is_dir():
             raise StateError(f"{path} is a folder, not an example database")
+        if path is not None and Path(path).exists() and not Path(path).is_file():
+            raise StateError(f"{path} is not a regular file (a device, FIFO or socket)")
         try:
             connection = sqlite3.connect(
                 where, check_same_thread=False, isolation_level=None, timeout=30.0
@@ -246,6 +248,8 @@ def recorded_meta(path: str | Path) -> tuple[str, int] | None:
         return None
     if path.is_dir():
         raise StateError(f"{path} is a folder, not an example database")
+    if not path.is_file():  # never opened: a FIFO blocks SQLite's open, Ctrl-C included
+        raise StateError(f"{path} is not a regular file (a device, FIFO or socket)")
     try:
         connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         try:

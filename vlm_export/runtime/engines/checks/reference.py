@@ -118,8 +118,20 @@ def load_record(bundle: Bundle, graph: str) -> np.ndarray | None:
         array = np.load(bundle.path / name, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise BundleError(f"{name} is not a readable .npy array ({exc})") from None
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
-        raise BundleError(f"{name} has shape {list(array.shape)}, expected [images, embed_dim]")
+    width = int(bundle.text_embeddings.shape[1])  # the embedding width of this bundle
+    if (
+        array.ndim != 2
+        or not np.issubdtype(array.dtype, np.floating)
+        or not 1 <= array.shape[0] <= REFERENCE_COUNT
+        or array.shape[1] != width
+    ):
+        raise BundleError(
+            f"{name} holds a {array.dtype} array of shape {list(array.shape)}, not the "
+            f"[1 to {REFERENCE_COUNT}, {width}] float embeddings of the reference images; "
+            "re-export the bundle"
+        )
+    if not np.isfinite(array).all():
+        raise BundleError(f"{name} holds NaN or infinite values; re-export the bundle")
     return array.astype(np.float32)
 
 
