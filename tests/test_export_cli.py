@@ -339,3 +339,19 @@ def test_engine_sizes_are_bounded_before_torch_loads(
     code, _, err = _run(argv, capsys)
     assert code == 2 and err.strip().splitlines() == [f"vlm-export: error: {message}"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--target-gflops", "0"], "--target-gflops must be a positive number, got 0.0"),
+        (["--target-gflops", "nan"], "--target-gflops must be a positive number, got nan"),
+        (["--drop-rates", "0,,0.1"], "--drop-rates has an empty item: '0,,0.1'"),
+    ],
+)
+def test_budget_options_say_what_is_wrong(tmp_path, classes, capsys, extra, message):
+    out = tmp_path / "b"
+    argv = ["--method", "tca", *BASE, "--classes", str(classes), "--out", str(out), *extra]
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and err.strip().splitlines() == [f"vlm-export: error: {message}"]
+    assert not out.exists()

@@ -471,3 +471,18 @@ def test_export_with_int8_calibration_adds_the_graph_before_the_bundle_appears(
     assert int8 and int8[0]["sha256"] == sha256_file(out / int8[0]["file"])
     assert Bundle.open(out).manifest == manifest  # every file listed, hashes verified
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "classes.txt"]
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "a file"])
+def test_a_bad_held_out_folder_is_named_as_held_out(tiny_tca, images, tmp_path, capsys, kind):
+    folder = tmp_path / "bundle"
+    shutil.copytree(tiny_tca, folder)
+    held = tmp_path / "held"
+    if kind == "empty":
+        held.mkdir()
+    elif kind == "a file":
+        held.write_text("x")
+    argv = ["quantize", str(folder), "--calibration", str(images), "--held-out", str(held)]
+    code = export_main([*argv, "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "held-out folder" in err[0], err

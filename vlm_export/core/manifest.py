@@ -437,6 +437,8 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     """Read and validate ``manifest.json`` of a bundle folder (no hash checks)."""
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
+        if bundle_dir.exists():
+            raise BundleError(f"{bundle_dir} is a file, not a bundle folder")
         raise BundleError(f"bundle folder not found: {bundle_dir}")
     path = bundle_dir / MANIFEST_NAME
     if not path.is_file():

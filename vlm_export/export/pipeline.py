@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -123,6 +124,9 @@ def _check_options(options: ExportOptions) -> None:
         raise UserError("--drop-rates must be distinct and increasing (largest budget first)")
     if options.drop_rates and options.target_gflops is not None:
         raise UserError("give either --drop-rates or --target-gflops, not both")
+    gflops = options.target_gflops
+    if gflops is not None and not (math.isfinite(gflops) and gflops > 0):
+        raise UserError(f"--target-gflops must be a positive number, got {gflops}")
     if options.device == "cuda" and not torch.cuda.is_available():
         raise UserError(
             "--device cuda: torch sees no CUDA GPU here (a CPU build of torch, or no driver); "

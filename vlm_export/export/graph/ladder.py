@@ -38,8 +38,11 @@ ALIGN = 4096
 
 def parse_drop_rates(text: str) -> list[float]:
     """``"0,0.035,0.1"`` -> sorted distinct rates (largest budget first); UserError if bad."""
+    parts = text.split(",")
+    if text.strip() and any(not part.strip() for part in parts):
+        raise UserError(f"--drop-rates has an empty item: {text[:80]!r}")
     try:
-        rates = [float(part) for part in text.split(",") if part.strip()]
+        rates = [float(part) for part in parts if part.strip()]
     except ValueError:
         raise UserError(
             f"--drop-rates: expected comma-separated numbers, got {text[:80]!r}"

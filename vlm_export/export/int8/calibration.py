@@ -24,19 +24,22 @@ class CalibrationError(UserError):
     """The calibration images are missing, empty or unreadable."""
 
 
-def image_paths(folder: str | Path) -> list[Path]:
-    """The image files of ``folder`` (sorted); CalibrationError when none or unreadable."""
+def image_paths(folder: str | Path, role: str = "calibration") -> list[Path]:
+    """The image files of ``folder`` (sorted); CalibrationError when none or unreadable, its
+    message naming the folder's ``role`` (calibration, held-out)."""
     folder = Path(folder)
+    if not folder.exists():
+        raise CalibrationError(f"{role} folder not found: {folder}")
     if not folder.is_dir():
-        raise CalibrationError(f"calibration folder not found: {folder}")
+        raise CalibrationError(f"{role} folder {folder} is a file, not a folder of images")
     try:
         paths = sorted(
             p for p in folder.iterdir() if not p.name.startswith(".") and is_image_file(p)
         )
     except OSError as exc:
-        raise CalibrationError(f"cannot read calibration folder {folder}: {exc}") from None
+        raise CalibrationError(f"cannot read {role} folder {folder}: {exc}") from None
     if not paths:
-        raise CalibrationError(f"no images in calibration folder {folder}")
+        raise CalibrationError(f"no images in {role} folder {folder}")
     return paths
 
 

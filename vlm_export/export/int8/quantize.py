@@ -207,7 +207,7 @@ def _calibration_images(
     preprocess = Preprocessor.from_manifest(manifest)
     images = preprocess_all(image_paths(calibration), preprocess)
     if held_out is not None:
-        return images, preprocess_all(image_paths(held_out), preprocess)
+        return images, preprocess_all(image_paths(held_out, "held-out"), preprocess)
     return split_held_out(images)
 
 
