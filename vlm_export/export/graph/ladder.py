@@ -39,7 +39,7 @@ ALIGN = 4096
 def parse_drop_rates(text: str) -> list[float]:
     """``"0,0.035,0.1"`` -> sorted distinct rates (largest budget first); UserError if bad."""
     parts = text.split(",")
-    if text.strip() and any(not part.strip() for part in parts):
+    if any(part.strip() for part in parts) and not all(part.strip() for part in parts):
         raise UserError(f"--drop-rates has an empty item: {text[:80]!r}")
     try:
         rates = [float(part) for part in parts if part.strip()]

@@ -131,7 +131,7 @@ def saved_geometry(
             raise StateError(f"{path} holds a reservoir with {name}={meta.get(name)}, not {value}")
     settings = meta.get("config")
     if not isinstance(settings, dict):
-        raise StateError(f"{path} has no reservoir config (its header is damaged)")
+        raise StateError(f"{path} has an unusable reservoir config (not a table of settings)")
     try:
         config = ReservoirConfig(**settings)
     except (TypeError, UserError) as exc:
