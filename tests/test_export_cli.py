@@ -355,3 +355,15 @@ def test_budget_options_say_what_is_wrong(tmp_path, classes, capsys, extra, mess
     code, _, err = _run(argv, capsys)
     assert code == 2 and err.strip().splitlines() == [f"vlm-export: error: {message}"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["zeroshot", "rail"])
+def test_condensation_options_are_refused_for_a_full_tower(tmp_path, classes, capsys, method):
+    out = tmp_path / "b"
+    argv = [*BASE, "--classes", str(classes), "--out", str(out), "--drop-rate", "0.1"]
+    code, _, err = _run(["--method", method, *argv], capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"vlm-export: error: --drop-rate needs method tca or tca+rail (exporting {method}, "
+        "which keeps every token)"
+    ]
+    assert not out.exists()

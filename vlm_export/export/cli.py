@@ -238,6 +238,7 @@ def check_arguments(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     open_clip's config files), templates, TCA preset, and pretrained weights that would have to
     be downloaded without network (open_clip's table read without torch).
     """
+    from vlm_export.core.manifest import uses_condensation
     from vlm_export.export.bundle.writer import check_output_folder
     from vlm_export.export.presets import check_sizes, tca_settings
     from vlm_export.models.names import check_model_name
@@ -248,6 +249,21 @@ def check_arguments(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         raise UserError("--out DIR is required")
     check_output_folder(args.out, args.overwrite)
     check_sizes(args.max_classes, args.batch_size)
+    if not uses_condensation(args.method):
+        given = [
+            flag
+            for flag, value in (
+                ("--drop-rate", args.drop_rate),
+                ("--target-gflops", args.target_gflops),
+            )
+            if value is not None
+        ]
+        if given:
+            raise UserError(
+                f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} method tca or "
+                f"tca+rail (exporting {args.method}, "
+                "which keeps every token)"
+            )
     if args.dataset:  # the dataset's templates and preset, unless given
         spec = get_dataset(args.dataset)
         args.templates = args.templates or spec.templates
