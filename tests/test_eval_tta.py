@@ -297,3 +297,38 @@ def test_fgvc_aircraft_odd_test_lists(tmp_path: Path) -> None:
         listing.write_bytes(raw)
         with pytest.raises(EvalSetError, match=message):
             load_test_set(AircraftBundle(), tmp_path, spec)  # type: ignore[arg-type]
+
+
+def test_an_interrupted_run_keeps_the_outputs_of_a_whole_one(
+    tta_data: tuple[Path, Path], tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Ctrl-C part way: --json and --plot of an earlier whole run stay as they were (results of
+    part of the set would pass for the whole); a set of unreadable images is an error."""
+    import os
+    import signal
+
+    bundle_dir, data = tta_data
+    out, plot = tmp_path / "r.json", tmp_path / "r.png"
+    whole = _run_json([str(bundle_dir), str(data), "--plot", str(plot)], out)
+    pictured = plot.read_bytes()
+    original = EvalStream.run
+
+    def interrupted(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the command's handler notes it; the run stops
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(EvalStream, "run", interrupted)
+    argv = ["eval-tta", str(bundle_dir), str(data), "--json", str(out), "--plot", str(plot)]
+    assert main([*argv, "--save-every", "5", "--quiet"]) == 130
+    assert "written when the whole test set is done" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == whole and plot.read_bytes() == pictured
+    monkeypatch.undo()
+    unreadable = tmp_path / "unreadable"
+    (unreadable / "cat").mkdir(parents=True)
+    (unreadable / "cat" / "a.png").write_bytes(b"x")
+    assert (
+        main(["eval-tta", str(bundle_dir), str(unreadable), "--json", str(tmp_path / "u.json")])
+        == 1
+    )
+    assert "no test image could be read" in capsys.readouterr().err
+    assert not (tmp_path / "u.json").exists()

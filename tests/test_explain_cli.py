@@ -207,9 +207,19 @@ def test_save_annotated_video(tca_dir, tmp_path, capsys) -> None:
         if not ok:
             break
         frames.append(frame)
+    fps = capture.get(cv2.CAP_PROP_FPS)
     capture.release()
-    assert len(frames) == 7 and frames[0].shape == (64, 96, 3)
-    assert frames[0][:8].mean() < frames[0][20:].mean() - 40  # the dark banner on top
+    assert fps == pytest.approx(10.0)
+    banner = banner_height((96, 64))  # the frame keeps its shape; the banner adds rows
+    height = 64 + banner + (64 + banner) % 2  # mp4v takes even sides: one black row padded
+    assert len(frames) == 7 and frames[0].shape == (height, 96, 3)
+    assert frames[0][:8].mean() < frames[0][banner + 4 :].mean() - 40  # the dark banner on top
+    strided = tmp_path / "out" / "strided.mp4"
+    argv = ["run", tca_dir, clip, "--stride", "2", "--save-annotated", strided, "--quiet"]
+    assert _edge(capsys, *argv)[0] == 0
+    capture = cv2.VideoCapture(str(strided))
+    assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(5.0)  # every 2nd frame of 10 fps
+    capture.release()
 
 
 def test_save_annotated_video_is_not_left_half_written(

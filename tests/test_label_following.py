@@ -231,7 +231,7 @@ def _unit(rows: int, width: int, seed: int = 0) -> np.ndarray:
         (["cat", "dog"], lambda t: t[:1], r"must be \[2, \d+\]"),
         (["cat", "dog"], lambda t: t[:, :3], r"must be \[2, \d+\]"),
         (["cat", "dog"], lambda t: t.ravel(), r"must be \[2, \d+\]"),
-        (["cat", "dog"], lambda t: [["a"] * t.shape[1]] * 2, "array of numbers"),
+        (["cat", "dog"], lambda t: [["a"] * t.shape[1]] * 2, "array of real numbers"),
         ("cat", lambda t: t[:1], "give a list of class names, got str"),
         (["cat", ""], lambda t: t, "class name 2 is not a non-empty string"),
         (["cat", 2], lambda t: t, "class name 2 is not a non-empty string"),
@@ -239,6 +239,8 @@ def _unit(rows: int, width: int, seed: int = 0) -> np.ndarray:
         (["cat", "ca\x00t"], lambda t: t, "control or invisible characters"),
         (["cat", "Cat"], lambda t: t, "'Cat' is given twice in domain"),
         (["red_fox", "red fox"], lambda t: t, "'red fox' is given twice in domain"),
+        (["cafe\u0301", "caf\u00e9"], lambda t: t, "is given twice in domain"),
+        (["cat", "dog"], lambda t: t.astype(complex), "real numbers, got complex128"),
     ],
 )
 def test_set_classes_refuses_bad_names_and_embeddings_and_changes_nothing(
@@ -264,3 +266,9 @@ def test_set_classes_normalises_rows_and_keeps_unit_rows_bit_for_bit(tmp_path) -
     assert np.allclose(held[1], text[1], atol=1e-7)
     with pytest.raises(UserError, match="give one domain per class: 1 for 2 classes"):
         pipeline.set_classes(["cat", "dog"], text, ["animals"])
+    for domains in (["animals", None], ["animals", ""], ["animals", "\u200b"], [1, 2]):
+        with pytest.raises(UserError, match="is not a domain name"):
+            pipeline.set_classes(["cat", "dog"], text, domains)
+    huge = np.full_like(text, 1e308, dtype=np.float64)  # its norm overflows float64
+    pipeline.set_classes(["cat", "dog"], huge, ["animals"] * 2)
+    assert np.allclose(np.linalg.norm(pipeline.bundle.text_embeddings, axis=1), 1.0)

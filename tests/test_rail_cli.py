@@ -9,6 +9,7 @@ zero-shot on a domain not learned yet when no image of it is gated into a learne
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -397,6 +398,10 @@ def test_eval_of_a_given_state_learns_nothing(
     _fails(
         capsys, [*argv, "zeroshot", "--rail-state", inference, "--form", "dual"], "--form is for"
     )
+    # a state that cannot be read fails before the test set is embedded (minutes on a device)
+    code, _, err = _edge(capsys, *argv, "zeroshot", "--rail-state", tmp_path / "none.npz")
+    assert code == 1 and "not found" in err[-1], err
+    assert not any("embedding" in line or "learning" in line for line in err), err
 
 
 def test_eval_reads_a_class_folder_root_for_one_domain(bundle_dir, xtail, tmp_path, capsys):
@@ -470,6 +475,9 @@ def test_merge_refusals(bundle_dir, data, tmp_path, capsys) -> None:
     _fails(capsys, ["merge", a, a, b], "is STATE", a)
     _fails(capsys, ["merge", out, a], "at least two learner states")
     _fails(capsys, ["merge", out, a, b, a], "is given twice")
+    hard = tmp_path / "a-again.npz"
+    os.link(a, hard)  # another name of the same file: its samples would count twice too
+    _fails(capsys, ["merge", out, a, b, hard], "is given twice")
     seeded = tmp_path / "seeded.npz"
     _learn(capsys, bundle_dir, data, "tools", seeded, "--seed", 7)
     _fails(capsys, ["merge", out, a, seeded], "has seed = 7, state 0 has 0")

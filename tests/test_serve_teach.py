@@ -446,6 +446,33 @@ def test_taught_classes_follow_their_examples_and_leave_the_class_list_editable(
         assert httpx.get(f"{url}/v1/classes").json()["classes"] == ["cat", "dog", "bird"]
         _assert_exact(service)
 
+        for name in ("Forklift", "unknown", "UNKNOWN"):  # a taught class, the reserved label
+            first = _teach_upload(url, "forklift", 5, tinted(RED, 5)).json()
+            clash = httpx.put(f"{url}/v1/classes", json=["cat", "dog", name], timeout=60)
+            assert clash.status_code == 400 and "leave it out" in clash.json()["error"], name
+            httpx.delete(f"{url}/v1/examples/{first['id']}", timeout=30)
+        # a new label taught under three spellings at once makes one class
+        statuses: list[int] = []
+        start = threading.Barrier(9)
+
+        def teach(index: int) -> None:
+            start.wait()
+            label = ("crate", "Crate", "CRATE")[index % 3]
+            statuses.append(_teach_upload(url, label, 20 + index, tinted(BLUE, index)).status_code)
+
+        threads = [threading.Thread(target=teach, args=(index,)) for index in range(9)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert statuses == [200] * 9
+        classes = httpx.get(f"{url}/v1/classes").json()["classes"]
+        assert [c for c in classes if c.casefold() == "crate"] == [classes[-1]]  # one class
+        assert httpx.get(f"{url}/v1/examples", params={"label": "CRATE"}).json()["total"] == 9
+        for example in httpx.get(f"{url}/v1/examples", params={"limit": 50}).json()["examples"]:
+            httpx.delete(f"{url}/v1/examples/{example['id']}", timeout=30)
+        assert httpx.get(f"{url}/v1/classes").json()["classes"] == ["cat", "dog", "bird"]
+
         service.settings.limits = dataclasses.replace(service.settings.limits, max_classes=3)
         held = service.teaching.store.count()
         full = _teach_upload(url, "pallet", 4)

@@ -256,6 +256,7 @@ class PublishedLog:
         self._handle = os.fdopen(fd, "w", encoding="utf-8", buffering=1)
         self.published = False
         self._written = False
+        self._started = time.time()
 
     def write(self, text: str) -> int:
         """Write ``text`` (to the temporary file until published)."""
@@ -268,6 +269,7 @@ class PublishedLog:
             self._handle.flush()
             os.replace(self._tmp, self._target)
             self.published = True
+            remove_stale_temps(self._target, before=self._started)  # of runs killed earlier
 
     def close(self) -> None:
         """Close; unpublished, put what was written where no file stands, else remove it."""

@@ -40,6 +40,8 @@ def ctrl_c_noticed() -> Iterator[list[int]]:
     pressed: list[int] = []
 
     def on_sigint(signum: int, frame: Any) -> None:
+        if _WRITTEN.is_set():
+            return
         pressed.append(signum)
         raise KeyboardInterrupt
 
@@ -69,6 +71,8 @@ def sigterm_interrupts() -> Iterator[list[int]]:
     received: list[int] = []
 
     def on_sigterm(signum: int, frame: Any) -> None:
+        if _WRITTEN.is_set():
+            return
         received.append(signum)
         raise Terminated
 
@@ -84,11 +88,23 @@ def sigterm_interrupts() -> Iterator[list[int]]:
             signal.signal(signal.SIGTERM, previous)
 
 
+#: set once a command's work is written (``work_written``): the handlers here then ignore
+#: Ctrl-C and SIGTERM; cleared when ``exit_status_of`` starts a command
+_WRITTEN = threading.Event()
+
+
+def work_written() -> None:
+    """From here on the Ctrl-C and SIGTERM handlers of this module ignore the signal: the work
+    is done and in place, and an interrupt now would report it as not written."""
+    _WRITTEN.set()
+
+
 def exit_status_of(main: Callable[[], int], message: str) -> int:
     """Run a command's ``main``: its status, or ``message`` on stderr and 130 when Ctrl-C was
     pressed, even if an import turned the interrupt into another error. A standard stream the
     command was started without (``>&-``: Python's ``sys.stdout`` is None) writes to the null
     device, as if redirected there."""
+    _WRITTEN.clear()
     for name in ("stdout", "stderr"):
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vlm_export.core import live_line
 from vlm_export.core.errors import UserError, describe_os_error
-from vlm_export.core.interrupts import exit_status_of, sigterm_interrupts
+from vlm_export.core.interrupts import exit_status_of, sigterm_interrupts, work_written
 from vlm_export.core.paths import PathArg, guard_arguments
 from vlm_export.core.pipes import EXIT_BROKEN_PIPE, stdout_to_devnull
 from vlm_export.export.int8.calibration import image_paths
@@ -396,6 +396,7 @@ def run(args: argparse.Namespace) -> int:
 
     adds_engines = getattr(args, "tensorrt", False) or args.int8_calibration is not None
     out = export_bundle(options, add_engines if adds_engines else None)
+    work_written()  # the bundle is in place: what is left is to say so
     if options.pretrained.lower() == "none":
         print(
             "vlm-export: WARNING: this bundle holds RANDOM (untrained) weights: its predictions "

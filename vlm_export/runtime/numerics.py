@@ -23,10 +23,10 @@ def unit_rows(array: object, rows: int, width: int) -> np.ndarray:
     """``array`` as float32 [rows, width] with L2-normalised rows (text embeddings given by a
     caller: rows of unit length as given, others normalised); UserError for another shape,
     non-numbers, NaN or infinity, or a row of zeros."""
-    try:
-        values = np.asarray(array, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise UserError("text embeddings must be an array of numbers") from None
+    given = np.asarray(array)
+    if given.dtype.kind not in "fiu":  # complex, text, objects: not embeddings
+        raise UserError(f"text embeddings must be an array of real numbers, got {given.dtype}")
+    values = given.astype(np.float64)
     if values.shape != (rows, width):
         raise UserError(
             f"text embeddings must be [{rows}, {width}] (one row per class), got "
@@ -34,10 +34,14 @@ def unit_rows(array: object, rows: int, width: int) -> np.ndarray:
         )
     if not np.isfinite(values).all():
         raise UserError("text embeddings hold NaN or infinite values")
-    norms = np.linalg.norm(values, axis=1)
-    if not (norms > 0).all():
-        raise UserError(f"text embedding row {int(np.argmin(norms))} is all zeros")
-    out = values.astype(np.float32)  # rows already of unit length keep their bits
-    off = np.abs(norms - 1.0) > UNIT_TOLERANCE
-    out[off] = (values[off] / norms[off, None]).astype(np.float32)
+    scale = np.abs(values).max(axis=1, initial=0.0)
+    if not (scale > 0).all():
+        raise UserError(f"text embedding row {int(np.argmin(scale))} is all zeros")
+    scaled = values / scale[:, None]  # lengths of rows near 1e308 without overflow
+    lengths = np.linalg.norm(scaled, axis=1)
+    with np.errstate(over="ignore"):
+        off = np.abs(lengths * scale - 1.0) > UNIT_TOLERANCE
+    out = np.empty(values.shape, np.float32)
+    out[~off] = values[~off]  # rows already of unit length keep their bits
+    out[off] = scaled[off] / lengths[off, None]
     return out

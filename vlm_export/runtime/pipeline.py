@@ -33,7 +33,7 @@ from vlm_export.runtime.numerics import softmax, unit_rows
 from vlm_export.runtime.result import UNKNOWN_CLASS, UNKNOWN_LABEL, FrameResult
 from vlm_export.runtime.tca.reservoir import TokenReservoir
 from vlm_export.runtime.tca.stage import TcaStage, build_reservoir, save_reservoir
-from vlm_export.runtime.text.class_lists import check_class_names, same_prompt
+from vlm_export.runtime.text.class_lists import check_class_names, is_domain_name, same_prompt
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,12 @@ class Pipeline:
             domains = self.bundle.domains * len(names)
         if isinstance(domains, str) or len(domains) != len(names):
             raise UserError(f"give one domain per class: {len(domains)} for {len(names)} classes")
-        labels = list(zip((str(d) for d in domains), names, strict=True))
+        for domain in domains:
+            if not is_domain_name(domain):
+                raise UserError(
+                    f"domain {domain!r} is not a domain name (letters, digits, '_', '-' and '.')"
+                )
+        labels = list(zip(domains, names, strict=True))
         for index, (domain, name) in enumerate(labels):
             if any(d == domain and same_prompt(n, name) for d, n in labels[:index]):
                 raise UserError(f"class {name!r} is given twice in domain {domain!r}")

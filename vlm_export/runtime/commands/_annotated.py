@@ -98,7 +98,8 @@ class AnnotatedVideo:
         self.fps = fps if fps and fps > 0 else DEFAULT_FPS
         self._writer: Any = None
         self._tmp: Path | None = None
-        self._size: tuple[int, int] = (0, 0)
+        self._size: tuple[int, int] = (0, 0)  # the video's frame size
+        self._drawn: tuple[int, int] = (0, 0)  # the first drawn frame's size
         self.frames = 0
 
     def _open(self, width: int, height: int) -> None:
@@ -120,11 +121,16 @@ class AnnotatedVideo:
     def add(self, frame: Frame, result: FrameResult | None, fps: float) -> None:
         """Draw on the BGR frame and append it to the video."""
         bgr = np.asarray(frame.data)
-        if self._writer is None:
-            self._open(bgr.shape[1], bgr.shape[0])
         image = self.drawer(Image.fromarray(np.ascontiguousarray(bgr[:, :, ::-1])), result, fps)
-        if image.size != self._size:
-            image = image.resize(self._size, Image.Resampling.BILINEAR)
+        if self._writer is None:  # the drawn frame (picture and banner), padded to even sides
+            self._drawn = image.size
+            self._open(image.width + image.width % 2, image.height + image.height % 2)
+        if image.size != self._drawn:  # a later frame of another size (a stream that changed)
+            image = image.resize(self._drawn, Image.Resampling.BILINEAR)
+        if image.size != self._size:  # mp4v encodes even sides only: pad, never squash
+            canvas = Image.new("RGB", self._size)
+            canvas.paste(image)
+            image = canvas
         self._writer.write(np.ascontiguousarray(np.asarray(image)[:, :, ::-1]))
         self.frames += 1
 
@@ -163,7 +169,11 @@ class AnnotatedOutput:
                 raise UserError(
                     f"--save-annotated {path} is the source video: write it to another path"
                 )
-            self.sink = AnnotatedVideo(target, drawer, getattr(source, "fps", None))
+            fps = getattr(source, "fps", None)
+            stride = getattr(source, "stride", 1)
+            if fps and stride > 1:  # every stride-th frame is drawn: it plays at the real pace
+                fps = fps / stride
+            self.sink = AnnotatedVideo(target, drawer, fps)
 
     def add(self, frame: Frame, result: FrameResult | None, fps: float) -> None:
         """Draw and write one frame."""

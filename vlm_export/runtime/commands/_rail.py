@@ -48,5 +48,11 @@ def check_shots(shots: int) -> None:
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:
-    """True when two paths name the same file (existing or not; a link loop is no error)."""
-    return os.path.realpath(a) == os.path.realpath(b)
+    """True when two paths name the same file: the same path after links, or two names of one
+    existing file (hard links, bind mounts). Existing or not; a link loop is no error."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False

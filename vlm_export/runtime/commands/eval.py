@@ -53,7 +53,7 @@ from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.pipeline import METHOD_STAGES, Pipeline
 from vlm_export.runtime.rail.dataset import DomainData, domain_data, read_layout
 from vlm_export.runtime.rail.embed import embed_images
-from vlm_export.runtime.rail.fusion import fuse
+from vlm_export.runtime.rail.fusion import RailFusion, fuse
 from vlm_export.runtime.rail.models import (
     FORMS,
     LearnerOptions,
@@ -192,10 +192,8 @@ def evaluate(
     return results
 
 
-def evaluate_state(bundle: Bundle, test: TestSet, path: str) -> dict[str, dict[str, Any]]:
-    """Accuracy on each domain of zero-shot and of the RAIL state at ``path`` (nothing learned)."""
-    fusion = open_fusion(path, bundle)
-    status(f"RAIL state {path}: {describe(fusion.adapter)}")
+def evaluate_state(test: TestSet, fusion: RailFusion) -> dict[str, dict[str, Any]]:
+    """Accuracy on each domain of zero-shot and of a RAIL state's ``fusion`` (nothing learned)."""
     zeroshot, rail = [], []
     for features, logits, labels in test:
         zeroshot.append(accuracy(logits, labels))
@@ -299,6 +297,10 @@ def handle(args: argparse.Namespace) -> int:
     if forms == ["dual"]:
         check_options(learner_options(args, "dual"), "dual")
     bundle = Bundle.open(args.bundle, verify=verify_mode(args))
+    fusion = None
+    if args.rail_state:  # read before the test set is embedded: a bad state fails at once
+        fusion = open_fusion(args.rail_state, bundle)
+        status(f"RAIL state {args.rail_state}: {describe(fusion.adapter)}")
     base = args.method or ("tca" if METHOD_STAGES[bundle.method].tca else "zeroshot")
     order = _order(bundle, args.order)
     layout = read_layout(bundle, Path(args.data_root), order)
@@ -320,8 +322,8 @@ def handle(args: argparse.Namespace) -> int:
         f"embedded {images} images on {backend.description} in {time.perf_counter() - start:.1f} s"
         f" (base {base})"
     )
-    if args.rail_state:
-        results = evaluate_state(bundle, test, args.rail_state)
+    if fusion is not None:
+        results = evaluate_state(test, fusion)
         print("\n".join(state_lines(order, results, args.rail_state)), flush=True)
     else:
         results = evaluate(bundle, train, test, forms, args)

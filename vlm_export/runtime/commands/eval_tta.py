@@ -281,8 +281,15 @@ def handle(args: argparse.Namespace) -> int:
     print("\n".join(report_lines(results, args.per_class)), flush=True)
     for position, message in stream.errors[:5]:
         status(f"image {position}: {message}")
+    if stream.position and len(stream.errors) == stream.position:
+        status("error: no test image could be read")
+        return 1
+    if stop:  # results of part of the set would pass for the whole: --json and --plot wait
+        if args.json or args.plot:
+            status("--json and --plot are written when the whole test set is done")
+        return 130 if stop.signal == signal.SIGINT else 0
     _write_outputs(args, stream, results, bundle)
-    return 130 if stop and stop.signal == signal.SIGINT else 0
+    return 0
 
 
 def _progress_line(done: int, total: int) -> None:

@@ -227,6 +227,7 @@ class VideoSource(Source):
             index += 1
             for _ in range(self.stride - 1):  # skipped frames are grabbed, never decoded
                 if not self._capture.grab():
+                    self._ended(index)
                     return
                 index += 1
 

@@ -18,7 +18,8 @@ from vlm_export.core.manifest import EMBEDDING_OUTPUT
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.serve.config import shown
 from vlm_export.runtime.serve.frames.lanes import Lanes
-from vlm_export.runtime.teach.examples import TAUGHT_DOMAIN
+from vlm_export.runtime.teach.examples import TAUGHT_DOMAIN, UNKNOWN
+from vlm_export.runtime.text.class_lists import same_prompt
 
 if TYPE_CHECKING:
     from vlm_export.runtime.text.label_space import LabelSpace
@@ -145,9 +146,26 @@ class Operations:
                     f"this bundle's classes are in domains {', '.join(own)}: replace them with "
                     "vlm-edge classes BUNDLE --domain NAME"
                 )
+            self._check_untaught(names)
             dropped = self._replace_classes(names, templates, own[0])
         log.info("classes replaced: %d classes", len(names))
         return {**self.classes(), "dropped_entries": dropped}
+
+    def _check_untaught(self, names: list[str]) -> None:
+        """UserError for a name that is the reserved ``unknown`` or names a class teaching made
+        (which stays as it is): either would be a second class for one prompt."""
+        taught = [name for domain, name in self.lanes.bundle.labels if domain == TAUGHT_DOMAIN]
+        for name in names:
+            if same_prompt(name, UNKNOWN):
+                raise UserError(
+                    f"{shown(name)!r} is reserved for what teaching rejects: leave it out"
+                )
+            clash = next((t for t in taught if same_prompt(t, name)), None)
+            if clash is not None:
+                raise UserError(
+                    f"{shown(name)!r} names the class {shown(clash)!r} that teaching made, which "
+                    "stays: leave it out (delete its examples to remove it)"
+                )
 
     def add_class(self, name: str, domain: str) -> None:
         """Add class ``name`` to ``domain`` (a new domain comes last), embedded by the text

@@ -13,6 +13,7 @@ from PIL import Image
 
 from vlm_export.core.errors import UserError, shown
 from vlm_export.core.labels import hidden_text_problem
+from vlm_export.runtime.text.class_lists import same_prompt
 
 #: an example's id: uuid4().hex, made where it was taught; anything else is refused
 EXAMPLE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -67,13 +68,13 @@ def check_label(label: object) -> str:
 
 
 def same_label(label: str, names: Iterable[str]) -> str:
-    """``label`` as the class it names regardless of case (``Cat`` is the class ``cat``;
-    ``UNKNOWN`` the reserved ``unknown``: CLIP's tokenizer lowercases, so they would embed
-    alike), or ``label`` itself when no class does."""
-    folded = label.casefold()
-    if folded == UNKNOWN:
+    """``label`` as the class it names, by the prompt CLIP reads (case, ``_`` for a space,
+    repeated spaces and Unicode composition aside: ``Cat`` is the class ``cat``, ``red_fox`` the
+    class ``red fox``, ``UNKNOWN`` the reserved ``unknown``), or ``label`` itself when no class
+    does: two such names would embed alike."""
+    if same_prompt(label, UNKNOWN):
         return UNKNOWN
-    return next((name for name in names if name.casefold() == folded), label)
+    return next((name for name in names if same_prompt(name, label)), label)
 
 
 def check_embedding(vector: object, dim: int) -> np.ndarray:

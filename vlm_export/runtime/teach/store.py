@@ -160,6 +160,14 @@ class ExampleStore:
                 db.execute("INSERT OR IGNORE INTO tombstones (id) VALUES (?)", (example_id,))
         return None if row is None else self._example(row)
 
+    def known(self, example_id: str) -> bool:
+        """True when ``example_id`` is held or was deleted (an add of it changes nothing)."""
+        rows = self._query(
+            "SELECT 1 FROM examples WHERE id = ? UNION ALL SELECT 1 FROM tombstones WHERE id = ?",
+            (example_id, example_id),
+        )
+        return bool(rows)
+
     def get(self, example_id: str) -> Example | None:
         """The example of this id (with its thumbnail), or None."""
         rows = self._query(

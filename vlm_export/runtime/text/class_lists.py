@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import re
 import stat
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +50,9 @@ def prompt_name(classname: str) -> str:
 
 
 def _prompt_key(classname: str) -> str:
-    """What CLIP's tokenizer sees: prompt name, whitespace collapsed, lower-cased."""
-    return " ".join(prompt_name(classname).split()).casefold()
+    """What CLIP's tokenizer sees: prompt name, Unicode composed (NFC: ``e`` + combining accent
+    is ``é``), whitespace collapsed, lower-cased."""
+    return " ".join(unicodedata.normalize("NFC", prompt_name(classname)).split()).casefold()
 
 
 def _too_many(path: Path) -> ClassListError:
@@ -145,6 +147,15 @@ def check_class_names(names: object, where: str) -> list[str]:
     return checked
 
 
+def is_domain_name(name: object) -> bool:
+    """True for a domain name: letters, digits, '_', '-' and '.', at most MAX_NAME_CHARS."""
+    return (
+        isinstance(name, str)
+        and bool(_DOMAIN_NAME.fullmatch(name))
+        and (len(name) <= MAX_NAME_CHARS)
+    )
+
+
 def same_prompt(a: str, b: str) -> bool:
     """True when two class names give the same prompt (``Cat`` and ``cat``, ``red_fox`` and
     ``red fox``): CLIP's tokenizer cannot tell them apart."""
@@ -197,7 +208,7 @@ def parse_domain_args(args: Sequence[str]) -> list[tuple[str, list[str]]]:
         name, file = name.strip(), file.strip()
         if not sep or not name or not file:
             raise ClassListError(f"--domain expects NAME=FILE, got {shown(arg)!r}")
-        if not _DOMAIN_NAME.fullmatch(name) or len(name) > MAX_NAME_CHARS:
+        if not is_domain_name(name):
             raise ClassListError(
                 f"--domain name {shown(name)!r} may hold only letters, digits, '_', '-' and '.' "
                 f"(at most {MAX_NAME_CHARS:,})"

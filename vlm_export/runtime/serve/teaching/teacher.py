@@ -45,6 +45,7 @@ from vlm_export.runtime.teach.fleet import FleetSync, Refused
 from vlm_export.runtime.teach.fusion import TeachFusion
 from vlm_export.runtime.teach.learner import DEFAULT_HIDDEN_DIM, TeachLearner
 from vlm_export.runtime.teach.store import DB_NAME, TEACH_FOLDER, ExampleStore
+from vlm_export.runtime.text.class_lists import same_prompt
 
 log = logging.getLogger(__name__)
 
@@ -179,51 +180,56 @@ class Teaching:
     def _teach(
         self, embedding: np.ndarray, label: str, source: str, thumbnail: bytes | None
     ) -> dict[str, Any]:
-        label = same_label(check_label(label), self.lanes.bundle.classes)
+        label = check_label(label)
         with self.queue.slot():
             example = Example(
                 new_id(), label, source, utc_now(), np.asarray(embedding, np.float32), "", thumbnail
             )
-            self._store(example)
+            example = self._store(example) or example  # a fresh id: always stored
             change = self.queue.put(Change(added=example))
         self.queue.wait(change)
         if self.fleet is not None:
             self.fleet.publish_add(example)
         return self._answer(example, change)
 
-    def _store(self, example: Example) -> bool:
-        """Store ``example`` and make its label a class, or neither (Full when the store or the
-        class list is at its limit); False when its id is held or was deleted. One at a time:
-        the limits hold under concurrent teaching, local and from the fleet."""
+    def _store(self, example: Example) -> Example | None:
+        """Store ``example``, its label as the class it names (``same_label``), and make that
+        label a class if it is none; return the example as stored, or None when its id is held
+        or was deleted. Nothing is stored (Full) when the store or the class list is at its
+        limit. One at a time: the limits and the class names hold under concurrent teaching,
+        local and from the fleet."""
         with self._store_lock:
+            if self.store.known(example.id):
+                return None
+            example = replace(example, label=same_label(example.label, self.lanes.bundle.classes))
             if self.store.count() >= self.max_examples:
                 raise Full(
                     f"{self.max_examples} examples are stored, the most this service keeps "
                     "(--teach-max-examples): delete some first"
                 )
-            if not self.store.add(example):
-                return False
+            self.store.add(example)
             try:
                 self._ensure_class(example.label)
             except BaseException:
                 self.store.delete(example.id, tombstone=False)
                 raise
-            return True
+            return example
 
     def add_remote(self, example: Example) -> bool:
         """A fleet peer's example (or this device's own, echoed): stored once, then learned
         without waiting; False when nothing changed. Refused (counted by the fleet link) when
-        this device holds as many examples or classes as it keeps, or cannot add its class."""
-        example = replace(example, label=same_label(example.label, self.lanes.bundle.classes))
+        it reuses a held id for other content, when this device holds as many examples or
+        classes as it keeps, or when its class cannot be added here."""
         try:
-            if not self._store(example):
-                held = self.store.get(example.id)
-                if held is not None and not _same_content(held, example):
-                    raise Refused("conflicts with a held example", f"id {example.id}")
-                return False
+            stored = self._store(example)
         except UserError as exc:
             raise Refused("not stored here", shown(exc)) from None
-        self.queue.put(Change(added=example))
+        if stored is None:
+            held = self.store.get(example.id)
+            if held is not None and not _same_content(held, example):
+                raise Refused("conflicts with a held example", f"id {example.id}")
+            return False
+        self.queue.put(Change(added=stored))
         return True
 
     def forget_remote(self, example_id: str) -> bool:
@@ -325,7 +331,10 @@ class Teaching:
         offset: int = 0,
         limit: int = 50,
     ) -> dict[str, Any]:
-        """A page of examples (newest first) with counts per label."""
+        """A page of examples (newest first) with counts per label (``label`` as the class
+        it names, as teaching takes it)."""
+        if label is not None:
+            label = same_label(label, self.lanes.bundle.classes)
         rows = self.store.page(label=label, source=source, offset=offset, limit=limit)
         return {
             "examples": [
@@ -359,8 +368,9 @@ class Teaching:
 
 
 def _same_content(a: Example, b: Example) -> bool:
-    """True when two examples of one id teach the same (label and embedding)."""
-    return a.label == b.label and np.array_equal(a.embedding, b.embedding)
+    """True when two examples of one id teach the same: labels that name one class (their
+    prompts are the same), equal embeddings."""
+    return same_prompt(a.label, b.label) and np.array_equal(a.embedding, b.embedding)
 
 
 def _device_id(folder: Path | None) -> str:
