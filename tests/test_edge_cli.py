@@ -327,3 +327,13 @@ def test_out_is_replaced_only_once_a_line_is_written(tca_dir, folder, tmp_path, 
     assert len(lines) == 8 and sum("error" in line for line in lines) == 1
     assert stat.S_IMODE(out.stat().st_mode) == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jpg", "o.jsonl"]
+
+
+def test_a_published_out_removes_the_leftovers_of_killed_runs(tca_dir, folder, tmp_path) -> None:
+    out = tmp_path / "o.jsonl"
+    out.write_text("old\n")
+    stale = tmp_path / ".o.jsonl.vlm-tmp-abcd1234"  # what a run killed with -9 leaves
+    stale.write_text('{"index": 0}\n')
+    os.utime(stale, (1, 1))
+    assert cli.main(["run", str(tca_dir), str(folder), "--out", str(out), "--quiet"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl"]

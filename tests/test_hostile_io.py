@@ -731,6 +731,28 @@ def test_export_sigterm_removes_its_temporary_folder(monkeypatch, tmp_path, clas
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.exporter
+def test_export_sigterm_after_the_bundle_is_in_place_is_no_failure(
+    monkeypatch, tmp_path, classes, capsys
+):
+    """A SIGTERM between the rename and the exit would have said "nothing was written" (143)
+    about a bundle that was; once in place, the export finishes with 0."""
+    import vlm_export.export.pipeline as pipeline
+
+    original = pipeline.export_bundle
+
+    def export_then_terminate(*args, **kwargs):
+        out = original(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(pipeline, "export_bundle", export_then_terminate)
+    argv = [*EXPORT, "--classes", classes, "--out", tmp_path / "b"]
+    code, err = _call(export_main, argv, capsys)
+    assert code == 0 and "nothing was written" not in err, err
+    assert (tmp_path / "b" / "manifest.json").is_file()
+
+
 # ---- strict JSON; --threads ---------------------------------------------------------------
 
 

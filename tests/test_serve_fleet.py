@@ -114,10 +114,13 @@ def test_a_peer_cannot_push_a_device_past_its_example_limit(tmp_path, broker) ->
     teacher = _fleet(tmp_path, broker, "a")
     small = _fleet(tmp_path, broker, "b")
     small.teaching.max_examples = 2
+    teacher.teaching.max_examples = 5  # full after its own five: their echoes are no refusals
     with teacher, small:
         with serving(teacher) as a:
             taught = {_teach(a, "car", seed) for seed in range(5)}
             wait_until(lambda: _converged([teacher], taught), "the teacher to learn five")
+            wait_until(lambda: teacher.teaching.fleet.echoes >= 5, "the teacher's echoes")
+            assert teacher.teaching.fleet.refused == 0
             fleet = small.teaching.fleet
             wait_until(lambda: fleet.refused >= 3, "the small device to refuse three")
             with serving(small) as b:

@@ -23,7 +23,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from vlm_export.core.errors import UserError
@@ -294,12 +294,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(
+    path: str | Path, overwrite: bool = False, placed: Callable[[], None] | None = None
+) -> Iterator[Path]:
     """Yield a temporary folder beside ``path`` that becomes ``path`` only if the block succeeds.
 
     With ``overwrite`` an existing ``path`` is replaced (after the new folder is complete; the
     caller decides whether it may be: see export.bundle.writer.check_output_folder); otherwise
     the caller must have checked that ``path`` does not exist. A symbolic link is written through.
+    ``placed()`` is called as soon as the new folder stands at ``path`` (before the clean-up).
     """
     target = final_target(path)
     started = time.time()
@@ -314,9 +317,13 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
             old = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=target.parent))
             os.replace(target, old)  # an empty folder: replaced by the old bundle
             os.replace(tmp, target)
+            if placed is not None:
+                placed()
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+            if placed is not None:
+                placed()
         _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

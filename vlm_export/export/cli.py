@@ -395,8 +395,8 @@ def run(args: argparse.Namespace) -> int:
         run_quantize_step(args, folder, shown_as=args.out)
 
     adds_engines = getattr(args, "tensorrt", False) or args.int8_calibration is not None
-    out = export_bundle(options, add_engines if adds_engines else None)
-    work_written()  # the bundle is in place: what is left is to say so
+    # once the bundle is in place, an interrupt no longer stops anything: it is said as written
+    out = export_bundle(options, add_engines if adds_engines else None, placed=work_written)
     if options.pretrained.lower() == "none":
         print(
             "vlm-export: WARNING: this bundle holds RANDOM (untrained) weights: its predictions "

@@ -299,11 +299,16 @@ def _export_rungs(
     return first, report, parities, weights
 
 
-def export_bundle(options: ExportOptions, finish: Callable[[Path], None] | None = None) -> Path:
+def export_bundle(
+    options: ExportOptions,
+    finish: Callable[[Path], None] | None = None,
+    placed: Callable[[], None] | None = None,
+) -> Path:
     """Run the export and write the bundle; raise a UserError subclass on any user mistake.
 
     ``finish(folder)`` adds to the complete bundle before it is moved into place (the INT8 graph,
-    TensorRT engines): should it fail, no bundle is written (see ``write_bundle``)."""
+    TensorRT engines): should it fail, no bundle is written (see ``write_bundle``). ``placed()``
+    is called the moment the bundle stands at ``options.out``."""
     _check_options(options)
     template_spec = options.templates or DEFAULT_TEMPLATES[options.method]
     templates = load_templates(template_spec)
@@ -415,6 +420,6 @@ def export_bundle(options: ExportOptions, finish: Callable[[Path], None] | None 
         manifest["reference"] = record_reference(folder, manifest, graphs)
         return manifest
 
-    out = write_bundle(options.out, options.overwrite, populate, finish)
+    out = write_bundle(options.out, options.overwrite, populate, finish, placed)
     progress.done(str(out))
     return out

@@ -91,16 +91,18 @@ def write_bundle(
     overwrite: bool,
     populate: Callable[[Path], dict[str, Any]],
     finish: Callable[[Path], None] | None = None,
+    placed: Callable[[], None] | None = None,
 ) -> Path:
     """Create a bundle: ``populate(folder)`` writes every file and returns the manifest without
     ``files``; the sha256 and size of each file are added, the manifest is validated and written,
     ``finish(folder)`` may then add engines to the complete bundle (as build-engine and quantize
     add them to a written one), and the folder is renamed into place. On any error, in
     ``finish`` too, nothing is left at ``out_dir`` and a bundle it replaces is kept.
+    ``placed()`` is called the moment the bundle stands at ``out_dir``.
     """
     out_dir = check_output_folder(out_dir, overwrite)
     try:
-        return _write(out_dir, overwrite, populate, finish)
+        return _write(out_dir, overwrite, populate, finish, placed)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise UserError(f"could not write the bundle {out_dir}: {reason}") from None
@@ -111,8 +113,9 @@ def _write(
     overwrite: bool,
     populate: Callable[[Path], dict[str, Any]],
     finish: Callable[[Path], None] | None,
+    placed: Callable[[], None] | None,
 ) -> Path:
-    with atomic_directory(out_dir, overwrite=overwrite) as folder:
+    with atomic_directory(out_dir, overwrite=overwrite, placed=placed) as folder:
         manifest = populate(folder)
         manifest["files"] = {
             path.name: file_record(path)
