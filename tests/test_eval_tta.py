@@ -200,6 +200,7 @@ def test_bad_input_is_one_line(
         [str(bundle_dir), str(data), "--dataset", "dtd"],  # another dataset's classes
         [str(bundle_dir), str(data), "--json", str(tmp_path)],  # a folder
         [str(bundle_dir), str(data), "--limit", "0"],
+        [str(bundle_dir), str(data), "--baseline", str(bundle_dir)],  # condenses: no baseline
     ]
     for args in cases:
         assert main(["eval-tta", *args]) in (1, 2), args

@@ -191,6 +191,9 @@ def test_budget_options_need_a_ladder_and_a_target(bundles, images, capsys):
     assert code == 1 and "--target-ms needs a ladder bundle" in err
     code, _, err = _run(["run", str(bundles[0]), source, "--adapt-budget"], capsys)
     assert code == 1 and "need --target-ms MS" in err
+    for target in ("0", "-5", "nan", "inf"):  # inf would meet on every rung: no frame rate
+        code, _, err = _run(["run", str(bundles[0]), source, "--target-ms", target], capsys)
+        assert code == 1 and "must be a positive number of milliseconds" in err, (target, err)
 
 
 def test_api_target_with_measure_and_adapt(bundles, images, tmp_path):

@@ -180,6 +180,7 @@ def test_learn_two_domains_into_one_state(bundle_dir, data, encoder, tmp_path, c
     state, inference = tmp_path / "rail.npz", tmp_path / "rail-inference.npz"
     err = _learn(capsys, bundle_dir, data, "shapes", state)
     assert any("embedded 9 images of 3 classes" in line for line in err)
+    assert not any("solving" in line for line in err)  # a first batch: solved as it came
     learner = load_learner_state(state, encoder.bundle.fingerprint)
     assert isinstance(learner, PrimalAdapter) and learner.hidden_dim == 128
     assert learner.learned_mask.tolist() == [True] * 3 + [False] * 3
@@ -195,6 +196,7 @@ def test_learn_two_domains_into_one_state(bundle_dir, data, encoder, tmp_path, c
     np.testing.assert_allclose(learner.cross, expected.cross, rtol=1e-5, atol=1e-6)
 
     err = _learn(capsys, bundle_dir, data, "tools", state, "--inference-state", inference)
+    assert "vlm-edge: solving the 128 x 128 ridge system" in "\n".join(err)  # said before it
     assert any(line.startswith(f"vlm-edge: continuing {state}: primal") for line in err)
     learner = load_learner_state(state, encoder.bundle.fingerprint)
     assert learner.learned_mask.all() and learner.num_samples == 18 and learner.solved

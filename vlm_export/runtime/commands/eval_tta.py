@@ -124,6 +124,11 @@ def _open_bundles(args: argparse.Namespace) -> tuple[Bundle, Bundle | None]:
     baseline = None
     if args.baseline:
         baseline = Bundle.open(args.baseline, verify=verify_mode(args))
+        if METHOD_STAGES[baseline.method].tca:
+            raise UserError(
+                f"--baseline {args.baseline} condenses tokens (method {baseline.method}): give a "
+                "full-tower bundle (exported with --method zeroshot)"
+            )
         if list(baseline.classes) != list(bundle.classes):
             raise UserError(
                 f"--baseline {args.baseline} has other classes than {args.bundle} "

@@ -360,6 +360,8 @@ def _open_onnxruntime_rungs(
 
 #: rounds per rung when --measure times the rungs before running
 MEASURE_ROUNDS = 10
+#: the largest --target-ms taken (as serve's): beyond, every rung meets it (three hours a frame)
+MAX_TARGET_MS = 1e7
 
 
 def measure_rungs(ladder: LadderBackend, image_shape: Sequence[int], rounds: int) -> list[float]:
@@ -412,9 +414,10 @@ def start_budget(
 
     UserError in one line when nothing is recorded and ``measure_first`` is off.
     """
-    if not target_ms > 0:
+    if not 0 < target_ms < MAX_TARGET_MS:  # NaN and infinity too: no frame rate
         raise UserError(
-            f"{option('target_ms')} must be a positive number of milliseconds, got {target_ms}"
+            f"{option('target_ms')} must be a positive number of milliseconds below "
+            f"{MAX_TARGET_MS:g}, got {target_ms}"
         )
     rows = recorded_rungs(bundle.path, bundle.fingerprint, ladder.backend_name, ladder.precision)
     if rows is not None and len(rows) != len(ladder.rungs):
