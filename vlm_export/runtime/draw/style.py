@@ -18,9 +18,21 @@ ACCENT: Colour = (0, 114, 178)  # Okabe-Ito blue
 ACCENT_LIGHT: Colour = (150, 190, 220)
 
 
+#: system fonts that draw accented and other non-ASCII letters (class names, file names), tried
+#: in order where installed (Pillow looks in the system's font folders); PIL's own default draws
+#: ASCII only (an ``é`` comes out as a box)
+UNICODE_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "LiberationSans-Regular.ttf")
+
+
 @lru_cache(maxsize=16)
 def font(size: int) -> Font:
-    """PIL's default font at ``size`` pixels (Pillow >= 10.1 with FreeType; else its bitmap)."""
+    """A font at ``size`` pixels: the first of UNICODE_FONTS installed, else PIL's default
+    (Pillow >= 10.1 with FreeType; else its bitmap)."""
+    for name in UNICODE_FONTS:
+        try:
+            return ImageFont.truetype(name, size=size)
+        except (OSError, ImportError):  # not installed here, or Pillow without FreeType
+            continue
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError, ImportError):  # older Pillow, or Pillow without FreeType
