@@ -426,7 +426,10 @@ def test_export_checks_int8_calibration_folder_first(tmp_path, capsys) -> None:
     assert not (tmp_path / "b").exists()
 
 
-def _export_argv(out: Path, classes: Path) -> list[str]:
+def _export_argv(out: Path) -> list[str]:
+    """vlm-export's arguments for a tiny bundle at ``out``, its classes in a file beside it."""
+    classes = out.parent / "classes.txt"
+    classes.write_text("cat\ndog\n")
     argv = ["--model", "vlm-test-tiny", "--pretrained", "none", "--classes", str(classes)]
     return [*argv, "--method", "tca", "--templates", "single", "--out", str(out), "--quiet"]
 
@@ -435,13 +438,11 @@ def _export_argv(out: Path, classes: Path) -> list[str]:
 def test_export_whose_int8_step_fails_writes_no_bundle_and_keeps_the_old_one(
     tiny_tca, tmp_path, capsys
 ) -> None:
-    classes = tmp_path / "classes.txt"
-    classes.write_text("cat\ndog\n")
     unreadable = tmp_path / "calib"
     unreadable.mkdir()
     (unreadable / "a.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     fresh = tmp_path / "fresh"
-    code = export_main([*_export_argv(fresh, classes), "--int8-calibration", str(unreadable)])
+    code = export_main([*_export_argv(fresh), "--int8-calibration", str(unreadable)])
     err = capsys.readouterr().err
     assert code == 2 and "calibration images can be read" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "classes.txt"]
@@ -449,7 +450,7 @@ def test_export_whose_int8_step_fails_writes_no_bundle_and_keeps_the_old_one(
     old = tmp_path / "old"
     shutil.copytree(tiny_tca, old)
     before = _hashes(old)
-    argv = [*_export_argv(old, classes), "--overwrite", "--int8-calibration", str(unreadable)]
+    argv = [*_export_argv(old), "--overwrite", "--int8-calibration", str(unreadable)]
     assert export_main(argv) == 2
     assert _hashes(old) == before and sorted(p.name for p in old.iterdir()) == sorted(before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "classes.txt", "old"]
@@ -459,10 +460,8 @@ def test_export_whose_int8_step_fails_writes_no_bundle_and_keeps_the_old_one(
 def test_export_with_int8_calibration_adds_the_graph_before_the_bundle_appears(
     images, tmp_path, capsys
 ) -> None:
-    classes = tmp_path / "classes.txt"
-    classes.write_text("cat\ndog\n")
     out = tmp_path / "b"
-    assert export_main([*_export_argv(out, classes), "--int8-calibration", str(images)]) == 0
+    assert export_main([*_export_argv(out), "--int8-calibration", str(images)]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[-1] == str(out)
     assert any(line.startswith(f"added image_encoder.int8.onnx to {out}:") for line in printed)

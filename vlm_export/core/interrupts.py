@@ -30,62 +30,58 @@ def interrupted(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def ctrl_c_noticed() -> Iterator[list[int]]:
+def _raising(
+    sig: int, exception: type[BaseException], takes_over: Callable[[Any], bool]
+) -> Iterator[list[int]]:
+    """While active, signal ``sig`` raises ``exception`` in the main thread (each one appended
+    to the yielded list; none once ``work_written``), where ``takes_over(previous handler)``;
+    the previous handler is put back afterwards unless someone replaced ours meanwhile."""
+    received: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if _WRITTEN.is_set():
+            return
+        received.append(signum)
+        raise exception
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(sig) if main else None
+    watching = main and takes_over(previous)
+    if watching:
+        signal.signal(sig, handler)
+    try:
+        yield received
+    finally:
+        if watching and signal.getsignal(sig) is handler:
+            signal.signal(sig, previous)
+
+
+def ctrl_c_noticed() -> contextlib.AbstractContextManager[list[int]]:
     """While active, each Ctrl-C is appended to the yielded list (and raised as usual).
 
     Only in the main thread and only while Python's default handler, or a launcher's quick
     exit (a handler marked ``quick_exit``, see ``vlm_export.runtime.launch``), is installed; it
     is put back afterwards. Other handlers (a command's own stop request) are left alone.
     """
-    pressed: list[int] = []
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        if _WRITTEN.is_set():
-            return
-        pressed.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.getsignal(signal.SIGINT)
-    watching = threading.current_thread() is threading.main_thread() and (
-        previous is signal.default_int_handler or getattr(previous, "quick_exit", False)
+    return _raising(
+        signal.SIGINT,
+        KeyboardInterrupt,
+        lambda previous: (
+            previous is signal.default_int_handler or getattr(previous, "quick_exit", False)
+        ),
     )
-    if watching:
-        signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield pressed
-    finally:
-        if watching and signal.getsignal(signal.SIGINT) is on_sigint:
-            signal.signal(signal.SIGINT, previous)
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised as an interrupt (``sigterm_interrupts``): cleanups run as for Ctrl-C."""
 
 
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[list[int]]:
+def sigterm_interrupts() -> contextlib.AbstractContextManager[list[int]]:
     """While active, SIGTERM raises ``Terminated`` in the main thread (each one is appended to
     the yielded list), so that temporary files and folders are removed as after a Ctrl-C
     (``timeout``, ``docker stop`` and systemd send SIGTERM). Only where SIGTERM has its default
     disposition; put back afterwards."""
-    received: list[int] = []
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        if _WRITTEN.is_set():
-            return
-        received.append(signum)
-        raise Terminated
-
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM) if main else None
-    watching = main and previous is signal.SIG_DFL
-    if watching:
-        signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield received
-    finally:
-        if watching and signal.getsignal(signal.SIGTERM) is on_sigterm:
-            signal.signal(signal.SIGTERM, previous)
+    return _raising(signal.SIGTERM, Terminated, lambda previous: previous is signal.SIG_DFL)
 
 
 #: set once a command's work is written (``work_written``): the handlers here then ignore
