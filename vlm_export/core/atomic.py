@@ -314,16 +314,15 @@ def atomic_directory(
         if target.exists():
             if not overwrite:
                 raise FileExistsError(f"{path} appeared while writing")
-            old = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=target.parent))
+            old: Path | None = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=target.parent))
             os.replace(target, old)  # an empty folder: replaced by the old bundle
-            os.replace(tmp, target)
-            if placed is not None:
-                placed()
-            shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, target)
-            if placed is not None:
-                placed()
+            old = None
+        os.replace(tmp, target)
+        if placed is not None:
+            placed()
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -98,7 +98,6 @@ DEFAULT_CLASS_CAPACITY = 1000
 
 def class_capacity(options: ExportOptions, num_classes: int) -> int:
     """Rows of the condensing engine's anchors input: --max-classes, else max(1000, classes)."""
-    check_sizes(options.max_classes, options.batch_size)
     if options.max_classes is None:
         return max(DEFAULT_CLASS_CAPACITY, num_classes)
     if options.max_classes < num_classes:
@@ -113,6 +112,7 @@ def _check_options(options: ExportOptions) -> None:
         raise UserError(f"unknown method {options.method!r}; choose from {', '.join(METHODS)}")
     if not options.domains or not any(classes for _, classes in options.domains):
         raise UserError("no classes given: pass --classes FILE (or --domain NAME=FILE for rail)")
+    check_sizes(options.max_classes, options.batch_size)
     class_capacity(options, sum(len(classes) for _, classes in options.domains))
     check_output_folder(options.out, options.overwrite)
     tca_settings(options.tca_preset, options.eviction, options.anchor_rule)  # an unknown preset

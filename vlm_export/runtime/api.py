@@ -143,8 +143,7 @@ class EdgePipeline:
         by the bundle's text engine; a single string gives one row."""
         from vlm_export.runtime.text.encoder import TextEncoder
 
-        if self.closed:
-            raise UserError("the pipeline is closed (its with block ended): open it again")
+        self._check_open()
         if isinstance(texts, str):
             items = [texts]
         elif isinstance(texts, (list, tuple)):
@@ -182,8 +181,7 @@ class EdgePipeline:
         return self._taught().examples(label)
 
     def _taught(self) -> LocalTeaching:
-        if self.closed:
-            raise UserError("the pipeline is closed (its with block ended): open it again")
+        self._check_open()
         if self._teaching is None:
             from vlm_export.runtime.teach.local import LocalTeaching
 
@@ -200,9 +198,12 @@ class EdgePipeline:
         self.pipeline.save_state(target)
 
     def _frame(self, image: ImageInput, channels: str | None, what: str) -> tuple[Image.Image, str]:
+        self._check_open()
+        return _frame(image, channels, what, self.pipeline.preprocessor)
+
+    def _check_open(self) -> None:
         if self.closed:
             raise UserError("the pipeline is closed (its with block ended): open it again")
-        return _frame(image, channels, what, self.pipeline.preprocessor)
 
     def close(self) -> None:
         """Release the engine (once; ``classify`` then refuses)."""

@@ -33,7 +33,7 @@ from vlm_export.runtime.numerics import softmax, unit_rows
 from vlm_export.runtime.result import UNKNOWN_CLASS, UNKNOWN_LABEL, FrameResult
 from vlm_export.runtime.tca.reservoir import TokenReservoir
 from vlm_export.runtime.tca.stage import TcaStage, build_reservoir, save_reservoir
-from vlm_export.runtime.text.class_lists import check_class_names, is_domain_name, same_prompt
+from vlm_export.runtime.text.class_lists import check_class_names, is_domain_name, prompt_key
 
 
 @dataclass(frozen=True)
@@ -169,9 +169,12 @@ class Pipeline:
                     f"domain {domain!r} is not a domain name (letters, digits, '_', '-' and '.')"
                 )
         labels = list(zip(domains, names, strict=True))
-        for index, (domain, name) in enumerate(labels):
-            if any(d == domain and same_prompt(n, name) for d, n in labels[:index]):
+        seen: set[tuple[str, str]] = set()
+        for domain, name in labels:
+            key = (domain, prompt_key(name))  # one class per prompt CLIP reads, per domain
+            if key in seen:
                 raise UserError(f"class {name!r} is given twice in domain {domain!r}")
+            seen.add(key)
         text = unit_rows(text_embeddings, len(names), self.bundle.text_embeddings.shape[1])
         order = list(dict.fromkeys(domain for domain, _ in labels))
         bundle = self.bundle.with_classes(labels, text, order)

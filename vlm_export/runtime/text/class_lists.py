@@ -49,7 +49,7 @@ def prompt_name(classname: str) -> str:
     return classname.replace("_", " ")
 
 
-def _prompt_key(classname: str) -> str:
+def prompt_key(classname: str) -> str:
     """What CLIP's tokenizer sees: prompt name, Unicode composed (NFC: ``e`` + combining accent
     is ``é``), whitespace collapsed, lower-cased."""
     return " ".join(unicodedata.normalize("NFC", prompt_name(classname)).split()).casefold()
@@ -106,7 +106,7 @@ def _file_problem(path: Path) -> str | None:
 def _check_duplicates(names: list[str], path: Path) -> None:
     seen: dict[str, list[str]] = {}
     for name in names:
-        seen.setdefault(_prompt_key(name), []).append(name)
+        seen.setdefault(prompt_key(name), []).append(name)
     repeated = [" / ".join(map(shown, group[:3])) for group in seen.values() if len(group) > 1]
     if repeated:
         more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
@@ -159,7 +159,7 @@ def is_domain_name(name: object) -> bool:
 def same_prompt(a: str, b: str) -> bool:
     """True when two class names give the same prompt (``Cat`` and ``cat``, ``red_fox`` and
     ``red fox``): CLIP's tokenizer cannot tell them apart."""
-    return _prompt_key(a) == _prompt_key(b)
+    return prompt_key(a) == prompt_key(b)
 
 
 def read_class_list(path: str | Path) -> list[str]:
@@ -235,7 +235,7 @@ def shared_class_names(domains: Sequence[tuple[str, Sequence[str]]]) -> dict[str
     where: dict[str, list[str]] = {}
     for domain, names in domains:
         for name in names:
-            key = _prompt_key(name)
+            key = prompt_key(name)
             first_spelling.setdefault(key, name)
             where.setdefault(key, []).append(domain)
     return {first_spelling[key]: found for key, found in where.items() if len(found) > 1}
