@@ -306,7 +306,9 @@ def test_learn_reads_a_domain_root_and_takes_the_only_domain(
     )
     one = export_bundle(options)
     state = tmp_path / "one.npz"
-    code, _, err = _edge(capsys, "learn", one, data / "learn", "--state", state, "--shots", 3)
+    code, _, err = _edge(
+        capsys, "learn", one, data / "learn", "--state", state, "--shots", 3, *HIDDEN
+    )
     assert code == 0, err
     assert "vlm-edge: domain tools (the bundle's only one)" in err
     assert any("layout ROOT/DOMAIN/CLASS" in line for line in err)

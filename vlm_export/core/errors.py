@@ -23,6 +23,20 @@ def shown(text: object, limit: int = SHOWN_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+#: how much of a path a message shows: a longer one keeps its start and its end (the file name)
+SHOWN_PATH_CHARS = 160
+
+
+def shown_path(path: object, limit: int = SHOWN_PATH_CHARS) -> str:
+    """``path`` for a message: whole up to ``limit`` characters, else its start and its end
+    around "..." (the file name is what tells a user which file; it is never the part cut)."""
+    text = str(path)
+    if len(text) <= limit:
+        return text
+    tail = (limit - 3) * 2 // 3
+    return text[: limit - 3 - tail] + "..." + text[-tail:]
+
+
 def describe_os_error(exc: OSError) -> str:
     """One line for an OSError no command caught: the file and the reason, no traceback."""
     reason = exc.strerror or str(exc) or type(exc).__name__

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_export.core.atomic import check_can_create, final_target, report_interrupted_first_save
-from vlm_export.core.errors import UserError, shown
+from vlm_export.core.errors import UserError, shown, shown_path
 from vlm_export.core.globbing import GLOB_CHARS, glob_files
 from vlm_export.core.special_files import check_output, check_regular, is_stream
 
@@ -68,9 +68,9 @@ class _Place:
         try:
             info = os.stat(real)
         except OSError:
-            return cls(role, shown(path), real, None, folder, is_stream(path))
+            return cls(role, shown_path(path), real, None, folder, is_stream(path))
         ident = (info.st_dev, info.st_ino)
-        return cls(role, shown(path), real, ident, folder or real.is_dir(), is_stream(path))
+        return cls(role, shown_path(path), real, ident, folder or real.is_dir(), is_stream(path))
 
     def same(self, other: _Place) -> bool:
         """The same file or folder (by inode when both exist, else by resolved path)."""
@@ -182,7 +182,8 @@ def check_bundle_links(role: str, folder: str | Path) -> None:
         target = final_target(entry.path)
         if root not in target.parents:
             raise PathConflict(
-                f"{role} {shown(folder)}: {shown(entry.name)} is a link to {shown(target)}, "
+                f"{role} {shown_path(folder)}: {shown(entry.name)} is a link to "
+                f"{shown_path(target)}, "
                 "outside the bundle; this command rewrites bundle files: copy the file into "
                 "the bundle first"
             )

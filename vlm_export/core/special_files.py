@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from vlm_export.core.errors import UserError, shown
+from vlm_export.core.errors import UserError, shown_path
 
 log = logging.getLogger(__name__)
 NEW, FILE, FOLDER, STREAM = "new", "file", "folder", "stream"
@@ -121,7 +121,7 @@ def check_output(role: str | None, path: str | Path, folder: bool = False) -> No
     kind, words = kind_of(path)
     if kind in ((NEW, FILE, FOLDER) if folder else (NEW, FILE, STREAM)):
         return
-    named = f"{role} {shown(path)}" if role else shown(path)
+    named = f"{role} {shown_path(path)}" if role else shown_path(path)
     wanted = "a folder" if folder else "a file (a character device or FIFO is written through)"
     raise SpecialFileError(f"{named} is {words}, not {wanted}: give another path")
 
@@ -131,7 +131,7 @@ def check_regular(role: str | None, path: str | Path) -> None:
     kind, words = kind_of(path)
     if kind in (NEW, FILE):
         return
-    named = f"{role} {shown(path)}" if role else shown(path)
+    named = f"{role} {shown_path(path)}" if role else shown_path(path)
     raise SpecialFileError(
         f"{named} is {words}, not a regular file: a state file is read back and replaced; "
         "give a file path"
@@ -180,16 +180,18 @@ def _open_waiting(path: str | Path, flags: int) -> int:
             if noted or _stop_requested.is_set():
                 break
             if not told:
-                log.warning("waiting for a reader of the FIFO %s (Ctrl-C to stop)", shown(path))
+                log.warning(
+                    "waiting for a reader of the FIFO %s (Ctrl-C to stop)", shown_path(path)
+                )
                 told = True
             time.sleep(READER_POLL_S)
     if not noted:
-        raise StoppedWaiting(f"stopped before a reader of {shown(path)} came: nothing written")
+        raise StoppedWaiting(f"stopped before a reader of {shown_path(path)} came: nothing written")
     signum, previous = noted[0]
     if callable(previous):
         previous(signum, None)  # the command's own stop request; Python's Ctrl-C raises here
     name = signal.Signals(signum).name
-    raise StoppedWaiting(f"stopped ({name}) while waiting for a reader of {shown(path)}")
+    raise StoppedWaiting(f"stopped ({name}) while waiting for a reader of {shown_path(path)}")
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_export.core.atomic import check_can_create
-from vlm_export.core.errors import UserError
+from vlm_export.core.errors import UserError, shown, shown_path
 from vlm_export.core.paths import PathArg, check_paths, source_reads, tree_reads
 from vlm_export.core.special_files import (
     check_regular,
@@ -49,7 +49,6 @@ from vlm_export.runtime.serve.config import (
     apply_config,
     parse_source,
     read_config,
-    shown,
 )
 
 TOKEN_ENV = "VLM_EDGE_TOKEN"
@@ -305,7 +304,7 @@ def check_settings(settings: ServeSettings) -> None:
     if settings.state_dir is not None:
         folder = Path(settings.state_dir)
         if folder.exists() and not folder.is_dir():
-            raise UserError(f"--state-dir {shown(folder)} is a file; give a folder")
+            raise UserError(f"--state-dir {shown_path(folder)} is a file; give a folder")
         check_can_create(folder, folder=True)
     if settings.shared_state is not None:
         check_can_create(settings.shared_state)

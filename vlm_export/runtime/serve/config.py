@@ -34,21 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlm_export.core.errors import UserError
+from vlm_export.core.errors import UserError, shown, shown_path
 from vlm_export.core.json_input import read_text
 from vlm_export.runtime.io.preprocess import CROP_MODES, DEFAULT_MAX_PIXELS
 from vlm_export.runtime.io.sources import SourceOptions, parse_size
 from vlm_export.runtime.pipeline import check_min_score
 
 SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-NAME_CHARS = 80  # longest user string echoed in a message
 MAX_CONFIG_BYTES = 1 << 20  # a --config file: a few dozen lines in practice
-
-
-def shown(text: object) -> str:
-    """A user string cut for a one-line message."""
-    value = str(text)
-    return value if len(value) <= NAME_CHARS else value[: NAME_CHARS - 3] + "..."
 
 
 @dataclass
@@ -188,7 +181,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     """The TOML file as a dict (UserError, one line, for a missing, malformed or too deeply
     nested file, one that is not UTF-8, larger than MAX_CONFIG_BYTES or not a regular file)."""
     toml = _toml_module()
-    what = f"--config {shown(path)}"
+    what = f"--config {shown_path(path)}"
     text = read_text(path, MAX_CONFIG_BYTES, UserError, what)
     try:
         return toml.loads(text)

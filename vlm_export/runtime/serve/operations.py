@@ -13,10 +13,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from vlm_export.core.errors import UserError
+from vlm_export.core.errors import UserError, shown
 from vlm_export.core.manifest import EMBEDDING_OUTPUT
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.serve.config import shown
 from vlm_export.runtime.serve.frames.lanes import Lanes
 from vlm_export.runtime.teach.examples import TAUGHT_DOMAIN, UNKNOWN
 from vlm_export.runtime.text.class_lists import same_prompt

@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image
 
-from vlm_export.core.errors import UserError
+from vlm_export.core.errors import UserError, shown
 from vlm_export.core.manifest import FATE_OUTPUT
 from vlm_export.runtime.api import default_method, fusion_dropped
 from vlm_export.runtime.bundle import Bundle
@@ -31,7 +31,7 @@ from vlm_export.runtime.engines.ladder.ladder import BudgetRun, open_budgeted, r
 from vlm_export.runtime.io.sources import Source, open_source
 from vlm_export.runtime.pipeline import METHOD_STAGES
 from vlm_export.runtime.rail.models import open_fusion
-from vlm_export.runtime.serve.config import ServeSettings, shown
+from vlm_export.runtime.serve.config import ServeSettings
 from vlm_export.runtime.serve.frames.lanes import Lanes, state_file
 from vlm_export.runtime.serve.frames.scheduler import Scheduler
 from vlm_export.runtime.serve.frames.views import LiveFrame, LiveViews

@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from vlm_export.core.errors import UserError
+from vlm_export.core.errors import UserError, shown
 from vlm_export.core.manifest import ANCHORS_INPUT
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
 from vlm_export.runtime.pipeline import METHOD_STAGES, Fusion, Pipeline
-from vlm_export.runtime.serve.config import ServeSettings, shown
+from vlm_export.runtime.serve.config import ServeSettings
 from vlm_export.runtime.tca.stage import build_reservoir, save_reservoir
 
 log = logging.getLogger(__name__)

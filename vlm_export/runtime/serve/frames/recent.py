@@ -14,10 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from vlm_export.core.errors import UserError
+from vlm_export.core.errors import UserError, shown
 from vlm_export.runtime.io.sources import Frame
 from vlm_export.runtime.result import FrameResult
-from vlm_export.runtime.serve.config import shown
 from vlm_export.runtime.serve.frames.views import frame_image
 from vlm_export.runtime.teach.examples import thumbnail_jpeg
 

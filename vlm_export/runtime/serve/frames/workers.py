@@ -15,9 +15,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from vlm_export.core.errors import shown
 from vlm_export.runtime.io.capture import NewestFrame
 from vlm_export.runtime.io.sources import Frame, Source, open_source
-from vlm_export.runtime.serve.config import shown
 from vlm_export.runtime.serve.outputs.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)

@@ -28,12 +28,11 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from vlm_export.core.errors import UserError
+from vlm_export.core.errors import UserError, shown, shown_path
 from vlm_export.core.json_text import dumps
 from vlm_export.core.special_files import open_output
 from vlm_export.runtime.mqtt import connect, paho_client, parse_mqtt_url
 from vlm_export.runtime.pipeline import utc_now
-from vlm_export.runtime.serve.config import shown
 from vlm_export.runtime.serve.outputs.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
@@ -126,13 +125,13 @@ class JsonlSink(QueuedSink):
     """Appends events to a file, one JSON object per line."""
 
     def __init__(self, path: str, metrics: ServeMetrics) -> None:
-        self.name = f"jsonl:{shown(path)}"
+        self.name = f"jsonl:{shown_path(path)}"
         super().__init__(metrics)
         self.path = Path(path)
         try:
             self._handle = open_output(self.path, "a", encoding="utf-8", buffering=1)
         except OSError as exc:
-            raise UserError(f"cannot write --events {shown(path)}: {exc.strerror}") from None
+            raise UserError(f"cannot write --events {shown_path(path)}: {exc.strerror}") from None
 
     def deliver(self, event: dict) -> bool:
         try:
@@ -140,7 +139,7 @@ class JsonlSink(QueuedSink):
             self._handle.flush()
             return True
         except OSError as exc:
-            log.warning("events file %s: %s", shown(self.path), exc.strerror or exc)
+            log.warning("events file %s: %s", shown_path(self.path), exc.strerror or exc)
             return False
 
     def wait_for_link(self) -> None:

@@ -16,8 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from vlm_export.core.errors import UserError
-from vlm_export.runtime.serve.config import shown
+from vlm_export.core.errors import UserError, shown
 from vlm_export.runtime.teach.examples import Example
 
 log = logging.getLogger(__name__)

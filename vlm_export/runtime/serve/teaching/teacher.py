@@ -23,9 +23,9 @@ import numpy as np
 from PIL import Image
 
 from vlm_export.core.atomic import atomic_write_bytes
-from vlm_export.core.errors import StateError, UserError
+from vlm_export.core.errors import StateError, UserError, shown
 from vlm_export.runtime.pipeline import utc_now
-from vlm_export.runtime.serve.config import ServeSettings, shown
+from vlm_export.runtime.serve.config import ServeSettings
 from vlm_export.runtime.serve.frames.lanes import Lanes
 from vlm_export.runtime.serve.frames.recent import NotFound, RecentFrames
 from vlm_export.runtime.serve.operations import Operations
