@@ -216,3 +216,37 @@ def test_reservoir_state_follows_the_new_classes(bundle, tmp_path, capsys) -> No
     assert main(resumed) == 0
     line = f"dropped {dropped} reservoir entries of classes the bundle no longer has"
     assert dropped > 0 and line in capsys.readouterr().err
+
+
+def test_a_bench_record_outlives_a_change_of_classes(bundle, tmp_path, capsys) -> None:
+    """bench times the image engine alone: after `classes` its record still picks the engine
+    (--backend auto), and a record of another engine is still ignored."""
+    from vlm_export.runtime.engines.checks.bench_record import best_recorded, record_path
+
+    bench = ["bench", str(bundle), "--backends", "onnxruntime", "--precisions", "fp32"]
+    assert main([*bench, "--rounds", "2", "--warmup", "0"]) == 0
+    recorded = best_recorded(Bundle.open(bundle))
+    assert recorded is not None and recorded.backend == "onnxruntime"
+    before = Bundle.open(bundle)
+    assert main(["classes", str(bundle), str(_file(tmp_path, "n.txt", "\n".join(NEW)))]) == 0
+    after = Bundle.open(bundle)
+    assert after.fingerprint != before.fingerprint
+    assert after.engine_fingerprint == before.engine_fingerprint
+    assert best_recorded(after) == recorded
+
+    write_images(tmp_path / "images", 2)
+    capsys.readouterr()
+    run = ["run", str(bundle), str(tmp_path / "images"), "--backend", "auto", "--quiet"]
+    assert main(run) == 0
+    assert "auto chose onnxruntime fp32: fastest that passed parity in bench." in (
+        capsys.readouterr().err
+    )
+
+    path = record_path(bundle)
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "engine": "0" * 16}))  # another engine's timings
+    assert best_recorded(after) is None
+    del record["engine"]  # a record from before records named their engine: by the bundle
+    path.write_text(json.dumps(record))
+    assert best_recorded(after) is None
+    assert best_recorded(before) == recorded

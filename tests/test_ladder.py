@@ -161,6 +161,15 @@ def test_bench_records_rungs_and_run_picks_one_by_target(bundles, images, tmp_pa
     code, _, err = _run(["run", str(bundle), source, "--target-ms", "50"], capsys)
     assert code == 1 and "run `vlm-edge bench BUNDLE` first" in err
     assert len(err.strip().splitlines()) == 2  # the untrained-weights warning, then the line
+    code, out, _ = _run(["info", str(bundle)], capsys)
+    ladder = out[out.index("\nladder ") :].splitlines()[1 : len(RATES) + 3]
+    assert code == 0 and ladder[0].split()[1:3] == [str(len(RATES)), "rungs"]
+    for index, rate in enumerate(RATES):
+        assert ladder[1 + index].split()[:5] == ["rung", f"{index}:", "drop", "rate", f"{rate:g},"]
+        assert ladder[1 + index].endswith("parity passed; fp32")
+    assert ladder[-1].endswith(
+        "not timed on this device yet: vlm-edge bench BUNDLE times every rung"
+    )
     bench = ["bench", str(bundle), "--backends", "onnxruntime", "--precisions", "fp32"]
     code, out, _ = _run([*bench, "--rounds", "2", "--warmup", "0"], capsys)
     assert code == 0 and "ladder rungs" in out
@@ -171,6 +180,12 @@ def test_bench_records_rungs_and_run_picks_one_by_target(bundles, images, tmp_pa
     assert [row["drop_rate"] for row in rows] == RATES
     assert {row["sharing"] for row in rows} == {"prepacked"}
     assert all(row["p90_ms"] > 0 and row["median_ms"] > 0 for row in rows)
+    code, out, _ = _run(["info", str(bundle)], capsys)
+    lines = out.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("ladder ")) + 1
+    for row in rows:  # info shows what bench measured, rung by rung
+        assert f"onnxruntime fp32 p90 {row['p90_ms']:.1f} ms" in lines[first + row["rung"]]
+    assert "not timed on this device yet" not in out
     code, out, err = _run(
         ["run", str(bundle), source, "--target-ms", "1e6", "--format", "jsonl"], capsys
     )

@@ -260,6 +260,7 @@ def measure_bundle(
     return {
         "format": RECORD_FORMAT,
         "bundle": bundle.fingerprint,
+        "engine": bundle.engine_fingerprint,
         "model": bundle.manifest["model"]["name"],
         "method": bundle.method,
         "device_fingerprint": device_fingerprint(),

@@ -16,7 +16,10 @@ from vlm_export.core.manifest import (
 )
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import BUNDLE, add_verify_arguments, format_bytes, verify_mode
+from vlm_export.runtime.engines.checks.bench_record import read_record
 from vlm_export.runtime.engines.checks.reference import describe_check
+from vlm_export.runtime.engines.ladder.ladder import ladder_rungs
+from vlm_export.runtime.engines.select import IMAGE_ROLE, engines_of_role
 from vlm_export.runtime.tca.stage import check_reservoir_fits
 
 LABEL_WIDTH = 12
@@ -176,6 +179,47 @@ def _engines(manifest: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _measured(bundle: Bundle) -> dict[int, list[str]]:
+    """Per rung, what ``vlm-edge bench`` measured on this device: "onnxruntime fp32 p90 8.1 ms"."""
+    record = read_record(bundle) or {}
+    measured: dict[int, list[str]] = {}
+    for row in record.get("ladder") or []:
+        if isinstance(row, dict) and isinstance(row.get("p90_ms"), int | float):
+            text = f"{row.get('backend')} {row.get('precision')} p90 {row['p90_ms']:.1f} ms"
+            measured.setdefault(int(row.get("rung", -1)), []).append(text)
+    return measured
+
+
+def _ladder(bundle: Bundle) -> list[str]:
+    """One line per rung of a ladder: its budget, tokens, GFLOPs, parity, precisions, timings."""
+    manifest = bundle.manifest
+    rungs = ladder_rungs(manifest)
+    if not rungs:
+        return ["one token budget (vlm-export --drop-rates makes a ladder for --target-ms)"]
+    weights = manifest["ladder"]["weights"]
+    lines = [
+        f"{len(rungs)} rungs sharing {weights['file']} ({format_bytes(weights['bytes'])}); "
+        "--target-ms picks one"
+    ]
+    tensorrt = tensorrt_engines(manifest)
+    measured = _measured(bundle)
+    for rung, record in zip(rungs, manifest["ladder"]["rungs"], strict=True):
+        chain = [str(record["schedule"][0]["tokens_in"])] if record["schedule"] else []
+        chain += [str(step["tokens_out"]) for step in record["schedule"]]
+        passed = (record.get("parity") or {}).get("passed")
+        precisions = ["fp32"] + ["int8"] * bool(rung.int8)
+        precisions += ["TensorRT"] * bool(engines_of_role(tensorrt, IMAGE_ROLE, rung.index))
+        lines.append(
+            f"rung {rung.index}: drop rate {rung.drop_rate:g}, tokens {' -> '.join(chain)}, "
+            f"{rung.gflops:.4g} GFLOPs, parity {'passed' if passed else 'FAILED'}; "
+            f"{', '.join(precisions)}"
+            + "".join(f"; {text}" for text in measured.get(rung.index, []))
+        )
+    if not measured:
+        lines.append("not timed on this device yet: vlm-edge bench BUNDLE times every rung")
+    return lines
+
+
 def _text_engine(manifest: dict[str, Any]) -> list[str]:
     section, tokenizer = manifest.get("text_encoder"), manifest.get("tokenizer")
     if not isinstance(section, dict):
@@ -223,6 +267,7 @@ def describe(bundle: Bundle) -> list[str]:
         ("preprocess", _preprocess(manifest["preprocess"])),
         ("classes", _classes(bundle)),
         ("engine", _engines(manifest)),
+        ("ladder", _ladder(bundle)),
         ("reference", describe_check(manifest)),
         ("text engine", _text_engine(manifest)),
         ("adaptation", _adaptation(manifest["adaptation"])),

@@ -3,7 +3,9 @@
 The record is ``bench.<device fingerprint>.json`` in the bundle folder: one file per device kind
 (CPU model, core count, instruction sets that decide which precisions run fast), so a bundle
 copied to another device does not reuse this device's choice. ``best_recorded`` is the fastest
-backend and precision that passed parity against the fp32 ONNX Runtime reference.
+backend and precision that passed parity against the fp32 ONNX Runtime reference. It times the
+image engine alone, so a record stays this bundle's when only its classes change (``vlm-edge
+classes``): it names the engine it timed (``engine``, the bundle's ``engine_fingerprint``).
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlm_export.core.atomic import atomic_write_bytes
 from vlm_export.core.errors import UserError
 from vlm_export.core.json_input import read_json
+
+if TYPE_CHECKING:
+    from vlm_export.runtime.bundle import Bundle
 
 RECORD_FORMAT = "vlm-edge-bench"
 MAX_RECORD_BYTES = 1 << 20  # a record holds a few dozen result rows
@@ -87,17 +92,31 @@ class RecordedChoice:
     reason: str
 
 
-def best_recorded(bundle_dir: str | Path, bundle_fingerprint: str) -> RecordedChoice | None:
-    """The fastest result that passed parity, from this device's record of this very bundle."""
-    path = record_path(bundle_dir)
+def times_this_engine(record: object, bundle: Bundle) -> bool:
+    """Whether ``record`` is a bench record of ``bundle``'s image engine: by the engine it names,
+    or (records written before they named it) by the bundle fingerprint."""
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        return False
+    if "engine" in record:
+        return record["engine"] == bundle.engine_fingerprint
+    return record.get("bundle") == bundle.fingerprint
+
+
+def read_record(bundle: Bundle) -> dict[str, Any] | None:
+    """This device's bench record of ``bundle``'s image engine, or None (none, or another's)."""
     try:
-        record = read_json(path, MAX_RECORD_BYTES)
+        record = read_json(record_path(bundle.path), MAX_RECORD_BYTES)
     except UserError:  # none yet, or not one this tool wrote: benchmarks will write a new one
         return None
-    if not isinstance(record, dict):
+    return record if times_this_engine(record, bundle) else None
+
+
+def best_recorded(bundle: Bundle) -> RecordedChoice | None:
+    """The fastest result that passed parity, from this device's record of the bundle's engine."""
+    record = read_record(bundle)
+    if record is None:
         return None
-    if record.get("format") != RECORD_FORMAT or record.get("bundle") != bundle_fingerprint:
-        return None
+    path = record_path(bundle.path)
     passed = [
         row
         for row in record.get("results") or []
@@ -116,15 +135,12 @@ def best_recorded(bundle_dir: str | Path, bundle_fingerprint: str) -> RecordedCh
 
 
 def recorded_rungs(
-    bundle_dir: str | Path, bundle_fingerprint: str, backend: str, precision: str = "fp32"
+    bundle: Bundle, backend: str, precision: str = "fp32"
 ) -> list[dict[str, Any]] | None:
     """This device's recorded rung timings of a ladder bundle for one backend, rung order; None
-    when ``vlm-edge bench`` recorded none (no record, another bundle, or no such backend)."""
-    try:
-        record = json.loads(record_path(bundle_dir).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("bundle") != bundle_fingerprint:
+    when ``vlm-edge bench`` recorded none (no record, another engine, or no such backend)."""
+    record = read_record(bundle)
+    if record is None:
         return None
     rows = [
         row

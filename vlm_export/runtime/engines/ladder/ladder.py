@@ -419,7 +419,7 @@ def start_budget(
             f"{option('target_ms')} must be a positive number of milliseconds below "
             f"{MAX_TARGET_MS:g}, got {target_ms}"
         )
-    rows = recorded_rungs(bundle.path, bundle.fingerprint, ladder.backend_name, ladder.precision)
+    rows = recorded_rungs(bundle, ladder.backend_name, ladder.precision)
     if rows is not None and len(rows) != len(ladder.rungs):
         rows = None
     if rows is not None:
