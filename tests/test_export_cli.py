@@ -367,3 +367,28 @@ def test_condensation_options_are_refused_for_a_full_tower(tmp_path, classes, ca
         "which keeps every token)"
     ]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--drop-rate", "0.45"], "impossible token budget at block"),
+        (["--reduction-layers", "1,9"], "out of range"),
+        (["--merge-centers", "40"], "fewer than the 40 merge centres"),
+        (["--drop-rate", "0.001"], "does not condense at block 1"),
+        (["--drop-rates", "0,0.45"], "--drop-rates rung 1 (drop rate 0.45): impossible"),
+    ],
+)
+def test_an_impossible_token_budget_is_refused_before_the_model_loads(
+    tmp_path, classes, capsys, monkeypatch, extra, message
+):
+    """The schedule comes from the model's config: a wrong budget costs no weights loading."""
+    from vlm_export.export import pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline, "load_clip", never)
+    code, _, err = _run(_bad(tmp_path, classes, extra), capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err

@@ -46,8 +46,13 @@ from vlm_export.export.presets import RAIL_DEFAULTS, check_sizes, tca_settings
 from vlm_export.export.progress import Progress
 from vlm_export.models.condensing_tower import CondensingVisionTower
 from vlm_export.models.flops import closed_form_gflops, drop_rate_for_gflops, flops_report
-from vlm_export.models.loading import LoadedClip, load_clip
-from vlm_export.models.schedule import CondensationConfig, ScheduleError, anchor_layers
+from vlm_export.models.loading import LoadedClip, config_geometry, load_clip
+from vlm_export.models.schedule import (
+    CondensationConfig,
+    ScheduleError,
+    anchor_layers,
+    token_schedule,
+)
 from vlm_export.runtime.engines.checks.reference import record_reference
 from vlm_export.runtime.text.class_lists import shared_class_names, union_labels
 from vlm_export.runtime.text.templates import load_templates
@@ -127,11 +132,25 @@ def _check_options(options: ExportOptions) -> None:
     gflops = options.target_gflops
     if gflops is not None and not (math.isfinite(gflops) and gflops > 0):
         raise UserError(f"--target-gflops must be a positive number, got {gflops}")
+    _check_token_schedule(options)
     if options.device == "cuda" and not torch.cuda.is_available():
         raise UserError(
             "--device cuda: torch sees no CUDA GPU here (a CPU build of torch, or no driver); "
             "use --device cpu"
         )
+
+
+def _check_token_schedule(options: ExportOptions) -> None:
+    """Refuse an impossible token budget before the model loads (its weights can take minutes),
+    from the geometry its config gives; the tower checks it again once built."""
+    geometry = config_geometry(options.model) if uses_condensation(options.method) else None
+    if geometry is None or options.target_gflops is not None:
+        return
+    for index, rate in enumerate(options.drop_rates or [options.condensation.drop_rate]):
+        try:
+            token_schedule(*geometry, replace(options.condensation, drop_rate=rate))
+        except ScheduleError as exc:
+            raise (rung_problem(index, rate, exc) if options.drop_rates else exc) from None
 
 
 def _model_section(loaded: LoadedClip, tower: CondensingVisionTower) -> dict[str, Any]:

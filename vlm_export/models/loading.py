@@ -92,6 +92,22 @@ def available_models() -> list[str]:
     return open_clip.list_models()
 
 
+def config_geometry(name: str) -> tuple[int, int] | None:
+    """(tokens entering the first block, blocks) of ``name``'s ViT tower from open_clip's model
+    config, without building the model; None where the config does not say (a hub or folder
+    model, a timm or ResNet tower, an unknown name)."""
+    if name.startswith(("hf-hub:", "local-dir:")) or name not in available_models():
+        return None
+    vision = (open_clip.get_model_config(name) or {}).get("vision_cfg") or {}
+    size, patch, layers = (vision.get(key) for key in ("image_size", "patch_size", "layers"))
+    if vision.get("timm_model_name") or type(layers) is not int or type(patch) is not int:
+        return None
+    sides = (size, size) if type(size) is int else size
+    if not (isinstance(sides, list | tuple) and len(sides) == 2):
+        return None
+    return (sides[0] // patch) * (sides[1] // patch) + 1, layers
+
+
 def _check_model_name(name: str) -> None:
     if name.startswith(("hf-hub:", "local-dir:")):
         return
