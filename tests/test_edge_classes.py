@@ -250,3 +250,25 @@ def test_a_bench_record_outlives_a_change_of_classes(bundle, tmp_path, capsys) -
     path.write_text(json.dumps(record))
     assert best_recorded(after) is None
     assert best_recorded(before) == recorded
+
+
+def test_a_learner_state_goes_on_learning_after_a_change_of_classes(bundle, tmp_path, capsys):
+    """learn, then `classes`, then learn into the same state: it follows the classes by name
+    (before, it was refused as a state of another bundle)."""
+    from vlm_export.runtime.rail.state import load_learner_state
+
+    for seed, name in enumerate(["cat", "dog", "red fox"]):
+        write_images(tmp_path / ("first" if name != "red fox" else "later") / name, 3, seed=seed)
+    state = tmp_path / "learner.npz"
+    learn = ["learn", str(bundle), "--state", str(state), "--shots", "3", "--hidden-dim", "64"]
+    assert main([*learn[:2], str(tmp_path / "first"), *learn[2:]]) == 0
+    assert main(["classes", str(bundle), str(_file(tmp_path, "n.txt", "\n".join(NEW)))]) == 0
+    capsys.readouterr()
+    assert main([*learn[:2], str(tmp_path / "later"), *learn[2:]]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "follows the bundle's classes by name: 2 classes kept, 3 new, 1 dropped" in err
+    after = Bundle.open(bundle)
+    learner = load_learner_state(state, after.fingerprint)
+    assert learner.num_samples == 9 and learner.num_classes == len(NEW)
+    learned = {name for name, seen in zip(after.classes, learner.learned_mask, strict=True) if seen}
+    assert learned == {"cat", "dog", "red fox"}

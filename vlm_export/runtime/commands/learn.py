@@ -26,7 +26,7 @@ from pathlib import Path
 
 from vlm_export.core.atomic import check_can_create
 from vlm_export.core.errors import UserError
-from vlm_export.core.labels import labels_meta
+from vlm_export.core.labels import describe_change, labels_meta, saved_labels
 from vlm_export.core.manifest import EMBEDDING_OUTPUT
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import (
@@ -65,6 +65,7 @@ from vlm_export.runtime.rail.models import (
     state_header,
 )
 from vlm_export.runtime.rail.primal import PrimalAdapter
+from vlm_export.runtime.rail.relabel import follow_learner_labels
 from vlm_export.runtime.rail.state import (
     Learner,
     load_learner_state,
@@ -152,7 +153,11 @@ def _learner(bundle: Bundle, path: str, options: LearnerOptions) -> Learner:
         sizes = [header.get(key) for key in ("in_dim", "num_classes", "hidden_dim")]
         if header.get("form") == "primal" and all(type(n) is int and n >= 0 for n in sizes):
             footprint.check_primal(f"continuing {path}", *sizes)
-        learner = load_learner_state(path, bundle.fingerprint)
+        learner = load_learner_state(path, bundle.fingerprint, bundle.engine_fingerprint)
+        saved, labels = saved_labels(header, path), bundle.labels
+        if saved is not None and saved != labels:  # the bundle's classes changed since
+            learner = follow_learner_labels(learner, saved, labels, path)
+            status(f"{path} follows the bundle's classes by name: {describe_change(saved, labels)}")
         check_loaded(learner, options, path)
         status(f"continuing {path}: {describe(learner)}")
         return learner
