@@ -22,8 +22,7 @@ from vlm_export.core import memory
 from vlm_export.runtime import cli
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.io.preprocess import Preprocessor
-from vlm_export.runtime.rail import footprint
-from vlm_export.runtime.rail import linalg as linalg_module
+from vlm_export.runtime.rail import footprint, released
 from vlm_export.runtime.rail.dual import DualAdapter
 from vlm_export.runtime.rail.fusion import fuse
 from vlm_export.runtime.rail.primal import PrimalAdapter
@@ -258,18 +257,18 @@ def test_learn_bad_input_leaves_the_state_alone(
     blocked.write_text("not a folder")
     message = "is a file, not a folder"  # refused before any image is embedded
     _fails(capsys, learn(tools, "--inference-state", blocked / "inf.npz"), message, state)
-    other = make_bundle(tmp_path / "other", method="tca+rail")
+    other = make_bundle(tmp_path / "other", method="tca+rail", seed=1)  # another image engine
     argv = ["learn", other, tools, "--domain", "vehicles", "--state", state]
     _fails(capsys, argv, "another bundle", state)
 
-    solve = linalg_module.lapack.dpotrs
+    solve = released.potrs_lower
 
-    def infinite(factor: np.ndarray, rhs: np.ndarray, **options) -> tuple[np.ndarray, int]:
-        solution, info = solve(factor, rhs, **options)  # in place when asked to overwrite rhs
-        solution[...] = np.inf
-        return solution, info
+    def infinite(factor: np.ndarray, rhs: np.ndarray) -> int:
+        info = solve(factor, rhs)  # in place
+        rhs[...] = np.inf
+        return info
 
-    monkeypatch.setattr(linalg_module.lapack, "dpotrs", infinite)
+    monkeypatch.setattr(released, "potrs_lower", infinite)
     _fails(capsys, learn(tools), "non-finite", state)
 
 

@@ -84,7 +84,7 @@ def test_factored_solves_into_the_right_hand_side(size):
     assert rhs.__array_interface__["data"][0] == memory  # the same array, solved in place
     assert np.abs(rhs - expected).max() < 1e-9 * np.abs(expected).max()
     np.testing.assert_array_equal(matrix, original)
-    with linalg.factored(matrix, 0.1, "G + lambda I") as factor, pytest.raises(RuntimeError):
+    with linalg.factored(matrix, 0.1, "G + lambda I") as factor, pytest.raises(ValueError):
         linalg.solve_in_place(factor, np.ascontiguousarray(rhs))  # C order: would be a copy
 
 

@@ -268,10 +268,10 @@ def handle(args: argparse.Namespace) -> int:
         _learn_exported(bundle, learner, args)
     else:
         _learn_images(bundle, learner, args)
-    if not getattr(learner, "solved", True):  # seconds to minutes of LAPACK, not interruptible
+    if not getattr(learner, "solved", True):  # seconds to minutes of LAPACK (Ctrl-C: at once)
         width = getattr(learner, "feature_dim", None)
         system = f" {width:,} x {width:,}" if width else ""
-        status(f"solving the{system} ridge system (a Ctrl-C takes effect when it is done)")
+        status(f"solving the{system} ridge system")
     learner.finalize()
     follow = labels_meta(bundle.engine_fingerprint, bundle.labels)
     save_learner_state(args.state, learner, bundle.fingerprint, follow)  # the primary state first

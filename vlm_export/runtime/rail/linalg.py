@@ -5,6 +5,7 @@ d x d matrices of the primal learner (G or R, 1.8 GB at d = 15000) are never cop
 updated by symmetric rank-k updates on one triangle (``rank_update``, then ``mirror``) and solved
 inside ``factored``, which factors G + shift I in place and restores G from the untouched
 triangle afterwards (``solve_in_place`` writes the solution over its right-hand side meanwhile).
+Those two long calls go through ``released``, so a Ctrl-C is taken at once.
 "Upper" below is the upper triangle of the C-ordered NumPy array (the lower triangle of its
 Fortran-ordered transpose, which LAPACK sees).
 """
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 from scipy.linalg import blas, lapack, solve_triangular
 
+from vlm_export.runtime.rail import released
 from vlm_export.runtime.rail.inputs import RailError
 
 BLOCK = 256  # rows per block of the block-wise passes (mirror, finiteness checks)
@@ -120,15 +122,18 @@ def factored(matrix: np.ndarray, shift: float, what: str) -> Iterator[np.ndarray
         raise RailError(f"{what} has non-finite entries (NaN or inf on its diagonal)")
     mirror(matrix, from_upper=True)
     view = _square(matrix)
+    factoring = True
     try:
         matrix.flat[:: matrix.shape[0] + 1] += shift
-        _, info = lapack.dpotrf(view, lower=1, clean=0, overwrite_a=1)
+        info = released.potrf_lower(view)
+        factoring = False
         if info != 0:
             raise RailError(f"{what} is not positive definite (degenerate, huge or corrupt)")
         yield view
     finally:
-        mirror(matrix, from_upper=False)
-        matrix.flat[:: matrix.shape[0] + 1] = diagonal
+        if not factoring:  # interrupted while LAPACK factors: it is still writing the matrix
+            mirror(matrix, from_upper=False)
+            matrix.flat[:: matrix.shape[0] + 1] = diagonal
 
 
 def check_factorable(matrix: np.ndarray, shift: float, what: str) -> None:
@@ -140,10 +145,7 @@ def check_factorable(matrix: np.ndarray, shift: float, what: str) -> None:
 def solve_in_place(factor: np.ndarray, rhs: np.ndarray) -> bool:
     """Solve (L L.T) X = rhs given the lower factor L; ``rhs`` (Fortran-contiguous float64 [d, k])
     receives X in place (LAPACK potrs, no copy). Returns whether X is finite."""
-    result, info = lapack.dpotrs(factor, rhs, lower=1, overwrite_b=1)
-    if not np.shares_memory(result, rhs):  # a silent copy would leave rhs unsolved
-        raise RuntimeError("LAPACK potrs did not solve in place (rhs not Fortran float64)")
-    return info == 0 and all_finite(rhs)
+    return released.potrs_lower(factor, rhs) == 0 and all_finite(rhs)
 
 
 def solve_shifted(matrix: np.ndarray, shift: float, rhs: np.ndarray, what: str) -> np.ndarray:

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from vlm_export.runtime.rail import released
 from vlm_export.runtime.rail.inputs import (
     RailError,
     as_features,
@@ -150,12 +151,22 @@ class PrimalAdapter:
         )
         self._matrix: np.ndarray | None = None  # G or R; upper triangle current
         self._mirrored = True  # the lower triangle equals the upper
+        self._interrupted = False  # a Ctrl-C left LAPACK writing G or W (see ``released``)
         if matrix:
             self._matrix = np.zeros((dim, dim))
             if route == "woodbury":  # R = I / lambda, without a second d x d array (np.eye)
                 np.fill_diagonal(self._matrix, 1.0 / self.ridge)
 
+    def _check_whole(self) -> None:
+        """RailError once a Ctrl-C stopped ``finalize`` (G and W are not whole any more)."""
+        if self._interrupted:
+            raise RailError(
+                "this learner was interrupted (Ctrl-C) while its ridge system was solved: its "
+                "statistics are not whole; load its state file again"
+            )
+
     def _full(self, route: str) -> np.ndarray | None:
+        self._check_whole()
         if self.route != route or self._matrix is None:
             return None
         if not self._mirrored:
@@ -229,6 +240,7 @@ class PrimalAdapter:
         (cholesky route; W is solved by ``finalize``). The learner is unchanged on RailError."""
         if self.route != "cholesky":
             raise RailError("samples without a class need the cholesky route (statistics G, B)")
+        self._check_whole()
         x = as_features(features, self.in_dim)
         if not len(x):
             return
@@ -264,6 +276,7 @@ class PrimalAdapter:
         self.solved = False
 
     def _learn(self, features: np.ndarray, labels: np.ndarray, first_solve: bool) -> None:
+        self._check_whole()
         x = as_features(features, self.in_dim)
         y = as_labels(labels, x.shape[0], self.num_classes)
         if not len(y):
@@ -377,9 +390,14 @@ class PrimalAdapter:
         """
         if self.solved:
             return
+        self._check_whole()
         columns = np.flatnonzero(self.cross.any(axis=0))
         if len(columns):
-            self._solve_into_weights(columns)
+            try:
+                self._solve_into_weights(columns)
+            except released.Interrupted:
+                self._interrupted = True  # LAPACK runs on, writing G or W: neither may be used
+                raise
         self._unpack(columns)
         self.solved = True
 
