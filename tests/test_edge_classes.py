@@ -272,3 +272,32 @@ def test_a_learner_state_goes_on_learning_after_a_change_of_classes(bundle, tmp_
     assert learner.num_samples == 9 and learner.num_classes == len(NEW)
     learned = {name for name, seen in zip(after.classes, learner.learned_mask, strict=True) if seen}
     assert learned == {"cat", "dog", "red fox"}
+
+
+def test_states_from_before_and_after_a_change_of_classes_merge_by_name(bundle, tmp_path, capsys):
+    """A device that changed its classes merges with one that did not (--bundle names the label
+    space): the result is the learner of all their samples over the bundle's classes."""
+    from vlm_export.runtime.rail.state import load_learner_state
+
+    for seed, name in enumerate(["cat", "dog", "red fox"]):
+        write_images(tmp_path / ("old" if name != "red fox" else "new") / name, 3, seed=seed)
+        write_images(tmp_path / "all" / name, 3, seed=seed)
+    learn = ["--shots", "3", "--hidden-dim", "64"]
+    before, after, joint = (tmp_path / f"{name}.npz" for name in ("before", "after", "joint"))
+    assert main(["learn", str(bundle), str(tmp_path / "old"), "--state", str(before), *learn]) == 0
+    assert main(["classes", str(bundle), str(_file(tmp_path, "n.txt", "\n".join(NEW)))]) == 0
+    assert main(["learn", str(bundle), str(tmp_path / "new"), "--state", str(after), *learn]) == 0
+    assert main(["learn", str(bundle), str(tmp_path / "all"), "--state", str(joint), *learn]) == 0
+    capsys.readouterr()
+
+    merged = tmp_path / "merged.npz"
+    assert main(["merge", str(merged), str(before), str(after)]) == 1
+    assert "give --bundle BUNDLE to merge by class name" in capsys.readouterr().err
+    assert not merged.exists()
+    assert main(["merge", str(merged), str(before), str(after), "--bundle", str(bundle)]) == 0
+    fingerprint = Bundle.open(bundle).fingerprint
+    got, want = (load_learner_state(path, fingerprint) for path in (merged, joint))
+    assert got.num_samples == want.num_samples == 9
+    assert got.learned_mask.tolist() == want.learned_mask.tolist()
+    np.testing.assert_allclose(got.gram, want.gram, atol=1e-9)
+    np.testing.assert_allclose(got.weights, want.weights, atol=1e-9)

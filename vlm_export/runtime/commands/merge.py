@@ -4,8 +4,9 @@ Primal (cholesky route) states add their statistics G and B and are solved once;
 their samples by block updates. Either way the result equals one device having learned all the
 data (spec/rail.md section 2). All states must share form and hyperparameters (same seed, d_h,
 ridge or gamma) and come from the same bundle: every state records its bundle's fingerprint, all
-must agree, and with --bundle they must also be that bundle's. OUT is written atomically and may
-not be one of the inputs.
+must agree, and with --bundle they must also be that bundle's, or be of its image engine with
+other classes (before or after ``vlm-edge classes``): those follow its classes by name. OUT is
+written atomically and may not be one of the inputs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 
 from vlm_export.core.atomic import check_can_create
 from vlm_export.core.errors import StateError, UserError
+from vlm_export.core.labels import labels_meta
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import BUNDLE, OUT, READ, add_verify_arguments, status, verify_mode
 from vlm_export.runtime.commands._rail import same_file
@@ -40,7 +42,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "states", type=READ, nargs="+", metavar="STATE", help="learner states to merge"
     )
     parser.add_argument(
-        "--bundle", type=BUNDLE, help="also check that every state comes from this bundle"
+        "--bundle",
+        type=BUNDLE,
+        help="the bundle the states are for: each must come from it, or from its image engine "
+        "with other classes (before or after `vlm-edge classes`: followed by class name)",
     )
     parser.add_argument(
         "--inference-state",
@@ -61,15 +66,39 @@ def _check_states(args: argparse.Namespace) -> None:
                 raise UserError(f"{state} is given twice (its samples would count twice)")
 
 
-def _fingerprint(args: argparse.Namespace) -> str:
-    """The bundle fingerprint every state must carry: --bundle's, else the first state's."""
-    if args.bundle:
-        return Bundle.open(args.bundle, verify=verify_mode(args)).fingerprint
-    header = state_header(args.states[0])
+def _first_fingerprint(path: str) -> str:
+    """The bundle fingerprint the first state records (without --bundle all must carry it)."""
+    header = state_header(path)
     if header is None or not isinstance(header.get("bundle"), str):
-        load_learner_state(args.states[0], None)  # says what is wrong with the file
-        raise StateError(f"{args.states[0]} records no bundle fingerprint")
+        load_learner_state(path, None)  # says what is wrong with the file
+        raise StateError(f"{path} records no bundle fingerprint")
     return header["bundle"]
+
+
+def _check_origins(args: argparse.Namespace, fingerprint: str, bundle: Bundle | None) -> None:
+    """Refuse, from the headers alone, a state of another bundle (with --bundle: of another image
+    engine, or one that does not record its labels)."""
+    reference = f"bundle {args.bundle}" if bundle else args.states[0]
+    for path in args.states:
+        header = state_header(path) or {}
+        found = header.get("bundle", fingerprint)
+        if found == fingerprint:
+            continue
+        engine = header.get("engine")
+        if bundle is not None and engine == bundle.engine_fingerprint and "labels" in header:
+            continue  # the same engine with other classes: it follows the bundle's by name
+        hint = ""
+        if bundle is None and engine is not None and engine == _engine_of(args.states[0]):
+            hint = "; its image engine is the same: give --bundle BUNDLE to merge by class name"
+        raise StateError(
+            f"{path} was made with another bundle (fingerprint {found}) than {reference} "
+            f"({fingerprint}){hint}"
+        )
+
+
+def _engine_of(path: str) -> str | None:
+    engine = (state_header(path) or {}).get("engine")
+    return engine if isinstance(engine, str) else None
 
 
 def _check_memory(path: str) -> None:
@@ -85,20 +114,19 @@ def handle(args: argparse.Namespace) -> int:
     _check_states(args)
     for path in filter(None, (args.out, args.inference_state)):
         check_can_create(path)
-    fingerprint = _fingerprint(args)
-    reference = f"bundle {args.bundle}" if args.bundle else args.states[0]
-    for path in args.states:  # headers only: refuse another bundle before loading anything
-        found = (state_header(path) or {}).get("bundle", fingerprint)
-        if found != fingerprint:
-            raise StateError(
-                f"{path} was made with another bundle (fingerprint {found}) than {reference} "
-                f"({fingerprint})"
-            )
+    bundle = Bundle.open(args.bundle, verify=verify_mode(args)) if args.bundle else None
+    fingerprint = bundle.fingerprint if bundle else _first_fingerprint(args.states[0])
+    _check_origins(args, fingerprint, bundle)  # headers only: before loading anything
     _check_memory(args.states[0])
     # one d_h x d_h matrix in memory: the first state's; the others' are added from their files
-    merged = merge_learner_files(args.states, fingerprint)
-    first = state_header(args.states[0]) or {}
-    follow = {key: first[key] for key in ("engine", "labels") if key in first}  # same bundle
+    if bundle is not None:
+        engine, labels = bundle.engine_fingerprint, bundle.labels
+        merged = merge_learner_files(args.states, fingerprint, engine, labels)
+        follow = labels_meta(engine, labels)
+    else:
+        merged = merge_learner_files(args.states, fingerprint)
+        first = state_header(args.states[0]) or {}
+        follow = {key: first[key] for key in ("engine", "labels") if key in first}  # same bundle
     save_learner_state(args.out, merged, fingerprint, follow)
     status(f"merged {len(args.states)} learner states into {args.out}: {describe(merged)}")
     if args.inference_state:

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from vlm_export.core.errors import StateError
-from vlm_export.core.state_file import StoredArray, load_state, save_state, shape_text
+from vlm_export.core.labels import Label, saved_labels
+from vlm_export.core.state_file import StoredArray, load_state, read_meta, save_state, shape_text
 from vlm_export.runtime.rail.dual import DualAdapter, DualPredictor
 from vlm_export.runtime.rail.inputs import RailError
 from vlm_export.runtime.rail.linalg import (
@@ -33,6 +34,7 @@ from vlm_export.runtime.rail.linalg import (
     symmetric_problem,
 )
 from vlm_export.runtime.rail.primal import ROUTES, PrimalAdapter, PrimalPredictor
+from vlm_export.runtime.rail.relabel import follow_learner_labels
 
 LEARNER_KIND = "rail-learner"
 INFERENCE_KIND = "rail-inference"
@@ -421,17 +423,38 @@ def _finite_blocks(gram: StoredArray) -> Iterator[tuple[int, np.ndarray]]:
         yield start, block
 
 
-def merge_learner_files(paths: Sequence[str | Path], bundle_fingerprint: str) -> Learner:
+def _following(
+    learner: Learner, path: str | Path, meta: dict[str, Any], labels: Sequence[Label] | None
+) -> Learner:
+    """``learner`` over ``labels`` by class name when its state recorded other labels."""
+    saved = saved_labels(meta, path) if labels is not None else None
+    if saved is None or saved == list(labels):
+        return learner
+    return follow_learner_labels(learner, saved, list(labels), str(path))
+
+
+def merge_learner_files(
+    paths: Sequence[str | Path],
+    bundle_fingerprint: str,
+    engine_fingerprint: str | None = None,
+    labels: Sequence[Label] | None = None,
+) -> Learner:
     """The joint learner of several learner state files, holding one d x d matrix at a time.
 
     Primal: the first state becomes the result; every other state's G is added block by block
     straight from its file, never loaded whole (its W, not needed, is not loaded at all).
-    Dual: ``merge_learner_states`` over the files.
+    Dual: ``merge_learner_states`` over the files. With ``engine_fingerprint`` and ``labels``
+    (a bundle's), states of the same image engine made with other classes are taken too, each
+    following the bundle's classes by name first.
     """
-    first = load_learner_state(paths[0], bundle_fingerprint)
+
+    def load(path: str | Path) -> Learner:
+        learner = load_learner_state(path, bundle_fingerprint, engine_fingerprint)
+        return _following(learner, path, read_meta(path), labels)
+
+    first = load(paths[0])
     if not isinstance(first, PrimalAdapter):
-        rest = (load_learner_state(path, bundle_fingerprint) for path in paths[1:])
-        return merge_learner_states(itertools.chain([first], rest))
+        return merge_learner_states(itertools.chain([first], map(load, paths[1:])))
     _check_mergeable(first, 0)
     reference = PrimalAdapter(  # the hyperparameters of state 0, without its matrix
         first.in_dim,
@@ -450,6 +473,7 @@ def merge_learner_files(paths: Sequence[str | Path], bundle_fingerprint: str) ->
                 LEARNER_KIND,
                 SCHEMA_VERSION,
                 bundle_fingerprint,
+                engine_fingerprint=engine_fingerprint,
                 defer=("gram", *COLUMN_ARRAYS),
                 allowed=STATE_ARRAYS,
             ),
@@ -459,6 +483,7 @@ def merge_learner_files(paths: Sequence[str | Path], bundle_fingerprint: str) ->
         in_dim, classes = reader.field("in_dim", int), reader.field("num_classes", int)
         state = _load_primal_learner(reader, in_dim, classes, matrix=False)
         state.learned_mask = reader.array("learned_mask", (classes,), bool)
+        state = _following(state, path, reader.meta, labels)
         _check_mergeable(state, index)
         _require_same(reference, state, index, ("in_dim", "hidden_dim", "num_classes"))
         dim = state.feature_dim
