@@ -292,3 +292,61 @@ def test_serve_budget_options_are_checked_before_any_work(bundles, images, tmp_p
     single = ServeSettings(bundle=str(bundles[1][1]), sources=[("a", folder)], target_ms=50)
     with pytest.raises(UserError, match="needs a ladder bundle"):
         Service.open(single)
+
+
+GOOD_ROWS = [
+    {"backend": "onnxruntime", "precision": "fp32", "rung": i, "p90_ms": 10.0 - i, "drop_rate": r}
+    for i, r in enumerate(RATES)
+]
+HOSTILE_RECORDS = {
+    "rung a string": {"ladder": [{**GOOD_ROWS[0], "rung": "x"}, *GOOD_ROWS[1:]]},
+    "rung null": {"ladder": [{**GOOD_ROWS[0], "rung": None}, *GOOD_ROWS[1:]]},
+    "rung a list": {"ladder": [{**GOOD_ROWS[0], "rung": [1]}, *GOOD_ROWS[1:]]},
+    "rung missing": {"ladder": [{k: v for k, v in GOOD_ROWS[0].items() if k != "rung"}]},
+    "rung twice": {"ladder": [GOOD_ROWS[0], GOOD_ROWS[0], GOOD_ROWS[2]]},
+    "rung 1.5": {"ladder": [GOOD_ROWS[0], {**GOOD_ROWS[1], "rung": 1.5}, GOOD_ROWS[2]]},
+    "p90 beyond float": {"ladder": [{**GOOD_ROWS[0], "p90_ms": 10**400}, *GOOD_ROWS[1:]]},
+    "p90 negative": {"ladder": [{**GOOD_ROWS[0], "p90_ms": -1}, *GOOD_ROWS[1:]]},
+    "ladder a number": {"ladder": 5},
+    "backend missing": {
+        "ladder": [{k: v for k, v in r.items() if k != "backend"} for r in GOOD_ROWS]
+    },
+    "results a number": {"results": 5},
+    "median a string": {
+        "results": [
+            {"backend": "onnxruntime", "precision": "fp32", "passed": True, "median_ms": "x"}
+        ]
+    },  # fmt: skip
+    "median beyond float": {
+        "results": [
+            {"backend": "onnxruntime", "precision": "fp32", "passed": True, "median_ms": 10**400}
+        ]
+    },  # fmt: skip
+    "result without backend": {
+        "results": [{"precision": "fp32", "passed": True, "median_ms": 3.0}]
+    },  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_RECORDS))
+def test_a_bench_record_that_cannot_be_meant_is_never_a_traceback(
+    bundles, images, tmp_path, capsys, case
+):
+    """info, --target-ms and --backend auto read only the rows a record can mean; a ladder whose
+    rows do not name each rung once asks for bench again."""
+    from vlm_export.runtime.engines.checks.bench_record import RECORD_FORMAT, record_path
+
+    bundle = Path(shutil.copytree(bundles[0], tmp_path / "bundle"))
+    opened = Bundle.open(bundle)
+    record = {"format": RECORD_FORMAT, "engine": opened.engine_fingerprint, **HOSTILE_RECORDS[case]}
+    record_path(bundle).write_text(json.dumps(record))
+    source = str(images[0].parent)
+    for argv in (
+        ["info", str(bundle)],
+        ["run", str(bundle), source, "--target-ms", "1e6", "--quiet"],
+        ["run", str(bundle), source, "--backend", "auto", "--quiet"],
+    ):
+        code, _, err = _run(argv, capsys)
+        assert "Traceback" not in err and code in (0, 1), (argv, err)
+        if "--target-ms" in argv:  # no case leaves a timing for each rung
+            assert code == 1 and "run `vlm-edge bench BUNDLE` first" in err, (case, err)

@@ -44,3 +44,14 @@ def test_a_refused_output_deep_in_folders_names_its_file(tmp_path: Path, capsys)
     assert "Traceback" not in err[0]
     assert err[0].count("/frame-000123.png") == 2  # the output and the source it would replace
     assert err[0].startswith(f"vlm-edge: error: --save-annotated {str(tmp_path)[:20]}")
+
+
+def test_a_long_file_name_is_kept_whole_and_a_name_too_long_keeps_its_suffix() -> None:
+    name = "edge_serving_configuration_for_the_north_entrance_camera_" * 2 + "v2.toml"
+    assert 104 < len(name) < SHOWN_PATH_CHARS - 30
+    text = shown_path("/srv/configs/site_a/building_7/floor_2/" + name)
+    assert len(text) == SHOWN_PATH_CHARS and text.endswith("/" + name)
+    assert text.startswith("/srv/configs/site_a/")
+    huge = "/srv/" + "n" * 500 + ".toml"
+    text = shown_path(huge)
+    assert len(text) == SHOWN_PATH_CHARS and text.startswith("/srv/") and text.endswith("n.toml")

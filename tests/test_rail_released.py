@@ -111,5 +111,62 @@ def test_a_learner_interrupted_while_solving_refuses_to_be_used(monkeypatch) -> 
         lambda: learner.accumulate(np.zeros((1, 8)), np.zeros(1, int)),
         learner.to_inference,
     ):
-        with pytest.raises(RailError, match="interrupted .Ctrl-C. while its ridge system"):
+        with pytest.raises(RailError, match=r"interrupted \(Ctrl-C\) while it learned or solved"):
             use()
+
+
+@pytest.mark.parametrize("where", ["potrf_lower", "potrs_lower"])
+def test_a_ctrl_c_anywhere_in_a_solve_leaves_the_learner_refusing_use(monkeypatch, where) -> None:
+    """Not only while LAPACK runs: a KeyboardInterrupt just before it starts or after it ended
+    (while G is rebuilt) stops a change half-way just the same."""
+    learner = PrimalAdapter(8, 3, hidden_dim=16, ridge=0.5)
+    rng = np.random.default_rng(3)
+    learner.accumulate(rng.standard_normal((40, 8)), rng.integers(0, 3, 40))
+
+    def ctrl_c(*args: np.ndarray) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(released, where, ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        learner.finalize()
+    monkeypatch.undo()
+    with pytest.raises(RailError, match="load its state file again"):
+        learner.predict(np.zeros((1, 8)))
+
+
+def test_a_ctrl_c_during_an_update_leaves_the_learner_refusing_use(monkeypatch) -> None:
+    from vlm_export.runtime.rail import primal
+
+    learner = PrimalAdapter(8, 3, hidden_dim=16, ridge=0.5)
+    rng = np.random.default_rng(4)
+    learner.accumulate(rng.standard_normal((10, 8)), rng.integers(0, 3, 10))
+
+    def ctrl_c(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(primal, "rank_update", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        learner.accumulate(rng.standard_normal((10, 8)), rng.integers(0, 3, 10))
+    monkeypatch.undo()
+    with pytest.raises(RailError, match="load its state file again"):
+        learner.accumulate(rng.standard_normal((10, 8)), rng.integers(0, 3, 10))
+
+
+def test_factored_rebuilds_the_matrix_after_a_ctrl_c_that_came_before_lapack(monkeypatch):
+    from vlm_export.runtime.rail import linalg
+
+    matrix = np.ascontiguousarray(_spd(30, 5))
+    original = matrix.copy()
+
+    def ctrl_c(view: np.ndarray) -> int:
+        raise KeyboardInterrupt  # plain: LAPACK never ran
+
+    monkeypatch.setattr(released, "potrf_lower", ctrl_c)
+    with pytest.raises(KeyboardInterrupt), linalg.factored(matrix, 0.1, "G"):
+        pass
+    np.testing.assert_array_equal(matrix, original)
+
+
+def test_empty_systems_need_no_lapack() -> None:
+    assert released.potrf_lower(np.zeros((0, 0), order="F")) == 0
+    assert released.potrs_lower(_spd(3), np.zeros((3, 0), order="F")) == 0

@@ -27,13 +27,20 @@ def shown(text: object, limit: int = SHOWN_CHARS) -> str:
 SHOWN_PATH_CHARS = 160
 
 
+#: characters of a long path's start a message keeps (where the path is)
+SHOWN_PATH_HEAD = 20
+
+
 def shown_path(path: object, limit: int = SHOWN_PATH_CHARS) -> str:
     """``path`` for a message: whole up to ``limit`` characters, else its start and its end
-    around "..." (the file name is what tells a user which file; it is never the part cut)."""
+    around "...". The end keeps the whole file name (what tells a user which file) and the
+    folders before it as room allows; a name too long for that keeps its own end (its suffix).
+    """
     text = str(path)
     if len(text) <= limit:
         return text
-    tail = (limit - 3) * 2 // 3
+    name = len(text) - max(text.rfind("/"), text.rfind("\\"))  # the name and its separator
+    tail = min(max((limit - 3) * 2 // 3, name), limit - 3 - SHOWN_PATH_HEAD)
     return text[: limit - 3 - tail] + "..." + text[-tail:]
 
 

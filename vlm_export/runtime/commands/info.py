@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vlm_export.core.errors import BundleError
+from vlm_export.core.errors import BundleError, shown
 from vlm_export.core.json_text import dumps
 from vlm_export.core.manifest import (
     ncnn_engines,
@@ -16,11 +16,12 @@ from vlm_export.core.manifest import (
 )
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import BUNDLE, add_verify_arguments, format_bytes, verify_mode
-from vlm_export.runtime.engines.checks.bench_record import read_record
+from vlm_export.runtime.engines.checks.bench_record import ladder_rows, read_record
 from vlm_export.runtime.engines.checks.reference import describe_check
 from vlm_export.runtime.engines.ladder.ladder import ladder_rungs
 from vlm_export.runtime.engines.select import IMAGE_ROLE, engines_of_role
 from vlm_export.runtime.tca.stage import check_reservoir_fits
+from vlm_export.runtime.terminal import printable
 
 LABEL_WIDTH = 12
 
@@ -181,12 +182,11 @@ def _engines(manifest: dict[str, Any]) -> list[str]:
 
 def _measured(bundle: Bundle) -> dict[int, list[str]]:
     """Per rung, what ``vlm-edge bench`` measured on this device: "onnxruntime fp32 p90 8.1 ms"."""
-    record = read_record(bundle) or {}
     measured: dict[int, list[str]] = {}
-    for row in record.get("ladder") or []:
-        if isinstance(row, dict) and isinstance(row.get("p90_ms"), int | float):
-            text = f"{row.get('backend')} {row.get('precision')} p90 {row['p90_ms']:.1f} ms"
-            measured.setdefault(int(row.get("rung", -1)), []).append(text)
+    for row in ladder_rows(read_record(bundle) or {}):
+        engine = shown(printable(f"{row['backend']} {row['precision']}"))
+        text = f"{engine} p90 {row['p90_ms']:.1f} ms"
+        measured.setdefault(row["rung"], []).append(text)
     return measured
 
 

@@ -122,16 +122,19 @@ def factored(matrix: np.ndarray, shift: float, what: str) -> Iterator[np.ndarray
         raise RailError(f"{what} has non-finite entries (NaN or inf on its diagonal)")
     mirror(matrix, from_upper=True)
     view = _square(matrix)
-    factoring = True
+    abandoned = False
     try:
         matrix.flat[:: matrix.shape[0] + 1] += shift
-        info = released.potrf_lower(view)
-        factoring = False
+        try:
+            info = released.potrf_lower(view)
+        except released.Interrupted:
+            abandoned = True  # LAPACK factors on, writing the matrix: it cannot be rebuilt
+            raise
         if info != 0:
             raise RailError(f"{what} is not positive definite (degenerate, huge or corrupt)")
         yield view
     finally:
-        if not factoring:  # interrupted while LAPACK factors: it is still writing the matrix
+        if not abandoned:
             mirror(matrix, from_upper=False)
             matrix.flat[:: matrix.shape[0] + 1] = diagonal
 

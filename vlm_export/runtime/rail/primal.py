@@ -9,11 +9,12 @@ when asked; "woodbury" keeps R = (G + lambda I)^-1 and W current after every bat
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import numpy as np
 
-from vlm_export.runtime.rail import released
 from vlm_export.runtime.rail.inputs import (
     RailError,
     as_features,
@@ -33,6 +34,8 @@ from vlm_export.runtime.rail.linalg import (
     solve_upper,
     symmetric_product,
 )
+
+T = TypeVar("T")
 
 HIDDEN_DIM = 15000
 RIDGE = 0.1
@@ -88,6 +91,23 @@ def add_to_columns(array: np.ndarray, columns: np.ndarray, rows: np.ndarray) -> 
         return
     for row, column in zip(rows, columns, strict=True):
         array[:, column] += row
+
+
+def _changing(method: Callable[..., T]) -> Callable[..., T]:
+    """A method that changes a learner's arrays: refused once a change was interrupted, and a
+    Ctrl-C inside it (an update stopped half-way, LAPACK still writing G or W on its thread)
+    leaves the learner refusing every use."""
+
+    @functools.wraps(method)
+    def changing(self: PrimalAdapter, *args: Any, **kwargs: Any) -> T:
+        self._check_whole()
+        try:
+            return method(self, *args, **kwargs)
+        except KeyboardInterrupt:
+            self._interrupted = True
+            raise
+
+    return changing
 
 
 class PrimalAdapter:
@@ -151,17 +171,17 @@ class PrimalAdapter:
         )
         self._matrix: np.ndarray | None = None  # G or R; upper triangle current
         self._mirrored = True  # the lower triangle equals the upper
-        self._interrupted = False  # a Ctrl-C left LAPACK writing G or W (see ``released``)
+        self._interrupted = False  # a Ctrl-C stopped a change half-way (see ``_changing``)
         if matrix:
             self._matrix = np.zeros((dim, dim))
             if route == "woodbury":  # R = I / lambda, without a second d x d array (np.eye)
                 np.fill_diagonal(self._matrix, 1.0 / self.ridge)
 
     def _check_whole(self) -> None:
-        """RailError once a Ctrl-C stopped ``finalize`` (G and W are not whole any more)."""
+        """RailError once a Ctrl-C stopped a change (G, B or W are not whole any more)."""
         if self._interrupted:
             raise RailError(
-                "this learner was interrupted (Ctrl-C) while its ridge system was solved: its "
+                "this learner was interrupted (Ctrl-C) while it learned or solved: its "
                 "statistics are not whole; load its state file again"
             )
 
@@ -235,12 +255,12 @@ class PrimalAdapter:
             raise RailError("accumulate needs the cholesky route (statistics G and B)")
         self._learn(features, labels, first_solve=False)
 
+    @_changing
     def accumulate_unlabelled(self, features: np.ndarray) -> None:
         """Add samples whose targets are 0 on every class (taught ``unknown`` examples) to G
         (cholesky route; W is solved by ``finalize``). The learner is unchanged on RailError."""
         if self.route != "cholesky":
             raise RailError("samples without a class need the cholesky route (statistics G, B)")
-        self._check_whole()
         x = as_features(features, self.in_dim)
         if not len(x):
             return
@@ -255,6 +275,7 @@ class PrimalAdapter:
         self.num_samples += len(x)
         self.solved = False
 
+    @_changing
     def add_statistics(
         self,
         gram_blocks: Iterable[tuple[int, np.ndarray]],
@@ -275,8 +296,8 @@ class PrimalAdapter:
         self.num_samples += int(num_samples)
         self.solved = False
 
+    @_changing
     def _learn(self, features: np.ndarray, labels: np.ndarray, first_solve: bool) -> None:
-        self._check_whole()
         x = as_features(features, self.in_dim)
         y = as_labels(labels, x.shape[0], self.num_classes)
         if not len(y):
@@ -378,6 +399,7 @@ class PrimalAdapter:
         self._mirrored = False
         add_to_columns(self.weights, columns, step)
 
+    @_changing
     def finalize(self) -> None:
         """Solve W = (G + lambda I)^-1 B by Cholesky if G or B changed (woodbury: nothing to do).
 
@@ -390,14 +412,9 @@ class PrimalAdapter:
         """
         if self.solved:
             return
-        self._check_whole()
         columns = np.flatnonzero(self.cross.any(axis=0))
         if len(columns):
-            try:
-                self._solve_into_weights(columns)
-            except released.Interrupted:
-                self._interrupted = True  # LAPACK runs on, writing G or W: neither may be used
-                raise
+            self._solve_into_weights(columns)
         self._unpack(columns)
         self.solved = True
 

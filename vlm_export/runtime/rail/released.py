@@ -53,6 +53,7 @@ def _run(call: Callable[[], None], *arrays: np.ndarray) -> None:
         return
     failure: list[BaseException] = []
     held = list(arrays)  # freed by the worker only when LAPACK is done with them
+    done = threading.Event()
 
     def work() -> None:
         try:
@@ -61,13 +62,16 @@ def _run(call: Callable[[], None], *arrays: np.ndarray) -> None:
             failure.append(exc)
         finally:
             held.clear()
+            done.set()
 
     worker = threading.Thread(target=work, name="lapack", daemon=True)
     try:
         worker.start()  # waits for the thread to start: a Ctrl-C may come in here too
-        while worker.is_alive():
-            worker.join(POLL_S)
+        while not done.wait(POLL_S):
+            pass
     except KeyboardInterrupt:
+        if done.is_set():  # LAPACK had finished: nothing writes the arrays any more
+            raise
         raise Interrupted from None
     if failure:
         raise failure[0]
@@ -85,6 +89,8 @@ def potrf_lower(matrix: np.ndarray) -> int:
     """Cholesky factor of ``matrix`` (Fortran float64, lower triangle read) written over its lower
     triangle, in place; returns LAPACK's info (0: done; > 0: not positive definite)."""
     n, info = ctypes.c_int(_fortran_square(matrix)), ctypes.c_int(0)
+    if not n.value:
+        return 0  # nothing to factor (and LAPACK wants a leading dimension of at least 1)
     potrf = _routine("dpotrf", ctypes.c_char_p, _INT, ctypes.c_void_p, _INT, _INT)
     address = matrix.ctypes.data
     _run(lambda: potrf(b"L", ctypes.byref(n), address, ctypes.byref(n), ctypes.byref(info)), matrix)
@@ -98,6 +104,8 @@ def potrs_lower(factor: np.ndarray, rhs: np.ndarray) -> int:
     if rhs.dtype != np.float64 or not rhs.flags.f_contiguous or rhs.shape[0] != size:
         raise ValueError("expected a Fortran-contiguous float64 right-hand side of matching rows")
     n, columns, info = ctypes.c_int(size), ctypes.c_int(rhs.shape[1]), ctypes.c_int(0)
+    if not (n.value and columns.value):
+        return 0
     potrs = _routine(
         "dpotrs", ctypes.c_char_p, _INT, _INT, ctypes.c_void_p, _INT, ctypes.c_void_p, _INT, _INT
     )

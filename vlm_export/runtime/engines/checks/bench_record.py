@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 from dataclasses import dataclass
@@ -111,42 +112,78 @@ def read_record(bundle: Bundle) -> dict[str, Any] | None:
     return record if times_this_engine(record, bundle) else None
 
 
-def best_recorded(bundle: Bundle) -> RecordedChoice | None:
-    """The fastest result that passed parity, from this device's record of the bundle's engine."""
-    record = read_record(bundle)
-    if record is None:
+def _finite(value: object) -> float | None:
+    """A finite number >= 0 from a record (JSON may hold anything there), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    path = record_path(bundle.path)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer literal beyond float
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def _named(row: dict[str, Any]) -> bool:
+    return isinstance(row.get("backend"), str) and isinstance(row.get("precision"), str)
+
+
+def best_recorded(bundle: Bundle) -> RecordedChoice | None:
+    """The fastest result that passed parity, from this device's record of the bundle's engine.
+
+    Rows a record cannot mean (no backend, a median that is not a positive finite number) are
+    left out, as are records whose results are not a list."""
+    record = read_record(bundle)
+    results = record.get("results") if record is not None else None
+    if not isinstance(results, list):
+        return None
     passed = [
-        row
-        for row in record.get("results") or []
-        if isinstance(row, dict) and row.get("passed") and row.get("median_ms")
+        (median, row)
+        for row in results
+        if isinstance(row, dict) and row.get("passed") is True and _named(row)
+        for median in [_finite(row.get("median_ms"))]
+        if median
     ]
     if not passed:
         return None
-    best = min(passed, key=lambda row: row["median_ms"])
+    median, best = min(passed, key=lambda pair: pair[0])
     reference = next(
-        (row for row in passed if (row["backend"], row["precision"]) == ("onnxruntime", "fp32")),
+        (m for m, row in passed if (row["backend"], row["precision"]) == ("onnxruntime", "fp32")),
         None,
     )
-    versus = f", onnxruntime fp32 {reference['median_ms']:.1f} ms" if reference else ""
-    reason = f"fastest that passed parity in {path.name}: {best['median_ms']:.1f} ms median{versus}"
-    return RecordedChoice(str(best["backend"]), str(best["precision"]), reason)
+    versus = f", onnxruntime fp32 {reference:.1f} ms" if reference else ""
+    name = record_path(bundle.path).name
+    reason = f"fastest that passed parity in {name}: {median:.1f} ms median{versus}"
+    return RecordedChoice(best["backend"], best["precision"], reason)
+
+
+def ladder_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rung timings of a bench record that can be used: a rung number, a backend, a
+    precision and a finite ``p90_ms`` (as a float); anything else in ``ladder`` is left out."""
+    rows = record.get("ladder")
+    if not isinstance(rows, list):
+        return []
+    usable = []
+    for row in rows:
+        if not isinstance(row, dict) or not _named(row):
+            continue
+        rung, p90 = row.get("rung"), _finite(row.get("p90_ms"))
+        if type(rung) is int and rung >= 0 and p90 is not None:
+            usable.append({**row, "p90_ms": p90})
+    return usable
 
 
 def recorded_rungs(
     bundle: Bundle, backend: str, precision: str = "fp32"
 ) -> list[dict[str, Any]] | None:
-    """This device's recorded rung timings of a ladder bundle for one backend, rung order; None
-    when ``vlm-edge bench`` recorded none (no record, another engine, or no such backend)."""
+    """This device's recorded rung timings of a ladder bundle for one backend, in rung order
+    (rungs 0, 1, ... each once); None when ``vlm-edge bench`` recorded none (no record, another
+    engine, no such backend, or rows that do not name each rung once)."""
     record = read_record(bundle)
     if record is None:
         return None
-    rows = [
-        row
-        for row in record.get("ladder") or []
-        if isinstance(row, dict)
-        and (row.get("backend"), row.get("precision")) == (backend, precision)
-        and isinstance(row.get("p90_ms"), int | float)
-    ]
-    return sorted(rows, key=lambda row: row["rung"]) or None
+    engine = (backend, precision)
+    rows = [row for row in ladder_rows(record) if (row["backend"], row["precision"]) == engine]
+    rows.sort(key=lambda row: row["rung"])
+    if [row["rung"] for row in rows] != list(range(len(rows))):
+        return None
+    return rows or None
