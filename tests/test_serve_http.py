@@ -668,3 +668,45 @@ def test_configured_cors_origin(service) -> None:
             f"{base}/v1/classify", files=files, headers={"Origin": "http://evil.example"}
         )
         _error(other, 403)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/healthz", "/metrics", "/v1/sources", "/v1/classes", "/", "/v1/sources/front/frame.jpg"],
+)
+def test_head_answers_as_get_without_the_body(url, path) -> None:
+    """Uptime checkers and `curl -I` ask HEAD: the GET reply's status and type, no body."""
+    got = httpx.get(f"{url}{path}")
+    head = httpx.head(f"{url}{path}")
+    assert head.status_code == got.status_code == 200, (path, head.status_code)
+    assert head.headers["content-type"] == got.headers["content-type"]
+    assert head.content == b""
+
+
+def test_head_of_a_live_stream_ends_at_its_head_and_streams_nothing(url, monkeypatch) -> None:
+    """Its head at once, and nothing goes on producing frames for it afterwards (the server runs
+    in this process: the stream's frame waits are counted); the connection stays usable."""
+    import time
+
+    from vlm_export.runtime.serve.http.routes import stream
+
+    waits = []
+    original = stream.next_frame
+
+    async def counted(*args, **kwargs):
+        waits.append(time.monotonic())
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(stream, "next_frame", counted)
+    with httpx.Client(timeout=10) as client:  # one keep-alive connection for all of them
+        for _ in range(5):
+            head = client.head(f"{url}/v1/sources/yard/stream.mjpg")
+            assert head.status_code == 200 and head.content == b""
+            assert head.headers["content-type"].startswith("multipart/x-mixed-replace")
+        assert client.get(f"{url}/healthz").status_code == 200  # the connection goes on
+    done = len(waits)
+    time.sleep(3 * stream.WAIT_S)  # a stream left running waits for a frame every WAIT_S
+    assert len(waits) == done, f"{len(waits) - done} frame waits after the HEAD requests"
+    monkeypatch.undo()
+    assert len(_parts(url, "/v1/sources/yard/stream.mjpg", 2)) == 2
+    assert httpx.head(f"{url}/v1/sources/nowhere/stream.mjpg").status_code == 404

@@ -2,7 +2,8 @@
 
 One factory receives its collaborators (the running Service and the settings) and keeps them on
 ``app.state``; one APIRouter per concern lives in ``routes/``. In front of the routes, from the
-outside in: the error guard (JSON 500, one log line), CORS (only when origins are configured),
+outside in: the error guard (JSON 500, one log line), HEAD answered as GET without the body,
+CORS (only when origins are configured),
 the body limits (bytes and time), cross-site writes refused and the credential check (when a
 token is set).
 
@@ -20,6 +21,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from vlm_export.runtime.serve.http.auth import PUBLIC_PATHS, Auth, Sessions
 from vlm_export.runtime.serve.http.guards import BodyLimit, CrossSiteWrites, ErrorGuard
+from vlm_export.runtime.serve.http.head import HeadAsGet
 from vlm_export.runtime.serve.http.replies import install_error_handlers
 from vlm_export.runtime.serve.http.routes import (
     classes,
@@ -76,6 +78,7 @@ def create_app(service: Service, settings: ServeSettings) -> FastAPI:
             allow_headers=["Authorization", "Content-Type"],
             expose_headers=["X-Frame-Seq", "X-Frame-Class", "X-Frame-Score", "X-Frame-Time"],
         )
+    app.add_middleware(HeadAsGet)
     app.add_middleware(ErrorGuard)
     if app.state.sessions is not None:
         document_bearer(app)
