@@ -350,3 +350,32 @@ def test_a_bench_record_that_cannot_be_meant_is_never_a_traceback(
         assert "Traceback" not in err and code in (0, 1), (argv, err)
         if "--target-ms" in argv:  # no case leaves a timing for each rung
             assert code == 1 and "run `vlm-edge bench BUNDLE` first" in err, (case, err)
+
+
+def test_auto_skips_a_recorded_engine_this_tool_cannot_name(bundles, images, tmp_path, capsys):
+    """A faster row with a backend or precision no engine has (or control characters in it) is
+    not the choice: the fastest row this tool can open is."""
+    from vlm_export.runtime.engines.checks.bench_record import RECORD_FORMAT, record_path
+
+    bundle = Path(shutil.copytree(bundles[1][0], tmp_path / "single"))
+    rows = [
+        {"backend": "onnxruntime", "precision": "fp32", "passed": True, "median_ms": 9.0},
+        {"backend": "bogus", "precision": "fp32", "passed": True, "median_ms": 1.0},
+        {"backend": "onnxruntime", "precision": "fp99", "passed": True, "median_ms": 1.0},
+        {
+            "backend": "open\x1b[2Jvino\nforged",
+            "precision": "fp32",
+            "passed": True,
+            "median_ms": 1.0,
+        },
+    ]
+    record = {
+        "format": RECORD_FORMAT,
+        "engine": Bundle.open(bundle).engine_fingerprint,
+        "results": rows,
+    }
+    record_path(bundle).write_text(json.dumps(record))
+    argv = ["run", str(bundle), str(images[0].parent), "--backend", "auto", "--quiet"]
+    code, _, err = _run(argv, capsys)
+    assert code == 0 and "auto chose onnxruntime fp32: fastest that passed parity" in err, err
+    assert "\x1b" not in err and "cannot be opened now" not in err

@@ -661,6 +661,16 @@ def test_configured_cors_origin(service) -> None:
             headers={"Origin": allowed, "Access-Control-Request-Method": "PUT"},
         )
         assert preflight.headers["access-control-allow-origin"] == allowed
+        for method in ("GET", "HEAD"):  # with a credential a HEAD is preflighted too
+            preflight = httpx.options(
+                f"{base}/v1/sources",
+                headers={
+                    "Origin": allowed,
+                    "Access-Control-Request-Method": method,
+                    "Access-Control-Request-Headers": "authorization",
+                },
+            )
+            assert preflight.status_code == 200, (method, preflight.text)
         files = {"image": ("a.jpg", image_bytes(), "image/jpeg")}
         ok = httpx.post(f"{base}/v1/classify", files=files, headers={"Origin": allowed})
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == allowed

@@ -131,7 +131,7 @@ def _open_onnxruntime_int8(
 
 def _open_recorded(bundle: Bundle, threads: int | None) -> EngineBackend | None:
     """``auto`` with a bench record of this device: the fastest passing engine, with a note."""
-    choice = best_recorded(bundle)
+    choice = best_recorded(bundle, BACKENDS[1:], PRECISIONS)  # names this tool can open
     if choice is None:
         return None
     precision = None if choice.backend == "tensorrt" else choice.precision

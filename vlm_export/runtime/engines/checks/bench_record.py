@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,11 +128,16 @@ def _named(row: dict[str, Any]) -> bool:
     return isinstance(row.get("backend"), str) and isinstance(row.get("precision"), str)
 
 
-def best_recorded(bundle: Bundle) -> RecordedChoice | None:
+def best_recorded(
+    bundle: Bundle,
+    backends: Collection[str] | None = None,
+    precisions: Collection[str] | None = None,
+) -> RecordedChoice | None:
     """The fastest result that passed parity, from this device's record of the bundle's engine.
 
-    Rows a record cannot mean (no backend, a median that is not a positive finite number) are
-    left out, as are records whose results are not a list."""
+    Rows a record cannot mean (no backend, a median that is not a positive finite number, a
+    backend or precision not among ``backends`` / ``precisions`` when given) are left out, as
+    are records whose results are not a list."""
     record = read_record(bundle)
     results = record.get("results") if record is not None else None
     if not isinstance(results, list):
@@ -139,7 +145,11 @@ def best_recorded(bundle: Bundle) -> RecordedChoice | None:
     passed = [
         (median, row)
         for row in results
-        if isinstance(row, dict) and row.get("passed") is True and _named(row)
+        if isinstance(row, dict)
+        and row.get("passed") is True
+        and _named(row)
+        and (backends is None or row["backend"] in backends)
+        and (precisions is None or row["precision"] in precisions)
         for median in [_finite(row.get("median_ms"))]
         if median
     ]

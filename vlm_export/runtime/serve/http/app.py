@@ -74,7 +74,7 @@ def create_app(service: Service, settings: ServeSettings) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
             expose_headers=["X-Frame-Seq", "X-Frame-Class", "X-Frame-Score", "X-Frame-Time"],
         )
