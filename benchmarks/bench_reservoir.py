@@ -13,8 +13,12 @@ float32 matrix-vector product the correction makes at tau=0.1 (its floor: it rea
 float once), the same product over entry-minor storage (a [L*D, C*M] matrix), and the product
 from two-byte copies (float16, and int16 with one scale per entry) converted to float32 in
 blocks of 32 entries, the only way NumPy reaches BLAS from two-byte storage: what storing the
-stacks in half the bytes would cost per frame. Everything alternates frame by frame, so a busy
-machine slows it alike: compare ratios. Times are wall and CPU (this thread) milliseconds.
+stacks in half the bytes would cost per frame. Two more read one byte per value: ONNX Runtime's
+MatMulNBits (8-bit weights in blocks of 32 along the width, one scale each, the query quantized
+to int8 too), once with the weights fixed when the session is built (pre-packed: the floor of a
+one-byte reservoir that never changes) and once with the weights fed each run, as a reservoir
+that changes every frame would have to. Everything alternates frame by frame, so a busy machine
+slows it alike: compare ratios. Times are wall and CPU (this thread) milliseconds.
 
     python benchmarks/bench_reservoir.py [--frames 1000] [--threads 1]
 
@@ -85,6 +89,7 @@ def product_floors(
         "float32_entry_minor": lambda query: np.matmul(query, entry_minor, out=out),
         "float16_blocks": lambda query: from_blocks(half, query),
         "int16_blocks": lambda query: from_blocks(fixed, query) * scale,
+        **int8_block_products(units),
     }
     query = rng.normal(size=units.shape[1]).astype(np.float32)
     query /= np.linalg.norm(query)
@@ -93,6 +98,53 @@ def product_floors(
         name: float(np.abs(product(query) - exact).max()) for name, product in products.items()
     }
     return products, errors
+
+
+def int8_block_products(units: np.ndarray) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """ONNX Runtime MatMulNBits over 8-bit copies of ``units`` [N, K] (symmetric blocks of
+    ``BLOCK_ROWS`` values along K, one float32 scale each; the query quantized to int8 per block,
+    accuracy_level 4): weights constant in the session, and weights fed as inputs."""
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows, width = units.shape
+    blocks = units.reshape(rows, width // BLOCK_ROWS, BLOCK_ROWS)
+    scales = (np.abs(blocks).max(axis=2) / np.float32(127)).astype(np.float32)
+    codes = (np.round(blocks / scales[..., None]) + 128).astype(np.uint8)  # zero point 128
+    attributes = {"K": width, "N": rows, "bits": 8, "block_size": BLOCK_ROWS}
+
+    def session(weights_fed: bool) -> onnxruntime.InferenceSession:
+        node = helper.make_node(
+            "MatMulNBits", ["q", "B", "S"], ["a"], domain="com.microsoft",
+            accuracy_level=4, **attributes,
+        )  # fmt: skip
+        weights = [
+            numpy_helper.from_array(codes, "B"),
+            numpy_helper.from_array(scales.ravel(), "S"),
+        ]
+        inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, width])]
+        if weights_fed:
+            inputs += [
+                helper.make_tensor_value_info("B", TensorProto.UINT8, list(codes.shape)),
+                helper.make_tensor_value_info("S", TensorProto.FLOAT, [scales.size]),
+            ]
+            weights = []
+        output = helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, rows])
+        graph = helper.make_graph([node], "affinity", inputs, [output], weights)
+        opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1
+        model = helper.make_model(graph, opset_imports=opsets).SerializeToString()
+        return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+    fixed, fed = session(False), session(True)
+    fed_weights = {"B": codes, "S": scales.ravel()}
+    return {
+        "int8_blocks_fixed_onnxruntime": lambda query: fixed.run(None, {"q": query[None]})[0][0],
+        "int8_blocks_fed_onnxruntime": lambda query: fed.run(
+            None, {"q": query[None], **fed_weights}
+        )[0][0],
+    }
 
 
 def summary(values: list[float]) -> dict[str, float]:

@@ -3,16 +3,15 @@ label (the bundle's classes changed, ``vlm-edge classes``; its image engine did 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from vlm_export.core.errors import StateError
 from vlm_export.core.labels import Label, describe_change, label_sources
 from vlm_export.runtime.rail import dual, primal
 
-if TYPE_CHECKING:  # the state module loads states through this one
-    from vlm_export.runtime.rail.state import Learner, Predictor
+#: a RAIL learner and a RAIL predictor, either route (rail/state.py takes the names from here)
+Learner = primal.PrimalAdapter | dual.DualAdapter
+Predictor = primal.PrimalPredictor | dual.DualPredictor
 
 
 def follow_labels(

@@ -34,7 +34,7 @@ from vlm_export.runtime.rail.linalg import (
     symmetric_problem,
 )
 from vlm_export.runtime.rail.primal import ROUTES, PrimalAdapter, PrimalPredictor
-from vlm_export.runtime.rail.relabel import follow_learner_labels
+from vlm_export.runtime.rail.relabel import Learner, Predictor, follow_learner_labels
 
 LEARNER_KIND = "rail-learner"
 INFERENCE_KIND = "rail-inference"
@@ -47,9 +47,6 @@ STATE_ARRAYS = frozenset(
     ("weights", "learned_mask", "projection", "gram", "cross", "inverse", "features", "labels",
      "coef")
 )  # fmt: skip
-
-Learner = PrimalAdapter | DualAdapter
-Predictor = PrimalPredictor | DualPredictor
 
 
 def to_inference(learner: Learner) -> Predictor:
