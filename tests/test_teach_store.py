@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -247,3 +248,159 @@ def test_kill_9_loses_no_answered_add_or_delete(tmp_path):
     assert len(held - (set(added) - deleted)) <= 1 and len(tombstones - deleted) <= 1
     assert all(e.embedding.shape == (DIM,) for e in store.all())
     store.close()
+
+
+def test_a_database_deleted_while_open_is_written_again_at_the_next_change(tmp_path, caplog):
+    """``rm examples.sqlite*`` under a running service: the next change writes the open copy to
+    the same path (nothing answered is lost), and a reopen finds every example."""
+    path = tmp_path / "examples.sqlite"
+    store = ExampleStore.open(path, BUNDLE, DIM)
+    first, second = example("cat", seed=1), example("dog", seed=2)
+    assert store.add(first)
+    for name in ("examples.sqlite", "examples.sqlite-wal", "examples.sqlite-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    assert store.count() == 1  # reads go on from the open copy
+    with caplog.at_level("WARNING"):
+        assert store.add(second)
+    assert "deleted while the service ran: written again" in caplog.text
+    assert path.is_file() and not list(tmp_path.glob(".*restoring"))
+    assert sorted(store.ids()) == sorted([first.id, second.id])
+    store.delete(first.id)
+    store.close()
+    again = ExampleStore.open(path, BUNDLE, DIM)
+    assert again.ids() == [second.id] and again.deleted_ids() == {first.id}
+    np.testing.assert_array_equal(again.get(second.id).embedding, second.embedding)
+    again.close()
+
+
+def test_a_database_deleted_while_open_is_written_again_when_it_closes(tmp_path):
+    path = tmp_path / "examples.sqlite"
+    store = ExampleStore.open(path, BUNDLE, DIM)
+    kept = example("cat", seed=1)
+    store.add(kept)
+    path.unlink()
+    store.close()  # no change came: closing writes it again
+    again = ExampleStore.open(path, BUNDLE, DIM)
+    assert again.ids() == [kept.id]
+    again.close()
+
+
+@pytest.mark.parametrize("replacement", ["another database", "a folder"])
+def test_a_database_replaced_while_open_refuses_changes(tmp_path, replacement):
+    from vlm_export.runtime.teach.store import StoreUnavailable
+
+    path = tmp_path / "examples.sqlite"
+    store = ExampleStore.open(path, BUNDLE, DIM)
+    kept = example("cat", seed=1)
+    store.add(kept)
+    for name in ("examples.sqlite-wal", "examples.sqlite-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    if replacement == "a folder":
+        path.unlink()
+        path.mkdir()
+    else:
+        other = ExampleStore.open(tmp_path / "other.sqlite", BUNDLE, DIM)
+        other.close()
+        os.replace(tmp_path / "other.sqlite", path)
+    with pytest.raises(StoreUnavailable, match="was replaced while this service ran") as err:
+        store.add(example("dog", seed=2))
+    assert err.value.http_status == 503
+    with pytest.raises(StoreUnavailable):
+        store.delete(kept.id)
+    assert store.ids() == [kept.id]  # reads: the open copy
+    store.close()  # says so, replaces nothing
+    assert path.is_dir() == (replacement == "a folder")
+
+
+LOCKER = textwrap.dedent(
+    """
+    import sqlite3, sys
+    db = sqlite3.connect(sys.argv[1], isolation_level=None)
+    db.execute("BEGIN EXCLUSIVE")
+    print("locked", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+    db.execute("COMMIT")
+    """
+)
+
+
+def test_a_database_locked_by_another_process_refuses_a_change_and_keeps_reading(tmp_path):
+    """Another process holds the write lock: a change is refused (503, one line) after the busy
+    timeout, and reads answer meanwhile (they do not queue behind the waiting change)."""
+    from vlm_export.runtime.teach.store import StoreUnavailable
+
+    path = tmp_path / "examples.sqlite"
+    store = ExampleStore.open(path, BUNDLE, DIM)
+    store.add(example("cat", seed=1))
+    locker = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert locker.stdout.readline() == "locked\n"
+        outcome: list[BaseException] = []
+        waiting = threading.Event()
+
+        def change() -> None:
+            waiting.set()
+            try:
+                store.add(example("dog", seed=2))
+            except StoreUnavailable as exc:
+                outcome.append(exc)
+
+        writer = threading.Thread(target=change)
+        writer.start()
+        waiting.wait()
+        assert store.count() == 1 and store.counts() == {"cat": 1}
+        writer.join()
+        assert len(outcome) == 1 and "is locked by another process" in str(outcome[0])
+        assert outcome[0].http_status == 503
+    finally:
+        locker.stdin.close()
+        locker.wait()
+        locker.stdout.close()
+    assert store.add(example("dog", seed=2))  # the lock is gone: the change goes through
+    assert store.count() == 2
+    store.close()
+
+
+def test_the_outbox_holds_what_the_fleet_was_not_told():
+    store = ExampleStore.open(None, BUNDLE, DIM)
+    own, other, peer = example("cat", seed=1), example("dog", seed=2), example("cow", seed=3)
+    assert store.add(own, share=True) and store.add(other, share=True) and store.add(peer)
+    assert store.unshared() == [("add", own.id), ("add", other.id)]  # a peer's: not ours
+    store.shared(own.id, "add")
+    assert store.unshared() == [("add", other.id)]
+    assert store.delete(other.id, share=True).id == other.id  # its add goes, its delete waits
+    assert store.unshared() == [("delete", other.id)]
+    store.shared(other.id, "add")  # a late ack of the add leaves the delete
+    assert store.unshared() == [("delete", other.id)]
+    store.shared(other.id, "delete")
+    assert store.unshared() == []
+    absent = new_id()
+    assert store.delete(absent, share=True) is None  # not held: nothing changes
+    assert absent not in store.deleted_ids() and store.unshared() == []
+    assert store.delete(absent) is None and absent in store.deleted_ids()  # a peer's delete
+    store.add(third := example("ant", seed=4), share=True)
+    store.delete(third.id)  # the fleet deleted it first: nothing of it is left to send
+    assert store.unshared() == []
+    store.close()
+
+
+def test_a_database_made_before_the_outbox_shares_its_own_examples_once(tmp_path):
+    path = tmp_path / "examples.sqlite"
+    store = ExampleStore.open(path, BUNDLE, DIM)
+    own, peer = example("cat", seed=1), replace(example("dog", seed=2), origin="f" * 32)
+    store.add_all([own, peer])
+    store.close()
+    raw = sqlite3.connect(path)
+    raw.execute("DROP TABLE outbox")  # as the first version of the schema made it
+    raw.commit()
+    raw.close()
+    again = ExampleStore.open(path, BUNDLE, DIM)
+    assert again.unshared() == [("add", own.id)]
+    again.shared(own.id, "add")
+    again.close()
+    assert ExampleStore.open(path, BUNDLE, DIM).unshared() == []

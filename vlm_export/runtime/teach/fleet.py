@@ -25,6 +25,7 @@ Wiring (the service): one ``FleetSync`` per service, on the service's store and 
     sync.start()                    # after the store is open; retained messages arrive at once
     ... after a local teach:        store.add(example); sync.publish_add(example)
     ... after a local delete:       if store.delete(example_id): sync.publish_delete(example_id)
+    ... at start:                   publish what the store's outbox still holds
     sync.close()                    # before closing the store
 
 ``on_add(example)`` / ``on_delete(example_id)`` run on paho's network thread, one message at a
@@ -39,10 +40,13 @@ device's own limits) is counted under its reason; any other exception is logged 
 as refused ("could not apply"); the link stays up.
 
 Publishes made while the broker is away wait in paho's queue and go out on reconnect; ``close``
-waits a moment for the unacknowledged ones. What a device taught while its process was down
-and never published (a crash between the store and the publish) is not in the fleet until it is
-published again: republishing a device's own examples at start is harmless (duplicates are
-applied once).
+waits a moment for the unacknowledged ones; ``on_shared(example_id, op)`` (optional) is called
+once the broker acknowledged one. A change that was never acknowledged (the broker away until
+the process stopped, a crash between the store and the publish) is kept by the caller (the
+store's outbox) and published again at the next start; only those: an add published again after
+a peer deleted the example would replace the retained delete. A device that receives an add of an
+id it deleted publishes the delete again, so the retained word on every example stays the delete
+(a late device catches up to the same set).
 """
 
 from __future__ import annotations
@@ -256,6 +260,7 @@ class FleetSync:
         dim: int,
         on_add: Callable[[Example], object],
         on_delete: Callable[[str], object],
+        on_shared: Callable[[str, str], object] | None = None,
     ) -> None:
         self.address = parse_mqtt_url(url, "--fleet")
         self.device_id = check_text(device_id, "a fleet device id")
@@ -266,6 +271,7 @@ class FleetSync:
         self.prefix = self.address.topic
         self.on_add = on_add
         self.on_delete = on_delete
+        self.on_shared = on_shared
         self.applied = 0
         self.duplicates = 0
         self.echoes = 0
@@ -275,7 +281,7 @@ class FleetSync:
         self.linked = threading.Event()
         self._warned: set[str] = set()
         self._lock = threading.Lock()
-        self._unacked: set[int] = set()
+        self._unacked: dict[int, tuple[str, str]] = {}  # message id: (example id, op)
         self._acked_early: set[int] = set()
         self._client = paho_client("--fleet")
         self._client.on_connect = self._on_connect
@@ -306,13 +312,14 @@ class FleetSync:
 
     def publish_add(self, example: Example) -> None:
         """Share an example this device was taught (retained, QoS 1; queued while offline)."""
-        self._publish(example.id, encode_add(example, self.bundle_fingerprint, self.device_id))
+        payload = encode_add(example, self.bundle_fingerprint, self.device_id)
+        self._publish(example.id, "add", payload)
 
     def publish_delete(self, example_id: str, time_utc: str | None = None) -> None:
         """Share the deletion of an example (any device's); it replaces the retained add."""
         stamp = time_utc or utc_now()
         payload = encode_delete(example_id, self.bundle_fingerprint, self.device_id, stamp)
-        self._publish(example_id, payload)
+        self._publish(example_id, "delete", payload)
 
     def close(self, timeout_s: float = CLOSE_WAIT_S) -> None:
         """Wait up to ``timeout_s`` for the broker to acknowledge what was published (while
@@ -324,15 +331,27 @@ class FleetSync:
         self._client.loop_stop()
 
     # --------------------------------------------------------------- paho's network thread
-    def _publish(self, example_id: str, payload: bytes) -> None:
+    def _publish(self, example_id: str, op: str, payload: bytes) -> None:
         topic = topic_of(self.prefix, example_id)
         info = self._client.publish(topic, payload, qos=QOS, retain=True)
         with self._lock:
-            if info.mid in self._acked_early:
+            acked = info.mid in self._acked_early
+            if acked:
                 self._acked_early.discard(info.mid)
             else:
-                self._unacked.add(info.mid)
+                self._unacked[info.mid] = (example_id, op)
             self.published += 1
+        if acked:
+            self._shared(example_id, op)
+
+    def _shared(self, example_id: str, op: str) -> None:
+        """The broker holds ``op`` of ``example_id``: tell ``on_shared``."""
+        if self.on_shared is None:
+            return
+        try:
+            self.on_shared(example_id, op)
+        except Exception as exc:  # noqa: BLE001 - the link must outlive a failing callback
+            self._warn_once("shared", "could not record a publish: %s: %s", type(exc).__name__, exc)
 
     def _outstanding(self) -> int:
         with self._lock:
@@ -340,10 +359,11 @@ class FleetSync:
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         with self._lock:
-            if mid in self._unacked:
-                self._unacked.discard(mid)
-            else:  # acknowledged before ``_publish`` recorded it
+            change = self._unacked.pop(mid, None)
+            if change is None:  # acknowledged before ``_publish`` recorded it
                 self._acked_early.add(mid)
+        if change is not None:
+            self._shared(*change)
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if getattr(reason, "is_failure", False):

@@ -22,6 +22,7 @@ from vlm_export.runtime.teach.examples import (
     check_id,
     check_label,
     new_id,
+    same_label,
 )
 from vlm_export.runtime.teach.fusion import TeachFusion
 from vlm_export.runtime.teach.learner import DEFAULT_HIDDEN_DIM, TeachLearner
@@ -43,23 +44,30 @@ class LocalTeaching:
         bundle = pipeline.bundle
         self.dim = int(bundle.text_embeddings.shape[1])
         self.store = ExampleStore.open(database, bundle.engine_fingerprint, self.dim)
-        self.learner = TeachLearner.fit(self.store.all(), self.dim, hidden_dim)
         self._encoder: Any = None
+        for label in self.store.counts():  # stored labels are classes (as teaching made them)
+            named = same_label(label, self.pipeline.bundle.classes)
+            if named != label:
+                self.store.relabel(label, named)
+            else:
+                self._ensure_class(label)
+        self.learner = TeachLearner.fit(self.store.all(), self.dim, hidden_dim)
         self._install()
 
     def teach(self, embedding: np.ndarray, label: str, source: str = "") -> Example:
-        """Learn one example; it decides the next frames."""
-        label = check_label(label)
+        """Learn one example; it decides the next frames. A label names a class as CLIP reads
+        it (``Cat`` is the class ``cat``); one that is no class becomes one."""
+        label = same_label(check_label(label), self.pipeline.bundle.classes)
         self._ensure_class(label)
         example = Example(new_id(), label, source, utc_now(), np.asarray(embedding, np.float32))
-        self.store.add(example)
+        self.store.add(example, share=True)
         self.learner.apply(added=[example])
         self._install()
         return example
 
     def forget(self, example_id: str) -> bool:
         """Unlearn one example exactly; False if it was not stored."""
-        if self.store.delete(check_id(example_id)) is None:
+        if self.store.delete(check_id(example_id), share=True) is None:
             return False
         self.learner.apply(removed=[example_id])
         self._install()

@@ -5,6 +5,16 @@ source, time, origin, JPEG thumbnail), the tombstones of deleted ids (so that an
 once: a replayed add of a deleted example changes nothing) and the bundle fingerprint and
 embedding width it was made for (a database of another bundle is refused).
 
+It also keeps the outbox: what this device still has to tell its fleet (its own adds and deletes,
+and imported examples, until the broker acknowledged them), so a change made while the broker was
+away, or before a crash, reaches the fleet at the next start, and only those are sent again.
+
+The file is watched while it is open: deleted under a running service, it is written again from
+the open copy at the next change (nothing answered is lost); replaced by another file or folder,
+changes are refused (StoreUnavailable, HTTP 503) until the service is restarted. A write that
+waits more than ``BUSY_TIMEOUT_S`` for another process's lock is refused the same way; reads use
+their own connection and never wait behind a write.
+
 The fingerprint to record is the image engine's (``Bundle.engine_fingerprint``), not
 ``Bundle.fingerprint``: the latter changes with the class list, and teaching a new label adds a
 class. Embeddings depend on the engine alone, and labels are names, not class rows.
@@ -14,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -21,10 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm_export.core.errors import StateError, UserError
+from vlm_export.core.errors import StateError, UserError, shown_path
 from vlm_export.runtime.teach.examples import Example, check_id, check_label
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
+#: how long a change waits for another process's lock on the database before it is refused
+BUSY_TIMEOUT_S = 5.0
 #: the database's name, in the folder TEACH_FOLDER of a ``serve --state-dir``
 DB_NAME = "examples.sqlite"
 TEACH_FOLDER = "teach"
@@ -45,46 +61,88 @@ CREATE INDEX IF NOT EXISTS examples_label ON examples (label);
 CREATE INDEX IF NOT EXISTS examples_source ON examples (source);
 CREATE INDEX IF NOT EXISTS examples_time ON examples (time_utc, seq);
 CREATE TABLE IF NOT EXISTS tombstones (id TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS outbox (id TEXT PRIMARY KEY, op TEXT NOT NULL);
 """
 
 
-class ExampleStore:
-    """Examples in SQLite (WAL). Thread-safe (one connection under a lock)."""
+class StoreUnavailable(StateError):
+    """The database cannot take a change now: locked by another process, replaced under the
+    service, or not writable (HTTP 503)."""
 
-    def __init__(self, connection: sqlite3.Connection, where: str, dim: int) -> None:
-        self._db = connection
-        self._where = where
+    http_status = 503
+
+
+class ExampleStore:
+    """Examples in SQLite (WAL). Thread-safe: changes on one connection under a lock, reads on a
+    second one (a file) under their own."""
+
+    def __init__(self, path: Path | None, bundle_fingerprint: str, dim: int) -> None:
+        self.path = path
         self.dim = dim
+        self._where = ":memory:" if path is None else str(path)
         self._lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._db = self._reader = self._connect()
+        try:
+            migrating = self._before_outbox()
+            self._db.executescript(_SCHEMA)
+            _check_meta(self._db, self._where, bundle_fingerprint, dim)
+            if migrating:  # examples made before the outbox: this device's own are shared again
+                self._db.execute(
+                    "INSERT OR IGNORE INTO outbox (id, op) SELECT id, 'add' FROM examples "
+                    "WHERE origin = ''"
+                )
+            if path is None:  # one connection in memory: reads take the write lock too
+                self._read_lock = self._lock
+            else:
+                self._reader = self._connect()
+        except sqlite3.DatabaseError as exc:
+            self._close_connections()
+            raise StateError(f"{self._where} is not a readable example database ({exc})") from None
+        except BaseException:
+            self._close_connections()
+            raise
+        self._identity = None if path is None else _identity(path)
 
     @classmethod
     def open(cls, path: str | Path | None, bundle_fingerprint: str, dim: int) -> ExampleStore:
         """Open (or create) the database at ``path`` (None: in memory) for this bundle and
         embedding width; StateError (one line) for another bundle's, another width's, or a
         file that is not such a database."""
-        where = ":memory:" if path is None else str(path)
         if path is not None and Path(path).is_dir():
             raise StateError(f"{path} is a folder, not an example database")
         if path is not None and Path(path).exists() and not Path(path).is_file():
             raise StateError(f"{path} is not a regular file (a device, FIFO or socket)")
+        return cls(None if path is None else Path(path), bundle_fingerprint, dim)
+
+    def _connect(self) -> sqlite3.Connection:
+        """A connection in WAL mode, synchronous FULL, waiting BUSY_TIMEOUT_S for locks."""
         try:
             connection = sqlite3.connect(
-                where, check_same_thread=False, isolation_level=None, timeout=30.0
+                self._where, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S
             )
         except sqlite3.Error as exc:
-            raise StateError(f"cannot open the example database {where}: {exc}") from None
+            raise StateError(f"cannot open the example database {self._where}: {exc}") from None
         try:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=FULL")
-            connection.executescript(_SCHEMA)
-            _check_meta(connection, where, bundle_fingerprint, dim)
         except sqlite3.DatabaseError as exc:
             connection.close()
-            raise StateError(f"{where} is not a readable example database ({exc})") from None
-        except StateError:
-            connection.close()
-            raise
-        return cls(connection, where, dim)
+            raise StateError(f"{self._where} is not a readable example database ({exc})") from None
+        return connection
+
+    def _before_outbox(self) -> bool:
+        """True for a database made before the outbox (examples, no outbox table)."""
+        tables = {
+            name
+            for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        return "examples" in tables and "outbox" not in tables
+
+    def _close_connections(self) -> None:
+        if self._reader is not self._db:
+            self._reader.close()
+        self._db.close()
 
     @property
     def journal_mode(self) -> str:
@@ -94,22 +152,97 @@ class ExampleStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One change: the file checked (written again if it was deleted), the write lock taken
+        (StoreUnavailable after BUSY_TIMEOUT_S), committed or rolled back as a whole."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._check_file()
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise self._unavailable(exc) from None
             try:
                 yield self._db
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._db.execute("ROLLBACK")
+                raise self._unavailable(exc) from None
 
-    def add(self, example: Example) -> bool:
-        """Store ``example``; False (nothing changed) if its id is held or was deleted before."""
-        return self.add_all([example])[0]
+    def _unavailable(self, exc: sqlite3.Error) -> StoreUnavailable:
+        where = shown_path(self._where)
+        if "locked" in str(exc) or "busy" in str(exc):
+            return StoreUnavailable(
+                f"the example database {where} is locked by another process (waited "
+                f"{BUSY_TIMEOUT_S:g} s): nothing changed, try again"
+            )
+        return StoreUnavailable(
+            f"cannot write the example database {where} ({exc}): nothing changed"
+        )
 
-    def add_all(self, examples: Sequence[Example]) -> list[bool]:
+    def _check_file(self) -> None:
+        """Under the write lock: the database file is still the one opened. Deleted: written
+        again here from the open copy. Replaced: StoreUnavailable."""
+        if self.path is None:
+            return
+        try:
+            identity = _identity(self.path)
+        except FileNotFoundError:
+            self._write_again()
+            return
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot reach {shown_path(self.path)} ({exc})") from None
+        if identity != self._identity:
+            raise StoreUnavailable(
+                f"{shown_path(self.path)} was replaced while this service ran: nothing "
+                "changed; restart the service to use the new file, or put the old one back"
+            )
+
+    def _write_again(self) -> None:
+        """The file was deleted under the open connections: copy the open database to a new
+        file at the same path (SQLite's backup, then an atomic rename) and reopen it."""
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(f".{self.path.name}.restoring")
+        partial.unlink(missing_ok=True)
+        with self._read_lock:
+            try:
+                target = sqlite3.connect(partial)
+                try:
+                    self._db.backup(target)
+                    target.execute("PRAGMA journal_mode=WAL")
+                finally:
+                    target.close()
+                self._close_connections()  # removes the deleted database's -wal and -shm
+                os.replace(partial, self.path)
+                self._db = self._connect()
+                self._reader = self._connect()
+            except (OSError, sqlite3.Error) as exc:
+                partial.unlink(missing_ok=True)
+                raise StoreUnavailable(
+                    f"{shown_path(self.path)} was deleted while this service ran and cannot be "
+                    f"written again ({exc})"
+                ) from None
+            self._identity = _identity(self.path)
+        count = self._db.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
+        log.warning(
+            "the example database %s was deleted while the service ran: written again from "
+            "the open copy (%d examples)",
+            shown_path(self.path),
+            count,
+        )
+
+    def add(self, example: Example, share: bool = False) -> bool:
+        """Store ``example``; False (nothing changed) if its id is held or was deleted before.
+        ``share``: this device's fleet is to be told (an outbox row, until ``shared``)."""
+        return self.add_all([example], share)[0]
+
+    def add_all(self, examples: Sequence[Example], share: bool = False) -> list[bool]:
         """Store several examples in one transaction (one sync to disk: an import); for each,
-        whether it was new. All are checked before any is stored: a bad one stores none."""
+        whether it was new. All are checked before any is stored: a bad one stores none.
+        ``share``: the new ones go to the outbox too."""
         rows = [self._row(example) for example in examples]
         added = []
         with self._transaction() as db:
@@ -123,6 +256,8 @@ class ExampleStore:
                     row,
                 )
                 added.append(cursor.rowcount == 1)
+                if share and cursor.rowcount == 1:
+                    db.execute("INSERT OR REPLACE INTO outbox (id, op) VALUES (?, 'add')", row[:1])
         return added
 
     def _row(self, example: Example) -> tuple:
@@ -145,20 +280,47 @@ class ExampleStore:
             example.thumbnail,
         )
 
-    def delete(self, example_id: str, tombstone: bool = True) -> Example | None:
+    def delete(
+        self, example_id: str, tombstone: bool = True, share: bool = False
+    ) -> Example | None:
         """Remove an example and leave a tombstone (also for an id not held: a delete that
         arrives before its add wins). The example removed, or None if it was not held.
         ``tombstone=False`` takes back an add that could not be completed (the id may come
-        again)."""
+        again). An add still in the outbox goes; ``share``: a held example's delete goes to the
+        outbox (a delete of an id not held changes nothing then: no tombstone either)."""
         check_id(example_id)
         with self._transaction() as db:
             row = db.execute(
                 f"SELECT {_COLUMNS}, thumbnail FROM examples WHERE id = ?", (example_id,)
             ).fetchone()
+            if share and row is None:
+                return None
             db.execute("DELETE FROM examples WHERE id = ?", (example_id,))
+            db.execute("DELETE FROM outbox WHERE id = ?", (example_id,))
             if tombstone:
                 db.execute("INSERT OR IGNORE INTO tombstones (id) VALUES (?)", (example_id,))
+            if share:
+                db.execute("INSERT INTO outbox (id, op) VALUES (?, 'delete')", (example_id,))
         return None if row is None else self._example(row)
+
+    def relabel(self, label: str, new_label: str) -> int:
+        """Give every example of ``label`` the label ``new_label``; how many changed."""
+        check_label(new_label)
+        with self._transaction() as db:
+            return db.execute(
+                "UPDATE examples SET label = ? WHERE label = ?", (new_label, label)
+            ).rowcount
+
+    def unshared(self) -> list[tuple[str, str]]:
+        """The outbox, oldest first: (op, id) of each change the fleet has not acknowledged
+        ("add" of a held example, or "delete")."""
+        return [(op, i) for op, i in self._query("SELECT op, id FROM outbox ORDER BY rowid")]
+
+    def shared(self, example_id: str, op: str) -> None:
+        """The fleet acknowledged ``op`` of ``example_id``: its outbox row goes (unless a later
+        change of the id replaced it)."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM outbox WHERE id = ? AND op = ?", (example_id, op))
 
     def known(self, example_id: str) -> bool:
         """True when ``example_id`` is held or was deleted (an add of it changes nothing)."""
@@ -220,13 +382,18 @@ class ExampleStore:
         return ids_digest(self.ids())
 
     def close(self) -> None:
-        """Close the database (a checkpoint of the WAL into the main file happens here)."""
+        """Close the database (a checkpoint of the WAL into the main file happens here); a
+        database file deleted meanwhile is written again first."""
         with self._lock:
-            self._db.close()
+            try:
+                self._check_file()
+            except StoreUnavailable as exc:
+                log.warning("%s", exc)
+            self._close_connections()
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
 
     def _example(self, row: tuple) -> Example:
         example_id, label, source, time_utc, origin, blob, thumbnail = row
@@ -234,6 +401,12 @@ class ExampleStore:
         if embedding.shape != (self.dim,):
             raise StateError(f"{self._where}: example {example_id} has a corrupt embedding")
         return Example(example_id, label, source, time_utc, embedding, origin, thumbnail)
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """(device, inode) of the file at ``path``: which file it is."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
 
 
 def database_path(state_dir_or_db: str | Path) -> Path:

@@ -27,6 +27,8 @@ from vlm_export.runtime.serve.http.replies import cut, error
 
 log = logging.getLogger(__name__)
 
+#: how often a request body's wait looks whether the server is shutting down
+STOP_POLL_S = 0.25
 #: headers on every reply: no MIME sniffing, no referrer leaving the page
 COMMON_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
 
@@ -54,6 +56,16 @@ class ErrorGuard:
             await self.app(scope, receive, send_with_headers)
         except ClientDisconnect:
             return
+        except asyncio.CancelledError:
+            if not _closing(scope):
+                raise
+            # the server stops and its grace for open requests ran out: one line, no traceback
+            where = f"{scope.get('method', '?')} {cut(scope.get('path', ''))}"
+            log.warning("%s was still running when the service stopped: cancelled", where)
+            if not started:
+                await error(503, "the service stopped before this request was answered")(
+                    scope, receive, send_with_headers
+                )
         except Exception as exc:  # noqa: BLE001 - the one place every other exception ends
             where = f"{scope.get('method', '?')} {cut(scope.get('path', ''))}"
             log.error("%s failed: %s: %s", where, type(exc).__name__, cut(str(exc), 200))
@@ -62,9 +74,16 @@ class ErrorGuard:
                 await reply(scope, receive, send_with_headers)
 
 
+def _closing(scope: Scope) -> bool:
+    """True once the server is shutting down (the app's ``state.closing``)."""
+    app = scope.get("app")
+    return bool(getattr(getattr(app, "state", None), "closing", False))
+
+
 class BodyLimit:
     """Bound every request body: ``max_bytes`` in size, ``timeout_s`` from the request's start;
-    close the connection after an answer given before the body was read."""
+    close the connection after an answer given before the body was read. A body still arriving
+    when the server shuts down is answered 503 at once (its client must not hold the stop)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
@@ -96,12 +115,18 @@ class BodyLimit:
             nonlocal received, complete
             if complete:  # the body is in: later receives wait for a disconnect, unbounded
                 return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
-            except asyncio.TimeoutError:
-                raise HTTPException(
-                    408, f"the request body did not arrive within {self.timeout_s:g} s"
-                ) from None
+            while True:  # in slices, so that a shutdown is noticed
+                left = deadline - loop.time()
+                try:
+                    message = await asyncio.wait_for(receive(), min(max(left, 0.0), STOP_POLL_S))
+                    break
+                except asyncio.TimeoutError:
+                    if _closing(scope):
+                        raise HTTPException(503, "the service is stopping") from None
+                    if left <= STOP_POLL_S:
+                        raise HTTPException(
+                            408, f"the request body did not arrive within {self.timeout_s:g} s"
+                        ) from None
             if message["type"] != "http.request":
                 complete = True
                 return message

@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 
 from vlm_export.core.atomic import atomic_write_bytes
-from vlm_export.core.errors import StateError, UserError, shown
+from vlm_export.core.errors import StateError, UserError, shown, shown_path
+from vlm_export.core.state_file import read_meta
 from vlm_export.runtime.pipeline import utc_now
 from vlm_export.runtime.serve.config import ServeSettings
 from vlm_export.runtime.serve.frames.lanes import Lanes
@@ -84,17 +85,20 @@ class Teaching:
         folder = Path(settings.state_dir) / TEACH_FOLDER if settings.state_dir else None
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
+            _check_database_present(folder)
         self.store = ExampleStore.open(
             folder / DB_NAME if folder else None, bundle.engine_fingerprint, self.dim
         )
         self.state = folder / LEARNER_STATE if folder else None
         self.device_id = _device_id(folder)
         self.notes: list[str] = []
-        self.learner = self._resume()
+        respelled = self._match_classes()
+        self.learner = self._resume(trust_state=not respelled)
         self.calibration: Calibration | None = None
         self.recent = RecentFrames([name for name, _ in settings.sources])
         self._learner_lock = threading.Lock()
         self._store_lock = threading.Lock()  # a limit's check and the store's change, as one
+        self._repeated: set[str] = set()  # ids whose delete was published again this run
         self.queue = LearningQueue(self._apply)
         self._install()
         if settings.fleet:
@@ -105,12 +109,41 @@ class Teaching:
                 self.dim,
                 on_add=self.add_remote,
                 on_delete=self.forget_remote,
+                on_shared=self.store.shared,
             )
             self.notes.append(f"fleet: device {self.device_id} on {shown(settings.fleet)}")
 
     # ------------------------------------------------------------------ start and stop
-    def _resume(self) -> TeachLearner:
-        """The checkpointed learner if it holds exactly the stored examples, else rebuilt."""
+    def _match_classes(self) -> bool:
+        """At start, make the stored labels and the bundle's classes agree: a label that names
+        a class in another spelling takes the class's (True then: the learner is rebuilt), a
+        label that is no class becomes one (a crash between storing an example and adding its
+        class, or examples imported from a device with other classes), and a class that
+        teaching made goes when no stored example holds it any more."""
+        respelled = False
+        for label, count in self.store.counts().items():
+            named = same_label(label, self.lanes.bundle.classes)
+            if named != label:
+                self.store.relabel(label, named)
+                respelled = True
+                self.notes.append(f"teaching: {count} examples of {shown(label)!r} now {named!r}")
+            elif label != UNKNOWN and label not in self.lanes.bundle.classes:
+                try:
+                    self._ensure_class(label)
+                except UserError as exc:
+                    self.notes.append(f"teaching: {count} examples are not decided: {shown(exc)}")
+                    continue
+                self.notes.append(f"teaching: {shown(label)!r} ({count} examples) made a class")
+        held = self.store.counts()
+        for domain, name in list(self.lanes.bundle.labels):
+            if domain == TAUGHT_DOMAIN and name not in held:
+                self.operations.remove_class(name, TAUGHT_DOMAIN)
+                self.notes.append(f"teaching: class {shown(name)!r} removed (no examples)")
+        return respelled
+
+    def _resume(self, trust_state: bool = True) -> TeachLearner:
+        """The checkpointed learner if it holds exactly the stored examples (and
+        ``trust_state``), else rebuilt."""
         stored = self.store.count()
         where = "memory only (no --state-dir)" if self.state is None else str(self.state.parent)
         peak = TeachLearner.peak_bytes(self.dim, self.hidden_dim, self.max_examples, 1000)
@@ -118,7 +151,7 @@ class Teaching:
             f"teaching: examples in {where} ({stored} stored), d_h {self.hidden_dim}, up to "
             f"{self.max_examples} examples, learner peak about {peak / 2**20:,.0f} MB"
         )
-        if self.state is not None and self.state.exists():
+        if self.state is not None and self.state.exists() and trust_state:
             try:
                 learner = TeachLearner.load(self.state, self.lanes.bundle.engine_fingerprint)
                 if learner.digest == self.store.digest() and learner.hidden_dim == self.hidden_dim:
@@ -134,15 +167,18 @@ class Teaching:
         return TeachLearner.fit(self.store.all(), self.dim, self.hidden_dim)
 
     def start(self) -> None:
-        """Start the learning thread, then the fleet link (it republishes this device's own
-        examples: one stored but not published before a crash reaches the fleet; peers apply
-        each id once)."""
+        """Start the learning thread, then the fleet link, and publish the store's outbox: the
+        changes the broker never acknowledged (made while it was away, or just before a crash,
+        or imported); peers apply each id once."""
         self.queue.start()
         if self.fleet is not None:
             self.fleet.start()
-            for example in self.store.all():
-                if not example.origin:
+            for op, example_id in self.store.unshared():
+                example = self.store.get(example_id) if op == "add" else None
+                if example is not None:
                     self.fleet.publish_add(example)
+                elif op == "delete":
+                    self.fleet.publish_delete(example_id)
 
     def finish(self) -> None:
         """Learn the changes in hand and stop the thread and the fleet link (then the last
@@ -185,19 +221,19 @@ class Teaching:
             example = Example(
                 new_id(), label, source, utc_now(), np.asarray(embedding, np.float32), "", thumbnail
             )
-            example = self._store(example) or example  # a fresh id: always stored
+            example = self._store(example, share=True) or example  # a fresh id: always stored
             change = self.queue.put(Change(added=example))
         self.queue.wait(change)
         if self.fleet is not None:
             self.fleet.publish_add(example)
         return self._answer(example, change)
 
-    def _store(self, example: Example) -> Example | None:
+    def _store(self, example: Example, share: bool = False) -> Example | None:
         """Store ``example``, its label as the class it names (``same_label``), and make that
         label a class if it is none; return the example as stored, or None when its id is held
-        or was deleted. Nothing is stored (Full) when the store or the class list is at its
-        limit. One at a time: the limits and the class names hold under concurrent teaching,
-        local and from the fleet."""
+        or was deleted (``share``: this device's own, for its fleet). Nothing is stored (Full)
+        when the store or the class list is at its limit. One at a time: the limits and the
+        class names hold under concurrent teaching, local and from the fleet."""
         with self._store_lock:
             if self.store.known(example.id):
                 return None
@@ -207,7 +243,7 @@ class Teaching:
                     f"{self.max_examples} examples are stored, the most this service keeps "
                     "(--teach-max-examples): delete some first"
                 )
-            self.store.add(example)
+            self.store.add(example, share)
             try:
                 self._ensure_class(example.label)
             except BaseException:
@@ -226,11 +262,21 @@ class Teaching:
             raise Refused("not stored here", shown(exc)) from None
         if stored is None:
             held = self.store.get(example.id)
-            if held is not None and not _same_content(held, example):
+            if held is None:
+                self._repeat_delete(example.id)
+            elif not _same_content(held, example):
                 raise Refused("conflicts with a held example", f"id {example.id}")
             return False
         self.queue.put(Change(added=stored))
         return True
+
+    def _repeat_delete(self, example_id: str) -> None:
+        """An add of an id this device deleted came from the fleet (a peer published it again):
+        publish the delete again, once a run, so the broker's retained word is the delete."""
+        if self.fleet is None or example_id in self._repeated:
+            return
+        self._repeated.add(example_id)
+        self.fleet.publish_delete(example_id)
 
     def forget_remote(self, example_id: str) -> bool:
         """A fleet peer's delete: False when the example was not held."""
@@ -248,8 +294,8 @@ class Teaching:
         check_id(example_id)
         with self.queue.slot():
             with self._store_lock:
-                removed = self.store.delete(example_id)
-                if removed is None:
+                removed = self.store.delete(example_id, share=True)
+                if removed is None:  # nothing changed: no tombstone, nothing to tell the fleet
                     raise NotFound(f"no example {example_id}")
                 self._drop_untaught_class(removed.label)
             change = self.queue.put(Change(removed=example_id))
@@ -365,6 +411,24 @@ class Teaching:
         if example is None or not example.thumbnail:
             raise NotFound(f"no thumbnail for example {example_id}")
         return example.thumbnail
+
+
+def _check_database_present(folder: Path) -> None:
+    """StateError when the learner state records examples and the database is gone: the
+    examples cannot be rebuilt from the learner, and starting would forget them."""
+    state, database = folder / LEARNER_STATE, folder / DB_NAME
+    if database.exists() or not state.is_file():
+        return
+    try:
+        count = int(read_meta(state).get("num_samples", 0))
+    except (StateError, TypeError, ValueError):
+        return  # not a readable learner state: rebuilt from the (empty) database as before
+    if count:
+        raise StateError(
+            f"{shown_path(state)} holds {count} taught examples and their database "
+            f"{DB_NAME} is missing: put it back (the examples cannot be rebuilt from the "
+            f"learner), or remove {LEARNER_STATE} to start with none"
+        )
 
 
 def _same_content(a: Example, b: Example) -> bool:
