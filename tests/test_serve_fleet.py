@@ -22,6 +22,7 @@ pytest.importorskip("prometheus_client")
 
 from vlm_export.runtime.teach.fleet import encode_add, topic_of  # noqa: E402
 from vlm_export.runtime.teach.learner import TeachLearner  # noqa: E402
+from vlm_export.runtime.teach.store import ExampleStore  # noqa: E402
 
 HIDDEN = 48
 
@@ -161,3 +162,128 @@ def test_an_add_that_reuses_a_held_id_for_other_content_is_refused(tmp_path, bro
         assert fleet.refusals == {"conflicts with a held example": 1} and fleet.duplicates >= 1
         assert device.teaching.store.get(held_id).label == "car"
         assert device.teaching.learner.labels == ["car"]
+
+
+def _retained(broker: Broker, example_id: str) -> dict:
+    """The message the broker retains on an example's topic (what a late device receives)."""
+    import json
+    import queue
+
+    got: queue.Queue = queue.Queue()
+    reader = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    reader.on_message = lambda client, userdata, message: got.put(message.payload)
+    reader.connect("127.0.0.1", broker.port)
+    reader.subscribe(topic_of("site-a", example_id), qos=1)
+    reader.loop_start()
+    try:
+        return json.loads(got.get(timeout=30))
+    finally:
+        reader.loop_stop()
+        reader.disconnect()
+
+
+def _acknowledged(service) -> bool:
+    return not service.teaching.store.unshared()
+
+
+def test_a_delete_made_while_a_device_was_off_stays_deleted(tmp_path, broker) -> None:
+    """A teaches, stops; B deletes the example; A restarts. A publishes nothing again (its
+    outbox is empty: the broker acknowledged the add), so the delete stays the broker's last
+    word: A drops the example, and a device that joins later never learns it."""
+    make_bundle(tmp_path / "bundle", method="tca")
+    write_images(tmp_path / "cam", 3, seed=4)
+    a, b = _fleet(tmp_path, broker, "a"), _fleet(tmp_path, broker, "b")
+    with b:
+        with a, serving(a) as url_a:
+            taught = _teach(url_a, "car", 1)
+            wait_until(lambda: _converged([a, b], {taught}), "both devices to hold it")
+            wait_until(lambda: _acknowledged(a), "the broker to acknowledge the add")
+        with serving(b) as url_b:
+            assert httpx.delete(f"{url_b}/v1/examples/{taught}", timeout=30).status_code == 200
+        wait_until(lambda: _converged([b], set()), "B to unlearn it")
+        wait_until(lambda: _retained(broker, taught)["op"] == "delete", "the retained delete")
+        again = _fleet(tmp_path, broker, "a")
+        with again:
+            wait_until(lambda: _converged([again], set()), "A to take the delete at its restart")
+            assert again.teaching.fleet.published == 0
+        assert _retained(broker, taught)["op"] == "delete"
+        late = _fleet(tmp_path, broker, "c")
+        with late:
+            wait_until(lambda: late.teaching.store.deleted_ids() == {taught}, "C to catch up")
+            assert late.teaching.store.ids() == [] and late.teaching.learner.num_samples == 0
+
+
+def test_a_delete_made_while_the_broker_was_away_reaches_the_fleet_after_a_restart(
+    tmp_path, broker
+) -> None:
+    """The broker is down when A deletes; A stops before it returns. The delete waits in A's
+    outbox and goes out at A's next start: B unlearns it too."""
+    make_bundle(tmp_path / "bundle", method="tca")
+    write_images(tmp_path / "cam", 3, seed=4)
+    a, b = _fleet(tmp_path, broker, "a"), _fleet(tmp_path, broker, "b")
+    with b:
+        with a, serving(a) as url_a:
+            taught = _teach(url_a, "car", 1)
+            wait_until(lambda: _converged([a, b], {taught}), "both devices to hold it")
+            broker.stop()
+            wait_until(lambda: not a.teaching.fleet.linked.is_set(), "A to see the broker go")
+            assert httpx.delete(f"{url_a}/v1/examples/{taught}", timeout=30).status_code == 200
+        held = ExampleStore.open(
+            tmp_path / "states" / "a" / "teach" / "examples.sqlite",
+            a.lanes.bundle.engine_fingerprint,
+            a.teaching.dim,
+        )
+        assert held.unshared() == [("delete", taught)]
+        held.close()
+        broker.start()
+        again = _fleet(tmp_path, broker, "a")
+        with again:
+            wait_until(lambda: _converged([b], set()), "B to unlearn the delete made offline")
+            wait_until(lambda: _acknowledged(again), "the broker to acknowledge the delete")
+
+
+def test_a_delete_of_an_id_not_held_changes_nothing(tmp_path, broker) -> None:
+    """A DELETE answered 404 leaves no tombstone: the example arriving later from a peer is
+    learned, as on every other device."""
+    make_bundle(tmp_path / "bundle", method="tca")
+    write_images(tmp_path / "cam", 3, seed=4)
+    device = _fleet(tmp_path, broker, "a")
+    with device, serving(device) as url:
+        own = device.teaching.store.get(_teach(url, "car", 1))
+        coming = "0123456789abcdef0123456789abcdef"
+        assert httpx.delete(f"{url}/v1/examples/{coming}", timeout=30).status_code == 404
+        assert coming not in device.teaching.store.deleted_ids()
+        peer_example = replace(own, id=coming, label="bus", origin="f" * 32)
+        _publish(broker, peer_example, device.lanes.bundle.engine_fingerprint)
+        wait_until(lambda: _converged([device], {own.id, coming}), "the peer's example")
+
+
+def test_an_add_of_a_deleted_example_gets_its_delete_published_again(tmp_path, broker) -> None:
+    """A peer publishes again an example this device deleted (it replaces the retained delete):
+    the device publishes the delete again, so a late device still catches up to no example."""
+    make_bundle(tmp_path / "bundle", method="tca")
+    write_images(tmp_path / "cam", 3, seed=4)
+    device = _fleet(tmp_path, broker, "a")
+    with device, serving(device) as url:
+        taught = _teach(url, "car", 1)
+        example = replace(device.teaching.store.get(taught), origin="f" * 32)
+        assert httpx.delete(f"{url}/v1/examples/{taught}", timeout=30).status_code == 200
+        wait_until(lambda: _retained(broker, taught)["op"] == "delete", "the retained delete")
+        _publish(broker, example, device.lanes.bundle.engine_fingerprint)  # resurrected
+        wait_until(lambda: _retained(broker, taught)["op"] == "delete", "the delete again")
+        assert device.teaching.store.ids() == [] and device.teaching.learner.num_samples == 0
+        assert device.teaching.fleet.published == 3  # add, delete, the delete again
+
+
+def _publish(broker: Broker, example, fingerprint: str) -> None:
+    """Publish ``example``'s add as a peer would (retained, QoS 1)."""
+    peer = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    peer.connect("127.0.0.1", broker.port)
+    peer.loop_start()
+    try:
+        payload = encode_add(example, fingerprint, example.origin)
+        topic = topic_of("site-a", example.id)
+        peer.publish(topic, payload, qos=1, retain=True).wait_for_publish(30)
+    finally:
+        peer.loop_stop()
+        peer.disconnect()

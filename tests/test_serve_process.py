@@ -130,6 +130,41 @@ def test_sigterm_while_a_live_stream_is_open_ends_it_and_exits_0(world, tmp_path
     loadable(states / "front.npz", world / "bundle")
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_while_a_request_body_arrives_answers_503_and_exits_0(
+    world, tmp_path, sig
+) -> None:
+    """A client uploads a picture slowly when the service is told to stop: its request is
+    answered 503 at once (it does not hold the stop for the grace period, nor end in a
+    cancelled task's traceback)."""
+    import socket
+
+    process, port = start_serve(world, tmp_path)
+    uploader = socket.socket()
+    try:
+        wait_serving(process, port)
+        uploader.settimeout(WAIT_S)
+        uploader.connect(("127.0.0.1", port))
+        uploader.sendall(
+            b"POST /v1/examples?label=cat HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: image/png\r\nContent-Length: 100000\r\n\r\n\x89PNG"
+        )
+        time.sleep(0.5)  # the body is being awaited
+        process.send_signal(sig)
+        reply = b""
+        while chunk := uploader.recv(65536):
+            reply += chunk
+        _, err = process.communicate(timeout=WAIT_S)
+    finally:
+        uploader.close()
+        if process.poll() is None:
+            process.kill()
+    assert reply.startswith(b"HTTP/1.1 503"), reply[:200]
+    assert b'{"error":"the service is stopping"}' in reply
+    assert process.returncode == 0, err
+    assert "Traceback" not in err and "CancelledError" not in err and "Cancel " not in err
+
+
 def _kill_during_a_write(process: subprocess.Popen, states: Path, limit_s: float) -> bool:
     """kill -9 as soon as a checkpoint's temporary file shows (True), or after ``limit_s``."""
     deadline = time.monotonic() + limit_s

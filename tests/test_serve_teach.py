@@ -479,3 +479,133 @@ def test_taught_classes_follow_their_examples_and_leave_the_class_list_editable(
         assert full.status_code == 409 and "at most 3" in full.json()["error"]
         assert service.teaching.store.count() == held
         assert httpx.get(f"{url}/v1/classes").json()["classes"] == ["cat", "dog", "bird"]
+
+
+@pytest.mark.exporter
+def test_at_start_stored_labels_and_the_classes_agree(tmp_path) -> None:
+    """Examples stored without their class (a kill -9 between the two, or an import from a
+    device with other classes) make their class at start; a label spelled otherwise takes the
+    class's spelling; a taught class whose examples are gone goes. The learner is the fresh one
+    on what is stored, and decides the new class."""
+    pytest.importorskip("torch")
+    bundle = export_tiny(tmp_path / "export", ["cat", "dog", "red fox"])
+    write_images(tmp_path / "front", 3, seed=1)
+    states = tmp_path / "states"
+    service = open_service(bundle, {"front": tmp_path / "front"}, states, teach_hidden_dim=HIDDEN)
+    with service, serving(service) as url:
+        for seed in range(3):
+            assert _teach_upload(url, "cat", seed, tinted(BLUE, seed)).status_code == 200
+        orphan = _teach_upload(url, "wheelbarrow", 7, tinted(BLUE, 7)).json()["id"]
+        embedding = service.teaching.store.get(orphan).embedding
+        fingerprint = service.bundle.engine_fingerprint
+        dim = service.teaching.dim
+    store = ExampleStore.open(states / "teach" / "examples.sqlite", fingerprint, dim)
+    store.delete(orphan)  # the taught class "wheelbarrow" is left without examples
+    for seed in range(4):  # stored, never made classes; one spelled as the class "cat"
+        label = "Cat" if seed == 3 else "forklift"
+        vector = tinted_embedding(embedding, seed)
+        store.add(Example(new_id(), label, "front", "2026-01-01T00:00:00Z", vector), share=True)
+    store.close()
+    again = open_service(bundle, {"front": tmp_path / "front"}, states, teach_hidden_dim=HIDDEN)
+    with again, serving(again) as url:
+        notes = " ".join(again.notes)
+        assert "'forklift' (3 examples) made a class" in notes
+        assert "1 examples of 'Cat' now 'cat'" in notes
+        assert "class 'wheelbarrow' removed" in notes
+        classes = httpx.get(f"{url}/v1/classes").json()["classes"]
+        assert classes == ["cat", "dog", "red fox", "forklift"]
+        assert again.teaching.store.counts() == {"cat": 4, "forklift": 3}
+        _assert_exact(again)
+        assert set(again.teaching.learner.labels) == {"cat", "forklift"}
+
+
+def tinted_embedding(base: np.ndarray, seed: int) -> np.ndarray:
+    """A unit vector near ``base`` (an embedding like a taught one)."""
+    vector = base + 0.05 * np.random.default_rng(seed).standard_normal(base.shape)
+    return (vector / np.linalg.norm(vector)).astype(np.float32)
+
+
+def test_a_missing_database_beside_a_learner_state_stops_the_start(tmp_path) -> None:
+    """The learner state records examples and their database is gone: the service refuses to
+    start (one line saying what to do) rather than forget them."""
+    from vlm_export.core.errors import StateError
+
+    bundle = make_bundle(tmp_path / "bundle", method="tca")
+    write_images(tmp_path / "cam", 3, seed=1)
+    states = tmp_path / "states"
+    service = open_service(bundle, {"cam": tmp_path / "cam"}, states, teach_hidden_dim=HIDDEN)
+    with service, serving(service) as url:
+        assert _teach_upload(url, "car", 1).status_code == 200
+    for name in ("examples.sqlite", "examples.sqlite-wal", "examples.sqlite-shm"):
+        (states / "teach" / name).unlink(missing_ok=True)
+    with pytest.raises(StateError, match="holds 1 taught examples and their database"):
+        open_service(bundle, {"cam": tmp_path / "cam"}, states, teach_hidden_dim=HIDDEN)
+    assert not (states / "teach" / "examples.sqlite").exists()  # no empty one made
+    (states / "teach" / "teach.npz").unlink()  # as the message says: start with none
+    with open_service(bundle, {"cam": tmp_path / "cam"}, states, teach_hidden_dim=HIDDEN) as s:
+        assert s.teaching.learner.num_samples == 0
+
+
+def test_a_database_deleted_under_the_service_keeps_every_example(tmp_path) -> None:
+    bundle = make_bundle(tmp_path / "bundle", method="tca")
+    write_images(tmp_path / "cam", 3, seed=1)
+    states = tmp_path / "states"
+    service = open_service(bundle, {"cam": tmp_path / "cam"}, states, teach_hidden_dim=HIDDEN)
+    with service, serving(service) as url:
+        first = _teach_upload(url, "car", 1).json()["id"]
+        for name in ("examples.sqlite", "examples.sqlite-wal", "examples.sqlite-shm"):
+            (states / "teach" / name).unlink(missing_ok=True)
+        second = _teach_upload(url, "bus", 2).json()["id"]
+        assert (states / "teach" / "examples.sqlite").is_file()
+    again = open_service(bundle, {"cam": tmp_path / "cam"}, states, teach_hidden_dim=HIDDEN)
+    with again:
+        assert sorted(again.teaching.store.ids()) == sorted([first, second])
+        _assert_exact(again)
+
+
+def test_a_database_locked_by_another_process_answers_503_and_the_list_answers(
+    tmp_path,
+) -> None:
+    import subprocess
+    import sys
+
+    bundle = make_bundle(tmp_path / "bundle", method="tca")
+    write_images(tmp_path / "cam", 3, seed=1)
+    states = tmp_path / "states"
+    service = open_service(bundle, {"cam": tmp_path / "cam"}, states, teach_hidden_dim=HIDDEN)
+    with service, serving(service) as url:
+        assert _teach_upload(url, "car", 1).status_code == 200
+        locker = subprocess.Popen(
+            [sys.executable, "-c", LOCKER, str(states / "teach" / "examples.sqlite")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert locker.stdout.readline() == "locked\n"
+            replies: list[httpx.Response] = []
+            teacher = threading.Thread(target=lambda: replies.append(_teach_upload(url, "bus", 2)))
+            teacher.start()
+            listed = httpx.get(f"{url}/v1/examples", timeout=30)
+            assert listed.status_code == 200 and listed.json()["counts"] == {"car": 1}
+            teacher.join()
+        finally:
+            locker.stdin.close()
+            locker.wait()
+            locker.stdout.close()
+        reply = replies[0]
+        assert reply.status_code == 503 and list(reply.json()) == ["error"]
+        assert "locked by another process" in reply.json()["error"]
+        assert _teach_upload(url, "bus", 3).status_code == 200
+        assert service.teaching.store.counts() == {"bus": 1, "car": 1}
+        _assert_exact(service)
+
+
+LOCKER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.read()
+db.execute("COMMIT")
+"""
