@@ -115,3 +115,11 @@ def test_without_unknown_examples_the_fallback_stays(world):
     chosen = calibrate(learner, CLASSES, text, fallback=0.25)
     assert chosen.threshold == 0.25 and chosen.n_unknown == 0
     assert "no unknown examples" in chosen.describe()
+
+
+def test_only_unknown_examples_say_no_known_ones(world):
+    text, taught, _ = world
+    learner = TeachLearner.fit([e for e in taught if e.label == UNKNOWN], DIM, HIDDEN)
+    chosen = calibrate(learner, CLASSES, text, fallback=None, reject=0.9)
+    assert chosen.n_known == 0 and chosen.kept_known == 0.0
+    assert "no known" in chosen.describe() and "0/0" not in chosen.describe()

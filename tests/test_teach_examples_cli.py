@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,28 @@ def test_import_applies_each_id_once_and_refuses_another_engine(setup, tmp_path)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
 
 
+@pytest.mark.parametrize("name", ["fresh/", "fresh", "fresh.sqlite"])
+def test_import_into_a_path_that_does_not_exist_yet(setup, tmp_path, name):
+    """``states/`` and ``states`` name a new serve --state-dir (its teach/examples.sqlite is
+    made, the serve that follows reads it), ``x.sqlite`` a new database file. The imported
+    examples wait in the outbox: a serve --fleet on it shares them."""
+    _, bundle, state, _ = setup
+    out = tmp_path / "set.npz"
+    assert edge("examples", "export", state, out).returncode == 0
+    done = subprocess.run(
+        [sys.executable, "-m", "vlm_export.runtime", "examples", "import", name, str(out)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    made = tmp_path / "fresh.sqlite" if name.endswith(".sqlite") else tmp_path / "fresh"
+    database = made if made.suffix else made / TEACH_FOLDER / DB_NAME
+    assert database.is_file()
+    store = ExampleStore.open(database, bundle.engine_fingerprint, 8)
+    assert store.count() == 30 and len(store.unshared()) == 30
+    store.close()
+
+
 def test_learn_reads_an_exported_set(setup, tmp_path):
     bundle_path, bundle, state, taught = setup
     out = tmp_path / "set.npz"
@@ -208,3 +231,49 @@ def test_ray_worker_without_engine_accumulates_exactly():
         np.abs(worker.learner.weights - reference.weights).max()
         <= 1e-9 * np.abs(reference.weights).max()
     )
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("UPDATE examples SET embedding = x'010203'", "has a corrupt embedding"),
+        ("UPDATE examples SET embedding = 'hello'", "has a corrupt embedding"),
+        ("UPDATE examples SET label = x'ff00'", "has a corrupt text field"),
+        ("UPDATE meta SET value = '-5' WHERE key = 'dim'", "its meta is corrupt"),
+        ("UPDATE meta SET value = '99999999' WHERE key = 'dim'", "embedding width of 99999999"),
+        ("DROP TABLE meta", "is not a readable example database"),
+    ],
+    ids=["short-embedding", "text-embedding", "blob-label", "negative-dim", "huge-dim", "no-meta"],
+)
+def test_export_of_a_damaged_database_is_one_line(tmp_path, damage, message) -> None:
+    db = tmp_path / "examples.sqlite"
+    store = ExampleStore.open(db, "f" * 16, 8)
+    vector = check_embedding(np.arange(1, 9), 8)
+    store.add(Example(new_id(), "cat", "cam", "2026-01-01T00:00:00Z", vector))
+    store.close()
+    raw = sqlite3.connect(db)
+    raw.execute(damage)
+    raw.commit()
+    raw.close()
+    before = db.read_bytes()
+    result = edge("examples", "export", str(db), str(tmp_path / "out.npz"))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.npz").exists() and db.read_bytes() == before
+
+
+def test_export_reads_the_database_without_writing_it(tmp_path) -> None:
+    """The export opens the database read-only: no file appears beside it and none changes
+    (a read-only folder, where SQLite cannot make the WAL index, is read as immutable)."""
+    folder = tmp_path / "stick"
+    folder.mkdir()
+    store = ExampleStore.open(folder / "examples.sqlite", "f" * 16, 8)
+    vector = check_embedding(np.arange(1, 9), 8)
+    store.add(Example(new_id(), "cat", "cam", "2026-01-01T00:00:00Z", vector))
+    store.close()
+    before = (folder / "examples.sqlite").read_bytes()
+    result = edge("examples", "export", str(folder / "examples.sqlite"), str(tmp_path / "o.npz"))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["examples.sqlite"]
+    assert (folder / "examples.sqlite").read_bytes() == before
+    assert len(read_examples(tmp_path / "o.npz").examples) == 1

@@ -68,27 +68,20 @@ def handle(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from vlm_export.runtime.teach.store import ExampleStore, recorded_meta
+    from vlm_export.runtime.teach.store import read_database
     from vlm_export.runtime.teach.transfer import write_examples
 
     path = Path(_database(args.database))
-    recorded = recorded_meta(path)
-    if recorded is None:
-        raise UserError(f"no example database at {path}")
     check_can_create(args.out)
-    store = ExampleStore.open(path, *recorded)
-    try:
-        examples = store.all()
-        labels = store.counts()
-    finally:
-        store.close()
-    write_examples(args.out, examples, *recorded)
+    fingerprint, dim, examples = read_database(path)  # read only: the database is not changed
+    write_examples(args.out, examples, fingerprint, dim)
+    labels = {example.label for example in examples}
     status(f"exported {len(examples)} examples of {len(labels)} labels from {path} to {args.out}")
     return 0
 
 
 def _import(args: argparse.Namespace) -> int:
-    from vlm_export.runtime.teach.store import ExampleStore, recorded_meta
+    from vlm_export.runtime.teach.store import DB_NAME, TEACH_FOLDER, ExampleStore, recorded_meta
     from vlm_export.runtime.teach.transfer import read_examples
 
     path = Path(_database(args.database))
@@ -103,12 +96,12 @@ def _import(args: argparse.Namespace) -> int:
             f"{recorded[1]}): nothing imported"
         )
     if recorded is None:
-        if Path(args.database).is_dir():  # a state dir: its teach folder
-            path.parent.mkdir(exist_ok=True)
+        if path.parent.name == TEACH_FOLDER and path.name == DB_NAME:  # a state dir's
+            path.parent.mkdir(parents=True, exist_ok=True)
         check_can_create(path)
     store = ExampleStore.open(path, exported.fingerprint, exported.dim)
-    try:
-        new = sum(store.add_all(exported.examples))
+    try:  # shared: a serve --fleet on this database publishes them at its start
+        new = sum(store.add_all(exported.examples, share=True))
         total = store.count()
     finally:
         store.close()

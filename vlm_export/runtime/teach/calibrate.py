@@ -90,9 +90,10 @@ def calibrate(
     rejected = int((top[unknown] < threshold).sum())
     right = np.array([d == label for d, label in zip(decided, learner.example_labels, strict=True)])
     kept = int((right & (top >= threshold) & ~unknown).sum())
+    keeps = f"keeps {kept}/{n_known} known ({kept / n_known:.0%})" if n_known else "no known"
     reason = (
-        f"rejects {rejected}/{n_unknown} unknown examples ({rejected / n_unknown:.0%}), keeps "
-        f"{kept}/{n_known} known ({kept / n_known if n_known else 0.0:.0%}), leave-one-out"
+        f"rejects {rejected}/{n_unknown} unknown examples ({rejected / n_unknown:.0%}), "
+        f"{keeps}, leave-one-out"
     )
     if capped:
         reason += f"; {reject:.0%} of the unknown examples cannot be rejected (scores above 1)"

@@ -33,12 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
-from vlm_export.core.errors import StateError, UserError, shown_path
+from vlm_export.core.errors import StateError, UserError, shown, shown_path
 from vlm_export.runtime.teach.examples import Example, check_id, check_label
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+#: the widest embedding a database may record (CLIP's are 512 to 1024)
+MAX_DIM = 16384
 #: how long a change waits for another process's lock on the database before it is refused
 BUSY_TIMEOUT_S = 5.0
 #: the database's name, in the folder TEACH_FOLDER of a ``serve --state-dir``
@@ -396,11 +398,22 @@ class ExampleStore:
             return self._reader.execute(sql, args).fetchall()
 
     def _example(self, row: tuple) -> Example:
-        example_id, label, source, time_utc, origin, blob, thumbnail = row
-        embedding = np.frombuffer(blob, dtype="<f4").astype(np.float32)
-        if embedding.shape != (self.dim,):
-            raise StateError(f"{self._where}: example {example_id} has a corrupt embedding")
-        return Example(example_id, label, source, time_utc, embedding, origin, thumbnail)
+        return _row_example(row, self.dim, self._where)
+
+
+def _row_example(row: tuple, dim: int, where: str) -> Example:
+    """The example a database row holds; StateError (one line) for a row that is not one (a
+    field of another type, an embedding of another length)."""
+    example_id, label, source, time_utc, origin, blob, thumbnail = row
+    texts = (example_id, label, source, time_utc, origin)
+    if not all(isinstance(text, str) for text in texts):
+        raise StateError(f"{where}: example {shown(repr(example_id))} has a corrupt text field")
+    if not isinstance(blob, bytes) or len(blob) != 4 * dim:
+        raise StateError(f"{where}: example {shown(example_id)} has a corrupt embedding")
+    if thumbnail is not None and not isinstance(thumbnail, bytes):
+        raise StateError(f"{where}: example {shown(example_id)} has a corrupt thumbnail")
+    embedding = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+    return Example(example_id, label, source, time_utc, embedding, origin, thumbnail)
 
 
 def _identity(path: Path) -> tuple[int, int]:
@@ -412,12 +425,14 @@ def _identity(path: Path) -> tuple[int, int]:
 def database_path(state_dir_or_db: str | Path) -> Path:
     """The example database a path names: a folder holding ``DB_NAME`` (the teach folder) gives
     that file; any other folder is a ``serve --state-dir``: its ``TEACH_FOLDER/DB_NAME``; a file
-    path is itself."""
-    path = Path(state_dir_or_db)
-    if not path.is_dir():
+    is itself. A path that does not exist yet names a state dir when it ends in a separator or
+    has no suffix (``states/``, ``states``), else a database file (``examples.sqlite``)."""
+    text = str(state_dir_or_db)
+    path = Path(text)
+    if path.is_dir():
+        return path / DB_NAME if (path / DB_NAME).exists() else path / TEACH_FOLDER / DB_NAME
+    if path.exists() or (path.suffix and not text.endswith(("/", os.sep))):
         return path
-    if (path / DB_NAME).exists():
-        return path / DB_NAME
     return path / TEACH_FOLDER / DB_NAME
 
 
@@ -427,19 +442,57 @@ def recorded_meta(path: str | Path) -> tuple[str, int] | None:
     path = Path(path)
     if not path.exists():
         return None
+    with _read_only(path) as connection:
+        return _meta_of(connection, path)
+
+
+def read_database(path: str | Path) -> tuple[str, int, list[Example]]:
+    """(bundle fingerprint, dim, every example sorted by id without thumbnails) of an existing
+    database, read without writing to it (read-only media too); StateError for a missing,
+    corrupt or foreign file."""
+    path = Path(path)
+    if not path.exists():
+        raise StateError(f"no example database at {path}")
+    with _read_only(path) as connection:
+        fingerprint, dim = _meta_of(connection, path)
+        rows = connection.execute(f"SELECT {_COLUMNS}, NULL FROM examples ORDER BY id").fetchall()
+    return fingerprint, dim, [_row_example(row, dim, str(path)) for row in rows]
+
+
+@contextlib.contextmanager
+def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to the database at ``path`` that makes no file beside it: a
+    database no one has open (no WAL index beside it) is read as immutable, one in use through
+    its WAL. StateError for what is no database."""
     if path.is_dir():
         raise StateError(f"{path} is a folder, not an example database")
     if not path.is_file():  # never opened: a FIFO blocks SQLite's open, Ctrl-C included
         raise StateError(f"{path} is not a regular file (a device, FIFO or socket)")
+    in_use = path.with_name(path.name + "-shm").exists()
+    wal = path.with_name(path.name + "-wal")
+    pending = wal.exists() and wal.stat().st_size > 0
+    mode = "mode=ro" if in_use or pending else "immutable=1"
     try:
-        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            held = dict(connection.execute("SELECT key, value FROM meta").fetchall())
-        finally:
-            connection.close()
-        return str(held["bundle"]), int(held["dim"])
-    except (sqlite3.Error, KeyError, ValueError) as exc:
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True)
+    except sqlite3.Error as exc:
         raise StateError(f"{path} is not a readable example database ({exc})") from None
+    try:
+        yield connection
+    except sqlite3.Error as exc:
+        raise StateError(f"{path} is not a readable example database ({exc})") from None
+    finally:
+        connection.close()
+
+
+def _meta_of(connection: sqlite3.Connection, path: Path) -> tuple[str, int]:
+    """(bundle fingerprint, dim) a database records; StateError when they are not such."""
+    held = dict(connection.execute("SELECT key, value FROM meta").fetchall())
+    bundle, dim = held.get("bundle"), held.get("dim")
+    if not isinstance(bundle, str) or not isinstance(dim, str) or not dim.isdigit():
+        raise StateError(f"{path} is not a readable example database (its meta is corrupt)")
+    if not 0 < int(dim) <= MAX_DIM:
+        raise StateError(f"{path} records an embedding width of {dim}: corrupt")
+    return bundle, int(dim)
 
 
 def ids_digest(ids: list[str]) -> str:
