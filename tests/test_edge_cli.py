@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -337,3 +339,65 @@ def test_a_published_out_removes_the_leftovers_of_killed_runs(tca_dir, folder, t
     os.utime(stale, (1, 1))
     assert cli.main(["run", str(tca_dir), str(folder), "--out", str(out), "--quiet"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval-tta", "{bundle}", "{data}", "--state", ""], "--state is empty: give a path"),
+        (["eval-tta", "{bundle}", "{data}", "--json", " "], "--json is empty: give a path"),
+        (
+            ["eval-tta", "{bundle}", "{data}", "--baseline", ""],
+            "--baseline is empty: give a folder",
+        ),
+        (
+            ["eval", "{bundle}", "{data}", "--order", "a", "--rail-state", ""],
+            "--rail-state is empty: give a path",
+        ),
+        (
+            ["learn", "{bundle}", "{data}", "--state", "{tmp}/s.npz", "--inference-state", ""],
+            "--inference-state is empty: give a path",
+        ),
+        (
+            ["merge", "{tmp}/m.npz", "{tmp}/a.npz", "{tmp}/b.npz", "--inference-state", ""],
+            "--inference-state is empty: give a path",
+        ),
+        (["merge", "{tmp}/m.npz", "{tmp}/a.npz", ""], "STATE is empty: give a path"),
+        (["bench", "{bundle}", "--json", ""], "--json is empty: give a path"),
+        (["run", "{bundle}", "{data}", "--classes", ""], "--classes is empty: give a path"),
+    ],
+)
+def test_an_empty_path_option_is_refused_by_every_command(
+    tca_dir, folder, tmp_path, capsys, argv, message
+) -> None:
+    """An empty path (``--state "$UNSET"``) is one line before any work: never "not given"."""
+    names = {"bundle": tca_dir, "data": folder, "tmp": tmp_path}
+    assert cli.main([arg.format(**names) for arg in argv]) == 1
+    assert _stderr_lines(capsys) == [f"vlm-edge: error: {message}"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_error_lines_escape_the_names_they_show(tca_dir, tmp_path, capsys) -> None:
+    """A newline or an escape sequence in a name is shown escaped: one line, the terminal's
+    state untouched (UserError, OSError and warning lines alike)."""
+    assert cli.main(["info", "nobundle\nvlm-edge: bundle OK"]) == 1
+    assert _stderr_lines(capsys) == [
+        "vlm-edge: error: bundle folder not found: nobundle\\nvlm-edge: bundle OK"
+    ]
+    assert cli.main(["run", str(tca_dir), str(tmp_path / "img\x1b[2J\x1b[31mX.png")]) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "img\\x1b[2J\\x1b[31mX.png" in err
+
+    def fails(args: object) -> int:
+        raise PermissionError(13, "Permission denied", "state\n\x1b[31m.npz")
+
+    parser = cli.build_parser()
+    assert cli._dispatch(parser, argparse.Namespace(handler=fails)) == 1
+    assert _stderr_lines(capsys) == ["vlm-edge: error: state\\n\\x1b[31m.npz: Permission denied"]
+
+    def warns(args: object) -> int:
+        warnings.warn("cannot read img\nvlm-edge: all fine", stacklevel=1)
+        return 0
+
+    assert cli._dispatch(parser, argparse.Namespace(handler=warns)) == 0
+    assert _stderr_lines(capsys) == ["vlm-edge: WARNING: cannot read img\\nvlm-edge: all fine"]

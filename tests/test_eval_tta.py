@@ -12,12 +12,19 @@ import pytest
 from fakebundle import DOMAINS, make_bundle, write_images
 from PIL import Image
 
+from vlm_export.core.state_file import load_state, save_state
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.cli import main
 from vlm_export.runtime.datasets.layouts import EvalSetError, load_test_set
 from vlm_export.runtime.datasets.registry import get_dataset
 from vlm_export.runtime.engines.factory import open_backend
-from vlm_export.runtime.evaluation import EvalStream, MethodStream, stream_order
+from vlm_export.runtime.evaluation import (
+    STATE_KIND,
+    STATE_SCHEMA_VERSION,
+    EvalStream,
+    MethodStream,
+    stream_order,
+)
 from vlm_export.runtime.pipeline import Pipeline
 from vlm_export.runtime.tca.calibration import expected_calibration_error, reliability_bins
 
@@ -333,3 +340,52 @@ def test_an_interrupted_run_keeps_the_outputs_of_a_whole_one(
     )
     assert "no test image could be read" in capsys.readouterr().err
     assert not (tmp_path / "u.json").exists()
+
+
+def test_a_damaged_state_is_refused_in_one_line_before_streaming(
+    tta_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Header fields of the wrong type (a bool is no position), errors past the position,
+    predictions that are no class, NaN confidences: one line naming the state, no result."""
+    bundle_dir, data = tta_data
+    bundle = Bundle.open(bundle_dir)
+    test = load_test_set(bundle, data, None)
+    order = stream_order(len(test), 1)
+    methods = [
+        MethodStream.start(name, Pipeline(bundle, open_backend(bundle), name), len(order))
+        for name in ("zeroshot", "tca")
+    ]
+    stream = EvalStream(test.paths, test.labels, order, methods)
+    stream.run(until=5)
+    state = tmp_path / "state.npz"
+    stream.save(state, bundle.fingerprint)
+    arrays, meta = load_state(state, STATE_KIND, STATE_SCHEMA_VERSION, bundle.fingerprint)
+    fields = {k: v for k, v in meta.items() if k not in ("kind", "schema_version", "bundle")}
+    confidences = arrays["zeroshot.confidences"].copy()
+    confidences[2] = np.nan
+    predictions = arrays["tca.predictions"].copy()
+    predictions[1] = bundle.num_classes
+    for index, (change, message) in enumerate(
+        [
+            ({"seconds": 1}, "has a corrupt header (field 'seconds')"),
+            ({"seconds": {"zeroshot": True, "tca": 1.0}}, "corrupt header (field 'seconds')"),
+            ({"seconds": {"zeroshot": 10**400, "tca": 1.0}}, "corrupt header (field 'seconds')"),
+            ({"errors": 5}, "has a corrupt header (field 'errors')"),
+            ({"errors": [[7, "beyond the position"]]}, "corrupt header (field 'errors')"),
+            ({"position": True}, "has an invalid position True"),
+            ({"zeroshot.confidences": confidences}, "zeroshot confidences are not finite"),
+            ({"tca.predictions": predictions}, "the tca predictions are not classes"),
+        ]
+    ):
+        changed = {**arrays, **{k: v for k, v in change.items() if k in arrays}}
+        header = {**fields, **{k: v for k, v in change.items() if k not in arrays}}
+        bad = tmp_path / f"bad{index}.npz"
+        save_state(bad, STATE_KIND, STATE_SCHEMA_VERSION, bundle.fingerprint, changed, header)
+        before = bad.read_bytes()
+        out = tmp_path / "out.json"
+        argv = [str(bundle_dir), str(data), "--state", str(bad), "--json", str(out), "--quiet"]
+        assert main(["eval-tta", *argv]) == 1, change
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"vlm-edge: error: {bad}") and message in err[-1], err
+        assert not any("Traceback" in line for line in err)
+        assert bad.read_bytes() == before and not out.exists()

@@ -570,3 +570,115 @@ def test_sizes_that_do_not_fit_are_refused_before_work(
     dual = ["learn", bundle_dir, tools, "--domain", "tools", "--state", tmp_path / "dual.npz"]
     line = _fails(capsys, [*dual, "--form", "dual", "--shots", 0], "the dual learner (12 samples")
     assert "samples fit the dual form here: learn with --form primal" in line
+
+
+# ------------------------------------------------------------------ damaged and concurrent states
+def _with_header(source: Path, target: Path, **fields: object) -> Path:
+    """A copy of a state file with header fields changed."""
+    raw = np.load(source)
+    arrays = {name: raw[name] for name in raw.files}
+    meta = json.loads(str(arrays["__meta__"]))
+    arrays["__meta__"] = np.array(json.dumps({**meta, **fields}))
+    np.savez(target, **arrays)
+    return target
+
+
+def test_a_header_with_huge_sizes_is_one_line_everywhere(bundle_dir, data, tmp_path, capsys):
+    """Sizes the arrays do not have (2**70 wide: NumPy's ValueError; 2**40: 80 TiB asked) are
+    refused as a corrupt state by run, merge and learn, before anything is allocated."""
+    primal, dual = tmp_path / "primal.npz", tmp_path / "dual.npz"
+    _learn(capsys, bundle_dir, data, "shapes", primal)
+    _learn(capsys, bundle_dir, data, "shapes", dual, dual=True)
+    image = next((data / "learn" / "shapes" / "red_circle").iterdir())
+    for good, fields in ((dual, {"in_dim": 2**70}), (primal, {"in_dim": 2**40, "hidden_dim": 0})):
+        bad = _with_header(good, tmp_path / f"bad-{good.name}", **fields)
+        copy = tmp_path / "learn-copy.npz"
+        copy.write_bytes(bad.read_bytes())
+        tools = data / "learn" / "tools"
+        for argv in (
+            ["run", bundle_dir, image, "--method", "rail", "--rail-state", bad, "--quiet"],
+            ["merge", tmp_path / "merged.npz", bad, good],
+            ["learn", bundle_dir, tools, "--domain", "tools", "--state", copy, "--shots", 3],
+        ):
+            _fails(capsys, argv, "should be float64", copy)
+        assert not (tmp_path / "merged.npz").exists()
+
+
+def test_merge_refuses_a_first_state_whose_labels_no_reader_takes(
+    bundle_dir, data, tmp_path, capsys
+):
+    """merge copies the first state's engine and labels into OUT: a corrupt record is refused
+    as run refuses it, not written into an OUT that nobody can read."""
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    _learn(capsys, bundle_dir, data, "shapes", a)
+    _learn(capsys, bundle_dir, data, "tools", b)
+    out = tmp_path / "out.npz"
+    meta = json.loads(str(np.load(a)["__meta__"]))
+    for index, (fields, message) in enumerate(
+        [
+            ({"labels": -1}, "has a corrupt header (field 'labels')"),
+            ({"labels": meta["labels"][:-1]}, "records 5 labels for 6 classes"),
+            ({"engine": 7}, "has a corrupt header (field 'engine')"),
+        ]
+    ):
+        bad = _with_header(a, tmp_path / f"bad{index}.npz", **fields)
+        _fails(capsys, ["merge", out, bad, b], message)
+        assert not out.exists()
+    code, _, err = _edge(capsys, "merge", out, a, b)
+    assert code == 0, err
+    assert json.loads(str(np.load(out)["__meta__"]))["labels"] == meta["labels"]
+
+
+def _saved_meanwhile(monkeypatch, module: object, name: str, state: Path, saved: Path) -> None:
+    """While ``module.name`` runs, another run saves ``saved`` over ``state`` (atomically)."""
+    work = getattr(module, name)
+
+    def working_while_another_saves(*args: object, **kwargs: object) -> object:
+        copy = state.with_name(".another-run")
+        copy.write_bytes(saved.read_bytes())
+        os.replace(copy, state)
+        return work(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, working_while_another_saves)
+
+
+def test_learn_refuses_to_save_over_what_another_run_saved_meanwhile(
+    bundle_dir, data, tmp_path, capsys, monkeypatch
+) -> None:
+    """Two learns continuing one state at once: the second to save is refused in one line and
+    its state is what the first saved (nothing lost: running it again continues that)."""
+    from vlm_export.runtime.commands import learn
+
+    state, both = tmp_path / "rail.npz", tmp_path / "both.npz"
+    _learn(capsys, bundle_dir, data, "shapes", state)
+    both.write_bytes(state.read_bytes())
+    _learn(capsys, bundle_dir, data, "tools", both)  # what the other run saves: shapes + tools
+    with monkeypatch.context() as patch:
+        _saved_meanwhile(patch, learn, "embed_images", state, both)
+        tools = data / "learn" / "tools"
+        argv = ["learn", bundle_dir, tools, "--domain", "tools", "--state", state, "--shots", 3]
+        line = _fails(capsys, argv, f"{state} changed while learning (another run saved it)")
+        assert line.endswith("nothing saved: run again")
+    assert state.read_bytes() == both.read_bytes()
+    _fails(capsys, argv, "has already learned hammer, saw, drill", state)
+    fresh = tmp_path / "fresh.npz"  # none when the run started, one when it saves
+    with monkeypatch.context() as patch:
+        _saved_meanwhile(patch, learn, "embed_images", fresh, both)
+        argv = ["learn", bundle_dir, tools, "--domain", "tools", "--state", fresh, "--shots", 3]
+        _fails(capsys, argv, "changed while learning")
+    assert fresh.read_bytes() == both.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["both.npz", "fresh.npz", "rail.npz"]
+
+
+def test_merge_refuses_to_save_over_what_another_run_saved_meanwhile(
+    bundle_dir, data, tmp_path, capsys, monkeypatch
+) -> None:
+    from vlm_export.runtime.commands import merge
+
+    a, b, out = tmp_path / "a.npz", tmp_path / "b.npz", tmp_path / "out.npz"
+    _learn(capsys, bundle_dir, data, "shapes", a)
+    _learn(capsys, bundle_dir, data, "tools", b)
+    out.write_bytes(a.read_bytes())
+    _saved_meanwhile(monkeypatch, merge, "merge_learner_files", out, b)
+    _fails(capsys, ["merge", out, a, b], f"{out} changed while merging (another run saved it)")
+    assert out.read_bytes() == b.read_bytes()

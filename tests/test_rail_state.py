@@ -1,5 +1,6 @@
 """RAIL learner / inference state files: round trips, refusals, atomicity, and merging devices."""
 
+import re
 import subprocess
 import sys
 
@@ -399,3 +400,41 @@ def test_merging_files_streams_and_equals_merging_states(tmp_path, monkeypatch):
     )
     with pytest.raises(StateError, match="Gram matrix G holds NaN"):
         merge_learner_files([paths[0], nan], BUNDLE)
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [
+        ("dual", {"in_dim": 2**70}, "array 'features' should be float64 [20, 1180591620717411303"),
+        (
+            "no-rhl",
+            {"in_dim": 2**40},
+            f"array 'weights' should be float64 [1099511627776, {CLASSES}]",
+        ),
+        ("cholesky", {"in_dim": 2**40}, "array 'projection' should be float64 [1099511627776, 24]"),
+        ("no-rhl", {"num_classes": 2**40}, "array 'learned_mask' should be bool [1099511627776]"),
+        ("no-rhl", {"in_dim": -3}, f"array 'weights' should be float64 [-3, {CLASSES}]"),
+    ],
+)
+def test_header_sizes_are_checked_against_the_arrays_before_anything_is_allocated(
+    tmp_path, name, change, message
+):
+    """A header declaring a huge width is a one-line StateError, not a ValueError of NumPy or a
+    MemoryError for 80 TiB; ``primal_sizes`` (the memory estimate's input) checks the same."""
+    x, labels = data(15, 20)
+    learner = learners()[name]
+    learner.partial_fit(x, labels)
+    path = tmp_path / "learner.npz"
+    save_learner_state(path, learner, BUNDLE)
+    bad = _rewrite(path, tmp_path / "bad.npz", **change)
+    with pytest.raises(StateError, match=re.escape(message)):
+        load_learner_state(bad, BUNDLE)
+    for order in ([bad, path], [path, bad]):
+        with pytest.raises(StateError, match=r"bad.npz: array '\w+' should be .*corrupt state"):
+            merge_learner_files(order, BUNDLE)
+    if name != "dual":
+        with pytest.raises(StateError, match=re.escape(message)):
+            rail_state.primal_sizes(bad)
+        assert rail_state.primal_sizes(path) == (IN_DIM, CLASSES, learner.hidden_dim)
+    else:
+        assert rail_state.primal_sizes(bad) is None

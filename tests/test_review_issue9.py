@@ -274,7 +274,7 @@ def test_eval_plot_refuses_the_json_path_and_a_place_inside_data_root(
     for extra, message in (
         (["--plot", tmp_path / "r.png", "--json", tmp_path / "r.png"], "are the same file"),
         (["--plot", data / "animals" / "cat" / "plot.png"], "is inside DATA_ROOT"),
-        (["--plot", ""], "--plot writes a PNG: give a file name ending in .png"),
+        (["--plot", ""], "--plot is empty: give a path"),
         (["--plot", tmp_path / ".png"], "--plot writes a PNG"),
     ):  # fmt: skip
         code, stdout, err = _edge(capsys, *argv, *extra)

@@ -36,12 +36,15 @@ from vlm_export import __version__
 from vlm_export.core import live_line
 from vlm_export.core.errors import UserError, describe_os_error
 from vlm_export.core.interrupts import exit_status_of
-from vlm_export.core.paths import guard_arguments
+from vlm_export.core.paths import PathArg, guard_arguments, path_actions, role_of
 from vlm_export.core.pipes import EXIT_BROKEN_PIPE
 from vlm_export.core.pipes import stdout_to_devnull as _stdout_to_devnull
 from vlm_export.runtime.log import one_line_messages
+from vlm_export.runtime.terminal import printable
 
 PROG = "vlm-edge"
+#: path kinds that name a folder (core.paths.PathArg): an empty one asks for a folder
+FOLDER_KINDS = ("tree", "bundle-rw", "into", "folder")
 
 
 def command_modules() -> list[ModuleType]:
@@ -79,7 +82,19 @@ def _one_line_warning(
     line: str | None = None,
 ) -> None:
     live_line.end()
-    print(f"{PROG}: WARNING: {message}", file=sys.stderr, flush=True)
+    print(f"{PROG}: WARNING: {printable(str(message))}", file=sys.stderr, flush=True)
+
+
+def refuse_empty_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a path option given empty (``--state "$UNSET"``): never taken for "not given",
+    nor for the current folder."""
+    for action in path_actions(parser, args):
+        value = getattr(args, action.dest, None)
+        if not isinstance(action.type, PathArg) or value is None:
+            continue
+        if any(not str(item).strip() for item in (value if isinstance(value, list) else [value])):
+            noun = "folder" if action.type.kind in FOLDER_KINDS else "path"
+            raise UserError(f"{role_of(action)} is empty: give a {noun}")
 
 
 def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -87,17 +102,18 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         warnings.simplefilter("default")
         warnings.showwarning = _one_line_warning
         try:
+            refuse_empty_paths(parser, args)
             guard_arguments(parser, args)  # before any work
             return int(args.handler(args))
         except UserError as exc:
             live_line.end()  # a progress line showing: the error starts a line of its own
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            print(f"{PROG}: error: {printable(str(exc))}", file=sys.stderr)
             return 1
         except BrokenPipeError:
             raise
         except OSError as exc:  # a permission or I/O error that no command turned into a line
             live_line.end()
-            print(f"{PROG}: error: {describe_os_error(exc)}", file=sys.stderr)
+            print(f"{PROG}: error: {printable(describe_os_error(exc))}", file=sys.stderr)
             return 1
 
 

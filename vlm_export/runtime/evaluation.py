@@ -9,9 +9,11 @@ exactly as an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -122,7 +124,8 @@ class EvalStream:
         save_state(path, STATE_KIND, STATE_SCHEMA_VERSION, fingerprint, arrays, meta)
 
     def resume(self, path: str | Path, fingerprint: str) -> None:
-        """Continue from a state saved by ``save`` for this very stream (StateError if not)."""
+        """Continue from a state saved by ``save`` for this very stream (StateError if not, or
+        if any of it is damaged: checked whole before anything changes)."""
         arrays, meta = load_state(path, STATE_KIND, STATE_SCHEMA_VERSION, fingerprint)
         names = [m.name for m in self.methods]
         if meta.get("methods") != names or meta.get("digest") != self.digest():
@@ -131,17 +134,17 @@ class EvalStream:
                 f"{meta.get('methods')}); use a new --state file"
             )
         position = meta.get("position")
-        if not isinstance(position, int) or not 0 <= position <= len(self.order):
+        if type(position) is not int or not 0 <= position <= len(self.order):
             raise StateError(f"{path} has an invalid position {position!r}")
-        count = len(self.order)
+        seconds = _saved_seconds(path, meta, names)
+        errors = _saved_errors(path, meta, position)
+        decisions = {
+            method.name: _saved_decisions(path, arrays, method, len(self.order))
+            for method in self.methods
+        }
         for method in self.methods:
-            for key in ("predictions", "confidences"):
-                value = arrays.get(f"{method.name}.{key}")
-                if value is None or value.shape != (count,):
-                    raise StateError(f"{path} has no {method.name} {key} for {count} images")
-            method.predictions = arrays[f"{method.name}.predictions"].astype(np.int64)
-            method.confidences = arrays[f"{method.name}.confidences"].astype(np.float64)
-            method.seconds = float(meta.get("seconds", {}).get(method.name, 0.0))
+            method.predictions, method.confidences = decisions[method.name]
+            method.seconds = seconds[method.name]
             reservoir = method.pipeline.reservoir
             if reservoir is not None:
                 prefix = f"{method.name}.reservoir."
@@ -149,5 +152,63 @@ class EvalStream:
                     {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
                 )
                 method.pipeline.tca.sync_anchors()
-        self.errors = [(int(p), str(m)) for p, m in meta.get("errors", [])]
+        self.errors = errors
         self.position = position
+
+
+def _is_duration(value: object) -> bool:
+    """A number of seconds from a JSON header: an int or float (not a bool), finite, >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return 0 <= float(value) < math.inf
+    except OverflowError:  # an int beyond any float
+        return False
+
+
+def _saved_seconds(path: str | Path, meta: dict[str, Any], names: list[str]) -> dict[str, float]:
+    """Each method's seconds so far from a state header (0 when not recorded)."""
+    saved = meta.get("seconds", {})
+    if isinstance(saved, dict):
+        seconds = {name: saved.get(name, 0.0) for name in names}
+        if all(_is_duration(value) for value in seconds.values()):
+            return {name: float(value) for name, value in seconds.items()}
+    raise StateError(f"{path} has a corrupt header (field 'seconds')")
+
+
+def _saved_errors(path: str | Path, meta: dict[str, Any], position: int) -> list[tuple[int, str]]:
+    """The unreadable images (stream position, message) before ``position`` from a header."""
+    saved = meta.get("errors", [])
+    if isinstance(saved, list) and all(
+        isinstance(entry, list)
+        and len(entry) == 2
+        and type(entry[0]) is int
+        and 0 <= entry[0] < position
+        and isinstance(entry[1], str)
+        for entry in saved
+    ):
+        return [(at, message) for at, message in saved]
+    raise StateError(f"{path} has a corrupt header (field 'errors')")
+
+
+def _saved_decisions(
+    path: str | Path, arrays: dict[str, np.ndarray], method: MethodStream, count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A method's predictions and confidences from a state: ``count`` each, the predictions
+    classes of its bundle (or UNREADABLE), the confidences finite."""
+    predictions = arrays.get(f"{method.name}.predictions")
+    confidences = arrays.get(f"{method.name}.confidences")
+    for key, value in (("predictions", predictions), ("confidences", confidences)):
+        if value is None or value.shape != (count,):
+            raise StateError(f"{path} has no {method.name} {key} for {count} images")
+    classes = method.pipeline.bundle.num_classes
+    if (
+        predictions.dtype.kind not in "iu"
+        or not ((predictions >= UNREADABLE) & (predictions < classes)).all()
+    ):
+        raise StateError(f"{path}: the {method.name} predictions are not classes (corrupt state)")
+    if confidences.dtype.kind != "f" or not np.isfinite(confidences).all():
+        raise StateError(
+            f"{path}: the {method.name} confidences are not finite numbers (corrupt state)"
+        )
+    return predictions.astype(np.int64), confidences.astype(np.float64)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+from vlm_export.core.atomic import final_target
 from vlm_export.core.errors import UserError
 from vlm_export.runtime.rail.models import LearnerOptions
 from vlm_export.runtime.rail.primal import ROUTES
@@ -56,3 +60,40 @@ def same_file(a: str | Path, b: str | Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:  # one of them does not exist (yet)
         return False
+
+
+#: what tells one version of a file from another: (device, inode, mtime in ns, size)
+FileIdentity = tuple[int, int, int, int]
+
+
+def file_identity(path: str | Path) -> FileIdentity | None:
+    """The identity of the file at ``path`` (links followed), None when there is none: a file
+    replaced (an atomic save) or rewritten since shows another."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size
+
+
+@contextlib.contextmanager
+def saving_unchanged(path: str, identity: FileIdentity | None, doing: str) -> Iterator[None]:
+    """Hold a lock on the folder of ``path`` while the block saves over it, refusing first
+    (UserError) when the file no longer has ``identity``: another run saved it meanwhile, and
+    saving over it would lose that run's work. Every command that saves learner states takes
+    the lock, so a check and its save never interleave with another's."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a device or FIFO: written through
+        yield
+        return
+    folder = final_target(path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        if file_identity(path) != identity:
+            raise UserError(
+                f"{path} changed while {doing} (another run saved it); nothing saved: run again"
+            )
+        yield
+    finally:
+        os.close(descriptor)  # and the lock with it

@@ -31,6 +31,7 @@ from vlm_export.runtime.commands import (
     add_drift_argument,
     add_verify_arguments,
     status,
+    thread_count,
     verify_mode,
 )
 from vlm_export.runtime.engines.checks import measure
@@ -207,6 +208,7 @@ def measure_bundle(
             f"--rounds must be 1 to {MAX_ROUNDS:,} and --warmup 0 to {MAX_ROUNDS:,}, got "
             f"{args.rounds:,} and {args.warmup:,}"
         )
+    threads = thread_count(args.threads)
     images, image_text = _images(bundle, args.images)
     results: list[dict[str, Any]] = []
     full_rows: list[dict[str, Any]] = []
@@ -217,7 +219,7 @@ def measure_bundle(
             bundle,
             "onnxruntime",
             list(REFERENCE_PROVIDERS),
-            args.threads,
+            threads,
             precision="fp32",
             allow_drift=args.allow_drift,
         )
@@ -234,7 +236,7 @@ def measure_bundle(
                 try:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        engine = _open(bundle, backend, precision, args.threads, args.allow_drift)
+                        engine = _open(bundle, backend, precision, threads, args.allow_drift)
                 except (UserError, RuntimeError) as exc:
                     row.update(passed=False, skipped=" ".join(str(exc).split()))
                     continue
@@ -245,7 +247,7 @@ def measure_bundle(
             row.setdefault("memory_mb", watch.delta_mb)
             runners[len(results) - 1] = lambda e=engine: e.infer(images[0])
             if baseline is not None:
-                full, full_engine = _baseline_row(baseline, backend, precision, args.threads, stack)
+                full, full_engine = _baseline_row(baseline, backend, precision, threads, stack)
                 full_rows.append(full)
                 if full_engine is not None:
                     key = ("baseline", len(full_rows) - 1)
@@ -256,7 +258,7 @@ def measure_bundle(
             full_rows[key[1]].update(timing)
         else:
             results[key].update(timing)
-    ladder = _measure_rungs(bundle, args, backends, precisions, images[0])
+    ladder = _measure_rungs(bundle, args, threads, backends, precisions, images[0])
     return {
         "format": RECORD_FORMAT,
         "bundle": bundle.fingerprint,
@@ -268,7 +270,7 @@ def measure_bundle(
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rounds": args.rounds,
         "warmup": args.warmup,
-        "threads": args.threads,
+        "threads": threads,
         "images": image_text,
         "reference": "onnxruntime CPU fp32",
         "results": results,
@@ -284,6 +286,7 @@ def measure_bundle(
 def _measure_rungs(
     bundle: Bundle,
     args: argparse.Namespace,
+    threads: int | None,
     backends: list[str],
     precisions: list[str],
     image: np.ndarray,
@@ -314,7 +317,7 @@ def _measure_rungs(
                     ladder = open_ladder(
                         bundle,
                         backend,
-                        threads=args.threads,
+                        threads=threads,
                         precision=precision,
                         allow_drift=args.allow_drift,
                     )

@@ -37,13 +37,16 @@ from vlm_export.runtime.commands import (
     media_tree,
     open_engine,
     status,
+    thread_count,
     verify_mode,
 )
 from vlm_export.runtime.commands._rail import (
     add_primal_arguments,
     add_shots_argument,
     check_shots,
+    file_identity,
     learner_options,
+    saving_unchanged,
     show_progress,
 )
 from vlm_export.runtime.pipeline import Pipeline
@@ -69,6 +72,7 @@ from vlm_export.runtime.rail.relabel import follow_learner_labels
 from vlm_export.runtime.rail.state import (
     Learner,
     load_learner_state,
+    primal_sizes,
     save_inference_state,
     save_learner_state,
 )
@@ -149,10 +153,10 @@ def _learner(bundle: Bundle, path: str, options: LearnerOptions) -> Learner:
     Either way a primal learner whose d_h x d_h matrix would not fit is refused first.
     """
     if Path(path).exists():
-        header = state_header(path) or {}
-        sizes = [header.get(key) for key in ("in_dim", "num_classes", "hidden_dim")]
-        if header.get("form") == "primal" and all(type(n) is int and n >= 0 for n in sizes):
+        sizes = primal_sizes(path)
+        if sizes is not None:
             footprint.check_primal(f"continuing {path}", *sizes)
+        header = state_header(path) or {}
         learner = load_learner_state(path, bundle.fingerprint, bundle.engine_fingerprint)
         saved, labels = saved_labels(header, path), bundle.labels
         if saved is not None and saved != labels:  # the bundle's classes changed since
@@ -210,7 +214,8 @@ def _learn_on_ray(
     engine = {
         "backend": args.backend,
         "providers": args.providers.split(",") if args.providers else None,
-        "threads": args.threads,
+        # a local Ray instance shares this machine's cores; a cluster's nodes have their own
+        "threads": thread_count(args.threads) if not args.ray else args.threads,
     }
     with RayStatistics(bundle, learner, args.ray or None, args.workers, engine, status) as cluster:
         cluster.accumulate(data.paths, data.labels)
@@ -262,6 +267,7 @@ def handle(args: argparse.Namespace) -> int:
     for path in filter(None, (args.state, args.inference_state)):
         check_can_create(path)  # before minutes of embedding and solving, not after
     bundle = Bundle.open(args.bundle, verify=verify_mode(args))
+    loaded = file_identity(args.state)  # before reading: a save by another run shows at ours
     learner = _learner(bundle, args.state, learner_options(args, args.form))
     args.domain = _domain(bundle, args.domain)
     if Path(args.data_dir).is_file():
@@ -274,7 +280,8 @@ def handle(args: argparse.Namespace) -> int:
         status(f"solving the{system} ridge system")
     learner.finalize()
     follow = labels_meta(bundle.engine_fingerprint, bundle.labels)
-    save_learner_state(args.state, learner, bundle.fingerprint, follow)  # the primary state first
+    with saving_unchanged(args.state, loaded, "learning"):  # the primary state first
+        save_learner_state(args.state, learner, bundle.fingerprint, follow)
     status(f"learned domain {args.domain}; {args.state}: {describe(learner)}")
     if args.inference_state:
         save_inference_state(args.inference_state, learner, bundle.fingerprint, follow)

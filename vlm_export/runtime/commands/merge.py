@@ -12,18 +12,20 @@ written atomically and may not be one of the inputs.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from vlm_export.core.atomic import check_can_create
 from vlm_export.core.errors import StateError, UserError
-from vlm_export.core.labels import labels_meta
+from vlm_export.core.labels import labels_meta, saved_labels
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.commands import BUNDLE, OUT, READ, add_verify_arguments, status, verify_mode
-from vlm_export.runtime.commands._rail import same_file
+from vlm_export.runtime.commands._rail import file_identity, same_file, saving_unchanged
 from vlm_export.runtime.rail import footprint
 from vlm_export.runtime.rail.models import describe, state_header
 from vlm_export.runtime.rail.state import (
     load_learner_state,
     merge_learner_files,
+    primal_sizes,
     save_inference_state,
     save_learner_state,
 )
@@ -101,11 +103,29 @@ def _engine_of(path: str) -> str | None:
     return engine if isinstance(engine, str) else None
 
 
+def _label_fields(path: str) -> dict[str, Any]:
+    """The engine fingerprint and labels a state records, refused when corrupt as ``run``
+    refuses them (from the header alone), so that OUT never records what no reader takes."""
+    header = state_header(path) or {}
+    labels = saved_labels(header, path)
+    if labels is None:  # a state saved before labels were recorded
+        return {}
+    classes = header.get("num_classes")  # not a count: loading the state refuses it
+    if type(classes) is int and len(labels) != classes:
+        raise StateError(f"{path} records {len(labels)} labels for {classes} classes")
+    fields: dict[str, Any] = {"labels": [[domain, name] for domain, name in labels]}
+    engine = header.get("engine")
+    if engine is not None:
+        if not isinstance(engine, str):
+            raise StateError(f"{path} has a corrupt header (field 'engine')")
+        fields["engine"] = engine
+    return fields
+
+
 def _check_memory(path: str) -> None:
     """Refuse, before loading, a primal merge whose d_h x d_h matrix would not fit."""
-    header = state_header(path) or {}
-    sizes = [header.get(key) for key in ("in_dim", "num_classes", "hidden_dim")]
-    if header.get("form") == "primal" and all(type(size) is int and size >= 0 for size in sizes):
+    sizes = primal_sizes(path)
+    if sizes is not None:
         footprint.check_primal(f"merging {path}", *sizes)
 
 
@@ -114,6 +134,7 @@ def handle(args: argparse.Namespace) -> int:
     _check_states(args)
     for path in filter(None, (args.out, args.inference_state)):
         check_can_create(path)
+    existing = file_identity(args.out)  # a save over OUT by another run meanwhile is refused
     bundle = Bundle.open(args.bundle, verify=verify_mode(args)) if args.bundle else None
     fingerprint = bundle.fingerprint if bundle else _first_fingerprint(args.states[0])
     _check_origins(args, fingerprint, bundle)  # headers only: before loading anything
@@ -124,10 +145,10 @@ def handle(args: argparse.Namespace) -> int:
         merged = merge_learner_files(args.states, fingerprint, engine, labels)
         follow = labels_meta(engine, labels)
     else:
+        follow = _label_fields(args.states[0])  # the same bundle's: OUT records them too
         merged = merge_learner_files(args.states, fingerprint)
-        first = state_header(args.states[0]) or {}
-        follow = {key: first[key] for key in ("engine", "labels") if key in first}  # same bundle
-    save_learner_state(args.out, merged, fingerprint, follow)
+    with saving_unchanged(args.out, existing, "merging"):
+        save_learner_state(args.out, merged, fingerprint, follow)
     status(f"merged {len(args.states)} learner states into {args.out}: {describe(merged)}")
     if args.inference_state:
         save_inference_state(args.inference_state, merged, fingerprint, follow)

@@ -186,13 +186,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check_args(args: argparse.Namespace, method: str) -> None:
-    for option in ("source", "out", "state", "rail_state", "save_annotated"):
-        if getattr(args, option) is not None and not getattr(args, option).strip():
-            name = option.upper() if option == "source" else f"--{option.replace('_', '-')}"
-            raise UserError(f"{name} is empty: give a path")  # not the current folder by accident
-    for option in ("classes", "templates"):  # an empty one was taken for "not given"
-        if getattr(args, option, None) is not None and not getattr(args, option).strip():
-            raise UserError(f"--{option} is empty: give a file or a name")
     if args.save_every < 0:
         raise UserError(f"--save-every must be 0 or more, got {args.save_every}")
     if args.max_frames is not None and args.max_frames < 1:

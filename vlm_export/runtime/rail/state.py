@@ -192,11 +192,12 @@ def load_learner_state(
         if form == "primal":
             learner = _load_primal_learner(reader, in_dim, classes)
         elif form == "dual":
+            count = _sample_count(reader)  # in_dim checked against the features before any use
+            features = reader.array("features", (count, in_dim), np.float64)
             learner = DualAdapter(
                 in_dim, classes, reader.field("gamma", float), reader.field("ridge", float)
             )
-            count = len(reader.arrays.get("features", ()))
-            learner.features = reader.array("features", (count, in_dim), np.float64)
+            learner.features = features
             learner.labels = reader.array("labels", (count,), np.int64)
             learner.inverse = reader.array("inverse", (count, count), np.float64)
             learner.coef = reader.array("coef", (count, classes), np.float64)
@@ -210,6 +211,34 @@ def load_learner_state(
     return learner
 
 
+def _sample_count(reader: _Reader) -> int:
+    """Rows of the stored dual features (0 when missing or not an array of rows: the shape
+    check that follows names what is wrong)."""
+    features = reader.arrays.get("features")
+    return int(features.shape[0]) if features is not None and features.shape else 0
+
+
+def primal_sizes(path: str | Path) -> tuple[int, int, int] | None:
+    """(in_dim, num_classes, hidden_dim) of a primal learner state, checked against the shapes
+    its arrays declare (none is read), for a memory estimate before loading; None for a dual
+    state. StateError for a file that is no learner state or whose sizes disagree."""
+    reader = _Reader(
+        path,
+        *load_state(
+            path, LEARNER_KIND, SCHEMA_VERSION, None, defer=STATE_ARRAYS, allowed=STATE_ARRAYS
+        ),
+    )
+    if reader.field("form", str) != "primal":
+        return None
+    in_dim, classes = reader.field("in_dim", int), reader.field("num_classes", int)
+    hidden = reader.field("hidden_dim", int)
+    reader.array("learned_mask", (classes,), bool)
+    if hidden:
+        reader.array("projection", (in_dim, hidden), np.float64)
+    reader.array("weights", (hidden or in_dim, classes), np.float64)
+    return in_dim, classes, hidden
+
+
 def _load_primal_learner(
     reader: _Reader, in_dim: int, classes: int, matrix: bool = True
 ) -> PrimalAdapter:
@@ -219,6 +248,8 @@ def _load_primal_learner(
     if route not in ROUTES:
         raise StateError(f"{reader.path} has an unknown primal route {route!r}")
     projection = reader.array("projection", (in_dim, hidden), np.float64) if hidden else None
+    dim = hidden or in_dim  # the header's sizes agree with W before anything of them is allocated
+    reader.array("weights", (dim, classes), np.float64)
     learner = PrimalAdapter(
         in_dim,
         classes,
@@ -229,11 +260,8 @@ def _load_primal_learner(
         projection=projection,
         matrix=False,
     )
-    dim = learner.feature_dim
     if matrix:
         learner.weights = _column_array(reader, "weights", (dim, classes), "the weights W")
-    else:  # merge_learner_files needs no W of the states it adds: checked, not read
-        reader.array("weights", (dim, classes), np.float64)
     learner.num_samples = reader.field("num_samples", int)
     learner.solved = reader.field("solved", bool)
     if learner.num_samples < 0:
@@ -333,7 +361,7 @@ def load_inference_state(
         reader.finite("weights", "the weights W")
         return PrimalPredictor(projection, weights, mask)
     if form == "dual":
-        count = len(reader.arrays.get("features", ()))
+        count = _sample_count(reader)
         features = reader.array("features", (count, in_dim), np.float64)
         coef = reader.array("coef", (count, classes), np.float64)
         for name, what in (("features", "the stored features"), ("coef", "alpha")):
