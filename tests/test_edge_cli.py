@@ -401,3 +401,12 @@ def test_error_lines_escape_the_names_they_show(tca_dir, tmp_path, capsys) -> No
 
     assert cli._dispatch(parser, argparse.Namespace(handler=warns)) == 0
     assert _stderr_lines(capsys) == ["vlm-edge: WARNING: cannot read img\\nvlm-edge: all fine"]
+
+    def logs(args: object) -> int:
+        import logging
+
+        logging.getLogger("vlm_export.runtime.io").warning("skipped %s", "a\nvlm-edge: ok\x1b[2J")
+        return 0
+
+    assert cli._dispatch(parser, argparse.Namespace(handler=logs)) == 0
+    assert _stderr_lines(capsys) == ["vlm-edge: WARNING: skipped a\\nvlm-edge: ok\\x1b[2J"]

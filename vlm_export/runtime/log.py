@@ -14,12 +14,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from vlm_export.core import live_line
+from vlm_export.runtime.terminal import printable
 
 ROOT_LOGGER = "vlm_export"
 
 
 class OneLineHandler(logging.Handler):
-    """``PROG: WARNING: message`` (or ``PROG: error: ...``) on the current ``sys.stderr``."""
+    """``PROG: WARNING: message`` (or ``PROG: error: ...``) on the current ``sys.stderr``, one
+    line: control characters in the message (a name from a file or a client) are escaped."""
 
     def __init__(self, prog: str) -> None:
         super().__init__(logging.WARNING)
@@ -29,7 +31,8 @@ class OneLineHandler(logging.Handler):
         kind = "WARNING" if record.levelno < logging.ERROR else "error"
         try:
             live_line.end()  # a progress line showing: this line starts a line of its own
-            print(f"{self.prog}: {kind}: {record.getMessage()}", file=sys.stderr, flush=True)
+            message = printable(record.getMessage())  # one line: control characters escaped
+            print(f"{self.prog}: {kind}: {message}", file=sys.stderr, flush=True)
         except Exception:  # noqa: BLE001 - logging must never raise into the caller
             self.handleError(record)
 
