@@ -40,3 +40,32 @@ def test_teach_forget_and_examples(tmp_path) -> None:
         assert sorted(e.id for e in again.examples()) == sorted(ids[1:])
     with pytest.raises(UserError, match="closed"):
         again.teach(_tinted((1, 2, 3), 0), "bus", channels="RGB")
+
+
+def test_stored_labels_meet_the_classes_when_the_database_opens(tmp_path, caplog) -> None:
+    """A stored label in another spelling of a class takes the class's ("Bus" is "bus"), and a
+    label that is no class on a bundle without a text engine is learned but not decided (one
+    warning), never a refusal to open."""
+    from vlm_export.runtime.bundle import Bundle
+    from vlm_export.runtime.teach.examples import Example, check_embedding, new_id
+    from vlm_export.runtime.teach.store import ExampleStore
+
+    bundle = make_bundle(tmp_path / "bundle", method="tca")
+    opened = Bundle.open(bundle)
+    database = tmp_path / "examples.sqlite"
+    dim = opened.text_embeddings.shape[1]
+    store = ExampleStore.open(database, opened.engine_fingerprint, dim)
+    bus = opened.classes.index("bus")
+    for seed, label in enumerate(["Bus", "Bus", "forklift"]):
+        vector = opened.text_embeddings[bus] + 0.1 * np.random.default_rng(seed).standard_normal(
+            dim
+        )
+        store.add(
+            Example(new_id(), label, "cam", "2026-01-01T00:00:00Z", check_embedding(vector, dim))
+        )
+    store.close()
+    with caplog.at_level("WARNING"), open_pipeline(bundle, examples=database) as pipeline:
+        assert sorted(e.label for e in pipeline.examples()) == ["bus", "bus", "forklift"]
+        assert "examples of 'forklift' are not decided" in caplog.text
+        assert pipeline._teaching.learner.num_samples == 3
+        assert "forklift" not in pipeline.bundle.classes

@@ -404,3 +404,55 @@ def test_a_database_made_before_the_outbox_shares_its_own_examples_once(tmp_path
     again.shared(own.id, "add")
     again.close()
     assert ExampleStore.open(path, BUNDLE, DIM).unshared() == []
+
+
+def test_closing_while_other_threads_read_ends_their_reads_in_one_error(tmp_path):
+    """close() waits for a read in progress and later reads get StoreUnavailable (before: the
+    reader's connection was closed under it, and SQLite could crash the process)."""
+    from vlm_export.runtime.teach.store import StoreUnavailable
+
+    store = ExampleStore.open(tmp_path / "e.sqlite", BUNDLE, DIM)
+    store.add_all([example("cat", seed=i) for i in range(300)])
+    outcomes: list[str] = []
+    started = threading.Barrier(5)
+
+    def reader() -> None:
+        started.wait()
+        try:
+            while True:
+                store.page(limit=300)
+        except StoreUnavailable as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    started.wait()
+    store.close()
+    for thread in threads:
+        thread.join()
+    assert len(outcomes) == 4 and all("is closed" in text for text in outcomes)
+    with pytest.raises(StoreUnavailable):
+        store.add(example("dog"))
+    store.close()  # twice: nothing more
+
+
+def test_a_refused_open_changes_nothing_so_the_outbox_migration_still_runs(tmp_path):
+    path = tmp_path / "examples.sqlite"
+    store = ExampleStore.open(path, BUNDLE, DIM)
+    own = example("cat", seed=1)
+    store.add(own)
+    store.close()
+    raw = sqlite3.connect(path)
+    raw.execute("DROP TABLE outbox")  # a database made before the outbox
+    raw.commit()
+    raw.close()
+    with pytest.raises(StateError, match="another bundle"):
+        ExampleStore.open(path, "0" * 16, DIM)
+    raw = sqlite3.connect(path)
+    tables = {name for (name,) in raw.execute("SELECT name FROM sqlite_master")}
+    raw.close()
+    assert "outbox" not in tables  # the refused open made nothing
+    again = ExampleStore.open(path, BUNDLE, DIM)
+    assert again.unshared() == [("add", own.id)]
+    again.close()

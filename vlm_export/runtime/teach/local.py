@@ -8,6 +8,7 @@ rewritten (``vlm-edge classes`` does that).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from vlm_export.runtime.teach.examples import (
 from vlm_export.runtime.teach.fusion import TeachFusion
 from vlm_export.runtime.teach.learner import DEFAULT_HIDDEN_DIM, TeachLearner
 from vlm_export.runtime.teach.store import ExampleStore
+
+log = logging.getLogger(__name__)
 
 
 class LocalTeaching:
@@ -49,8 +52,11 @@ class LocalTeaching:
             named = same_label(label, self.pipeline.bundle.classes)
             if named != label:
                 self.store.relabel(label, named)
-            else:
+                continue
+            try:
                 self._ensure_class(label)
+            except UserError as exc:  # e.g. no text engine: learned, not decided
+                log.warning("examples of %r are not decided: %s", label, exc)
         self.learner = TeachLearner.fit(self.store.all(), self.dim, hidden_dim)
         self._install()
 

@@ -84,16 +84,10 @@ class ExampleStore:
         self._where = ":memory:" if path is None else str(path)
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()
+        self._closed = False
         self._db = self._reader = self._connect()
         try:
-            migrating = self._before_outbox()
-            self._db.executescript(_SCHEMA)
-            _check_meta(self._db, self._where, bundle_fingerprint, dim)
-            if migrating:  # examples made before the outbox: this device's own are shared again
-                self._db.execute(
-                    "INSERT OR IGNORE INTO outbox (id, op) SELECT id, 'add' FROM examples "
-                    "WHERE origin = ''"
-                )
+            _prepare(self._db, self._where, bundle_fingerprint, dim)
             if path is None:  # one connection in memory: reads take the write lock too
                 self._read_lock = self._lock
             else:
@@ -133,14 +127,6 @@ class ExampleStore:
             raise StateError(f"{self._where} is not a readable example database ({exc})") from None
         return connection
 
-    def _before_outbox(self) -> bool:
-        """True for a database made before the outbox (examples, no outbox table)."""
-        tables = {
-            name
-            for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-        }
-        return "examples" in tables and "outbox" not in tables
-
     def _close_connections(self) -> None:
         if self._reader is not self._db:
             self._reader.close()
@@ -157,6 +143,7 @@ class ExampleStore:
         """One change: the file checked (written again if it was deleted), the write lock taken
         (StoreUnavailable after BUSY_TIMEOUT_S), committed or rolled back as a whole."""
         with self._lock:
+            self._check_open()
             self._check_file()
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -385,17 +372,26 @@ class ExampleStore:
 
     def close(self) -> None:
         """Close the database (a checkpoint of the WAL into the main file happens here); a
-        database file deleted meanwhile is written again first."""
+        database file deleted meanwhile is written again first. Later calls: StoreUnavailable."""
         with self._lock:
+            if self._closed:
+                return
             try:
                 self._check_file()
             except StoreUnavailable as exc:
                 log.warning("%s", exc)
-            self._close_connections()
+            with self._read_lock if self._read_lock is not self._lock else contextlib.nullcontext():
+                self._closed = True
+                self._close_connections()
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._read_lock:
+            self._check_open()
             return self._reader.execute(sql, args).fetchall()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreUnavailable(f"the example database {shown_path(self._where)} is closed")
 
     def _example(self, row: tuple) -> Example:
         return _row_example(row, self.dim, self._where)
@@ -512,29 +508,45 @@ def _filters(label: str | None, source: str | None) -> tuple[str, tuple]:
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)
 
 
-def _check_meta(db: sqlite3.Connection, where: str, fingerprint: str, dim: int) -> None:
-    """Record bundle, dim and schema on first open; refuse a database made for others."""
+def _prepare(db: sqlite3.Connection, where: str, fingerprint: str, dim: int) -> None:
+    """In one transaction: make the tables, record bundle, dim and schema on first open (and
+    refuse a database made for others, changing nothing), and give a database made before the
+    outbox its outbox (this device's own examples are shared again)."""
     expected = {"schema_version": str(SCHEMA_VERSION), "bundle": fingerprint, "dim": str(dim)}
     db.execute("BEGIN IMMEDIATE")
     try:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+        for statement in filter(str.strip, _SCHEMA.split(";")):
+            db.execute(statement)
         held = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        if not held:
+        if held:
+            _check_meta(held, expected, where)
+        else:
             db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", expected.items())
-    finally:
-        db.execute("COMMIT")
-    if not held:
-        return
+        if "examples" in tables and "outbox" not in tables:
+            db.execute(
+                "INSERT INTO outbox (id, op) SELECT id, 'add' FROM examples WHERE origin = ''"
+            )
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _check_meta(held: dict[str, str], expected: dict[str, str], where: str) -> None:
+    """Refuse a database recorded (``held``) for another schema, bundle or width."""
     if held.get("schema_version") != expected["schema_version"]:
         raise StateError(
             f"{where} has example schema {held.get('schema_version')}, this version reads "
             f"{SCHEMA_VERSION}"
         )
-    if held.get("bundle") != fingerprint:
+    if held.get("bundle") != expected["bundle"]:
         raise StateError(
             f"{where} holds the examples of another bundle (fingerprint {held.get('bundle')}, "
-            f"this bundle is {fingerprint})"
+            f"this bundle is {expected['bundle']})"
         )
-    if held.get("dim") != str(dim):
+    if held.get("dim") != expected["dim"]:
         raise StateError(
-            f"{where} holds embeddings of width {held.get('dim')}, this bundle's are {dim}"
+            f"{where} holds embeddings of width {held.get('dim')}, this bundle's are "
+            f"{expected['dim']}"
         )

@@ -118,8 +118,8 @@ class Teaching:
         """At start, make the stored labels and the bundle's classes agree: a label that names
         a class in another spelling takes the class's (True then: the learner is rebuilt), a
         label that is no class becomes one (a crash between storing an example and adding its
-        class, or examples imported from a device with other classes), and a class that
-        teaching made goes when no stored example holds it any more."""
+        class, or examples imported from a device with other classes). Classes are only added
+        here: the bundle may be shared with services that hold other examples."""
         respelled = False
         for label, count in self.store.counts().items():
             named = same_label(label, self.lanes.bundle.classes)
@@ -134,11 +134,6 @@ class Teaching:
                     self.notes.append(f"teaching: {count} examples are not decided: {shown(exc)}")
                     continue
                 self.notes.append(f"teaching: {shown(label)!r} ({count} examples) made a class")
-        held = self.store.counts()
-        for domain, name in list(self.lanes.bundle.labels):
-            if domain == TAUGHT_DOMAIN and name not in held:
-                self.operations.remove_class(name, TAUGHT_DOMAIN)
-                self.notes.append(f"teaching: class {shown(name)!r} removed (no examples)")
         return respelled
 
     def _resume(self, trust_state: bool = True) -> TeachLearner:
