@@ -392,3 +392,37 @@ def test_an_impossible_token_budget_is_refused_before_the_model_loads(
     code, _, err = _run(_bad(tmp_path, classes, extra), capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and message in lines[0], err
+
+
+@pytest.mark.parametrize("after", ["the old bundle moved aside", "the new bundle moved in"])
+def test_ctrl_c_during_the_overwrite_swap_keeps_one_whole_bundle(
+    tmp_path, classes, capsys, monkeypatch, after
+):
+    """A real SIGINT through vlm-export's own handling right after either rename of the swap:
+    the new bundle stands whole, the command succeeds, nothing is left parked."""
+    import os
+    import signal
+
+    from vlm_export.core import atomic
+
+    out = tmp_path / "bundle"
+    argv = ["--method", "tca", *BASE, "--classes", str(classes), "--out", str(out)]
+    assert _run(argv, capsys)[0] == 0
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs) -> None:
+        real(src, dst, *args, **kwargs)
+        moved_aside = str(src) == str(out) and atomic.TEMP_MARK in str(dst)
+        if moved_aside == (after == "the old bundle moved aside"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    pets = tmp_path / "pets.txt"
+    pets.write_text("cat\ndog\n")
+    argv = ["--method", "tca", *BASE, "--classes", str(pets), "--out", str(out), "--overwrite"]
+    code, _, stderr = _run(argv, capsys)
+    assert code == 0 and "interrupted" not in stderr, stderr
+    manifest = read_manifest(out)
+    verify_files(out, manifest)
+    assert manifest["labels"]["num_classes"] == 2  # the new bundle's classes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "classes.txt", "pets.txt"]

@@ -5,8 +5,10 @@ Every write goes to a temporary file (or folder) beside its target, named
 is written through: the link's final target is replaced, the link stays a link. A write killed
 half-way (kill -9, power loss) leaves the target as it was plus such a temporary file; the next
 successful write of the same target removes its own leftovers (``stale_temps``: only names of that
-pattern, older than the write), and ``report_interrupted_first_save`` names the ones left by a
-first save that never finished (no target yet).
+pattern, older than the write, that no live run holds), and ``report_interrupted_first_save``
+names the ones left by a first save that never finished (no target yet). A run holds its
+temporary file or folder with an exclusive ``flock`` (``claim``) while it works: a concurrent
+write of the same target never removes it, however long it has not changed.
 
 A target that is a character device or a FIFO (``/dev/null``, a pipe a reader waits on) is
 written through instead, never renamed over (see ``vlm_export.core.special_files``); a socket,
@@ -16,15 +18,19 @@ a block device or a symbolic link loop is refused.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
 import re
 import shutil
+import signal
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
 from vlm_export.core.errors import UserError
 from vlm_export.core.special_files import STREAM, check_output, kind_of, open_stream
@@ -34,6 +40,8 @@ TEMP_MARK = ".vlm-tmp-"
 SPOOL_BYTES = 16 << 20
 #: mkstemp's random part: 8 of ``[a-z0-9_]``
 _RANDOM = r"[a-z0-9_]{8}"
+#: the signals that stop a command as an interrupt (Ctrl-C; SIGTERM, see core.interrupts)
+_INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _read_umask() -> int:
@@ -69,8 +77,38 @@ def temp_prefix(target: Path) -> str:
     return f".{target.name}{TEMP_MARK}"
 
 
+def claim(path: Path) -> int:
+    """Hold an exclusive flock on ``path`` (this run's temporary file or folder) while the
+    returned descriptor stays open: ``stale_temps`` never counts it as a leftover."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def is_claimed(path: Path) -> bool:
+    """True while a run (this one too) holds ``path`` with ``claim``; opening never blocks."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
 def stale_temps(target: str | Path, before: float | None = None) -> list[Path]:
-    """Leftover temporary files and folders of ``target`` (last changed before ``before``).
+    """Leftover temporary files and folders of ``target`` (last changed before ``before``);
+    one that a live run holds (``claim``) is in use, never a leftover.
 
     Matches only ``.{name}.vlm-tmp-XXXXXXXX`` and the older ``.{name}.XXXXXXXX.tmp`` names.
     """
@@ -87,7 +125,8 @@ def stale_temps(target: str | Path, before: float | None = None) -> list[Path]:
         if not pattern.match(entry.name):
             continue
         with contextlib.suppress(OSError):
-            if before is None or entry.stat(follow_symlinks=False).st_mtime < before:
+            old = before is None or entry.stat(follow_symlinks=False).st_mtime < before
+            if old and not is_claimed(Path(entry.path)):
                 found.append(Path(entry.path))
     return sorted(found)
 
@@ -101,7 +140,8 @@ def _remove(path: Path) -> None:
 
 
 def remove_stale_temps(target: str | Path, before: float) -> list[Path]:
-    """Remove ``target``'s leftovers older than ``before`` (a write in progress is newer)."""
+    """Remove ``target``'s leftovers older than ``before`` (a write in progress is newer, or
+    held by its run)."""
     stale = stale_temps(target, before)
     for path in stale:
         _remove(path)
@@ -201,6 +241,7 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator:
         raise WriteError(f"cannot write {shown}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, mode) as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # held until closed: see claim
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -254,6 +295,7 @@ class PublishedLog:
         fd, self._tmp = tempfile.mkstemp(prefix=temp_prefix(self._target), dir=self._target.parent)
         os.chmod(self._tmp, _mode_for(self._target, 0o666 & ~_UMASK))  # mkstemp: private
         self._handle = os.fdopen(fd, "w", encoding="utf-8", buffering=1)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a log between lines is no leftover: see claim
         self.published = False
         self._written = False
         self._started = time.time()
@@ -293,6 +335,71 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         handle.write(data)
 
 
+def _handle(handler: object, signum: int, frame: FrameType | None) -> None:
+    """Do what ``handler`` (a signal's previous disposition) does with the signal."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while the block runs, then handle them as they would have been:
+    a block of renames is done whole or not at all. Python runs signal handlers in the main
+    thread only, between its bytecodes; in another thread the block simply runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in _INTERRUPTS}
+    held: list[tuple[int, FrameType | None]] = []
+    over = False
+
+    def defer(signum: int, frame: FrameType | None) -> None:
+        if over:  # arrived while the handlers were being put back
+            _handle(previous[signum], signum, frame)
+        else:
+            held.append((signum, frame))
+
+    try:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: not set from Python, left alone
+                signal.signal(sig, defer)
+        yield
+    finally:
+        over = True
+        for sig, handler in previous.items():
+            if signal.getsignal(sig) is defer:
+                signal.signal(sig, handler)
+        for signum, frame in held:
+            _handle(previous[signum], signum, frame)
+
+
+def _swap_in(tmp: Path, target: Path, overwrite: bool, shown: str | Path) -> None:
+    """Rename the folder ``tmp`` to ``target``. An existing ``target`` (only with ``overwrite``)
+    is moved aside first and removed after; on an exception at either rename it is put back,
+    or, where the new folder already stands, removed all the same."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{shown} was written (by another run?) while this one worked; nothing was "
+            "replaced (pass --overwrite to replace it)"
+        )
+    old = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=target.parent))
+    try:
+        os.replace(target, old)  # an empty folder: replaced by the old bundle
+        os.replace(tmp, target)
+    except BaseException:
+        if not target.exists():
+            os.replace(old, target)
+        shutil.rmtree(old, ignore_errors=True)  # empty, or the old folder the new one replaced
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(
     path: str | Path, overwrite: bool = False, placed: Callable[[], None] | None = None
@@ -302,29 +409,34 @@ def atomic_directory(
     With ``overwrite`` an existing ``path`` is replaced (after the new folder is complete; the
     caller decides whether it may be: see export.bundle.writer.check_output_folder); otherwise
     the caller must have checked that ``path`` does not exist. A symbolic link is written through.
-    ``placed()`` is called as soon as the new folder stands at ``path`` (before the clean-up).
+    ``placed()`` is called once the new folder stands at ``path``. Ctrl-C and SIGTERM wait while
+    the folders are swapped and ``placed()`` runs: ``path`` holds the old folder or the new one,
+    whole, and nothing is left parked beside it.
     """
     target = final_target(path)
     started = time.time()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private; the bundle is an ordinary folder
+    held: int | None = None
     try:
+        held = claim(tmp)  # another run's clean-up leaves it alone
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private; the bundle is an ordinary folder
         yield tmp
-        if target.exists():
-            if not overwrite:
-                raise FileExistsError(f"{path} appeared while writing")
-            old: Path | None = Path(tempfile.mkdtemp(prefix=temp_prefix(target), dir=target.parent))
-            os.replace(target, old)  # an empty folder: replaced by the old bundle
-        else:
-            old = None
-        os.replace(tmp, target)
-        if placed is not None:
-            placed()
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with _interrupts_deferred():  # the old folder or the new one, whole, stands at target
+            _swap_in(tmp, target, overwrite, path)
+            if placed is not None:
+                placed()
         _fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as exc:
+        vanished = not tmp.is_dir()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and vanished:
+            raise WriteError(
+                f"cannot write {path}: its temporary folder {tmp.name} was removed while this "
+                "run worked (by another run writing it?); nothing was written"
+            ) from None
         raise
+    finally:
+        if held is not None:
+            os.close(held)
     remove_stale_temps(target, before=started)

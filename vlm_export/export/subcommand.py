@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from vlm_export.core import live_line
 from vlm_export.core.errors import UserError
 from vlm_export.core.paths import guard_arguments
+from vlm_export.export.bundle.staging import check_bundle_intact
 
 
 def run_subcommand(
@@ -17,11 +18,13 @@ def run_subcommand(
     argv: Sequence[str] | None,
     work: Callable[[argparse.Namespace], str],
 ) -> int:
-    """Run ``work`` on the parsed, path-guarded arguments and print the line it returns: 0; a
-    UserError ends any progress line and prints ``<prog>: error: <message>``: 2."""
+    """Run ``work`` on the parsed, path-guarded arguments, once the bundle's files match its
+    manifest, and print the line it returns: 0; a UserError ends any progress line and prints
+    ``<prog>: error: <message>``: 2."""
     args = parser.parse_args(argv)
     try:
         guard_arguments(parser, args)  # before any work
+        check_bundle_intact(args.bundle)
         line = work(args)
     except UserError as exc:
         live_line.end()  # a progress line cut short: the error starts a line of its own

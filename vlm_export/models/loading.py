@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm_export.core.errors import UserError
+from vlm_export.core.special_files import FILE, NEW, kind_of
 from vlm_export.models.offline import weights_problem
 from vlm_export.models.torchvision_compat import ensure_torchvision_importable
 from vlm_export.models.weights_origin import (
@@ -122,6 +123,15 @@ def _looks_like_path(value: str) -> bool:
     return "/" in value or "\\" in value or value.endswith(CHECKPOINT_SUFFIXES)
 
 
+def _not_a_file(path: Path, shown: str) -> str | None:
+    """What ``path`` is when it exists but is no regular file (looked at, never opened: a FIFO
+    would block), else None."""
+    kind, words = kind_of(path)
+    if kind in (NEW, FILE):
+        return None
+    return f"{shown} is {words}, not a checkpoint file"
+
+
 def _resolve_pretrained(name: str, pretrained: str) -> str | None:
     """Return what to hand open_clip: None (random), a checkpoint path, or a tag."""
     if pretrained.lower() == RANDOM_WEIGHTS or name.startswith(("hf-hub:", "local-dir:")):
@@ -129,10 +139,13 @@ def _resolve_pretrained(name: str, pretrained: str) -> str | None:
     path = Path(pretrained).expanduser()
     if path.is_file():
         return str(path)
+    not_a_file = _not_a_file(path, pretrained)
     if _looks_like_path(pretrained):
-        raise ModelLoadError(f"checkpoint file not found: {pretrained}")
+        raise ModelLoadError(not_a_file or f"checkpoint file not found: {pretrained}")
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
+        if not_a_file:
+            raise ModelLoadError(not_a_file)
         known = ", ".join(tags) if tags else "none published"
         raise ModelLoadError(
             f"{name} has no pretrained tag {pretrained!r} (tags: {known}); "
@@ -242,7 +255,8 @@ def load_clip(
         problem = weights_problem(name, source, open_clip.get_pretrained_cfg(name, source))
         if problem:
             raise ModelLoadError(problem)
-    origin, openai_weights = _origin(name, pretrained, source, pretrained_tag, force_quick_gelu)
+    with _quiet_loaders():  # torch.load's warnings on a file it then cannot read
+        origin, openai_weights = _origin(name, pretrained, source, pretrained_tag, force_quick_gelu)
     if origin.source == UNKNOWN and model_quick_gelu(name):
         origin = WeightsOrigin(True, FROM_MODEL)  # a -quickgelu name says it
     quick_gelu = {} if origin.quick_gelu is None else {"quick_gelu": origin.quick_gelu}

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from vlm_export.core.atomic import WriteError
-from vlm_export.core.errors import UserError
-from vlm_export.core.manifest import sha256_file
+from vlm_export.core.atomic import WriteError, claim, is_claimed
+from vlm_export.core.errors import BundleError, UserError
+from vlm_export.core.manifest import read_manifest, sha256_file, verify_files
 from vlm_export.core.paths import PathArg, check_bundle_links
 
 #: a bundle a command writes into (the write guard refuses one that links outside)
@@ -41,7 +41,8 @@ def _staging(bundle_dir: Path) -> Iterator[Path]:
 
     After a successful block, staging folders that killed runs left (older than this one) are
     removed too: a kill leaves nothing that the next successful build, register or quantize
-    does not remove.
+    does not remove. A run holds its own folder (``claim``): a concurrent run's clean-up
+    leaves it alone.
     """
     check_bundle_links("bundle", bundle_dir)  # also for library callers (the CLI checked)
     started = time.time()
@@ -49,16 +50,33 @@ def _staging(bundle_dir: Path) -> Iterator[Path]:
         folder = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=bundle_dir))
     except OSError as exc:
         raise WriteError(f"cannot write into {bundle_dir}: {exc.strerror or exc}") from None
+    held: int | None = None
     try:
+        held = claim(folder)
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        if held is not None:
+            os.close(held)
     for stale in stale_staging(bundle_dir, started):
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def check_bundle_intact(bundle_dir: Path) -> None:
+    """Refuse to add to a bundle whose files do not match its manifest (size, sha256): what is
+    built from a damaged file would be recorded as sound. Before any work."""
+    manifest = read_manifest(bundle_dir)
+    try:
+        verify_files(bundle_dir, manifest)
+    except BundleError as exc:
+        raise BundleError(
+            f"{bundle_dir}: {exc}; nothing was added (re-export the bundle or restore the file)"
+        ) from None
+
+
 def stale_staging(bundle_dir: Path, before: float) -> list[Path]:
-    """Staging folders in ``bundle_dir`` last changed before ``before`` (killed runs')."""
+    """Staging folders in ``bundle_dir`` last changed before ``before`` that no live run holds
+    (killed runs')."""
     found = []
     with contextlib.suppress(OSError):
         for entry in os.scandir(bundle_dir):
@@ -67,6 +85,7 @@ def stale_staging(bundle_dir: Path, before: float) -> list[Path]:
                     _STAGING_NAME.match(entry.name)
                     and entry.is_dir(follow_symlinks=False)
                     and entry.stat(follow_symlinks=False).st_mtime < before
+                    and not is_claimed(Path(entry.path))
                 ):
                     found.append(Path(entry.path))
     return sorted(found)

@@ -181,6 +181,7 @@ def quantize_bundle(
             _graph_record(staging / name, name, scope, len(images), len(held), report)
             for name, report in zip(names, reports, strict=True)
         ]
+        manifest = _manifest_now(bundle_dir, names, overwrite)
         if shared is not None:
             weights = file_record(staging / INT8_WEIGHTS)
             move_into_bundle(staging / INT8_WEIGHTS, bundle_dir, INT8_WEIGHTS, weights["sha256"])
@@ -209,6 +210,19 @@ def _calibration_images(
     if held_out is not None:
         return images, preprocess_all(image_paths(held_out, "held-out"), preprocess)
     return split_held_out(images)
+
+
+def _manifest_now(bundle_dir: Path, names: list[str], overwrite: bool) -> dict[str, Any]:
+    """The manifest read again just before the graphs move in (what another run added since the
+    start is kept); without ``overwrite``, a graph another run added meanwhile is refused."""
+    manifest = read_manifest(bundle_dir)
+    added = [name for name in names if name in manifest["files"]]
+    if added and not overwrite:
+        raise UserError(
+            f"{added[0]} was added to {bundle_dir} by another run while this one worked; "
+            "nothing was replaced (pass --overwrite to replace it)"
+        )
+    return manifest
 
 
 def _write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> None:
@@ -247,6 +261,7 @@ def _quantize_ir(
                 f"the INT8 graph was not added to the bundle: {describe_gate(report)}"
             )
         record = _ir_record(name, staged, file_record(staged), len(images), len(held), report)
+        manifest = _manifest_now(bundle_dir, [name], overwrite)
         weights = record.weights or {}
         move_into_bundle(staged.with_suffix(".bin"), bundle_dir, weights["file"], weights["sha256"])
         move_into_bundle(staged, bundle_dir, name, record.sha256)

@@ -17,7 +17,7 @@ from typing import Any
 
 from vlm_export.core.errors import UserError
 from vlm_export.core.paths import PathArg, guard_arguments
-from vlm_export.export.bundle.staging import BUNDLE_RW
+from vlm_export.export.bundle.staging import BUNDLE_RW, check_bundle_intact
 from vlm_export.export.tensorrt.build import (
     DEFAULT_FP32_LAYER_TYPES,
     DEFAULT_WORKSPACE_MB,
@@ -224,6 +224,7 @@ def build_engine_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         guard_arguments(parser, args)  # before any work
+        check_bundle_intact(args.bundle)
         record = _register_main(args) if args.register is not None else _build_main(args)
     except UserError as exc:
         print(f"vlm-export build-engine: error: {exc}", file=sys.stderr)
