@@ -248,3 +248,21 @@ def test_a_vanished_staging_folder_says_so(tmp_path) -> None:
             shutil.rmtree(tmp)  # what an older version's clean-up did
             (tmp / "a.bin").write_text("x")
     assert not target.exists()
+
+
+def test_a_name_too_long_for_its_temporary_copy_is_refused_before_any_work(tmp_path) -> None:
+    """The longest name written safely leaves room for ``.NAME.vlm-tmp-XXXXXXXX`` on the file
+    system; one byte more is refused by ``check_can_create`` (before minutes of work), not by
+    the write at the end."""
+    from vlm_export.core.atomic import WriteError, atomic_write_bytes, check_can_create
+
+    most = os.pathconf(tmp_path, "PC_NAME_MAX")
+    longest = most - len(".") - len(".vlm-tmp-") - 8
+    fits = tmp_path / ("s" * (longest - 4) + ".npz")
+    check_can_create(fits)
+    atomic_write_bytes(fits, b"x")
+    assert fits.read_bytes() == b"x"
+    too_long = tmp_path / ("s" * (longest - 3) + ".npz")
+    with pytest.raises(WriteError, match=f"may have at most {longest} on this file system"):
+        check_can_create(too_long)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fits.name]
