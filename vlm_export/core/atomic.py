@@ -197,7 +197,6 @@ def check_can_create(path: str | Path, folder: bool = False) -> None:
     if not folder and os.path.isdir(path):
         raise WriteError(f"{shown} is a folder, not a file")
     check_output(None, shown, folder)
-    _check_name_length(path, shown)
     ancestor = path.parent
     while not os.path.exists(ancestor):  # False also where a folder above may not be searched
         ancestor = ancestor.parent
@@ -205,25 +204,24 @@ def check_can_create(path: str | Path, folder: bool = False) -> None:
         raise WriteError(f"cannot create {shown}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise WriteError(f"cannot create {shown}: no write permission in {ancestor}")
+    _check_name_length(path, ancestor, shown)
 
 
-def _check_name_length(target: Path, shown: Path) -> None:
+def _check_name_length(target: Path, folder: Path, shown: Path) -> None:
     """WriteError when the temporary name beside ``target`` (``temp_prefix`` + 8) is longer than
-    the file system takes: the name could be written directly, but not atomically."""
-    folder = target.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    the file system of ``folder`` (its first existing ancestor) takes: the name could be written
+    directly, but not atomically."""
     try:
         most = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError):
         return
-    extra = len(os.fsencode(temp_prefix(target))) + 8 - len(os.fsencode(target.name))
-    if len(os.fsencode(target.name)) + extra > most:
+    length = len(os.fsencode(target.name))
+    extra = len(os.fsencode(temp_prefix(target))) + 8 - length
+    if length + extra > most:
         raise WriteError(
-            f"cannot write {shown_path(shown)}: its name is {len(os.fsencode(target.name))} "
-            "bytes, and "
-            f"a name written safely (beside a temporary copy) may have at most {most - extra} "
-            "on this file system: give a shorter name"
+            f"cannot write {shown_path(shown)}: its name is {length} bytes, and a name written "
+            f"safely (beside a temporary copy) may have at most {most - extra} on this file "
+            "system: give a shorter name"
         )
 
 
