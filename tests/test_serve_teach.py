@@ -20,6 +20,7 @@ import pytest
 from fakebundle import make_bundle, write_images
 from liveserver import export_tiny, image_bytes, open_service, serving, wait_for
 from PIL import Image
+from sqlite_locker import locked_by_another_process
 
 pytest.importorskip("prometheus_client")
 
@@ -525,17 +526,23 @@ def tinted_embedding(base: np.ndarray, seed: int) -> np.ndarray:
     return (vector / np.linalg.norm(vector)).astype(np.float32)
 
 
-def test_a_missing_database_beside_a_learner_state_stops_the_start(tmp_path) -> None:
-    """The learner state records examples and their database is gone: the service refuses to
-    start (one line saying what to do) rather than forget them."""
-    from vlm_export.core.errors import StateError
-
+def _taught_once(tmp_path: Path):
+    """A TCA bundle, a camera folder and a state dir where one example ("car") was taught."""
     bundle = make_bundle(tmp_path / "bundle", method="tca")
     write_images(tmp_path / "cam", 3, seed=1)
     states = tmp_path / "states"
     service = open_service(bundle, {"cam": tmp_path / "cam"}, states, teach_hidden_dim=HIDDEN)
     with service, serving(service) as url:
-        assert _teach_upload(url, "car", 1).status_code == 200
+        first = _teach_upload(url, "car", 1).json()["id"]
+    return bundle, states, first
+
+
+def test_a_missing_database_beside_a_learner_state_stops_the_start(tmp_path) -> None:
+    """The learner state records examples and their database is gone: the service refuses to
+    start (one line saying what to do) rather than forget them."""
+    from vlm_export.core.errors import StateError
+
+    bundle, states, _ = _taught_once(tmp_path)
     for name in ("examples.sqlite", "examples.sqlite-wal", "examples.sqlite-shm"):
         (states / "teach" / name).unlink(missing_ok=True)
     with pytest.raises(StateError, match="holds 1 taught examples and their database"):
@@ -547,12 +554,9 @@ def test_a_missing_database_beside_a_learner_state_stops_the_start(tmp_path) -> 
 
 
 def test_a_database_deleted_under_the_service_keeps_every_example(tmp_path) -> None:
-    bundle = make_bundle(tmp_path / "bundle", method="tca")
-    write_images(tmp_path / "cam", 3, seed=1)
-    states = tmp_path / "states"
+    bundle, states, first = _taught_once(tmp_path)
     service = open_service(bundle, {"cam": tmp_path / "cam"}, states, teach_hidden_dim=HIDDEN)
     with service, serving(service) as url:
-        first = _teach_upload(url, "car", 1).json()["id"]
         for name in ("examples.sqlite", "examples.sqlite-wal", "examples.sqlite-shm"):
             (states / "teach" / name).unlink(missing_ok=True)
         second = _teach_upload(url, "bus", 2).json()["id"]
@@ -566,46 +570,19 @@ def test_a_database_deleted_under_the_service_keeps_every_example(tmp_path) -> N
 def test_a_database_locked_by_another_process_answers_503_and_the_list_answers(
     tmp_path,
 ) -> None:
-    import subprocess
-    import sys
-
-    bundle = make_bundle(tmp_path / "bundle", method="tca")
-    write_images(tmp_path / "cam", 3, seed=1)
-    states = tmp_path / "states"
+    bundle, states, _ = _taught_once(tmp_path)
     service = open_service(bundle, {"cam": tmp_path / "cam"}, states, teach_hidden_dim=HIDDEN)
     with service, serving(service) as url:
-        assert _teach_upload(url, "car", 1).status_code == 200
-        locker = subprocess.Popen(
-            [sys.executable, "-c", LOCKER, str(states / "teach" / "examples.sqlite")],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert locker.stdout.readline() == "locked\n"
+        with locked_by_another_process(states / "teach" / "examples.sqlite"):
             replies: list[httpx.Response] = []
             teacher = threading.Thread(target=lambda: replies.append(_teach_upload(url, "bus", 2)))
             teacher.start()
             listed = httpx.get(f"{url}/v1/examples", timeout=30)
             assert listed.status_code == 200 and listed.json()["counts"] == {"car": 1}
             teacher.join()
-        finally:
-            locker.stdin.close()
-            locker.wait()
-            locker.stdout.close()
         reply = replies[0]
         assert reply.status_code == 503 and list(reply.json()) == ["error"]
         assert "locked by another process" in reply.json()["error"]
         assert _teach_upload(url, "bus", 3).status_code == 200
         assert service.teaching.store.counts() == {"bus": 1, "car": 1}
         _assert_exact(service)
-
-
-LOCKER = """
-import sqlite3, sys
-db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-sys.stdin.read()
-db.execute("COMMIT")
-"""

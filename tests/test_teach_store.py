@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sqlite_locker import locked_by_another_process
 
 from vlm_export.core.errors import StateError, UserError
 from vlm_export.runtime.teach.examples import (
@@ -312,18 +313,6 @@ def test_a_database_replaced_while_open_refuses_changes(tmp_path, replacement):
     assert path.is_dir() == (replacement == "a folder")
 
 
-LOCKER = textwrap.dedent(
-    """
-    import sqlite3, sys
-    db = sqlite3.connect(sys.argv[1], isolation_level=None)
-    db.execute("BEGIN EXCLUSIVE")
-    print("locked", flush=True)
-    sys.stdin.read()  # until the test closes our stdin
-    db.execute("COMMIT")
-    """
-)
-
-
 def test_a_database_locked_by_another_process_refuses_a_change_and_keeps_reading(tmp_path):
     """Another process holds the write lock: a change is refused (503, one line) after the busy
     timeout, and reads answer meanwhile (they do not queue behind the waiting change)."""
@@ -332,14 +321,7 @@ def test_a_database_locked_by_another_process_refuses_a_change_and_keeps_reading
     path = tmp_path / "examples.sqlite"
     store = ExampleStore.open(path, BUNDLE, DIM)
     store.add(example("cat", seed=1))
-    locker = subprocess.Popen(
-        [sys.executable, "-c", LOCKER, str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert locker.stdout.readline() == "locked\n"
+    with locked_by_another_process(path):
         outcome: list[BaseException] = []
         waiting = threading.Event()
 
@@ -357,10 +339,6 @@ def test_a_database_locked_by_another_process_refuses_a_change_and_keeps_reading
         writer.join()
         assert len(outcome) == 1 and "is locked by another process" in str(outcome[0])
         assert outcome[0].http_status == 503
-    finally:
-        locker.stdin.close()
-        locker.wait()
-        locker.stdout.close()
     assert store.add(example("dog", seed=2))  # the lock is gone: the change goes through
     assert store.count() == 2
     store.close()
