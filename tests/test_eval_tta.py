@@ -113,11 +113,9 @@ def test_tca_decisions_equal_vlm_edge_run_over_the_same_order(
     assert result["images"] == len(order) == 30
 
 
-def test_a_resumed_stream_reports_what_an_uninterrupted_one_does(
-    tta_data: tuple[Path, Path], tmp_path: Path
-) -> None:
-    bundle_dir, data = tta_data
-    whole = _run_json([str(bundle_dir), str(data)], tmp_path / "whole.json")
+def _saved_stream(bundle_dir: Path, data: Path, until: int, state: Path) -> Path:
+    """``state`` after streaming the first ``until`` images (zero-shot and TCA), as eval-tta
+    saves it when interrupted."""
     bundle = Bundle.open(bundle_dir)
     test = load_test_set(bundle, data, None)
     order = stream_order(len(test), 1)
@@ -126,9 +124,17 @@ def test_a_resumed_stream_reports_what_an_uninterrupted_one_does(
         for name in ("zeroshot", "tca")
     ]
     stream = EvalStream(test.paths, test.labels, order, methods)
-    stream.run(until=13)
-    state = tmp_path / "state.npz"
+    stream.run(until=until)
     stream.save(state, bundle.fingerprint)
+    return state
+
+
+def test_a_resumed_stream_reports_what_an_uninterrupted_one_does(
+    tta_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    bundle_dir, data = tta_data
+    whole = _run_json([str(bundle_dir), str(data)], tmp_path / "whole.json")
+    state = _saved_stream(bundle_dir, data, 13, tmp_path / "state.npz")
     resumed = _run_json(
         [str(bundle_dir), str(data), "--state", str(state)], tmp_path / "resumed.json"
     )
@@ -349,16 +355,7 @@ def test_a_damaged_state_is_refused_in_one_line_before_streaming(
     predictions that are no class, NaN confidences: one line naming the state, no result."""
     bundle_dir, data = tta_data
     bundle = Bundle.open(bundle_dir)
-    test = load_test_set(bundle, data, None)
-    order = stream_order(len(test), 1)
-    methods = [
-        MethodStream.start(name, Pipeline(bundle, open_backend(bundle), name), len(order))
-        for name in ("zeroshot", "tca")
-    ]
-    stream = EvalStream(test.paths, test.labels, order, methods)
-    stream.run(until=5)
-    state = tmp_path / "state.npz"
-    stream.save(state, bundle.fingerprint)
+    state = _saved_stream(bundle_dir, data, 5, tmp_path / "state.npz")
     arrays, meta = load_state(state, STATE_KIND, STATE_SCHEMA_VERSION, bundle.fingerprint)
     fields = {k: v for k, v in meta.items() if k not in ("kind", "schema_version", "bundle")}
     confidences = arrays["zeroshot.confidences"].copy()
