@@ -69,3 +69,23 @@ def test_stored_labels_meet_the_classes_when_the_database_opens(tmp_path, caplog
         assert "examples of 'forklift' are not decided" in caplog.text
         assert pipeline._teaching.learner.num_samples == 3
         assert "forklift" not in pipeline.bundle.classes
+
+
+def test_stored_examples_decide_from_the_first_frame_after_a_restart(tmp_path) -> None:
+    """A camera program that only classifies: after a restart the examples in the database
+    decide its first frame, as they did before it stopped; a file that is no database is
+    refused when the pipeline opens, not at the first teach."""
+    bundle = make_bundle(tmp_path / "bundle", method="tca")
+    database = tmp_path / "examples.sqlite"
+    red = _tinted((220, 30, 30), 7)
+    with open_pipeline(bundle, examples=database) as pipeline:
+        for seed in range(3):
+            pipeline.teach(_tinted((220, 30, 30), seed), "bus", channels="RGB")
+        before = pipeline.classify(red, channels="RGB")
+    assert before.class_name == "bus"
+    with open_pipeline(bundle, examples=database) as again:
+        after = again.classify(red, channels="RGB")  # nothing else called first
+    assert after.class_name == "bus" and after.scores.tolist() == before.scores.tolist()
+    (tmp_path / "garbage.sqlite").write_bytes(b"not a database" * 100)
+    with pytest.raises(UserError, match="not a readable example database"):
+        open_pipeline(bundle, examples=tmp_path / "garbage.sqlite")

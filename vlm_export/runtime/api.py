@@ -1,6 +1,10 @@
 """The Python face of the runtime: ``open_pipeline(bundle)`` and ``pipeline.classify(image)``;
 ``pipeline.embed(image)`` and ``pipeline.embed_text(texts)`` for CLIP embeddings.
 
+A pipeline may be shared between threads: its calls run one at a time (the engine, the
+reservoir and the taught examples are one state), so each gets the answer for its own image. For
+frames in parallel, open one pipeline per thread.
+
 Errors name the Python parameters (``min_score``), never the command line's flags
 (``vlm_export.core.option_names``).
 
@@ -12,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -25,7 +31,7 @@ from vlm_export.core.manifest import EMBEDDING_OUTPUT, uses_condensation
 from vlm_export.core.option_names import python_names
 from vlm_export.core.paths import check_paths, tree_reads
 from vlm_export.runtime.bundle import Bundle
-from vlm_export.runtime.engines.factory import open_backend
+from vlm_export.runtime.engines.factory import capped_threads, open_backend
 from vlm_export.runtime.engines.ladder.ladder import BudgetRun, open_budgeted
 from vlm_export.runtime.io.preprocess import Preprocessor, image_from_array, load_image
 from vlm_export.runtime.pipeline import (
@@ -64,7 +70,8 @@ def fusion_dropped(bundle: Bundle, with_rail: bool) -> bool:
 
 
 class EdgePipeline:
-    """A pipeline opened by :func:`open_pipeline`; a context manager that saves the state."""
+    """A pipeline opened by :func:`open_pipeline`; a context manager that saves the state.
+    Thread-safe: calls from several threads run one at a time."""
 
     def __init__(
         self,
@@ -84,6 +91,7 @@ class EdgePipeline:
         #: the ladder's latency budget (open_pipeline's target_ms), None without one
         self.budget = budget
         self.closed = False
+        self._lock = threading.RLock()  # one call at a time: engine, reservoir, examples
 
     @property
     def bundle(self) -> Bundle:
@@ -110,13 +118,15 @@ class EdgePipeline:
         one ``"RGBA"`` or ``"BGRA"``; HxW arrays are grayscale. Bad input raises ImageError (a
         UserError) with one line saying what is wrong; so does an unreadable file.
         """
-        frame, source = self._frame(image, channels, "classify")
-        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+        count = _whole_number(topk)
+        if count is None or count < 1:
             raise UserError(f"topk must be at least 1 (a whole number), got {topk!r}")
-        self.pipeline.topk = min(topk, self.bundle.num_classes)
-        result = self.pipeline.process(frame, self._frames, source)
-        self._frames += 1
-        switched = self.budget.after_frame(result.timings["total"]) if self.budget else None
+        with self._lock:
+            frame, source = self._frame(image, channels, "classify")
+            self.pipeline.topk = min(count, self.bundle.num_classes)
+            result = self.pipeline.process(frame, self._frames, source)
+            self._frames += 1
+            switched = self.budget.after_frame(result.timings["total"]) if self.budget else None
         if switched:
             log.info(switched)
         return result
@@ -129,9 +139,11 @@ class EdgePipeline:
         decision (a condensing engine condenses with the anchors it holds, none until TCA has
         seen frames).
         """
-        frame, _ = self._frame(image, channels, "embed")
-        tensor = self.pipeline.preprocessor.convert(frame)[None]
-        embedding = np.asarray(self.pipeline.backend.infer(tensor)[EMBEDDING_OUTPUT][0], np.float32)
+        with self._lock:
+            frame, _ = self._frame(image, channels, "embed")
+            tensor = self.pipeline.preprocessor.convert(frame)[None]
+            outputs = self.pipeline.backend.infer(tensor)
+            embedding = np.array(outputs[EMBEDDING_OUTPUT][0], np.float32)  # a copy, in hand
         norm = float(np.linalg.norm(embedding))
         if not np.isfinite(embedding).all() or norm == 0.0:
             raise UserError("the engine returned no usable embedding for this image")
@@ -155,9 +167,11 @@ class EdgePipeline:
                 f"embed_text takes a string or a non-empty list of strings, got "
                 f"{type(texts).__name__}"
             )
-        if self._text_encoder is None:
-            self._text_encoder = TextEncoder.open(self.bundle)
-        rows = np.asarray(self._text_encoder.embed_prompts(items), dtype=np.float32)
+        with self._lock:
+            self._check_open()
+            if self._text_encoder is None:
+                self._text_encoder = TextEncoder.open(self.bundle)
+            rows = np.asarray(self._text_encoder.embed_prompts(items), dtype=np.float32)
         return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
     def teach(self, image: ImageInput, label: str, *, channels: str | None = None) -> str:
@@ -169,24 +183,30 @@ class EdgePipeline:
         what to reject. Examples are kept in ``open_pipeline(..., examples=FILE)`` (SQLite), or
         in memory.
         """
-        embedding = self.embed(image, channels=channels)
-        return self._taught().teach(embedding, label).id
+        with self._lock:
+            embedding = self.embed(image, channels=channels)
+            return self._taught().teach(embedding, label).id
 
     def forget(self, example_id: str) -> bool:
         """Unlearn one taught example exactly (the state learned without it); False if unknown."""
-        return self._taught().forget(example_id)
+        with self._lock:
+            return self._taught().forget(example_id)
 
     def examples(self, label: str | None = None) -> list[Example]:
         """The taught examples, newest first (``label``: only those)."""
-        return self._taught().examples(label)
+        if label is not None and not isinstance(label, str):
+            raise UserError(f"label must be a string, got {type(label).__name__}")
+        with self._lock:
+            return self._taught().examples(label)
 
     def _taught(self) -> LocalTeaching:
-        self._check_open()
-        if self._teaching is None:
-            from vlm_export.runtime.teach.local import LocalTeaching
+        with self._lock:
+            self._check_open()
+            if self._teaching is None:
+                from vlm_export.runtime.teach.local import LocalTeaching
 
-            self._teaching = LocalTeaching(self.pipeline, self._examples)
-        return self._teaching
+                self._teaching = LocalTeaching(self.pipeline, self._examples)
+            return self._teaching
 
     @python_names()
     def save_state(self, path: str | Path | None = None) -> None:
@@ -194,8 +214,10 @@ class EdgePipeline:
         target = path if path is not None else self.state
         if target is None:
             raise UserError("no state file: open_pipeline(..., state=FILE) or save_state(FILE)")
+        _check_path_type("path", target)
         check_paths(self._reads, [("state", target)])  # never over the bundle or the RAIL state
-        self.pipeline.save_state(target)
+        with self._lock:
+            self.pipeline.save_state(target)
 
     def _frame(self, image: ImageInput, channels: str | None, what: str) -> tuple[Image.Image, str]:
         self._check_open()
@@ -206,13 +228,15 @@ class EdgePipeline:
             raise UserError("the pipeline is closed (its with block ended): open it again")
 
     def close(self) -> None:
-        """Release the engine (once; ``classify`` then refuses)."""
-        if not self.closed:
-            self.closed = True
-            self._text_encoder = None
-            if self._teaching is not None:
-                self._teaching.close()
-            self.pipeline.backend.close()
+        """Release the engine (once, after a call in progress in another thread; later calls
+        are refused)."""
+        with self._lock:
+            if not self.closed:
+                self.closed = True
+                self._text_encoder = None
+                if self._teaching is not None:
+                    self._teaching.close()
+                self.pipeline.backend.close()
 
     def __enter__(self) -> EdgePipeline:
         return self
@@ -248,6 +272,11 @@ def _frame(
     checked against the preprocessor's size and aspect limits before they are decoded."""
     if isinstance(image, np.ndarray):
         return image_from_array(image, channels), ""
+    if channels is not None and isinstance(image, Image.Image | str | Path):
+        raise UserError(
+            f"channels={channels!r} applies to numpy arrays: a PIL image or an image file knows "
+            "its own channel order (leave channels out)"
+        )
     if isinstance(image, Image.Image):
         return image, ""
     if isinstance(image, str | Path):
@@ -255,6 +284,22 @@ def _frame(
     raise UserError(
         f"cannot {what} a {type(image).__name__}: give a PIL image, a path or a numpy array"
     )
+
+
+def _whole_number(value: object) -> int | None:
+    """``value`` as an int if it is a whole number (a numpy integer too, never a bool)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _check_path_type(name: str, value: object) -> None:
+    """UserError unless ``value`` is a path (str or os.PathLike) or None."""
+    if value is not None and not isinstance(value, str | Path):
+        raise UserError(f"{name} must be a path (a str or a Path), got {type(value).__name__}")
 
 
 @python_names()
@@ -295,12 +340,29 @@ def open_pipeline(
     drifted one with a logged warning (docs/precision.md).
 
     ``examples`` is the SQLite file that ``pipeline.teach`` keeps taught examples in (resumed
-    when it exists); without it they live in memory.
+    when it exists: they decide from the first frame); without it they live in memory.
+    ``threads`` above this machine's cores is capped at them (a logged warning).
     """
     if not isinstance(bundle, Bundle | str | Path):
         raise UserError(
             f"open_pipeline needs a bundle folder (a path or a Bundle), got {type(bundle).__name__}"
         )
+    for name, value in (("state", state), ("rail_state", rail_state), ("examples", examples)):
+        _check_path_type(name, value)
+    if method is not None and not isinstance(method, str):
+        raise UserError(f"method must be a string, got {type(method).__name__}")
+    if providers is not None and (
+        isinstance(providers, str)
+        or not isinstance(providers, list | tuple)
+        or not all(isinstance(name, str) for name in providers)
+    ):
+        raise UserError(
+            "providers must be a list of ONNX Runtime provider names, e.g. "
+            '["CUDAExecutionProvider", "CPUExecutionProvider"]'
+        )
+    threads = capped_threads(threads)
+    if isinstance(min_score, np.floating | np.integer):
+        min_score = float(min_score)
     min_score = check_min_score(min_score)
     reads = [*tree_reads("bundle", bundle.path if isinstance(bundle, Bundle) else bundle)]
     reads.append(("rail_state", rail_state))
@@ -348,6 +410,13 @@ def open_pipeline(
             bundle, engine, method, reservoir, fusion, min_score=min_score, crop=crop
         )
         cleanup.pop_all()
-    return EdgePipeline(
+    edge = EdgePipeline(
         pipeline, Path(state) if state is not None else None, reads, budget, examples
     )
+    if examples is not None:  # the stored examples decide from the first frame
+        try:
+            edge._taught()
+        except BaseException:
+            edge.close()
+            raise
+    return edge

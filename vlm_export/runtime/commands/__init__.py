@@ -6,18 +6,15 @@ Helpers shared by the commands live here.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import signal
 import sys
 from pathlib import Path
 
 from vlm_export.core import live_line
-from vlm_export.core.errors import UserError
 from vlm_export.core.paths import PathArg
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.base import EngineBackend
-from vlm_export.runtime.engines.factory import BACKENDS, PRECISIONS, open_backend
+from vlm_export.runtime.engines.factory import BACKENDS, PRECISIONS, capped_threads, open_backend
 from vlm_export.runtime.io.preprocess import CROP_MODES, DEFAULT_MAX_PIXELS
 from vlm_export.runtime.io.sources import (
     IMAGE_EXTENSIONS,
@@ -26,8 +23,6 @@ from vlm_export.runtime.io.sources import (
     parse_size,
 )
 from vlm_export.runtime.terminal import printable
-
-log = logging.getLogger(__name__)
 
 
 def status(message: str) -> None:
@@ -218,20 +213,6 @@ def media_tree(depth: int) -> PathArg:
     return PathArg("tree", depth=depth, keep=is_media_file)
 
 
-def thread_count(threads: int | None) -> int | None:
-    """--threads, capped at the number of cores (with a warning); None: the backend's default."""
-    if threads is None:
-        return None
-    if threads < 0:
-        raise UserError(f"--threads must be 0 (the default) or more, got {threads}")
-    cores = os.cpu_count() or 1
-    if threads > cores:
-        message = f"--threads {threads} is more than the {cores} cores here; using {cores}"
-        log.warning(message)
-        return cores
-    return threads
-
-
 def open_engine(bundle: Bundle, args: argparse.Namespace) -> EngineBackend:
     """The engine backend the options ask for."""
     providers = args.providers.split(",") if args.providers else None
@@ -239,7 +220,7 @@ def open_engine(bundle: Bundle, args: argparse.Namespace) -> EngineBackend:
         bundle,
         args.backend,
         providers,
-        thread_count(args.threads),
+        capped_threads(args.threads),
         precision=getattr(args, "precision", None),
         fallback=getattr(args, "precision_fallback", False),
         allow_drift=bool(getattr(args, "allow_drift", False)),

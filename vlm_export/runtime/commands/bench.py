@@ -31,7 +31,6 @@ from vlm_export.runtime.commands import (
     add_drift_argument,
     add_verify_arguments,
     status,
-    thread_count,
     verify_mode,
 )
 from vlm_export.runtime.engines.checks import measure
@@ -42,7 +41,7 @@ from vlm_export.runtime.engines.checks.bench_record import (
     write_record,
 )
 from vlm_export.runtime.engines.checks.parity import REFERENCE_PROVIDERS
-from vlm_export.runtime.engines.factory import BACKEND_PRECISIONS, open_backend
+from vlm_export.runtime.engines.factory import BACKEND_PRECISIONS, capped_threads, open_backend
 from vlm_export.runtime.engines.ladder.ladder import ladder_rungs, open_ladder, tensorrt_rungs_built
 from vlm_export.runtime.io.preprocess import Preprocessor
 from vlm_export.runtime.io.sources import open_source
@@ -208,7 +207,7 @@ def measure_bundle(
             f"--rounds must be 1 to {MAX_ROUNDS:,} and --warmup 0 to {MAX_ROUNDS:,}, got "
             f"{args.rounds:,} and {args.warmup:,}"
         )
-    threads = thread_count(args.threads)
+    threads = capped_threads(args.threads)
     images, image_text = _images(bundle, args.images)
     results: list[dict[str, Any]] = []
     full_rows: list[dict[str, Any]] = []

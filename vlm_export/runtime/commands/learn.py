@@ -37,7 +37,6 @@ from vlm_export.runtime.commands import (
     media_tree,
     open_engine,
     status,
-    thread_count,
     verify_mode,
 )
 from vlm_export.runtime.commands._rail import (
@@ -49,6 +48,7 @@ from vlm_export.runtime.commands._rail import (
     saving_unchanged,
     show_progress,
 )
+from vlm_export.runtime.engines.factory import capped_threads
 from vlm_export.runtime.pipeline import Pipeline
 from vlm_export.runtime.rail import footprint
 from vlm_export.runtime.rail.dataset import (
@@ -215,7 +215,7 @@ def _learn_on_ray(
         "backend": args.backend,
         "providers": args.providers.split(",") if args.providers else None,
         # a local Ray instance shares this machine's cores; a cluster's nodes have their own
-        "threads": thread_count(args.threads) if not args.ray else args.threads,
+        "threads": capped_threads(args.threads) if not args.ray else args.threads,
     }
     with RayStatistics(bundle, learner, args.ray or None, args.workers, engine, status) as cluster:
         cluster.accumulate(data.paths, data.labels)

@@ -39,7 +39,6 @@ from vlm_export.runtime.commands import (
     open_engine,
     source_options,
     status,
-    thread_count,
     verify_mode,
 )
 from vlm_export.runtime.commands._annotated import AnnotatedOutput
@@ -57,6 +56,7 @@ from vlm_export.runtime.commands._run_output import (
     short_name,
 )
 from vlm_export.runtime.commands.classes import add_label_space_arguments, compute_label_space
+from vlm_export.runtime.engines.factory import capped_threads
 from vlm_export.runtime.engines.ladder.ladder import BudgetRun, open_budgeted, runs_ladder
 from vlm_export.runtime.io.capture import NewestFrame
 from vlm_export.runtime.io.display import Window
@@ -231,7 +231,7 @@ def _open_backend(bundle: Bundle, args: argparse.Namespace) -> tuple[Any, Budget
         bundle,
         args.backend,
         providers,
-        thread_count(args.threads),
+        capped_threads(args.threads),
         getattr(args, "precision", None),
         target_ms=args.target_ms,
         adapt=bool(args.adapt_budget),

@@ -41,8 +41,8 @@ from vlm_export.runtime.commands import (
     add_source_arguments,
     is_media_file,
     status,
-    thread_count,
 )
+from vlm_export.runtime.engines.factory import capped_threads
 from vlm_export.runtime.pipeline import METHODS
 from vlm_export.runtime.serve.config import (
     ServeSettings,
@@ -371,7 +371,7 @@ def handle(args: argparse.Namespace) -> int:
     """Check everything, start the service and the HTTP server; stop cleanly on a signal."""
     check_installed()  # first: the checks below import the service's own modules
     settings = settings_from(args)
-    settings.threads = thread_count(settings.threads)
+    settings.threads = capped_threads(settings.threads)
     check_settings(settings)
     stop = _Stop()  # from here on a stop signal is an orderly stop, even while starting
     with _signals(stop):

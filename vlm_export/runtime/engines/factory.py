@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,28 @@ TENSORRT_MODULE = "vlm_export.runtime.engines.backends.tensorrt_backend"
 
 
 log = logging.getLogger(__name__)
+
+
+def capped_threads(threads: object) -> int | None:
+    """The inference threads to ask for: None (the backend's default), or a whole number from
+    1 up, capped at this machine's cores with a warning (more threads than cores only wait on
+    each other); UserError for anything else. 0 is the default, as None."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not hasattr(threads, "__index__"):
+        raise UserError(f"{option('threads')} must be a whole number, got {type(threads).__name__}")
+    count = threads.__index__()
+    if count < 0:
+        raise UserError(f"{option('threads')} must be 0 (the default) or more, got {count}")
+    if count == 0:
+        return None
+    cores = os.cpu_count() or 1
+    if count > cores:
+        log.warning(
+            "%s %d is more than the %d cores here; using %d", option("threads"), count, cores, cores
+        )
+        return cores
+    return count
 
 
 def tensorrt_module() -> Any:
