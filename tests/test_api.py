@@ -94,6 +94,7 @@ def test_result_fields_and_topk(tca_dir, images) -> None:
         (np.zeros((8, 8), np.uint8), "BGR", "given for a grayscale 8x8 array"),
         (np.zeros((8, 8, 2), np.uint8), None, "got shape 8x8x2"),
         (np.zeros(64, np.uint8), None, "got shape 64"),
+        (np.array(7, np.uint8), None, "got shape () (a single number)"),
         (np.zeros((0, 8, 3), np.uint8), "RGB", "got shape 0x8x3"),
         (np.zeros((8, 8, 3), np.uint8), "rgb", "channels must be one of"),
     ],

@@ -239,7 +239,7 @@ def image_from_array(array: np.ndarray, channels: str | None = None) -> Image.Im
         )
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
-    shape = "x".join(str(n) for n in array.shape)
+    shape = "x".join(str(n) for n in array.shape) or "() (a single number)"
     if array.size == 0:
         raise ImageError(f"the image array is empty: got shape {shape}")
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] > 4):
