@@ -244,6 +244,8 @@ def test_a_head_that_does_not_arrive_in_time_gets_408_and_the_connection_closes(
             time.sleep(0.5)
             if select.select([sock], [], [], 0)[0]:  # the answer came: stop sending
                 break
+            if time.monotonic() - started > HEAD_TIMEOUT_S:  # lines came until the deadline;
+                break  # a line sent as the server closes would reset the link and lose its reply
         reply = b""
         while chunk := sock.recv(65536):  # the service closes the connection
             reply += chunk
@@ -251,7 +253,8 @@ def test_a_head_that_does_not_arrive_in_time_gets_408_and_the_connection_closes(
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408 "), reply
     assert json.loads(body) == {"error": "the request's headers did not arrive in time"}
-    assert HEAD_TIMEOUT_S <= waited < WAIT_S
+    assert waited >= HEAD_TIMEOUT_S  # answered at the deadline, not before (the socket's
+    # own timeout, WAIT_S per read, fails the test if no answer comes at all)
 
 
 def test_keep_alive_requests_are_answered_within_the_head_deadline(served) -> None:
