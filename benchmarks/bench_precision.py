@@ -9,8 +9,11 @@ then times batch-1 inference of every engine interleaved (after warm-up,
 fp32 ONNX Runtime median measured in the same run. Parity is against condensed fp32 ONNX Runtime
 on seeded images (anchors off, and on for the first image): embedding cosine and token-fate
 agreement, and top-1 agreement on the bundle's classes (anchors off). bf16 runs only where
-OpenVINO lists BF16 for this CPU. The result records the CPU's SIMD flags and whether it has
-VNNI: the INT8 target (0.30x of full fp32) is for CPUs with VNNI (AVX512-VNNI or AVX-VNNI).
+OpenVINO lists BF16 for this CPU: there the bf16 engine (the condensation in fp32 stages of its
+own, ``openvino_split``) is timed beside the whole graph compiled in bf16 with the pins only (what
+the split costs), and each INT8 graph also with its float parts in bf16, split and whole.
+The result records the CPU's SIMD flags and whether it has VNNI: the INT8 target (0.30x of full
+fp32) is for CPUs with VNNI (AVX512-VNNI or AVX-VNNI).
 
 Why fates flip: for the first reduction (where both graphs rank the same 196 patches) the ranking
 scores of the fp32 and INT8 graphs are read out (the TopK input of ``/condensers.0``) and each
@@ -49,9 +52,12 @@ from vlm_export.models.schedule import CondensationConfig
 from vlm_export.runtime.engines.backends.onnxruntime_backend import OnnxRuntimeBackend
 from vlm_export.runtime.engines.backends.openvino_backend import (
     OpenVinoBackend,
+    compile_config,
     cpu_capabilities,
     import_openvino,
 )
+from vlm_export.runtime.engines.backends.openvino_precise import pinned_model
+from vlm_export.runtime.engines.backends.openvino_split import SplitCompiled
 from vlm_export.runtime.engines.base import BundleGraph
 from vlm_export.runtime.engines.checks import measure
 from vlm_export.runtime.io.preprocess import Preprocessor
@@ -184,6 +190,26 @@ def flip_analysis(
     }
 
 
+def whole_bf16(graph: Path, threads: int, pinned: bool) -> Any:
+    """``graph`` compiled whole with bf16 inference precision (``pinned``: with the typed pins
+    on the condensation, which the plugin's transformations partly drop): what the split saves
+    against."""
+    ov = import_openvino()
+    core = ov.Core()
+    model = core.read_model(str(graph))
+    if pinned:
+        model, _ = pinned_model(ov, core, model)
+    return core.compile_model(model, "CPU", compile_config("bf16", threads))
+
+
+def split_bf16(graph: Path, threads: int) -> Any:
+    """``graph`` in stages: the condensation in fp32, the rest with bf16 inference precision
+    (for an INT8 graph: its float parts)."""
+    ov = import_openvino()
+    core = ov.Core()
+    return SplitCompiled(ov, core, core.read_model(str(graph)), compile_config("bf16", threads))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-16")
@@ -263,6 +289,21 @@ def main() -> None:
                 lambda: OpenVinoBackend(BundleGraph(tca, manifest), "bf16", args.threads),
             )
         )
+        plan.append(
+            (
+                "condensed, whole graph (pins only)",
+                "openvino",
+                "bf16",
+                lambda: OpenVinoBackend(
+                    BundleGraph(tca, manifest),
+                    "bf16",
+                    args.threads,
+                    compiled=whole_bf16(
+                        tca / manifest["engine"]["onnx"], args.threads, pinned=True
+                    ),
+                ),
+            )
+        )
     for scope, name in int8_files.items():
         plan.append(
             (
@@ -272,6 +313,33 @@ def main() -> None:
                 lambda n=name: OnnxRuntimeBackend(view(work, manifest, n), cpu, args.threads),
             )
         )
+        if "BF16" in capabilities:
+            plan.append(
+                (
+                    f"condensed int8 {scope}, float parts bf16 (condensation fp32)",
+                    "openvino",
+                    "int8",
+                    lambda n=name: OpenVinoBackend(
+                        view(work, manifest, n),
+                        "int8",
+                        args.threads,
+                        compiled=split_bf16(work / n, args.threads),
+                    ),
+                )
+            )
+            plan.append(
+                (
+                    f"condensed int8 {scope}, float parts bf16 (whole graph)",
+                    "openvino",
+                    "int8",
+                    lambda n=name: OpenVinoBackend(
+                        view(work, manifest, n),
+                        "int8",
+                        args.threads,
+                        compiled=whole_bf16(work / n, args.threads, pinned=False),
+                    ),
+                )
+            )
         plan.append(
             (
                 f"condensed int8 {scope}",
@@ -392,14 +460,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     if plt is None:
         return
     rows = list(result["engines"].items())
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.5))
     ax.barh([key for key, _ in rows], [row["ratio_to_full_fp32"] for _, row in rows])
-    for precision, ratio in TARGET_RATIO.items():
-        ax.axvline(ratio, linestyle="--", label=f"{precision} target {ratio}x")
+    for color, (precision, ratio) in zip(("C1", "C2"), TARGET_RATIO.items(), strict=True):
+        ax.axvline(ratio, color=color, linestyle="--", label=f"{precision} target {ratio}x")
     ax.set_xlabel("median latency / full fp32 ONNX Runtime (same run)")
     ax.set_title(f"{result['model']} batch 1, {result['machine']['cpu']}")
     ax.invert_yaxis()
-    ax.legend()
+    ax.legend(loc="lower right")
     fig.tight_layout()
     common.save_plot(fig, path)
 

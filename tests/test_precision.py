@@ -136,8 +136,9 @@ def test_bf16_pins_condensation_layernorm_and_softmax(tiny_tca) -> None:
         for p in model.inputs
     }
     feeds["image"] = image
-    got = core.compile_model(pinned, "CPU").infer_new_request(feeds)
-    want = core.compile_model(model, "CPU").infer_new_request(feeds)
+    fp32 = {"INFERENCE_PRECISION_HINT": "f32"}  # a bf16 CPU would otherwise default to bf16
+    got = core.compile_model(pinned, "CPU", fp32).infer_new_request(feeds)
+    want = core.compile_model(model, "CPU", fp32).infer_new_request(feeds)
     np.testing.assert_allclose(got["embedding"], want["embedding"], atol=1e-5)
 
 
@@ -162,19 +163,97 @@ def test_bf16_compiled_model_runs_the_condensation_in_fp32(tiny_tca) -> None:
     if "BF16" not in ovb.cpu_capabilities(ov.Core()):
         pytest.skip("this CPU has no bf16 (OpenVINO's OPTIMIZATION_CAPABILITIES)")
     backend = open_backend(Bundle.open(tiny_tca), "openvino", precision="bf16")
-    precisions = {}
-    for op in backend.compiled.get_runtime_model().get_ordered_ops():
-        info = op.get_rt_info()
-        if info["layerType"].astype(str) in ("Input", "Output", "Const"):
-            continue
-        for name in info["originalLayersNames"].astype(str).split(","):
-            precisions[name] = info["runtimePrecision"].astype(str)
+    precisions = pins.runtime_precisions(backend.compiled)
     condensing = {n: p for n, p in precisions.items() if n.startswith(CONDENSATION_NODE_PREFIXES)}
     assert condensing and all(
         p in ("f32", "i32", "i64", "u8", "boolean") for p in condensing.values()
     )
     assert pins.bf16_condensation_nodes(backend.compiled) == []
     assert "bf16" in precisions.values()  # the rest of the graph does run in bf16
+
+
+def test_split_stages_alternate_and_take_in_the_readers_own_helpers() -> None:
+    """A hand-made graph: relu, the condensation (a product, a helper the ONNX reader would make,
+    a clip), then an add: three stages, the unnamed helper inside the condensation's."""
+    ov = pytest.importorskip("openvino")
+    from vlm_export.runtime.engines.backends import openvino_split as split
+
+    ops = ov.opset13
+    x = ops.parameter([1, 4], np.float32, name="x")
+    relu = ops.relu(x, name="/block/Relu")
+    product = ops.multiply(relu, ops.constant(np.full((1, 4), 2.0, np.float32)))
+    product.set_friendly_name("/condensers.0/Mul")
+    helper = ops.maximum(product, ops.constant(np.zeros((1, 4), np.float32)))
+    helper.set_friendly_name("Maximum_7")  # a name the ONNX reader gives what it adds
+    clip = ops.minimum(helper, ops.constant(np.ones((1, 4), np.float32)))
+    clip.set_friendly_name("/condensers.0/Clip")
+    out = ops.add(clip, relu, name="/block/Add")
+    model = ov.Model([ops.result(out)], [x], "toy")
+    chosen = split.condensation_nodes(model)
+    assert chosen == {"/condensers.0/Mul", "Maximum_7", "/condensers.0/Clip"}
+    numbers = split.stage_numbers(model, chosen)
+    assert numbers == {
+        "/block/Relu": 0,
+        "/condensers.0/Mul": 1,
+        "Maximum_7": 1,
+        "/condensers.0/Clip": 1,
+        "/block/Add": 2,
+    }
+    stages = split.cut_stages(ov, model, chosen)
+    assert [(stage.number, stage.precise) for stage, _ in stages] == [
+        (0, False),
+        (1, True),
+        (2, False),
+    ]
+    # the relu's output is handed to both later stages; the graph output leaves the last
+    assert set(stages[1][0].parameters) == set(stages[2][0].parameters) - {
+        next(iter(stages[1][0].results))
+    }
+
+
+def test_split_model_computes_what_the_whole_model_computes(tiny_tca) -> None:
+    """Cut into stages (all in fp32 here, on any CPU), the model gives the whole model's outputs,
+    anchors on, through the backend; moved anchors reach every stage that reads them."""
+    ov = pytest.importorskip("openvino")
+    from vlm_export.runtime.engines.backends import openvino_backend as ovb
+    from vlm_export.runtime.engines.backends import openvino_split as split
+
+    bundle = Bundle.open(tiny_tca)
+    core = ov.Core()
+    staged = split.SplitCompiled(
+        ov, core, core.read_model(str(bundle.onnx_path)), ovb.compile_config("fp32", 1)
+    )
+    kinds = [stage.precise for stage, _ in staged.stages]
+    assert len(kinds) >= 5 and kinds == [i % 2 == 1 for i in range(len(kinds))]
+    for stage, compiled in staged.stages:  # every named condensation node is in an fp32 stage
+        computing = [
+            op.get_rt_info()["originalLayersNames"].astype(str)
+            for op in compiled.get_runtime_model().get_ordered_ops()
+            if op.get_rt_info()["layerType"].astype(str) not in ("Input", "Output", "Const")
+        ]
+        named = [name for name in computing if name.startswith(CONDENSATION_NODE_PREFIXES)]
+        assert computing and (stage.precise or not named), (stage.number, named[:3])
+    got = ovb.OpenVinoBackend(bundle, "fp32", compiled=staged)
+    want = open_backend(bundle, "openvino", precision="fp32")
+    rng = np.random.default_rng(4)
+    shape = tuple(int(v) for v in bundle.engine_io("inputs")["anchors"]["shape"])
+    anchors = rng.standard_normal(shape).astype(np.float32)
+    valid = np.ones(shape[0], np.float32)
+    for engine in (got, want):
+        engine.update_anchor_rows(anchors, valid, np.arange(shape[0]))
+    moved = anchors.copy()
+    moved[1] = -moved[1]
+    for step, (rows_anchors, rows) in enumerate(((anchors, []), (moved, [1]))):
+        if step:
+            for engine in (got, want):
+                engine.update_anchor_rows(rows_anchors, valid, np.array(rows))
+        for seed in range(3):
+            image = np.random.default_rng(seed).standard_normal(got.image_shape)
+            image = image.astype(np.float32)
+            a, b = got.infer(image), want.infer(image)
+            assert set(a) == set(b)
+            np.testing.assert_array_equal(a["token_fate"], b["token_fate"])
+            np.testing.assert_allclose(a["embedding"], b["embedding"], atol=1e-5)
 
 
 def test_bf16_without_cpu_support_refuses_or_falls_back(caplog: pytest.LogCaptureFixture) -> None:

@@ -5,11 +5,11 @@ or a quantized INT8 (QDQ) graph of the bundle; anchors shared with OpenVINO, not
 UserError names the extra to install. bf16 runs only where the CPU has it (OpenVINO lists BF16 in
 ``OPTIMIZATION_CAPABILITIES``: AVX512-BF16 or AMX); elsewhere the request is refused in one line,
 or falls back to fp32 when the caller allows it. Under bf16 the nodes that rank, merge and pick
-anchors (``CONDENSATION_NODE_PREFIXES``, as the TensorRT fp16 build pins them), the
-normalisations and the softmaxes carry OpenVINO's typed ``DisablePrecisionConversion`` runtime
-attribute (through an IR, see ``openvino_precise``), which keeps a node in its original precision
-when the CPU plugin lowers the rest of the graph; a condensation node the compiled model still
-runs in bf16 is logged as a warning.
+anchors (``CONDENSATION_NODE_PREFIXES``, as the TensorRT fp16 build pins them) run in models of
+their own compiled in fp32, between the transformer's stages compiled in bf16
+(``openvino_split``); the normalisations and softmaxes of the bf16 stages carry OpenVINO's typed
+``DisablePrecisionConversion`` attribute (``openvino_precise``). A condensation node the compiled
+model still runs in bf16 is logged as a warning.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from vlm_export.runtime.engines.backends.openvino_precise import (
     bf16_condensation_nodes,
     pinned_model,
 )
+from vlm_export.runtime.engines.backends.openvino_split import SplitCompiled
 from vlm_export.runtime.engines.base import EngineBackend, HostAnchorRows, check_anchor_shapes
 
 if TYPE_CHECKING:
@@ -164,8 +165,12 @@ class OpenVinoBackend(HostAnchorRows, EngineBackend):
             raise BundleError(f"OpenVINO cannot read {path.name}: {first_line(exc)}") from None
         if precision == "bf16":
             model, self.pinned = pinned_model(self._ov, core, model)
+        config = compile_config(precision, threads)
         try:
-            compiled = core.compile_model(model, "CPU", compile_config(precision, threads))
+            if precision == "bf16":
+                compiled = SplitCompiled(self._ov, core, model, config)
+            else:
+                compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as exc:
             raise BundleError(f"OpenVINO cannot compile {path.name}: {first_line(exc)}") from None
         if precision == "bf16" and (unpinned := bf16_condensation_nodes(compiled)):

@@ -8,6 +8,10 @@ typed attribute: the IR reader builds it from a layer's ``<rt_info><attribute
 name="DisablePrecisionConversion" version="0" value="dynamic:bf16,f16"/></rt_info>``. So the
 model is written as an IR to a temporary folder, the chosen layers get that element, and the IR
 is read back into memory.
+
+The pin holds for a node the plugin keeps (LayerNorm's MVN, a softmax it leaves alone); a node
+the plugin's transformations replace or fuse loses it. The condensation therefore does not rely
+on it under bf16: it runs in fp32 models of its own (``openvino_split``).
 """
 
 from __future__ import annotations
@@ -100,15 +104,30 @@ def pinned_names(model: Any) -> list[str]:
     return [node.get_friendly_name() for node in model.get_ordered_ops() if carries_typed_pin(node)]
 
 
+def runtime_precisions(compiled: Any) -> dict[str, str]:
+    """What each original node runs in (``runtimePrecision`` of the runtime model's node that
+    holds it), over every stage of a split model (``openvino_split``) or one compiled model."""
+    models = (
+        [model for _, model in compiled.runtime_models()]
+        if hasattr(compiled, "runtime_models")
+        else [compiled.get_runtime_model()]
+    )
+    precisions = {}
+    for model in models:
+        for op in model.get_ordered_ops():
+            info = op.get_rt_info()
+            if info["layerType"].astype(str) in ("Input", "Output", "Const"):
+                continue
+            for name in info["originalLayersNames"].astype(str).split(","):
+                precisions[name] = info["runtimePrecision"].astype(str)
+    return precisions
+
+
 def bf16_condensation_nodes(compiled: Any) -> list[str]:
-    """Original names of condensation nodes the compiled model runs in bf16 (none when the pin
-    holds; read from the runtime model's per-node ``runtimePrecision``)."""
-    found = []
-    for op in compiled.get_runtime_model().get_ordered_ops():
-        info = op.get_rt_info()
-        if info["runtimePrecision"].astype(str) != "bf16":
-            continue
-        for name in info["originalLayersNames"].astype(str).split(","):
-            if name.startswith(CONDENSATION_NODE_PREFIXES):
-                found.append(name)
-    return found
+    """Original names of condensation nodes the compiled model runs in bf16 (none when the
+    condensation is kept in fp32)."""
+    return [
+        name
+        for name, precision in runtime_precisions(compiled).items()
+        if precision == "bf16" and name.startswith(CONDENSATION_NODE_PREFIXES)
+    ]
