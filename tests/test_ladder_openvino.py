@@ -198,3 +198,30 @@ def test_a_fixed_input_the_compiled_model_lacks_is_one_line(ladder_path):
     compiled = ov.Core().compile_model(str(bundle.onnx_path), "CPU")
     with pytest.raises(BundleError, match="takes no int32 input 'ladder_rung'"):
         OpenVinoBackend(bundle, compiled=compiled, fixed_inputs={RUNG_INPUT: np.array(0, np.int32)})
+
+
+def test_bf16_rungs_run_their_condensation_in_fp32(ladder_path):
+    """On a CPU with bf16: every rung is cut into stages and no condensation node runs in bf16;
+    each rung stays close to its fp32 graph (skipped elsewhere)."""
+    from vlm_export.runtime.engines.backends import openvino_backend as ovb
+    from vlm_export.runtime.engines.backends.openvino_precise import bf16_condensation_nodes
+    from vlm_export.runtime.engines.backends.openvino_split import SplitCompiled
+
+    if "BF16" not in ovb.cpu_capabilities(ov.Core()):
+        pytest.skip("this CPU has no bf16 (OpenVINO's OPTIMIZATION_CAPABILITIES)")
+    bundle = Bundle.open(ladder_path)
+    ladder = open_ladder(bundle, "openvino", threads=1, precision="bf16")
+    try:
+        assert ladder.precision == "bf16" and len(ladder.engines) == len(ladder.rungs) > 1
+        for rung, engine in zip(ladder.rungs, ladder.engines, strict=True):
+            assert isinstance(engine.compiled, SplitCompiled)
+            assert bf16_condensation_nodes(engine.compiled) == []
+            alone = OpenVinoBackend(bundle, "fp32", 1, graph=bundle.path / rung.onnx)
+            image, anchors, valid = anchor_cases(bundle)[0]
+            engine.set_anchors(anchors, valid)
+            alone.set_anchors(anchors, valid)
+            got, want = engine.infer(image)["embedding"], alone.infer(image)["embedding"]
+            assert float(np.sum(got * want)) > 0.99
+            alone.close()
+    finally:
+        ladder.close()

@@ -211,6 +211,43 @@ def test_split_stages_alternate_and_take_in_the_readers_own_helpers() -> None:
     }
 
 
+def test_split_gives_every_output_also_one_a_later_stage_reads_and_a_constant_one() -> None:
+    """Outputs the cut must not lose: one that a later stage also reads (it keeps its name and
+    one Result), one that is a constant, one named twice; all equal to the whole model's."""
+    ov = pytest.importorskip("openvino")
+    from vlm_export.runtime.engines.backends import openvino_split as split
+
+    ops = ov.opset13
+
+    def model() -> object:  # built anew each time: the cut takes its model apart
+        x = ops.parameter([2, 3], np.float32, name="x")
+        relu = ops.relu(x, name="/block/Relu")
+        relu.output(0).get_tensor().set_names({"early", "/block/Relu_output_0"})
+        scaled = ops.multiply(relu, ops.constant(np.full((2, 3), 3.0, np.float32)))
+        scaled.set_friendly_name("/condensers.0/Mul")
+        late = ops.add(scaled, relu, name="/block/Add")
+        late.output(0).get_tensor().set_names({"late"})
+        fixed = ops.constant(np.arange(4, dtype=np.int32))
+        fixed.output(0).get_tensor().set_names({"fixed"})
+        return ov.Model([ops.result(relu), ops.result(late), ops.result(fixed)], [x], "toy")
+
+    core = ov.Core()
+    staged = split.SplitCompiled(ov, core, model(), {"INFERENCE_PRECISION_HINT": "f32"})
+    assert [port.get_any_name() for port in staged.outputs] == [
+        o.get_any_name() for o in model().outputs
+    ]
+    assert [stage.precise for stage, _ in staged.stages] == [False, True, False]
+    request = staged.create_infer_request()
+    value = np.array([[-1.0, 0.5, 2.0], [3.0, -4.0, 0.0]], np.float32)
+    request.set_tensor("x", ov.Tensor(value))
+    request.infer()
+    want = core.compile_model(model(), "CPU").infer_new_request({"x": value})
+    for port in staged.outputs:
+        np.testing.assert_array_equal(np.array(request.get_tensor(port.name).data), want[port.name])
+    with pytest.raises(KeyError, match="no input"):
+        request.set_tensor("nothing", ov.Tensor(value))
+
+
 def test_split_model_computes_what_the_whole_model_computes(tiny_tca) -> None:
     """Cut into stages (all in fp32 here, on any CPU), the model gives the whole model's outputs,
     anchors on, through the backend; moved anchors reach every stage that reads them."""

@@ -101,6 +101,11 @@ def stage_numbers(model: Any, precise: set[str]) -> dict[str, int]:
     return stage
 
 
+def output_key(output: Any) -> tuple[str, int]:
+    """Which output of which node ``output`` is (friendly name, port)."""
+    return output.get_node().get_friendly_name(), output.get_index()
+
+
 def tensor_name(output: Any) -> str:
     """A name for ``output`` that is unique in the graph: its own, else node and port."""
     names = sorted(output.get_names())
@@ -161,11 +166,18 @@ def cut_stages(ov: Any, model: Any, precise: set[str]) -> list[tuple[Stage, Any]
     """
     ops = ov.opset13
     numbers = stage_numbers(model, precise)
+    # a graph output keeps the name the model gives it, also where a later stage reads it
+    graph_outputs = {
+        output_key(result.input(0).get_source_output()): output.get_any_name()
+        for result, output in zip(model.get_results(), model.outputs, strict=True)
+    }
     stages: dict[int, Stage] = {n: Stage(n, n % 2 == 1) for n in sorted(set(numbers.values()))}
 
     def stage_of(node: Any) -> int:
-        if node.get_type_name() == "Result":
-            return numbers[node.input(0).get_source_output().get_node().get_friendly_name()]
+        if node.get_type_name() == "Result":  # with what it gives out (a constant: the first)
+            node = node.input(0).get_source_output().get_node()
+            if node.get_type_name() in ("Constant", "Parameter"):
+                return min(stages)
         return numbers[node.get_friendly_name()]
 
     constant_home: dict[str, int] = {}
@@ -183,10 +195,14 @@ def cut_stages(ov: Any, model: Any, precise: set[str]) -> list[tuple[Stage, Any]
                     copy = ops.constant(producer.get_data())
                     port.replace_source_output(copy.output(0))
                 continue
-            name = tensor_name(source)
+            name = graph_outputs.get(output_key(source)) or tensor_name(source)
             if kind != "Parameter" and stage_of(producer) == reader.number:
                 continue
-            if kind != "Parameter" and name not in stages[stage_of(producer)].results:
+            if (
+                kind != "Parameter"
+                and output_key(source) not in graph_outputs  # its own Result is added below
+                and name not in stages[stage_of(producer)].results
+            ):
                 stages[stage_of(producer)].results[name] = ops.result(source)
                 source.get_tensor().add_names({name})
             if name not in reader.parameters:
@@ -196,8 +212,8 @@ def cut_stages(ov: Any, model: Any, precise: set[str]) -> list[tuple[Stage, Any]
                 parameter.output(0).get_tensor().set_names({name})
                 reader.parameters[name] = parameter
             port.replace_source_output(reader.parameters[name].output(0))
-    for result in model.get_results():
-        stages[stage_of(result)].results[tensor_name(result.input(0).get_source_output())] = result
+    for result, output in zip(model.get_results(), model.outputs, strict=True):
+        stages[stage_of(result)].results[output.get_any_name()] = result
     built = []
     for stage in stages.values():
         if stage.results:
@@ -249,7 +265,11 @@ class SplitCompiled:
         self.ov = ov
         self.stages: list[tuple[Stage, Any]] = []
         fold_shapes(ov, model)
-        for stage, graph in cut_stages(ov, model, condensation_nodes(model)):
+        try:
+            stages = cut_stages(ov, model, condensation_nodes(model))
+        except (KeyError, ValueError) as exc:  # a node named twice, an output without a producer
+            raise RuntimeError(f"the graph cannot be cut into stages: {exc}") from None
+        for stage, graph in stages:
             precise = {**config, "INFERENCE_PRECISION_HINT": "f32"}
             compiled = core.compile_model(graph, device, precise if stage.precise else config)
             self.stages.append((stage, compiled))
