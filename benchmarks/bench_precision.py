@@ -51,6 +51,7 @@ from vlm_export.export.pipeline import ExportOptions, export_bundle
 from vlm_export.models.schedule import CondensationConfig
 from vlm_export.runtime.engines.backends.onnxruntime_backend import OnnxRuntimeBackend
 from vlm_export.runtime.engines.backends.openvino_backend import (
+    ANCHOR_INPUTS,
     OpenVinoBackend,
     compile_config,
     cpu_capabilities,
@@ -203,11 +204,12 @@ def whole_bf16(graph: Path, threads: int, pinned: bool) -> Any:
 
 
 def split_bf16(graph: Path, threads: int) -> Any:
-    """``graph`` in stages: the condensation in fp32, the rest with bf16 inference precision
-    (for an INT8 graph: its float parts)."""
+    """``graph`` in stages, as the bf16 backend cuts it: the condensation in fp32, the rest with
+    bf16 inference precision (for an INT8 graph: its float parts)."""
     ov = import_openvino()
     core = ov.Core()
-    return SplitCompiled(ov, core, core.read_model(str(graph)), compile_config("bf16", threads))
+    model = core.read_model(str(graph))
+    return SplitCompiled(ov, core, model, compile_config("bf16", threads), ANCHOR_INPUTS)
 
 
 def main() -> None:

@@ -248,9 +248,60 @@ def test_split_gives_every_output_also_one_a_later_stage_reads_and_a_constant_on
         request.set_tensor("nothing", ov.Tensor(value))
 
 
+def test_split_copies_what_is_computed_from_constants_and_keeps_unread_inputs() -> None:
+    """A dequantized int8 weight and a bf16 constant read in two stages are copied into each
+    (only the activation crosses the cut; the copies compute what the originals do), an input
+    no stage reads can still be bound,
+    and a shape known only at run time crossing a cut is refused in one line."""
+    ov = pytest.importorskip("openvino")
+    from vlm_export.runtime.engines.backends import openvino_split as split
+
+    ops = ov.opset13
+    rng = np.random.default_rng(0)
+    weight = rng.integers(-5, 5, (8, 8)).astype(np.int8)
+    half = rng.standard_normal((2, 8)).astype(np.float32)
+
+    def model() -> object:
+        x = ops.parameter([2, 8], np.float32, name="x")
+        unread = ops.parameter([3], np.float32, name="unread")
+        scale = ops.constant(np.float32(0.1))
+        dequantized = ops.multiply(ops.convert(ops.constant(weight), "f32"), scale)
+        dequantized.set_friendly_name("/w/Scale")
+        bf16 = ops.convert(ov.op.Constant(ov.Type.bf16, ov.Shape([2, 8]), half.ravel()), "f32")
+        bf16.set_friendly_name("/w/Bf16")
+        block = ops.add(ops.matmul(x, dequantized, False, False), bf16, name="/blk/MatMul")
+        condensed = ops.matmul(block, dequantized, False, False, name="/condensers.0/MatMul")
+        out = ops.add(condensed, bf16, name="/condensers.0/Add")
+        out.output(0).get_tensor().set_names({"out"})
+        return ov.Model([ops.result(out)], [x, unread], "m")
+
+    fp32 = {"INFERENCE_PRECISION_HINT": "f32"}
+    core = ov.Core()
+    staged = split.SplitCompiled(ov, core, model(), fp32)
+    assert [stage.precise for stage, _ in staged.stages] == [False, True]
+    assert [sorted(stage.parameters) for stage, _ in staged.stages] == [["x"], ["/blk/MatMul:0"]]
+    request = staged.create_infer_request()
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    request.set_tensor("x", ov.Tensor(x))
+    request.set_tensor("unread", ov.Tensor(np.zeros(3, np.float32)))
+    request.infer()
+    want = core.compile_model(model(), "CPU", fp32).infer_new_request(
+        {"x": x, "unread": np.zeros(3, np.float32)}
+    )["out"]
+    np.testing.assert_allclose(np.array(request.get_tensor("out").data), want, rtol=1e-6)
+
+    x = ops.parameter([-1, 8], np.float32, name="x")
+    block = ops.relu(x, name="/blk/Relu")
+    condensed = ops.relu(block, name="/condensers.0/Relu")
+    dynamic = ov.Model([ops.result(condensed)], [x], "dynamic")
+    with pytest.raises(RuntimeError, match="known only when it runs"):
+        split.SplitCompiled(ov, core, dynamic, fp32)
+
+
 def test_split_model_computes_what_the_whole_model_computes(tiny_tca) -> None:
     """Cut into stages (all in fp32 here, on any CPU), the model gives the whole model's outputs,
-    anchors on, through the backend; moved anchors reach every stage that reads them."""
+    anchors on, through the backend; moved anchors reach every stage that reads them, and the
+    stage that reads only the anchors runs again when they moved, not on every frame."""
     ov = pytest.importorskip("openvino")
     from vlm_export.runtime.engines.backends import openvino_backend as ovb
     from vlm_export.runtime.engines.backends import openvino_split as split
@@ -258,9 +309,16 @@ def test_split_model_computes_what_the_whole_model_computes(tiny_tca) -> None:
     bundle = Bundle.open(tiny_tca)
     core = ov.Core()
     staged = split.SplitCompiled(
-        ov, core, core.read_model(str(bundle.onnx_path)), ovb.compile_config("fp32", 1)
+        ov,
+        core,
+        core.read_model(str(bundle.onnx_path)),
+        ovb.compile_config("fp32", 1),
+        ovb.ANCHOR_INPUTS,
     )
-    kinds = [stage.precise for stage, _ in staged.stages]
+    numbers = [stage.number for stage, _ in staged.stages]
+    assert numbers[0] == split.RARE_STAGE and staged.stages[0][0].precise
+    assert set(staged.stages[0][0].parameters) == set(ovb.ANCHOR_INPUTS)
+    kinds = [stage.precise for stage, _ in staged.stages[1:]]
     assert len(kinds) >= 5 and kinds == [i % 2 == 1 for i in range(len(kinds))]
     for stage, compiled in staged.stages:  # every named condensation node is in an fp32 stage
         computing = [
@@ -291,6 +349,57 @@ def test_split_model_computes_what_the_whole_model_computes(tiny_tca) -> None:
             assert set(a) == set(b)
             np.testing.assert_array_equal(a["token_fate"], b["token_fate"])
             np.testing.assert_allclose(a["embedding"], b["embedding"], atol=1e-5)
+    # written behind the backend's back, the anchors are not read again until it is told
+    image = np.random.default_rng(9).standard_normal(got.image_shape).astype(np.float32)
+    before = got.infer(image)
+    got.bound_anchors()[0][:] = -got.bound_anchors()[0]
+    np.testing.assert_array_equal(got.infer(image)["embedding"], before["embedding"])
+    got.request.inputs_changed()
+    want.update_anchor_rows(-moved, valid, np.arange(shape[0]))
+    after, expected = got.infer(image), want.infer(image)
+    assert not np.array_equal(after["embedding"], before["embedding"])
+    np.testing.assert_allclose(after["embedding"], expected["embedding"], atol=1e-5)
+
+
+def test_bf16_runs_a_graph_with_an_open_dimension_and_an_unread_input(tiny_tca, tmp_path) -> None:
+    """On a CPU with bf16: a graph whose anchors' class dimension is left open (the manifest
+    gives it) and one that reads no ``anchors_valid`` open and run like fp32 (skipped
+    elsewhere)."""
+    ov = pytest.importorskip("openvino")
+    import onnx
+
+    from vlm_export.runtime.engines.backends import openvino_backend as ovb
+
+    if "BF16" not in ovb.cpu_capabilities(ov.Core()):
+        pytest.skip("this CPU has no bf16 (OpenVINO's OPTIMIZATION_CAPABILITIES)")
+    bundle = Bundle.open(tiny_tca)
+    graph = onnx.load(str(bundle.onnx_path))
+    for port in graph.graph.input[1:]:
+        dim = port.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_value")
+        dim.dim_param = "K"
+    del graph.graph.value_info[:]
+    open_dimension = tmp_path / "open.onnx"
+    onnx.save(graph, str(open_dimension))
+    graph = onnx.load(str(bundle.onnx_path))
+    for node in graph.graph.node:  # read a constant instead of anchors_valid
+        node.input[:] = ["unread_ones" if name == "anchors_valid" else name for name in node.input]
+    shape = bundle.engine_io("inputs")["anchors_valid"]["shape"]
+    graph.graph.initializer.append(
+        onnx.numpy_helper.from_array(np.ones(shape, np.float32), "unread_ones")
+    )
+    unread = tmp_path / "unread.onnx"
+    onnx.save(graph, str(unread))
+    image = (
+        np.random.default_rng(2)
+        .standard_normal(bundle.engine_io("inputs")["image"]["shape"])
+        .astype(np.float32)
+    )
+    for path in (open_dimension, unread):
+        bf16 = ovb.OpenVinoBackend(bundle, "bf16", 1, graph=path)
+        fp32 = ovb.OpenVinoBackend(bundle, "fp32", 1, graph=path)
+        got, want = bf16.infer(image)["embedding"], fp32.infer(image)["embedding"]
+        assert float(np.sum(got * want)) > 0.99, path.name
 
 
 def test_bf16_without_cpu_support_refuses_or_falls_back(caplog: pytest.LogCaptureFixture) -> None:

@@ -33,13 +33,15 @@ from vlm_export.runtime.engines.backends.openvino_precise import (
     bf16_condensation_nodes,
     pinned_model,
 )
-from vlm_export.runtime.engines.backends.openvino_split import SplitCompiled
+from vlm_export.runtime.engines.backends.openvino_split import SplitCompiled, SplitRequest
 from vlm_export.runtime.engines.base import EngineBackend, HostAnchorRows, check_anchor_shapes
 
 if TYPE_CHECKING:
     from vlm_export.runtime.bundle import Bundle
 
 PRECISIONS = ("fp32", "bf16", "int8")
+#: the inputs that change only when a class's anchor moves: what reads only them runs then
+ANCHOR_INPUTS = frozenset({ANCHORS_INPUT, ANCHORS_VALID_INPUT})
 INSTALL_HINT = 'OpenVINO is not installed: pip install ".[openvino]"'
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,25 @@ def compile_config(precision: str, threads: int | None) -> dict[str, Any]:
             raise UserError(f"{option('threads')} must be at least 1, got {threads}")
         config["INFERENCE_NUM_THREADS"] = str(threads)
     return config
+
+
+def openvino_reason(exc: BaseException) -> str:
+    """The line of an OpenVINO error that says what went wrong: its last one, after the lines
+    that only name the source files it passed through."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith("Exception from ")]
+    return reasons[-1] if reasons else first_line(exc)
+
+
+def static_shapes(model: Any, bundle: Bundle) -> dict[str, list[int]]:
+    """The manifest's shape of each input ``model`` takes (a graph may leave a dimension open;
+    the bundle's engine runs one shape)."""
+    names = {port.get_any_name() for port in model.inputs}
+    return {
+        name: [int(v) for v in record["shape"]]
+        for name, record in bundle.engine_io("inputs").items()
+        if name in names
+    }
 
 
 class OpenVinoBackend(HostAnchorRows, EngineBackend):
@@ -162,17 +183,19 @@ class OpenVinoBackend(HostAnchorRows, EngineBackend):
         try:
             model = core.read_model(str(path))
         except RuntimeError as exc:
-            raise BundleError(f"OpenVINO cannot read {path.name}: {first_line(exc)}") from None
-        if precision == "bf16":
-            model, self.pinned = pinned_model(self._ov, core, model)
+            raise BundleError(f"OpenVINO cannot read {path.name}: {openvino_reason(exc)}") from None
         config = compile_config(precision, threads)
         try:
             if precision == "bf16":
-                compiled = SplitCompiled(self._ov, core, model, config)
+                model.reshape(static_shapes(model, bundle))  # the cut needs every shape known
+                model, self.pinned = pinned_model(self._ov, core, model)
+                compiled = SplitCompiled(self._ov, core, model, config, ANCHOR_INPUTS)
             else:
                 compiled = core.compile_model(model, "CPU", config)
         except RuntimeError as exc:
-            raise BundleError(f"OpenVINO cannot compile {path.name}: {first_line(exc)}") from None
+            raise BundleError(
+                f"OpenVINO cannot compile {path.name}: {openvino_reason(exc)}"
+            ) from None
         if precision == "bf16" and (unpinned := bf16_condensation_nodes(compiled)):
             log.warning(
                 "OpenVINO runs %d condensation node(s) in bf16 despite the fp32 pin (%s ...); "
@@ -221,6 +244,13 @@ class OpenVinoBackend(HostAnchorRows, EngineBackend):
         for name, array in ((ANCHORS_INPUT, self._anchors), (ANCHORS_VALID_INPUT, self._valid)):
             self.request.set_tensor(name, self._ov.Tensor(array, shared_memory=True))
 
+    def update_anchor_rows(self, anchors: np.ndarray, valid: np.ndarray, rows: np.ndarray) -> None:
+        """Write the moved classes into the bound arrays; a split model reruns what reads only
+        the anchors on the next frame."""
+        super().update_anchor_rows(anchors, valid, rows)
+        if isinstance(self.request, SplitRequest):
+            self.request.inputs_changed()
+
     def infer(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """Run one batch [B, 3, H, W] float32; outputs by manifest name (copies)."""
         if image.shape != self.image_shape:
@@ -232,7 +262,7 @@ class OpenVinoBackend(HostAnchorRows, EngineBackend):
         try:
             self.request.infer()
         except RuntimeError as exc:
-            raise RuntimeError(f"OpenVINO inference failed: {first_line(exc)}") from exc
+            raise RuntimeError(f"OpenVINO inference failed: {openvino_reason(exc)}") from exc
         return {name: np.array(self.request.get_tensor(name).data) for name in self._outputs}
 
     def close(self) -> None:

@@ -61,44 +61,79 @@ def condensation_nodes(model: Any) -> set[str]:
     return chosen
 
 
-def stage_numbers(model: Any, precise: set[str]) -> dict[str, int]:
+#: the stage of the work that reads only rarely changing inputs (the anchors): it runs first,
+#: in fp32, and only again when those inputs change
+RARE_STAGE = -1
+
+
+def stage_numbers(
+    model: Any, precise: set[str], rare_inputs: frozenset[str] = frozenset()
+) -> dict[str, int]:
     """Each computing node's stage (by friendly name): even stages compute freely, odd ones hold
     the nodes named in ``precise``. A node goes to the earliest stage of its kind after
     everything it reads, so the kinds alternate as seldom as the graph allows; a node computed
     from constants alone (an INT8 weight's dequantization) goes to the stage of its first
-    reader, so that a weight never crosses a cut as a runtime input."""
+    reader (``cut_stages`` gives later readers a copy); a node computed from ``rare_inputs``
+    (and constants) alone goes to ``RARE_STAGE``."""
+    constant_valued = computed_from_constants(model)
     stage: dict[str, int] = {}
-    from_constants: list[Any] = []
-    constant_valued: set[str] = set()
     for node in model.get_ordered_ops():
-        if node.get_type_name() in DATA_TYPES:
-            continue
         name = node.get_friendly_name()
-        if name in stage or name in constant_valued:
-            raise ValueError(f"two nodes are named {name!r}: the graph cannot be cut by name")
-        sources = [port.get_source_output().get_node() for port in node.inputs()]
-        if all(
-            source.get_type_name() == "Constant" or source.get_friendly_name() in constant_valued
-            for source in sources
-        ):
-            constant_valued.add(name)
-            from_constants.append(node)
+        if node.get_type_name() in DATA_TYPES or name in constant_valued:
+            continue
+        sources = [port.get_source_output() for port in node.inputs()]
+        kinds = [source_kind(source, constant_valued, stage, rare_inputs) for source in sources]
+        if all(kind in ("constant", "rare") for kind in kinds):
+            stage[name] = RARE_STAGE
             continue
         kind = int(name in precise)
         earliest = 0
         for source in sources:
-            number = stage.get(source.get_friendly_name())
-            if number is not None:
+            number = stage.get(source.get_node().get_friendly_name())
+            if number is not None and number != RARE_STAGE:
                 earliest = max(earliest, number if number % 2 == kind else number + 1)
         stage[name] = earliest if earliest % 2 == kind else earliest + 1
-    for node in reversed(from_constants):
-        readers = [
-            stage.get(target.get_node().get_friendly_name())
-            for output in node.outputs()
-            for target in output.get_target_inputs()
-        ]
-        stage[node.get_friendly_name()] = min((r for r in readers if r is not None), default=0)
+    for node in reversed(model.get_ordered_ops()):
+        if node.get_friendly_name() in constant_valued:
+            readers = [
+                stage.get(target.get_node().get_friendly_name())
+                for output in node.outputs()
+                for target in output.get_target_inputs()
+            ]
+            stage[node.get_friendly_name()] = min((r for r in readers if r is not None), default=0)
     return stage
+
+
+def computed_from_constants(model: Any) -> set[str]:
+    """The computing nodes whose inputs are all constants or such nodes (friendly names); a
+    name two computing nodes share is refused (the graph is cut by name)."""
+    seen: set[str] = set()
+    found: set[str] = set()
+    for node in model.get_ordered_ops():
+        if node.get_type_name() in DATA_TYPES:
+            continue
+        name = node.get_friendly_name()
+        if name in seen:
+            raise ValueError(f"two nodes are named {name!r}: the graph cannot be cut by name")
+        seen.add(name)
+        sources = [port.get_source_output().get_node() for port in node.inputs()]
+        if all(s.get_type_name() == "Constant" or s.get_friendly_name() in found for s in sources):
+            found.add(name)
+    return found
+
+
+def source_kind(
+    source: Any, constant_valued: set[str], stage: dict[str, int], rare_inputs: frozenset[str]
+) -> str:
+    """Whether ``source`` is a constant (or computed from constants), a rarely changing input
+    (or computed from them), or anything else."""
+    node = source.get_node()
+    kind = node.get_type_name()
+    if kind == "Constant" or node.get_friendly_name() in constant_valued:
+        return "constant"
+    if kind == "Parameter":
+        return "rare" if source.get_names() & rare_inputs else "other"
+    return "rare" if stage.get(node.get_friendly_name()) == RARE_STAGE else "other"
 
 
 def output_key(output: Any) -> tuple[str, int]:
@@ -156,22 +191,32 @@ def fold_shapes(ov: Any, model: Any) -> None:
         model.remove_parameter(stand_in)
 
 
-def cut_stages(ov: Any, model: Any, precise: set[str]) -> list[tuple[Stage, Any]]:
+def cut_stages(
+    ov: Any, model: Any, precise: set[str], rare_inputs: frozenset[str] = frozenset()
+) -> list[tuple[Stage, Any]]:
     """``model`` cut into stages (each with its own ``ov.Model``), in the order they run.
 
     ``model`` is taken apart: every edge between two stages becomes a Result of the producing
-    stage and a Parameter of the reading one (both named by the tensor), every graph input a
-    Parameter of each stage that reads it, and a constant read by several stages a copy for each
-    further stage (shape constants and the like: a weight belongs to one stage).
+    stage and a Parameter of the reading one (both named by the tensor; a graph input or output
+    by the name the model gives it), every graph input a Parameter of each stage that reads it,
+    and what is computed from constants alone (a weight, its dequantization, a shape) is copied
+    into each further stage that reads it, so that no weight crosses a cut as a runtime input.
     """
     ops = ov.opset13
-    numbers = stage_numbers(model, precise)
-    # a graph output keeps the name the model gives it, also where a later stage reads it
+    numbers = stage_numbers(model, precise, rare_inputs)
+    constant_valued = computed_from_constants(model)
+    # graph inputs and outputs keep the names the model gives them, also where a stage reads them
+    given_names = {
+        output_key(parameter.output(0)): port.get_any_name()
+        for parameter, port in zip(model.get_parameters(), model.inputs, strict=True)
+    }
     graph_outputs = {
         output_key(result.input(0).get_source_output()): output.get_any_name()
         for result, output in zip(model.get_results(), model.outputs, strict=True)
     }
+    given_names.update(graph_outputs)
     stages: dict[int, Stage] = {n: Stage(n, n % 2 == 1) for n in sorted(set(numbers.values()))}
+    copies: dict[int, dict[tuple[str, int], Any]] = {}
 
     def stage_of(node: Any) -> int:
         if node.get_type_name() == "Result":  # with what it gives out (a constant: the first)
@@ -179,6 +224,19 @@ def cut_stages(ov: Any, model: Any, precise: set[str]) -> list[tuple[Stage, Any]
             if node.get_type_name() in ("Constant", "Parameter"):
                 return min(stages)
         return numbers[node.get_friendly_name()]
+
+    def copy_into(output: Any, number: int) -> Any:
+        """``output`` (computed from constants alone) made anew for stage ``number``: the
+        subgraph is cloned with its constants (types such as bf16 and 4-bit kept)."""
+        made = copies.setdefault(number, {})
+        key = output_key(output)
+        if key not in made:
+            handle = ops.result(output)
+            clone = ov.Model([handle], [], "copy").clone().get_results()[0]
+            output.remove_target_input(handle.input(0))
+            made[key] = clone.input(0).get_source_output()
+            made[key].remove_target_input(clone.input(0))
+        return made[key]
 
     constant_home: dict[str, int] = {}
     for node in list(model.get_ordered_ops()):
@@ -189,13 +247,16 @@ def cut_stages(ov: Any, model: Any, precise: set[str]) -> list[tuple[Stage, Any]
             source = port.get_source_output()
             producer = source.get_node()
             kind = producer.get_type_name()
-            if kind == "Constant":
-                home = constant_home.setdefault(producer.get_friendly_name(), reader.number)
+            if kind == "Constant" or producer.get_friendly_name() in constant_valued:
+                home = (
+                    constant_home.setdefault(producer.get_friendly_name(), reader.number)
+                    if kind == "Constant"
+                    else numbers[producer.get_friendly_name()]
+                )
                 if home != reader.number:
-                    copy = ops.constant(producer.get_data())
-                    port.replace_source_output(copy.output(0))
+                    port.replace_source_output(copy_into(source, reader.number))
                 continue
-            name = graph_outputs.get(output_key(source)) or tensor_name(source)
+            name = given_names.get(output_key(source)) or tensor_name(source)
             if kind != "Parameter" and stage_of(producer) == reader.number:
                 continue
             if (
@@ -248,11 +309,19 @@ class SplitCompiled:
     """The stages compiled, free ones with ``config``, precise ones with f32 inference precision.
 
     Offers what the backend uses of a compiled model: ``inputs``, ``outputs`` and
-    ``create_infer_request``; ``runtime_models`` gives each stage's runtime model.
+    ``create_infer_request``; ``runtime_models`` gives each stage's runtime model. The work that
+    reads only ``rare_inputs`` (and constants) is a stage of its own, which a request runs only
+    when those inputs were bound or said to have changed (``SplitRequest.inputs_changed``).
     """
 
     def __init__(
-        self, ov: Any, core: Any, model: Any, config: dict[str, Any], device: str = "CPU"
+        self,
+        ov: Any,
+        core: Any,
+        model: Any,
+        config: dict[str, Any],
+        rare_inputs: frozenset[str] = frozenset(),
+        device: str = "CPU",
     ) -> None:
         self.inputs = [
             Port(p.get_any_name(), p.get_partial_shape(), p.get_element_type())
@@ -266,10 +335,16 @@ class SplitCompiled:
         self.stages: list[tuple[Stage, Any]] = []
         fold_shapes(ov, model)
         try:
-            stages = cut_stages(ov, model, condensation_nodes(model))
+            stages = cut_stages(ov, model, condensation_nodes(model), rare_inputs)
         except (KeyError, ValueError) as exc:  # a node named twice, an output without a producer
             raise RuntimeError(f"the graph cannot be cut into stages: {exc}") from None
         for stage, graph in stages:
+            for port in (*graph.inputs, *graph.outputs):
+                if not port.get_partial_shape().is_static:
+                    raise RuntimeError(
+                        f"{port.get_any_name()} passes between stages with a shape known only "
+                        f"when it runs ({port.get_partial_shape()})"
+                    )
             precise = {**config, "INFERENCE_PRECISION_HINT": "f32"}
             compiled = core.compile_model(graph, device, precise if stage.precise else config)
             self.stages.append((stage, compiled))
@@ -287,12 +362,14 @@ class SplitCompiled:
 class SplitRequest:
     """Runs the stages of a ``SplitCompiled`` in order. Every tensor that passes between stages
     is made once and bound to both requests (the producer writes into it, the readers read it),
-    so nothing is copied or bound per frame."""
+    so nothing is copied or bound per frame. The rare inputs' stage runs on the first frame and
+    after those inputs change."""
 
     def __init__(self, split: SplitCompiled) -> None:
         self._split = split
         self._requests = [compiled.create_infer_request() for _, compiled in split.stages]
         self._tensors: dict[str, Any] = {}
+        self._stale = True  # the rare inputs' stage has not run on the inputs bound now
         for (stage, compiled), request in zip(split.stages, self._requests, strict=True):
             for name in stage.results:
                 port = compiled.output(name)
@@ -305,20 +382,30 @@ class SplitRequest:
                     request.set_tensor(name, self._tensors[name])
 
     def set_tensor(self, name: str, tensor: Any) -> None:
-        """Bind a graph input for every stage that reads it."""
-        found = False
+        """Bind a graph input (by the name the model gives it) for every stage that reads it;
+        an input no stage reads (one only its shape was taken of) is kept, and read by none."""
+        if name not in {port.name for port in self._split.inputs}:
+            raise KeyError(f"the model takes no input {name!r}")
         for (stage, _), request in zip(self._split.stages, self._requests, strict=True):
             if name in stage.parameters:
                 request.set_tensor(name, tensor)
-                found = True
-        if not found:
-            raise KeyError(f"the model takes no input {name!r}")
+                self._stale |= stage.number == RARE_STAGE
         self._tensors[name] = tensor
+
+    def inputs_changed(self) -> None:
+        """Say that a rare input's bound memory was written: its stage runs again next frame."""
+        self._stale = True
 
     def infer(self) -> None:
         """Run the stages in order, each reading what the earlier ones wrote."""
-        for request in self._requests:
-            request.infer()
+        for (stage, _), request in zip(self._split.stages, self._requests, strict=True):
+            if stage.number == RARE_STAGE:
+                if not self._stale:
+                    continue
+                request.infer()
+                self._stale = False
+            else:
+                request.infer()
 
     def get_tensor(self, name: str) -> Any:
         """A graph output (or input) by name, as the last run left it."""

@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vlm_export.core.errors import BundleError, first_line
+from vlm_export.core.errors import BundleError
 from vlm_export.runtime.engines.backends.openvino_backend import (
     OpenVinoBackend,
     compile_config,
     import_openvino,
+    openvino_reason,
 )
 from vlm_export.runtime.engines.ladder.mapped_weights import MappedWeights
 
@@ -218,7 +219,9 @@ class OpenVinoRungs:
         try:
             self.compiled = core.compile_model(combined, "CPU", config)
         except RuntimeError as exc:
-            raise BundleError(f"OpenVINO cannot compile the ladder: {first_line(exc)}") from None
+            raise BundleError(
+                f"OpenVINO cannot compile the ladder: {openvino_reason(exc)}"
+            ) from None
         self.constants.seal()
 
     def _combined(self, ov: Any, core: Any, graphs: Sequence[Path]) -> Any:
@@ -228,14 +231,16 @@ class OpenVinoRungs:
             try:
                 models.append(core.read_model(str(path)))
             except RuntimeError as exc:
-                raise BundleError(f"OpenVINO cannot read {path.name}: {first_line(exc)}") from None
+                raise BundleError(
+                    f"OpenVINO cannot read {path.name}: {openvino_reason(exc)}"
+                ) from None
         check_alike(models, [path.name for path in graphs])
         for model in models:
             self.constants.share(ov.opset13, model)
         try:
             return rung_switch_model(ov, models)
         except RuntimeError as exc:
-            message = f"OpenVINO cannot join the ladder's rungs: {first_line(exc)}"
+            message = f"OpenVINO cannot join the ladder's rungs: {openvino_reason(exc)}"
             raise BundleError(message) from None
 
     def close(self) -> None:
