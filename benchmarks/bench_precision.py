@@ -315,30 +315,18 @@ def main() -> None:
                 lambda n=name: OnnxRuntimeBackend(view(work, manifest, n), cpu, args.threads),
             )
         )
-        if "BF16" in capabilities:
+        bf16_variants = {
+            "condensation fp32": lambda path: split_bf16(path, args.threads),
+            "whole graph": lambda path: whole_bf16(path, args.threads, pinned=False),
+        }
+        for variant, compile_bf16 in bf16_variants.items() if "BF16" in capabilities else ():
             plan.append(
                 (
-                    f"condensed int8 {scope}, float parts bf16 (condensation fp32)",
+                    f"condensed int8 {scope}, float parts bf16 ({variant})",
                     "openvino",
                     "int8",
-                    lambda n=name: OpenVinoBackend(
-                        view(work, manifest, n),
-                        "int8",
-                        args.threads,
-                        compiled=split_bf16(work / n, args.threads),
-                    ),
-                )
-            )
-            plan.append(
-                (
-                    f"condensed int8 {scope}, float parts bf16 (whole graph)",
-                    "openvino",
-                    "int8",
-                    lambda n=name: OpenVinoBackend(
-                        view(work, manifest, n),
-                        "int8",
-                        args.threads,
-                        compiled=whole_bf16(work / n, args.threads, pinned=False),
+                    lambda n=name, c=compile_bf16: OpenVinoBackend(
+                        view(work, manifest, n), "int8", args.threads, compiled=c(work / n)
                     ),
                 )
             )
