@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from fakebundle import write_images
 
+from vlm_export.core.errors import BundleError
 from vlm_export.core.manifest import (
     CONDENSATION_NODE_PREFIXES,
     MANIFEST_NAME,
@@ -359,6 +360,63 @@ def test_split_model_computes_what_the_whole_model_computes(tiny_tca) -> None:
     after, expected = got.infer(image), want.infer(image)
     assert not np.array_equal(after["embedding"], before["embedding"])
     np.testing.assert_allclose(after["embedding"], expected["embedding"], atol=1e-5)
+    # an update that fails after writing the anchors (valid one short) still gets them read
+    with pytest.raises(IndexError):
+        got.update_anchor_rows(anchors, valid[:-1], np.arange(shape[0]))
+    want.update_anchor_rows(anchors, valid, np.arange(shape[0]))
+    np.testing.assert_allclose(
+        got.infer(image)["embedding"], want.infer(image)["embedding"], atol=1e-5
+    )
+
+
+def test_openvino_checks_the_graph_against_the_manifest_before_closing_its_shapes(
+    tiny_tca,
+) -> None:
+    """A graph whose fixed shape disagrees with the manifest is refused as the manifest's check
+    says it, before any reshape could hide it; only open dimensions take the manifest's size."""
+    ov = pytest.importorskip("openvino")
+    from vlm_export.runtime.engines.backends import openvino_backend as ovb
+
+    bundle = Bundle.open(tiny_tca)
+    inputs, outputs = bundle.engine_io("inputs"), bundle.engine_io("outputs")
+    model = ov.Core().read_model(str(bundle.onnx_path))
+    ovb.check_ports(model, inputs, outputs)
+    smaller = {
+        **inputs,
+        "anchors": {**inputs["anchors"], "shape": [5, *inputs["anchors"]["shape"][1:]]},
+    }
+    with pytest.raises(BundleError, match="model input 'anchors' has shape"):
+        ovb.check_ports(model, smaller, outputs)
+    assert ovb.closed_shapes(model, inputs) == {}
+    model.reshape({"anchors": ov.PartialShape([-1, *inputs["anchors"]["shape"][1:]])})
+    assert ovb.closed_shapes(model, smaller) == {"anchors": smaller["anchors"]["shape"]}
+    model.reshape({"image": ov.PartialShape([1, 3, -1, -1])})
+    wider = {**inputs, "image": {**inputs["image"], "shape": [7, 3, 32, 48]}}
+    assert ovb.closed_shapes(model, wider)["image"] == [1, 3, 32, 48]
+
+
+def test_openvino_errors_give_the_line_that_says_why() -> None:
+    from vlm_export.runtime.engines.backends.openvino_backend import openvino_reason
+
+    compile_error = RuntimeError(
+        "Exception from src/inference/src/cpp/core.cpp:117:\n"
+        "Exception from src/inference/src/dev/plugin.cpp:54:\n"
+        "Check '!shape.rank().is_dynamic()' failed at src/plugins/intel_cpu/src/node.cpp:108:\n"
+        "Unexpected: CPU plug-in doesn't support Reshape operation with dynamic rank.\n"
+    )
+    assert openvino_reason(compile_error).startswith("Unexpected: CPU plug-in doesn't support")
+    read_error = RuntimeError(
+        "Exception from src/frontends/onnx/frontend/src/frontend.cpp:124:\n"
+        "FrontEnd API failed with GeneralFailure:\n"
+        "Errors during ONNX translation: \n"
+        "Check 'axis in range' failed at src/core/shape_util.cpp:42:\n"
+        "While validating ONNX node '<Node(Gather): /resblocks.0/attn/Gather>':\n"
+        "Axis 7 out of the tensor rank range [-4, 3].\n"
+        "Summary:\n"
+        "-- Conversion is failed for: Gather-17\n"
+    )
+    assert openvino_reason(read_error) == "Axis 7 out of the tensor rank range [-4, 3]."
+    assert openvino_reason(RuntimeError("plain")) == "plain"
 
 
 def test_bf16_runs_a_graph_with_an_open_dimension_and_an_unread_input(tiny_tca, tmp_path) -> None:

@@ -15,6 +15,7 @@ model still runs in bf16 is logged as a warning.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -100,23 +101,68 @@ def compile_config(precision: str, threads: int | None) -> dict[str, Any]:
     return config
 
 
+#: lines of an OpenVINO error that say where it passed, not what went wrong
+WHERE_LINES = ("Exception from ", "Check '", "While validating", "FrontEnd API failed", "-- ")
+
+
 def openvino_reason(exc: BaseException) -> str:
-    """The line of an OpenVINO error that says what went wrong: its last one, after the lines
-    that only name the source files it passed through."""
+    """The line of an OpenVINO error that says what went wrong: the last one before its
+    summary, after the lines that only name where the error passed."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    reasons = [line for line in lines if not line.startswith("Exception from ")]
+    ends = [i for i, line in enumerate(lines) if line.startswith("Summary:")]
+    reasons = [
+        line for line in lines[: ends[0] if ends else None] if not line.startswith(WHERE_LINES)
+    ]
     return reasons[-1] if reasons else first_line(exc)
 
 
-def static_shapes(model: Any, bundle: Bundle) -> dict[str, list[int]]:
-    """The manifest's shape of each input ``model`` takes (a graph may leave a dimension open;
-    the bundle's engine runs one shape)."""
-    names = {port.get_any_name() for port in model.inputs}
-    return {
-        name: [int(v) for v in record["shape"]]
-        for name, record in bundle.engine_io("inputs").items()
-        if name in names
-    }
+def check_ports(
+    model: Any,
+    inputs: dict[str, Any],
+    outputs: dict[str, Any],
+    extra_inputs: Collection[str] = (),
+) -> None:
+    """A model's (read or compiled) inputs, but ``extra_inputs``, and outputs must be the
+    manifest's ``inputs`` and ``outputs``, with the manifest's shapes where the model fixes
+    them."""
+    for kind, ports, records in (
+        ("input", model.inputs, inputs),
+        ("output", model.outputs, outputs),
+    ):
+        found = {
+            port.get_any_name(): port
+            for port in ports
+            if kind == "output" or port.get_any_name() not in extra_inputs
+        }
+        if set(found) != set(records):
+            raise BundleError(
+                f"model {kind}s {sorted(found)} differ from the manifest's {sorted(records)}"
+            )
+        for name, record in records.items():
+            shape = [int(v) for v in found[name].get_partial_shape().get_min_shape()]
+            if found[name].get_partial_shape().is_static and shape != list(record["shape"]):
+                raise BundleError(
+                    f"model {kind} {name!r} has shape {shape}, the manifest says {record['shape']}"
+                )
+
+
+def closed_shapes(model: Any, inputs: dict[str, Any]) -> dict[str, list[int]]:
+    """The inputs of ``model`` that leave a dimension open, with the manifest's size in each open
+    dimension (the engine runs one shape; a fixed dimension stays as the graph has it)."""
+    shapes = {}
+    for port in model.inputs:
+        record, partial = inputs.get(port.get_any_name()), port.get_partial_shape()
+        if record is None or partial.is_static:
+            continue
+        wanted = [int(v) for v in record["shape"]]
+        if partial.rank.is_dynamic:
+            shapes[port.get_any_name()] = wanted
+        elif partial.rank.get_length() == len(wanted):
+            shapes[port.get_any_name()] = [
+                dim.get_length() if dim.is_static else size
+                for dim, size in zip(partial, wanted, strict=True)
+            ]
+    return shapes
 
 
 class OpenVinoBackend(HostAnchorRows, EngineBackend):
@@ -151,7 +197,7 @@ class OpenVinoBackend(HostAnchorRows, EngineBackend):
         self.description = f"openvino:CPU:{self.precision}"
         self._inputs = bundle.engine_io("inputs")
         self._outputs = bundle.engine_io("outputs")
-        self._check_model(extra_inputs=set(self._fixed))
+        check_ports(self.compiled, self._inputs, self._outputs, extra_inputs=set(self._fixed))
         self.image_shape = tuple(int(v) for v in self._inputs[IMAGE_INPUT]["shape"])
         self.condensing = ANCHORS_INPUT in self._inputs
         self.request = self.compiled.create_infer_request()
@@ -186,8 +232,11 @@ class OpenVinoBackend(HostAnchorRows, EngineBackend):
             raise BundleError(f"OpenVINO cannot read {path.name}: {openvino_reason(exc)}") from None
         config = compile_config(precision, threads)
         try:
-            if precision == "bf16":
-                model.reshape(static_shapes(model, bundle))  # the cut needs every shape known
+            if precision == "bf16":  # the cut needs every shape known, hence checked first
+                inputs, outputs = bundle.engine_io("inputs"), bundle.engine_io("outputs")
+                check_ports(model, inputs, outputs)
+                if shapes := closed_shapes(model, inputs):
+                    model.reshape(shapes)
                 model, self.pinned = pinned_model(self._ov, core, model)
                 compiled = SplitCompiled(self._ov, core, model, config, ANCHOR_INPUTS)
             else:
@@ -204,30 +253,6 @@ class OpenVinoBackend(HostAnchorRows, EngineBackend):
                 unpinned[0],
             )
         return precision, compiled
-
-    def _check_model(self, extra_inputs: set[str]) -> None:
-        """The model's inputs (but ``extra_inputs``) and outputs must be the manifest's, with the
-        manifest's shapes."""
-        for kind, ports, records in (
-            ("input", self.compiled.inputs, self._inputs),
-            ("output", self.compiled.outputs, self._outputs),
-        ):
-            found = {
-                port.get_any_name(): port
-                for port in ports
-                if kind == "output" or port.get_any_name() not in extra_inputs
-            }
-            if set(found) != set(records):
-                raise BundleError(
-                    f"model {kind}s {sorted(found)} differ from the manifest's {sorted(records)}"
-                )
-            for name, record in records.items():
-                shape = [int(v) for v in found[name].get_partial_shape().get_min_shape()]
-                if found[name].get_partial_shape().is_static and shape != list(record["shape"]):
-                    raise BundleError(
-                        f"model {kind} {name!r} has shape {shape}, the manifest says "
-                        f"{record['shape']}"
-                    )
 
     def bound_anchors(self) -> tuple[np.ndarray, np.ndarray]:
         """The arrays OpenVINO reads as anchors and anchors_valid (shared, not copies)."""
@@ -247,9 +272,11 @@ class OpenVinoBackend(HostAnchorRows, EngineBackend):
     def update_anchor_rows(self, anchors: np.ndarray, valid: np.ndarray, rows: np.ndarray) -> None:
         """Write the moved classes into the bound arrays; a split model reruns what reads only
         the anchors on the next frame."""
-        super().update_anchor_rows(anchors, valid, rows)
-        if isinstance(self.request, SplitRequest):
-            self.request.inputs_changed()
+        try:
+            super().update_anchor_rows(anchors, valid, rows)
+        finally:  # rows may be written before a failure: read them again in any case
+            if isinstance(self.request, SplitRequest):
+                self.request.inputs_changed()
 
     def infer(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """Run one batch [B, 3, H, W] float32; outputs by manifest name (copies)."""
