@@ -73,6 +73,7 @@ class HostAnchorRows:
         if self._anchors is None or self._valid is None:
             self.set_anchors(anchors, valid)  # type: ignore[attr-defined]
             return
+        check_anchor_shapes(True, self._anchors.shape, anchors, valid)  # no silent broadcast
         rows = np.asarray(rows, dtype=np.int64)
         self._anchors[rows] = anchors[rows]
         self._valid[rows] = valid[rows]
