@@ -263,3 +263,23 @@ def test_premultiplied_alpha_images_classify_as_their_straight_alpha_form(tca_di
         got = pipeline.classify(premultiplied).scores
         expected = pipeline.classify(premultiplied.convert("LA")).scores
     np.testing.assert_array_equal(got, expected)
+
+
+def test_precision_is_run_s_precision(tca_dir) -> None:
+    """``precision`` opens what ``vlm-edge run --precision`` opens, and says in one line what
+    cannot run here."""
+    with pytest.raises(UserError, match="precision must be a string"):
+        open_pipeline(tca_dir, precision=16)  # type: ignore[arg-type]
+    with open_pipeline(tca_dir, backend="onnxruntime", precision="fp32") as pipeline:
+        assert pipeline.backend.startswith("onnxruntime")
+    with pytest.raises(UserError, match="no INT8 graph"):
+        open_pipeline(tca_dir, backend="onnxruntime", precision="int8")
+    ov = pytest.importorskip("openvino")
+    from vlm_export.runtime.engines.backends.openvino_backend import cpu_capabilities
+
+    if "BF16" in cpu_capabilities(ov.Core()):
+        with open_pipeline(tca_dir, backend="openvino", precision="bf16") as pipeline:
+            assert pipeline.backend == "openvino:CPU:bf16"
+    else:
+        with pytest.raises(UserError, match="no bf16 support"):
+            open_pipeline(tca_dir, backend="openvino", precision="bf16")

@@ -32,7 +32,7 @@ from vlm_export.core.option_names import python_names
 from vlm_export.core.paths import check_paths, tree_reads
 from vlm_export.runtime.bundle import Bundle
 from vlm_export.runtime.engines.factory import capped_threads, open_backend
-from vlm_export.runtime.engines.ladder.ladder import BudgetRun, open_budgeted
+from vlm_export.runtime.engines.ladder.ladder import BudgetRun, open_budgeted, runs_ladder
 from vlm_export.runtime.io.preprocess import Preprocessor, image_from_array, load_image
 from vlm_export.runtime.pipeline import (
     METHOD_STAGES,
@@ -312,6 +312,7 @@ def open_pipeline(
     rail_state: str | Path | None = None,
     providers: list[str] | None = None,
     threads: int | None = None,
+    precision: str | None = None,
     verify: bool | str = True,
     min_score: float | None = None,
     crop: str | None = None,
@@ -337,7 +338,9 @@ def open_pipeline(
 
     The engine runs the bundle's reference images when it opens and is refused (a UserError)
     when its embeddings drifted from the bundle's record or collapsed; ``allow_drift`` runs a
-    drifted one with a logged warning (docs/precision.md).
+    drifted one with a logged warning (docs/precision.md). ``precision`` is ``vlm-edge run
+    --precision``: fp32, bf16 (OpenVINO, where the CPU has it), int8 (the bundle's quantized
+    graph) or fp16 (TensorRT); None is the backend's default.
 
     ``examples`` is the SQLite file that ``pipeline.teach`` keeps taught examples in (resumed
     when it exists: they decide from the first frame); without it they live in memory.
@@ -351,6 +354,8 @@ def open_pipeline(
         _check_path_type(name, value)
     if method is not None and not isinstance(method, str):
         raise UserError(f"method must be a string, got {type(method).__name__}")
+    if precision is not None and not isinstance(precision, str):
+        raise UserError(f"precision must be a string, got {type(precision).__name__}")
     if providers is not None and (
         isinstance(providers, str)
         or not isinstance(providers, list | tuple)
@@ -389,12 +394,13 @@ def open_pipeline(
             load_predictor(rail_state, bundle.fingerprint), fusion_beta(bundle.manifest)
         )
     budget = None
-    if target_ms is not None or adapt_budget or measure:
+    if runs_ladder(bundle, backend, precision, target_ms, adapt_budget, measure):
         engine, budget = open_budgeted(
             bundle,
             backend,
             providers,
             threads,
+            precision,
             target_ms=target_ms,
             adapt=adapt_budget,
             measure_first=measure,
@@ -403,7 +409,9 @@ def open_pipeline(
         if budget is not None:
             log.info("budget: %s", budget.reason)
     else:
-        engine = open_backend(bundle, backend, providers, threads, allow_drift=allow_drift)
+        engine = open_backend(
+            bundle, backend, providers, threads, precision, allow_drift=allow_drift
+        )
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(engine.close)  # closed again only if the pipeline cannot be built
         pipeline = Pipeline(
