@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fakebundle import write_images
+from tiny_tca import export_tiny_tca
 
 from vlm_export.core.errors import BundleError
 from vlm_export.core.manifest import (
@@ -31,23 +32,8 @@ CLASSES = ["cat", "dog", "bird", "car", "bus"]
 @pytest.fixture(scope="module")
 def tiny_tca(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A condensing vlm-test-tiny bundle (random weights) from the real exporter."""
-    torch = pytest.importorskip("torch")
-    from vlm_export.export.pipeline import ExportOptions, export_bundle
-    from vlm_export.models.schedule import CondensationConfig
-
-    folder = tmp_path_factory.mktemp("precision")
-    options = ExportOptions(
-        method="tca",
-        model="vlm-test-tiny",
-        pretrained="none",
-        domains=[("things", CLASSES)],
-        templates="single",
-        condensation=CondensationConfig(drop_rate=0.035, merge_centers=2),
-        out=folder / "bundle",
-        quiet=True,
-    )
-    torch.manual_seed(0)  # the random weights, hence the gate's numbers, are the same every run
-    return export_bundle(options)
+    pytest.importorskip("torch")
+    return export_tiny_tca(tmp_path_factory.mktemp("precision") / "bundle", CLASSES)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from fakebundle import write_images
+from tiny_tca import export_tiny_tca
 
 from vlm_export.core.manifest import MANIFEST_NAME, read_manifest, sha256_file, verify_files
 from vlm_export.export.bundle.staging import _staging
@@ -23,22 +24,8 @@ CLASSES = ["cat", "dog", "bird"]
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A condensing vlm-test-tiny bundle (random weights) from the real exporter."""
-    torch = pytest.importorskip("torch")
-    from vlm_export.export.pipeline import ExportOptions, export_bundle
-    from vlm_export.models.schedule import CondensationConfig
-
-    options = ExportOptions(
-        method="tca",
-        model="vlm-test-tiny",
-        pretrained="none",
-        domains=[("things", CLASSES)],
-        templates="single",
-        condensation=CondensationConfig(drop_rate=0.035, merge_centers=2),
-        out=tmp_path_factory.mktemp("exported") / "bundle",
-        quiet=True,
-    )
-    torch.manual_seed(0)
-    return export_bundle(options)
+    pytest.importorskip("torch")
+    return export_tiny_tca(tmp_path_factory.mktemp("exported") / "bundle", CLASSES)
 
 
 @pytest.fixture(scope="module")
