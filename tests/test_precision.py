@@ -237,6 +237,34 @@ def test_split_gives_every_output_also_one_a_later_stage_reads_and_a_constant_on
         request.set_tensor("nothing", ov.Tensor(value))
 
 
+def test_an_input_given_out_as_it_is_leaves_the_anchors_stage_alone() -> None:
+    """A graph output that is an input passed through goes to a stage that runs every frame, so
+    binding that input does not rerun the anchors' stage; each frame gives its own value."""
+    ov = pytest.importorskip("openvino")
+    from vlm_export.runtime.engines.backends import openvino_split as split
+
+    ops = ov.opset13
+    x = ops.parameter([2], np.float32, name="x")
+    anchors = ops.parameter([2], np.float32, name="anchors")
+    unit = ops.relu(anchors, name="/anchor_select/Relu")
+    block = ops.relu(ops.multiply(x, x, name="/blk/Mul"), name="/blk/Relu")
+    out = ops.add(block, unit, name="/condensers.0/Add")
+    out.output(0).get_tensor().set_names({"y"})
+    model = ov.Model([ops.result(out), ops.result(x)], [x, anchors], "passthrough")
+    staged = split.SplitCompiled(
+        ov, ov.Core(), model, {"INFERENCE_PRECISION_HINT": "f32"}, frozenset({"anchors"})
+    )
+    rare = [stage for stage, _ in staged.stages if stage.number == split.RARE_STAGE]
+    assert [set(stage.parameters) for stage in rare] == [{"anchors"}]
+    request = staged.create_infer_request()
+    request.set_tensor("anchors", ov.Tensor(np.ones(2, np.float32)))
+    for value in (1.0, 5.0):
+        request.set_tensor("x", ov.Tensor(np.full(2, value, np.float32)))
+        request.infer()
+        np.testing.assert_array_equal(np.array(request.get_tensor("x").data), [value, value])
+        np.testing.assert_array_equal(np.array(request.get_tensor("y").data), [value**2 + 1] * 2)
+
+
 def test_split_copies_what_is_computed_from_constants_and_keeps_unread_inputs() -> None:
     """A dequantized int8 weight and a bf16 constant read in two stages are copied into each
     (only the activation crosses the cut; the copies compute what the originals do), an input

@@ -219,10 +219,10 @@ def cut_stages(
     copies: dict[int, dict[tuple[str, int], Any]] = {}
 
     def stage_of(node: Any) -> int:
-        if node.get_type_name() == "Result":  # with what it gives out (a constant: the first)
+        if node.get_type_name() == "Result":  # with what it gives out
             node = node.input(0).get_source_output().get_node()
-            if node.get_type_name() in ("Constant", "Parameter"):
-                return min(stages)
+            if node.get_type_name() in ("Constant", "Parameter"):  # the first that runs always
+                return min((n for n in stages if n != RARE_STAGE), default=RARE_STAGE)
         return numbers[node.get_friendly_name()]
 
     def copy_into(output: Any, number: int) -> Any:
